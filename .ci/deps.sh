@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install every Debian package the build, tests, fuzzers and benchmarks need.
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+  build-essential pkg-config clang libclang-rt-14-dev valgrind \
+  libjansson-dev libzstd-dev libxxhash-dev libcmocka-dev zstd \
+  python3 python3-numpy python3-pytest

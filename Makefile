@@ -1,0 +1,86 @@
+# nzserve — build, test, benchmark, fuzz.
+#   make            build library, tools and tests (build/)
+#   make test       run the whole test suite (C unit tests + pytest)
+#   make asan       run the whole suite under ASan+UBSan (build-asan/)
+#   make valgrind   run the C tests under valgrind memcheck
+#   make bench      benchmarks (not tests): codec ratios and speeds
+#   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
+#   make deps       install every Debian package the build and tests need
+#   make format     apply .clang-format
+
+CC       ?= gcc
+BUILD    ?= build
+OPT      ?= -O2
+SAN      ?=
+CFLAGS   ?= $(OPT) -g
+CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-format-truncation -Iengine $(SAN)
+LDLIBS   += -ljansson -lzstd -lxxhash -lm -lpthread
+PYTHON   ?= /usr/bin/python3
+FUZZ_SECONDS ?= 30
+
+ENGINE_SRC := $(wildcard engine/*.c)
+ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/%.o)
+ENGINE_LIB := $(BUILD)/libnzengine.a
+
+TEST_SRC := $(wildcard tests/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+NZP      := $(BUILD)/nzp
+
+.PHONY: all test ctest pytest asan valgrind bench fuzz deps clean format
+all: $(ENGINE_LIB) $(NZP) $(TEST_BIN)
+
+$(BUILD)/%.o: %.c $(wildcard engine/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(ENGINE_LIB): $(ENGINE_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(NZP): $(BUILD)/models/nzp.o $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c tests/test_util.h $(ENGINE_LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests $< $(ENGINE_LIB) -o $@ $(LDLIBS) -lcmocka
+
+# Whole suite: every C test binary, then the Python/CLI tests against $(NZP).
+test: all
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
+	NZP=$(abspath $(NZP)) $(PYTHON) -m pytest -q tests/python
+
+ctest: all
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
+
+asan:
+	$(MAKE) test BUILD=build-asan OPT=-O1 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+
+valgrind: all
+	@set -e; for t in $(TEST_BIN); do echo "== valgrind $$t"; \
+	  NZ_TEST_QUICK=1 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $$t; done
+
+BENCH_BIN := $(BUILD)/bench_codec
+$(BENCH_BIN): tests/bench/bench_codec.c $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $< $(ENGINE_LIB) -o $@ $(LDLIBS)
+bench: $(BENCH_BIN) $(NZP)
+	$(BENCH_BIN)
+
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
+build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(ENGINE_SRC) $(wildcard engine/*.h)
+	@mkdir -p build-fuzz
+	clang -O1 -g -std=c11 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=undefined $< $(ENGINE_SRC) -o $@ $(LDLIBS)
+fuzz: $(FUZZ_TARGETS)
+	@set -e; for f in $(FUZZ_TARGETS); do n=$$(basename $$f); mkdir -p build-fuzz/corpus-$$n; \
+	  echo "== $$n for $(FUZZ_SECONDS)s"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
+	      build-fuzz/corpus-$$n tests/fuzz/corpus/$$n 2>&1 | tail -n 12; done
+
+deps:
+	bash .ci/deps.sh
+
+format:
+	clang-format -i engine/*.[ch] models/*.c tests/*.[ch] tests/*/*.c
+
+clean:
+	rm -rf build build-asan build-fuzz

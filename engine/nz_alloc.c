@@ -1,0 +1,100 @@
+#include "nz_alloc.h"
+
+#include <jansson.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NZ_ALLOC_HDR 64
+
+typedef struct {
+    size_t size;
+    int cat;
+    uint32_t magic;
+} alloc_hdr;
+
+#define NZ_ALLOC_MAGIC 0x4e5a414cu /* "NZAL" */
+
+static _Atomic int64_t g_cur[NZ_MEM_NCAT];
+static _Atomic int64_t g_peak[NZ_MEM_NCAT];
+
+static void count(int cat, int64_t delta) {
+    int64_t now = atomic_fetch_add(&g_cur[cat], delta) + delta;
+    int64_t peak = atomic_load(&g_peak[cat]);
+    while (now > peak && !atomic_compare_exchange_weak(&g_peak[cat], &peak, now)) {
+    }
+}
+
+void nz_mem_account(nz_mem_cat cat, int64_t delta) {
+    if ((unsigned)cat < NZ_MEM_NCAT) count((int)cat, delta);
+}
+
+void *nz_malloc(size_t n, nz_mem_cat cat) {
+    if ((unsigned)cat >= NZ_MEM_NCAT || n > SIZE_MAX - 2 * NZ_ALLOC_HDR) return NULL;
+    void *raw = NULL;
+    if (posix_memalign(&raw, NZ_ALLOC_HDR, NZ_ALLOC_HDR + n) != 0) return NULL;
+    alloc_hdr *h = raw;
+    h->size = n;
+    h->cat = (int)cat;
+    h->magic = NZ_ALLOC_MAGIC;
+    count((int)cat, (int64_t)n);
+    return (char *)raw + NZ_ALLOC_HDR;
+}
+
+void *nz_calloc(size_t cnt, size_t size, nz_mem_cat cat) {
+    if (size && cnt > SIZE_MAX / size) return NULL;
+    void *p = nz_malloc(cnt * size, cat);
+    if (p) memset(p, 0, cnt * size);
+    return p;
+}
+
+void nz_free(void *p) {
+    if (!p) return;
+    alloc_hdr *h = (alloc_hdr *)((char *)p - NZ_ALLOC_HDR);
+    count(h->cat, -(int64_t)h->size);
+    h->magic = 0;
+    free(h);
+}
+
+void *nz_realloc(void *p, size_t n) {
+    if (!p) return nz_malloc(n, NZ_MEM_OTHER);
+    alloc_hdr *h = (alloc_hdr *)((char *)p - NZ_ALLOC_HDR);
+    void *q = nz_malloc(n, (nz_mem_cat)h->cat);
+    if (!q) return NULL;
+    memcpy(q, p, h->size < n ? h->size : n);
+    nz_free(p);
+    return q;
+}
+
+char *nz_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = nz_malloc(n, NZ_MEM_OTHER);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+size_t nz_mem_current(nz_mem_cat cat) {
+    if ((unsigned)cat >= NZ_MEM_NCAT) return 0;
+    int64_t v = atomic_load(&g_cur[cat]);
+    return v > 0 ? (size_t)v : 0;
+}
+
+size_t nz_mem_peak(nz_mem_cat cat) {
+    if ((unsigned)cat >= NZ_MEM_NCAT) return 0;
+    int64_t v = atomic_load(&g_peak[cat]);
+    return v > 0 ? (size_t)v : 0;
+}
+
+const char *nz_mem_cat_name(nz_mem_cat cat) {
+    static const char *names[NZ_MEM_NCAT] = {"weights", "tile_cache", "scratch",
+                                             "kv_cache", "activations", "other"};
+    return (unsigned)cat < NZ_MEM_NCAT ? names[cat] : "invalid";
+}
+
+static void *json_malloc(size_t n) { return nz_malloc(n, NZ_MEM_OTHER); }
+
+void nz_alloc_hook_json(void) {
+    static atomic_int done;
+    if (atomic_exchange(&done, 1)) return;
+    json_set_alloc_funcs(json_malloc, nz_free);
+}

@@ -1,0 +1,68 @@
+/*
+ * nz_alloc.h — counted allocator (redis zmalloc style).
+ *
+ * Every engine allocation goes through nz_malloc()/nz_free() with a category,
+ * so the process can report current and peak bytes per category. Blocks are
+ * 64-byte aligned (cache line / AVX-512 friendly); a 64-byte hidden header
+ * before each block records its size and category, so nz_free() needs only
+ * the pointer. Counters are atomic: safe from any thread.
+ */
+#ifndef NZ_ALLOC_H
+#define NZ_ALLOC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum nz_mem_cat {
+    NZ_MEM_WEIGHTS = 0, /* compressed weights read into memory (not mmap) */
+    NZ_MEM_TILE_CACHE,  /* decoded tile cache */
+    NZ_MEM_SCRATCH,     /* decode scratch buffers, codec work space */
+    NZ_MEM_KV,          /* attention key/value caches */
+    NZ_MEM_ACTIVATIONS, /* activations */
+    NZ_MEM_OTHER,       /* headers, directories, strings, everything else */
+    NZ_MEM_NCAT
+} nz_mem_cat;
+
+/** Allocate n bytes (64-byte aligned) counted under cat.
+ *  @return the block, or NULL when out of memory (n == 0 gives a valid block). */
+void *nz_malloc(size_t n, nz_mem_cat cat);
+
+/** Like nz_malloc, zero-filled; count*size overflow returns NULL.
+ *  @return the block or NULL. */
+void *nz_calloc(size_t count, size_t size, nz_mem_cat cat);
+
+/** Resize a block keeping its category and contents (up to the smaller size).
+ *  @return the new block, or NULL (the old block is then left untouched). */
+void *nz_realloc(void *p, size_t n);
+
+/** Free a block from nz_malloc/nz_calloc/nz_realloc. Accepts NULL. */
+void nz_free(void *p);
+
+/** Duplicate a string into an NZ_MEM_OTHER block. @return copy or NULL. */
+char *nz_strdup(const char *s);
+
+/** @return bytes currently allocated in cat. */
+size_t nz_mem_current(nz_mem_cat cat);
+
+/** @return the highest value nz_mem_current(cat) has reached. */
+size_t nz_mem_peak(nz_mem_cat cat);
+
+/** Add (or with a negative delta, remove) bytes that are held outside
+ *  nz_malloc, e.g. an mmap of a model file, so reports include them. */
+void nz_mem_account(nz_mem_cat cat, int64_t delta);
+
+/** @return a static name for a category ("weights", "tile_cache", ...). */
+const char *nz_mem_cat_name(nz_mem_cat cat);
+
+/** Route jansson's allocations through the counter (category other).
+ *  Call once before any JSON is parsed; idempotent. */
+void nz_alloc_hook_json(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_ALLOC_H */

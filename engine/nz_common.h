@@ -1,0 +1,73 @@
+/*
+ * nz_common.h — status codes, error reporting and element types shared by
+ * every engine module.
+ *
+ * Error contract (zstd-like): every public engine function that can fail
+ * returns an `int` status, NZ_OK (0) on success or a negative NZ_E* code, and
+ * takes an optional `nz_error *err` as its last argument. When err is not
+ * NULL, a failing call fills it with the code and a one-line message naming
+ * what is wrong ("tensor 'x' tile 3: checksum mismatch"). The engine never
+ * calls exit() or abort().
+ */
+#ifndef NZ_COMMON_H
+#define NZ_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    NZ_OK = 0,
+    NZ_E_INVALID_ARG = -1, /* caller passed something unusable */
+    NZ_E_NOMEM = -2,       /* allocation failed */
+    NZ_E_IO = -3,          /* open/read/write/mmap failed */
+    NZ_E_FORMAT = -4,      /* input is malformed (bad magic, bad JSON, bad field) */
+    NZ_E_TRUNCATED = -5,   /* input ends before a declared size */
+    NZ_E_CHECKSUM = -6,    /* stored checksum does not match the data */
+    NZ_E_CORRUPT = -7,     /* entropy-coded data does not decode consistently */
+    NZ_E_UNSUPPORTED = -8, /* valid but not supported (version, dtype, mode) */
+    NZ_E_RANGE = -9,       /* a value is out of range for the requested mode */
+    NZ_E_NOT_FOUND = -10   /* a named tensor or blob does not exist */
+};
+
+#define NZ_ERROR_MSG_MAX 320
+
+/** Error details filled by a failing call. */
+typedef struct nz_error {
+    int code;                   /* one of NZ_E_* */
+    char msg[NZ_ERROR_MSG_MAX]; /* NUL-terminated human-readable message */
+} nz_error;
+
+/** Fill err (if not NULL) with code and a printf-style message.
+ *  @return code, so callers can write `return nz_fail(err, NZ_E_FORMAT, ...)`. */
+int nz_fail(nz_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/** Prefix an already-filled message with more context ("tensor 'x': ...").
+ *  @return err->code (or NZ_E_INVALID_ARG when err is NULL). */
+int nz_fail_prefix(nz_error *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/** @return a static name for a status code ("checksum", "truncated", ...). */
+const char *nz_status_name(int code);
+
+/** Element types of source tensors. */
+typedef enum nz_dtype {
+    NZ_DT_BF16 = 0,
+    NZ_DT_F16 = 1,
+    NZ_DT_F32 = 2,
+    NZ_DT_OTHER = 3 /* any other safetensors dtype: stored raw, never decoded to fp32 */
+} nz_dtype;
+
+/** @return bytes per element of a float dtype (2, 2, 4), 0 for NZ_DT_OTHER. */
+size_t nz_dtype_size(nz_dtype dt);
+
+/** @return "bf16", "f16", "f32" or "other". */
+const char *nz_dtype_name(nz_dtype dt);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_COMMON_H */

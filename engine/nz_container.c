@@ -1,0 +1,716 @@
+/* .nzp container: loader and writer. See nz_container.h for the layout. */
+#include "nz_container.h"
+
+#include "nz_alloc.h"
+#include "nz_safetensors.h"
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static const uint8_t NZP_MAGIC[8] = {0x89, 'N', 'Z', 'P', '\r', '\n', 0x1a, '\n'};
+
+uint64_t nz_hash(const void *data, size_t size) { return XXH3_64bits(data, size); }
+
+static uint64_t rd64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+static uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static void wr64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* ------------------------------------------------------------- loader */
+
+typedef struct {
+    const char *name;
+    uint64_t offset, size, hash;
+} blob_ref;
+
+struct nz_model {
+    const uint8_t *base; /* whole image */
+    uint64_t len;
+    void *map; /* mmap to release, or NULL */
+    json_t *root;
+    const json_t *config, *metadata;
+    const uint8_t *data; /* data section */
+    uint64_t data_size, header_len;
+    size_t nt, nb;
+    nz_tensor *t;
+    blob_ref *b;
+};
+
+typedef struct {
+    uint64_t off, end;
+    const char *what; /* tensor or blob name */
+    uint64_t tile;    /* UINT64_MAX for blobs */
+} region;
+
+static int region_cmp(const void *a, const void *b) {
+    const region *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+static int name_cmp(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static int get_u64(const json_t *obj, const char *key, uint64_t *v, const char *ctx, nz_error *err) {
+    const json_t *j = json_object_get(obj, key);
+    if (!j) return nz_fail(err, NZ_E_FORMAT, "%s: missing field \"%s\"", ctx, key);
+    if (!json_is_integer(j) || json_integer_value(j) < 0)
+        return nz_fail(err, NZ_E_FORMAT, "%s: field \"%s\" must be a non-negative integer", ctx, key);
+    *v = (uint64_t)json_integer_value(j);
+    return NZ_OK;
+}
+
+static int get_str(const json_t *obj, const char *key, const char **v, const char *ctx,
+                   nz_error *err) {
+    const json_t *j = json_object_get(obj, key);
+    if (!j) return nz_fail(err, NZ_E_FORMAT, "%s: missing field \"%s\"", ctx, key);
+    if (!json_is_string(j)) return nz_fail(err, NZ_E_FORMAT, "%s: field \"%s\" must be a string", ctx, key);
+    *v = json_string_value(j);
+    return NZ_OK;
+}
+
+static int parse_hash(const json_t *j, uint64_t *h) {
+    const char *s = json_is_string(j) ? json_string_value(j) : NULL;
+    if (!s || strlen(s) != 16) return -1;
+    uint64_t v = 0;
+    for (int i = 0; i < 16; i++) {
+        char c = s[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0) return -1;
+        v = v << 4 | (uint64_t)d;
+    }
+    *h = v;
+    return 0;
+}
+
+/* [[symbol, value], ...] with symbols < 256, each at most once */
+static int parse_pairs(const json_t *arr, uint64_t out[256], uint64_t max_val, const char *ctx,
+                       const char *key, nz_error *err) {
+    memset(out, 0, 256 * sizeof *out);
+    if (!arr) return NZ_OK;
+    if (!json_is_array(arr))
+        return nz_fail(err, NZ_E_FORMAT, "%s: \"%s\" must be an array", ctx, key);
+    size_t i;
+    const json_t *p;
+    json_array_foreach(arr, i, p) {
+        const json_t *s = json_array_get(p, 0), *v = json_array_get(p, 1);
+        if (!json_is_array(p) || json_array_size(p) != 2 || !json_is_integer(s) ||
+            !json_is_integer(v) || json_integer_value(s) < 0 || json_integer_value(s) > 255 ||
+            json_integer_value(v) <= 0 || (uint64_t)json_integer_value(v) > max_val ||
+            out[json_integer_value(s)])
+            return nz_fail(err, NZ_E_FORMAT, "%s: \"%s\" entry %zu is not a valid [symbol, count]",
+                           ctx, key, i);
+        out[json_integer_value(s)] = (uint64_t)json_integer_value(v);
+    }
+    return NZ_OK;
+}
+
+static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t, nz_error *err) {
+    char ctx[200];
+    snprintf(ctx, sizeof ctx, "tensor #%zu", idx);
+    if (!json_is_object(jt)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
+    int rc = get_str(jt, "name", &t->name, ctx, err);
+    if (rc) return rc;
+    if (!*t->name) return nz_fail(err, NZ_E_FORMAT, "%s: empty name", ctx);
+    snprintf(ctx, sizeof ctx, "tensor '%.160s'", t->name);
+
+    const char *dts, *sts, *modes, *coders;
+    if ((rc = get_str(jt, "dtype", &dts, ctx, err)) || (rc = get_str(jt, "st_dtype", &sts, ctx, err)) ||
+        (rc = get_str(jt, "mode", &modes, ctx, err)) || (rc = get_str(jt, "coder", &coders, ctx, err)))
+        return rc;
+    nz_dtype dt;
+    if (!strcmp(dts, "bf16")) dt = NZ_DT_BF16;
+    else if (!strcmp(dts, "f16")) dt = NZ_DT_F16;
+    else if (!strcmp(dts, "f32")) dt = NZ_DT_F32;
+    else if (!strcmp(dts, "other")) dt = NZ_DT_OTHER;
+    else return nz_fail(err, NZ_E_FORMAT, "%s: unknown dtype \"%.32s\"", ctx, dts);
+    size_t esz = nz_st_dtype_size(sts);
+    if (!esz || strlen(sts) >= sizeof t->st_dtype)
+        return nz_fail(err, NZ_E_FORMAT, "%s: unknown st_dtype \"%.32s\"", ctx, sts);
+    nz_dtype expect = !strcmp(sts, "BF16") ? NZ_DT_BF16 : !strcmp(sts, "F16") ? NZ_DT_F16
+                    : !strcmp(sts, "F32")  ? NZ_DT_F32 : NZ_DT_OTHER;
+    if (expect != dt)
+        return nz_fail(err, NZ_E_FORMAT, "%s: dtype %s does not match st_dtype %s", ctx, dts, sts);
+    strcpy(t->st_dtype, sts);
+
+    const json_t *shape = json_object_get(jt, "shape");
+    if (!json_is_array(shape) || json_array_size(shape) > NZ_MAX_DIMS_C)
+        return nz_fail(err, NZ_E_FORMAT, "%s: shape must be an array of at most %d dims", ctx,
+                       NZ_MAX_DIMS_C);
+    t->ndim = (int)json_array_size(shape);
+    /* 2-D view: rows = shape[0], cols = product of the rest (1-D/0-D: 1 x n) */
+    uint64_t erows = 1, ecols = 1;
+    for (int i = 0; i < t->ndim; i++) {
+        const json_t *d = json_array_get(shape, (size_t)i);
+        if (!json_is_integer(d) || json_integer_value(d) < 0)
+            return nz_fail(err, NZ_E_FORMAT, "%s: shape dim %d is not a non-negative integer", ctx, i);
+        t->shape[i] = json_integer_value(d);
+        uint64_t v = (uint64_t)t->shape[i];
+        if (i == 0 && t->ndim >= 2) {
+            erows = v;
+            continue;
+        }
+        if (v && ecols > UINT64_MAX / v / esz) return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
+        ecols *= v;
+    }
+    if (ecols && erows > UINT64_MAX / ecols / esz) return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
+    uint64_t nelem = erows * ecols;
+    uint64_t rows, cols, tile_rows, norm_block = 0;
+    if ((rc = get_u64(jt, "rows", &rows, ctx, err)) || (rc = get_u64(jt, "cols", &cols, ctx, err)) ||
+        (rc = get_u64(jt, "tile_rows", &tile_rows, ctx, err)))
+        return rc;
+    if (json_object_get(jt, "norm_block") && (rc = get_u64(jt, "norm_block", &norm_block, ctx, err)))
+        return rc;
+    if (rows != erows || cols != ecols)
+        return nz_fail(err, NZ_E_FORMAT, "%s: rows x cols %" PRIu64 " x %" PRIu64
+                       " do not match the shape", ctx, rows, cols);
+    if (tile_rows == 0 || tile_rows > UINT32_MAX)
+        return nz_fail(err, NZ_E_FORMAT, "%s: tile_rows %" PRIu64 " out of range", ctx, tile_rows);
+    nz_mode mode;
+    nz_coder coder;
+    if ((rc = nz_mode_parse(modes, &mode, err)) || (rc = nz_coder_parse(coders, &coder, err))) {
+        nz_fail(err, NZ_E_FORMAT, "%s: bad mode or coder (\"%.20s\", \"%.20s\")", ctx, modes, coders);
+        return NZ_E_FORMAT;
+    }
+    if (norm_block > (1u << 30))
+        return nz_fail(err, NZ_E_FORMAT, "%s: norm_block %" PRIu64 " out of range", ctx, norm_block);
+    mode.norm_block = (uint32_t)norm_block;
+    rc = nz_desc_init(&t->desc, dt, esz, &mode, coder, rows, cols, (uint32_t)tile_rows, err);
+    if (rc) {
+        nz_fail_prefix(err, "%s", ctx);
+        if (err) err->code = NZ_E_FORMAT;
+        return NZ_E_FORMAT;
+    }
+    if (t->desc.mode.kind != mode.kind || t->desc.mode.norm_block != mode.norm_block)
+        return nz_fail(err, NZ_E_FORMAT, "%s: mode \"%s\" is not valid for this tensor", ctx, modes);
+    t->desc.coder = coder;
+    uint64_t fq[256];
+    if ((rc = parse_pairs(json_object_get(jt, "freq"), fq, 1u << 12, ctx, "freq", err)) ||
+        (rc = parse_pairs(json_object_get(jt, "counts"), t->counts, UINT64_MAX, ctx, "counts", err)))
+        return rc;
+    for (int s = 0; s < 256; s++) t->desc.freq[s] = (uint32_t)fq[s];
+    if ((rc = nz_desc_validate(&t->desc, err))) return nz_fail_prefix(err, "%s", ctx);
+    if (coder != NZ_CODER_NONE && json_object_get(jt, "counts")) {
+        uint64_t sum = 0;
+        for (int s = 0; s < 256; s++) {
+            if (t->counts[s] > nelem - sum)
+                return nz_fail(err, NZ_E_FORMAT, "%s: exponent counts exceed the element count", ctx);
+            sum += t->counts[s];
+        }
+        if (sum != nelem)
+            return nz_fail(err, NZ_E_FORMAT, "%s: exponent counts add up to %" PRIu64 ", not %" PRIu64,
+                           ctx, sum, nelem);
+    }
+
+    const json_t *tiles = json_object_get(jt, "tiles");
+    t->ntiles = nz_desc_ntiles(&t->desc);
+    if (!json_is_array(tiles) || json_array_size(tiles) != t->ntiles)
+        return nz_fail(err, NZ_E_FORMAT, "%s: expected %" PRIu64 " tiles, found %zu", ctx, t->ntiles,
+                       json_is_array(tiles) ? json_array_size(tiles) : 0);
+    t->tiles = nz_calloc(t->ntiles ? t->ntiles : 1, sizeof *t->tiles, NZ_MEM_OTHER);
+    if (!t->tiles) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    for (uint64_t i = 0; i < t->ntiles; i++) {
+        const json_t *e = json_array_get(tiles, i), *o = json_array_get(e, 0), *s = json_array_get(e, 1);
+        nz_tile_ref *r = &t->tiles[i];
+        if (!json_is_array(e) || json_array_size(e) != 3 || !json_is_integer(o) ||
+            !json_is_integer(s) || json_integer_value(o) < 0 || json_integer_value(s) < 0 ||
+            parse_hash(json_array_get(e, 2), &r->hash))
+            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": entry is not [offset, size, hash]",
+                           ctx, i);
+        r->offset = (uint64_t)json_integer_value(o);
+        r->size = (uint64_t)json_integer_value(s);
+        if (r->offset % NZ_CONTAINER_ALIGN)
+            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": offset %" PRIu64 " not 64-byte aligned",
+                           ctx, i, r->offset);
+        if (r->offset > m->data_size || r->size > m->data_size - r->offset)
+            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": bytes [%" PRIu64 ", +%" PRIu64
+                           ") lie outside the %" PRIu64 "-byte data section", ctx, i, r->offset,
+                           r->size, m->data_size);
+        uint64_t fixed = nz_desc_tile_fixed_bytes(&t->desc, i);
+        if (coder == NZ_CODER_NONE ? r->size != fixed : r->size < 8 + fixed)
+            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": size %" PRIu64
+                           " cannot hold its %" PRIu64 " fixed bytes", ctx, i, r->size, fixed);
+        t->stored_bytes += r->size;
+    }
+    return NZ_OK;
+}
+
+static int check_overlaps(nz_model *m, nz_error *err) {
+    size_t n = m->nb;
+    for (size_t i = 0; i < m->nt; i++) n += m->t[i].ntiles;
+    if (n < 2) return NZ_OK;
+    region *r = nz_malloc(n * sizeof *r, NZ_MEM_OTHER);
+    if (!r) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    size_t k = 0;
+    for (size_t i = 0; i < m->nb; i++)
+        r[k++] = (region){m->b[i].offset, m->b[i].offset + m->b[i].size, m->b[i].name, UINT64_MAX};
+    for (size_t i = 0; i < m->nt; i++)
+        for (uint64_t j = 0; j < m->t[i].ntiles; j++)
+            r[k++] = (region){m->t[i].tiles[j].offset, m->t[i].tiles[j].offset + m->t[i].tiles[j].size,
+                              m->t[i].name, j};
+    qsort(r, n, sizeof *r, region_cmp);
+    int rc = NZ_OK;
+    uint64_t end = 0;
+    const region *last = NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (r[i].off == r[i].end) continue;
+        if (last && r[i].off < end) {
+            rc = nz_fail(err, NZ_E_FORMAT, "data regions overlap: '%.100s'%s and '%.100s'%s at offset %" PRIu64,
+                         last->what, last->tile == UINT64_MAX ? " (blob)" : "", r[i].what,
+                         r[i].tile == UINT64_MAX ? " (blob)" : "", r[i].off);
+            break;
+        }
+        end = r[i].end;
+        last = &r[i];
+    }
+    nz_free(r);
+    return rc;
+}
+
+static int load(nz_model *m, nz_error *err) {
+    const uint8_t *b = m->base;
+    uint64_t len = m->len;
+    if (len == 0) return nz_fail(err, NZ_E_TRUNCATED, "empty file");
+    if (len < 8 || memcmp(b, NZP_MAGIC, 8)) {
+        if (len >= 8 && rd64(b) < len && len > 9 && b[8] == '{')
+            return nz_fail(err, NZ_E_FORMAT, "bad magic: this is a .safetensors file, not .nzp "
+                                             "(pack it with `nzp pack`)");
+        return nz_fail(err, len < 8 ? NZ_E_TRUNCATED : NZ_E_FORMAT, "bad magic (not an .nzp file)");
+    }
+    if (len < NZ_CONTAINER_PREFIX)
+        return nz_fail(err, NZ_E_TRUNCATED, "truncated: %" PRIu64 " bytes, shorter than the %d-byte prefix",
+                       len, NZ_CONTAINER_PREFIX);
+    uint32_t version = rd32(b + 8), flags = rd32(b + 12);
+    if (version != NZ_CONTAINER_VERSION)
+        return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported version %u (this build reads version %d)",
+                       version, NZ_CONTAINER_VERSION);
+    if (flags) return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported flags 0x%x", flags);
+    uint64_t hlen = rd64(b + 16), doff = rd64(b + 24), dsize = rd64(b + 32), hhash = rd64(b + 40);
+    if (rd64(b + 48) || rd64(b + 56)) return nz_fail(err, NZ_E_FORMAT, "reserved prefix bytes are not zero");
+    if (hlen > UINT64_MAX - NZ_CONTAINER_PREFIX || doff < NZ_CONTAINER_PREFIX + hlen ||
+        doff % NZ_CONTAINER_ALIGN || dsize > UINT64_MAX - doff)
+        return nz_fail(err, NZ_E_FORMAT, "inconsistent prefix: header_len %" PRIu64 ", data_offset %" PRIu64
+                       ", data_size %" PRIu64, hlen, doff, dsize);
+    if (doff + dsize > len)
+        return nz_fail(err, NZ_E_TRUNCATED, "truncated: file is %" PRIu64 " bytes, prefix declares %" PRIu64,
+                       len, doff + dsize);
+    if (doff + dsize < len)
+        return nz_fail(err, NZ_E_FORMAT, "%" PRIu64 " unexpected bytes after the data section",
+                       len - doff - dsize);
+    if (nz_hash(b + NZ_CONTAINER_PREFIX, hlen) != hhash)
+        return nz_fail(err, NZ_E_CHECKSUM, "header checksum mismatch (header damaged)");
+    for (uint64_t i = NZ_CONTAINER_PREFIX + hlen; i < doff; i++)
+        if (b[i]) return nz_fail(err, NZ_E_FORMAT, "padding after the header is not zero");
+    m->header_len = hlen;
+    m->data = b + doff;
+    m->data_size = dsize;
+
+    nz_alloc_hook_json();
+    json_error_t je;
+    m->root = json_loadb((const char *)b + NZ_CONTAINER_PREFIX, hlen, JSON_REJECT_DUPLICATES, &je);
+    if (!m->root)
+        return nz_fail(err, NZ_E_FORMAT, "header JSON: %s (line %d column %d)", je.text, je.line, je.column);
+    if (!json_is_object(m->root)) return nz_fail(err, NZ_E_FORMAT, "header JSON is not an object");
+    m->config = json_object_get(m->root, "config");
+    if (m->config && !json_is_object(m->config))
+        return nz_fail(err, NZ_E_FORMAT, "header: \"config\" must be an object");
+    m->metadata = json_object_get(m->root, "metadata");
+    if (m->metadata && !json_is_object(m->metadata))
+        return nz_fail(err, NZ_E_FORMAT, "header: \"metadata\" must be an object");
+
+    const json_t *blobs = json_object_get(m->root, "blobs");
+    if (blobs && !json_is_object(blobs)) return nz_fail(err, NZ_E_FORMAT, "header: \"blobs\" must be an object");
+    m->nb = blobs ? json_object_size(blobs) : 0;
+    m->b = nz_calloc(m->nb ? m->nb : 1, sizeof *m->b, NZ_MEM_OTHER);
+    if (!m->b) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    const char *key;
+    const json_t *jb;
+    size_t bi = 0;
+    if (blobs) json_object_foreach((json_t *)blobs, key, jb) {
+        char ctx[200];
+        snprintf(ctx, sizeof ctx, "blob '%.160s'", key);
+        blob_ref *r = &m->b[bi++];
+        r->name = key;
+        int rc;
+        if (!json_is_object(jb)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
+        if ((rc = get_u64(jb, "offset", &r->offset, ctx, err)) || (rc = get_u64(jb, "size", &r->size, ctx, err)))
+            return rc;
+        if (parse_hash(json_object_get(jb, "xxh3"), &r->hash))
+            return nz_fail(err, NZ_E_FORMAT, "%s: \"xxh3\" must be 16 hex digits", ctx);
+        if (r->offset % NZ_CONTAINER_ALIGN || r->offset > dsize || r->size > dsize - r->offset)
+            return nz_fail(err, NZ_E_FORMAT, "%s: bytes [%" PRIu64 ", +%" PRIu64 ") misaligned or outside "
+                           "the data section", ctx, r->offset, r->size);
+    }
+
+    const json_t *tensors = json_object_get(m->root, "tensors");
+    if (!json_is_array(tensors)) return nz_fail(err, NZ_E_FORMAT, "header: \"tensors\" must be an array");
+    m->nt = json_array_size(tensors);
+    m->t = nz_calloc(m->nt ? m->nt : 1, sizeof *m->t, NZ_MEM_OTHER);
+    if (!m->t) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    for (size_t i = 0; i < m->nt; i++) {
+        int rc = parse_tensor(m, json_array_get(tensors, i), i, &m->t[i], err);
+        if (rc) return rc;
+    }
+    if (m->nt > 1) { /* unique names */
+        const char **names = nz_malloc(m->nt * sizeof *names, NZ_MEM_OTHER);
+        if (!names) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+        for (size_t i = 0; i < m->nt; i++) names[i] = m->t[i].name;
+        qsort(names, m->nt, sizeof *names, name_cmp);
+        int rc = NZ_OK;
+        for (size_t i = 1; i < m->nt && !rc; i++)
+            if (!strcmp(names[i - 1], names[i]))
+                rc = nz_fail(err, NZ_E_FORMAT, "duplicate tensor name '%.200s'", names[i]);
+        nz_free(names);
+        if (rc) return rc;
+    }
+    return check_overlaps(m, err);
+}
+
+int nz_model_load_buffer(const uint8_t *buf, size_t len, nz_model **out, nz_error *err) {
+    *out = NULL;
+    if (!buf && len) return nz_fail(err, NZ_E_INVALID_ARG, "NULL buffer");
+    nz_model *m = nz_calloc(1, sizeof *m, NZ_MEM_OTHER);
+    if (!m) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    m->base = buf;
+    m->len = len;
+    int rc = load(m, err);
+    if (rc) {
+        nz_model_free(m);
+        return rc;
+    }
+    *out = m;
+    return NZ_OK;
+}
+
+int nz_model_open(const char *path, nz_model **out, nz_error *err) {
+    *out = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return nz_fail(err, NZ_E_IO, "%s: not a regular file", path);
+    }
+    size_t len = (size_t)st.st_size;
+    void *map = NULL;
+    if (len) {
+        map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED) {
+            int e = errno;
+            close(fd);
+            return nz_fail(err, NZ_E_IO, "%s: mmap: %s", path, strerror(e));
+        }
+    }
+    close(fd);
+    nz_model *m = nz_calloc(1, sizeof *m, NZ_MEM_OTHER);
+    if (!m) {
+        if (map) munmap(map, len);
+        return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    }
+    m->base = map;
+    m->len = len;
+    m->map = map;
+    int rc = load(m, err);
+    if (rc) {
+        nz_fail_prefix(err, "%s", path);
+        nz_model_free(m);
+        return rc;
+    }
+    *out = m;
+    return NZ_OK;
+}
+
+void nz_model_free(nz_model *m) {
+    if (!m) return;
+    if (m->t)
+        for (size_t i = 0; i < m->nt; i++) nz_free(m->t[i].tiles);
+    nz_free(m->t);
+    nz_free(m->b);
+    json_decref(m->root);
+    if (m->map) munmap(m->map, m->len);
+    nz_free(m);
+}
+
+size_t nz_model_ntensors(const nz_model *m) { return m->nt; }
+const nz_tensor *nz_model_tensor(const nz_model *m, size_t i) { return i < m->nt ? &m->t[i] : NULL; }
+const json_t *nz_model_config(const nz_model *m) { return m->config; }
+const json_t *nz_model_metadata(const nz_model *m) { return m->metadata; }
+uint64_t nz_model_file_size(const nz_model *m) { return m->len; }
+uint64_t nz_model_header_size(const nz_model *m) { return m->header_len; }
+size_t nz_model_nblobs(const nz_model *m) { return m->nb; }
+const char *nz_model_blob_name(const nz_model *m, size_t i) { return i < m->nb ? m->b[i].name : NULL; }
+
+long nz_model_find(const nz_model *m, const char *name) {
+    for (size_t i = 0; i < m->nt; i++)
+        if (!strcmp(m->t[i].name, name)) return (long)i;
+    return -1;
+}
+
+int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, size_t *size,
+                  nz_error *err) {
+    for (size_t i = 0; i < m->nb; i++) {
+        if (strcmp(m->b[i].name, name)) continue;
+        const uint8_t *p = m->data + m->b[i].offset;
+        if (nz_hash(p, m->b[i].size) != m->b[i].hash)
+            return nz_fail(err, NZ_E_CHECKSUM, "blob '%s': checksum mismatch", name);
+        *data = p;
+        *size = m->b[i].size;
+        return NZ_OK;
+    }
+    return nz_fail(err, NZ_E_NOT_FOUND, "no embedded file '%s'", name);
+}
+
+int nz_model_tile(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data, size_t *size,
+                  nz_error *err) {
+    if (ti >= m->nt) return nz_fail(err, NZ_E_INVALID_ARG, "tensor index %zu out of range", ti);
+    const nz_tensor *x = &m->t[ti];
+    if (t >= x->ntiles)
+        return nz_fail(err, NZ_E_INVALID_ARG, "tensor '%s': tile %" PRIu64 " out of range (%" PRIu64 " tiles)",
+                       x->name, t, x->ntiles);
+    const nz_tile_ref *r = &x->tiles[t];
+    const uint8_t *p = m->data + r->offset;
+    if (nz_hash(p, r->size) != r->hash)
+        return nz_fail(err, NZ_E_CHECKSUM, "tensor '%s' tile %" PRIu64 ": checksum mismatch", x->name, t);
+    *data = p;
+    *size = r->size;
+    return NZ_OK;
+}
+
+static int decode(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out, int native,
+                  nz_error *err) {
+    const uint8_t *p;
+    size_t n;
+    int rc = nz_model_tile(m, ti, t, &p, &n, err);
+    if (rc) return rc;
+    const nz_tensor *x = &m->t[ti];
+    rc = native ? nz_tile_decode_native(dc, &x->desc, t, p, n, out, err)
+                : nz_tile_decode_f32(dc, &x->desc, t, p, n, out, err);
+    if (rc) nz_fail_prefix(err, "tensor '%s' tile %" PRIu64, x->name, t);
+    return rc;
+}
+
+int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, float *out,
+                        nz_error *err) {
+    return decode(m, dc, ti, t, out, 0, err);
+}
+
+int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out,
+                           nz_error *err) {
+    return decode(m, dc, ti, t, out, 1, err);
+}
+
+/* ------------------------------------------------------------- writer */
+
+struct nz_writer {
+    char *path, *tmp_path, *data_path;
+    FILE *data;
+    uint64_t data_size;
+    json_t *root, *tensors, *blobs;
+    json_t *cur_tiles; /* tiles array of the tensor being written */
+    uint64_t cur_expected;
+};
+
+int nz_writer_create(const char *path, nz_writer **out, nz_error *err) {
+    *out = NULL;
+    nz_alloc_hook_json();
+    nz_writer *w = nz_calloc(1, sizeof *w, NZ_MEM_OTHER);
+    if (!w) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    size_t n = strlen(path) + 32;
+    w->path = nz_strdup(path);
+    w->tmp_path = nz_malloc(n, NZ_MEM_OTHER);
+    w->data_path = nz_malloc(n, NZ_MEM_OTHER);
+    w->root = json_object();
+    w->tensors = json_array();
+    w->blobs = json_object();
+    if (!w->path || !w->tmp_path || !w->data_path || !w->root || !w->tensors || !w->blobs) {
+        nz_writer_abort(w);
+        return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    }
+    snprintf(w->tmp_path, n, "%s.tmp.%ld", path, (long)getpid());
+    snprintf(w->data_path, n, "%s.data.%ld", path, (long)getpid());
+    w->data = fopen(w->data_path, "w+b");
+    if (!w->data) {
+        int e = errno;
+        nz_writer_abort(w);
+        return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(e));
+    }
+    json_object_set_new(w->root, "generator", json_string("nzp 1"));
+    *out = w;
+    return NZ_OK;
+}
+
+int nz_writer_set_config(nz_writer *w, const json_t *config, nz_error *err) {
+    if (!json_is_object(config)) return nz_fail(err, NZ_E_INVALID_ARG, "config must be a JSON object");
+    json_object_set_new(w->root, "config", json_deep_copy(config));
+    return NZ_OK;
+}
+
+int nz_writer_set_metadata(nz_writer *w, const json_t *metadata, nz_error *err) {
+    if (!json_is_object(metadata)) return nz_fail(err, NZ_E_INVALID_ARG, "metadata must be a JSON object");
+    json_object_set_new(w->root, "metadata", json_deep_copy(metadata));
+    return NZ_OK;
+}
+
+static char *hex64(uint64_t h, char buf[17]) {
+    snprintf(buf, 17, "%016" PRIx64, h);
+    return buf;
+}
+
+/* Append data at the next 64-byte boundary of the data section. */
+static int put_data(nz_writer *w, const void *data, size_t size, uint64_t *offset, nz_error *err) {
+    static const uint8_t zeros[NZ_CONTAINER_ALIGN];
+    size_t pad = (size_t)((NZ_CONTAINER_ALIGN - w->data_size % NZ_CONTAINER_ALIGN) % NZ_CONTAINER_ALIGN);
+    if ((pad && fwrite(zeros, 1, pad, w->data) != pad) || (size && fwrite(data, 1, size, w->data) != size))
+        return nz_fail(err, NZ_E_IO, "%s: write: %s", w->data_path, strerror(errno));
+    *offset = w->data_size + pad;
+    w->data_size += pad + size;
+    return NZ_OK;
+}
+
+int nz_writer_add_blob(nz_writer *w, const char *name, const void *data, size_t size,
+                       nz_error *err) {
+    if (json_object_get(w->blobs, name)) return nz_fail(err, NZ_E_INVALID_ARG, "duplicate blob '%s'", name);
+    uint64_t off;
+    int rc = put_data(w, data, size, &off, err);
+    if (rc) return rc;
+    char h[17];
+    json_object_set_new(w->blobs, name, json_pack("{sIsIss}", "offset", (json_int_t)off, "size",
+                                                  (json_int_t)size, "xxh3", hex64(nz_hash(data, size), h)));
+    return NZ_OK;
+}
+
+static json_t *pairs(const uint64_t *v) {
+    json_t *a = json_array();
+    for (int s = 0; s < 256; s++)
+        if (v[s]) json_array_append_new(a, json_pack("[iI]", s, (json_int_t)v[s]));
+    return a;
+}
+
+int nz_writer_begin_tensor(nz_writer *w, const char *name, const char *st_dtype, int ndim,
+                           const int64_t *shape, const nz_tensor_desc *d,
+                           const uint64_t counts[256], nz_error *err) {
+    if (w->cur_tiles && json_array_size(w->cur_tiles) != w->cur_expected)
+        return nz_fail(err, NZ_E_INVALID_ARG, "previous tensor is missing tiles");
+    if (ndim < 0 || ndim > NZ_MAX_DIMS_C) return nz_fail(err, NZ_E_INVALID_ARG, "bad ndim %d", ndim);
+    char mode[32];
+    json_t *js = json_array();
+    for (int i = 0; i < ndim; i++) json_array_append_new(js, json_integer(shape[i]));
+    uint64_t fq[256];
+    for (int s = 0; s < 256; s++) fq[s] = d->freq[s];
+    json_t *t = json_pack("{sssssssosIsIsssIsssI}", "name", name, "dtype", nz_dtype_name(d->dtype),
+                          "st_dtype", st_dtype, "shape", js, "rows", (json_int_t)d->rows, "cols",
+                          (json_int_t)d->cols, "mode", nz_mode_name(&d->mode, mode, sizeof mode),
+                          "norm_block", (json_int_t)d->mode.norm_block, "coder", nz_coder_name(d->coder),
+                          "tile_rows", (json_int_t)d->tile_rows);
+    if (!t) return nz_fail(err, NZ_E_NOMEM, "cannot describe tensor '%s'", name);
+    if (d->coder != NZ_CODER_NONE) {
+        json_object_set_new(t, "freq", pairs(fq));
+        if (counts) json_object_set_new(t, "counts", pairs(counts));
+    }
+    w->cur_tiles = json_array();
+    json_object_set_new(t, "tiles", w->cur_tiles);
+    json_array_append_new(w->tensors, t);
+    w->cur_expected = nz_desc_ntiles(d);
+    return NZ_OK;
+}
+
+int nz_writer_add_tile(nz_writer *w, const uint8_t *data, size_t size, nz_error *err) {
+    if (!w->cur_tiles || json_array_size(w->cur_tiles) >= w->cur_expected)
+        return nz_fail(err, NZ_E_INVALID_ARG, "tile outside a tensor, or too many tiles");
+    uint64_t off;
+    int rc = put_data(w, data, size, &off, err);
+    if (rc) return rc;
+    char h[17];
+    json_array_append_new(w->cur_tiles, json_pack("[IIs]", (json_int_t)off, (json_int_t)size,
+                                                  hex64(nz_hash(data, size), h)));
+    return NZ_OK;
+}
+
+int nz_writer_finish(nz_writer *w, nz_error *err) {
+    int rc = NZ_OK;
+    char *hdr = NULL;
+    FILE *f = NULL;
+    if (w->cur_tiles && json_array_size(w->cur_tiles) != w->cur_expected) {
+        rc = nz_fail(err, NZ_E_INVALID_ARG, "last tensor is missing tiles");
+        goto fail;
+    }
+    json_object_set(w->root, "blobs", w->blobs);
+    json_object_set(w->root, "tensors", w->tensors);
+    hdr = json_dumps(w->root, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    if (!hdr) {
+        rc = nz_fail(err, NZ_E_NOMEM, "cannot serialise header");
+        goto fail;
+    }
+    uint64_t hlen = strlen(hdr);
+    uint64_t doff = (NZ_CONTAINER_PREFIX + hlen + NZ_CONTAINER_ALIGN - 1) / NZ_CONTAINER_ALIGN * NZ_CONTAINER_ALIGN;
+    uint8_t pre[NZ_CONTAINER_PREFIX] = {0};
+    memcpy(pre, NZP_MAGIC, 8);
+    pre[8] = NZ_CONTAINER_VERSION;
+    wr64(pre + 16, hlen);
+    wr64(pre + 24, doff);
+    wr64(pre + 32, w->data_size);
+    wr64(pre + 40, nz_hash(hdr, hlen));
+    f = fopen(w->tmp_path, "wb");
+    if (!f) goto io;
+    static const uint8_t zeros[NZ_CONTAINER_ALIGN];
+    if (fwrite(pre, 1, sizeof pre, f) != sizeof pre || fwrite(hdr, 1, hlen, f) != hlen ||
+        fwrite(zeros, 1, doff - NZ_CONTAINER_PREFIX - hlen, f) != doff - NZ_CONTAINER_PREFIX - hlen)
+        goto io;
+    if (fflush(w->data) || fseek(w->data, 0, SEEK_SET)) goto io;
+    char buf[1 << 16];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, w->data)) > 0)
+        if (fwrite(buf, 1, got, f) != got) goto io;
+    if (ferror(w->data) || fclose(f) != 0) {
+        f = NULL;
+        goto io;
+    }
+    f = NULL;
+    if (rename(w->tmp_path, w->path) != 0) goto io;
+    nz_free(hdr);
+    nz_writer_abort(w); /* removes the data temporary, frees */
+    return NZ_OK;
+io:
+    rc = nz_fail(err, NZ_E_IO, "%s: %s", w->path, strerror(errno));
+fail:
+    if (f) fclose(f);
+    nz_free(hdr); /* jansson allocates through nz_malloc (nz_alloc_hook_json) */
+    nz_writer_abort(w);
+    return rc;
+}
+
+void nz_writer_abort(nz_writer *w) {
+    if (!w) return;
+    if (w->data) fclose(w->data);
+    if (w->data_path) unlink(w->data_path);
+    if (w->tmp_path) unlink(w->tmp_path);
+    json_decref(w->root);
+    json_decref(w->tensors);
+    json_decref(w->blobs);
+    nz_free(w->path);
+    nz_free(w->tmp_path);
+    nz_free(w->data_path);
+    nz_free(w);
+}

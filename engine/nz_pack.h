@@ -1,0 +1,56 @@
+/*
+ * nz_pack.h — whole-model operations behind the `nzp` tool: pack a
+ * .safetensors file or a model directory into .nzp, unpack .nzp back to
+ * .safetensors, verify every tile.
+ */
+#ifndef NZ_PACK_H
+#define NZ_PACK_H
+
+#include "nz_codec.h"
+#include "nz_container.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct nz_pack_opts {
+    nz_mode mode;         /* weight mode for 2-D float tensors */
+    nz_coder coder;       /* exponent coder: NZ_CODER_RANS (default) or NZ_CODER_ZSTD */
+    uint32_t tile_rows;   /* rows per tile; 0 = nz_default_tile_rows(cols) */
+    const char *exclude;  /* POSIX extended regex: matching tensor names are stored raw */
+    uint64_t raw_below;   /* tensors with fewer elements are stored raw */
+    int zstd_level;       /* for coder zstd */
+    /* progress callback (may be NULL): called before each tensor and at the end */
+    void (*progress)(void *ud, const char *tensor, uint64_t done_bytes, uint64_t total_bytes);
+    void *progress_ud;
+} nz_pack_opts;
+
+/** Defaults: lossless, rans, automatic tile rows, raw_below 4096, zstd 3. */
+void nz_pack_opts_default(nz_pack_opts *o);
+
+/** Pack src (a .safetensors file, or a directory holding model.safetensors,
+ *  an optional config.json and tokenizer files, which are embedded) into out.
+ *  1-D tensors, non-float tensors, tensors smaller than raw_below elements and
+ *  names matching exclude are stored raw. out is written atomically.
+ *  @return NZ_OK or an error naming the file or tensor. */
+int nz_pack(const char *src, const char *out, const nz_pack_opts *o, nz_error *err);
+
+/** Write every tensor of m to a .safetensors file (see nz_tile_decode_native
+ *  for the dtypes; lossless tensors come back bit-exact), with the metadata.
+ *  @return NZ_OK or an error. */
+int nz_unpack(const nz_model *m, const char *out, nz_error *err);
+
+/** Decode every tile of every tensor and check every checksum, plus each
+ *  blob's checksum. report (may be NULL) is called for each failure; the walk
+ *  continues. @return NZ_OK when all is well, else the first error's code;
+ *  *nbad (may be NULL) receives the number of failures. */
+int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud,
+              uint64_t *nbad);
+
+/** @return the order-0 entropy in bits/symbol of a histogram (0 if empty). */
+double nz_entropy_bits(const uint64_t counts[256]);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_PACK_H */

@@ -1,0 +1,308 @@
+/* 32-way interleaved rANS: see nz_rans.h for the stream layout. */
+#include "nz_rans.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define NZ_HAVE_AVX512_KERNEL 1
+#else
+#define NZ_HAVE_AVX512_KERNEL 0
+#endif
+
+#define RANS_L (1u << 16) /* lower bound of the state interval */
+
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline void wr32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+/* ---------------------------------------------------------------- tables */
+
+int nz_rans_normalize(const uint64_t counts[256], uint32_t freq[256]) {
+    uint64_t total = 0;
+    int present = 0;
+    for (int s = 0; s < 256; s++) {
+        total += counts[s];
+        present += counts[s] != 0;
+        freq[s] = 0;
+    }
+    if (present == 0) return 0;
+    if (present == 1) {
+        for (int s = 0; s < 256; s++)
+            if (counts[s]) freq[s] = NZ_RANS_PROB_SCALE;
+        return 1;
+    }
+    int64_t sum = 0;
+    for (int s = 0; s < 256; s++) {
+        if (!counts[s]) continue;
+        double f = (double)counts[s] * NZ_RANS_PROB_SCALE / (double)total;
+        uint32_t q = (uint32_t)(f + 0.5);
+        freq[s] = q ? q : 1;
+        sum += freq[s];
+    }
+    /* Move single units where they cost least (greedy on the exact cost
+     * change counts[s] * log2(f'/f)), until the sum is exact. */
+    while (sum != NZ_RANS_PROB_SCALE) {
+        int best = -1;
+        double best_cost = 0;
+        for (int s = 0; s < 256; s++) {
+            if (!counts[s]) continue;
+            double c;
+            if (sum > NZ_RANS_PROB_SCALE) {
+                if (freq[s] <= 1) continue;
+                c = (double)counts[s] * log2((double)freq[s] / (freq[s] - 1)); /* bits lost */
+            } else {
+                c = -(double)counts[s] * log2((double)(freq[s] + 1) / freq[s]); /* bits gained */
+            }
+            if (best < 0 || c < best_cost) {
+                best = s;
+                best_cost = c;
+            }
+        }
+        if (sum > NZ_RANS_PROB_SCALE) {
+            freq[best]--;
+            sum--;
+        } else {
+            freq[best]++;
+            sum++;
+        }
+    }
+    return present;
+}
+
+int nz_rans_check_freq(const uint32_t freq[256], nz_error *err) {
+    uint64_t sum = 0;
+    int present = 0;
+    for (int s = 0; s < 256; s++) {
+        if (freq[s] >= NZ_RANS_PROB_SCALE)
+            return nz_fail(err, NZ_E_FORMAT, "rANS frequency of symbol %d is %u (must be < %u)", s,
+                           freq[s], NZ_RANS_PROB_SCALE);
+        sum += freq[s];
+        present += freq[s] != 0;
+    }
+    if (sum != NZ_RANS_PROB_SCALE)
+        return nz_fail(err, NZ_E_FORMAT, "rANS frequencies sum to %llu (must be %u)",
+                       (unsigned long long)sum, NZ_RANS_PROB_SCALE);
+    if (present < 2)
+        return nz_fail(err, NZ_E_FORMAT, "rANS table has %d symbol(s) (must be >= 2)", present);
+    return NZ_OK;
+}
+
+void nz_rans_build_dtab(const uint32_t freq[256], uint32_t dtab[NZ_RANS_PROB_SCALE]) {
+    uint32_t cum = 0;
+    for (uint32_t s = 0; s < 256; s++) {
+        for (uint32_t k = 0; k < freq[s] && cum + k < NZ_RANS_PROB_SCALE; k++)
+            dtab[cum + k] = freq[s] << 20 | k << 8 | s;
+        cum += freq[s];
+    }
+}
+
+/* ---------------------------------------------------------------- encoder */
+
+size_t nz_rans_bound(size_t n) { return NZ_RANS_HEADER_BYTES + 2 * n + 2; }
+
+int nz_rans_encode(const uint8_t *sym, size_t n, const uint32_t freq[256], uint8_t *dst,
+                   size_t cap, size_t *out_len, nz_error *err) {
+    uint32_t cum[256], c = 0;
+    for (int s = 0; s < 256; s++) {
+        cum[s] = c;
+        c += freq[s];
+    }
+    if (c != NZ_RANS_PROB_SCALE)
+        return nz_fail(err, NZ_E_INVALID_ARG, "rANS encode: frequencies sum to %u", c);
+    if (cap < NZ_RANS_HEADER_BYTES)
+        return nz_fail(err, NZ_E_INVALID_ARG, "rANS encode: output buffer too small");
+    uint32_t x[NZ_RANS_LANES];
+    for (int j = 0; j < NZ_RANS_LANES; j++) x[j] = RANS_L;
+    /* Words are produced last-to-first; write them downwards from the end. */
+    uint8_t *lo = dst + NZ_RANS_HEADER_BYTES, *wp = dst + cap;
+    for (size_t i = n; i-- > 0;) {
+        uint32_t s = sym[i], f = freq[s];
+        uint32_t *xs = &x[i % NZ_RANS_LANES];
+        if (!f)
+            return nz_fail(err, NZ_E_INVALID_ARG,
+                           "rANS encode: symbol %u at %zu has zero frequency", s, i);
+        uint64_t xmax = (uint64_t)((RANS_L >> NZ_RANS_PROB_BITS) << 16) * f;
+        if (*xs >= xmax) {
+            if (wp - lo < 2)
+                return nz_fail(err, NZ_E_INVALID_ARG, "rANS encode: output buffer too small");
+            wp -= 2;
+            wp[0] = (uint8_t)*xs;
+            wp[1] = (uint8_t)(*xs >> 8);
+            *xs >>= 16;
+        }
+        *xs = ((*xs / f) << NZ_RANS_PROB_BITS) + (*xs % f) + cum[s];
+    }
+    for (int j = 0; j < NZ_RANS_LANES; j++) wr32(dst + 4 * j, x[j]);
+    size_t words = (size_t)(dst + cap - wp);
+    memmove(lo, wp, words);
+    *out_len = NZ_RANS_HEADER_BYTES + words;
+    return NZ_OK;
+}
+
+/* ---------------------------------------------------------------- decoders */
+
+static atomic_int g_force_scalar = -1; /* -1: not yet read from the environment */
+
+int nz_rans_force_scalar(int on) {
+    int old = atomic_exchange(&g_force_scalar, on ? 1 : 0);
+    return old == 1;
+}
+
+static int use_avx512(void) {
+    int f = atomic_load(&g_force_scalar);
+    if (f < 0) {
+        const char *e = getenv("NZ_SIMD");
+        f = e && strcmp(e, "scalar") == 0;
+        atomic_store(&g_force_scalar, f);
+    }
+    if (f) return 0;
+#if NZ_HAVE_AVX512_KERNEL
+    static int have = -1;
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+    }
+    return have;
+#else
+    return 0;
+#endif
+}
+
+const char *nz_rans_decoder_name(void) { return use_avx512() ? "avx512" : "scalar"; }
+
+static inline uint32_t bf16_bits(uint32_t e, uint32_t sm) {
+    return (sm & 0x80u) << 24 | (e & 0xffu) << 23 | (sm & 0x7fu) << 16;
+}
+
+/* Decode symbols [i0, n) with the scalar loop; the state and stream position
+ * continue from wherever the SIMD kernel stopped (always a group boundary). */
+static int dec_scalar(const uint8_t **pp, const uint8_t *end, uint32_t x[NZ_RANS_LANES],
+                      const uint32_t *dtab, size_t i0, size_t n, uint8_t *out, const uint8_t *sm,
+                      float *fout, nz_error *err) {
+    const uint8_t *p = *pp;
+    for (size_t i = i0; i < n; i++) {
+        uint32_t *xs = &x[i % NZ_RANS_LANES];
+        uint32_t e = dtab[*xs & (NZ_RANS_PROB_SCALE - 1)];
+        *xs = (e >> 20) * (*xs >> NZ_RANS_PROB_BITS) + ((e >> 8) & (NZ_RANS_PROB_SCALE - 1));
+        if (fout) {
+            uint32_t b = bf16_bits(e, sm[i]);
+            memcpy(&fout[i], &b, 4);
+        } else {
+            out[i] = (uint8_t)e;
+        }
+        if (*xs < RANS_L) {
+            if (end - p < 2)
+                return nz_fail(err, NZ_E_TRUNCATED, "rANS stream ends early (symbol %zu of %zu)",
+                               i, n);
+            *xs = *xs << 16 | (uint32_t)p[0] | (uint32_t)p[1] << 8;
+            p += 2;
+        }
+    }
+    *pp = p;
+    return NZ_OK;
+}
+
+#if NZ_HAVE_AVX512_KERNEL
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
+
+/* One 16-lane half-step: decode, emit, renormalise from *p. */
+#define NZ_RANS_STEP16(X, E, P)                                                                  \
+    do {                                                                                         \
+        E = _mm512_i32gather_epi32(_mm512_and_si512(X, slot_mask), (const void *)dtab, 4);      \
+        X = _mm512_add_epi32(                                                                    \
+            _mm512_mullo_epi32(_mm512_srli_epi32(E, 20), _mm512_srli_epi32(X, NZ_RANS_PROB_BITS)), \
+            _mm512_and_si512(_mm512_srli_epi32(E, 8), slot_mask));                               \
+        __mmask16 m_ = _mm512_cmplt_epu32_mask(X, lower);                                        \
+        __m512i w_ = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(P)));          \
+        X = _mm512_mask_or_epi32(X, m_, _mm512_slli_epi32(X, 16), _mm512_maskz_expand_epi32(m_, w_)); \
+        P += 2 * (size_t)__builtin_popcount((unsigned)m_);                                       \
+    } while (0)
+
+AVX512_TARGET
+static size_t dec_avx512(const uint8_t **pp, const uint8_t *end, uint32_t x[NZ_RANS_LANES],
+                         const uint32_t *dtab, size_t ngroups, uint8_t *out, const uint8_t *sm,
+                         float *fout) {
+    const __m512i slot_mask = _mm512_set1_epi32(NZ_RANS_PROB_SCALE - 1);
+    const __m512i lower = _mm512_set1_epi32(RANS_L);
+    const __m512i m7f = _mm512_set1_epi32(0x7f), m80 = _mm512_set1_epi32(0x80),
+                  mff = _mm512_set1_epi32(0xff);
+    __m512i xa = _mm512_loadu_si512(x), xb = _mm512_loadu_si512(x + 16);
+    const uint8_t *p = *pp;
+    size_t g = 0;
+    for (; g < ngroups && end - p >= 64; g++) {
+        __m512i ea, eb;
+        NZ_RANS_STEP16(xa, ea, p);
+        NZ_RANS_STEP16(xb, eb, p);
+        if (fout) {
+            __m512i sa = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sm + 32 * g)));
+            __m512i sb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sm + 32 * g + 16)));
+            __m512i fa = _mm512_or_si512(
+                _mm512_slli_epi32(_mm512_and_si512(sa, m80), 24),
+                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(ea, mff), 23),
+                                _mm512_slli_epi32(_mm512_and_si512(sa, m7f), 16)));
+            __m512i fb = _mm512_or_si512(
+                _mm512_slli_epi32(_mm512_and_si512(sb, m80), 24),
+                _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(eb, mff), 23),
+                                _mm512_slli_epi32(_mm512_and_si512(sb, m7f), 16)));
+            _mm512_storeu_si512(fout + 32 * g, fa);
+            _mm512_storeu_si512(fout + 32 * g + 16, fb);
+        } else {
+            _mm_storeu_si128((__m128i *)(out + 32 * g), _mm512_cvtepi32_epi8(ea));
+            _mm_storeu_si128((__m128i *)(out + 32 * g + 16), _mm512_cvtepi32_epi8(eb));
+        }
+    }
+    _mm512_storeu_si512(x, xa);
+    _mm512_storeu_si512(x + 16, xb);
+    *pp = p;
+    return g;
+}
+#endif
+
+static int dec_common(const uint8_t *src, size_t len, const uint32_t *dtab, uint8_t *out,
+                      const uint8_t *sm, float *fout, size_t n, nz_error *err) {
+    if (len < NZ_RANS_HEADER_BYTES)
+        return nz_fail(err, NZ_E_TRUNCATED, "rANS stream of %zu bytes is shorter than its %d-byte header",
+                       len, NZ_RANS_HEADER_BYTES);
+    if ((len - NZ_RANS_HEADER_BYTES) % 2)
+        return nz_fail(err, NZ_E_CORRUPT, "rANS stream length %zu is not header + whole words", len);
+    uint32_t x[NZ_RANS_LANES];
+    for (int j = 0; j < NZ_RANS_LANES; j++) {
+        x[j] = rd32(src + 4 * j);
+        if (x[j] < RANS_L)
+            return nz_fail(err, NZ_E_CORRUPT, "rANS initial state %d out of range", j);
+    }
+    const uint8_t *p = src + NZ_RANS_HEADER_BYTES, *end = src + len;
+    size_t done = 0;
+#if NZ_HAVE_AVX512_KERNEL
+    if (use_avx512()) done = NZ_RANS_LANES * dec_avx512(&p, end, x, dtab, n / NZ_RANS_LANES, out, sm, fout);
+#endif
+    int rc = dec_scalar(&p, end, x, dtab, done, n, out, sm, fout, err);
+    if (rc) return rc;
+    if (p != end)
+        return nz_fail(err, NZ_E_CORRUPT, "rANS stream has %zu unread bytes", (size_t)(end - p));
+    for (int j = 0; j < NZ_RANS_LANES; j++)
+        if (x[j] != RANS_L)
+            return nz_fail(err, NZ_E_CORRUPT, "rANS final state %d is wrong", j);
+    return NZ_OK;
+}
+
+int nz_rans_decode(const uint8_t *src, size_t len, const uint32_t *dtab, uint8_t *out, size_t n,
+                   nz_error *err) {
+    return dec_common(src, len, dtab, out, NULL, NULL, n, err);
+}
+
+int nz_rans_decode_bf16(const uint8_t *src, size_t len, const uint32_t *dtab, const uint8_t *sm,
+                        float *out, size_t n, nz_error *err) {
+    return dec_common(src, len, dtab, NULL, sm, out, n, err);
+}

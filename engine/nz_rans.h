@@ -1,0 +1,83 @@
+/*
+ * nz_rans.h — 32-way interleaved order-0 rANS for byte symbols (the exponent
+ * plane coder).
+ *
+ * Parameters: probabilities quantised to NZ_RANS_PROB_BITS = 12 bits (sum of
+ * frequencies = 4096, every present symbol >= 1, a lone symbol is not coded
+ * here: the codec stores it as a constant); 32-bit states kept in
+ * [2^16, 2^32); 16-bit renormalisation words; NZ_RANS_LANES = 32 states.
+ *
+ * Stream layout (little-endian):
+ *   u32 state[32]          final encoder states = initial decoder states
+ *   u16 word[...]          renormalisation words in decoder read order
+ * Symbol i belongs to lane i % 32. The decoder walks groups of 32 symbols;
+ * within a group lane 0 first; after decoding a lane's symbol, a state below
+ * 2^16 reads exactly one next word. The decoder checks that it consumed the
+ * whole stream and that every state ends at 2^16 (the encoder's start), so
+ * most corruptions are detected even without the tile checksum.
+ *
+ * Decoders: a portable scalar one and an AVX-512 one (16 lanes per vector,
+ * gathers from the 4096-entry table, expand-load renormalisation), chosen at
+ * run time; both read and write exactly the same bytes.
+ */
+#ifndef NZ_RANS_H
+#define NZ_RANS_H
+
+#include "nz_common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NZ_RANS_PROB_BITS 12
+#define NZ_RANS_PROB_SCALE (1u << NZ_RANS_PROB_BITS)
+#define NZ_RANS_LANES 32
+#define NZ_RANS_HEADER_BYTES (NZ_RANS_LANES * 4)
+
+/** Quantise symbol counts to frequencies summing to NZ_RANS_PROB_SCALE,
+ *  keeping every present symbol >= 1 and minimising the coding cost.
+ *  @return the number of distinct symbols present (0 when all counts are 0;
+ *          freq is then all zero), or NZ_E_INVALID_ARG when more than
+ *          NZ_RANS_PROB_SCALE symbols are present (impossible for bytes). */
+int nz_rans_normalize(const uint64_t counts[256], uint32_t freq[256]);
+
+/** Validate a frequency table (sum == NZ_RANS_PROB_SCALE, at least 2 symbols).
+ *  @return NZ_OK or NZ_E_FORMAT with a message. */
+int nz_rans_check_freq(const uint32_t freq[256], nz_error *err);
+
+/** Build the decoder table: dtab[slot] = freq << 20 | (slot - cum) << 8 | sym.
+ *  freq must pass nz_rans_check_freq. */
+void nz_rans_build_dtab(const uint32_t freq[256], uint32_t dtab[NZ_RANS_PROB_SCALE]);
+
+/** @return the most bytes nz_rans_encode can write for n symbols. */
+size_t nz_rans_bound(size_t n);
+
+/** Encode sym[0..n) with the given frequencies into dst[0..cap).
+ *  @return NZ_OK and *out_len, or NZ_E_INVALID_ARG (symbol with zero
+ *          frequency, cap too small). */
+int nz_rans_encode(const uint8_t *sym, size_t n, const uint32_t freq[256], uint8_t *dst,
+                   size_t cap, size_t *out_len, nz_error *err);
+
+/** Decode n symbols from src[0..len) into out[0..n).
+ *  @return NZ_OK, NZ_E_TRUNCATED (stream too short) or NZ_E_CORRUPT. */
+int nz_rans_decode(const uint8_t *src, size_t len, const uint32_t *dtab, uint8_t *out, size_t n,
+                   nz_error *err);
+
+/** Fused bf16 decode: out[i] = float with sign and mantissa from sm[i]
+ *  (bit 7 sign, bits 0-6 mantissa) and exponent from the decoded symbol.
+ *  @return as nz_rans_decode. */
+int nz_rans_decode_bf16(const uint8_t *src, size_t len, const uint32_t *dtab, const uint8_t *sm,
+                        float *out, size_t n, nz_error *err);
+
+/** Force the portable scalar decoder (1) or allow SIMD (0); for tests and
+ *  benchmarks. Also settable with environment NZ_SIMD=scalar.
+ *  @return the previous setting. */
+int nz_rans_force_scalar(int on);
+
+/** @return "avx512" or "scalar": the decoder that will run. */
+const char *nz_rans_decoder_name(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_RANS_H */

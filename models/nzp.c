@@ -1,0 +1,402 @@
+/*
+ * nzp — pack, inspect, verify, benchmark and unpack .nzp model files.
+ *
+ *   nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd]
+ *            [--tile-rows N] [--norm-block B] [--exclude REGEX] [--raw-below N]
+ *            SRC OUT.nzp
+ *   nzp unpack IN.nzp OUT.safetensors
+ *   nzp info [--json] IN.nzp
+ *   nzp verify IN.nzp
+ *   nzp bench [--seconds S] IN.nzp
+ *
+ * Exit status: 0 success, 1 failure (bad file, damaged model), 2 usage error.
+ */
+#include "nz_alloc.h"
+#include "nz_codec.h"
+#include "nz_container.h"
+#include "nz_pack.h"
+#include "nz_rans.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *USAGE =
+    "usage:\n"
+    "  nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd] [--tile-rows N]\n"
+    "           [--norm-block B] [--exclude REGEX] [--raw-below N] [--zstd-level L] SRC OUT.nzp\n"
+    "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
+    "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
+    "  nzp unpack IN.nzp OUT.safetensors\n"
+    "  nzp info [--json] IN.nzp\n"
+    "  nzp verify IN.nzp\n"
+    "  nzp bench [--seconds S] IN.nzp\n";
+
+static int usage(const char *msg) {
+    if (msg) fprintf(stderr, "nzp: %s\n", msg);
+    fputs(USAGE, stderr);
+    return 2;
+}
+
+static int fail(const nz_error *e) {
+    fprintf(stderr, "nzp: error: %s\n", e->msg);
+    return 1;
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static int parse_u64(const char *s, uint64_t *v) {
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(s, &end, 10);
+    if (!*s || *end || errno || s[0] == '-') return -1;
+    *v = x;
+    return 0;
+}
+
+/* ------------------------------------------------------------- pack */
+
+static void progress(void *ud, const char *tensor, uint64_t done, uint64_t total) {
+    (void)ud;
+    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
+    if (tensor) fprintf(stderr, "\r[%3d%%] %-64.64s", pct, tensor);
+    else fprintf(stderr, "\r[100%%] %-64.64s\n", "done");
+    fflush(stderr);
+}
+
+static int cmd_pack(int argc, char **argv) {
+    nz_pack_opts o;
+    nz_pack_opts_default(&o);
+    nz_error e = {0};
+    const char *pos[2];
+    int npos = 0;
+    uint64_t v;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--mode") && val) {
+            uint32_t nb = o.mode.norm_block;
+            if (nz_mode_parse(val, &o.mode, &e)) return usage(e.msg);
+            o.mode.norm_block = nb;
+            i++;
+        } else if (!strcmp(a, "--coder") && val) {
+            if (nz_coder_parse(val, &o.coder, &e) || (o.coder != NZ_CODER_RANS && o.coder != NZ_CODER_ZSTD))
+                return usage("--coder must be rans or zstd");
+            i++;
+        } else if (!strcmp(a, "--tile-rows") && val) {
+            if (parse_u64(val, &v) || v == 0 || v > UINT32_MAX) return usage("--tile-rows needs an integer >= 1");
+            o.tile_rows = (uint32_t)v;
+            i++;
+        } else if (!strcmp(a, "--norm-block") && val) {
+            if (parse_u64(val, &v) || v > (1u << 30)) return usage("--norm-block needs an integer 0..2^30");
+            o.mode.norm_block = (uint32_t)v;
+            i++;
+        } else if (!strcmp(a, "--raw-below") && val) {
+            if (parse_u64(val, &v)) return usage("--raw-below needs an integer");
+            o.raw_below = v;
+            i++;
+        } else if (!strcmp(a, "--zstd-level") && val) {
+            if (parse_u64(val, &v) || v < 1 || v > 22) return usage("--zstd-level needs 1..22");
+            o.zstd_level = (int)v;
+            i++;
+        } else if (!strcmp(a, "--exclude") && val) {
+            o.exclude = val;
+            i++;
+        } else if (a[0] == '-' && a[1]) {
+            return usage("unknown or incomplete option for pack");
+        } else if (npos < 2) {
+            pos[npos++] = a;
+        } else {
+            return usage("pack takes SRC and OUT");
+        }
+    }
+    if (npos != 2) return usage("pack takes SRC and OUT");
+    if (o.mode.norm_block && o.mode.kind != NZ_MODE_LOSSY) return usage("--norm-block needs --mode lossy-K");
+    if (isatty(2)) {
+        o.progress = progress;
+    }
+    double t0 = now_s();
+    if (nz_pack(pos[0], pos[1], &o, &e)) return fail(&e);
+    nz_model *m;
+    if (nz_model_open(pos[1], &m, &e)) return fail(&e);
+    uint64_t src = 0, stored = 0;
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        src += t->desc.rows * t->desc.cols * t->desc.elem_size;
+        stored += t->stored_bytes;
+    }
+    printf("packed %zu tensors: %" PRIu64 " -> %" PRIu64 " bytes of tensor data (%.2f%%), file %" PRIu64
+           " bytes, %.2f s\n",
+           nz_model_ntensors(m), src, stored, src ? 100.0 * (double)stored / (double)src : 0.0,
+           nz_model_file_size(m), now_s() - t0);
+    nz_model_free(m);
+    return 0;
+}
+
+/* ------------------------------------------------------------- info */
+
+typedef struct {
+    uint64_t nelem, src_bytes, stored_bytes;
+    double bits, bound; /* per weight */
+} tstats;
+
+static tstats tensor_stats(const nz_tensor *t) {
+    tstats s;
+    s.nelem = t->desc.rows * t->desc.cols;
+    s.src_bytes = s.nelem * t->desc.elem_size;
+    s.stored_bytes = t->stored_bytes;
+    s.bits = s.nelem ? 8.0 * (double)s.stored_bytes / (double)s.nelem : 0;
+    if (t->desc.coder == NZ_CODER_NONE) s.bound = 8.0 * (double)t->desc.elem_size;
+    else s.bound = 1 + t->desc.mant_bits + nz_entropy_bits(t->counts);
+    return s;
+}
+
+static void shape_str(const nz_tensor *t, char *buf, size_t cap) {
+    size_t n = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < t->ndim && n < cap; i++)
+        n += (size_t)snprintf(buf + n, cap - n, "%s%" PRId64, i ? ", " : "", t->shape[i]);
+    if (n < cap) snprintf(buf + n, cap - n, "]");
+}
+
+static int cmd_info(int argc, char **argv) {
+    int json = 0;
+    const char *path = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--json")) json = 1;
+        else if (argv[i][0] == '-' && argv[i][1]) return usage("unknown option for info");
+        else if (!path) path = argv[i];
+        else return usage("info takes one file");
+    }
+    if (!path) return usage("info takes one file");
+    nz_model *m;
+    nz_error e = {0};
+    if (nz_model_open(path, &m, &e)) return fail(&e);
+    uint64_t tn = 0, ts = 0, tst = 0;
+    double tb = 0;
+    json_t *out = json ? json_object() : NULL, *arr = json ? json_array() : NULL;
+    if (!json)
+        printf("%-48s %-5s %-16s %-9s %-5s %8s %8s %8s\n", "tensor", "dtype", "shape", "mode", "coder",
+               "bits/w", "bound", "ratio");
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        tstats s = tensor_stats(t);
+        char shape[128], mode[32];
+        shape_str(t, shape, sizeof shape);
+        nz_mode_name(&t->desc.mode, mode, sizeof mode);
+        double ratio = s.src_bytes ? (double)s.stored_bytes / (double)s.src_bytes : 0;
+        tn += s.nelem;
+        ts += s.src_bytes;
+        tst += s.stored_bytes;
+        tb += s.bound * (double)s.nelem;
+        if (json) {
+            json_array_append_new(arr, json_pack("{sssssssssIsIsIsfsfsfsI}", "name", t->name, "dtype",
+                                                 t->st_dtype, "shape", shape, "mode", mode, "coder",
+                                                 nz_coder_name(t->desc.coder), "elements", (json_int_t)s.nelem,
+                                                 "source_bytes", (json_int_t)s.src_bytes, "stored_bytes",
+                                                 (json_int_t)s.stored_bytes, "bits_per_weight", s.bits,
+                                                 "entropy_bound_bits", s.bound, "ratio", ratio, "tiles",
+                                                 (json_int_t)t->ntiles));
+        } else {
+            printf("%-48.48s %-5s %-16.16s %-9s %-5s %8.3f %8.3f %7.2f%%\n", t->name, t->st_dtype, shape,
+                   mode, nz_coder_name(t->desc.coder), s.bits, s.bound, 100 * ratio);
+        }
+    }
+    double ratio = ts ? (double)tst / (double)ts : 0;
+    if (json) {
+        json_object_set_new(out, "tensors", arr);
+        json_object_set_new(out, "total", json_pack("{sIsIsIsIsfsfsf}", "elements", (json_int_t)tn,
+                                                    "source_bytes", (json_int_t)ts, "stored_bytes",
+                                                    (json_int_t)tst, "file_bytes",
+                                                    (json_int_t)nz_model_file_size(m), "ratio", ratio,
+                                                    "bits_per_weight", tn ? 8.0 * (double)tst / (double)tn : 0.0,
+                                                    "entropy_bound_bits", tn ? tb / (double)tn : 0.0));
+        json_t *blobs = json_array();
+        for (size_t i = 0; i < nz_model_nblobs(m); i++)
+            json_array_append_new(blobs, json_string(nz_model_blob_name(m, i)));
+        json_object_set_new(out, "blobs", blobs);
+        if (nz_model_config(m)) json_object_set(out, "config", (json_t *)nz_model_config(m));
+        char *s = json_dumps(out, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
+        if (s) puts(s);
+        nz_free(s);
+        json_decref(out);
+    } else {
+        printf("total: %zu tensors, %" PRIu64 " elements, source %" PRIu64 " bytes, stored %" PRIu64
+               " bytes (%.2f%%), %.3f bits/weight (bound %.3f), file %" PRIu64 " bytes, header %" PRIu64
+               " bytes\n",
+               nz_model_ntensors(m), tn, ts, tst, 100 * ratio, tn ? 8.0 * (double)tst / (double)tn : 0,
+               tn ? tb / (double)tn : 0, nz_model_file_size(m), nz_model_header_size(m));
+        for (size_t i = 0; i < nz_model_nblobs(m); i++) printf("embedded: %s\n", nz_model_blob_name(m, i));
+        if (nz_model_config(m)) {
+            const json_t *arch = json_object_get(nz_model_config(m), "architecture");
+            printf("config: %s\n", json_is_string(arch) ? json_string_value(arch) : "(present)");
+        }
+    }
+    nz_model_free(m);
+    return 0;
+}
+
+/* ------------------------------------------------------------- verify / unpack */
+
+static void report(void *ud, const nz_error *e) {
+    (void)ud;
+    fprintf(stderr, "nzp: verify: %s\n", e->msg);
+}
+
+static int cmd_verify(int argc, char **argv) {
+    if (argc != 1 || argv[0][0] == '-') return usage("verify takes one file");
+    nz_model *m;
+    nz_error e = {0};
+    if (nz_model_open(argv[0], &m, &e)) return fail(&e);
+    uint64_t bad = 0, tiles = 0;
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) tiles += nz_model_tensor(m, i)->ntiles;
+    double t0 = now_s();
+    nz_verify(m, report, NULL, &bad);
+    if (bad) printf("%s: DAMAGED: %" PRIu64 " of %" PRIu64 " tiles/blobs failed\n", argv[0], bad, tiles);
+    else printf("%s: OK: %zu tensors, %" PRIu64 " tiles, %zu blobs verified in %.2f s\n", argv[0],
+                nz_model_ntensors(m), tiles, nz_model_nblobs(m), now_s() - t0);
+    nz_model_free(m);
+    return bad ? 1 : 0;
+}
+
+static int cmd_unpack(int argc, char **argv) {
+    if (argc != 2 || argv[0][0] == '-' || argv[1][0] == '-') return usage("unpack takes IN.nzp OUT.safetensors");
+    nz_model *m;
+    nz_error e = {0};
+    if (nz_model_open(argv[0], &m, &e)) return fail(&e);
+    int rc = nz_unpack(m, argv[1], &e);
+    nz_model_free(m);
+    if (rc) return fail(&e);
+    return 0;
+}
+
+/* ------------------------------------------------------------- bench */
+
+typedef struct {
+    nz_tensor_desc d;
+    uint8_t **tiles;
+    size_t *len;
+} encoded;
+
+static void encoded_free(encoded *x) {
+    for (uint64_t i = 0; x->tiles && i < nz_desc_ntiles(&x->d); i++) nz_free(x->tiles[i]);
+    nz_free(x->tiles);
+    nz_free(x->len);
+}
+
+/* Re-encode a tensor's decoded values with another coder (same mode). */
+static int reencode(const nz_tensor *t, const void *native, nz_coder coder, encoded *x, nz_error *e) {
+    memset(x, 0, sizeof *x);
+    nz_mode mode = t->desc.mode;
+    nz_dtype nd = nz_desc_native_dtype(&t->desc);
+    if (mode.kind == NZ_MODE_BF16) mode.kind = NZ_MODE_LOSSLESS;
+    int rc = nz_desc_init(&x->d, nd, nz_dtype_size(nd), &mode, coder, t->desc.rows, t->desc.cols,
+                          t->desc.tile_rows, e);
+    if (!rc) rc = nz_tensor_analyze(&x->d, native, NULL, e);
+    if (rc) return rc;
+    uint64_t nt = nz_desc_ntiles(&x->d);
+    x->tiles = nz_calloc(nt, sizeof *x->tiles, NZ_MEM_OTHER);
+    x->len = nz_calloc(nt, sizeof *x->len, NZ_MEM_OTHER);
+    if (!x->tiles || !x->len) return nz_fail(e, NZ_E_NOMEM, "out of memory");
+    for (uint64_t i = 0; i < nt && !rc; i++) {
+        size_t cap = nz_tile_bound(&x->d, i);
+        x->tiles[i] = nz_malloc(cap, NZ_MEM_OTHER);
+        if (!x->tiles[i]) return nz_fail(e, NZ_E_NOMEM, "out of memory");
+        rc = nz_tile_encode(&x->d, i, (const uint8_t *)native + i * x->d.tile_rows * x->d.cols * nz_dtype_size(nd),
+                            x->tiles[i], cap, &x->len[i], e);
+    }
+    return rc;
+}
+
+static int cmd_bench(int argc, char **argv) {
+    double seconds = 0.5;
+    const char *path = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
+        else if (argv[i][0] == '-') return usage("unknown option for bench");
+        else path = argv[i];
+    }
+    if (!path || seconds <= 0) return usage("bench takes one file");
+    nz_model *m;
+    nz_error e = {0};
+    if (nz_model_open(path, &m, &e)) return fail(&e);
+    /* coders: 0 rans simd, 1 rans scalar, 2 zstd */
+    const char *names[3] = {"rans (simd)", "rans (scalar)", "zstd"};
+    double weights[3] = {0}, secs[3] = {0}, exps_secs[3] = {0};
+    uint64_t bytes[3] = {0};
+    int rc = 0;
+    nz_dctx *dc = nz_dctx_create();
+    for (size_t i = 0; i < nz_model_ntensors(m) && !rc; i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        if (t->desc.coder == NZ_CODER_NONE) continue;
+        nz_dtype nd = nz_desc_native_dtype(&t->desc);
+        uint64_t n = t->desc.rows * t->desc.cols;
+        uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
+        float *out = nz_malloc(t->desc.tile_rows * t->desc.cols * sizeof(float), NZ_MEM_SCRATCH);
+        uint8_t *ex = nz_malloc(t->desc.tile_rows * t->desc.cols, NZ_MEM_SCRATCH);
+        if (!native || !out || !ex) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
+        for (uint64_t j = 0; j < t->ntiles && !rc; j++)
+            rc = nz_model_decode_native(m, dc, i, j, native + j * t->desc.tile_rows * t->desc.cols * nz_dtype_size(nd), &e);
+        for (int c = 0; c < 3 && !rc; c++) {
+            encoded x;
+            rc = reencode(t, native, c == 2 ? NZ_CODER_ZSTD : NZ_CODER_RANS, &x, &e);
+            nz_rans_force_scalar(c == 1);
+            uint64_t nt = nz_desc_ntiles(&x.d);
+            for (uint64_t j = 0; j < nt && !rc; j++) bytes[c] += x.len[j];
+            for (int pass = 0; pass < 2 && !rc; pass++) {
+                double t0 = now_s(), el;
+                uint64_t reps = 0;
+                do {
+                    for (uint64_t j = 0; j < nt && !rc; j++)
+                        rc = pass ? nz_tile_decode_exponents(dc, &x.d, j, x.tiles[j], x.len[j], ex, &e)
+                                  : nz_tile_decode_f32(dc, &x.d, j, x.tiles[j], x.len[j], out, &e);
+                    reps++;
+                    el = now_s() - t0;
+                } while (!rc && el < seconds / (double)nz_model_ntensors(m));
+                if (pass) exps_secs[c] += el / (double)reps;
+                else secs[c] += el / (double)reps;
+            }
+            weights[c] += (double)n;
+            encoded_free(&x);
+        }
+        nz_rans_force_scalar(0);
+        nz_free(native);
+        nz_free(out);
+        nz_free(ex);
+    }
+    nz_dctx_free(dc);
+    nz_model_free(m);
+    if (rc) return fail(&e);
+    printf("decode throughput, one core, all coded tensors of %s\n", path);
+    printf("%-14s %14s %18s %18s\n", "coder", "bits/weight", "to fp32 (Gw/s)", "exponents (Gs/s)");
+    for (int c = 0; c < 3; c++)
+        printf("%-14s %14.3f %18.3f %18.3f\n", names[c], weights[c] ? 8.0 * (double)bytes[c] / weights[c] : 0,
+               secs[c] ? weights[c] / secs[c] / 1e9 : 0, exps_secs[c] ? weights[c] / exps_secs[c] / 1e9 : 0);
+    if (secs[2] > 0 && secs[0] > 0)
+        printf("ratio rans(simd)/zstd: to fp32 %.2fx, exponents %.2fx\n", secs[2] / secs[0],
+               exps_secs[2] / exps_secs[0]);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    nz_alloc_hook_json();
+    if (argc < 2) return usage(NULL);
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
+        fputs(USAGE, stdout);
+        return 0;
+    }
+    if (!strcmp(cmd, "pack")) return cmd_pack(argc - 2, argv + 2);
+    if (!strcmp(cmd, "unpack")) return cmd_unpack(argc - 2, argv + 2);
+    if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
+    if (!strcmp(cmd, "verify")) return cmd_verify(argc - 2, argv + 2);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
+    return usage("unknown command");
+}
