@@ -252,12 +252,13 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
     return NZ_OK;
 }
 
-static int check_overlaps(nz_model *m, nz_error *err) {
+/* All blobs and tiles sorted by offset, in a new NZ_MEM_OTHER array. */
+static region *sorted_regions(const nz_model *m, size_t *count) {
     size_t n = m->nb;
     for (size_t i = 0; i < m->nt; i++) n += m->t[i].ntiles;
-    if (n < 2) return NZ_OK;
-    region *r = nz_malloc(n * sizeof *r, NZ_MEM_OTHER);
-    if (!r) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    *count = n;
+    region *r = nz_malloc((n ? n : 1) * sizeof *r, NZ_MEM_OTHER);
+    if (!r) return NULL;
     size_t k = 0;
     for (size_t i = 0; i < m->nb; i++)
         r[k++] = (region){m->b[i].offset, m->b[i].offset + m->b[i].size, m->b[i].name, UINT64_MAX};
@@ -266,6 +267,13 @@ static int check_overlaps(nz_model *m, nz_error *err) {
             r[k++] = (region){m->t[i].tiles[j].offset, m->t[i].tiles[j].offset + m->t[i].tiles[j].size,
                               m->t[i].name, j};
     qsort(r, n, sizeof *r, region_cmp);
+    return r;
+}
+
+static int check_overlaps(nz_model *m, nz_error *err) {
+    size_t n;
+    region *r = sorted_regions(m, &n);
+    if (!r) return nz_fail(err, NZ_E_NOMEM, "out of memory");
     int rc = NZ_OK;
     uint64_t end = 0;
     const region *last = NULL;
@@ -519,6 +527,25 @@ int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, f
 int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out,
                            nz_error *err) {
     return decode(m, dc, ti, t, out, 1, err);
+}
+
+int nz_model_check_padding(const nz_model *m, nz_error *err) {
+    size_t n;
+    region *r = sorted_regions(m, &n);
+    if (!r) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    uint64_t pos = 0;
+    int rc = NZ_OK;
+    for (size_t i = 0; i <= n && !rc; i++) {
+        uint64_t stop = i < n ? r[i].off : m->data_size;
+        for (; pos < stop; pos++)
+            if (m->data[pos]) {
+                rc = nz_fail(err, NZ_E_FORMAT, "padding byte at data offset %" PRIu64 " is not zero", pos);
+                break;
+            }
+        if (i < n && r[i].end > pos) pos = r[i].end;
+    }
+    nz_free(r);
+    return rc;
 }
 
 /* ------------------------------------------------------------- writer */

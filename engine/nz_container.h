@@ -141,6 +141,12 @@ int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, f
 int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out,
                            nz_error *err);
 
+/** Check that every byte of the data section outside blobs and tiles (the
+ *  alignment padding) is zero, so that verification covers every byte of the
+ *  file. Reads the whole data section. @return NZ_OK or NZ_E_FORMAT naming
+ *  the offset. */
+int nz_model_check_padding(const nz_model *m, nz_error *err);
+
 /* ------------------------------------------------------------- writer */
 
 typedef struct nz_writer nz_writer;

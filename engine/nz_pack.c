@@ -271,6 +271,10 @@ int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), vo
     nz_error e;
     nz_dctx *dc = nz_dctx_create();
     if (!dc) return NZ_E_NOMEM;
+    if ((first = nz_model_check_padding(m, &e)) != NZ_OK) {
+        bad++;
+        if (report) report(ud, &e);
+    }
     for (size_t i = 0; i < nz_model_nblobs(m); i++) {
         const uint8_t *p;
         size_t sz;

@@ -197,7 +197,7 @@ static int cmd_info(int argc, char **argv) {
         tst += s.stored_bytes;
         tb += s.bound * (double)s.nelem;
         if (json) {
-            json_array_append_new(arr, json_pack("{sssssssssIsIsIsfsfsfsI}", "name", t->name, "dtype",
+            json_array_append_new(arr, json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name", t->name, "dtype",
                                                  t->st_dtype, "shape", shape, "mode", mode, "coder",
                                                  nz_coder_name(t->desc.coder), "elements", (json_int_t)s.nelem,
                                                  "source_bytes", (json_int_t)s.src_bytes, "stored_bytes",
@@ -212,7 +212,7 @@ static int cmd_info(int argc, char **argv) {
     double ratio = ts ? (double)tst / (double)ts : 0;
     if (json) {
         json_object_set_new(out, "tensors", arr);
-        json_object_set_new(out, "total", json_pack("{sIsIsIsIsfsfsf}", "elements", (json_int_t)tn,
+        json_object_set_new(out, "total", json_pack("{s:I, s:I, s:I, s:I, s:f, s:f, s:f}", "elements", (json_int_t)tn,
                                                     "source_bytes", (json_int_t)ts, "stored_bytes",
                                                     (json_int_t)tst, "file_bytes",
                                                     (json_int_t)nz_model_file_size(m), "ratio", ratio,

@@ -1,0 +1,448 @@
+/* .nzp container: writer/loader round trip, laziness, and damage handling. */
+#include "test_util.h"
+
+#include "nz_alloc.h"
+#include "nz_codec.h"
+#include "nz_container.h"
+#include "nz_pack.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- fixture */
+
+#define W_ROWS 37
+#define W_COLS 96
+#define TILE_ROWS 8
+
+static uint16_t g_w[W_ROWS * W_COLS]; /* bf16 weights, lossless rans */
+static float g_f[20 * 300];           /* f32 weights, lossy-4 zstd */
+static float g_bias[W_ROWS];          /* raw */
+static uint8_t *g_img;                /* the written file */
+static size_t g_len;
+
+static void *xread(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *len = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void *p = malloc(*len ? *len : 1);
+    assert_int_equal(fread(p, 1, *len, f), *len);
+    fclose(f);
+    return p;
+}
+
+static void add_tensor(nz_writer *w, const char *name, const char *st, nz_dtype dt, const char *mode,
+                       nz_coder coder, uint64_t rows, uint64_t cols, int ndim, const void *src) {
+    nz_error e = {0};
+    nz_mode m;
+    nz_tensor_desc d;
+    uint64_t counts[256];
+    int64_t shape[2] = {(int64_t)rows, (int64_t)cols};
+    if (ndim == 1) shape[0] = (int64_t)cols;
+    assert_int_equal(nz_mode_parse(mode, &m, &e), NZ_OK);
+    assert_int_equal(nz_desc_init(&d, dt, nz_dtype_size(dt), &m, coder, rows, cols, TILE_ROWS, &e), NZ_OK);
+    assert_int_equal(nz_tensor_analyze(&d, src, counts, &e), NZ_OK);
+    assert_int_equal(nz_writer_begin_tensor(w, name, st, ndim, shape, &d, counts, &e), NZ_OK);
+    for (uint64_t t = 0; t < nz_desc_ntiles(&d); t++) {
+        size_t cap = nz_tile_bound(&d, t), len;
+        uint8_t *buf = malloc(cap);
+        const uint8_t *p = (const uint8_t *)src + t * TILE_ROWS * cols * nz_dtype_size(dt);
+        assert_int_equal(nz_tile_encode(&d, t, p, buf, cap, &len, &e), NZ_OK);
+        assert_int_equal(nz_writer_add_tile(w, buf, len, &e), NZ_OK);
+        free(buf);
+    }
+}
+
+static void build_fixture(void) {
+    uint64_t s = 42;
+    for (size_t i = 0; i < W_ROWS * W_COLS; i++) g_w[i] = nz_f32_to_bf16((float)(0.02 * tu_gauss(&s)));
+    for (size_t i = 0; i < 20 * 300; i++) g_f[i] = (float)(0.05 * tu_gauss(&s));
+    for (size_t i = 0; i < W_ROWS; i++) g_bias[i] = (float)tu_gauss(&s);
+    char path[] = "/tmp/nz_test_container_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    nz_writer *w;
+    nz_error e = {0};
+    assert_int_equal(nz_writer_create(path, &w, &e), NZ_OK);
+    json_t *cfg = json_pack("{sssi}", "architecture", "test", "d_model", 96);
+    assert_int_equal(nz_writer_set_config(w, cfg, &e), NZ_OK);
+    json_decref(cfg);
+    static const char spm[] = "fake sentencepiece model bytes";
+    assert_int_equal(nz_writer_add_blob(w, "spm.model", spm, sizeof spm, &e), NZ_OK);
+    add_tensor(w, "layer.w", "BF16", NZ_DT_BF16, "lossless", NZ_CODER_RANS, W_ROWS, W_COLS, 2, g_w);
+    add_tensor(w, "layer.f", "F32", NZ_DT_F32, "lossy-4", NZ_CODER_ZSTD, 20, 300, 2, g_f);
+    add_tensor(w, "layer.b", "F32", NZ_DT_F32, "raw", NZ_CODER_NONE, 1, W_ROWS, 1, g_bias);
+    assert_int_equal(nz_writer_finish(w, &e), NZ_OK);
+    g_img = xread(path, &g_len);
+    unlink(path);
+}
+
+static int setup(void **state) {
+    (void)state;
+    build_fixture();
+    return 0;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    free(g_img);
+    return 0;
+}
+
+static uint64_t rd64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+static void wr64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* Load buf and, when it loads, verify it. @return 0 when the image is judged
+ * intact, the first error code otherwise; msg receives the message. */
+static int load_and_verify(const uint8_t *buf, size_t len, char *msg, size_t cap) {
+    nz_model *m = NULL;
+    nz_error e = {0};
+    int rc = nz_model_load_buffer(buf, len, &m, &e);
+    if (rc == NZ_OK) {
+        assert_non_null(m);
+        uint64_t bad = 0;
+        rc = nz_verify(m, NULL, NULL, &bad);
+        if (rc == NZ_OK) assert_int_equal(bad, 0);
+        /* redo once to fetch a message */
+        if (rc) {
+            nz_dctx *dc = nz_dctx_create();
+            float *out = malloc(TILE_ROWS * 300 * sizeof(float));
+            const uint8_t *bp;
+            size_t bs;
+            int got = nz_model_check_padding(m, &e) || nz_model_blob(m, "spm.model", &bp, &bs, &e);
+            for (size_t i = 0; !got && i < nz_model_ntensors(m); i++)
+                for (uint64_t t = 0; !got && t < nz_model_tensor(m, i)->ntiles; t++)
+                    got = nz_model_decode_f32(m, dc, i, t, out, &e);
+            free(out);
+            nz_dctx_free(dc);
+        }
+        nz_model_free(m);
+    } else {
+        assert_null(m);
+        assert_true(rc < 0);
+        assert_true(e.msg[0] != 0);
+    }
+    if (msg) snprintf(msg, cap, "%s", e.msg);
+    return rc;
+}
+
+/* Replace the JSON header of g_img by hdr (re-hashed), keeping the data. */
+static uint8_t *with_header(const char *hdr, size_t *len) {
+    uint64_t doff = rd64(g_img + 24), dsize = rd64(g_img + 32), hlen = strlen(hdr);
+    uint64_t ndoff = (64 + hlen + 63) / 64 * 64;
+    *len = ndoff + dsize;
+    uint8_t *img = calloc(1, *len);
+    memcpy(img, g_img, 64);
+    memcpy(img + 64, hdr, hlen);
+    memcpy(img + ndoff, g_img + doff, dsize);
+    wr64(img + 16, hlen);
+    wr64(img + 24, ndoff);
+    wr64(img + 40, nz_hash(hdr, hlen));
+    return img;
+}
+
+static char *header_copy(void) {
+    uint64_t hlen = rd64(g_img + 16);
+    char *h = malloc(hlen + 1);
+    memcpy(h, g_img + 64, hlen);
+    h[hlen] = 0;
+    return h;
+}
+
+/* Substitute the first occurrence of from by to in the header; expect a load
+ * error whose message contains want. */
+static void expect_header_error(const char *from, const char *to, const char *want) {
+    char *h = header_copy();
+    char *at = strstr(h, from);
+    if (!at) fail_msg("fixture header lacks '%s'", from);
+    size_t n = strlen(h) - strlen(from) + strlen(to) + 1;
+    char *nh = malloc(n);
+    snprintf(nh, n, "%.*s%s%s", (int)(at - h), h, to, at + strlen(from));
+    size_t len;
+    uint8_t *img = with_header(nh, &len);
+    nz_model *m = NULL;
+    nz_error e = {0};
+    int rc = nz_model_load_buffer(img, len, &m, &e);
+    if (rc == NZ_OK) {
+        nz_model_free(m);
+        fail_msg("header edit '%s' -> '%s' was accepted", from, to);
+    }
+    if (!strstr(e.msg, want)) fail_msg("error '%s' does not mention '%s'", e.msg, want);
+    free(img);
+    free(nh);
+    free(h);
+}
+
+/* ---------------------------------------------------------------- tests */
+
+static void test_round_trip(void **state) {
+    (void)state;
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(g_img, g_len, &m, &e), NZ_OK);
+    assert_int_equal(nz_model_ntensors(m), 3);
+    assert_int_equal(nz_model_find(m, "layer.f"), 1);
+    assert_int_equal(nz_model_find(m, "nope"), -1);
+    const json_t *cfg = nz_model_config(m);
+    assert_string_equal(json_string_value(json_object_get(cfg, "architecture")), "test");
+    const uint8_t *b;
+    size_t bs;
+    assert_int_equal(nz_model_blob(m, "spm.model", &b, &bs, &e), NZ_OK);
+    assert_string_equal((const char *)b, "fake sentencepiece model bytes");
+    assert_int_equal(nz_model_blob(m, "dict.txt", &b, &bs, &e), NZ_E_NOT_FOUND);
+
+    const nz_tensor *t = nz_model_tensor(m, 0);
+    assert_string_equal(t->name, "layer.w");
+    assert_int_equal(t->ntiles, (W_ROWS + TILE_ROWS - 1) / TILE_ROWS);
+    assert_int_equal(t->desc.coder, NZ_CODER_RANS);
+    nz_dctx *dc = nz_dctx_create();
+    uint16_t nat[TILE_ROWS * W_COLS];
+    float f[TILE_ROWS * 300];
+    for (uint64_t i = 0; i < t->ntiles; i++) {
+        uint64_t n = nz_desc_tile_nrows(&t->desc, i) * W_COLS;
+        assert_int_equal(nz_model_decode_native(m, dc, 0, i, nat, &e), NZ_OK);
+        assert_memory_equal(nat, g_w + i * TILE_ROWS * W_COLS, n * 2);
+        assert_int_equal(nz_model_decode_f32(m, dc, 0, i, f, &e), NZ_OK);
+        for (uint64_t k = 0; k < n; k++) assert_true(f[k] == nz_bf16_to_f32(g_w[i * TILE_ROWS * W_COLS + k]));
+    }
+    t = nz_model_tensor(m, 1); /* lossy-4: within half an ulp at 4 bits */
+    assert_int_equal(t->desc.coder, NZ_CODER_ZSTD);
+    for (uint64_t i = 0; i < t->ntiles; i++) {
+        assert_int_equal(nz_model_decode_f32(m, dc, 1, i, f, &e), NZ_OK);
+        for (uint64_t k = 0; k < nz_desc_tile_nrows(&t->desc, i) * 300; k++) {
+            float x = g_f[i * TILE_ROWS * 300 + k];
+            assert_true(fabsf(f[k] - x) <= fabsf(x) * (1.0f / 32) + 1e-30f);
+        }
+    }
+    t = nz_model_tensor(m, 2);
+    assert_int_equal(t->ndim, 1);
+    assert_int_equal(t->desc.coder, NZ_CODER_NONE);
+    assert_int_equal(nz_model_decode_f32(m, dc, 2, 0, f, &e), NZ_OK);
+    assert_memory_equal(f, g_bias, sizeof g_bias);
+    uint64_t bad = 1;
+    assert_int_equal(nz_verify(m, NULL, NULL, &bad), NZ_OK);
+    assert_int_equal(bad, 0);
+    nz_dctx_free(dc);
+    nz_model_free(m);
+}
+
+/* Opening must read the header only: the data section is made unreadable. */
+static void test_lazy_load(void **state) {
+    (void)state;
+    long pg = sysconf(_SC_PAGESIZE);
+    uint64_t doff = rd64(g_img + 24);
+    size_t shift = (size_t)(pg - (long)(doff % (uint64_t)pg)) % (size_t)pg;
+    size_t total = (shift + g_len + (size_t)pg - 1) / (size_t)pg * (size_t)pg + (size_t)pg;
+    uint8_t *area = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(area != MAP_FAILED);
+    uint8_t *img = area + shift;
+    memcpy(img, g_img, g_len);
+    assert_int_equal(((uintptr_t)(img + doff)) % (uintptr_t)pg, 0);
+    assert_int_equal(mprotect(img + doff, total - shift - doff, PROT_NONE), 0);
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_OK);
+    assert_int_equal(nz_model_ntensors(m), 3);
+    nz_model_free(m);
+    munmap(area, total);
+}
+
+static void test_empty_and_magic(void **state) {
+    (void)state;
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(g_img, 0, &m, &e), NZ_E_TRUNCATED);
+    assert_string_equal(e.msg, "empty file");
+    uint8_t *img = malloc(g_len);
+    memcpy(img, g_img, g_len);
+    img[1] = 'X';
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_E_FORMAT);
+    assert_non_null(strstr(e.msg, "bad magic"));
+    memcpy(img, g_img, g_len);
+    img[8] = 2; /* version */
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_E_UNSUPPORTED);
+    assert_non_null(strstr(e.msg, "version 2"));
+    memcpy(img, g_img, g_len);
+    img[64] ^= 1; /* header byte */
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_E_CHECKSUM);
+    assert_non_null(strstr(e.msg, "header checksum"));
+    free(img);
+    /* a safetensors file gets a hint */
+    static const uint8_t st[] = {2, 0, 0, 0, 0, 0, 0, 0, '{', '}'};
+    assert_int_equal(nz_model_load_buffer(st, sizeof st, &m, &e), NZ_E_FORMAT);
+    assert_non_null(strstr(e.msg, "safetensors"));
+    assert_int_equal(nz_model_open("/nonexistent/x.nzp", &m, &e), NZ_E_IO);
+    assert_non_null(strstr(e.msg, "/nonexistent/x.nzp"));
+}
+
+static void test_every_truncation(void **state) {
+    (void)state;
+    for (size_t len = 0; len < g_len; len++) {
+        uint8_t *img = malloc(len ? len : 1); /* exact size: ASan catches overreads */
+        memcpy(img, g_img, len);
+        char msg[NZ_ERROR_MSG_MAX];
+        int rc = load_and_verify(img, len, msg, sizeof msg);
+        if (rc == NZ_OK) fail_msg("truncation to %zu of %zu bytes was accepted", len, g_len);
+        free(img);
+    }
+}
+
+static void test_every_bit_flip_detected(void **state) {
+    (void)state;
+    uint64_t s = 7;
+    size_t step = tu_quick() ? 37 : 1;
+    size_t flips = 0;
+    for (size_t pos = 0; pos < g_len; pos += step) {
+        int bit = (int)(tu_rand(&s) % 8);
+        uint8_t *img = malloc(g_len);
+        memcpy(img, g_img, g_len);
+        img[pos] ^= (uint8_t)(1u << bit);
+        char msg[NZ_ERROR_MSG_MAX];
+        if (load_and_verify(img, g_len, msg, sizeof msg) == NZ_OK)
+            fail_msg("bit %d of byte %zu flipped and nothing noticed", bit, pos);
+        free(img);
+        flips++;
+    }
+    assert_true(flips > 100);
+}
+
+static void test_tile_damage_message(void **state) {
+    (void)state;
+    nz_model *m;
+    nz_error e = {0};
+    uint8_t *img = malloc(g_len);
+    memcpy(img, g_img, g_len);
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_OK);
+    const nz_tensor *t = nz_model_tensor(m, 0);
+    uint64_t doff = rd64(g_img + 24);
+    img[doff + t->tiles[3].offset + 20] ^= 0x10;
+    nz_dctx *dc = nz_dctx_create();
+    float f[TILE_ROWS * W_COLS];
+    assert_int_equal(nz_model_decode_f32(m, dc, 0, 2, f, &e), NZ_OK);
+    assert_int_equal(nz_model_decode_f32(m, dc, 0, 3, f, &e), NZ_E_CHECKSUM);
+    assert_string_equal(e.msg, "tensor 'layer.w' tile 3: checksum mismatch");
+    /* an error does not poison the context: the next tile decodes */
+    assert_int_equal(nz_model_decode_f32(m, dc, 0, 4, f, &e), NZ_OK);
+    uint64_t bad = 0;
+    assert_int_equal(nz_verify(m, NULL, NULL, &bad), NZ_E_CHECKSUM);
+    assert_int_equal(bad, 1);
+    nz_dctx_free(dc);
+    nz_model_free(m);
+    free(img);
+}
+
+static void test_header_validation(void **state) {
+    (void)state;
+    expect_header_error("\"tile_rows\":8", "\"tile_rows\":0", "tile_rows");
+    expect_header_error("\"tile_rows\":8", "\"tile_rows\":16", "expected 3 tiles, found 5");
+    expect_header_error("\"rows\":37", "\"rows\":36", "do not match the shape");
+    expect_header_error("\"dtype\":\"bf16\"", "\"dtype\":\"f32\"", "does not match st_dtype");
+    expect_header_error("\"dtype\":\"bf16\"", "\"dtype\":\"int4\"", "unknown dtype");
+    expect_header_error("\"mode\":\"lossless\"", "\"mode\":\"lossy-9\"", "bad mode");
+    expect_header_error("\"coder\":\"rans\"", "\"coder\":\"none\"", "coder");
+    expect_header_error("\"name\":\"layer.f\"", "\"name\":\"layer.w\"", "duplicate tensor name");
+    expect_header_error("\"tiles\":[[", "\"tiles\":[[1", "not 64-byte aligned");
+    expect_header_error("\"tiles\":[[64,", "\"tiles\":[[999999936,", "outside");
+    expect_header_error("\"freq\":[[", "\"freq\":[[300,1],[", "freq");
+    expect_header_error("\"tensors\":[", "\"tensors\":7,\"x\":[", "\"tensors\" must be an array");
+    expect_header_error("\"offset\":0", "\"offset\":-64", "offset");
+    expect_header_error("\"blobs\":{", "\"blobs\":{\"a\":{\"offset\":0,\"size\":1,\"xxh3\":\"00\"},", "xxh3");
+    expect_header_error("\"generator\"", "\"generator\"\"", "header JSON");
+    size_t len;
+    uint8_t *img = with_header("[1, 2]", &len);
+    nz_model *m = NULL;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(img, len, &m, &e), NZ_E_FORMAT);
+    assert_string_equal(e.msg, "header JSON is not an object");
+    free(img);
+}
+
+static void test_overlap_detected(void **state) {
+    (void)state;
+    /* make tile 1 of layer.w point at tile 0's bytes */
+    char *h = header_copy();
+    char *tiles = strstr(h, "\"tiles\":[[");
+    assert_non_null(tiles);
+    unsigned long long o0, s0;
+    assert_int_equal(sscanf(tiles, "\"tiles\":[[%llu,%llu,", &o0, &s0), 2);
+    char *second = strstr(tiles + 10, "],[") + 3;
+    char *comma = strchr(second, ',');
+    char nh[65536];
+    snprintf(nh, sizeof nh, "%.*s%llu%s", (int)(second - h), h, o0, comma);
+    size_t len;
+    uint8_t *img = with_header(nh, &len);
+    nz_model *m = NULL;
+    nz_error e = {0};
+    int rc = nz_model_load_buffer(img, len, &m, &e);
+    nz_model_free(m);
+    assert_true(rc != NZ_OK);
+    assert_true(strstr(e.msg, "overlap") || strstr(e.msg, "fixed bytes"));
+    free(img);
+    free(h);
+}
+
+static void test_writer_errors(void **state) {
+    (void)state;
+    nz_writer *w;
+    nz_error e = {0};
+    assert_int_equal(nz_writer_create("/nonexistent-dir/x.nzp", &w, &e), NZ_E_IO);
+    char path[] = "/tmp/nz_test_writer_XXXXXX";
+    int fd = mkstemp(path);
+    close(fd);
+    assert_int_equal(nz_writer_create(path, &w, &e), NZ_OK);
+    assert_int_equal(nz_writer_add_blob(w, "a", "x", 1, &e), NZ_OK);
+    assert_int_equal(nz_writer_add_blob(w, "a", "y", 1, &e), NZ_E_INVALID_ARG);
+    nz_mode m = {NZ_MODE_LOSSLESS, 0, 0};
+    nz_tensor_desc d;
+    assert_int_equal(nz_desc_init(&d, NZ_DT_BF16, 2, &m, NZ_CODER_RANS, W_ROWS, W_COLS, TILE_ROWS, &e), NZ_OK);
+    assert_int_equal(nz_tensor_analyze(&d, g_w, NULL, &e), NZ_OK);
+    int64_t shape[2] = {W_ROWS, W_COLS};
+    assert_int_equal(nz_writer_begin_tensor(w, "t", "BF16", 2, shape, &d, NULL, &e), NZ_OK);
+    assert_int_equal(nz_writer_finish(w, &e), NZ_E_INVALID_ARG); /* no tiles written */
+    assert_non_null(strstr(e.msg, "missing tiles"));
+    assert_int_equal(access(path, F_OK), 0); /* the old file is untouched... */
+    unlink(path);
+    char tmp[64];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    assert_int_equal(access(tmp, F_OK), -1); /* ...and no temporary is left */
+}
+
+static void test_memory_returns(void **state) {
+    (void)state;
+    size_t before = nz_mem_current(NZ_MEM_OTHER) + nz_mem_current(NZ_MEM_SCRATCH);
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(g_img, g_len, &m, &e), NZ_OK);
+    assert_true(nz_mem_current(NZ_MEM_OTHER) > 0);
+    uint64_t bad;
+    nz_verify(m, NULL, NULL, &bad);
+    nz_model_free(m);
+    assert_int_equal(nz_mem_current(NZ_MEM_OTHER) + nz_mem_current(NZ_MEM_SCRATCH), before);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_lazy_load),
+        cmocka_unit_test(test_empty_and_magic),
+        cmocka_unit_test(test_every_truncation),
+        cmocka_unit_test(test_every_bit_flip_detected),
+        cmocka_unit_test(test_tile_damage_message),
+        cmocka_unit_test(test_header_validation),
+        cmocka_unit_test(test_overlap_detected),
+        cmocka_unit_test(test_writer_errors),
+        cmocka_unit_test(test_memory_returns),
+    };
+    return cmocka_run_group_tests_name("container", tests, setup, teardown);
+}
