@@ -26,7 +26,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 NZP      := $(BUILD)/nzp
 
-.PHONY: all test ctest pytest asan valgrind bench fuzz deps clean format
+.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo clean format
 all: $(ENGINE_LIB) $(NZP) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h)
@@ -78,6 +78,16 @@ fuzz: $(FUZZ_TARGETS)
 
 deps:
 	bash .ci/deps.sh
+
+# Until the server and the trained demo models land: build a synthetic model
+# directory, pack it, show what the codec did and verify every tile.
+DEMO := $(BUILD)/demo
+demo: $(NZP)
+	$(PYTHON) models/demo/synthetic.py $(DEMO)/model
+	$(NZP) pack $(DEMO)/model $(DEMO)/model.nzp
+	$(NZP) info $(DEMO)/model.nzp
+	$(NZP) verify $(DEMO)/model.nzp
+	$(NZP) bench --seconds 1 $(DEMO)/model.nzp
 
 format:
 	clang-format -i engine/*.[ch] models/*.c tests/*.[ch] tests/*/*.c
