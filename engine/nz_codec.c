@@ -126,7 +126,7 @@ int nz_coder_parse(const char *s, nz_coder *c, nz_error *err) {
 /* ------------------------------------------------------------- descriptors */
 
 uint32_t nz_default_tile_rows(uint64_t cols) {
-    const uint64_t target = 65536; /* elements: 256 KiB of fp32 */
+    const uint64_t target = 131072; /* elements: 512 KiB of fp32 */
     if (cols == 0 || cols >= target) return 1;
     return (uint32_t)(target / cols);
 }
@@ -417,8 +417,10 @@ int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t
     rc = split(d, src, n, e, sm, norm, err);
     if (rc) goto done;
     size_t elen = 0;
+    uint32_t lanes = 0;
     if (d->coder == NZ_CODER_RANS) {
-        rc = nz_rans_encode(e, n, d->freq, dst + TILE_HDR, cap - TILE_HDR, &elen, err);
+        lanes = (uint32_t)nz_rans_lanes_for(n);
+        rc = nz_rans_encode(e, n, d->freq, (int)lanes, dst + TILE_HDR, cap - TILE_HDR, &elen, err);
         if (rc) goto done;
     } else if (d->coder == NZ_CODER_ZSTD) {
         size_t z = ZSTD_compress(dst + TILE_HDR, cap - TILE_HDR, e, n, d->zstd_level);
@@ -439,7 +441,7 @@ int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t
         goto done;
     }
     wr32(dst, (uint32_t)elen);
-    wr32(dst + 4, 0);
+    wr32(dst + 4, lanes);
     uint8_t *p = dst + TILE_HDR + elen;
     pack_sm(sm, n, 1 + d->mant_bits, p);
     p += sm_bytes(d, n);
@@ -513,7 +515,10 @@ static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
     uint64_t fixed = nz_desc_tile_fixed_bytes(d, t);
     if (len < TILE_HDR) return nz_fail(err, NZ_E_TRUNCATED, "tile of %zu bytes has no header", len);
     uint64_t elen = rd32(tile);
-    if (rd32(tile + 4) != 0) return nz_fail(err, NZ_E_FORMAT, "tile header reserved field not 0");
+    uint32_t lanes = rd32(tile + 4);
+    if (d->coder == NZ_CODER_RANS ? lanes != 32 && lanes != 64 : lanes != 0)
+        return nz_fail(err, NZ_E_FORMAT, "tile header lane count %u invalid for coder %s", lanes,
+                       nz_coder_name(d->coder));
     if (TILE_HDR + elen + fixed != len)
         return nz_fail(err, len < TILE_HDR + elen + fixed ? NZ_E_TRUNCATED : NZ_E_FORMAT,
                        "tile size %zu does not match its planes (8 + %llu exponent + %llu fixed bytes)",
@@ -528,8 +533,8 @@ static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
             nz_rans_build_dtab(d->freq, dc->dtab);
             dc->tab_id = d->id;
         }
-        rc = fout ? nz_rans_decode_bf16(ex, elen, dc->dtab, v->sm, fout, v->n, err)
-                  : nz_rans_decode(ex, elen, dc->dtab, exps, v->n, err);
+        rc = fout ? nz_rans_decode_bf16(ex, elen, (int)lanes, dc->dtab, v->sm, fout, v->n, err)
+                  : nz_rans_decode(ex, elen, (int)lanes, dc->dtab, exps, v->n, err);
         break;
     case NZ_CODER_ZSTD: {
         if (!dc->zd) {
