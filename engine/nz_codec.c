@@ -34,21 +34,19 @@ static inline void wr32(uint8_t *p, uint32_t v) {
 
 /* ------------------------------------------------------------- float helpers */
 
-float nz_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    if (e == 0x1f) return u2f(sign | 0x7f800000u | m << 13); /* Inf/NaN, payload kept */
-    if (e == 0) {
-        if (m == 0) return u2f(sign);
-        /* subnormal: value m * 2^-24, normalise */
-        int sh = 0;
-        while (!(m & 0x400)) {
-            m <<= 1;
-            sh++;
-        }
-        return u2f(sign | (uint32_t)(113 - sh) << 23 | (m & 0x3ff) << 13);
-    }
-    return u2f(sign | (e + 112) << 23 | m << 13);
+/* Branch-free binary16 -> fp32 (vectorises): normals rebias the exponent
+ * with an integer add, subnormals convert their integer significand exactly
+ * (em * 2^-24, no denormal operand, so DAZ/FTZ modes cannot change the
+ * result), Inf/NaN keep their payload. */
+static inline float f16_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, em = h & 0x7fffu;
+    uint32_t bits = (em << 13) + (112u << 23);
+    if (em < 0x400u) bits = f2u((float)em * 0x1p-24f);
+    if (em >= 0x7c00u) bits = 0x7f800000u | (em & 0x3ffu) << 13;
+    return u2f(sign | bits);
 }
+
+float nz_f16_to_f32(uint16_t h) { return f16_to_f32(h); }
 
 uint16_t nz_f32_to_f16(float x) {
     uint32_t u = f2u(x), sign = (u >> 16) & 0x8000, mag = u & 0x7fffffff;
@@ -164,8 +162,8 @@ int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_m
     case NZ_MODE_BF16: d->exp_bits = 8; d->mant_bits = 7; break;
     case NZ_MODE_LOSSY: d->exp_bits = 8; d->mant_bits = mode->k; break;
     }
-    if (coder == NZ_CODER_NONE) coder = NZ_CODER_RANS;
-    d->coder = coder;
+    if (coder == NZ_CODER_NONE || coder == NZ_CODER_CONST) coder = NZ_CODER_RANS;
+    d->coder = d->coder_req = coder;
     return NZ_OK;
 }
 
@@ -359,11 +357,14 @@ static void unpack_sm(const uint8_t *in, uint64_t n, int w, uint32_t *sm) {
 int nz_tensor_analyze(nz_tensor_desc *d, const void *src, uint64_t counts[256], nz_error *err) {
     uint64_t hist[256] = {0};
     memset(d->freq, 0, sizeof d->freq);
+    if (d->coder != NZ_CODER_NONE) d->coder = d->coder_req ? d->coder_req : NZ_CODER_RANS;
     if (d->coder == NZ_CODER_NONE) {
         if (counts) memset(counts, 0, 256 * sizeof *counts);
         return NZ_OK;
     }
-    uint64_t nt = nz_desc_ntiles(d), maxn = (uint64_t)d->tile_rows * d->cols;
+    /* scratch for the largest tile: tile_rows may exceed rows (one short tile) */
+    uint64_t nt = nz_desc_ntiles(d),
+             maxn = (d->tile_rows < d->rows ? (uint64_t)d->tile_rows : d->rows) * d->cols;
     uint8_t *e = nz_malloc(maxn, NZ_MEM_SCRATCH);
     uint32_t *sm = nz_malloc(maxn * 4, NZ_MEM_SCRATCH);
     if (!e || !sm) {
@@ -386,6 +387,9 @@ int nz_tensor_analyze(nz_tensor_desc *d, const void *src, uint64_t counts[256], 
     if (counts) memcpy(counts, hist, sizeof hist);
     int present = nz_rans_normalize(hist, d->freq);
     if (present == 1) d->coder = NZ_CODER_CONST;
+    /* new table, new decoder-cache key: a dctx that cached this desc's old
+     * table must not reuse it */
+    d->id = atomic_fetch_add(&g_desc_id, 1);
     return NZ_OK;
 }
 
@@ -398,6 +402,8 @@ size_t nz_tile_bound(const nz_tensor_desc *d, uint64_t t) {
 
 int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t *dst, size_t cap,
                    size_t *len, nz_error *err) {
+    if (t >= nz_desc_ntiles(d))
+        return nz_fail(err, NZ_E_INVALID_ARG, "tile %llu out of range", (unsigned long long)t);
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
     if (d->coder == NZ_CODER_NONE) {
         if (cap < n * d->elem_size) return nz_fail(err, NZ_E_INVALID_ARG, "tile buffer too small");
@@ -608,7 +614,7 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
     const uint32_t *sm = dc->sm;
     if (d->exp_bits == 5) {
         for (uint64_t i = 0; i < n; i++)
-            out[i] = nz_f16_to_f32((uint16_t)((sm[i] >> 10) << 15 | (uint32_t)e[i] << 10 | (sm[i] & 0x3ff)));
+            out[i] = f16_to_f32((sm[i] >> 10) << 15 | (uint32_t)e[i] << 10 | (sm[i] & 0x3ff));
         return NZ_OK;
     }
     int mb = d->mant_bits;

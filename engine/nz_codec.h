@@ -21,7 +21,9 @@
  *
  * Lossy-k rounds the value (seen as fp32) to k mantissa bits: round to
  * nearest, ties to even, the carry running into the exponent (to Inf past
- * the largest finite value). NaN keeps its sign and becomes a quiet NaN
+ * the largest finite value). "Even" is the lowest kept bit of the encoding,
+ * as IEEE does; with k = 0 that bit is the exponent's, so a tie goes to the
+ * power of two with the even biased exponent (3.0 -> 2.0, 6.0 -> 8.0). NaN keeps its sign and becomes a quiet NaN
  * (k >= 1; lossy-0 cannot hold a NaN and refuses it). With norm_block B > 0
  * each run of B elements of a tile gets a one-byte normaliser n: the block
  * absmax a = 2^e * m, m in [1,2), gives n = round((m - 1) * 256) (at most 255),
@@ -77,6 +79,7 @@ typedef struct nz_tensor_desc {
     uint32_t tile_rows;   /* rows per tile (>= 1) */
     uint32_t freq[256];   /* exponent frequencies: rans sums to 4096; const: one entry 4096 */
     int zstd_level;       /* encoder only */
+    nz_coder coder_req;   /* encoder only: the coder asked for (coder may become const) */
     /* derived by nz_desc_init: */
     int exp_bits;         /* 8 or 5 (0 for raw) */
     int mant_bits;        /* stored mantissa bits */
