@@ -2,7 +2,7 @@
 #   make            build library, tools and tests (build/)
 #   make test       run the whole test suite (C unit tests + pytest)
 #   make asan       run the whole suite under ASan+UBSan (build-asan/)
-#   make valgrind   run the C tests under valgrind memcheck
+#   make valgrind   run the C tests and the CLI tests under valgrind memcheck
 #   make bench      benchmarks (not tests): codec ratios and speeds
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
@@ -58,6 +58,7 @@ asan:
 valgrind: all
 	@set -e; for t in $(TEST_BIN); do echo "== valgrind $$t"; \
 	  NZ_TEST_QUICK=1 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $$t; done
+	NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) $(PYTHON) -m pytest -q tests/python
 
 BENCH_BIN := $(BUILD)/bench_codec
 $(BENCH_BIN): tests/bench/bench_codec.c $(ENGINE_LIB)
