@@ -218,6 +218,54 @@ static int dec_scalar(const uint8_t **pp, const uint8_t *end, uint32_t *x, int l
     return NZ_OK;
 }
 
+/* Portable fast path for whole groups while a group's worth of words
+ * (2 * lanes bytes) is left. Two passes per group: first every lane decodes
+ * (independent lookups the CPU overlaps), then renormalisation walks the
+ * lanes in order, branch-free (each word is read whether needed or not, the
+ * pointer advances by 0 or 2), so the stream position is the only serial
+ * chain and it costs one add per lane. @return groups decoded. */
+static inline __attribute__((always_inline)) size_t
+dec_fast(const uint8_t **pp, const uint8_t *end, uint32_t *restrict xio, const uint32_t *restrict dtab,
+         size_t ngroups, uint8_t *restrict out, const uint8_t *restrict sm, float *restrict fout,
+         const int lanes) {
+    const uint8_t *p = *pp;
+    uint32_t x[NZ_RANS_MAX_LANES], e[NZ_RANS_MAX_LANES];
+    memcpy(x, xio, 4 * (size_t)lanes);
+    size_t g = 0;
+    for (; g < ngroups && end - p >= 2 * lanes; g++) {
+        for (int j = 0; j < lanes; j++) {
+            e[j] = dtab[x[j] & (NZ_RANS_PROB_SCALE - 1)];
+            x[j] = (e[j] >> 20) * (x[j] >> NZ_RANS_PROB_BITS) + ((e[j] >> 8) & (NZ_RANS_PROB_SCALE - 1));
+        }
+        size_t i0 = g * (size_t)lanes;
+        if (fout)
+            for (int j = 0; j < lanes; j++) {
+                uint32_t b = bf16_bits(e[j], sm[i0 + (size_t)j]);
+                memcpy(&fout[i0 + (size_t)j], &b, 4);
+            }
+        else
+            for (int j = 0; j < lanes; j++) out[i0 + (size_t)j] = (uint8_t)e[j];
+        for (int j = 0; j < lanes; j++) {
+            uint32_t need = x[j] < RANS_L, w = (uint32_t)p[0] | (uint32_t)p[1] << 8;
+            x[j] = need ? x[j] << 16 | w : x[j];
+            p += 2 * need;
+        }
+    }
+    memcpy(xio, x, 4 * (size_t)lanes);
+    *pp = p;
+    return g;
+}
+
+static size_t dec_fast_32(const uint8_t **pp, const uint8_t *end, uint32_t *x, const uint32_t *dtab,
+                          size_t ngroups, uint8_t *out, const uint8_t *sm, float *fout) {
+    return dec_fast(pp, end, x, dtab, ngroups, out, sm, fout, 32);
+}
+
+static size_t dec_fast_64(const uint8_t **pp, const uint8_t *end, uint32_t *x, const uint32_t *dtab,
+                          size_t ngroups, uint8_t *out, const uint8_t *sm, float *fout) {
+    return dec_fast(pp, end, x, dtab, ngroups, out, sm, fout, 64);
+}
+
 #if NZ_HAVE_AVX512_KERNEL
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
 #define AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"), always_inline)) static inline
@@ -309,12 +357,20 @@ static int dec_common(const uint8_t *src, size_t len, int lanes, const uint32_t 
         if (x[j] < RANS_L) return nz_fail(err, NZ_E_CORRUPT, "rANS initial state %d out of range", j);
     }
     const uint8_t *p = src + hdr, *end = src + len;
-    size_t done = 0;
+    size_t done = 0, ngroups = n / (size_t)lanes;
 #if NZ_HAVE_AVX512_KERNEL
     if (use_avx512())
-        done = (size_t)lanes * (lanes == 64 ? dec_avx512_64(&p, end, x, dtab, n / 64, out, sm, fout)
-                                            : dec_avx512_32(&p, end, x, dtab, n / 32, out, sm, fout));
+        done = lanes == 64 ? dec_avx512_64(&p, end, x, dtab, ngroups, out, sm, fout)
+                           : dec_avx512_32(&p, end, x, dtab, ngroups, out, sm, fout);
 #endif
+    if (done < ngroups) { /* scalar fast path, continuing where SIMD stopped */
+        size_t o = done * (size_t)lanes;
+        done += lanes == 64 ? dec_fast_64(&p, end, x, dtab, ngroups - done, out ? out + o : NULL,
+                                          sm ? sm + o : NULL, fout ? fout + o : NULL)
+                            : dec_fast_32(&p, end, x, dtab, ngroups - done, out ? out + o : NULL,
+                                          sm ? sm + o : NULL, fout ? fout + o : NULL);
+    }
+    done *= (size_t)lanes;
     int rc = dec_scalar(&p, end, x, lanes, dtab, done, n, out, sm, fout, err);
     if (rc) return rc;
     if (p != end)
