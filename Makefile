@@ -33,6 +33,10 @@ $(BUILD)/%.o: %.c $(wildcard engine/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
+# the checksum's vector builds (dispatched at run time, see engine/nz_hash.c)
+$(BUILD)/engine/nz_hash_avx2.o: CFLAGS += -mavx2
+$(BUILD)/engine/nz_hash_avx512.o: CFLAGS += -mavx512f -mavx512bw
+
 $(ENGINE_LIB): $(ENGINE_OBJ)
 	@rm -f $@
 	ar rcs $@ $^

@@ -4,9 +4,6 @@
 #include "nz_alloc.h"
 #include "nz_safetensors.h"
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -18,8 +15,6 @@
 #include <unistd.h>
 
 static const uint8_t NZP_MAGIC[8] = {0x89, 'N', 'Z', 'P', '\r', '\n', 0x1a, '\n'};
-
-uint64_t nz_hash(const void *data, size_t size) { return XXH3_64bits(data, size); }
 
 static uint64_t rd64(const uint8_t *p) {
     uint64_t v = 0;
@@ -183,6 +178,11 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
                        " do not match the shape", ctx, rows, cols);
     if (tile_rows == 0 || tile_rows > UINT32_MAX)
         return nz_fail(err, NZ_E_FORMAT, "%s: tile_rows %" PRIu64 " out of range", ctx, tile_rows);
+    /* Keep sizes derived from the shape far from 64-bit overflow: plane bytes
+     * (n * 24 bits) and callers' tile buffers (tile_rows * cols * 8 bytes). */
+    if (nelem > (UINT64_MAX >> 5) || (cols && tile_rows > (UINT64_MAX >> 5) / cols))
+        return nz_fail(err, NZ_E_FORMAT, "%s: tensor too large (%" PRIu64 " x %" PRIu64
+                       ", tile_rows %" PRIu64 ")", ctx, rows, cols, tile_rows);
     nz_mode mode;
     nz_coder coder;
     if ((rc = nz_mode_parse(modes, &mode, err)) || (rc = nz_coder_parse(coders, &coder, err))) {
@@ -206,7 +206,10 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
         (rc = parse_pairs(json_object_get(jt, "counts"), t->counts, UINT64_MAX, ctx, "counts", err)))
         return rc;
     for (int s = 0; s < 256; s++) t->desc.freq[s] = (uint32_t)fq[s];
-    if ((rc = nz_desc_validate(&t->desc, err))) return nz_fail_prefix(err, "%s", ctx);
+    if ((rc = nz_desc_validate(&t->desc, err))) {
+        nz_fail_prefix(err, "%s", ctx); /* its return value is INVALID_ARG when err is NULL */
+        return rc;
+    }
     if (coder != NZ_CODER_NONE && json_object_get(jt, "counts")) {
         uint64_t sum = 0;
         for (int s = 0; s < 256; s++) {

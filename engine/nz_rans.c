@@ -2,6 +2,7 @@
 #include "nz_rans.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -156,35 +157,58 @@ int nz_rans_encode(const uint8_t *sym, size_t n, const uint32_t freq[256], int l
 
 /* ---------------------------------------------------------------- decoders */
 
-static atomic_int g_force_scalar = -1; /* -1: not yet read from the environment */
+static atomic_int g_kernel = -1; /* requested nz_rans_kernel; -1: not yet read from NZ_SIMD */
+
+static int cpu_has(nz_rans_kernel k) {
+#if NZ_HAVE_AVX512_KERNEL
+    __builtin_cpu_init();
+    if (k == NZ_RANS_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl");
+    if (k == NZ_RANS_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#endif
+    return k == NZ_RANS_SCALAR || k == NZ_RANS_AUTO;
+}
+
+int nz_rans_set_kernel(nz_rans_kernel k) {
+    if ((unsigned)k > NZ_RANS_AVX512 || !cpu_has(k)) return NZ_E_UNSUPPORTED;
+    atomic_store(&g_kernel, (int)k);
+    return NZ_OK;
+}
+
+/* The kernel that runs: the requested one (NZ_SIMD=scalar|avx2|avx512 at
+ * first use, when supported), else the best the CPU has. */
+static nz_rans_kernel kernel(void) {
+    int k = atomic_load(&g_kernel);
+    if (k < 0) {
+        const char *e = getenv("NZ_SIMD");
+        k = NZ_RANS_AUTO;
+        if (e && !strcmp(e, "scalar")) k = NZ_RANS_SCALAR;
+        if (e && !strcmp(e, "avx2") && cpu_has(NZ_RANS_AVX2)) k = NZ_RANS_AVX2;
+        if (e && !strcmp(e, "avx512") && cpu_has(NZ_RANS_AVX512)) k = NZ_RANS_AVX512;
+        atomic_store(&g_kernel, k);
+    }
+    if (k != NZ_RANS_AUTO) return (nz_rans_kernel)k;
+    static atomic_int best = -1;
+    if (atomic_load(&best) < 0)
+        atomic_store(&best, cpu_has(NZ_RANS_AVX512) ? NZ_RANS_AVX512
+                            : cpu_has(NZ_RANS_AVX2) ? NZ_RANS_AVX2 : NZ_RANS_SCALAR);
+    return (nz_rans_kernel)atomic_load(&best);
+}
 
 int nz_rans_force_scalar(int on) {
-    int old = atomic_exchange(&g_force_scalar, on ? 1 : 0);
-    return old == 1;
+    int was = kernel() == NZ_RANS_SCALAR && atomic_load(&g_kernel) == NZ_RANS_SCALAR;
+    atomic_store(&g_kernel, on ? NZ_RANS_SCALAR : NZ_RANS_AUTO);
+    return was;
 }
 
-static int use_avx512(void) {
-    int f = atomic_load(&g_force_scalar);
-    if (f < 0) {
-        const char *e = getenv("NZ_SIMD");
-        f = e && strcmp(e, "scalar") == 0;
-        atomic_store(&g_force_scalar, f);
+const char *nz_rans_decoder_name(void) {
+    switch (kernel()) {
+    case NZ_RANS_AVX512: return "avx512";
+    case NZ_RANS_AVX2: return "avx2";
+    default: return "scalar";
     }
-    if (f) return 0;
-#if NZ_HAVE_AVX512_KERNEL
-    static atomic_int have = -1;
-    if (atomic_load(&have) < 0) {
-        __builtin_cpu_init();
-        atomic_store(&have, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl"));
-    }
-    return atomic_load(&have);
-#else
-    return 0;
-#endif
 }
-
-const char *nz_rans_decoder_name(void) { return use_avx512() ? "avx512" : "scalar"; }
 
 static inline uint32_t bf16_bits(uint32_t e, uint32_t sm) {
     return (sm & 0x80u) << 24 | (e & 0xffu) << 23 | (sm & 0x7fu) << 16;
@@ -340,6 +364,83 @@ AVX512_INLINE void emit16(__m512i e, size_t i, uint8_t *out, const uint8_t *sm, 
     }
 NZ_RANS_KERNEL(dec_avx512_32, 2)
 NZ_RANS_KERNEL(dec_avx512_64, 4)
+
+/* AVX2: 8 lanes per vector; renormalisation words are expanded into the
+ * lanes that need them with a permutation chosen by the 8-bit need mask. */
+#define AVX2_TARGET __attribute__((target("avx2,popcnt")))
+#define AVX2_INLINE __attribute__((target("avx2,popcnt"), always_inline)) static inline
+
+static uint32_t g_expand8[256][8] __attribute__((aligned(32)));
+
+static void init_expand8(void) {
+    for (int m = 0; m < 256; m++)
+        for (int j = 0, k = 0; j < 8; j++) g_expand8[m][j] = (m >> j & 1) ? (uint32_t)k++ : 0;
+}
+
+AVX2_INLINE __m256i lookup8(__m256i slots, const uint32_t *tab) {
+    uint32_t ix[8] __attribute__((aligned(32)));
+    _mm256_store_si256((__m256i *)ix, slots);
+    __m128i lo = _mm_cvtsi32_si128((int)tab[ix[0]]), hi = _mm_cvtsi32_si128((int)tab[ix[4]]);
+    lo = _mm_insert_epi32(lo, (int)tab[ix[1]], 1);
+    hi = _mm_insert_epi32(hi, (int)tab[ix[5]], 1);
+    lo = _mm_insert_epi32(lo, (int)tab[ix[2]], 2);
+    hi = _mm_insert_epi32(hi, (int)tab[ix[6]], 2);
+    lo = _mm_insert_epi32(lo, (int)tab[ix[3]], 3);
+    hi = _mm_insert_epi32(hi, (int)tab[ix[7]], 3);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+AVX2_INLINE __m256i step8(__m256i x, __m256i *e, const uint8_t **p, const uint32_t *dtab) {
+    const __m256i slot_mask = _mm256_set1_epi32(NZ_RANS_PROB_SCALE - 1);
+    *e = lookup8(_mm256_and_si256(x, slot_mask), dtab);
+    x = _mm256_add_epi32(
+        _mm256_mullo_epi32(_mm256_srli_epi32(*e, 20), _mm256_srli_epi32(x, NZ_RANS_PROB_BITS)),
+        _mm256_and_si256(_mm256_srli_epi32(*e, 8), slot_mask));
+    __m256i need = _mm256_cmpeq_epi32(_mm256_min_epu32(x, _mm256_set1_epi32(RANS_L - 1)), x);
+    int m = _mm256_movemask_ps(_mm256_castsi256_ps(need));
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)*p));
+    w = _mm256_permutevar8x32_epi32(w, _mm256_load_si256((const __m256i *)g_expand8[m]));
+    x = _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), w), need);
+    *p += 2 * (size_t)__builtin_popcount((unsigned)m);
+    return x;
+}
+
+AVX2_INLINE void emit8(__m256i e, size_t i, uint8_t *out, const uint8_t *sm, float *fout) {
+    if (fout) {
+        __m256i s = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + i)));
+        __m256i f = _mm256_or_si256(
+            _mm256_slli_epi32(_mm256_and_si256(s, _mm256_set1_epi32(0x80)), 24),
+            _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0xff)), 23),
+                            _mm256_slli_epi32(_mm256_and_si256(s, _mm256_set1_epi32(0x7f)), 16)));
+        _mm256_storeu_si256((__m256i *)(fout + i), f);
+    } else {
+        __m256i b = _mm256_and_si256(e, _mm256_set1_epi32(0xff));
+        __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        _mm_storel_epi64((__m128i *)(out + i), _mm_packus_epi16(w16, w16));
+    }
+}
+
+#define NZ_RANS_KERNEL_AVX2(NAME, NV)                                                              \
+    AVX2_TARGET static size_t NAME(const uint8_t **pp, const uint8_t *end, uint32_t *x,            \
+                                   const uint32_t *dtab, size_t ngroups, uint8_t *out,             \
+                                   const uint8_t *sm, float *fout) {                               \
+        __m256i v[NV], e[NV];                                                                      \
+        _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                       \
+            v[k] = _mm256_loadu_si256((const __m256i *)(x + 8 * k));                              \
+        const uint8_t *p = *pp;                                                                    \
+        size_t g = 0;                                                                              \
+        for (; g < ngroups && end - p >= 16 * NV; g++) {                                           \
+            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] = step8(v[k], &e[k], &p, dtab); \
+            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                   \
+                emit8(e[k], (8 * NV) * g + 8 * (size_t)k, out, sm, fout);                          \
+        }                                                                                          \
+        _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                       \
+            _mm256_storeu_si256((__m256i *)(x + 8 * k), v[k]);                                     \
+        *pp = p;                                                                                   \
+        return g;                                                                                  \
+    }
+NZ_RANS_KERNEL_AVX2(dec_avx2_32, 4)
+NZ_RANS_KERNEL_AVX2(dec_avx2_64, 8)
 #endif
 
 static int dec_common(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, uint8_t *out,
@@ -359,9 +460,16 @@ static int dec_common(const uint8_t *src, size_t len, int lanes, const uint32_t 
     const uint8_t *p = src + hdr, *end = src + len;
     size_t done = 0, ngroups = n / (size_t)lanes;
 #if NZ_HAVE_AVX512_KERNEL
-    if (use_avx512())
+    nz_rans_kernel k = kernel();
+    if (k == NZ_RANS_AVX512)
         done = lanes == 64 ? dec_avx512_64(&p, end, x, dtab, ngroups, out, sm, fout)
                            : dec_avx512_32(&p, end, x, dtab, ngroups, out, sm, fout);
+    if (k == NZ_RANS_AVX2) {
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        pthread_once(&once, init_expand8);
+        done = lanes == 64 ? dec_avx2_64(&p, end, x, dtab, ngroups, out, sm, fout)
+                           : dec_avx2_32(&p, end, x, dtab, ngroups, out, sm, fout);
+    }
 #endif
     if (done < ngroups) { /* scalar fast path, continuing where SIMD stopped */
         size_t o = done * (size_t)lanes;

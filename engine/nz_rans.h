@@ -24,10 +24,10 @@
  * of stream, so the encoder uses 64 lanes only for runs of at least
  * NZ_RANS_WIDE_MIN symbols, keeping the overhead under 0.02 bits/symbol.
  *
- * Decoders: a portable scalar one and an AVX-512 one (16 lanes per vector;
- * table lookups as 16 scalar loads, which beat vpgatherdd on AMD Zen 4/5;
- * expand-load renormalisation), chosen at run time; both read and write
- * exactly the same bytes.
+ * Decoders: portable scalar, AVX2 (8 lanes per vector, permutation-table
+ * renormalisation) and AVX-512 (16 lanes per vector, expand renormalisation);
+ * the SIMD ones look the table up with scalar loads, which beat vpgatherdd on
+ * AMD Zen 4/5. Chosen at run time; all read and write exactly the same bytes.
  */
 #ifndef NZ_RANS_H
 #define NZ_RANS_H
@@ -82,12 +82,24 @@ int nz_rans_decode(const uint8_t *src, size_t len, int lanes, const uint32_t *dt
 int nz_rans_decode_bf16(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab,
                         const uint8_t *sm, float *out, size_t n, nz_error *err);
 
-/** Force the portable scalar decoder (1) or allow SIMD (0); for tests and
- *  benchmarks. Also settable with environment NZ_SIMD=scalar.
- *  @return the previous setting. */
+/** Decoder kernels. */
+typedef enum nz_rans_kernel {
+    NZ_RANS_AUTO = 0, /* the best the CPU supports (default) */
+    NZ_RANS_SCALAR,   /* portable C */
+    NZ_RANS_AVX2,     /* x86-64 AVX2 */
+    NZ_RANS_AVX512    /* x86-64 AVX-512 F/BW/VL */
+} nz_rans_kernel;
+
+/** Choose the decoder kernel for the whole process (tests, benchmarks; the
+ *  environment variable NZ_SIMD=scalar|avx2|avx512 does the same at first
+ *  use). @return NZ_OK, or NZ_E_UNSUPPORTED when this CPU lacks it. */
+int nz_rans_set_kernel(nz_rans_kernel k);
+
+/** Shorthand: force the scalar kernel (1) or go back to automatic (0).
+ *  @return 1 if the scalar kernel was forced before the call, else 0. */
 int nz_rans_force_scalar(int on);
 
-/** @return "avx512" or "scalar": the decoder that will run. */
+/** @return "avx512", "avx2" or "scalar": the kernel that will run. */
 const char *nz_rans_decoder_name(void);
 
 #ifdef __cplusplus

@@ -315,6 +315,24 @@ static int reencode(const nz_tensor *t, const void *native, nz_coder coder, enco
     return rc;
 }
 
+/* Time decoding every tile of x (to fp32, or exponents only) for at least
+ * min_s seconds. @return seconds per pass, or a negative value on error. */
+static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *out, uint8_t *ex,
+                         double min_s, nz_error *e) {
+    uint64_t nt = nz_desc_ntiles(&x->d), reps = 0;
+    double t0 = now_s(), el;
+    do {
+        for (uint64_t j = 0; j < nt; j++) {
+            int rc = exps_only ? nz_tile_decode_exponents(dc, &x->d, j, x->tiles[j], x->len[j], ex, e)
+                               : nz_tile_decode_f32(dc, &x->d, j, x->tiles[j], x->len[j], out, e);
+            if (rc) return -1;
+        }
+        reps++;
+        el = now_s() - t0;
+    } while (el < min_s);
+    return el / (double)reps;
+}
+
 static int cmd_bench(int argc, char **argv) {
     double seconds = 0.5;
     const char *path = NULL;
@@ -327,61 +345,84 @@ static int cmd_bench(int argc, char **argv) {
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
-    /* coders: 0 rans simd, 1 rans scalar, 2 zstd */
-    const char *names[3] = {"rans (simd)", "rans (scalar)", "zstd"};
-    double weights[3] = {0}, secs[3] = {0}, exps_secs[3] = {0};
-    uint64_t bytes[3] = {0};
-    int rc = 0;
+    enum { NV = 4 };
+    static const struct {
+        const char *name;
+        nz_coder coder;
+        nz_rans_kernel kernel;
+    } V[NV] = {{"rans avx512", NZ_CODER_RANS, NZ_RANS_AVX512},
+               {"rans avx2", NZ_CODER_RANS, NZ_RANS_AVX2},
+               {"rans scalar", NZ_CODER_RANS, NZ_RANS_SCALAR},
+               {"zstd", NZ_CODER_ZSTD, NZ_RANS_AUTO}};
+    double weights = 0, secs[NV] = {0}, exps_secs[NV] = {0}, stored_secs = 0;
+    uint64_t bytes[NV] = {0}, ncoded = 0;
+    int ok[NV], rc = 0;
+    for (int v = 0; v < NV; v++) ok[v] = nz_rans_set_kernel(V[v].kernel) == NZ_OK;
+    nz_rans_set_kernel(NZ_RANS_AUTO);
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) ncoded += nz_model_tensor(m, i)->desc.coder != NZ_CODER_NONE;
+    double per = seconds / (double)(ncoded ? ncoded : 1) / (2 * NV + 1);
     nz_dctx *dc = nz_dctx_create();
-    for (size_t i = 0; i < nz_model_ntensors(m) && !rc; i++) {
+    for (size_t i = 0; i < nz_model_ntensors(m) && !rc && dc; i++) {
         const nz_tensor *t = nz_model_tensor(m, i);
         if (t->desc.coder == NZ_CODER_NONE) continue;
         nz_dtype nd = nz_desc_native_dtype(&t->desc);
-        uint64_t n = t->desc.rows * t->desc.cols;
+        uint64_t n = t->desc.rows * t->desc.cols, tile_n = t->desc.tile_rows * t->desc.cols;
         uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
-        float *out = nz_malloc(t->desc.tile_rows * t->desc.cols * sizeof(float), NZ_MEM_SCRATCH);
-        uint8_t *ex = nz_malloc(t->desc.tile_rows * t->desc.cols, NZ_MEM_SCRATCH);
+        float *out = nz_malloc(tile_n * sizeof(float), NZ_MEM_SCRATCH);
+        uint8_t *ex = nz_malloc(tile_n, NZ_MEM_SCRATCH);
+        encoded x[2] = {0};
         if (!native || !out || !ex) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
+        /* as stored and served: checksum + decode of the file's own tiles */
+        double t0 = now_s(), el;
+        uint64_t reps = 0;
+        do {
+            for (uint64_t j = 0; j < t->ntiles && !rc; j++) rc = nz_model_decode_f32(m, dc, i, j, out, &e);
+            reps++;
+            el = now_s() - t0;
+        } while (!rc && el < per);
+        stored_secs += el / (double)reps;
         for (uint64_t j = 0; j < t->ntiles && !rc; j++)
-            rc = nz_model_decode_native(m, dc, i, j, native + j * t->desc.tile_rows * t->desc.cols * nz_dtype_size(nd), &e);
-        for (int c = 0; c < 3 && !rc; c++) {
-            encoded x;
-            rc = reencode(t, native, c == 2 ? NZ_CODER_ZSTD : NZ_CODER_RANS, &x, &e);
-            nz_rans_force_scalar(c == 1);
-            uint64_t nt = nz_desc_ntiles(&x.d);
-            for (uint64_t j = 0; j < nt && !rc; j++) bytes[c] += x.len[j];
-            for (int pass = 0; pass < 2 && !rc; pass++) {
-                double t0 = now_s(), el;
-                uint64_t reps = 0;
-                do {
-                    for (uint64_t j = 0; j < nt && !rc; j++)
-                        rc = pass ? nz_tile_decode_exponents(dc, &x.d, j, x.tiles[j], x.len[j], ex, &e)
-                                  : nz_tile_decode_f32(dc, &x.d, j, x.tiles[j], x.len[j], out, &e);
-                    reps++;
-                    el = now_s() - t0;
-                } while (!rc && el < seconds / (double)nz_model_ntensors(m));
-                if (pass) exps_secs[c] += el / (double)reps;
-                else secs[c] += el / (double)reps;
-            }
-            weights[c] += (double)n;
-            encoded_free(&x);
+            rc = nz_model_decode_native(m, dc, i, j, native + j * tile_n * nz_dtype_size(nd), &e);
+        for (int c = 0; c < 2 && !rc; c++) rc = reencode(t, native, c ? NZ_CODER_ZSTD : NZ_CODER_RANS, &x[c], &e);
+        for (int v = 0; v < NV && !rc; v++) {
+            if (!ok[v]) continue;
+            const encoded *xv = &x[V[v].coder == NZ_CODER_ZSTD];
+            nz_rans_set_kernel(V[v].kernel);
+            for (uint64_t j = 0; j < nz_desc_ntiles(&xv->d); j++) bytes[v] += xv->len[j];
+            double a = time_tiles(dc, xv, 0, out, ex, per, &e), b = time_tiles(dc, xv, 1, out, ex, per, &e);
+            if (a < 0 || b < 0) rc = e.code ? e.code : NZ_E_CORRUPT;
+            secs[v] += a;
+            exps_secs[v] += b;
         }
-        nz_rans_force_scalar(0);
+        nz_rans_set_kernel(NZ_RANS_AUTO);
+        weights += (double)n;
+        encoded_free(&x[0]);
+        encoded_free(&x[1]);
         nz_free(native);
         nz_free(out);
         nz_free(ex);
     }
+    if (!dc) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
     nz_dctx_free(dc);
     nz_model_free(m);
     if (rc) return fail(&e);
-    printf("decode throughput, one core, all coded tensors of %s\n", path);
-    printf("%-14s %14s %18s %18s\n", "coder", "bits/weight", "to fp32 (Gw/s)", "exponents (Gs/s)");
-    for (int c = 0; c < 3; c++)
-        printf("%-14s %14.3f %18.3f %18.3f\n", names[c], weights[c] ? 8.0 * (double)bytes[c] / weights[c] : 0,
-               secs[c] ? weights[c] / secs[c] / 1e9 : 0, exps_secs[c] ? weights[c] / exps_secs[c] / 1e9 : 0);
-    if (secs[2] > 0 && secs[0] > 0)
-        printf("ratio rans(simd)/zstd: to fp32 %.2fx, exponents %.2fx\n", secs[2] / secs[0],
-               exps_secs[2] / exps_secs[0]);
+    printf("decode throughput, one core, the %" PRIu64 " coded tensors of %s (%.0f weights)\n", ncoded, path,
+           weights);
+    printf("%-26s %12s %16s %18s\n", "coder", "bits/weight", "to fp32 (Gw/s)", "exponents (Gs/s)");
+    if (stored_secs > 0)
+        printf("%-26s %12s %16.3f %18s\n", "as stored (with checksum)", "-", weights / stored_secs / 1e9, "-");
+    for (int v = 0; v < NV; v++) {
+        if (!ok[v]) {
+            printf("%-26s %12s\n", V[v].name, "(not supported by this CPU)");
+            continue;
+        }
+        printf("%-26s %12.3f %16.3f %18.3f\n", V[v].name, weights ? 8.0 * (double)bytes[v] / weights : 0,
+               secs[v] > 0 ? weights / secs[v] / 1e9 : 0, exps_secs[v] > 0 ? weights / exps_secs[v] / 1e9 : 0);
+    }
+    int best = ok[0] ? 0 : ok[1] ? 1 : 2;
+    if (secs[NV - 1] > 0 && secs[best] > 0)
+        printf("ratio %s / zstd: to fp32 %.2fx, exponents %.2fx\n", V[best].name, secs[NV - 1] / secs[best],
+               exps_secs[NV - 1] / exps_secs[best]);
     return 0;
 }
 

@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <sys/mman.h>
+#include <xxhash.h>
 #include <unistd.h>
 
 /* ---------------------------------------------------------------- fixture */
@@ -418,6 +419,20 @@ static void test_writer_errors(void **state) {
     assert_int_equal(access(tmp, F_OK), -1); /* ...and no temporary is left */
 }
 
+/* The dispatched checksum equals the reference XXH3-64 of libxxhash. */
+static void test_hash_matches_reference(void **state) {
+    (void)state;
+    uint64_t s = 3;
+    uint8_t *buf = malloc(70000);
+    for (size_t i = 0; i < 70000; i++) buf[i] = (uint8_t)tu_rand(&s);
+    static const size_t sizes[] = {0, 1, 3, 16, 17, 128, 129, 240, 241, 1000, 1024, 4096, 65536, 69999};
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++)
+        for (size_t off = 0; off < 3; off++)
+            if (nz_hash(buf + off, sizes[k]) != XXH3_64bits(buf + off, sizes[k]))
+                fail_msg("nz_hash differs from XXH3_64bits at size %zu offset %zu", sizes[k], off);
+    free(buf);
+}
+
 static void test_memory_returns(void **state) {
     (void)state;
     size_t before = nz_mem_current(NZ_MEM_OTHER) + nz_mem_current(NZ_MEM_SCRATCH);
@@ -442,6 +457,7 @@ int main(void) {
         cmocka_unit_test(test_header_validation),
         cmocka_unit_test(test_overlap_detected),
         cmocka_unit_test(test_writer_errors),
+        cmocka_unit_test(test_hash_matches_reference),
         cmocka_unit_test(test_memory_returns),
     };
     return cmocka_run_group_tests_name("container", tests, setup, teardown);

@@ -71,10 +71,21 @@ static uint8_t *encode_exact(const uint8_t *sym, size_t n, const uint32_t freq[2
     return out;
 }
 
-/* Decode with the chosen decoder. */
+/* Decoder kernels every test runs: index 0 the automatic choice (AVX-512 on
+ * machines that have it), 1 scalar, 2 AVX2 (scalar again where the CPU lacks
+ * AVX2, so the loops stay the same everywhere). */
+#define NKERN 3
+static const nz_rans_kernel KERN[NKERN] = {NZ_RANS_AUTO, NZ_RANS_SCALAR, NZ_RANS_AVX2};
+static const char *const KNAME[NKERN] = {"auto", "scalar", "avx2"};
+
+static void use_kernel(int which) {
+    if (nz_rans_set_kernel(KERN[which]) != NZ_OK) assert_int_equal(nz_rans_set_kernel(NZ_RANS_SCALAR), NZ_OK);
+}
+
+/* Decode with the chosen kernel. */
 static int decode_with(int scalar, const uint8_t *src, size_t len, int lanes, const uint32_t *dtab,
                        uint8_t *out, size_t n, nz_error *err) {
-    nz_rans_force_scalar(scalar);
+    use_kernel(scalar);
     int rc = nz_rans_decode(src, len, lanes, dtab, out, n, err);
     nz_rans_force_scalar(0);
     return rc;
@@ -82,7 +93,7 @@ static int decode_with(int scalar, const uint8_t *src, size_t len, int lanes, co
 
 static int decode_bf16_with(int scalar, const uint8_t *src, size_t len, int lanes, const uint32_t *dtab,
                             const uint8_t *sm, float *out, size_t n, nz_error *err) {
-    nz_rans_force_scalar(scalar);
+    use_kernel(scalar);
     int rc = nz_rans_decode_bf16(src, len, lanes, dtab, sm, out, n, err);
     nz_rans_force_scalar(0);
     return rc;
@@ -96,18 +107,18 @@ static void roundtrip(const uint8_t *sym, size_t n, const uint32_t freq[256], co
     for (int lanes = 32; lanes <= 64; lanes += 32) {
         size_t len = 0;
         uint8_t *enc = encode_exact(sym, n, freq, lanes, &len);
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        for (int scalar = 0; scalar < NKERN; scalar++) {
             uint8_t *out = xmalloc(n);
             memset(out, 0xA5, n);
             nz_error err = {0};
             int rc = decode_with(scalar, enc, len, lanes, dtab, out, n, &err);
             if (rc != NZ_OK)
                 fail_msg("%s n=%zu lanes %d %s decoder: decode failed %d (%s)", what, n, lanes,
-                         scalar ? "scalar" : "simd", rc, err.msg);
+                         KNAME[scalar], rc, err.msg);
             for (size_t i = 0; i < n; i++)
                 if (out[i] != sym[i])
                     fail_msg("%s n=%zu lanes %d %s decoder: symbol %zu is %u, expected %u", what, n, lanes,
-                             scalar ? "scalar" : "simd", i, out[i], sym[i]);
+                             KNAME[scalar], i, out[i], sym[i]);
             free(out);
         }
         free(enc);
@@ -352,7 +363,10 @@ static void test_decoder_selection(void **state) {
     assert_int_equal(nz_rans_force_scalar(1), 1);
     assert_int_equal(nz_rans_force_scalar(0), 1);
     const char *name = nz_rans_decoder_name();
-    assert_true(!strcmp(name, "avx512") || !strcmp(name, "scalar"));
+    assert_true(!strcmp(name, "avx512") || !strcmp(name, "avx2") || !strcmp(name, "scalar"));
+    if (nz_rans_set_kernel(NZ_RANS_AVX2) == NZ_OK) assert_string_equal(nz_rans_decoder_name(), "avx2");
+    assert_int_equal(nz_rans_set_kernel((nz_rans_kernel)42), NZ_E_UNSUPPORTED);
+    nz_rans_force_scalar(0);
 #if defined(__x86_64__)
     __builtin_cpu_init();
     int cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -457,7 +471,7 @@ static void test_decode_bf16_fused(void **state) {
         uint8_t *smx = dup_exact(sm, n); /* exact size: catches over-reads of sm */
         for (int lanes = 32; lanes <= 64; lanes += 32) {
             uint8_t *enc = encode_exact(sym, n, freq, lanes, &len);
-            for (int scalar = 0; scalar <= 1; scalar++) {
+            for (int scalar = 0; scalar < NKERN; scalar++) {
                 float *out = xmalloc(n * sizeof *out);
                 nz_error err = {0};
                 assert_int_equal(decode_with(scalar, enc, len, lanes, dtab, exps, n, &err), NZ_OK);
@@ -470,7 +484,7 @@ static void test_decode_bf16_fused(void **state) {
                     memcpy(&got, &out[i], 4);
                     if (got != want || exps[i] != sym[i])
                         fail_msg("fused %s n=%zu lanes %d element %zu: bits %#010x, expected %#010x",
-                                 scalar ? "scalar" : "simd", n, lanes, i, got, want);
+                                 KNAME[scalar], n, lanes, i, got, want);
                 }
                 free(out);
             }
@@ -508,7 +522,7 @@ static void test_lanes(void **state) {
         nz_error err = {0};
         assert_int_equal(nz_rans_encode(sym, 500, freq, bad[i], buf, sizeof buf, &len, &err), NZ_E_INVALID_ARG);
         assert_int_equal(err.code, NZ_E_INVALID_ARG);
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        for (int scalar = 0; scalar < NKERN; scalar++) {
             memset(&err, 0, sizeof err);
             assert_int_equal(decode_with(scalar, buf, 1024, bad[i], dtab, out, 500, &err), NZ_E_INVALID_ARG);
             assert_int_equal(err.code, NZ_E_INVALID_ARG);
@@ -519,7 +533,7 @@ static void test_lanes(void **state) {
     /* a stream decoded with the other lane count fails */
     for (int lanes = 32; lanes <= 64; lanes += 32) {
         uint8_t *enc = encode_exact(sym, 500, freq, lanes, &len);
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        for (int scalar = 0; scalar < NKERN; scalar++) {
             assert_int_equal(decode_with(scalar, enc, len, lanes, dtab, out, 500, NULL), NZ_OK);
             assert_memory_equal(out, sym, 500);
             assert_true(decode_with(scalar, enc, len, 96 - lanes, dtab, out, 500, NULL) < 0);
@@ -634,7 +648,7 @@ static void test_truncation(void **state) {
         assert_true(len > HDR(lanes) + 128);
         for (size_t l = 0; l < len; l++) {
             uint8_t *cut = dup_exact(enc, l);
-            for (int scalar = 0; scalar <= 1; scalar++) {
+            for (int scalar = 0; scalar < NKERN; scalar++) {
                 nz_error err = {0};
                 int rc = decode_with(scalar, cut, l, lanes, dtab, out, n, &err);
                 /* the decoder reads the same words as for the full stream until
@@ -644,7 +658,7 @@ static void test_truncation(void **state) {
                                                   : NZ_E_TRUNCATED;
                 if (rc != want)
                     fail_msg("%s decoder, %d lanes, stream cut to %zu of %zu bytes: got %d (%s), expected %d",
-                             scalar ? "scalar" : "simd", lanes, l, len, rc, err.msg, want);
+                             KNAME[scalar], lanes, l, len, rc, err.msg, want);
                 assert_int_equal(err.code, want);
                 assert_true(strlen(err.msg) > 0);
                 assert_int_equal(decode_bf16_with(scalar, cut, l, lanes, dtab, sm, fout, n, NULL), want);
@@ -657,13 +671,13 @@ static void test_truncation(void **state) {
         uint8_t *longer = xmalloc(len + 2);
         memcpy(longer, enc, len);
         longer[len] = longer[len + 1] = 0;
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        for (int scalar = 0; scalar < NKERN; scalar++) {
             nz_error err = {0};
             assert_int_equal(decode_with(scalar, longer, len + 2, lanes, dtab, out, n, &err), NZ_E_CORRUPT);
             assert_non_null(strstr(err.msg, "unread"));
         }
         /* wrong symbol counts */
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        for (int scalar = 0; scalar < NKERN; scalar++) {
             assert_true(decode_with(scalar, enc, len, lanes, dtab, out, n - 1, NULL) < 0);
             assert_true(decode_with(scalar, enc, len, lanes, dtab, out, n - 64, NULL) < 0);
             uint8_t big[N + 100];
@@ -682,7 +696,7 @@ static void test_bad_initial_state(void **state) {
     uint8_t out[4];
     for (int lanes = 32; lanes <= 64; lanes += 32) {
         uint8_t zero[HDR(NZ_RANS_MAX_LANES)] = {0};
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        for (int scalar = 0; scalar < NKERN; scalar++) {
             nz_error err = {0};
             assert_int_equal(decode_with(scalar, zero, HDR(lanes), lanes, dtab, out, 0, &err), NZ_E_CORRUPT);
             assert_non_null(strstr(err.msg, "state"));
