@@ -6,6 +6,7 @@
 #   make bench      benchmarks (not tests): codec ratios and speeds
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
+#   make docker-test  build the Dockerfile and run the image with podman
 #   make format     apply .clang-format
 
 CC       ?= gcc
@@ -26,7 +27,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 NZP      := $(BUILD)/nzp
 
-.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo clean format
+.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format
 all: $(ENGINE_LIB) $(NZP) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h)
@@ -83,6 +84,10 @@ fuzz: $(FUZZ_TARGETS)
 
 deps:
 	bash .ci/deps.sh
+
+# Build and run the Docker image with podman (no Docker engine needed; root).
+docker-test: $(NZP)
+	bash tests/docker/docker_test.sh
 
 # Until the server and the trained demo models land: build a synthetic model
 # directory, pack it, show what the codec did and verify every tile.
