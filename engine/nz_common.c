@@ -1,8 +1,13 @@
 #include "nz_common.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 int nz_fail(nz_error *err, int code, const char *fmt, ...) {
     if (err) {
@@ -60,4 +65,30 @@ const char *nz_dtype_name(nz_dtype dt) {
     case NZ_DT_F32: return "f32";
     default: return "other";
     }
+}
+
+int nz_map_file(const char *path, const uint8_t **map, size_t *len, nz_error *err) {
+    *map = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(errno));
+    struct stat st;
+    int rc = NZ_OK;
+    if (fstat(fd, &st) != 0) rc = nz_fail(err, NZ_E_IO, "%s: fstat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode)) rc = nz_fail(err, NZ_E_IO, "%s: not a regular file", path);
+    else if ((uint64_t)st.st_size > SIZE_MAX) rc = nz_fail(err, NZ_E_RANGE, "%s: file too large to map", path);
+    else if (st.st_size > 0) {
+        void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) rc = nz_fail(err, NZ_E_IO, "%s: mmap: %s", path, strerror(errno));
+        else {
+            *map = p;
+            *len = (size_t)st.st_size;
+        }
+    }
+    close(fd);
+    return rc;
+}
+
+void nz_unmap_file(const uint8_t *map, size_t len) {
+    if (map && len) munmap((void *)map, len);
 }

@@ -53,6 +53,15 @@ int nz_fail_prefix(nz_error *err, const char *fmt, ...) __attribute__((format(pr
 /** @return a static name for a status code ("checksum", "truncated", ...). */
 const char *nz_status_name(int code);
 
+/** Map a whole regular file read-only (MAP_SHARED; the file may be larger
+ *  than memory). An empty file gives *map = NULL and *len = 0. Messages name
+ *  the path. @return NZ_OK, or NZ_E_IO (open/stat/mmap failed, not a
+ *  regular file) / NZ_E_RANGE (too large for the address space). */
+int nz_map_file(const char *path, const uint8_t **map, size_t *len, nz_error *err);
+
+/** Undo nz_map_file. Accepts NULL / 0. */
+void nz_unmap_file(const uint8_t *map, size_t len);
+
 /** Element types of source tensors. */
 typedef enum nz_dtype {
     NZ_DT_BF16 = 0,

@@ -10,8 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 static const uint8_t NZP_MAGIC[8] = {0x89, 'N', 'Z', 'P', '\r', '\n', 0x1a, '\n'};
@@ -38,7 +36,7 @@ typedef struct {
 struct nz_model {
     const uint8_t *base; /* whole image */
     uint64_t len;
-    void *map; /* mmap to release, or NULL */
+    const uint8_t *map; /* nz_map_file mapping to release, or NULL */
     json_t *root;
     const json_t *config, *metadata;
     const uint8_t *data; /* data section */
@@ -412,38 +410,19 @@ int nz_model_load_buffer(const uint8_t *buf, size_t len, nz_model **out, nz_erro
 
 int nz_model_open(const char *path, nz_model **out, nz_error *err) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return nz_fail(err, NZ_E_IO, "%s: not a regular file", path);
-    }
-    size_t len = (size_t)st.st_size;
-    void *map = NULL;
-    if (len) {
-        map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
-        if (map == MAP_FAILED) {
-            int e = errno;
-            close(fd);
-            return nz_fail(err, NZ_E_IO, "%s: mmap: %s", path, strerror(e));
-        }
-    }
-    close(fd);
+    const uint8_t *map;
+    size_t len;
+    int rc = nz_map_file(path, &map, &len, err);
+    if (rc) return rc;
     nz_model *m = nz_calloc(1, sizeof *m, NZ_MEM_OTHER);
     if (!m) {
-        if (map) munmap(map, len);
+        nz_unmap_file(map, len);
         return nz_fail(err, NZ_E_NOMEM, "out of memory");
     }
     m->base = map;
     m->len = len;
     m->map = map;
-    int rc = load(m, err);
+    rc = load(m, err);
     if (rc) {
         nz_fail_prefix(err, "%s", path);
         nz_model_free(m);
@@ -460,7 +439,7 @@ void nz_model_free(nz_model *m) {
     nz_free(m->t);
     nz_free(m->b);
     json_decref(m->root);
-    if (m->map) munmap(m->map, m->len);
+    nz_unmap_file(m->map, m->len);
     nz_free(m);
 }
 

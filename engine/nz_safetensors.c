@@ -26,8 +26,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #define ST_METADATA_KEY "__metadata__"
@@ -153,7 +151,7 @@ struct nz_st_file {
     size_t n;
     char *names;      /* every name, NUL-separated */
     json_t *metadata; /* own reference, or NULL */
-    void *map;        /* nz_st_open's mapping, or NULL */
+    const uint8_t *map; /* nz_st_open's mapping, or NULL */
     size_t map_len;
 };
 
@@ -388,36 +386,16 @@ int nz_st_open(const char *path, nz_st_file **out, nz_error *err) {
     snprintf(who, sizeof who, "safetensors: %s%s", plen > keep ? "..." : "",
              plen > keep ? path + plen - keep : path);
 
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return nz_fail(err, NZ_E_IO, "%s: open: %s", who, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return nz_fail(err, NZ_E_IO, "%s: fstat: %s", who, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return nz_fail(err, NZ_E_IO, "%s: not a regular file", who);
-    }
-    if (st.st_size == 0) {
-        close(fd);
-        return nz_fail(err, NZ_E_TRUNCATED, "%s: empty file", who);
-    }
-    if ((uint64_t)st.st_size > SIZE_MAX) {
-        close(fd);
-        return nz_fail(err, NZ_E_RANGE, "%s: file too large to map", who);
-    }
-    size_t len = (size_t)st.st_size;
-    void *map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
-    int e = errno;
-    close(fd);
-    if (map == MAP_FAILED) return nz_fail(err, NZ_E_IO, "%s: mmap: %s", who, strerror(e));
+    const uint8_t *map;
+    size_t len;
+    int rc = nz_map_file(path, &map, &len, err);
+    if (rc) return nz_fail_prefix(err, "safetensors");
+    if (len == 0) return nz_fail(err, NZ_E_TRUNCATED, "%s: empty file", who);
 
     nz_st_file *f = NULL;
-    int rc = st_parse(map, len, who, &f, err);
+    rc = st_parse(map, len, who, &f, err);
     if (rc != NZ_OK) {
-        munmap(map, len);
+        nz_unmap_file(map, len);
         return rc;
     }
     f->map = map;
@@ -429,7 +407,7 @@ int nz_st_open(const char *path, nz_st_file **out, nz_error *err) {
 void nz_st_free(nz_st_file *f) {
     if (!f) return;
     if (f->metadata) json_decref(f->metadata);
-    if (f->map) munmap(f->map, f->map_len);
+    nz_unmap_file(f->map, f->map_len);
     nz_free(f->t);
     nz_free(f->by_name);
     nz_free(f->names);
