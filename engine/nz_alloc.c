@@ -98,3 +98,7 @@ void nz_alloc_hook_json(void) {
     if (atomic_exchange(&done, 1)) return;
     json_set_alloc_funcs(json_malloc, nz_free);
 }
+
+/* Install the hook before main(): a JSON value allocated by plain malloc
+ * before the hook and freed after it would corrupt the heap. */
+__attribute__((constructor)) static void hook_json_at_start(void) { nz_alloc_hook_json(); }

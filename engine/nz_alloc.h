@@ -59,7 +59,8 @@ void nz_mem_account(nz_mem_cat cat, int64_t delta);
 const char *nz_mem_cat_name(nz_mem_cat cat);
 
 /** Route jansson's allocations through the counter (category other).
- *  Call once before any JSON is parsed; idempotent. */
+ *  Runs automatically before main() (a constructor in nz_alloc.c); calling it
+ *  again is harmless. */
 void nz_alloc_hook_json(void);
 
 #ifdef __cplusplus
