@@ -14,6 +14,10 @@
 
 #define TILE_HDR 8
 
+/* zstd's allocations go through the counted allocator (scratch). */
+static void *zstd_alloc(void *opaque, size_t n) { return nz_malloc(n, NZ_MEM_SCRATCH); }
+static void zstd_free(void *opaque, void *p) { nz_free(p); }
+
 static inline uint32_t f2u(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -429,7 +433,14 @@ int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t
         rc = nz_rans_encode(e, n, d->freq, (int)lanes, dst + TILE_HDR, cap - TILE_HDR, &elen, err);
         if (rc) goto done;
     } else if (d->coder == NZ_CODER_ZSTD) {
-        size_t z = ZSTD_compress(dst + TILE_HDR, cap - TILE_HDR, e, n, d->zstd_level);
+        ZSTD_customMem mem = {zstd_alloc, zstd_free, NULL}; /* counted as scratch */
+        ZSTD_CCtx *cc = ZSTD_createCCtx_advanced(mem);
+        if (!cc) {
+            rc = nz_fail(err, NZ_E_NOMEM, "out of memory for zstd");
+            goto done;
+        }
+        size_t z = ZSTD_compressCCtx(cc, dst + TILE_HDR, cap - TILE_HDR, e, n, d->zstd_level);
+        ZSTD_freeCCtx(cc);
         if (ZSTD_isError(z)) {
             rc = nz_fail(err, NZ_E_INVALID_ARG, "zstd: %s", ZSTD_getErrorName(z));
             goto done;
@@ -472,8 +483,6 @@ struct nz_dctx {
     ZSTD_DCtx *zd;
 };
 
-static void *zstd_alloc(void *opaque, size_t n) { return nz_malloc(n, NZ_MEM_SCRATCH); }
-static void zstd_free(void *opaque, void *p) { nz_free(p); }
 
 nz_dctx *nz_dctx_create(void) {
     nz_dctx *dc = nz_calloc(1, sizeof *dc, NZ_MEM_SCRATCH);
