@@ -45,7 +45,7 @@ $(ENGINE_LIB): $(ENGINE_OBJ)
 $(NZP): $(BUILD)/models/nzp.o $(ENGINE_LIB)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c tests/test_util.h $(ENGINE_LIB)
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(ENGINE_LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests $< $(ENGINE_LIB) -o $@ $(LDLIBS) -lcmocka
 
@@ -72,15 +72,17 @@ bench: $(BENCH_BIN) $(NZP)
 	$(BENCH_BIN)
 
 FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
-build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(ENGINE_SRC) $(wildcard engine/*.h)
+build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h $(ENGINE_SRC) $(wildcard engine/*.h)
 	@mkdir -p build-fuzz
 	clang -O1 -g -std=c11 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=undefined $< $(ENGINE_SRC) -o $@ $(LDLIBS)
 fuzz: $(FUZZ_TARGETS)
 	@set -e; for f in $(FUZZ_TARGETS); do n=$$(basename $$f); mkdir -p build-fuzz/corpus-$$n; \
 	  echo "== $$n for $(FUZZ_SECONDS)s"; \
-	  $$f -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
-	      build-fuzz/corpus-$$n tests/fuzz/corpus/$$n 2>&1 | tail -n 12; done
+	  dict=""; [ -f tests/fuzz/$$n.dict ] && dict="-dict=tests/fuzz/$$n.dict"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 $$dict \
+	      -artifact_prefix=build-fuzz/ build-fuzz/corpus-$$n tests/fuzz/corpus/$$n > build-fuzz/$$n.log 2>&1 \
+	      || { tail -n 60 build-fuzz/$$n.log; exit 1; }; tail -n 12 build-fuzz/$$n.log; done
 
 deps:
 	bash .ci/deps.sh

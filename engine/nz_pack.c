@@ -243,7 +243,7 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err) {
         size_t esz = nz_desc_native_dtype(&t->desc) == NZ_DT_OTHER
                          ? t->desc.elem_size
                          : nz_dtype_size(nz_desc_native_dtype(&t->desc));
-        size_t tile_bytes = (size_t)(t->desc.tile_rows * t->desc.cols * esz);
+        size_t tile_bytes = (size_t)(nz_desc_tile_nrows(&t->desc, 0) * t->desc.cols * esz);
         nz_free(buf);
         buf = nz_malloc(tile_bytes, NZ_MEM_SCRATCH);
         if (!buf && tile_bytes) rc = nz_fail(err, NZ_E_NOMEM, "out of memory");
@@ -290,7 +290,7 @@ int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), vo
     for (size_t i = 0; i < nz_model_ntensors(m); i++) {
         const nz_tensor *t = nz_model_tensor(m, i);
         uint64_t esz = t->desc.elem_size > 4 ? t->desc.elem_size : 4;
-        uint64_t need = t->desc.tile_rows * t->desc.cols * esz;
+        uint64_t need = nz_desc_tile_nrows(&t->desc, 0) * t->desc.cols * esz;
         if (need > cap) {
             nz_free(buf);
             buf = nz_malloc(need, NZ_MEM_SCRATCH);

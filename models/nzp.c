@@ -366,7 +366,7 @@ static int cmd_bench(int argc, char **argv) {
         const nz_tensor *t = nz_model_tensor(m, i);
         if (t->desc.coder == NZ_CODER_NONE) continue;
         nz_dtype nd = nz_desc_native_dtype(&t->desc);
-        uint64_t n = t->desc.rows * t->desc.cols, tile_n = t->desc.tile_rows * t->desc.cols;
+        uint64_t n = t->desc.rows * t->desc.cols, tile_n = nz_desc_tile_nrows(&t->desc, 0) * t->desc.cols;
         uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
         float *out = nz_malloc(tile_n * sizeof(float), NZ_MEM_SCRATCH);
         uint8_t *ex = nz_malloc(tile_n, NZ_MEM_SCRATCH);
