@@ -472,6 +472,25 @@ done:
     return rc;
 }
 
+int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink, void *ud,
+                     nz_error *err) {
+    uint64_t nt = nz_desc_ntiles(d);
+    if (!nt) return NZ_OK;
+    size_t cap = nz_tile_bound(d, 0); /* the first tile is the largest */
+    uint8_t *buf = nz_malloc(cap, NZ_MEM_SCRATCH);
+    if (!buf) return nz_fail(err, NZ_E_NOMEM, "out of memory encoding tensor");
+    uint64_t stride = (uint64_t)d->tile_rows * d->cols * d->elem_size;
+    int rc = NZ_OK;
+    for (uint64_t t = 0; t < nt && !rc; t++) {
+        size_t len;
+        rc = nz_tile_encode(d, t, (const uint8_t *)src + t * stride, buf, cap, &len, err);
+        if (!rc) rc = sink(ud, t, buf, len, err);
+        if (rc) nz_fail_prefix(err, "tile %llu", (unsigned long long)t);
+    }
+    nz_free(buf);
+    return rc;
+}
+
 /* ------------------------------------------------------------- decoder */
 
 struct nz_dctx {

@@ -146,6 +146,17 @@ size_t nz_tile_bound(const nz_tensor_desc *d, uint64_t t);
 int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t *dst, size_t cap,
                    size_t *len, nz_error *err);
 
+/** Receives encoded tiles from nz_tensor_encode, in order.
+ *  @return NZ_OK to go on, or an error code (filled into err) to stop. */
+typedef int (*nz_tile_sink)(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz_error *err);
+
+/** Encode every tile of an analysed tensor; src holds the whole tensor's
+ *  source elements (rows x cols). Each tile is encoded into a scratch buffer
+ *  and handed to sink. @return NZ_OK, or the first error of the encoder or
+ *  of sink (prefixed with the tile number). */
+int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink, void *ud,
+                     nz_error *err);
+
 /* ------------------------------------------------------------- decoder */
 
 /** Decoder context: scratch buffers, zstd context, decode-table cache.

@@ -143,6 +143,11 @@ static int add_dir_files(nz_writer *w, const char *dir, nz_error *err) {
     return rc;
 }
 
+static int writer_sink(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz_error *err) {
+    (void)t;
+    return nz_writer_add_tile(ud, tile, len, err);
+}
+
 static int pack_tensor(nz_writer *w, const nz_st_tensor *t, const nz_pack_opts *o,
                        const regex_t *excl, nz_error *err) {
     uint64_t rows = t->ndim >= 2 ? (uint64_t)t->shape[0] : 1;
@@ -165,18 +170,7 @@ static int pack_tensor(nz_writer *w, const nz_st_tensor *t, const nz_pack_opts *
         rc = nz_tensor_analyze(&d, t->data, counts, err);
     }
     if (!rc) rc = nz_writer_begin_tensor(w, t->name, t->st_dtype, t->ndim, t->shape, &d, counts, err);
-    uint64_t nt = nz_desc_ntiles(&d);
-    size_t cap = nt ? nz_tile_bound(&d, 0) : 0;
-    uint8_t *buf = rc || !nt ? NULL : nz_malloc(cap, NZ_MEM_SCRATCH);
-    if (!rc && nt && !buf) rc = nz_fail(err, NZ_E_NOMEM, "out of memory");
-    for (uint64_t i = 0; i < nt && !rc; i++) {
-        size_t len;
-        const uint8_t *src = t->data + i * d.tile_rows * cols * d.elem_size;
-        rc = nz_tile_encode(&d, i, src, buf, cap, &len, err);
-        if (!rc) rc = nz_writer_add_tile(w, buf, len, err);
-        if (rc) nz_fail_prefix(err, "tile %" PRIu64, i);
-    }
-    nz_free(buf);
+    if (!rc) rc = nz_tensor_encode(&d, t->data, writer_sink, w, err);
     if (rc) nz_fail_prefix(err, "tensor '%s'", t->name);
     return rc;
 }

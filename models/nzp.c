@@ -291,6 +291,14 @@ static void encoded_free(encoded *x) {
     nz_free(x->len);
 }
 
+static int keep_tile(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz_error *e) {
+    encoded *x = ud;
+    if (!(x->tiles[t] = nz_malloc(len, NZ_MEM_OTHER))) return nz_fail(e, NZ_E_NOMEM, "out of memory");
+    memcpy(x->tiles[t], tile, len);
+    x->len[t] = len;
+    return NZ_OK;
+}
+
 /* Re-encode a tensor's decoded values with another coder (same mode). */
 static int reencode(const nz_tensor *t, const void *native, nz_coder coder, encoded *x, nz_error *e) {
     memset(x, 0, sizeof *x);
@@ -302,17 +310,10 @@ static int reencode(const nz_tensor *t, const void *native, nz_coder coder, enco
     if (!rc) rc = nz_tensor_analyze(&x->d, native, NULL, e);
     if (rc) return rc;
     uint64_t nt = nz_desc_ntiles(&x->d);
-    x->tiles = nz_calloc(nt, sizeof *x->tiles, NZ_MEM_OTHER);
-    x->len = nz_calloc(nt, sizeof *x->len, NZ_MEM_OTHER);
+    x->tiles = nz_calloc(nt ? nt : 1, sizeof *x->tiles, NZ_MEM_OTHER);
+    x->len = nz_calloc(nt ? nt : 1, sizeof *x->len, NZ_MEM_OTHER);
     if (!x->tiles || !x->len) return nz_fail(e, NZ_E_NOMEM, "out of memory");
-    for (uint64_t i = 0; i < nt && !rc; i++) {
-        size_t cap = nz_tile_bound(&x->d, i);
-        x->tiles[i] = nz_malloc(cap, NZ_MEM_OTHER);
-        if (!x->tiles[i]) return nz_fail(e, NZ_E_NOMEM, "out of memory");
-        rc = nz_tile_encode(&x->d, i, (const uint8_t *)native + i * x->d.tile_rows * x->d.cols * nz_dtype_size(nd),
-                            x->tiles[i], cap, &x->len[i], e);
-    }
-    return rc;
+    return nz_tensor_encode(&x->d, native, keep_tile, x, e);
 }
 
 /* Time decoding every tile of x (to fp32, or exponents only) for at least

@@ -217,6 +217,17 @@ typedef struct {
     uint64_t counts[256];
 } enc_tensor;
 
+/* nz_tensor_encode sink: append the tile to et->buf (sized by the bounds). */
+static int append_tile(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz_error *err) {
+    enc_tensor *et = ud;
+    (void)err;
+    et->off[t] = et->bytes;
+    et->len[t] = len;
+    memcpy(et->buf + et->bytes, tile, len);
+    et->bytes += len;
+    return NZ_OK;
+}
+
 static int encode(enc_tensor *et, const tensor_src *s, nz_mode mode, nz_coder coder, int zlevel) {
     nz_error err = {0};
     memset(et, 0, sizeof *et);
@@ -234,16 +245,10 @@ static int encode(enc_tensor *et, const tensor_src *s, nz_mode mode, nz_coder co
     size_t cap = 0;
     for (uint64_t t = 0; t < et->ntiles; t++) cap += nz_tile_bound(&et->d, t);
     et->buf = xmalloc(cap);
-    size_t stride = (size_t)et->d.tile_rows * s->cols * nz_dtype_size(s->dtype);
-    for (uint64_t t = 0; t < et->ntiles; t++) {
-        et->off[t] = et->bytes;
-        rc = nz_tile_encode(&et->d, t, s->bytes + t * stride, et->buf + et->bytes, cap - et->bytes,
-                            &et->len[t], &err);
-        if (rc != NZ_OK) {
-            fail("encode", &err);
-            return rc;
-        }
-        et->bytes += et->len[t];
+    rc = nz_tensor_encode(&et->d, s->bytes, append_tile, et, &err);
+    if (rc != NZ_OK) {
+        fail("encode", &err);
+        return rc;
     }
     for (int i = 0; i < 256; i++) et->present += et->d.freq[i] != 0;
     return NZ_OK;
