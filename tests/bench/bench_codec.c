@@ -520,9 +520,10 @@ static void report_speeds(const tensor_src *s, const enc_tensor *rans, const enc
     printf("  %-34s %8s\n", "decode speed (1 thread)", "G w/s");
     c->et = rans;
     double simd = best_rate(pass_exponents, c, n);
-    int old = nz_rans_force_scalar(1);
+    nz_rans_set_kernel(NZ_RANS_SCALAR);
     double scalar = best_rate(pass_exponents, c, n);
-    nz_rans_force_scalar(old);
+    double avx2 = nz_rans_set_kernel(NZ_RANS_AVX2) == NZ_OK ? best_rate(pass_exponents, c, n) : 0;
+    nz_rans_set_kernel(NZ_RANS_AUTO);
     double f32_rans = best_rate(pass_f32, c, n);
     c->et = zstd3;
     double zexp = best_rate(pass_exponents, c, n), f32_zstd = best_rate(pass_f32, c, n);
@@ -530,6 +531,10 @@ static void report_speeds(const tensor_src *s, const enc_tensor *rans, const enc
 
     snprintf(note, sizeof note, "%s decoder", nz_rans_decoder_name());
     speed_row("exponents, rans", simd, note);
+    if (avx2 > 0) {
+        snprintf(note, sizeof note, "avx2 kernel; rans avx2/zstd = %.2fx", avx2 / zexp);
+        speed_row("exponents, rans avx2", avx2, note);
+    }
     snprintf(note, sizeof note, "rans simd/scalar = %.2fx", simd / scalar);
     speed_row("exponents, rans scalar", scalar, note);
     snprintf(note, sizeof note, "ZSTD_decompressDCtx per tile; rans/zstd = %.2fx", simd / zexp);
