@@ -49,17 +49,7 @@ static uint32_t rd32le(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static void *xmalloc(size_t n) {
-    void *p = malloc(n ? n : 1);
-    assert_non_null(p);
-    return p;
-}
 
-static uint8_t *dup_exact(const void *buf, size_t n) {
-    uint8_t *p = xmalloc(n);
-    if (n) memcpy(p, buf, n);
-    return p;
-}
 
 static int f32_isnan(uint32_t u) { return (u & 0x7fffffffu) > 0x7f800000u; }
 static int f16_isnan(uint16_t h) { return (h & 0x7c00) == 0x7c00 && (h & 0x3ff); }

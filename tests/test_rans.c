@@ -34,18 +34,7 @@ static int per_test_teardown(void **state) {
     return 0;
 }
 
-static void *xmalloc(size_t n) {
-    void *p = malloc(n ? n : 1);
-    assert_non_null(p);
-    return p;
-}
 
-/* Copy buf[0..n) into a fresh heap block of exactly n bytes. */
-static uint8_t *dup_exact(const uint8_t *buf, size_t n) {
-    uint8_t *p = xmalloc(n);
-    if (n) memcpy(p, buf, n);
-    return p;
-}
 
 /* Frequency table whose symbols are 0..nsym-1 with the given weights. */
 static void table_from_counts(const uint64_t counts[256], uint32_t freq[256]) {

@@ -34,4 +34,19 @@ static inline int tu_quick(void) {
     return q && *q && *q != '0';
 }
 
+/* malloc that fails the test instead of returning NULL (n = 0 allowed). */
+static inline void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    assert_non_null(p);
+    return p;
+}
+
+/* Copy buf[0..n) into a fresh heap block of exactly n bytes, so ASan catches
+ * any read past the end. */
+static inline uint8_t *dup_exact(const void *buf, size_t n) {
+    uint8_t *p = xmalloc(n);
+    if (n) memcpy(p, buf, n);
+    return p;
+}
+
 #endif
