@@ -7,6 +7,7 @@
 #define ZSTD_STATIC_LINKING_ONLY /* ZSTD_createDCtx_advanced: counted allocations */
 #include <zstd.h>
 
+#include <endian.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -342,17 +343,23 @@ static void unpack_sm(const uint8_t *in, uint64_t n, int w, uint32_t *sm) {
             sm[i] = (uint32_t)in[3 * i] | (uint32_t)in[3 * i + 1] << 8 | (uint32_t)in[3 * i + 2] << 16;
         return;
     }
-    uint64_t acc = 0, ip = 0;
-    int bits = 0;
+    /* Branch-free: each field is a 64-bit little-endian load at its byte
+     * offset, shifted by its bit offset (w <= 24, so one load holds it), while
+     * 8 bytes remain; the byte-wise loop finishes the tail. */
+    uint64_t nbytes = (n * (uint64_t)w + 7) / 8, i = 0;
     uint32_t mask = (1u << w) - 1;
-    for (uint64_t i = 0; i < n; i++) {
-        while (bits < w) {
-            acc |= (uint64_t)in[ip++] << bits;
-            bits += 8;
-        }
-        sm[i] = (uint32_t)acc & mask;
-        acc >>= w;
-        bits -= w;
+    for (; i < n; i++) {
+        uint64_t bit = i * (uint64_t)w, byte = bit >> 3;
+        if (byte + 8 > nbytes) break;
+        uint64_t v;
+        memcpy(&v, in + byte, 8);
+        sm[i] = (uint32_t)(le64toh(v) >> (bit & 7)) & mask;
+    }
+    uint64_t bit = i * (uint64_t)w;
+    for (; i < n; i++, bit += (uint64_t)w) {
+        uint32_t v = 0;
+        for (int k = 0; k < w; k++) v |= (uint32_t)(in[(bit + (uint64_t)k) >> 3] >> ((bit + (uint64_t)k) & 7) & 1) << k;
+        sm[i] = v;
     }
 }
 
@@ -637,8 +644,17 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
     if (rc) return rc;
     rc = open_tile(dc, d, t, tile, len, dc->exps, fused ? out : NULL, &v, err);
     if (rc || fused) return rc;
-    unpack_sm(v.sm, n, 1 + d->mant_bits, dc->sm);
     const uint8_t *e = dc->exps;
+    if (d->exp_bits == 8 && d->mant_bits == 23) { /* f32 lossless: one pass over 3-byte fields */
+        const uint8_t *p = v.sm;
+        uint32_t *o = (uint32_t *)out;
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)p[3 * i] | (uint32_t)p[3 * i + 1] << 8 | (uint32_t)p[3 * i + 2] << 16;
+            o[i] = (u >> 23) << 31 | (uint32_t)e[i] << 23 | (u & 0x7fffffu);
+        }
+        return NZ_OK;
+    }
+    unpack_sm(v.sm, n, 1 + d->mant_bits, dc->sm);
     const uint32_t *sm = dc->sm;
     if (d->exp_bits == 5) {
         for (uint64_t i = 0; i < n; i++)
