@@ -197,14 +197,17 @@ static int cmd_info(int argc, char **argv) {
         tst += s.stored_bytes;
         tb += s.bound * (double)s.nelem;
         if (json) {
-            json_array_append_new(arr, json_pack("{s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name", t->name, "dtype",
-                                                 t->st_dtype, "shape", shape, "mode", mode, "coder",
+            json_array_append_new(arr, json_pack("{s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name", t->name, "dtype",
+                                                 t->st_dtype, "shape", shape, "mode", mode, "norm_block",
+                                                 (json_int_t)t->desc.mode.norm_block, "coder",
                                                  nz_coder_name(t->desc.coder), "elements", (json_int_t)s.nelem,
                                                  "source_bytes", (json_int_t)s.src_bytes, "stored_bytes",
                                                  (json_int_t)s.stored_bytes, "bits_per_weight", s.bits,
                                                  "entropy_bound_bits", s.bound, "ratio", ratio, "tiles",
                                                  (json_int_t)t->ntiles));
         } else {
+            if (t->desc.mode.norm_block) /* lossy with normalisers: "lossy-3/64" */
+                snprintf(mode + strlen(mode), sizeof mode - strlen(mode), "/%u", t->desc.mode.norm_block);
             printf("%-48.48s %-5s %-16.16s %-9s %-5s %8.3f %8.3f %7.2f%%\n", t->name, t->st_dtype, shape,
                    mode, nz_coder_name(t->desc.coder), s.bits, s.bound, 100 * ratio);
         }

@@ -152,7 +152,9 @@ def test_lossy_error_bound(nzp, tmp_path, k, norm):
     rel = np.abs(y - x) / np.abs(x)
     bound = 2.0 ** -(k + 1) * (1 + 2.0 ** -8 + 1e-6)
     assert rel.max() <= bound, f"max relative error {rel.max():.3g} > {bound:.3g}"
-    bits = info(nzp, out)["total"]["bits_per_weight"]
+    rep = info(nzp, out)
+    assert rep["tensors"][0]["mode"] == f"lossy-{k}" and rep["tensors"][0]["norm_block"] == norm
+    bits = rep["total"]["bits_per_weight"]
     assert bits < 1 + k + 3.2 + (8 / norm if norm else 0)
 
 
