@@ -102,7 +102,7 @@ demo: $(NZP)
 	$(NZP) bench --seconds 1 $(DEMO)/model.nzp
 
 format:
-	clang-format -i engine/*.[ch] models/*.c tests/*.[ch] tests/*/*.c
+	clang-format -i engine/*.[ch] models/*.c tests/*.[ch] tests/*/*.[ch]
 
 clean:
 	rm -rf build build-asan build-fuzz

@@ -86,7 +86,7 @@ size_t nz_mem_peak(nz_mem_cat cat) {
 }
 
 const char *nz_mem_cat_name(nz_mem_cat cat) {
-    static const char *names[NZ_MEM_NCAT] = {"weights", "tile_cache", "scratch",
+    static const char *names[NZ_MEM_NCAT] = {"weights",  "tile_cache",  "scratch",
                                              "kv_cache", "activations", "other"};
     return (unsigned)cat < NZ_MEM_NCAT ? names[cat] : "invalid";
 }

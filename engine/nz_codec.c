@@ -57,7 +57,7 @@ uint16_t nz_f32_to_f16(float x) {
     uint32_t u = f2u(x), sign = (u >> 16) & 0x8000, mag = u & 0x7fffffff;
     if (mag > 0x7f800000u) return (uint16_t)(sign | 0x7e00 | ((mag >> 13) & 0x1ff)); /* NaN */
     if (mag >= 0x477ff000u) return (uint16_t)(sign | 0x7c00); /* rounds to Inf (>= 65520) */
-    if (mag < 0x38800000u) { /* below the smallest normal 2^-14: subnormal or zero */
+    if (mag < 0x38800000u) {                          /* below the smallest normal 2^-14: subnormal or zero */
         if (mag < 0x33000000u) return (uint16_t)sign; /* < 2^-25 rounds to 0 */
         uint32_t e = mag >> 23, m = (mag & 0x7fffff) | 0x800000;
         int shift = 126 - (int)e; /* value = m * 2^(e-150); result units 2^-24 */
@@ -90,9 +90,12 @@ float nz_bf16_to_f32(uint16_t b) { return u2f((uint32_t)b << 16); }
 
 int nz_mode_parse(const char *s, nz_mode *m, nz_error *err) {
     memset(m, 0, sizeof *m);
-    if (!strcmp(s, "raw")) m->kind = NZ_MODE_RAW;
-    else if (!strcmp(s, "lossless")) m->kind = NZ_MODE_LOSSLESS;
-    else if (!strcmp(s, "bf16")) m->kind = NZ_MODE_BF16;
+    if (!strcmp(s, "raw"))
+        m->kind = NZ_MODE_RAW;
+    else if (!strcmp(s, "lossless"))
+        m->kind = NZ_MODE_LOSSLESS;
+    else if (!strcmp(s, "bf16"))
+        m->kind = NZ_MODE_BF16;
     else if (!strncmp(s, "lossy-", 6) && s[6] >= '0' && s[6] <= '7' && s[7] == 0) {
         m->kind = NZ_MODE_LOSSY;
         m->k = s[6] - '0';
@@ -104,10 +107,18 @@ int nz_mode_parse(const char *s, nz_mode *m, nz_error *err) {
 
 const char *nz_mode_name(const nz_mode *m, char *buf, size_t cap) {
     switch (m->kind) {
-    case NZ_MODE_RAW: snprintf(buf, cap, "raw"); break;
-    case NZ_MODE_LOSSLESS: snprintf(buf, cap, "lossless"); break;
-    case NZ_MODE_BF16: snprintf(buf, cap, "bf16"); break;
-    default: snprintf(buf, cap, "lossy-%d", m->k); break;
+    case NZ_MODE_RAW:
+        snprintf(buf, cap, "raw");
+        break;
+    case NZ_MODE_LOSSLESS:
+        snprintf(buf, cap, "lossless");
+        break;
+    case NZ_MODE_BF16:
+        snprintf(buf, cap, "bf16");
+        break;
+    default:
+        snprintf(buf, cap, "lossy-%d", m->k);
+        break;
     }
     return buf;
 }
@@ -136,9 +147,8 @@ uint32_t nz_default_tile_rows(uint64_t cols) {
 
 static atomic_uint_fast64_t g_desc_id = 1;
 
-int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_mode *mode,
-                 nz_coder coder, uint64_t rows, uint64_t cols, uint32_t tile_rows,
-                 nz_error *err) {
+int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_mode *mode, nz_coder coder,
+                 uint64_t rows, uint64_t cols, uint32_t tile_rows, nz_error *err) {
     memset(d, 0, sizeof *d);
     if (tile_rows == 0) return nz_fail(err, NZ_E_INVALID_ARG, "tile rows must be >= 1");
     if (cols && rows > UINT64_MAX / cols) return nz_fail(err, NZ_E_INVALID_ARG, "tensor too large");
@@ -159,13 +169,21 @@ int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_m
     if (mode->kind == NZ_MODE_BF16 && dtype == NZ_DT_BF16) d->mode.kind = NZ_MODE_LOSSLESS;
     if (rows * cols == 0) d->mode.kind = NZ_MODE_RAW;
     switch (d->mode.kind) {
-    case NZ_MODE_RAW: d->coder = NZ_CODER_NONE; return NZ_OK;
+    case NZ_MODE_RAW:
+        d->coder = NZ_CODER_NONE;
+        return NZ_OK;
     case NZ_MODE_LOSSLESS:
         d->exp_bits = dtype == NZ_DT_F16 ? 5 : 8;
         d->mant_bits = dtype == NZ_DT_F16 ? 10 : dtype == NZ_DT_F32 ? 23 : 7;
         break;
-    case NZ_MODE_BF16: d->exp_bits = 8; d->mant_bits = 7; break;
-    case NZ_MODE_LOSSY: d->exp_bits = 8; d->mant_bits = mode->k; break;
+    case NZ_MODE_BF16:
+        d->exp_bits = 8;
+        d->mant_bits = 7;
+        break;
+    case NZ_MODE_LOSSY:
+        d->exp_bits = 8;
+        d->mant_bits = mode->k;
+        break;
     }
     if (coder == NZ_CODER_NONE || coder == NZ_CODER_CONST) coder = NZ_CODER_RANS;
     d->coder = d->coder_req = coder;
@@ -235,9 +253,12 @@ nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d) {
 
 static inline uint32_t src_f32_bits(nz_dtype dt, const uint8_t *src, uint64_t i) {
     switch (dt) {
-    case NZ_DT_BF16: return (uint32_t)rd16(src + 2 * i) << 16;
-    case NZ_DT_F16: return f2u(nz_f16_to_f32(rd16(src + 2 * i)));
-    default: return rd32(src + 4 * i);
+    case NZ_DT_BF16:
+        return (uint32_t)rd16(src + 2 * i) << 16;
+    case NZ_DT_F16:
+        return f2u(nz_f16_to_f32(rd16(src + 2 * i)));
+    default:
+        return rd32(src + 4 * i);
     }
 }
 
@@ -358,7 +379,8 @@ static void unpack_sm(const uint8_t *in, uint64_t n, int w, uint32_t *sm) {
     uint64_t bit = i * (uint64_t)w;
     for (; i < n; i++, bit += (uint64_t)w) {
         uint32_t v = 0;
-        for (int k = 0; k < w; k++) v |= (uint32_t)(in[(bit + (uint64_t)k) >> 3] >> ((bit + (uint64_t)k) & 7) & 1) << k;
+        for (int k = 0; k < w; k++)
+            v |= (uint32_t)(in[(bit + (uint64_t)k) >> 3] >> ((bit + (uint64_t)k) & 7) & 1) << k;
         sm[i] = v;
     }
 }
@@ -388,8 +410,7 @@ int nz_tensor_analyze(nz_tensor_desc *d, const void *src, uint64_t counts[256], 
         uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
         const uint8_t *p = (const uint8_t *)src + t * d->tile_rows * d->cols * d->elem_size;
         rc = split(d, p, n, e, sm, NULL, err);
-        if (rc && err)
-            nz_fail_prefix(err, "tile %llu", (unsigned long long)t);
+        if (rc && err) nz_fail_prefix(err, "tile %llu", (unsigned long long)t);
         for (uint64_t i = 0; rc == NZ_OK && i < n; i++) hist[e[i]]++;
     }
     nz_free(e);
@@ -479,8 +500,7 @@ done:
     return rc;
 }
 
-int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink, void *ud,
-                     nz_error *err) {
+int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink, void *ud, nz_error *err) {
     uint64_t nt = nz_desc_ntiles(d);
     if (!nt) return NZ_OK;
     size_t cap = nz_tile_bound(d, 0); /* the first tile is the largest */
@@ -501,14 +521,13 @@ int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink
 /* ------------------------------------------------------------- decoder */
 
 struct nz_dctx {
-    uint64_t tab_id;   /* desc id whose table is in dtab (0: none) */
-    uint32_t *dtab;    /* [4096] rANS decode table */
-    uint8_t *exps;     /* [cap] exponent scratch */
-    uint32_t *sm;      /* [cap] sign+mantissa scratch */
+    uint64_t tab_id; /* desc id whose table is in dtab (0: none) */
+    uint32_t *dtab;  /* [4096] rANS decode table */
+    uint8_t *exps;   /* [cap] exponent scratch */
+    uint32_t *sm;    /* [cap] sign+mantissa scratch */
     uint64_t cap;
     ZSTD_DCtx *zd;
 };
-
 
 nz_dctx *nz_dctx_create(void) {
     nz_dctx *dc = nz_calloc(1, sizeof *dc, NZ_MEM_SCRATCH);
@@ -548,8 +567,8 @@ typedef struct {
     const uint8_t *sm, *norm;
 } tile_view;
 
-static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
-                     size_t len, uint8_t *exps, float *fout, tile_view *v, nz_error *err) {
+static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     uint8_t *exps, float *fout, tile_view *v, nz_error *err) {
     if (t >= nz_desc_ntiles(d))
         return nz_fail(err, NZ_E_INVALID_ARG, "tile %llu out of range", (unsigned long long)t);
     v->n = nz_desc_tile_nrows(d, t) * d->cols;
@@ -562,8 +581,8 @@ static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
                        nz_coder_name(d->coder));
     if (TILE_HDR + elen + fixed != len)
         return nz_fail(err, len < TILE_HDR + elen + fixed ? NZ_E_TRUNCATED : NZ_E_FORMAT,
-                       "tile size %zu does not match its planes (8 + %llu exponent + %llu fixed bytes)",
-                       len, (unsigned long long)elen, (unsigned long long)fixed);
+                       "tile size %zu does not match its planes (8 + %llu exponent + %llu fixed bytes)", len,
+                       (unsigned long long)elen, (unsigned long long)fixed);
     const uint8_t *ex = tile + TILE_HDR;
     v->sm = ex + elen;
     v->norm = v->sm + sm_bytes(d, v->n);
@@ -591,33 +610,33 @@ static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
         if (d->exp_bits < 8)
             for (uint64_t i = 0; i < v->n; i++)
                 if (exps[i] >> d->exp_bits)
-                    return nz_fail(err, NZ_E_CORRUPT, "exponent %u wider than %d bits", exps[i],
-                                   d->exp_bits);
+                    return nz_fail(err, NZ_E_CORRUPT, "exponent %u wider than %d bits", exps[i], d->exp_bits);
         break;
     }
     case NZ_CODER_CONST: {
-        if (elen) return nz_fail(err, NZ_E_FORMAT, "const tile has a %llu-byte exponent section",
-                                 (unsigned long long)elen);
+        if (elen)
+            return nz_fail(err, NZ_E_FORMAT, "const tile has a %llu-byte exponent section",
+                           (unsigned long long)elen);
         int s = 0;
         while (s < 255 && !d->freq[s]) s++;
         memset(exps, s, v->n);
         break;
     }
-    default: return nz_fail(err, NZ_E_INVALID_ARG, "no exponent plane to decode");
+    default:
+        return nz_fail(err, NZ_E_INVALID_ARG, "no exponent plane to decode");
     }
     if (rc) nz_fail_prefix(err, "exponent plane");
     return rc;
 }
 
-static int decode_raw(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
-                      float *out, void *native, nz_error *err) {
+static int decode_raw(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len, float *out,
+                      void *native, nz_error *err) {
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
     if (t >= nz_desc_ntiles(d))
         return nz_fail(err, NZ_E_INVALID_ARG, "tile %llu out of range", (unsigned long long)t);
     if (len != n * d->elem_size)
         return nz_fail(err, len < n * d->elem_size ? NZ_E_TRUNCATED : NZ_E_FORMAT,
-                       "raw tile has %zu bytes, expected %llu", len,
-                       (unsigned long long)(n * d->elem_size));
+                       "raw tile has %zu bytes, expected %llu", len, (unsigned long long)(n * d->elem_size));
     if (native) {
         memcpy(native, tile, len);
         return NZ_OK;
@@ -633,8 +652,8 @@ static inline uint32_t join8(uint32_t e, uint32_t sm, int mb) {
     return (sm >> mb) << 31 | e << 23 | (sm & ((1u << mb) - 1)) << (23 - mb);
 }
 
-int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
-                       size_t len, float *out, nz_error *err) {
+int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                       float *out, nz_error *err) {
     if (d->coder == NZ_CODER_NONE) return decode_raw(d, t, tile, len, out, NULL, err);
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
     int fused = d->coder == NZ_CODER_RANS && d->exp_bits == 8 && d->mant_bits == 7 &&
@@ -669,8 +688,8 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
     return NZ_OK;
 }
 
-int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
-                          size_t len, void *out, nz_error *err) {
+int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                          void *out, nz_error *err) {
     if (d->coder == NZ_CODER_NONE) return decode_raw(d, t, tile, len, NULL, out, err);
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
     nz_dtype nd = nz_desc_native_dtype(d);
@@ -681,7 +700,8 @@ int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, cons
         int rc = nz_tile_decode_f32(dc, d, t, tile, len, f, err);
         uint8_t *o = out;
         for (uint64_t i = 0; rc == NZ_OK && i < n; i++) {
-            if (nd == NZ_DT_F32) memcpy(o + 4 * i, &f[i], 4);
+            if (nd == NZ_DT_F32)
+                memcpy(o + 4 * i, &f[i], 4);
             else {
                 uint16_t h = nd == NZ_DT_BF16 ? nz_f32_to_bf16(f[i]) : nz_f32_to_f16(f[i]);
                 memcpy(o + 2 * i, &h, 2);
@@ -713,8 +733,8 @@ int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, cons
     return NZ_OK;
 }
 
-int nz_tile_decode_exponents(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t,
-                             const uint8_t *tile, size_t len, uint8_t *exps, nz_error *err) {
+int nz_tile_decode_exponents(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
+                             size_t len, uint8_t *exps, nz_error *err) {
     tile_view v;
     return open_tile(dc, d, t, tile, len, exps, NULL, &v, err);
 }

@@ -23,14 +23,12 @@
  * nearest, ties to even, the carry running into the exponent (to Inf past
  * the largest finite value). "Even" is the lowest kept bit of the encoding,
  * as IEEE does; with k = 0 that bit is the exponent's, so a tie goes to the
- * power of two with the even biased exponent (3.0 -> 2.0, 6.0 -> 8.0). NaN keeps its sign and becomes a quiet NaN
- * (k >= 1; lossy-0 cannot hold a NaN and refuses it). With norm_block B > 0
- * each run of B elements of a tile gets a one-byte normaliser n: the block
- * absmax a = 2^e * m, m in [1,2), gives n = round((m - 1) * 256) (at most 255),
- * scale s = 1 + n/256; elements are stored as round_k(x / s) and decode to
- * round_k(x / s) * s, which puts the block maximum near a power of two where
- * k bits represent it almost exactly. Mode bf16 is lossy-7 without
- * normaliser: it turns fp32/fp16 sources into bf16.
+ * power of two with the even biased exponent (3.0 -> 2.0, 6.0 -> 8.0). NaN keeps its sign and becomes a quiet
+ * NaN (k >= 1; lossy-0 cannot hold a NaN and refuses it). With norm_block B > 0 each run of B elements of a
+ * tile gets a one-byte normaliser n: the block absmax a = 2^e * m, m in [1,2), gives n = round((m - 1) * 256)
+ * (at most 255), scale s = 1 + n/256; elements are stored as round_k(x / s) and decode to round_k(x / s) * s,
+ * which puts the block maximum near a power of two where k bits represent it almost exactly. Mode bf16 is
+ * lossy-7 without normaliser: it turns fp32/fp16 sources into bf16.
  *
  * Tile layout (coder rans/zstd/const), little-endian:
  *   u32 exp_len          bytes of the exponent section
@@ -71,19 +69,19 @@ typedef enum nz_coder {
 
 /** Everything the decoder needs to know about one tensor besides tile bytes. */
 typedef struct nz_tensor_desc {
-    nz_dtype dtype;       /* source dtype */
-    size_t elem_size;     /* bytes per source element (raw tensors of any dtype) */
+    nz_dtype dtype;   /* source dtype */
+    size_t elem_size; /* bytes per source element (raw tensors of any dtype) */
     nz_mode mode;
     nz_coder coder;
-    uint64_t rows, cols;  /* 2-D view */
-    uint32_t tile_rows;   /* rows per tile (>= 1) */
-    uint32_t freq[256];   /* exponent frequencies: rans sums to 4096; const: one entry 4096 */
-    int zstd_level;       /* encoder only */
-    nz_coder coder_req;   /* encoder only: the coder asked for (coder may become const) */
+    uint64_t rows, cols; /* 2-D view */
+    uint32_t tile_rows;  /* rows per tile (>= 1) */
+    uint32_t freq[256];  /* exponent frequencies: rans sums to 4096; const: one entry 4096 */
+    int zstd_level;      /* encoder only */
+    nz_coder coder_req;  /* encoder only: the coder asked for (coder may become const) */
     /* derived by nz_desc_init: */
-    int exp_bits;         /* 8 or 5 (0 for raw) */
-    int mant_bits;        /* stored mantissa bits */
-    uint64_t id;          /* unique per initialised desc (decoder table cache key) */
+    int exp_bits;  /* 8 or 5 (0 for raw) */
+    int mant_bits; /* stored mantissa bits */
+    uint64_t id;   /* unique per initialised desc (decoder table cache key) */
 } nz_tensor_desc;
 
 /** Parse "raw", "lossless", "bf16", "lossy-K" (K = 0..7).
@@ -111,9 +109,8 @@ uint32_t nz_default_tile_rows(uint64_t cols);
  *  for the encoder, or set it from the container for the decoder).
  *  @return NZ_OK, NZ_E_UNSUPPORTED (float mode on a non-float dtype) or
  *          NZ_E_INVALID_ARG (k out of range, tile_rows 0). */
-int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_mode *mode,
-                 nz_coder coder, uint64_t rows, uint64_t cols, uint32_t tile_rows,
-                 nz_error *err);
+int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_mode *mode, nz_coder coder,
+                 uint64_t rows, uint64_t cols, uint32_t tile_rows, nz_error *err);
 
 /** Check a desc read from a file: coder vs mode, frequency table consistent
  *  with the coder and the exponent width. @return NZ_OK or NZ_E_FORMAT. */
@@ -154,8 +151,7 @@ typedef int (*nz_tile_sink)(void *ud, uint64_t t, const uint8_t *tile, size_t le
  *  source elements (rows x cols). Each tile is encoded into a scratch buffer
  *  and handed to sink. @return NZ_OK, or the first error of the encoder or
  *  of sink (prefixed with the tile number). */
-int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink, void *ud,
-                     nz_error *err);
+int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink, void *ud, nz_error *err);
 
 /* ------------------------------------------------------------- decoder */
 
@@ -173,23 +169,23 @@ void nz_dctx_free(nz_dctx *dc);
  *  Raw tensors of dtype other cannot be decoded to fp32.
  *  @return NZ_OK, NZ_E_TRUNCATED/NZ_E_CORRUPT/NZ_E_FORMAT naming the plane,
  *          NZ_E_UNSUPPORTED, NZ_E_NOMEM. */
-int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
-                       size_t len, float *out, nz_error *err);
+int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                       float *out, nz_error *err);
 
 /** Decode tile t into its stored dtype's bytes: the source bytes for lossless
  *  and raw (bit-exact), bf16 for mode bf16, the source dtype for lossy
  *  (values rounded to nearest even when the source dtype cannot hold them).
  *  @return as nz_tile_decode_f32. */
-int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
-                          size_t len, void *out, nz_error *err);
+int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                          void *out, nz_error *err);
 
 /** @return the dtype nz_tile_decode_native writes. */
 nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d);
 
 /** Decode only the exponent section of tile t into exps[n] (benchmarks).
  *  @return as nz_tile_decode_f32. */
-int nz_tile_decode_exponents(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t,
-                             const uint8_t *tile, size_t len, uint8_t *exps, nz_error *err);
+int nz_tile_decode_exponents(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
+                             size_t len, uint8_t *exps, nz_error *err);
 
 /* ------------------------------------------------------------- float helpers */
 

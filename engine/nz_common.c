@@ -34,36 +34,56 @@ int nz_fail_prefix(nz_error *err, const char *fmt, ...) {
 
 const char *nz_status_name(int code) {
     switch (code) {
-    case NZ_OK: return "ok";
-    case NZ_E_INVALID_ARG: return "invalid argument";
-    case NZ_E_NOMEM: return "out of memory";
-    case NZ_E_IO: return "i/o error";
-    case NZ_E_FORMAT: return "bad format";
-    case NZ_E_TRUNCATED: return "truncated";
-    case NZ_E_CHECKSUM: return "checksum mismatch";
-    case NZ_E_CORRUPT: return "corrupt data";
-    case NZ_E_UNSUPPORTED: return "unsupported";
-    case NZ_E_RANGE: return "out of range";
-    case NZ_E_NOT_FOUND: return "not found";
-    default: return "unknown error";
+    case NZ_OK:
+        return "ok";
+    case NZ_E_INVALID_ARG:
+        return "invalid argument";
+    case NZ_E_NOMEM:
+        return "out of memory";
+    case NZ_E_IO:
+        return "i/o error";
+    case NZ_E_FORMAT:
+        return "bad format";
+    case NZ_E_TRUNCATED:
+        return "truncated";
+    case NZ_E_CHECKSUM:
+        return "checksum mismatch";
+    case NZ_E_CORRUPT:
+        return "corrupt data";
+    case NZ_E_UNSUPPORTED:
+        return "unsupported";
+    case NZ_E_RANGE:
+        return "out of range";
+    case NZ_E_NOT_FOUND:
+        return "not found";
+    default:
+        return "unknown error";
     }
 }
 
 size_t nz_dtype_size(nz_dtype dt) {
     switch (dt) {
-    case NZ_DT_BF16: return 2;
-    case NZ_DT_F16: return 2;
-    case NZ_DT_F32: return 4;
-    default: return 0;
+    case NZ_DT_BF16:
+        return 2;
+    case NZ_DT_F16:
+        return 2;
+    case NZ_DT_F32:
+        return 4;
+    default:
+        return 0;
     }
 }
 
 const char *nz_dtype_name(nz_dtype dt) {
     switch (dt) {
-    case NZ_DT_BF16: return "bf16";
-    case NZ_DT_F16: return "f16";
-    case NZ_DT_F32: return "f32";
-    default: return "other";
+    case NZ_DT_BF16:
+        return "bf16";
+    case NZ_DT_F16:
+        return "f16";
+    case NZ_DT_F32:
+        return "f32";
+    default:
+        return "other";
     }
 }
 
@@ -74,12 +94,16 @@ int nz_map_file(const char *path, const uint8_t **map, size_t *len, nz_error *er
     if (fd < 0) return nz_fail(err, NZ_E_IO, "%s: %s", path, strerror(errno));
     struct stat st;
     int rc = NZ_OK;
-    if (fstat(fd, &st) != 0) rc = nz_fail(err, NZ_E_IO, "%s: fstat: %s", path, strerror(errno));
-    else if (!S_ISREG(st.st_mode)) rc = nz_fail(err, NZ_E_IO, "%s: not a regular file", path);
-    else if ((uint64_t)st.st_size > SIZE_MAX) rc = nz_fail(err, NZ_E_RANGE, "%s: file too large to map", path);
+    if (fstat(fd, &st) != 0)
+        rc = nz_fail(err, NZ_E_IO, "%s: fstat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        rc = nz_fail(err, NZ_E_IO, "%s: not a regular file", path);
+    else if ((uint64_t)st.st_size > SIZE_MAX)
+        rc = nz_fail(err, NZ_E_RANGE, "%s: file too large to map", path);
     else if (st.st_size > 0) {
         void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
-        if (p == MAP_FAILED) rc = nz_fail(err, NZ_E_IO, "%s: mmap: %s", path, strerror(errno));
+        if (p == MAP_FAILED)
+            rc = nz_fail(err, NZ_E_IO, "%s: mmap: %s", path, strerror(errno));
         else {
             *map = p;
             *len = (size_t)st.st_size;

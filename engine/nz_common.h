@@ -43,8 +43,7 @@ typedef struct nz_error {
 
 /** Fill err (if not NULL) with code and a printf-style message.
  *  @return code, so callers can write `return nz_fail(err, NZ_E_FORMAT, ...)`. */
-int nz_fail(nz_error *err, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+int nz_fail(nz_error *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /** Prefix an already-filled message with more context ("tensor 'x': ...").
  *  @return err->code (or NZ_E_INVALID_ARG when err is NULL). */

@@ -70,8 +70,7 @@ static int get_u64(const json_t *obj, const char *key, uint64_t *v, const char *
     return NZ_OK;
 }
 
-static int get_str(const json_t *obj, const char *key, const char **v, const char *ctx,
-                   nz_error *err) {
+static int get_str(const json_t *obj, const char *key, const char **v, const char *ctx, nz_error *err) {
     const json_t *j = json_object_get(obj, key);
     if (!j) return nz_fail(err, NZ_E_FORMAT, "%s: missing field \"%s\"", ctx, key);
     if (!json_is_string(j)) return nz_fail(err, NZ_E_FORMAT, "%s: field \"%s\" must be a string", ctx, key);
@@ -98,18 +97,16 @@ static int parse_pairs(const json_t *arr, uint64_t out[256], uint64_t max_val, c
                        const char *key, nz_error *err) {
     memset(out, 0, 256 * sizeof *out);
     if (!arr) return NZ_OK;
-    if (!json_is_array(arr))
-        return nz_fail(err, NZ_E_FORMAT, "%s: \"%s\" must be an array", ctx, key);
+    if (!json_is_array(arr)) return nz_fail(err, NZ_E_FORMAT, "%s: \"%s\" must be an array", ctx, key);
     size_t i;
     const json_t *p;
     json_array_foreach(arr, i, p) {
         const json_t *s = json_array_get(p, 0), *v = json_array_get(p, 1);
-        if (!json_is_array(p) || json_array_size(p) != 2 || !json_is_integer(s) ||
-            !json_is_integer(v) || json_integer_value(s) < 0 || json_integer_value(s) > 255 ||
-            json_integer_value(v) <= 0 || (uint64_t)json_integer_value(v) > max_val ||
-            out[json_integer_value(s)])
-            return nz_fail(err, NZ_E_FORMAT, "%s: \"%s\" entry %zu is not a valid [symbol, count]",
-                           ctx, key, i);
+        if (!json_is_array(p) || json_array_size(p) != 2 || !json_is_integer(s) || !json_is_integer(v) ||
+            json_integer_value(s) < 0 || json_integer_value(s) > 255 || json_integer_value(v) <= 0 ||
+            (uint64_t)json_integer_value(v) > max_val || out[json_integer_value(s)])
+            return nz_fail(err, NZ_E_FORMAT, "%s: \"%s\" entry %zu is not a valid [symbol, count]", ctx, key,
+                           i);
         out[json_integer_value(s)] = (uint64_t)json_integer_value(v);
     }
     return NZ_OK;
@@ -129,24 +126,30 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
         (rc = get_str(jt, "mode", &modes, ctx, err)) || (rc = get_str(jt, "coder", &coders, ctx, err)))
         return rc;
     nz_dtype dt;
-    if (!strcmp(dts, "bf16")) dt = NZ_DT_BF16;
-    else if (!strcmp(dts, "f16")) dt = NZ_DT_F16;
-    else if (!strcmp(dts, "f32")) dt = NZ_DT_F32;
-    else if (!strcmp(dts, "other")) dt = NZ_DT_OTHER;
-    else return nz_fail(err, NZ_E_FORMAT, "%s: unknown dtype \"%.32s\"", ctx, dts);
+    if (!strcmp(dts, "bf16"))
+        dt = NZ_DT_BF16;
+    else if (!strcmp(dts, "f16"))
+        dt = NZ_DT_F16;
+    else if (!strcmp(dts, "f32"))
+        dt = NZ_DT_F32;
+    else if (!strcmp(dts, "other"))
+        dt = NZ_DT_OTHER;
+    else
+        return nz_fail(err, NZ_E_FORMAT, "%s: unknown dtype \"%.32s\"", ctx, dts);
     size_t esz = nz_st_dtype_size(sts);
     if (!esz || strlen(sts) >= sizeof t->st_dtype)
         return nz_fail(err, NZ_E_FORMAT, "%s: unknown st_dtype \"%.32s\"", ctx, sts);
-    nz_dtype expect = !strcmp(sts, "BF16") ? NZ_DT_BF16 : !strcmp(sts, "F16") ? NZ_DT_F16
-                    : !strcmp(sts, "F32")  ? NZ_DT_F32 : NZ_DT_OTHER;
+    nz_dtype expect = !strcmp(sts, "BF16")  ? NZ_DT_BF16
+                      : !strcmp(sts, "F16") ? NZ_DT_F16
+                      : !strcmp(sts, "F32") ? NZ_DT_F32
+                                            : NZ_DT_OTHER;
     if (expect != dt)
         return nz_fail(err, NZ_E_FORMAT, "%s: dtype %s does not match st_dtype %s", ctx, dts, sts);
     strcpy(t->st_dtype, sts);
 
     const json_t *shape = json_object_get(jt, "shape");
     if (!json_is_array(shape) || json_array_size(shape) > NZ_MAX_DIMS_C)
-        return nz_fail(err, NZ_E_FORMAT, "%s: shape must be an array of at most %d dims", ctx,
-                       NZ_MAX_DIMS_C);
+        return nz_fail(err, NZ_E_FORMAT, "%s: shape must be an array of at most %d dims", ctx, NZ_MAX_DIMS_C);
     t->ndim = (int)json_array_size(shape);
     /* 2-D view: rows = shape[0], cols = product of the rest (1-D/0-D: 1 x n) */
     uint64_t erows = 1, ecols = 1;
@@ -163,7 +166,8 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
         if (v && ecols > UINT64_MAX / v / esz) return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
         ecols *= v;
     }
-    if (ecols && erows > UINT64_MAX / ecols / esz) return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
+    if (ecols && erows > UINT64_MAX / ecols / esz)
+        return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
     uint64_t nelem = erows * ecols;
     uint64_t rows, cols, tile_rows, norm_block = 0;
     if ((rc = get_u64(jt, "rows", &rows, ctx, err)) || (rc = get_u64(jt, "cols", &cols, ctx, err)) ||
@@ -172,15 +176,16 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
     if (json_object_get(jt, "norm_block") && (rc = get_u64(jt, "norm_block", &norm_block, ctx, err)))
         return rc;
     if (rows != erows || cols != ecols)
-        return nz_fail(err, NZ_E_FORMAT, "%s: rows x cols %" PRIu64 " x %" PRIu64
-                       " do not match the shape", ctx, rows, cols);
+        return nz_fail(err, NZ_E_FORMAT, "%s: rows x cols %" PRIu64 " x %" PRIu64 " do not match the shape",
+                       ctx, rows, cols);
     if (tile_rows == 0 || tile_rows > UINT32_MAX)
         return nz_fail(err, NZ_E_FORMAT, "%s: tile_rows %" PRIu64 " out of range", ctx, tile_rows);
     /* Keep sizes derived from the shape far from 64-bit overflow: plane bytes
      * (n * 24 bits) and callers' tile buffers (tile_rows * cols * 8 bytes). */
     if (nelem > (UINT64_MAX >> 5) || (cols && tile_rows > (UINT64_MAX >> 5) / cols))
-        return nz_fail(err, NZ_E_FORMAT, "%s: tensor too large (%" PRIu64 " x %" PRIu64
-                       ", tile_rows %" PRIu64 ")", ctx, rows, cols, tile_rows);
+        return nz_fail(err, NZ_E_FORMAT,
+                       "%s: tensor too large (%" PRIu64 " x %" PRIu64 ", tile_rows %" PRIu64 ")", ctx, rows,
+                       cols, tile_rows);
     nz_mode mode;
     nz_coder coder;
     if ((rc = nz_mode_parse(modes, &mode, err)) || (rc = nz_coder_parse(coders, &coder, err))) {
@@ -216,8 +221,8 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
             sum += t->counts[s];
         }
         if (sum != nelem)
-            return nz_fail(err, NZ_E_FORMAT, "%s: exponent counts add up to %" PRIu64 ", not %" PRIu64,
-                           ctx, sum, nelem);
+            return nz_fail(err, NZ_E_FORMAT, "%s: exponent counts add up to %" PRIu64 ", not %" PRIu64, ctx,
+                           sum, nelem);
     }
 
     const json_t *tiles = json_object_get(jt, "tiles");
@@ -230,24 +235,26 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
     for (uint64_t i = 0; i < t->ntiles; i++) {
         const json_t *e = json_array_get(tiles, i), *o = json_array_get(e, 0), *s = json_array_get(e, 1);
         nz_tile_ref *r = &t->tiles[i];
-        if (!json_is_array(e) || json_array_size(e) != 3 || !json_is_integer(o) ||
-            !json_is_integer(s) || json_integer_value(o) < 0 || json_integer_value(s) < 0 ||
+        if (!json_is_array(e) || json_array_size(e) != 3 || !json_is_integer(o) || !json_is_integer(s) ||
+            json_integer_value(o) < 0 || json_integer_value(s) < 0 ||
             parse_hash(json_array_get(e, 2), &r->hash))
-            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": entry is not [offset, size, hash]",
-                           ctx, i);
+            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": entry is not [offset, size, hash]", ctx,
+                           i);
         r->offset = (uint64_t)json_integer_value(o);
         r->size = (uint64_t)json_integer_value(s);
         if (r->offset % NZ_CONTAINER_ALIGN)
             return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": offset %" PRIu64 " not 64-byte aligned",
                            ctx, i, r->offset);
         if (r->offset > m->data_size || r->size > m->data_size - r->offset)
-            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": bytes [%" PRIu64 ", +%" PRIu64
-                           ") lie outside the %" PRIu64 "-byte data section", ctx, i, r->offset,
-                           r->size, m->data_size);
+            return nz_fail(err, NZ_E_FORMAT,
+                           "%s tile %" PRIu64 ": bytes [%" PRIu64 ", +%" PRIu64 ") lie outside the %" PRIu64
+                           "-byte data section",
+                           ctx, i, r->offset, r->size, m->data_size);
         uint64_t fixed = nz_desc_tile_fixed_bytes(&t->desc, i);
         if (coder == NZ_CODER_NONE ? r->size != fixed : r->size < 8 + fixed)
-            return nz_fail(err, NZ_E_FORMAT, "%s tile %" PRIu64 ": size %" PRIu64
-                           " cannot hold its %" PRIu64 " fixed bytes", ctx, i, r->size, fixed);
+            return nz_fail(err, NZ_E_FORMAT,
+                           "%s tile %" PRIu64 ": size %" PRIu64 " cannot hold its %" PRIu64 " fixed bytes",
+                           ctx, i, r->size, fixed);
         t->stored_bytes += r->size;
     }
     return NZ_OK;
@@ -281,8 +288,9 @@ static int check_overlaps(nz_model *m, nz_error *err) {
     for (size_t i = 0; i < n; i++) {
         if (r[i].off == r[i].end) continue;
         if (last && r[i].off < end) {
-            rc = nz_fail(err, NZ_E_FORMAT, "data regions overlap: '%.100s'%s and '%.100s'%s at offset %" PRIu64,
-                         last->what, last->tile == UINT64_MAX ? " (blob)" : "", r[i].what,
+            rc = nz_fail(err, NZ_E_FORMAT,
+                         "data regions overlap: '%.100s'%s and '%.100s'%s at offset %" PRIu64, last->what,
+                         last->tile == UINT64_MAX ? " (blob)" : "", r[i].what,
                          r[i].tile == UINT64_MAX ? " (blob)" : "", r[i].off);
             break;
         }
@@ -299,8 +307,9 @@ static int load(nz_model *m, nz_error *err) {
     if (len == 0) return nz_fail(err, NZ_E_TRUNCATED, "empty file");
     if (len < 8 || memcmp(b, NZP_MAGIC, 8)) {
         if (len >= 8 && rd64(b) < len && len > 9 && b[8] == '{')
-            return nz_fail(err, NZ_E_FORMAT, "bad magic: this is a .safetensors file, not .nzp "
-                                             "(pack it with `nzp pack`)");
+            return nz_fail(err, NZ_E_FORMAT,
+                           "bad magic: this is a .safetensors file, not .nzp "
+                           "(pack it with `nzp pack`)");
         return nz_fail(err, len < 8 ? NZ_E_TRUNCATED : NZ_E_FORMAT, "bad magic (not an .nzp file)");
     }
     if (len < NZ_CONTAINER_PREFIX)
@@ -308,15 +317,17 @@ static int load(nz_model *m, nz_error *err) {
                        len, NZ_CONTAINER_PREFIX);
     uint32_t version = rd32(b + 8), flags = rd32(b + 12);
     if (version != NZ_CONTAINER_VERSION)
-        return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported version %u (this build reads version %d)",
-                       version, NZ_CONTAINER_VERSION);
+        return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported version %u (this build reads version %d)", version,
+                       NZ_CONTAINER_VERSION);
     if (flags) return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported flags 0x%x", flags);
     uint64_t hlen = rd64(b + 16), doff = rd64(b + 24), dsize = rd64(b + 32), hhash = rd64(b + 40);
     if (rd64(b + 48) || rd64(b + 56)) return nz_fail(err, NZ_E_FORMAT, "reserved prefix bytes are not zero");
     if (hlen > UINT64_MAX - NZ_CONTAINER_PREFIX || doff < NZ_CONTAINER_PREFIX + hlen ||
         doff % NZ_CONTAINER_ALIGN || dsize > UINT64_MAX - doff)
-        return nz_fail(err, NZ_E_FORMAT, "inconsistent prefix: header_len %" PRIu64 ", data_offset %" PRIu64
-                       ", data_size %" PRIu64, hlen, doff, dsize);
+        return nz_fail(err, NZ_E_FORMAT,
+                       "inconsistent prefix: header_len %" PRIu64 ", data_offset %" PRIu64
+                       ", data_size %" PRIu64,
+                       hlen, doff, dsize);
     if (doff + dsize > len)
         return nz_fail(err, NZ_E_TRUNCATED, "truncated: file is %" PRIu64 " bytes, prefix declares %" PRIu64,
                        len, doff + dsize);
@@ -345,7 +356,8 @@ static int load(nz_model *m, nz_error *err) {
         return nz_fail(err, NZ_E_FORMAT, "header: \"metadata\" must be an object");
 
     const json_t *blobs = json_object_get(m->root, "blobs");
-    if (blobs && !json_is_object(blobs)) return nz_fail(err, NZ_E_FORMAT, "header: \"blobs\" must be an object");
+    if (blobs && !json_is_object(blobs))
+        return nz_fail(err, NZ_E_FORMAT, "header: \"blobs\" must be an object");
     m->nb = blobs ? json_object_size(blobs) : 0;
     m->b = nz_calloc(m->nb ? m->nb : 1, sizeof *m->b, NZ_MEM_OTHER);
     if (!m->b) return nz_fail(err, NZ_E_NOMEM, "out of memory");
@@ -353,20 +365,23 @@ static int load(nz_model *m, nz_error *err) {
     const json_t *jb;
     size_t bi = 0;
     if (blobs) json_object_foreach((json_t *)blobs, key, jb) {
-        char ctx[200];
-        snprintf(ctx, sizeof ctx, "blob '%.160s'", key);
-        blob_ref *r = &m->b[bi++];
-        r->name = key;
-        int rc;
-        if (!json_is_object(jb)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
-        if ((rc = get_u64(jb, "offset", &r->offset, ctx, err)) || (rc = get_u64(jb, "size", &r->size, ctx, err)))
-            return rc;
-        if (parse_hash(json_object_get(jb, "xxh3"), &r->hash))
-            return nz_fail(err, NZ_E_FORMAT, "%s: \"xxh3\" must be 16 hex digits", ctx);
-        if (r->offset % NZ_CONTAINER_ALIGN || r->offset > dsize || r->size > dsize - r->offset)
-            return nz_fail(err, NZ_E_FORMAT, "%s: bytes [%" PRIu64 ", +%" PRIu64 ") misaligned or outside "
-                           "the data section", ctx, r->offset, r->size);
-    }
+            char ctx[200];
+            snprintf(ctx, sizeof ctx, "blob '%.160s'", key);
+            blob_ref *r = &m->b[bi++];
+            r->name = key;
+            int rc;
+            if (!json_is_object(jb)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
+            if ((rc = get_u64(jb, "offset", &r->offset, ctx, err)) ||
+                (rc = get_u64(jb, "size", &r->size, ctx, err)))
+                return rc;
+            if (parse_hash(json_object_get(jb, "xxh3"), &r->hash))
+                return nz_fail(err, NZ_E_FORMAT, "%s: \"xxh3\" must be 16 hex digits", ctx);
+            if (r->offset % NZ_CONTAINER_ALIGN || r->offset > dsize || r->size > dsize - r->offset)
+                return nz_fail(err, NZ_E_FORMAT,
+                               "%s: bytes [%" PRIu64 ", +%" PRIu64 ") misaligned or outside "
+                               "the data section",
+                               ctx, r->offset, r->size);
+        }
 
     const json_t *tensors = json_object_get(m->root, "tensors");
     if (!json_is_array(tensors)) return nz_fail(err, NZ_E_FORMAT, "header: \"tensors\" must be an array");
@@ -458,8 +473,7 @@ long nz_model_find(const nz_model *m, const char *name) {
     return -1;
 }
 
-int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, size_t *size,
-                  nz_error *err) {
+int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, size_t *size, nz_error *err) {
     for (size_t i = 0; i < m->nb; i++) {
         if (strcmp(m->b[i].name, name)) continue;
         const uint8_t *p = m->data + m->b[i].offset;
@@ -477,8 +491,9 @@ int nz_model_tile(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data
     if (ti >= m->nt) return nz_fail(err, NZ_E_INVALID_ARG, "tensor index %zu out of range", ti);
     const nz_tensor *x = &m->t[ti];
     if (t >= x->ntiles)
-        return nz_fail(err, NZ_E_INVALID_ARG, "tensor '%s': tile %" PRIu64 " out of range (%" PRIu64 " tiles)",
-                       x->name, t, x->ntiles);
+        return nz_fail(err, NZ_E_INVALID_ARG,
+                       "tensor '%s': tile %" PRIu64 " out of range (%" PRIu64 " tiles)", x->name, t,
+                       x->ntiles);
     const nz_tile_ref *r = &x->tiles[t];
     const uint8_t *p = m->data + r->offset;
     if (nz_hash(p, r->size) != r->hash)
@@ -501,13 +516,11 @@ static int decode(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *o
     return rc;
 }
 
-int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, float *out,
-                        nz_error *err) {
+int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, float *out, nz_error *err) {
     return decode(m, dc, ti, t, out, 0, err);
 }
 
-int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out,
-                           nz_error *err) {
+int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out, nz_error *err) {
     return decode(m, dc, ti, t, out, 1, err);
 }
 
@@ -598,15 +611,15 @@ static int put_data(nz_writer *w, const void *data, size_t size, uint64_t *offse
     return NZ_OK;
 }
 
-int nz_writer_add_blob(nz_writer *w, const char *name, const void *data, size_t size,
-                       nz_error *err) {
+int nz_writer_add_blob(nz_writer *w, const char *name, const void *data, size_t size, nz_error *err) {
     if (json_object_get(w->blobs, name)) return nz_fail(err, NZ_E_INVALID_ARG, "duplicate blob '%s'", name);
     uint64_t off;
     int rc = put_data(w, data, size, &off, err);
     if (rc) return rc;
     char h[17];
-    json_object_set_new(w->blobs, name, json_pack("{sIsIss}", "offset", (json_int_t)off, "size",
-                                                  (json_int_t)size, "xxh3", hex64(nz_hash(data, size), h)));
+    json_object_set_new(w->blobs, name,
+                        json_pack("{sIsIss}", "offset", (json_int_t)off, "size", (json_int_t)size, "xxh3",
+                                  hex64(nz_hash(data, size), h)));
     return NZ_OK;
 }
 
@@ -618,8 +631,8 @@ static json_t *pairs(const uint64_t *v) {
 }
 
 int nz_writer_begin_tensor(nz_writer *w, const char *name, const char *st_dtype, int ndim,
-                           const int64_t *shape, const nz_tensor_desc *d,
-                           const uint64_t counts[256], nz_error *err) {
+                           const int64_t *shape, const nz_tensor_desc *d, const uint64_t counts[256],
+                           nz_error *err) {
     if (w->cur_tiles && json_array_size(w->cur_tiles) != w->cur_expected)
         return nz_fail(err, NZ_E_INVALID_ARG, "previous tensor is missing tiles");
     if (ndim < 0 || ndim > NZ_MAX_DIMS_C) return nz_fail(err, NZ_E_INVALID_ARG, "bad ndim %d", ndim);
@@ -628,11 +641,11 @@ int nz_writer_begin_tensor(nz_writer *w, const char *name, const char *st_dtype,
     for (int i = 0; i < ndim; i++) json_array_append_new(js, json_integer(shape[i]));
     uint64_t fq[256];
     for (int s = 0; s < 256; s++) fq[s] = d->freq[s];
-    json_t *t = json_pack("{sssssssosIsIsssIsssI}", "name", name, "dtype", nz_dtype_name(d->dtype),
-                          "st_dtype", st_dtype, "shape", js, "rows", (json_int_t)d->rows, "cols",
-                          (json_int_t)d->cols, "mode", nz_mode_name(&d->mode, mode, sizeof mode),
-                          "norm_block", (json_int_t)d->mode.norm_block, "coder", nz_coder_name(d->coder),
-                          "tile_rows", (json_int_t)d->tile_rows);
+    json_t *t =
+        json_pack("{sssssssosIsIsssIsssI}", "name", name, "dtype", nz_dtype_name(d->dtype), "st_dtype",
+                  st_dtype, "shape", js, "rows", (json_int_t)d->rows, "cols", (json_int_t)d->cols, "mode",
+                  nz_mode_name(&d->mode, mode, sizeof mode), "norm_block", (json_int_t)d->mode.norm_block,
+                  "coder", nz_coder_name(d->coder), "tile_rows", (json_int_t)d->tile_rows);
     if (!t) return nz_fail(err, NZ_E_NOMEM, "cannot describe tensor '%s'", name);
     if (d->coder != NZ_CODER_NONE) {
         json_object_set_new(t, "freq", pairs(fq));
@@ -652,8 +665,8 @@ int nz_writer_add_tile(nz_writer *w, const uint8_t *data, size_t size, nz_error 
     int rc = put_data(w, data, size, &off, err);
     if (rc) return rc;
     char h[17];
-    json_array_append_new(w->cur_tiles, json_pack("[IIs]", (json_int_t)off, (json_int_t)size,
-                                                  hex64(nz_hash(data, size), h)));
+    json_array_append_new(
+        w->cur_tiles, json_pack("[IIs]", (json_int_t)off, (json_int_t)size, hex64(nz_hash(data, size), h)));
     return NZ_OK;
 }
 
@@ -673,7 +686,8 @@ int nz_writer_finish(nz_writer *w, nz_error *err) {
         goto fail;
     }
     uint64_t hlen = strlen(hdr);
-    uint64_t doff = (NZ_CONTAINER_PREFIX + hlen + NZ_CONTAINER_ALIGN - 1) / NZ_CONTAINER_ALIGN * NZ_CONTAINER_ALIGN;
+    uint64_t doff =
+        (NZ_CONTAINER_PREFIX + hlen + NZ_CONTAINER_ALIGN - 1) / NZ_CONTAINER_ALIGN * NZ_CONTAINER_ALIGN;
     uint8_t pre[NZ_CONTAINER_PREFIX] = {0};
     memcpy(pre, NZP_MAGIC, 8);
     pre[8] = NZ_CONTAINER_VERSION;

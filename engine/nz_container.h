@@ -58,9 +58,9 @@ extern "C" {
 #endif
 
 #define NZ_CONTAINER_VERSION 1
-#define NZ_CONTAINER_ALIGN 64
-#define NZ_CONTAINER_PREFIX 64
-#define NZ_MAX_DIMS_C 8
+#define NZ_CONTAINER_ALIGN   64
+#define NZ_CONTAINER_PREFIX  64
+#define NZ_MAX_DIMS_C        8
 
 /** One tile's place in the data section. */
 typedef struct nz_tile_ref {
@@ -72,14 +72,14 @@ typedef struct nz_tile_ref {
 /** A tensor of a loaded model (read-only for callers). */
 typedef struct nz_tensor {
     const char *name;
-    char st_dtype[8];         /* safetensors dtype name */
+    char st_dtype[8]; /* safetensors dtype name */
     int ndim;
     int64_t shape[NZ_MAX_DIMS_C]; /* [ndim] */
-    nz_tensor_desc desc;      /* codec parameters: dtype, mode, coder, rows, cols, tiles */
-    uint64_t counts[256];     /* exponent histogram (zeros for raw tensors) */
+    nz_tensor_desc desc;          /* codec parameters: dtype, mode, coder, rows, cols, tiles */
+    uint64_t counts[256];         /* exponent histogram (zeros for raw tensors) */
     uint64_t ntiles;
-    nz_tile_ref *tiles;       /* [ntiles] */
-    uint64_t stored_bytes;    /* sum of tile sizes */
+    nz_tile_ref *tiles;    /* [ntiles] */
+    uint64_t stored_bytes; /* sum of tile sizes */
 } nz_tensor;
 
 typedef struct nz_model nz_model;
@@ -122,8 +122,7 @@ const char *nz_model_blob_name(const nz_model *m, size_t i);
 
 /** Get an embedded file's bytes (pointing into the image), checking its
  *  hash. @return NZ_OK, NZ_E_NOT_FOUND or NZ_E_CHECKSUM. */
-int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, size_t *size,
-                  nz_error *err);
+int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, size_t *size, nz_error *err);
 
 /** Get tile t of tensor ti, checking its XXH3 checksum.
  *  @return NZ_OK, NZ_E_INVALID_ARG or NZ_E_CHECKSUM ("tensor 'x' tile 3:
@@ -133,13 +132,11 @@ int nz_model_tile(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data
 
 /** Verify and decode tile t of tensor ti into out (nrows * cols floats).
  *  @return NZ_OK or an error prefixed with the tensor name and tile. */
-int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, float *out,
-                        nz_error *err);
+int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, float *out, nz_error *err);
 
 /** Verify and decode tile t of tensor ti in its native dtype (see
  *  nz_tile_decode_native). @return as nz_model_decode_f32. */
-int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out,
-                           nz_error *err);
+int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out, nz_error *err);
 
 /** Check that every byte of the data section outside blobs and tiles (the
  *  alignment padding) is zero, so that verification covers every byte of the
@@ -160,15 +157,14 @@ int nz_writer_set_config(nz_writer *w, const json_t *config, nz_error *err);
 int nz_writer_set_metadata(nz_writer *w, const json_t *metadata, nz_error *err);
 
 /** Embed a file. @return NZ_OK or an error (duplicate name, I/O). */
-int nz_writer_add_blob(nz_writer *w, const char *name, const void *data, size_t size,
-                       nz_error *err);
+int nz_writer_add_blob(nz_writer *w, const char *name, const void *data, size_t size, nz_error *err);
 
 /** Begin a tensor; its tiles follow with nz_writer_add_tile (exactly
  *  nz_desc_ntiles(desc) of them, in order). desc must be analysed (freq set).
  *  counts may be NULL. @return NZ_OK or an error. */
 int nz_writer_begin_tensor(nz_writer *w, const char *name, const char *st_dtype, int ndim,
-                           const int64_t *shape, const nz_tensor_desc *desc,
-                           const uint64_t counts[256], nz_error *err);
+                           const int64_t *shape, const nz_tensor_desc *desc, const uint64_t counts[256],
+                           nz_error *err);
 
 /** Append the next tile of the current tensor. @return NZ_OK or an error. */
 int nz_writer_add_tile(nz_writer *w, const uint8_t *data, size_t size, nz_error *err);

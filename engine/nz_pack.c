@@ -81,8 +81,7 @@ static int add_dir_files(nz_writer *w, const char *dir, nz_error *err) {
         json_error_t je;
         json_t *cfg = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
         if (!cfg)
-            return nz_fail(err, NZ_E_FORMAT, "%s: %s (line %d column %d)", path, je.text, je.line,
-                           je.column);
+            return nz_fail(err, NZ_E_FORMAT, "%s: %s (line %d column %d)", path, je.text, je.line, je.column);
         int rc = json_is_object(cfg) ? nz_writer_set_config(w, cfg, err)
                                      : nz_fail(err, NZ_E_FORMAT, "%s: not a JSON object", path);
         json_decref(cfg);
@@ -148,8 +147,8 @@ static int writer_sink(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz
     return nz_writer_add_tile(ud, tile, len, err);
 }
 
-static int pack_tensor(nz_writer *w, const nz_st_tensor *t, const nz_pack_opts *o,
-                       const regex_t *excl, nz_error *err) {
+static int pack_tensor(nz_writer *w, const nz_st_tensor *t, const nz_pack_opts *o, const regex_t *excl,
+                       nz_error *err) {
     uint64_t rows = t->ndim >= 2 ? (uint64_t)t->shape[0] : 1;
     uint64_t cols = rows ? t->nelem / rows : 0;
     if (t->ndim >= 2 && rows == 0) {
@@ -179,8 +178,10 @@ int nz_pack(const char *src, const char *out, const nz_pack_opts *o, nz_error *e
     nz_alloc_hook_json();
     char path[4096];
     int dir = is_dir(src);
-    if (dir) snprintf(path, sizeof path, "%s/model.safetensors", src);
-    else snprintf(path, sizeof path, "%s", src);
+    if (dir)
+        snprintf(path, sizeof path, "%s/model.safetensors", src);
+    else
+        snprintf(path, sizeof path, "%s", src);
     regex_t re, *excl = NULL;
     if (o->exclude) {
         int e = regcomp(&re, o->exclude, REG_EXTENDED | REG_NOSUB);
@@ -244,7 +245,8 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err) {
         for (uint64_t j = 0; !rc && j < t->ntiles; j++) {
             rc = nz_model_decode_native(m, dc, i, j, buf, err);
             if (!rc)
-                rc = nz_st_writer_put(w, buf, (size_t)(nz_desc_tile_nrows(&t->desc, j) * t->desc.cols * esz), err);
+                rc = nz_st_writer_put(w, buf, (size_t)(nz_desc_tile_nrows(&t->desc, j) * t->desc.cols * esz),
+                                      err);
         }
     }
     nz_free(buf);
@@ -258,8 +260,7 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err) {
     return rc;
 }
 
-int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud,
-              uint64_t *nbad) {
+int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud, uint64_t *nbad) {
     uint64_t bad = 0;
     int first = NZ_OK;
     nz_error e;

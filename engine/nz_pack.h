@@ -14,12 +14,12 @@ extern "C" {
 #endif
 
 typedef struct nz_pack_opts {
-    nz_mode mode;         /* weight mode for 2-D float tensors */
-    nz_coder coder;       /* exponent coder: NZ_CODER_RANS (default) or NZ_CODER_ZSTD */
-    uint32_t tile_rows;   /* rows per tile; 0 = nz_default_tile_rows(cols) */
-    const char *exclude;  /* POSIX extended regex: matching tensor names are stored raw */
-    uint64_t raw_below;   /* tensors with fewer elements are stored raw */
-    int zstd_level;       /* for coder zstd */
+    nz_mode mode;        /* weight mode for 2-D float tensors */
+    nz_coder coder;      /* exponent coder: NZ_CODER_RANS (default) or NZ_CODER_ZSTD */
+    uint32_t tile_rows;  /* rows per tile; 0 = nz_default_tile_rows(cols) */
+    const char *exclude; /* POSIX extended regex: matching tensor names are stored raw */
+    uint64_t raw_below;  /* tensors with fewer elements are stored raw */
+    int zstd_level;      /* for coder zstd */
     /* progress callback (may be NULL): called before each tensor and at the end */
     void (*progress)(void *ud, const char *tensor, uint64_t done_bytes, uint64_t total_bytes);
     void *progress_ud;
@@ -44,8 +44,7 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err);
  *  blob's checksum. report (may be NULL) is called for each failure; the walk
  *  continues. @return NZ_OK when all is well, else the first error's code;
  *  *nbad (may be NULL) receives the number of failures. */
-int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud,
-              uint64_t *nbad);
+int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud, uint64_t *nbad);
 
 /** @return the order-0 entropy in bits/symbol of a histogram (0 if empty). */
 double nz_entropy_bits(const uint64_t counts[256]);

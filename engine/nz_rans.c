@@ -85,16 +85,15 @@ int nz_rans_check_freq(const uint32_t freq[256], nz_error *err) {
     int present = 0;
     for (int s = 0; s < 256; s++) {
         if (freq[s] >= NZ_RANS_PROB_SCALE)
-            return nz_fail(err, NZ_E_FORMAT, "rANS frequency of symbol %d is %u (must be < %u)", s,
-                           freq[s], NZ_RANS_PROB_SCALE);
+            return nz_fail(err, NZ_E_FORMAT, "rANS frequency of symbol %d is %u (must be < %u)", s, freq[s],
+                           NZ_RANS_PROB_SCALE);
         sum += freq[s];
         present += freq[s] != 0;
     }
     if (sum != NZ_RANS_PROB_SCALE)
-        return nz_fail(err, NZ_E_FORMAT, "rANS frequencies sum to %llu (must be %u)",
-                       (unsigned long long)sum, NZ_RANS_PROB_SCALE);
-    if (present < 2)
-        return nz_fail(err, NZ_E_FORMAT, "rANS table has %d symbol(s) (must be >= 2)", present);
+        return nz_fail(err, NZ_E_FORMAT, "rANS frequencies sum to %llu (must be %u)", (unsigned long long)sum,
+                       NZ_RANS_PROB_SCALE);
+    if (present < 2) return nz_fail(err, NZ_E_FORMAT, "rANS table has %d symbol(s) (must be >= 2)", present);
     return NZ_OK;
 }
 
@@ -135,12 +134,10 @@ int nz_rans_encode(const uint8_t *sym, size_t n, const uint32_t freq[256], int l
         uint32_t s = sym[i], f = freq[s];
         uint32_t *xs = &x[i & (size_t)(lanes - 1)];
         if (!f)
-            return nz_fail(err, NZ_E_INVALID_ARG,
-                           "rANS encode: symbol %u at %zu has zero frequency", s, i);
+            return nz_fail(err, NZ_E_INVALID_ARG, "rANS encode: symbol %u at %zu has zero frequency", s, i);
         uint64_t xmax = (uint64_t)((RANS_L >> NZ_RANS_PROB_BITS) << 16) * f;
         if (*xs >= xmax) {
-            if (wp - lo < 2)
-                return nz_fail(err, NZ_E_INVALID_ARG, "rANS encode: output buffer too small");
+            if (wp - lo < 2) return nz_fail(err, NZ_E_INVALID_ARG, "rANS encode: output buffer too small");
             wp -= 2;
             wp[0] = (uint8_t)*xs;
             wp[1] = (uint8_t)(*xs >> 8);
@@ -192,7 +189,8 @@ static nz_rans_kernel kernel(void) {
     static atomic_int best = -1;
     if (atomic_load(&best) < 0)
         atomic_store(&best, cpu_has(NZ_RANS_AVX512) ? NZ_RANS_AVX512
-                            : cpu_has(NZ_RANS_AVX2) ? NZ_RANS_AVX2 : NZ_RANS_SCALAR);
+                            : cpu_has(NZ_RANS_AVX2) ? NZ_RANS_AVX2
+                                                    : NZ_RANS_SCALAR);
     return (nz_rans_kernel)atomic_load(&best);
 }
 
@@ -204,9 +202,12 @@ int nz_rans_force_scalar(int on) {
 
 const char *nz_rans_decoder_name(void) {
     switch (kernel()) {
-    case NZ_RANS_AVX512: return "avx512";
-    case NZ_RANS_AVX2: return "avx2";
-    default: return "scalar";
+    case NZ_RANS_AVX512:
+        return "avx512";
+    case NZ_RANS_AVX2:
+        return "avx2";
+    default:
+        return "scalar";
     }
 }
 
@@ -216,9 +217,8 @@ static inline uint32_t bf16_bits(uint32_t e, uint32_t sm) {
 
 /* Decode symbols [i0, n) with the scalar loop; the state and stream position
  * continue from wherever the SIMD kernel stopped (always a group boundary). */
-static int dec_scalar(const uint8_t **pp, const uint8_t *end, uint32_t *x, int lanes,
-                      const uint32_t *dtab, size_t i0, size_t n, uint8_t *out, const uint8_t *sm,
-                      float *fout, nz_error *err) {
+static int dec_scalar(const uint8_t **pp, const uint8_t *end, uint32_t *x, int lanes, const uint32_t *dtab,
+                      size_t i0, size_t n, uint8_t *out, const uint8_t *sm, float *fout, nz_error *err) {
     const uint8_t *p = *pp;
     for (size_t i = i0; i < n; i++) {
         uint32_t *xs = &x[i & (size_t)(lanes - 1)];
@@ -232,8 +232,7 @@ static int dec_scalar(const uint8_t **pp, const uint8_t *end, uint32_t *x, int l
         }
         if (*xs < RANS_L) {
             if (end - p < 2)
-                return nz_fail(err, NZ_E_TRUNCATED, "rANS stream ends early (symbol %zu of %zu)",
-                               i, n);
+                return nz_fail(err, NZ_E_TRUNCATED, "rANS stream ends early (symbol %zu of %zu)", i, n);
             *xs = *xs << 16 | (uint32_t)p[0] | (uint32_t)p[1] << 8;
             p += 2;
         }
@@ -345,22 +344,22 @@ AVX512_INLINE void emit16(__m512i e, size_t i, uint8_t *out, const uint8_t *sm, 
 /* NV vectors of 16 states (lanes = 16 * NV). Each group reads at most
  * 2 * 16 * NV bytes; the loop stops while that much is not left, and the
  * scalar decoder finishes. @return groups decoded. */
-#define NZ_RANS_KERNEL(NAME, NV)                                                                   \
-    AVX512_TARGET static size_t NAME(const uint8_t **pp, const uint8_t *end, uint32_t *x,          \
-                                     const uint32_t *dtab, size_t ngroups, uint8_t *out,           \
-                                     const uint8_t *sm, float *fout) {                             \
-        __m512i v[NV], e[NV];                                                                      \
-        for (int k = 0; k < NV; k++) v[k] = _mm512_loadu_si512(x + 16 * k);                        \
-        const uint8_t *p = *pp;                                                                    \
-        size_t g = 0;                                                                              \
-        for (; g < ngroups && end - p >= 32 * NV; g++) {                                           \
-            _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++) v[k] = step16(v[k], &e[k], &p, dtab); \
-            _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++)                                   \
-                emit16(e[k], (16 * NV) * g + 16 * (size_t)k, out, sm, fout);                       \
-        }                                                                                          \
-        for (int k = 0; k < NV; k++) _mm512_storeu_si512(x + 16 * k, v[k]);                        \
-        *pp = p;                                                                                   \
-        return g;                                                                                  \
+#define NZ_RANS_KERNEL(NAME, NV)                                                                             \
+    AVX512_TARGET static size_t NAME(const uint8_t **pp, const uint8_t *end, uint32_t *x,                    \
+                                     const uint32_t *dtab, size_t ngroups, uint8_t *out, const uint8_t *sm,  \
+                                     float *fout) {                                                          \
+        __m512i v[NV], e[NV];                                                                                \
+        for (int k = 0; k < NV; k++) v[k] = _mm512_loadu_si512(x + 16 * k);                                  \
+        const uint8_t *p = *pp;                                                                              \
+        size_t g = 0;                                                                                        \
+        for (; g < ngroups && end - p >= 32 * NV; g++) {                                                     \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++) v[k] = step16(v[k], &e[k], &p, dtab);       \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++)                                             \
+                emit16(e[k], (16 * NV) * g + 16 * (size_t)k, out, sm, fout);                                 \
+        }                                                                                                    \
+        for (int k = 0; k < NV; k++) _mm512_storeu_si512(x + 16 * k, v[k]);                                  \
+        *pp = p;                                                                                             \
+        return g;                                                                                            \
     }
 NZ_RANS_KERNEL(dec_avx512_32, 2)
 NZ_RANS_KERNEL(dec_avx512_64, 4)
@@ -420,24 +419,24 @@ AVX2_INLINE void emit8(__m256i e, size_t i, uint8_t *out, const uint8_t *sm, flo
     }
 }
 
-#define NZ_RANS_KERNEL_AVX2(NAME, NV)                                                              \
-    AVX2_TARGET static size_t NAME(const uint8_t **pp, const uint8_t *end, uint32_t *x,            \
-                                   const uint32_t *dtab, size_t ngroups, uint8_t *out,             \
-                                   const uint8_t *sm, float *fout) {                               \
-        __m256i v[NV], e[NV];                                                                      \
-        _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                       \
-            v[k] = _mm256_loadu_si256((const __m256i *)(x + 8 * k));                              \
-        const uint8_t *p = *pp;                                                                    \
-        size_t g = 0;                                                                              \
-        for (; g < ngroups && end - p >= 16 * NV; g++) {                                           \
-            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] = step8(v[k], &e[k], &p, dtab); \
-            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                   \
-                emit8(e[k], (8 * NV) * g + 8 * (size_t)k, out, sm, fout);                          \
-        }                                                                                          \
-        _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                       \
-            _mm256_storeu_si256((__m256i *)(x + 8 * k), v[k]);                                     \
-        *pp = p;                                                                                   \
-        return g;                                                                                  \
+#define NZ_RANS_KERNEL_AVX2(NAME, NV)                                                                        \
+    AVX2_TARGET static size_t NAME(const uint8_t **pp, const uint8_t *end, uint32_t *x,                      \
+                                   const uint32_t *dtab, size_t ngroups, uint8_t *out, const uint8_t *sm,    \
+                                   float *fout) {                                                            \
+        __m256i v[NV], e[NV];                                                                                \
+        _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] =                                          \
+            _mm256_loadu_si256((const __m256i *)(x + 8 * k));                                                \
+        const uint8_t *p = *pp;                                                                              \
+        size_t g = 0;                                                                                        \
+        for (; g < ngroups && end - p >= 16 * NV; g++) {                                                     \
+            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] = step8(v[k], &e[k], &p, dtab);        \
+            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                             \
+                emit8(e[k], (8 * NV) * g + 8 * (size_t)k, out, sm, fout);                                    \
+        }                                                                                                    \
+        _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                                 \
+            _mm256_storeu_si256((__m256i *)(x + 8 * k), v[k]);                                               \
+        *pp = p;                                                                                             \
+        return g;                                                                                            \
     }
 NZ_RANS_KERNEL_AVX2(dec_avx2_32, 4)
 NZ_RANS_KERNEL_AVX2(dec_avx2_64, 8)
@@ -481,19 +480,18 @@ static int dec_common(const uint8_t *src, size_t len, int lanes, const uint32_t 
     done *= (size_t)lanes;
     int rc = dec_scalar(&p, end, x, lanes, dtab, done, n, out, sm, fout, err);
     if (rc) return rc;
-    if (p != end)
-        return nz_fail(err, NZ_E_CORRUPT, "rANS stream has %zu unread bytes", (size_t)(end - p));
+    if (p != end) return nz_fail(err, NZ_E_CORRUPT, "rANS stream has %zu unread bytes", (size_t)(end - p));
     for (int j = 0; j < lanes; j++)
         if (x[j] != RANS_L) return nz_fail(err, NZ_E_CORRUPT, "rANS final state %d is wrong", j);
     return NZ_OK;
 }
 
-int nz_rans_decode(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, uint8_t *out,
-                   size_t n, nz_error *err) {
+int nz_rans_decode(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, uint8_t *out, size_t n,
+                   nz_error *err) {
     return dec_common(src, len, lanes, dtab, out, NULL, NULL, n, err);
 }
 
-int nz_rans_decode_bf16(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab,
-                        const uint8_t *sm, float *out, size_t n, nz_error *err) {
+int nz_rans_decode_bf16(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, const uint8_t *sm,
+                        float *out, size_t n, nz_error *err) {
     return dec_common(src, len, lanes, dtab, NULL, sm, out, n, err);
 }

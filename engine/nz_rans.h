@@ -38,10 +38,10 @@
 extern "C" {
 #endif
 
-#define NZ_RANS_PROB_BITS 12
+#define NZ_RANS_PROB_BITS  12
 #define NZ_RANS_PROB_SCALE (1u << NZ_RANS_PROB_BITS)
-#define NZ_RANS_MAX_LANES 64
-#define NZ_RANS_WIDE_MIN 98304 /* symbols from which the encoder picks 64 lanes */
+#define NZ_RANS_MAX_LANES  64
+#define NZ_RANS_WIDE_MIN   98304 /* symbols from which the encoder picks 64 lanes */
 
 /** Quantise symbol counts to frequencies summing to NZ_RANS_PROB_SCALE,
  *  keeping every present symbol >= 1 and minimising the coding cost.
@@ -73,14 +73,14 @@ int nz_rans_encode(const uint8_t *sym, size_t n, const uint32_t freq[256], int l
 /** Decode n symbols coded with lanes (32 or 64) from src[0..len) into out[0..n).
  *  @return NZ_OK, NZ_E_TRUNCATED (stream too short), NZ_E_CORRUPT, or
  *          NZ_E_INVALID_ARG (bad lane count). */
-int nz_rans_decode(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, uint8_t *out,
-                   size_t n, nz_error *err);
+int nz_rans_decode(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, uint8_t *out, size_t n,
+                   nz_error *err);
 
 /** Fused bf16 decode: out[i] = float with sign and mantissa from sm[i]
  *  (bit 7 sign, bits 0-6 mantissa) and exponent from the decoded symbol.
  *  @return as nz_rans_decode. */
-int nz_rans_decode_bf16(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab,
-                        const uint8_t *sm, float *out, size_t n, nz_error *err);
+int nz_rans_decode_bf16(const uint8_t *src, size_t len, int lanes, const uint32_t *dtab, const uint8_t *sm,
+                        float *out, size_t n, nz_error *err);
 
 /** Decoder kernels. */
 typedef enum nz_rans_kernel {

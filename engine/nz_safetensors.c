@@ -112,14 +112,21 @@ static int shape_nelem(const int64_t *shape, int ndim, uint64_t *out) {
 
 static const char *json_kind(const json_t *v) {
     switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+        return "an integer";
+    case JSON_REAL:
+        return "a real number";
     case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
+    case JSON_FALSE:
+        return "a boolean";
+    case JSON_NULL:
+        return "null";
     }
     return "?";
 }
@@ -127,8 +134,7 @@ static const char *json_kind(const json_t *v) {
 /* Check that a metadata object holds only string values. */
 static int check_metadata(const json_t *md, int code, const char *who, nz_error *err) {
     if (!json_is_object(md))
-        return nz_fail(err, code, "%s: %s must be an object, got %s", who, ST_METADATA_KEY,
-                       json_kind(md));
+        return nz_fail(err, code, "%s: %s must be an object, got %s", who, ST_METADATA_KEY, json_kind(md));
     const char *key;
     json_t *val;
     json_object_foreach((json_t *)md, key, val) {
@@ -149,8 +155,8 @@ struct nz_st_file {
     nz_st_tensor *t;              /* [n], ascending offset (ties: name) */
     const nz_st_tensor **by_name; /* [n], ascending name, for nz_st_find */
     size_t n;
-    char *names;      /* every name, NUL-separated */
-    json_t *metadata; /* own reference, or NULL */
+    char *names;        /* every name, NUL-separated */
+    json_t *metadata;   /* own reference, or NULL */
     const uint8_t *map; /* nz_st_open's mapping, or NULL */
     size_t map_len;
 };
@@ -175,15 +181,15 @@ static int parse_tensor(const json_t *entry, uint64_t data_size, nz_st_tensor *t
     const char *name = show_name(t->name, nb);
 
     if (!json_is_object(entry))
-        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': entry must be an object, got %s", who,
-                       name, json_kind(entry));
+        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': entry must be an object, got %s", who, name,
+                       json_kind(entry));
 
     /* dtype */
     const json_t *jd = json_object_get(entry, "dtype");
     if (!jd) return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': missing \"dtype\"", who, name);
     if (!json_is_string(jd))
-        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': \"dtype\" must be a string, got %s", who,
-                       name, json_kind(jd));
+        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': \"dtype\" must be a string, got %s", who, name,
+                       json_kind(jd));
     const st_dtype_info *di = dtype_lookup(json_string_value(jd));
     if (!di)
         return nz_fail(err, NZ_E_UNSUPPORTED, "%s: tensor '%s': unknown dtype '%.32s'", who, name,
@@ -196,58 +202,53 @@ static int parse_tensor(const json_t *entry, uint64_t data_size, nz_st_tensor *t
     const json_t *js = json_object_get(entry, "shape");
     if (!js) return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': missing \"shape\"", who, name);
     if (!json_is_array(js))
-        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': \"shape\" must be an array, got %s", who,
-                       name, json_kind(js));
+        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': \"shape\" must be an array, got %s", who, name,
+                       json_kind(js));
     size_t ndim = json_array_size(js);
     if (ndim > NZ_MAX_DIMS)
-        return nz_fail(err, NZ_E_UNSUPPORTED, "%s: tensor '%s': %zu dims (at most %d supported)",
-                       who, name, ndim, NZ_MAX_DIMS);
+        return nz_fail(err, NZ_E_UNSUPPORTED, "%s: tensor '%s': %zu dims (at most %d supported)", who, name,
+                       ndim, NZ_MAX_DIMS);
     t->ndim = (int)ndim;
     for (size_t i = 0; i < ndim; i++) {
         const json_t *jv = json_array_get(js, i);
         if (!json_is_integer(jv))
-            return nz_fail(err, NZ_E_FORMAT,
-                           "%s: tensor '%s': shape[%zu] must be an integer, got %s", who, name, i,
-                           json_kind(jv));
+            return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': shape[%zu] must be an integer, got %s", who,
+                           name, i, json_kind(jv));
         json_int_t v = json_integer_value(jv);
         if (v < 0)
-            return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': shape[%zu] is negative (%lld)", who,
-                           name, i, (long long)v);
+            return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': shape[%zu] is negative (%lld)", who, name, i,
+                           (long long)v);
         t->shape[i] = (int64_t)v;
     }
     char sb[128];
     format_shape(sb, sizeof sb, t->shape, t->ndim);
     if (shape_nelem(t->shape, t->ndim, &t->nelem) != 0 || t->nelem > UINT64_MAX / t->elem_size)
-        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': shape %s x %s overflows 64 bits", who,
-                       name, sb, t->st_dtype);
+        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': shape %s x %s overflows 64 bits", who, name, sb,
+                       t->st_dtype);
     t->size = t->nelem * t->elem_size;
 
     /* data_offsets */
     const json_t *jo = json_object_get(entry, "data_offsets");
-    if (!jo)
-        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': missing \"data_offsets\"", who, name);
+    if (!jo) return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': missing \"data_offsets\"", who, name);
     if (!json_is_array(jo) || json_array_size(jo) != 2)
-        return nz_fail(err, NZ_E_FORMAT,
-                       "%s: tensor '%s': \"data_offsets\" must be an array [begin, end]", who,
-                       name);
+        return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': \"data_offsets\" must be an array [begin, end]",
+                       who, name);
     json_int_t off[2];
     for (size_t i = 0; i < 2; i++) {
         const json_t *jv = json_array_get(jo, i);
         if (!json_is_integer(jv))
-            return nz_fail(err, NZ_E_FORMAT,
-                           "%s: tensor '%s': data_offsets[%zu] must be an integer, got %s", who,
-                           name, i, json_kind(jv));
+            return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': data_offsets[%zu] must be an integer, got %s",
+                           who, name, i, json_kind(jv));
         off[i] = json_integer_value(jv);
         if (off[i] < 0)
-            return nz_fail(err, NZ_E_FORMAT,
-                           "%s: tensor '%s': data_offsets[%zu] is negative (%lld)", who, name, i,
-                           (long long)off[i]);
+            return nz_fail(err, NZ_E_FORMAT, "%s: tensor '%s': data_offsets[%zu] is negative (%lld)", who,
+                           name, i, (long long)off[i]);
     }
     uint64_t begin = (uint64_t)off[0], end = (uint64_t)off[1];
     if (begin > end)
         return nz_fail(err, NZ_E_FORMAT,
-                       "%s: tensor '%s': data_offsets [%" PRIu64 ", %" PRIu64 "] end before begin",
-                       who, name, begin, end);
+                       "%s: tensor '%s': data_offsets [%" PRIu64 ", %" PRIu64 "] end before begin", who, name,
+                       begin, end);
     if (end - begin != t->size)
         return nz_fail(err, NZ_E_FORMAT,
                        "%s: tensor '%s': data_offsets [%" PRIu64 ", %" PRIu64
@@ -263,8 +264,8 @@ static int parse_tensor(const json_t *entry, uint64_t data_size, nz_st_tensor *t
 }
 
 /* Build f from the already-loaded header root. */
-static int parse_header(json_t *root, const uint8_t *data, uint64_t data_size, nz_st_file *f,
-                        const char *who, nz_error *err) {
+static int parse_header(json_t *root, const uint8_t *data, uint64_t data_size, nz_st_file *f, const char *who,
+                        nz_error *err) {
     const char *key;
     json_t *val;
 
@@ -313,8 +314,8 @@ static int parse_header(json_t *root, const uint8_t *data, uint64_t data_size, n
         if (last && t->offset < last->offset + last->size) {
             char nb1[ST_NAME_SHOW + 4], nb2[ST_NAME_SHOW + 4];
             return nz_fail(err, NZ_E_FORMAT,
-                           "%s: tensor '%s' [%" PRIu64 ", %" PRIu64
-                           "] overlaps tensor '%s' [%" PRIu64 ", %" PRIu64 "]",
+                           "%s: tensor '%s' [%" PRIu64 ", %" PRIu64 "] overlaps tensor '%s' [%" PRIu64
+                           ", %" PRIu64 "]",
                            who, show_name(t->name, nb1), t->offset, t->offset + t->size,
                            show_name(last->name, nb2), last->offset, last->offset + last->size);
         }
@@ -326,29 +327,27 @@ static int parse_header(json_t *root, const uint8_t *data, uint64_t data_size, n
 
 /* nz_st_parse with who ("safetensors" or "safetensors: <path>") starting
  * every message. */
-static int st_parse(const uint8_t *buf, size_t len, const char *who, nz_st_file **out,
-                    nz_error *err) {
+static int st_parse(const uint8_t *buf, size_t len, const char *who, nz_st_file **out, nz_error *err) {
     if (len == 0) return nz_fail(err, NZ_E_TRUNCATED, "%s: empty file", who);
     if (len < 8)
-        return nz_fail(err, NZ_E_TRUNCATED,
-                       "%s: truncated: %zu bytes, shorter than the 8-byte header length", who, len);
+        return nz_fail(err, NZ_E_TRUNCATED, "%s: truncated: %zu bytes, shorter than the 8-byte header length",
+                       who, len);
 
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = hlen << 8 | buf[i];
     if (hlen > len - 8)
-        return nz_fail(err, NZ_E_TRUNCATED, "%s: header length %" PRIu64 " exceeds file size %zu",
-                       who, hlen, len);
+        return nz_fail(err, NZ_E_TRUNCATED, "%s: header length %" PRIu64 " exceeds file size %zu", who, hlen,
+                       len);
 
     nz_alloc_hook_json();
     json_error_t je;
     json_t *root = json_loadb((const char *)buf + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &je);
     if (!root)
         return nz_fail(err, NZ_E_FORMAT,
-                       "%s: header is not valid JSON: %s (line %d, column %d, header byte %d)", who,
-                       je.text, je.line, je.column, je.position);
+                       "%s: header is not valid JSON: %s (line %d, column %d, header byte %d)", who, je.text,
+                       je.line, je.column, je.position);
     if (!json_is_object(root)) {
-        int rc = nz_fail(err, NZ_E_FORMAT, "%s: header must be a JSON object, got %s", who,
-                         json_kind(root));
+        int rc = nz_fail(err, NZ_E_FORMAT, "%s: header must be a JSON object, got %s", who, json_kind(root));
         json_decref(root);
         return rc;
     }
@@ -416,9 +415,7 @@ void nz_st_free(nz_st_file *f) {
 
 size_t nz_st_count(const nz_st_file *f) { return f ? f->n : 0; }
 
-const nz_st_tensor *nz_st_get(const nz_st_file *f, size_t i) {
-    return f && i < f->n ? &f->t[i] : NULL;
-}
+const nz_st_tensor *nz_st_get(const nz_st_file *f, size_t i) { return f && i < f->n ? &f->t[i] : NULL; }
 
 const nz_st_tensor *nz_st_find(const nz_st_file *f, const char *name) {
     if (!f || !name) return NULL;
@@ -476,35 +473,30 @@ static void writer_advance(nz_st_writer *w) {
  * its byte count in w->size[i] and advances *off. @return NZ_OK or an error. */
 static int add_tensor(json_t *root, const nz_st_out *o, size_t i, uint64_t *off, nz_st_writer *w,
                       nz_error *err) {
-    if (!o->name)
-        return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: tensor %zu has no name", i);
+    if (!o->name) return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: tensor %zu has no name", i);
     char nb[ST_NAME_SHOW + 4];
     const char *name = show_name(o->name, nb);
     if (strcmp(o->name, ST_METADATA_KEY) == 0)
         return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: tensor name '%s' is reserved",
                        ST_METADATA_KEY);
     if (json_object_get(root, o->name))
-        return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: duplicate tensor name '%s'",
-                       name);
+        return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: duplicate tensor name '%s'", name);
     const st_dtype_info *di = o->st_dtype ? dtype_lookup(o->st_dtype) : NULL;
     if (!di)
-        return nz_fail(err, NZ_E_UNSUPPORTED,
-                       "safetensors writer: tensor '%s': unknown dtype '%.32s'", name,
+        return nz_fail(err, NZ_E_UNSUPPORTED, "safetensors writer: tensor '%s': unknown dtype '%.32s'", name,
                        o->st_dtype ? o->st_dtype : "(null)");
     if (o->ndim < 0 || o->ndim > NZ_MAX_DIMS)
-        return nz_fail(err, NZ_E_INVALID_ARG,
-                       "safetensors writer: tensor '%s': ndim %d out of range 0..%d", name, o->ndim,
-                       NZ_MAX_DIMS);
+        return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: tensor '%s': ndim %d out of range 0..%d",
+                       name, o->ndim, NZ_MAX_DIMS);
     for (int d = 0; d < o->ndim; d++)
         if (o->shape[d] < 0)
             return nz_fail(err, NZ_E_INVALID_ARG,
-                           "safetensors writer: tensor '%s': shape[%d] is negative (%" PRId64 ")",
-                           name, d, o->shape[d]);
+                           "safetensors writer: tensor '%s': shape[%d] is negative (%" PRId64 ")", name, d,
+                           o->shape[d]);
     uint64_t nelem = 0;
     if (shape_nelem(o->shape, o->ndim, &nelem) != 0 || nelem > UINT64_MAX / di->size ||
         nelem * di->size > (uint64_t)INT64_MAX - *off)
-        return nz_fail(err, NZ_E_RANGE, "safetensors writer: tensor '%s': size overflows 64 bits",
-                       name);
+        return nz_fail(err, NZ_E_RANGE, "safetensors writer: tensor '%s': size overflows 64 bits", name);
     uint64_t size = nelem * di->size;
 
     json_t *e = json_object(), *shape = json_array(), *offs = json_array();
@@ -523,8 +515,8 @@ static int add_tensor(json_t *root, const nz_st_out *o, size_t i, uint64_t *off,
     }
     /* fails for keys that are not valid UTF-8 (or when out of memory) */
     if (json_object_set_new(root, o->name, e) != 0)
-        return nz_fail(err, NZ_E_INVALID_ARG,
-                       "safetensors writer: tensor name '%s' is not valid UTF-8", name);
+        return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: tensor name '%s' is not valid UTF-8",
+                       name);
     w->size[i] = size;
     *off += size;
     return NZ_OK;
@@ -627,20 +619,19 @@ int nz_st_writer_open(const char *path, const nz_st_out *t, size_t n, const json
 
 int nz_st_writer_put(nz_st_writer *w, const void *data, size_t size, nz_error *err) {
     if (!w) return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: writer is NULL");
-    if (w->failed)
-        return nz_fail(err, NZ_E_IO, "safetensors writer: %s: an earlier write failed", w->path);
+    if (w->failed) return nz_fail(err, NZ_E_IO, "safetensors writer: %s: an earlier write failed", w->path);
     if (size == 0) return NZ_OK;
     if (!data) return nz_fail(err, NZ_E_INVALID_ARG, "safetensors writer: data is NULL");
     if (w->cur >= w->n)
         return nz_fail(err, NZ_E_RANGE,
-                       "safetensors writer: %s: %zu bytes given after all %zu tensors are complete",
-                       w->path, size, w->n);
+                       "safetensors writer: %s: %zu bytes given after all %zu tensors are complete", w->path,
+                       size, w->n);
     uint64_t left = w->size[w->cur] - w->done;
     if ((uint64_t)size > left) {
         char nb[ST_NAME_SHOW + 4];
         return nz_fail(err, NZ_E_RANGE,
-                       "safetensors writer: tensor '%s': %zu bytes given but only %" PRIu64
-                       " of %" PRIu64 " remain",
+                       "safetensors writer: tensor '%s': %zu bytes given but only %" PRIu64 " of %" PRIu64
+                       " remain",
                        show_name(w->names[w->cur], nb), size, left, w->size[w->cur]);
     }
     if (fwrite(data, 1, size, w->fp) != size) {

@@ -26,16 +26,16 @@ extern "C" {
 #define NZ_MAX_DIMS 8
 
 typedef struct nz_st_tensor {
-    const char *name;          /* tensor name (owned by the file object) */
-    char st_dtype[8];          /* safetensors dtype string: "BF16", "F32", "I64", ... */
-    nz_dtype dt;               /* NZ_DT_BF16/F16/F32, or NZ_DT_OTHER */
-    size_t elem_size;          /* bytes per element of st_dtype (1 for BOOL/U8/I8...) */
-    int ndim;                  /* 0..NZ_MAX_DIMS */
-    int64_t shape[NZ_MAX_DIMS];/* [ndim] */
-    uint64_t nelem;            /* product of shape (1 for ndim 0) */
-    uint64_t offset;           /* begin, relative to the data section */
-    uint64_t size;             /* bytes = nelem * elem_size */
-    const uint8_t *data;       /* [size] points into the buffer/mapping */
+    const char *name;           /* tensor name (owned by the file object) */
+    char st_dtype[8];           /* safetensors dtype string: "BF16", "F32", "I64", ... */
+    nz_dtype dt;                /* NZ_DT_BF16/F16/F32, or NZ_DT_OTHER */
+    size_t elem_size;           /* bytes per element of st_dtype (1 for BOOL/U8/I8...) */
+    int ndim;                   /* 0..NZ_MAX_DIMS */
+    int64_t shape[NZ_MAX_DIMS]; /* [ndim] */
+    uint64_t nelem;             /* product of shape (1 for ndim 0) */
+    uint64_t offset;            /* begin, relative to the data section */
+    uint64_t size;              /* bytes = nelem * elem_size */
+    const uint8_t *data;        /* [size] points into the buffer/mapping */
 } nz_st_tensor;
 
 typedef struct nz_st_file nz_st_file;

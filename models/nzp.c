@@ -67,8 +67,10 @@ static int parse_u64(const char *s, uint64_t *v) {
 static void progress(void *ud, const char *tensor, uint64_t done, uint64_t total) {
     (void)ud;
     int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
-    if (tensor) fprintf(stderr, "\r[%3d%%] %-64.64s", pct, tensor);
-    else fprintf(stderr, "\r[100%%] %-64.64s\n", "done");
+    if (tensor)
+        fprintf(stderr, "\r[%3d%%] %-64.64s", pct, tensor);
+    else
+        fprintf(stderr, "\r[100%%] %-64.64s\n", "done");
     fflush(stderr);
 }
 
@@ -92,7 +94,8 @@ static int cmd_pack(int argc, char **argv) {
                 return usage("--coder must be rans or zstd");
             i++;
         } else if (!strcmp(a, "--tile-rows") && val) {
-            if (parse_u64(val, &v) || v == 0 || v > UINT32_MAX) return usage("--tile-rows needs an integer >= 1");
+            if (parse_u64(val, &v) || v == 0 || v > UINT32_MAX)
+                return usage("--tile-rows needs an integer >= 1");
             o.tile_rows = (uint32_t)v;
             i++;
         } else if (!strcmp(a, "--norm-block") && val) {
@@ -154,8 +157,10 @@ static tstats tensor_stats(const nz_tensor *t) {
     s.src_bytes = s.nelem * t->desc.elem_size;
     s.stored_bytes = t->stored_bytes;
     s.bits = s.nelem ? 8.0 * (double)s.stored_bytes / (double)s.nelem : 0;
-    if (t->desc.coder == NZ_CODER_NONE) s.bound = 8.0 * (double)t->desc.elem_size;
-    else s.bound = 1 + t->desc.mant_bits + nz_entropy_bits(t->counts);
+    if (t->desc.coder == NZ_CODER_NONE)
+        s.bound = 8.0 * (double)t->desc.elem_size;
+    else
+        s.bound = 1 + t->desc.mant_bits + nz_entropy_bits(t->counts);
     return s;
 }
 
@@ -170,10 +175,14 @@ static int cmd_info(int argc, char **argv) {
     int json = 0;
     const char *path = NULL;
     for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--json")) json = 1;
-        else if (argv[i][0] == '-' && argv[i][1]) return usage("unknown option for info");
-        else if (!path) path = argv[i];
-        else return usage("info takes one file");
+        if (!strcmp(argv[i], "--json"))
+            json = 1;
+        else if (argv[i][0] == '-' && argv[i][1])
+            return usage("unknown option for info");
+        else if (!path)
+            path = argv[i];
+        else
+            return usage("info takes one file");
     }
     if (!path) return usage("info takes one file");
     nz_model *m;
@@ -197,14 +206,14 @@ static int cmd_info(int argc, char **argv) {
         tst += s.stored_bytes;
         tb += s.bound * (double)s.nelem;
         if (json) {
-            json_array_append_new(arr, json_pack("{s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name", t->name, "dtype",
-                                                 t->st_dtype, "shape", shape, "mode", mode, "norm_block",
-                                                 (json_int_t)t->desc.mode.norm_block, "coder",
-                                                 nz_coder_name(t->desc.coder), "elements", (json_int_t)s.nelem,
-                                                 "source_bytes", (json_int_t)s.src_bytes, "stored_bytes",
-                                                 (json_int_t)s.stored_bytes, "bits_per_weight", s.bits,
-                                                 "entropy_bound_bits", s.bound, "ratio", ratio, "tiles",
-                                                 (json_int_t)t->ntiles));
+            json_array_append_new(
+                arr,
+                json_pack("{s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name",
+                          t->name, "dtype", t->st_dtype, "shape", shape, "mode", mode, "norm_block",
+                          (json_int_t)t->desc.mode.norm_block, "coder", nz_coder_name(t->desc.coder),
+                          "elements", (json_int_t)s.nelem, "source_bytes", (json_int_t)s.src_bytes,
+                          "stored_bytes", (json_int_t)s.stored_bytes, "bits_per_weight", s.bits,
+                          "entropy_bound_bits", s.bound, "ratio", ratio, "tiles", (json_int_t)t->ntiles));
         } else {
             if (t->desc.mode.norm_block) /* lossy with normalisers: "lossy-3/64" */
                 snprintf(mode + strlen(mode), sizeof mode - strlen(mode), "/%u", t->desc.mode.norm_block);
@@ -215,12 +224,12 @@ static int cmd_info(int argc, char **argv) {
     double ratio = ts ? (double)tst / (double)ts : 0;
     if (json) {
         json_object_set_new(out, "tensors", arr);
-        json_object_set_new(out, "total", json_pack("{s:I, s:I, s:I, s:I, s:f, s:f, s:f}", "elements", (json_int_t)tn,
-                                                    "source_bytes", (json_int_t)ts, "stored_bytes",
-                                                    (json_int_t)tst, "file_bytes",
-                                                    (json_int_t)nz_model_file_size(m), "ratio", ratio,
-                                                    "bits_per_weight", tn ? 8.0 * (double)tst / (double)tn : 0.0,
-                                                    "entropy_bound_bits", tn ? tb / (double)tn : 0.0));
+        json_object_set_new(out, "total",
+                            json_pack("{s:I, s:I, s:I, s:I, s:f, s:f, s:f}", "elements", (json_int_t)tn,
+                                      "source_bytes", (json_int_t)ts, "stored_bytes", (json_int_t)tst,
+                                      "file_bytes", (json_int_t)nz_model_file_size(m), "ratio", ratio,
+                                      "bits_per_weight", tn ? 8.0 * (double)tst / (double)tn : 0.0,
+                                      "entropy_bound_bits", tn ? tb / (double)tn : 0.0));
         json_t *blobs = json_array();
         for (size_t i = 0; i < nz_model_nblobs(m); i++)
             json_array_append_new(blobs, json_string(nz_model_blob_name(m, i)));
@@ -262,15 +271,18 @@ static int cmd_verify(int argc, char **argv) {
     for (size_t i = 0; i < nz_model_ntensors(m); i++) tiles += nz_model_tensor(m, i)->ntiles;
     double t0 = now_s();
     nz_verify(m, report, NULL, &bad);
-    if (bad) printf("%s: DAMAGED: %" PRIu64 " of %" PRIu64 " tiles/blobs failed\n", argv[0], bad, tiles);
-    else printf("%s: OK: %zu tensors, %" PRIu64 " tiles, %zu blobs verified in %.2f s\n", argv[0],
-                nz_model_ntensors(m), tiles, nz_model_nblobs(m), now_s() - t0);
+    if (bad)
+        printf("%s: DAMAGED: %" PRIu64 " of %" PRIu64 " tiles/blobs failed\n", argv[0], bad, tiles);
+    else
+        printf("%s: OK: %zu tensors, %" PRIu64 " tiles, %zu blobs verified in %.2f s\n", argv[0],
+               nz_model_ntensors(m), tiles, nz_model_nblobs(m), now_s() - t0);
     nz_model_free(m);
     return bad ? 1 : 0;
 }
 
 static int cmd_unpack(int argc, char **argv) {
-    if (argc != 2 || argv[0][0] == '-' || argv[1][0] == '-') return usage("unpack takes IN.nzp OUT.safetensors");
+    if (argc != 2 || argv[0][0] == '-' || argv[1][0] == '-')
+        return usage("unpack takes IN.nzp OUT.safetensors");
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(argv[0], &m, &e)) return fail(&e);
@@ -321,8 +333,8 @@ static int reencode(const nz_tensor *t, const void *native, nz_coder coder, enco
 
 /* Time decoding every tile of x (to fp32, or exponents only) for at least
  * min_s seconds. @return seconds per pass, or a negative value on error. */
-static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *out, uint8_t *ex,
-                         double min_s, nz_error *e) {
+static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *out, uint8_t *ex, double min_s,
+                         nz_error *e) {
     uint64_t nt = nz_desc_ntiles(&x->d), reps = 0;
     double t0 = now_s(), el;
     do {
@@ -341,9 +353,12 @@ static int cmd_bench(int argc, char **argv) {
     double seconds = 0.5;
     const char *path = NULL;
     for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--seconds") && i + 1 < argc) seconds = atof(argv[++i]);
-        else if (argv[i][0] == '-') return usage("unknown option for bench");
-        else path = argv[i];
+        if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
+            seconds = atof(argv[++i]);
+        else if (argv[i][0] == '-')
+            return usage("unknown option for bench");
+        else
+            path = argv[i];
     }
     if (!path || seconds <= 0) return usage("bench takes one file");
     nz_model *m;
@@ -363,7 +378,8 @@ static int cmd_bench(int argc, char **argv) {
     int ok[NV], rc = 0;
     for (int v = 0; v < NV; v++) ok[v] = nz_rans_set_kernel(V[v].kernel) == NZ_OK;
     nz_rans_set_kernel(NZ_RANS_AUTO);
-    for (size_t i = 0; i < nz_model_ntensors(m); i++) ncoded += nz_model_tensor(m, i)->desc.coder != NZ_CODER_NONE;
+    for (size_t i = 0; i < nz_model_ntensors(m); i++)
+        ncoded += nz_model_tensor(m, i)->desc.coder != NZ_CODER_NONE;
     double per = seconds / (double)(ncoded ? ncoded : 1) / (2 * NV + 1);
     nz_dctx *dc = nz_dctx_create();
     for (size_t i = 0; i < nz_model_ntensors(m) && !rc && dc; i++) {
@@ -387,7 +403,8 @@ static int cmd_bench(int argc, char **argv) {
         stored_secs += el / (double)reps;
         for (uint64_t j = 0; j < t->ntiles && !rc; j++)
             rc = nz_model_decode_native(m, dc, i, j, native + j * tile_n * nz_dtype_size(nd), &e);
-        for (int c = 0; c < 2 && !rc; c++) rc = reencode(t, native, c ? NZ_CODER_ZSTD : NZ_CODER_RANS, &x[c], &e);
+        for (int c = 0; c < 2 && !rc; c++)
+            rc = reencode(t, native, c ? NZ_CODER_ZSTD : NZ_CODER_RANS, &x[c], &e);
         for (int v = 0; v < NV && !rc; v++) {
             if (!ok[v]) continue;
             const encoded *xv = &x[V[v].coder == NZ_CODER_ZSTD];
@@ -414,14 +431,16 @@ static int cmd_bench(int argc, char **argv) {
            weights);
     printf("%-26s %12s %16s %18s\n", "coder", "bits/weight", "to fp32 (Gw/s)", "exponents (Gs/s)");
     if (stored_secs > 0)
-        printf("%-26s %12s %16.3f %18s\n", "as stored (with checksum)", "-", weights / stored_secs / 1e9, "-");
+        printf("%-26s %12s %16.3f %18s\n", "as stored (with checksum)", "-", weights / stored_secs / 1e9,
+               "-");
     for (int v = 0; v < NV; v++) {
         if (!ok[v]) {
             printf("%-26s %12s\n", V[v].name, "(not supported by this CPU)");
             continue;
         }
         printf("%-26s %12.3f %16.3f %18.3f\n", V[v].name, weights ? 8.0 * (double)bytes[v] / weights : 0,
-               secs[v] > 0 ? weights / secs[v] / 1e9 : 0, exps_secs[v] > 0 ? weights / exps_secs[v] / 1e9 : 0);
+               secs[v] > 0 ? weights / secs[v] / 1e9 : 0,
+               exps_secs[v] > 0 ? weights / exps_secs[v] / 1e9 : 0);
     }
     int best = ok[0] ? 0 : ok[1] ? 1 : 2;
     if (secs[NV - 1] > 0 && secs[best] > 0)

@@ -49,8 +49,6 @@ static uint32_t rd32le(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-
-
 static int f32_isnan(uint32_t u) { return (u & 0x7fffffffu) > 0x7f800000u; }
 static int f16_isnan(uint16_t h) { return (h & 0x7c00) == 0x7c00 && (h & 0x3ff); }
 static int bf16_isnan(uint16_t b) { return (b & 0x7f80) == 0x7f80 && (b & 0x7f); }
@@ -108,9 +106,12 @@ static uint32_t ref_round_k(uint32_t u, int k) {
     int E = e - 1 < -126 ? -126 : e - 1;
     double ulp = ldexp(1.0, E - k);
     double lo = floor(a / ulp) * ulp, hi = lo + ulp, r;
-    if (a - lo < hi - a) r = lo;
-    else if (a - lo > hi - a) r = hi;
-    else r = (f2u((float)lo) >> (23 - k)) & 1 ? hi : lo;
+    if (a - lo < hi - a)
+        r = lo;
+    else if (a - lo > hi - a)
+        r = hi;
+    else
+        r = (f2u((float)lo) >> (23 - k)) & 1 ? hi : lo;
     if (r >= ldexp(1.0, 128)) return sign | 0x7f800000u;
     return sign | f2u((float)r);
 }
@@ -146,51 +147,64 @@ static void set_elem(nz_dtype dt, void *dst, size_t i, uint32_t v) {
 /* exact fp32 bits of a source element */
 static uint32_t as_f32(nz_dtype dt, uint32_t v) {
     switch (dt) {
-    case NZ_DT_BF16: return v << 16;
-    case NZ_DT_F16: return ref_f16_to_f32((uint16_t)v);
-    default: return v;
+    case NZ_DT_BF16:
+        return v << 16;
+    case NZ_DT_F16:
+        return ref_f16_to_f32((uint16_t)v);
+    default:
+        return v;
     }
 }
 
 /* fp32 value -> element of dt (round to nearest even) */
 static uint32_t from_f32(nz_dtype dt, uint32_t u) {
     switch (dt) {
-    case NZ_DT_BF16: return f32_isnan(u) ? (u >> 16) | 0x40 : ref_round_k(u, 7) >> 16;
-    case NZ_DT_F16: return ref_f32_to_f16(u);
-    default: return u;
+    case NZ_DT_BF16:
+        return f32_isnan(u) ? (u >> 16) | 0x40 : ref_round_k(u, 7) >> 16;
+    case NZ_DT_F16:
+        return ref_f32_to_f16(u);
+    default:
+        return u;
     }
 }
 
 static uint32_t exp_field(nz_dtype dt, uint32_t v) {
     switch (dt) {
-    case NZ_DT_BF16: return (v >> 7) & 0xff;
-    case NZ_DT_F16: return (v >> 10) & 0x1f;
-    default: return (v >> 23) & 0xff;
+    case NZ_DT_BF16:
+        return (v >> 7) & 0xff;
+    case NZ_DT_F16:
+        return (v >> 10) & 0x1f;
+    default:
+        return (v >> 23) & 0xff;
     }
 }
 
 /* Edge values of each dtype: signed zeros, infinities, quiet and signalling
  * NaNs with several payloads, smallest/largest subnormal, smallest normal,
  * largest finite, one. */
-static const uint32_t k_edge_f32[] = {
-    0x00000000, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00000, 0x7f800001, 0xff800001,
-    0x7fbfffff, 0xffbfffff, 0x7fffffff, 0xffffffff, 0x7fc00001, 0x7fd55555, 0x7f812345, 0x00000001,
-    0x80000001, 0x007fffff, 0x807fffff, 0x00800000, 0x80800000, 0x7f7fffff, 0xff7fffff, 0x3f800000,
-    0xbf800000, 0x00400000, 0x3fffffff};
-static const uint32_t k_edge_f16[] = {0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfe00, 0x7c01, 0xfc01,
-                                      0x7dff, 0xfdff, 0x7fff, 0xffff, 0x7e01, 0x7d55, 0x0001, 0x8001,
-                                      0x03ff, 0x83ff, 0x0400, 0x8400, 0x7bff, 0xfbff, 0x3c00, 0xbc00,
-                                      0x0200, 0x3fff};
-static const uint32_t k_edge_bf16[] = {0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0xffc0, 0x7f81, 0xff81,
-                                       0x7fbf, 0xffbf, 0x7fff, 0xffff, 0x7fc1, 0x7fd5, 0x0001, 0x8001,
-                                       0x007f, 0x807f, 0x0080, 0x8080, 0x7f7f, 0xff7f, 0x3f80, 0xbf80,
-                                       0x0040, 0x3fff};
+static const uint32_t k_edge_f32[] = {0x00000000, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00000,
+                                      0x7f800001, 0xff800001, 0x7fbfffff, 0xffbfffff, 0x7fffffff, 0xffffffff,
+                                      0x7fc00001, 0x7fd55555, 0x7f812345, 0x00000001, 0x80000001, 0x007fffff,
+                                      0x807fffff, 0x00800000, 0x80800000, 0x7f7fffff, 0xff7fffff, 0x3f800000,
+                                      0xbf800000, 0x00400000, 0x3fffffff};
+static const uint32_t k_edge_f16[] = {0x0000, 0x8000, 0x7c00, 0xfc00, 0x7e00, 0xfe00, 0x7c01, 0xfc01, 0x7dff,
+                                      0xfdff, 0x7fff, 0xffff, 0x7e01, 0x7d55, 0x0001, 0x8001, 0x03ff, 0x83ff,
+                                      0x0400, 0x8400, 0x7bff, 0xfbff, 0x3c00, 0xbc00, 0x0200, 0x3fff};
+static const uint32_t k_edge_bf16[] = {0x0000, 0x8000, 0x7f80, 0xff80, 0x7fc0, 0xffc0, 0x7f81, 0xff81, 0x7fbf,
+                                       0xffbf, 0x7fff, 0xffff, 0x7fc1, 0x7fd5, 0x0001, 0x8001, 0x007f, 0x807f,
+                                       0x0080, 0x8080, 0x7f7f, 0xff7f, 0x3f80, 0xbf80, 0x0040, 0x3fff};
 
 static const uint32_t *edge_values(nz_dtype dt, size_t *n) {
     switch (dt) {
-    case NZ_DT_BF16: *n = sizeof k_edge_bf16 / sizeof *k_edge_bf16; return k_edge_bf16;
-    case NZ_DT_F16: *n = sizeof k_edge_f16 / sizeof *k_edge_f16; return k_edge_f16;
-    default: *n = sizeof k_edge_f32 / sizeof *k_edge_f32; return k_edge_f32;
+    case NZ_DT_BF16:
+        *n = sizeof k_edge_bf16 / sizeof *k_edge_bf16;
+        return k_edge_bf16;
+    case NZ_DT_F16:
+        *n = sizeof k_edge_f16 / sizeof *k_edge_f16;
+        return k_edge_f16;
+    default:
+        *n = sizeof k_edge_f32 / sizeof *k_edge_f32;
+        return k_edge_f32;
     }
 }
 
@@ -246,16 +260,15 @@ static void enc_free(enc_t *e) {
 
 /* desc_init + analyze + validate + nz_tile_encode of every tile (tile t's
  * source starts at row t * tile_rows). Returns the first error. */
-static int enc_build(enc_t *e, nz_dtype dt, size_t esz, const nz_mode *mode, nz_coder coder,
-                     uint64_t rows, uint64_t cols, uint32_t tile_rows, const void *src, nz_error *err) {
+static int enc_build(enc_t *e, nz_dtype dt, size_t esz, const nz_mode *mode, nz_coder coder, uint64_t rows,
+                     uint64_t cols, uint32_t tile_rows, const void *src, nz_error *err) {
     memset(e, 0, sizeof *e);
     int rc = nz_desc_init(&e->d, dt, esz, mode, coder, rows, cols, tile_rows, err);
     if (rc) return rc;
     rc = nz_tensor_analyze(&e->d, src, NULL, err);
     if (rc) return rc;
     nz_error verr = {0};
-    if (nz_desc_validate(&e->d, &verr) != NZ_OK)
-        fail_msg("analysed desc does not validate: %s", verr.msg);
+    if (nz_desc_validate(&e->d, &verr) != NZ_OK) fail_msg("analysed desc does not validate: %s", verr.msg);
     e->nt = nz_desc_ntiles(&e->d);
     e->tile = calloc(e->nt + 1, sizeof *e->tile);
     e->len = calloc(e->nt + 1, sizeof *e->len);
@@ -275,7 +288,8 @@ static int enc_build(enc_t *e, nz_dtype dt, size_t esz, const nz_mode *mode, nz_
         } else { /* layout: u32 exp_len, u32 lanes (rans) or 0, exp, fixed planes */
             assert_true(len >= 8);
             uint64_t tn = nz_desc_tile_nrows(&e->d, t) * cols;
-            assert_int_equal(rd32le(buf + 4), e->d.coder == NZ_CODER_RANS ? (uint32_t)nz_rans_lanes_for(tn) : 0);
+            assert_int_equal(rd32le(buf + 4),
+                             e->d.coder == NZ_CODER_RANS ? (uint32_t)nz_rans_lanes_for(tn) : 0);
             assert_int_equal(len, 8 + (size_t)rd32le(buf) + nz_desc_tile_fixed_bytes(&e->d, t));
             if (e->d.coder == NZ_CODER_CONST) assert_int_equal(rd32le(buf), 0);
         }
@@ -307,7 +321,8 @@ static void dec_native_all(nz_dctx *dc, const enc_t *e, void *out, const char *w
     for (uint64_t t = 0; t < e->nt; t++) {
         nz_error err = {0};
         int rc = nz_tile_decode_native(dc, &e->d, t, e->tile[t], e->len[t], (uint8_t *)out + t * per, &err);
-        if (rc) fail_msg("%s: nz_tile_decode_native tile %llu: %d %s", what, (unsigned long long)t, rc, err.msg);
+        if (rc)
+            fail_msg("%s: nz_tile_decode_native tile %llu: %d %s", what, (unsigned long long)t, rc, err.msg);
     }
 }
 
@@ -325,8 +340,8 @@ static void check_lossless(nz_dtype dt, nz_coder coder, uint64_t rows, uint64_t 
     enc_t e;
     nz_error err = {0};
     char ctx[200];
-    snprintf(ctx, sizeof ctx, "%s %s/%s %llux%llu tile_rows %u", what, nz_dtype_name(dt), nz_coder_name(coder),
-             (unsigned long long)rows, (unsigned long long)cols, tile_rows);
+    snprintf(ctx, sizeof ctx, "%s %s/%s %llux%llu tile_rows %u", what, nz_dtype_name(dt),
+             nz_coder_name(coder), (unsigned long long)rows, (unsigned long long)cols, tile_rows);
     int rc = enc_build(&e, dt, 0, &m, coder, rows, cols, tile_rows, src, &err);
     if (rc) fail_msg("%s: encode failed %d %s", ctx, rc, err.msg);
     size_t n = (size_t)(rows * cols);
@@ -336,7 +351,8 @@ static void check_lossless(nz_dtype dt, nz_coder coder, uint64_t rows, uint64_t 
         return;
     }
     if (expect_const) {
-        if (e.d.coder != NZ_CODER_CONST) fail_msg("%s: coder %s, expected const", ctx, nz_coder_name(e.d.coder));
+        if (e.d.coder != NZ_CODER_CONST)
+            fail_msg("%s: coder %s, expected const", ctx, nz_coder_name(e.d.coder));
         int ones = 0;
         for (int s = 0; s < 256; s++) ones += e.d.freq[s] == NZ_RANS_PROB_SCALE;
         assert_int_equal(ones, 1);
@@ -411,7 +427,8 @@ static void test_f16_to_f32_exhaustive(void **state) {
 
 static void check_f16(uint32_t u, uint16_t want) {
     uint16_t got = nz_f32_to_f16(u2f(u));
-    if (got != want) fail_msg("nz_f32_to_f16(%#010x = %g) = %#06x, expected %#06x", u, (double)u2f(u), got, want);
+    if (got != want)
+        fail_msg("nz_f32_to_f16(%#010x = %g) = %#06x, expected %#06x", u, (double)u2f(u), got, want);
 }
 
 static void test_f32_to_f16(void **state) {
@@ -421,32 +438,33 @@ static void test_f32_to_f16(void **state) {
     check_f16(0x7f800000, 0x7c00);
     check_f16(0xff800000, 0xfc00);
     check_f16(f2u(65504.0f), 0x7bff);
-    check_f16(f2u(65519.996f), 0x7bff);  /* just below the overflow tie */
-    check_f16(f2u(65520.0f), 0x7c00);    /* tie with odd 0x7bff: rounds to Inf */
+    check_f16(f2u(65519.996f), 0x7bff); /* just below the overflow tie */
+    check_f16(f2u(65520.0f), 0x7c00);   /* tie with odd 0x7bff: rounds to Inf */
     check_f16(f2u(-65520.0f), 0xfc00);
     check_f16(f2u(65536.0f), 0x7c00);
-    check_f16(0x7f7fffff, 0x7c00);       /* FLT_MAX */
+    check_f16(0x7f7fffff, 0x7c00); /* FLT_MAX */
     check_f16(0xff7fffff, 0xfc00);
-    check_f16(f2u(0x1p-24f), 0x0001);     /* smallest subnormal */
-    check_f16(f2u(0x1p-25f), 0x0000);     /* tie between 0 and 2^-24: even is 0 */
+    check_f16(f2u(0x1p-24f), 0x0001); /* smallest subnormal */
+    check_f16(f2u(0x1p-25f), 0x0000); /* tie between 0 and 2^-24: even is 0 */
     check_f16(f2u(-0x1p-25f), 0x8000);
-    check_f16(0x33000001, 0x0001);        /* just above 2^-25 */
-    check_f16(f2u(0x1.8p-24f), 0x0002);   /* 1.5 units: tie, to even 2 */
-    check_f16(f2u(0x1.4p-23f), 0x0002);   /* 2.5 units: tie, to even 2 */
-    check_f16(f2u(0x1.cp-23f), 0x0004);   /* 3.5 units: tie, to even 4 */
+    check_f16(0x33000001, 0x0001);      /* just above 2^-25 */
+    check_f16(f2u(0x1.8p-24f), 0x0002); /* 1.5 units: tie, to even 2 */
+    check_f16(f2u(0x1.4p-23f), 0x0002); /* 2.5 units: tie, to even 2 */
+    check_f16(f2u(0x1.cp-23f), 0x0004); /* 3.5 units: tie, to even 4 */
     check_f16(f2u(0x1p-26f), 0x0000);
-    check_f16(0x00000001, 0x0000);        /* fp32 subnormal */
+    check_f16(0x00000001, 0x0000); /* fp32 subnormal */
     check_f16(0x80000001, 0x8000);
-    check_f16(f2u(0x1p-14f), 0x0400);     /* smallest normal */
-    check_f16(f2u(0x1.ff8p-15f), 0x03ff); /* largest subnormal, 1023 * 2^-24 */
-    check_f16(f2u(0x1.ffcp-15f), 0x0400); /* tie 1023.5 units: to even 1024 = smallest normal */
-    check_f16(0x387fdfff, 0x03ff);        /* just below that tie */
-    check_f16(f2u(1.0f + 0x1p-11f), 0x3c00);          /* tie, to even */
+    check_f16(f2u(0x1p-14f), 0x0400);                   /* smallest normal */
+    check_f16(f2u(0x1.ff8p-15f), 0x03ff);               /* largest subnormal, 1023 * 2^-24 */
+    check_f16(f2u(0x1.ffcp-15f), 0x0400);               /* tie 1023.5 units: to even 1024 = smallest normal */
+    check_f16(0x387fdfff, 0x03ff);                      /* just below that tie */
+    check_f16(f2u(1.0f + 0x1p-11f), 0x3c00);            /* tie, to even */
     check_f16(f2u(1.0f + 0x1p-11f + 0x1p-23f), 0x3c01); /* above the tie */
-    check_f16(f2u(1.0f + 3 * 0x1p-11f), 0x3c02);      /* tie, to even (up) */
+    check_f16(f2u(1.0f + 3 * 0x1p-11f), 0x3c02);        /* tie, to even (up) */
     check_f16(f2u(2047.0f / 1024.0f + 0x1p-11f), 0x4000); /* carry into the exponent */
     /* NaNs: stay NaN, quiet, same sign */
-    const uint32_t nans[] = {0x7fc00000, 0xffc00000, 0x7f800001, 0xff800001, 0x7fbfffff, 0x7fffffff, 0x7f802000};
+    const uint32_t nans[] = {0x7fc00000, 0xffc00000, 0x7f800001, 0xff800001,
+                             0x7fbfffff, 0x7fffffff, 0x7f802000};
     for (size_t i = 0; i < sizeof nans / sizeof *nans; i++) {
         uint16_t h = nz_f32_to_f16(u2f(nans[i]));
         if (!f16_isnan(h) || !(h & 0x200) || (h >> 15) != (nans[i] >> 31))
@@ -586,7 +604,8 @@ static void test_round_mantissa(void **state) {
                 uint32_t r = nz_round_mantissa(nans[i], k);
                 if (!f32_isnan(r) || !(r & 0x00400000u) || (r >> 31) != (nans[i] >> 31) ||
                     (r & ((1u << (23 - k)) - 1)))
-                    fail_msg("round(NaN %#010x, %d) = %#010x: want a quiet k-bit NaN, same sign", nans[i], k, r);
+                    fail_msg("round(NaN %#010x, %d) = %#010x: want a quiet k-bit NaN, same sign", nans[i], k,
+                             r);
             }
         }
     }
@@ -605,8 +624,8 @@ static void test_round_mantissa(void **state) {
 /* ------------------------------------------------------------------------ */
 
 static void test_mode_names(void **state) {
-    const char *good[] = {"raw", "lossless", "bf16", "lossy-0", "lossy-1", "lossy-2", "lossy-3",
-                          "lossy-4", "lossy-5", "lossy-6", "lossy-7"};
+    const char *good[] = {"raw",     "lossless", "bf16",    "lossy-0", "lossy-1", "lossy-2",
+                          "lossy-3", "lossy-4",  "lossy-5", "lossy-6", "lossy-7"};
     for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
         nz_mode m;
         memset(&m, 0x7f, sizeof m);
@@ -628,12 +647,13 @@ static void test_mode_names(void **state) {
     assert_int_equal(nz_mode_parse("bf16", &m, NULL), NZ_OK);
     assert_int_equal(m.kind, NZ_MODE_BF16);
 
-    const char *bad[] = {"lossy-8", "foo", "", "lossy-", "lossy-10", "lossy-1x", "LOSSLESS",
-                         "lossy--1", "lossy", "raw ", " bf16", "lossy-9", "lossy-a"};
+    const char *bad[] = {"lossy-8",  "foo",   "",     "lossy-", "lossy-10", "lossy-1x", "LOSSLESS",
+                         "lossy--1", "lossy", "raw ", " bf16",  "lossy-9",  "lossy-a"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         nz_error err = {0};
         int rc = nz_mode_parse(bad[i], &m, &err);
-        if (rc != NZ_E_INVALID_ARG) fail_msg("nz_mode_parse(\"%s\") = %d, expected NZ_E_INVALID_ARG", bad[i], rc);
+        if (rc != NZ_E_INVALID_ARG)
+            fail_msg("nz_mode_parse(\"%s\") = %d, expected NZ_E_INVALID_ARG", bad[i], rc);
         assert_int_equal(err.code, NZ_E_INVALID_ARG);
         char quoted[40];
         snprintf(quoted, sizeof quoted, "'%s'", bad[i]);
@@ -671,13 +691,15 @@ static void test_desc_init_geometry(void **state) {
 
     /* errors */
     memset(&err, 0, sizeof err);
-    assert_int_equal(nz_desc_init(&d, NZ_DT_F32, 0, &lossless, NZ_CODER_RANS, 4, 4, 0, &err), NZ_E_INVALID_ARG);
+    assert_int_equal(nz_desc_init(&d, NZ_DT_F32, 0, &lossless, NZ_CODER_RANS, 4, 4, 0, &err),
+                     NZ_E_INVALID_ARG);
     assert_int_equal(err.code, NZ_E_INVALID_ARG);
     nz_mode l8 = {NZ_MODE_LOSSY, 8, 0}, lm1 = {NZ_MODE_LOSSY, -1, 0};
     assert_int_equal(nz_desc_init(&d, NZ_DT_F32, 0, &l8, NZ_CODER_RANS, 4, 4, 1, NULL), NZ_E_INVALID_ARG);
     assert_int_equal(nz_desc_init(&d, NZ_DT_F32, 0, &lm1, NZ_CODER_RANS, 4, 4, 1, NULL), NZ_E_INVALID_ARG);
     memset(&err, 0, sizeof err);
-    assert_int_equal(nz_desc_init(&d, NZ_DT_OTHER, 8, &lossless, NZ_CODER_RANS, 4, 4, 1, &err), NZ_E_UNSUPPORTED);
+    assert_int_equal(nz_desc_init(&d, NZ_DT_OTHER, 8, &lossless, NZ_CODER_RANS, 4, 4, 1, &err),
+                     NZ_E_UNSUPPORTED);
     assert_int_equal(err.code, NZ_E_UNSUPPORTED);
     assert_int_equal(nz_desc_init(&d, NZ_DT_OTHER, 0, &raw, NZ_CODER_NONE, 4, 4, 1, NULL), NZ_E_INVALID_ARG);
     assert_int_equal(nz_desc_init(&d, NZ_DT_F32, 0, &lossless, NZ_CODER_RANS, UINT64_MAX / 2, 3, 1, NULL),
@@ -765,14 +787,15 @@ static void test_desc_validate(void **state) {
     nz_tensor_desc d;
     nz_error err;
     nz_mode lossless = {NZ_MODE_LOSSLESS, 0, 0}, raw = {NZ_MODE_RAW, 0, 0};
-#define EXPECT_FORMAT(desc)                                                                                \
-    do {                                                                                                   \
-        memset(&err, 0, sizeof err);                                                                       \
-        int rc_ = nz_desc_validate(&(desc), &err);                                                         \
-        if (rc_ != NZ_E_FORMAT) fail_msg("line %d: nz_desc_validate = %d, expected NZ_E_FORMAT", __LINE__, rc_); \
-        assert_int_equal(err.code, NZ_E_FORMAT);                                                           \
-        assert_true(strlen(err.msg) > 0);                                                                  \
-        assert_int_equal(nz_desc_validate(&(desc), NULL), NZ_E_FORMAT);                                    \
+#define EXPECT_FORMAT(desc)                                                                                  \
+    do {                                                                                                     \
+        memset(&err, 0, sizeof err);                                                                         \
+        int rc_ = nz_desc_validate(&(desc), &err);                                                           \
+        if (rc_ != NZ_E_FORMAT)                                                                              \
+            fail_msg("line %d: nz_desc_validate = %d, expected NZ_E_FORMAT", __LINE__, rc_);                 \
+        assert_int_equal(err.code, NZ_E_FORMAT);                                                             \
+        assert_true(strlen(err.msg) > 0);                                                                    \
+        assert_int_equal(nz_desc_validate(&(desc), NULL), NZ_E_FORMAT);                                      \
     } while (0)
 
     /* a good rans desc */
@@ -881,7 +904,8 @@ static void test_lossless_roundtrip(void **state) {
     for (int di = 0; di < 3; di++) {
         for (int fi = 0; fi < 3; fi++) {
             void *src = gen_tensor(k_float_dtypes[di], rows * cols, flavours[fi], 1000 + di * 10 + fi);
-            for (int ci = 0; ci < 2; ci++) check_lossless(k_float_dtypes[di], coders[ci], rows, cols, tr, src, 0, fname[fi]);
+            for (int ci = 0; ci < 2; ci++)
+                check_lossless(k_float_dtypes[di], coders[ci], rows, cols, tr, src, 0, fname[fi]);
             free(src);
         }
     }
@@ -897,7 +921,9 @@ static void test_lossless_roundtrip(void **state) {
             double ratio = (double)total_len(&e) / (rows * cols * nz_dtype_size(dt));
             print_message("    %s gaussian, %s: compressed to %.3f of the source\n", nz_dtype_name(dt),
                           nz_coder_name(coders[ci]), ratio);
-            if (ratio > max_ratio[di]) fail_msg("%s/%s ratio %.3f > %.2f", nz_dtype_name(dt), nz_coder_name(coders[ci]), ratio, max_ratio[di]);
+            if (ratio > max_ratio[di])
+                fail_msg("%s/%s ratio %.3f > %.2f", nz_dtype_name(dt), nz_coder_name(coders[ci]), ratio,
+                         max_ratio[di]);
             enc_free(&e);
         }
         free(src);
@@ -914,7 +940,8 @@ static void test_lossless_const(void **state) {
         check_lossless(dt, NZ_CODER_RANS, 1, 1, 1, src, 1, "const 1x1");
         free(src);
         /* all zeros, all one NaN pattern, all Inf */
-        const uint32_t fill[3][3] = {{0x0000, 0x7fc1, 0xff80}, {0x0000, 0x7e01, 0xfc00}, {0, 0x7fa00001, 0xff800000}};
+        const uint32_t fill[3][3] = {
+            {0x0000, 0x7fc1, 0xff80}, {0x0000, 0x7e01, 0xfc00}, {0, 0x7fa00001, 0xff800000}};
         void *z = xmalloc(40 * nz_dtype_size(dt));
         for (int v = 0; v < 3; v++) {
             for (size_t i = 0; i < 40; i++) set_elem(dt, z, i, fill[di][v]);
@@ -951,7 +978,8 @@ static void test_lossless_edge_values(void **state) {
         if (dt != NZ_DT_F32) {
             void *all = xmalloc(65536 * 2);
             for (uint32_t i = 0; i < 65536; i++) set_elem(dt, all, i, i);
-            for (int ci = 0; ci < 2; ci++) check_lossless(dt, coders[ci], 256, 256, 64, all, 0, "all patterns");
+            for (int ci = 0; ci < 2; ci++)
+                check_lossless(dt, coders[ci], 256, 256, 64, all, 0, "all patterns");
             free(all);
         }
     }
@@ -961,17 +989,30 @@ static void test_odd_shapes(void **state) {
     struct {
         uint64_t rows, cols;
         uint32_t tr;
-    } shapes[] = {{1, 1, 1},   {1, 1, 8},     {1, 257, 4},  {300, 1, 8},  {37, 13, 8},  {37, 13, 1},
-                  {5, 7, 100}, {64, 64, 16},  {33, 31, 32}, {3, 5, 2},    {1, 100000, 1}, {2, 40000, 0},
+    } shapes[] = {{1, 1, 1},
+                  {1, 1, 8},
+                  {1, 257, 4},
+                  {300, 1, 8},
+                  {37, 13, 8},
+                  {37, 13, 1},
+                  {5, 7, 100},
+                  {64, 64, 16},
+                  {33, 31, 32},
+                  {3, 5, 2},
+                  {1, 100000, 1},
+                  {2, 40000, 0},
                   /* tiles just below and at the rANS 64-lane threshold */
-                  {3, NZ_RANS_WIDE_MIN / 3, 3}, {2, NZ_RANS_WIDE_MIN - 1, 1}, {7, 1000, 0}};
+                  {3, NZ_RANS_WIDE_MIN / 3, 3},
+                  {2, NZ_RANS_WIDE_MIN - 1, 1},
+                  {7, 1000, 0}};
     const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
     for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
         uint64_t rows = shapes[si].rows, cols = shapes[si].cols;
         uint32_t tr = shapes[si].tr ? shapes[si].tr : nz_default_tile_rows(cols);
         for (int di = 0; di < 3; di++) {
             void *src = gen_tensor(k_float_dtypes[di], rows * cols, FL_MIXED, 500 + si * 3 + di);
-            for (int ci = 0; ci < 2; ci++) check_lossless(k_float_dtypes[di], coders[ci], rows, cols, tr, src, 0, "shape");
+            for (int ci = 0; ci < 2; ci++)
+                check_lossless(k_float_dtypes[di], coders[ci], rows, cols, tr, src, 0, "shape");
             free(src);
         }
     }
@@ -999,7 +1040,8 @@ static void test_huge_tile_rows(void **state) {
 static void check_lossy_value(uint32_t x, uint32_t got, int k, const char *ctx, size_t i) {
     if (f32_isnan(x)) {
         if (!f32_isnan(got) || !(got & 0x00400000u) || (got >> 31) != (x >> 31))
-            fail_msg("%s element %zu: NaN %#010x decoded as %#010x (want quiet NaN, same sign)", ctx, i, x, got);
+            fail_msg("%s element %zu: NaN %#010x decoded as %#010x (want quiet NaN, same sign)", ctx, i, x,
+                     got);
         return;
     }
     uint32_t want = ref_round_k(x, k);
@@ -1049,11 +1091,13 @@ static void *lossy_specials(nz_dtype dt, int k, size_t *n) {
         }
     }
     /* carries and overflow */
-    const uint32_t f32s[] = {f2u(1.9999f), f2u(-1.9999f), 0x7f7fffff, 0xff7fffff, 0x7f7f0000, 0x7f7f8000,
-                             0x7f7fc000, 0x3fffffff, 0x007fffff};
+    const uint32_t f32s[] = {f2u(1.9999f), f2u(-1.9999f), 0x7f7fffff, 0xff7fffff, 0x7f7f0000,
+                             0x7f7f8000,   0x7f7fc000,    0x3fffffff, 0x007fffff};
     for (size_t i = 0; i < sizeof f32s / sizeof *f32s; i++) {
-        if (dt == NZ_DT_F32) v[c++] = f32s[i];
-        else if (dt == NZ_DT_BF16) v[c++] = f32s[i] >> 16;
+        if (dt == NZ_DT_F32)
+            v[c++] = f32s[i];
+        else if (dt == NZ_DT_BF16)
+            v[c++] = f32s[i] >> 16;
     }
     if (dt == NZ_DT_F16) {
         v[c++] = 0x7bff; /* 65504 carries past the f16 range at k < 10 */
@@ -1112,7 +1156,8 @@ static void test_lossy_exact(void **state) {
                         if (got != d) fail_msg("%s: native f32 %zu = %#x, fp32 decode %#x", ctx, i, got, d);
                     } else if (dt == NZ_DT_BF16) {
                         /* k <= 7 bits always fit bf16 exactly */
-                        if (got != d >> 16) fail_msg("%s: native bf16 %zu = %#x, expected %#x", ctx, i, got, d >> 16);
+                        if (got != d >> 16)
+                            fail_msg("%s: native bf16 %zu = %#x, expected %#x", ctx, i, got, d >> 16);
                     } else if (f32_isnan(d)) {
                         if (!f16_isnan((uint16_t)got) || (got >> 15) != (d >> 31))
                             fail_msg("%s: native f16 %zu = %#x for NaN", ctx, i, got);
@@ -1138,15 +1183,28 @@ static void test_lossy_known_values(void **state) {
         int k;
         float want;
     } cases[] = {
-        {1.9999f, 0, 2.0f},    {1.9999f, 7, 2.0f},      {-1.9999f, 3, -2.0f},  {1.5f, 0, 2.0f},
-        {1.25f, 1, 1.0f},      {1.75f, 1, 2.0f},        {1.0625f, 3, 1.0f},    {1.1875f, 3, 1.25f},
-        {-1.1875f, 3, -1.25f}, {1.00390625f, 7, 1.0f},  {1.01171875f, 7, 1.015625f},
-        {1.3f, 2, 1.25f},      {-0.0f, 4, -0.0f},       {0.0f, 0, 0.0f},
-        {FLT_MAX, 0, INFINITY}, {FLT_MAX, 7, INFINITY}, {-FLT_MAX, 5, -INFINITY},
+        {1.9999f, 0, 2.0f},
+        {1.9999f, 7, 2.0f},
+        {-1.9999f, 3, -2.0f},
+        {1.5f, 0, 2.0f},
+        {1.25f, 1, 1.0f},
+        {1.75f, 1, 2.0f},
+        {1.0625f, 3, 1.0f},
+        {1.1875f, 3, 1.25f},
+        {-1.1875f, 3, -1.25f},
+        {1.00390625f, 7, 1.0f},
+        {1.01171875f, 7, 1.015625f},
+        {1.3f, 2, 1.25f},
+        {-0.0f, 4, -0.0f},
+        {0.0f, 0, 0.0f},
+        {FLT_MAX, 0, INFINITY},
+        {FLT_MAX, 7, INFINITY},
+        {-FLT_MAX, 5, -INFINITY},
         {0x1.fcp127f, 6, 0x1.fcp127f}, /* largest 6-bit finite stays */
         {0x1.fep127f, 6, INFINITY},    /* its tie with Inf rounds up */
         {0x1.fdfffep127f, 6, 0x1.fcp127f},
-        {INFINITY, 0, INFINITY},  {-INFINITY, 7, -INFINITY},
+        {INFINITY, 0, INFINITY},
+        {-INFINITY, 7, -INFINITY},
     };
     size_t nc = sizeof cases / sizeof *cases;
     for (size_t i = 0; i < nc; i++) {
@@ -1166,7 +1224,8 @@ static void test_lossy_known_values(void **state) {
     }
     /* NaN -> quiet NaN, sign kept, k >= 1 (f32 and bf16 sources) */
     for (int k = 1; k <= 7; k++) {
-        uint32_t nans[] = {0x7f800001, 0xff800001, 0x7fc00000, 0xffd00000, 0x7fbfffff, 0xffffffff, 0x3f800000};
+        uint32_t nans[] = {0x7f800001, 0xff800001, 0x7fc00000, 0xffd00000,
+                           0x7fbfffff, 0xffffffff, 0x3f800000};
         nz_mode m = {NZ_MODE_LOSSY, k, 0};
         enc_t e;
         assert_int_equal(enc_build(&e, NZ_DT_F32, 0, &m, NZ_CODER_RANS, 7, 1, 2, nans, NULL), NZ_OK);
@@ -1178,7 +1237,8 @@ static void test_lossy_known_values(void **state) {
         uint16_t bn[] = {0x7f81, 0xff81, 0x7fc0, 0xffff, 0x3f80};
         assert_int_equal(enc_build(&e, NZ_DT_BF16, 0, &m, NZ_CODER_ZSTD, 1, 5, 1, bn, NULL), NZ_OK);
         dec_f32_all(dc, &e, out, "nan bf16");
-        for (int i = 0; i < 4; i++) check_lossy_value((uint32_t)bn[i] << 16, f2u(out[i]), k, "nan bf16", (size_t)i);
+        for (int i = 0; i < 4; i++)
+            check_lossy_value((uint32_t)bn[i] << 16, f2u(out[i]), k, "nan bf16", (size_t)i);
         uint16_t nat[5];
         dec_native_all(dc, &e, nat, "nan bf16 native");
         for (int i = 0; i < 4; i++) assert_true(bf16_isnan(nat[i]) && (nat[i] >> 15) == (bn[i] >> 15));
@@ -1202,7 +1262,9 @@ static void test_lossy0_nan_range(void **state) {
                 assert_int_equal(nz_desc_init(&d, dt, 0, &m0, NZ_CODER_RANS, 20, 10, 4, NULL), NZ_OK);
                 nz_error err = {0};
                 int rc = nz_tensor_analyze(&d, src, NULL, &err);
-                if (rc != NZ_E_RANGE) fail_msg("%s NaN at %zu: analyze gave %d, expected NZ_E_RANGE", nz_dtype_name(dt), where[wi], rc);
+                if (rc != NZ_E_RANGE)
+                    fail_msg("%s NaN at %zu: analyze gave %d, expected NZ_E_RANGE", nz_dtype_name(dt),
+                             where[wi], rc);
                 assert_int_equal(err.code, NZ_E_RANGE);
                 assert_non_null(strstr(err.msg, "NaN"));
                 assert_int_equal(nz_tensor_analyze(&d, src, NULL, NULL), NZ_E_RANGE);
@@ -1261,8 +1323,8 @@ static void test_mode_bf16(void **state) {
                     set_elem(dt, src, i, get_elem(dt, src, i) & (dt == NZ_DT_F32 ? 0xffbfffffu : 0xfdffu));
             for (int ci = 0; ci < 2; ci++) {
                 char ctx[80];
-                snprintf(ctx, sizeof ctx, "mode bf16 from %s/%s%s", nz_dtype_name(dt), nz_coder_name(coders[ci]),
-                         fl ? " const" : "");
+                snprintf(ctx, sizeof ctx, "mode bf16 from %s/%s%s", nz_dtype_name(dt),
+                         nz_coder_name(coders[ci]), fl ? " const" : "");
                 nz_mode m = {NZ_MODE_BF16, 0, 0};
                 enc_t e;
                 nz_error err = {0};
@@ -1279,7 +1341,9 @@ static void test_mode_bf16(void **state) {
                 for (size_t i = 0; i < n; i++) {
                     uint32_t x = as_f32(dt, get_elem(dt, src, i));
                     uint16_t want = nz_f32_to_bf16(u2f(x));
-                    if (nat[i] != want) fail_msg("%s: element %zu (%#010x) is %#06x, nz_f32_to_bf16 %#06x", ctx, i, x, nat[i], want);
+                    if (nat[i] != want)
+                        fail_msg("%s: element %zu (%#010x) is %#06x, nz_f32_to_bf16 %#06x", ctx, i, x, nat[i],
+                                 want);
                     if (!f32_isnan(x) && want != ref_round_k(x, 7) >> 16)
                         fail_msg("%s: element %zu: nz_f32_to_bf16 disagrees with the reference", ctx, i);
                     if (f2u(f[i]) != (uint32_t)nat[i] << 16)
@@ -1354,7 +1418,7 @@ static void test_lossy_norm_block(void **state) {
             int sc = (int)((i / 40) * 7919 % 41) - 20;
             double g = ldexp(tu_gauss(&seed), dt == NZ_DT_F16 ? sc / 3 : sc);
             uint32_t v = from_f32(dt, f2u((float)g));
-            if (i >= 400 && i < 470) v = 0;                             /* all-zero block(s) */
+            if (i >= 400 && i < 470) v = 0; /* all-zero block(s) */
             if (dt == NZ_DT_F32 && i >= 800 && i < 810) v = 0x7f7fffffu - (uint32_t)(i - 800) * 0x123456u;
             if (dt == NZ_DT_BF16 && i >= 800 && i < 810) v = 0x7f7f - (uint32_t)(i - 800);
             if (i == 1234) v = dt == NZ_DT_F32 ? 0x00000123u : 0x0003; /* subnormal */
@@ -1377,7 +1441,8 @@ static void test_lossy_norm_block(void **state) {
                 nz_mode m = {NZ_MODE_LOSSY, k, B};
                 enc_t e;
                 nz_error err = {0};
-                int rc = enc_build(&e, dt, 0, &m, (bi & 1) ? NZ_CODER_ZSTD : NZ_CODER_RANS, rows, cols, tr, s, &err);
+                int rc = enc_build(&e, dt, 0, &m, (bi & 1) ? NZ_CODER_ZSTD : NZ_CODER_RANS, rows, cols, tr, s,
+                                   &err);
                 if (rc) fail_msg("%s: encode: %s", ctx, err.msg);
                 assert_int_equal(e.d.mode.norm_block, B);
                 nz_dctx *dc = nz_dctx_create();
@@ -1413,7 +1478,8 @@ static void test_lossy_norm_block(void **state) {
                                 if (dv != xv) fail_msg("%s: Inf element %zu decoded as %g", ctx, i, dv);
                                 continue;
                             }
-                            if (!isfinite(dv)) fail_msg("%s: finite element %zu (%g) decoded as %g", ctx, i, xv, dv);
+                            if (!isfinite(dv))
+                                fail_msg("%s: finite element %zu (%g) decoded as %g", ctx, i, xv, dv);
                             double ax = fabs(xv), y = ax / sc, bound;
                             if (y == 0) {
                                 bound = 0;
@@ -1425,15 +1491,17 @@ static void test_lossy_norm_block(void **state) {
                             }
                             double diff = fabs(dv - xv);
                             if (diff > bound)
-                                fail_msg("%s element %zu: %a decoded as %a, error %g > bound %g (s = %g)", ctx, i, xv,
-                                         dv, diff, bound, sc);
-                            if (dv != 0 && signbit(dv) != signbit(xv)) fail_msg("%s element %zu: sign flipped", ctx, i);
+                                fail_msg("%s element %zu: %a decoded as %a, error %g > bound %g (s = %g)",
+                                         ctx, i, xv, dv, diff, bound, sc);
+                            if (dv != 0 && signbit(dv) != signbit(xv))
+                                fail_msg("%s element %zu: sign flipped", ctx, i);
                             if (ax >= 0x1p-100 && diff / ax > worst_rel[k]) worst_rel[k] = diff / ax;
                             /* the block maximum: decodes to exactly 2^e * s */
                             if (ax == amax && amax >= 0x1p-120) {
                                 double want = ldexp(sc, ea), lim = ldexp(1, ea - (norm[b] == 255 ? 8 : 9));
                                 if (fabs(dv) != want || fabs(dv - xv) > lim)
-                                    fail_msg("%s element %zu: block max %a decoded as %a, expected %a", ctx, i, xv, dv, want);
+                                    fail_msg("%s element %zu: block max %a decoded as %a, expected %a", ctx,
+                                             i, xv, dv, want);
                             }
                         }
                     }
@@ -1441,7 +1509,9 @@ static void test_lossy_norm_block(void **state) {
                 /* native: the source dtype, rounded to nearest even */
                 for (size_t i = 0; i < n; i++) {
                     uint32_t d = f2u(f[i]), got = get_elem(dt, nat, i);
-                    uint32_t want = dt == NZ_DT_F32 ? d : dt == NZ_DT_BF16 ? ref_round_k(d, 7) >> 16 : ref_f32_to_f16(d);
+                    uint32_t want = dt == NZ_DT_F32    ? d
+                                    : dt == NZ_DT_BF16 ? ref_round_k(d, 7) >> 16
+                                                       : ref_f32_to_f16(d);
                     if (f32_isnan(d)) {
                         uint32_t back = as_f32(dt, got);
                         if (!f32_isnan(back)) fail_msg("%s: native NaN %zu is %#x", ctx, i, got);
@@ -1585,7 +1655,8 @@ static void test_tile_corruption(void **state) {
         for (size_t l = 0; l < len; l++) {
             uint8_t *cut = dup_exact(tile, l);
             int rc = decode_both(dc, &e.d, 1, cut, l, nat, f);
-            if (rc != NZ_E_TRUNCATED) fail_msg("config %zu: tile cut to %zu of %zu bytes gave %d", ci, l, len, rc);
+            if (rc != NZ_E_TRUNCATED)
+                fail_msg("config %zu: tile cut to %zu of %zu bytes gave %d", ci, l, len, rc);
             free(cut);
         }
         /* a trailing byte, a wrong tile number, the reserved field */
@@ -1642,8 +1713,8 @@ static void test_tile_corruption(void **state) {
         char mname[32];
         print_message("    corruption config %zu (%s %s/%s): %d-byte tile, %d of %d flips detected "
                       "(no checksum at this level)\n",
-                      ci, nz_dtype_name(dt), nz_mode_name(&e.d.mode, mname, sizeof mname), nz_coder_name(e.d.coder),
-                      (int)len, errors, nflips);
+                      ci, nz_dtype_name(dt), nz_mode_name(&e.d.mode, mname, sizeof mname),
+                      nz_coder_name(e.d.coder), (int)len, errors, nflips);
         /* the tile still decodes after all that */
         assert_int_equal(decode_both(dc, &e.d, 1, tile, len, nat, f), NZ_OK);
         free(flip);
@@ -1662,7 +1733,7 @@ static void test_encode_errors(void **state) {
     float a[64], b[64];
     for (int i = 0; i < 64; i++) {
         a[i] = 1.0f + i / 128.0f; /* one exponent */
-        b[i] = (float)(i + 1);     /* several */
+        b[i] = (float)(i + 1);    /* several */
     }
     nz_tensor_desc d;
     assert_int_equal(nz_desc_init(&d, NZ_DT_F32, 0, &ll, NZ_CODER_RANS, 8, 8, 4, NULL), NZ_OK);
@@ -1696,7 +1767,7 @@ static void test_encode_errors(void **state) {
     uint64_t tot = 0;
     for (int s = 0; s < 256; s++) tot += counts[s];
     assert_int_equal(tot, 64);
-    assert_int_equal(counts[127], 1); /* 1.0 */
+    assert_int_equal(counts[127], 1);  /* 1.0 */
     assert_int_equal(counts[128], 2);  /* 2, 3 */
     assert_int_equal(counts[132], 32); /* 32..63 */
     assert_int_equal(counts[133], 1);  /* 64 */
@@ -1767,7 +1838,8 @@ static void test_scratch_memory(void **state) {
     for (int mi = 0; mi < 3; mi++)
         for (int ci = 0; ci < 2; ci++) {
             enc_t e;
-            assert_int_equal(enc_build(&e, NZ_DT_F32, 0, &modes[mi], coders[ci], 50, 60, 7, src, NULL), NZ_OK);
+            assert_int_equal(enc_build(&e, NZ_DT_F32, 0, &modes[mi], coders[ci], 50, 60, 7, src, NULL),
+                             NZ_OK);
             dec_f32_all(dc, &e, f, "scratch");
             dec_native_all(dc, &e, f, "scratch");
             enc_free(&e);
@@ -1781,17 +1853,28 @@ static void test_scratch_memory(void **state) {
 int main(void) {
 #define T(f) cmocka_unit_test_setup_teardown(f, per_test_setup, per_test_teardown)
     const struct CMUnitTest tests[] = {
-        T(test_f16_to_f32_exhaustive), T(test_f32_to_f16),
-        T(test_f32_to_bf16),           T(test_round_mantissa),
-        T(test_mode_names),            T(test_desc_init_geometry),
-        T(test_desc_validate),         T(test_native_dtype),
-        T(test_lossless_roundtrip),    T(test_lossless_const),
-        T(test_lossless_edge_values),  T(test_odd_shapes),
-        T(test_huge_tile_rows),        T(test_lossy_exact),
-        T(test_lossy_known_values),    T(test_lossy0_nan_range),
-        T(test_mode_bf16),             T(test_lossy_norm_block),
-        T(test_raw_tiles),             T(test_tile_corruption),
-        T(test_encode_errors),         T(test_dctx_table_cache),
+        T(test_f16_to_f32_exhaustive),
+        T(test_f32_to_f16),
+        T(test_f32_to_bf16),
+        T(test_round_mantissa),
+        T(test_mode_names),
+        T(test_desc_init_geometry),
+        T(test_desc_validate),
+        T(test_native_dtype),
+        T(test_lossless_roundtrip),
+        T(test_lossless_const),
+        T(test_lossless_edge_values),
+        T(test_odd_shapes),
+        T(test_huge_tile_rows),
+        T(test_lossy_exact),
+        T(test_lossy_known_values),
+        T(test_lossy0_nan_range),
+        T(test_mode_bf16),
+        T(test_lossy_norm_block),
+        T(test_raw_tiles),
+        T(test_tile_corruption),
+        T(test_encode_errors),
+        T(test_dctx_table_cache),
         T(test_scratch_memory),
     };
 #undef T

@@ -14,8 +14,8 @@
 
 /* ---------------------------------------------------------------- fixture */
 
-#define W_ROWS 37
-#define W_COLS 96
+#define W_ROWS    37
+#define W_COLS    96
 #define TILE_ROWS 8
 
 static uint16_t g_w[W_ROWS * W_COLS]; /* bf16 weights, lossless rans */
@@ -406,7 +406,8 @@ static void test_writer_errors(void **state) {
     assert_int_equal(nz_writer_add_blob(w, "a", "y", 1, &e), NZ_E_INVALID_ARG);
     nz_mode m = {NZ_MODE_LOSSLESS, 0, 0};
     nz_tensor_desc d;
-    assert_int_equal(nz_desc_init(&d, NZ_DT_BF16, 2, &m, NZ_CODER_RANS, W_ROWS, W_COLS, TILE_ROWS, &e), NZ_OK);
+    assert_int_equal(nz_desc_init(&d, NZ_DT_BF16, 2, &m, NZ_CODER_RANS, W_ROWS, W_COLS, TILE_ROWS, &e),
+                     NZ_OK);
     assert_int_equal(nz_tensor_analyze(&d, g_w, NULL, &e), NZ_OK);
     int64_t shape[2] = {W_ROWS, W_COLS};
     assert_int_equal(nz_writer_begin_tensor(w, "t", "BF16", 2, shape, &d, NULL, &e), NZ_OK);

@@ -12,12 +12,12 @@
 #include <stdio.h>
 
 /* before fuzz_common.h: invariant violations become cmocka failures */
-#define FUZZ_FAIL(...)                                                                             \
-    do {                                                                                           \
-        print_error("fuzz invariant violated (%s:%d): ", __FILE__, __LINE__);                      \
-        print_error(__VA_ARGS__);                                                                  \
-        print_error("\n");                                                                         \
-        fail();                                                                                    \
+#define FUZZ_FAIL(...)                                                                                       \
+    do {                                                                                                     \
+        print_error("fuzz invariant violated (%s:%d): ", __FILE__, __LINE__);                                \
+        print_error(__VA_ARGS__);                                                                            \
+        print_error("\n");                                                                                   \
+        fail();                                                                                              \
     } while (0)
 #include "fuzz/fuzz_common.h"
 
@@ -178,10 +178,8 @@ static void test_edge_inputs(void **state) {
 int main(void) {
     find_root();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_edge_inputs),
-        cmocka_unit_test(test_container_seeds),
-        cmocka_unit_test(test_tile_seeds),
-        cmocka_unit_test(test_safetensors_seeds),
+        cmocka_unit_test(test_edge_inputs), cmocka_unit_test(test_container_seeds),
+        cmocka_unit_test(test_tile_seeds),  cmocka_unit_test(test_safetensors_seeds),
         cmocka_unit_test(test_regressions),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -34,8 +34,6 @@ static int per_test_teardown(void **state) {
     return 0;
 }
 
-
-
 /* Frequency table whose symbols are 0..nsym-1 with the given weights. */
 static void table_from_counts(const uint64_t counts[256], uint32_t freq[256]) {
     int present = nz_rans_normalize(counts, freq);
@@ -102,8 +100,8 @@ static void roundtrip(const uint8_t *sym, size_t n, const uint32_t freq[256], co
             nz_error err = {0};
             int rc = decode_with(scalar, enc, len, lanes, dtab, out, n, &err);
             if (rc != NZ_OK)
-                fail_msg("%s n=%zu lanes %d %s decoder: decode failed %d (%s)", what, n, lanes,
-                         KNAME[scalar], rc, err.msg);
+                fail_msg("%s n=%zu lanes %d %s decoder: decode failed %d (%s)", what, n, lanes, KNAME[scalar],
+                         rc, err.msg);
             for (size_t i = 0; i < n; i++)
                 if (out[i] != sym[i])
                     fail_msg("%s n=%zu lanes %d %s decoder: symbol %zu is %u, expected %u", what, n, lanes,
@@ -146,15 +144,17 @@ static void check_normalized(const uint64_t counts[256], const uint32_t freq[256
         sum += freq[s];
         if (counts[s]) {
             present++;
-            if (freq[s] < 1) fail_msg("present symbol %d (count %llu) got frequency 0", s,
-                                      (unsigned long long)counts[s]);
+            if (freq[s] < 1)
+                fail_msg("present symbol %d (count %llu) got frequency 0", s, (unsigned long long)counts[s]);
         } else if (freq[s] != 0) {
             fail_msg("absent symbol %d got frequency %u", s, freq[s]);
         }
     }
     assert_int_equal(ret, present);
-    if (present) assert_int_equal(sum, NZ_RANS_PROB_SCALE);
-    else assert_int_equal(sum, 0);
+    if (present)
+        assert_int_equal(sum, NZ_RANS_PROB_SCALE);
+    else
+        assert_int_equal(sum, 0);
 }
 
 static void test_normalize_basic(void **state) {
@@ -217,9 +217,15 @@ static void test_normalize_basic(void **state) {
             counts[s] = 0;
             if ((int)(tu_rand(&seed) % 256) < density) {
                 switch (tu_rand(&seed) % 3) {
-                case 0: counts[s] = 1 + tu_rand(&seed) % 3; break;
-                case 1: counts[s] = 1 + tu_rand(&seed) % 100000; break;
-                default: counts[s] = 1 + (tu_rand(&seed) >> 24); break;
+                case 0:
+                    counts[s] = 1 + tu_rand(&seed) % 3;
+                    break;
+                case 1:
+                    counts[s] = 1 + tu_rand(&seed) % 100000;
+                    break;
+                default:
+                    counts[s] = 1 + (tu_rand(&seed) >> 24);
+                    break;
                 }
             }
         }
@@ -257,8 +263,8 @@ static void cost_case(size_t n, int lanes, uint64_t seed) {
                   n, lanes, h0, cost, coded, present);
     if (cost - h0 > 0.005) fail_msg("table cost %.5f exceeds H0 %.5f by more than 0.005 bits", cost, h0);
     if (coded - cost > 0.02)
-        fail_msg("%d lanes, n=%zu: coded %.5f bits/symbol exceeds the table cost %.5f by more than 0.02", lanes,
-                 n, coded, cost);
+        fail_msg("%d lanes, n=%zu: coded %.5f bits/symbol exceeds the table cost %.5f by more than 0.02",
+                 lanes, n, coded, cost);
     if (lanes == 32 && coded - h0 > 0.02)
         fail_msg("coded size %.5f bits/symbol exceeds H0 %.5f by more than 0.02", coded, h0);
     assert_true(coded > h0 - 0.01); /* sanity: cannot beat the entropy by much */
@@ -371,22 +377,52 @@ static void test_decoder_selection(void **state) {
 /* Many lengths around the 32-lane group size and the SIMD/scalar hand-over,
  * several alphabets; both decoders must return the input. */
 static void test_roundtrip_lengths(void **state) {
-    const size_t lens[] = {0,    1,    2,    15,   16,   17,   31,   32,    33,       63,
-                           64,   65,   95,   96,   97,   127,  128,  129,   191,      192,
-                           193,  255,  256,  257,  1000, 1023, 1024, 4097,  9999,     65536 + 7,
-                           NZ_RANS_WIDE_MIN - 1, NZ_RANS_WIDE_MIN + 33};
+    const size_t lens[] = {0,
+                           1,
+                           2,
+                           15,
+                           16,
+                           17,
+                           31,
+                           32,
+                           33,
+                           63,
+                           64,
+                           65,
+                           95,
+                           96,
+                           97,
+                           127,
+                           128,
+                           129,
+                           191,
+                           192,
+                           193,
+                           255,
+                           256,
+                           257,
+                           1000,
+                           1023,
+                           1024,
+                           4097,
+                           9999,
+                           65536 + 7,
+                           NZ_RANS_WIDE_MIN - 1,
+                           NZ_RANS_WIDE_MIN + 33};
     size_t maxn = NZ_RANS_WIDE_MIN + 33;
     uint8_t *sym = xmalloc(maxn);
     uint64_t seed = 0xC0FFEE;
 
     enum { A_TWO, A_UNIFORM256, A_SKEW, A_GAUSS, A_EXTREME, A_ALLRARE, A_RANDOM, A_NALPHA };
-    const char *names[A_NALPHA] = {"2 symbols",   "256 uniform", "skewed geometric", "gaussian exps",
-                                   "4095:1 table", "all rare",   "random table"};
+    const char *names[A_NALPHA] = {"2 symbols",    "256 uniform", "skewed geometric", "gaussian exps",
+                                   "4095:1 table", "all rare",    "random table"};
     for (int a = 0; a < A_NALPHA; a++) {
         uint64_t w[256] = {0};
         uint32_t freq[256];
         switch (a) {
-        case A_TWO: w[0] = w[1] = 1; break;
+        case A_TWO:
+            w[0] = w[1] = 1;
+            break;
         case A_UNIFORM256:
             for (int s = 0; s < 256; s++) w[s] = 1;
             break;
@@ -398,7 +434,7 @@ static void test_roundtrip_lengths(void **state) {
             for (int i = 0; i < 100000; i++) w[gauss_exponent(&s2)]++;
             break;
         }
-        case A_EXTREME:  /* symbol 7 almost always: few renormalisation words */
+        case A_EXTREME: /* symbol 7 almost always: few renormalisation words */
         case A_ALLRARE: /* same table but the data is only the rare symbol: 12 bits each */
             w[7] = 4095;
             w[250] = 1;
@@ -414,8 +450,10 @@ static void test_roundtrip_lengths(void **state) {
         for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
             size_t n = lens[li];
             if (tu_quick() && n > 5000 && a != A_GAUSS) continue;
-            if (a == A_ALLRARE) memset(sym, 250, n);
-            else draw(&seed, w, sym, n);
+            if (a == A_ALLRARE)
+                memset(sym, 250, n);
+            else
+                draw(&seed, w, sym, n);
             roundtrip(sym, n, freq, names[a]);
         }
     }
@@ -509,7 +547,8 @@ static void test_lanes(void **state) {
     const int bad[] = {0, 1, 16, 31, 33, 48, 63, 65, 128, -32};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         nz_error err = {0};
-        assert_int_equal(nz_rans_encode(sym, 500, freq, bad[i], buf, sizeof buf, &len, &err), NZ_E_INVALID_ARG);
+        assert_int_equal(nz_rans_encode(sym, 500, freq, bad[i], buf, sizeof buf, &len, &err),
+                         NZ_E_INVALID_ARG);
         assert_int_equal(err.code, NZ_E_INVALID_ARG);
         for (int scalar = 0; scalar < NKERN; scalar++) {
             memset(&err, 0, sizeof err);
@@ -576,7 +615,8 @@ static void test_encode_errors(void **state) {
             memset(&err, 0, sizeof err);
             int rc = nz_rans_encode(sym, N, freq, lanes, b, cap, &len, &err);
             if (cap < need) {
-                if (rc != NZ_E_INVALID_ARG) fail_msg("lanes %d: cap %zu < needed %zu gave %d", lanes, cap, need, rc);
+                if (rc != NZ_E_INVALID_ARG)
+                    fail_msg("lanes %d: cap %zu < needed %zu gave %d", lanes, cap, need, rc);
                 assert_int_equal(err.code, NZ_E_INVALID_ARG);
             } else {
                 assert_int_equal(rc, NZ_OK);
@@ -642,7 +682,7 @@ static void test_truncation(void **state) {
                 int rc = decode_with(scalar, cut, l, lanes, dtab, out, n, &err);
                 /* the decoder reads the same words as for the full stream until
                  * it runs out, so the code is predictable */
-                int want = l < HDR(lanes) ? NZ_E_TRUNCATED
+                int want = l < HDR(lanes)         ? NZ_E_TRUNCATED
                            : (l - HDR(lanes)) % 2 ? NZ_E_CORRUPT
                                                   : NZ_E_TRUNCATED;
                 if (rc != want)
@@ -776,13 +816,19 @@ static void test_bitflips(void **state) {
 int main(void) {
 #define T(f) cmocka_unit_test_setup_teardown(f, per_test_setup, per_test_teardown)
     const struct CMUnitTest tests[] = {
-        T(test_normalize_basic),  T(test_normalize_cost_near_entropy),
-        T(test_check_freq),       T(test_build_dtab),
-        T(test_decoder_selection), T(test_roundtrip_lengths),
-        T(test_roundtrip_patterns), T(test_decode_bf16_fused),
-        T(test_lanes),            T(test_encode_errors),
+        T(test_normalize_basic),
+        T(test_normalize_cost_near_entropy),
+        T(test_check_freq),
+        T(test_build_dtab),
+        T(test_decoder_selection),
+        T(test_roundtrip_lengths),
+        T(test_roundtrip_patterns),
+        T(test_decode_bf16_fused),
+        T(test_lanes),
+        T(test_encode_errors),
         T(test_truncation),
-        T(test_bad_initial_state), T(test_bitflips),
+        T(test_bad_initial_state),
+        T(test_bitflips),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);

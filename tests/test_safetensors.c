@@ -146,16 +146,14 @@ static void check_consistent(const nz_st_file *f, const uint8_t *buf, size_t len
 /*                     metadata={"format": "pt", "by": "st_util"})           */
 /* ------------------------------------------------------------------------ */
 
-static const char k_golden_header[] =
-    "{\"__metadata__\":{\"format\":\"pt\",\"by\":\"st_util\"},"
-    "\"w.bf16\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,6]},"
-    "\"step\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[6,14]},"
-    "\"empty\":{\"dtype\":\"U8\",\"shape\":[0,3],\"data_offsets\":[14,14]},"
-    "\"f\":{\"dtype\":\"F32\",\"shape\":[2,1],\"data_offsets\":[14,22]}} ";
-static const uint8_t k_golden_data[22] = {
-    0x80, 0x3f, 0x00, 0xc0, 0x80, 0x7f,              /* w.bf16 */
-    0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,  /* step = -2 */
-    0x00, 0x00, 0xc0, 0x3f, 0x00, 0x00, 0x80, 0xbe}; /* f */
+static const char k_golden_header[] = "{\"__metadata__\":{\"format\":\"pt\",\"by\":\"st_util\"},"
+                                      "\"w.bf16\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,6]},"
+                                      "\"step\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[6,14]},"
+                                      "\"empty\":{\"dtype\":\"U8\",\"shape\":[0,3],\"data_offsets\":[14,14]},"
+                                      "\"f\":{\"dtype\":\"F32\",\"shape\":[2,1],\"data_offsets\":[14,22]}} ";
+static const uint8_t k_golden_data[22] = {0x80, 0x3f, 0x00, 0xc0, 0x80, 0x7f,              /* w.bf16 */
+                                          0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,  /* step = -2 */
+                                          0x00, 0x00, 0xc0, 0x3f, 0x00, 0x00, 0x80, 0xbe}; /* f */
 
 static uint8_t *golden_image(size_t *len) {
     return make_image(k_golden_header, k_golden_data, sizeof k_golden_data, len);
@@ -249,12 +247,11 @@ static void test_parse_golden(void **state) {
 static void test_parse_by_hand(void **state) {
     /* Tensors listed out of offset order, a gap, empty tensors sharing an
      * offset (ordered by name), no metadata, unknown keys ignored. */
-    const char *h =
-        "{\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]},"
-        "\"y\":{\"dtype\":\"BOOL\",\"shape\":[4,0],\"data_offsets\":[1,1]},"
-        "\"a\":{\"dtype\":\"I8\",\"shape\":[],\"data_offsets\":[0,1],\"extra\":1},"
-        "\"x\":{\"dtype\":\"F16\",\"shape\":[0],\"data_offsets\":[1,1]},"
-        "\"c\":{\"dtype\":\"U64\",\"shape\":[1,1,1,1,1,1,1,1],\"data_offsets\":[16,24]}}";
+    const char *h = "{\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]},"
+                    "\"y\":{\"dtype\":\"BOOL\",\"shape\":[4,0],\"data_offsets\":[1,1]},"
+                    "\"a\":{\"dtype\":\"I8\",\"shape\":[],\"data_offsets\":[0,1],\"extra\":1},"
+                    "\"x\":{\"dtype\":\"F16\",\"shape\":[0],\"data_offsets\":[1,1]},"
+                    "\"c\":{\"dtype\":\"U64\",\"shape\":[1,1,1,1,1,1,1,1],\"data_offsets\":[16,24]}}";
     uint8_t data[24];
     for (int i = 0; i < 24; i++) data[i] = (uint8_t)i;
     size_t len;
@@ -332,10 +329,10 @@ static void test_parse_errors_metadata(void **state) {
 }
 
 static void test_parse_errors_dtype_shape(void **state) {
-    expect_bad("{\"t\":{\"dtype\":\"F7\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1,
-               NZ_E_UNSUPPORTED, SUBS("'t'", "unknown dtype 'F7'"));
-    expect_bad("{\"t\":{\"dtype\":\"float32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
-               NZ_E_UNSUPPORTED, SUBS("'t'", "'float32'"));
+    expect_bad("{\"t\":{\"dtype\":\"F7\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1, NZ_E_UNSUPPORTED,
+               SUBS("'t'", "unknown dtype 'F7'"));
+    expect_bad("{\"t\":{\"dtype\":\"float32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4, NZ_E_UNSUPPORTED,
+               SUBS("'t'", "'float32'"));
     expect_bad("{\"t\":{\"dtype\":4,\"shape\":[1],\"data_offsets\":[0,4]}}", 4, NZ_E_FORMAT,
                SUBS("'t'", "dtype", "a string"));
     expect_bad("{\"t\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4, NZ_E_FORMAT,
@@ -343,30 +340,28 @@ static void test_parse_errors_dtype_shape(void **state) {
     expect_bad("{\"t\":[1]}", 0, NZ_E_FORMAT, SUBS("'t'", "must be an object"));
 
     /* negative, non-integer and too many dims */
-    expect_bad("{\"neg\":{\"dtype\":\"F32\",\"shape\":[2,-3],\"data_offsets\":[0,0]}}", 0,
-               NZ_E_FORMAT, SUBS("'neg'", "shape[1] is negative (-3)"));
+    expect_bad("{\"neg\":{\"dtype\":\"F32\",\"shape\":[2,-3],\"data_offsets\":[0,0]}}", 0, NZ_E_FORMAT,
+               SUBS("'neg'", "shape[1] is negative (-3)"));
     expect_bad("{\"t\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}", 4, NZ_E_FORMAT,
                SUBS("'t'", "shape[0] must be an integer", "real"));
-    expect_bad("{\"t\":{\"dtype\":\"F32\",\"shape\":[\"2\"],\"data_offsets\":[0,8]}}", 8,
-               NZ_E_FORMAT, SUBS("'t'", "shape[0]"));
+    expect_bad("{\"t\":{\"dtype\":\"F32\",\"shape\":[\"2\"],\"data_offsets\":[0,8]}}", 8, NZ_E_FORMAT,
+               SUBS("'t'", "shape[0]"));
     expect_bad("{\"t\":{\"dtype\":\"F32\",\"shape\":2,\"data_offsets\":[0,8]}}", 8, NZ_E_FORMAT,
                SUBS("'t'", "\"shape\" must be an array"));
     expect_bad("{\"t\":{\"dtype\":\"F32\",\"data_offsets\":[0,8]}}", 8, NZ_E_FORMAT,
                SUBS("'t'", "missing \"shape\""));
-    expect_bad("{\"deep\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}",
-               1, NZ_E_UNSUPPORTED, SUBS("'deep'", "9 dims"));
+    expect_bad("{\"deep\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", 1,
+               NZ_E_UNSUPPORTED, SUBS("'deep'", "9 dims"));
 
     /* element count overflow, with and without a 0 dim that cancels it */
-    expect_bad(
-        "{\"big\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296],\"data_offsets\":[0,0]}}", 0,
-        NZ_E_FORMAT, SUBS("'big'", "overflows"));
-    expect_bad(
-        "{\"big\":{\"dtype\":\"F64\",\"shape\":[4611686018427387904],\"data_offsets\":[0,0]}}", 0,
-        NZ_E_FORMAT, SUBS("'big'", "overflows"));
+    expect_bad("{\"big\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296],\"data_offsets\":[0,0]}}", 0,
+               NZ_E_FORMAT, SUBS("'big'", "overflows"));
+    expect_bad("{\"big\":{\"dtype\":\"F64\",\"shape\":[4611686018427387904],\"data_offsets\":[0,0]}}", 0,
+               NZ_E_FORMAT, SUBS("'big'", "overflows"));
     size_t len;
-    uint8_t *buf = make_image(
-        "{\"z\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,0],\"data_offsets\":[0,0]}}",
-        NULL, 0, &len);
+    uint8_t *buf =
+        make_image("{\"z\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,0],\"data_offsets\":[0,0]}}",
+                   NULL, 0, &len);
     nz_st_file *f = NULL;
     assert_int_equal(nz_st_parse(buf, len, &f, NULL), NZ_OK);
     assert_int_equal(nz_st_get(f, 0)->nelem, 0);
@@ -375,17 +370,16 @@ static void test_parse_errors_dtype_shape(void **state) {
 }
 
 static void test_parse_errors_offsets(void **state) {
-    expect_bad("{\"x\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,10]}}", 24,
-               NZ_E_FORMAT,
+    expect_bad("{\"x\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,10]}}", 24, NZ_E_FORMAT,
                SUBS("safetensors: tensor 'x': data_offsets [0, 10] do not match shape [2, 3] x F32 "
                     "(24 bytes)"));
     expect_bad("{\"s\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[0,4]}}", 8, NZ_E_FORMAT,
                SUBS("'s'", "shape [] x I64 (8 bytes)"));
     /* beyond the data section */
-    expect_bad("{\"far\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}", 7,
-               NZ_E_TRUNCATED, SUBS("'far'", "[4, 8]", "beyond the data section (7 bytes)"));
-    expect_bad("{\"far\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[9,9]}}", 8,
-               NZ_E_TRUNCATED, SUBS("'far'"));
+    expect_bad("{\"far\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}", 7, NZ_E_TRUNCATED,
+               SUBS("'far'", "[4, 8]", "beyond the data section (7 bytes)"));
+    expect_bad("{\"far\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[9,9]}}", 8, NZ_E_TRUNCATED,
+               SUBS("'far'"));
     /* malformed offsets */
     expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[8,4]}}", 8, NZ_E_FORMAT,
                SUBS("'o'", "end before begin"));
@@ -393,12 +387,12 @@ static void test_parse_errors_offsets(void **state) {
                SUBS("'o'", "data_offsets[0] is negative"));
     expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4,8]}}", 8, NZ_E_FORMAT,
                SUBS("'o'", "[begin, end]"));
-    expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,\"4\"]}}", 8,
-               NZ_E_FORMAT, SUBS("'o'", "data_offsets[1] must be an integer"));
+    expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,\"4\"]}}", 8, NZ_E_FORMAT,
+               SUBS("'o'", "data_offsets[1] must be an integer"));
     expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4]}}", 8, NZ_E_FORMAT,
                SUBS("'o'", "missing \"data_offsets\""));
-    expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,99999999999999999999]}}",
-               8, NZ_E_FORMAT, SUBS("not valid JSON"));
+    expect_bad("{\"o\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,99999999999999999999]}}", 8,
+               NZ_E_FORMAT, SUBS("not valid JSON"));
     /* overlaps, in either header order */
     expect_bad("{\"p\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
                "\"q\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[2,6]}}",
@@ -520,8 +514,8 @@ static void test_open_errors(void **state) {
 
     /* parse errors name the path and the tensor */
     size_t len;
-    uint8_t *buf = make_image("{\"x\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,10]}}",
-                              NULL, 0, &len);
+    uint8_t *buf =
+        make_image("{\"x\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,10]}}", NULL, 0, &len);
     write_all(tpath(p, sizeof p, "bad.safetensors"), buf, len);
     free(buf);
     assert_int_equal(nz_st_open(p, &f, &err), NZ_E_FORMAT);
@@ -684,8 +678,7 @@ static void test_writer_empty_file(void **state) {
     nz_st_free(f);
 }
 
-static void expect_open_fail(const nz_st_out *t, size_t n, const json_t *md, int code,
-                             const char *sub) {
+static void expect_open_fail(const nz_st_out *t, size_t n, const json_t *md, int code, const char *sub) {
     char p[512];
     tpath(p, sizeof p, "fail.safetensors");
     nz_st_writer *w = (nz_st_writer *)(uintptr_t)1;

@@ -459,11 +459,10 @@ static void gap_breakdown(const enc_tensor *et, double h0) {
         if (et->counts[s])
             quant +=
                 (double)et->counts[s] * log2((double)et->counts[s] / n * NZ_RANS_PROB_SCALE / et->d.freq[s]);
-    double words = 8.0 * ((double)et->bytes - nt * 8 - states) -
-                   n * (double)raw_bits(et->d.dtype) - n * h0;
+    double words = 8.0 * ((double)et->bytes - nt * 8 - states) - n * (double)raw_bits(et->d.dtype) - n * h0;
     printf("  %-34s headers %+.4f, states %+.4f, table %+.4f, freq quant %+.4f, words %+.4f\n",
-           "  gap breakdown (bits/w)", 8.0 * 8 * nt / n, 8.0 * states / n,
-           32.0 * et->present / n, quant / n, (words - quant) / n);
+           "  gap breakdown (bits/w)", 8.0 * 8 * nt / n, 8.0 * states / n, 32.0 * et->present / n, quant / n,
+           (words - quant) / n);
 }
 
 /* Memcpy reference per output size (measured once per size). */

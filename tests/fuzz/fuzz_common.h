@@ -43,17 +43,17 @@
 #include <string.h>
 
 #ifndef FUZZ_FAIL
-#define FUZZ_FAIL(...)                                                                             \
-    do {                                                                                           \
-        fprintf(stderr, "fuzz invariant violated (%s:%d): ", __FILE__, __LINE__);                  \
-        fprintf(stderr, __VA_ARGS__);                                                              \
-        fprintf(stderr, "\n");                                                                     \
-        abort();                                                                                   \
+#define FUZZ_FAIL(...)                                                                                       \
+    do {                                                                                                     \
+        fprintf(stderr, "fuzz invariant violated (%s:%d): ", __FILE__, __LINE__);                            \
+        fprintf(stderr, __VA_ARGS__);                                                                        \
+        fprintf(stderr, "\n");                                                                               \
+        abort();                                                                                             \
     } while (0)
 #endif
-#define FUZZ_CHECK(cond, ...)                                                                      \
-    do {                                                                                           \
-        if (!(cond)) FUZZ_FAIL(__VA_ARGS__);                                                       \
+#define FUZZ_CHECK(cond, ...)                                                                                \
+    do {                                                                                                     \
+        if (!(cond)) FUZZ_FAIL(__VA_ARGS__);                                                                 \
     } while (0)
 
 #define FUZZ_UNUSED __attribute__((unused))
@@ -61,7 +61,7 @@
 /* Work caps (container): skip tensors whose decoded tile would exceed
  * FUZZ_TILE_BUF_MAX bytes; decode at most FUZZ_MAX_TILES tiles per input. */
 #define FUZZ_TILE_BUF_MAX ((uint64_t)16 << 20)
-#define FUZZ_MAX_TILES 64
+#define FUZZ_MAX_TILES    64
 
 typedef unsigned __int128 fz_u128;
 
@@ -95,8 +95,7 @@ static FUZZ_UNUSED size_t fuzz_mem_total(void) {
 /* A failing call: known negative code, err filled consistently. */
 static FUZZ_UNUSED void fz_check_err(int rc, const nz_error *err, const char *what) {
     FUZZ_CHECK(rc >= NZ_E_NOT_FOUND && rc < 0, "%s: unknown status %d", what, rc);
-    FUZZ_CHECK(err->code == rc, "%s: returned %d but err->code is %d (%s)", what, rc, err->code,
-               err->msg);
+    FUZZ_CHECK(err->code == rc, "%s: returned %d but err->code is %d (%s)", what, rc, err->code, err->msg);
     FUZZ_CHECK(memchr(err->msg, 0, sizeof err->msg) != NULL, "%s: error message not terminated", what);
     FUZZ_CHECK(err->msg[0] != 0, "%s: empty error message for status %d", what, rc);
 }
@@ -108,9 +107,12 @@ static FUZZ_UNUSED void fz_err_reset(nz_error *err) {
 /* fp32 bits of native element i */
 static FUZZ_UNUSED uint32_t fz_native_f32bits(nz_dtype nd, const uint8_t *nat, uint64_t i) {
     switch (nd) {
-    case NZ_DT_BF16: return (uint32_t)fz_rd16(nat + 2 * i) << 16;
-    case NZ_DT_F16: return fz_f2u(nz_f16_to_f32(fz_rd16(nat + 2 * i)));
-    default: return fz_rd32(nat + 4 * i);
+    case NZ_DT_BF16:
+        return (uint32_t)fz_rd16(nat + 2 * i) << 16;
+    case NZ_DT_F16:
+        return fz_f2u(nz_f16_to_f32(fz_rd16(nat + 2 * i)));
+    default:
+        return fz_rd32(nat + 4 * i);
     }
 }
 
@@ -129,8 +131,8 @@ static FUZZ_UNUSED int fz_set_kernel(int k) {
  * tensors every other kernel the CPU has decodes again and must agree exactly.
  * The caller guarantees nz_desc_tile_nrows(d, t) * cols * 8 fits in memory.
  * @return the status of nz_tile_decode_native. */
-static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t,
-                                        const uint8_t *tile, size_t len, int kernel) {
+static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
+                                        size_t len, int kernel) {
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
     int coded = d->coder != NZ_CODER_NONE;
     int isfloat = d->dtype != NZ_DT_OTHER;
@@ -151,9 +153,10 @@ static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, ui
     fz_err_reset(&err);
     int rf = nz_tile_decode_f32(dc, d, t, tile, len, f, &err);
     if (rf) fz_check_err(rf, &err, "nz_tile_decode_f32");
-    if (!isfloat) FUZZ_CHECK(rf == NZ_E_UNSUPPORTED || rf == NZ_E_TRUNCATED || rf == NZ_E_FORMAT ||
-                                 rf == NZ_E_INVALID_ARG,
-                             "fp32 decode of a non-float tensor returned %d", rf);
+    if (!isfloat)
+        FUZZ_CHECK(rf == NZ_E_UNSUPPORTED || rf == NZ_E_TRUNCATED || rf == NZ_E_FORMAT ||
+                       rf == NZ_E_INVALID_ARG,
+                   "fp32 decode of a non-float tensor returned %d", rf);
 
     fz_err_reset(&err);
     int rn = nz_tile_decode_native(dc, d, t, tile, len, nat, &err);
@@ -176,9 +179,8 @@ static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, ui
         for (uint64_t i = 0; i < n; i++) {
             uint32_t fb = fz_f2u(f[i]);
             if (!lossy) {
-                FUZZ_CHECK(fb == fz_native_f32bits(nd, nat, i),
-                           "element %llu: fp32 %08x vs native %08x", (unsigned long long)i, fb,
-                           fz_native_f32bits(nd, nat, i));
+                FUZZ_CHECK(fb == fz_native_f32bits(nd, nat, i), "element %llu: fp32 %08x vs native %08x",
+                           (unsigned long long)i, fb, fz_native_f32bits(nd, nat, i));
             } else if (nd == NZ_DT_F32) {
                 FUZZ_CHECK(fb == fz_rd32(nat + 4 * i), "lossy element %llu: fp32 vs native",
                            (unsigned long long)i);
@@ -237,8 +239,8 @@ static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, ui
              * may carry coder parameters, is the same) */
             if (d->coder == NZ_CODER_RANS && !memcmp(enc + 4, tile + 4, 4))
                 FUZZ_CHECK(fz_rd32(enc) == fz_rd32(tile) && !memcmp(enc + 8, tile + 8, fz_rd32(tile)),
-                           "decoder accepted a non-canonical rANS stream (%u vs %u bytes)",
-                           fz_rd32(tile), fz_rd32(enc));
+                           "decoder accepted a non-canonical rANS stream (%u vs %u bytes)", fz_rd32(tile),
+                           fz_rd32(enc));
         }
         free(enc);
         free(nat2);
@@ -310,14 +312,15 @@ static FUZZ_UNUSED void fuzz_check_model(const nz_model *m, const uint8_t *buf, 
         fz_u128 rows = 1, cols = 1;
         for (int k = 0; k < x->ndim; k++) {
             FUZZ_CHECK(x->shape[k] >= 0, "negative dim");
-            if (k == 0 && x->ndim >= 2) rows = (uint64_t)x->shape[k];
-            else if (cols <= UINT64_MAX) cols *= (uint64_t)x->shape[k];
+            if (k == 0 && x->ndim >= 2)
+                rows = (uint64_t)x->shape[k];
+            else if (cols <= UINT64_MAX)
+                cols *= (uint64_t)x->shape[k];
         }
         if (rows * cols != 0)
             FUZZ_CHECK(rows == d->rows && cols == d->cols, "tensor '%s': shape vs rows x cols", x->name);
         FUZZ_CHECK((rows * cols == 0) == ((fz_u128)d->rows * d->cols == 0), "empty vs shape");
-        FUZZ_CHECK((fz_u128)d->rows * d->cols * d->elem_size <= UINT64_MAX, "tensor '%s' overflows",
-                   x->name);
+        FUZZ_CHECK((fz_u128)d->rows * d->cols * d->elem_size <= UINT64_MAX, "tensor '%s' overflows", x->name);
         /* callers size tile buffers as tile_rows * cols * (elem size <= 8) */
         FUZZ_CHECK((fz_u128)d->tile_rows * d->cols * 8 <= UINT64_MAX, "tensor '%s': tile buffer overflows",
                    x->name);
@@ -521,7 +524,7 @@ typedef struct {
     nz_tensor_desc d;
     uint64_t t;
     int kernel; /* nz_rans_kernel */
-    size_t hdr;  /* bytes before the tile */
+    size_t hdr; /* bytes before the tile */
 } fuzz_tile_params;
 
 /* @return 1 and p filled from data, or 0 when data is too short. */
@@ -562,8 +565,10 @@ static FUZZ_UNUSED int fuzz_tile_parse(const uint8_t *data, size_t size, fuzz_ti
                     present++;
                     if (first < 0) first = (int)s;
                 }
-            if (present == 0) counts[0] = counts[1] = 1;
-            else if (present == 1) counts[((uint32_t)first + 1) % nsym] = 1;
+            if (present == 0)
+                counts[0] = counts[1] = 1;
+            else if (present == 1)
+                counts[((uint32_t)first + 1) % nsym] = 1;
         }
         int present = nz_rans_normalize(counts, d->freq);
         FUZZ_CHECK(present >= 0, "nz_rans_normalize: %d", present);

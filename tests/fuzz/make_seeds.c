@@ -26,9 +26,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static const char *g_out;  /* corpus directory */
-static char g_tmp[64];     /* scratch directory for the writer */
-static size_t g_total;     /* bytes written */
+static const char *g_out; /* corpus directory */
+static char g_tmp[64];    /* scratch directory for the writer */
+static size_t g_total;    /* bytes written */
 
 static void die(const char *fmt, ...) {
     va_list ap;
@@ -74,8 +74,8 @@ static uint8_t *gen(nz_dtype dt, uint64_t n, int kind, double scale) {
         float v = (float)(gauss() * scale);
         if (kind == CONST_EXP) v = 1.0f + (float)(rnd() % 1000) / 4000.0f; /* [1, 1.25) */
         if ((kind == SPECIAL || kind == SPECIAL_NO_NAN) && rnd() % 4 == 0) {
-            static const float sp[] = {0.0f, -0.0f, INFINITY, -INFINITY, 1e-40f, -3e-39f,
-                                       6.0e-8f, 3.0e38f, 65504.0f, 1e-5f, -2.0f, NAN};
+            static const float sp[] = {0.0f,    -0.0f,   INFINITY, -INFINITY, 1e-40f, -3e-39f,
+                                       6.0e-8f, 3.0e38f, 65504.0f, 1e-5f,     -2.0f,  NAN};
             int k = (int)(rnd() % (kind == SPECIAL ? 12 : 11));
             v = sp[k];
         }
@@ -90,7 +90,9 @@ static uint8_t *gen(nz_dtype dt, uint64_t n, int kind, double scale) {
             memcpy(b + 2 * i, &h, 2);
             break;
         }
-        default: memcpy(b + 4 * i, &v, 4); break;
+        default:
+            memcpy(b + 4 * i, &v, 4);
+            break;
         }
     }
     return b;
@@ -168,8 +170,10 @@ static void add_tensor(nz_writer *w, const tspec *s) {
                                                 : NZ_DT_OTHER;
     uint64_t rows = 1, cols = 1;
     for (int i = 0; i < s->ndim; i++) {
-        if (i == 0 && s->ndim >= 2) rows = (uint64_t)s->shape[0];
-        else cols *= (uint64_t)s->shape[i];
+        if (i == 0 && s->ndim >= 2)
+            rows = (uint64_t)s->shape[0];
+        else
+            cols *= (uint64_t)s->shape[i];
     }
     nz_mode mode;
     check(nz_mode_parse(s->mode, &mode, &err), &err, s->name);
@@ -209,8 +213,8 @@ typedef struct {
     const char *data;
 } bspec;
 
-static void container_seed(const char *seed, const char *config, const char *metadata,
-                           const bspec *blobs, size_t nblobs, const tspec *ts, size_t nt) {
+static void container_seed(const char *seed, const char *config, const char *metadata, const bspec *blobs,
+                           size_t nblobs, const tspec *ts, size_t nt) {
     nz_error err;
     char path[256];
     snprintf(path, sizeof path, "%s/%s.nzp", g_tmp, seed);
@@ -265,12 +269,25 @@ static void container_seed(const char *seed, const char *config, const char *met
 
 static void container_seeds(void) {
     {
-        const bspec b[] = {{"tokenizer.json", "{\"version\":\"1.0\",\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1}}}"}};
+        const bspec b[] = {
+            {"tokenizer.json",
+             "{\"version\":\"1.0\",\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1}}}"}};
         const tspec t[] = {
-            {"model.embed_tokens.weight", "BF16", 2, {8, 64}, "lossless", NZ_CODER_RANS, 0, 3, GAUSS, 0.02, 0},
+            {"model.embed_tokens.weight",
+             "BF16",
+             2,
+             {8, 64},
+             "lossless",
+             NZ_CODER_RANS,
+             0,
+             3,
+             GAUSS,
+             0.02,
+             0},
             {"model.norm.weight", "BF16", 1, {64}, "raw", NZ_CODER_NONE, 0, 1, GAUSS, 1.0, 0},
         };
-        container_seed("c01-bf16-lossless-rans", "{\"model_type\":\"llama\",\"hidden_size\":64,\"num_hidden_layers\":1}",
+        container_seed("c01-bf16-lossless-rans",
+                       "{\"model_type\":\"llama\",\"hidden_size\":64,\"num_hidden_layers\":1}",
                        "{\"format\":\"pt\"}", b, 1, t, 2);
     }
     {
@@ -350,10 +367,10 @@ static void container_seeds(void) {
 
 typedef struct {
     const char *name;
-    int dtype;  /* 0 bf16, 1 f16, 2 f32 */
-    int mode;   /* 0 lossless, 1 bf16, 2 + k lossy-k */
-    int norm;   /* byte 2 */
-    int coder;  /* 0 rans, 1 zstd, 2 const */
+    int dtype; /* 0 bf16, 1 f16, 2 f32 */
+    int mode;  /* 0 lossless, 1 bf16, 2 + k lossy-k */
+    int norm;  /* byte 2 */
+    int coder; /* 0 rans, 1 zstd, 2 const */
     int rows, cols, tile_rows, t;
     int kernel; /* byte 9: 0 auto, 1 scalar, 2 avx2, 3 avx512 */
     int kind;
@@ -433,27 +450,27 @@ static void tile_seeds(void) {
         /* name                          dt md nb cd rows cols tr  t kern kind scale lanes */
         {"t01-bf16-lossless-rans-avx512", 0, 0, 0, 0, 8, 64, 4, 1, 3, GAUSS, 0.02, 0},
         {"t02-bf16-lossless-rans-scalar", 0, 0, 0, 0, 3, 100, 3, 0, 1, GAUSS, 0.02, 0},
-        {"t03-f16-lossless-rans-avx2",    1, 0, 0, 0, 4, 48, 4, 0, 2, GAUSS, 0.05, 0},
+        {"t03-f16-lossless-rans-avx2", 1, 0, 0, 0, 4, 48, 4, 0, 2, GAUSS, 0.05, 0},
         {"t04-f16-lossless-zstd-special", 1, 0, 0, 1, 4, 24, 2, 1, 0, SPECIAL, 1.0, 0},
-        {"t05-f32-lossless-rans-scalar",  2, 0, 0, 0, 4, 32, 4, 0, 1, GAUSS, 0.02, 0},
-        {"t06-f32-lossless-zstd",         2, 0, 0, 1, 6, 20, 3, 1, 0, GAUSS, 0.3, 0},
-        {"t07-f32-bf16-rans-fused-avx2",  2, 1, 0, 0, 8, 64, 8, 0, 2, GAUSS, 0.02, 0},
-        {"t08-f16-bf16-zstd",             1, 1, 0, 1, 5, 30, 5, 0, 1, GAUSS, 0.1, 0},
-        {"t09-f32-lossy0-rans-avx512",    2, 2, 0, 0, 4, 50, 4, 0, 3, SPECIAL_NO_NAN, 1.0, 0},
-        {"t10-bf16-lossy3-norm16-rans",   0, 5, 16, 0, 6, 40, 3, 1, 1, GAUSS, 0.05, 0},
-        {"t11-f16-lossy7-norm2p30-rans",  1, 9, 255, 0, 2, 64, 2, 0, 2, GAUSS, 0.05, 0},
-        {"t12-f32-lossy4-norm7-zstd",     2, 6, 7, 1, 3, 45, 3, 0, 0, SPECIAL, 1.0, 0},
-        {"t13-bf16-lossless-const",       0, 0, 0, 2, 4, 16, 4, 0, 0, CONST_EXP, 1.0, 0},
-        {"t14-f32-lossy2-const",          2, 4, 0, 2, 3, 21, 2, 1, 1, CONST_EXP, 1.0, 0},
+        {"t05-f32-lossless-rans-scalar", 2, 0, 0, 0, 4, 32, 4, 0, 1, GAUSS, 0.02, 0},
+        {"t06-f32-lossless-zstd", 2, 0, 0, 1, 6, 20, 3, 1, 0, GAUSS, 0.3, 0},
+        {"t07-f32-bf16-rans-fused-avx2", 2, 1, 0, 0, 8, 64, 8, 0, 2, GAUSS, 0.02, 0},
+        {"t08-f16-bf16-zstd", 1, 1, 0, 1, 5, 30, 5, 0, 1, GAUSS, 0.1, 0},
+        {"t09-f32-lossy0-rans-avx512", 2, 2, 0, 0, 4, 50, 4, 0, 3, SPECIAL_NO_NAN, 1.0, 0},
+        {"t10-bf16-lossy3-norm16-rans", 0, 5, 16, 0, 6, 40, 3, 1, 1, GAUSS, 0.05, 0},
+        {"t11-f16-lossy7-norm2p30-rans", 1, 9, 255, 0, 2, 64, 2, 0, 2, GAUSS, 0.05, 0},
+        {"t12-f32-lossy4-norm7-zstd", 2, 6, 7, 1, 3, 45, 3, 0, 0, SPECIAL, 1.0, 0},
+        {"t13-bf16-lossless-const", 0, 0, 0, 2, 4, 16, 4, 0, 0, CONST_EXP, 1.0, 0},
+        {"t14-f32-lossy2-const", 2, 4, 0, 2, 3, 21, 2, 1, 1, CONST_EXP, 1.0, 0},
         {"t15-bf16-lossless-rans-special", 0, 0, 0, 0, 2, 512, 2, 0, 3, SPECIAL, 1.0, 0},
-        {"t16-f16-lossless-rans-large",   1, 0, 0, 0, 16, 256, 16, 0, 2, GAUSS, 0.02, 0},
+        {"t16-f16-lossless-rans-large", 1, 0, 0, 0, 16, 256, 16, 0, 2, GAUSS, 0.02, 0},
         {"t17-bf16-lossy1-rans-shorttile", 0, 3, 0, 0, 5, 7, 2, 2, 1, GAUSS, 1.0, 0},
         {"t18-f32-bf16-rans-fused-scalar", 2, 1, 0, 0, 3, 96, 3, 0, 1, SPECIAL, 1.0, 0},
         {"t19-bf16-lossless-rans64-fused", 0, 0, 0, 0, 8, 128, 8, 0, 3, GAUSS, 0.02, 64},
         {"t20-f16-lossless-rans64-scalar", 1, 0, 0, 0, 5, 77, 5, 0, 1, SPECIAL, 1.0, 64},
-        {"t21-f32-lossy3-norm9-rans64",    2, 5, 9, 0, 4, 90, 2, 1, 2, GAUSS, 0.1, 64},
-        {"t22-bf16-lossy6-rans64-short",   0, 8, 0, 0, 3, 40, 2, 1, 0, GAUSS, 1.0, 64},
-        {"t23-bf16-lossless-rans64-avx2",  0, 0, 0, 0, 6, 200, 6, 0, 2, GAUSS, 0.02, 64},
+        {"t21-f32-lossy3-norm9-rans64", 2, 5, 9, 0, 4, 90, 2, 1, 2, GAUSS, 0.1, 64},
+        {"t22-bf16-lossy6-rans64-short", 0, 8, 0, 0, 3, 40, 2, 1, 0, GAUSS, 1.0, 64},
+        {"t23-bf16-lossless-rans64-avx2", 0, 0, 0, 0, 6, 200, 6, 0, 2, GAUSS, 0.02, 64},
     };
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) tile_seed(&specs[i]);
 }
