@@ -37,8 +37,14 @@
  *          "counts": [[exponent, count], ...]      (exact histogram, for reports)
  *          "tiles":  [[offset, size, "xxh3 hex"], ...]  ceil(R / TR) entries}
  *  3. Data section: blobs and tiles. Every offset is relative to data_offset
- *     and a multiple of 64; regions lie inside the section and never overlap.
- *     Each tile is one nz_codec.h tile; its XXH3-64 is checked before decoding.
+ *     and a multiple of 64; regions lie inside the section and never overlap;
+ *     the bytes between them are zero. Each tile is one nz_codec.h tile; its
+ *     XXH3-64 is checked before decoding. With the header hash, the blob and
+ *     tile hashes and the zero padding (nz_model_check_padding, run by
+ *     `nzp verify`), every byte of a file is covered by some check.
+ *
+ * Limits: a tensor has at most 2^59 elements and tile_rows * cols <= 2^59, so
+ * no size derived from a shape can overflow 64 bits.
  *
  * The loader validates everything it reads before use (magic, version,
  * sizes against the buffer, header hash, JSON types and ranges, shapes vs
