@@ -15,7 +15,7 @@ OPT      ?= -O2
 SAN      ?=
 CFLAGS   ?= $(OPT) -g
 CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-format-truncation -Iengine $(SAN)
-LDLIBS   += -ljansson -lzstd -lxxhash -lm -lpthread
+LDLIBS   += -ljansson -lzstd -lxxhash -lopenblas -lm -lpthread
 PYTHON   ?= /usr/bin/python3
 FUZZ_SECONDS ?= 30
 

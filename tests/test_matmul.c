@@ -1,0 +1,198 @@
+/* Lazy tile matmul: results against a double-precision reference on the
+ * same (decoded) weights, in every weight mode and cache setting. */
+#include "test_util.h"
+
+#include "nz_alloc.h"
+#include "nz_cache.h"
+#include "nz_codec.h"
+#include "nz_container.h"
+#include "nz_weight.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#define N 300 /* output features (rows of W) */
+#define K 200 /* input features */
+#define TILE_ROWS 64
+
+static float g_w32[N * K];
+static uint8_t *g_img;
+static size_t g_len;
+static nz_model *g_m;
+
+static const char *const NAMES[] = {"raw.f32", "lossless.bf16", "lossless.f16", "lossy3.f32", "bf16mode.f32"};
+#define NW (sizeof NAMES / sizeof *NAMES)
+
+static void add(nz_writer *w, const char *name, const char *st, nz_dtype dt, const char *mode, const void *src) {
+    nz_error e = {0};
+    nz_mode md;
+    nz_tensor_desc d;
+    int64_t shape[2] = {N, K};
+    assert_int_equal(nz_mode_parse(mode, &md, &e), NZ_OK);
+    assert_int_equal(nz_desc_init(&d, dt, nz_dtype_size(dt), &md, NZ_CODER_RANS, N, K, TILE_ROWS, &e), NZ_OK);
+    assert_int_equal(nz_tensor_analyze(&d, src, NULL, &e), NZ_OK);
+    assert_int_equal(nz_writer_begin_tensor(w, name, st, 2, shape, &d, NULL, &e), NZ_OK);
+    for (uint64_t t = 0; t < nz_desc_ntiles(&d); t++) {
+        size_t cap = nz_tile_bound(&d, t), len;
+        uint8_t *buf = xmalloc(cap);
+        assert_int_equal(
+            nz_tile_encode(&d, t, (const uint8_t *)src + t * TILE_ROWS * K * nz_dtype_size(dt), buf, cap, &len, &e),
+            NZ_OK);
+        assert_int_equal(nz_writer_add_tile(w, buf, len, &e), NZ_OK);
+        free(buf);
+    }
+}
+
+static int setup(void **state) {
+    (void)state;
+    static uint16_t bf[N * K], h[N * K];
+    uint64_t s = 11;
+    for (size_t i = 0; i < N * K; i++) {
+        g_w32[i] = (float)(0.02 * tu_gauss(&s));
+        bf[i] = nz_f32_to_bf16(g_w32[i]);
+        h[i] = nz_f32_to_f16(g_w32[i]);
+    }
+    char path[] = "/tmp/nz_test_matmul_XXXXXX";
+    int fd = mkstemp(path);
+    close(fd);
+    nz_writer *w;
+    nz_error e = {0};
+    assert_int_equal(nz_writer_create(path, &w, &e), NZ_OK);
+    add(w, NAMES[0], "F32", NZ_DT_F32, "raw", g_w32);
+    add(w, NAMES[1], "BF16", NZ_DT_BF16, "lossless", bf);
+    add(w, NAMES[2], "F16", NZ_DT_F16, "lossless", h);
+    add(w, NAMES[3], "F32", NZ_DT_F32, "lossy-3", g_w32);
+    add(w, NAMES[4], "F32", NZ_DT_F32, "bf16", g_w32);
+    assert_int_equal(nz_writer_finish(w, &e), NZ_OK);
+    FILE *f = fopen(path, "rb");
+    fseek(f, 0, SEEK_END);
+    g_len = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    g_img = xmalloc(g_len);
+    assert_int_equal(fread(g_img, 1, g_len, f), g_len);
+    fclose(f);
+    unlink(path);
+    assert_int_equal(nz_model_load_buffer(g_img, g_len, &g_m, &e), NZ_OK);
+    return 0;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    nz_model_free(g_m);
+    free(g_img);
+    return 0;
+}
+
+/* The weights as the engine serves them (decoded tiles), in double. */
+static double *decoded_weights(const nz_weight *w) {
+    double *W = xmalloc(N * K * sizeof *W);
+    float *tile = xmalloc(w->max_tile * sizeof *tile);
+    nz_dctx *dc = nz_dctx_create();
+    nz_error e = {0};
+    for (uint64_t t = 0; t < w->t->ntiles; t++) {
+        assert_int_equal(nz_model_decode_f32(g_m, dc, w->index, t, tile, &e), NZ_OK);
+        for (uint64_t i = 0; i < nz_desc_tile_nrows(&w->t->desc, t) * K; i++) W[t * TILE_ROWS * K + i] = tile[i];
+    }
+    nz_dctx_free(dc);
+    free(tile);
+    return W;
+}
+
+/* y = x W^T for every weight mode, M in {1, 3, 64}, caches off / 0 / partial
+ * / full: max |y - reference| <= 1e-4 (fp32 accumulation over K = 200 terms
+ * of size ~0.02); all cache settings give bit-identical results. */
+static void test_matmul_all_modes(void **state) {
+    (void)state;
+    static const size_t Ms[] = {1, 3, 64};
+    const size_t budgets[] = {0, 3 * TILE_ROWS * K * sizeof(float), (size_t)64 << 20};
+    nz_dctx *dc = nz_dctx_create();
+    nz_error e = {0};
+    uint64_t s = 5;
+    for (size_t wi = 0; wi < NW; wi++) {
+        nz_weight w;
+        assert_int_equal(nz_weight_bind(&w, g_m, NAMES[wi], &e), NZ_OK);
+        assert_int_equal(w.n, N);
+        assert_int_equal(w.k, K);
+        double *W = decoded_weights(&w);
+        float *scratch = xmalloc(w.max_tile * sizeof(float));
+        for (size_t mi = 0; mi < sizeof Ms / sizeof *Ms; mi++) {
+            size_t M = Ms[mi];
+            float *x = xmalloc(M * K * sizeof(float)), *y0 = xmalloc(M * N * sizeof(float)),
+                  *y = xmalloc(M * N * sizeof(float));
+            for (size_t i = 0; i < M * K; i++) x[i] = (float)tu_gauss(&s);
+            assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, M, y0, &e), NZ_OK);
+            double maxerr = 0;
+            for (size_t r = 0; r < M; r++)
+                for (size_t c = 0; c < N; c++) {
+                    double ref = 0;
+                    for (size_t k = 0; k < K; k++) ref += (double)x[r * K + k] * W[c * K + k];
+                    maxerr = fmax(maxerr, fabs(ref - y0[r * N + c]));
+                }
+            if (maxerr > 1e-4) fail_msg("%s M=%zu: max abs error %.3g > 1e-4", NAMES[wi], M, maxerr);
+            for (size_t bi = 0; bi < 3; bi++) {
+                nz_tile_cache *c = nz_cache_create(budgets[bi]);
+                for (int pass = 0; pass < 2; pass++) {
+                    memset(y, 0xff, M * N * sizeof(float));
+                    assert_int_equal(nz_matmul(c, dc, scratch, &w, x, M, y, &e), NZ_OK);
+                    if (memcmp(y, y0, M * N * sizeof(float)))
+                        fail_msg("%s M=%zu budget %zu pass %d differs from the uncached result", NAMES[wi], M,
+                                 budgets[bi], pass);
+                }
+                nz_cache_stats st;
+                nz_cache_get_stats(c, &st);
+                assert_true(st.bytes <= budgets[bi]);
+                if (bi == 2) assert_int_equal(st.tiles_decoded, w.t->ntiles); /* full cache: once each */
+                if (bi == 0) assert_int_equal(st.entries, 0);
+                nz_cache_free(c);
+            }
+            free(x);
+            free(y0);
+            free(y);
+        }
+        free(scratch);
+        free(W);
+    }
+    nz_dctx_free(dc);
+}
+
+/* A damaged tile makes the matmul fail with the tensor and tile named; the
+ * cache keeps serving the other weights. */
+static void test_matmul_damaged_tile(void **state) {
+    (void)state;
+    uint8_t *img = xmalloc(g_len);
+    memcpy(img, g_img, g_len);
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_OK);
+    nz_weight w, ok;
+    assert_int_equal(nz_weight_bind(&w, m, "lossless.bf16", &e), NZ_OK);
+    assert_int_equal(nz_weight_bind(&ok, m, "raw.f32", &e), NZ_OK);
+    uint64_t doff = 0;
+    for (int i = 7; i >= 0; i--) doff = doff << 8 | img[24 + i];
+    img[doff + w.t->tiles[2].offset + 40] ^= 0x20;
+    nz_dctx *dc = nz_dctx_create();
+    nz_tile_cache *c = nz_cache_create((size_t)16 << 20);
+    float *scratch = xmalloc((w.max_tile > ok.max_tile ? w.max_tile : ok.max_tile) * sizeof(float));
+    float x[K], y[N];
+    for (int i = 0; i < K; i++) x[i] = 1.0f / (float)(i + 1);
+    for (int rep = 0; rep < 2; rep++) {
+        assert_int_equal(nz_matmul(c, dc, scratch, &w, x, 1, y, &e), NZ_E_CHECKSUM);
+        assert_string_equal(e.msg, "tensor 'lossless.bf16' tile 2: checksum mismatch");
+        assert_int_equal(nz_matmul(c, dc, scratch, &ok, x, 1, y, &e), NZ_OK);
+    }
+    assert_int_equal(nz_weight_bind(&w, m, "nope", &e), NZ_E_NOT_FOUND);
+    nz_cache_free(c);
+    nz_dctx_free(dc);
+    free(scratch);
+    nz_model_free(m);
+    free(img);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_all_modes),
+        cmocka_unit_test(test_matmul_damaged_tile),
+    };
+    return cmocka_run_group_tests_name("matmul", tests, setup, teardown);
+}
