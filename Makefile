@@ -65,11 +65,12 @@ valgrind: all
 	  NZ_TEST_QUICK=1 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $$t; done
 	NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) $(PYTHON) -m pytest -q tests/python
 
-BENCH_BIN := $(BUILD)/bench_codec
-$(BENCH_BIN): tests/bench/bench_codec.c $(ENGINE_LIB)
+BENCH_BIN := $(BUILD)/bench_codec $(BUILD)/bench_matmul
+$(BUILD)/bench_%: tests/bench/bench_%.c $(ENGINE_LIB)
 	$(CC) $(CFLAGS) $< $(ENGINE_LIB) -o $@ $(LDLIBS)
 bench: $(BENCH_BIN) $(NZP)
-	$(BENCH_BIN)
+	$(BUILD)/bench_codec
+	$(BUILD)/bench_matmul
 
 FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h $(ENGINE_SRC) $(wildcard engine/*.h)

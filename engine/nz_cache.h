@@ -61,8 +61,8 @@ void nz_cache_free(nz_tile_cache *c);
  *  hold nz_desc_tile_nrows * cols floats). Release every successful ref with
  *  nz_cache_release.
  *  @return NZ_OK and *ref, or the decoder's error (nothing cached). */
-int nz_cache_get(nz_tile_cache *c, const nz_model *m, size_t ti, uint64_t t, nz_dctx *dc,
-                 float *scratch, nz_cache_ref *ref, nz_error *err);
+int nz_cache_get(nz_tile_cache *c, const nz_model *m, size_t ti, uint64_t t, nz_dctx *dc, float *scratch,
+                 nz_cache_ref *ref, nz_error *err);
 
 /** Unpin a ref from nz_cache_get (no-op for scratch refs). */
 void nz_cache_release(nz_tile_cache *c, nz_cache_ref *ref);

@@ -23,8 +23,8 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
     return NZ_OK;
 }
 
-int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w,
-              const float *x, size_t M, float *y, nz_error *err) {
+int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, const float *x, size_t M,
+              float *y, nz_error *err) {
     const nz_tensor *t = w->t;
     const int K = (int)w->k, N = (int)w->n;
     for (uint64_t tile = 0; tile < t->ntiles; tile++) {
@@ -38,8 +38,8 @@ int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight
         if (M == 1)
             cblas_sgemv(CblasRowMajor, CblasNoTrans, nr, K, 1.0f, ref.data, K, x, 1, 0.0f, y + r0, 1);
         else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, nr, K, 1.0f, x, K, ref.data, K,
-                        0.0f, y + r0, N);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, nr, K, 1.0f, x, K, ref.data, K, 0.0f,
+                        y + r0, N);
         if (cache) nz_cache_release(cache, &ref);
     }
     return NZ_OK;

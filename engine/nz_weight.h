@@ -22,11 +22,11 @@ extern "C" {
 
 typedef struct nz_weight {
     const nz_model *model;
-    size_t index;          /* tensor index in the model */
-    const nz_tensor *t;    /* the tensor */
-    uint64_t n;            /* output features: rows of W */
-    uint64_t k;            /* input features: cols of W */
-    uint64_t max_tile;     /* floats in the largest tile: scratch size for nz_matmul */
+    size_t index;       /* tensor index in the model */
+    const nz_tensor *t; /* the tensor */
+    uint64_t n;         /* output features: rows of W */
+    uint64_t k;         /* input features: cols of W */
+    uint64_t max_tile;  /* floats in the largest tile: scratch size for nz_matmul */
 } nz_weight;
 
 /** Bind w to the tensor called name, which must be a float tensor viewed
@@ -39,8 +39,8 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
  *  cache (may be NULL: decode every tile into scratch), decoded with dc;
  *  scratch holds w->max_tile floats.
  *  @return NZ_OK or the first tile error (y is then unspecified). */
-int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w,
-              const float *x, size_t M, float *y, nz_error *err);
+int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, const float *x, size_t M,
+              float *y, nz_error *err);
 
 #ifdef __cplusplus
 }

@@ -12,8 +12,8 @@
 #include <stdio.h>
 #include <unistd.h>
 
-#define N 300 /* output features (rows of W) */
-#define K 200 /* input features */
+#define N         300 /* output features (rows of W) */
+#define K         200 /* input features */
 #define TILE_ROWS 64
 
 static float g_w32[N * K];
@@ -24,7 +24,8 @@ static nz_model *g_m;
 static const char *const NAMES[] = {"raw.f32", "lossless.bf16", "lossless.f16", "lossy3.f32", "bf16mode.f32"};
 #define NW (sizeof NAMES / sizeof *NAMES)
 
-static void add(nz_writer *w, const char *name, const char *st, nz_dtype dt, const char *mode, const void *src) {
+static void add(nz_writer *w, const char *name, const char *st, nz_dtype dt, const char *mode,
+                const void *src) {
     nz_error e = {0};
     nz_mode md;
     nz_tensor_desc d;
@@ -36,9 +37,9 @@ static void add(nz_writer *w, const char *name, const char *st, nz_dtype dt, con
     for (uint64_t t = 0; t < nz_desc_ntiles(&d); t++) {
         size_t cap = nz_tile_bound(&d, t), len;
         uint8_t *buf = xmalloc(cap);
-        assert_int_equal(
-            nz_tile_encode(&d, t, (const uint8_t *)src + t * TILE_ROWS * K * nz_dtype_size(dt), buf, cap, &len, &e),
-            NZ_OK);
+        assert_int_equal(nz_tile_encode(&d, t, (const uint8_t *)src + t * TILE_ROWS * K * nz_dtype_size(dt),
+                                        buf, cap, &len, &e),
+                         NZ_OK);
         assert_int_equal(nz_writer_add_tile(w, buf, len, &e), NZ_OK);
         free(buf);
     }
@@ -92,7 +93,8 @@ static double *decoded_weights(const nz_weight *w) {
     nz_error e = {0};
     for (uint64_t t = 0; t < w->t->ntiles; t++) {
         assert_int_equal(nz_model_decode_f32(g_m, dc, w->index, t, tile, &e), NZ_OK);
-        for (uint64_t i = 0; i < nz_desc_tile_nrows(&w->t->desc, t) * K; i++) W[t * TILE_ROWS * K + i] = tile[i];
+        for (uint64_t i = 0; i < nz_desc_tile_nrows(&w->t->desc, t) * K; i++)
+            W[t * TILE_ROWS * K + i] = tile[i];
     }
     nz_dctx_free(dc);
     free(tile);
