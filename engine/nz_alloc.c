@@ -1,6 +1,9 @@
 #include "nz_alloc.h"
 
+#include "nz_common.h"
+
 #include <jansson.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,7 +89,7 @@ size_t nz_mem_peak(nz_mem_cat cat) {
 }
 
 const char *nz_mem_cat_name(nz_mem_cat cat) {
-    static const char *names[NZ_MEM_NCAT] = {"weights",  "tile_cache",  "scratch",
+    static const char *names[NZ_MEM_NCAT] = {"weights",  "mapped",      "tile_cache", "scratch",
                                              "kv_cache", "activations", "other"};
     return (unsigned)cat < NZ_MEM_NCAT ? names[cat] : "invalid";
 }
@@ -102,3 +105,25 @@ void nz_alloc_hook_json(void) {
 /* Install the hook before main(): a JSON value allocated by plain malloc
  * before the hook and freed after it would corrupt the heap. */
 __attribute__((constructor)) static void hook_json_at_start(void) { nz_alloc_hook_json(); }
+
+/* VmRSS / VmHWM lines of /proc/self/status, in bytes. */
+int nz_mem_get_report(nz_mem_report *r) {
+    memset(r, 0, sizeof *r);
+    for (int c = 0; c < NZ_MEM_NCAT; c++) {
+        r->current[c] = nz_mem_current((nz_mem_cat)c);
+        r->peak[c] = nz_mem_peak((nz_mem_cat)c);
+        if (c != NZ_MEM_MAPPED) r->counted += r->current[c];
+    }
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return NZ_E_IO;
+    char line[256];
+    unsigned long long kb;
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "VmRSS: %llu kB", &kb) == 1)
+            r->rss = (size_t)kb * 1024;
+        else if (sscanf(line, "VmHWM: %llu kB", &kb) == 1)
+            r->rss_peak = (size_t)kb * 1024;
+    }
+    fclose(f);
+    return r->rss ? NZ_OK : NZ_E_IO;
+}

@@ -19,6 +19,7 @@ extern "C" {
 
 typedef enum nz_mem_cat {
     NZ_MEM_WEIGHTS = 0, /* compressed weights read into memory (not mmap) */
+    NZ_MEM_MAPPED,      /* model files mapped read-only (address space; see RSS for residency) */
     NZ_MEM_TILE_CACHE,  /* decoded tile cache */
     NZ_MEM_SCRATCH,     /* decode scratch buffers, codec work space */
     NZ_MEM_KV,          /* attention key/value caches */
@@ -57,6 +58,20 @@ void nz_mem_account(nz_mem_cat cat, int64_t delta);
 
 /** @return a static name for a category ("weights", "tile_cache", ...). */
 const char *nz_mem_cat_name(nz_mem_cat cat);
+
+/** The memory report: every category's current and peak bytes plus the
+ *  process's resident set from the OS. */
+typedef struct nz_mem_report {
+    size_t current[NZ_MEM_NCAT]; /* bytes now, per category */
+    size_t peak[NZ_MEM_NCAT];    /* highest bytes seen, per category */
+    size_t counted;              /* sum of current over the heap categories (all but mapped) */
+    size_t rss;                  /* resident set size (VmRSS), 0 if unknown */
+    size_t rss_peak;             /* peak resident set size (VmHWM), 0 if unknown */
+} nz_mem_report;
+
+/** Fill r. @return NZ_OK, or NZ_E_IO when /proc/self/status cannot be read
+ *  (the counters are filled anyway; rss fields are then 0). */
+int nz_mem_get_report(nz_mem_report *r);
 
 /** Route jansson's allocations through the counter (category other).
  *  Runs automatically before main() (a constructor in nz_alloc.c); calling it

@@ -437,6 +437,7 @@ int nz_model_open(const char *path, nz_model **out, nz_error *err) {
     m->base = map;
     m->len = len;
     m->map = map;
+    nz_mem_account(NZ_MEM_MAPPED, (int64_t)len);
     rc = load(m, err);
     if (rc) {
         nz_fail_prefix(err, "%s", path);
@@ -454,6 +455,7 @@ void nz_model_free(nz_model *m) {
     nz_free(m->t);
     nz_free(m->b);
     json_decref(m->root);
+    if (m->map) nz_mem_account(NZ_MEM_MAPPED, -(int64_t)m->len);
     nz_unmap_file(m->map, m->len);
     nz_free(m);
 }

@@ -5,7 +5,7 @@
  *            [--tile-rows N] [--norm-block B] [--exclude REGEX] [--raw-below N]
  *            SRC OUT.nzp
  *   nzp unpack IN.nzp OUT.safetensors
- *   nzp info [--json] IN.nzp
+ *   nzp info [--json] [--memory] IN.nzp
  *   nzp verify IN.nzp
  *   nzp bench [--seconds S] IN.nzp
  *
@@ -32,7 +32,7 @@ static const char *USAGE =
     "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
     "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
     "  nzp unpack IN.nzp OUT.safetensors\n"
-    "  nzp info [--json] IN.nzp\n"
+    "  nzp info [--json] [--memory] IN.nzp\n"
     "  nzp verify IN.nzp\n"
     "  nzp bench [--seconds S] IN.nzp\n";
 
@@ -171,12 +171,42 @@ static void shape_str(const nz_tensor *t, char *buf, size_t cap) {
     if (n < cap) snprintf(buf + n, cap - n, "]");
 }
 
+/* The engine's memory report plus what the model would take decoded. */
+static json_t *memory_json(uint64_t stored, uint64_t decoded) {
+    nz_mem_report r;
+    nz_mem_get_report(&r);
+    json_t *cats = json_object();
+    for (int c = 0; c < NZ_MEM_NCAT; c++)
+        json_object_set_new(
+            cats, nz_mem_cat_name((nz_mem_cat)c),
+            json_pack("{s:I, s:I}", "current", (json_int_t)r.current[c], "peak", (json_int_t)r.peak[c]));
+    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
+                     (json_int_t)r.counted, "rss_bytes", (json_int_t)r.rss, "rss_peak_bytes",
+                     (json_int_t)r.rss_peak, "weights_compressed_bytes", (json_int_t)stored,
+                     "weights_decoded_equivalent_bytes", (json_int_t)decoded);
+}
+
+static void print_memory(uint64_t stored, uint64_t decoded) {
+    nz_mem_report r;
+    nz_mem_get_report(&r);
+    printf("memory: weights compressed %" PRIu64 " bytes, fully decoded (fp32) would be %" PRIu64
+           " bytes (%.1fx)\n",
+           stored, decoded, stored ? (double)decoded / (double)stored : 0.0);
+    for (int c = 0; c < NZ_MEM_NCAT; c++)
+        printf("memory: %-12s current %12zu  peak %12zu\n", nz_mem_cat_name((nz_mem_cat)c), r.current[c],
+               r.peak[c]);
+    printf("memory: counted heap %zu bytes, RSS %zu bytes, peak RSS %zu bytes\n", r.counted, r.rss,
+           r.rss_peak);
+}
+
 static int cmd_info(int argc, char **argv) {
-    int json = 0;
+    int json = 0, memory = 0;
     const char *path = NULL;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--json"))
             json = 1;
+        else if (!strcmp(argv[i], "--memory"))
+            memory = 1;
         else if (argv[i][0] == '-' && argv[i][1])
             return usage("unknown option for info");
         else if (!path)
@@ -188,7 +218,7 @@ static int cmd_info(int argc, char **argv) {
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
-    uint64_t tn = 0, ts = 0, tst = 0;
+    uint64_t tn = 0, ts = 0, tst = 0, tdec = 0;
     double tb = 0;
     json_t *out = json ? json_object() : NULL, *arr = json ? json_array() : NULL;
     if (!json)
@@ -204,6 +234,7 @@ static int cmd_info(int argc, char **argv) {
         tn += s.nelem;
         ts += s.src_bytes;
         tst += s.stored_bytes;
+        if (t->desc.dtype != NZ_DT_OTHER) tdec += s.nelem * 4;
         tb += s.bound * (double)s.nelem;
         if (json) {
             json_array_append_new(
@@ -235,6 +266,7 @@ static int cmd_info(int argc, char **argv) {
             json_array_append_new(blobs, json_string(nz_model_blob_name(m, i)));
         json_object_set_new(out, "blobs", blobs);
         if (nz_model_config(m)) json_object_set(out, "config", (json_t *)nz_model_config(m));
+        if (memory) json_object_set_new(out, "memory", memory_json(tst, tdec));
         char *s = json_dumps(out, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
         if (s) puts(s);
         nz_free(s);
@@ -250,6 +282,7 @@ static int cmd_info(int argc, char **argv) {
             const json_t *arch = json_object_get(nz_model_config(m), "architecture");
             printf("config: %s\n", json_is_string(arch) ? json_string_value(arch) : "(present)");
         }
+        if (memory) print_memory(tst, tdec);
     }
     nz_model_free(m);
     return 0;

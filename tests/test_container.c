@@ -434,6 +434,32 @@ static void test_hash_matches_reference(void **state) {
     free(buf);
 }
 
+/* An opened model's mapping is accounted under "mapped"; the report adds
+ * the OS's resident set. */
+static void test_memory_report(void **state) {
+    (void)state;
+    char path[] = "/tmp/nz_test_mapped_XXXXXX";
+    int fd = mkstemp(path);
+    assert_int_equal(write(fd, g_img, g_len), (ssize_t)g_len);
+    close(fd);
+    nz_mem_report r0, r1, r2;
+    nz_mem_get_report(&r0);
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_open(path, &m, &e), NZ_OK);
+    assert_int_equal(nz_mem_get_report(&r1), NZ_OK);
+    assert_int_equal(r1.current[NZ_MEM_MAPPED], r0.current[NZ_MEM_MAPPED] + g_len);
+    assert_true(r1.peak[NZ_MEM_MAPPED] >= r1.current[NZ_MEM_MAPPED]);
+    assert_true(r1.rss > 0 && r1.rss_peak >= r1.rss);
+    assert_true(r1.counted > r0.counted); /* the parsed header */
+    nz_model_free(m);
+    nz_mem_get_report(&r2);
+    assert_int_equal(r2.current[NZ_MEM_MAPPED], r0.current[NZ_MEM_MAPPED]);
+    assert_int_equal(r2.counted, r0.counted);
+    assert_string_equal(nz_mem_cat_name(NZ_MEM_MAPPED), "mapped");
+    unlink(path);
+}
+
 static void test_memory_returns(void **state) {
     (void)state;
     size_t before = nz_mem_current(NZ_MEM_OTHER) + nz_mem_current(NZ_MEM_SCRATCH);
@@ -459,6 +485,7 @@ int main(void) {
         cmocka_unit_test(test_overlap_detected),
         cmocka_unit_test(test_writer_errors),
         cmocka_unit_test(test_hash_matches_reference),
+        cmocka_unit_test(test_memory_report),
         cmocka_unit_test(test_memory_returns),
     };
     return cmocka_run_group_tests_name("container", tests, setup, teardown);

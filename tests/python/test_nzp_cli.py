@@ -97,6 +97,13 @@ def test_info_reports_ratio_and_entropy_bound(nzp, tmp_path):
     assert 0.64 < t["w"]["ratio"] < 0.68  # ~66% of bf16 for Gaussian weights
     text = run(nzp, "info", out).stdout
     assert "lossless" in text and "total:" in text
+    # --memory: the engine's report; the mapped file is accounted, RSS read from the OS
+    mem = json.loads(run(nzp, "info", "--json", "--memory", out).stdout)["memory"]
+    assert mem["categories"]["mapped"]["current"] == rep["total"]["file_bytes"]
+    assert mem["rss_bytes"] > 0 and mem["rss_peak_bytes"] >= mem["rss_bytes"]
+    assert mem["weights_decoded_equivalent_bytes"] == 4 * (1024 * 1024 + 1024)
+    assert mem["weights_compressed_bytes"] == rep["total"]["stored_bytes"]
+    assert "RSS" in run(nzp, "info", "--memory", out).stdout
 
 
 def test_model_directory_embeds_config_and_tokenizer(nzp, tmp_path):
