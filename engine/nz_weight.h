@@ -15,6 +15,7 @@
 
 #include "nz_cache.h"
 #include "nz_container.h"
+#include "nz_pool.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -41,6 +42,22 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
  *  @return NZ_OK or the first tile error (y is then unspecified). */
 int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, const float *x, size_t M,
               float *y, nz_error *err);
+
+/** Per-thread decoder contexts and scratch for nz_matmul_mt. */
+typedef struct nz_matmul_ctx nz_matmul_ctx;
+
+/** @return a context for pool (may be NULL: one thread) and cache (may be
+ *  NULL), or NULL when out of memory. Scratch grows to the largest tile. */
+nz_matmul_ctx *nz_matmul_ctx_create(nz_pool *pool, nz_tile_cache *cache);
+
+/** Free a context. Accepts NULL. */
+void nz_matmul_ctx_free(nz_matmul_ctx *c);
+
+/** nz_matmul with W's tiles split across the pool's threads (each tile
+ *  writes its own columns of y, so the result is bit-identical to
+ *  nz_matmul). One call at a time per context.
+ *  @return NZ_OK or the first tile error recorded (y is then unspecified). */
+int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M, float *y, nz_error *err);
 
 #ifdef __cplusplus
 }

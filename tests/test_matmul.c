@@ -6,6 +6,7 @@
 #include "nz_cache.h"
 #include "nz_codec.h"
 #include "nz_container.h"
+#include "nz_pool.h"
 #include "nz_weight.h"
 
 #include <math.h>
@@ -191,10 +192,75 @@ static void test_matmul_damaged_tile(void **state) {
     free(img);
 }
 
+/* nz_matmul_mt on 1..4 threads, with and without a shared cache, is
+ * bit-identical to nz_matmul; a damaged tile's error comes back from
+ * whichever worker met it. */
+static void test_matmul_threads(void **state) {
+    (void)state;
+    nz_error e = {0};
+    nz_dctx *dc = nz_dctx_create();
+    uint64_t s = 9;
+    const size_t M = 8;
+    float *x = xmalloc(M * K * sizeof(float)), *y0 = xmalloc(M * N * sizeof(float)),
+          *y = xmalloc(M * N * sizeof(float));
+    for (size_t i = 0; i < M * K; i++) x[i] = (float)tu_gauss(&s);
+    for (int n = 1; n <= 4; n++) {
+        nz_pool *p = nz_pool_create(n);
+        nz_tile_cache *c = nz_cache_create(4 * TILE_ROWS * K * sizeof(float)); /* a partial cache */
+        for (int cached = 0; cached <= 1; cached++) {
+            nz_matmul_ctx *mc = nz_matmul_ctx_create(p, cached ? c : NULL);
+            assert_non_null(mc);
+            for (size_t wi = 0; wi < NW; wi++) {
+                nz_weight w;
+                assert_int_equal(nz_weight_bind(&w, g_m, NAMES[wi], &e), NZ_OK);
+                float *scratch = xmalloc(w.max_tile * sizeof(float));
+                for (size_t m = 1; m <= M; m += M - 1) {
+                    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, m, y0, &e), NZ_OK);
+                    for (int rep = 0; rep < 3; rep++) {
+                        memset(y, 0xff, m * N * sizeof(float));
+                        assert_int_equal(nz_matmul_mt(mc, &w, x, m, y, &e), NZ_OK);
+                        if (memcmp(y, y0, m * N * sizeof(float)))
+                            fail_msg("%s M=%zu on %d threads (cache %d) differs", NAMES[wi], m, n, cached);
+                    }
+                }
+                free(scratch);
+            }
+            nz_matmul_ctx_free(mc);
+        }
+        nz_cache_free(c);
+        nz_pool_free(p);
+    }
+    /* a damaged tile */
+    uint8_t *img = xmalloc(g_len);
+    memcpy(img, g_img, g_len);
+    nz_model *m;
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_OK);
+    nz_weight w;
+    assert_int_equal(nz_weight_bind(&w, m, "lossless.f16", &e), NZ_OK);
+    uint64_t doff = 0;
+    for (int i = 7; i >= 0; i--) doff = doff << 8 | img[24 + i];
+    img[doff + w.t->tiles[3].offset + 16] ^= 1;
+    nz_pool *p = nz_pool_create(3);
+    nz_matmul_ctx *mc = nz_matmul_ctx_create(p, NULL);
+    for (int rep = 0; rep < 3; rep++) {
+        assert_int_equal(nz_matmul_mt(mc, &w, x, M, y, &e), NZ_E_CHECKSUM);
+        assert_string_equal(e.msg, "tensor 'lossless.f16' tile 3: checksum mismatch");
+    }
+    nz_matmul_ctx_free(mc);
+    nz_pool_free(p);
+    nz_model_free(m);
+    free(img);
+    free(x);
+    free(y0);
+    free(y);
+    nz_dctx_free(dc);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_all_modes),
         cmocka_unit_test(test_matmul_damaged_tile),
+        cmocka_unit_test(test_matmul_threads),
     };
     return cmocka_run_group_tests_name("matmul", tests, setup, teardown);
 }
