@@ -5,7 +5,7 @@
 FROM debian:bookworm-slim AS build
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      gcc make libc6-dev libjansson-dev libzstd-dev libxxhash-dev \
+      gcc make libc6-dev libjansson-dev libzstd-dev libxxhash-dev libopenblas-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Makefile ./
