@@ -672,6 +672,18 @@ int nz_writer_add_tile(nz_writer *w, const uint8_t *data, size_t size, nz_error 
     return NZ_OK;
 }
 
+static int writer_sink(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz_error *err) {
+    (void)t;
+    return nz_writer_add_tile(ud, tile, len, err);
+}
+
+int nz_writer_add_tensor(nz_writer *w, const char *name, const char *st_dtype, int ndim, const int64_t *shape,
+                         const nz_tensor_desc *desc, const uint64_t counts[256], const void *src,
+                         nz_error *err) {
+    int rc = nz_writer_begin_tensor(w, name, st_dtype, ndim, shape, desc, counts, err);
+    return rc ? rc : nz_tensor_encode(desc, src, writer_sink, w, err);
+}
+
 int nz_writer_finish(nz_writer *w, nz_error *err) {
     int rc = NZ_OK;
     char *hdr = NULL;

@@ -172,6 +172,13 @@ int nz_writer_begin_tensor(nz_writer *w, const char *name, const char *st_dtype,
                            const int64_t *shape, const nz_tensor_desc *desc, const uint64_t counts[256],
                            nz_error *err);
 
+/** Add a whole tensor: nz_writer_begin_tensor, then every tile of src (the
+ *  tensor's source elements, rows x cols) encoded with nz_tensor_encode.
+ *  desc must be analysed. @return NZ_OK or the first error. */
+int nz_writer_add_tensor(nz_writer *w, const char *name, const char *st_dtype, int ndim, const int64_t *shape,
+                         const nz_tensor_desc *desc, const uint64_t counts[256], const void *src,
+                         nz_error *err);
+
 /** Append the next tile of the current tensor. @return NZ_OK or an error. */
 int nz_writer_add_tile(nz_writer *w, const uint8_t *data, size_t size, nz_error *err);
 

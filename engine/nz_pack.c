@@ -142,11 +142,6 @@ static int add_dir_files(nz_writer *w, const char *dir, nz_error *err) {
     return rc;
 }
 
-static int writer_sink(void *ud, uint64_t t, const uint8_t *tile, size_t len, nz_error *err) {
-    (void)t;
-    return nz_writer_add_tile(ud, tile, len, err);
-}
-
 static int pack_tensor(nz_writer *w, const nz_st_tensor *t, const nz_pack_opts *o, const regex_t *excl,
                        nz_error *err) {
     uint64_t rows = t->ndim >= 2 ? (uint64_t)t->shape[0] : 1;
@@ -168,8 +163,7 @@ static int pack_tensor(nz_writer *w, const nz_st_tensor *t, const nz_pack_opts *
         d.zstd_level = o->zstd_level;
         rc = nz_tensor_analyze(&d, t->data, counts, err);
     }
-    if (!rc) rc = nz_writer_begin_tensor(w, t->name, t->st_dtype, t->ndim, t->shape, &d, counts, err);
-    if (!rc) rc = nz_tensor_encode(&d, t->data, writer_sink, w, err);
+    if (!rc) rc = nz_writer_add_tensor(w, t->name, t->st_dtype, t->ndim, t->shape, &d, counts, t->data, err);
     if (rc) nz_fail_prefix(err, "tensor '%s'", t->name);
     return rc;
 }

@@ -1,6 +1,6 @@
 /* Decoded-tile cache: hits, misses, LRU order, budget, pinning, errors,
  * threads. */
-#include "test_util.h"
+#include "test_model.h"
 
 #include "nz_alloc.h"
 #include "nz_cache.h"
@@ -55,23 +55,7 @@ static const spec SPEC_C[] = {
     {"c.w", "BF16", "lossless", NZ_DT_BF16, NZ_CODER_RANS, 8 * 100}, /* 100 tiles: table grows */
 };
 
-static void *xread(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    fseek(f, 0, SEEK_END);
-    *len = (size_t)ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *p = xmalloc(*len);
-    assert_int_equal(fread(p, 1, *len, f), *len);
-    fclose(f);
-    return p;
-}
-
 static void add_tensor(nz_writer *w, const spec *sp, uint64_t *seed) {
-    nz_error e = {0};
-    nz_mode m;
-    nz_tensor_desc d;
-    uint64_t counts[256];
     size_t es = nz_dtype_size(sp->dt), n = sp->rows * COLS;
     uint8_t *src = xmalloc(n * es);
     for (size_t i = 0; i < n; i++) {
@@ -83,18 +67,7 @@ static void add_tensor(nz_writer *w, const spec *sp, uint64_t *seed) {
         else
             ((float *)src)[i] = v;
     }
-    int64_t shape[2] = {(int64_t)sp->rows, COLS};
-    assert_int_equal(nz_mode_parse(sp->mode, &m, &e), NZ_OK);
-    assert_int_equal(nz_desc_init(&d, sp->dt, es, &m, sp->coder, sp->rows, COLS, TILE_ROWS, &e), NZ_OK);
-    assert_int_equal(nz_tensor_analyze(&d, src, counts, &e), NZ_OK);
-    assert_int_equal(nz_writer_begin_tensor(w, sp->name, sp->st, 2, shape, &d, counts, &e), NZ_OK);
-    for (uint64_t t = 0; t < nz_desc_ntiles(&d); t++) {
-        size_t cap = nz_tile_bound(&d, t), len;
-        uint8_t *buf = xmalloc(cap);
-        assert_int_equal(nz_tile_encode(&d, t, src + t * TILE_ROWS * COLS * es, buf, cap, &len, &e), NZ_OK);
-        assert_int_equal(nz_writer_add_tile(w, buf, len, &e), NZ_OK);
-        free(buf);
-    }
+    tm_add_tensor(w, sp->name, sp->st, sp->dt, sp->mode, sp->coder, sp->rows, COLS, TILE_ROWS, 2, src);
     free(src);
 }
 
@@ -111,7 +84,7 @@ static void build(fixture *f, const spec *sp, size_t n, uint64_t seed) {
     assert_int_equal(nz_writer_create(path, &w, &e), NZ_OK);
     for (size_t i = 0; i < n; i++) add_tensor(w, &sp[i], &seed);
     assert_int_equal(nz_writer_finish(w, &e), NZ_OK);
-    f->img = xread(path, &f->len);
+    f->img = tm_read_file(path, &f->len);
     unlink(path);
     assert_int_equal(nz_model_load_buffer(f->img, f->len, &f->m, &e), NZ_OK);
     f->nt = nz_model_ntensors(f->m);

@@ -1,5 +1,5 @@
 /* .nzp container: writer/loader round trip, laziness, and damage handling. */
-#include "test_util.h"
+#include "test_model.h"
 
 #include "nz_alloc.h"
 #include "nz_codec.h"
@@ -24,40 +24,6 @@ static float g_bias[W_ROWS];          /* raw */
 static uint8_t *g_img;                /* the written file */
 static size_t g_len;
 
-static void *xread(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    assert_non_null(f);
-    fseek(f, 0, SEEK_END);
-    *len = (size_t)ftell(f);
-    fseek(f, 0, SEEK_SET);
-    void *p = malloc(*len ? *len : 1);
-    assert_int_equal(fread(p, 1, *len, f), *len);
-    fclose(f);
-    return p;
-}
-
-static void add_tensor(nz_writer *w, const char *name, const char *st, nz_dtype dt, const char *mode,
-                       nz_coder coder, uint64_t rows, uint64_t cols, int ndim, const void *src) {
-    nz_error e = {0};
-    nz_mode m;
-    nz_tensor_desc d;
-    uint64_t counts[256];
-    int64_t shape[2] = {(int64_t)rows, (int64_t)cols};
-    if (ndim == 1) shape[0] = (int64_t)cols;
-    assert_int_equal(nz_mode_parse(mode, &m, &e), NZ_OK);
-    assert_int_equal(nz_desc_init(&d, dt, nz_dtype_size(dt), &m, coder, rows, cols, TILE_ROWS, &e), NZ_OK);
-    assert_int_equal(nz_tensor_analyze(&d, src, counts, &e), NZ_OK);
-    assert_int_equal(nz_writer_begin_tensor(w, name, st, ndim, shape, &d, counts, &e), NZ_OK);
-    for (uint64_t t = 0; t < nz_desc_ntiles(&d); t++) {
-        size_t cap = nz_tile_bound(&d, t), len;
-        uint8_t *buf = malloc(cap);
-        const uint8_t *p = (const uint8_t *)src + t * TILE_ROWS * cols * nz_dtype_size(dt);
-        assert_int_equal(nz_tile_encode(&d, t, p, buf, cap, &len, &e), NZ_OK);
-        assert_int_equal(nz_writer_add_tile(w, buf, len, &e), NZ_OK);
-        free(buf);
-    }
-}
-
 static void build_fixture(void) {
     uint64_t s = 42;
     for (size_t i = 0; i < W_ROWS * W_COLS; i++) g_w[i] = nz_f32_to_bf16((float)(0.02 * tu_gauss(&s)));
@@ -75,11 +41,12 @@ static void build_fixture(void) {
     json_decref(cfg);
     static const char spm[] = "fake sentencepiece model bytes";
     assert_int_equal(nz_writer_add_blob(w, "spm.model", spm, sizeof spm, &e), NZ_OK);
-    add_tensor(w, "layer.w", "BF16", NZ_DT_BF16, "lossless", NZ_CODER_RANS, W_ROWS, W_COLS, 2, g_w);
-    add_tensor(w, "layer.f", "F32", NZ_DT_F32, "lossy-4", NZ_CODER_ZSTD, 20, 300, 2, g_f);
-    add_tensor(w, "layer.b", "F32", NZ_DT_F32, "raw", NZ_CODER_NONE, 1, W_ROWS, 1, g_bias);
+    tm_add_tensor(w, "layer.w", "BF16", NZ_DT_BF16, "lossless", NZ_CODER_RANS, W_ROWS, W_COLS, TILE_ROWS, 2,
+                  g_w);
+    tm_add_tensor(w, "layer.f", "F32", NZ_DT_F32, "lossy-4", NZ_CODER_ZSTD, 20, 300, TILE_ROWS, 2, g_f);
+    tm_add_tensor(w, "layer.b", "F32", NZ_DT_F32, "raw", NZ_CODER_NONE, 1, W_ROWS, TILE_ROWS, 1, g_bias);
     assert_int_equal(nz_writer_finish(w, &e), NZ_OK);
-    g_img = xread(path, &g_len);
+    g_img = tm_read_file(path, &g_len);
     unlink(path);
 }
 

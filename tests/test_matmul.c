@@ -1,6 +1,6 @@
 /* Lazy tile matmul: results against a double-precision reference on the
  * same (decoded) weights, in every weight mode and cache setting. */
-#include "test_util.h"
+#include "test_model.h"
 
 #include "nz_alloc.h"
 #include "nz_cache.h"
@@ -25,27 +25,6 @@ static nz_model *g_m;
 static const char *const NAMES[] = {"raw.f32", "lossless.bf16", "lossless.f16", "lossy3.f32", "bf16mode.f32"};
 #define NW (sizeof NAMES / sizeof *NAMES)
 
-static void add(nz_writer *w, const char *name, const char *st, nz_dtype dt, const char *mode,
-                const void *src) {
-    nz_error e = {0};
-    nz_mode md;
-    nz_tensor_desc d;
-    int64_t shape[2] = {N, K};
-    assert_int_equal(nz_mode_parse(mode, &md, &e), NZ_OK);
-    assert_int_equal(nz_desc_init(&d, dt, nz_dtype_size(dt), &md, NZ_CODER_RANS, N, K, TILE_ROWS, &e), NZ_OK);
-    assert_int_equal(nz_tensor_analyze(&d, src, NULL, &e), NZ_OK);
-    assert_int_equal(nz_writer_begin_tensor(w, name, st, 2, shape, &d, NULL, &e), NZ_OK);
-    for (uint64_t t = 0; t < nz_desc_ntiles(&d); t++) {
-        size_t cap = nz_tile_bound(&d, t), len;
-        uint8_t *buf = xmalloc(cap);
-        assert_int_equal(nz_tile_encode(&d, t, (const uint8_t *)src + t * TILE_ROWS * K * nz_dtype_size(dt),
-                                        buf, cap, &len, &e),
-                         NZ_OK);
-        assert_int_equal(nz_writer_add_tile(w, buf, len, &e), NZ_OK);
-        free(buf);
-    }
-}
-
 static int setup(void **state) {
     (void)state;
     static uint16_t bf[N * K], h[N * K];
@@ -61,19 +40,13 @@ static int setup(void **state) {
     nz_writer *w;
     nz_error e = {0};
     assert_int_equal(nz_writer_create(path, &w, &e), NZ_OK);
-    add(w, NAMES[0], "F32", NZ_DT_F32, "raw", g_w32);
-    add(w, NAMES[1], "BF16", NZ_DT_BF16, "lossless", bf);
-    add(w, NAMES[2], "F16", NZ_DT_F16, "lossless", h);
-    add(w, NAMES[3], "F32", NZ_DT_F32, "lossy-3", g_w32);
-    add(w, NAMES[4], "F32", NZ_DT_F32, "bf16", g_w32);
+    tm_add_tensor(w, NAMES[0], "F32", NZ_DT_F32, "raw", NZ_CODER_RANS, N, K, TILE_ROWS, 2, g_w32);
+    tm_add_tensor(w, NAMES[1], "BF16", NZ_DT_BF16, "lossless", NZ_CODER_RANS, N, K, TILE_ROWS, 2, bf);
+    tm_add_tensor(w, NAMES[2], "F16", NZ_DT_F16, "lossless", NZ_CODER_RANS, N, K, TILE_ROWS, 2, h);
+    tm_add_tensor(w, NAMES[3], "F32", NZ_DT_F32, "lossy-3", NZ_CODER_RANS, N, K, TILE_ROWS, 2, g_w32);
+    tm_add_tensor(w, NAMES[4], "F32", NZ_DT_F32, "bf16", NZ_CODER_RANS, N, K, TILE_ROWS, 2, g_w32);
     assert_int_equal(nz_writer_finish(w, &e), NZ_OK);
-    FILE *f = fopen(path, "rb");
-    fseek(f, 0, SEEK_END);
-    g_len = (size_t)ftell(f);
-    fseek(f, 0, SEEK_SET);
-    g_img = xmalloc(g_len);
-    assert_int_equal(fread(g_img, 1, g_len, f), g_len);
-    fclose(f);
+    g_img = tm_read_file(path, &g_len);
     unlink(path);
     assert_int_equal(nz_model_load_buffer(g_img, g_len, &g_m, &e), NZ_OK);
     return 0;
