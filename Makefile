@@ -26,9 +26,10 @@ ENGINE_LIB := $(BUILD)/libnzengine.a
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 NZP      := $(BUILD)/nzp
+PARITY   := $(BUILD)/parity_runner
 
 .PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format
-all: $(ENGINE_LIB) $(NZP) $(TEST_BIN)
+all: $(ENGINE_LIB) $(NZP) $(PARITY) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h)
 	@mkdir -p $(dir $@)
@@ -37,6 +38,9 @@ $(BUILD)/%.o: %.c $(wildcard engine/*.h)
 # the checksum's vector builds (dispatched at run time, see engine/nz_hash.c)
 $(BUILD)/engine/nz_hash_avx2.o: CFLAGS += -mavx2
 $(BUILD)/engine/nz_hash_avx512.o: CFLAGS += -mavx512f -mavx512bw
+# the fused decode-and-multiply GEMV's vector kernels (dispatched at run time, see engine/nz_gemv.c)
+$(BUILD)/engine/nz_gemv_avx2.o: CFLAGS += -mavx2 -mfma -mpopcnt
+$(BUILD)/engine/nz_gemv_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mpopcnt
 
 $(ENGINE_LIB): $(ENGINE_OBJ)
 	@rm -f $@
@@ -45,6 +49,10 @@ $(ENGINE_LIB): $(ENGINE_OBJ)
 $(NZP): $(BUILD)/models/nzp.o $(ENGINE_LIB)
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
+# runs engine layers on .nzp weights for the PyTorch parity tests (tests/python/test_parity.py)
+$(PARITY): tests/parity_runner.c $(wildcard tests/*.h) $(ENGINE_LIB)
+	$(CC) $(CFLAGS) -Itests $< $(ENGINE_LIB) -o $@ $(LDLIBS)
+
 $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(ENGINE_LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests $< $(ENGINE_LIB) -o $@ $(LDLIBS) -lcmocka
@@ -52,7 +60,7 @@ $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(ENGINE_LIB)
 # Whole suite: every C test binary, then the Python/CLI tests against $(NZP).
 test: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
-	NZP=$(abspath $(NZP)) $(PYTHON) -m pytest -q tests/python
+	NZP=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) $(PYTHON) -m pytest -q tests/python
 
 ctest: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
@@ -63,7 +71,7 @@ asan:
 valgrind: all
 	@set -e; for t in $(TEST_BIN); do echo "== valgrind $$t"; \
 	  NZ_TEST_QUICK=1 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $$t; done
-	NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) $(PYTHON) -m pytest -q tests/python
+	NZ_TEST_QUICK=1 NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) $(PYTHON) -m pytest -q tests/python
 
 BENCH_BIN := $(BUILD)/bench_codec $(BUILD)/bench_matmul
 $(BUILD)/bench_%: tests/bench/bench_%.c $(ENGINE_LIB)

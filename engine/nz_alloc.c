@@ -3,6 +3,9 @@
 #include "nz_common.h"
 
 #include <jansson.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -106,6 +109,66 @@ void nz_alloc_hook_json(void) {
  * before the hook and freed after it would corrupt the heap. */
 __attribute__((constructor)) static void hook_json_at_start(void) { nz_alloc_hook_json(); }
 
+/* ------------------------------------------------------ file mappings */
+
+#define MAX_MAPS 256
+static struct {
+    const void *addr;
+    size_t len;
+} g_maps[MAX_MAPS];
+static pthread_mutex_t g_maps_lock = PTHREAD_MUTEX_INITIALIZER;
+
+int nz_mem_map_register(const void *addr, size_t len) {
+    nz_mem_account(NZ_MEM_MAPPED, (int64_t)len);
+    pthread_mutex_lock(&g_maps_lock);
+    for (int i = 0; i < MAX_MAPS; i++)
+        if (!g_maps[i].addr) {
+            g_maps[i].addr = addr;
+            g_maps[i].len = len;
+            break;
+        }
+    pthread_mutex_unlock(&g_maps_lock);
+    return 0;
+}
+
+void nz_mem_map_unregister(const void *addr, size_t len) {
+    nz_mem_account(NZ_MEM_MAPPED, -(int64_t)len);
+    pthread_mutex_lock(&g_maps_lock);
+    for (int i = 0; i < MAX_MAPS; i++)
+        if (g_maps[i].addr == addr && g_maps[i].len == len) {
+            g_maps[i].addr = NULL;
+            g_maps[i].len = 0;
+            break;
+        }
+    pthread_mutex_unlock(&g_maps_lock);
+}
+
+/* Resident pages of one mapping, counted with mincore in 64 MiB windows. */
+static size_t resident_bytes(const void *addr, size_t len) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)addr & ~(uintptr_t)(page - 1);
+    uintptr_t end = (uintptr_t)addr + len;
+    unsigned char vec[16384];
+    size_t total = 0;
+    for (uintptr_t p = start; p < end;) {
+        size_t n = (end - p + page - 1) / page;
+        if (n > sizeof vec) n = sizeof vec;
+        if (mincore((void *)p, n * page, vec) != 0) return total;
+        for (size_t i = 0; i < n; i++) total += (vec[i] & 1) ? page : 0;
+        p += n * page;
+    }
+    return total > len ? len : total;
+}
+
+size_t nz_mem_mapped_resident(void) {
+    size_t total = 0;
+    pthread_mutex_lock(&g_maps_lock);
+    for (int i = 0; i < MAX_MAPS; i++)
+        if (g_maps[i].addr) total += resident_bytes(g_maps[i].addr, g_maps[i].len);
+    pthread_mutex_unlock(&g_maps_lock);
+    return total;
+}
+
 /* VmRSS / VmHWM lines of /proc/self/status, in bytes. */
 int nz_mem_get_report(nz_mem_report *r) {
     memset(r, 0, sizeof *r);
@@ -114,6 +177,7 @@ int nz_mem_get_report(nz_mem_report *r) {
         r->peak[c] = nz_mem_peak((nz_mem_cat)c);
         if (c != NZ_MEM_MAPPED) r->counted += r->current[c];
     }
+    r->mapped_resident = nz_mem_mapped_resident();
     FILE *f = fopen("/proc/self/status", "r");
     if (!f) return NZ_E_IO;
     char line[256];

@@ -56,6 +56,20 @@ size_t nz_mem_peak(nz_mem_cat cat);
  *  nz_malloc, e.g. an mmap of a model file, so reports include them. */
 void nz_mem_account(nz_mem_cat cat, int64_t delta);
 
+/** Register a read-only file mapping [addr, addr + len) held outside
+ *  nz_malloc (a model file): counted under NZ_MEM_MAPPED, and the report
+ *  measures how much of it is resident (mincore). At most 256 mappings are
+ *  tracked for residency; beyond that they are only counted.
+ *  @return NZ_OK (always; residency tracking is best effort). */
+int nz_mem_map_register(const void *addr, size_t len);
+
+/** Forget a mapping registered with nz_mem_map_register (before munmap). */
+void nz_mem_map_unregister(const void *addr, size_t len);
+
+/** @return bytes of the registered mappings now resident in memory
+ *  (page-cache pages mapped by this process, from mincore). */
+size_t nz_mem_mapped_resident(void);
+
 /** @return a static name for a category ("weights", "tile_cache", ...). */
 const char *nz_mem_cat_name(nz_mem_cat cat);
 
@@ -65,6 +79,7 @@ typedef struct nz_mem_report {
     size_t current[NZ_MEM_NCAT]; /* bytes now, per category */
     size_t peak[NZ_MEM_NCAT];    /* highest bytes seen, per category */
     size_t counted;              /* sum of current over the heap categories (all but mapped) */
+    size_t mapped_resident;      /* bytes of mapped model files resident now (mincore) */
     size_t rss;                  /* resident set size (VmRSS), 0 if unknown */
     size_t rss_peak;             /* peak resident set size (VmHWM), 0 if unknown */
 } nz_mem_report;

@@ -2,6 +2,7 @@
 #include "nz_codec.h"
 
 #include "nz_alloc.h"
+#include "nz_gemv.h"
 #include "nz_rans.h"
 
 #define ZSTD_STATIC_LINKING_ONLY /* ZSTD_createDCtx_advanced: counted allocations */
@@ -686,6 +687,54 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
     if (B)
         for (uint64_t i = 0; i < n; i++) out[i] *= 1 + v.norm[i / B] / 256.0f;
     return NZ_OK;
+}
+
+int nz_tile_gemv_fusable(const nz_tensor_desc *d) {
+    return d->coder == NZ_CODER_RANS && d->exp_bits == 8 && d->mant_bits == 7 &&
+           !(d->mode.kind == NZ_MODE_LOSSY && d->mode.norm_block);
+}
+
+/* Check tile t's framing and fill a fused GEMV job for it. */
+static int gemv_job(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                    const float *x, float *y, nz_gemv_job *j, nz_error *err) {
+    if (!nz_tile_gemv_fusable(d))
+        return nz_fail(err, NZ_E_UNSUPPORTED, "fused GEMV needs a rANS tile in the bf16 layout");
+    if (t >= nz_desc_ntiles(d))
+        return nz_fail(err, NZ_E_INVALID_ARG, "tile %llu out of range", (unsigned long long)t);
+    uint64_t fixed = nz_desc_tile_fixed_bytes(d, t);
+    if (len < TILE_HDR) return nz_fail(err, NZ_E_TRUNCATED, "tile of %zu bytes has no header", len);
+    uint64_t elen = rd32(tile);
+    uint32_t lanes = rd32(tile + 4);
+    if (lanes != 32 && lanes != 64)
+        return nz_fail(err, NZ_E_FORMAT, "tile header lane count %u invalid for coder rans", lanes);
+    if (TILE_HDR + elen + fixed != len)
+        return nz_fail(err, len < TILE_HDR + elen + fixed ? NZ_E_TRUNCATED : NZ_E_FORMAT,
+                       "tile size %zu does not match its planes (8 + %llu exponent + %llu fixed bytes)", len,
+                       (unsigned long long)elen, (unsigned long long)fixed);
+    if (dc->tab_id != d->id) {
+        nz_rans_build_dtab(d->freq, dc->dtab);
+        dc->tab_id = d->id;
+    }
+    j->src = tile + TILE_HDR;
+    j->len = elen;
+    j->lanes = (int)lanes;
+    j->dtab = dc->dtab;
+    j->sm = tile + TILE_HDR + elen;
+    j->rows = nz_desc_tile_nrows(d, t);
+    j->cols = d->cols;
+    j->x = x;
+    j->y = y;
+    return NZ_OK;
+}
+
+int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     const float *x, float *y, nz_error *err) {
+    nz_gemv_job j = {0};
+    int rc = gemv_job(dc, d, t, tile, len, x, y, &j, err);
+    if (rc) return rc;
+    rc = nz_gemv_rans_bf16(j.src, j.len, j.lanes, j.dtab, j.sm, j.rows, j.cols, x, y, err);
+    if (rc) nz_fail_prefix(err, "exponent plane");
+    return rc;
 }
 
 int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,

@@ -179,6 +179,20 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
 int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                           void *out, nz_error *err);
 
+/** @return 1 when tiles of d can go through nz_tile_gemv_f32 (rANS exponents
+ *  and the bf16 layout: lossless bf16, mode bf16, lossy-7 without
+ *  normalisers), else 0. */
+int nz_tile_gemv_fusable(const nz_tensor_desc *d);
+
+/** Fused decode-and-multiply (nz_gemv.h): y[r] = sum_c W[r][c] * x[c] for
+ *  the nrows(t) rows of tile t, without writing the fp32 tile. Equal to
+ *  decoding with nz_tile_decode_f32 and a dot product, up to the summation
+ *  order. x holds cols floats, y nrows(t).
+ *  @return as nz_tile_decode_f32, NZ_E_UNSUPPORTED when
+ *          !nz_tile_gemv_fusable(d). */
+int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     const float *x, float *y, nz_error *err);
+
 /** @return the dtype nz_tile_decode_native writes. */
 nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d);
 

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +45,11 @@ struct nz_model {
     size_t nt, nb;
     nz_tensor *t;
     blob_ref *b;
+    /* verify-once: bit (tile_base[i] + t) of vbits is set once tile t of
+     * tensor i has matched its checksum (see nz_model_tile_once) */
+    uint64_t *tile_base;     /* [nt] */
+    _Atomic uint64_t *vbits; /* [ceil(total tiles / 64)] */
+    _Atomic int verify;      /* nz_verify_policy */
 };
 
 typedef struct {
@@ -407,6 +413,22 @@ static int load(nz_model *m, nz_error *err) {
     return check_overlaps(m, err);
 }
 
+/* The verify-once bitmap (after a successful load). */
+static int init_verified(nz_model *m, nz_error *err) {
+    m->tile_base = nz_calloc(m->nt ? m->nt : 1, sizeof *m->tile_base, NZ_MEM_OTHER);
+    if (!m->tile_base) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    uint64_t total = 0;
+    for (size_t i = 0; i < m->nt; i++) {
+        m->tile_base[i] = total;
+        total += m->t[i].ntiles;
+    }
+    m->vbits = nz_calloc((size_t)(total / 64 + 1), sizeof *m->vbits, NZ_MEM_OTHER);
+    if (!m->vbits) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    const char *e = getenv("NZ_VERIFY");
+    atomic_store(&m->verify, e && !strcmp(e, "always") ? NZ_VERIFY_ALWAYS : NZ_VERIFY_ONCE);
+    return NZ_OK;
+}
+
 int nz_model_load_buffer(const uint8_t *buf, size_t len, nz_model **out, nz_error *err) {
     *out = NULL;
     if (!buf && len) return nz_fail(err, NZ_E_INVALID_ARG, "NULL buffer");
@@ -415,6 +437,7 @@ int nz_model_load_buffer(const uint8_t *buf, size_t len, nz_model **out, nz_erro
     m->base = buf;
     m->len = len;
     int rc = load(m, err);
+    if (!rc) rc = init_verified(m, err);
     if (rc) {
         nz_model_free(m);
         return rc;
@@ -437,8 +460,9 @@ int nz_model_open(const char *path, nz_model **out, nz_error *err) {
     m->base = map;
     m->len = len;
     m->map = map;
-    nz_mem_account(NZ_MEM_MAPPED, (int64_t)len);
+    nz_mem_map_register(map, len);
     rc = load(m, err);
+    if (!rc) rc = init_verified(m, err);
     if (rc) {
         nz_fail_prefix(err, "%s", path);
         nz_model_free(m);
@@ -454,8 +478,10 @@ void nz_model_free(nz_model *m) {
         for (size_t i = 0; i < m->nt; i++) nz_free(m->t[i].tiles);
     nz_free(m->t);
     nz_free(m->b);
+    nz_free(m->tile_base);
+    nz_free((void *)m->vbits);
     json_decref(m->root);
-    if (m->map) nz_mem_account(NZ_MEM_MAPPED, -(int64_t)m->len);
+    if (m->map) nz_mem_map_unregister(m->map, m->len);
     nz_unmap_file(m->map, m->len);
     nz_free(m);
 }
@@ -503,6 +529,28 @@ int nz_model_tile(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data
     *data = p;
     *size = r->size;
     return NZ_OK;
+}
+
+int nz_model_tile_once(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data, size_t *size,
+                       nz_error *err) {
+    if (ti >= m->nt || t >= m->t[ti].ntiles || atomic_load(&((nz_model *)m)->verify) == NZ_VERIFY_ALWAYS)
+        return nz_model_tile(m, ti, t, data, size, err);
+    uint64_t bit = m->tile_base[ti] + t, mask = (uint64_t)1 << (bit % 64);
+    _Atomic uint64_t *word = &m->vbits[bit / 64];
+    if (!(atomic_load_explicit(word, memory_order_acquire) & mask)) {
+        int rc = nz_model_tile(m, ti, t, data, size, err);
+        if (rc) return rc; /* a mismatch is never remembered: the next use checks again */
+        atomic_fetch_or_explicit(word, mask, memory_order_release);
+        return NZ_OK;
+    }
+    const nz_tile_ref *r = &m->t[ti].tiles[t];
+    *data = m->data + r->offset;
+    *size = r->size;
+    return NZ_OK;
+}
+
+void nz_model_set_verify(nz_model *m, nz_verify_policy p) {
+    if (m) atomic_store(&m->verify, (int)p);
 }
 
 static int decode(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *out, int native,

@@ -136,6 +136,33 @@ int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, siz
 int nz_model_tile(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data, size_t *size,
                   nz_error *err);
 
+/** Checksum policy of nz_model_tile_once. */
+typedef enum nz_verify_policy {
+    NZ_VERIFY_ONCE = 0, /* check a tile's XXH3 on its first use by this loaded model (default) */
+    NZ_VERIFY_ALWAYS    /* check it on every use (environment NZ_VERIFY=always at load) */
+} nz_verify_policy;
+
+/** Get tile t of tensor ti for serving (the matmul path): like nz_model_tile,
+ *  but under NZ_VERIFY_ONCE the XXH3 checksum is computed only until it has
+ *  matched once for this loaded model; the tile's bit is then set in an
+ *  atomic per-model bitmap and later calls return the bytes directly. A
+ *  mismatch is never remembered (every call checks again and fails), so a
+ *  tile damaged before its first use is always refused and never reaches a
+ *  cache. What verify-once gives up: damage to the image *after* a tile was
+ *  verified (the mapping is read-only; this would take a file rewritten
+ *  under the map, or a memory fault) is no longer caught by the checksum,
+ *  only by the decoder's own structural checks. nz_model_tile and
+ *  nz_model_decode_f32/native (nz_verify, `nzp verify`, the tile cache's
+ *  misses) keep checking on every call. Thread-safe.
+ *  @return as nz_model_tile. */
+int nz_model_tile_once(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data, size_t *size,
+                       nz_error *err);
+
+/** Set m's nz_model_tile_once policy (default NZ_VERIFY_ONCE, or
+ *  NZ_VERIFY_ALWAYS when the environment has NZ_VERIFY=always at load).
+ *  Accepts NULL. */
+void nz_model_set_verify(nz_model *m, nz_verify_policy p);
+
 /** Verify and decode tile t of tensor ti into out (nrows * cols floats).
  *  @return NZ_OK or an error prefixed with the tensor name and tile. */
 int nz_model_decode_f32(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, float *out, nz_error *err);

@@ -200,6 +200,8 @@ int nz_rans_force_scalar(int on) {
     return was;
 }
 
+nz_rans_kernel nz_rans_active_kernel(void) { return kernel(); }
+
 const char *nz_rans_decoder_name(void) {
     switch (kernel()) {
     case NZ_RANS_AVX512:
@@ -329,12 +331,14 @@ AVX512_INLINE __m512i step16(__m512i x, __m512i *e, const uint8_t **p, const uin
 
 /* Emit 16 decoded symbols: exponent bytes, or fp32 joined with bf16 sign+mantissa. */
 AVX512_INLINE void emit16(__m512i e, size_t i, uint8_t *out, const uint8_t *sm, float *fout) {
-    if (fout) {
-        __m512i s = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sm + i)));
-        __m512i f = _mm512_or_si512(
-            _mm512_slli_epi32(_mm512_and_si512(s, _mm512_set1_epi32(0x80)), 24),
-            _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(e, _mm512_set1_epi32(0xff)), 23),
-                            _mm512_slli_epi32(_mm512_and_si512(s, _mm512_set1_epi32(0x7f)), 16)));
+    if (fout) { /* sm bytes into bytes 2 and 3 of each dword; C ? A : B merges sign+mantissa and e << 23 */
+        const __m512i ctl = _mm512_set_epi32(
+            0x0f0f8080, 0x0e0e8080, 0x0d0d8080, 0x0c0c8080, 0x0b0b8080, 0x0a0a8080, 0x09098080, 0x08088080,
+            0x07078080, 0x06068080, 0x05058080, 0x04048080, 0x03038080, 0x02028080, 0x01018080, 0x00008080);
+        __m512i s =
+            _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(sm + i))), ctl);
+        __m512i f =
+            _mm512_ternarylogic_epi32(s, _mm512_slli_epi32(e, 23), _mm512_set1_epi32((int)0x807f0000u), 0xe4);
         _mm512_storeu_si512(fout + i, f);
     } else {
         _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(e));

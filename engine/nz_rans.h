@@ -99,6 +99,10 @@ int nz_rans_set_kernel(nz_rans_kernel k);
  *  @return 1 if the scalar kernel was forced before the call, else 0. */
 int nz_rans_force_scalar(int on);
 
+/** @return the kernel that will run (never NZ_RANS_AUTO); the fused
+ *  decode-and-multiply kernels (nz_gemv.h) follow the same choice. */
+nz_rans_kernel nz_rans_active_kernel(void);
+
 /** @return "avx512", "avx2" or "scalar": the kernel that will run. */
 const char *nz_rans_decoder_name(void);
 

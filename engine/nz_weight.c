@@ -26,30 +26,79 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
     return NZ_OK;
 }
 
-/* One tile of y = x W^T: fetch tile (cache or scratch), multiply into its
- * columns of y. */
+static atomic_int g_fused = 1;
+
+int nz_matmul_set_fused(int on) { return atomic_exchange(&g_fused, on ? 1 : 0); }
+
+/* Whether tiles go through the fused GEMV (M = 1, no cache, bf16 layout). */
+static int fused(const nz_tile_cache *cache, const nz_weight *w, size_t M) {
+    return M == 1 && !cache && nz_tile_gemv_fusable(&w->t->desc) &&
+           atomic_load_explicit(&g_fused, memory_order_relaxed);
+}
+
+/* y[:, r0:r0+nr] = x * tile^T for a tile of nr x K fp32 weights (row-major). */
+static void tile_gemm(const float *wt, int nr, int K, int N, const float *x, size_t M, float *y) {
+    if (M == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, nr, K, 1.0f, wt, K, x, 1, 0.0f, y, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, nr, K, 1.0f, x, K, wt, K, 0.0f, y, N);
+}
+
+static int host_le(void) {
+    const uint16_t one = 1;
+    return *(const uint8_t *)&one == 1;
+}
+
+/* One tile of y = x W^T, writing columns r0 .. r0+nr of y. With a cache
+ * (budget > 0) the tile comes from nz_cache_get. Without: the tile's bytes
+ * come from nz_model_tile_once (checksum on first use), then
+ *   M == 1 and a rANS bf16 tile: fused decode-and-multiply (nz_gemv.h);
+ *   raw fp32 (little-endian host): BLAS straight on the mapped tile bytes
+ *     (tiles are 64-byte aligned in the file);
+ *   anything else: decode into scratch, then BLAS. */
 static int matmul_tile(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, uint64_t tile,
                        const float *x, size_t M, float *y, nz_error *err) {
     const nz_tensor *t = w->t;
+    const nz_tensor_desc *d = &t->desc;
     const int K = (int)w->k, N = (int)w->n;
-    const int r0 = (int)(tile * t->desc.tile_rows);
-    const int nr = (int)nz_desc_tile_nrows(&t->desc, tile);
-    nz_cache_ref ref = {scratch, NULL};
-    int rc = cache ? nz_cache_get(cache, w->model, w->index, tile, dc, scratch, &ref, err)
-                   : nz_model_decode_f32(w->model, dc, w->index, tile, scratch, err);
+    const int r0 = (int)(tile * d->tile_rows);
+    const int nr = (int)nz_desc_tile_nrows(d, tile);
+    if (cache) {
+        nz_cache_ref ref = {scratch, NULL};
+        int rc = nz_cache_get(cache, w->model, w->index, tile, dc, scratch, &ref, err);
+        if (rc) return rc;
+        tile_gemm(ref.data, nr, K, N, x, M, y + r0);
+        nz_cache_release(cache, &ref);
+        return NZ_OK;
+    }
+    const uint8_t *p;
+    size_t len;
+    int rc = nz_model_tile_once(w->model, w->index, tile, &p, &len, err);
     if (rc) return rc;
-    /* tile: nr x K row-major; y[:, r0:r0+nr] = x * tile^T */
-    if (M == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, nr, K, 1.0f, ref.data, K, x, 1, 0.0f, y + r0, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, nr, K, 1.0f, x, K, ref.data, K, 0.0f,
-                    y + r0, N);
-    if (cache) nz_cache_release(cache, &ref);
-    return NZ_OK;
+    if (fused(cache, w, M)) {
+        rc = nz_tile_gemv_f32(dc, d, tile, p, len, x, y + r0, err);
+    } else if (d->coder == NZ_CODER_NONE && d->dtype == NZ_DT_F32 && host_le() && (uintptr_t)p % 4 == 0 &&
+               len == (size_t)nr * (size_t)K * 4) {
+        tile_gemm((const float *)(const void *)p, nr, K, N, x, M, y + r0);
+    } else {
+        rc = nz_tile_decode_f32(dc, d, tile, p, len, scratch, err);
+        if (!rc) tile_gemm(scratch, nr, K, N, x, M, y + r0);
+    }
+    if (rc) nz_fail_prefix(err, "tensor '%s' tile %llu", t->name, (unsigned long long)tile);
+    return rc;
+}
+
+/* A cache with budget 0 holds nothing: bypass it (decode-every-use path). */
+static nz_tile_cache *effective_cache(nz_tile_cache *cache) {
+    if (!cache) return NULL;
+    nz_cache_stats st;
+    nz_cache_get_stats(cache, &st);
+    return st.budget ? cache : NULL;
 }
 
 int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, const float *x, size_t M,
               float *y, nz_error *err) {
+    cache = effective_cache(cache);
     for (uint64_t tile = 0; tile < w->t->ntiles; tile++) {
         int rc = matmul_tile(cache, dc, scratch, w, tile, x, M, y, err);
         if (rc) return rc;
@@ -77,6 +126,7 @@ struct nz_matmul_ctx {
     const float *x;
     size_t M;
     float *y;
+    nz_tile_cache *cache_now; /* cache, or NULL while its budget is 0 */
     _Atomic int failed;
 };
 
@@ -124,7 +174,7 @@ static void tile_task(void *ctx, uint64_t tile, int thread) {
         }
     }
     nz_error e;
-    int rc = matmul_tile(c->cache, r->dc, r->scratch, c->w, tile, c->x, c->M, c->y, &e);
+    int rc = matmul_tile(c->cache_now, r->dc, r->scratch, c->w, tile, c->x, c->M, c->y, &e);
     if (rc && !r->rc) {
         r->rc = rc;
         r->err = e;
@@ -137,6 +187,7 @@ int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M,
     c->x = x;
     c->M = M;
     c->y = y;
+    c->cache_now = effective_cache(c->cache);
     atomic_store(&c->failed, 0);
     for (int i = 0; i < c->nthreads; i++) c->t[i].rc = NZ_OK;
     nz_pool_run(c->pool, w->t->ntiles, tile_task, c);
@@ -146,4 +197,26 @@ int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M,
             return c->t[i].rc;
         }
     return NZ_OK;
+}
+
+int nz_matmul_ctx_tile(nz_matmul_ctx *c, const nz_weight *w, uint64_t t, nz_cache_ref *ref, nz_error *err) {
+    thread_res *r = &c->t[0];
+    if (t >= w->t->ntiles)
+        return nz_fail(err, NZ_E_RANGE, "tensor '%s': tile %llu of %llu", w->t->name, (unsigned long long)t,
+                       (unsigned long long)w->t->ntiles);
+    if (r->cap < w->max_tile) {
+        nz_free(r->scratch);
+        r->scratch = nz_malloc(w->max_tile * sizeof(float), NZ_MEM_SCRATCH);
+        r->cap = r->scratch ? w->max_tile : 0;
+        if (!r->scratch) return nz_fail(err, NZ_E_NOMEM, "out of memory for tile scratch");
+    }
+    ref->data = r->scratch;
+    ref->entry = NULL;
+    if (c->cache) return nz_cache_get(c->cache, w->model, w->index, t, r->dc, r->scratch, ref, err);
+    return nz_model_decode_f32(w->model, r->dc, w->index, t, r->scratch, err);
+}
+
+void nz_matmul_ctx_release(nz_matmul_ctx *c, nz_cache_ref *ref) {
+    if (c->cache) nz_cache_release(c->cache, ref);
+    ref->entry = NULL;
 }

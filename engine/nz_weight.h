@@ -4,11 +4,23 @@
  * A weight handle names a 2-D float tensor of a loaded .nzp model: W is
  * [N x K] (N = rows = output features, K = cols = input features, the
  * PyTorch nn.Linear layout). nz_matmul computes y[M x N] = x[M x K] * W^T by
- * walking W's row tiles: each tile (rows r0 .. r0+nr) is fetched from the
- * tile cache (or decoded into the caller's scratch) as fp32 and multiplied
- * with OpenBLAS (sgemv for M = 1, sgemm otherwise) into columns r0 .. r0+nr
- * of y. Raw fp32/bf16 tensors go through the same path, so every weight mode
- * is served (and measured) the same way.
+ * walking W's row tiles, each (rows r0 .. r0+nr) into columns r0 .. r0+nr of
+ * y:
+ *   - with a tile cache of budget > 0: the tile comes from the cache (or is
+ *     decoded into the caller's scratch when it does not fit) as fp32 and is
+ *     multiplied with OpenBLAS (sgemv for M = 1, sgemm otherwise);
+ *   - without a cache, or with a budget-0 cache (which is then bypassed: its
+ *     counters do not move): the tile's bytes are checked with
+ *     nz_model_tile_once (XXH3 on the tile's first use per loaded model, see
+ *     nz_container.h; a damaged tile is refused on every call), then
+ *       M = 1 on a rANS bf16-layout tile (lossless bf16, mode bf16): the
+ *         fused decode-and-multiply GEMV (nz_gemv.h), no fp32 tile written;
+ *       raw fp32 tiles: BLAS directly on the mapped tile bytes;
+ *       otherwise decoded into scratch and multiplied with BLAS.
+ * The fused GEMV sums in another order than sgemv, so M = 1 results on
+ * bf16-layout weights differ between the cached and uncached paths by
+ * rounding (relative ~1e-6 of sum |x||w|); everything else is bit-identical
+ * whatever the cache.
  */
 #ifndef NZ_WEIGHT_H
 #define NZ_WEIGHT_H
@@ -43,6 +55,11 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
 int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, const float *x, size_t M,
               float *y, nz_error *err);
 
+/** Turn the fused M = 1 path off (0) or on (1, the default) for the whole
+ *  process (benchmarks and tests compare it with decode + sgemv).
+ *  @return the previous setting. */
+int nz_matmul_set_fused(int on);
+
 /** Per-thread decoder contexts and scratch for nz_matmul_mt. */
 typedef struct nz_matmul_ctx nz_matmul_ctx;
 
@@ -58,6 +75,16 @@ void nz_matmul_ctx_free(nz_matmul_ctx *c);
  *  nz_matmul). One call at a time per context.
  *  @return NZ_OK or the first tile error recorded (y is then unspecified). */
 int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M, float *y, nz_error *err);
+
+/** Fetch tile t of w as fp32 on the calling thread, through the context's
+ *  cache (or its first thread's scratch when not cached): for row lookups
+ *  such as embeddings. Release with nz_matmul_ctx_release before the next
+ *  call on this context.
+ *  @return NZ_OK and *ref, or the decode error. */
+int nz_matmul_ctx_tile(nz_matmul_ctx *c, const nz_weight *w, uint64_t t, nz_cache_ref *ref, nz_error *err);
+
+/** Release a ref from nz_matmul_ctx_tile. */
+void nz_matmul_ctx_release(nz_matmul_ctx *c, nz_cache_ref *ref);
 
 #ifdef __cplusplus
 }

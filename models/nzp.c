@@ -180,8 +180,9 @@ static json_t *memory_json(uint64_t stored, uint64_t decoded) {
         json_object_set_new(
             cats, nz_mem_cat_name((nz_mem_cat)c),
             json_pack("{s:I, s:I}", "current", (json_int_t)r.current[c], "peak", (json_int_t)r.peak[c]));
-    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
-                     (json_int_t)r.counted, "rss_bytes", (json_int_t)r.rss, "rss_peak_bytes",
+    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
+                     (json_int_t)r.counted, "mapped_resident_bytes", (json_int_t)r.mapped_resident, "rss_bytes",
+                     (json_int_t)r.rss, "rss_peak_bytes",
                      (json_int_t)r.rss_peak, "weights_compressed_bytes", (json_int_t)stored,
                      "weights_decoded_equivalent_bytes", (json_int_t)decoded);
 }
@@ -195,6 +196,7 @@ static void print_memory(uint64_t stored, uint64_t decoded) {
     for (int c = 0; c < NZ_MEM_NCAT; c++)
         printf("memory: %-12s current %12zu  peak %12zu\n", nz_mem_cat_name((nz_mem_cat)c), r.current[c],
                r.peak[c]);
+    printf("memory: mapped model bytes resident %zu of %zu\n", r.mapped_resident, r.current[NZ_MEM_MAPPED]);
     printf("memory: counted heap %zu bytes, RSS %zu bytes, peak RSS %zu bytes\n", r.counted, r.rss,
            r.rss_peak);
 }

@@ -7,6 +7,7 @@
 #include "nz_codec.h"
 #include "nz_container.h"
 #include "nz_pool.h"
+#include "nz_rans.h"
 #include "nz_weight.h"
 
 #include <math.h>
@@ -75,9 +76,36 @@ static double *decoded_weights(const nz_weight *w) {
     return W;
 }
 
+/* Fused-GEMV tolerance: y and y0 (M = 1) agree to 1e-5 of sum_k |x_k W_ck|
+ * per output (the two sum in different orders; fp32 rounding is ~1e-7 per
+ * term). */
+static void assert_close_m1(const float *y, const float *y0, const float *x, const float *W, size_t n,
+                            size_t k, const char *what) {
+    for (size_t c = 0; c < n; c++) {
+        double mag = 0;
+        for (size_t i = 0; i < k; i++) mag += fabs((double)x[i] * W[c * k + i]);
+        if (!(fabs((double)y[c] - y0[c]) <= 1e-5 * mag + 1e-30))
+            fail_msg("%s: output %zu: %.9g vs %.9g (sum|xw| %.3g)", what, c, y[c], y0[c], mag);
+    }
+}
+
+/* The decoded weights (fp32) of w, rows x cols. */
+static float *decoded_f32(const nz_model *m, const nz_weight *w) {
+    float *W = xmalloc((w->n * w->k + 1) * sizeof *W);
+    nz_dctx *dc = nz_dctx_create();
+    nz_error e = {0};
+    for (uint64_t t = 0; t < w->t->ntiles; t++)
+        assert_int_equal(nz_model_decode_f32(m, dc, w->index, t, W + t * w->t->desc.tile_rows * w->k, &e),
+                         NZ_OK);
+    nz_dctx_free(dc);
+    return W;
+}
+
 /* y = x W^T for every weight mode, M in {1, 3, 64}, caches off / 0 / partial
  * / full: max |y - reference| <= 1e-4 (fp32 accumulation over K = 200 terms
- * of size ~0.02); all cache settings give bit-identical results. */
+ * of size ~0.02); all cache settings give bit-identical results, except
+ * M = 1 on bf16-layout weights where the uncached path is the fused GEMV and
+ * the cached one sgemv (within the fused tolerance). */
 static void test_matmul_all_modes(void **state) {
     (void)state;
     static const size_t Ms[] = {1, 3, 64};
@@ -91,6 +119,8 @@ static void test_matmul_all_modes(void **state) {
         assert_int_equal(w.n, N);
         assert_int_equal(w.k, K);
         double *W = decoded_weights(&w);
+        float *Wf = decoded_f32(g_m, &w);
+        int fusable = nz_tile_gemv_fusable(&w.t->desc);
         float *scratch = xmalloc(w.max_tile * sizeof(float));
         for (size_t mi = 0; mi < sizeof Ms / sizeof *Ms; mi++) {
             size_t M = Ms[mi];
@@ -111,7 +141,9 @@ static void test_matmul_all_modes(void **state) {
                 for (int pass = 0; pass < 2; pass++) {
                     memset(y, 0xff, M * N * sizeof(float));
                     assert_int_equal(nz_matmul(c, dc, scratch, &w, x, M, y, &e), NZ_OK);
-                    if (memcmp(y, y0, M * N * sizeof(float)))
+                    if (M == 1 && fusable && bi > 0)
+                        assert_close_m1(y, y0, x, Wf, N, K, NAMES[wi]);
+                    else if (memcmp(y, y0, M * N * sizeof(float)))
                         fail_msg("%s M=%zu budget %zu pass %d differs from the uncached result", NAMES[wi], M,
                                  budgets[bi], pass);
                 }
@@ -128,6 +160,7 @@ static void test_matmul_all_modes(void **state) {
         }
         free(scratch);
         free(W);
+        free(Wf);
     }
     nz_dctx_free(dc);
 }
@@ -188,7 +221,8 @@ static void test_matmul_threads(void **state) {
                 assert_int_equal(nz_weight_bind(&w, g_m, NAMES[wi], &e), NZ_OK);
                 float *scratch = xmalloc(w.max_tile * sizeof(float));
                 for (size_t m = 1; m <= M; m += M - 1) {
-                    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, m, y0, &e), NZ_OK);
+                    /* the single-thread result of the same path (fused GEMV when uncached, M = 1) */
+                    assert_int_equal(nz_matmul(cached ? c : NULL, dc, scratch, &w, x, m, y0, &e), NZ_OK);
                     for (int rep = 0; rep < 3; rep++) {
                         memset(y, 0xff, m * N * sizeof(float));
                         assert_int_equal(nz_matmul_mt(mc, &w, x, m, y, &e), NZ_OK);
@@ -229,11 +263,177 @@ static void test_matmul_threads(void **state) {
     nz_dctx_free(dc);
 }
 
+/* The fused decode-and-multiply GEMV (M = 1, uncached) against decode +
+ * sgemv (nz_matmul_set_fused(0)) for every kernel this CPU has (scalar,
+ * AVX2, AVX-512 forced), on random shapes with odd sizes (rows straddling
+ * vectors, short last tiles, 1-column and 1-row tensors, tiles of 32 and 64
+ * rANS lanes), lossless bf16 and mode-bf16 (lossy-7) tiles; lossy-3 (not
+ * fusable) must stay bit-identical. Tolerance: 1e-5 of sum |x||w| per output. */
+static void test_matmul_fused_gemv(void **state) {
+    (void)state;
+    static const struct {
+        uint64_t rows, cols;
+        uint32_t tile_rows;
+    } S[] = {{1, 1, 1},  {3, 7, 2}, {17, 33, 5},     {64, 200, 64},   {130, 515, 48}, {40, 1024, 16},
+             {9, 16, 4}, {5, 8, 3}, {257, 129, 100}, {200, 512, 200}, {150, 700, 150}};
+    const size_t NS = sizeof S / sizeof *S;
+    const char *modes[] = {"lossless", "bf16", "lossy-3"};
+    uint64_t s = 77;
+    char path[] = "/tmp/nz_test_gemv_XXXXXX";
+    int fd = mkstemp(path);
+    close(fd);
+    nz_writer *wr;
+    nz_error e = {0};
+    assert_int_equal(nz_writer_create(path, &wr, &e), NZ_OK);
+    for (size_t si = 0; si < NS; si++) {
+        size_t n = S[si].rows * S[si].cols;
+        float *f = xmalloc(n * sizeof *f);
+        uint16_t *b = xmalloc(n * sizeof *b);
+        double scale = si % 2 ? 0.02 : 3.0;
+        for (size_t i = 0; i < n; i++) {
+            f[i] = (float)(scale * tu_gauss(&s));
+            if (i % 97 == 5) f[i] = 0; /* zeros and subnormal-free specials */
+            b[i] = nz_f32_to_bf16(f[i]);
+        }
+        for (int mi = 0; mi < 3; mi++) {
+            char name[64];
+            snprintf(name, sizeof name, "%s.%zu", modes[mi], si);
+            if (mi == 0)
+                tm_add_tensor(wr, name, "BF16", NZ_DT_BF16, "lossless", NZ_CODER_RANS, S[si].rows, S[si].cols,
+                              S[si].tile_rows, 2, b);
+            else
+                tm_add_tensor(wr, name, "F32", NZ_DT_F32, modes[mi], NZ_CODER_RANS, S[si].rows, S[si].cols,
+                              S[si].tile_rows, 2, f);
+        }
+        free(f);
+        free(b);
+    }
+    assert_int_equal(nz_writer_finish(wr, &e), NZ_OK);
+    size_t len;
+    uint8_t *img = tm_read_file(path, &len);
+    unlink(path);
+    nz_model *m;
+    assert_int_equal(nz_model_load_buffer(img, len, &m, &e), NZ_OK);
+    static const nz_rans_kernel kernels[] = {NZ_RANS_SCALAR, NZ_RANS_AVX2, NZ_RANS_AVX512};
+    static const char *kname[] = {"scalar", "avx2", "avx512"};
+    nz_dctx *dc = nz_dctx_create();
+    int lanes64 = 0, ran = 0;
+    for (size_t si = 0; si < NS; si++)
+        for (int mi = 0; mi < 3; mi++) {
+            char name[64];
+            snprintf(name, sizeof name, "%s.%zu", modes[mi], si);
+            nz_weight w;
+            assert_int_equal(nz_weight_bind(&w, m, name, &e), NZ_OK);
+            int fusable = nz_tile_gemv_fusable(&w.t->desc); /* a 1-element tensor is coded const */
+            assert_int_equal(fusable, mi < 2 && w.t->desc.coder == NZ_CODER_RANS);
+            const uint8_t *tp;
+            size_t tl;
+            assert_int_equal(nz_model_tile(m, w.index, 0, &tp, &tl, &e), NZ_OK);
+            lanes64 |= tp[4] == 64;
+            float *W = decoded_f32(m, &w), *scratch = xmalloc(w.max_tile * sizeof(float));
+            float *x = xmalloc(w.k * sizeof *x), *y0 = xmalloc(w.n * sizeof *y0),
+                  *y = xmalloc(w.n * sizeof *y);
+            for (size_t i = 0; i < w.k; i++) x[i] = (float)tu_gauss(&s);
+            nz_matmul_set_fused(0);
+            assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 1, y0, &e), NZ_OK);
+            nz_matmul_set_fused(1);
+            for (int ki = 0; ki < 3; ki++) {
+                if (nz_rans_set_kernel(kernels[ki]) != NZ_OK) continue; /* not on this CPU */
+                ran |= 1 << ki;
+                memset(y, 0xff, w.n * sizeof *y);
+                assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 1, y, &e), NZ_OK);
+                char what[96];
+                snprintf(what, sizeof what, "%s (%llu x %llu) kernel %s", name, (unsigned long long)w.n,
+                         (unsigned long long)w.k, kname[ki]);
+                if (fusable)
+                    assert_close_m1(y, y0, x, W, w.n, w.k, what);
+                else if (memcmp(y, y0, w.n * sizeof *y))
+                    fail_msg("%s: not fusable, yet differs", what);
+                /* the tile API directly: a truncated tile is refused */
+                if (fusable) {
+                    assert_int_equal(nz_model_tile(m, w.index, 0, &tp, &tl, &e), NZ_OK);
+                    assert_int_not_equal(nz_tile_gemv_f32(dc, &w.t->desc, 0, tp, tl - 1, x, y, &e), NZ_OK);
+                }
+            }
+            nz_rans_set_kernel(NZ_RANS_AUTO);
+            free(W);
+            free(scratch);
+            free(x);
+            free(y0);
+            free(y);
+        }
+    assert_true(lanes64);
+    assert_true(ran & 1);
+    nz_dctx_free(dc);
+    nz_model_free(m);
+    free(img);
+}
+
+/* Verify-once (nz_model_tile_once): a tile damaged before its first use is
+ * refused on every call, on every uncached path (fused M = 1, decode M = 8,
+ * threads) and by caches; once a tile has verified, the serving path skips
+ * its checksum (documented), while nz_model_decode_f32 and the
+ * NZ_VERIFY_ALWAYS policy still check every time. */
+static void test_matmul_verify_once(void **state) {
+    (void)state;
+    uint8_t *img = xmalloc(g_len);
+    memcpy(img, g_img, g_len);
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_OK);
+    uint64_t doff = 0;
+    for (int i = 7; i >= 0; i--) doff = doff << 8 | img[24 + i];
+    nz_weight w;
+    assert_int_equal(nz_weight_bind(&w, m, "lossless.bf16", &e), NZ_OK);
+    /* a sign+mantissa byte of tile 1: decodes fine, only the checksum can tell */
+    uint8_t *byte = img + doff + w.t->tiles[1].offset + w.t->tiles[1].size - 3;
+    nz_dctx *dc = nz_dctx_create();
+    nz_pool *p = nz_pool_create(2);
+    nz_matmul_ctx *mc = nz_matmul_ctx_create(p, NULL);
+    nz_tile_cache *c0 = nz_cache_create(0), *call = nz_cache_create((size_t)16 << 20);
+    float *scratch = xmalloc(w.max_tile * sizeof(float));
+    float x[8 * K], y[8 * N];
+    for (int i = 0; i < 8 * K; i++) x[i] = 1.0f / (float)(i + 1);
+    *byte ^= 0x01; /* damaged before its first use */
+    for (int rep = 0; rep < 2; rep++) {
+        assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 1, y, &e), NZ_E_CHECKSUM);
+        assert_string_equal(e.msg, "tensor 'lossless.bf16' tile 1: checksum mismatch");
+        assert_int_equal(nz_matmul(c0, dc, scratch, &w, x, 8, y, &e), NZ_E_CHECKSUM);
+        assert_int_equal(nz_matmul(call, dc, scratch, &w, x, 1, y, &e), NZ_E_CHECKSUM);
+        assert_int_equal(nz_matmul_mt(mc, &w, x, 1, y, &e), NZ_E_CHECKSUM);
+        assert_string_equal(e.msg, "tensor 'lossless.bf16' tile 1: checksum mismatch");
+    }
+    nz_cache_stats st;
+    nz_cache_get_stats(call, &st);
+    assert_int_equal(st.tiles_decoded, 1); /* tile 0 only: the damaged tile was never cached */
+    *byte ^= 0x01;                         /* repaired: verifies now, and is remembered as verified */
+    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 1, y, &e), NZ_OK);
+    *byte ^= 0x01;                                                          /* damaged after verification */
+    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 1, y, &e), NZ_OK); /* not re-checked */
+    float t[TILE_ROWS * K];
+    assert_int_equal(nz_model_decode_f32(m, dc, w.index, 1, t, &e), NZ_E_CHECKSUM); /* explicit check */
+    nz_model_set_verify(m, NZ_VERIFY_ALWAYS);
+    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 1, y, &e), NZ_E_CHECKSUM);
+    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 8, y, &e), NZ_E_CHECKSUM);
+    nz_model_set_verify(m, NZ_VERIFY_ONCE);
+    *byte ^= 0x01;
+    assert_int_equal(nz_matmul(NULL, dc, scratch, &w, x, 8, y, &e), NZ_OK);
+    nz_model_set_verify(NULL, NZ_VERIFY_ALWAYS); /* accepts NULL */
+    free(scratch);
+    nz_cache_free(c0);
+    nz_cache_free(call);
+    nz_matmul_ctx_free(mc);
+    nz_pool_free(p);
+    nz_dctx_free(dc);
+    nz_model_free(m);
+    free(img);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_matmul_all_modes),
-        cmocka_unit_test(test_matmul_damaged_tile),
-        cmocka_unit_test(test_matmul_threads),
+        cmocka_unit_test(test_matmul_all_modes),   cmocka_unit_test(test_matmul_damaged_tile),
+        cmocka_unit_test(test_matmul_threads),     cmocka_unit_test(test_matmul_fused_gemv),
+        cmocka_unit_test(test_matmul_verify_once),
     };
     return cmocka_run_group_tests_name("matmul", tests, setup, teardown);
 }

@@ -101,6 +101,7 @@ def test_info_reports_ratio_and_entropy_bound(nzp, tmp_path):
     mem = json.loads(run(nzp, "info", "--json", "--memory", out).stdout)["memory"]
     assert mem["categories"]["mapped"]["current"] == rep["total"]["file_bytes"]
     assert mem["rss_bytes"] > 0 and mem["rss_peak_bytes"] >= mem["rss_bytes"]
+    assert 0 < mem["mapped_resident_bytes"] <= rep["total"]["file_bytes"]  # mincore over the map
     assert mem["weights_decoded_equivalent_bytes"] == 4 * (1024 * 1024 + 1024)
     assert mem["weights_compressed_bytes"] == rep["total"]["stored_bytes"]
     assert "RSS" in run(nzp, "info", "--memory", out).stdout
