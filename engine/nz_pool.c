@@ -1,28 +1,39 @@
 /* Thread pool: see nz_pool.h. One job at a time: the caller publishes it
  * under the mutex with a new generation number, every thread (caller
  * included) takes tasks from an atomic counter, and the caller waits until
- * every worker has left the job. */
+ * every worker has left the job.
+ *
+ * Waking a sleeping thread costs tens of microseconds (more in a VM), as
+ * long as a whole tile decode, so both sides spin before they sleep: an idle
+ * worker polls the generation for spin_ns before it waits on the condition
+ * variable, and the caller polls busy likewise. Matmuls of one forward pass
+ * follow each other within microseconds, so workers stay awake through a
+ * pass and sleep between requests. NZ_POOL_SPIN_US sets the window
+ * (default 200; 0 = always sleep). */
 #include "nz_pool.h"
 
 #include "nz_alloc.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 void openblas_set_num_threads(int); /* OpenBLAS; declared here to avoid its header */
 
 struct nz_pool {
-    int size;             /* threads, the caller included */
-    pthread_t *workers;   /* [size - 1] */
-    pthread_mutex_t run;  /* serialises nz_pool_run callers */
-    pthread_mutex_t lock; /* protects the fields below */
-    pthread_cond_t wake;  /* workers wait for a new generation */
-    pthread_cond_t done;  /* the caller waits for busy == 0 */
-    uint64_t generation;  /* bumped for each job */
-    int busy;             /* workers still in the current job */
-    int stop;             /* set by nz_pool_free */
-    nz_pool_fn fn;        /* current job */
+    int size;                    /* threads, the caller included */
+    pthread_t *workers;          /* [size - 1] */
+    pthread_mutex_t run;         /* serialises nz_pool_run callers */
+    pthread_mutex_t lock;        /* protects the fields below */
+    pthread_cond_t wake;         /* workers wait for a new generation */
+    pthread_cond_t done;         /* the caller waits for busy == 0 */
+    _Atomic uint64_t generation; /* bumped for each job (written under lock, polled without) */
+    _Atomic int busy;            /* workers still in the current job */
+    _Atomic int stop;            /* set by nz_pool_free */
+    uint64_t spin_ns;            /* how long a thread polls before it sleeps */
+    nz_pool_fn fn;               /* current job */
     void *ctx;
     uint64_t ntasks;
     _Atomic uint64_t next; /* next task to hand out */
@@ -41,13 +52,37 @@ static void work(nz_pool *p, nz_pool_fn fn, void *ctx, uint64_t ntasks, int thre
     }
 }
 
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Poll until *v != old (or stop) for at most ns. @return 1 when it changed. */
+static int spin_until_changed(nz_pool *p, const _Atomic uint64_t *v, uint64_t old, uint64_t ns) {
+    if (!ns) return 0;
+    uint64_t end = now_ns() + ns;
+    for (unsigned i = 1;; i++) {
+        if (atomic_load(v) != old || atomic_load(&p->stop)) return 1;
+        cpu_relax();
+        if (!(i & 63) && now_ns() > end) return 0;
+    }
+}
+
 static void *worker(void *argp) {
     worker_arg a = *(worker_arg *)argp;
     nz_free(argp);
     nz_pool *p = a.p;
     uint64_t seen = 0;
-    pthread_mutex_lock(&p->lock);
     for (;;) {
+        spin_until_changed(p, &p->generation, seen, p->spin_ns);
+        pthread_mutex_lock(&p->lock);
         while (!p->stop && p->generation == seen) pthread_cond_wait(&p->wake, &p->lock);
         if (p->stop) break;
         seen = p->generation;
@@ -58,6 +93,7 @@ static void *worker(void *argp) {
         work(p, fn, ctx, ntasks, a.index);
         pthread_mutex_lock(&p->lock);
         if (--p->busy == 0) pthread_cond_signal(&p->done);
+        pthread_mutex_unlock(&p->lock);
     }
     pthread_mutex_unlock(&p->lock);
     return NULL;
@@ -72,6 +108,8 @@ nz_pool *nz_pool_create(int n) {
     nz_pool *p = nz_calloc(1, sizeof *p, NZ_MEM_OTHER);
     if (!p) return NULL;
     p->size = 1;
+    const char *spin = getenv("NZ_POOL_SPIN_US");
+    p->spin_ns = (spin && *spin ? strtoull(spin, NULL, 10) : 200) * 1000u;
     pthread_mutex_init(&p->run, NULL);
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->wake, NULL);
@@ -134,6 +172,13 @@ void nz_pool_run(nz_pool *p, uint64_t ntasks, nz_pool_fn fn, void *ctx) {
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     work(p, fn, ctx, ntasks, 0);
+    if (p->spin_ns) { /* the workers are finishing their last task: poll before sleeping */
+        uint64_t end = now_ns() + p->spin_ns;
+        for (unsigned i = 1; atomic_load(&p->busy) > 0; i++) {
+            cpu_relax();
+            if (!(i & 63) && now_ns() > end) break;
+        }
+    }
     pthread_mutex_lock(&p->lock);
     while (p->busy > 0) pthread_cond_wait(&p->done, &p->lock);
     pthread_mutex_unlock(&p->lock);

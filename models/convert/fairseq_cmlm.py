@@ -1,0 +1,288 @@
+#!/usr/bin/python3
+"""fairseq CMLM / multi-task-nat checkpoint -> nzserve model directory.
+
+    /usr/bin/python3 models/convert/fairseq_cmlm.py CHECKPOINT.pt SPM.model DICT.txt OUTDIR \
+        [--dtype fp32|bf16] [--no-at]
+
+Input: a fairseq ``cmlm_transformer`` checkpoint (state-dict names ``encoder.*``,
+``decoder.*``) or a multi-task-nat ``mt_transformer`` one (``at_model.encoder.*``,
+``at_model.decoder.*``, ``nat_model.encoder.*``, ``nat_model.decoder.*``; the encoder
+must be shared, i.e. --share-encoder). Old (``decoder.embed_out``, no
+``output_projection``) and new (``decoder.output_projection.weight``) fairseq
+layouts are accepted; ``args`` (Namespace) or ``cfg`` (dict/omegaconf) holds the
+hyper-parameters.
+
+Output (the contract of issue 4, see models/train/README_train.md):
+  model.safetensors  fairseq names: encoder.*, decoder.* (CMLM, incl. embed_length),
+                     at_decoder.* (from at_model.decoder.*); each tied tensor once:
+                     with share_all_embeddings only encoder.embed_tokens.weight is
+                     stored (decoder/at_decoder embed_tokens and output projections
+                     are that matrix); untied output projections are stored as
+                     *.output_projection.weight. No version/_float_tensor buffers.
+  config.json        "architecture": "cmlm_transformer" + fairseq arg names
+  dict.txt, spm.model  copied
+
+Needs only torch (to unpickle the checkpoint) and numpy.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+
+import numpy as np
+import torch
+
+ARCH_KEYS = [
+    "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
+    "encoder_normalize_before", "encoder_learned_pos",
+    "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_layers", "decoder_attention_heads",
+    "decoder_normalize_before", "decoder_learned_pos",
+    "max_source_positions", "max_target_positions", "activation_fn",
+    "share_all_embeddings", "share_decoder_input_output_embed", "no_scale_embedding",
+    "no_token_positional_embeddings", "layernorm_embedding",
+    "pred_length_offset", "length_loss_factor", "sg_length_pred", "src_embedding_copy",
+]
+# fairseq cmlm_base_architecture / mt_transformer base_architecture defaults
+DEFAULTS = dict(
+    encoder_embed_dim=512, encoder_ffn_embed_dim=2048, encoder_layers=6,
+    encoder_attention_heads=8, encoder_normalize_before=False, encoder_learned_pos=False,
+    decoder_layers=6, decoder_attention_heads=8, decoder_normalize_before=False,
+    decoder_learned_pos=False, max_source_positions=1024, max_target_positions=1024,
+    activation_fn="relu", share_decoder_input_output_embed=False,
+    no_scale_embedding=False, no_token_positional_embeddings=False, layernorm_embedding=False,
+    pred_length_offset=False, length_loss_factor=0.1, sg_length_pred=False,
+    src_embedding_copy=False,
+)
+DROP_SUFFIXES = (".version", "._float_tensor")
+
+
+def dropped(k):
+    """fairseq bookkeeping buffers, not weights."""
+    return ("." + k).endswith(DROP_SUFFIXES)
+
+
+def die(msg):
+    sys.exit("fairseq_cmlm.py: error: " + msg)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except TypeError:  # torch < 1.13
+        return torch.load(path, map_location="cpu")
+
+
+def checkpoint_args(ck):
+    if ck.get("args") is not None:
+        return dict(vars(ck["args"]))
+    cfg = ck.get("cfg")
+    if cfg is None:
+        die("checkpoint has neither 'args' nor 'cfg'")
+    model = cfg["model"] if "model" in cfg else cfg
+    try:
+        model = dict(model.items()) if not isinstance(model, dict) else model
+    except AttributeError:
+        model = vars(model)
+    out = dict(model)
+    if "task" in cfg and cfg["task"] is not None:
+        for k in ("source_lang", "target_lang"):
+            try:
+                out.setdefault(k, cfg["task"][k])
+            except (KeyError, TypeError):
+                pass
+    return out
+
+
+def arch_config(a):
+    c = {}
+    for k in ARCH_KEYS:
+        v = a.get(k)
+        if v is None:
+            v = DEFAULTS.get(k)
+        c[k] = v
+    if c["decoder_embed_dim"] is None:
+        c["decoder_embed_dim"] = c["encoder_embed_dim"]
+    if c["decoder_ffn_embed_dim"] is None:
+        c["decoder_ffn_embed_dim"] = c["encoder_ffn_embed_dim"]
+    if c["share_all_embeddings"] is None:  # cmlm default True, mt_transformer default False
+        c["share_all_embeddings"] = a.get("arch", "cmlm_transformer") != "mt_transformer"
+    if c["share_all_embeddings"]:
+        c["share_decoder_input_output_embed"] = True
+    return c
+
+
+def split_state(sd, arch):
+    """-> (encoder dict, nat decoder dict, at decoder dict or None), names without prefix."""
+    def sub(prefix):
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if any(k.startswith("nat_model.") for k in sd):
+        enc = sub("nat_model.encoder.")
+        at_enc = sub("at_model.encoder.")
+        for k, v in at_enc.items():
+            if dropped(k):
+                continue
+            if k not in enc or not torch.equal(enc[k], v):
+                die("at_model.encoder and nat_model.encoder differ (%s): only checkpoints "
+                    "trained with --share-encoder are supported" % k)
+        at = sub("at_model.decoder.")
+        return enc, sub("nat_model.decoder."), (at or None)
+    if not any(k.startswith("encoder.") for k in sd):
+        die("unrecognised state dict (no encoder.* / nat_model.* keys)")
+    at = sub("at_decoder.")
+    return sub("encoder."), sub("decoder."), (at or None)
+
+
+def f32_to_bf16_bits(x):
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = np.where(np.isnan(x), (u >> 16) | 0x40, r)
+    return r.astype(np.uint16)
+
+
+def write_safetensors(path, tensors, metadata):
+    """tensors: list of (name, np.ndarray f32 or uint16-bf16-bits, dtype str)."""
+    header = {"__metadata__": metadata}
+    off = 0
+    blobs = []
+    for name, arr, dt in tensors:
+        b = np.ascontiguousarray(arr).astype("<f4" if dt == "F32" else "<u2").tobytes()
+        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * ((8 - (8 + len(h)) % 8) % 8)
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("spm_model")
+    p.add_argument("dict_txt")
+    p.add_argument("outdir")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--no-at", action="store_true", help="drop the AT decoder")
+    o = p.parse_args(argv)
+
+    ck = load_checkpoint(o.checkpoint)
+    a = checkpoint_args(ck)
+    arch = a.get("arch", "cmlm_transformer")
+    c = arch_config(a)
+    for k in ("src_embedding_copy", "no_token_positional_embeddings"):
+        if c[k]:
+            die("%s is not supported" % k)
+    if a.get("adaptive_softmax_cutoff") or a.get("adaptive_input"):
+        die("adaptive softmax/input is not supported")
+    if c["encoder_embed_dim"] != c["decoder_embed_dim"]:
+        die("encoder_embed_dim != decoder_embed_dim is not supported")
+    if a.get("share_decoder", False):
+        die("mt_transformer --share-decoder is not supported")
+    sd = ck["model"]
+    enc, dec, at = split_state(sd, arch)
+    if o.no_at:
+        at = None
+
+    emb = enc["embed_tokens.weight"]
+    V, D = emb.shape
+    tensors = []
+
+    def add(name, t):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            die("%s: unexpected dtype %s" % (name, t.dtype))
+        tensors.append((name, t.detach().float().cpu().numpy()))
+
+    def add_part(prefix, part, is_decoder):
+        for k, v in part.items():
+            if dropped(k):
+                continue
+            if is_decoder and k == "embed_tokens.weight":
+                if c["share_all_embeddings"]:
+                    if not torch.equal(v, emb):
+                        die("share_all_embeddings but %sembed_tokens differs from the encoder's" % prefix)
+                    continue
+                if prefix == "at_decoder." and torch.equal(v, dec["embed_tokens.weight"]):
+                    continue  # mt_transformer: AT and NAT decoders share decoder_embed_tokens
+            if is_decoder and k in ("output_projection.weight", "embed_out"):
+                if c["share_decoder_input_output_embed"]:
+                    ref = dec.get("embed_tokens.weight", emb) if prefix == "at_decoder." else \
+                        part.get("embed_tokens.weight", emb)
+                    if not torch.equal(v, ref):
+                        die("%s%s is not tied to the embeddings" % (prefix, k))
+                    continue
+                k = "output_projection.weight"
+            if k.startswith(("project_in_dim", "project_out_dim", "adaptive_softmax")):
+                die("%s%s is not supported" % (prefix, k))
+            add(prefix + k, v)
+
+    add_part("encoder.", enc, False)
+    add_part("decoder.", dec, True)
+    if "embed_length.weight" not in dec:
+        die("decoder.embed_length.weight missing: not a CMLM/NAT checkpoint")
+    n_at = 0
+    if at is not None:
+        add_part("at_decoder.", at, True)
+        n_at = len({k.split(".")[1] for k in at if k.startswith("layers.")})
+    n_enc = len({k.split(".")[1] for k in enc if k.startswith("layers.")})
+    n_dec = len({k.split(".")[1] for k in dec if k.startswith("layers.")})
+    if n_enc != c["encoder_layers"] or n_dec != c["decoder_layers"]:
+        die("layer counts in the state dict (%d/%d) differ from args (%d/%d)" % (
+            n_enc, n_dec, c["encoder_layers"], c["decoder_layers"]))
+    for side in ("encoder", "decoder"):
+        learned = any(n.startswith(side + ".embed_positions.") for n, _ in tensors)
+        if learned != bool(c[side + "_learned_pos"]):
+            die("%s_learned_pos=%s but embed_positions weights %s" % (
+                side, c[side + "_learned_pos"], "present" if learned else "absent"))
+
+    # dictionary / tokenizer
+    with open(o.dict_txt, encoding="utf-8") as f:
+        ndict = sum(1 for l in f if l.strip())
+    if ndict + 4 != V:
+        die("dict.txt has %d entries + 4 specials != embedding rows %d" % (ndict, V))
+
+    os.makedirs(o.outdir, exist_ok=True)
+    dt = "F32" if o.dtype == "fp32" else "BF16"
+    out = [(n, t if dt == "F32" else f32_to_bf16_bits(t), dt) for n, t in tensors]
+    write_safetensors(os.path.join(o.outdir, "model.safetensors"), out, {"format": "pt"})
+
+    hist = ck.get("optimizer_history") or [{}]
+    cfg = {"architecture": "cmlm_transformer"}
+    cfg.update(c)
+    if n_at:
+        cfg["at_decoder_layers"] = n_at
+        # multi-task-nat trains the AT decoder on [bos, y.., eos] given [eos, bos, y..];
+        # our trainer (and fairseq's rerank) use [y.., eos] given [eos, y..].
+        cfg["at_prepend_bos"] = bool(a.get("at_prepend_bos", arch == "mt_transformer"))
+    cfg.update({
+        "vocab_size": int(V),
+        "source_lang": a.get("source_lang"), "target_lang": a.get("target_lang"),
+        "bos_index": 0, "pad_index": 1, "eos_index": 2, "unk_index": 3, "mask_index": 3,
+        "src_prepend_bos": bool(a.get("src_prepend_bos", True)),
+        "tgt_prepend_bos": True,
+        "length_classes": int(dec["embed_length.weight"].shape[0]),
+        "layer_norm_eps": 1e-5,
+        "dictionary": "dict.txt", "spm_model": "spm.model",
+        "torch_dtype": "float32" if dt == "F32" else "bfloat16",
+        "converted_from": {"arch": arch, "checkpoint": os.path.basename(o.checkpoint),
+                           "num_updates": hist[-1].get("num_updates")},
+    })
+    with open(os.path.join(o.outdir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    shutil.copyfile(o.dict_txt, os.path.join(o.outdir, "dict.txt"))
+    shutil.copyfile(o.spm_model, os.path.join(o.outdir, "spm.model"))
+    n = sum(t.size for _, t in tensors)
+    print("wrote %s: %d tensors, %d parameters (%.2fM), %s, arch %s, AT decoder layers %d" % (
+        o.outdir, len(tensors), n, n / 1e6, o.dtype, arch, n_at))
+
+
+if __name__ == "__main__":
+    main()
