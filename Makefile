@@ -14,8 +14,13 @@ BUILD    ?= build
 OPT      ?= -O2
 SAN      ?=
 CFLAGS   ?= $(OPT) -g
-CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-format-truncation -Iengine $(SAN)
+CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-format-truncation -Iengine -Imodels $(SAN)
+CXX      ?= g++
+CXXFLAGS ?= $(OPT) -g
+CXXFLAGS += -std=c++17 -Wall -Wextra -Wshadow -Iengine -Imodels $(SAN)
 LDLIBS   += -ljansson -lzstd -lxxhash -lopenblas -lm -lpthread
+# what build/libnzmodels.a needs on top of LDLIBS (the SentencePiece shim is C++)
+MODELS_LDLIBS := -lsentencepiece -lstdc++
 PYTHON   ?= /usr/bin/python3
 FUZZ_SECONDS ?= 30
 
@@ -23,15 +28,22 @@ ENGINE_SRC := $(wildcard engine/*.c)
 ENGINE_OBJ := $(ENGINE_SRC:%.c=$(BUILD)/%.o)
 ENGINE_LIB := $(BUILD)/libnzengine.a
 
+# model families, tokenizer (models/*.c except the nzp tool, models/*.cc)
+MODELS_SRC := $(filter-out models/nzp.c,$(wildcard models/*.c)) $(wildcard models/*.cc)
+MODELS_OBJ := $(patsubst %,$(BUILD)/%.o,$(basename $(MODELS_SRC)))
+MODELS_LIB := $(BUILD)/libnzmodels.a
+
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 NZP      := $(BUILD)/nzp
 PARITY   := $(BUILD)/parity_runner
+TOK_CLI  := $(BUILD)/tok_cli
+NAT_RUNNER := $(BUILD)/nat_runner
 
 .PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format
-all: $(ENGINE_LIB) $(NZP) $(PARITY) $(TEST_BIN)
+all: $(ENGINE_LIB) $(MODELS_LIB) $(NZP) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(TEST_BIN)
 
-$(BUILD)/%.o: %.c $(wildcard engine/*.h)
+$(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -41,6 +53,14 @@ $(BUILD)/engine/nz_hash_avx512.o: CFLAGS += -mavx512f -mavx512bw
 # the fused decode-and-multiply GEMV's vector kernels (dispatched at run time, see engine/nz_gemv.c)
 $(BUILD)/engine/nz_gemv_avx2.o: CFLAGS += -mavx2 -mfma -mpopcnt
 $(BUILD)/engine/nz_gemv_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mpopcnt
+
+$(BUILD)/%.o: %.cc $(wildcard engine/*.h models/*.h)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(MODELS_LIB): $(MODELS_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
 
 $(ENGINE_LIB): $(ENGINE_OBJ)
 	@rm -f $@
@@ -53,14 +73,22 @@ $(NZP): $(BUILD)/models/nzp.o $(ENGINE_LIB)
 $(PARITY): tests/parity_runner.c $(wildcard tests/*.h) $(ENGINE_LIB)
 	$(CC) $(CFLAGS) -Itests $< $(ENGINE_LIB) -o $@ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(ENGINE_LIB)
+# tokenizer driver for tests/python/test_tokenizer.py
+$(TOK_CLI): tests/tok_cli.c $(MODELS_LIB) $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS)
+
+# translation model driver for tests/python/test_nat_parity.py
+$(NAT_RUNNER): tests/nat_runner.c $(MODELS_LIB) $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(MODELS_LIB) $(ENGINE_LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests $< $(ENGINE_LIB) -o $@ $(LDLIBS) -lcmocka
+	$(CC) $(CFLAGS) -Itests $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS) -lcmocka
 
 # Whole suite: every C test binary, then the Python/CLI tests against $(NZP).
 test: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
-	NZP=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) $(PYTHON) -m pytest -q tests/python
+	NZP=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) $(PYTHON) -m pytest -q tests/python
 
 ctest: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
@@ -71,7 +99,7 @@ asan:
 valgrind: all
 	@set -e; for t in $(TEST_BIN); do echo "== valgrind $$t"; \
 	  NZ_TEST_QUICK=1 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $$t; done
-	NZ_TEST_QUICK=1 NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) $(PYTHON) -m pytest -q tests/python
+	NZ_TEST_QUICK=1 NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) $(PYTHON) -m pytest -q tests/python
 
 BENCH_BIN := $(BUILD)/bench_codec $(BUILD)/bench_matmul
 $(BUILD)/bench_%: tests/bench/bench_%.c $(ENGINE_LIB)
@@ -111,7 +139,7 @@ demo: $(NZP)
 	$(NZP) bench --seconds 1 $(DEMO)/model.nzp
 
 format:
-	clang-format -i engine/*.[ch] models/*.c tests/*.[ch] tests/*/*.[ch]
+	clang-format -i engine/*.[ch] models/*.[ch] models/*.cc tests/*.[ch] tests/*/*.[ch]
 
 clean:
 	rm -rf build build-asan build-fuzz

@@ -1,0 +1,1076 @@
+/*
+ * nz_nat.c — fairseq CMLM mask-predict + AT decoder (see nz_nat.h).
+ *
+ * Layout of the maths (all batch-first, rows of D floats):
+ *   encoder      x = scale * E[src] + pos(src) [+ layernorm_embedding]; pad rows
+ *                zeroed; layers (self-attention with key padding); [layer_norm]
+ *   CMLM decoder x = scale * E[tok] + pos(tok) (no layernorm_embedding, as
+ *                fairseq's NATransformerDecoder.forward_embedding); layers with
+ *                key padding (not causal) and cross-attention; [layer_norm];
+ *                logits = x E^T (tied)
+ *   AT decoder   as fairseq's TransformerDecoder: layernorm_embedding applies,
+ *                causal self-attention, incremental with a KV cache
+ */
+#include "nz_nat.h"
+
+#include "nz_alloc.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* rows of the output projection computed per matmul (bounds the logits buffer) */
+#define PROJ_CHUNK 256
+/* pred_length_offset: length classes are centred on 128 (fairseq) */
+#define LENGTH_OFFSET 128
+
+typedef enum pos_kind { POS_NONE = 0, POS_LEARNED, POS_SINUSOIDAL } pos_kind;
+
+/* Embeddings and layers of the encoder or one decoder. */
+typedef struct nat_stack {
+    size_t nlayers;
+    nz_block *layers; /* [nlayers] */
+    pos_kind pos;
+    nz_weight pos_table; /* learned: [max_positions + 2 x D] (rows 0, 1 = below / padding) */
+    size_t pos_rows;     /* rows of pos_table */
+    int has_emb_norm;
+    nz_norm emb_norm; /* layernorm_embedding [D] */
+    int has_final_norm;
+    nz_norm final_norm; /* layer_norm [D] (normalize_before) */
+} nat_stack;
+
+struct nz_nat {
+    nz_nat_config c;
+    const nz_model *m;
+    nz_weight embed;    /* [V x D] encoder.embed_tokens.weight, shared by everything */
+    nz_linear out_proj; /* [V x D] the same matrix (tied output projection), no bias */
+    nz_linear length;   /* [length_classes x D] decoder.embed_length.weight, no bias */
+    nat_stack enc, dec, at;
+};
+
+/* ------------------------------------------------------------------ config */
+
+static const json_t *cfg_get(const json_t *c, const char *k) {
+    const json_t *j = json_object_get(c, k);
+    return j && !json_is_null(j) ? j : NULL;
+}
+
+static int cfg_size(const json_t *c, const char *k, size_t def, size_t *v, nz_error *err) {
+    const json_t *j = cfg_get(c, k);
+    if (!j) {
+        *v = def;
+        return NZ_OK;
+    }
+    if (!json_is_integer(j) || json_integer_value(j) < 0 || json_integer_value(j) > (1 << 30))
+        return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be an integer in [0, 2^30]", k);
+    *v = (size_t)json_integer_value(j);
+    return NZ_OK;
+}
+
+static int cfg_flag(const json_t *c, const char *k, int def, int *v, nz_error *err) {
+    const json_t *j = cfg_get(c, k);
+    if (!j) {
+        *v = def;
+        return NZ_OK;
+    }
+    if (json_is_boolean(j)) {
+        *v = json_is_true(j);
+        return NZ_OK;
+    }
+    if (json_is_integer(j) && (json_integer_value(j) == 0 || json_integer_value(j) == 1)) {
+        *v = (int)json_integer_value(j);
+        return NZ_OK;
+    }
+    return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be true or false", k);
+}
+
+/* A special index, when present, must be fairseq's. */
+static int cfg_index(const json_t *c, const char *k, int want, nz_error *err) {
+    const json_t *j = cfg_get(c, k);
+    if (j && (!json_is_integer(j) || json_integer_value(j) != want))
+        return nz_fail(err, NZ_E_UNSUPPORTED, "config.json: '%s' must be %d (fairseq dictionary)", k, want);
+    return NZ_OK;
+}
+
+#define TRY(x)                                                                                               \
+    do {                                                                                                     \
+        if ((rc = (x)) != NZ_OK) goto done;                                                                  \
+    } while (0)
+
+#define FAIL(code, ...)                                                                                      \
+    do {                                                                                                     \
+        rc = nz_fail(err, code, __VA_ARGS__);                                                                \
+        goto done;                                                                                           \
+    } while (0)
+
+/* Fill c from config.json (nat_ref.ARCH_DEFAULTS for absent keys); refuse
+ * what the engine does not implement. */
+static int read_config(const json_t *j, nz_nat_config *c, nz_error *err) {
+    int rc = NZ_OK, v;
+    memset(c, 0, sizeof *c);
+    if (!json_is_object(j)) FAIL(NZ_E_FORMAT, "model has no config.json object");
+    const json_t *arch = cfg_get(j, "architecture");
+    if (!json_is_string(arch) || strcmp(json_string_value(arch), "cmlm_transformer"))
+        FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"cmlm_transformer\"",
+             json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
+             json_is_string(arch) ? "\"" : "");
+    size_t dec_dim = 0;
+    TRY(cfg_size(j, "encoder_embed_dim", 512, &c->d_model, err));
+    TRY(cfg_size(j, "encoder_ffn_embed_dim", 2048, &c->enc_ffn, err));
+    TRY(cfg_size(j, "encoder_layers", 6, &c->enc_layers, err));
+    TRY(cfg_size(j, "encoder_attention_heads", 8, &c->enc_heads, err));
+    TRY(cfg_size(j, "decoder_embed_dim", c->d_model, &dec_dim, err));
+    TRY(cfg_size(j, "decoder_ffn_embed_dim", c->enc_ffn, &c->dec_ffn, err));
+    TRY(cfg_size(j, "decoder_layers", 6, &c->dec_layers, err));
+    TRY(cfg_size(j, "decoder_attention_heads", 8, &c->dec_heads, err));
+    TRY(cfg_size(j, "at_decoder_layers", 0, &c->at_layers, err));
+    TRY(cfg_size(j, "max_source_positions", 1024, &c->max_source_positions, err));
+    TRY(cfg_size(j, "max_target_positions", 1024, &c->max_target_positions, err));
+    TRY(cfg_flag(j, "encoder_normalize_before", 0, &c->enc_pre_norm, err));
+    TRY(cfg_flag(j, "decoder_normalize_before", 0, &c->dec_pre_norm, err));
+    TRY(cfg_flag(j, "encoder_learned_pos", 0, &c->enc_learned_pos, err));
+    TRY(cfg_flag(j, "decoder_learned_pos", 0, &c->dec_learned_pos, err));
+    TRY(cfg_flag(j, "no_token_positional_embeddings", 0, &c->no_positions, err));
+    TRY(cfg_flag(j, "layernorm_embedding", 0, &c->layernorm_embedding, err));
+    TRY(cfg_flag(j, "pred_length_offset", 0, &c->pred_length_offset, err));
+    TRY(cfg_flag(j, "at_prepend_bos", 0, &c->at_prepend_bos, err));
+    TRY(cfg_flag(j, "share_all_embeddings", 1, &v, err));
+    if (!v)
+        FAIL(NZ_E_UNSUPPORTED, "config.json: share_all_embeddings false is not supported (one joined "
+                               "dictionary and embedding matrix is required)");
+    /* share_all_embeddings implies a tied output projection (fairseq forces
+     * share_decoder_input_output_embed), whatever the key says */
+    TRY(cfg_flag(j, "src_embedding_copy", 0, &v, err));
+    if (v) FAIL(NZ_E_UNSUPPORTED, "config.json: src_embedding_copy is not supported");
+    TRY(cfg_flag(j, "no_scale_embedding", 0, &v, err));
+    c->embed_scale = v ? 1.0f : (float)sqrt((double)c->d_model);
+    if (!c->d_model || dec_dim != c->d_model)
+        FAIL(NZ_E_UNSUPPORTED,
+             "config.json: encoder_embed_dim %zu and decoder_embed_dim %zu must be equal and > 0", c->d_model,
+             dec_dim);
+    if (!c->enc_heads || c->d_model % c->enc_heads || !c->dec_heads || c->d_model % c->dec_heads)
+        FAIL(NZ_E_FORMAT, "config.json: attention heads (%zu encoder, %zu decoder) must divide the width %zu",
+             c->enc_heads, c->dec_heads, c->d_model);
+    if (!c->enc_ffn || !c->dec_ffn) FAIL(NZ_E_FORMAT, "config.json: FFN widths must be > 0");
+    if (!c->dec_layers) FAIL(NZ_E_FORMAT, "config.json: decoder_layers must be > 0");
+    if (!c->max_source_positions || c->max_target_positions < 2)
+        FAIL(NZ_E_FORMAT, "config.json: max_source_positions must be > 0 and max_target_positions >= 2");
+    const json_t *act = cfg_get(j, "activation_fn");
+    const char *an = act ? json_string_value(act) : "relu";
+    if (!an) FAIL(NZ_E_FORMAT, "config.json: 'activation_fn' must be a string");
+    if (!strcmp(an, "relu"))
+        c->act = NZ_ACT_RELU;
+    else if (!strcmp(an, "gelu"))
+        c->act = NZ_ACT_GELU;
+    else
+        FAIL(NZ_E_UNSUPPORTED, "config.json: activation_fn \"%s\" is not supported (relu, gelu)", an);
+    const json_t *eps = cfg_get(j, "layer_norm_eps");
+    c->ln_eps = 1e-5f;
+    if (eps) {
+        if (!json_is_number(eps) || !(json_number_value(eps) > 0))
+            FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_eps' must be a positive number");
+        c->ln_eps = (float)json_number_value(eps);
+    }
+    TRY(cfg_index(j, "bos_index", NZ_NAT_BOS, err));
+    TRY(cfg_index(j, "pad_index", NZ_NAT_PAD, err));
+    TRY(cfg_index(j, "eos_index", NZ_NAT_EOS, err));
+    TRY(cfg_index(j, "unk_index", NZ_NAT_UNK, err));
+    TRY(cfg_index(j, "mask_index", NZ_NAT_MASK, err));
+done:
+    return rc;
+}
+
+/* ------------------------------------------------------------------ binding */
+
+static const char *const ATTN_NAMES[4] = {"q_proj", "k_proj", "v_proj", "out_proj"};
+
+static int bind_norm(const nz_nat *n, nz_norm *no, const char *prefix, const char *name, nz_error *err) {
+    char g[256], b[256];
+    snprintf(g, sizeof g, "%s%s.weight", prefix, name);
+    snprintf(b, sizeof b, "%s%s.bias", prefix, name);
+    return nz_norm_bind(no, n->m, NZ_NORM_LAYER, g, b, n->c.d_model, n->c.ln_eps, err);
+}
+
+static int bind_attn(const nz_nat *n, nz_attn *a, const char *prefix, size_t H, nz_error *err) {
+    int rc = nz_attn_bind(a, n->m, prefix, ATTN_NAMES, 1, n->c.d_model, H, 0, err);
+    if (!rc && a->H * a->dh != n->c.d_model)
+        rc = nz_fail(err, NZ_E_FORMAT, "'%sq_proj.weight' has %zu rows, expected %zu", prefix, a->H * a->dh,
+                     n->c.d_model);
+    return rc;
+}
+
+/* One fairseq TransformerEncoderLayer / TransformerDecoderLayer (cross). */
+static int bind_layer(const nz_nat *n, nz_block *b, const char *stack, size_t i, int cross, int pre_norm,
+                      size_t H, size_t ffn, nz_error *err) {
+    char p[128], a[256], c[256], d[256], e[256];
+    int rc = NZ_OK;
+    memset(b, 0, sizeof *b);
+    b->pre_norm = pre_norm;
+    b->has_cross = cross;
+    snprintf(p, sizeof p, "%slayers.%zu.", stack, i);
+    snprintf(a, sizeof a, "%sself_attn.", p);
+    TRY(bind_attn(n, &b->self, a, H, err));
+    TRY(bind_norm(n, &b->self_norm, p, "self_attn_layer_norm", err));
+    if (cross) {
+        snprintf(a, sizeof a, "%sencoder_attn.", p);
+        TRY(bind_attn(n, &b->cross, a, H, err));
+        TRY(bind_norm(n, &b->cross_norm, p, "encoder_attn_layer_norm", err));
+    }
+    snprintf(a, sizeof a, "%sfc1.weight", p);
+    snprintf(c, sizeof c, "%sfc1.bias", p);
+    snprintf(d, sizeof d, "%sfc2.weight", p);
+    snprintf(e, sizeof e, "%sfc2.bias", p);
+    TRY(nz_ffn_bind(&b->ffn, n->m, n->c.act, a, c, NULL, d, e, n->c.d_model, err));
+    if (b->ffn.d_ff != ffn)
+        FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says %zu (ffn_embed_dim)", a, b->ffn.d_ff, ffn);
+    TRY(bind_norm(n, &b->ffn_norm, p, "final_layer_norm", err));
+done:
+    return rc;
+}
+
+static void stack_free(nat_stack *s) {
+    for (size_t i = 0; s->layers && i < s->nlayers; i++) nz_block_free(&s->layers[i]);
+    nz_free(s->layers);
+    nz_norm_free(&s->emb_norm);
+    nz_norm_free(&s->final_norm);
+    memset(s, 0, sizeof *s);
+}
+
+/* Bind the positions, norms and layers of stack prefix ("encoder." ...). */
+static int bind_stack(nz_nat *n, nat_stack *s, const char *prefix, size_t nlayers, int cross, int pre_norm,
+                      int learned, size_t max_pos, size_t H, size_t ffn, int emb_norm, nz_error *err) {
+    int rc = NZ_OK;
+    char a[256];
+    memset(s, 0, sizeof *s);
+    if (!n->c.no_positions) {
+        s->pos = learned ? POS_LEARNED : POS_SINUSOIDAL;
+        snprintf(a, sizeof a, "%sembed_positions.weight", prefix);
+        if (learned) {
+            TRY(nz_weight_bind(&s->pos_table, n->m, a, err));
+            if (s->pos_table.k != n->c.d_model || s->pos_table.n != max_pos + NZ_NAT_PAD + 1)
+                FAIL(NZ_E_FORMAT, "'%s' is %llu x %llu, expected %zu x %zu (max positions %zu + 2)", a,
+                     (unsigned long long)s->pos_table.n, (unsigned long long)s->pos_table.k,
+                     max_pos + NZ_NAT_PAD + 1, n->c.d_model, max_pos);
+            s->pos_rows = (size_t)s->pos_table.n;
+        } else if (nz_model_find(n->m, a) >= 0) {
+            FAIL(NZ_E_FORMAT, "'%s' exists but the config says sinusoidal positions (learned_pos false)", a);
+        }
+    }
+    if (emb_norm) {
+        TRY(bind_norm(n, &s->emb_norm, prefix, "layernorm_embedding", err));
+        s->has_emb_norm = 1;
+    }
+    if (pre_norm) {
+        TRY(bind_norm(n, &s->final_norm, prefix, "layer_norm", err));
+        s->has_final_norm = 1;
+    }
+    snprintf(a, sizeof a, "%slayers.%zu.fc1.weight", prefix, nlayers);
+    if (nz_model_find(n->m, a) >= 0)
+        FAIL(NZ_E_FORMAT, "'%s' exists: the model has more %slayers than config.json says (%zu)", a, prefix,
+             nlayers);
+    s->layers = nz_calloc(nlayers ? nlayers : 1, sizeof *s->layers, NZ_MEM_OTHER);
+    if (!s->layers) FAIL(NZ_E_NOMEM, "out of memory for %zu layers", nlayers);
+    s->nlayers = nlayers;
+    for (size_t i = 0; i < nlayers; i++)
+        TRY(bind_layer(n, &s->layers[i], prefix, i, cross, pre_norm, H, ffn, err));
+done:
+    return rc;
+}
+
+int nz_nat_load(const nz_model *m, nz_nat **out, nz_error *err) {
+    int rc = NZ_OK;
+    *out = NULL;
+    nz_nat *n = nz_calloc(1, sizeof *n, NZ_MEM_OTHER);
+    if (!n) return nz_fail(err, NZ_E_NOMEM, "out of memory for the model");
+    n->m = m;
+    nz_nat_config *c = &n->c;
+    TRY(read_config(nz_model_config(m), c, err));
+    const char *ename = "encoder.embed_tokens.weight";
+    TRY(nz_weight_bind(&n->embed, m, ename, err));
+    if (n->embed.k != c->d_model)
+        FAIL(NZ_E_FORMAT, "'%s' is %llu wide, config.json says encoder_embed_dim %zu", ename,
+             (unsigned long long)n->embed.k, c->d_model);
+    if (n->embed.n <= NZ_NAT_UNK || n->embed.n > INT32_MAX)
+        FAIL(NZ_E_FORMAT, "'%s' has %llu rows", ename, (unsigned long long)n->embed.n);
+    c->vocab = (size_t)n->embed.n;
+    size_t vs = 0;
+    TRY(cfg_size(nz_model_config(m), "vocab_size", c->vocab, &vs, err));
+    if (vs != c->vocab)
+        FAIL(NZ_E_FORMAT, "config.json: vocab_size %zu but '%s' has %zu rows", vs, ename, c->vocab);
+    static const char *const untied[] = {"decoder.embed_tokens.weight", "decoder.output_projection.weight",
+                                         "at_decoder.embed_tokens.weight",
+                                         "at_decoder.output_projection.weight"};
+    for (size_t i = 0; i < sizeof untied / sizeof untied[0]; i++)
+        if (nz_model_find(m, untied[i]) >= 0)
+            FAIL(NZ_E_UNSUPPORTED,
+                 "'%s' exists: with share_all_embeddings every embedding and output "
+                 "projection is '%s' (the converter stores it once)",
+                 untied[i], ename);
+    TRY(nz_linear_bind(&n->out_proj, m, ename, NULL, c->d_model, c->vocab, err));
+    TRY(nz_linear_bind(&n->length, m, "decoder.embed_length.weight", NULL, c->d_model, 0, err));
+    c->length_classes = n->length.n_out;
+    size_t lc = 0;
+    TRY(cfg_size(nz_model_config(m), "length_classes", c->length_classes, &lc, err));
+    if (lc != c->length_classes)
+        FAIL(NZ_E_FORMAT, "config.json: length_classes %zu but decoder.embed_length.weight has %zu rows", lc,
+             c->length_classes);
+    TRY(bind_stack(n, &n->enc, "encoder.", c->enc_layers, 0, c->enc_pre_norm, c->enc_learned_pos,
+                   c->max_source_positions, c->enc_heads, c->enc_ffn, c->layernorm_embedding, err));
+    TRY(bind_stack(n, &n->dec, "decoder.", c->dec_layers, 1, c->dec_pre_norm, c->dec_learned_pos,
+                   c->max_target_positions, c->dec_heads, c->dec_ffn, 0, err));
+    if (c->at_layers)
+        TRY(bind_stack(n, &n->at, "at_decoder.", c->at_layers, 1, c->dec_pre_norm, c->dec_learned_pos,
+                       c->max_target_positions, c->dec_heads, c->dec_ffn, c->layernorm_embedding, err));
+    else if (nz_model_find(m, "at_decoder.layers.0.fc1.weight") >= 0)
+        FAIL(NZ_E_FORMAT, "the model has at_decoder.* layers but config.json has no at_decoder_layers");
+    *out = n;
+    return NZ_OK;
+done:
+    nz_nat_free(n);
+    return rc;
+}
+
+void nz_nat_free(nz_nat *n) {
+    if (!n) return;
+    stack_free(&n->enc);
+    stack_free(&n->dec);
+    stack_free(&n->at);
+    nz_linear_free(&n->out_proj);
+    nz_linear_free(&n->length);
+    nz_free(n);
+}
+
+const nz_nat_config *nz_nat_get_config(const nz_nat *n) { return &n->c; }
+
+void nz_nat_opts_default(nz_nat_opts *o) {
+    o->max_iter = 10;
+    o->length_beam = 1;
+    o->adaptive = 1;
+    o->rerank_at = 0;
+}
+
+void nz_nat_at_opts_default(nz_nat_at_opts *o) {
+    o->max_len_a = 0;
+    o->max_len_b = 200;
+    o->min_len = 1;
+}
+
+/* ------------------------------------------------------------------ forward pieces */
+
+/* out[B*T x D] = scale * E[tok] + pos(tok) [+ layernorm_embedding when emb_norm];
+ * positions are fairseq's make_positions + start (incremental decoding). */
+static int stack_embed(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, const int32_t *tok, size_t B,
+                       size_t T, int64_t start, int emb_norm, float *out, nz_error *err) {
+    const size_t M = B * T, D = n->c.d_model;
+    int rc = nz_embed(mc, &n->embed, tok, M, n->c.embed_scale, out, err);
+    if (rc || s->pos == POS_NONE || !M) goto norm;
+    int64_t *pos = nz_malloc(M * sizeof *pos, NZ_MEM_ACTIVATIONS);
+    float *pe = nz_malloc(M * D * sizeof *pe, NZ_MEM_ACTIVATIONS);
+    int32_t *ids = nz_malloc(M * sizeof *ids, NZ_MEM_ACTIVATIONS);
+    if (!pos || !pe || !ids) {
+        rc = nz_fail(err, NZ_E_NOMEM, "out of memory for positions");
+    } else {
+        nz_fairseq_positions(pos, tok, B, T, NZ_NAT_PAD, start);
+        if (s->pos == POS_LEARNED) {
+            for (size_t i = 0; i < M && !rc; i++) {
+                if (pos[i] < 0 || (uint64_t)pos[i] >= s->pos_rows)
+                    rc = nz_fail(err, NZ_E_RANGE,
+                                 "position %lld is beyond the learned position table (%zu rows)",
+                                 (long long)pos[i], s->pos_rows);
+                ids[i] = (int32_t)pos[i];
+            }
+            if (!rc) rc = nz_embed(mc, &s->pos_table, ids, M, 1.0f, pe, err);
+        } else {
+            nz_sinusoidal_positions(pe, pos, M, D, NZ_NAT_PAD);
+        }
+        if (!rc) nz_add(out, pe, M * D);
+    }
+    nz_free(pos);
+    nz_free(pe);
+    nz_free(ids);
+norm:
+    if (!rc && emb_norm && s->has_emb_norm) nz_norm_fwd(&s->emb_norm, out, M, out);
+    return rc;
+}
+
+/* x[B x T x D] through the layers of s (io filled by the caller except the
+ * per-layer caches), then the final layer norm. */
+static int stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_block_io *io, nz_kv *self_kv,
+                        const nz_kv *cross_kv, nz_error *err) {
+    for (size_t l = 0; l < s->nlayers; l++) {
+        io->self_kv = self_kv ? &self_kv[l] : NULL;
+        io->cross_kv = cross_kv ? &cross_kv[l] : NULL;
+        int rc = nz_block_fwd(mc, &s->layers[l], x, io, err);
+        if (rc) return rc;
+    }
+    if (s->has_final_norm) nz_norm_fwd(&s->final_norm, x, io->B * io->T, x);
+    return NZ_OK;
+}
+
+int nz_nat_check_source(const nz_nat *n, const int32_t *src, size_t S, size_t *len, nz_error *err) {
+    size_t k = 0;
+    for (size_t t = 0; t < S; t++) {
+        if (src[t] < 0 || (size_t)src[t] >= n->c.vocab)
+            return nz_fail(err, NZ_E_RANGE,
+                           "source token id %d at position %zu is outside the vocabulary [0, %zu)",
+                           (int)src[t], t, n->c.vocab);
+        k += src[t] != NZ_NAT_PAD;
+    }
+    if (len) *len = k;
+    if (!k) return nz_fail(err, NZ_E_INVALID_ARG, "empty source (no token other than padding)");
+    if (k > n->c.max_source_positions)
+        return nz_fail(err, NZ_E_RANGE, "source has %zu tokens, more than max_source_positions %zu", k,
+                       n->c.max_source_positions);
+    return NZ_OK;
+}
+
+void nz_nat_enc_free(nz_nat_enc *enc) {
+    if (!enc) return;
+    nz_free(enc->x);
+    nz_free(enc->pad);
+    nz_free(enc->len);
+    memset(enc, 0, sizeof *enc);
+}
+
+int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S, nz_nat_enc *enc,
+                  nz_error *err) {
+    int rc = NZ_OK;
+    const size_t D = n->c.d_model;
+    memset(enc, 0, sizeof *enc);
+    if (!B || !S) return nz_fail(err, NZ_E_INVALID_ARG, "encode: empty batch (%zu x %zu)", B, S);
+    enc->B = B;
+    enc->S = S;
+    enc->D = D;
+    enc->x = nz_malloc(B * S * D * sizeof *enc->x, NZ_MEM_ACTIVATIONS);
+    enc->pad = nz_malloc(B * S, NZ_MEM_ACTIVATIONS);
+    enc->len = nz_malloc(B * sizeof *enc->len, NZ_MEM_ACTIVATIONS);
+    if (!enc->x || !enc->pad || !enc->len) FAIL(NZ_E_NOMEM, "out of memory for the encoder output");
+    for (size_t b = 0; b < B; b++) {
+        rc = nz_nat_check_source(n, src + b * S, S, &enc->len[b], err);
+        if (rc) {
+            nz_fail_prefix(err, "sentence %zu: ", b);
+            goto done;
+        }
+    }
+    int any = 0;
+    for (size_t i = 0; i < B * S; i++) any |= enc->pad[i] = src[i] == NZ_NAT_PAD;
+    TRY(stack_embed(mc, n, &n->enc, src, B, S, 0, 1, enc->x, err));
+    for (size_t i = 0; i < B * S; i++)
+        if (enc->pad[i]) memset(enc->x + i * D, 0, D * sizeof *enc->x);
+    nz_block_io io;
+    memset(&io, 0, sizeof io);
+    io.B = B;
+    io.T = S;
+    io.self_pad = any ? enc->pad : NULL;
+    TRY(stack_layers(mc, &n->enc, enc->x, &io, NULL, NULL, err));
+done:
+    if (rc) nz_nat_enc_free(enc);
+    return rc;
+}
+
+static void kvs_free(nz_kv *kv, size_t nl) {
+    for (size_t l = 0; kv && l < nl; l++) nz_kv_free(&kv[l]);
+    nz_free(kv);
+}
+
+/* Cross-attention keys/values of every layer of decoder s over enc. */
+static int cross_kvs(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, const nz_nat_enc *enc,
+                     nz_kv **out, nz_error *err) {
+    int rc = NZ_OK;
+    nz_kv *kv = nz_calloc(s->nlayers, sizeof *kv, NZ_MEM_KV);
+    if (!kv) return nz_fail(err, NZ_E_NOMEM, "out of memory for cross-attention caches");
+    for (size_t l = 0; l < s->nlayers && !rc; l++) {
+        rc = nz_kv_init(&kv[l], enc->B, enc->S, n->c.d_model, err);
+        if (!rc)
+            rc = nz_attn_cross_kv(mc, &s->layers[l].cross, enc->x, enc->B, enc->S, enc->pad, &kv[l], err);
+    }
+    if (rc) {
+        kvs_free(kv, s->nlayers);
+        kv = NULL;
+    }
+    *out = kv;
+    return rc;
+}
+
+/* Decoder features h[A x W x D] of tok[A x W] (nat: CMLM decoder, else AT
+ * decoder, full sequence, causal); row a reads encoder row kv_map[a]. */
+static int decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_t *tok, size_t A, size_t W,
+                       const nz_kv *cross, const uint32_t *kv_map, float *h, nz_error *err) {
+    const nat_stack *s = nat ? &n->dec : &n->at;
+    uint8_t *pad = nz_malloc(A * W + 1, NZ_MEM_ACTIVATIONS);
+    if (!pad) return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder padding");
+    int any = 0;
+    for (size_t i = 0; i < A * W; i++) any |= pad[i] = tok[i] == NZ_NAT_PAD;
+    int rc = stack_embed(mc, n, s, tok, A, W, 0, !nat, h, err);
+    if (!rc) {
+        nz_block_io io;
+        memset(&io, 0, sizeof io);
+        io.B = A;
+        io.T = W;
+        io.self_pad = any ? pad : NULL;
+        io.causal = !nat;
+        io.kv_map = kv_map;
+        rc = stack_layers(mc, s, h, &io, NULL, cross, err);
+    }
+    nz_free(pad);
+    return rc;
+}
+
+/* Log-softmax of the output projection of the R rows h[rows[i]] (rows of
+ * D floats): calls fn(ctx, i, lp[V]) for each, PROJ_CHUNK rows per matmul. */
+typedef void (*row_fn)(void *ctx, size_t i, const float *lp);
+
+static int project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, const size_t *rows, size_t R,
+                        row_fn fn, void *ctx, nz_error *err) {
+    const size_t D = n->c.d_model, V = n->c.vocab, C = R < PROJ_CHUNK ? R : PROJ_CHUNK;
+    if (!R) return NZ_OK;
+    float *g = nz_malloc(C * D * sizeof *g, NZ_MEM_ACTIVATIONS);
+    float *lp = nz_malloc(C * V * sizeof *lp, NZ_MEM_ACTIVATIONS);
+    int rc = NZ_OK;
+    if (!g || !lp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for the output projection");
+    for (size_t r0 = 0; r0 < R && !rc; r0 += C) {
+        size_t c = R - r0 < C ? R - r0 : C;
+        for (size_t i = 0; i < c; i++) memcpy(g + i * D, h + rows[r0 + i] * D, D * sizeof *g);
+        rc = nz_linear_fwd(mc, &n->out_proj, g, c, lp, err);
+        if (rc) break;
+        nz_log_softmax(lp, c, V);
+        for (size_t i = 0; i < c; i++) fn(ctx, r0 + i, lp + i * V);
+    }
+    nz_free(g);
+    nz_free(lp);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ results */
+
+void nz_nat_hyps_free(nz_nat_hyp *hyps, size_t B) {
+    for (size_t i = 0; hyps && i < B; i++) {
+        nz_free(hyps[i].tokens);
+        memset(&hyps[i], 0, sizeof hyps[i]);
+    }
+}
+
+/* Zero hyps, check every sentence; the valid ones are copied into *vsrc
+ * [*nv x S] and listed in *vidx. */
+static int prepare(const nz_nat *n, const int32_t *src, size_t B, size_t S, nz_nat_hyp *hyps, int32_t **vsrc,
+                   size_t **vidx, size_t *nv, nz_error *err) {
+    *vsrc = NULL;
+    *vidx = NULL;
+    *nv = 0;
+    for (size_t b = 0; b < B; b++) memset(&hyps[b], 0, sizeof hyps[b]);
+    *vsrc = nz_malloc(B * S * sizeof **vsrc + 1, NZ_MEM_ACTIVATIONS);
+    *vidx = nz_malloc(B * sizeof **vidx + 1, NZ_MEM_ACTIVATIONS);
+    if (!*vsrc || !*vidx) return nz_fail(err, NZ_E_NOMEM, "out of memory for the batch");
+    for (size_t b = 0; b < B; b++) {
+        hyps[b].rc = nz_nat_check_source(n, src + b * S, S, NULL, &hyps[b].err);
+        if (hyps[b].rc) continue;
+        memcpy(*vsrc + *nv * S, src + b * S, S * sizeof **vsrc);
+        (*vidx)[(*nv)++] = b;
+    }
+    return NZ_OK;
+}
+
+/* A batch-wide failure: every sentence without a result gets it. */
+static void fail_all(nz_nat_hyp *hyps, size_t B, const nz_error *err) {
+    for (size_t b = 0; b < B; b++) {
+        if (hyps[b].rc || hyps[b].tokens) continue;
+        hyps[b].rc = err->code ? err->code : NZ_E_INVALID_ARG;
+        hyps[b].err = *err;
+    }
+}
+
+static int set_tokens(nz_nat_hyp *h, const int32_t *tok, size_t k, nz_error *err) {
+    h->tokens = nz_malloc(k * sizeof *h->tokens + 1, NZ_MEM_OTHER);
+    if (!h->tokens) return nz_fail(err, NZ_E_NOMEM, "out of memory for a result");
+    if (k) memcpy(h->tokens, tok, k * sizeof *tok);
+    h->n = k;
+    return NZ_OK;
+}
+
+/* ------------------------------------------------------------------ AT score */
+
+typedef struct score_ctx {
+    const int32_t *target; /* [R] token whose log-prob is wanted, per projected row */
+    double *acc;           /* [N] */
+    const size_t *owner;   /* [R] hypothesis of each row */
+} score_ctx;
+
+static void score_row(void *ctx, size_t i, const float *lp) {
+    score_ctx *s = ctx;
+    s->acc[s->owner[i]] += lp[s->target[i]];
+}
+
+int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, const int32_t *const *hyp,
+                    const size_t *len, const uint32_t *sent, size_t N, float *scores, nz_error *err) {
+    int rc = NZ_OK;
+    const size_t D = n->c.d_model;
+    nz_kv *cross = NULL;
+    int32_t *in = NULL, *target = NULL;
+    size_t *rows = NULL, *owner = NULL;
+    double *acc = NULL;
+    float *h = NULL;
+    if (!n->c.at_layers) return nz_fail(err, NZ_E_UNSUPPORTED, "the model has no AT decoder");
+    if (!N) return NZ_OK;
+    size_t W = 1, R = 0;
+    for (size_t i = 0; i < N; i++) {
+        if (len[i] < 2)
+            return nz_fail(err, NZ_E_INVALID_ARG, "AT score: hypothesis %zu has %zu tokens (< 2)", i, len[i]);
+        if (sent[i] >= enc->B)
+            return nz_fail(err, NZ_E_RANGE, "AT score: encoder row %u of %zu", sent[i], enc->B);
+        for (size_t t = 0; t < len[i]; t++)
+            if (hyp[i][t] < 0 || (size_t)hyp[i][t] >= n->c.vocab)
+                return nz_fail(err, NZ_E_RANGE, "AT score: token id %d outside the vocabulary",
+                               (int)hyp[i][t]);
+        if (len[i] - 1 > W) W = len[i] - 1;
+        R += len[i] - 1;
+    }
+    /* inputs [eos, y..] (fairseq rerank: [bos, y.., eos] with bos -> eos, minus the last), targets [y.., eos]
+     */
+    in = nz_malloc(N * W * sizeof *in, NZ_MEM_ACTIVATIONS);
+    target = nz_malloc(R * sizeof *target, NZ_MEM_ACTIVATIONS);
+    rows = nz_malloc(R * sizeof *rows, NZ_MEM_ACTIVATIONS);
+    owner = nz_malloc(R * sizeof *owner, NZ_MEM_ACTIVATIONS);
+    acc = nz_calloc(N, sizeof *acc, NZ_MEM_ACTIVATIONS);
+    h = nz_malloc(N * W * D * sizeof *h, NZ_MEM_ACTIVATIONS);
+    if (!in || !target || !rows || !owner || !acc || !h) FAIL(NZ_E_NOMEM, "out of memory for AT scoring");
+    size_t r = 0;
+    for (size_t i = 0; i < N; i++) {
+        for (size_t t = 0; t < W; t++) in[i * W + t] = NZ_NAT_PAD;
+        in[i * W] = NZ_NAT_EOS;
+        for (size_t t = 1; t + 1 < len[i]; t++) in[i * W + t] = hyp[i][t];
+        for (size_t t = 0; t + 1 < len[i]; t++, r++) {
+            rows[r] = i * W + t;
+            target[r] = hyp[i][t + 1];
+            owner[r] = i;
+        }
+    }
+    TRY(cross_kvs(mc, n, &n->at, enc, &cross, err));
+    TRY(decoder_fwd(mc, n, 0, in, N, W, cross, sent, h, err));
+    score_ctx sc = {target, acc, owner};
+    TRY(project_rows(mc, n, h, rows, R, score_row, &sc, err));
+    for (size_t i = 0; i < N; i++) scores[i] = (float)(acc[i] / (double)(len[i] - 1));
+done:
+    kvs_free(cross, n->at.nlayers);
+    nz_free(in);
+    nz_free(target);
+    nz_free(rows);
+    nz_free(owner);
+    nz_free(acc);
+    nz_free(h);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ mask-predict */
+
+/* Length prediction: L0[b] for every encoder row (clamped >= 2, not above). */
+static int predict_lengths(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, long *L0,
+                           nz_error *err) {
+    const size_t B = enc->B, S = enc->S, D = enc->D, C = n->c.length_classes;
+    float *pooled = nz_calloc(B * D, sizeof *pooled, NZ_MEM_ACTIVATIONS);
+    float *lo = nz_malloc(B * C * sizeof *lo, NZ_MEM_ACTIVATIONS);
+    int rc = NZ_OK;
+    if (!pooled || !lo) {
+        rc = nz_fail(err, NZ_E_NOMEM, "out of memory for length prediction");
+        goto done;
+    }
+    /* fairseq _mean_pooling: sum over positions of (x / count) * mask */
+    for (size_t b = 0; b < B; b++) {
+        const float cnt = (float)enc->len[b];
+        float *p = pooled + b * D;
+        for (size_t t = 0; t < S; t++) {
+            if (enc->pad[b * S + t]) continue;
+            const float *x = enc->x + (b * S + t) * D;
+            for (size_t d = 0; d < D; d++) p[d] += x[d] / cnt;
+        }
+    }
+    TRY(nz_linear_fwd(mc, &n->length, pooled, B, lo, err));
+    nz_log_softmax(lo, B, C);
+    for (size_t b = 0; b < B; b++) {
+        long L = (long)nz_argmax(lo + b * C, C);
+        if (n->c.pred_length_offset) L = L - LENGTH_OFFSET + (long)enc->len[b];
+        L0[b] = L < 2 ? 2 : L;
+    }
+done:
+    nz_free(pooled);
+    nz_free(lo);
+    return rc;
+}
+
+typedef struct mp_ctx {
+    int32_t *tok;       /* [N x W] current tokens of every candidate */
+    float *sc;          /* [N x W] positional scores */
+    const size_t *cell; /* [R] index into tok / sc of each projected row */
+    size_t V;
+} mp_ctx;
+
+/* fairseq CMLM forward_decoder: a masked position takes the argmax token
+ * and its log-prob */
+static void mp_row(void *ctx, size_t i, const float *lp) {
+    mp_ctx *c = ctx;
+    size_t k = nz_argmax(lp, c->V);
+    c->tok[c->cell[i]] = (int32_t)k;
+    c->sc[c->cell[i]] = lp[k];
+}
+
+typedef struct sort_key {
+    float s;
+    uint32_t i;
+} sort_key;
+
+/* ascending scores, ties by position (a stable sort); NaN last as torch.sort */
+static int key_cmp(const void *pa, const void *pb) {
+    const sort_key *a = pa, *b = pb;
+    int na = isnan(a->s), nb = isnan(b->s);
+    if (na != nb) return na - nb;
+    if (!na && a->s < b->s) return -1;
+    if (!na && a->s > b->s) return 1;
+    return (a->i > b->i) - (a->i < b->i);
+}
+
+/* np.argmax over s[0..k): the first maximum; a NaN wins (first NaN). */
+static size_t first_best(const float *s, size_t k) {
+    size_t best = 0;
+    for (size_t j = 1; j < k && !isnan(s[best]); j++)
+        if (isnan(s[j]) || s[j] > s[best]) best = j;
+    return best;
+}
+
+int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
+                        const nz_nat_opts *o, nz_nat_hyp *hyps, nz_error *err) {
+    int rc = NZ_OK;
+    nz_nat_opts def;
+    if (!o) {
+        nz_nat_opts_default(&def);
+        o = &def;
+    }
+    const size_t D = n->c.d_model;
+    int32_t *vsrc = NULL, *tok = NULL, *prev = NULL, *bt = NULL, *ftok = NULL;
+    size_t *vidx = NULL, *clen = NULL, *act = NULL, *rows = NULL, *cell = NULL, *fn = NULL;
+    uint32_t *csent = NULL, *kvmap = NULL;
+    long *L0 = NULL;
+    float *sc = NULL, *h = NULL, *fscore = NULL, *ascore = NULL;
+    int *fsteps = NULL;
+    sort_key *keys = NULL;
+    const int32_t **hp = NULL;
+    nz_kv *cross = NULL;
+    nz_nat_enc enc;
+    memset(&enc, 0, sizeof enc);
+    size_t nv = 0;
+    TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    if (o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 || o->length_beam > 4096)
+        FAIL(NZ_E_INVALID_ARG, "mask-predict: max_iter %d (>= 0) or length_beam %d (1..4096) out of range",
+             o->max_iter, o->length_beam);
+    if (o->rerank_at && !n->c.at_layers)
+        FAIL(NZ_E_UNSUPPORTED, "AT rerank needs an AT decoder (config.json has no at_decoder_layers)");
+    if (o->rerank_at && n->c.at_prepend_bos)
+        FAIL(NZ_E_UNSUPPORTED,
+             "AT rerank: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
+    if (!nv) goto done;
+
+    TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
+    L0 = nz_malloc(nv * sizeof *L0, NZ_MEM_ACTIVATIONS);
+    if (!L0) FAIL(NZ_E_NOMEM, "out of memory for lengths");
+    TRY(predict_lengths(mc, n, &enc, L0, err));
+
+    /* length-beam candidates, all sentences' together */
+    const size_t beam = (size_t)o->length_beam, N = nv * beam, T = (size_t)o->max_iter;
+    const long maxL = (long)n->c.max_target_positions;
+    clen = nz_malloc(N * sizeof *clen, NZ_MEM_ACTIVATIONS);
+    csent = nz_malloc(N * sizeof *csent, NZ_MEM_ACTIVATIONS);
+    if (!clen || !csent) FAIL(NZ_E_NOMEM, "out of memory for candidates");
+    size_t W = 2;
+    for (size_t s = 0; s < nv; s++)
+        for (size_t j = 0; j < beam; j++) {
+            long L = L0[s] + (long)j - (long)(beam / 2);
+            L = L < 2 ? 2 : L > maxL ? maxL : L;
+            clen[s * beam + j] = (size_t)L;
+            csent[s * beam + j] = (uint32_t)s;
+            if ((size_t)L > W) W = (size_t)L;
+        }
+    tok = nz_malloc(N * W * sizeof *tok, NZ_MEM_ACTIVATIONS);
+    prev = nz_malloc(N * W * sizeof *prev, NZ_MEM_ACTIVATIONS);
+    bt = nz_malloc(N * W * sizeof *bt, NZ_MEM_ACTIVATIONS);
+    ftok = nz_malloc(N * W * sizeof *ftok, NZ_MEM_ACTIVATIONS);
+    sc = nz_calloc(N * W, sizeof *sc, NZ_MEM_ACTIVATIONS);
+    h = nz_malloc(N * W * D * sizeof *h, NZ_MEM_ACTIVATIONS);
+    act = nz_malloc(N * sizeof *act, NZ_MEM_ACTIVATIONS);
+    kvmap = nz_malloc(N * sizeof *kvmap, NZ_MEM_ACTIVATIONS);
+    rows = nz_malloc(N * W * sizeof *rows, NZ_MEM_ACTIVATIONS);
+    cell = nz_malloc(N * W * sizeof *cell, NZ_MEM_ACTIVATIONS);
+    fn = nz_calloc(N, sizeof *fn, NZ_MEM_ACTIVATIONS);
+    fscore = nz_malloc(N * sizeof *fscore, NZ_MEM_ACTIVATIONS);
+    ascore = nz_malloc(N * sizeof *ascore, NZ_MEM_ACTIVATIONS);
+    fsteps = nz_malloc(N * sizeof *fsteps, NZ_MEM_ACTIVATIONS);
+    keys = nz_malloc(W * sizeof *keys, NZ_MEM_ACTIVATIONS);
+    if (!tok || !prev || !bt || !ftok || !sc || !h || !act || !kvmap || !rows || !cell || !fn || !fscore ||
+        !ascore || !fsteps || !keys)
+        FAIL(NZ_E_NOMEM, "out of memory for %zu candidates of up to %zu tokens", N, W);
+    /* [bos, unk x (L-2), eos, pad..] */
+    for (size_t c = 0; c < N; c++) {
+        int32_t *r = tok + c * W;
+        for (size_t t = 0; t < W; t++) r[t] = t < clen[c] ? NZ_NAT_MASK : NZ_NAT_PAD;
+        r[0] = NZ_NAT_BOS;
+        r[clen[c] - 1] = NZ_NAT_EOS;
+        act[c] = c;
+    }
+    TRY(cross_kvs(mc, n, &n->dec, &enc, &cross, err));
+
+    size_t A = N;
+    for (size_t step = 0; step <= T && A; step++) {
+        size_t Wa = 0; /* the active candidates' width: trailing pads change nothing */
+        for (size_t a = 0; a < A; a++)
+            if (clen[act[a]] > Wa) Wa = clen[act[a]];
+        size_t R = 0;
+        for (size_t a = 0; a < A; a++) {
+            const size_t c = act[a];
+            kvmap[a] = csent[c];
+            memcpy(bt + a * Wa, tok + c * W, Wa * sizeof *bt);
+            memcpy(prev + c * W, tok + c * W, W * sizeof *prev);
+            for (size_t t = 0; t < Wa; t++)
+                if (bt[a * Wa + t] == NZ_NAT_MASK) {
+                    rows[R] = a * Wa + t;
+                    cell[R++] = c * W + t;
+                }
+        }
+        TRY(decoder_fwd(mc, n, 1, bt, A, Wa, cross, kvmap, h, err));
+        mp_ctx mp = {tok, sc, cell, n->c.vocab};
+        TRY(project_rows(mc, n, h, rows, R, mp_row, &mp, err));
+        if (step < T) {
+            /* re-mask the floor((L - 2) * p) lowest scores (fairseq _skeptical_unmasking) */
+            const float p = (float)(1.0 - (double)(step + 1) / (double)(T + 1));
+            for (size_t a = 0; a < A; a++) {
+                const size_t c = act[a];
+                int32_t *r = tok + c * W;
+                float *s = sc + c * W;
+                long L = 0;
+                for (size_t t = 0; t < clen[c]; t++) L += r[t] != NZ_NAT_PAD;
+                const float prod = (float)(L - 2) * p;
+                const long bound = (long)prod; /* .long(): truncation toward zero */
+                if (bound <= 0) continue;
+                /* positions >= clen are pads scoring 0 behind every in-length
+                 * position (all scores <= 0): sorting [0, clen) is enough */
+                for (size_t t = 0; t < clen[c]; t++) keys[t] = (sort_key){s[t], (uint32_t)t};
+                qsort(keys, clen[c], sizeof *keys, key_cmp);
+                for (long k = 0; k < bound && (size_t)k < clen[c]; k++) {
+                    r[keys[k].i] = NZ_NAT_MASK;
+                    s[keys[k].i] = 0.0f;
+                }
+            }
+        }
+        size_t A2 = 0;
+        for (size_t a = 0; a < A; a++) {
+            const size_t c = act[a];
+            int term = step == T || (o->adaptive && !memcmp(prev + c * W, tok + c * W, W * sizeof *tok));
+            if (!term) {
+                act[A2++] = c;
+                continue;
+            }
+            size_t k = 0;
+            double sum = 0;
+            for (size_t t = 0; t < W; t++)
+                if (tok[c * W + t] != NZ_NAT_PAD) {
+                    ftok[c * W + k++] = tok[c * W + t];
+                    sum += sc[c * W + t];
+                }
+            fn[c] = k;
+            fscore[c] = k ? (float)(sum / (double)k) : NAN;
+            fsteps[c] = (int)step;
+        }
+        A = A2;
+    }
+
+    if (o->rerank_at) {
+        /* fairseq rerank: the AT decoder's teacher-forced mean log-prob */
+        hp = nz_malloc(N * sizeof *hp, NZ_MEM_ACTIVATIONS);
+        if (!hp) FAIL(NZ_E_NOMEM, "out of memory for reranking");
+        /* the scorable candidates (>= 2 tokens; others keep NaN), compacted;
+         * rows / kvmap / sc are free now */
+        size_t M = 0, *ml = rows;
+        uint32_t *ms = kvmap;
+        for (size_t c = 0; c < N; c++) {
+            ascore[c] = NAN;
+            if (fn[c] < 2) continue;
+            hp[M] = ftok + c * W;
+            ml[M] = fn[c];
+            ms[M++] = csent[c];
+        }
+        TRY(nz_nat_at_score(mc, n, &enc, hp, ml, ms, M, sc, err));
+        for (size_t c = 0, m = 0; c < N; c++)
+            if (fn[c] >= 2) ascore[c] = sc[m++];
+    }
+
+    for (size_t s = 0; s < nv; s++) {
+        const float *score = (o->rerank_at ? ascore : fscore) + s * beam;
+        const size_t j = first_best(score, beam), c = s * beam + j;
+        nz_nat_hyp *hy = &hyps[vidx[s]];
+        TRY(set_tokens(hy, ftok + c * W, fn[c], err));
+        hy->score = score[j];
+        hy->nat_score = fscore[c];
+        hy->steps = fsteps[c];
+        hy->length = clen[c];
+        hy->candidate = j;
+    }
+done:
+    if (rc) fail_all(hyps, B, err);
+    kvs_free(cross, n->dec.nlayers);
+    nz_nat_enc_free(&enc);
+    nz_free(vsrc);
+    nz_free(vidx);
+    nz_free(L0);
+    nz_free(clen);
+    nz_free(csent);
+    nz_free(tok);
+    nz_free(prev);
+    nz_free(bt);
+    nz_free(ftok);
+    nz_free(sc);
+    nz_free(h);
+    nz_free(act);
+    nz_free(kvmap);
+    nz_free(rows);
+    nz_free(cell);
+    nz_free(fn);
+    nz_free(fscore);
+    nz_free(ascore);
+    nz_free(fsteps);
+    nz_free(keys);
+    nz_free(hp);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ AT greedy */
+
+typedef struct greedy_ctx {
+    size_t V;
+    size_t step, max_len, min_len;
+    const size_t *owner; /* [R] sentence of each projected row */
+    int32_t *next;       /* [B] chosen token */
+    double *lpsum;       /* [B] sum of the chosen tokens' log-probs */
+    float *tmp;          /* [V] */
+} greedy_ctx;
+
+/* fairseq SequenceGenerator's bans, then the first argmax */
+static void greedy_row(void *ctx, size_t i, const float *lp) {
+    greedy_ctx *g = ctx;
+    memcpy(g->tmp, lp, g->V * sizeof *lp);
+    g->tmp[NZ_NAT_PAD] = -INFINITY;
+    if (g->step >= g->max_len)
+        for (size_t v = 0; v < g->V; v++)
+            if (v != NZ_NAT_EOS) g->tmp[v] = -INFINITY;
+    if (g->step < g->min_len) g->tmp[NZ_NAT_EOS] = -INFINITY;
+    size_t k = nz_argmax(g->tmp, g->V);
+    g->next[g->owner[i]] = (int32_t)k;
+    g->lpsum[g->owner[i]] += lp[k];
+}
+
+int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
+                     const nz_nat_at_opts *o, nz_nat_hyp *hyps, nz_error *err) {
+    int rc = NZ_OK;
+    nz_nat_at_opts def;
+    if (!o) {
+        nz_nat_at_opts_default(&def);
+        o = &def;
+    }
+    const size_t D = n->c.d_model, V = n->c.vocab;
+    int32_t *vsrc = NULL, *cur = NULL, *obuf = NULL, *next = NULL;
+    size_t *vidx = NULL, *on = NULL, *rows = NULL;
+    uint8_t *pad = NULL, *fin = NULL;
+    double *lpsum = NULL;
+    float *x = NULL, *tmp = NULL;
+    nz_kv *cross = NULL, *self = NULL;
+    nz_nat_enc enc;
+    memset(&enc, 0, sizeof enc);
+    size_t nv = 0;
+    TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    if (!n->c.at_layers)
+        FAIL(NZ_E_UNSUPPORTED, "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
+    if (n->c.at_prepend_bos)
+        FAIL(NZ_E_UNSUPPORTED,
+             "AT decoding: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
+    double ml = o->max_len_a * (double)S + (double)o->max_len_b;
+    if (!(ml >= 0) || ml > 1e9 || o->min_len < 0)
+        FAIL(NZ_E_INVALID_ARG, "AT decoding: max_len %g or min_len %d out of range", ml, o->min_len);
+    size_t max_len = (size_t)ml; /* int(): truncation */
+    if (max_len > n->c.max_target_positions - 1) max_len = n->c.max_target_positions - 1;
+    if (!nv) goto done;
+
+    TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
+    TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
+    const size_t cap = max_len + 1, nl = n->at.nlayers;
+    self = nz_calloc(nl, sizeof *self, NZ_MEM_KV);
+    if (!self) FAIL(NZ_E_NOMEM, "out of memory for the AT caches");
+    for (size_t l = 0; l < nl; l++) TRY(nz_kv_init(&self[l], nv, cap, D, err));
+    cur = nz_malloc(nv * sizeof *cur, NZ_MEM_ACTIVATIONS);
+    next = nz_malloc(nv * sizeof *next, NZ_MEM_ACTIVATIONS);
+    obuf = nz_malloc(nv * cap * sizeof *obuf, NZ_MEM_ACTIVATIONS);
+    on = nz_calloc(nv, sizeof *on, NZ_MEM_ACTIVATIONS);
+    rows = nz_malloc(nv * sizeof *rows, NZ_MEM_ACTIVATIONS);
+    pad = nz_malloc(nv, NZ_MEM_ACTIVATIONS);
+    fin = nz_calloc(nv, 1, NZ_MEM_ACTIVATIONS);
+    lpsum = nz_calloc(nv, sizeof *lpsum, NZ_MEM_ACTIVATIONS);
+    x = nz_malloc(nv * D * sizeof *x, NZ_MEM_ACTIVATIONS);
+    tmp = nz_malloc(V * sizeof *tmp, NZ_MEM_ACTIVATIONS);
+    if (!cur || !next || !obuf || !on || !rows || !pad || !fin || !lpsum || !x || !tmp)
+        FAIL(NZ_E_NOMEM, "out of memory for AT decoding");
+    for (size_t b = 0; b < nv; b++) cur[b] = NZ_NAT_EOS;
+    size_t ndone = 0;
+    for (size_t step = 0; step <= max_len && ndone < nv; step++) {
+        for (size_t b = 0; b < nv; b++) pad[b] = cur[b] == NZ_NAT_PAD;
+        TRY(stack_embed(mc, n, &n->at, cur, nv, 1, (int64_t)step, 1, x, err));
+        nz_block_io io;
+        memset(&io, 0, sizeof io);
+        io.B = nv;
+        io.T = 1;
+        io.self_pad = pad;
+        io.causal = 1;
+        TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
+        size_t R = 0;
+        for (size_t b = 0; b < nv; b++)
+            if (!fin[b]) rows[R++] = b;
+        greedy_ctx g = {V, step, max_len, (size_t)o->min_len, rows, next, lpsum, tmp};
+        TRY(project_rows(mc, n, x, rows, R, greedy_row, &g, err));
+        for (size_t b = 0; b < nv; b++) {
+            if (fin[b]) {
+                cur[b] = NZ_NAT_PAD;
+                continue;
+            }
+            cur[b] = next[b];
+            obuf[b * cap + on[b]++] = next[b];
+            if (next[b] == NZ_NAT_EOS) {
+                fin[b] = 1;
+                ndone++;
+            }
+        }
+    }
+    for (size_t b = 0; b < nv; b++) {
+        nz_nat_hyp *hy = &hyps[vidx[b]];
+        if (!fin[b]) {
+            hy->rc =
+                nz_fail(&hy->err, NZ_E_RANGE, "no eos within max_len %zu (min_len %d)", max_len, o->min_len);
+            continue;
+        }
+        TRY(set_tokens(hy, obuf + b * cap, on[b], err));
+        hy->score = (float)(lpsum[b] / (double)on[b]);
+        hy->nat_score = NAN;
+        hy->steps = (int)on[b];
+    }
+done:
+    if (rc) fail_all(hyps, B, err);
+    kvs_free(cross, n->at.nlayers);
+    kvs_free(self, n->at.nlayers);
+    nz_nat_enc_free(&enc);
+    nz_free(vsrc);
+    nz_free(vidx);
+    nz_free(cur);
+    nz_free(next);
+    nz_free(obuf);
+    nz_free(on);
+    nz_free(rows);
+    nz_free(pad);
+    nz_free(fin);
+    nz_free(lpsum);
+    nz_free(x);
+    nz_free(tmp);
+    return rc;
+}

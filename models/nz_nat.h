@@ -1,0 +1,190 @@
+/*
+ * nz_nat.h — the translation model family: fairseq CMLM (mask-predict
+ * non-autoregressive) transformer with an optional autoregressive decoder
+ * sharing its encoder (multi-task-nat's mt_transformer).
+ *
+ * The model directory schema (config.json with fairseq argument names,
+ * model.safetensors with encoder.* / decoder.* / at_decoder.* tensors) is
+ * described in models/train/README_train.md; the PyTorch reference every
+ * function here is token-identical to is models/train/nat_ref.py:
+ *
+ *   nz_nat_mask_predict   nat_ref.mask_predict (fairseq IterativeRefinementGenerator
+ *                         + CMLMNATransformerModel.forward_decoder), incl. length
+ *                         beam, adaptive early stop and AT rerank
+ *   nz_nat_at_greedy      nat_ref.at_greedy (fairseq SequenceGenerator, beam 1)
+ *
+ * Token conventions (fairseq dictionary): bos 0, pad 1, eos 2, unk 3 (unk is
+ * also the CMLM mask). Sources are [bos, x.., eos] rows of a right- or
+ * left-padded [B x S] matrix (pad = 1). Results:
+ *   mask-predict  [bos, y.., eos] as nat_ref returns them (the length class
+ *                 counts bos and eos; with adaptive stopping a hypothesis may
+ *                 keep re-masked unk tokens, as fairseq's does);
+ *   AT greedy     [y.., eos] (no bos, fairseq SequenceGenerator's convention).
+ *
+ * Every sentence is checked on its own (ids inside the vocabulary, at least
+ * one non-pad token, at most max_source_positions of them): a bad sentence
+ * gets its own error in its result and the others are decoded. Memory:
+ * activations in NZ_MEM_ACTIVATIONS, attention caches in NZ_MEM_KV, the
+ * model struct and results in NZ_MEM_OTHER, small parameters in
+ * NZ_MEM_WEIGHTS (through nz_layer.h). The model borrows the nz_model: free
+ * the nz_nat first.
+ */
+#ifndef NZ_NAT_H
+#define NZ_NAT_H
+
+#include "nz_layer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NZ_NAT_BOS  0
+#define NZ_NAT_PAD  1
+#define NZ_NAT_EOS  2
+#define NZ_NAT_UNK  3
+#define NZ_NAT_MASK NZ_NAT_UNK
+
+/** The network's hyper-parameters, read from config.json (fairseq names;
+ *  absent or null keys take nat_ref.ARCH_DEFAULTS). */
+typedef struct nz_nat_config {
+    size_t d_model; /* encoder_embed_dim (== decoder_embed_dim) */
+    size_t vocab;   /* rows of encoder.embed_tokens.weight */
+    size_t enc_layers, enc_ffn, enc_heads;
+    size_t dec_layers, dec_ffn, dec_heads; /* CMLM decoder; the AT decoder has the same sizes */
+    size_t at_layers;                      /* at_decoder_layers, 0: no AT decoder */
+    int at_prepend_bos; /* multi-task-nat's AT input [eos, bos, y..]: not supported by the AT functions */
+    int enc_pre_norm, dec_pre_norm; /* encoder_/decoder_normalize_before */
+    int enc_learned_pos, dec_learned_pos;
+    int no_positions;        /* no_token_positional_embeddings */
+    int layernorm_embedding; /* encoder and AT decoder (fairseq's NAT decoder does not apply it) */
+    int pred_length_offset;  /* length class = target length - source length + 128 */
+    size_t length_classes;   /* rows of decoder.embed_length.weight (256) */
+    size_t max_source_positions, max_target_positions;
+    nz_act act;        /* NZ_ACT_RELU or NZ_ACT_GELU (activation_fn "relu" / "gelu") */
+    float embed_scale; /* sqrt(d_model), or 1 with no_scale_embedding */
+    float ln_eps;      /* layer_norm_eps (1e-5) */
+} nz_nat_config;
+
+typedef struct nz_nat nz_nat;
+
+/** Read config.json of m, check it (architecture "cmlm_transformer",
+ *  share_all_embeddings, equal encoder/decoder widths, heads dividing the
+ *  width, relu/gelu, no src_embedding_copy, fairseq special ids) and bind
+ *  every tensor: shared embed_tokens (also the tied output projection),
+ *  positions, layernorm_embedding, encoder / CMLM decoder / AT decoder
+ *  layers, final layer norms (normalize_before), embed_length.
+ *  m must outlive the returned model.
+ *  @return NZ_OK and *out, or NZ_E_FORMAT / NZ_E_UNSUPPORTED /
+ *          NZ_E_NOT_FOUND with a message naming the key or tensor. */
+int nz_nat_load(const nz_model *m, nz_nat **out, nz_error *err);
+
+/** Free a model from nz_nat_load. Accepts NULL. */
+void nz_nat_free(nz_nat *n);
+
+/** @return the model's configuration (borrowed). */
+const nz_nat_config *nz_nat_get_config(const nz_nat *n);
+
+/** Check one source row src[S] (pad = 1 anywhere): ids inside [0, vocab),
+ *  at least one non-pad token, at most max_source_positions of them.
+ *  *len (may be NULL) receives the non-pad count.
+ *  @return NZ_OK, NZ_E_RANGE (naming the id or the limit) or
+ *          NZ_E_INVALID_ARG (empty source). */
+int nz_nat_check_source(const nz_nat *n, const int32_t *src, size_t S, size_t *len, nz_error *err);
+
+/** Encoder output of B sentences. */
+typedef struct nz_nat_enc {
+    size_t B, S, D;
+    float *x;     /* [B x S x D] encoder output (padding rows are unspecified) */
+    uint8_t *pad; /* [B x S] 1 = padding */
+    size_t *len;  /* [B] non-pad tokens */
+} nz_nat_enc;
+
+/** Run the shared encoder over src[B x S] (every row must pass
+ *  nz_nat_check_source; the first that does not fails the call, naming it).
+ *  @return NZ_OK and *enc (free with nz_nat_enc_free), or an error. */
+int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S, nz_nat_enc *enc,
+                  nz_error *err);
+
+/** Free the buffers of enc. Accepts NULL and a zeroed struct. */
+void nz_nat_enc_free(nz_nat_enc *enc);
+
+/** Mask-predict options (nz_nat_opts_default: 10, 1, 1, 0). */
+typedef struct nz_nat_opts {
+    int max_iter;    /* T >= 0: T + 1 decoder passes */
+    int length_beam; /* >= 1 length candidates per sentence */
+    int adaptive;    /* stop a candidate whose tokens did not change in a pass (fairseq default) */
+    int rerank_at;   /* score the candidates with the AT decoder (teacher forcing) */
+} nz_nat_opts;
+
+/** Fill o with the defaults. */
+void nz_nat_opts_default(nz_nat_opts *o);
+
+/** AT greedy options (nz_nat_at_opts_default: 0, 200, 1). */
+typedef struct nz_nat_at_opts {
+    double max_len_a; /* max_len = min(a * S + b, max_target_positions - 1), S = padded source width */
+    int max_len_b;
+    int min_len; /* eos banned before this many tokens */
+} nz_nat_at_opts;
+
+/** Fill o with the defaults. */
+void nz_nat_at_opts_default(nz_nat_at_opts *o);
+
+/** One sentence's result. */
+typedef struct nz_nat_hyp {
+    int rc;           /* NZ_OK, or this sentence's error (message in err) */
+    nz_error err;     /* set when rc != NZ_OK */
+    int32_t *tokens;  /* [n] (see the conventions above), NZ_MEM_OTHER */
+    size_t n;         /* tokens */
+    float score;      /* mask-predict: mean positional score, or the AT score with rerank;
+                         AT greedy: mean log-prob of the n tokens */
+    float nat_score;  /* mask-predict: mean positional score (== score without rerank) */
+    int steps;        /* mask-predict: pass that finalized it (0-based); AT: tokens generated */
+    size_t length;    /* mask-predict: the chosen candidate's length (incl. bos/eos) */
+    size_t candidate; /* mask-predict: index of the chosen length candidate (0 .. length_beam-1) */
+} nz_nat_hyp;
+
+/** Free the tokens of hyps[0..B) and zero them. Accepts NULL. */
+void nz_nat_hyps_free(nz_nat_hyp *hyps, size_t B);
+
+/** Mask-predict decoding of src[B x S] (nat_ref.mask_predict): encoder once
+ *  per sentence; length = argmax of log-softmax(mean-pooled encoder output x
+ *  embed_length^T) (minus 128 plus the source length with
+ *  pred_length_offset), clamped to >= 2; length-beam candidates L0 - b/2 + j
+ *  clamped to [2, max_target_positions] (the upper clamp is ours: fairseq
+ *  has none and fails beyond its position table); all candidates of all
+ *  sentences go through the decoder together, each candidate row reading
+ *  its sentence's encoder keys (kv_map); after pass t < T the
+ *  floor((L-2) * p) lowest-scoring tokens are re-masked (p = float32(1 -
+ *  (t+1)/(T+1)), stable ascending sort: ties lower position first); a
+ *  candidate stops when its tokens did not change (adaptive) or after pass
+ *  T; candidate score = mean positional score; the first best candidate
+ *  wins (after the AT rerank when asked).
+ *  hyps[B] receives every sentence's result or error (free with
+ *  nz_nat_hyps_free, also after an error return).
+ *  @return NZ_OK when the batch ran (sentence errors are in hyps), or a
+ *          batch-wide error (invalid options, out of memory, a weight tile
+ *          that fails to decode), then copied into every hyps[i].rc. */
+int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
+                        const nz_nat_opts *o, nz_nat_hyp *hyps, nz_error *err);
+
+/** Greedy decoding with the AT decoder (nat_ref.at_greedy, fairseq
+ *  SequenceGenerator with beam 1): incremental (KV cache), starting from
+ *  [eos]; pad never chosen; eos banned while step < min_len and forced at
+ *  step max_len. hyps as in nz_nat_mask_predict.
+ *  @return NZ_OK, NZ_E_UNSUPPORTED (no AT decoder, or at_prepend_bos) or a
+ *          batch-wide error. */
+int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
+                     const nz_nat_at_opts *o, nz_nat_hyp *hyps, nz_error *err);
+
+/** Teacher-forced AT score (fairseq IterativeRefinementGenerator.rerank):
+ *  for each of the N hypotheses hyp[i] ([bos, y.., eos], len[i] tokens,
+ *  len[i] >= 2) of encoder row sent[i] of enc, the mean log-prob of
+ *  [y.., eos] given [eos, y..]. scores[N].
+ *  @return NZ_OK, NZ_E_UNSUPPORTED (no AT decoder) or an error. */
+int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, const int32_t *const *hyp,
+                    const size_t *len, const uint32_t *sent, size_t N, float *scores, nz_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_NAT_H */
