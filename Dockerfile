@@ -5,7 +5,7 @@
 FROM debian:bookworm-slim AS build
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      gcc make libc6-dev libjansson-dev libzstd-dev libxxhash-dev libopenblas-dev \
+      gcc g++ make libc6-dev libjansson-dev libzstd-dev libxxhash-dev libopenblas-dev libsentencepiece-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Makefile ./
@@ -16,7 +16,7 @@ RUN make -j"$(nproc)" build/nzp && strip build/nzp
 FROM debian:bookworm-slim
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      libjansson4 libzstd1 \
+      libjansson4 libzstd1 libopenblas0 libsentencepiece0 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin nzserve \
  && mkdir -p /models && chown nzserve /models

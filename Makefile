@@ -66,8 +66,8 @@ $(ENGINE_LIB): $(ENGINE_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(NZP): $(BUILD)/models/nzp.o $(ENGINE_LIB)
-	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+$(NZP): $(BUILD)/models/nzp.o $(MODELS_LIB) $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS) $(MODELS_LDLIBS)
 
 # runs engine layers on .nzp weights for the PyTorch parity tests (tests/python/test_parity.py)
 $(PARITY): tests/parity_runner.c $(wildcard tests/*.h) $(ENGINE_LIB)

@@ -348,6 +348,7 @@ void nz_nat_opts_default(nz_nat_opts *o) {
     o->length_beam = 1;
     o->adaptive = 1;
     o->rerank_at = 0;
+    o->max_len = 0;
 }
 
 void nz_nat_at_opts_default(nz_nat_at_opts *o) {
@@ -758,6 +759,9 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
     memset(&enc, 0, sizeof enc);
     size_t nv = 0;
     TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    if (o->max_len < 0 || o->max_len == 1)
+        FAIL(NZ_E_INVALID_ARG, "mask-predict: max_len %d must be 0 (no cap) or >= 2 (bos and eos)",
+             o->max_len);
     if (o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 || o->length_beam > 4096)
         FAIL(NZ_E_INVALID_ARG, "mask-predict: max_iter %d (>= 0) or length_beam %d (1..4096) out of range",
              o->max_iter, o->length_beam);
@@ -775,7 +779,8 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
 
     /* length-beam candidates, all sentences' together */
     const size_t beam = (size_t)o->length_beam, N = nv * beam, T = (size_t)o->max_iter;
-    const long maxL = (long)n->c.max_target_positions;
+    long maxL = (long)n->c.max_target_positions;
+    if (o->max_len >= 2 && o->max_len < maxL) maxL = o->max_len;
     clen = nz_malloc(N * sizeof *clen, NZ_MEM_ACTIVATIONS);
     csent = nz_malloc(N * sizeof *csent, NZ_MEM_ACTIVATIONS);
     if (!clen || !csent) FAIL(NZ_E_NOMEM, "out of memory for candidates");

@@ -15,6 +15,7 @@
 #include "nz_codec.h"
 #include "nz_container.h"
 #include "nz_pack.h"
+#include "nzp_translate.h"
 #include "nz_rans.h"
 
 #include <errno.h>
@@ -34,7 +35,9 @@ static const char *USAGE =
     "  nzp unpack IN.nzp OUT.safetensors\n"
     "  nzp info [--json] [--memory] IN.nzp\n"
     "  nzp verify IN.nzp\n"
-    "  nzp bench [--seconds S] IN.nzp\n";
+    "  nzp bench [--seconds S] IN.nzp\n"
+    "  nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--max-len N] [--batch K]\n"
+    "                [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n";
 
 static int usage(const char *msg) {
     if (msg) fprintf(stderr, "nzp: %s\n", msg);
@@ -181,10 +184,10 @@ static json_t *memory_json(uint64_t stored, uint64_t decoded) {
             cats, nz_mem_cat_name((nz_mem_cat)c),
             json_pack("{s:I, s:I}", "current", (json_int_t)r.current[c], "peak", (json_int_t)r.peak[c]));
     return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
-                     (json_int_t)r.counted, "mapped_resident_bytes", (json_int_t)r.mapped_resident, "rss_bytes",
-                     (json_int_t)r.rss, "rss_peak_bytes",
-                     (json_int_t)r.rss_peak, "weights_compressed_bytes", (json_int_t)stored,
-                     "weights_decoded_equivalent_bytes", (json_int_t)decoded);
+                     (json_int_t)r.counted, "mapped_resident_bytes", (json_int_t)r.mapped_resident,
+                     "rss_bytes", (json_int_t)r.rss, "rss_peak_bytes", (json_int_t)r.rss_peak,
+                     "weights_compressed_bytes", (json_int_t)stored, "weights_decoded_equivalent_bytes",
+                     (json_int_t)decoded);
 }
 
 static void print_memory(uint64_t stored, uint64_t decoded) {
@@ -496,6 +499,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "unpack")) return cmd_unpack(argc - 2, argv + 2);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
     if (!strcmp(cmd, "verify")) return cmd_verify(argc - 2, argv + 2);
+    if (!strcmp(cmd, "translate")) return nzp_translate(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
     return usage("unknown command");
 }
