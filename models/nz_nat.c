@@ -946,6 +946,25 @@ done:
 
 /* ------------------------------------------------------------------ AT greedy */
 
+/* Checks shared by the AT searches; *max_len = min(int(a * S + b),
+ * max_target_positions - 1) (fairseq SequenceGenerator). */
+static int at_setup(const nz_nat *n, const nz_nat_at_opts *o, size_t S, size_t *max_len, nz_error *err) {
+    if (!n->c.at_layers)
+        return nz_fail(err, NZ_E_UNSUPPORTED,
+                       "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
+    if (n->c.at_prepend_bos)
+        return nz_fail(
+            err, NZ_E_UNSUPPORTED,
+            "AT decoding: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
+    double ml = o->max_len_a * (double)S + (double)o->max_len_b;
+    if (!(ml >= 0) || ml > 1e9 || o->min_len < 0)
+        return nz_fail(err, NZ_E_INVALID_ARG, "AT decoding: max_len %g or min_len %d out of range", ml,
+                       o->min_len);
+    *max_len = (size_t)ml; /* int(): truncation */
+    if (*max_len > n->c.max_target_positions - 1) *max_len = n->c.max_target_positions - 1;
+    return NZ_OK;
+}
+
 typedef struct greedy_ctx {
     size_t V;
     size_t step, max_len, min_len;
@@ -988,16 +1007,8 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
     memset(&enc, 0, sizeof enc);
     size_t nv = 0;
     TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
-    if (!n->c.at_layers)
-        FAIL(NZ_E_UNSUPPORTED, "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
-    if (n->c.at_prepend_bos)
-        FAIL(NZ_E_UNSUPPORTED,
-             "AT decoding: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
-    double ml = o->max_len_a * (double)S + (double)o->max_len_b;
-    if (!(ml >= 0) || ml > 1e9 || o->min_len < 0)
-        FAIL(NZ_E_INVALID_ARG, "AT decoding: max_len %g or min_len %d out of range", ml, o->min_len);
-    size_t max_len = (size_t)ml; /* int(): truncation */
-    if (max_len > n->c.max_target_positions - 1) max_len = n->c.max_target_positions - 1;
+    size_t max_len = 0;
+    TRY(at_setup(n, o, S, &max_len, err));
     if (!nv) goto done;
 
     TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
@@ -1077,5 +1088,246 @@ done:
     nz_free(lpsum);
     nz_free(x);
     nz_free(tmp);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ AT beam search */
+
+typedef struct beam_ctx {
+    size_t V, step, max_len, min_len, kk;
+    const size_t *rows; /* [R] decoder row of each projected row */
+    const float *cum;   /* [N] cumulative score of each row */
+    float *tmp;         /* [V] */
+    uint32_t *ctok;     /* [N x kk] each row's best candidates: token */
+    float *cval;        /* [N x kk] and cumulative score */
+} beam_ctx;
+
+/* fairseq SequenceGenerator's bans on lprobs, plus the row's cumulative score
+ * (BeamSearch.step, t > 0), then the row's kk best (row-local topk: the
+ * sentence's best 2 * beam are among its rows' best 2 * beam each) */
+static void beam_row(void *ctx, size_t i, const float *lp) {
+    beam_ctx *b = ctx;
+    const size_t r = b->rows[i], V = b->V;
+    float *t = b->tmp;
+    memcpy(t, lp, V * sizeof *lp);
+    t[NZ_NAT_PAD] = -INFINITY;
+    if (b->step >= b->max_len)
+        for (size_t v = 0; v < V; v++)
+            if (v != NZ_NAT_EOS) t[v] = -INFINITY;
+    if (b->step < b->min_len) t[NZ_NAT_EOS] = -INFINITY;
+    if (b->step) {
+        const float c = b->cum[r];
+        for (size_t v = 0; v < V; v++) t[v] += c;
+    }
+    nz_topk(t, V, b->kk, b->ctok + r * b->kk, b->cval + r * b->kk);
+}
+
+typedef struct beam_cand {
+    float s;
+    uint32_t flat; /* beam row j of the sentence x V + token */
+} beam_cand;
+
+/* nz_topk's order: descending scores, ties to the lower flat index, NaN last */
+static int cand_cmp(const void *pa, const void *pb) {
+    const beam_cand *a = pa, *b = pb;
+    int na = isnan(a->s), nb = isnan(b->s);
+    if (na != nb) return na - nb;
+    if (!na && a->s > b->s) return -1;
+    if (!na && a->s < b->s) return 1;
+    return (a->flat > b->flat) - (a->flat < b->flat);
+}
+
+int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
+                   const nz_nat_at_opts *o, int beam, float lenpen, nz_nat_hyp *hyps, nz_error *err) {
+    int rc = NZ_OK;
+    nz_nat_at_opts def;
+    if (!o) {
+        nz_nat_at_opts_default(&def);
+        o = &def;
+    }
+    const size_t D = n->c.d_model, V = n->c.vocab;
+    int32_t *vsrc = NULL, *cur = NULL, *hist = NULL, *hist2 = NULL, *ftok = NULL;
+    size_t *vidx = NULL, *rows = NULL, *asent = NULL, *fn = NULL, *fcnt = NULL;
+    uint32_t *kvmap = NULL, *ctok = NULL, *order = NULL;
+    uint8_t *ignore = NULL, *em = NULL;
+    float *cum = NULL, *cum2 = NULL, *cval = NULL, *fsc = NULL, *x = NULL, *tmp = NULL;
+    beam_cand *pool = NULL;
+    nz_kv *cross = NULL, *self = NULL;
+    nz_nat_enc enc;
+    memset(&enc, 0, sizeof enc);
+    size_t nv = 0;
+    TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    size_t max_len = 0;
+    TRY(at_setup(n, o, S, &max_len, err));
+    if (beam < 1 || beam > 4096 || !isfinite(lenpen))
+        FAIL(NZ_E_INVALID_ARG, "AT beam search: beam %d (1..4096) or length penalty %g out of range", beam,
+             (double)lenpen);
+    if (!nv) goto done;
+
+    /* fairseq: beam_size = min(beam, vocab - 1); 2 * beam candidates a step */
+    const size_t K = (size_t)beam < V - 1 ? (size_t)beam : V - 1, N = nv * K, cap = max_len + 1;
+    const size_t cand = 2 * K, kk = cand < V ? cand : V, nl = n->at.nlayers;
+    TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
+    TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
+    self = nz_calloc(nl, sizeof *self, NZ_MEM_KV);
+    if (!self) FAIL(NZ_E_NOMEM, "out of memory for the AT caches");
+    for (size_t l = 0; l < nl; l++) TRY(nz_kv_init(&self[l], N, cap, D, err));
+    cur = nz_malloc(N * sizeof *cur, NZ_MEM_ACTIVATIONS);
+    hist = nz_malloc(N * cap * sizeof *hist, NZ_MEM_ACTIVATIONS);
+    hist2 = nz_malloc(N * cap * sizeof *hist2, NZ_MEM_ACTIVATIONS);
+    ftok = nz_malloc(N * cap * sizeof *ftok, NZ_MEM_ACTIVATIONS);
+    rows = nz_malloc(N * sizeof *rows, NZ_MEM_ACTIVATIONS);
+    asent = nz_malloc(nv * sizeof *asent, NZ_MEM_ACTIVATIONS);
+    fn = nz_calloc(N, sizeof *fn, NZ_MEM_ACTIVATIONS);
+    fcnt = nz_calloc(nv, sizeof *fcnt, NZ_MEM_ACTIVATIONS);
+    kvmap = nz_malloc(N * sizeof *kvmap, NZ_MEM_ACTIVATIONS);
+    order = nz_malloc(N * sizeof *order, NZ_MEM_ACTIVATIONS);
+    ctok = nz_malloc(N * kk * sizeof *ctok, NZ_MEM_ACTIVATIONS);
+    cval = nz_malloc(N * kk * sizeof *cval, NZ_MEM_ACTIVATIONS);
+    ignore = nz_calloc(N, 1, NZ_MEM_ACTIVATIONS);
+    em = nz_malloc(cand, NZ_MEM_ACTIVATIONS);
+    cum = nz_calloc(N, sizeof *cum, NZ_MEM_ACTIVATIONS);
+    cum2 = nz_malloc(N * sizeof *cum2, NZ_MEM_ACTIVATIONS);
+    fsc = nz_malloc(N * sizeof *fsc, NZ_MEM_ACTIVATIONS);
+    x = nz_malloc(N * D * sizeof *x, NZ_MEM_ACTIVATIONS);
+    tmp = nz_malloc(V * sizeof *tmp, NZ_MEM_ACTIVATIONS);
+    pool = nz_malloc(K * kk * sizeof *pool, NZ_MEM_ACTIVATIONS);
+    if (!cur || !hist || !hist2 || !ftok || !rows || !asent || !fn || !fcnt || !kvmap || !order || !ctok ||
+        !cval || !ignore || !em || !cum || !cum2 || !fsc || !x || !tmp || !pool)
+        FAIL(NZ_E_NOMEM, "out of memory for AT beam search (%zu rows of up to %zu tokens)", N, cap);
+    /* rows a * K .. a * K + K - 1 belong to active sentence asent[a]; all start from [eos] */
+    size_t A = nv;
+    for (size_t a = 0; a < nv; a++) asent[a] = a;
+    for (size_t r = 0; r < N; r++) {
+        cur[r] = NZ_NAT_EOS;
+        kvmap[r] = (uint32_t)(r / K);
+    }
+    for (size_t step = 0; step <= max_len && A; step++) {
+        const size_t R = A * K;
+        TRY(stack_embed(mc, n, &n->at, cur, R, 1, (int64_t)step, 1, x, err));
+        nz_block_io io;
+        memset(&io, 0, sizeof io);
+        io.B = R;
+        io.T = 1;
+        io.causal = 1;
+        io.kv_map = kvmap;
+        TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
+        /* step 0: only row 0 of each sentence (fairseq's lprobs[:, ::beam_size]) */
+        const size_t nr = step ? K : 1;
+        size_t P = 0;
+        for (size_t a = 0; a < A; a++)
+            for (size_t j = 0; j < nr; j++) rows[P++] = a * K + j;
+        beam_ctx bc = {V, step, max_len, (size_t)o->min_len, kk, rows, cum, tmp, ctok, cval};
+        TRY(project_rows(mc, n, x, rows, P, beam_row, &bc, err));
+        const float norm = (float)pow((double)(step + 1), (double)lenpen);
+        size_t A2 = 0;
+        for (size_t a = 0; a < A; a++) {
+            const size_t s = asent[a];
+            size_t np = 0;
+            for (size_t j = 0; j < nr; j++)
+                for (size_t q = 0; q < kk; q++) {
+                    const size_t r = a * K + j;
+                    pool[np++] = (beam_cand){cval[r * kk + q], (uint32_t)(j * V + ctok[r * kk + q])};
+                }
+            qsort(pool, np, sizeof *pool, cand_cmp);
+            size_t k = nr * V - 1 < cand ? nr * V - 1 : cand;
+            if (k > np) k = np;
+            /* eos candidates with a finite score among the first K, not ignored, are finalized */
+            int seen = 0;
+            for (size_t c = 0; c < k; c++) {
+                em[c] = pool[c].flat % V == NZ_NAT_EOS && pool[c].s != -INFINITY;
+                if (c < K && ignore[s * K + c]) em[c] = 0;
+            }
+            for (size_t c = 0; c < K && c < k; c++) {
+                if (!em[c]) continue;
+                seen = 1;
+                if (fcnt[s] == K) continue;
+                const size_t parent = a * K + pool[c].flat / V, f = s * K + fcnt[s]++;
+                memcpy(ftok + f * cap, hist + parent * cap, step * sizeof *ftok);
+                ftok[f * cap + step] = NZ_NAT_EOS;
+                fn[f] = step + 1;
+                fsc[f] = pool[c].s / norm;
+            }
+            if (seen && (fcnt[s] == K || step == max_len)) continue; /* sentence finished */
+            /* go on with the first K candidates, finalizable eos and ignored positions last */
+            for (size_t c = 0; c < K && c < k; c++) em[c] |= ignore[s * K + c];
+            size_t j = 0;
+            for (int back = 0; back < 2; back++)
+                for (size_t c = 0; c < k && j < K; c++) {
+                    if (em[c] != back) continue;
+                    const size_t parent = a * K + pool[c].flat / V, r2 = A2 * K + j;
+                    const int32_t t = (int32_t)(pool[c].flat % V);
+                    order[r2] = (uint32_t)parent;
+                    memcpy(hist2 + r2 * cap, hist + parent * cap, step * sizeof *hist2);
+                    hist2[r2 * cap + step] = t;
+                    cur[r2] = t;
+                    cum2[r2] = pool[c].s;
+                    ignore[s * K + j] = (uint8_t)back;
+                    j++;
+                }
+            asent[A2++] = s; /* A2 <= a: in place */
+        }
+        if (step == max_len || !A2) break;
+        /* beam reorder of the self-attention caches, finished sentences' rows
+         * dropped: the first A2 * K rows take their parents' rows, and the
+         * caches then serve A2 * K sequences (rows are contiguous, [B x cap x D]) */
+        for (size_t r = A2 * K; r < R; r++) order[r] = (uint32_t)r;
+        for (size_t l = 0; l < nl; l++) {
+            TRY(nz_kv_reorder(&self[l], order, err));
+            self[l].B = A2 * K;
+        }
+        for (size_t r = 0; r < A2 * K; r++) kvmap[r] = (uint32_t)asent[r / K];
+        int32_t *th = hist;
+        hist = hist2;
+        hist2 = th;
+        float *tc = cum;
+        cum = cum2;
+        cum2 = tc;
+        A = A2;
+    }
+    for (size_t s = 0; s < nv; s++) {
+        nz_nat_hyp *hy = &hyps[vidx[s]];
+        if (!fcnt[s]) {
+            hy->rc =
+                nz_fail(&hy->err, NZ_E_RANGE, "no hypothesis ended with eos within max_len %zu (min_len %d)",
+                        max_len, o->min_len);
+            continue;
+        }
+        /* best normalized score, the first finalized on ties (a stable sort) */
+        size_t best = s * K;
+        for (size_t f = s * K + 1; f < s * K + fcnt[s]; f++)
+            if (fsc[f] > fsc[best]) best = f;
+        TRY(set_tokens(hy, ftok + best * cap, fn[best], err));
+        hy->score = fsc[best];
+        hy->nat_score = NAN;
+        hy->steps = (int)fn[best];
+    }
+done:
+    if (rc) fail_all(hyps, B, err);
+    kvs_free(cross, n->at.nlayers);
+    kvs_free(self, n->at.nlayers);
+    nz_nat_enc_free(&enc);
+    nz_free(vsrc);
+    nz_free(vidx);
+    nz_free(cur);
+    nz_free(hist);
+    nz_free(hist2);
+    nz_free(ftok);
+    nz_free(rows);
+    nz_free(asent);
+    nz_free(fn);
+    nz_free(fcnt);
+    nz_free(kvmap);
+    nz_free(order);
+    nz_free(ctok);
+    nz_free(cval);
+    nz_free(ignore);
+    nz_free(em);
+    nz_free(cum);
+    nz_free(cum2);
+    nz_free(fsc);
+    nz_free(x);
+    nz_free(tmp);
+    nz_free(pool);
     return rc;
 }

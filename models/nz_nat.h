@@ -12,6 +12,7 @@
  *                         + CMLMNATransformerModel.forward_decoder), incl. length
  *                         beam, adaptive early stop and AT rerank
  *   nz_nat_at_greedy      nat_ref.at_greedy (fairseq SequenceGenerator, beam 1)
+ *   nz_nat_at_beam        nat_ref.at_beam (fairseq SequenceGenerator, beam search)
  *
  * Token conventions (fairseq dictionary): bos 0, pad 1, eos 2, unk 3 (unk is
  * also the CMLM mask). Sources are [bos, x.., eos] rows of a right- or
@@ -19,7 +20,7 @@
  *   mask-predict  [bos, y.., eos] as nat_ref returns them (the length class
  *                 counts bos and eos; with adaptive stopping a hypothesis may
  *                 keep re-masked unk tokens, as fairseq's does);
- *   AT greedy     [y.., eos] (no bos, fairseq SequenceGenerator's convention).
+ *   AT greedy/beam [y.., eos] (no bos, fairseq SequenceGenerator's convention).
  *
  * Every sentence is checked on its own (ids inside the vocabulary, at least
  * one non-pad token, at most max_source_positions of them): a bad sentence
@@ -120,7 +121,7 @@ typedef struct nz_nat_opts {
 /** Fill o with the defaults. */
 void nz_nat_opts_default(nz_nat_opts *o);
 
-/** AT greedy options (nz_nat_at_opts_default: 0, 200, 1). */
+/** AT greedy / beam options (nz_nat_at_opts_default: 0, 200, 1). */
 typedef struct nz_nat_at_opts {
     double max_len_a; /* max_len = min(a * S + b, max_target_positions - 1), S = padded source width */
     int max_len_b;
@@ -137,7 +138,8 @@ typedef struct nz_nat_hyp {
     int32_t *tokens;  /* [n] (see the conventions above), NZ_MEM_OTHER */
     size_t n;         /* tokens */
     float score;      /* mask-predict: mean positional score, or the AT score with rerank;
-                         AT greedy: mean log-prob of the n tokens */
+                         AT greedy: mean log-prob of the n tokens;
+                         AT beam: sum of the n log-probs / n^lenpen */
     float nat_score;  /* mask-predict: mean positional score (== score without rerank) */
     int steps;        /* mask-predict: pass that finalized it (0-based); AT: tokens generated */
     size_t length;    /* mask-predict: the chosen candidate's length (incl. bos/eos) */
@@ -176,6 +178,33 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
  *          batch-wide error. */
 int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
                      const nz_nat_at_opts *o, nz_nat_hyp *hyps, nz_error *err);
+
+/** Beam search with the AT decoder (nat_ref.at_beam, fairseq
+ *  SequenceGenerator + search.BeamSearch with normalize_scores, no unk
+ *  penalty, no repeat-ngram blocking): beam = min(beam, vocab - 1) rows per
+ *  sentence, all sentences' rows batched through the decoder with the KV
+ *  cache (cross-attention rows mapped to their sentence's encoder row,
+ *  self-attention caches reordered to the surviving rows each step,
+ *  finished sentences' rows dropped). Step t: pad banned, eos banned while
+ *  t < min_len, only eos at t = max_len (as nz_nat_at_greedy); cumulative
+ *  float32 scores; the 2 * beam best (row, token) candidates of a sentence
+ *  (at t = 0 from its row 0 only; ties to the lower row x vocab + token);
+ *  eos candidates with a finite score among the first beam are finalized
+ *  with score cum / (t + 1)^lenpen while the sentence has fewer than beam;
+ *  a sentence that finalized one stops when it has beam of them or at
+ *  t = max_len; the others go on with the first beam non-eos candidates
+ *  (fairseq's cands_to_ignore rule included). Result: the finalized
+ *  hypothesis with the best normalized score (the first on ties): tokens
+ *  [y.., eos], score = its normalized score, steps = its token count.
+ *  beam 1 gives nz_nat_at_greedy's tokens. A sentence that finalized
+ *  nothing (min_len > max_len) gets NZ_E_RANGE in its result. Memory: the
+ *  self-attention caches hold sentences x beam rows of max_len + 1
+ *  positions per AT layer (NZ_MEM_KV). hyps as in nz_nat_mask_predict.
+ *  @return NZ_OK, NZ_E_UNSUPPORTED (no AT decoder, or at_prepend_bos),
+ *          NZ_E_INVALID_ARG (beam outside 1..4096, lenpen not finite, bad
+ *          max_len / min_len) or a batch-wide error. */
+int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
+                   const nz_nat_at_opts *o, int beam, float lenpen, nz_nat_hyp *hyps, nz_error *err);
 
 /** Teacher-forced AT score (fairseq IterativeRefinementGenerator.rerank):
  *  for each of the N hypotheses hyp[i] ([bos, y.., eos], len[i] tokens,

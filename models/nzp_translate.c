@@ -5,10 +5,10 @@
  * Lines are read in batches of --batch; each batch is tokenized (the model's
  * embedded spm.model + dict.txt, source = [bos, pieces.., eos]), decoded
  * together (mask-predict with length beam, or the AT decoder's greedy search
- * with --at) and written in input order. A line that cannot be translated
- * (too long, empty, a decode error) prints an empty output line and an error
- * on stderr naming its line number; the others continue, and the exit status
- * is then 1.
+ * with --at, or its beam search with --at-beam K) and written in input
+ * order. A line that cannot be translated (too long, empty, a decode error)
+ * prints an empty output line and an error on stderr naming its line number;
+ * the others continue, and the exit status is then 1.
  */
 #include "nzp_translate.h"
 
@@ -21,17 +21,21 @@
 #include "nz_weight.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 static const char TRANSLATE_USAGE[] =
-    "usage: nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--max-len N]\n"
-    "                     [--batch K] [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n"
+    "usage: nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--at-beam K]\n"
+    "                     [--lenpen X] [--max-len N] [--batch K] [--cache BYTES] [--threads N]\n"
+    "                     [--tokens] < in.txt > out.txt\n"
     "  --iter T      mask-predict refinement iterations (T + 1 decoder passes; default 10)\n"
     "  --beam B      length beam: candidate lengths per sentence (default 5)\n"
     "  --rerank      pick the length candidate by the AT decoder's score\n"
     "  --at          decode with the autoregressive decoder (greedy) instead\n"
+    "  --at-beam K   decode with the autoregressive decoder, beam search of K (implies --at)\n"
+    "  --lenpen X    AT beam length penalty: score = sum log-prob / length^X (default 1.0)\n"
     "  --max-len N   cap output length (tokens, incl. bos/eos for NAT; default: the model's)\n"
     "  --batch K     sentences decoded together (default 16)\n"
     "  --cache BYTES decoded-tile cache budget (default 0: decode weights on every use)\n"
@@ -41,7 +45,8 @@ static const char TRANSLATE_USAGE[] =
 typedef struct opts {
     nz_nat_opts nat;
     nz_nat_at_opts at;
-    int use_at, tokens, threads;
+    int use_at, at_beam, tokens, threads; /* at_beam: beam size, 0 = greedy */
+    float lenpen;
     size_t batch, cache;
 } opts;
 
@@ -58,6 +63,15 @@ static int parse_int(const char *s, int lo, int hi, int *v) {
     size_t x;
     if (parse_size(s, &x) || x < (size_t)lo || x > (size_t)hi) return -1;
     *v = (int)x;
+    return 0;
+}
+
+static int parse_float(const char *s, float *v) {
+    char *end;
+    errno = 0;
+    double x = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(x) || x < -100 || x > 100) return -1;
+    *v = (float)x;
     return 0;
 }
 
@@ -113,8 +127,9 @@ static long run_batch(nz_matmul_ctx *mc, const nz_nat *nat, const nz_tok *tok, c
     for (size_t i = 0; i < n; i++)
         for (size_t j = 0; j < S; j++) src[i * S + j] = j < len[i] ? ids[i][j] : NZ_TOK_PAD;
     nz_error e = {0};
-    int rc = o->use_at ? nz_nat_at_greedy(mc, nat, src, n, S, &o->at, hyps, &e)
-                       : nz_nat_mask_predict(mc, nat, src, n, S, &o->nat, hyps, &e);
+    int rc = o->at_beam  ? nz_nat_at_beam(mc, nat, src, n, S, &o->at, o->at_beam, o->lenpen, hyps, &e)
+             : o->use_at ? nz_nat_at_greedy(mc, nat, src, n, S, &o->at, hyps, &e)
+                         : nz_nat_mask_predict(mc, nat, src, n, S, &o->nat, hyps, &e);
     if (rc && (rc == NZ_E_INVALID_ARG || rc == NZ_E_UNSUPPORTED)) {
         fprintf(stderr, "nzp translate: %s\n", e.msg);
         goto out;
@@ -139,6 +154,7 @@ int nzp_translate(int argc, char **argv) {
     nz_nat_opts_default(&o.nat);
     nz_nat_at_opts_default(&o.at);
     o.nat.length_beam = 5;
+    o.lenpen = 1.0f;
     o.batch = 16;
     const char *path = NULL;
     for (int i = 0; i < argc; i++) {
@@ -161,6 +177,11 @@ int nzp_translate(int argc, char **argv) {
             o.nat.rerank_at = 1;
         else if (!strcmp(a, "--at"))
             o.use_at = 1;
+        else if (!strcmp(a, "--at-beam") && v) {
+            bad = parse_int(v, 1, 100, &o.at_beam), i++;
+            o.use_at = 1;
+        } else if (!strcmp(a, "--lenpen") && v)
+            bad = parse_float(v, &o.lenpen), i++;
         else if (!strcmp(a, "--tokens"))
             o.tokens = 1;
         else if (a[0] != '-' && !path)

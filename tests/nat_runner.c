@@ -3,13 +3,14 @@
  * (models/nz_nat.h) for the PyTorch parity tests (tests/python/test_nat_parity.py).
  *
  *   nat_runner MODEL.nzp [--iter T] [--beam B] [--no-adaptive] [--rerank] [--at-greedy]
- *              [--max-len-a A] [--max-len-b N] [--min-len N] [--steps]
+ *              [--at-beam K [--lenpen X]] [--max-len-a A] [--max-len-b N] [--min-len N] [--steps]
  *              [--cache BYTES] [--threads N] [--batch K]
  *
  * stdin: one sentence a line, space-separated source ids as nat_ref expects
  * them ([bos, x.., eos]); K lines are decoded together (right-padded).
  * stdout, one line per input line, in order:
- *   "<id> <id> ...\t<score %.6f>"   (mask-predict: [bos, y.., eos]; --at-greedy: [y.., eos])
+ *   "<id> <id> ...\t<score %.6f>"   (mask-predict: [bos, y.., eos]; --at-greedy, --at-beam:
+ *   [y.., eos]; the beam score is the normalized one, sum of log-probs / len^lenpen)
  *   with --steps a third field: the pass that finalized it (AT: tokens generated);
  *   "error: <message>"  for a sentence that could not be decoded (the others go on).
  * Exit status 0 when every line got its output line, 1 on usage or model
@@ -39,8 +40,8 @@ typedef struct line {
 static int usage(void) {
     fprintf(stderr,
             "usage: nat_runner MODEL.nzp [--iter T] [--beam B] [--no-adaptive] [--rerank] [--at-greedy]\n"
-            "       [--max-len-a A] [--max-len-b N] [--min-len N] [--steps] [--cache BYTES]\n"
-            "       [--threads N] [--batch K]   < ids (one sentence a line)\n");
+            "       [--at-beam K [--lenpen X]] [--max-len-a A] [--max-len-b N] [--min-len N] [--steps]\n"
+            "       [--cache BYTES] [--threads N] [--batch K]   < ids (one sentence a line)\n");
     return 1;
 }
 
@@ -88,7 +89,8 @@ static void parse_line(char *s, size_t lineno, line *l) {
 typedef struct opts {
     nz_nat_opts mp;
     nz_nat_at_opts at;
-    int at_greedy, steps;
+    int at_greedy, at_beam, steps; /* at_beam: beam size, 0 = none */
+    float lenpen;
 } opts;
 
 /* Decode lines[0..k) as one batch and print their results. */
@@ -118,7 +120,9 @@ static int run_batch(nz_matmul_ctx *mc, const nz_nat *nat, const opts *o, line *
     nz_error err;
     memset(&err, 0, sizeof err);
     if (nb) {
-        if (o->at_greedy)
+        if (o->at_beam)
+            nz_nat_at_beam(mc, nat, src, nb, S, &o->at, o->at_beam, o->lenpen, hyps, &err);
+        else if (o->at_greedy)
             nz_nat_at_greedy(mc, nat, src, nb, S, &o->at, hyps, &err);
         else
             nz_nat_mask_predict(mc, nat, src, nb, S, &o->mp, hyps, &err);
@@ -158,6 +162,7 @@ int main(int argc, char **argv) {
     memset(&o, 0, sizeof o);
     nz_nat_opts_default(&o.mp);
     nz_nat_at_opts_default(&o.at);
+    o.lenpen = 1.0f;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *next = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--iter") && next) {
@@ -172,6 +177,13 @@ int main(int argc, char **argv) {
             o.mp.rerank_at = 1;
         } else if (!strcmp(a, "--at-greedy")) {
             o.at_greedy = 1;
+        } else if (!strcmp(a, "--at-beam") && next) {
+            if (parse_long(argv[++i], 1, 4096, &v)) return usage();
+            o.at_beam = (int)v;
+        } else if (!strcmp(a, "--lenpen") && next) {
+            char *end;
+            o.lenpen = strtof(argv[++i], &end);
+            if (*end || !*argv[i]) return usage();
         } else if (!strcmp(a, "--steps")) {
             o.steps = 1;
         } else if (!strcmp(a, "--max-len-a") && next) {

@@ -602,6 +602,113 @@ def at_greedy(model, src_tokens, max_len_a=0, max_len_b=200, min_len=1):
     return out
 
 
+@torch.no_grad()
+def at_beam(model, src_tokens, beam=5, max_len_a=0, max_len_b=200, min_len=1, lenpen=1.0,
+            return_all=False):
+    """fairseq SequenceGenerator + search.BeamSearch (normalize_scores, no unk penalty,
+    no repeat-ngram blocking, no prefix), one full decoder pass per step (no cache).
+
+    Every sentence has `beam` rows, all starting from [eos]; beam is clamped to
+    vocab - 1 as fairseq does. max_len = min(int(a * S + b), max_target_positions - 1),
+    S = padded source width. At step t each row's log-probs get pad banned, every
+    token but eos banned when t >= max_len, and eos banned when t < min_len; then
+    (t > 0) the row's cumulative score is added (float32). At t = 0 only row 0 of a
+    sentence takes part (all rows are the same [eos]). The best min(2*beam,
+    candidates - 1) (row, token) pairs over the sentence's rows are the candidates
+    (torch.topk order). Candidates among the first `beam` that are eos with a finite
+    score, and not masked by the previous step's "ignore" flags (fairseq's
+    cands_to_ignore / blacklist, indexed by candidate position), are finalized in
+    candidate order with score cum / (t + 1) ** lenpen, while the sentence holds
+    fewer than `beam` of them. A sentence that finalized something this step stops
+    when it holds `beam` hypotheses or t == max_len. The others continue with the
+    first `beam` candidates after moving the finalizable eos ones and the ignored
+    positions behind the rest (eos_mask * cand_size + position, smallest first); the
+    positions j < beam whose chosen candidate came from that back part are flagged
+    "ignore" for the next step (only possible with fewer than 2*beam candidates, a
+    beam close to the vocabulary size: there is at most one eos candidate per row).
+    The result of a sentence is its finalized hypothesis with the best score (the
+    first one on ties, Python's stable sort): dict(tokens=[y.., eos], score,
+    steps=len(tokens)) (plus hypos, all finalized ones best first, with
+    return_all), or None when nothing was finalized (min_len > max_len).
+    """
+    model.eval()
+    B, S = src_tokens.shape
+    V = model.encoder.embed_tokens.num_embeddings
+    K = max(1, min(int(beam), V - 1))
+    max_len = min(int(max_len_a * S + max_len_b), model.args.max_target_positions - 1)
+    enc_all = model.encode(src_tokens)
+    cand_size = 2 * K
+    finalized = [[] for _ in range(B)]
+    active = list(range(B))                               # unfinished sentences
+    toks = torch.full((B * K, 1), EOS, dtype=torch.long)  # rows of the active sentences
+    cum = torch.zeros(B * K, dtype=torch.float)           # cumulative score of each row
+    ignore = torch.zeros(B, K, dtype=torch.bool)
+    for step in range(max_len + 1):
+        rows_sent = torch.tensor(active).repeat_interleave(K)
+        enc = reorder_encoder_out(enc_all, rows_sent)
+        lp = model.at_decoder(toks, enc, normalize=True)[:, -1].float()
+        lp[:, PAD] = float("-inf")
+        if step >= max_len:
+            keep = lp[:, EOS].clone()
+            lp[:] = float("-inf")
+            lp[:, EOS] = keep
+        if step < min_len:
+            lp[:, EOS] = float("-inf")
+        lp = lp.view(len(active), K, V)
+        if step == 0:
+            lp = lp[:, :1, :]
+        else:
+            lp = lp + cum.view(len(active), K, 1)
+        flat = lp.reshape(len(active), -1)
+        k = min(cand_size, flat.size(1) - 1)
+        cand_scores, cand_idx = torch.topk(flat, k)
+        cand_rows = torch.div(cand_idx, V, rounding_mode="trunc")
+        cand_toks = cand_idx.fmod(V)
+        new_toks, new_cum, new_active, new_ignore = [], [], [], []
+        for a, s in enumerate(active):
+            eos_mask = cand_toks[a].eq(EOS) & cand_scores[a].ne(float("-inf"))
+            eos_mask[:K] &= ~ignore[s]
+            seen = False
+            for c in range(K):
+                if not bool(eos_mask[c]):
+                    continue
+                seen = True
+                if len(finalized[s]) < K:
+                    parent = a * K + int(cand_rows[a, c])
+                    score = float(cand_scores[a, c] / (step + 1) ** lenpen)
+                    finalized[s].append({"tokens": toks[parent, 1:].tolist() + [EOS], "score": score,
+                                         "steps": step + 1})
+            if seen and (len(finalized[s]) == K or step == max_len):
+                continue  # sentence finished
+            eos_mask[:K] |= ignore[s]  # ignored positions do not continue either
+            order = eos_mask.long() * cand_size + torch.arange(k)
+            chosen = torch.sort(order)[1][:K]
+            new_ignore.append(order[chosen] >= cand_size)
+            for c in chosen.tolist():
+                parent = a * K + int(cand_rows[a, c])
+                new_toks.append(torch.cat([toks[parent], cand_toks[a, c:c + 1]]))
+                new_cum.append(cand_scores[a, c])
+            new_active.append(s)
+        if not new_active or step == max_len:
+            break
+        for s, ig in zip(new_active, new_ignore):
+            ignore[s] = ig
+        active = new_active
+        toks = torch.stack(new_toks)
+        cum = torch.stack(new_cum).float()
+    out = []
+    for s in range(B):
+        hyps = sorted(finalized[s], key=lambda h: h["score"], reverse=True)
+        if not hyps:
+            out.append(None)
+            continue
+        r = dict(hyps[0])
+        if return_all:
+            r["hypos"] = hyps
+        out.append(r)
+    return out
+
+
 def pad_batch(seqs, pad=PAD):
     n = max(len(s) for s in seqs)
     t = torch.full((len(seqs), n), pad, dtype=torch.long)

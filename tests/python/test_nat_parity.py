@@ -17,9 +17,11 @@ the codec in several tiles) in the modes
 
 and decoded by $NAT_RUNNER. Compared with nat_ref.mask_predict for iterations
 1 and 10, length beam 1 and 5, AT rerank on/off, adaptive on/off, batches of 1
-and 3 sentences, and with nat_ref.at_greedy: tokens and steps must be equal,
-scores within ATOL (the AT greedy score is checked against a teacher-forced
-PyTorch pass). A last test feeds bad lines (empty, unknown id, too long) and
+and 3 sentences, with nat_ref.at_greedy, and with nat_ref.at_beam (beam 1 and
+4, length penalty 1.0 and 0.5, batches of 1 and 3, on a variant of the model
+whose eos embedding is scaled up so that hypotheses end at varied lengths, not
+only at max_len): tokens and steps must be equal, scores within ATOL (the AT
+greedy score is checked against a teacher-forced PyTorch pass). A last test feeds bad lines (empty, unknown id, too long) and
 checks that they get "error: ..." lines while the others are still decoded.
 
 NZ_TEST_QUICK=1 (or NZP_REAL, the valgrind run) keeps the lossless mode and
@@ -114,8 +116,9 @@ def run(cmd, stdin=None):
 # ------------------------------------------------------------------ models
 
 
-def build_model(name):
-    """A random NATModel for CONFIGS[name], bf16-representable, with varied outputs."""
+def build_model(name, eos_scale=1.0):
+    """A random NATModel for CONFIGS[name], bf16-representable, with varied outputs
+    (eos_scale: the eos embedding row, also its output logit weights, multiplied by it)."""
     cfg = dict(BASE, **CONFIGS[name])
     seed = sum(map(ord, name))
     torch.manual_seed(seed)
@@ -144,6 +147,7 @@ def build_model(name):
         centre = 128 if a.pred_length_offset else 8
         for c in range(centre - 4, centre + 5):
             L[c] = torch.randn(L.shape[1], generator=g) * 1.5
+        emb[R.EOS].mul_(eos_scale)
         for p in model.state_dict().values():
             if p.is_floating_point():
                 p.copy_(p.bfloat16().float())
@@ -171,13 +175,13 @@ def make_model_dir(model, cfg, workdir, dtype):
 _CACHE = {}
 
 
-def packed(nzp, name, mode, tmp_path_factory):
+def packed(nzp, name, mode, tmp_path_factory, eos_scale=1.0):
     """(model.nzp, reference NATModel on the weights it holds), cached per session."""
-    key = (name, mode)
+    key = (name, mode, eos_scale)
     if key in _CACHE:
         return _CACHE[key]
-    model, cfg = build_model(name)
-    work = tmp_path_factory.mktemp(f"{name}-{mode}")
+    model, cfg = build_model(name, eos_scale)
+    work = tmp_path_factory.mktemp(f"{name}-{mode}-eos{eos_scale}")
     dtype, args = MODES[mode]
     mdir = make_model_dir(model, cfg, work, dtype)
     nzpath = work / f"{mode}.nzp"
@@ -303,6 +307,72 @@ def test_at_greedy(nzp, nat_runner, tmp_path_factory, name, mode):
     assert len(outputs) >= 4, outputs
 
 
+# AT beam search: (beam, lenpen, batch, extra runner options); the eos-boosted model
+# ends hypotheses at varied lengths, max_len (b = 200 -> max_target_positions - 1 = 39)
+# still forces eos for some, --max-len-b / --min-len exercise the bans
+EOS_SCALE = 3.0
+FULL_BEAM_CASES = [(b, lp, k, []) for b in (1, 4) for lp in (1.0, 0.5) for k in (1, 3)] + [
+    (4, 1.0, 3, ["--max-len-b", "6", "--min-len", "3"]), (4, 0.5, 1, ["--max-len-a", "0.5", "--max-len-b", "2"]),
+    (6, 1.0, 3, ["--max-len-b", "1"]),
+    # beam 63 = vocab - 1: fewer than 2 * beam candidates, so eos candidates are kept as
+    # beam rows and fairseq's cands_to_ignore rule applies
+    (63, 1.0, 3, ["--max-len-b", "4"])]
+QUICK_BEAM_CASES = [(1, 1.0, 3, []), (4, 1.0, 1, []), (4, 0.5, 3, []), (4, 1.0, 3, ["--max-len-b", "6", "--min-len", "3"])]
+BEAM_CASES = QUICK_BEAM_CASES if quick() else FULL_BEAM_CASES
+
+
+@pytest.mark.parametrize("mode", ACTIVE_MODES)
+@pytest.mark.parametrize("name", [n for n, c in CONFIGS.items() if c.get("at_decoder_layers")])
+def test_at_beam(nzp, nat_runner, tmp_path_factory, name, mode):
+    require_torch()
+    nzpath, ref = packed(nzp, name, mode, tmp_path_factory, EOS_SCALE)
+    sents = sentences(sum(map(ord, name)) + 9)
+    outputs, lengths, differ = set(), set(), 0
+    for i, (beam, lenpen, batch, extra) in enumerate(BEAM_CASES):
+        extra = extra + VARIANTS[i % len(VARIANTS)]
+        a = float(extra[extra.index("--max-len-a") + 1]) if "--max-len-a" in extra else 0
+        b = int(extra[extra.index("--max-len-b") + 1]) if "--max-len-b" in extra else 200
+        mn = int(extra[extra.index("--min-len") + 1]) if "--min-len" in extra else 1
+        got = [parse(l) for l in runner_lines(nat_runner, nzpath, sents,
+                                               ["--at-beam", beam, "--lenpen", lenpen, *extra], batch)]
+        want, greedy = [], []
+        for k in range(0, len(sents), batch):  # max_len depends on the padded width of the batch
+            src = R.pad_batch(sents[k:k + batch])
+            want += R.at_beam(ref, src, beam=beam, max_len_a=a, max_len_b=b, min_len=mn, lenpen=lenpen)
+            greedy += R.at_greedy(ref, src, max_len_a=a, max_len_b=b, min_len=mn)
+        for j, ((toks, score, steps), w, g) in enumerate(zip(got, want, greedy)):
+            where = f"{name} [{mode}] AT beam {beam} lenpen {lenpen} {extra} batch {batch} sentence {j}"
+            assert toks == w["tokens"], f"{where}: engine {toks} != torch {w['tokens']}"
+            assert steps == len(toks), where
+            assert abs(score - w["score"]) <= ATOL, f"{where}: score {score} vs torch {w['score']}"
+            if beam == 1:
+                assert toks == g, f"{where}: beam 1 {toks} != greedy {g}"
+            differ += toks != g
+            outputs.add(tuple(toks))
+            lengths.add(len(toks))
+    # not degenerate: varied outputs and lengths, and the beam finds other hypotheses than greedy
+    assert len(outputs) >= 4 and len(lengths) >= 3 and differ >= 2, (outputs, lengths, differ)
+
+
+def test_at_beam_reference_sanity():
+    """nat_ref.at_beam with beam 1 is nat_ref.at_greedy; with a larger beam every
+    sentence keeps `beam` finalized hypotheses (best first, each ending in eos and
+    normalized by its length) unless max_len stopped it earlier."""
+    require_torch()
+    for name in [n for n, c in CONFIGS.items() if c.get("at_decoder_layers")]:
+        for eos_scale in (1.0, EOS_SCALE):
+            model, _ = build_model(name, eos_scale)
+            src = R.pad_batch(sentences(sum(map(ord, name)) + 9))
+            for kw in (dict(), dict(max_len_b=5, min_len=2)):
+                greedy = R.at_greedy(model, src, **kw)
+                assert [h["tokens"] for h in R.at_beam(model, src, beam=1, **kw)] == greedy, (name, kw)
+            for h in R.at_beam(model, src, beam=3, lenpen=0.7, return_all=True):
+                scores = [x["score"] for x in h["hypos"]]
+                assert scores == sorted(scores, reverse=True) and h["score"] == scores[0]
+                assert all(x["tokens"][-1] == R.EOS and R.EOS not in x["tokens"][:-1] for x in h["hypos"])
+                assert len(h["hypos"]) == 3 or max(len(x["tokens"]) for x in h["hypos"]) == 40
+
+
 def test_bad_lines(nzp, nat_runner, tmp_path_factory):
     """A sentence that cannot be decoded gets an error line; the others go on."""
     require_torch()
@@ -312,7 +382,7 @@ def test_bad_lines(nzp, nat_runner, tmp_path_factory):
     too_long = [R.BOS] + [5] * BASE["max_source_positions"] + [R.EOS]
     lines = [good[1], [R.BOS, V, R.EOS], good[2], too_long, [], good[3], [1, 1]]
     stdin_lines = [" ".join(map(str, s)) for s in lines] + ["4 x 2"]
-    for extra in ([], ["--rerank", "--beam", "3"], ["--at-greedy"]):
+    for extra in ([], ["--rerank", "--beam", "3"], ["--at-greedy"], ["--at-beam", "3"]):
         for batch in (1, 3):
             p = run([nat_runner, nzpath, "--batch", batch, *extra], "\n".join(stdin_lines) + "\n")
             out = p.stdout.splitlines()
@@ -325,6 +395,8 @@ def test_bad_lines(nzp, nat_runner, tmp_path_factory):
             ok = [good[1], good[2], good[3]]
             if "--at-greedy" in extra:
                 want = [R.at_greedy(ref, R.pad_batch([s]))[0] for s in ok]
+            elif "--at-beam" in extra:
+                want = [R.at_beam(ref, R.pad_batch([s]), beam=3)[0]["tokens"] for s in ok]
             else:
                 beam = 3 if "--beam" in extra else 1
                 want = [w["tokens"] for w in R.mask_predict(ref, R.pad_batch(ok), length_beam=beam,
@@ -334,7 +406,7 @@ def test_bad_lines(nzp, nat_runner, tmp_path_factory):
                 assert toks == want[j], f"{extra} batch {batch} line {i}: {toks} != {want[j]}"
     # no AT decoder: rerank and AT greedy are refused per sentence with a message
     nzpath2, _ = packed(nzp, "postnorm-mixed-offset-noat", ACTIVE_MODES[0], tmp_path_factory)
-    for extra in (["--rerank"], ["--at-greedy"]):
+    for extra in (["--rerank"], ["--at-greedy"], ["--at-beam", "2"]):
         p = run([nat_runner, nzpath2, *extra], "0 5 2\n")
         assert p.stdout.startswith("error:") and "AT decoder" in p.stdout, p.stdout
 

@@ -124,3 +124,11 @@ def test_usage_errors(nzp, model, tmp_path):
     p = translate(nzp, tmp_path / "missing.nzp", ["x"], check=False)
     assert p.returncode == 1 and "missing.nzp" in p.stderr
     assert translate(nzp, path, [], check=False).stdout == ""  # no input, no output
+
+
+def test_at_beam(nzp, model):
+    path, ref, vocab = model
+    srcs = [vocab.encode(l) for l in LINES]
+    want = R.at_beam(ref, R.pad_batch(srcs), beam=4, lenpen=1.0)
+    got = translate(nzp, path, LINES, "--tokens", "--at-beam", 4, "--batch", len(LINES)).stdout.splitlines()
+    assert [[int(x) for x in g.split()] for g in got] == [w["tokens"] for w in want]
