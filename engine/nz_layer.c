@@ -175,30 +175,35 @@ void nz_kv_reset(nz_kv *kv) {
     if (kv->pad) memset(kv->pad, 0, kv->B * kv->cap);
 }
 
-int nz_kv_reorder(nz_kv *kv, const uint32_t *src, nz_error *err) {
-    const size_t B = kv->B, rows = kv->len * kv->D;
+int nz_kv_reorder(nz_kv *kv, const uint32_t *src, nz_error *err) { return nz_kv_select(kv, src, kv->B, err); }
+
+int nz_kv_select(nz_kv *kv, const uint32_t *src, size_t B, nz_error *err) {
+    const size_t rows = kv->len * kv->D;
+    if (B > kv->B) return nz_fail(err, NZ_E_RANGE, "KV select: %zu sequences from a cache of %zu", B, kv->B);
     for (size_t b = 0; b < B; b++)
-        if (src[b] >= B)
-            return nz_fail(err, NZ_E_RANGE, "beam reorder: source %u of row %zu >= %zu", src[b], b, B);
-    if (!kv->len) return NZ_OK;
-    float *tmp = nz_malloc(B * rows * sizeof(float), NZ_MEM_KV);
-    uint8_t *ptmp = nz_malloc(B * kv->len, NZ_MEM_KV);
-    if (!tmp || !ptmp) {
+        if (src[b] >= kv->B)
+            return nz_fail(err, NZ_E_RANGE, "KV select: source %u of row %zu >= %zu", src[b], b, kv->B);
+    if (kv->len && B) {
+        float *tmp = nz_malloc(B * rows * sizeof(float), NZ_MEM_KV);
+        uint8_t *ptmp = nz_malloc(B * kv->len, NZ_MEM_KV);
+        if (!tmp || !ptmp) {
+            nz_free(tmp);
+            nz_free(ptmp);
+            return nz_fail(err, NZ_E_NOMEM, "out of memory reordering a KV cache");
+        }
+        float *planes[2] = {kv->k, kv->v};
+        for (int p = 0; p < 2; p++) {
+            for (size_t b = 0; b < B; b++)
+                memcpy(tmp + b * rows, planes[p] + src[b] * kv->cap * kv->D, rows * sizeof(float));
+            for (size_t b = 0; b < B; b++)
+                memcpy(planes[p] + b * kv->cap * kv->D, tmp + b * rows, rows * sizeof(float));
+        }
+        for (size_t b = 0; b < B; b++) memcpy(ptmp + b * kv->len, kv->pad + src[b] * kv->cap, kv->len);
+        for (size_t b = 0; b < B; b++) memcpy(kv->pad + b * kv->cap, ptmp + b * kv->len, kv->len);
         nz_free(tmp);
         nz_free(ptmp);
-        return nz_fail(err, NZ_E_NOMEM, "out of memory reordering a KV cache");
     }
-    float *planes[2] = {kv->k, kv->v};
-    for (int p = 0; p < 2; p++) {
-        for (size_t b = 0; b < B; b++)
-            memcpy(tmp + b * rows, planes[p] + src[b] * kv->cap * kv->D, rows * sizeof(float));
-        for (size_t b = 0; b < B; b++)
-            memcpy(planes[p] + b * kv->cap * kv->D, tmp + b * rows, rows * sizeof(float));
-    }
-    for (size_t b = 0; b < B; b++) memcpy(ptmp + b * kv->len, kv->pad + src[b] * kv->cap, kv->len);
-    for (size_t b = 0; b < B; b++) memcpy(kv->pad + b * kv->cap, ptmp + b * kv->len, kv->len);
-    nz_free(tmp);
-    nz_free(ptmp);
+    kv->B = B;
     return NZ_OK;
 }
 

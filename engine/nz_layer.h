@@ -117,6 +117,12 @@ void nz_kv_reset(nz_kv *kv);
  *  each < B). @return NZ_OK, NZ_E_RANGE or NZ_E_NOMEM. */
 int nz_kv_reorder(nz_kv *kv, const uint32_t *src, nz_error *err);
 
+/** Keep B <= kv->B sequences: new sequence b takes the rows of old sequence
+ *  src[b] (src[B], each < kv->B), and the cache then serves B sequences
+ *  (finished beams dropped; the memory stays until nz_kv_free).
+ *  @return NZ_OK, NZ_E_RANGE or NZ_E_NOMEM (the cache is then unchanged). */
+int nz_kv_select(nz_kv *kv, const uint32_t *src, size_t B, nz_error *err);
+
 /* ------------------------------------------------------------ attention */
 
 /** Multi-head attention weights. q/k/v: [H*dh x d_model], o: [d_model x H*dh]. */

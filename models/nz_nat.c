@@ -1269,13 +1269,8 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         }
         if (step == max_len || !A2) break;
         /* beam reorder of the self-attention caches, finished sentences' rows
-         * dropped: the first A2 * K rows take their parents' rows, and the
-         * caches then serve A2 * K sequences (rows are contiguous, [B x cap x D]) */
-        for (size_t r = A2 * K; r < R; r++) order[r] = (uint32_t)r;
-        for (size_t l = 0; l < nl; l++) {
-            TRY(nz_kv_reorder(&self[l], order, err));
-            self[l].B = A2 * K;
-        }
+         * dropped: the A2 * K surviving rows take their parents' rows */
+        for (size_t l = 0; l < nl; l++) TRY(nz_kv_select(&self[l], order, A2 * K, err));
         for (size_t r = 0; r < A2 * K; r++) kvmap[r] = (uint32_t)asent[r / K];
         int32_t *th = hist;
         hist = hist2;

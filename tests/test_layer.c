@@ -245,6 +245,17 @@ static void test_kv(void **state) {
     assert_int_equal(kv.pad[2 * 4 + 1], 0);
     uint32_t badsrc[] = {0, 3, 1};
     assert_int_equal(nz_kv_reorder(&kv, badsrc, &e), NZ_E_RANGE);
+    /* keep 2 of the 3 sequences: new 0 = row 2 (values of the first cache row 0), new 1 = row 0 (row 1) */
+    uint32_t keep[] = {2, 0};
+    assert_int_equal(nz_kv_select(&kv, keep, 2, &e), NZ_OK);
+    assert_int_equal(kv.B, 2);
+    for (size_t i = 0; i < 4; i++) {
+        assert_true(kv.k[0 * 8 + i] == (float)(10 * 0 + i));
+        assert_true(kv.k[1 * 8 + i] == (float)(10 * 1 + i));
+    }
+    assert_int_equal(nz_kv_select(&kv, keep, 3, &e), NZ_E_RANGE); /* cannot grow */
+    keep[1] = 2;
+    assert_int_equal(nz_kv_select(&kv, keep, 2, &e), NZ_E_RANGE); /* old row 2 no longer exists */
     nz_kv_free(&kv);
     nz_kv_free(&kv); /* idempotent */
     assert_int_equal(nz_mem_current(NZ_MEM_KV), 0);
