@@ -6,50 +6,9 @@
 #include "nz_rans.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "nz_rans_simd.h"
 
-#define RANS_L (1u << 16)
 #define INLINE __attribute__((always_inline)) static inline
-
-/* expand8[m][j]: index of the renormalisation word lane j takes under need-mask m */
-static const uint32_t *expand8(void) {
-    static uint32_t t[256][8] __attribute__((aligned(32)));
-    static int ready; /* written once before any use; benign if two threads build it */
-    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
-        for (int m = 0; m < 256; m++)
-            for (int j = 0, k = 0; j < 8; j++) t[m][j] = (m >> j & 1) ? (uint32_t)k++ : 0;
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
-    return &t[0][0];
-}
-
-INLINE __m256i lookup8(__m256i slots, const uint32_t *tab) {
-    uint32_t ix[8] __attribute__((aligned(32)));
-    _mm256_store_si256((__m256i *)ix, slots);
-    __m128i lo = _mm_cvtsi32_si128((int)tab[ix[0]]), hi = _mm_cvtsi32_si128((int)tab[ix[4]]);
-    lo = _mm_insert_epi32(lo, (int)tab[ix[1]], 1);
-    hi = _mm_insert_epi32(hi, (int)tab[ix[5]], 1);
-    lo = _mm_insert_epi32(lo, (int)tab[ix[2]], 2);
-    hi = _mm_insert_epi32(hi, (int)tab[ix[6]], 2);
-    lo = _mm_insert_epi32(lo, (int)tab[ix[3]], 3);
-    hi = _mm_insert_epi32(hi, (int)tab[ix[7]], 3);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-}
-
-INLINE __m256i step8(__m256i x, __m256i *e, const uint8_t **p, const uint32_t *dtab, const uint32_t *exp8) {
-    const __m256i slot_mask = _mm256_set1_epi32(NZ_RANS_PROB_SCALE - 1);
-    *e = lookup8(_mm256_and_si256(x, slot_mask), dtab);
-    x = _mm256_add_epi32(
-        _mm256_mullo_epi32(_mm256_srli_epi32(*e, 20), _mm256_srli_epi32(x, NZ_RANS_PROB_BITS)),
-        _mm256_and_si256(_mm256_srli_epi32(*e, 8), slot_mask));
-    __m256i need = _mm256_cmpeq_epi32(_mm256_min_epu32(x, _mm256_set1_epi32(RANS_L - 1)), x);
-    int m = _mm256_movemask_ps(_mm256_castsi256_ps(need));
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)*p));
-    w = _mm256_permutevar8x32_epi32(w, _mm256_load_si256((const __m256i *)(exp8 + 8 * m)));
-    x = _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), w), need);
-    *p += 2 * (size_t)__builtin_popcount((unsigned)m);
-    return x;
-}
 
 /* fp32 weights of 8 elements: sm[0..8) into bytes 2 and 3 of each dword by
  * one in-lane shuffle, exponent from the entry's symbol byte. */
@@ -72,7 +31,7 @@ INLINE float hsum8(__m256 a) {
 
 void nz_gemv_run_avx2(nz_gemv_run *r) {
     const int NV = r->lanes / 8;
-    const uint32_t *exp8 = expand8();
+    const uint32_t *exp8 = nz_rans_expand8();
     __m256i v[8], e[8];
     for (int k = 0; k < NV; k++) v[k] = _mm256_load_si256((const __m256i *)(r->st + 8 * k));
     const uint8_t *p = r->p, *end = r->end;
@@ -86,10 +45,10 @@ void nz_gemv_run_avx2(nz_gemv_run *r) {
     while (r->n - i >= lanes && end - p >= 16 * NV) {
         if (NV == 8) {
 #pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) v[k] = step8(v[k], &e[k], &p, dtab, exp8);
+            for (int k = 0; k < 8; k++) v[k] = nz_rans_step8(v[k], &e[k], &p, dtab, exp8);
         } else {
 #pragma GCC unroll 4
-            for (int k = 0; k < 4; k++) v[k] = step8(v[k], &e[k], &p, dtab, exp8);
+            for (int k = 0; k < 4; k++) v[k] = nz_rans_step8(v[k], &e[k], &p, dtab, exp8);
         }
         for (int k = 0; k < NV; k++, i += 8) {
             __m256 w = weights8(e[k], r->sm + i);

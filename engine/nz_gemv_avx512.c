@@ -6,42 +6,9 @@
 #include "nz_rans.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#include "nz_rans_simd.h"
 
-#define RANS_L (1u << 16)
 #define INLINE __attribute__((always_inline)) static inline
-
-/* 16 table entries, as scalar loads (beat vpgatherdd on AMD Zen 4/5). */
-INLINE __m512i lookup16(__m512i slots, const uint32_t *tab) {
-    uint32_t ix[16] __attribute__((aligned(64)));
-    _mm512_store_si512(ix, slots);
-    __m128i q[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; k++) {
-        q[k] = _mm_cvtsi32_si128((int)tab[ix[4 * k]]);
-        q[k] = _mm_insert_epi32(q[k], (int)tab[ix[4 * k + 1]], 1);
-        q[k] = _mm_insert_epi32(q[k], (int)tab[ix[4 * k + 2]], 2);
-        q[k] = _mm_insert_epi32(q[k], (int)tab[ix[4 * k + 3]], 3);
-    }
-    __m512i r = _mm512_castsi128_si512(q[0]);
-    r = _mm512_inserti32x4(r, q[1], 1);
-    r = _mm512_inserti32x4(r, q[2], 2);
-    return _mm512_inserti32x4(r, q[3], 3);
-}
-
-/* Decode 16 symbols (table entries into *e) and renormalise from *p. */
-INLINE __m512i step16(__m512i x, __m512i *e, const uint8_t **p, const uint32_t *dtab) {
-    const __m512i slot_mask = _mm512_set1_epi32(NZ_RANS_PROB_SCALE - 1);
-    *e = lookup16(_mm512_and_si512(x, slot_mask), dtab);
-    x = _mm512_add_epi32(
-        _mm512_mullo_epi32(_mm512_srli_epi32(*e, 20), _mm512_srli_epi32(x, NZ_RANS_PROB_BITS)),
-        _mm512_and_si512(_mm512_srli_epi32(*e, 8), slot_mask));
-    __mmask16 m = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(RANS_L));
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)*p));
-    x = _mm512_mask_or_epi32(x, m, _mm512_slli_epi32(x, 16), _mm512_maskz_expand_epi32(m, w));
-    *p += 2 * (size_t)__builtin_popcount((unsigned)m);
-    return x;
-}
 
 /* fp32 weights of 16 elements: sign+mantissa bytes sm[0..16) placed in
  * bytes 2 and 3 of each dword by one in-lane shuffle (bits 16-22 mantissa,
@@ -124,7 +91,7 @@ INLINE void dot16(stream *s, const nz_gemv_run *r, __m512 w) {
 INLINE void group(stream *s, const nz_gemv_run *r, int NV) {
     __m512i e[4];
 #pragma GCC unroll 4
-    for (int k = 0; k < NV; k++) s->v[k] = step16(s->v[k], &e[k], &s->p, r->dtab);
+    for (int k = 0; k < NV; k++) s->v[k] = nz_rans_step16(s->v[k], &e[k], &s->p, r->dtab);
 #pragma GCC unroll 4
     for (int k = 0; k < NV; k++) dot16(s, r, weights16(e[k], r->sm + s->i));
 }

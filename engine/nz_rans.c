@@ -8,13 +8,16 @@
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+#include "nz_rans_simd.h"
 #define NZ_HAVE_AVX512_KERNEL 1
 #else
 #define NZ_HAVE_AVX512_KERNEL 0
 #endif
 
-#define RANS_L (1u << 16) /* lower bound of the state interval */
+#ifndef NZ_RANS_L
+#define NZ_RANS_L (1u << 16) /* lower bound of the state interval */
+#endif
+#define RANS_L NZ_RANS_L
 
 static inline uint32_t rd32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -295,40 +298,6 @@ static size_t dec_fast_64(const uint8_t **pp, const uint8_t *end, uint32_t *x, c
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
 #define AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,popcnt"), always_inline)) static inline
 
-/* Table lookup of 16 slots as scalar loads: on AMD Zen 4/5 vpgatherdd has
- * ~30 cycles latency and issues every ~20 cycles; 16 loads + inserts are
- * cheaper and let independent chains overlap. */
-AVX512_INLINE __m512i lookup16(__m512i slots, const uint32_t *tab) {
-    uint32_t ix[16] __attribute__((aligned(64)));
-    _mm512_store_si512(ix, slots);
-    __m128i q[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; k++) {
-        q[k] = _mm_cvtsi32_si128((int)tab[ix[4 * k]]);
-        q[k] = _mm_insert_epi32(q[k], (int)tab[ix[4 * k + 1]], 1);
-        q[k] = _mm_insert_epi32(q[k], (int)tab[ix[4 * k + 2]], 2);
-        q[k] = _mm_insert_epi32(q[k], (int)tab[ix[4 * k + 3]], 3);
-    }
-    __m512i r = _mm512_castsi128_si512(q[0]);
-    r = _mm512_inserti32x4(r, q[1], 1);
-    r = _mm512_inserti32x4(r, q[2], 2);
-    return _mm512_inserti32x4(r, q[3], 3);
-}
-
-/* One 16-lane step: decode 16 symbols (entries into *e), renormalise from *p. */
-AVX512_INLINE __m512i step16(__m512i x, __m512i *e, const uint8_t **p, const uint32_t *dtab) {
-    const __m512i slot_mask = _mm512_set1_epi32(NZ_RANS_PROB_SCALE - 1);
-    *e = lookup16(_mm512_and_si512(x, slot_mask), dtab);
-    x = _mm512_add_epi32(
-        _mm512_mullo_epi32(_mm512_srli_epi32(*e, 20), _mm512_srli_epi32(x, NZ_RANS_PROB_BITS)),
-        _mm512_and_si512(_mm512_srli_epi32(*e, 8), slot_mask));
-    __mmask16 m = _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(RANS_L));
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)*p));
-    x = _mm512_mask_or_epi32(x, m, _mm512_slli_epi32(x, 16), _mm512_maskz_expand_epi32(m, w));
-    *p += 2 * (size_t)__builtin_popcount((unsigned)m);
-    return x;
-}
-
 /* Emit 16 decoded symbols: exponent bytes, or fp32 joined with bf16 sign+mantissa. */
 AVX512_INLINE void emit16(__m512i e, size_t i, uint8_t *out, const uint8_t *sm, float *fout) {
     if (fout) { /* sm bytes into bytes 2 and 3 of each dword; C ? A : B merges sign+mantissa and e << 23 */
@@ -357,7 +326,8 @@ AVX512_INLINE void emit16(__m512i e, size_t i, uint8_t *out, const uint8_t *sm, 
         const uint8_t *p = *pp;                                                                              \
         size_t g = 0;                                                                                        \
         for (; g < ngroups && end - p >= 32 * NV; g++) {                                                     \
-            _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++) v[k] = step16(v[k], &e[k], &p, dtab);       \
+            _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++) v[k] =                                      \
+                nz_rans_step16(v[k], &e[k], &p, dtab);                                                       \
             _Pragma("GCC unroll 4") for (int k = 0; k < NV; k++)                                             \
                 emit16(e[k], (16 * NV) * g + 16 * (size_t)k, out, sm, fout);                                 \
         }                                                                                                    \
@@ -380,32 +350,10 @@ static void init_expand8(void) {
         for (int j = 0, k = 0; j < 8; j++) g_expand8[m][j] = (m >> j & 1) ? (uint32_t)k++ : 0;
 }
 
-AVX2_INLINE __m256i lookup8(__m256i slots, const uint32_t *tab) {
-    uint32_t ix[8] __attribute__((aligned(32)));
-    _mm256_store_si256((__m256i *)ix, slots);
-    __m128i lo = _mm_cvtsi32_si128((int)tab[ix[0]]), hi = _mm_cvtsi32_si128((int)tab[ix[4]]);
-    lo = _mm_insert_epi32(lo, (int)tab[ix[1]], 1);
-    hi = _mm_insert_epi32(hi, (int)tab[ix[5]], 1);
-    lo = _mm_insert_epi32(lo, (int)tab[ix[2]], 2);
-    hi = _mm_insert_epi32(hi, (int)tab[ix[6]], 2);
-    lo = _mm_insert_epi32(lo, (int)tab[ix[3]], 3);
-    hi = _mm_insert_epi32(hi, (int)tab[ix[7]], 3);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-}
-
-AVX2_INLINE __m256i step8(__m256i x, __m256i *e, const uint8_t **p, const uint32_t *dtab) {
-    const __m256i slot_mask = _mm256_set1_epi32(NZ_RANS_PROB_SCALE - 1);
-    *e = lookup8(_mm256_and_si256(x, slot_mask), dtab);
-    x = _mm256_add_epi32(
-        _mm256_mullo_epi32(_mm256_srli_epi32(*e, 20), _mm256_srli_epi32(x, NZ_RANS_PROB_BITS)),
-        _mm256_and_si256(_mm256_srli_epi32(*e, 8), slot_mask));
-    __m256i need = _mm256_cmpeq_epi32(_mm256_min_epu32(x, _mm256_set1_epi32(RANS_L - 1)), x);
-    int m = _mm256_movemask_ps(_mm256_castsi256_ps(need));
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)*p));
-    w = _mm256_permutevar8x32_epi32(w, _mm256_load_si256((const __m256i *)g_expand8[m]));
-    x = _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), w), need);
-    *p += 2 * (size_t)__builtin_popcount((unsigned)m);
-    return x;
+const uint32_t *nz_rans_expand8(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, init_expand8);
+    return &g_expand8[0][0];
 }
 
 AVX2_INLINE void emit8(__m256i e, size_t i, uint8_t *out, const uint8_t *sm, float *fout) {
@@ -431,9 +379,11 @@ AVX2_INLINE void emit8(__m256i e, size_t i, uint8_t *out, const uint8_t *sm, flo
         _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] =                                          \
             _mm256_loadu_si256((const __m256i *)(x + 8 * k));                                                \
         const uint8_t *p = *pp;                                                                              \
+        const uint32_t *exp8 = nz_rans_expand8();                                                            \
         size_t g = 0;                                                                                        \
         for (; g < ngroups && end - p >= 16 * NV; g++) {                                                     \
-            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] = step8(v[k], &e[k], &p, dtab);        \
+            _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++) v[k] =                                      \
+                nz_rans_step8(v[k], &e[k], &p, dtab, exp8);                                                  \
             _Pragma("GCC unroll 8") for (int k = 0; k < NV; k++)                                             \
                 emit8(e[k], (8 * NV) * g + 8 * (size_t)k, out, sm, fout);                                    \
         }                                                                                                    \
@@ -468,8 +418,6 @@ static int dec_common(const uint8_t *src, size_t len, int lanes, const uint32_t 
         done = lanes == 64 ? dec_avx512_64(&p, end, x, dtab, ngroups, out, sm, fout)
                            : dec_avx512_32(&p, end, x, dtab, ngroups, out, sm, fout);
     if (k == NZ_RANS_AVX2) {
-        static pthread_once_t once = PTHREAD_ONCE_INIT;
-        pthread_once(&once, init_expand8);
         done = lanes == 64 ? dec_avx2_64(&p, end, x, dtab, ngroups, out, sm, fout)
                            : dec_avx2_32(&p, end, x, dtab, ngroups, out, sm, fout);
     }
