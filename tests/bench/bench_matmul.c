@@ -230,9 +230,22 @@ static double g_stack_m1, g_stack_m64, g_stack_m1_2t;
  * uses. This is what serving a real model looks like; the per-shape tables
  * above measure the opposite extreme (one matrix, hot in L2/L3). */
 #define STACK_LAYERS 6
+/* q, k, v, o, fc1, fc2 of one 1024-wide layer */
+static const int shp[6][2] = {{1024, 1024}, {1024, 1024}, {1024, 1024},
+                              {1024, 1024}, {4096, 1024}, {1024, 4096}};
+
+/* One forward step of the fp32 baseline: every weight of the stack once. */
+static void fp32_pass(float *const *w32, int nt, const float *x, int M, float *y) {
+    for (int i = 0; i < nt; i++) {
+        int n = shp[i % 6][0], k = shp[i % 6][1];
+        if (M == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1, w32[i], k, x, 1, 0, y, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, n, k, 1, x, k, w32[i], k, 0, y, n);
+    }
+}
+
 static void bench_stack(double bw, const char *dir) {
-    static const int shp[6][2] = {{1024, 1024}, {1024, 1024}, {1024, 1024},
-                                  {1024, 1024}, {4096, 1024}, {1024, 4096}};
     enum { NT = STACK_LAYERS * 6 };
     float *w32[NT];
     char path[512];
@@ -286,14 +299,7 @@ static void bench_stack(double bw, const char *dir) {
         double tb = 1e30, tl = 1e30, tu = 1e30, tq = 1e30;
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now_s();
-            for (int i = 0; i < NT; i++) {
-                int n = shp[i % 6][0], k = shp[i % 6][1];
-                if (M == 1)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1, w32[i], k, x, 1, 0, y, 1);
-                else
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, n, k, 1, x, k, w32[i], k, 0, y,
-                                n);
-            }
+            fp32_pass(w32, NT, x, M, y);
             double t1 = now_s();
             for (int i = 0; i < NT; i++)
                 if (nz_matmul(NULL, dc, scratch, &ll[i], x, (size_t)M, y, &e)) die("matmul", &e);
@@ -317,14 +323,7 @@ static void bench_stack(double bw, const char *dir) {
         for (int rep = 0; rep < 3; rep++) {
             openblas_set_num_threads(2);
             double t0 = now_s();
-            for (int i = 0; i < NT; i++) {
-                int n = shp[i % 6][0], k = shp[i % 6][1];
-                if (M == 1)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1, w32[i], k, x, 1, 0, y, 1);
-                else
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, n, k, 1, x, k, w32[i], k, 0, y,
-                                n);
-            }
+            fp32_pass(w32, NT, x, M, y);
             openblas_set_num_threads(1);
             double t1 = now_s();
             usleep(300000); /* OpenBLAS's idle workers spin for a while: let them sleep before timing ours */
