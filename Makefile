@@ -6,6 +6,7 @@
 #   make bench      benchmarks (not tests): codec ratios and speeds
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
+#   make loadtest   60 s of mixed traffic at 64 connections against nzserve (wrk, loopback)
 #   make docker-test  build the Dockerfile and run the image with podman
 #   make format     apply .clang-format
 
@@ -14,7 +15,7 @@ BUILD    ?= build
 OPT      ?= -O2
 SAN      ?=
 CFLAGS   ?= $(OPT) -g
-CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-format-truncation -Iengine -Imodels $(SAN)
+CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -Wno-format-truncation -Iengine -Imodels -Iserver $(SAN)
 CXX      ?= g++
 CXXFLAGS ?= $(OPT) -g
 CXXFLAGS += -std=c++17 -Wall -Wextra -Wshadow -Iengine -Imodels $(SAN)
@@ -33,6 +34,13 @@ MODELS_SRC := $(filter-out models/nzp.c,$(wildcard models/*.c)) $(wildcard model
 MODELS_OBJ := $(patsubst %,$(BUILD)/%.o,$(basename $(MODELS_SRC)))
 MODELS_LIB := $(BUILD)/libnzmodels.a
 
+# the HTTP server (server/*.c except main.c) and its binary
+SERVER_SRC := $(filter-out server/main.c,$(wildcard server/*.c))
+SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/%.o)
+SERVER_LIB := $(BUILD)/libnzserver.a
+SERVER_LDLIBS := -lmicrohttpd
+NZSERVE  := $(BUILD)/nzserve
+
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 NZP      := $(BUILD)/nzp
@@ -40,10 +48,10 @@ PARITY   := $(BUILD)/parity_runner
 TOK_CLI  := $(BUILD)/tok_cli
 NAT_RUNNER := $(BUILD)/nat_runner
 
-.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format
-all: $(ENGINE_LIB) $(MODELS_LIB) $(NZP) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(TEST_BIN)
+.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format loadtest serve
+all: $(ENGINE_LIB) $(MODELS_LIB) $(SERVER_LIB) $(NZP) $(NZSERVE) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(TEST_BIN)
 
-$(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h)
+$(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h server/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -61,6 +69,13 @@ $(BUILD)/%.o: %.cc $(wildcard engine/*.h models/*.h)
 $(MODELS_LIB): $(MODELS_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
+
+$(SERVER_LIB): $(SERVER_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(NZSERVE): $(BUILD)/server/main.o $(SERVER_LIB) $(MODELS_LIB) $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS) $(MODELS_LDLIBS) $(SERVER_LDLIBS)
 
 $(ENGINE_LIB): $(ENGINE_OBJ)
 	@rm -f $@
@@ -81,9 +96,9 @@ $(TOK_CLI): tests/tok_cli.c $(MODELS_LIB) $(ENGINE_LIB)
 $(NAT_RUNNER): tests/nat_runner.c $(MODELS_LIB) $(ENGINE_LIB)
 	$(CC) $(CFLAGS) $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(MODELS_LIB) $(ENGINE_LIB)
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(SERVER_LIB) $(MODELS_LIB) $(ENGINE_LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS) -lcmocka
+	$(CC) $(CFLAGS) -Itests -Iserver $< $(SERVER_LIB) $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS) $(SERVER_LDLIBS) -lcmocka
 
 # Whole suite: every C test binary, then the Python/CLI tests against $(NZP).
 test: all
@@ -113,6 +128,11 @@ build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h $(ENGINE_SRC) $(
 	@mkdir -p build-fuzz
 	clang -O1 -g -std=c11 -D_GNU_SOURCE -Iengine -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=undefined $< $(ENGINE_SRC) -o $@ $(LDLIBS)
+# the server's request parser: engine sources plus server/srv_api.c
+build-fuzz/fuzz_srv_request: tests/fuzz/fuzz_srv_request.c tests/fuzz/fuzz_server.h server/srv_api.c server/srv_api.h $(ENGINE_SRC)
+	@mkdir -p build-fuzz
+	clang -O1 -g -std=c11 -D_GNU_SOURCE -Iengine -Iserver -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=undefined $< server/srv_api.c $(ENGINE_SRC) -o $@ $(LDLIBS)
 fuzz: $(FUZZ_TARGETS)
 	@set -e; for f in $(FUZZ_TARGETS); do n=$$(basename $$f); mkdir -p build-fuzz/corpus-$$n; \
 	  echo "== $$n for $(FUZZ_SECONDS)s"; \
@@ -123,6 +143,10 @@ fuzz: $(FUZZ_TARGETS)
 
 deps:
 	bash .ci/deps.sh
+
+# Bounded load test on loopback (wrk): LOAD_SECONDS, LOAD_CONNECTIONS, LOAD_MODEL (see the script).
+loadtest: $(NZSERVE)
+	NZSERVE=$(abspath $(NZSERVE)) bash tests/load/loadtest.sh
 
 # Build and run the Docker image with podman (no Docker engine needed; root).
 docker-test: $(NZP)

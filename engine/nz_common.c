@@ -54,6 +54,8 @@ const char *nz_status_name(int code) {
         return "unsupported";
     case NZ_E_RANGE:
         return "out of range";
+    case NZ_E_CANCELLED:
+        return "cancelled";
     case NZ_E_NOT_FOUND:
         return "not found";
     default:

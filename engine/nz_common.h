@@ -30,7 +30,8 @@ enum {
     NZ_E_CORRUPT = -7,     /* entropy-coded data does not decode consistently */
     NZ_E_UNSUPPORTED = -8, /* valid but not supported (version, dtype, mode) */
     NZ_E_RANGE = -9,       /* a value is out of range for the requested mode */
-    NZ_E_NOT_FOUND = -10   /* a named tensor or blob does not exist */
+    NZ_E_NOT_FOUND = -10,  /* a named tensor or blob does not exist */
+    NZ_E_CANCELLED = -11   /* the caller's stop hook asked to stop (client gone, deadline) */
 };
 
 #define NZ_ERROR_MSG_MAX 320

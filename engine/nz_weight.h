@@ -60,6 +60,12 @@ int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight
  *  @return the previous setting. */
 int nz_matmul_set_fused(int on);
 
+/** Process-wide counters of the tiles decoded outside the tile cache (cache
+ *  budget 0 or no cache: decode-every-use, fused GEMV included) and the
+ *  time spent on them; tiles decoded by the cache are in nz_cache_stats.
+ *  Raw fp32 tiles read in place are not counted. Either pointer may be NULL. */
+void nz_weight_uncached_stats(uint64_t *tiles, uint64_t *ns);
+
 /** Per-thread decoder contexts and scratch for nz_matmul_mt. */
 typedef struct nz_matmul_ctx nz_matmul_ctx;
 

@@ -349,12 +349,16 @@ void nz_nat_opts_default(nz_nat_opts *o) {
     o->adaptive = 1;
     o->rerank_at = 0;
     o->max_len = 0;
+    o->stop = NULL;
+    o->stop_arg = NULL;
 }
 
 void nz_nat_at_opts_default(nz_nat_at_opts *o) {
     o->max_len_a = 0;
     o->max_len_b = 200;
     o->min_len = 1;
+    o->stop = NULL;
+    o->stop_arg = NULL;
 }
 
 /* ------------------------------------------------------------------ forward pieces */
@@ -823,6 +827,8 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
 
     size_t A = N;
     for (size_t step = 0; step <= T && A; step++) {
+        if (o->stop && o->stop(o->stop_arg))
+            FAIL(NZ_E_CANCELLED, "mask-predict: cancelled before pass %zu", step);
         size_t Wa = 0; /* the active candidates' width: trailing pads change nothing */
         for (size_t a = 0; a < A; a++)
             if (clen[act[a]] > Wa) Wa = clen[act[a]];
@@ -1032,6 +1038,8 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
     for (size_t b = 0; b < nv; b++) cur[b] = NZ_NAT_EOS;
     size_t ndone = 0;
     for (size_t step = 0; step <= max_len && ndone < nv; step++) {
+        if (o->stop && o->stop(o->stop_arg))
+            FAIL(NZ_E_CANCELLED, "AT greedy: cancelled before step %zu", step);
         for (size_t b = 0; b < nv; b++) pad[b] = cur[b] == NZ_NAT_PAD;
         TRY(stack_embed(mc, n, &n->at, cur, nv, 1, (int64_t)step, 1, x, err));
         nz_block_io io;
@@ -1203,6 +1211,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         kvmap[r] = (uint32_t)(r / K);
     }
     for (size_t step = 0; step <= max_len && A; step++) {
+        if (o->stop && o->stop(o->stop_arg)) FAIL(NZ_E_CANCELLED, "AT beam: cancelled before step %zu", step);
         const size_t R = A * K;
         TRY(stack_embed(mc, n, &n->at, cur, R, 1, (int64_t)step, 1, x, err));
         nz_block_io io;

@@ -109,23 +109,29 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
 /** Free the buffers of enc. Accepts NULL and a zeroed struct. */
 void nz_nat_enc_free(nz_nat_enc *enc);
 
-/** Mask-predict options (nz_nat_opts_default: 10, 1, 1, 0, 0). */
+/** Mask-predict options (nz_nat_opts_default: 10, 1, 1, 0, 0, no stop hook). */
 typedef struct nz_nat_opts {
     int max_iter;    /* T >= 0: T + 1 decoder passes */
     int length_beam; /* >= 1 length candidates per sentence */
     int adaptive;    /* stop a candidate whose tokens did not change in a pass (fairseq default) */
     int rerank_at;   /* score the candidates with the AT decoder (teacher forcing) */
     int max_len; /* > 0: candidate lengths (incl. bos/eos) capped here too; 0: max_target_positions only */
+    int (*stop)(
+        void *arg); /* optional: checked before every decoder pass; nonzero stops with NZ_E_CANCELLED */
+    void *stop_arg;
 } nz_nat_opts;
 
 /** Fill o with the defaults. */
 void nz_nat_opts_default(nz_nat_opts *o);
 
-/** AT greedy / beam options (nz_nat_at_opts_default: 0, 200, 1). */
+/** AT greedy / beam options (nz_nat_at_opts_default: 0, 200, 1, no stop hook). */
 typedef struct nz_nat_at_opts {
     double max_len_a; /* max_len = min(a * S + b, max_target_positions - 1), S = padded source width */
     int max_len_b;
     int min_len; /* eos banned before this many tokens */
+    int (*stop)(
+        void *arg); /* optional: checked before every decoder step; nonzero stops with NZ_E_CANCELLED */
+    void *stop_arg;
 } nz_nat_at_opts;
 
 /** Fill o with the defaults. */

@@ -4,7 +4,8 @@
  *   nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd]
  *            [--tile-rows N] [--norm-block B] [--exclude REGEX] [--raw-below N]
  *            SRC OUT.nzp
- *   nzp unpack IN.nzp OUT.safetensors
+ *   nzp unpack IN.nzp OUT.safetensors     (the weights as the engine decodes them)
+ *   nzp unpack --model-dir IN.nzp DIR     (model.safetensors + config.json + blobs)
  *   nzp info [--json] [--memory] IN.nzp
  *   nzp verify IN.nzp
  *   nzp bench [--seconds S] IN.nzp
@@ -23,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,7 +34,7 @@ static const char *USAGE =
     "           [--norm-block B] [--exclude REGEX] [--raw-below N] [--zstd-level L] SRC OUT.nzp\n"
     "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
     "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
-    "  nzp unpack IN.nzp OUT.safetensors\n"
+    "  nzp unpack IN.nzp OUT.safetensors | nzp unpack --model-dir IN.nzp DIR\n"
     "  nzp info [--json] [--memory] IN.nzp\n"
     "  nzp verify IN.nzp\n"
     "  nzp bench [--seconds S] IN.nzp\n"
@@ -318,16 +320,63 @@ static int cmd_verify(int argc, char **argv) {
     return bad ? 1 : 0;
 }
 
+/* Write len bytes to dir/name. @return 0 or -1 (message on stderr). */
+static int write_file(const char *dir, const char *name, const void *data, size_t len) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *fp = fopen(path, "wb");
+    if (!fp || fwrite(data, 1, len, fp) != len || fclose(fp)) {
+        fprintf(stderr, "nzp: unpack: cannot write %s: %s\n", path, strerror(errno));
+        if (fp) fclose(fp);
+        return -1;
+    }
+    return 0;
+}
+
+/* nzp unpack IN.nzp OUT.safetensors, or nzp unpack --model-dir IN.nzp DIR:
+ * the model directory again (model.safetensors, config.json, every blob). */
 static int cmd_unpack(int argc, char **argv) {
+    int dir = argc == 3 && !strcmp(argv[0], "--model-dir");
+    if (dir) argc--, argv++;
     if (argc != 2 || argv[0][0] == '-' || argv[1][0] == '-')
-        return usage("unpack takes IN.nzp OUT.safetensors");
+        return usage("unpack takes IN.nzp OUT.safetensors, or --model-dir IN.nzp DIR");
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(argv[0], &m, &e)) return fail(&e);
-    int rc = nz_unpack(m, argv[1], &e);
+    char st[4096];
+    snprintf(st, sizeof st, dir ? "%s/model.safetensors" : "%s", argv[1]);
+    if (dir && mkdir(argv[1], 0777) && errno != EEXIST) {
+        fprintf(stderr, "nzp: unpack: cannot create %s: %s\n", argv[1], strerror(errno));
+        nz_model_free(m);
+        return 1;
+    }
+    int rc = nz_unpack(m, st, &e);
+    if (rc) {
+        nz_model_free(m);
+        return fail(&e);
+    }
+    int bad = 0;
+    if (dir && nz_model_config(m)) {
+        char *js = json_dumps(nz_model_config(m), JSON_INDENT(1) | JSON_PRESERVE_ORDER);
+        bad |= !js || write_file(argv[1], "config.json", js, strlen(js));
+        nz_free(js);
+    }
+    for (size_t i = 0; dir && !bad && i < nz_model_nblobs(m); i++) {
+        const char *name = nz_model_blob_name(m, i);
+        const uint8_t *data;
+        size_t size;
+        if (strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, "..")) {
+            fprintf(stderr, "nzp: unpack: blob name '%s' is not a plain file name\n", name);
+            bad = 1;
+        } else if (nz_model_blob(m, name, &data, &size, &e)) {
+            nz_model_free(m);
+            return fail(&e);
+        } else {
+            bad |= write_file(argv[1], name, data, size);
+        }
+    }
     nz_model_free(m);
-    if (rc) return fail(&e);
-    return 0;
+    return bad;
 }
 
 /* ------------------------------------------------------------- bench */

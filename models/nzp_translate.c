@@ -15,9 +15,8 @@
 #include "nz_alloc.h"
 #include "nz_cache.h"
 #include "nz_container.h"
-#include "nz_nat.h"
 #include "nz_pool.h"
-#include "nz_tok.h"
+#include "nz_translator.h"
 #include "nz_weight.h"
 
 #include <errno.h>
@@ -43,10 +42,8 @@ static const char TRANSLATE_USAGE[] =
     "  --tokens      print token ids instead of text\n";
 
 typedef struct opts {
-    nz_nat_opts nat;
-    nz_nat_at_opts at;
-    int use_at, at_beam, tokens, threads; /* at_beam: beam size, 0 = greedy */
-    float lenpen;
+    nz_tr_opts tr;
+    int tokens, threads;
     size_t batch, cache;
 } opts;
 
@@ -76,97 +73,62 @@ static int parse_float(const char *s, float *v) {
 }
 
 /* Print one result line (text or ids); @return 0, or -1 when it failed. */
-static int emit(const nz_tok *tok, const opts *o, const nz_nat_hyp *h, size_t lineno) {
-    if (h->rc) {
-        fprintf(stderr, "nzp translate: line %zu: %s\n", lineno, h->err.msg);
+static int emit(const opts *o, const nz_tr_result *r, size_t lineno) {
+    if (r->rc) {
+        fprintf(stderr, "nzp translate: line %zu: %s\n", lineno, r->err.msg);
         putchar('\n');
         return -1;
     }
-    if (o->tokens) {
-        for (size_t i = 0; i < h->n; i++) printf(i ? " %d" : "%d", (int)h->tokens[i]);
-        putchar('\n');
-        return 0;
-    }
-    char *text;
-    size_t len;
-    nz_error e = {0};
-    if (nz_tok_decode(tok, h->tokens, h->n, NZ_DETOK_FAIRSEQ, &text, &len, &e)) {
-        fprintf(stderr, "nzp translate: line %zu: detokenizing: %s\n", lineno, e.msg);
-        putchar('\n');
-        return -1;
-    }
-    fwrite(text, 1, len, stdout);
+    if (o->tokens)
+        for (size_t i = 0; i < r->n_tokens; i++) printf(i ? " %d" : "%d", (int)r->tokens[i]);
+    else
+        fwrite(r->text, 1, r->text_len, stdout);
     putchar('\n');
-    nz_free(text);
     return 0;
 }
 
-/* Tokenize lines[0..n), decode them as one batch, print the results.
+/* Translate lines[0..n) as one batch and print the results.
  * @return the number of lines that failed, or -1 on a fatal error. */
-static long run_batch(nz_matmul_ctx *mc, const nz_nat *nat, const nz_tok *tok, const opts *o, char **lines,
-                      size_t n, size_t first_line) {
-    int32_t **ids = nz_calloc(n, sizeof *ids, NZ_MEM_OTHER);
-    size_t *len = nz_calloc(n, sizeof *len, NZ_MEM_OTHER);
-    nz_nat_hyp *hyps = nz_calloc(n, sizeof *hyps, NZ_MEM_OTHER);
-    int32_t *src = NULL;
-    long failed = -1;
-    if (!ids || !len || !hyps) goto out;
-    size_t S = 2;
-    for (size_t i = 0; i < n; i++) {
-        nz_error e = {0};
-        if (nz_tok_encode(tok, lines[i], strlen(lines[i]), NZ_TOK_ADD_BOS | NZ_TOK_ADD_EOS, &ids[i], &len[i],
-                          &e)) {
-            fprintf(stderr, "nzp translate: line %zu: tokenizing: %s\n", first_line + i, e.msg);
-            goto out;
-        }
-        if (len[i] > S) S = len[i];
+static long run_batch(nz_matmul_ctx *mc, const nz_translator *t, const opts *o, char **lines, size_t n,
+                      size_t first_line) {
+    nz_tr_result *res = nz_calloc(n, sizeof *res, NZ_MEM_OTHER);
+    if (!res) {
+        fprintf(stderr, "nzp translate: out of memory\n");
+        return -1;
     }
-    /* right-padded source matrix; a line the model refuses gets its own error in hyps */
-    src = nz_malloc(n * S * sizeof *src, NZ_MEM_ACTIVATIONS);
-    if (!src) goto out;
-    for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < S; j++) src[i * S + j] = j < len[i] ? ids[i][j] : NZ_TOK_PAD;
     nz_error e = {0};
-    int rc = o->at_beam  ? nz_nat_at_beam(mc, nat, src, n, S, &o->at, o->at_beam, o->lenpen, hyps, &e)
-             : o->use_at ? nz_nat_at_greedy(mc, nat, src, n, S, &o->at, hyps, &e)
-                         : nz_nat_mask_predict(mc, nat, src, n, S, &o->nat, hyps, &e);
-    if (rc && (rc == NZ_E_INVALID_ARG || rc == NZ_E_UNSUPPORTED)) {
+    int rc = nz_translator_run(mc, t, (const char *const *)lines, NULL, n, &o->tr, !o->tokens, res, &e);
+    long failed = -1;
+    if (rc == NZ_E_INVALID_ARG || rc == NZ_E_UNSUPPORTED) {
         fprintf(stderr, "nzp translate: %s\n", e.msg);
-        goto out;
+    } else {
+        failed = 0;
+        for (size_t i = 0; i < n; i++)
+            if (emit(o, &res[i], first_line + i)) failed++;
+        fflush(stdout);
     }
-    failed = 0;
-    for (size_t i = 0; i < n; i++)
-        if (emit(tok, o, &hyps[i], first_line + i)) failed++;
-    fflush(stdout);
-out:
-    if (hyps) nz_nat_hyps_free(hyps, n);
-    for (size_t i = 0; ids && i < n; i++) nz_free(ids[i]);
-    nz_free(ids);
-    nz_free(len);
-    nz_free(hyps);
-    nz_free(src);
+    nz_tr_results_free(res, n);
+    nz_free(res);
     return failed;
 }
 
 int nzp_translate(int argc, char **argv) {
     opts o;
     memset(&o, 0, sizeof o);
-    nz_nat_opts_default(&o.nat);
-    nz_nat_at_opts_default(&o.at);
-    o.nat.length_beam = 5;
-    o.lenpen = 1.0f;
+    nz_tr_opts_default(&o.tr);
+    int use_at = 0, at_beam = 0;
     o.batch = 16;
     const char *path = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
         if (!strcmp(a, "--iter") && v)
-            bad = parse_int(v, 0, 1000, &o.nat.max_iter), i++;
+            bad = parse_int(v, 0, 1000, &o.tr.nat.max_iter), i++;
         else if (!strcmp(a, "--beam") && v)
-            bad = parse_int(v, 1, 100, &o.nat.length_beam), i++;
+            bad = parse_int(v, 1, 100, &o.tr.nat.length_beam), i++;
         else if (!strcmp(a, "--max-len") && v) {
-            bad = parse_int(v, 2, 1 << 20, &o.nat.max_len), i++;
-            o.at.max_len_b = o.nat.max_len;
+            bad = parse_int(v, 2, 1 << 20, &o.tr.nat.max_len), i++;
+            o.tr.at.max_len_b = o.tr.nat.max_len;
         } else if (!strcmp(a, "--batch") && v)
             bad = parse_size(v, &o.batch) || !o.batch || o.batch > 4096, i++;
         else if (!strcmp(a, "--cache") && v)
@@ -174,14 +136,14 @@ int nzp_translate(int argc, char **argv) {
         else if (!strcmp(a, "--threads") && v)
             bad = parse_int(v, 1, 64, &o.threads), i++;
         else if (!strcmp(a, "--rerank"))
-            o.nat.rerank_at = 1;
+            o.tr.nat.rerank_at = 1;
         else if (!strcmp(a, "--at"))
-            o.use_at = 1;
+            use_at = 1;
         else if (!strcmp(a, "--at-beam") && v) {
-            bad = parse_int(v, 1, 100, &o.at_beam), i++;
-            o.use_at = 1;
+            bad = parse_int(v, 1, 100, &at_beam), i++;
+            use_at = 1;
         } else if (!strcmp(a, "--lenpen") && v)
-            bad = parse_float(v, &o.lenpen), i++;
+            bad = parse_float(v, &o.tr.lenpen), i++;
         else if (!strcmp(a, "--tokens"))
             o.tokens = 1;
         else if (a[0] != '-' && !path)
@@ -197,23 +159,18 @@ int nzp_translate(int argc, char **argv) {
         fprintf(stderr, "nzp translate: no model given\n%s", TRANSLATE_USAGE);
         return 2;
     }
+    o.tr.decoder = at_beam ? NZ_TR_AT_BEAM : use_at ? NZ_TR_AT_GREEDY : NZ_TR_NAT;
+    if (at_beam) o.tr.at_beam = at_beam;
 
     nz_error e = {0};
-    nz_model *m = NULL;
-    nz_nat *nat = NULL;
-    nz_tok *tok = NULL;
+    nz_translator *tr = NULL;
     nz_tile_cache *cache = NULL;
     nz_pool *pool = NULL;
     nz_matmul_ctx *mc = NULL;
     char **lines = NULL;
     int status = 1;
-    if (nz_model_open(path, &m, &e) || nz_nat_load(m, &nat, &e) || nz_tok_from_model(m, &tok, &e)) {
+    if (nz_translator_open(path, &tr, &e)) {
         fprintf(stderr, "nzp translate: %s\n", e.msg);
-        goto out;
-    }
-    if (nz_dict_size(nz_tok_dict(tok)) != nz_nat_get_config(nat)->vocab) {
-        fprintf(stderr, "nzp translate: %s: dict.txt has %zu symbols but the embeddings have %zu rows\n",
-                path, nz_dict_size(nz_tok_dict(tok)), nz_nat_get_config(nat)->vocab);
         goto out;
     }
     cache = o.cache ? nz_cache_create(o.cache) : NULL;
@@ -238,7 +195,7 @@ int nzp_translate(int argc, char **argv) {
             break;
         }
         if (++n == o.batch) {
-            long f = run_batch(mc, nat, tok, &o, lines, n, lineno - n + 1);
+            long f = run_batch(mc, tr, &o, lines, n, lineno - n + 1);
             for (size_t i = 0; i < n; i++) nz_free(lines[i]);
             n = 0;
             if (f < 0) {
@@ -250,7 +207,7 @@ int nzp_translate(int argc, char **argv) {
     }
     free(buf);
     if (status == 0 && n) {
-        long f = run_batch(mc, nat, tok, &o, lines, n, lineno - n + 1);
+        long f = run_batch(mc, tr, &o, lines, n, lineno - n + 1);
         if (f < 0) status = 1;
         failed += f > 0 ? f : 0;
     }
@@ -264,10 +221,8 @@ out:
     nz_free(lines);
     nz_matmul_ctx_free(mc);
     nz_pool_free(pool);
-    if (cache && m) nz_cache_forget_model(cache, m);
+    if (cache && tr) nz_cache_forget_model(cache, nz_translator_model(tr));
     nz_cache_free(cache);
-    nz_tok_free(tok);
-    nz_nat_free(nat);
-    nz_model_free(m);
+    nz_translator_free(tr);
     return status;
 }

@@ -1,0 +1,100 @@
+/*
+ * nz_translator.h — a translation model ready to serve: the opened .nzp,
+ * its cmlm_transformer network (nz_nat) and its tokenizer (nz_tok, from the
+ * embedded spm.model + dict.txt), with one call that turns texts into
+ * translations. Used by `nzp translate` and by the HTTP server; knows
+ * nothing of either.
+ *
+ * A batch of texts is tokenized as [bos, pieces.., eos], right-padded into
+ * one source matrix and decoded together (mask-predict with length beam and
+ * optional AT rerank, or the AT decoder's greedy / beam search); every text
+ * gets its own result or its own error, so one bad text never fails the
+ * others. Results are detokenized (fairseq post-processing: SentencePiece
+ * pieces joined, bos/eos/pad dropped).
+ */
+#ifndef NZ_TRANSLATOR_H
+#define NZ_TRANSLATOR_H
+
+#include "nz_nat.h"
+#include "nz_tok.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct nz_translator nz_translator;
+
+/** Which decoder produces the translation. */
+typedef enum {
+    NZ_TR_NAT = 0,       /* mask-predict (nz_nat_mask_predict) */
+    NZ_TR_AT_GREEDY = 1, /* the AT decoder, greedy (nz_nat_at_greedy) */
+    NZ_TR_AT_BEAM = 2    /* the AT decoder, beam search of at_beam (nz_nat_at_beam) */
+} nz_tr_decoder;
+
+/** Decoding options (nz_tr_opts_default: NAT, 10 iterations, length beam 5,
+ *  no rerank, AT beam 5 with lenpen 1). */
+typedef struct nz_tr_opts {
+    nz_tr_decoder decoder;
+    nz_nat_opts nat;   /* mask-predict options (incl. its stop hook) */
+    nz_nat_at_opts at; /* AT options (incl. its stop hook) */
+    int at_beam;       /* AT beam size (NZ_TR_AT_BEAM) */
+    float lenpen;      /* AT beam length penalty */
+} nz_tr_opts;
+
+/** Fill o with the defaults. */
+void nz_tr_opts_default(nz_tr_opts *o);
+
+/** Set the same stop hook on the NAT and AT options. */
+void nz_tr_opts_set_stop(nz_tr_opts *o, int (*stop)(void *arg), void *arg);
+
+/** One text's result. */
+typedef struct nz_tr_result {
+    int rc;               /* NZ_OK, or this text's error (message in err) */
+    nz_error err;         /* set when rc != NZ_OK */
+    char *text;           /* detokenized translation (NUL-terminated, NZ_MEM_OTHER), NULL on error */
+    size_t text_len;      /* bytes of text */
+    int32_t *tokens;      /* [n_tokens] fairseq ids as the decoder returned them (NZ_MEM_OTHER) */
+    size_t n_tokens;      /* see nz_nat.h for the bos/eos conventions of each decoder */
+    size_t input_tokens;  /* source tokens incl. bos/eos (0 when tokenizing failed) */
+    size_t output_tokens; /* generated tokens: n_tokens without bos/eos/pad */
+    float score;          /* the decoder's score (nz_nat_hyp.score) */
+} nz_tr_result;
+
+/** Free what results r[0..n) hold and zero them. Accepts NULL. */
+void nz_tr_results_free(nz_tr_result *r, size_t n);
+
+/** Open a cmlm_transformer .nzp (path), load its network and tokenizer and
+ *  check that dict.txt matches the embeddings.
+ *  @return NZ_OK and *out, or the first error (messages name the file). */
+int nz_translator_open(const char *path, nz_translator **out, nz_error *err);
+
+/** Free a translator (the network, the tokenizer, the mapping). Accepts NULL. */
+void nz_translator_free(nz_translator *t);
+
+/** @return the opened container (for cache and memory accounting). */
+const nz_model *nz_translator_model(const nz_translator *t);
+/** @return the network. */
+const nz_nat *nz_translator_nat(const nz_translator *t);
+/** @return the tokenizer. */
+const nz_tok *nz_translator_tok(const nz_translator *t);
+
+/** Tokenize one text as the translator's source ([bos, ids.., eos]).
+ *  *ids is NZ_MEM_OTHER (nz_free). @return NZ_OK or an error. */
+int nz_translator_encode(const nz_translator *t, const char *text, size_t len, int32_t **ids, size_t *n,
+                         nz_error *err);
+
+/** Translate texts[0..n) (lens[i] bytes each; lens NULL: NUL-terminated)
+ *  as one batch with o. res[n] receives every text's result; free it with
+ *  nz_tr_results_free, also after an error return. detok 0 skips the text
+ *  (tokens only).
+ *  @return NZ_OK when the batch ran (per-text errors are in res), or a
+ *          batch-wide error (bad options, no AT decoder for an AT decoder
+ *          choice, out of memory, a damaged weight tile, NZ_E_CANCELLED
+ *          from the stop hook), also copied into every res[i]. */
+int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *const *texts, const size_t *lens,
+                      size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res, nz_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_TRANSLATOR_H */
