@@ -1,0 +1,99 @@
+/*
+ * nzserve — HTTP inference server over NeuZip-compressed models.
+ *
+ *   nzserve [--config FILE] [--<setting> VALUE ...]
+ *
+ * Settings come from the built-in defaults, the config file (--config,
+ * $NZSERVE_CONFIG, else NZSERVE_DEFAULT_CONFIG when it exists), NZSERVE_*
+ * environment variables and flags, in that order (see server/srv_config.h
+ * and server/README.md). Exit status: 0 after a clean shutdown (SIGTERM or
+ * SIGINT), 1 when a model cannot be loaded or the server cannot start, 2 for
+ * a bad configuration.
+ */
+#include "nz_alloc.h"
+#include "srv_config.h"
+#include "srv_log.h"
+#include "srv_server.h"
+
+#include <jansson.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#ifndef NZSERVE_DEFAULT_CONFIG
+#define NZSERVE_DEFAULT_CONFIG "config/nzserve.json"
+#endif
+
+extern char **environ;
+
+int main(int argc, char **argv) {
+    srv_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    char err[1024] = {0};
+    int rc = srv_config_load(&cfg, NZSERVE_DEFAULT_CONFIG, environ, argc, argv, err, sizeof err);
+    if (rc == SRV_CFG_HELP) {
+        fputs(srv_config_usage(), stdout);
+        srv_config_free(&cfg);
+        return 0;
+    }
+    if (rc != SRV_CFG_OK) {
+        fprintf(stderr, "nzserve: %s\n", err);
+        srv_config_free(&cfg);
+        return 2;
+    }
+    srv_log_setup(cfg.log_level, cfg.log_format, stderr);
+    json_t *cj = srv_config_to_json(&cfg);
+    char *cs = cj ? json_dumps(cj, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    srv_log(SRV_LOG_INFO, "starting", "config_file", SRV_KV_STR,
+            cfg.config_path ? cfg.config_path : "(defaults)", "config", SRV_KV_STR, cs, NULL);
+    nz_free(cs); /* jansson allocates through nz_alloc (nz_alloc_hook_json) */
+    json_decref(cj);
+
+    if (srv_server_check_models(&cfg, err, sizeof err)) {
+        srv_log(SRV_LOG_ERROR, "bad_model", "error", SRV_KV_STR, err, NULL);
+        fprintf(stderr, "nzserve: %s\n", err);
+        srv_config_free(&cfg);
+        return 1;
+    }
+
+    /* signals are taken synchronously by this thread; every other thread inherits the mask */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    srv_server *s = NULL;
+    if (srv_server_start(&cfg, &s, err, sizeof err)) {
+        srv_log(SRV_LOG_ERROR, "start_failed", "error", SRV_KV_STR, err, NULL);
+        fprintf(stderr, "nzserve: %s\n", err);
+        srv_config_free(&cfg);
+        return 1;
+    }
+    srv_log(SRV_LOG_INFO, "listening", "host", SRV_KV_STR, cfg.host, "port", SRV_KV_INT,
+            (long long)srv_server_port(s), NULL);
+
+    int status = 0;
+    for (;;) {
+        struct timespec tick = {0, 100 * 1000000L};
+        int sig = sigtimedwait(&set, NULL, &tick);
+        if (sig == SIGTERM || sig == SIGINT) {
+            srv_log(SRV_LOG_INFO, "signal", "signal", SRV_KV_STR, sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                    NULL);
+            break;
+        }
+        if (srv_server_load_state(s, err, sizeof err) < 0) {
+            srv_log(SRV_LOG_ERROR, "load_failed", "error", SRV_KV_STR, err, NULL);
+            fprintf(stderr, "nzserve: %s\n", err);
+            status = 1;
+            break;
+        }
+    }
+    srv_server_free(s);
+    srv_config_free(&cfg);
+    return status;
+}

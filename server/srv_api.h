@@ -1,0 +1,99 @@
+/*
+ * srv_api.h — the JSON API of nzserve apart from the HTTP plumbing: request
+ * parsing and validation, error bodies, API-key checks. Pure functions over
+ * buffers (the fuzz target tests/fuzz/fuzz_srv_request.c drives them).
+ *
+ * Error body, for every 4xx/5xx:
+ *   {"error": {"code": 422, "type": "validation_error", "message": "..."}}
+ *
+ * POST /v1/translate body:
+ *   {"text": "..."} or {"texts": ["...", ...]}   exactly one of the two
+ *   "model":        string, a loaded translation model (default: the first)
+ *   "iterations":   int 0..100, mask-predict refinement iterations (default 10)
+ *   "length_beam":  int 1..32, length candidates (default 5)
+ *   "rerank":       "none" | "at" (default "none")
+ *   "decoder":      "nat" | "at" (default "nat"; "at" = the AT decoder's beam search)
+ *   "beam_size":    int 1..32, AT beam (default 1 = greedy)
+ *   "max_length":   int 1..max_new_tokens, output tokens (default max_new_tokens)
+ *   "return_tokens": bool (default false)
+ * Types: a wrong JSON type is 400 (invalid_request); a value out of range,
+ * an empty or blank text, too many texts, an unknown field is 422
+ * (validation_error). Token limits need the model's tokenizer and are
+ * checked by the server after parsing.
+ */
+#ifndef SRV_API_H
+#define SRV_API_H
+
+#include <jansson.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** An API error: HTTP status, machine type, human message. */
+typedef struct srv_error {
+    int status;       /* 400, 401, 404, 405, 413, 422, 429, 500, 503, 504 */
+    const char *type; /* static: "invalid_request", "validation_error", ... */
+    char message[384];
+} srv_error;
+
+/** Fill e (status, type, printf message). @return -1, for `return srv_fail(...)`. */
+int srv_fail(srv_error *e, int status, const char *type, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/** @return the default type name for an HTTP status ("not_found" for 404...). */
+const char *srv_error_type(int status);
+
+/** Render e as the error body (NUL-terminated, malloc'd; *len its length).
+ *  @return the body, or NULL when out of memory. */
+char *srv_error_body(const srv_error *e, size_t *len);
+
+/** Limits that parsing enforces (from the config). */
+typedef struct srv_limits {
+    int max_texts;      /* texts per request */
+    int max_new_tokens; /* cap of max_length */
+} srv_limits;
+
+/** A parsed /v1/translate request. Strings point into root (kept alive). */
+typedef struct srv_translate_req {
+    json_t *root;       /* the parsed body (owned) */
+    const char *model;  /* NULL: the default model */
+    const char **texts; /* [n] UTF-8, validated by jansson */
+    size_t *lens;       /* [n] bytes */
+    size_t n;
+    int single;        /* body used "text" (not "texts") */
+    int iterations;    /* 0..100 */
+    int length_beam;   /* 1..32 */
+    int rerank_at;     /* rerank "at" */
+    int use_at;        /* decoder "at" */
+    int beam_size;     /* AT beam, 1 = greedy */
+    int max_length;    /* output tokens */
+    int return_tokens; /* bool */
+} srv_translate_req;
+
+/** Parse and validate a /v1/translate body (len bytes, not necessarily
+ *  NUL-terminated). On success *r owns its JSON; free with
+ *  srv_translate_req_free (also safe after a failure).
+ *  @return 0, or -1 with e filled (400 malformed JSON / invalid UTF-8 /
+ *          wrong types, 422 validation). */
+int srv_parse_translate(const char *body, size_t len, const srv_limits *lim, srv_translate_req *r,
+                        srv_error *e);
+
+/** Free what r holds and zero it. Accepts a zeroed struct. */
+void srv_translate_req_free(srv_translate_req *r);
+
+/** Constant-time comparison of a presented key with the configured keys
+ *  (time depends on the number and lengths of the configured keys only).
+ *  @return 1 when key (klen bytes) equals one of keys[0..n), else 0. */
+int srv_key_matches(const char *key, size_t klen, char *const *keys, size_t n);
+
+/** Extract the API key of a request from its Authorization ("Bearer KEY")
+ *  or X-API-Key header values (either may be NULL).
+ *  @return the key (pointing into the header value) and *len, or NULL. */
+const char *srv_request_key(const char *authorization, const char *x_api_key, size_t *len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SRV_API_H */

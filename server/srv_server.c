@@ -1,0 +1,1108 @@
+/* srv_server — see srv_server.h. */
+#include "srv_server.h"
+
+#include "srv_api.h"
+#include "srv_log.h"
+#include "srv_metrics.h"
+
+#include "nz_alloc.h"
+#include "nz_cache.h"
+#include "nz_codec.h"
+#include "nz_container.h"
+#include "nz_pool.h"
+#include "nz_translator.h"
+#include "nz_weight.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------ types */
+
+/** One configured model and what the server knows about it. */
+typedef struct srv_model {
+    const srv_model_cfg *cfg;    /* name, path, task (borrowed from the config) */
+    nz_translator *tr;           /* translate task, set once loaded */
+    uint64_t params;             /* float weights, elements */
+    uint64_t compressed_bytes;   /* stored tile bytes of every tensor */
+    uint64_t source_bytes;       /* the tensors as they were packed (bf16/fp32 bytes) */
+    uint64_t decoded_bytes;      /* every float tensor decoded to fp32 */
+    char mode[32];               /* weight mode of the largest share of the weights */
+    char architecture[64];       /* config.json "architecture" */
+    int has_at;                  /* translate: an AT decoder is present */
+    size_t max_source_positions; /* translate: longest source incl. bos/eos */
+} srv_model;
+
+enum { RQ_READ = 0, RQ_QUEUED, RQ_RUNNING, RQ_DONE };
+enum { CANCEL_NONE = 0, CANCEL_CLIENT, CANCEL_DEADLINE, CANCEL_SHUTDOWN };
+
+/** Per-request state: created on the first callback, freed in on_completed. */
+typedef struct srv_req {
+    srv_server *s;
+    struct MHD_Connection *conn;
+    srv_route route;
+    char method[12];
+    char path[96];
+    double t0;       /* arrival (monotonic seconds) */
+    double deadline; /* t0 + request_timeout */
+    double t_start;  /* a worker picked it up */
+    double t_end;    /* response ready */
+    char *body;      /* upload so far (NZ_MEM_OTHER) */
+    size_t body_len, body_cap;
+    int state;     /* RQ_* */
+    int responded; /* status/resp decided */
+    int status;
+    char *resp; /* response body (nz_malloc'd) */
+    size_t resp_len;
+    const char *allow; /* Allow header for 405 */
+    int retry_after;   /* seconds, 0: no header */
+    int close;         /* Connection: close */
+    srv_translate_req tr;
+    srv_model *model;
+    int fd;            /* the client socket, for disconnect checks */
+    atomic_int cancel; /* CANCEL_* */
+    uint64_t tokens_in, tokens_out;
+    struct srv_req *next, *prev; /* queue / running list */
+} srv_req;
+
+typedef struct srv_worker {
+    srv_server *s;
+    pthread_t thread;
+    nz_matmul_ctx *mc;
+    int started;
+} srv_worker;
+
+struct srv_server {
+    const srv_config *cfg;
+    srv_model *models; /* [n_models] */
+    size_t n_models;
+    srv_metrics *metrics;
+    nz_tile_cache *cache; /* shared by every model */
+    nz_pool *pool;        /* compute threads, shared by the workers */
+    struct MHD_Daemon *mhd;
+    int port;
+    double t_start;
+
+    atomic_int ready; /* 1 loaded, 0 loading, -1 failed */
+    char load_err[512];
+    pthread_t loader;
+    int loader_started;
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* workers wait for work */
+    srv_req *qhead, *qtail; /* waiting requests */
+    srv_req *running;       /* requests being run */
+    int queued, nrunning;
+    int stop_workers, stop_reaper;
+    atomic_int draining;
+    atomic_int live; /* srv_req alive */
+    srv_worker *workers;
+    int nworkers;
+    pthread_t reaper;
+    int reaper_started;
+    int shut;
+    int debug_step_delay_ms; /* NZSERVE_DEBUG_STEP_DELAY_MS: test hook, sleep before every decoder pass */
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* ------------------------------------------------------------------ models */
+
+/* Sizes and the dominant weight mode of an opened model. */
+static void model_stats(srv_model *sm, const nz_model *m) {
+    uint64_t by_mode[8] = {0};
+    char names[8][32] = {{0}};
+    sm->params = sm->compressed_bytes = sm->source_bytes = sm->decoded_bytes = 0;
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        uint64_t n = 1;
+        for (int d = 0; d < t->ndim; d++) n *= (uint64_t)t->shape[d];
+        sm->compressed_bytes += t->stored_bytes;
+        sm->source_bytes += n * t->desc.elem_size;
+        if (t->desc.dtype == NZ_DT_OTHER) {
+            sm->decoded_bytes += n * t->desc.elem_size;
+            continue;
+        }
+        sm->params += n;
+        sm->decoded_bytes += n * 4;
+        char name[32];
+        nz_mode_name(&t->desc.mode, name, sizeof name);
+        for (int k = 0; k < 8; k++)
+            if (!names[k][0] || !strcmp(names[k], name)) {
+                snprintf(names[k], sizeof names[k], "%s", name);
+                by_mode[k] += n;
+                break;
+            }
+    }
+    int best = 0;
+    for (int k = 1; k < 8; k++)
+        if (by_mode[k] > by_mode[best]) best = k;
+    snprintf(sm->mode, sizeof sm->mode, "%s", names[best][0] ? names[best] : "none");
+    const json_t *arch = json_object_get(nz_model_config(m), "architecture");
+    snprintf(sm->architecture, sizeof sm->architecture, "%s",
+             json_is_string(arch) ? json_string_value(arch) : "?");
+}
+
+int srv_server_check_models(const srv_config *cfg, char *err, size_t errlen) {
+    for (size_t i = 0; i < cfg->n_models; i++) {
+        const srv_model_cfg *mc = &cfg->models[i];
+        nz_model *m = NULL;
+        nz_error e = {0};
+        if (nz_model_open(mc->path, &m, &e)) {
+            snprintf(err, errlen, "model '%s': %s", mc->name, e.msg);
+            return -1;
+        }
+        const json_t *arch = json_object_get(nz_model_config(m), "architecture");
+        const char *a = json_is_string(arch) ? json_string_value(arch) : NULL;
+        int ok = 1;
+        if (mc->task == SRV_TASK_TRANSLATE && (!a || strcmp(a, "cmlm_transformer"))) {
+            snprintf(err, errlen,
+                     "model '%s': %s: task translate needs architecture \"cmlm_transformer\", found %s%s%s",
+                     mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
+            ok = 0;
+        } else if (mc->task == SRV_TASK_DIALOGUE) {
+            snprintf(err, errlen, "model '%s': %s: task dialogue is not available in this build yet",
+                     mc->name, mc->path);
+            ok = 0;
+        }
+        nz_model_free(m);
+        if (!ok) return -1;
+    }
+    return 0;
+}
+
+static void *loader_main(void *arg) {
+    srv_server *s = arg;
+    const char *delay = getenv("NZSERVE_DEBUG_LOAD_DELAY_MS"); /* test hook: a slow model load */
+    if (delay && atoi(delay) > 0) {
+        int ms = atoi(delay);
+        for (int t = 0; t < ms && !atomic_load(&s->draining); t += 10) sleep_ms(10);
+    }
+    for (size_t i = 0; i < s->n_models && !atomic_load(&s->draining); i++) {
+        srv_model *sm = &s->models[i];
+        double t0 = now_s();
+        nz_error e = {0};
+        if (nz_translator_open(sm->cfg->path, &sm->tr, &e)) {
+            snprintf(s->load_err, sizeof s->load_err, "model '%s': %s", sm->cfg->name, e.msg);
+            atomic_store(&s->ready, -1);
+            return NULL;
+        }
+        model_stats(sm, nz_translator_model(sm->tr));
+        const nz_nat_config *nc = nz_nat_get_config(nz_translator_nat(sm->tr));
+        sm->has_at = nc->at_layers > 0;
+        sm->max_source_positions = nc->max_source_positions;
+        srv_log(SRV_LOG_INFO, "model_loaded", "model", SRV_KV_STR, sm->cfg->name, "path", SRV_KV_STR,
+                sm->cfg->path, "architecture", SRV_KV_STR, sm->architecture, "weight_mode", SRV_KV_STR,
+                sm->mode, "compressed_bytes", SRV_KV_UINT, (unsigned long long)sm->compressed_bytes,
+                "decoded_equivalent_bytes", SRV_KV_UINT, (unsigned long long)sm->decoded_bytes, "load_ms",
+                SRV_KV_DBL, (now_s() - t0) * 1e3, NULL);
+    }
+    if (!atomic_load(&s->draining)) {
+        atomic_store(&s->ready, 1);
+        srv_log(SRV_LOG_INFO, "ready", "models", SRV_KV_UINT, (unsigned long long)s->n_models, "startup_ms",
+                SRV_KV_DBL, (now_s() - s->t_start) * 1e3, NULL);
+    }
+    return NULL;
+}
+
+static srv_model *find_model(srv_server *s, const char *name, srv_task task) {
+    for (size_t i = 0; i < s->n_models; i++)
+        if (name ? !strcmp(s->models[i].cfg->name, name) : s->models[i].cfg->task == task)
+            return &s->models[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ responses */
+
+/* Decide the response of r: status and a body (nz_malloc'd via jansson or ours). */
+static void respond_body(srv_req *r, int status, char *body, size_t len) {
+    nz_free(r->resp);
+    r->status = status;
+    r->resp = body;
+    r->resp_len = len;
+    r->responded = 1;
+}
+
+static void respond_json(srv_req *r, int status, json_t *j) {
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!s) {
+        static const char oom[] =
+            "{\"error\":{\"code\":500,\"type\":\"internal_error\",\"message\":\"out of memory\"}}";
+        char *b = nz_malloc(sizeof oom, NZ_MEM_OTHER);
+        if (b) memcpy(b, oom, sizeof oom);
+        respond_body(r, 500, b, b ? sizeof oom - 1 : 0);
+        return;
+    }
+    respond_body(r, status, s, strlen(s));
+}
+
+static void respond_error(srv_req *r, const srv_error *e) {
+    size_t len = 0;
+    char *b = srv_error_body(e, &len);
+    respond_body(r, e->status, b, b ? len : 0);
+    if (e->status == 429 || e->status == 503) r->retry_after = 1;
+}
+
+static void respond_fail(srv_req *r, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void respond_fail(srv_req *r, int status, const char *fmt, ...) {
+    srv_error e = {status, srv_error_type(status), {0}};
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e.message, sizeof e.message, fmt, ap);
+    va_end(ap);
+    respond_error(r, &e);
+}
+
+/* Length of the valid UTF-8 sequence at s[0..n), or 0. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+    unsigned char c = s[0];
+    size_t k = c < 0x80                 ? 1
+               : c >= 0xC2 && c <= 0xDF ? 2
+               : c >= 0xE0 && c <= 0xEF ? 3
+               : c >= 0xF0 && c <= 0xF4 ? 4
+                                        : 0;
+    if (!k || k > n) return 0;
+    for (size_t i = 1; i < k; i++)
+        if ((s[i] & 0xC0) != 0x80) return 0;
+    if ((c == 0xE0 && s[1] < 0xA0) || (c == 0xED && s[1] > 0x9F) || (c == 0xF0 && s[1] < 0x90) ||
+        (c == 0xF4 && s[1] > 0x8F))
+        return 0;
+    return k;
+}
+
+/* A JSON string of s[0..n), replacing invalid UTF-8 with U+FFFD. */
+static json_t *json_text(const char *s, size_t n) {
+    json_t *j = json_stringn(s, n);
+    if (j) return j;
+    char *b = malloc(3 * n + 1);
+    if (!b) return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        size_t k = utf8_seq((const unsigned char *)s + i, n - i);
+        if (k && s[i]) {
+            memcpy(b + o, s + i, k);
+            o += k;
+            i += k;
+        } else {
+            memcpy(b + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        }
+    }
+    j = json_stringn(b, o);
+    free(b);
+    return j;
+}
+
+/* ------------------------------------------------------------------ GET endpoints */
+
+static json_t *models_json(srv_server *s) {
+    json_t *arr = json_array();
+    nz_cache_stats cs;
+    nz_cache_get_stats(s->cache, &cs);
+    int ready = atomic_load(&s->ready) == 1;
+    for (size_t i = 0; i < s->n_models; i++) {
+        srv_model *m = &s->models[i];
+        int loaded = ready || m->tr; /* the loader fills models in order */
+        json_t *o = json_pack("{s:s, s:s, s:s, s:b}", "name", m->cfg->name, "task",
+                              srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded", loaded && ready);
+        if (ready) {
+            json_object_set_new(o, "architecture", json_string(m->architecture));
+            json_object_set_new(o, "weight_mode", json_string(m->mode));
+            json_object_set_new(o, "parameters", json_integer((json_int_t)m->params));
+            json_object_set_new(o, "compressed_bytes", json_integer((json_int_t)m->compressed_bytes));
+            json_object_set_new(o, "source_bytes", json_integer((json_int_t)m->source_bytes));
+            json_object_set_new(o, "decoded_equivalent_bytes", json_integer((json_int_t)m->decoded_bytes));
+            json_object_set_new(
+                o, "ratio",
+                json_real(m->source_bytes ? (double)m->compressed_bytes / (double)m->source_bytes : 0.0));
+            json_object_set_new(
+                o, "bits_per_weight",
+                json_real(m->params ? 8.0 * (double)m->compressed_bytes / (double)m->params : 0.0));
+            if (m->cfg->task == SRV_TASK_TRANSLATE) {
+                json_object_set_new(o, "at_decoder", json_boolean(m->has_at));
+                json_object_set_new(o, "max_source_positions",
+                                    json_integer((json_int_t)m->max_source_positions));
+            }
+        }
+        json_array_append_new(arr, o);
+    }
+    return json_pack("{s:o, s:{s:I, s:b, s:I}}", "models", arr, "tile_cache", "budget_bytes",
+                     (json_int_t)cs.budget, "shared", 1, "bytes", (json_int_t)cs.bytes);
+}
+
+static json_t *memory_json(srv_server *s) {
+    nz_mem_report r;
+    nz_mem_get_report(&r);
+    nz_cache_stats cs;
+    nz_cache_get_stats(s->cache, &cs);
+    uint64_t ut, uns;
+    nz_weight_uncached_stats(&ut, &uns);
+    json_t *cats = json_object();
+    for (int c = 0; c < NZ_MEM_NCAT; c++)
+        json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
+                            json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r.current[c], "peak_bytes",
+                                      (json_int_t)r.peak[c]));
+    json_t *models = json_array();
+    int ready = atomic_load(&s->ready) == 1;
+    for (size_t i = 0; ready && i < s->n_models; i++) {
+        srv_model *m = &s->models[i];
+        json_array_append_new(
+            models,
+            json_pack("{s:s, s:s, s:I, s:I, s:f}", "name", m->cfg->name, "weight_mode", m->mode,
+                      "compressed_bytes", (json_int_t)m->compressed_bytes, "decoded_equivalent_bytes",
+                      (json_int_t)m->decoded_bytes, "decoded_over_compressed",
+                      m->compressed_bytes ? (double)m->decoded_bytes / (double)m->compressed_bytes : 0.0));
+    }
+    return json_pack(
+        "{s:o, s:o, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f}, s:I, s:I, s:I, s:I}", "categories", cats,
+        "models", models, "tile_cache", "bytes", (json_int_t)cs.bytes, "peak_bytes",
+        (json_int_t)cs.peak_bytes, "budget_bytes", (json_int_t)cs.budget, "entries", (json_int_t)cs.entries,
+        "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "evictions", (json_int_t)cs.evictions,
+        "tiles_decoded_uncached", (json_int_t)ut, "decode_seconds", (double)(cs.decode_ns + uns) * 1e-9,
+        "counted_heap_bytes", (json_int_t)r.counted, "mapped_resident_bytes", (json_int_t)r.mapped_resident,
+        "rss_bytes", (json_int_t)r.rss, "rss_peak_bytes", (json_int_t)r.rss_peak);
+}
+
+static void respond_metrics(srv_server *s, srv_req *r) {
+    nz_mem_report mr;
+    nz_mem_get_report(&mr);
+    nz_cache_stats cs;
+    nz_cache_get_stats(s->cache, &cs);
+    uint64_t ut, uns;
+    nz_weight_uncached_stats(&ut, &uns);
+    int ready = atomic_load(&s->ready) == 1;
+    srv_model_gauges mg[s->n_models ? s->n_models : 1];
+    size_t nm = 0;
+    for (size_t i = 0; ready && i < s->n_models; i++)
+        mg[nm++] = (srv_model_gauges){s->models[i].cfg->name, s->models[i].compressed_bytes,
+                                      s->models[i].decoded_bytes};
+    srv_gauges g = {0};
+    g.models = mg;
+    g.n_models = nm;
+    g.tile_cache_bytes = cs.bytes;
+    g.tile_cache_limit_bytes = cs.budget;
+    g.kv_cache_bytes = mr.current[NZ_MEM_KV];
+    g.scratch_bytes = mr.current[NZ_MEM_SCRATCH];
+    g.activations_bytes = mr.current[NZ_MEM_ACTIVATIONS];
+    g.resident_bytes = mr.rss;
+    g.resident_peak_bytes = mr.rss_peak;
+    g.mapped_resident_bytes = mr.mapped_resident;
+    g.tiles_decoded_total = cs.tiles_decoded + ut;
+    g.tile_cache_hits_total = cs.hits;
+    g.tile_cache_misses_total = cs.misses;
+    g.tile_cache_evictions_total = cs.evictions;
+    g.tile_decode_seconds_total = (double)(cs.decode_ns + uns) * 1e-9;
+    g.ready = ready;
+    g.uptime_seconds = now_s() - s->t_start;
+    char *text = NULL;
+    size_t len = 0;
+    if (srv_metrics_render(s->metrics, &g, &text, &len)) {
+        respond_fail(r, 500, "out of memory rendering the metrics");
+        return;
+    }
+    char *b = nz_malloc(len + 1, NZ_MEM_OTHER);
+    if (b) memcpy(b, text, len + 1);
+    free(text);
+    if (!b) {
+        respond_fail(r, 500, "out of memory rendering the metrics");
+        return;
+    }
+    respond_body(r, 200, b, len);
+}
+
+/* ------------------------------------------------------------------ inference */
+
+/* Whether the client of r closed its side (poll without waiting). */
+static int client_gone(int fd) {
+    if (fd < 0) return 0;
+    struct pollfd p = {fd, POLLRDHUP, 0};
+    if (poll(&p, 1, 0) <= 0) return 0;
+    return (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
+}
+
+/* The stop hook of a running request: cancelled, past its deadline, or its client left. */
+static int req_should_stop(void *arg) {
+    srv_req *r = arg;
+    for (int t = 0; t < r->s->debug_step_delay_ms && !atomic_load(&r->cancel); t += 5) sleep_ms(5);
+    if (atomic_load(&r->cancel)) return 1;
+    if (now_s() > r->deadline) {
+        atomic_store(&r->cancel, CANCEL_DEADLINE);
+        return 1;
+    }
+    if (client_gone(r->fd)) {
+        atomic_store(&r->cancel, CANCEL_CLIENT);
+        return 1;
+    }
+    return 0;
+}
+
+/* The response of a request stopped by reason (CANCEL_*). */
+static void respond_cancelled(srv_req *r, int reason) {
+    switch (reason) {
+    case CANCEL_DEADLINE:
+        respond_fail(r, 504, "the request did not finish within %d ms", r->s->cfg->request_timeout_ms);
+        srv_metrics_rejected(r->s->metrics, "deadline");
+        break;
+    case CANCEL_SHUTDOWN:
+        respond_fail(r, 503, "the server is shutting down");
+        r->close = 1;
+        srv_metrics_rejected(r->s->metrics, "shutdown");
+        break;
+    default: /* nobody reads this: the client is gone */
+        respond_fail(r, 499, "client closed the connection");
+        r->close = 1;
+        srv_metrics_rejected(r->s->metrics, "cancelled");
+    }
+}
+
+static void run_translate(srv_worker *w, srv_req *r) {
+    srv_server *s = w->s;
+    const srv_translate_req *q = &r->tr;
+    nz_tr_opts o;
+    nz_tr_opts_default(&o);
+    if (q->use_at) {
+        o.decoder = q->beam_size > 1 ? NZ_TR_AT_BEAM : NZ_TR_AT_GREEDY;
+        o.at_beam = q->beam_size;
+        o.at.max_len_a = 0;
+        o.at.max_len_b = q->max_length;
+    } else {
+        o.nat.max_iter = q->iterations;
+        o.nat.length_beam = q->length_beam;
+        o.nat.rerank_at = q->rerank_at;
+        o.nat.max_len = q->max_length + 2; /* + bos, eos */
+    }
+    nz_tr_opts_set_stop(&o, req_should_stop, r);
+    nz_tr_result *res = nz_calloc(q->n, sizeof *res, NZ_MEM_OTHER);
+    if (!res) {
+        respond_fail(r, 500, "out of memory");
+        return;
+    }
+    nz_error e = {0};
+    int rc = nz_translator_run(w->mc, r->model->tr, q->texts, q->lens, q->n, &o, 1, res, &e);
+    int reason = atomic_load(&r->cancel);
+    if (rc == NZ_E_CANCELLED || reason) {
+        respond_cancelled(r, reason ? reason : CANCEL_CLIENT);
+    } else if (rc) {
+        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, r->model->cfg->name, "error",
+                SRV_KV_STR, e.msg, NULL);
+        respond_fail(r, 500, "translation failed: %s", e.msg);
+    } else {
+        json_t *arr = json_array();
+        uint64_t tin = 0, tout = 0;
+        for (size_t i = 0; i < q->n && arr; i++) {
+            nz_tr_result *t = &res[i];
+            if (t->rc) {
+                int st = t->rc == NZ_E_RANGE || t->rc == NZ_E_INVALID_ARG || t->rc == NZ_E_FORMAT ? 422 : 500;
+                if (q->single)
+                    respond_fail(r, st, "%s", t->err.msg);
+                else
+                    respond_fail(r, st, "texts[%zu]: %s", i, t->err.msg);
+                json_decref(arr);
+                arr = NULL;
+                break;
+            }
+            tin += t->input_tokens >= 2 ? t->input_tokens - 2 : 0;
+            tout += t->output_tokens;
+            json_t *o1 =
+                json_pack("{s:o, s:f}", "text", json_text(t->text, t->text_len), "score", (double)t->score);
+            if (o1 && q->return_tokens) {
+                json_t *ids = json_array();
+                for (size_t k = 0; k < t->n_tokens; k++)
+                    json_array_append_new(ids, json_integer(t->tokens[k]));
+                json_object_set_new(o1, "tokens", ids);
+            }
+            json_array_append_new(arr, o1);
+        }
+        if (arr) {
+            r->tokens_in = tin;
+            r->tokens_out = tout;
+            double t1 = now_s();
+            respond_json(r, 200,
+                         json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model",
+                                   r->model->cfg->name, "translations", arr, "usage", "input_tokens",
+                                   (json_int_t)tin, "output_tokens", (json_int_t)tout, "timing_ms", "queue",
+                                   (r->t_start - r->t0) * 1e3, "inference", (t1 - r->t_start) * 1e3, "total",
+                                   (t1 - r->t0) * 1e3));
+        }
+    }
+    nz_tr_results_free(res, q->n);
+    nz_free(res);
+    (void)s;
+}
+
+/* Unlink r from a doubly linked list. Caller holds s->mu. */
+static void list_remove(srv_req **head, srv_req **tail, srv_req *r) {
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        *head = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    else if (tail)
+        *tail = r->prev;
+    r->next = r->prev = NULL;
+}
+
+/* Hand a finished request back to libmicrohttpd. r must not be touched after. */
+static void finish(srv_req *r) {
+    r->t_end = now_s();
+    r->state = RQ_DONE;
+    MHD_resume_connection(r->conn);
+}
+
+static void *worker_main(void *arg) {
+    srv_worker *w = arg;
+    srv_server *s = w->s;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->qhead && !s->stop_workers) pthread_cond_wait(&s->cv, &s->mu);
+        if (!s->qhead) {
+            pthread_mutex_unlock(&s->mu);
+            break;
+        }
+        srv_req *r = s->qhead;
+        list_remove(&s->qhead, &s->qtail, r);
+        s->queued--;
+        r->state = RQ_RUNNING;
+        r->next = s->running;
+        if (s->running) s->running->prev = r;
+        s->running = r;
+        s->nrunning++;
+        srv_metrics_queue_add(s->metrics, -1);
+        srv_metrics_inflight_add(s->metrics, 1);
+        pthread_mutex_unlock(&s->mu);
+
+        r->t_start = now_s();
+        srv_metrics_queue_wait(s->metrics, r->t_start - r->t0);
+        if (req_should_stop(r))
+            respond_cancelled(r, atomic_load(&r->cancel));
+        else
+            run_translate(w, r);
+
+        pthread_mutex_lock(&s->mu);
+        list_remove(&s->running, NULL, r);
+        s->nrunning--;
+        srv_metrics_inflight_add(s->metrics, -1);
+        pthread_mutex_unlock(&s->mu);
+        finish(r); /* nobody else holds r now */
+    }
+    return NULL;
+}
+
+/* Completes queued requests whose deadline passed or whose client left. */
+static void *reaper_main(void *arg) {
+    srv_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->stop_reaper) {
+        double t = now_s();
+        for (srv_req *r = s->qhead, *nx; r; r = nx) {
+            nx = r->next;
+            int reason = t > r->deadline ? CANCEL_DEADLINE : client_gone(r->fd) ? CANCEL_CLIENT : CANCEL_NONE;
+            if (!reason) continue;
+            list_remove(&s->qhead, &s->qtail, r);
+            s->queued--;
+            srv_metrics_queue_add(s->metrics, -1);
+            respond_cancelled(r, reason);
+            finish(r);
+        }
+        pthread_mutex_unlock(&s->mu);
+        sleep_ms(20);
+        pthread_mutex_lock(&s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Validate a translate request against the model and the token limits and queue it.
+ * @return 1 when queued (connection suspended), 0 when a response was decided. */
+static int submit_translate(srv_server *s, srv_req *r) {
+    const srv_config *cfg = s->cfg;
+    srv_error e = {0};
+    srv_limits lim = {cfg->max_texts, cfg->max_new_tokens};
+    if (srv_parse_translate(r->body, r->body_len, &lim, &r->tr, &e)) {
+        respond_error(r, &e);
+        return 0;
+    }
+    srv_model *m = find_model(s, r->tr.model, SRV_TASK_TRANSLATE);
+    if (!m) {
+        if (r->tr.model)
+            respond_fail(r, 404, "model '%.100s' not found", r->tr.model);
+        else
+            respond_fail(r, 404, "no translation model is configured");
+        return 0;
+    }
+    if (m->cfg->task != SRV_TASK_TRANSLATE) {
+        respond_fail(r, 422, "model '%s' serves %s, not translate", m->cfg->name,
+                     srv_task_name(m->cfg->task));
+        return 0;
+    }
+    if ((r->tr.rerank_at || r->tr.use_at) && !m->has_at) {
+        respond_fail(r, 422, "model '%s' has no autoregressive decoder (needed by %s)", m->cfg->name,
+                     r->tr.use_at ? "decoder \"at\"" : "rerank \"at\"");
+        return 0;
+    }
+    r->model = m;
+    size_t limit = (size_t)cfg->max_input_tokens;
+    if (m->max_source_positions >= 2 && m->max_source_positions - 2 < limit)
+        limit = m->max_source_positions - 2;
+    for (size_t i = 0; i < r->tr.n; i++) {
+        int32_t *ids = NULL;
+        size_t n = 0;
+        nz_error ne = {0};
+        if (nz_translator_encode(m->tr, r->tr.texts[i], r->tr.lens[i], &ids, &n, &ne)) {
+            respond_fail(r, 422, "%s%zu%s: cannot tokenize: %s", r->tr.single ? "text" : "texts[", i,
+                         r->tr.single ? "" : "]", ne.msg);
+            return 0;
+        }
+        nz_free(ids);
+        if (n - 2 > limit) {
+            if (r->tr.single)
+                respond_fail(r, 422, "'text' has %zu tokens; the limit is %zu", n - 2, limit);
+            else
+                respond_fail(r, 422, "'texts'[%zu] has %zu tokens; the limit is %zu", i, n - 2, limit);
+            return 0;
+        }
+    }
+    pthread_mutex_lock(&s->mu);
+    int busy = s->nrunning + s->queued >= s->nworkers; /* no idle worker */
+    if (busy && s->queued >= cfg->queue_length) {
+        pthread_mutex_unlock(&s->mu);
+        srv_metrics_rejected(s->metrics, "queue_full");
+        respond_fail(r, 429, "the request queue is full (%d waiting); retry later", cfg->queue_length);
+        return 0;
+    }
+    r->state = RQ_QUEUED;
+    MHD_suspend_connection(r->conn);
+    r->prev = s->qtail;
+    r->next = NULL;
+    if (s->qtail)
+        s->qtail->next = r;
+    else
+        s->qhead = r;
+    s->qtail = r;
+    s->queued++;
+    srv_metrics_queue_add(s->metrics, 1);
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ HTTP */
+
+static srv_route route_of(const char *url) {
+    static const struct {
+        const char *path;
+        srv_route r;
+    } routes[] = {{"/v1/translate", SRV_ROUTE_TRANSLATE}, {"/v1/dialogue", SRV_ROUTE_DIALOGUE},
+                  {"/health", SRV_ROUTE_HEALTH},          {"/ready", SRV_ROUTE_READY},
+                  {"/v1/models", SRV_ROUTE_MODELS},       {"/v1/memory", SRV_ROUTE_MEMORY},
+                  {"/metrics", SRV_ROUTE_METRICS}};
+    for (size_t i = 0; i < sizeof routes / sizeof *routes; i++)
+        if (!strcmp(url, routes[i].path)) return routes[i].r;
+    return SRV_ROUTE_OTHER;
+}
+
+static int is_inference(srv_route r) { return r == SRV_ROUTE_TRANSLATE || r == SRV_ROUTE_DIALOGUE; }
+
+/* Decisions possible before the body is read: method, route, auth, body size, draining. */
+static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, const char *method) {
+    const srv_config *cfg = s->cfg;
+    int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    int post = !strcmp(method, "POST");
+    if (atomic_load(&s->draining)) {
+        r->close = 1;
+        respond_fail(r, 503, "the server is shutting down");
+        return;
+    }
+    if (r->route == SRV_ROUTE_OTHER || (r->route == SRV_ROUTE_METRICS && !cfg->metrics)) {
+        respond_fail(r, 404, "no route %.80s %.80s", method, r->path);
+        return;
+    }
+    if (is_inference(r->route) ? !post : !get) {
+        r->allow = is_inference(r->route) ? "POST" : "GET, HEAD";
+        respond_fail(r, 405, "%s does not accept %.20s (allowed: %s)", r->path, method, r->allow);
+        return;
+    }
+    if (!is_inference(r->route)) return;
+    if (cfg->n_api_keys) {
+        size_t klen;
+        const char *key =
+            srv_request_key(MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization"),
+                            MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-API-Key"), &klen);
+        if (!key || !srv_key_matches(key, klen, cfg->api_keys, cfg->n_api_keys)) {
+            srv_metrics_rejected(s->metrics, "unauthorized");
+            respond_fail(
+                r, 401, key ? "invalid API key" : "missing API key (Authorization: Bearer KEY or X-API-Key)");
+            return;
+        }
+    }
+    if (r->route == SRV_ROUTE_DIALOGUE) {
+        respond_fail(r, 404, "/v1/dialogue is not available: no dialogue model family in this build yet");
+        return;
+    }
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    if (cl) {
+        char *end;
+        errno = 0;
+        unsigned long long n = strtoull(cl, &end, 10);
+        if (!errno && end != cl && n > cfg->max_body_bytes) {
+            srv_metrics_rejected(s->metrics, "body_too_large");
+            r->close = 1;
+            respond_fail(r, 413, "request body of %llu bytes exceeds the limit of %zu", n,
+                         cfg->max_body_bytes);
+            return;
+        }
+    }
+}
+
+/* Everything is read: answer a GET or validate and queue an inference request. */
+static void final_call(srv_server *s, srv_req *r) {
+    int ready = atomic_load(&s->ready);
+    switch (r->route) {
+    case SRV_ROUTE_HEALTH:
+        respond_json(r, 200, json_pack("{s:s}", "status", "ok"));
+        return;
+    case SRV_ROUTE_READY:
+        if (ready == 1)
+            respond_json(r, 200, json_pack("{s:s}", "status", "ready"));
+        else
+            respond_json(r, 503,
+                         json_pack("{s:s, s:{s:i, s:s, s:s}}", "status", ready < 0 ? "failed" : "loading",
+                                   "error", "code", 503, "type", "not_ready", "message",
+                                   ready < 0 ? "a model failed to load" : "models are loading"));
+        return;
+    case SRV_ROUTE_MODELS:
+        respond_json(r, 200, models_json(s));
+        return;
+    case SRV_ROUTE_MEMORY:
+        respond_json(r, 200, memory_json(s));
+        return;
+    case SRV_ROUTE_METRICS:
+        respond_metrics(s, r);
+        return;
+    default:
+        break;
+    }
+    if (ready != 1) {
+        respond_fail(r, 503, "models are %s; retry when /ready answers 200",
+                     ready < 0 ? "not loaded" : "loading");
+        return;
+    }
+    if (submit_translate(s, r)) return; /* suspended */
+}
+
+static enum MHD_Result queue_response(struct MHD_Connection *c, srv_req *r) {
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer_with_free_callback(r->resp_len, r->resp, nz_free);
+    if (!resp) return MHD_NO;
+    r->resp = NULL; /* the response owns it now */
+    int metrics = r->route == SRV_ROUTE_METRICS && r->status == 200;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            metrics ? "text/plain; version=0.0.4; charset=utf-8" : "application/json");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (r->allow) MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow);
+    if (r->retry_after) {
+        char v[16];
+        snprintf(v, sizeof v, "%d", r->retry_after);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, v);
+    }
+    if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
+    MHD_destroy_response(resp);
+    return ok;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size,
+                                  void **con_cls) {
+    srv_server *s = cls;
+    srv_req *r = *con_cls;
+    (void)version;
+    if (!r) {
+        r = nz_calloc(1, sizeof *r, NZ_MEM_OTHER);
+        if (!r) return MHD_NO;
+        atomic_fetch_add(&s->live, 1);
+        r->s = s;
+        r->conn = c;
+        r->t0 = now_s();
+        r->deadline = r->t0 + s->cfg->request_timeout_ms * 1e-3;
+        r->route = route_of(url);
+        r->fd = -1;
+        snprintf(r->method, sizeof r->method, "%s", method);
+        snprintf(r->path, sizeof r->path, "%s", url);
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (ci) r->fd = ci->connect_fd;
+        *con_cls = r;
+        first_call(s, r, c, method);
+        return r->responded && r->close ? queue_response(c, r)
+                                        : MHD_YES; /* 413: answer before reading the body */
+    }
+    if (*upload_size) {
+        if (!r->responded) {
+            size_t n = *upload_size;
+            if (r->body_len + n > s->cfg->max_body_bytes) {
+                srv_metrics_rejected(s->metrics, "body_too_large");
+                r->close = 1;
+                respond_fail(r, 413, "request body exceeds the limit of %zu bytes", s->cfg->max_body_bytes);
+                nz_free(r->body);
+                r->body = NULL;
+                r->body_len = r->body_cap = 0;
+            } else {
+                if (r->body_len + n + 1 > r->body_cap) {
+                    size_t cap = r->body_cap ? r->body_cap : 1024;
+                    while (cap < r->body_len + n + 1) cap *= 2;
+                    char *b = r->body ? nz_realloc(r->body, cap) : nz_malloc(cap, NZ_MEM_OTHER);
+                    if (!b) return MHD_NO;
+                    r->body = b;
+                    r->body_cap = cap;
+                }
+                memcpy(r->body + r->body_len, upload, n);
+                r->body_len += n;
+                r->body[r->body_len] = 0;
+            }
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (r->state == RQ_QUEUED || r->state == RQ_RUNNING) return MHD_YES; /* not ours to answer yet */
+    if (!r->responded) {
+        final_call(s, r);
+        if (r->state != RQ_READ)
+            return MHD_YES; /* queued: a worker may already run it (state RUNNING/DONE) */
+    }
+    return queue_response(c, r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe) {
+    srv_server *s = cls;
+    srv_req *r = *con_cls;
+    (void)c;
+    if (!r) return;
+    *con_cls = NULL;
+    double t = now_s();
+    /* 499 (nginx's "client closed request"): the client left before the response was sent */
+    int status = r->responded && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? r->status : 499;
+    srv_metrics_observe(s->metrics, r->route, status, t - r->t0, r->tokens_in, r->tokens_out);
+    if (srv_log_enabled(r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY ||
+                                r->route == SRV_ROUTE_METRICS
+                            ? SRV_LOG_DEBUG
+                            : SRV_LOG_INFO))
+        srv_log(r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY || r->route == SRV_ROUTE_METRICS
+                    ? SRV_LOG_DEBUG
+                    : SRV_LOG_INFO,
+                "request", "method", SRV_KV_STR, r->method, "path", SRV_KV_STR, r->path, "status", SRV_KV_INT,
+                (long long)status, "latency_ms", SRV_KV_DBL, (t - r->t0) * 1e3, "queue_ms", SRV_KV_DBL,
+                r->t_start > 0 ? (r->t_start - r->t0) * 1e3 : 0.0, "model", SRV_KV_STR,
+                r->model ? r->model->cfg->name : NULL, "texts", SRV_KV_UINT, (unsigned long long)r->tr.n,
+                "tokens_in", SRV_KV_UINT, (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
+                (unsigned long long)r->tokens_out, NULL);
+    srv_translate_req_free(&r->tr);
+    nz_free(r->body);
+    nz_free(r->resp);
+    nz_free(r);
+    atomic_fetch_sub(&s->live, 1);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = 0;
+    srv_log(SRV_LOG_WARN, "http", "message", SRV_KV_STR, msg, NULL);
+}
+
+/* ------------------------------------------------------------------ lifecycle */
+
+static int resolve(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len, char *err,
+                   size_t errlen) {
+    struct addrinfo hints = {0}, *ai = NULL;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    char ps[8];
+    snprintf(ps, sizeof ps, "%d", port);
+    int rc = getaddrinfo(host, ps, &hints, &ai);
+    if (rc || !ai) {
+        snprintf(err, errlen, "host '%s': cannot resolve: %s", host, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    *len = ai->ai_addrlen;
+    freeaddrinfo(ai);
+    return 0;
+}
+
+int srv_server_start(const srv_config *cfg, srv_server **out, char *err, size_t errlen) {
+    *out = NULL;
+    srv_server *s = nz_calloc(1, sizeof *s, NZ_MEM_OTHER);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    s->cfg = cfg;
+    s->t_start = now_s();
+    const char *dd = getenv("NZSERVE_DEBUG_STEP_DELAY_MS");
+    s->debug_step_delay_ms = dd && atoi(dd) > 0 ? atoi(dd) : 0;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->n_models = cfg->n_models;
+    s->models = nz_calloc(cfg->n_models ? cfg->n_models : 1, sizeof *s->models, NZ_MEM_OTHER);
+    s->metrics = srv_metrics_create();
+    s->cache = nz_cache_create(cfg->tile_cache_bytes);
+    s->pool = nz_pool_create(cfg->worker_threads);
+    s->nworkers = cfg->max_concurrent_requests;
+    s->workers = nz_calloc((size_t)s->nworkers, sizeof *s->workers, NZ_MEM_OTHER);
+    if (!s->models || !s->metrics || !s->cache || !s->pool || !s->workers) {
+        snprintf(err, errlen, "out of memory (or cannot start the compute threads)");
+        goto fail;
+    }
+    for (size_t i = 0; i < s->n_models; i++) s->models[i].cfg = &cfg->models[i];
+    for (int i = 0; i < s->nworkers; i++) {
+        s->workers[i].s = s;
+        if (!(s->workers[i].mc = nz_matmul_ctx_create(s->pool, s->cache))) {
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl;
+    if (resolve(cfg->host, cfg->port, &ss, &sl, err, errlen)) goto fail;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_EPOLL |
+                     MHD_USE_ERROR_LOG | (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+    s->mhd = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR,
+                              (struct sockaddr *)&ss, MHD_OPTION_THREAD_POOL_SIZE,
+                              (unsigned)cfg->http_threads, MHD_OPTION_CONNECTION_TIMEOUT,
+                              (unsigned)cfg->connection_timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
+                              s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_CONNECTION_LIMIT, 4096u,
+                              MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
+    if (!s->mhd) {
+        snprintf(err, errlen, "cannot listen on %s:%d (address in use, or not permitted)", cfg->host,
+                 cfg->port);
+        goto fail;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : cfg->port;
+    for (int i = 0; i < s->nworkers; i++) {
+        if (pthread_create(&s->workers[i].thread, NULL, worker_main, &s->workers[i])) {
+            snprintf(err, errlen, "cannot start worker threads");
+            goto fail;
+        }
+        s->workers[i].started = 1;
+    }
+    if (pthread_create(&s->reaper, NULL, reaper_main, s)) {
+        snprintf(err, errlen, "cannot start the reaper thread");
+        goto fail;
+    }
+    s->reaper_started = 1;
+    if (pthread_create(&s->loader, NULL, loader_main, s)) {
+        snprintf(err, errlen, "cannot start the loader thread");
+        goto fail;
+    }
+    s->loader_started = 1;
+    *out = s;
+    return 0;
+fail:
+    srv_server_free(s);
+    return -1;
+}
+
+int srv_server_port(const srv_server *s) { return s->port; }
+
+int srv_server_load_state(srv_server *s, char *err, size_t errlen) {
+    int st = atomic_load(&s->ready);
+    if (st < 0 && err) snprintf(err, errlen, "%s", s->load_err);
+    return st;
+}
+
+void srv_server_shutdown(srv_server *s) {
+    if (!s || s->shut) return;
+    s->shut = 1;
+    atomic_store(&s->draining, 1);
+    double t0 = now_s(), grace = s->cfg->shutdown_grace_ms * 1e-3;
+    if (s->mhd) {
+        MHD_socket ls = MHD_quiesce_daemon(s->mhd);
+        if (ls != MHD_INVALID_SOCKET) close(ls);
+    }
+    pthread_mutex_lock(&s->mu);
+    int busy = s->queued + s->nrunning;
+    pthread_mutex_unlock(&s->mu);
+    if (s->mhd)
+        srv_log(SRV_LOG_INFO, "draining", "in_flight", SRV_KV_INT, (long long)busy, "grace_ms", SRV_KV_INT,
+                (long long)s->cfg->shutdown_grace_ms, NULL);
+    while (busy && now_s() - t0 < grace) {
+        sleep_ms(10);
+        pthread_mutex_lock(&s->mu);
+        busy = s->queued + s->nrunning;
+        pthread_mutex_unlock(&s->mu);
+    }
+    /* grace over: cancel what is left */
+    pthread_mutex_lock(&s->mu);
+    int cancelled = s->queued + s->nrunning;
+    while (s->qhead) {
+        srv_req *r = s->qhead;
+        list_remove(&s->qhead, &s->qtail, r);
+        s->queued--;
+        srv_metrics_queue_add(s->metrics, -1);
+        respond_cancelled(r, CANCEL_SHUTDOWN);
+        finish(r);
+    }
+    for (srv_req *r = s->running; r; r = r->next) atomic_store(&r->cancel, CANCEL_SHUTDOWN);
+    s->stop_workers = 1;
+    s->stop_reaper = 1;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < s->nworkers; i++)
+        if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL), s->workers[i].started = 0;
+    if (s->reaper_started) pthread_join(s->reaper, NULL), s->reaper_started = 0;
+    if (s->loader_started) pthread_join(s->loader, NULL), s->loader_started = 0;
+    /* let the resumed connections write their responses */
+    for (int i = 0; i < 200 && atomic_load(&s->live) > 0; i++) sleep_ms(10);
+    if (!s->mhd) return;
+    MHD_stop_daemon(s->mhd);
+    s->mhd = NULL;
+    srv_log(SRV_LOG_INFO, "stopped", "cancelled", SRV_KV_INT, (long long)cancelled, "drain_ms", SRV_KV_DBL,
+            (now_s() - t0) * 1e3, NULL);
+}
+
+void srv_server_free(srv_server *s) {
+    if (!s) return;
+    srv_server_shutdown(s);
+    for (int i = 0; s->workers && i < s->nworkers; i++) nz_matmul_ctx_free(s->workers[i].mc);
+    nz_free(s->workers);
+    for (size_t i = 0; s->models && i < s->n_models; i++) {
+        if (s->models[i].tr && s->cache)
+            nz_cache_forget_model(s->cache, nz_translator_model(s->models[i].tr));
+        nz_translator_free(s->models[i].tr);
+    }
+    nz_free(s->models);
+    nz_pool_free(s->pool);
+    nz_cache_free(s->cache);
+    srv_metrics_free(s->metrics);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+    nz_free(s);
+}

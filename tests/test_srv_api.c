@@ -1,0 +1,202 @@
+/* server/srv_api: request parsing and validation, error bodies, API keys;
+ * plus a replay of the request fuzzer's corpus (tests/fuzz/corpus/fuzz_srv_request)
+ * through its own body with invariant checks. Run from the repository root
+ * (make test does) or with NZ_REPO_ROOT set. */
+#include "test_util.h"
+
+#include <stdio.h>
+
+#define FUZZ_FAIL(...)                                                                                       \
+    do {                                                                                                     \
+        print_error("fuzz invariant violated (%s:%d): ", __FILE__, __LINE__);                                \
+        print_error(__VA_ARGS__);                                                                            \
+        print_error("\n");                                                                                   \
+        fail();                                                                                              \
+    } while (0)
+#include "fuzz/fuzz_server.h"
+
+#include <dirent.h>
+
+static const srv_limits LIM = {4, 50};
+
+/* Parse s; @return the status (0 accepted) and keep r for inspection. */
+static int parse(const char *s, srv_translate_req *r, srv_error *e) {
+    memset(e, 0, sizeof *e);
+    return srv_parse_translate(s, strlen(s), &LIM, r, e) ? e->status : 0;
+}
+
+static int status_of(const char *s) {
+    srv_translate_req r;
+    srv_error e;
+    int st = parse(s, &r, &e);
+    srv_translate_req_free(&r);
+    return st;
+}
+
+static void test_accepts(void **state) {
+    (void)state;
+    srv_translate_req r;
+    srv_error e;
+    assert_int_equal(parse("{\"text\": \"Hallo Welt\"}", &r, &e), 0);
+    assert_int_equal(r.n, 1);
+    assert_true(r.single);
+    assert_string_equal(r.texts[0], "Hallo Welt");
+    assert_int_equal(r.lens[0], 10);
+    assert_int_equal(r.iterations, 10);
+    assert_int_equal(r.length_beam, 5);
+    assert_int_equal(r.max_length, 50);
+    assert_null(r.model);
+    srv_translate_req_free(&r);
+
+    assert_int_equal(
+        parse("{\"texts\": [\"a\", \"b c\"], \"model\": \"m\", \"iterations\": 0, \"length_beam\": 32,"
+              " \"rerank\": \"at\", \"max_length\": 50, \"return_tokens\": true}",
+              &r, &e),
+        0);
+    assert_int_equal(r.n, 2);
+    assert_false(r.single);
+    assert_string_equal(r.model, "m");
+    assert_int_equal(r.iterations, 0);
+    assert_int_equal(r.length_beam, 32);
+    assert_true(r.rerank_at);
+    assert_true(r.return_tokens);
+    srv_translate_req_free(&r);
+
+    assert_int_equal(
+        parse("{\"text\": \"\\u00e4\", \"decoder\": \"at\", \"beam_size\": 4, \"rerank\": null}", &r, &e), 0);
+    assert_true(r.use_at);
+    assert_int_equal(r.beam_size, 4);
+    assert_int_equal(r.lens[0], 2); /* UTF-8 bytes */
+    srv_translate_req_free(&r);
+}
+
+static void test_rejects(void **state) {
+    (void)state;
+    /* 400: not JSON, not an object, wrong types, invalid UTF-8, NUL */
+    assert_int_equal(status_of(""), 400);
+    assert_int_equal(status_of("{\"text\": "), 400);
+    assert_int_equal(status_of("[\"x\"]"), 400);
+    assert_int_equal(status_of("{\"text\": 5}"), 400);
+    assert_int_equal(status_of("{\"texts\": \"x\"}"), 400);
+    assert_int_equal(status_of("{\"texts\": [\"x\", 1]}"), 400);
+    assert_int_equal(status_of("{\"text\": \"x\", \"iterations\": \"3\"}"), 400);
+    assert_int_equal(status_of("{\"text\": \"x\", \"iterations\": 2.5}"), 400);
+    assert_int_equal(status_of("{\"text\": \"x\", \"return_tokens\": 1}"), 400);
+    assert_int_equal(status_of("{\"text\": \"x\", \"model\": 3}"), 400);
+    assert_int_equal(status_of("{\"text\": \"\xff\"}"), 400);
+    assert_int_equal(status_of("{\"text\": \"a\\u0000b\"}"), 400);
+    assert_int_equal(status_of("{\"text\": \"a\", \"text\": \"b\"}"), 400);
+    /* 422: validation */
+    assert_int_equal(status_of("{}"), 422);
+    assert_int_equal(status_of("{\"text\": \"\"}"), 422);
+    assert_int_equal(status_of("{\"text\": \" \\n\\t\"}"), 422);
+    assert_int_equal(status_of("{\"texts\": []}"), 422);
+    assert_int_equal(status_of("{\"texts\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}"), 422);
+    assert_int_equal(status_of("{\"text\": \"a\", \"texts\": [\"b\"]}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"iterations\": 101}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"iterations\": -1}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"length_beam\": 0}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"max_length\": 51}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"rerank\": \"yes\"}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"decoder\": \"at\", \"rerank\": \"at\"}"), 422);
+    assert_int_equal(status_of("{\"text\": \"x\", \"temperature\": 1}"), 422);
+
+    srv_translate_req r;
+    srv_error e;
+    assert_int_equal(parse("{\"text\": \"x\", \"bogus\\\"field\": 1}", &r, &e), 422);
+    assert_non_null(strstr(e.message, "unknown field \"bogus\\\"field\""));
+    srv_translate_req_free(&r);
+    assert_int_equal(parse("{\"texts\": [\"a\", \"  \"]}", &r, &e), 422);
+    assert_non_null(strstr(e.message, "'texts'[1] is empty"));
+    srv_translate_req_free(&r);
+    assert_int_equal(parse("{\"text\": ", &r, &e), 400);
+    assert_non_null(strstr(e.message, "malformed JSON at line 1"));
+    srv_translate_req_free(&r);
+}
+
+static void test_error_body(void **state) {
+    (void)state;
+    srv_error e;
+    srv_fail(&e, 429, NULL, "queue \"full\" (%d)", 3);
+    assert_string_equal(e.type, "queue_full");
+    size_t len;
+    char *b = srv_error_body(&e, &len);
+    assert_non_null(b);
+    assert_int_equal(strlen(b), len);
+    json_t *j = json_loads(b, 0, NULL);
+    assert_non_null(j);
+    json_t *err = json_object_get(j, "error");
+    assert_int_equal(json_integer_value(json_object_get(err, "code")), 429);
+    assert_string_equal(json_string_value(json_object_get(err, "type")), "queue_full");
+    assert_string_equal(json_string_value(json_object_get(err, "message")), "queue \"full\" (3)");
+    json_decref(j);
+    nz_free(b);
+    /* a message that is not UTF-8 still gives a JSON body */
+    srv_fail(&e, 400, NULL, "bad \xff byte");
+    b = srv_error_body(&e, &len);
+    assert_non_null(b);
+    j = json_loads(b, 0, NULL);
+    assert_non_null(j);
+    json_decref(j);
+    nz_free(b);
+    assert_string_equal(srv_error_type(401), "unauthorized");
+    assert_string_equal(srv_error_type(413), "payload_too_large");
+    assert_string_equal(srv_error_type(504), "deadline_exceeded");
+}
+
+static void test_keys(void **state) {
+    (void)state;
+    char *keys[] = {(char *)"secret-key-one", (char *)"another-secret"};
+    assert_true(srv_key_matches("secret-key-one", 14, keys, 2));
+    assert_true(srv_key_matches("another-secret", 14, keys, 2));
+    assert_false(srv_key_matches("secret-key-on", 13, keys, 2));
+    assert_false(srv_key_matches("secret-key-onee", 15, keys, 2));
+    assert_false(srv_key_matches("", 0, keys, 2));
+    assert_false(srv_key_matches("secret-key-one", 14, keys, 0));
+    size_t n;
+    const char *k = srv_request_key("Bearer  abc-def ", NULL, &n);
+    assert_non_null(k);
+    assert_int_equal(n, 7);
+    assert_memory_equal(k, "abc-def", 7);
+    k = srv_request_key("bearer xyz", "ignored", &n);
+    assert_memory_equal(k, "xyz", 3);
+    k = srv_request_key("Basic abc", "from-header", &n);
+    assert_string_equal(k, "from-header");
+    assert_null(srv_request_key("Bearer ", NULL, &n));
+    assert_null(srv_request_key(NULL, "", &n));
+}
+
+/* Every corpus file through the fuzzer's body; the counted heap returns to its level. */
+static void test_fuzz_corpus(void **state) {
+    (void)state;
+    const char *root = getenv("NZ_REPO_ROOT");
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/tests/fuzz/corpus/fuzz_srv_request", root && *root ? root : ".");
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    size_t before = nz_mem_current(NZ_MEM_OTHER), files = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char path[8192];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        FILE *fp = fopen(path, "rb");
+        assert_non_null(fp);
+        uint8_t buf[1 << 16];
+        size_t n = fread(buf, 1, sizeof buf, fp);
+        fclose(fp);
+        fuzz_srv_request_one(buf, n);
+        files++;
+    }
+    closedir(d);
+    assert_true(files >= 7);
+    assert_int_equal(nz_mem_current(NZ_MEM_OTHER), before);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_accepts), cmocka_unit_test(test_rejects),     cmocka_unit_test(test_error_body),
+        cmocka_unit_test(test_keys),    cmocka_unit_test(test_fuzz_corpus),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
