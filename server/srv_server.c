@@ -1047,17 +1047,14 @@ void srv_server_shutdown(srv_server *s) {
         MHD_socket ls = MHD_quiesce_daemon(s->mhd);
         if (ls != MHD_INVALID_SOCKET) close(ls);
     }
-    pthread_mutex_lock(&s->mu);
-    int busy = s->queued + s->nrunning;
-    pthread_mutex_unlock(&s->mu);
+    /* every request that has begun (reading its body, queued, running, writing) counts */
+    int busy = atomic_load(&s->live);
     if (s->mhd)
         srv_log(SRV_LOG_INFO, "draining", "in_flight", SRV_KV_INT, (long long)busy, "grace_ms", SRV_KV_INT,
                 (long long)s->cfg->shutdown_grace_ms, NULL);
     while (busy && now_s() - t0 < grace) {
         sleep_ms(10);
-        pthread_mutex_lock(&s->mu);
-        busy = s->queued + s->nrunning;
-        pthread_mutex_unlock(&s->mu);
+        busy = atomic_load(&s->live);
     }
     /* grace over: cancel what is left */
     pthread_mutex_lock(&s->mu);
