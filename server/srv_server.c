@@ -73,6 +73,7 @@ typedef struct srv_req {
     int fd;            /* the client socket, for disconnect checks */
     atomic_int cancel; /* CANCEL_* */
     uint64_t tokens_in, tokens_out;
+    size_t batch_texts;          /* texts decoded together with this request's (its own included) */
     struct srv_req *next, *prev; /* queue / running list */
 } srv_req;
 
@@ -114,6 +115,9 @@ struct srv_server {
     int shut;
     int debug_step_delay_ms; /* NZSERVE_DEBUG_STEP_DELAY_MS: test hook, sleep before every decoder pass */
 };
+
+#define SRV_BATCH_MAX  64 /* requests decoded together */
+#define SRV_BATCH_SCAN 64 /* queue entries looked at for batch mates */
 
 static double now_s(void) {
     struct timespec ts;
@@ -442,10 +446,9 @@ static int client_gone(int fd) {
     return (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
 }
 
-/* The stop hook of a running request: cancelled, past its deadline, or its client left. */
-static int req_should_stop(void *arg) {
-    srv_req *r = arg;
-    for (int t = 0; t < r->s->debug_step_delay_ms && !atomic_load(&r->cancel); t += 5) sleep_ms(5);
+/* Whether a running request should stop: cancelled, past its deadline, or its client left
+ * (sets r->cancel to the reason). */
+static int req_should_stop(srv_req *r) {
     if (atomic_load(&r->cancel)) return 1;
     if (now_s() > r->deadline) {
         atomic_store(&r->cancel, CANCEL_DEADLINE);
@@ -456,6 +459,22 @@ static int req_should_stop(void *arg) {
         return 1;
     }
     return 0;
+}
+
+/** Requests decoded together: same model, same decoding options. */
+typedef struct srv_batch {
+    srv_server *s;
+    srv_req *m[SRV_BATCH_MAX]; /* members, in queue order */
+    size_t n;
+} srv_batch;
+
+/* The stop hook of a batch: every member's state is refreshed; the batch stops when none is left. */
+static int batch_should_stop(void *arg) {
+    srv_batch *b = arg;
+    for (int t = 0; t < b->s->debug_step_delay_ms; t += 5) sleep_ms(5);
+    int live = 0;
+    for (size_t i = 0; i < b->n; i++) live += !req_should_stop(b->m[i]);
+    return live == 0;
 }
 
 /* The response of a request stopped by reason (CANCEL_*). */
@@ -477,9 +496,66 @@ static void respond_cancelled(srv_req *r, int reason) {
     }
 }
 
-static void run_translate(srv_worker *w, srv_req *r) {
-    srv_server *s = w->s;
+/* Whether b can be decoded in one batch with a (same model and options). */
+static int batchable(const srv_req *a, const srv_req *b) {
+    const srv_translate_req *x = &a->tr, *y = &b->tr;
+    return a->model == b->model && x->use_at == y->use_at && x->beam_size == y->beam_size &&
+           x->iterations == y->iterations && x->length_beam == y->length_beam &&
+           x->rerank_at == y->rerank_at && x->max_length == y->max_length;
+}
+
+/* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
+static void respond_translations(srv_req *r, const nz_tr_result *res) {
     const srv_translate_req *q = &r->tr;
+    json_t *arr = json_array();
+    uint64_t tin = 0, tout = 0;
+    for (size_t i = 0; i < q->n; i++) {
+        const nz_tr_result *t = &res[i];
+        if (t->rc) {
+            int st = t->rc == NZ_E_RANGE || t->rc == NZ_E_INVALID_ARG || t->rc == NZ_E_FORMAT ? 422 : 500;
+            if (q->single)
+                respond_fail(r, st, "%s", t->err.msg);
+            else
+                respond_fail(r, st, "texts[%zu]: %s", i, t->err.msg);
+            json_decref(arr);
+            return;
+        }
+        tin += t->input_tokens >= 2 ? t->input_tokens - 2 : 0;
+        tout += t->output_tokens;
+        json_t *o1 =
+            json_pack("{s:o, s:f}", "text", json_text(t->text, t->text_len), "score", (double)t->score);
+        if (o1 && q->return_tokens) {
+            json_t *ids = json_array();
+            for (size_t k = 0; k < t->n_tokens; k++) json_array_append_new(ids, json_integer(t->tokens[k]));
+            json_object_set_new(o1, "tokens", ids);
+        }
+        json_array_append_new(arr, o1);
+    }
+    r->tokens_in = tin;
+    r->tokens_out = tout;
+    double t1 = now_s();
+    respond_json(r, 200,
+                 json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model", r->model->cfg->name,
+                           "translations", arr, "usage", "input_tokens", (json_int_t)tin, "output_tokens",
+                           (json_int_t)tout, "timing_ms", "queue", (r->t_start - r->t0) * 1e3, "inference",
+                           (t1 - r->t_start) * 1e3, "total", (t1 - r->t0) * 1e3));
+}
+
+/* Decode the live members of b as one nz_translator_run and answer each of them. */
+static void run_translate(srv_worker *w, srv_batch *b) {
+    srv_batch live = {w->s, {0}, 0};
+    size_t total = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        if (req_should_stop(b->m[i])) {
+            respond_cancelled(b->m[i], atomic_load(&b->m[i]->cancel));
+            continue;
+        }
+        live.m[live.n++] = b->m[i];
+        total += b->m[i]->tr.n;
+    }
+    if (!live.n) return;
+    const srv_req *r0 = live.m[0];
+    const srv_translate_req *q = &r0->tr;
     nz_tr_opts o;
     nz_tr_opts_default(&o);
     if (q->use_at) {
@@ -493,63 +569,40 @@ static void run_translate(srv_worker *w, srv_req *r) {
         o.nat.rerank_at = q->rerank_at;
         o.nat.max_len = q->max_length + 2; /* + bos, eos */
     }
-    nz_tr_opts_set_stop(&o, req_should_stop, r);
-    nz_tr_result *res = nz_calloc(q->n, sizeof *res, NZ_MEM_OTHER);
-    if (!res) {
-        respond_fail(r, 500, "out of memory");
-        return;
+    nz_tr_opts_set_stop(&o, batch_should_stop, &live);
+    nz_tr_result *res = nz_calloc(total, sizeof *res, NZ_MEM_OTHER);
+    const char **texts = nz_calloc(total, sizeof *texts, NZ_MEM_OTHER);
+    size_t *lens = nz_calloc(total, sizeof *lens, NZ_MEM_OTHER);
+    if (!res || !texts || !lens) {
+        for (size_t i = 0; i < live.n; i++) respond_fail(live.m[i], 500, "out of memory");
+        goto out;
     }
+    for (size_t i = 0, k = 0; i < live.n; i++)
+        for (size_t j = 0; j < live.m[i]->tr.n; j++, k++) {
+            texts[k] = live.m[i]->tr.texts[j];
+            lens[k] = live.m[i]->tr.lens[j];
+        }
     nz_error e = {0};
-    int rc = nz_translator_run(w->mc, r->model->tr, q->texts, q->lens, q->n, &o, 1, res, &e);
-    int reason = atomic_load(&r->cancel);
-    if (rc == NZ_E_CANCELLED || reason) {
-        respond_cancelled(r, reason ? reason : CANCEL_CLIENT);
-    } else if (rc) {
-        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, r->model->cfg->name, "error",
+    int rc = nz_translator_run(w->mc, r0->model->tr, texts, lens, total, &o, 1, res, &e);
+    if (rc && rc != NZ_E_CANCELLED)
+        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, r0->model->cfg->name, "error",
                 SRV_KV_STR, e.msg, NULL);
-        respond_fail(r, 500, "translation failed: %s", e.msg);
-    } else {
-        json_t *arr = json_array();
-        uint64_t tin = 0, tout = 0;
-        for (size_t i = 0; i < q->n && arr; i++) {
-            nz_tr_result *t = &res[i];
-            if (t->rc) {
-                int st = t->rc == NZ_E_RANGE || t->rc == NZ_E_INVALID_ARG || t->rc == NZ_E_FORMAT ? 422 : 500;
-                if (q->single)
-                    respond_fail(r, st, "%s", t->err.msg);
-                else
-                    respond_fail(r, st, "texts[%zu]: %s", i, t->err.msg);
-                json_decref(arr);
-                arr = NULL;
-                break;
-            }
-            tin += t->input_tokens >= 2 ? t->input_tokens - 2 : 0;
-            tout += t->output_tokens;
-            json_t *o1 =
-                json_pack("{s:o, s:f}", "text", json_text(t->text, t->text_len), "score", (double)t->score);
-            if (o1 && q->return_tokens) {
-                json_t *ids = json_array();
-                for (size_t k = 0; k < t->n_tokens; k++)
-                    json_array_append_new(ids, json_integer(t->tokens[k]));
-                json_object_set_new(o1, "tokens", ids);
-            }
-            json_array_append_new(arr, o1);
-        }
-        if (arr) {
-            r->tokens_in = tin;
-            r->tokens_out = tout;
-            double t1 = now_s();
-            respond_json(r, 200,
-                         json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model",
-                                   r->model->cfg->name, "translations", arr, "usage", "input_tokens",
-                                   (json_int_t)tin, "output_tokens", (json_int_t)tout, "timing_ms", "queue",
-                                   (r->t_start - r->t0) * 1e3, "inference", (t1 - r->t_start) * 1e3, "total",
-                                   (t1 - r->t0) * 1e3));
-        }
+    for (size_t i = 0, k = 0; i < live.n; k += live.m[i]->tr.n, i++) {
+        srv_req *r = live.m[i];
+        int reason = atomic_load(&r->cancel);
+        r->batch_texts = total;
+        if (reason || rc == NZ_E_CANCELLED)
+            respond_cancelled(r, reason ? reason : CANCEL_CLIENT);
+        else if (rc)
+            respond_fail(r, 500, "translation failed: %s", e.msg);
+        else
+            respond_translations(r, res + k);
     }
-    nz_tr_results_free(res, q->n);
+out:
+    nz_tr_results_free(res, res ? total : 0);
     nz_free(res);
-    (void)s;
+    nz_free(texts);
+    nz_free(lens);
 }
 
 /* Unlink r from a doubly linked list. Caller holds s->mu. */
@@ -572,9 +625,23 @@ static void finish(srv_req *r) {
     MHD_resume_connection(r->conn);
 }
 
+/* Move r from the queue to the running list. Caller holds s->mu. */
+static void start_running(srv_server *s, srv_req *r) {
+    list_remove(&s->qhead, &s->qtail, r);
+    s->queued--;
+    r->state = RQ_RUNNING;
+    r->next = s->running;
+    if (s->running) s->running->prev = r;
+    s->running = r;
+    s->nrunning++;
+    srv_metrics_queue_add(s->metrics, -1);
+    srv_metrics_inflight_add(s->metrics, 1);
+}
+
 static void *worker_main(void *arg) {
     srv_worker *w = arg;
     srv_server *s = w->s;
+    srv_batch b = {s, {0}, 0};
     for (;;) {
         pthread_mutex_lock(&s->mu);
         while (!s->qhead && !s->stop_workers) pthread_cond_wait(&s->cv, &s->mu);
@@ -582,31 +649,37 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&s->mu);
             break;
         }
-        srv_req *r = s->qhead;
-        list_remove(&s->qhead, &s->qtail, r);
-        s->queued--;
-        r->state = RQ_RUNNING;
-        r->next = s->running;
-        if (s->running) s->running->prev = r;
-        s->running = r;
-        s->nrunning++;
-        srv_metrics_queue_add(s->metrics, -1);
-        srv_metrics_inflight_add(s->metrics, 1);
+        /* the oldest request, and queued requests it can be decoded with (up to max_texts texts) */
+        b.n = 0;
+        srv_req *r0 = s->qhead;
+        size_t texts = r0->tr.n, scanned = 0;
+        start_running(s, r0);
+        b.m[b.n++] = r0;
+        for (srv_req *r = s->qhead, *nx; r && b.n < SRV_BATCH_MAX && scanned < SRV_BATCH_SCAN;
+             r = nx, scanned++) {
+            nx = r->next;
+            if (!batchable(r0, r) || texts + r->tr.n > (size_t)s->cfg->max_texts) continue;
+            start_running(s, r);
+            b.m[b.n++] = r;
+            texts += r->tr.n;
+        }
         pthread_mutex_unlock(&s->mu);
 
-        r->t_start = now_s();
-        srv_metrics_queue_wait(s->metrics, r->t_start - r->t0);
-        if (req_should_stop(r))
-            respond_cancelled(r, atomic_load(&r->cancel));
-        else
-            run_translate(w, r);
+        double t = now_s();
+        for (size_t i = 0; i < b.n; i++) {
+            b.m[i]->t_start = t;
+            srv_metrics_queue_wait(s->metrics, t - b.m[i]->t0);
+        }
+        run_translate(w, &b);
 
         pthread_mutex_lock(&s->mu);
-        list_remove(&s->running, NULL, r);
-        s->nrunning--;
-        srv_metrics_inflight_add(s->metrics, -1);
+        for (size_t i = 0; i < b.n; i++) {
+            list_remove(&s->running, NULL, b.m[i]);
+            s->nrunning--;
+            srv_metrics_inflight_add(s->metrics, -1);
+        }
         pthread_mutex_unlock(&s->mu);
-        finish(r); /* nobody else holds r now */
+        for (size_t i = 0; i < b.n; i++) finish(b.m[i]); /* nobody else holds them now */
     }
     return NULL;
 }
@@ -917,7 +990,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                 (long long)status, "latency_ms", SRV_KV_DBL, (t - r->t0) * 1e3, "queue_ms", SRV_KV_DBL,
                 r->t_start > 0 ? (r->t_start - r->t0) * 1e3 : 0.0, "model", SRV_KV_STR,
                 r->model ? r->model->cfg->name : NULL, "texts", SRV_KV_UINT, (unsigned long long)r->tr.n,
-                "tokens_in", SRV_KV_UINT, (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
+                "batch_texts", SRV_KV_UINT, (unsigned long long)r->batch_texts, "tokens_in", SRV_KV_UINT,
+                (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
                 (unsigned long long)r->tokens_out, NULL);
     srv_translate_req_free(&r->tr);
     nz_free(r->body);
