@@ -86,7 +86,8 @@ int nz_translator_encode(const nz_translator *t, const char *text, size_t len, i
 /** Translate texts[0..n) (lens[i] bytes each; lens NULL: NUL-terminated)
  *  as one batch with o. res[n] receives every text's result; free it with
  *  nz_tr_results_free, also after an error return. detok 0 skips the text
- *  (tokens only).
+ *  (tokens only). texts are read only while tokenizing, before the stop
+ *  hook is first called (a caller may free them from inside the hook).
  *  @return NZ_OK when the batch ran (per-text errors are in res), or a
  *          batch-wide error (bad options, no AT decoder for an AT decoder
  *          choice, out of memory, a damaged weight tile, NZ_E_CANCELLED

@@ -464,17 +464,22 @@ static int req_should_stop(srv_req *r) {
 /** Requests decoded together: same model, same decoding options. */
 typedef struct srv_batch {
     srv_server *s;
-    srv_req *m[SRV_BATCH_MAX]; /* members, in queue order */
+    srv_req *m[SRV_BATCH_MAX]; /* members, in queue order; NULL once released early */
     size_t n;
+    size_t live; /* members not released */
 } srv_batch;
 
-/* The stop hook of a batch: every member's state is refreshed; the batch stops when none is left. */
+static void release_member(srv_batch *b, size_t i);
+
+/* The stop hook of a batch: a member that was cancelled, passed its deadline or lost its client
+ * is answered and released at once (its texts are no longer read: nz_translator_run reads
+ * them only before its first stop check); the batch stops when no member is left. */
 static int batch_should_stop(void *arg) {
     srv_batch *b = arg;
     for (int t = 0; t < b->s->debug_step_delay_ms; t += 5) sleep_ms(5);
-    int live = 0;
-    for (size_t i = 0; i < b->n; i++) live += !req_should_stop(b->m[i]);
-    return live == 0;
+    for (size_t i = 0; i < b->n; i++)
+        if (b->m[i] && req_should_stop(b->m[i])) release_member(b, i);
+    return b->live == 0;
 }
 
 /* The response of a request stopped by reason (CANCEL_*). */
@@ -543,18 +548,14 @@ static void respond_translations(srv_req *r, const nz_tr_result *res) {
 
 /* Decode the live members of b as one nz_translator_run and answer each of them. */
 static void run_translate(srv_worker *w, srv_batch *b) {
-    srv_batch live = {w->s, {0}, 0};
-    size_t total = 0;
-    for (size_t i = 0; i < b->n; i++) {
-        if (req_should_stop(b->m[i])) {
-            respond_cancelled(b->m[i], atomic_load(&b->m[i]->cancel));
-            continue;
-        }
-        live.m[live.n++] = b->m[i];
-        total += b->m[i]->tr.n;
-    }
-    if (!live.n) return;
-    const srv_req *r0 = live.m[0];
+    size_t cnt[SRV_BATCH_MAX], total = 0; /* texts of each member, as laid out in the batch */
+    for (size_t i = 0; i < b->n; i++)
+        if (b->m[i] && req_should_stop(b->m[i])) release_member(b, i);
+    for (size_t i = 0; i < b->n; i++) total += cnt[i] = b->m[i] ? b->m[i]->tr.n : 0;
+    if (!b->live) return;
+    const srv_req *r0 = NULL;
+    for (size_t i = 0; !r0; i++) r0 = b->m[i];
+    srv_model *model = r0->model;
     const srv_translate_req *q = &r0->tr;
     nz_tr_opts o;
     nz_tr_opts_default(&o);
@@ -569,30 +570,32 @@ static void run_translate(srv_worker *w, srv_batch *b) {
         o.nat.rerank_at = q->rerank_at;
         o.nat.max_len = q->max_length + 2; /* + bos, eos */
     }
-    nz_tr_opts_set_stop(&o, batch_should_stop, &live);
+    nz_tr_opts_set_stop(&o, batch_should_stop, b);
     nz_tr_result *res = nz_calloc(total, sizeof *res, NZ_MEM_OTHER);
     const char **texts = nz_calloc(total, sizeof *texts, NZ_MEM_OTHER);
     size_t *lens = nz_calloc(total, sizeof *lens, NZ_MEM_OTHER);
     if (!res || !texts || !lens) {
-        for (size_t i = 0; i < live.n; i++) respond_fail(live.m[i], 500, "out of memory");
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i]) respond_fail(b->m[i], 500, "out of memory");
         goto out;
     }
-    for (size_t i = 0, k = 0; i < live.n; i++)
-        for (size_t j = 0; j < live.m[i]->tr.n; j++, k++) {
-            texts[k] = live.m[i]->tr.texts[j];
-            lens[k] = live.m[i]->tr.lens[j];
+    for (size_t i = 0, k = 0; i < b->n; i++)
+        for (size_t j = 0; j < cnt[i]; j++, k++) {
+            texts[k] = b->m[i]->tr.texts[j];
+            lens[k] = b->m[i]->tr.lens[j];
         }
     nz_error e = {0};
-    int rc = nz_translator_run(w->mc, r0->model->tr, texts, lens, total, &o, 1, res, &e);
+    int rc = nz_translator_run(w->mc, model->tr, texts, lens, total, &o, 1, res, &e);
     if (rc && rc != NZ_E_CANCELLED)
-        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, r0->model->cfg->name, "error",
-                SRV_KV_STR, e.msg, NULL);
-    for (size_t i = 0, k = 0; i < live.n; k += live.m[i]->tr.n, i++) {
-        srv_req *r = live.m[i];
+        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, model->cfg->name, "error", SRV_KV_STR,
+                e.msg, NULL);
+    for (size_t i = 0, k = 0; i < b->n; k += cnt[i], i++) {
+        srv_req *r = b->m[i];
+        if (!r) continue; /* released early */
         int reason = atomic_load(&r->cancel);
         r->batch_texts = total;
         if (reason || rc == NZ_E_CANCELLED)
-            respond_cancelled(r, reason ? reason : CANCEL_CLIENT);
+            respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
         else if (rc)
             respond_fail(r, 500, "translation failed: %s", e.msg);
         else
@@ -638,10 +641,29 @@ static void start_running(srv_server *s, srv_req *r) {
     srv_metrics_inflight_add(s->metrics, 1);
 }
 
+/* Take r off the running list. */
+static void stop_running(srv_server *s, srv_req *r) {
+    pthread_mutex_lock(&s->mu);
+    list_remove(&s->running, NULL, r);
+    s->nrunning--;
+    srv_metrics_inflight_add(s->metrics, -1);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Answer member i of b with its cancellation and hand it back now; the batch goes on without it. */
+static void release_member(srv_batch *b, size_t i) {
+    srv_req *r = b->m[i];
+    respond_cancelled(r, atomic_load(&r->cancel));
+    stop_running(b->s, r);
+    b->m[i] = NULL;
+    b->live--;
+    finish(r);
+}
+
 static void *worker_main(void *arg) {
     srv_worker *w = arg;
     srv_server *s = w->s;
-    srv_batch b = {s, {0}, 0};
+    srv_batch b = {s, {0}, 0, 0};
     for (;;) {
         pthread_mutex_lock(&s->mu);
         while (!s->qhead && !s->stop_workers) pthread_cond_wait(&s->cv, &s->mu);
@@ -663,6 +685,7 @@ static void *worker_main(void *arg) {
             b.m[b.n++] = r;
             texts += r->tr.n;
         }
+        b.live = b.n;
         pthread_mutex_unlock(&s->mu);
 
         double t = now_s();
@@ -672,14 +695,11 @@ static void *worker_main(void *arg) {
         }
         run_translate(w, &b);
 
-        pthread_mutex_lock(&s->mu);
         for (size_t i = 0; i < b.n; i++) {
-            list_remove(&s->running, NULL, b.m[i]);
-            s->nrunning--;
-            srv_metrics_inflight_add(s->metrics, -1);
+            if (!b.m[i]) continue; /* released early */
+            stop_running(s, b.m[i]);
+            finish(b.m[i]); /* nobody else holds it now */
         }
-        pthread_mutex_unlock(&s->mu);
-        for (size_t i = 0; i < b.n; i++) finish(b.m[i]); /* nobody else holds them now */
     }
     return NULL;
 }
@@ -929,8 +949,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (ci) r->fd = ci->connect_fd;
         *con_cls = r;
         first_call(s, r, c, method);
-        return r->responded && r->close ? queue_response(c, r)
-                                        : MHD_YES; /* 413: answer before reading the body */
+        if (r->responded) { /* an early answer (401, 404, 405, 413, 503): don't read a body for it */
+            const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+            const char *te =
+                MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+            if (te || (cl && strcmp(cl, "0"))) r->close = 1;
+        }
+        return r->responded && r->close ? queue_response(c, r) : MHD_YES;
     }
     if (*upload_size) {
         if (!r->responded) {
@@ -942,6 +967,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 nz_free(r->body);
                 r->body = NULL;
                 r->body_len = r->body_cap = 0;
+                /* the rest is read and dropped (libmicrohttpd cannot answer mid-upload), then 413 */
             } else {
                 if (r->body_len + n + 1 > r->body_cap) {
                     size_t cap = r->body_cap ? r->body_cap : 1024;
@@ -1067,12 +1093,13 @@ int srv_server_start(const srv_config *cfg, srv_server **out, char *err, size_t 
     if (resolve(cfg->host, cfg->port, &ss, &sl, err, errlen)) goto fail;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_EPOLL |
                      MHD_USE_ERROR_LOG | (ss.ss_family == AF_INET6 ? MHD_USE_IPv6 : 0);
-    s->mhd = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR,
-                              (struct sockaddr *)&ss, MHD_OPTION_THREAD_POOL_SIZE,
-                              (unsigned)cfg->http_threads, MHD_OPTION_CONNECTION_TIMEOUT,
-                              (unsigned)cfg->connection_timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
-                              s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_CONNECTION_LIMIT, 4096u,
-                              MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
+    s->mhd = MHD_start_daemon(
+        flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
+        s, /* first, so every message goes through srv_log */
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_THREAD_POOL_SIZE,
+        (unsigned)cfg->http_threads, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_LIMIT, 4096u,
+        MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
     if (!s->mhd) {
         snprintf(err, errlen, "cannot listen on %s:%d (address in use, or not permitted)", cfg->host,
                  cfg->port);

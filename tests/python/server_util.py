@@ -1,0 +1,344 @@
+"""Helpers for the nzserve tests (tests/python/test_server.py).
+
+Server: a context manager that writes its own config file (so the shipped
+config/nzserve.json never matters), starts $NZSERVE (default build/nzserve)
+on 127.0.0.1 with a free port, captures stderr to a file, waits for the
+`event=listening` line and always kills the process on exit. A watchdog
+kills any server that lives longer than `lifetime` seconds (60 by default),
+and every wait and every HTTP call has a timeout, so no test can hang.
+
+Also: a small HTTP client on http.client (exact status, headers and body,
+no retries), raw-socket helpers and a Prometheus text parser.
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+HOST = "127.0.0.1"
+
+
+def nzserve_path():
+    """The nzserve binary under test: env NZSERVE, default build/nzserve."""
+    return os.environ.get("NZSERVE", os.path.join(REPO, "build", "nzserve"))
+
+
+def clean_env(extra=None):
+    """os.environ without any NZSERVE_* variable (so the caller's shell cannot
+    change a test), plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NZSERVE")}
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+def run_nzserve(args, env=None, cwd=None, timeout=20):
+    """Run nzserve to completion (for startup failures). @return CompletedProcess."""
+    return subprocess.run([nzserve_path(), *map(str, args)], env=clean_env(env), cwd=cwd or tempfile.gettempdir(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers  # http.client.HTTPMessage (case-insensitive get)
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def header(self, name):
+        if isinstance(self.headers, dict):  # from raw_read_response: lower-case names
+            return self.headers.get(name.lower())
+        return self.headers.get(name)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:300]!r}>"
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=15, conn=None):
+    """One request on a new connection (or on conn, left open). body: bytes,
+    str, or any other value sent as JSON."""
+    if body is not None and not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    own = conn is None
+    c = conn or http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        c.request(method, path, body=body, headers=dict(headers or {}))
+        r = c.getresponse()
+        data = r.read()
+        return Response(r.status, r.headers, data)
+    finally:
+        if own:
+            c.close()
+
+
+def raw_connect(port, timeout=10):
+    s = socket.create_connection((HOST, port), timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+def raw_read_response(sock, timeout=10):
+    """Read one HTTP/1.1 response (Content-Length framed) from a raw socket.
+    @return a Response (headers: a dict with lower-case names)."""
+    sock.settimeout(timeout)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buf:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete response head: {buf!r}")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a response: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for l in lines[1:]:
+        k, _, v = l.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    n = int(headers.get("content-length", "0"))
+    while len(rest) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("incomplete body")
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return Response(status, headers, rest[:n])
+
+
+def post_request_bytes(path, body, headers=None):
+    """The bytes of a POST with an exact Content-Length."""
+    h = {"Host": HOST, "Content-Type": "application/json", "Content-Length": str(len(body))}
+    h.update(headers or {})
+    return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n").encode() + body
+
+
+# ---------------------------------------------------------------- metrics
+
+_METRIC = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text):
+    """Prometheus text format -> {(name, frozenset of (label, value)): float}."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _METRIC.match(line)
+        assert m, f"unparsable metrics line: {line!r}"
+        labels = frozenset(_LABEL.findall(m.group(2) or ""))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def metric(samples, name, **labels):
+    """The value of the sample name{labels} (labels must match exactly), or None."""
+    return samples.get((name, frozenset((k, str(v)) for k, v in labels.items())))
+
+
+# ---------------------------------------------------------------- the server
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """A running nzserve.
+
+        with Server(model_path, config={"max_texts": 4}, flags=["--log-level", "debug"],
+                    env={"NZSERVE_DEBUG_STEP_DELAY_MS": 50}) as s:
+            s.wait_ready()
+            r = s.post("/v1/translate", {"text": "..."})
+
+    config: settings written into the temp config file (on top of host
+    127.0.0.1, port 0, the model as "m" and a few small defaults). models:
+    the config's "models" list instead of the single model.
+    """
+
+    def __init__(self, model=None, config=None, flags=(), env=None, models=None, lifetime=60, start_timeout=15,
+                 wait_listening=True):
+        self.dir = tempfile.mkdtemp(prefix="nzserve-test-")
+        cfg = {"host": HOST, "port": 0, "worker_threads": 1, "http_threads": 4, "connection_timeout_s": 10,
+               "shutdown_grace_ms": 5000}
+        if models is not None:
+            cfg["models"] = models
+        elif model is not None:
+            cfg["models"] = [{"name": "m", "task": "translate", "path": str(model)}]
+        cfg.update(config or {})
+        self.config_path = os.path.join(self.dir, "nzserve.json")
+        with open(self.config_path, "w") as f:
+            json.dump(cfg, f)
+        self.stderr_path = os.path.join(self.dir, "stderr.log")
+        self.port = None
+        self.rc = None
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen([nzserve_path(), "--config", self.config_path, *map(str, flags)],
+                                     env=clean_env(env), cwd=self.dir, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr)
+        self._watchdog = threading.Timer(lifetime, self._kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        if wait_listening:
+            try:
+                self._wait_listening(start_timeout)
+            except BaseException:
+                self.close()
+                raise
+
+    # -- lifecycle
+
+    def _kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def _wait_listening(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                port = listening_port(line)
+                if port:
+                    self.port = port
+                    return
+            if self.proc.poll() is not None:
+                raise ServerError(f"nzserve exited with {self.proc.returncode} before listening:\n{self.log()}")
+            time.sleep(0.01)
+        raise ServerError(f"nzserve did not log event=listening within {timeout} s:\n{self.log()}")
+
+    def wait_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"nzserve exited with {self.proc.returncode}:\n{self.log()}")
+            last = self.get("/ready", timeout=5)
+            if last.status == 200:
+                return last
+            time.sleep(0.02)
+        raise ServerError(f"not ready within {timeout} s (last: {last}):\n{self.log()}")
+
+    def signal(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=20):
+        """Wait for the process to exit. @return its exit status."""
+        try:
+            self.rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            self.proc.wait(timeout=10)
+            raise ServerError(f"nzserve did not exit within {timeout} s:\n{self.log()}")
+        return self.rc
+
+    def stop(self, timeout=20):
+        """SIGTERM, wait. @return the exit status."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def close(self):
+        self._watchdog.cancel()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        finally:
+            self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- I/O
+
+    def log(self):
+        with open(self.stderr_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def url(self, path="/"):
+        return f"http://{HOST}:{self.port}{path}"
+
+    def request(self, method, path, body=None, headers=None, timeout=15, conn=None):
+        return http_request(self.port, method, path, body, headers, timeout, conn)
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def translate(self, body, headers=None, timeout=15):
+        return self.post("/v1/translate", body, headers=headers, timeout=timeout)
+
+    def metrics(self):
+        r = self.get("/metrics")
+        assert r.status == 200, r
+        return parse_metrics(r.body.decode())
+
+    def metric(self, name, **labels):
+        return metric(self.metrics(), name, **labels)
+
+    def wait_metric(self, name, pred, timeout=10, **labels):
+        """Poll /metrics until pred(value of name{labels}) (None when absent). @return the value."""
+        deadline = time.monotonic() + timeout
+        v = None
+        while time.monotonic() < deadline:
+            v = self.metric(name, **labels)
+            if pred(v):
+                return v
+            time.sleep(0.02)
+        raise AssertionError(f"{name}{labels} = {v} did not satisfy the condition within {timeout} s")
+
+    def wait_log(self, pattern, timeout=10):
+        """Poll the log until the regex pattern matches. @return the match."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log())
+            if m:
+                return m
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not logged within {timeout} s:\n{self.log()}")
+
+
+def listening_port(line):
+    """The port of an event=listening log line (logfmt or json), else None."""
+    if line.startswith("{"):
+        try:
+            j = json.loads(line)
+        except ValueError:
+            return None
+        return int(j["port"]) if j.get("event") == "listening" else None
+    m = re.search(r"\bevent=listening\b.*\bport=(\d+)", line)
+    return int(m.group(1)) if m else None
+
+
+def build_translation_model(nzp, tmp_path_factory):
+    """The tiny real translation model of test_translate_cli (SentencePiece
+    trained here, random-weight cmlm_transformer with an AT decoder, packed
+    lossless). @return (path, reference model, nat_ref.Vocab)."""
+    import test_translate_cli as T
+
+    return T.model.__wrapped__(nzp, tmp_path_factory)

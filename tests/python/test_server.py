@@ -1,0 +1,935 @@
+"""nzserve (the HTTP inference server) end to end, against a real binary
+($NZSERVE, default build/nzserve) serving the tiny real translation model of
+test_translate_cli (trained SentencePiece, random-weight cmlm_transformer
+with an AT decoder, max_source_positions 24).
+
+Every server is started by server_util.Server on 127.0.0.1 with a free port
+and its own config file; a watchdog kills it after 60 s and every request
+has a timeout. Slow requests use the test hooks NZSERVE_DEBUG_STEP_DELAY_MS
+(a sleep before every decoder pass; an AT decode with max_length N makes
+about N + 2 passes, the random model never stops early) and
+NZSERVE_DEBUG_LOAD_DELAY_MS (a slow model load).
+
+Covered: the GET endpoints and HEAD; translations equal to the PyTorch
+reference decoding (nat_ref.mask_predict / at_greedy / at_beam) and to
+`nzp translate`; usage and timing; every error class (400 401 404 405 413
+422 429 503 504) with the JSON error shape; concurrency; API keys from a
+key file, flags, env and the config file; graceful shutdown (drain, and
+503 once the grace is over); cancellation when the client disconnects
+(running and queued); startup failures and their exit status; JSON logs,
+the access log, and that API keys never reach the log.
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import server_util as U
+from server_util import Server
+
+import test_translate_cli as T  # the model builder, words(), fairseq_text(), translate()
+
+R = T.R
+
+# valid inputs (the server refuses empty and blank texts); extra spaces, characters unknown to the model
+LINES = T.words(7, 6) + ["  kako  ruda  ", "dä ß ✓"]
+SLOW_TEXT = "dateni ko"
+LONG_TEXT = " ".join(["kadateni"] * 40)  # far more than max_source_positions (24) tokens
+
+ERROR_TYPES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 422: "validation_error", 429: "queue_full", 503: "unavailable",
+               504: "deadline_exceeded"}
+
+METRIC_NAMES = ["nzserve_requests_total", "nzserve_request_duration_seconds", "nzserve_queue_depth",
+                "nzserve_requests_in_flight", "nzserve_input_tokens_total", "nzserve_output_tokens_total",
+                "nzserve_weights_compressed_bytes", "nzserve_weights_decoded_equivalent_bytes",
+                "nzserve_tile_cache_bytes", "nzserve_tile_cache_limit_bytes", "nzserve_kv_cache_bytes",
+                "nzserve_scratch_bytes", "nzserve_resident_memory_bytes", "nzserve_resident_memory_peak_bytes",
+                "nzserve_tiles_decoded_total", "nzserve_tile_cache_hits_total", "nzserve_tile_decode_seconds_total",
+                "nzserve_rejected_total"]
+
+
+def slow(max_length, **kw):
+    """A request whose duration is about (max_length + 2) * step delay: the AT
+    decoder runs to max_length on this model."""
+    return {"text": SLOW_TEXT, "decoder": "at", "max_length": max_length, **kw}
+
+
+def assert_error(r, status, type_=None):
+    """r is an error response of this status with the JSON error shape."""
+    assert r.status == status, r
+    assert r.header("Content-Type") == "application/json", r.header("Content-Type")
+    body = r.json()
+    assert set(body) >= {"error"}, body
+    e = body["error"]
+    assert set(e) == {"code", "type", "message"}, e
+    assert e["code"] == status, e
+    assert e["type"] == (type_ or ERROR_TYPES[status]), e
+    assert isinstance(e["message"], str) and e["message"], e
+    return e
+
+
+def background(fn, *args, **kw):
+    """Run fn in a thread. @return (thread, result dict: "value" or "error", "t" seconds)."""
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            out["value"] = fn(*args, **kw)
+        except BaseException as e:  # reported by the caller
+            out["error"] = e
+        out["t"] = time.monotonic() - t0
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, out
+
+
+def joined(th, out, timeout=20):
+    th.join(timeout)
+    assert not th.is_alive(), "request thread still running"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def log_events(log, event):
+    """logfmt lines of one event."""
+    return [l for l in log.splitlines() if re.search(rf"\bevent={event}\b", l)]
+
+
+def logfmt(line):
+    """The key=value fields of a logfmt line (quoted values unescaped)."""
+    out = {}
+    for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line):
+        out[k] = json.loads(v) if v.startswith('"') else v
+    return out
+
+
+def access_log(log):
+    """The fields of every access-log (event=request) line."""
+    return [logfmt(l) for l in log_events(log, "request")]
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def nzserve():
+    path = U.nzserve_path()
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"nzserve binary not found at {path}: run `make build/nzserve` first")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(nzp, nzserve, tmp_path_factory):
+    """(path, reference model, vocab) of the tiny translation model."""
+    return U.build_translation_model(nzp, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model_path(model):
+    return model[0]
+
+
+# ------------------------------------------------------------------ GET endpoints
+
+
+class TestEndpoints:
+    @pytest.fixture(scope="class")
+    def srv(self, model_path):
+        with Server(model_path, config={"tile_cache_bytes": "1MiB"}) as s:
+            s.wait_ready()
+            yield s
+
+    def test_health_and_ready(self, srv):
+        r = srv.get("/health")
+        assert r.status == 200 and r.json() == {"status": "ok"}
+        assert r.header("Content-Type") == "application/json"
+        r = srv.get("/ready")
+        assert r.status == 200 and r.json() == {"status": "ready"}
+        assert srv.get("/health?probe=1").status == 200  # a query string does not change the route
+
+    def test_models(self, srv, model_path):
+        r = srv.get("/v1/models")
+        assert r.status == 200, r
+        j = r.json()
+        assert len(j["models"]) == 1
+        m = j["models"][0]
+        assert m["name"] == "m" and m["task"] == "translate" and m["loaded"] is True
+        assert m["architecture"] == "cmlm_transformer"
+        assert m["weight_mode"] == "lossless"
+        assert m["compressed_bytes"] > 0
+        assert m["decoded_equivalent_bytes"] > m["compressed_bytes"]
+        assert 0 < m["ratio"] < 1
+        assert m["parameters"] > 0 and m["at_decoder"] is True and m["max_source_positions"] == 24
+        assert j["tile_cache"]["budget_bytes"] == 1 << 20
+
+    def test_memory(self, srv):
+        srv.translate({"text": LINES[0]})  # something used the scratch and the cache
+        r = srv.get("/v1/memory")
+        assert r.status == 200, r
+        j = r.json()
+        assert j["categories"], j
+        for name, c in j["categories"].items():
+            assert set(c) >= {"current_bytes", "peak_bytes"}, (name, c)
+            assert 0 <= c["current_bytes"] <= c["peak_bytes"], (name, c)
+        assert "weights" in j["categories"] and "kv_cache" in j["categories"]
+        assert [m["name"] for m in j["models"]] == ["m"]
+        models = srv.get("/v1/models").json()["models"][0]
+        assert j["models"][0]["compressed_bytes"] == models["compressed_bytes"]
+        assert j["models"][0]["decoded_equivalent_bytes"] == models["decoded_equivalent_bytes"]
+        assert j["rss_bytes"] > 0 and j["rss_peak_bytes"] > 0
+        assert j["tile_cache"]["budget_bytes"] == 1 << 20
+
+    def test_metrics(self, srv):
+        tr = srv.translate({"texts": LINES[:3]})
+        assert tr.status == 200, tr
+        r = srv.get("/metrics")
+        assert r.status == 200
+        assert r.header("Content-Type").startswith("text/plain; version=0.0.4")
+        text = r.body.decode()
+        for name in METRIC_NAMES:
+            assert re.search(rf"^# TYPE {name} ", text, re.M), f"{name} missing from /metrics"
+        s = U.parse_metrics(text)
+        assert U.metric(s, "nzserve_weights_compressed_bytes", model="m") == \
+            srv.get("/v1/models").json()["models"][0]["compressed_bytes"]
+        assert U.metric(s, "nzserve_tile_cache_limit_bytes") == 1 << 20
+        assert U.metric(s, "nzserve_resident_memory_bytes") > 0
+        assert U.metric(s, "nzserve_tiles_decoded_total") > 0
+        assert U.metric(s, "nzserve_queue_depth") == 0 and U.metric(s, "nzserve_requests_in_flight") == 0
+        # a request is counted (on completion, which may trail the response a little)
+        before = srv.metric("nzserve_requests_total", route="/v1/models", status="200") or 0
+        tokens_in = U.metric(s, "nzserve_input_tokens_total", route="/v1/translate")
+        assert tokens_in >= tr.json()["usage"]["input_tokens"] > 0
+        assert srv.get("/v1/models").status == 200
+        srv.wait_metric("nzserve_requests_total", lambda v: v == before + 1, route="/v1/models", status="200")
+        tr = srv.translate({"text": LINES[3]})
+        srv.wait_metric("nzserve_input_tokens_total", lambda v: v == tokens_in + tr.json()["usage"]["input_tokens"],
+                        route="/v1/translate")
+        s = srv.metrics()
+        assert U.metric(s, "nzserve_request_duration_seconds_count", route="/v1/translate") >= 2
+        assert U.metric(s, "nzserve_request_duration_seconds_bucket", route="/v1/translate", le="+Inf") >= 2
+
+    def test_head(self, srv):
+        for path in ["/health", "/ready", "/v1/models", "/v1/memory", "/metrics"]:
+            g = srv.get(path)
+            r = srv.request("HEAD", path)
+            assert r.status == 200 and r.body == b"", (path, r)
+            assert r.header("Content-Type") == g.header("Content-Type"), path
+        assert int(srv.request("HEAD", "/health").header("Content-Length")) == len(srv.get("/health").body)
+
+
+# ------------------------------------------------------------------ translation
+
+
+class TestTranslate:
+    @pytest.fixture(scope="class")
+    def srv(self, model_path):
+        with Server(model_path, config={"max_concurrent_requests": 4, "queue_length": 64, "worker_threads": 2,
+                                        "tile_cache_bytes": "4MiB", "max_new_tokens": 64}) as s:
+            s.wait_ready()
+            yield s
+
+    # server body options -> the reference decoding of the padded batch
+    CASES = {
+        "nat-1-1": ({"iterations": 1, "length_beam": 1},
+                    lambda ref, src: R.mask_predict(ref, src, max_iter=1, length_beam=1)),
+        "nat-defaults": ({}, lambda ref, src: R.mask_predict(ref, src, max_iter=10, length_beam=5)),
+        "nat-rerank": ({"iterations": 4, "length_beam": 3, "rerank": "at"},
+                       lambda ref, src: R.mask_predict(ref, src, max_iter=4, length_beam=3, rerank_at=True)),
+        "at-greedy": ({"decoder": "at"}, lambda ref, src: [{"tokens": t} for t in R.at_greedy(ref, src)]),
+        "at-greedy-max5": ({"decoder": "at", "max_length": 5},
+                           lambda ref, src: [{"tokens": t} for t in R.at_greedy(ref, src, max_len_b=5)]),
+        "at-beam4": ({"decoder": "at", "beam_size": 4},
+                     lambda ref, src: R.at_beam(ref, src, beam=4, lenpen=1.0)),
+    }
+
+    @pytest.mark.parametrize("case", list(CASES))
+    def test_tokens_match_reference(self, srv, model, case):
+        _, ref, vocab = model
+        opts, decode = self.CASES[case]
+        want = decode(ref, R.pad_batch([vocab.encode(l) for l in LINES]))
+        r = srv.translate({"texts": LINES, "return_tokens": True, **opts})
+        assert r.status == 200, r
+        j = r.json()
+        assert j["model"] == "m"
+        got = j["translations"]
+        assert len(got) == len(LINES)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g["tokens"] == w["tokens"], f"texts[{i}] {LINES[i]!r}"
+            # the text is fairseq's post-processing of the ids (<unk> kept as "<unk>", as `nzp translate`);
+            # it is SentencePiece's decode when no unknown piece is involved
+            assert g["text"] == T.fairseq_text(vocab, g["tokens"]), f"texts[{i}]"
+            if R.UNK not in g["tokens"]:
+                assert g["text"] == vocab.decode(g["tokens"]).strip(), f"texts[{i}]"
+            assert isinstance(g["score"], float)
+        assert j["usage"]["input_tokens"] == sum(len(vocab.encode(l)) - 2 for l in LINES)
+        assert j["usage"]["output_tokens"] == sum(
+            sum(1 for t in w["tokens"] if t not in (R.BOS, R.EOS, R.PAD)) for w in want)
+
+    def test_nat_max_length_caps_output(self, srv):
+        r = srv.translate({"texts": LINES, "max_length": 3, "return_tokens": True})
+        assert r.status == 200, r
+        for g in r.json()["translations"]:
+            assert 1 <= sum(1 for t in g["tokens"] if t not in (R.BOS, R.EOS, R.PAD)) <= 3, g
+
+    @pytest.mark.parametrize("body,cli", [({}, []), ({"iterations": 3, "length_beam": 2}, ["--iter", 3, "--beam", 2]),
+                                          ({"decoder": "at"}, ["--at"])])
+    def test_text_matches_nzp_translate(self, srv, nzp, model_path, body, cli):
+        want = T.translate(nzp, model_path, LINES, *cli).stdout.split("\n")[:-1]
+        r = srv.translate({"texts": LINES, **body})
+        assert r.status == 200, r
+        assert [t["text"] for t in r.json()["translations"]] == want
+
+    def test_single_text_form(self, srv, model):
+        _, ref, vocab = model
+        r = srv.translate({"text": LINES[2]})
+        assert r.status == 200, r
+        assert r.header("Content-Type") == "application/json"
+        j = r.json()
+        assert set(j) == {"model", "translations", "usage", "timing_ms"}
+        assert len(j["translations"]) == 1
+        t = j["translations"][0]
+        assert set(t) == {"text", "score"}  # no tokens unless asked
+        want = R.mask_predict(ref, R.pad_batch([vocab.encode(LINES[2])]), max_iter=10, length_beam=5)[0]
+        assert t["text"] == T.fairseq_text(vocab, want["tokens"])
+        assert j["usage"] == {"input_tokens": len(vocab.encode(LINES[2])) - 2,
+                              "output_tokens": sum(1 for x in want["tokens"] if x not in (R.BOS, R.EOS, R.PAD))}
+        tm = j["timing_ms"]
+        assert set(tm) == {"queue", "inference", "total"}
+        assert all(v >= 0 for v in tm.values()) and tm["total"] >= tm["inference"]
+        # the explicit default model name and null optional fields are accepted
+        r2 = srv.translate({"text": LINES[2], "model": "m", "iterations": None, "return_tokens": False})
+        assert r2.status == 200 and r2.json()["translations"][0]["text"] == t["text"]
+
+    def test_concurrent_clients(self, srv):
+        bodies = [
+            {"texts": LINES[:3]},
+            {"text": LINES[3], "iterations": 2, "length_beam": 2},
+            {"texts": LINES[4:], "iterations": 4, "length_beam": 3, "rerank": "at"},
+            {"text": LINES[1], "decoder": "at", "max_length": 12},
+            {"texts": LINES[:2], "decoder": "at", "beam_size": 3, "max_length": 10},
+            {"texts": LINES, "iterations": 0, "length_beam": 1},
+        ]
+        bodies = [dict(b, return_tokens=True) for b in bodies]
+
+        def answer(b):
+            r = srv.translate(b, timeout=30)
+            assert r.status == 200, r
+            j = r.json()
+            return j["translations"], j["usage"]
+
+        def same(got, want):
+            # texts and tokens are exact; concurrent requests with the same options may be decoded as one
+            # batch, and a wider padded batch may move a score in its last bits
+            (gt, gu), (wt, wu) = got, want
+            return gu == wu and len(gt) == len(wt) and all(
+                g["text"] == w["text"] and g["tokens"] == w["tokens"] and abs(g["score"] - w["score"]) < 1e-4
+                for g, w in zip(gt, wt))
+
+        want = [answer(b) for b in bodies]
+
+        def client(k):
+            return [(i % len(bodies), answer(bodies[i % len(bodies)])) for i in range(k, k + 4)]
+
+        with ThreadPoolExecutor(16) as ex:
+            results = list(ex.map(client, range(16), timeout=60))
+        assert sum(len(x) for x in results) == 64
+        for res in results:
+            for i, got in res:
+                assert same(got, want[i]), (i, got, want[i])
+        assert srv.metric("nzserve_queue_depth") == 0
+
+
+# ------------------------------------------------------------------ errors
+
+MAX_BODY = 2048
+MAX_TEXTS = 4
+MAX_NEW = 50
+
+ERROR_CASES = [
+    # 400: not a JSON object, invalid UTF-8, wrong types
+    ("malformed", b'{"text": "abc"', 400),
+    ("trailing-garbage", b'{"text": "abc"} x', 400),
+    ("empty-body", b"", 400),
+    ("array", b'["abc"]', 400),
+    ("duplicate-key", b'{"text": "a", "text": "b"}', 400),
+    ("invalid-utf8", b'{"text": "da\xff\xfete"}', 400),
+    ("overlong-utf8", b'{"text": "\xc0\xaf"}', 400),
+    ("lone-surrogate", b'{"text": "\\ud800"}', 400),
+    ("nul-escape", b'{"text": "a\\u0000b"}', 400),
+    ("text-int", {"text": 5}, 400),
+    ("texts-string", {"texts": "x"}, 400),
+    ("texts-int-item", {"texts": ["ok", 1]}, 400),
+    ("iterations-string", {"text": "ko", "iterations": "3"}, 400),
+    ("iterations-float", {"text": "ko", "iterations": 2.5}, 400),
+    ("length_beam-bool", {"text": "ko", "length_beam": True}, 400),
+    ("return_tokens-int", {"text": "ko", "return_tokens": 1}, 400),
+    ("return_tokens-string", {"text": "ko", "return_tokens": "true"}, 400),
+    ("model-int", {"text": "ko", "model": 5}, 400),
+    ("rerank-int", {"text": "ko", "rerank": 1}, 400),
+    ("decoder-list", {"text": "ko", "decoder": ["at"]}, 400),
+    ("beam_size-string", {"text": "ko", "decoder": "at", "beam_size": "2"}, 400),
+    # 404
+    ("unknown-model", {"text": "ko", "model": "nope"}, 404),
+    # 422: validation
+    ("empty-text", {"text": ""}, 422),
+    ("blank-text", {"text": " \t\n "}, 422),
+    ("empty-texts", {"texts": []}, 422),
+    ("blank-in-texts", {"texts": ["ko", "  "]}, 422),
+    ("too-many-texts", {"texts": ["ko"] * (MAX_TEXTS + 1)}, 422),
+    ("text-and-texts", {"text": "ko", "texts": ["ko"]}, 422),
+    ("no-text", {"iterations": 1}, 422),
+    ("unknown-field", {"text": "ko", "temperature": 1}, 422),
+    ("iterations-high", {"text": "ko", "iterations": 101}, 422),
+    ("iterations-negative", {"text": "ko", "iterations": -1}, 422),
+    ("length_beam-0", {"text": "ko", "length_beam": 0}, 422),
+    ("length_beam-33", {"text": "ko", "length_beam": 33}, 422),
+    ("max_length-0", {"text": "ko", "max_length": 0}, 422),
+    ("max_length-over", {"text": "ko", "max_length": MAX_NEW + 1}, 422),
+    ("beam_size-0", {"text": "ko", "decoder": "at", "beam_size": 0}, 422),
+    ("beam_size-33", {"text": "ko", "decoder": "at", "beam_size": 33}, 422),
+    ("rerank-value", {"text": "ko", "rerank": "maybe"}, 422),
+    ("decoder-value", {"text": "ko", "decoder": "ctc"}, 422),
+    ("rerank-with-at", {"text": "ko", "decoder": "at", "rerank": "at"}, 422),
+    ("too-long-for-model", {"text": LONG_TEXT}, 422),
+    ("too-long-in-texts", {"texts": ["ko", LONG_TEXT]}, 422),
+]
+
+
+class TestErrors:
+    @pytest.fixture(scope="class")
+    def srv(self, model_path):
+        with Server(model_path, config={"max_body_bytes": MAX_BODY, "max_texts": MAX_TEXTS,
+                                        "max_new_tokens": MAX_NEW}) as s:
+            s.wait_ready()
+            yield s
+
+    @pytest.mark.parametrize("name,body,status", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+    def test_translate_errors(self, srv, name, body, status):
+        r = srv.translate(body)
+        e = assert_error(r, status)
+        if name.startswith("too-long"):
+            assert "22" in e["message"], e  # the model's limit: 24 positions - bos - eos
+        if name == "unknown-field":
+            assert "temperature" in e["message"]
+        if name == "unknown-model":
+            assert "nope" in e["message"]
+
+    def test_input_limit_boundary(self, srv, model):
+        vocab = model[2]
+        words = LONG_TEXT.split()
+        n = max(k for k in range(1, len(words)) if len(vocab.encode(" ".join(words[:k]))) - 2 <= 22)
+        assert srv.translate({"text": " ".join(words[:n])}).status == 200
+        assert len(vocab.encode(" ".join(words[:n + 1]))) - 2 > 22
+        assert_error(srv.translate({"text": " ".join(words[:n + 1])}), 422)
+
+    @pytest.mark.parametrize("method,path,status,allow", [
+        ("GET", "/nope", 404, None), ("POST", "/nope", 404, None), ("GET", "/", 404, None),
+        ("GET", "/v1/translate/", 404, None), ("GET", "/v1", 404, None), ("GET", "/healthz", 404, None),
+        ("GET", "/v1/translate", 405, "POST"), ("PUT", "/v1/translate", 405, "POST"),
+        ("HEAD", "/v1/translate", 405, "POST"), ("GET", "/v1/dialogue", 405, "POST"),
+        ("POST", "/health", 405, "GET, HEAD"), ("PUT", "/ready", 405, "GET, HEAD"),
+        ("DELETE", "/v1/models", 405, "GET, HEAD"), ("POST", "/v1/memory", 405, "GET, HEAD"),
+        ("POST", "/metrics", 405, "GET, HEAD"), ("OPTIONS", "/health", 405, "GET, HEAD")])
+    def test_routes(self, srv, method, path, status, allow):
+        r = srv.request(method, path, body=b"{}" if method in ("POST", "PUT") else None)
+        if method == "HEAD":
+            assert r.status == status and r.body == b""
+        else:
+            assert_error(r, status)
+        assert r.header("Allow") == allow
+
+    def test_dialogue_not_available(self, srv):
+        e = assert_error(srv.post("/v1/dialogue", {"text": "hello"}), 404)
+        assert "dialogue" in e["message"]
+
+    def test_413_from_content_length_before_the_body(self, srv):
+        # only the head is sent: the answer must come without waiting for the body
+        with U.raw_connect(srv.port, timeout=5) as s:
+            s.sendall(f"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+            r = U.raw_read_response(s, timeout=5)
+        assert_error(r, 413)
+        assert r.header("Connection") == "close"
+        with U.raw_connect(srv.port, timeout=5) as s:
+            s.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n")
+            assert_error(U.raw_read_response(s, timeout=5), 413)
+
+    def test_413_body_size_boundary(self, srv):
+        body = json.dumps({"text": LINES[0]}).encode()
+        exact = body[:-1] + b" " * (MAX_BODY - len(body)) + b"}"
+        assert len(exact) == MAX_BODY
+        assert srv.translate(exact).status == 200
+        assert_error(srv.translate(exact + b" "), 413)
+        assert_error(srv.translate(b"x" * (100 * MAX_BODY)), 413)
+
+    def chunked(self, srv, chunks):
+        with U.raw_connect(srv.port, timeout=10) as s:
+            s.sendall(b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            for c in chunks:
+                s.sendall(b"%x\r\n%s\r\n" % (len(c), c))
+            s.sendall(b"0\r\n\r\n")
+            return U.raw_read_response(s, timeout=10)
+
+    def test_chunked_upload(self, srv):
+        body = json.dumps({"text": LINES[0], "return_tokens": True}).encode()
+        r = self.chunked(srv, [body[i:i + 7] for i in range(0, len(body), 7)])
+        assert r.status == 200, r
+        assert r.json()["translations"][0]["tokens"] == srv.translate(body).json()["translations"][0]["tokens"]
+
+    def test_413_chunked_over_the_cap(self, srv):
+        body = json.dumps({"text": LINES[0]}).encode()
+        big = body[:-1] + b" " * (MAX_BODY + 100) + b"}"
+        assert_error(self.chunked(srv, [big[i:i + 500] for i in range(0, len(big), 500)]), 413)
+
+    def test_zz_no_5xx_and_rejections_counted(self, srv):
+        s = srv.metrics()
+        seen = [dict(k[1]) for k in s if k[0] == "nzserve_requests_total"]
+        assert {"400", "404", "405", "413", "422"} <= {l["status"] for l in seen}, seen
+        # /ready answered 503 while the model loaded (wait_ready); nothing else may be a 5xx
+        bad = [l for l in seen if l["status"].startswith("5") and l["route"] != "/ready"]
+        assert not bad, bad
+        assert U.metric(s, "nzserve_rejected_total", reason="body_too_large") >= 4
+
+
+def test_max_input_tokens_and_metrics_off(model_path, model):
+    vocab = model[2]
+    with Server(model_path, config={"max_input_tokens": 3, "metrics": False}) as s:
+        s.wait_ready()
+        text = LINES[0]
+        assert len(vocab.encode(text)) - 2 > 3
+        e = assert_error(s.translate({"texts": ["ko", text]}), 422)
+        assert "texts'[1]" in e["message"] and "limit is 3" in e["message"], e
+        short = "ko"
+        assert len(vocab.encode(short)) - 2 <= 3
+        assert s.translate({"text": short}).status == 200
+        assert_error(s.get("/metrics"), 404)  # metrics: false
+        assert s.request("HEAD", "/metrics").status == 404
+
+
+# ------------------------------------------------------------------ API keys
+
+KEY_A, KEY_B, KEY_C = "alpha-key-0001", "beta-key-0002", "gamma-key-0003"
+
+
+def check_keys(s, good, bad):
+    body = {"text": LINES[0]}
+    e = assert_error(s.translate(body), 401)
+    assert "missing" in e["message"]
+    for k in bad:
+        assert_error(s.translate(body, headers={"Authorization": f"Bearer {k}"}), 401)
+        assert_error(s.translate(body, headers={"X-API-Key": k}), 401)
+    for k in good:
+        assert s.translate(body, headers={"Authorization": f"Bearer {k}"}).status == 200
+        assert s.translate(body, headers={"X-API-Key": k}).status == 200
+    assert_error(s.translate(body, headers={"Authorization": f"Basic {good[0]}"}), 401)
+    assert_error(s.translate(body, headers={"Authorization": f"Bearer {good[0]}x"}), 401)
+    assert_error(s.translate(body, headers={"Authorization": f"Bearer {good[0][:-1]}"}), 401)
+    # the key is checked before anything else of an inference route
+    assert_error(s.post("/v1/dialogue", {"text": "hi"}), 401)
+    assert_error(s.post("/v1/dialogue", {"text": "hi"}, headers={"X-API-Key": good[0]}), 404)
+    assert_error(s.translate(b"{bad json", headers={"X-API-Key": bad[0]}), 401)
+    # exempt routes
+    for path in ["/health", "/ready", "/metrics"]:
+        assert s.get(path).status == 200, path
+    s.wait_metric("nzserve_rejected_total", lambda v: v == 1 + 2 * len(bad) + 3 + 2, reason="unauthorized")
+    log = s.log()
+    for k in good + bad:
+        assert k not in log, f"API key {k} in the log"
+
+
+def test_api_keys_from_file(tmp_path, model_path):
+    kf = tmp_path / "keys.txt"
+    kf.write_text(f"# nzserve API keys\n{KEY_A}\n\n   {KEY_B}   \n#{KEY_C}\n  # indented comment\n")
+    with Server(model_path, config={"api_key_file": str(kf)}) as s:
+        s.wait_ready()
+        check_keys(s, [KEY_A, KEY_B], [KEY_C, "#" + KEY_C, "wrong-key-9999"])
+        assert s.stop() == 0
+        assert KEY_A not in s.log() and KEY_B not in s.log()
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "config", "file-and-flag"])
+def test_api_keys_from_settings(tmp_path, model_path, source):
+    flags, env, config = [], {}, {}
+    if source == "flag":
+        flags = ["--api-keys", f"{KEY_A},{KEY_B}"]
+    elif source == "env":
+        env = {"NZSERVE_API_KEYS": f"{KEY_A},{KEY_B}"}
+    elif source == "config":
+        config = {"api_keys": [KEY_A, KEY_B]}
+    else:
+        kf = tmp_path / "keys"
+        kf.write_text(KEY_B + "\n")
+        config = {"api_key_file": str(kf)}
+        flags = ["--api-keys", KEY_A]
+    with Server(model_path, config=config, flags=flags, env=env) as s:
+        s.wait_ready()
+        check_keys(s, [KEY_A, KEY_B], [KEY_C])
+
+
+# ------------------------------------------------------------------ load, queue, deadlines
+
+
+def test_not_ready_while_loading(model_path):
+    with Server(model_path, env={"NZSERVE_DEBUG_LOAD_DELAY_MS": 1500}) as s:
+        t0 = time.monotonic()
+        r = s.get("/ready")
+        assert r.status == 503, r
+        j = r.json()
+        assert j["status"] == "loading" and j["error"]["code"] == 503
+        assert s.get("/health").status == 200
+        r = s.translate({"text": LINES[0]})
+        e = assert_error(r, 503)
+        assert "loading" in e["message"]
+        assert int(r.header("Retry-After")) >= 1
+        m = s.get("/v1/models").json()["models"][0]
+        assert m["name"] == "m" and m["loaded"] is False
+        assert s.metric("nzserve_ready") == 0
+        s.wait_ready(timeout=15)
+        assert time.monotonic() - t0 > 1.0
+        assert s.translate({"text": LINES[0]}).status == 200
+        assert s.metric("nzserve_ready") == 1
+        assert s.stop() == 0
+
+
+def test_sigterm_while_loading(model_path):
+    with Server(model_path, env={"NZSERVE_DEBUG_LOAD_DELAY_MS": 20000}) as s:
+        assert s.get("/ready").status == 503
+        t0 = time.monotonic()
+        assert s.stop(timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+        assert log_events(s.log(), "stopped")
+
+
+def test_queue_full_429(model_path):
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 0},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
+        th, out = background(s.translate, slow(20))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        r = s.translate({"text": LINES[0]})
+        e = assert_error(r, 429)
+        assert int(r.header("Retry-After")) >= 1, r.headers
+        assert "queue" in e["message"]
+        assert th.is_alive()
+        assert joined(th, out).status == 200
+        assert s.translate({"text": LINES[0]}).status == 200  # room again
+        assert s.metric("nzserve_rejected_total", reason="queue_full") == 1
+
+
+def test_queue_admits_up_to_queue_length(model_path):
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 2},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 50}) as s:
+        s.wait_ready()
+        a = background(s.translate, slow(20))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        b = background(s.translate, slow(2))
+        c = background(s.translate, slow(2))
+        s.wait_metric("nzserve_queue_depth", lambda v: v == 2)
+        assert_error(s.translate({"text": LINES[0]}), 429)
+        for th, out in (a, b, c):
+            assert joined(th, out).status == 200
+
+
+def test_deadline_504_while_running(model_path):
+    with Server(model_path, config={"request_timeout_ms": 500}, env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
+        t0 = time.monotonic()
+        r = s.translate(slow(30))  # about 3.2 s of decoding
+        dt = time.monotonic() - t0
+        e = assert_error(r, 504)
+        assert "500 ms" in e["message"]
+        assert 0.4 < dt < 2.0, dt
+        assert s.metric("nzserve_rejected_total", reason="deadline") == 1
+        assert s.metric("nzserve_requests_in_flight") == 0
+        assert s.translate({"text": LINES[0], "iterations": 0}).status == 200  # the worker is free
+
+
+def test_deadline_504_while_queued(model_path):
+    # the running request sleeps 1 s before its first pass; the queued one must not wait for it
+    with Server(model_path, config={"request_timeout_ms": 300, "max_concurrent_requests": 1, "queue_length": 4},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 1000}) as s:
+        s.wait_ready()
+        a = background(s.translate, slow(5))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        t0 = time.monotonic()
+        r = s.translate({"text": LINES[0]})
+        dt = time.monotonic() - t0
+        assert_error(r, 504)
+        assert dt < 0.9, dt
+        assert a[0].is_alive()
+        assert_error(joined(*a), 504)
+        assert s.metric("nzserve_rejected_total", reason="deadline") == 2
+        assert s.metric("nzserve_queue_depth") == 0
+
+
+# ------------------------------------------------------------------ shutdown
+
+
+def test_graceful_shutdown_drains(model_path):
+    with Server(model_path, config={"max_concurrent_requests": 3, "queue_length": 8, "shutdown_grace_ms": 20000},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
+        keep = http.client.HTTPConnection(U.HOST, s.port, timeout=10)  # an idle keep-alive connection
+        assert s.request("GET", "/health", conn=keep).status == 200
+        # 3 running + 1 queued, ~1 s each; different max_length: never decoded as one batch
+        reqs = [background(s.translate, slow(8 + i)) for i in range(4)]
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 3)
+        s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
+        s.signal(signal.SIGTERM)
+        # the listening socket goes away at once: new connections are refused
+        deadline = time.monotonic() + 3
+        refused = False
+        while time.monotonic() < deadline and not refused:
+            try:
+                socket.create_connection((U.HOST, s.port), timeout=1).close()
+                time.sleep(0.01)
+            except ConnectionRefusedError:
+                refused = True
+        assert refused, "still accepting connections after SIGTERM"
+        assert any(th.is_alive() for th, _ in reqs), "requests finished before the check"
+        # a request on an existing connection is turned away
+        r = s.request("GET", "/health", conn=keep)
+        assert_error(r, 503)
+        assert r.header("Connection") == "close"
+        keep.close()
+        for th, out in reqs:
+            r = joined(th, out)
+            assert r.status == 200, r
+            assert len(r.json()["translations"][0]["text"]) > 0
+        assert s.wait(timeout=20) == 0
+        log = s.log()
+        assert re.search(r"event=draining in_flight=4\b", log), log
+        assert re.search(r"event=stopped cancelled=0\b", log), log
+        assert len([l for l in access_log(log) if l["path"] == "/v1/translate" and l["status"] == "200"]) == 4
+
+
+def test_shutdown_grace_over_503(model_path):
+    with Server(model_path, config={"max_concurrent_requests": 2, "queue_length": 4, "shutdown_grace_ms": 300},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
+        reqs = [background(s.translate, slow(40 + i)) for i in range(3)]  # ~4 s each: 2 running, 1 queued
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 2)
+        s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
+        t0 = time.monotonic()
+        s.signal(signal.SIGTERM)
+        for th, out in reqs:
+            r = joined(th, out, timeout=10)
+            e = assert_error(r, 503)
+            assert "shutting down" in e["message"]
+        assert s.wait(timeout=10) == 0
+        assert time.monotonic() - t0 < 3.0
+        log = s.log()
+        assert re.search(r"event=stopped cancelled=3\b", log), log
+
+
+# ------------------------------------------------------------------ disconnects
+
+
+def test_disconnect_cancels_running_and_queued(model_path):
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 4},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
+        a = U.raw_connect(s.port)
+        a.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(40)).encode()))  # ~4 s
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        b = U.raw_connect(s.port)
+        b.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(41)).encode()))
+        s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
+        # the queued one leaves: it is dropped from the queue, the running one goes on
+        b.close()
+        s.wait_metric("nzserve_rejected_total", lambda v: v == 1, timeout=5, reason="cancelled")
+        assert s.metric("nzserve_queue_depth") == 0 and s.metric("nzserve_requests_in_flight") == 1
+        # the running one leaves: its worker stops at the next decoder pass
+        t0 = time.monotonic()
+        a.close()
+        r = s.translate({"text": LINES[0], "iterations": 0})
+        dt = time.monotonic() - t0
+        assert r.status == 200, r
+        assert dt < 2.0, f"the next request took {dt:.2f} s: the cancelled one kept the worker"
+        assert s.metric("nzserve_rejected_total", reason="cancelled") == 2
+        s.wait_metric("nzserve_requests_total", lambda v: v == 2, route="/v1/translate", status="499")
+        lines = [l for l in access_log(s.log()) if l["status"] == "499"]
+        assert len(lines) == 2 and all(l["path"] == "/v1/translate" for l in lines), lines
+        assert s.stop() == 0
+
+
+def test_batched_request_released_alone(model_path):
+    """Queued requests with the same options are decoded as one batch; a member
+    whose client leaves (or whose deadline passes) is answered and released at
+    once, and its batch mates still get their translations."""
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8, "request_timeout_ms": 3000},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
+        busy = U.raw_connect(s.port)
+        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(5)).encode()))  # ~0.7 s
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        # three requests with equal options queue up behind it and run as one batch
+        socks = [U.raw_connect(s.port) for _ in range(3)]
+        for k in socks:
+            k.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(12)).encode()))  # ~1.4 s
+        s.wait_metric("nzserve_queue_depth", lambda v: v == 3)
+        assert U.raw_read_response(busy).status == 200
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 3)
+        t0 = time.monotonic()
+        socks[1].close()  # leaves while its batch runs: released at the next pass
+        s.wait_metric("nzserve_rejected_total", lambda v: v == 1, timeout=5, reason="cancelled")
+        assert time.monotonic() - t0 < 0.6
+        assert s.metric("nzserve_requests_in_flight") == 2
+        for k in (socks[0], socks[2]):
+            r = U.raw_read_response(k)
+            assert r.status == 200, r
+            assert json.loads(r.body)["translations"][0]["text"] is not None
+        lines = [l for l in access_log(s.log()) if l["path"] == "/v1/translate" and l["status"] == "200"]
+        assert max(int(l["batch_texts"]) for l in lines) == 3, lines
+        # a batch member whose deadline passes gets its 504 on time, not when the batch ends
+        busy = U.raw_connect(s.port)
+        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(20)).encode()))  # ~2.2 s
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        late = U.raw_connect(s.port)
+        late.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(40)).encode()))  # ~4.2 s > 3 s
+        t0 = time.monotonic()
+        r = U.raw_read_response(late, timeout=10)
+        assert r.status == 504, r
+        assert time.monotonic() - t0 < 3.6  # its deadline (3 s from arrival), not the end of the run
+        assert U.raw_read_response(busy).status == 200
+        for k in socks + [busy, late]:
+            k.close()
+        assert s.stop() == 0
+
+
+# ------------------------------------------------------------------ startup failures
+
+
+def write_config(tmp_path, cfg, name="bad.json"):
+    p = tmp_path / name
+    p.write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return p
+
+
+@pytest.mark.parametrize("name,cfg,args,env,needle", [
+    ("port-type", {"port": "abc"}, [], {}, "'port'"),
+    ("port-range", {"port": 70000}, [], {}, "'port'"),
+    ("unknown-key", {"prot": 1}, [], {}, "prot"),
+    ("not-json", "{\"port\": ", [], {}, "bad.json"),
+    ("task", {"models": [{"name": "m", "task": "summarize", "path": "x.nzp"}]}, [], {}, "models[0].task"),
+    ("model-name", {"models": [{"name": "a b", "task": "translate", "path": "x.nzp"}]}, [], {}, "models[0].name"),
+    ("no-models", {"models": []}, [], {}, "models"),
+    ("queue-length", {"queue_length": -1}, [], {}, "queue_length"),
+    ("log-format", {"log_format": "xml"}, [], {}, "log_format"),
+    ("flag-value", {}, ["--max-texts", "abc"], {}, "--max-texts"),
+    ("flag-missing-value", {}, ["--queue-length"], {}, "--queue-length"),
+    ("unknown-flag", {}, ["--bogus", "1"], {}, "--bogus"),
+    ("env-value", {}, [], {"NZSERVE_QUEUE_LENGTH": "-1"}, "NZSERVE_QUEUE_LENGTH"),
+    ("env-unknown", {}, [], {"NZSERVE_QUEUE_LENGHT": "1"}, "NZSERVE_QUEUE_LENGHT"),
+    ("short-api-key", {"api_keys": ["sh0rt!"]}, [], {}, "api_keys"),
+    ("missing-key-file", {"api_key_file": "/nonexistent/keys.txt"}, [], {}, "/nonexistent/keys.txt"),
+])
+def test_bad_config_exit_2(tmp_path, model_path, name, cfg, args, env, needle):
+    if isinstance(cfg, dict):
+        cfg = {"models": [{"name": "m", "task": "translate", "path": str(model_path)}], "port": 0, **cfg}
+    p = write_config(tmp_path, cfg)
+    r = U.run_nzserve(["--config", p, *args], env=env, cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert needle in r.stderr, r.stderr
+    assert "sh0rt!" not in r.stderr  # an API key is never echoed
+
+
+def test_missing_model_file_exit_1(tmp_path, model_path):
+    missing = tmp_path / "nowhere" / "model.nzp"
+    p = write_config(tmp_path, {"port": 0, "models": [{"name": "m", "task": "translate", "path": str(missing)}]})
+    r = U.run_nzserve(["--config", p], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert str(missing) in r.stderr
+    # not a model at all
+    junk = tmp_path / "junk.nzp"
+    junk.write_bytes(b"not a model" * 100)
+    r = U.run_nzserve(["--config", p, "--model", f"m:translate:{junk}"], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert str(junk) in r.stderr
+
+
+def test_port_in_use_exit_1(tmp_path, model_path):
+    with socket.socket() as busy:
+        busy.bind((U.HOST, 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = write_config(tmp_path, {"models": [{"name": "m", "task": "translate", "path": str(model_path)}]})
+        r = U.run_nzserve(["--config", p, "--port", port], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert str(port) in r.stderr and "listen" in r.stderr
+
+
+def test_help_exit_0():
+    r = U.run_nzserve(["--help"])
+    assert r.returncode == 0 and "--max-concurrent-requests" in r.stdout
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_json_logs(tmp_path, model_path):
+    kf = tmp_path / "keys.txt"
+    kf.write_text(KEY_B + "\n")
+    with Server(model_path, config={"log_format": "json", "api_keys": [KEY_A], "api_key_file": str(kf)}) as s:
+        s.wait_ready()
+        assert s.translate({"text": LINES[0]}, headers={"X-API-Key": KEY_A}).status == 200
+        assert s.translate({"text": LINES[0]}, headers={"Authorization": f"Bearer {KEY_B}"}).status == 200
+        assert s.translate({"text": LINES[0]}, headers={"X-API-Key": KEY_C}).status == 401
+        assert s.translate({"text": ""}, headers={"X-API-Key": KEY_A}).status == 422
+        assert s.get("/nope").status == 404
+        assert s.stop() == 0
+        log = s.log()
+    lines = [l for l in log.splitlines() if l.strip()]
+    events = []
+    for l in lines:
+        j = json.loads(l)  # every line is one JSON object
+        assert isinstance(j, dict) and "event" in j and "level" in j, l
+        events.append(j)
+    names = [e["event"] for e in events]
+    for ev in ["starting", "listening", "model_loaded", "ready", "signal", "draining", "stopped"]:
+        assert ev in names, names
+    starting = events[names.index("starting")]
+    assert json.loads(starting["config"])["api_keys"] == 2  # a count, not the keys
+    access = [e for e in events if e["event"] == "request"]
+    by_status = {}
+    for e in access:
+        assert isinstance(e["status"], int) and isinstance(e["latency_ms"], (int, float)) and e["latency_ms"] >= 0
+        assert e["method"] in ("GET", "POST") and e["path"].startswith("/")
+        by_status.setdefault(e["status"], []).append(e)
+    ok = [e for e in by_status.get(200, []) if e["path"] == "/v1/translate"]
+    assert len(ok) == 2 and all(e["model"] == "m" and e["tokens_in"] > 0 for e in ok), ok
+    assert {401, 422, 404} <= set(by_status), by_status.keys()
+    for k in (KEY_A, KEY_B, KEY_C):
+        assert k not in log, f"API key {k} in the log"
+
+
+def test_logfmt_access_log(model_path):
+    with Server(model_path) as s:
+        s.wait_ready()
+        r = s.translate({"texts": LINES[:2]})
+        assert r.status == 200
+        assert s.translate({"text": ""}).status == 422
+        assert s.stop() == 0
+        lines = access_log(s.log())
+    ok = [l for l in lines if l["path"] == "/v1/translate" and l["status"] == "200"]
+    assert len(ok) == 1, lines
+    l = ok[0]
+    assert l["method"] == "POST" and l["model"] == "m" and l["texts"] == "2"
+    assert float(l["latency_ms"]) >= 0 and float(l["queue_ms"]) >= 0
+    assert int(l["tokens_in"]) == r.json()["usage"]["input_tokens"]
+    assert int(l["tokens_out"]) == r.json()["usage"]["output_tokens"]
+    assert sorted(l["status"] for l in lines if l["path"] == "/v1/translate") == ["200", "422"]
