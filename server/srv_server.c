@@ -838,8 +838,10 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
         respond_fail(r, 405, "%s does not accept %.20s (allowed: %s)", r->path, method, r->allow);
         return;
     }
-    if (!is_inference(r->route)) return;
-    if (cfg->n_api_keys) {
+    /* probes and the scraper need no key; the API routes (inference, models, memory) do */
+    int open_route =
+        r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY || r->route == SRV_ROUTE_METRICS;
+    if (cfg->n_api_keys && !open_route) {
         size_t klen;
         const char *key =
             srv_request_key(MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization"),
@@ -851,6 +853,7 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
             return;
         }
     }
+    if (!is_inference(r->route)) return;
     if (r->route == SRV_ROUTE_DIALOGUE) {
         respond_fail(r, 404, "/v1/dialogue is not available: no dialogue model family in this build yet");
         return;

@@ -542,10 +542,14 @@ def check_keys(s, good, bad):
     assert_error(s.post("/v1/dialogue", {"text": "hi"}), 401)
     assert_error(s.post("/v1/dialogue", {"text": "hi"}, headers={"X-API-Key": good[0]}), 404)
     assert_error(s.translate(b"{bad json", headers={"X-API-Key": bad[0]}), 401)
-    # exempt routes
+    # exempt routes: probes and the scraper
     for path in ["/health", "/ready", "/metrics"]:
         assert s.get(path).status == 200, path
-    s.wait_metric("nzserve_rejected_total", lambda v: v == 1 + 2 * len(bad) + 3 + 2, reason="unauthorized")
+    # the other API routes need the key too
+    for path in ["/v1/models", "/v1/memory"]:
+        assert_error(s.get(path), 401)
+        assert s.get(path, headers={"X-API-Key": good[0]}).status == 200, path
+    s.wait_metric("nzserve_rejected_total", lambda v: v == 1 + 2 * len(bad) + 3 + 2 + 2, reason="unauthorized")
     log = s.log()
     for k in good + bad:
         assert k not in log, f"API key {k} in the log"
