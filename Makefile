@@ -49,9 +49,10 @@ NZP      := $(BUILD)/nzp
 PARITY   := $(BUILD)/parity_runner
 TOK_CLI  := $(BUILD)/tok_cli
 NAT_RUNNER := $(BUILD)/nat_runner
+T5MD_RUNNER := $(BUILD)/t5md_runner
 
 .PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format loadtest serve
-all: $(ENGINE_LIB) $(MODELS_LIB) $(SERVER_LIB) $(NZP) $(NZSERVE) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(TEST_BIN)
+all: $(ENGINE_LIB) $(MODELS_LIB) $(SERVER_LIB) $(NZP) $(NZSERVE) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(T5MD_RUNNER) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h server/*.h)
 	@mkdir -p $(dir $@)
@@ -98,6 +99,10 @@ $(TOK_CLI): tests/tok_cli.c $(MODELS_LIB) $(ENGINE_LIB)
 $(NAT_RUNNER): tests/nat_runner.c $(MODELS_LIB) $(ENGINE_LIB)
 	$(CC) $(CFLAGS) $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS)
 
+# dialogue model driver for tests/python/test_t5md_parity.py
+$(T5MD_RUNNER): tests/t5md_runner.c $(MODELS_LIB) $(ENGINE_LIB)
+	$(CC) $(CFLAGS) $< $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS)
+
 $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(SERVER_LIB) $(MODELS_LIB) $(ENGINE_LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests -Iserver $< $(SERVER_LIB) $(MODELS_LIB) $(ENGINE_LIB) -o $@ $(LDLIBS) $(MODELS_LDLIBS) $(SERVER_LDLIBS) -lcmocka
@@ -105,7 +110,7 @@ $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(SERVER_LIB) $
 # Whole suite: every C test binary, then the Python/CLI tests against $(NZP).
 test: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
-	NZP=$(abspath $(NZP)) NZSERVE=$(abspath $(NZSERVE)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) $(PYTHON) -m pytest -q tests/python
+	NZP=$(abspath $(NZP)) NZSERVE=$(abspath $(NZSERVE)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) T5MD_RUNNER=$(abspath $(T5MD_RUNNER)) $(PYTHON) -m pytest -q tests/python
 
 ctest: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
@@ -116,7 +121,7 @@ asan:
 valgrind: all
 	@set -e; for t in $(TEST_BIN); do echo "== valgrind $$t"; \
 	  NZ_TEST_QUICK=1 valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite $$t; done
-	NZ_TEST_QUICK=1 NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) $(PYTHON) -m pytest -q tests/python \
+	NZ_TEST_QUICK=1 NZP=$(abspath tests/python/valgrind_nzp.sh) NZP_REAL=$(abspath $(NZP)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) T5MD_RUNNER=$(abspath $(T5MD_RUNNER)) $(PYTHON) -m pytest -q tests/python \
 	  --ignore=tests/python/test_server.py --deselect tests/python/test_demo_model.py::test_sample_bleu_floor
 	NZP=$(abspath $(NZP)) NZSERVE=$(abspath $(NZSERVE)) $(PYTHON) tests/python/valgrind_server.py
 

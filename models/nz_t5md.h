@@ -1,0 +1,312 @@
+/*
+ * nz_t5md.h — the dialogue model family: a T5 encoder with K decoders
+ * trained by EqHard-EM (Wen et al., "An Equal-Size Hard EM Algorithm for
+ * Diverse Dialogue Generation"), so that the K decoders give K different
+ * responses to one context, ranked by mean token log-probability.
+ *
+ * Two variants (config.json "multidecoder"):
+ *   adapter      EqHard-EM MultiAdapterT5: one decoder body, K adapters per
+ *                decoder sublayer, a_k(y) = i2o(relu(o2i(y))) + y applied to
+ *                each sublayer's output before its residual add ("none", a
+ *                plain T5, is accepted too: K = 1 without adapter tensors);
+ *   transformer  EqHard-EM MultiDecoderT5: K full decoder copies, each with
+ *                its own input embedding; the output head stays shared /
+ *                lm_head.
+ *
+ * The model directory schema (config.json keys, tensor names) and the
+ * decoding contracts are models/train/README_dialogue.md; the PyTorch
+ * reference every function here is token-identical to is
+ * models/train/t5md_ref.py:
+ *
+ *   nz_t5md_generate, NZ_T5MD_GREEDY  t5md_ref.greedy
+ *   nz_t5md_generate, NZ_T5MD_BEAM    t5md_ref.beam (HF beam_search +
+ *                                     BeamSearchScorer semantics)
+ *   nz_t5md_generate, NZ_T5MD_SAMPLE  t5md_ref.sample (engine nz_sample, one
+ *                                     nz_rng stream per (context, decoder))
+ *   nz_t5md_rank                      t5md_ref.rank
+ *   nz_t5md_encode_context            t5md_ref.join_context
+ *   nz_t5md_decode_text               t5md_ref.Tokenizer.decode
+ *
+ * Token ids (T5, fixed): pad 0 (also the decoder start token), eos 1, unk 2
+ * (banned from every output by default, as EqHard-EM's bad_words_ids).
+ * Sources are id sequences of their own lengths (no padding id: 0 inside a
+ * source is an ordinary token, as in the reference, which masks by length);
+ * a context is normally [ids.., eos] as nz_t5md_encode_context builds it.
+ *
+ * Batching: every (context, decoder[, beam]) row of a call goes through one
+ * decoder pass per step. Rows are decoder-major (all contexts of the first
+ * requested decoder, then the next decoder...), so each decoder's rows are a
+ * contiguous group: the adapter variant runs the shared body once over all
+ * rows (one decode of each weight tile serves every decoder) and applies
+ * each group's adapters to its rows; the transformer variant runs each
+ * group through its own decoder copy. Finished rows (greedy / sampling) and
+ * finished (context, decoder) items (beam) are dropped from the batch and
+ * from the KV caches (nz_kv_select).
+ *
+ * Every context is checked on its own (ids inside the vocabulary, at least
+ * one id): a bad context gets its own error in its results and the others
+ * are decoded. Memory: activations in NZ_MEM_ACTIVATIONS, self- and
+ * cross-attention caches in NZ_MEM_KV, the model struct, tokenizer results
+ * and generation results in NZ_MEM_OTHER, small parameters (norm gains,
+ * adapter biases, position bias tables) in NZ_MEM_WEIGHTS (through
+ * nz_layer.h). The model borrows the nz_model: free the nz_t5md first.
+ * Nothing here calls exit(); every failure is an NZ_E_* code with a message.
+ */
+#ifndef NZ_T5MD_H
+#define NZ_T5MD_H
+
+#include "nz_layer.h"
+#include "nz_spm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NZ_T5MD_PAD   0
+#define NZ_T5MD_EOS   1
+#define NZ_T5MD_UNK   2
+#define NZ_T5MD_START NZ_T5MD_PAD /* decoder_start_token_id */
+
+/* Upper bounds the engine accepts (beyond them a request is refused). */
+#define NZ_T5MD_MAX_SOURCE     65536 /* ids per context */
+#define NZ_T5MD_MAX_NEW_TOKENS 65536
+#define NZ_T5MD_MAX_BEAM       1024
+
+typedef enum nz_t5md_kind {
+    NZ_T5MD_ADAPTER = 0,    /* "adapter" (or "none": K = 1, no adapters) */
+    NZ_T5MD_TRANSFORMER = 1 /* "transformer": K decoder copies */
+} nz_t5md_kind;
+
+/** The network's hyper-parameters and the dialogue input settings, read
+ *  from config.json (README_dialogue.md; absent or null network keys take
+ *  t5md_ref.DEFAULT_CONFIG, absent dialogue keys take what
+ *  t5md_ref.load_tokenizer uses: no separator, no truncation). */
+typedef struct nz_t5md_config {
+    nz_t5md_kind kind;
+    int plain;             /* multidecoder "none": K = 1 and no adapter tensors */
+    size_t num_modes;      /* K decoders */
+    size_t adapter_hidden; /* r, adapter bottleneck (adapter variant) */
+    size_t vocab;          /* vocab_size (rows of shared.weight) */
+    size_t d_model, d_kv, d_ff, num_heads;
+    size_t inner; /* num_heads * d_kv (may differ from d_model) */
+    size_t enc_layers, dec_layers;
+    int num_buckets, max_distance; /* relative_attention_num_buckets / _max_distance */
+    float eps;                     /* layer_norm_epsilon */
+    nz_act act;                    /* NZ_ACT_RELU ("relu") or NZ_ACT_GATED_GELU ("gated-gelu") */
+    int tied;                      /* tie_word_embeddings: logits = (h * d_model^-0.5) shared^T */
+    char turn_separator[64];       /* "" (turns joined with a space) or a piece such as "<sep>" */
+    size_t max_context_turns;      /* 0: all turns */
+    size_t max_source_length;      /* 0: no limit; else the last N - 1 ids, then eos */
+    size_t max_target_length;      /* informative (training response length incl. eos) */
+} nz_t5md_config;
+
+typedef struct nz_t5md nz_t5md;
+
+/** Read config.json of m (architecture "t5_multidecoder"; every key of the
+ *  README schema is checked: types, ranges, the fixed T5 ids, the
+ *  feed-forward kind, the variant) and bind every tensor: shared.weight,
+ *  the encoder blocks (relative_attention_bias in block 0), the decoder
+ *  body with its adapters (adapter variant) or the K decoder copies with
+ *  their embeddings (transformer variant; a missing
+ *  decoders.{k}.embed_tokens.weight falls back to shared.weight as
+ *  t5md_ref.load_model_dir does), the final norms and the head
+ *  (shared.weight tied, or lm_head.weight). A tensor of the model that a
+ *  model of this configuration does not have (more blocks or decoders than
+ *  config.json says, lm_head with tied embeddings, wi_0 with relu, ...) is
+ *  refused, as the reference's strict load refuses it. m must outlive the
+ *  returned model.
+ *  @return NZ_OK and *out, or NZ_E_FORMAT / NZ_E_UNSUPPORTED /
+ *          NZ_E_NOT_FOUND / NZ_E_NOMEM with a message naming the key or
+ *          tensor. */
+int nz_t5md_load(const nz_model *m, nz_t5md **out, nz_error *err);
+
+/** Free a model from nz_t5md_load. Accepts NULL. */
+void nz_t5md_free(nz_t5md *t);
+
+/** @return the model's configuration (borrowed, valid while t lives). */
+const nz_t5md_config *nz_t5md_get_config(const nz_t5md *t);
+
+/** Check one source src[n]: 1 <= n <= NZ_T5MD_MAX_SOURCE and every id in
+ *  [0, vocab).
+ *  @return NZ_OK, NZ_E_INVALID_ARG (empty source) or NZ_E_RANGE (naming the
+ *          id and its position, or the length). */
+int nz_t5md_check_source(const nz_t5md *t, const int32_t *src, size_t n, nz_error *err);
+
+/** Encoder output of B sources. */
+typedef struct nz_t5md_enc {
+    size_t B, S, D; /* sources, padded width (longest source), d_model */
+    float *x;       /* [B x S x D] encoder output (final RMSNorm applied; padding rows unspecified) */
+    uint8_t *pad;   /* [B x S] 1 = padding */
+    size_t *len;    /* [B] source lengths */
+} nz_t5md_enc;
+
+/** Run the encoder over sources src[b][0..len[b]) (b < B), right-padded
+ *  into one batch: x = shared[src], blocks (bidirectional T5 position bias,
+ *  padding keys masked), final RMSNorm. Every source must pass
+ *  nz_t5md_check_source (the first that does not fails the call, naming it).
+ *  @return NZ_OK and *enc (free with nz_t5md_enc_free), or an error (then
+ *          *enc is zeroed). */
+int nz_t5md_encode(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *src, const size_t *len,
+                   size_t B, nz_t5md_enc *enc, nz_error *err);
+
+/** Free the buffers of enc. Accepts NULL and a zeroed struct. */
+void nz_t5md_enc_free(nz_t5md_enc *enc);
+
+typedef enum nz_t5md_strategy {
+    NZ_T5MD_GREEDY = 0, /* first argmax of the unk-masked logits */
+    NZ_T5MD_BEAM = 1,   /* HF beam search (t5md_ref.beam) */
+    NZ_T5MD_SAMPLE = 2  /* nz_sample with a per-(context, decoder) nz_rng stream */
+} nz_t5md_strategy;
+
+/** Streaming hook: called for every generated token as soon as it is final:
+ *  greedy / sampling: after each step, for each (context, decoder) row that
+ *  generated a token; beam: the best hypothesis of a (context, decoder)
+ *  item, token by token, once that item is settled (it is done, or the
+ *  search ended). context is the index in the caller's batch, decoder the
+ *  decoder k, pos the token's position in the response (0-based). */
+typedef void (*nz_t5md_token_fn)(void *arg, size_t context, int decoder, size_t pos, int32_t token,
+                                 float logprob);
+
+/** Generation options (nz_t5md_opts_default: greedy, 63 new tokens, beam 4,
+ *  length_penalty 1, no early stopping, 1 return, temperature 1, no top-k /
+ *  top-p cut, seed 0, unk banned, all decoders, no hooks). */
+typedef struct nz_t5md_opts {
+    nz_t5md_strategy strategy;
+    int max_new_tokens;    /* 0 .. NZ_T5MD_MAX_NEW_TOKENS (EqHard-EM's max_length 64 = 63) */
+    int ban_unk;           /* unk logit -inf (EqHard-EM bad_words_ids=[[unk]]) */
+    const int *decoders;   /* [n_decoders] decoder ks in output order (repeats allowed); NULL: 0..K-1 */
+    size_t n_decoders;     /* 0 with decoders NULL: all K */
+    int beam_size;         /* beam: 1 .. NZ_T5MD_MAX_BEAM */
+    double length_penalty; /* beam: hypothesis score = sum / len^length_penalty */
+    int early_stopping;    /* beam: an item is done as soon as it holds beam_size hypotheses */
+    int num_return;        /* beam: 1 .. beam_size results per (context, decoder), best first */
+    float temperature;     /* sample: <= 0 is greedy (no draw) */
+    uint32_t top_k;        /* sample: 0 = no cut; 1 is greedy (no draw) */
+    float top_p;           /* sample: >= 1 = no nucleus cut */
+    uint64_t seed;         /* sample: request seed of every context... */
+    const uint64_t *seeds; /* ...or [B] one per context (NULL: seed); decoder k of context b draws from
+                              nz_rng_seed(seeds[b] ^ (k * 0x9E3779B97F4A7C15)) */
+    int (*stop)(
+        void *arg); /* optional: checked before every decoder step; nonzero stops with NZ_E_CANCELLED */
+    void *stop_arg;
+    nz_t5md_token_fn on_token; /* optional streaming hook */
+    void *token_arg;
+} nz_t5md_opts;
+
+/** Fill o with the defaults (see nz_t5md_opts). */
+void nz_t5md_opts_default(nz_t5md_opts *o);
+
+/** One response: (context, decoder[, beam return index]). */
+typedef struct nz_t5md_result {
+    int rc;              /* NZ_OK, or this result's error (message in err) */
+    nz_error err;        /* set when rc != NZ_OK */
+    size_t context;      /* index of the context in the batch */
+    int decoder;         /* decoder k */
+    int32_t *tokens;     /* [n] generated ids, eos included when the response ended with it (NZ_MEM_OTHER) */
+    float *logprobs;     /* [n] token log-probs: greedy / sample: log_softmax of the unk-masked logits;
+                            beam: the log_softmax values the beam summed (unk masked afterwards) */
+    size_t n;            /* tokens */
+    double sum_logprob;  /* float64 sum of logprobs */
+    double mean_logprob; /* sum_logprob / n (0 when n == 0): the ranking key */
+    double beam_score;   /* beam: the hypothesis score (HF sequences_scores); NAN otherwise */
+    int finished;        /* the response ended with eos */
+} nz_t5md_result;
+
+/** @return the number of results nz_t5md_generate writes for B contexts:
+ *  B x decoders (o->n_decoders, or K) x (beam: o->num_return, else 1). */
+size_t nz_t5md_result_count(const nz_t5md *t, const nz_t5md_opts *o, size_t B);
+
+/** Free the buffers of res[0..n) and zero them. Accepts NULL. */
+void nz_t5md_results_free(nz_t5md_result *res, size_t n);
+
+/** Generate responses for B contexts src[b][0..len[b]) with every requested
+ *  decoder (t5md_ref.greedy / beam / sample, exactly; README_dialogue.md,
+ *  "Decoding contracts"). All decoders start from token 0 and decode until
+ *  they emit eos (kept in the tokens) or max_new_tokens tokens. The
+ *  encoder runs once per call; cross-attention keys/values are computed
+ *  once per source (adapter variant) or per source and requested decoder
+ *  (transformer variant); self-attention caches hold max_new_tokens
+ *  positions per row (NZ_MEM_KV).
+ *  res receives nz_t5md_result_count(t, o, B) results, laid out
+ *  res[(b * D + j) * R + r] for context b, requested decoder j (D of them)
+ *  and beam return r (R = num_return for beam, else 1; r = 0 is the best);
+ *  free them with nz_t5md_results_free, also after an error return.
+ *  Beam search (per (context, decoder) item, HF semantics): beam scores
+ *  start [0, -1e9, ...] (fp32); per step log_softmax of the logits (fp32),
+ *  unk -> -inf, plus the beam score; the top 2 * beam (ties: lower
+ *  beam x V + token) are taken in order: eos candidates ranked < beam
+ *  become hypotheses (score sum / len^length_penalty, len = tokens before
+ *  eos + 1), other candidates fill the next beams; an item is done when it
+ *  holds beam hypotheses and (early_stopping or its worst score >= best
+ *  candidate / cur_len^length_penalty); at the end live beams of unfinished
+ *  items are offered with len = 1 + max_new_tokens. beam_size 1 gives the
+ *  greedy tokens. (With max_new_tokens 0 beam search still takes one step,
+ *  as the reference's loop does; greedy and sampling take none.)
+ *  @return NZ_OK when the batch ran (context errors are in their results),
+ *          or a batch-wide error (invalid options: NZ_E_INVALID_ARG /
+ *          NZ_E_RANGE naming the option; NZ_E_CANCELLED from the stop hook;
+ *          out of memory; a weight tile that fails to decode), then copied
+ *          into every result that has no tokens. */
+int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *src, const size_t *len,
+                     size_t B, const nz_t5md_opts *o, nz_t5md_result *res, nz_error *err);
+
+typedef enum nz_t5md_rank_key {
+    NZ_T5MD_RANK_MEAN_LOGPROB = 0, /* EqHard-EM's perplexity ranking (greedy / sampled outputs) */
+    NZ_T5MD_RANK_BEAM_SCORE = 1    /* beam outputs: HF sequences_scores */
+} nz_t5md_rank_key;
+
+/** Rank n responses (normally the D results of one context, e.g.
+ *  &res[b * D] for greedy): order[0..n) receives indices into res, best
+ *  first: key descending, ties keep the given order (a stable sort, as
+ *  t5md_ref.rank); results with an error (or a NaN key) come last, in
+ *  their given order. */
+void nz_t5md_rank(const nz_t5md_result *res, size_t n, nz_t5md_rank_key key, size_t *order);
+
+/* ------------------------------------------------------------------ text */
+
+/** The dialogue tokenizer: the model's embedded SentencePiece model
+ *  ("spm.model" blob, T5 ids) and config.json's turn_separator,
+ *  max_context_turns and max_source_length. */
+typedef struct nz_t5md_tok nz_t5md_tok;
+
+/** Load the tokenizer of model m (c: its nz_t5md_get_config). Checks that
+ *  the SentencePiece model has unk id 2 (T5 ids) and that a non-empty
+ *  turn_separator is one of its pieces.
+ *  @return NZ_OK and *out, NZ_E_NOT_FOUND (no spm.model blob),
+ *          NZ_E_FORMAT (not a SentencePiece model, wrong ids, unknown
+ *          separator) or NZ_E_NOMEM. */
+int nz_t5md_tok_load(const nz_model *m, const nz_t5md_config *c, nz_t5md_tok **out, nz_error *err);
+
+/** Free a tokenizer. Accepts NULL. */
+void nz_t5md_tok_free(nz_t5md_tok *tk);
+
+/** @return the SentencePiece model of tk (owned by tk). */
+const nz_spm *nz_t5md_tok_spm(const nz_t5md_tok *tk);
+
+/** Model input ids of a dialogue context (t5md_ref.join_context): turns
+ *  turns[0..n_turns) oldest first, turn i of lens[i] bytes (lens NULL:
+ *  NUL-terminated), UTF-8. 1. each turn is stripped of surrounding
+ *  whitespace (Python str.strip: Unicode White_Space incl. U+00A0, U+3000
+ *  ...); with max_context_turns > 0 only the last N turns stay; 2. with a
+ *  turn separator each turn is encoded by SentencePiece on its own and the
+ *  separator id goes between turns, without one the turns are joined with
+ *  " " and encoded once; 3. with max_source_length > 0 only the last
+ *  max_source_length - 1 ids stay; 4. eos is appended. n_turns 0 is one
+ *  empty turn's result ([eos]).
+ *  @return NZ_OK with *ids (nz_malloc NZ_MEM_OTHER, free with nz_free) and
+ *          *n, or an error (then *ids NULL, *n 0). */
+int nz_t5md_encode_context(const nz_t5md_tok *tk, const char *const *turns, const size_t *lens,
+                           size_t n_turns, int32_t **ids, size_t *n, nz_error *err);
+
+/** Text of a response (t5md_ref.Tokenizer.decode): ids up to the first eos;
+ *  pad, unk, ids outside the SentencePiece vocabulary and control pieces
+ *  dropped (HF skip_special_tokens), the rest decoded by SentencePiece.
+ *  @return NZ_OK with *text (NUL-terminated, nz_malloc NZ_MEM_OTHER, free
+ *          with nz_free) and *len (may be NULL), or an error. */
+int nz_t5md_decode_text(const nz_t5md_tok *tk, const int32_t *ids, size_t n, char **text, size_t *len,
+                        nz_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_T5MD_H */
