@@ -9,6 +9,8 @@
  *   nzp info [--json] [--memory] IN.nzp
  *   nzp verify IN.nzp
  *   nzp bench [--seconds S] IN.nzp
+ *   nzp translate MODEL.nzp [...] < in.txt > out.txt   (models/nzp_translate.c)
+ *   nzp chat MODEL.nzp [...]                         (models/nzp_chat.c)
  *
  * Exit status: 0 success, 1 failure (bad file, damaged model), 2 usage error.
  */
@@ -16,6 +18,7 @@
 #include "nz_codec.h"
 #include "nz_container.h"
 #include "nz_pack.h"
+#include "nzp_chat.h"
 #include "nzp_translate.h"
 #include "nz_rans.h"
 
@@ -39,7 +42,10 @@ static const char *USAGE =
     "  nzp verify IN.nzp\n"
     "  nzp bench [--seconds S] IN.nzp\n"
     "  nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--max-len N] [--batch K]\n"
-    "                [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n";
+    "                [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n"
+    "  nzp chat MODEL.nzp [--strategy greedy|beam|sample] [--beam N] [--temperature T] [--top-k K]\n"
+    "           [--top-p P] [--seed S] [--decoders 0,2] [--max-new-tokens N] [--all] [--distinct]\n"
+    "           [--history N] [--cache BYTES] [--threads N]   (one user turn per line on stdin)\n";
 
 static int usage(const char *msg) {
     if (msg) fprintf(stderr, "nzp: %s\n", msg);
@@ -549,6 +555,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
     if (!strcmp(cmd, "verify")) return cmd_verify(argc - 2, argv + 2);
     if (!strcmp(cmd, "translate")) return nzp_translate(argc - 2, argv + 2);
+    if (!strcmp(cmd, "chat")) return nzp_chat(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
     return usage("unknown command");
 }

@@ -20,6 +20,29 @@
  * an empty or blank text, too many texts, an unknown field is 422
  * (validation_error). Token limits need the model's tokenizer and are
  * checked by the server after parsing.
+ *
+ * POST /v1/dialogue body:
+ *   "context":      a string (one turn) or an array of 1..max_texts strings
+ *                   (turns, oldest first; joined as training joins them);
+ *                   at least one turn must hold a non-blank character
+ *   "model":        string, a loaded dialogue model (default: the first)
+ *   "decoders":     array of 1..SRV_MAX_DECODERS distinct ints, each
+ *                   0..SRV_MAX_DECODERS-1 (the server checks them against
+ *                   the model's num_modes); default: every decoder
+ *   "strategy":     "greedy" | "beam" | "sample" (default "greedy")
+ *   "beam_size":    int 1..32 (default 4; strategy "beam" only)
+ *   "temperature":  number 0..10 (default 1; 0 = greedy; "sample" only)
+ *   "top_k":        int 0..1000000 (default 0 = no cut; "sample" only)
+ *   "top_p":        number > 0 and <= 1 (default 1 = no cut; "sample" only)
+ *   "seed":         int 0..2^63-1 (default 0; "sample" only)
+ *   "max_new_tokens": int 1..max_new_tokens (default min(63, max_new_tokens))
+ *   "distinct":     bool (default false): drop responses whose normalised
+ *                   text equals a higher-ranked one's
+ *   "stream":       bool (default false): server-sent events
+ *   "return_tokens": bool (default false)
+ * Same classes: a wrong type is 400; out of range, blank context, too many
+ * turns, repeated decoders, an unknown field, a sampling / beam option with
+ * another strategy is 422. Null means absent for every optional field.
  */
 #ifndef SRV_API_H
 #define SRV_API_H
@@ -82,6 +105,44 @@ int srv_parse_translate(const char *body, size_t len, const srv_limits *lim, srv
 
 /** Free what r holds and zero it. Accepts a zeroed struct. */
 void srv_translate_req_free(srv_translate_req *r);
+
+#define SRV_MAX_DECODERS 64 /* decoders a dialogue request may name (and the highest index + 1) */
+
+/** Decoding strategy of a dialogue request. */
+typedef enum { SRV_GREEDY = 0, SRV_BEAM = 1, SRV_SAMPLE = 2 } srv_strategy;
+
+/** A parsed /v1/dialogue request. Strings point into root (kept alive). */
+typedef struct srv_dialogue_req {
+    json_t *root;                   /* the parsed body (owned) */
+    const char *model;              /* NULL: the default dialogue model */
+    const char **turns;             /* [n_turns] UTF-8, NUL-terminated (no NUL inside) */
+    size_t *lens;                   /* [n_turns] bytes */
+    size_t n_turns;                 /* 1..max_texts */
+    int single;                     /* context was a string */
+    int decoders[SRV_MAX_DECODERS]; /* [n_decoders] distinct, in request order */
+    size_t n_decoders;              /* 0: every decoder of the model */
+    srv_strategy strategy;
+    int beam_size;      /* 1..32 */
+    double temperature; /* 0..10 */
+    int top_k;          /* 0..1000000 */
+    double top_p;       /* (0, 1] */
+    unsigned long long seed;
+    int max_new_tokens; /* 1..limit */
+    int distinct;       /* bool */
+    int stream;         /* bool */
+    int return_tokens;  /* bool */
+} srv_dialogue_req;
+
+/** Parse and validate a /v1/dialogue body (len bytes, not necessarily
+ *  NUL-terminated) with lim (max_texts caps the turns, max_new_tokens caps
+ *  max_new_tokens). On success *r owns its JSON; free with
+ *  srv_dialogue_req_free (also safe after a failure).
+ *  @return 0, or -1 with e filled (400 / 422 as above). */
+int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_dialogue_req *r,
+                       srv_error *e);
+
+/** Free what r holds and zero it. Accepts a zeroed struct. */
+void srv_dialogue_req_free(srv_dialogue_req *r);
 
 /** Constant-time comparison of a presented key with the configured keys
  *  (time depends on the number and lengths of the configured keys only).

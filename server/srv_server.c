@@ -9,6 +9,7 @@
 #include "nz_cache.h"
 #include "nz_codec.h"
 #include "nz_container.h"
+#include "nz_dialogue.h"
 #include "nz_pool.h"
 #include "nz_translator.h"
 #include "nz_weight.h"
@@ -16,6 +17,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <poll.h>
@@ -34,6 +36,7 @@
 typedef struct srv_model {
     const srv_model_cfg *cfg;    /* name, path, task (borrowed from the config) */
     nz_translator *tr;           /* translate task, set once loaded */
+    nz_dialogue *dlg;            /* dialogue task, set once loaded */
     uint64_t params;             /* float weights, elements */
     uint64_t compressed_bytes;   /* stored tile bytes of every tensor */
     uint64_t source_bytes;       /* the tensors as they were packed (bf16/fp32 bytes) */
@@ -42,12 +45,15 @@ typedef struct srv_model {
     char architecture[64];       /* config.json "architecture" */
     int has_at;                  /* translate: an AT decoder is present */
     size_t max_source_positions; /* translate: longest source incl. bos/eos */
+    size_t num_modes;            /* dialogue: K decoders */
+    const char *variant;         /* dialogue: "adapter", "transformer" or "none" (plain T5) */
 } srv_model;
 
 enum { RQ_READ = 0, RQ_QUEUED, RQ_RUNNING, RQ_DONE };
 enum { CANCEL_NONE = 0, CANCEL_CLIENT, CANCEL_DEADLINE, CANCEL_SHUTDOWN };
 
-/** Per-request state: created on the first callback, freed in on_completed. */
+/** Per-request state: created on the first callback, freed in on_completed (retire) — or, for a
+ *  streamed request whose connection ended while its job still ran, by the job's end (stream_close). */
 typedef struct srv_req {
     srv_server *s;
     struct MHD_Connection *conn;
@@ -69,12 +75,25 @@ typedef struct srv_req {
     int retry_after;   /* seconds, 0: no header */
     int close;         /* Connection: close */
     srv_translate_req tr;
+    srv_dialogue_req dr;
     srv_model *model;
-    int fd;            /* the client socket, for disconnect checks */
+    atomic_int fd;     /* the client socket, for disconnect checks (-1 once the connection ended) */
     atomic_int cancel; /* CANCEL_* */
     uint64_t tokens_in, tokens_out;
     size_t batch_texts;          /* texts decoded together with this request's (its own included) */
     struct srv_req *next, *prev; /* queue / running list */
+    /* server-sent events (a dialogue request with "stream": true, from queueing on): the worker appends
+     * events to sbuf, the content reader (sse_read) hands them to libmicrohttpd; both under smu */
+    int sse;             /* the request is answered by an event stream */
+    int smu_init;        /* smu was initialised */
+    pthread_mutex_t smu; /* guards the fields below */
+    char *sbuf;          /* pending event bytes sbuf[soff..slen) (NZ_MEM_OTHER) */
+    size_t soff, slen, scap;
+    int sdone;      /* the last event is in sbuf: end the stream after it */
+    int ssuspended; /* sse_read suspended the connection for want of data */
+    int sjob;       /* a queue / worker still holds the request */
+    int sorphan;    /* the connection ended while sjob: stream_close retires the request */
+    int sterm_ok;   /* how the connection ended (for the orphan's access-log line) */
 } srv_req;
 
 typedef struct srv_worker {
@@ -184,9 +203,10 @@ int srv_server_check_models(const srv_config *cfg, char *err, size_t errlen) {
                      "model '%s': %s: task translate needs architecture \"cmlm_transformer\", found %s%s%s",
                      mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
             ok = 0;
-        } else if (mc->task == SRV_TASK_DIALOGUE) {
-            snprintf(err, errlen, "model '%s': %s: task dialogue is not available in this build yet",
-                     mc->name, mc->path);
+        } else if (mc->task == SRV_TASK_DIALOGUE && (!a || strcmp(a, "t5_multidecoder"))) {
+            snprintf(err, errlen,
+                     "model '%s': %s: task dialogue needs architecture \"t5_multidecoder\", found %s%s%s",
+                     mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
             ok = 0;
         }
         nz_model_free(m);
@@ -206,15 +226,24 @@ static void *loader_main(void *arg) {
         srv_model *sm = &s->models[i];
         double t0 = now_s();
         nz_error e = {0};
-        if (nz_translator_open(sm->cfg->path, &sm->tr, &e)) {
+        int rc = sm->cfg->task == SRV_TASK_DIALOGUE ? nz_dialogue_open(sm->cfg->path, &sm->dlg, &e)
+                                                    : nz_translator_open(sm->cfg->path, &sm->tr, &e);
+        if (rc) {
             snprintf(s->load_err, sizeof s->load_err, "model '%s': %s", sm->cfg->name, e.msg);
             atomic_store(&s->ready, -1);
             return NULL;
         }
-        model_stats(sm, nz_translator_model(sm->tr));
-        const nz_nat_config *nc = nz_nat_get_config(nz_translator_nat(sm->tr));
-        sm->has_at = nc->at_layers > 0;
-        sm->max_source_positions = nc->max_source_positions;
+        if (sm->dlg) {
+            model_stats(sm, nz_dialogue_model(sm->dlg));
+            const nz_t5md_config *dc = nz_dialogue_config(sm->dlg);
+            sm->num_modes = dc->num_modes;
+            sm->variant = dc->plain ? "none" : dc->kind == NZ_T5MD_TRANSFORMER ? "transformer" : "adapter";
+        } else {
+            model_stats(sm, nz_translator_model(sm->tr));
+            const nz_nat_config *nc = nz_nat_get_config(nz_translator_nat(sm->tr));
+            sm->has_at = nc->at_layers > 0;
+            sm->max_source_positions = nc->max_source_positions;
+        }
         srv_log(SRV_LOG_INFO, "model_loaded", "model", SRV_KV_STR, sm->cfg->name, "path", SRV_KV_STR,
                 sm->cfg->path, "architecture", SRV_KV_STR, sm->architecture, "weight_mode", SRV_KV_STR,
                 sm->mode, "compressed_bytes", SRV_KV_UINT, (unsigned long long)sm->compressed_bytes,
@@ -328,7 +357,7 @@ static json_t *models_json(srv_server *s) {
     int ready = atomic_load(&s->ready) == 1;
     for (size_t i = 0; i < s->n_models; i++) {
         srv_model *m = &s->models[i];
-        int loaded = ready || m->tr; /* the loader fills models in order */
+        int loaded = ready || m->tr || m->dlg; /* the loader fills models in order */
         json_t *o = json_pack("{s:s, s:s, s:s, s:b}", "name", m->cfg->name, "task",
                               srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded", loaded && ready);
         if (ready) {
@@ -348,6 +377,12 @@ static json_t *models_json(srv_server *s) {
                 json_object_set_new(o, "at_decoder", json_boolean(m->has_at));
                 json_object_set_new(o, "max_source_positions",
                                     json_integer((json_int_t)m->max_source_positions));
+            } else if (m->dlg) {
+                const nz_t5md_config *dc = nz_dialogue_config(m->dlg);
+                json_object_set_new(o, "num_modes", json_integer((json_int_t)m->num_modes));
+                json_object_set_new(o, "variant", json_string(m->variant));
+                json_object_set_new(o, "max_context_turns", json_integer((json_int_t)dc->max_context_turns));
+                json_object_set_new(o, "max_source_length", json_integer((json_int_t)dc->max_source_length));
             }
         }
         json_array_append_new(arr, o);
@@ -436,6 +471,87 @@ static void respond_metrics(srv_server *s, srv_req *r) {
     respond_body(r, 200, b, len);
 }
 
+/* ------------------------------------------------------------------ server-sent events */
+
+static void retire(srv_req *r, int term_ok);
+
+/* Append one event to r's stream buffer. Caller holds r->smu. @return 0, or -1 out of memory. */
+static int sse_append(srv_req *r, const char *event, const char *data, size_t len) {
+    size_t need = r->slen + len + strlen(event) + 16; /* "event: E\ndata: D\n\n" */
+    if (need > r->scap) {
+        size_t cap = r->scap ? r->scap : 4096;
+        while (cap < need) cap *= 2;
+        char *b = r->sbuf ? nz_realloc(r->sbuf, cap) : nz_malloc(cap, NZ_MEM_OTHER);
+        if (!b) return -1;
+        r->sbuf = b;
+        r->scap = cap;
+    }
+    r->slen += (size_t)sprintf(r->sbuf + r->slen, "event: %s\ndata: ", event);
+    memcpy(r->sbuf + r->slen, data, len);
+    r->slen += len;
+    memcpy(r->sbuf + r->slen, "\n\n", 2);
+    r->slen += 2;
+    return 0;
+}
+
+/* Worker side: add an event and wake the connection if sse_read suspended it for want of data. */
+static void sse_push(srv_req *r, const char *event, const char *data, size_t len) {
+    pthread_mutex_lock(&r->smu);
+    if (!r->sorphan) sse_append(r, event, data, len);
+    int resume = r->ssuspended;
+    r->ssuspended = 0;
+    pthread_mutex_unlock(&r->smu);
+    if (resume) MHD_resume_connection(r->conn); /* suspended: the connection (and r) cannot end before */
+}
+
+/* The job of a streamed request is over: its decided response (status 200: the full JSON response,
+ * else the error body) becomes the last event, "done" or "error", and the stream ends after it. The
+ * queue / worker lets go of r here: if the connection already ended, r is retired now, else
+ * on_completed retires it when the stream has been sent. r must not be touched after. */
+static void stream_close(srv_req *r) {
+    static const char oom[] =
+        "{\"error\":{\"code\":500,\"type\":\"internal_error\",\"message\":\"out of memory\"}}";
+    const int ok = r->status == 200 && r->resp;
+    pthread_mutex_lock(&r->smu);
+    if (!r->sorphan &&
+        sse_append(r, ok ? "done" : "error", r->resp ? r->resp : oom, r->resp ? r->resp_len : sizeof oom - 1))
+        srv_log(SRV_LOG_WARN, "stream_truncated", "path", SRV_KV_STR, r->path, "reason", SRV_KV_STR,
+                "out of memory", NULL);
+    r->sdone = 1;
+    r->sjob = 0;
+    const int resume = r->ssuspended, orphan = r->sorphan, term_ok = r->sterm_ok;
+    r->ssuspended = 0;
+    pthread_mutex_unlock(&r->smu);
+    if (orphan)
+        retire(r, term_ok);
+    else if (resume)
+        MHD_resume_connection(r->conn);
+}
+
+/* libmicrohttpd's content reader of a stream: the pending bytes, the end after the last event, or
+ * (nothing ready) suspend the connection until the worker pushes more: no polling, no busy wait. */
+static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max) {
+    srv_req *r = cls;
+    (void)pos;
+    ssize_t n;
+    pthread_mutex_lock(&r->smu);
+    size_t avail = r->slen - r->soff;
+    if (avail) {
+        n = (ssize_t)(avail < max ? avail : max);
+        memcpy(buf, r->sbuf + r->soff, (size_t)n);
+        r->soff += (size_t)n;
+        if (r->soff == r->slen) r->soff = r->slen = 0;
+    } else if (r->sdone) {
+        n = MHD_CONTENT_READER_END_OF_STREAM;
+    } else {
+        r->ssuspended = 1;
+        MHD_suspend_connection(r->conn);
+        n = 0;
+    }
+    pthread_mutex_unlock(&r->smu);
+    return n;
+}
+
 /* ------------------------------------------------------------------ inference */
 
 /* Whether the client of r closed its side (poll without waiting). */
@@ -454,7 +570,7 @@ static int req_should_stop(srv_req *r) {
         atomic_store(&r->cancel, CANCEL_DEADLINE);
         return 1;
     }
-    if (client_gone(r->fd)) {
+    if (client_gone(atomic_load(&r->fd))) {
         atomic_store(&r->cancel, CANCEL_CLIENT);
         return 1;
     }
@@ -504,9 +620,9 @@ static void respond_cancelled(srv_req *r, int reason) {
 /* Whether b can be decoded in one batch with a (same model and options). */
 static int batchable(const srv_req *a, const srv_req *b) {
     const srv_translate_req *x = &a->tr, *y = &b->tr;
-    return a->model == b->model && x->use_at == y->use_at && x->beam_size == y->beam_size &&
-           x->iterations == y->iterations && x->length_beam == y->length_beam &&
-           x->rerank_at == y->rerank_at && x->max_length == y->max_length;
+    return a->route == SRV_ROUTE_TRANSLATE && b->route == SRV_ROUTE_TRANSLATE && a->model == b->model &&
+           x->use_at == y->use_at && x->beam_size == y->beam_size && x->iterations == y->iterations &&
+           x->length_beam == y->length_beam && x->rerank_at == y->rerank_at && x->max_length == y->max_length;
 }
 
 /* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
@@ -608,6 +724,98 @@ out:
     nz_free(lens);
 }
 
+/* The stop hook of a dialogue request (checked before every decoder step). */
+static int dialogue_should_stop(void *arg) {
+    srv_req *r = arg;
+    for (int t = 0; t < r->s->debug_step_delay_ms; t += 5) sleep_ms(5);
+    return req_should_stop(r);
+}
+
+/* The streaming hook of a dialogue request: one "token" event per generated token. */
+static void dialogue_token(void *arg, int decoder, size_t pos, int32_t token, float logprob, const char *text,
+                           size_t text_len) {
+    srv_req *r = arg;
+    (void)pos;
+    (void)logprob;
+    json_t *j = json_pack("{s:i, s:i, s:o}", "decoder", decoder, "token", (int)token, "text",
+                          json_text(text, text_len));
+    char *d = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (d) sse_push(r, "token", d, strlen(d));
+    nz_free(d); /* jansson allocates through nz_alloc */
+}
+
+/* Build r's 200 response from its ranked responses. */
+static void respond_dialogue(srv_req *r, const nz_dlg_result *res) {
+    json_t *arr = json_array();
+    for (size_t i = 0; i < res->n; i++) {
+        const nz_dlg_response *p = &res->responses[i];
+        json_t *o1 =
+            json_pack("{s:i, s:o, s:o}", "decoder", p->decoder, "text", json_text(p->text, p->text_len),
+                      "score", isfinite(p->score) ? json_real(p->score) : json_null());
+        if (o1 && r->dr.return_tokens) {
+            json_t *ids = json_array();
+            for (size_t k = 0; k < p->n_tokens; k++) json_array_append_new(ids, json_integer(p->tokens[k]));
+            json_object_set_new(o1, "tokens", ids);
+        }
+        json_array_append_new(arr, o1);
+    }
+    r->tokens_in = res->input_tokens ? res->input_tokens - 1 : 0; /* without eos */
+    r->tokens_out = res->output_tokens;
+    double t1 = now_s();
+    respond_json(r, 200,
+                 json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model", r->model->cfg->name,
+                           "responses", arr, "usage", "input_tokens", (json_int_t)r->tokens_in,
+                           "output_tokens", (json_int_t)r->tokens_out, "timing_ms", "queue",
+                           (r->t_start - r->t0) * 1e3, "inference", (t1 - r->t_start) * 1e3, "total",
+                           (t1 - r->t0) * 1e3));
+}
+
+/* Run one dialogue request (a job of its own) and decide its response. */
+static void run_dialogue(srv_worker *w, srv_req *r) {
+    if (req_should_stop(r)) {
+        respond_cancelled(r, atomic_load(&r->cancel));
+        return;
+    }
+    const srv_dialogue_req *q = &r->dr;
+    nz_dlg_opts o;
+    nz_dlg_opts_default(&o);
+    o.gen.strategy = q->strategy == SRV_BEAM     ? NZ_T5MD_BEAM
+                     : q->strategy == SRV_SAMPLE ? NZ_T5MD_SAMPLE
+                                                 : NZ_T5MD_GREEDY;
+    o.gen.max_new_tokens = q->max_new_tokens;
+    o.gen.decoders = q->n_decoders ? q->decoders : NULL;
+    o.gen.n_decoders = q->n_decoders;
+    o.gen.beam_size = q->beam_size;
+    o.gen.temperature = (float)q->temperature;
+    o.gen.top_k = (uint32_t)q->top_k;
+    o.gen.top_p = (float)q->top_p;
+    o.gen.seed = (uint64_t)q->seed;
+    o.gen.stop = dialogue_should_stop;
+    o.gen.stop_arg = r;
+    o.distinct = q->distinct;
+    if (r->sse) {
+        o.on_token = dialogue_token;
+        o.token_arg = r;
+    }
+    nz_dlg_result res;
+    nz_error e = {0};
+    int rc = nz_dialogue_run(w->mc, r->model->dlg, q->turns, q->n_turns, &o, &res, &e);
+    int reason = atomic_load(&r->cancel);
+    if (reason || rc == NZ_E_CANCELLED) {
+        respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
+    } else if (rc == NZ_E_RANGE || rc == NZ_E_INVALID_ARG) {
+        respond_fail(r, 422, "%s", e.msg);
+    } else if (rc) {
+        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, r->model->cfg->name, "error",
+                SRV_KV_STR, e.msg, NULL);
+        respond_fail(r, 500, "dialogue failed: %s", e.msg);
+    } else {
+        respond_dialogue(r, &res);
+    }
+    nz_dlg_result_free(&res);
+}
+
 /* Unlink r from a doubly linked list. Caller holds s->mu. */
 static void list_remove(srv_req **head, srv_req **tail, srv_req *r) {
     if (r->prev)
@@ -621,9 +829,14 @@ static void list_remove(srv_req **head, srv_req **tail, srv_req *r) {
     r->next = r->prev = NULL;
 }
 
-/* Hand a finished request back to libmicrohttpd. r must not be touched after. */
+/* Hand a finished request back to libmicrohttpd (a streamed one: its decided response becomes the
+ * stream's last event). r must not be touched after. */
 static void finish(srv_req *r) {
     r->t_end = now_s();
+    if (r->sse) {
+        stream_close(r);
+        return;
+    }
     r->state = RQ_DONE;
     MHD_resume_connection(r->conn);
 }
@@ -671,11 +884,20 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&s->mu);
             break;
         }
-        /* the oldest request, and queued requests it can be decoded with (up to max_texts texts) */
         b.n = 0;
         srv_req *r0 = s->qhead;
-        size_t texts = r0->tr.n, scanned = 0;
         start_running(s, r0);
+        if (r0->route == SRV_ROUTE_DIALOGUE) { /* a job of its own */
+            pthread_mutex_unlock(&s->mu);
+            r0->t_start = now_s();
+            srv_metrics_queue_wait(s->metrics, r0->t_start - r0->t0);
+            run_dialogue(w, r0);
+            stop_running(s, r0);
+            finish(r0);
+            continue;
+        }
+        /* the oldest request, and queued requests it can be decoded with (up to max_texts texts) */
+        size_t texts = r0->tr.n, scanned = 0;
         b.m[b.n++] = r0;
         for (srv_req *r = s->qhead, *nx; r && b.n < SRV_BATCH_MAX && scanned < SRV_BATCH_SCAN;
              r = nx, scanned++) {
@@ -712,7 +934,10 @@ static void *reaper_main(void *arg) {
         double t = now_s();
         for (srv_req *r = s->qhead, *nx; r; r = nx) {
             nx = r->next;
-            int reason = t > r->deadline ? CANCEL_DEADLINE : client_gone(r->fd) ? CANCEL_CLIENT : CANCEL_NONE;
+            int reason = atomic_load(&r->cancel)            ? atomic_load(&r->cancel)
+                         : t > r->deadline                  ? CANCEL_DEADLINE
+                         : client_gone(atomic_load(&r->fd)) ? CANCEL_CLIENT
+                                                            : CANCEL_NONE;
             if (!reason) continue;
             list_remove(&s->qhead, &s->qtail, r);
             s->queued--;
@@ -727,6 +952,8 @@ static void *reaper_main(void *arg) {
     pthread_mutex_unlock(&s->mu);
     return NULL;
 }
+
+static int enqueue(srv_server *s, srv_req *r);
 
 /* Validate a translate request against the model and the token limits and queue it.
  * @return 1 when queued (connection suspended), 0 when a response was decided. */
@@ -778,6 +1005,15 @@ static int submit_translate(srv_server *s, srv_req *r) {
             return 0;
         }
     }
+    return enqueue(s, r);
+}
+
+/* Queue r for a worker (429 when the queue is full). A plain request's connection is suspended until
+ * finish(); a streamed one (r->sse) keeps its connection: its event stream is queued by on_request and
+ * the queue / worker holds r until stream_close.
+ * @return 1 when queued, 0 when a response was decided. */
+static int enqueue(srv_server *s, srv_req *r) {
+    const srv_config *cfg = s->cfg;
     pthread_mutex_lock(&s->mu);
     int busy = s->nrunning + s->queued >= s->nworkers; /* no idle worker */
     if (busy && s->queued >= cfg->queue_length) {
@@ -787,7 +1023,13 @@ static int submit_translate(srv_server *s, srv_req *r) {
         return 0;
     }
     r->state = RQ_QUEUED;
-    MHD_suspend_connection(r->conn);
+    if (r->sse) {
+        pthread_mutex_lock(&r->smu);
+        r->sjob = 1;
+        pthread_mutex_unlock(&r->smu);
+    } else {
+        MHD_suspend_connection(r->conn);
+    }
     r->prev = s->qtail;
     r->next = NULL;
     if (s->qtail)
@@ -800,6 +1042,59 @@ static int submit_translate(srv_server *s, srv_req *r) {
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return 1;
+}
+
+/* Validate a dialogue request against the model and the token limit and queue it.
+ * @return 1 when queued, 0 when a response was decided. */
+static int submit_dialogue(srv_server *s, srv_req *r) {
+    const srv_config *cfg = s->cfg;
+    srv_error e = {0};
+    srv_limits lim = {cfg->max_texts, cfg->max_new_tokens};
+    if (srv_parse_dialogue(r->body, r->body_len, &lim, &r->dr, &e)) {
+        respond_error(r, &e);
+        return 0;
+    }
+    const srv_dialogue_req *q = &r->dr;
+    srv_model *m = find_model(s, q->model, SRV_TASK_DIALOGUE);
+    if (!m) {
+        if (q->model)
+            respond_fail(r, 404, "model '%.100s' not found", q->model);
+        else
+            respond_fail(r, 404, "no dialogue model is configured");
+        return 0;
+    }
+    if (m->cfg->task != SRV_TASK_DIALOGUE) {
+        respond_fail(r, 422, "model '%s' serves %s, not dialogue", m->cfg->name, srv_task_name(m->cfg->task));
+        return 0;
+    }
+    r->model = m;
+    for (size_t j = 0; j < q->n_decoders; j++)
+        if ((size_t)q->decoders[j] >= m->num_modes) {
+            respond_fail(r, 422, "'decoders'[%zu]: model '%s' has no decoder %d (it has %zu: 0..%zu)", j,
+                         m->cfg->name, q->decoders[j], m->num_modes, m->num_modes - 1);
+            return 0;
+        }
+    int32_t *ids = NULL;
+    size_t n = 0;
+    nz_error ne = {0};
+    if (nz_dialogue_encode(m->dlg, q->turns, q->n_turns, &ids, &n, &ne)) {
+        respond_fail(r, 422, "'context': cannot tokenize: %s", ne.msg);
+        return 0;
+    }
+    nz_free(ids);
+    if (n - 1 > (size_t)cfg->max_input_tokens) { /* the model's own truncation applied, eos not counted */
+        respond_fail(r, 422, "'context' has %zu tokens; the limit is %d", n - 1, cfg->max_input_tokens);
+        return 0;
+    }
+    if (q->stream) {
+        if (pthread_mutex_init(&r->smu, NULL)) {
+            respond_fail(r, 500, "cannot create the event stream");
+            return 0;
+        }
+        r->smu_init = 1;
+        r->sse = 1;
+    }
+    return enqueue(s, r);
 }
 
 /* ------------------------------------------------------------------ HTTP */
@@ -855,8 +1150,13 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
     }
     if (!is_inference(r->route)) return;
     if (r->route == SRV_ROUTE_DIALOGUE) {
-        respond_fail(r, 404, "/v1/dialogue is not available: no dialogue model family in this build yet");
-        return;
+        size_t i = 0;
+        while (i < cfg->n_models && cfg->models[i].task != SRV_TASK_DIALOGUE) i++;
+        if (i == cfg->n_models) {
+            respond_fail(r, 404,
+                         "no dialogue model is configured (/v1/dialogue needs a model with task dialogue)");
+            return;
+        }
     }
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
     if (cl) {
@@ -906,7 +1206,10 @@ static void final_call(srv_server *s, srv_req *r) {
                      ready < 0 ? "not loaded" : "loading");
         return;
     }
-    if (submit_translate(s, r)) return; /* suspended */
+    if (r->route == SRV_ROUTE_DIALOGUE)
+        submit_dialogue(s, r); /* queued: suspended, or streamed */
+    else
+        submit_translate(s, r); /* queued: suspended */
 }
 
 static enum MHD_Result queue_response(struct MHD_Connection *c, srv_req *r) {
@@ -926,6 +1229,19 @@ static enum MHD_Result queue_response(struct MHD_Connection *c, srv_req *r) {
     }
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
+    MHD_destroy_response(resp);
+    return ok;
+}
+
+/* The event stream of a queued streamed request (200, text/event-stream, chunked): sse_read feeds it
+ * from the worker's events. */
+static enum MHD_Result queue_stream(struct MHD_Connection *c, srv_req *r) {
+    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_read, r, NULL);
+    if (!resp) return MHD_NO; /* the connection closes; on_completed cancels the job */
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream; charset=utf-8");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    MHD_add_response_header(resp, "X-Accel-Buffering", "no"); /* proxies: pass events on at once */
+    enum MHD_Result ok = MHD_queue_response(c, MHD_HTTP_OK, resp);
     MHD_destroy_response(resp);
     return ok;
 }
@@ -991,42 +1307,73 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (r->state == RQ_QUEUED || r->state == RQ_RUNNING) return MHD_YES; /* not ours to answer yet */
     if (!r->responded) {
         final_call(s, r);
+        if (r->sse && r->state != RQ_READ) return queue_stream(c, r); /* queued, streamed */
         if (r->state != RQ_READ)
             return MHD_YES; /* queued: a worker may already run it (state RUNNING/DONE) */
     }
     return queue_response(c, r);
 }
 
+/* The end of a request: access-log line, request metrics, free. term_ok: the response was sent in full
+ * (else the status is 499, the client left first). */
+static void retire(srv_req *r, int term_ok) {
+    srv_server *s = r->s;
+    double t = now_s();
+    /* 499 (nginx's "client closed request"): the client left before the response was sent; a stream
+     * records the status of its outcome (200 "done", or the code of its "error" event) */
+    int status = r->responded && term_ok ? r->status : 499;
+    srv_metrics_observe(s->metrics, r->route, status, t - r->t0, r->tokens_in, r->tokens_out);
+    srv_log_level lvl =
+        r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY || r->route == SRV_ROUTE_METRICS
+            ? SRV_LOG_DEBUG
+            : SRV_LOG_INFO;
+    if (srv_log_enabled(lvl))
+        srv_log(lvl, "request", "method", SRV_KV_STR, r->method, "path", SRV_KV_STR, r->path, "status",
+                SRV_KV_INT, (long long)status, "latency_ms", SRV_KV_DBL, (t - r->t0) * 1e3, "queue_ms",
+                SRV_KV_DBL, r->t_start > 0 ? (r->t_start - r->t0) * 1e3 : 0.0, "model", SRV_KV_STR,
+                r->model ? r->model->cfg->name : NULL, "texts", SRV_KV_UINT,
+                (unsigned long long)(r->route == SRV_ROUTE_DIALOGUE ? r->dr.n_turns : r->tr.n), "batch_texts",
+                SRV_KV_UINT, (unsigned long long)r->batch_texts, "stream", SRV_KV_INT, (long long)r->sse,
+                "tokens_in", SRV_KV_UINT, (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
+                (unsigned long long)r->tokens_out, NULL);
+    srv_translate_req_free(&r->tr);
+    srv_dialogue_req_free(&r->dr);
+    nz_free(r->body);
+    nz_free(r->resp);
+    nz_free(r->sbuf);
+    if (r->smu_init) pthread_mutex_destroy(&r->smu);
+    nz_free(r);
+    atomic_fetch_sub(&s->live, 1);
+}
+
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
-    srv_server *s = cls;
     srv_req *r = *con_cls;
+    (void)cls;
     (void)c;
     if (!r) return;
     *con_cls = NULL;
-    double t = now_s();
-    /* 499 (nginx's "client closed request"): the client left before the response was sent */
-    int status = r->responded && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? r->status : 499;
-    srv_metrics_observe(s->metrics, r->route, status, t - r->t0, r->tokens_in, r->tokens_out);
-    if (srv_log_enabled(r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY ||
-                                r->route == SRV_ROUTE_METRICS
-                            ? SRV_LOG_DEBUG
-                            : SRV_LOG_INFO))
-        srv_log(r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY || r->route == SRV_ROUTE_METRICS
-                    ? SRV_LOG_DEBUG
-                    : SRV_LOG_INFO,
-                "request", "method", SRV_KV_STR, r->method, "path", SRV_KV_STR, r->path, "status", SRV_KV_INT,
-                (long long)status, "latency_ms", SRV_KV_DBL, (t - r->t0) * 1e3, "queue_ms", SRV_KV_DBL,
-                r->t_start > 0 ? (r->t_start - r->t0) * 1e3 : 0.0, "model", SRV_KV_STR,
-                r->model ? r->model->cfg->name : NULL, "texts", SRV_KV_UINT, (unsigned long long)r->tr.n,
-                "batch_texts", SRV_KV_UINT, (unsigned long long)r->batch_texts, "tokens_in", SRV_KV_UINT,
-                (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
-                (unsigned long long)r->tokens_out, NULL);
-    srv_translate_req_free(&r->tr);
-    nz_free(r->body);
-    nz_free(r->resp);
-    nz_free(r);
-    atomic_fetch_sub(&s->live, 1);
+    const int ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
+    if (r->sse) {
+        /* a stream whose connection ends while the queue or a worker still holds the request (the client
+         * left, a write failed): cancel the job; its end (stream_close) retires the request */
+        pthread_mutex_lock(&r->smu);
+        const int job = r->sjob;
+        if (job) {
+            r->sorphan = 1;
+            r->sterm_ok = ok;
+            atomic_store(&r->fd, -1); /* the socket is closed after this callback: never poll a reused fd */
+            int none = CANCEL_NONE;
+            atomic_compare_exchange_strong(&r->cancel, &none, CANCEL_CLIENT);
+        }
+        pthread_mutex_unlock(&r->smu);
+        if (job) {
+            srv_log(SRV_LOG_DEBUG, "stream_orphaned", "path", SRV_KV_STR, r->path, "completed", SRV_KV_INT,
+                    (long long)ok, NULL);
+            return;
+        }
+    }
+    retire(r, ok);
 }
 
 static void mhd_log(void *cls, const char *fmt, va_list ap) {
@@ -1197,7 +1544,10 @@ void srv_server_free(srv_server *s) {
     for (size_t i = 0; s->models && i < s->n_models; i++) {
         if (s->models[i].tr && s->cache)
             nz_cache_forget_model(s->cache, nz_translator_model(s->models[i].tr));
+        if (s->models[i].dlg && s->cache)
+            nz_cache_forget_model(s->cache, nz_dialogue_model(s->models[i].dlg));
         nz_translator_free(s->models[i].tr);
+        nz_dialogue_free(s->models[i].dlg);
     }
     nz_free(s->models);
     nz_pool_free(s->pool);

@@ -1,4 +1,4 @@
-/* server/srv_api: request parsing and validation, error bodies, API keys;
+/* server/srv_api: request parsing and validation (translate and dialogue), error bodies, API keys;
  * plus a replay of the request fuzzer's corpus (tests/fuzz/corpus/fuzz_srv_request)
  * through its own body with invariant checks. Run from the repository root
  * (make test does) or with NZ_REPO_ROOT set. */
@@ -114,6 +114,132 @@ static void test_rejects(void **state) {
     srv_translate_req_free(&r);
 }
 
+/* Parse s as a dialogue body; @return the status (0 accepted) and keep r for inspection. */
+static int dparse(const char *s, srv_dialogue_req *r, srv_error *e) {
+    memset(e, 0, sizeof *e);
+    return srv_parse_dialogue(s, strlen(s), &LIM, r, e) ? e->status : 0;
+}
+
+static int dstatus(const char *s) {
+    srv_dialogue_req r;
+    srv_error e;
+    int st = dparse(s, &r, &e);
+    srv_dialogue_req_free(&r);
+    return st;
+}
+
+static void test_dialogue_accepts(void **state) {
+    (void)state;
+    srv_dialogue_req r;
+    srv_error e;
+    assert_int_equal(dparse("{\"context\": \"hello there\"}", &r, &e), 0);
+    assert_int_equal(r.n_turns, 1);
+    assert_true(r.single);
+    assert_string_equal(r.turns[0], "hello there");
+    assert_int_equal(r.lens[0], 11);
+    assert_null(r.model);
+    assert_int_equal(r.n_decoders, 0);
+    assert_int_equal(r.strategy, SRV_GREEDY);
+    assert_int_equal(r.beam_size, 4);
+    assert_true(r.temperature == 1.0 && r.top_p == 1.0 && r.top_k == 0 && r.seed == 0);
+    assert_int_equal(r.max_new_tokens, 50); /* min(63, the limit) */
+    assert_false(r.distinct || r.stream || r.return_tokens);
+    srv_dialogue_req_free(&r);
+
+    assert_int_equal(
+        dparse("{\"context\": [\"hi\", \"  \", \"\\u00e4 ?\"], \"model\": \"chat\", \"decoders\": [3, 0, 63],"
+               " \"strategy\": \"beam\", \"beam_size\": 32, \"max_new_tokens\": 1, \"distinct\": true,"
+               " \"stream\": true, \"return_tokens\": true}",
+               &r, &e),
+        0);
+    assert_int_equal(r.n_turns, 3);
+    assert_false(r.single);
+    assert_string_equal(r.turns[1], "  "); /* a blank turn among others is kept */
+    assert_int_equal(r.lens[2], 4);        /* UTF-8 bytes */
+    assert_string_equal(r.model, "chat");
+    assert_int_equal(r.n_decoders, 3);
+    assert_int_equal(r.decoders[0], 3);
+    assert_int_equal(r.decoders[2], 63);
+    assert_int_equal(r.strategy, SRV_BEAM);
+    assert_int_equal(r.beam_size, 32);
+    assert_int_equal(r.max_new_tokens, 1);
+    assert_true(r.distinct && r.stream && r.return_tokens);
+    srv_dialogue_req_free(&r);
+
+    assert_int_equal(
+        dparse("{\"context\": [\"a\"], \"strategy\": \"sample\", \"temperature\": 0, \"top_k\": 1000000,"
+               " \"top_p\": 1, \"seed\": 9223372036854775807, \"beam_size\": null}",
+               &r, &e),
+        0);
+    assert_int_equal(r.strategy, SRV_SAMPLE);
+    assert_true(r.temperature == 0.0 && r.top_p == 1.0);
+    assert_int_equal(r.top_k, 1000000);
+    assert_true(r.seed == 9223372036854775807ULL);
+    srv_dialogue_req_free(&r);
+    assert_int_equal(
+        dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"temperature\": 10, \"top_p\": 1e-9}"), 0);
+    assert_int_equal(dstatus("{\"context\": [\"a\", \"b\", \"c\", \"d\"], \"max_new_tokens\": 50}"), 0);
+}
+
+static void test_dialogue_rejects(void **state) {
+    (void)state;
+    /* 400: not JSON, not an object, wrong types */
+    assert_int_equal(dstatus(""), 400);
+    assert_int_equal(dstatus("{\"context\": "), 400);
+    assert_int_equal(dstatus("[\"x\"]"), 400);
+    assert_int_equal(dstatus("{\"context\": 5}"), 400);
+    assert_int_equal(dstatus("{\"context\": {}}"), 400);
+    assert_int_equal(dstatus("{\"context\": [\"a\", null]}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"\xff\"}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\\u0000b\"}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"decoders\": 1}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"decoders\": [1.0]}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": true}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"temperature\": \"1\"}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"seed\": 1.5}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"stream\": 1}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"distinct\": \"yes\"}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"model\": []}"), 400);
+    /* 422: validation */
+    assert_int_equal(dstatus("{}"), 422);
+    assert_int_equal(dstatus("{\"context\": null}"), 422);
+    assert_int_equal(dstatus("{\"context\": \" \\n\"}"), 422);
+    assert_int_equal(dstatus("{\"context\": []}"), 422);
+    assert_int_equal(dstatus("{\"context\": [\"\", \" \"]}"), 422);
+    assert_int_equal(dstatus("{\"context\": [\"a\", \"b\", \"c\", \"d\", \"e\"]}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"text\": \"b\"}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"decoders\": []}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"decoders\": [64]}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"decoders\": [-1]}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"top-k\"}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"beam\", \"beam_size\": 33}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"temperature\": 10.01}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"top_p\": 0}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"top_p\": 1.5}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"top_k\": 1000001}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"seed\": -2}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"max_new_tokens\": 0}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"max_new_tokens\": 51}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"top_k\": 5}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"beam\", \"seed\": 5}"), 422);
+
+    srv_dialogue_req r;
+    srv_error e;
+    assert_int_equal(dparse("{\"context\": \"a\", \"decoders\": [2, 0, 2]}", &r, &e), 422);
+    assert_non_null(strstr(e.message, "decoder 2 twice"));
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dparse("{\"context\": \"a\", \"strategy\": \"greedy\", \"temperature\": 0.5}", &r, &e),
+                     422);
+    assert_non_null(strstr(e.message, "'temperature' applies to strategy \"sample\""));
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dparse("{\"context\": [\"a\", 1]}", &r, &e), 400);
+    assert_non_null(strstr(e.message, "'context'[1] must be a string"));
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dparse("{\"context\": \"a\", \"topp\": 1}", &r, &e), 422);
+    assert_non_null(strstr(e.message, "unknown field \"topp\""));
+    srv_dialogue_req_free(&r);
+}
+
 static void test_error_body(void **state) {
     (void)state;
     srv_error e;
@@ -189,14 +315,16 @@ static void test_fuzz_corpus(void **state) {
         files++;
     }
     closedir(d);
-    assert_true(files >= 7);
+    assert_true(files >= 12);
     assert_int_equal(nz_mem_current(NZ_MEM_OTHER), before);
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_accepts), cmocka_unit_test(test_rejects),     cmocka_unit_test(test_error_body),
-        cmocka_unit_test(test_keys),    cmocka_unit_test(test_fuzz_corpus),
+        cmocka_unit_test(test_accepts),          cmocka_unit_test(test_rejects),
+        cmocka_unit_test(test_dialogue_accepts), cmocka_unit_test(test_dialogue_rejects),
+        cmocka_unit_test(test_error_body),       cmocka_unit_test(test_keys),
+        cmocka_unit_test(test_fuzz_corpus),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

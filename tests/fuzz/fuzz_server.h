@@ -4,16 +4,22 @@
  * tests/test_srv_api.c, which replays tests/fuzz/corpus/fuzz_srv_request/.
  *
  *   fuzz_srv_request_one(data, size)  byte 0 picks the limits, bytes 1..:
- *       the POST /v1/translate body -> srv_parse_translate, then the error
- *       body or the parsed request's invariants; the same bytes split at
- *       the first NUL as (Authorization, X-API-Key) -> srv_request_key and
- *       srv_key_matches against strcmp.
+ *       a request body, parsed both as POST /v1/translate
+ *       (srv_parse_translate) and as POST /v1/dialogue (srv_parse_dialogue),
+ *       then the error body or the parsed request's invariants (so every
+ *       seed of either route exercises both parsers); the same bytes split
+ *       at the first NUL as (Authorization, X-API-Key) -> srv_request_key
+ *       and srv_key_matches against strcmp.
  *
  * Invariants (FUZZ_FAIL aborts by default; the cmocka test overrides it):
  *   - a refused body gets 400 / 422 / 500 with a non-empty message, and its
  *     error body is JSON {"error": {"code" == status, "type", "message"}};
- *   - an accepted body has 1..max_texts non-blank texts whose lengths match,
- *     every option inside its documented range;
+ *   - an accepted translate body has 1..max_texts non-blank texts whose
+ *     lengths match, every option inside its documented range;
+ *   - an accepted dialogue body has 1..max_texts turns whose lengths match,
+ *     not all blank, distinct decoders in 0..SRV_MAX_DECODERS-1, every
+ *     option inside its documented range, and no sampling / beam option
+ *     present with another strategy;
  *   - srv_key_matches agrees with plain comparison.
  */
 #ifndef NZ_FUZZ_SERVER_H
@@ -38,6 +44,59 @@
     } while (0)
 #endif
 
+/* A refused body: a 400 / 422 / 500 with a message whose error body round-trips. */
+static inline void fuzz_srv_check_error(const srv_error *e) {
+    if ((e->status != 400 && e->status != 422 && e->status != 500) || !e->message[0] || !e->type)
+        FUZZ_FAIL("bad error %d '%s'", e->status, e->message);
+    size_t blen = 0;
+    char *b = srv_error_body(e, &blen);
+    if (!b) FUZZ_FAIL("no error body");
+    json_t *j = json_loadb(b, blen, 0, NULL);
+    json_t *code = j ? json_object_get(json_object_get(j, "error"), "code") : NULL;
+    if (!code || json_integer_value(code) != e->status) FUZZ_FAIL("error body does not round-trip: %s", b);
+    json_decref(j);
+    nz_free(b);
+}
+
+/* The body as a /v1/dialogue request. */
+static inline void fuzz_srv_dialogue_one(const char *body, size_t len, const srv_limits *lim) {
+    srv_dialogue_req r;
+    srv_error e = {0};
+    if (srv_parse_dialogue(body, len, lim, &r, &e)) {
+        fuzz_srv_check_error(&e);
+    } else {
+        if (r.n_turns < 1 || r.n_turns > (size_t)lim->max_texts) FUZZ_FAIL("%zu turns", r.n_turns);
+        int any = 0;
+        for (size_t i = 0; i < r.n_turns; i++) {
+            if (strlen(r.turns[i]) != r.lens[i]) FUZZ_FAIL("turn %zu length", i);
+            for (size_t k = 0; k < r.lens[i]; k++) any |= !isspace((unsigned char)r.turns[i][k]);
+        }
+        if (!any) FUZZ_FAIL("blank context accepted");
+        if (r.n_decoders > SRV_MAX_DECODERS) FUZZ_FAIL("%zu decoders", r.n_decoders);
+        for (size_t i = 0; i < r.n_decoders; i++) {
+            if (r.decoders[i] < 0 || r.decoders[i] >= SRV_MAX_DECODERS)
+                FUZZ_FAIL("decoder %d", r.decoders[i]);
+            for (size_t j = 0; j < i; j++)
+                if (r.decoders[j] == r.decoders[i]) FUZZ_FAIL("decoder %d twice", r.decoders[i]);
+        }
+        if ((r.strategy != SRV_GREEDY && r.strategy != SRV_BEAM && r.strategy != SRV_SAMPLE) ||
+            r.beam_size < 1 || r.beam_size > 32 || !(r.temperature >= 0 && r.temperature <= 10) ||
+            r.top_k < 0 || r.top_k > 1000000 || !(r.top_p > 0 && r.top_p <= 1) || r.max_new_tokens < 1 ||
+            r.max_new_tokens > lim->max_new_tokens || (unsigned)r.distinct > 1 || (unsigned)r.stream > 1 ||
+            (unsigned)r.return_tokens > 1)
+            FUZZ_FAIL("dialogue option out of range");
+        static const char *const sample_only[] = {"temperature", "top_k", "top_p", "seed"};
+        for (size_t i = 0; i < 4; i++) {
+            json_t *x = json_object_get(r.root, sample_only[i]);
+            if (x && !json_is_null(x) && r.strategy != SRV_SAMPLE)
+                FUZZ_FAIL("'%s' without sampling", sample_only[i]);
+        }
+        json_t *bs = json_object_get(r.root, "beam_size");
+        if (bs && !json_is_null(bs) && r.strategy != SRV_BEAM) FUZZ_FAIL("'beam_size' without beam search");
+    }
+    srv_dialogue_req_free(&r);
+}
+
 static inline void fuzz_srv_request_one(const uint8_t *data, size_t size) {
     if (!size) return;
     srv_limits lim = {1 + data[0] % 8, 1 + (data[0] >> 3) * 8};
@@ -46,16 +105,7 @@ static inline void fuzz_srv_request_one(const uint8_t *data, size_t size) {
     srv_translate_req r;
     srv_error e = {0};
     if (srv_parse_translate(body, len, &lim, &r, &e)) {
-        if ((e.status != 400 && e.status != 422 && e.status != 500) || !e.message[0] || !e.type)
-            FUZZ_FAIL("bad error %d '%s'", e.status, e.message);
-        size_t blen = 0;
-        char *b = srv_error_body(&e, &blen);
-        if (!b) FUZZ_FAIL("no error body");
-        json_t *j = json_loadb(b, blen, 0, NULL);
-        json_t *code = j ? json_object_get(json_object_get(j, "error"), "code") : NULL;
-        if (!code || json_integer_value(code) != e.status) FUZZ_FAIL("error body does not round-trip: %s", b);
-        json_decref(j);
-        nz_free(b);
+        fuzz_srv_check_error(&e);
     } else {
         if (r.n < 1 || r.n > (size_t)lim.max_texts) FUZZ_FAIL("%zu texts", r.n);
         for (size_t i = 0; i < r.n; i++) {
@@ -70,6 +120,7 @@ static inline void fuzz_srv_request_one(const uint8_t *data, size_t size) {
             FUZZ_FAIL("option out of range");
     }
     srv_translate_req_free(&r);
+    fuzz_srv_dialogue_one(body, len, &lim);
 
     /* header values: the input up to the first NUL, then the rest (NUL-terminated copies) */
     size_t cut = 0;

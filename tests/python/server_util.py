@@ -8,7 +8,9 @@ kills any server that lives longer than `lifetime` seconds (60 by default),
 and every wait and every HTTP call has a timeout, so no test can hang.
 
 Also: a small HTTP client on http.client (exact status, headers and body,
-no retries), raw-socket helpers and a Prometheus text parser.
+no retries), raw-socket helpers (incl. a chunked reader for event streams and
+a server-sent events parser), a Prometheus text parser, and the builders of
+the tiny real translation and dialogue models.
 """
 
 import http.client
@@ -129,6 +131,106 @@ def post_request_bytes(path, body, headers=None):
     return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n").encode() + body
 
 
+def read_head(sock, deadline):
+    """Read a response head from a raw socket. @return (status, headers dict with
+    lower-case names, bytes already read past the head)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no complete response head: {buf!r}")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before a response: {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for l in lines[1:]:
+        k, _, v = l.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return int(lines[0].split()[1]), headers, rest
+
+
+class ChunkedReader:
+    """Incremental decoder of a chunked (Transfer-Encoding: chunked) body read from a raw socket."""
+
+    def __init__(self, sock, rest=b""):
+        self.sock, self.raw, self.body, self.done = sock, rest, b"", False
+
+    def _parse(self):
+        while not self.done:
+            line_end = self.raw.find(b"\r\n")
+            if line_end < 0:
+                return
+            size = int(self.raw[:line_end].split(b";")[0], 16)
+            if size == 0:
+                self.done = True
+                return
+            if len(self.raw) < line_end + 2 + size + 2:
+                return
+            self.body += self.raw[line_end + 2:line_end + 2 + size]
+            self.raw = self.raw[line_end + 2 + size + 2:]
+
+    def read_until(self, pred, timeout=10):
+        """Read until pred(body so far) or the last chunk. @return the body so far."""
+        deadline = time.monotonic() + timeout
+        self._parse()
+        while not self.done and not pred(self.body):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream incomplete: {self.body[-500:]!r}")
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed inside the stream: {self.body[-500:]!r}")
+            self.raw += chunk
+            self._parse()
+        return self.body
+
+
+def stream_request(port, path, body, headers=None, timeout=15):
+    """POST body (JSON) and read the whole response from a raw socket, chunked
+    or Content-Length framed. @return a Response (headers: lower-case dict)."""
+    data = json.dumps(body).encode() if not isinstance(body, bytes) else body
+    with raw_connect(port, timeout) as s:
+        s.sendall(post_request_bytes(path, data, headers))
+        deadline = time.monotonic() + timeout
+        status, hdrs, rest = read_head(s, deadline)
+        if hdrs.get("transfer-encoding", "").lower() == "chunked":
+            body = ChunkedReader(s, rest).read_until(lambda b: False, timeout)
+        else:
+            n = int(hdrs.get("content-length", "0"))
+            while len(rest) < n and time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+            body = rest[:n]
+        return Response(status, hdrs, body)
+
+
+def parse_sse(body):
+    """Server-sent events text -> [(event, data parsed as JSON)]; every event must
+    have a single data line and end with an empty line."""
+    text = body.decode() if isinstance(body, bytes) else body
+    assert text.endswith("\n\n") or not text, f"stream does not end with an empty line: {text[-200:]!r}"
+    out = []
+    for block in text.split("\n\n")[:-1]:
+        ev, data = None, None
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                continue
+            k, _, v = line.partition(": ")
+            if k == "event":
+                ev = v
+            elif k == "data":
+                assert data is None, f"two data lines: {block!r}"
+                data = json.loads(v)
+            else:
+                raise AssertionError(f"unexpected SSE line {line!r}")
+        out.append((ev, data))
+    return out
+
+
 # ---------------------------------------------------------------- metrics
 
 _METRIC = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
@@ -169,19 +271,19 @@ class Server:
             r = s.post("/v1/translate", {"text": "..."})
 
     config: settings written into the temp config file (on top of host
-    127.0.0.1, port 0, the model as "m" and a few small defaults). models:
-    the config's "models" list instead of the single model.
+    127.0.0.1, port 0, the model as "m" with task `task` and a few small
+    defaults). models: the config's "models" list instead of the single model.
     """
 
     def __init__(self, model=None, config=None, flags=(), env=None, models=None, lifetime=60, start_timeout=15,
-                 wait_listening=True):
+                 wait_listening=True, task="translate"):
         self.dir = tempfile.mkdtemp(prefix="nzserve-test-")
         cfg = {"host": HOST, "port": 0, "worker_threads": 1, "http_threads": 4, "connection_timeout_s": 10,
                "shutdown_grace_ms": 5000}
         if models is not None:
             cfg["models"] = models
         elif model is not None:
-            cfg["models"] = [{"name": "m", "task": "translate", "path": str(model)}]
+            cfg["models"] = [{"name": "m", "task": task, "path": str(model)}]
         cfg.update(config or {})
         self.config_path = os.path.join(self.dir, "nzserve.json")
         with open(self.config_path, "w") as f:
@@ -293,6 +395,13 @@ class Server:
     def translate(self, body, headers=None, timeout=15):
         return self.post("/v1/translate", body, headers=headers, timeout=timeout)
 
+    def dialogue(self, body, headers=None, timeout=15):
+        return self.post("/v1/dialogue", body, headers=headers, timeout=timeout)
+
+    def stream(self, body, headers=None, timeout=15, path="/v1/dialogue"):
+        """POST a streamed request; the whole response (chunked body decoded)."""
+        return stream_request(self.port, path, body, headers, timeout)
+
     def metrics(self):
         r = self.get("/metrics")
         assert r.status == 200, r
@@ -342,3 +451,26 @@ def build_translation_model(nzp, tmp_path_factory):
     import test_translate_cli as T
 
     return T.model.__wrapped__(nzp, tmp_path_factory)
+
+
+def build_dialogue_model(nzp, workdir, name="adapter-relu-tied-k3", seed=5, extra_config=None):
+    """A tiny real dialogue model, as test_t5md_parity.test_text_contexts builds
+    it: SentencePiece trained here (T5 ids, <sep> control piece), a random-weight
+    t5md_ref.T5MultiDecoder of test_t5md_parity.CONFIGS[name] whose responses
+    vary, written with t5md_ref.save_model_dir (turn separator "<sep>", no
+    truncation unless extra_config says otherwise) and packed lossless.
+    workdir: an empty pathlib.Path. @return (path of the .nzp, reference model on
+    exactly its weights, t5md_ref.Tokenizer)."""
+    import test_t5md_parity as P
+
+    R = P.R
+    spm_path = P.train_spm(workdir / "spm.model")
+    model = P.build_model(name, seed=seed)
+    mdir = workdir / "model"
+    extra = dict(turn_separator=R.SEP_PIECE, max_context_turns=0, max_source_length=0)
+    extra.update(extra_config or {})
+    R.save_model_dir(model, str(mdir), spm_path=str(spm_path), extra_config=extra)
+    path = workdir / "dialogue.nzp"
+    P.run([nzp, "pack", "--mode", "lossless", *P.PACK_ARGS, mdir, path])
+    ref, _ = R.load_model_dir(str(mdir))
+    return path, ref, R.load_tokenizer(str(mdir))

@@ -451,9 +451,10 @@ class TestErrors:
             assert_error(r, status)
         assert r.header("Allow") == allow
 
-    def test_dialogue_not_available(self, srv):
-        e = assert_error(srv.post("/v1/dialogue", {"text": "hello"}), 404)
-        assert "dialogue" in e["message"]
+    def test_dialogue_without_dialogue_model(self, srv):
+        # /v1/dialogue itself is served (tests/python/test_dialogue_server.py); this server has no dialogue model
+        e = assert_error(srv.post("/v1/dialogue", {"context": "hello"}), 404)
+        assert "no dialogue model is configured" in e["message"]
 
     def test_413_from_content_length_before_the_body(self, srv):
         # only the head is sent: the answer must come without waiting for the body
@@ -540,7 +541,7 @@ def check_keys(s, good, bad):
     assert_error(s.translate(body, headers={"Authorization": f"Bearer {good[0][:-1]}"}), 401)
     # the key is checked before anything else of an inference route
     assert_error(s.post("/v1/dialogue", {"text": "hi"}), 401)
-    assert_error(s.post("/v1/dialogue", {"text": "hi"}, headers={"X-API-Key": good[0]}), 404)
+    assert_error(s.post("/v1/dialogue", {"context": "hi"}, headers={"X-API-Key": good[0]}), 404)  # no dialogue model
     assert_error(s.translate(b"{bad json", headers={"X-API-Key": bad[0]}), 401)
     # exempt routes: probes and the scraper
     for path in ["/health", "/ready", "/metrics"]:

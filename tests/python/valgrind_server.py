@@ -1,10 +1,12 @@
 #!/usr/bin/python3
 """nzserve under valgrind memcheck (make valgrind): start the server on a tiny
-random-weight translation model (the fixture of test_translate_cli.py), drive
-every route and error class, a batch translation, a queued request whose
-client disconnects and one that passes its deadline, then SIGTERM with a
-request in flight; valgrind's exit status (99 on an error or a definite leak)
-must be 0, like the server's.
+random-weight translation model (the fixture of test_translate_cli.py) and a
+tiny random-weight dialogue model (server_util.build_dialogue_model, when
+PyTorch is there to build it), drive every route and error class, a batch
+translation, dialogue requests (greedy, beam, sampling with the distinct
+filter, a streamed one), a running translation and a running stream whose
+clients disconnect, then SIGTERM with a request in flight; valgrind's exit
+status (99 on an error or a definite leak) must be 0, like the server's.
 
     NZP=build/nzp NZSERVE=build/nzserve /usr/bin/python3 tests/python/valgrind_server.py
 """
@@ -14,6 +16,7 @@ import pathlib
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import server_util as U  # noqa: E402
 import test_translate_cli as T  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -70,9 +74,16 @@ def main():
             return d
 
     model, _, _ = T.model.__wrapped__(nzp, Factory())
+    try:
+        dialogue, _, _ = U.build_dialogue_model(nzp, Factory().mktemp("dialogue"), name="transformer-gated-untied-k3",
+                                                seed=1)
+    except ImportError as e:  # no PyTorch: the translation session alone
+        print(f"valgrind_server: no dialogue model ({e}); /v1/dialogue is checked for its 404 only")
+        dialogue = None
     log = work / "server.log"
+    models = ["--model", f"tiny:translate:{model}"] + (["--model", f"chat:dialogue:{dialogue}"] if dialogue else [])
     cmd = ["valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite",
-           nzserve, "--port", "0", "--model", f"tiny:translate:{model}", "--api-keys", "valgrind-key-1",
+           nzserve, "--port", "0", *models, "--api-keys", "valgrind-key-1",
            "--max-concurrent-requests", "1", "--queue-length", "2", "--tile-cache-bytes", "64KiB",
            "--request-timeout-ms", "20000", "--shutdown-grace-ms", "60000"]
     env = dict(os.environ, NZSERVE_DEBUG_STEP_DELAY_MS="20")
@@ -95,8 +106,9 @@ def main():
         texts = T.words(3, 4)
         checks = [
             (call(port, "GET", "/health"), 200),
-            (call(port, "GET", "/v1/models"), 200),
-            (call(port, "GET", "/v1/memory"), 200),
+            (call(port, "GET", "/v1/models", None, key), 200),
+            (call(port, "GET", "/v1/models"), 401),
+            (call(port, "GET", "/v1/memory", None, key), 200),
             (call(port, "POST", "/v1/translate", {"texts": texts, "return_tokens": True}, key), 200),
             (call(port, "POST", "/v1/translate", {"text": texts[0], "decoder": "at", "beam_size": 3}, key), 200),
             (call(port, "POST", "/v1/translate", {"text": texts[0], "rerank": "at", "iterations": 2}, key), 200),
@@ -110,11 +122,33 @@ def main():
                               b"Content-Length: 2000000\r\n\r\n"), 413),
             (call(port, "DELETE", "/health"), 405),
             (call(port, "GET", "/nowhere"), 404),
-            (call(port, "POST", "/v1/dialogue", {"context": "hi"}, key), 404),
             (call(port, "GET", "/metrics"), 200),
         ]
+        if dialogue:
+            ctx = ["hello there", "how are you doing today ?"]
+            streamed = call(port, "POST", "/v1/dialogue", {"context": ctx, "max_new_tokens": 6, "stream": True}, key)
+            checks += [
+                (call(port, "POST", "/v1/dialogue", {"context": ctx, "max_new_tokens": 8, "return_tokens": True},
+                      key), 200),
+                (call(port, "POST", "/v1/dialogue", {"context": "hi", "strategy": "beam", "beam_size": 3,
+                                                     "decoders": [2, 0], "max_new_tokens": 6}, key), 200),
+                (call(port, "POST", "/v1/dialogue", {"context": ["do you like music"], "strategy": "sample",
+                                                     "seed": 3, "top_p": 0.9, "distinct": True,
+                                                     "max_new_tokens": 6}, key), 200),
+                (streamed, 200),
+                (call(port, "POST", "/v1/dialogue", {"context": "hi", "decoders": [7]}, key), 422),
+                (call(port, "POST", "/v1/dialogue", {"context": "hi", "temperature": 2}, key), 422),
+                (call(port, "POST", "/v1/dialogue", b'{"context": 3}', key), 400),
+                (call(port, "POST", "/v1/dialogue", {"context": "hi", "model": "tiny"}, key), 422),
+                (call(port, "POST", "/v1/dialogue", {"context": "hi", "stream": True}), 401),
+            ]
+        else:
+            checks.append((call(port, "POST", "/v1/dialogue", {"context": "hi"}, key), 404))
         for i, ((got, body), want) in enumerate(checks):
             assert got == want, (i, got, want, body[:300])
+        if dialogue:
+            events = U.parse_sse(streamed[1])
+            assert events[-1][0] == "done" and all(e == "token" for e, _ in events[:-1]), events[-1]
         # a client that leaves while its request runs
         s = socket.create_connection(("127.0.0.1", port))
         b = json.dumps({"texts": texts * 8, "iterations": 50}).encode()
@@ -128,6 +162,28 @@ def main():
                 break
             time.sleep(0.05)
         assert metric(port, 'nzserve_rejected_total{reason="cancelled"}') >= 1
+        if dialogue:  # clients that leave while their streams run (after the first token, at once, with a reset)
+            before = metric(port, 'nzserve_rejected_total{reason="cancelled"}')
+            for i in range(3):
+                b = json.dumps({"context": "hello there", "max_new_tokens": 60, "stream": True,
+                                "strategy": ("greedy", "sample")[i % 2]}).encode()
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(b"POST /v1/dialogue HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer valgrind-key-1\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(b), b))
+                got = b""
+                while i < 2 and b"event: token" not in got:
+                    chunk = s.recv(65536)
+                    assert chunk, got
+                    got += chunk
+                if i == 1:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+                for _ in range(600):  # one at a time: the queue holds 2
+                    if metric(port, 'nzserve_rejected_total{reason="cancelled"}') >= before + i + 1 and \
+                            metric(port, "nzserve_requests_in_flight") == 0:
+                        break
+                    time.sleep(0.05)
+                assert metric(port, 'nzserve_rejected_total{reason="cancelled"}') >= before + i + 1
         # SIGTERM with a request in flight: it completes, then the process exits 0
         res = {}
         t = threading.Thread(target=lambda: res.update(

@@ -1,0 +1,274 @@
+/* nz_dialogue — see nz_dialogue.h. */
+#include "nz_dialogue.h"
+
+#include "nz_alloc.h"
+#include "nz_container.h"
+
+#include <math.h>
+#include <string.h>
+
+struct nz_dialogue {
+    nz_model *model;  /* the mapped .nzp */
+    nz_t5md *t5md;    /* network, borrows model */
+    nz_t5md_tok *tok; /* tokenizer from the embedded spm.model + config.json */
+};
+
+void nz_dlg_opts_default(nz_dlg_opts *o) {
+    memset(o, 0, sizeof *o);
+    nz_t5md_opts_default(&o->gen);
+}
+
+void nz_dlg_result_free(nz_dlg_result *r) {
+    if (!r) return;
+    for (size_t i = 0; r->responses && i < r->n; i++) {
+        nz_free(r->responses[i].text);
+        nz_free(r->responses[i].tokens);
+    }
+    nz_free(r->responses);
+    memset(r, 0, sizeof *r);
+}
+
+int nz_dialogue_open(const char *path, nz_dialogue **out, nz_error *err) {
+    *out = NULL;
+    nz_dialogue *d = nz_calloc(1, sizeof *d, NZ_MEM_OTHER);
+    if (!d) return nz_fail(err, NZ_E_NOMEM, "%s: out of memory", path);
+    int rc = nz_model_open(path, &d->model, err);
+    if (!rc && (rc = nz_t5md_load(d->model, &d->t5md, err))) nz_fail_prefix(err, "%s: ", path);
+    if (!rc && (rc = nz_t5md_tok_load(d->model, nz_t5md_get_config(d->t5md), &d->tok, err)))
+        nz_fail_prefix(err, "%s: ", path);
+    if (rc) {
+        nz_dialogue_free(d);
+        return rc;
+    }
+    *out = d;
+    return NZ_OK;
+}
+
+void nz_dialogue_free(nz_dialogue *d) {
+    if (!d) return;
+    nz_t5md_tok_free(d->tok);
+    nz_t5md_free(d->t5md);
+    nz_model_free(d->model);
+    nz_free(d);
+}
+
+const nz_model *nz_dialogue_model(const nz_dialogue *d) { return d->model; }
+const nz_t5md *nz_dialogue_t5md(const nz_dialogue *d) { return d->t5md; }
+const nz_t5md_tok *nz_dialogue_tok(const nz_dialogue *d) { return d->tok; }
+const nz_t5md_config *nz_dialogue_config(const nz_dialogue *d) { return nz_t5md_get_config(d->t5md); }
+
+int nz_dialogue_encode(const nz_dialogue *d, const char *const *turns, size_t n_turns, int32_t **ids,
+                       size_t *n, nz_error *err) {
+    return nz_t5md_encode_context(d->tok, turns, NULL, n_turns, ids, n, err);
+}
+
+static int is_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
+size_t nz_dlg_normalize(const char *text, size_t len, char *out) {
+    size_t o = 0;
+    int gap = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)text[i];
+        if (is_space(c)) {
+            gap = o > 0;
+            continue;
+        }
+        if (gap) out[o++] = ' ';
+        gap = 0;
+        out[o++] = (char)(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+    }
+    out[o] = 0;
+    return o;
+}
+
+/* ------------------------------------------------------------------ streaming */
+
+/** State of the streaming hook: every requested decoder's tokens so far and
+ *  the bytes of its text already reported. */
+typedef struct dlg_stream {
+    const nz_dialogue *d;
+    const nz_dlg_opts *o;
+    int *slot;       /* [K] decoder k -> its slot, -1 when not requested */
+    int32_t *tok;    /* [D x cap] tokens of each slot */
+    size_t *n;       /* [D] tokens so far */
+    size_t *shown;   /* [D] text bytes reported so far */
+    int *broken;     /* [D] decoding failed: report tokens without text from then on */
+    size_t cap, max; /* tokens a slot can hold; max_new_tokens */
+} dlg_stream;
+
+static int ends_with_replacement(const char *s, size_t n) {
+    return n >= 3 && (unsigned char)s[n - 3] == 0xEF && (unsigned char)s[n - 2] == 0xBF &&
+           (unsigned char)s[n - 1] == 0xBD;
+}
+
+static void stream_token(void *arg, size_t context, int k, size_t pos, int32_t token, float logprob) {
+    dlg_stream *st = arg;
+    (void)context; /* always 0: one context per call */
+    const int j = k >= 0 && (size_t)k < nz_t5md_get_config(st->d->t5md)->num_modes ? st->slot[k] : -1;
+    if (j < 0) return;
+    int32_t *toks = st->tok + (size_t)j * st->cap;
+    if (st->n[j] < st->cap) toks[st->n[j]++] = token;
+    char *text = NULL;
+    size_t len = 0, from = st->shown[j];
+    if (!st->broken[j]) {
+        nz_error e = {0};
+        if (nz_t5md_decode_text(st->d->tok, toks, st->n[j], &text, &len, &e)) {
+            st->broken[j] = 1;
+            len = 0;
+        }
+    }
+    const int last = token == NZ_T5MD_EOS || pos + 1 >= st->max;
+    size_t end = len;
+    if (!last)
+        while (end > from && ends_with_replacement(text, end)) end -= 3; /* an incomplete character */
+    const char *piece = "";
+    size_t plen = 0;
+    if (text && end > from) {
+        piece = text + from;
+        plen = end - from;
+        text[end] = 0;
+        st->shown[j] = end;
+    }
+    st->o->on_token(st->o->token_arg, k, pos, token, logprob, piece, plen);
+    nz_free(text);
+}
+
+/* ------------------------------------------------------------------ run */
+
+int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,
+                    const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
+    memset(res, 0, sizeof *res);
+    const nz_t5md_config *c = nz_t5md_get_config(d->t5md);
+    const size_t K = c->num_modes;
+    const int all = !o->gen.decoders || !o->gen.n_decoders;
+    const size_t D = all ? K : o->gen.n_decoders;
+    if (!D) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: no decoder requested");
+    if (o->gen.max_new_tokens < 0 || o->gen.max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS)
+        return nz_fail(err, NZ_E_RANGE, "dialogue: max_new_tokens %d is outside 0..%d", o->gen.max_new_tokens,
+                       NZ_T5MD_MAX_NEW_TOKENS);
+    int rc = NZ_OK;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    nz_t5md_result *gres = NULL;
+    size_t nres = 0, *order = NULL;
+    char **norm = NULL;
+    dlg_stream st;
+    memset(&st, 0, sizeof st);
+    st.slot = nz_malloc(K * sizeof *st.slot, NZ_MEM_OTHER);
+    if (!st.slot) {
+        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+        goto done;
+    }
+    for (size_t k = 0; k < K; k++) st.slot[k] = -1;
+    for (size_t j = 0; j < D; j++) {
+        const int k = all ? (int)j : o->gen.decoders[j];
+        if (k < 0 || (size_t)k >= K) {
+            rc =
+                nz_fail(err, NZ_E_RANGE, "dialogue: decoder %d is out of range (the model has %zu decoder%s)",
+                        k, K, K == 1 ? "" : "s");
+            goto done;
+        }
+        if (st.slot[k] >= 0) {
+            rc = nz_fail(err, NZ_E_INVALID_ARG, "dialogue: decoder %d is requested twice", k);
+            goto done;
+        }
+        st.slot[k] = (int)j;
+    }
+    if ((rc = nz_dialogue_encode(d, turns, n_turns, &ids, &n_ids, err))) goto done;
+    res->input_tokens = n_ids;
+
+    nz_t5md_opts gen = o->gen;
+    gen.num_return = 1;
+    gen.on_token = NULL;
+    gen.token_arg = NULL;
+    if (o->on_token) {
+        st.d = d;
+        st.o = o;
+        st.max = (size_t)gen.max_new_tokens;
+        st.cap = st.max + 1;
+        st.tok = nz_malloc(D * st.cap * sizeof *st.tok, NZ_MEM_OTHER);
+        st.n = nz_calloc(D, sizeof *st.n, NZ_MEM_OTHER);
+        st.shown = nz_calloc(D, sizeof *st.shown, NZ_MEM_OTHER);
+        st.broken = nz_calloc(D, sizeof *st.broken, NZ_MEM_OTHER);
+        if (!st.tok || !st.n || !st.shown || !st.broken) {
+            rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+            goto done;
+        }
+        gen.on_token = stream_token;
+        gen.token_arg = &st;
+    }
+    nres = nz_t5md_result_count(d->t5md, &gen, 1);
+    gres = nz_calloc(nres, sizeof *gres, NZ_MEM_OTHER);
+    order = nz_calloc(nres, sizeof *order, NZ_MEM_OTHER);
+    norm = nz_calloc(nres, sizeof *norm, NZ_MEM_OTHER);
+    res->responses = nz_calloc(nres, sizeof *res->responses, NZ_MEM_OTHER);
+    if (!gres || !order || !norm || !res->responses) {
+        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+        goto done;
+    }
+    const int32_t *src = ids;
+    if ((rc = nz_t5md_generate(mc, d->t5md, &src, &n_ids, 1, &gen, gres, err))) goto done;
+    res->generated = nres;
+    for (size_t i = 0; i < nres; i++) {
+        if (gres[i].rc) {
+            *err = gres[i].err;
+            rc = gres[i].rc;
+            goto done;
+        }
+        res->output_tokens += gres[i].n - (gres[i].finished ? 1 : 0);
+    }
+    nz_t5md_rank(gres, nres, NZ_T5MD_RANK_MEAN_LOGPROB, order);
+    for (size_t q = 0; q < nres; q++) {
+        nz_t5md_result *g = &gres[order[q]];
+        nz_dlg_response *r = &res->responses[res->n];
+        if ((rc = nz_t5md_decode_text(d->tok, g->tokens, g->n, &r->text, &r->text_len, err))) {
+            nz_fail_prefix(err, "dialogue: decoder %d: ", g->decoder);
+            nz_free(r->text);
+            r->text = NULL;
+            goto done;
+        }
+        if (o->distinct) {
+            char *nt = nz_malloc(r->text_len + 1, NZ_MEM_OTHER);
+            if (!nt) {
+                nz_free(r->text);
+                r->text = NULL;
+                rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+                goto done;
+            }
+            nz_dlg_normalize(r->text, r->text_len, nt);
+            int dup = 0;
+            for (size_t i = 0; i < res->n && !dup; i++) dup = !strcmp(norm[i], nt);
+            if (dup) {
+                nz_free(nt);
+                nz_free(r->text);
+                memset(r, 0, sizeof *r);
+                continue;
+            }
+            norm[res->n] = nt;
+        }
+        r->decoder = g->decoder;
+        r->tokens = g->tokens;
+        r->n_tokens = g->n;
+        g->tokens = NULL;
+        g->n = 0;
+        r->output_tokens = r->n_tokens - (g->finished ? 1 : 0);
+        r->score = g->mean_logprob;
+        r->beam_score = g->beam_score;
+        r->finished = g->finished;
+        res->n++;
+    }
+done:
+    if (rc) nz_dlg_result_free(res);
+    if (gres) nz_t5md_results_free(gres, nres); /* what was not moved into res */
+    for (size_t i = 0; norm && i < nres; i++) nz_free(norm[i]);
+    nz_free(norm);
+    nz_free(order);
+    nz_free(gres);
+    nz_free(ids);
+    nz_free(st.slot);
+    nz_free(st.tok);
+    nz_free(st.n);
+    nz_free(st.shown);
+    nz_free(st.broken);
+    return rc;
+}

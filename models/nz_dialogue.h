@@ -1,0 +1,139 @@
+/*
+ * nz_dialogue.h — a dialogue model ready to serve: the opened .nzp, its
+ * t5_multidecoder network (nz_t5md) and its tokenizer (nz_t5md_tok, from the
+ * embedded spm.model and config.json's dialogue keys), with one call that
+ * turns a conversation into K ranked responses. Used by `nzp chat` and by
+ * the HTTP server; knows nothing of either.
+ *
+ * One call = one context: the turns are joined as training joins them
+ * (nz_t5md_encode_context: stripped, turn separator or " ", the model's
+ * max_context_turns / max_source_length truncation, eos), every requested
+ * decoder generates its response in one batched nz_t5md_generate (all
+ * decoders' rows go through each decoder step together), the responses are
+ * decoded to text (nz_t5md_decode_text), ranked by mean token log-prob
+ * (EqHard-EM's perplexity ranking, nz_t5md_rank: descending, ties keep the
+ * requested decoder order) and, with the distinct filter, a response whose
+ * normalised text equals a higher-ranked one's is dropped.
+ *
+ * Normalised text (the distinct filter): ASCII whitespace runs collapsed to
+ * one space, leading / trailing whitespace removed, ASCII letters lower-cased
+ * (other bytes as they are).
+ *
+ * Streaming: with o->on_token set, every generated token is reported as soon
+ * as nz_t5md_generate makes it final (greedy / sampling: every step; beam:
+ * the best hypothesis of a decoder once it is settled), together with the
+ * piece of response text it adds: the decoder's tokens so far are decoded
+ * (nz_t5md_decode_text) and the bytes beyond those already reported are the
+ * piece, so for each decoder the concatenation of its pieces equals its
+ * response's text (SentencePiece's decoding of a growing prefix only grows;
+ * a trailing U+FFFD, an incomplete byte sequence, is held back until a later
+ * token, the decoder's last token or eos flushes it). Every decoder is
+ * streamed, also one that the distinct filter drops afterwards. The cost is
+ * one decode of the response so far per token (quadratic in the response
+ * length, negligible next to a decoder step for responses of a few hundred
+ * tokens).
+ *
+ * Memory: the context ids, the responses and the streaming buffers are
+ * NZ_MEM_OTHER; nz_t5md_generate's activations and KV caches are
+ * NZ_MEM_ACTIVATIONS / NZ_MEM_KV. Nothing here calls exit().
+ */
+#ifndef NZ_DIALOGUE_H
+#define NZ_DIALOGUE_H
+
+#include "nz_t5md.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct nz_dialogue nz_dialogue;
+
+/** Streaming hook: decoder k made token `token` (position pos in its
+ *  response, 0-based) with log-prob logprob; text[0..text_len) is the text
+ *  it adds to the decoder's response (may be empty: eos, control pieces, a
+ *  held-back partial character; NUL-terminated, valid during the call). */
+typedef void (*nz_dlg_token_fn)(void *arg, int decoder, size_t pos, int32_t token, float logprob,
+                                const char *text, size_t text_len);
+
+/** Options of nz_dialogue_run (nz_dlg_opts_default: nz_t5md_opts_default's
+ *  greedy decoding of every decoder with 63 new tokens, no distinct filter,
+ *  no hooks). */
+typedef struct nz_dlg_opts {
+    nz_t5md_opts gen;         /* strategy, max_new_tokens, decoders (distinct ks), beam / sampling settings,
+                                 the stop hook; gen.num_return is taken as 1 and gen.on_token is replaced */
+    int distinct;             /* drop responses whose normalised text equals a higher-ranked one's */
+    nz_dlg_token_fn on_token; /* optional streaming hook (with the tokens' text) */
+    void *token_arg;
+} nz_dlg_opts;
+
+/** Fill o with the defaults. */
+void nz_dlg_opts_default(nz_dlg_opts *o);
+
+/** One decoder's response. */
+typedef struct nz_dlg_response {
+    int decoder;          /* decoder k */
+    char *text;           /* response text (NUL-terminated, NZ_MEM_OTHER) */
+    size_t text_len;      /* bytes of text */
+    int32_t *tokens;      /* [n_tokens] generated ids, eos included when the response ended with it */
+    size_t n_tokens;      /* (NZ_MEM_OTHER) */
+    size_t output_tokens; /* n_tokens without the eos */
+    double score;         /* mean token log-prob: the ranking key */
+    double beam_score;    /* beam: the hypothesis score (HF sequences_scores); NAN otherwise */
+    int finished;         /* the response ended with eos */
+} nz_dlg_response;
+
+/** The ranked responses of one context. */
+typedef struct nz_dlg_result {
+    nz_dlg_response *responses; /* [n] best first (NZ_MEM_OTHER) */
+    size_t n;                   /* responses kept (after the distinct filter) */
+    size_t generated;           /* responses generated (the requested decoders) */
+    size_t input_tokens;        /* context ids fed to the encoder, eos included */
+    size_t output_tokens;       /* generated tokens of every decoder (dropped ones too), eos excluded */
+} nz_dlg_result;
+
+/** Free what r holds and zero it. Accepts NULL and a zeroed struct. */
+void nz_dlg_result_free(nz_dlg_result *r);
+
+/** Open a t5_multidecoder .nzp (path): the network (nz_t5md_load) and its
+ *  tokenizer (nz_t5md_tok_load: the embedded spm.model with T5 ids).
+ *  @return NZ_OK and *out, or the first error (messages name the file). */
+int nz_dialogue_open(const char *path, nz_dialogue **out, nz_error *err);
+
+/** Free a dialogue model (tokenizer, network, mapping). Accepts NULL. */
+void nz_dialogue_free(nz_dialogue *d);
+
+/** @return the opened container (for cache and memory accounting). */
+const nz_model *nz_dialogue_model(const nz_dialogue *d);
+/** @return the network. */
+const nz_t5md *nz_dialogue_t5md(const nz_dialogue *d);
+/** @return the tokenizer. */
+const nz_t5md_tok *nz_dialogue_tok(const nz_dialogue *d);
+/** @return the network's configuration (num_modes, variant, dialogue keys). */
+const nz_t5md_config *nz_dialogue_config(const nz_dialogue *d);
+
+/** Encoder input of a context (nz_t5md_encode_context): turns[0..n_turns)
+ *  oldest first, NUL-terminated UTF-8. *ids is NZ_MEM_OTHER (nz_free).
+ *  @return NZ_OK or an error. */
+int nz_dialogue_encode(const nz_dialogue *d, const char *const *turns, size_t n_turns, int32_t **ids,
+                       size_t *n, nz_error *err);
+
+/** Normalise text[0..len) for the distinct filter (see above) into out
+ *  (at least len + 1 bytes). @return the normalised length. */
+size_t nz_dlg_normalize(const char *text, size_t len, char *out);
+
+/** Answer one context: encode turns[0..n_turns) (NUL-terminated; read only
+ *  before the first stop-hook call), generate with every decoder of
+ *  o->gen (NULL decoders: all K; repeats are refused), decode, rank and
+ *  filter. res receives the ranked responses; free it with
+ *  nz_dlg_result_free, also after an error return.
+ *  @return NZ_OK, or an error: NZ_E_INVALID_ARG / NZ_E_RANGE (bad options,
+ *          a decoder out of range or repeated, an unencodable context),
+ *          NZ_E_CANCELLED (the stop hook), NZ_E_NOMEM, a damaged weight
+ *          tile's error. */
+int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,
+                    const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_DIALOGUE_H */
