@@ -27,26 +27,14 @@
 
 #include <jansson.h>
 
+#include "srv_log.h" /* srv_log_level, srv_log_format */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /** What a model serves. */
 typedef enum { SRV_TASK_TRANSLATE = 1, SRV_TASK_DIALOGUE = 2 } srv_task;
-
-/* The log enums are shared with srv_log.h; whichever header comes first
- * defines them. */
-#ifndef SRV_LOG_LEVEL_DEFINED
-#define SRV_LOG_LEVEL_DEFINED
-/** Severity of an event; events below the configured minimum are dropped. */
-typedef enum { SRV_LOG_DEBUG = 0, SRV_LOG_INFO, SRV_LOG_WARN, SRV_LOG_ERROR } srv_log_level;
-#endif
-
-#ifndef SRV_LOG_FORMAT_DEFINED
-#define SRV_LOG_FORMAT_DEFINED
-/** Line format. */
-typedef enum { SRV_LOG_LOGFMT = 0, SRV_LOG_JSON } srv_log_format;
-#endif
 
 /** One model to load: a unique name (1..63 chars of [A-Za-z0-9._-]), the
  *  .nzp file and its task. */

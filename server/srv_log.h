@@ -28,19 +28,12 @@
 extern "C" {
 #endif
 
-/* The enums live here only; srv_config.h includes this header. The guards
- * let another header define the same types first. */
-#ifndef SRV_LOG_LEVEL_DEFINED
-#define SRV_LOG_LEVEL_DEFINED
+/* The enums live here only; srv_config.h includes this header. */
 /** Severity of an event; events below the configured minimum are dropped. */
 typedef enum { SRV_LOG_DEBUG = 0, SRV_LOG_INFO, SRV_LOG_WARN, SRV_LOG_ERROR } srv_log_level;
-#endif
 
-#ifndef SRV_LOG_FORMAT_DEFINED
-#define SRV_LOG_FORMAT_DEFINED
 /** Line format. */
 typedef enum { SRV_LOG_LOGFMT = 0, SRV_LOG_JSON } srv_log_format;
-#endif
 
 /** Type tag preceding each value in srv_log's pairs. */
 enum {
