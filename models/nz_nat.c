@@ -14,6 +14,7 @@
 #include "nz_nat.h"
 
 #include "nz_alloc.h"
+#include "nz_mconfig.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -51,48 +52,6 @@ struct nz_nat {
 
 /* ------------------------------------------------------------------ config */
 
-static const json_t *cfg_get(const json_t *c, const char *k) {
-    const json_t *j = json_object_get(c, k);
-    return j && !json_is_null(j) ? j : NULL;
-}
-
-static int cfg_size(const json_t *c, const char *k, size_t def, size_t *v, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (!j) {
-        *v = def;
-        return NZ_OK;
-    }
-    if (!json_is_integer(j) || json_integer_value(j) < 0 || json_integer_value(j) > (1 << 30))
-        return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be an integer in [0, 2^30]", k);
-    *v = (size_t)json_integer_value(j);
-    return NZ_OK;
-}
-
-static int cfg_flag(const json_t *c, const char *k, int def, int *v, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (!j) {
-        *v = def;
-        return NZ_OK;
-    }
-    if (json_is_boolean(j)) {
-        *v = json_is_true(j);
-        return NZ_OK;
-    }
-    if (json_is_integer(j) && (json_integer_value(j) == 0 || json_integer_value(j) == 1)) {
-        *v = (int)json_integer_value(j);
-        return NZ_OK;
-    }
-    return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be true or false", k);
-}
-
-/* A special index, when present, must be fairseq's. */
-static int cfg_index(const json_t *c, const char *k, int want, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (j && (!json_is_integer(j) || json_integer_value(j) != want))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "config.json: '%s' must be %d (fairseq dictionary)", k, want);
-    return NZ_OK;
-}
-
 #define TRY(x)                                                                                               \
     do {                                                                                                     \
         if ((rc = (x)) != NZ_OK) goto done;                                                                  \
@@ -110,40 +69,40 @@ static int read_config(const json_t *j, nz_nat_config *c, nz_error *err) {
     int rc = NZ_OK, v;
     memset(c, 0, sizeof *c);
     if (!json_is_object(j)) FAIL(NZ_E_FORMAT, "model has no config.json object");
-    const json_t *arch = cfg_get(j, "architecture");
+    const json_t *arch = nz_cfg_get(j, "architecture");
     if (!json_is_string(arch) || strcmp(json_string_value(arch), "cmlm_transformer"))
         FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"cmlm_transformer\"",
              json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
              json_is_string(arch) ? "\"" : "");
     size_t dec_dim = 0;
-    TRY(cfg_size(j, "encoder_embed_dim", 512, &c->d_model, err));
-    TRY(cfg_size(j, "encoder_ffn_embed_dim", 2048, &c->enc_ffn, err));
-    TRY(cfg_size(j, "encoder_layers", 6, &c->enc_layers, err));
-    TRY(cfg_size(j, "encoder_attention_heads", 8, &c->enc_heads, err));
-    TRY(cfg_size(j, "decoder_embed_dim", c->d_model, &dec_dim, err));
-    TRY(cfg_size(j, "decoder_ffn_embed_dim", c->enc_ffn, &c->dec_ffn, err));
-    TRY(cfg_size(j, "decoder_layers", 6, &c->dec_layers, err));
-    TRY(cfg_size(j, "decoder_attention_heads", 8, &c->dec_heads, err));
-    TRY(cfg_size(j, "at_decoder_layers", 0, &c->at_layers, err));
-    TRY(cfg_size(j, "max_source_positions", 1024, &c->max_source_positions, err));
-    TRY(cfg_size(j, "max_target_positions", 1024, &c->max_target_positions, err));
-    TRY(cfg_flag(j, "encoder_normalize_before", 0, &c->enc_pre_norm, err));
-    TRY(cfg_flag(j, "decoder_normalize_before", 0, &c->dec_pre_norm, err));
-    TRY(cfg_flag(j, "encoder_learned_pos", 0, &c->enc_learned_pos, err));
-    TRY(cfg_flag(j, "decoder_learned_pos", 0, &c->dec_learned_pos, err));
-    TRY(cfg_flag(j, "no_token_positional_embeddings", 0, &c->no_positions, err));
-    TRY(cfg_flag(j, "layernorm_embedding", 0, &c->layernorm_embedding, err));
-    TRY(cfg_flag(j, "pred_length_offset", 0, &c->pred_length_offset, err));
-    TRY(cfg_flag(j, "at_prepend_bos", 0, &c->at_prepend_bos, err));
-    TRY(cfg_flag(j, "share_all_embeddings", 1, &v, err));
+    TRY(nz_cfg_size(j, "encoder_embed_dim", 512, 0, &c->d_model, err));
+    TRY(nz_cfg_size(j, "encoder_ffn_embed_dim", 2048, 0, &c->enc_ffn, err));
+    TRY(nz_cfg_size(j, "encoder_layers", 6, 0, &c->enc_layers, err));
+    TRY(nz_cfg_size(j, "encoder_attention_heads", 8, 0, &c->enc_heads, err));
+    TRY(nz_cfg_size(j, "decoder_embed_dim", c->d_model, 0, &dec_dim, err));
+    TRY(nz_cfg_size(j, "decoder_ffn_embed_dim", c->enc_ffn, 0, &c->dec_ffn, err));
+    TRY(nz_cfg_size(j, "decoder_layers", 6, 0, &c->dec_layers, err));
+    TRY(nz_cfg_size(j, "decoder_attention_heads", 8, 0, &c->dec_heads, err));
+    TRY(nz_cfg_size(j, "at_decoder_layers", 0, 0, &c->at_layers, err));
+    TRY(nz_cfg_size(j, "max_source_positions", 1024, 0, &c->max_source_positions, err));
+    TRY(nz_cfg_size(j, "max_target_positions", 1024, 0, &c->max_target_positions, err));
+    TRY(nz_cfg_flag(j, "encoder_normalize_before", 0, &c->enc_pre_norm, err));
+    TRY(nz_cfg_flag(j, "decoder_normalize_before", 0, &c->dec_pre_norm, err));
+    TRY(nz_cfg_flag(j, "encoder_learned_pos", 0, &c->enc_learned_pos, err));
+    TRY(nz_cfg_flag(j, "decoder_learned_pos", 0, &c->dec_learned_pos, err));
+    TRY(nz_cfg_flag(j, "no_token_positional_embeddings", 0, &c->no_positions, err));
+    TRY(nz_cfg_flag(j, "layernorm_embedding", 0, &c->layernorm_embedding, err));
+    TRY(nz_cfg_flag(j, "pred_length_offset", 0, &c->pred_length_offset, err));
+    TRY(nz_cfg_flag(j, "at_prepend_bos", 0, &c->at_prepend_bos, err));
+    TRY(nz_cfg_flag(j, "share_all_embeddings", 1, &v, err));
     if (!v)
         FAIL(NZ_E_UNSUPPORTED, "config.json: share_all_embeddings false is not supported (one joined "
                                "dictionary and embedding matrix is required)");
     /* share_all_embeddings implies a tied output projection (fairseq forces
      * share_decoder_input_output_embed), whatever the key says */
-    TRY(cfg_flag(j, "src_embedding_copy", 0, &v, err));
+    TRY(nz_cfg_flag(j, "src_embedding_copy", 0, &v, err));
     if (v) FAIL(NZ_E_UNSUPPORTED, "config.json: src_embedding_copy is not supported");
-    TRY(cfg_flag(j, "no_scale_embedding", 0, &v, err));
+    TRY(nz_cfg_flag(j, "no_scale_embedding", 0, &v, err));
     c->embed_scale = v ? 1.0f : (float)sqrt((double)c->d_model);
     if (!c->d_model || dec_dim != c->d_model)
         FAIL(NZ_E_UNSUPPORTED,
@@ -156,7 +115,7 @@ static int read_config(const json_t *j, nz_nat_config *c, nz_error *err) {
     if (!c->dec_layers) FAIL(NZ_E_FORMAT, "config.json: decoder_layers must be > 0");
     if (!c->max_source_positions || c->max_target_positions < 2)
         FAIL(NZ_E_FORMAT, "config.json: max_source_positions must be > 0 and max_target_positions >= 2");
-    const json_t *act = cfg_get(j, "activation_fn");
+    const json_t *act = nz_cfg_get(j, "activation_fn");
     const char *an = act ? json_string_value(act) : "relu";
     if (!an) FAIL(NZ_E_FORMAT, "config.json: 'activation_fn' must be a string");
     if (!strcmp(an, "relu"))
@@ -165,18 +124,18 @@ static int read_config(const json_t *j, nz_nat_config *c, nz_error *err) {
         c->act = NZ_ACT_GELU;
     else
         FAIL(NZ_E_UNSUPPORTED, "config.json: activation_fn \"%s\" is not supported (relu, gelu)", an);
-    const json_t *eps = cfg_get(j, "layer_norm_eps");
+    const json_t *eps = nz_cfg_get(j, "layer_norm_eps");
     c->ln_eps = 1e-5f;
     if (eps) {
         if (!json_is_number(eps) || !(json_number_value(eps) > 0))
             FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_eps' must be a positive number");
         c->ln_eps = (float)json_number_value(eps);
     }
-    TRY(cfg_index(j, "bos_index", NZ_NAT_BOS, err));
-    TRY(cfg_index(j, "pad_index", NZ_NAT_PAD, err));
-    TRY(cfg_index(j, "eos_index", NZ_NAT_EOS, err));
-    TRY(cfg_index(j, "unk_index", NZ_NAT_UNK, err));
-    TRY(cfg_index(j, "mask_index", NZ_NAT_MASK, err));
+    TRY(nz_cfg_fixed(j, "bos_index", NZ_NAT_BOS, "fairseq dictionary", err));
+    TRY(nz_cfg_fixed(j, "pad_index", NZ_NAT_PAD, "fairseq dictionary", err));
+    TRY(nz_cfg_fixed(j, "eos_index", NZ_NAT_EOS, "fairseq dictionary", err));
+    TRY(nz_cfg_fixed(j, "unk_index", NZ_NAT_UNK, "fairseq dictionary", err));
+    TRY(nz_cfg_fixed(j, "mask_index", NZ_NAT_MASK, "fairseq dictionary", err));
 done:
     return rc;
 }
@@ -295,7 +254,7 @@ int nz_nat_load(const nz_model *m, nz_nat **out, nz_error *err) {
         FAIL(NZ_E_FORMAT, "'%s' has %llu rows", ename, (unsigned long long)n->embed.n);
     c->vocab = (size_t)n->embed.n;
     size_t vs = 0;
-    TRY(cfg_size(nz_model_config(m), "vocab_size", c->vocab, &vs, err));
+    TRY(nz_cfg_size(nz_model_config(m), "vocab_size", c->vocab, 0, &vs, err));
     if (vs != c->vocab)
         FAIL(NZ_E_FORMAT, "config.json: vocab_size %zu but '%s' has %zu rows", vs, ename, c->vocab);
     static const char *const untied[] = {"decoder.embed_tokens.weight", "decoder.output_projection.weight",
@@ -311,7 +270,7 @@ int nz_nat_load(const nz_model *m, nz_nat **out, nz_error *err) {
     TRY(nz_linear_bind(&n->length, m, "decoder.embed_length.weight", NULL, c->d_model, 0, err));
     c->length_classes = n->length.n_out;
     size_t lc = 0;
-    TRY(cfg_size(nz_model_config(m), "length_classes", c->length_classes, &lc, err));
+    TRY(nz_cfg_size(nz_model_config(m), "length_classes", c->length_classes, 0, &lc, err));
     if (lc != c->length_classes)
         FAIL(NZ_E_FORMAT, "config.json: length_classes %zu but decoder.embed_length.weight has %zu rows", lc,
              c->length_classes);

@@ -21,6 +21,7 @@
 #include "nz_t5md.h"
 
 #include "nz_alloc.h"
+#include "nz_mconfig.h"
 #include "nz_spm.h"
 
 #include <math.h>
@@ -75,62 +76,6 @@ struct nz_t5md_tok {
 
 /* ------------------------------------------------------------------ config */
 
-static const json_t *cfg_get(const json_t *c, const char *k) {
-    const json_t *j = json_object_get(c, k);
-    return j && !json_is_null(j) ? j : NULL;
-}
-
-/* An integer key in [lo, 2^30] (absent or null: def). */
-static int cfg_size(const json_t *c, const char *k, size_t def, size_t lo, size_t *v, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (!j) {
-        *v = def;
-        return NZ_OK;
-    }
-    if (!json_is_integer(j) || json_integer_value(j) < (json_int_t)lo || json_integer_value(j) > (1 << 30))
-        return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be an integer in [%zu, 2^30]", k, lo);
-    *v = (size_t)json_integer_value(j);
-    return NZ_OK;
-}
-
-static int cfg_flag(const json_t *c, const char *k, int def, int *v, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (!j) {
-        *v = def;
-        return NZ_OK;
-    }
-    if (json_is_boolean(j)) {
-        *v = json_is_true(j);
-        return NZ_OK;
-    }
-    if (json_is_integer(j) && (json_integer_value(j) == 0 || json_integer_value(j) == 1)) {
-        *v = (int)json_integer_value(j);
-        return NZ_OK;
-    }
-    return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be true or false", k);
-}
-
-/* A string key (absent or null: def). */
-static int cfg_str(const json_t *c, const char *k, const char *def, const char **v, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (!j) {
-        *v = def;
-        return NZ_OK;
-    }
-    if (!json_is_string(j)) return nz_fail(err, NZ_E_FORMAT, "config.json: '%s' must be a string", k);
-    *v = json_string_value(j);
-    return NZ_OK;
-}
-
-/* A special id, when present, must be T5's. */
-static int cfg_id(const json_t *c, const char *k, int want, nz_error *err) {
-    const json_t *j = cfg_get(c, k);
-    if (j && (!json_is_integer(j) || json_integer_value(j) != want))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "config.json: '%s' must be %d (T5 ids: pad 0, eos 1, unk 2)", k,
-                       want);
-    return NZ_OK;
-}
-
 /* Fill c from config.json (t5md_ref.make_config's defaults for absent
  * network keys, load_tokenizer's for the dialogue keys). */
 static int read_config(const json_t *j, nz_t5md_config *c, nz_error *err) {
@@ -138,14 +83,14 @@ static int read_config(const json_t *j, nz_t5md_config *c, nz_error *err) {
     const char *s = NULL;
     memset(c, 0, sizeof *c);
     if (!json_is_object(j)) FAIL(NZ_E_FORMAT, "model has no config.json object");
-    const json_t *arch = cfg_get(j, "architecture");
+    const json_t *arch = nz_cfg_get(j, "architecture");
     if (!json_is_string(arch) || strcmp(json_string_value(arch), "t5_multidecoder"))
         FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"t5_multidecoder\"",
              json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
              json_is_string(arch) ? "\"" : "");
-    TRY(cfg_str(j, "model_type", "t5", &s, err));
+    TRY(nz_cfg_str(j, "model_type", "t5", &s, err));
     if (strcmp(s, "t5")) FAIL(NZ_E_UNSUPPORTED, "config.json: 'model_type' is \"%s\", expected \"t5\"", s);
-    TRY(cfg_str(j, "multidecoder", "adapter", &s, err));
+    TRY(nz_cfg_str(j, "multidecoder", "adapter", &s, err));
     if (!strcmp(s, "adapter"))
         c->kind = NZ_T5MD_ADAPTER;
     else if (!strcmp(s, "transformer"))
@@ -154,33 +99,33 @@ static int read_config(const json_t *j, nz_t5md_config *c, nz_error *err) {
         c->kind = NZ_T5MD_ADAPTER, c->plain = 1;
     else
         FAIL(NZ_E_UNSUPPORTED, "config.json: 'multidecoder' is \"%s\" (adapter, transformer or none)", s);
-    TRY(cfg_size(j, "num_modes", 1, 1, &c->num_modes, err));
+    TRY(nz_cfg_size(j, "num_modes", 1, 1, &c->num_modes, err));
     if (c->num_modes > 4096) FAIL(NZ_E_RANGE, "config.json: 'num_modes' %zu is above 4096", c->num_modes);
     if (c->plain) c->num_modes = 1; /* make_config: a plain T5 has one decoder */
-    TRY(cfg_size(j, "adapter_hidden_size", 128, 1, &c->adapter_hidden, err));
-    TRY(cfg_size(j, "vocab_size", 8000, 3, &c->vocab, err));
-    TRY(cfg_size(j, "d_model", 256, 1, &c->d_model, err));
-    TRY(cfg_size(j, "d_kv", 64, 1, &c->d_kv, err));
-    TRY(cfg_size(j, "d_ff", 1024, 1, &c->d_ff, err));
-    TRY(cfg_size(j, "num_heads", 4, 1, &c->num_heads, err));
-    TRY(cfg_size(j, "num_layers", 4, 1, &c->enc_layers, err));
-    TRY(cfg_size(j, "num_decoder_layers", c->enc_layers, 1, &c->dec_layers, err));
+    TRY(nz_cfg_size(j, "adapter_hidden_size", 128, 1, &c->adapter_hidden, err));
+    TRY(nz_cfg_size(j, "vocab_size", 8000, 3, &c->vocab, err));
+    TRY(nz_cfg_size(j, "d_model", 256, 1, &c->d_model, err));
+    TRY(nz_cfg_size(j, "d_kv", 64, 1, &c->d_kv, err));
+    TRY(nz_cfg_size(j, "d_ff", 1024, 1, &c->d_ff, err));
+    TRY(nz_cfg_size(j, "num_heads", 4, 1, &c->num_heads, err));
+    TRY(nz_cfg_size(j, "num_layers", 4, 1, &c->enc_layers, err));
+    TRY(nz_cfg_size(j, "num_decoder_layers", c->enc_layers, 1, &c->dec_layers, err));
     size_t nb = 0, md = 0;
-    TRY(cfg_size(j, "relative_attention_num_buckets", 32, 1, &nb, err));
-    TRY(cfg_size(j, "relative_attention_max_distance", 128, 1, &md, err));
+    TRY(nz_cfg_size(j, "relative_attention_num_buckets", 32, 1, &nb, err));
+    TRY(nz_cfg_size(j, "relative_attention_max_distance", 128, 1, &md, err));
     c->num_buckets = (int)nb;
     c->max_distance = (int)md;
     if (c->num_heads * c->d_kv > (1u << 30))
         FAIL(NZ_E_FORMAT, "config.json: num_heads %zu x d_kv %zu is too large", c->num_heads, c->d_kv);
     c->inner = c->num_heads * c->d_kv;
-    const json_t *eps = cfg_get(j, "layer_norm_epsilon");
+    const json_t *eps = nz_cfg_get(j, "layer_norm_epsilon");
     c->eps = 1e-6f;
     if (eps) {
         if (!json_is_number(eps) || !(json_number_value(eps) >= 0) || !isfinite(json_number_value(eps)))
             FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_epsilon' must be a finite number >= 0");
         c->eps = (float)json_number_value(eps);
     }
-    TRY(cfg_str(j, "feed_forward_proj", "relu", &s, err));
+    TRY(nz_cfg_str(j, "feed_forward_proj", "relu", &s, err));
     if (!strcmp(s, "relu"))
         c->act = NZ_ACT_RELU;
     else if (!strcmp(s, "gated-gelu"))
@@ -188,19 +133,19 @@ static int read_config(const json_t *j, nz_t5md_config *c, nz_error *err) {
     else
         FAIL(NZ_E_UNSUPPORTED, "config.json: feed_forward_proj \"%s\" is not supported (relu, gated-gelu)",
              s);
-    TRY(cfg_flag(j, "tie_word_embeddings", 1, &c->tied, err));
-    TRY(cfg_id(j, "pad_token_id", NZ_T5MD_PAD, err));
-    TRY(cfg_id(j, "eos_token_id", NZ_T5MD_EOS, err));
-    TRY(cfg_id(j, "unk_token_id", NZ_T5MD_UNK, err));
-    TRY(cfg_id(j, "decoder_start_token_id", NZ_T5MD_START, err));
-    TRY(cfg_str(j, "turn_separator", "", &s, err));
+    TRY(nz_cfg_flag(j, "tie_word_embeddings", 1, &c->tied, err));
+    TRY(nz_cfg_fixed(j, "pad_token_id", NZ_T5MD_PAD, "T5 ids: pad 0, eos 1, unk 2", err));
+    TRY(nz_cfg_fixed(j, "eos_token_id", NZ_T5MD_EOS, "T5 ids: pad 0, eos 1, unk 2", err));
+    TRY(nz_cfg_fixed(j, "unk_token_id", NZ_T5MD_UNK, "T5 ids: pad 0, eos 1, unk 2", err));
+    TRY(nz_cfg_fixed(j, "decoder_start_token_id", NZ_T5MD_START, "T5 ids: pad 0, eos 1, unk 2", err));
+    TRY(nz_cfg_str(j, "turn_separator", "", &s, err));
     if (strlen(s) >= sizeof c->turn_separator)
         FAIL(NZ_E_FORMAT, "config.json: 'turn_separator' is longer than %zu bytes",
              sizeof c->turn_separator - 1);
     snprintf(c->turn_separator, sizeof c->turn_separator, "%s", s);
-    TRY(cfg_size(j, "max_context_turns", 0, 0, &c->max_context_turns, err));
-    TRY(cfg_size(j, "max_source_length", 0, 0, &c->max_source_length, err));
-    TRY(cfg_size(j, "max_target_length", 0, 0, &c->max_target_length, err));
+    TRY(nz_cfg_size(j, "max_context_turns", 0, 0, &c->max_context_turns, err));
+    TRY(nz_cfg_size(j, "max_source_length", 0, 0, &c->max_source_length, err));
+    TRY(nz_cfg_size(j, "max_target_length", 0, 0, &c->max_target_length, err));
 done:
     return rc;
 }

@@ -1,0 +1,41 @@
+/*
+ * nz_mconfig.h — readers for a model's config.json (nz_model_config): typed
+ * lookups with defaults and one-line errors naming the key, shared by the
+ * model families (nz_nat, nz_t5md). Absent and null keys both take the
+ * default.
+ */
+#ifndef NZ_MCONFIG_H
+#define NZ_MCONFIG_H
+
+#include "nz_common.h"
+
+#include <jansson.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** @return the value of key k of c, or NULL when absent or null. */
+const json_t *nz_cfg_get(const json_t *c, const char *k);
+
+/** An integer in [lo, 2^30] (absent: def).
+ *  @return NZ_OK and *v, or NZ_E_FORMAT naming k. */
+int nz_cfg_size(const json_t *c, const char *k, size_t def, size_t lo, size_t *v, nz_error *err);
+
+/** A boolean (true/false, or 0/1; absent: def).
+ *  @return NZ_OK and *v, or NZ_E_FORMAT naming k. */
+int nz_cfg_flag(const json_t *c, const char *k, int def, int *v, nz_error *err);
+
+/** A string (absent: def; *v points into c).
+ *  @return NZ_OK and *v, or NZ_E_FORMAT naming k. */
+int nz_cfg_str(const json_t *c, const char *k, const char *def, const char **v, nz_error *err);
+
+/** A key that, when present, must equal want (a fixed special id; why
+ *  explains it in the message).
+ *  @return NZ_OK, or NZ_E_UNSUPPORTED naming k. */
+int nz_cfg_fixed(const json_t *c, const char *k, int want, const char *why, nz_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NZ_MCONFIG_H */
