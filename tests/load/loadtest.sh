@@ -46,6 +46,8 @@ kill -0 "$PID" 2>/dev/null || { cat "$WORK/server.log"; echo "loadtest: the serv
 RSS1=$(rss)
 curl -sf "$URL/health" >/dev/null || { echo "loadtest: /health failed after the run"; exit 1; }
 METRICS=$(curl -sf "$URL/metrics")
+CACHE=$(awk '$1 == "nzserve_tile_cache_bytes" {print $2}' <<< "$METRICS")
+HEAP=$(curl -sf "$URL/v1/memory" | python3 -c 'import json, sys; print(json.load(sys.stdin)["counted_heap_bytes"])')
 kill -TERM "$PID"
 RC=0
 wait "$PID" || RC=$?
@@ -53,16 +55,18 @@ PID=""
 cat "$WORK/wrk.txt" | grep -v '^LOADTEST'
 LINE=$(grep '^LOADTEST' "$WORK/wrk.txt" | sed 's/^LOADTEST //')
 RSSMAX=$(sort -n "$WORK/rss.txt" | tail -1)
-python3 - "$LINE" "$RSS0" "$RSS1" "${RSSMAX:-0}" "$RC" "${LOAD_ALLOW_429:-0}" <<'PY'
+python3 - "$LINE" "$RSS0" "$RSS1" "${RSSMAX:-0}" "$RC" "${LOAD_ALLOW_429:-0}" "${CACHE:-0}" "${HEAP:-0}" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1]); rss0, rss1, rssmax, rc, allow429 = map(int, sys.argv[2:7])
+cache, heap = int(float(sys.argv[7])), int(sys.argv[8])
 mib = lambda b: b / 2**20
 print(f"loadtest: {r['requests']} requests in {r['duration_s']:.1f} s = {r['rps']:.1f} req/s; "
       f"2xx {r['2xx']}, 429 {r['429']}, other 4xx {r['4xx']}, 5xx {r['5xx']}, socket errors {r['socket_errors']}")
 print(f"loadtest: latency p50 {r['latency_ms']['p50']:.1f} ms, p90 {r['latency_ms']['p90']:.1f} ms, "
       f"p99 {r['latency_ms']['p99']:.1f} ms, max {r['latency_ms']['max']:.1f} ms")
 print(f"loadtest: RSS after warm-up {mib(rss0):.1f} MiB, at the end {mib(rss1):.1f} MiB, max {mib(rssmax):.1f} MiB, "
-      f"drift {mib(rss1 - rss0):+.1f} MiB; exit status on SIGTERM {rc}")
+      f"drift {mib(rss1 - rss0):+.1f} MiB (at the end: tile cache {mib(cache):.1f} MiB, counted heap {mib(heap):.1f} MiB); "
+      f"exit status on SIGTERM {rc}")
 bad = r['4xx'] + r['5xx'] + r['other'] + r['socket_errors'] + (0 if allow429 else r['429'])
 if bad or rc != 0 or r['2xx'] == 0:
     print("loadtest: FAILED"); sys.exit(1)
