@@ -3,6 +3,7 @@
  * the heap when needed), then written with one fwrite under a mutex.
  */
 #include "srv_log.h"
+#include "srv_text.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -65,31 +66,6 @@ static void lb_puts(lbuf *b, const char *s) { lb_put(b, s, strlen(s)); }
 
 /* --------------------------------------------------------------- encoding */
 
-/* Length of the valid UTF-8 sequence at s (n bytes left, n >= 1), or 0 when
- * invalid (bad lead or continuation byte, truncated, overlong, surrogate, or
- * beyond U+10FFFF). */
-static size_t utf8_seq(const unsigned char *s, size_t n) {
-    unsigned c = s[0], cp, min;
-    size_t len;
-    if (c < 0x80) return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2, cp = c & 0x1f, min = 0x80;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3, cp = c & 0x0f, min = 0x800;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len) return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80) return 0;
-        cp = cp << 6 | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-    return len;
-}
-
 static const char HEX[] = "0123456789abcdef";
 
 static void put_u00(lbuf *b, unsigned char c) {
@@ -113,7 +89,7 @@ static void json_str(lbuf *b, const char *str) {
     for (size_t i = 0; i < n;) {
         unsigned char c = s[i];
         if (c >= 0x80) {
-            size_t k = utf8_seq(s + i, n - i);
+            size_t k = srv_utf8_seq(s + i, n - i);
             if (k) {
                 lb_put(b, (const char *)s + i, k);
                 i += k;
@@ -169,7 +145,7 @@ static void logfmt_val(lbuf *b, const char *str) {
     for (size_t i = 0; i < n;) {
         unsigned char c = s[i];
         if (c >= 0x80) {
-            size_t k = utf8_seq(s + i, n - i);
+            size_t k = srv_utf8_seq(s + i, n - i);
             if (k) {
                 lb_put(b, (const char *)s + i, k);
                 i += k;

@@ -5,6 +5,7 @@
  * reads are lock-free atomics.
  */
 #include "srv_metrics.h"
+#include "srv_text.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -188,29 +189,6 @@ static void ob_printf(obuf *b, const char *fmt, ...) {
     b->len += (size_t)n;
 }
 
-/* Length of the valid UTF-8 sequence at s (n >= 1 bytes left), or 0. */
-static size_t utf8_seq(const unsigned char *s, size_t n) {
-    unsigned c = s[0], cp, min;
-    size_t len;
-    if (c < 0x80) return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2, cp = c & 0x1f, min = 0x80;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3, cp = c & 0x0f, min = 0x800;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4, cp = c & 0x07, min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len) return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80) return 0;
-        cp = cp << 6 | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-    return len;
-}
-
 /* A label value: \\, \" and \n escaped; invalid UTF-8 becomes U+FFFD (the
  * format requires UTF-8). */
 static void ob_label_value(obuf *b, const char *str) {
@@ -218,7 +196,7 @@ static void ob_label_value(obuf *b, const char *str) {
     size_t n = strlen((const char *)s);
     for (size_t i = 0; i < n;) {
         unsigned char c = s[i];
-        size_t k = c < 0x80 ? 1 : utf8_seq(s + i, n - i);
+        size_t k = c < 0x80 ? 1 : srv_utf8_seq(s + i, n - i);
         if (c == '\\')
             ob_put(b, "\\\\", 2);
         else if (c == '"')

@@ -1,5 +1,6 @@
 /* srv_server — see srv_server.h. */
 #include "srv_server.h"
+#include "srv_text.h"
 
 #include "srv_api.h"
 #include "srv_log.h"
@@ -307,23 +308,6 @@ static void respond_fail(srv_req *r, int status, const char *fmt, ...) {
     respond_error(r, &e);
 }
 
-/* Length of the valid UTF-8 sequence at s[0..n), or 0. */
-static size_t utf8_seq(const unsigned char *s, size_t n) {
-    unsigned char c = s[0];
-    size_t k = c < 0x80                 ? 1
-               : c >= 0xC2 && c <= 0xDF ? 2
-               : c >= 0xE0 && c <= 0xEF ? 3
-               : c >= 0xF0 && c <= 0xF4 ? 4
-                                        : 0;
-    if (!k || k > n) return 0;
-    for (size_t i = 1; i < k; i++)
-        if ((s[i] & 0xC0) != 0x80) return 0;
-    if ((c == 0xE0 && s[1] < 0xA0) || (c == 0xED && s[1] > 0x9F) || (c == 0xF0 && s[1] < 0x90) ||
-        (c == 0xF4 && s[1] > 0x8F))
-        return 0;
-    return k;
-}
-
 /* A JSON string of s[0..n), replacing invalid UTF-8 with U+FFFD. */
 static json_t *json_text(const char *s, size_t n) {
     json_t *j = json_stringn(s, n);
@@ -332,7 +316,7 @@ static json_t *json_text(const char *s, size_t n) {
     if (!b) return NULL;
     size_t o = 0;
     for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq((const unsigned char *)s + i, n - i);
+        size_t k = srv_utf8_seq((const unsigned char *)s + i, n - i);
         if (k && s[i]) {
             memcpy(b + o, s + i, k);
             o += k;
