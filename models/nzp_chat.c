@@ -18,6 +18,7 @@
 #include "nzp_chat.h"
 
 #include "nz_alloc.h"
+#include "nzp_args.h"
 #include "nz_cache.h"
 #include "nz_dialogue.h"
 #include "nz_pool.h"
@@ -51,31 +52,6 @@ static const char CHAT_USAGE[] =
     "  --cache BYTES     decoded-tile cache budget (default 0: decode weights on every use)\n"
     "  --threads N       threads (default: all cores)\n"
     "  a line /reset forgets the conversation\n";
-
-static int parse_size(const char *s, size_t *v) {
-    char *end;
-    errno = 0;
-    unsigned long long x = strtoull(s, &end, 10);
-    if (errno || end == s || *end || s[0] == '-') return -1;
-    *v = (size_t)x;
-    return 0;
-}
-
-static int parse_int(const char *s, long lo, long hi, int *v) {
-    size_t x;
-    if (parse_size(s, &x) || x < (size_t)lo || x > (size_t)hi) return -1;
-    *v = (int)x;
-    return 0;
-}
-
-static int parse_float(const char *s, double lo, double hi, float *v) {
-    char *end;
-    errno = 0;
-    double x = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(x) || x < lo || x > hi) return -1;
-    *v = (float)x;
-    return 0;
-}
 
 /* "2,0,1" -> decs[n]. @return 0 or -1. */
 static int parse_decoders(const char *s, int *decs, size_t *n) {
@@ -146,35 +122,35 @@ int nzp_chat(int argc, char **argv) {
                                               : -1;
             bad = strategy < 0;
         } else if (!strcmp(a, "--beam") && v) {
-            bad = parse_int(v, 1, 64, &o.gen.beam_size), i++;
+            bad = nzp_parse_int(v, 1, 64, &o.gen.beam_size), i++;
             imp = NZ_T5MD_BEAM;
         } else if (!strcmp(a, "--temperature") && v) {
-            bad = parse_float(v, 0, 100, &o.gen.temperature), i++;
+            bad = nzp_parse_float(v, 0, 100, &o.gen.temperature), i++;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--top-k") && v) {
             int k = 0;
-            bad = parse_int(v, 0, INT_MAX, &k), i++;
+            bad = nzp_parse_int(v, 0, INT_MAX, &k), i++;
             o.gen.top_k = (uint32_t)k;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--top-p") && v) {
-            bad = parse_float(v, 0, 1, &o.gen.top_p) || !(o.gen.top_p > 0), i++;
+            bad = nzp_parse_float(v, 0, 1, &o.gen.top_p) || !(o.gen.top_p > 0), i++;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--seed") && v) {
             size_t s = 0;
-            bad = parse_size(v, &s), i++;
+            bad = nzp_parse_size(v, &s), i++;
             o.gen.seed = (uint64_t)s;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--decoders") && v) {
             bad = parse_decoders(v, decs, &o.gen.n_decoders), i++;
             o.gen.decoders = decs;
         } else if (!strcmp(a, "--max-new-tokens") && v) {
-            bad = parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &o.gen.max_new_tokens), i++;
+            bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &o.gen.max_new_tokens), i++;
         } else if (!strcmp(a, "--history") && v) {
-            bad = parse_int(v, 0, INT_MAX, &history_n), i++;
+            bad = nzp_parse_int(v, 0, INT_MAX, &history_n), i++;
         } else if (!strcmp(a, "--cache") && v) {
-            bad = parse_size(v, &cache_bytes), i++;
+            bad = nzp_parse_size(v, &cache_bytes), i++;
         } else if (!strcmp(a, "--threads") && v) {
-            bad = parse_int(v, 1, 64, &threads), i++;
+            bad = nzp_parse_int(v, 1, 64, &threads), i++;
         } else if (!strcmp(a, "--all")) {
             all = 1;
         } else if (!strcmp(a, "--distinct")) {

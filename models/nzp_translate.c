@@ -13,6 +13,7 @@
 #include "nzp_translate.h"
 
 #include "nz_alloc.h"
+#include "nzp_args.h"
 #include "nz_cache.h"
 #include "nz_container.h"
 #include "nz_pool.h"
@@ -46,31 +47,6 @@ typedef struct opts {
     int tokens, threads;
     size_t batch, cache;
 } opts;
-
-static int parse_size(const char *s, size_t *v) {
-    char *end;
-    errno = 0;
-    unsigned long long x = strtoull(s, &end, 10);
-    if (errno || end == s || *end || s[0] == '-') return -1;
-    *v = (size_t)x;
-    return 0;
-}
-
-static int parse_int(const char *s, int lo, int hi, int *v) {
-    size_t x;
-    if (parse_size(s, &x) || x < (size_t)lo || x > (size_t)hi) return -1;
-    *v = (int)x;
-    return 0;
-}
-
-static int parse_float(const char *s, float *v) {
-    char *end;
-    errno = 0;
-    double x = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(x) || x < -100 || x > 100) return -1;
-    *v = (float)x;
-    return 0;
-}
 
 /* Print one result line (text or ids); @return 0, or -1 when it failed. */
 static int emit(const opts *o, const nz_tr_result *r, size_t lineno) {
@@ -123,27 +99,27 @@ int nzp_translate(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
         if (!strcmp(a, "--iter") && v)
-            bad = parse_int(v, 0, 1000, &o.tr.nat.max_iter), i++;
+            bad = nzp_parse_int(v, 0, 1000, &o.tr.nat.max_iter), i++;
         else if (!strcmp(a, "--beam") && v)
-            bad = parse_int(v, 1, 100, &o.tr.nat.length_beam), i++;
+            bad = nzp_parse_int(v, 1, 100, &o.tr.nat.length_beam), i++;
         else if (!strcmp(a, "--max-len") && v) {
-            bad = parse_int(v, 2, 1 << 20, &o.tr.nat.max_len), i++;
+            bad = nzp_parse_int(v, 2, 1 << 20, &o.tr.nat.max_len), i++;
             o.tr.at.max_len_b = o.tr.nat.max_len;
         } else if (!strcmp(a, "--batch") && v)
-            bad = parse_size(v, &o.batch) || !o.batch || o.batch > 4096, i++;
+            bad = nzp_parse_size(v, &o.batch) || !o.batch || o.batch > 4096, i++;
         else if (!strcmp(a, "--cache") && v)
-            bad = parse_size(v, &o.cache), i++;
+            bad = nzp_parse_size(v, &o.cache), i++;
         else if (!strcmp(a, "--threads") && v)
-            bad = parse_int(v, 1, 64, &o.threads), i++;
+            bad = nzp_parse_int(v, 1, 64, &o.threads), i++;
         else if (!strcmp(a, "--rerank"))
             o.tr.nat.rerank_at = 1;
         else if (!strcmp(a, "--at"))
             use_at = 1;
         else if (!strcmp(a, "--at-beam") && v) {
-            bad = parse_int(v, 1, 100, &at_beam), i++;
+            bad = nzp_parse_int(v, 1, 100, &at_beam), i++;
             use_at = 1;
         } else if (!strcmp(a, "--lenpen") && v)
-            bad = parse_float(v, &o.tr.lenpen), i++;
+            bad = nzp_parse_float(v, -100, 100, &o.tr.lenpen), i++;
         else if (!strcmp(a, "--tokens"))
             o.tokens = 1;
         else if (a[0] != '-' && !path)
