@@ -157,9 +157,10 @@ deps:
 loadtest: $(NZSERVE)
 	NZSERVE=$(abspath $(NZSERVE)) bash tests/load/loadtest.sh
 
-# Build and run the Docker image with podman (no Docker engine needed; root).
-docker-test: $(NZP)
-	bash tests/docker/docker_test.sh
+# Build the Docker image (it compiles nzserve and nzp itself) and run it with
+# podman: no Docker engine needed; root; DOCKER_TEST_ARGS=--keep keeps the image.
+docker-test:
+	bash tests/docker/docker_test.sh $(DOCKER_TEST_ARGS)
 
 # Start nzserve on the bundled demo model (config/nzserve.json: 127.0.0.1:8080);
 # NZSERVE_* variables or ARGS="--port 9000 ..." override settings. Ctrl-C stops it.

@@ -135,9 +135,11 @@ nz_pool *nz_pool_create(int n) {
         nz_pool_free(p);
         return NULL;
     }
-    openblas_set_num_threads(1);
+    nz_blas_serial();
     return p;
 }
+
+void nz_blas_serial(void) { openblas_set_num_threads(1); }
 
 void nz_pool_free(nz_pool *p) {
     if (!p) return;

@@ -22,6 +22,13 @@ typedef void (*nz_pool_fn)(void *ctx, uint64_t task, int thread);
  *  capped at 64), or NULL when threads cannot be started. */
 nz_pool *nz_pool_create(int n);
 
+/** Make OpenBLAS run on the calling thread only. The engine parallelises over
+ * tiles itself (nz_pool); OpenBLAS's own threads would compete with those (and
+ * spin in sched_yield on a busy machine). Called by nz_pool_create and
+ * nz_matmul_ctx_create, so single-threaded engine users get it too.
+ * Idempotent, never fails. */
+void nz_blas_serial(void);
+
 /** Stop the workers and free the pool. Accepts NULL. */
 void nz_pool_free(nz_pool *p);
 

@@ -157,6 +157,7 @@ struct nz_matmul_ctx {
 nz_matmul_ctx *nz_matmul_ctx_create(nz_pool *pool, nz_tile_cache *cache) {
     nz_matmul_ctx *c = nz_calloc(1, sizeof *c, NZ_MEM_OTHER);
     if (!c) return NULL;
+    nz_blas_serial();
     c->pool = pool;
     c->cache = cache;
     c->nthreads = nz_pool_size(pool);

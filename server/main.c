@@ -2,6 +2,7 @@
  * nzserve — HTTP inference server over NeuZip-compressed models.
  *
  *   nzserve [--config FILE] [--<setting> VALUE ...]
+ *   nzserve --health-check [--config FILE] [--<setting> VALUE ...]
  *
  * Settings come from the built-in defaults, the config file (--config,
  * $NZSERVE_CONFIG, else NZSERVE_DEFAULT_CONFIG when it exists), NZSERVE_*
@@ -9,10 +10,17 @@
  * and server/README.md). Exit status: 0 after a clean shutdown (SIGTERM or
  * SIGINT), 1 when a model cannot be loaded or the server cannot start, 2 for
  * a bad configuration.
+ *
+ * --health-check (anywhere among the arguments) probes a running server
+ * instead of starting one: GET /health on the host and port the same
+ * settings give (the loopback address for a wildcard host), exit 0 on a 200
+ * and 1 otherwise (also for a bad configuration: a container HEALTHCHECK
+ * knows only 0 and 1), e.g. HEALTHCHECK CMD ["/usr/local/bin/nzserve", "--health-check"].
  */
 #include "nz_alloc.h"
 #include "srv_config.h"
 #include "srv_log.h"
+#include "srv_probe.h"
 #include "srv_server.h"
 
 #include <jansson.h>
@@ -27,17 +35,53 @@
 #define NZSERVE_DEFAULT_CONFIG "config/nzserve.json"
 #endif
 
+#define HEALTH_CHECK_TIMEOUT_MS 2000
+
 extern char **environ;
+
+/* `nzserve --health-check`: GET /health from the server cfg describes.
+ * @return the exit status: 0 on a 200, else 1 (with a message on stderr). */
+static int health_check(const srv_config *cfg) {
+    if (cfg->port == 0) {
+        fprintf(stderr, "nzserve: health check: port 0 (any free port) is configured; give the server's "
+                        "port (--port, NZSERVE_PORT or the config file)\n");
+        return 1;
+    }
+    const char *host = srv_probe_target(cfg->host);
+    int v6 = strchr(host, ':') && host[0] != '[';
+    char url[400], err[512];
+    snprintf(url, sizeof url, "http://%s%s%s:%d/health", v6 ? "[" : "", host, v6 ? "]" : "", cfg->port);
+    int status = srv_probe_get(host, cfg->port, "/health", HEALTH_CHECK_TIMEOUT_MS, err, sizeof err);
+    if (status == 200) {
+        printf("%s: 200\n", url);
+        return 0;
+    }
+    if (status < 0)
+        fprintf(stderr, "nzserve: health check: %s: %s\n", url, err);
+    else
+        fprintf(stderr, "nzserve: health check: %s: status %d, not 200\n", url, status);
+    return 1;
+}
 
 int main(int argc, char **argv) {
     srv_config cfg;
     memset(&cfg, 0, sizeof cfg);
     char err[1024] = {0};
+
     int rc = srv_config_load(&cfg, NZSERVE_DEFAULT_CONFIG, environ, argc, argv, err, sizeof err);
     if (rc == SRV_CFG_HELP) {
         fputs(srv_config_usage(), stdout);
         srv_config_free(&cfg);
         return 0;
+    }
+    if (cfg.health_check) {
+        int status = 1;
+        if (rc != SRV_CFG_OK)
+            fprintf(stderr, "nzserve: health check: %s\n", err);
+        else
+            status = health_check(&cfg);
+        srv_config_free(&cfg);
+        return status;
     }
     if (rc != SRV_CFG_OK) {
         fprintf(stderr, "nzserve: %s\n", err);

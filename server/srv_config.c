@@ -658,7 +658,7 @@ static int load_env(ctx *x, char *const *envp) {
     return 0;
 }
 
-typedef enum { ARG_FLAG, ARG_HELP, ARG_OTHER } arg_kind;
+typedef enum { ARG_FLAG, ARG_HELP, ARG_PROBE, ARG_OTHER } arg_kind;
 
 typedef struct arg {
     const char *name; /* after "--" */
@@ -685,6 +685,7 @@ static arg_kind next_arg(int argc, char *const *argv, int *i, arg *a) {
     const char *eq = strchr(a->name, '=');
     a->nlen = eq ? (size_t)(eq - a->name) : strlen(a->name);
     if (a->nlen == 4 && !memcmp(a->name, "help", 4)) return ARG_HELP;
+    if (!strcmp(a->name, "health-check")) return ARG_PROBE;
     a->known = flag_known(a->name, a->nlen);
     if (eq)
         a->value = eq + 1;
@@ -701,7 +702,7 @@ static int load_flags(ctx *x, int argc, char *const *argv) {
     for (int i = 1; i < argc; i++) {
         arg a;
         arg_kind k = next_arg(argc, argv, &i, &a);
-        if (k == ARG_HELP) continue; /* not reached: pass 1 returned */
+        if (k == ARG_HELP || k == ARG_PROBE) continue; /* pass 1 handled these */
         if (k == ARG_OTHER) return XFAIL(x, "unexpected argument '%.80s' (flags are --name VALUE)", argv[i]);
         char where[WHERE_LEN];
         snprintf(where, sizeof where, "--%.*s", (int)a.nlen, a.name);
@@ -809,6 +810,7 @@ int srv_config_load(srv_config *c, const char *default_path, char *const *envp, 
         arg a;
         arg_kind k = next_arg(argc, argv, &i, &a);
         if (k == ARG_HELP) help = 1;
+        if (k == ARG_PROBE) c->health_check = 1;
         if (k == ARG_FLAG && a.nlen == 6 && !memcmp(a.name, "config", 6)) {
             cfg = a.value;
             cfg_missing = a.missing;
@@ -844,7 +846,7 @@ int srv_config_validate(const srv_config *c, char *err, size_t errlen) {
     }
     if ((unsigned)c->log_level > SRV_LOG_ERROR) return fail(err, errlen, "log_level: out of range");
     if ((unsigned)c->log_format > SRV_LOG_JSON) return fail(err, errlen, "log_format: out of range");
-    if (!c->n_models || !c->models)
+    if ((!c->n_models || !c->models) && !c->health_check)
         return fail(err, errlen,
                     "models: at least one model is required (\"models\" in the config file, NZSERVE_MODELS, "
                     "--models or --model)");
@@ -968,6 +970,10 @@ const char *srv_config_usage(void) {
            "  --log-level LEVEL                debug, info, warn or error (info)\n"
            "  --log-format FORMAT              logfmt or json (logfmt)\n"
            "  --metrics BOOL                   enable metrics: true/false/1/0/yes/no/on/off (true)\n"
+           "  --health-check                   probe a running server instead of starting one: GET /health\n"
+           "                                   on the configured host and port (127.0.0.1 or ::1 for a\n"
+           "                                   wildcard host), 2 s timeout; exit 0 on a 200, else 1 (a\n"
+           "                                   container HEALTHCHECK); models are not required\n"
            "  -h, --help                       print this help\n"
            "\n"
            "SIZE: an integer number of bytes or one with a binary suffix K, M, G (KiB, MiB, GiB).\n";

@@ -62,6 +62,7 @@ typedef struct srv_config {
     srv_log_format log_format;
     int metrics;       /* 0 or 1 */
     char *config_path; /* the file that was read, or NULL */
+    int health_check;  /* 1: --health-check was given (probe a running server; no model is required) */
 } srv_config;
 
 /** Return codes of srv_config_load. */

@@ -627,6 +627,30 @@ static void test_no_models(void **state) {
     load_err(path, NOENV, ARGS("--models="), "models: at least one model is required");
 }
 
+/* --health-check: anywhere among the flags, no value, no model needed; the
+ * port still comes from file < env < flags and is still validated. */
+static void test_health_check(void **state) {
+    (void)state;
+    char path[256], err[ERRLEN];
+    srv_config c;
+    write_cfg(path, sizeof path, "probe.json", "{\"port\": 1234}");
+    assert_int_equal(load(&c, path, NOENV, ARGS("--health-check"), err), SRV_CFG_OK);
+    assert_true(c.health_check);
+    assert_int_equal(c.port, 1234);
+    srv_config_free(&c);
+    assert_int_equal(load(&c, path, ENV("NZSERVE_PORT=2345"), ARGS("--host", "0.0.0.0", "--health-check"), err),
+                     SRV_CFG_OK);
+    assert_true(c.health_check);
+    assert_int_equal(c.port, 2345);
+    assert_string_equal(c.host, "0.0.0.0");
+    srv_config_free(&c);
+    assert_int_equal(load(&c, path, NOENV, ARGS(MODEL_ARG), err), SRV_CFG_OK);
+    assert_false(c.health_check);
+    srv_config_free(&c);
+    load_err(path, NOENV, ARGS("--health-check", "--port", "70000"), "port: must be an integer in 0..65535");
+    load_err(path, NOENV, ARGS("--health-check=yes"), "--health-check: unknown flag");
+}
+
 static void test_bad_api_key(void **state) {
     char path[256], err[ERRLEN], want[400];
     write_cfg(path, sizeof path, "shortkey.json", "{\"api_keys\": [\"good-key-0001\", \"short\"]}");
@@ -1162,6 +1186,7 @@ int main(void) {
         cmocka_unit_test(test_bools_and_logs),
         cmocka_unit_test(test_to_json),
         cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_health_check),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,0 +1,39 @@
+-- wrk script for tests/load/capacity.py: one request, over and over:
+-- POST CAP_PATH with the JSON body CAP_BODY. Counts every response's status
+-- class per thread; done() prints totals and latency percentiles as one JSON
+-- line (CAPACITY {...}).
+local path = os.getenv("CAP_PATH") or "/v1/translate"
+local body = os.getenv("CAP_BODY") or '{"text": "Open the file in a new window."}'
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  c2xx, cbad = 0, 0
+end
+
+function request()
+  return wrk.format("POST", path, { ["Content-Type"] = "application/json" }, body)
+end
+
+function response(status, headers, body)
+  if status >= 200 and status < 300 then c2xx = c2xx + 1 else cbad = cbad + 1 end
+end
+
+function done(summary, latency, requests)
+  local ok, bad = 0, 0
+  for _, t in ipairs(threads) do
+    ok = ok + t:get("c2xx")
+    bad = bad + t:get("cbad")
+  end
+  local errs = summary.errors
+  io.write(string.format(
+    'CAPACITY {"requests": %d, "duration_s": %.3f, "2xx": %d, "non_2xx": %d, "socket_errors": %d, ' ..
+    '"latency_ms": {"p50": %.2f, "p90": %.2f, "p99": %.2f, "mean": %.2f}}\n',
+    summary.requests, summary.duration / 1e6, ok, bad,
+    errs.connect + errs.read + errs.write + errs.timeout,
+    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3,
+    latency.mean / 1e3))
+end
