@@ -7,6 +7,7 @@
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
 #   make loadtest   60 s of mixed traffic at 64 connections against nzserve (wrk, loopback)
+#   make capacity   memory and requests/s per core for the capacity guide (config/k8s/README.md)
 #   make serve      start nzserve on the bundled demo model (config/nzserve.json)
 #   make demo       inspect, verify and try the demo model offline (nzp)
 #   make docker-test  build the Dockerfile and run the image with podman
@@ -51,7 +52,7 @@ TOK_CLI  := $(BUILD)/tok_cli
 NAT_RUNNER := $(BUILD)/nat_runner
 T5MD_RUNNER := $(BUILD)/t5md_runner
 
-.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format loadtest serve
+.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format loadtest capacity serve
 all: $(ENGINE_LIB) $(MODELS_LIB) $(SERVER_LIB) $(NZP) $(NZSERVE) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(T5MD_RUNNER) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h server/*.h)
@@ -156,6 +157,11 @@ deps:
 # Bounded load test on loopback (wrk): LOAD_SECONDS, LOAD_CONNECTIONS, LOAD_MODEL (see the script).
 loadtest: $(NZSERVE)
 	NZSERVE=$(abspath $(NZSERVE)) bash tests/load/loadtest.sh
+
+# The capacity guide's numbers (config/k8s/README.md): memory per model, weight
+# mode and cache budget, and requests/s per core of each endpoint (wrk, loopback).
+capacity: $(NZSERVE) $(NZP)
+	$(PYTHON) tests/load/capacity.py --nzserve $(abspath $(NZSERVE)) --nzp $(abspath $(NZP)) $(CAPACITY_ARGS)
 
 # Build the Docker image (it compiles nzserve and nzp itself) and run it with
 # podman: no Docker engine needed; root; DOCKER_TEST_ARGS=--keep keeps the image.

@@ -9,6 +9,7 @@
  * re-checks the result (ranges, models, keys) and the cross-field rules.
  */
 #include "srv_config.h"
+#include "srv_text.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -102,16 +103,7 @@ typedef struct ctx {
     char keyfile_where[WHERE_LEN]; /* source of api_key_file, for its errors */
 } ctx;
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
+#define fail srv_errf
 #define XFAIL(x, ...) fail((x)->err, (x)->errlen, __VA_ARGS__)
 #define OOM(x)        XFAIL(x, "out of memory")
 

@@ -3,6 +3,7 @@
  * socket; see srv_probe.h.
  */
 #include "srv_probe.h"
+#include "srv_text.h"
 
 #include <errno.h>
 #include <netdb.h>
@@ -18,16 +19,7 @@
 #define HOST_LEN 256
 #define HEAD_MAX 1024 /* bytes of the response kept; the status line is all that is read */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
+#define fail srv_errf
 
 static long long now_ms(void) {
     struct timespec ts;

@@ -1,6 +1,9 @@
 /* srv_text — see srv_text.h. */
 #include "srv_text.h"
 
+#include <stdarg.h>
+#include <stdio.h>
+
 size_t srv_utf8_seq(const unsigned char *s, size_t n) {
     unsigned c = s[0], cp, min;
     size_t len;
@@ -21,4 +24,14 @@ size_t srv_utf8_seq(const unsigned char *s, size_t n) {
     }
     if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
     return len;
+}
+
+int srv_errf(char *err, size_t errlen, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
 }

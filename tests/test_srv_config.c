@@ -638,8 +638,9 @@ static void test_health_check(void **state) {
     assert_true(c.health_check);
     assert_int_equal(c.port, 1234);
     srv_config_free(&c);
-    assert_int_equal(load(&c, path, ENV("NZSERVE_PORT=2345"), ARGS("--host", "0.0.0.0", "--health-check"), err),
-                     SRV_CFG_OK);
+    assert_int_equal(
+        load(&c, path, ENV("NZSERVE_PORT=2345"), ARGS("--host", "0.0.0.0", "--health-check"), err),
+        SRV_CFG_OK);
     assert_true(c.health_check);
     assert_int_equal(c.port, 2345);
     assert_string_equal(c.host, "0.0.0.0");
