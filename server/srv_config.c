@@ -103,7 +103,7 @@ typedef struct ctx {
     char keyfile_where[WHERE_LEN]; /* source of api_key_file, for its errors */
 } ctx;
 
-#define fail srv_errf
+#define fail          srv_errf
 #define XFAIL(x, ...) fail((x)->err, (x)->errlen, __VA_ARGS__)
 #define OOM(x)        XFAIL(x, "out of memory")
 
