@@ -42,8 +42,7 @@ RUN apt-get update -qq \
 COPY --from=build /src/build/nzserve /src/build/nzp /usr/local/bin/
 # The repository's layout under /opt/nzserve, so the config's relative model
 # paths resolve as in a checkout. Every models/demo/*.nzp is copied; a model
-# is served once config/docker.json lists it: for the dialogue demo model add
-#   {"name": "dialogue", "path": "../models/demo/dialogue.nzp", "task": "dialogue"}
+# is served once config/docker.json lists it (both demo models are).
 COPY config/docker.json /opt/nzserve/config/nzserve.json
 COPY models/demo/*.nzp /opt/nzserve/models/demo/
 ENV NZSERVE_CONFIG=/opt/nzserve/config/nzserve.json

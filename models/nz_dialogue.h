@@ -60,7 +60,8 @@ typedef void (*nz_dlg_token_fn)(void *arg, int decoder, size_t pos, int32_t toke
  *  no hooks). */
 typedef struct nz_dlg_opts {
     nz_t5md_opts gen;         /* strategy, max_new_tokens, decoders (distinct ks), beam / sampling settings,
-                                 the stop hook; gen.num_return is taken as 1 and gen.on_token is replaced */
+                                 no_repeat_ngram, the stop hook; gen.num_return is taken as 1 and
+                                 gen.on_token is replaced */
     int distinct;             /* drop responses whose normalised text equals a higher-ranked one's */
     nz_dlg_token_fn on_token; /* optional streaming hook (with the tokens' text) */
     void *token_arg;

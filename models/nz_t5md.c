@@ -729,23 +729,50 @@ void nz_t5md_rank(const nz_t5md_result *res, size_t n, nz_t5md_rank_key key, siz
         }
 }
 
+/* ------------------------------------------------------------------ n-gram ban */
+
+/* Token i of a row's decoder input [start] + gen. */
+static inline int32_t seq_at(const int32_t *gen, size_t i) { return i ? gen[i - 1] : NZ_T5MD_START; }
+
+/* HF NoRepeatNGramLogitsProcessor on one row's scores lg[V] (t5md_ref.banned_ngram_tokens):
+ * seq = [start] + gen[0..n_gen), cur_len = 1 + n_gen; unless cur_len + 1 < ngram, every
+ * token t such that seq[cur_len - ngram + 1 .. cur_len) + [t] already occurs in seq
+ * (seq[s .. s + ngram), s + ngram <= cur_len) gets -inf. ngram 0: nothing. O(ngram x cur_len). */
+static void ban_repeated_ngrams(float *lg, const int32_t *gen, size_t n_gen, int ngram) {
+    const size_t n = (size_t)ngram, cur_len = 1 + n_gen;
+    if (!n || cur_len + 1 < n) return;
+    const size_t tail = cur_len + 1 - n; /* seq[tail .. cur_len): the last n - 1 tokens */
+    for (size_t s = 0; s + n <= cur_len; s++) {
+        size_t m = 0;
+        while (m + 1 < n && seq_at(gen, s + m) == seq_at(gen, tail + m)) m++;
+        if (m + 1 == n) lg[seq_at(gen, s + n - 1)] = -INFINITY;
+    }
+}
+
 /* ------------------------------------------------------------------ greedy / sampling */
 
 typedef struct ar_ctx {
     const nz_t5md_opts *o;
     size_t V;
-    const size_t *orig; /* [N] original row of each active row */
-    nz_rng *rng;        /* [N0] */
-    void *work;         /* nz_sample work */
-    int32_t *next;      /* [N] chosen token */
-    float *lp;          /* [N] its log-prob */
+    const size_t *orig;  /* [N] original row of each active row */
+    const int32_t *otok; /* [N0 x cap] tokens so far of each original row */
+    const size_t *cnt;   /* [N0] how many */
+    size_t cap;          /* row stride of otok */
+    nz_rng *rng;         /* [N0] */
+    void *work;          /* nz_sample work */
+    int32_t *next;       /* [N] chosen token */
+    float *lp;           /* [N] its log-prob */
 } ar_ctx;
 
-/* t5md_ref._autoregress: unk masked, the pick (first argmax or nz_sample)
- * on the masked logits, the log-prob from their log_softmax */
+/* t5md_ref._autoregress: unk and repeated n-grams masked, the pick (first
+ * argmax or nz_sample) on the masked logits, the log-prob from their log_softmax */
 static void ar_row(void *ctx, size_t i, float *lg) {
     ar_ctx *a = ctx;
     if (a->o->ban_unk) lg[NZ_T5MD_UNK] = -INFINITY;
+    if (a->o->no_repeat_ngram) {
+        const size_t w = a->orig[i];
+        ban_repeated_ngrams(lg, a->otok + w * a->cap, a->cnt[w], a->o->no_repeat_ngram);
+    }
     size_t tok;
     if (a->o->strategy == NZ_T5MD_SAMPLE) {
         nz_sampler s = {a->o->temperature, a->o->top_k, a->o->top_p};
@@ -803,7 +830,7 @@ static int autoregress(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
         if (o->stop && o->stop(o->stop_arg))
             FAIL(NZ_E_CANCELLED, "generation cancelled before step %zu", step);
         TRY(run_step(mc, &r, cur, err));
-        ar_ctx a = {o, V, orig, rng, work, next, lp};
+        ar_ctx a = {o, V, orig, otok, cnt, cap, rng, work, next, lp};
         TRY(project(mc, t, r.x, r.N, ar_row, &a, err));
         size_t n = 0;
         for (size_t i = 0; i < r.N; i++) {
@@ -947,17 +974,22 @@ static size_t hyp_best(const bhyp *h, size_t cnt, const uint8_t *taken) {
 typedef struct beam_ban {
     beam_state *bs;
     int ban_unk;
+    int no_repeat_ngram;
+    const int32_t *seq; /* [N x cap] tokens of the live beams (the current seq array: set every step) */
+    size_t ntok;        /* tokens of every live beam before this step */
 } beam_ban;
 
-/* log_softmax (fp32, whole vocabulary), unk -> -inf, + the row's beam
- * score; the row's kk best (score, token) (row-local top-k: an item's best
- * 2 * beam are among its rows' best 2 * beam each) */
+/* log_softmax (fp32, whole vocabulary), unk and the beam's repeated n-grams
+ * -> -inf, + the row's beam score; the row's kk best (score, token)
+ * (row-local top-k: an item's best 2 * beam are among its rows' best
+ * 2 * beam each) */
 static void beam_row(void *ctx, size_t i, float *lg) {
     beam_ban *bb = ctx;
     beam_state *bs = bb->bs;
     const size_t V = bs->V, kk = bs->kk;
     nz_log_softmax(lg, 1, V);
     if (bb->ban_unk) lg[NZ_T5MD_UNK] = -INFINITY;
+    if (bb->no_repeat_ngram) ban_repeated_ngrams(lg, bb->seq + i * bs->cap, bb->ntok, bb->no_repeat_ngram);
     float *s = bs->tmp;
     const float b = bs->bscore[i];
     for (size_t v = 0; v < V; v++) s[v] = lg[v] + b;
@@ -1041,14 +1073,16 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
         }
     }
     size_t A = items, cur_len = 1;
-    beam_ban bb = {&bs, o->ban_unk};
+    beam_ban bb = {&bs, o->ban_unk, o->no_repeat_ngram, NULL, 0};
     for (;;) {
         if (o->stop && o->stop(o->stop_arg))
             FAIL(NZ_E_CANCELLED, "generation cancelled before step %zu", cur_len - 1);
         TRY(run_step(mc, &r, cur, err));
-        bs.bscore = bscore;
-        TRY(project(mc, t, r.x, r.N, beam_row, &bb, err));
         const size_t ntok = cur_len - 1; /* tokens of every live beam before this step */
+        bs.bscore = bscore;
+        bb.seq = seq; /* row a * nb + m: beam m of the a-th live item (seq / seq2 swap every step) */
+        bb.ntok = ntok;
+        TRY(project(mc, t, r.x, r.N, beam_row, &bb, err));
         size_t A2 = 0;
         for (size_t a = 0; a < A; a++) {
             const size_t it = act[a];
@@ -1194,6 +1228,10 @@ static int check_opts(const nz_t5md *t, const nz_t5md_opts *o, nz_error *err) {
         if (!isfinite(o->length_penalty))
             return nz_fail(err, NZ_E_INVALID_ARG, "length_penalty %g is not finite", o->length_penalty);
     }
+    if (o->no_repeat_ngram < 0 || o->no_repeat_ngram > NZ_T5MD_MAX_NEW_TOKENS)
+        return nz_fail(err, NZ_E_RANGE,
+                       "no_repeat_ngram %d is outside [0, %d] (0 = off; longer n-grams cannot repeat)",
+                       o->no_repeat_ngram, NZ_T5MD_MAX_NEW_TOKENS);
     if (o->strategy == NZ_T5MD_SAMPLE && (isnan(o->temperature) || isnan(o->top_p)))
         return nz_fail(err, NZ_E_INVALID_ARG, "temperature and top_p must be numbers");
     return NZ_OK;

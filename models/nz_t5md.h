@@ -169,11 +169,21 @@ typedef void (*nz_t5md_token_fn)(void *arg, size_t context, int decoder, size_t 
 
 /** Generation options (nz_t5md_opts_default: greedy, 63 new tokens, beam 4,
  *  length_penalty 1, no early stopping, 1 return, temperature 1, no top-k /
- *  top-p cut, seed 0, unk banned, all decoders, no hooks). */
+ *  top-p cut, seed 0, unk banned, no n-gram ban, all decoders, no hooks).
+ *
+ *  no_repeat_ngram n (HF NoRepeatNGramLogitsProcessor): for a row whose
+ *  decoder input is seq = [0 (start)] + its tokens so far, cur_len =
+ *  len(seq), nothing is banned while cur_len + 1 < n; otherwise every token
+ *  t such that seq[cur_len - n + 1 .. cur_len) + [t] already occurs in seq
+ *  (as seq[s .. s + n) with s + n <= cur_len) gets -inf. n = 1 bans every
+ *  token of seq, the start token 0 included. */
 typedef struct nz_t5md_opts {
     nz_t5md_strategy strategy;
     int max_new_tokens;    /* 0 .. NZ_T5MD_MAX_NEW_TOKENS (EqHard-EM's max_length 64 = 63) */
     int ban_unk;           /* unk logit -inf (EqHard-EM bad_words_ids=[[unk]]) */
+    int no_repeat_ngram;   /* 0 = off; else HF no_repeat_ngram_size n (0 .. NZ_T5MD_MAX_NEW_TOKENS): a
+                              token that would repeat an n-gram of the row's [start] + tokens gets -inf
+                              (greedy / sampling: on the logits with the unk ban; beam: after log_softmax) */
     const int *decoders;   /* [n_decoders] decoder ks in output order (repeats allowed); NULL: 0..K-1 */
     size_t n_decoders;     /* 0 with decoders NULL: all K */
     int beam_size;         /* beam: 1 .. NZ_T5MD_MAX_BEAM */
@@ -233,7 +243,8 @@ void nz_t5md_results_free(nz_t5md_result *res, size_t n);
  *  free them with nz_t5md_results_free, also after an error return.
  *  Beam search (per (context, decoder) item, HF semantics): beam scores
  *  start [0, -1e9, ...] (fp32); per step log_softmax of the logits (fp32),
- *  unk -> -inf, plus the beam score; the top 2 * beam (ties: lower
+ *  unk -> -inf, no_repeat_ngram bans -> -inf (each beam's own tokens), plus
+ *  the beam score; the top 2 * beam (ties: lower
  *  beam x V + token) are taken in order: eos candidates ranked < beam
  *  become hypotheses (score sum / len^length_penalty, len = tokens before
  *  eos + 1), other candidates fill the next beams; an item is done when it

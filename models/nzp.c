@@ -44,8 +44,8 @@ static const char *USAGE =
     "  nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--max-len N] [--batch K]\n"
     "                [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n"
     "  nzp chat MODEL.nzp [--strategy greedy|beam|sample] [--beam N] [--temperature T] [--top-k K]\n"
-    "           [--top-p P] [--seed S] [--decoders 0,2] [--max-new-tokens N] [--all] [--distinct]\n"
-    "           [--history N] [--cache BYTES] [--threads N]   (one user turn per line on stdin)\n";
+    "           [--top-p P] [--seed S] [--decoders 0,2] [--max-new-tokens N] [--no-repeat-ngram N]\n"
+    "           [--all] [--distinct] [--history N] [--cache BYTES] [--threads N]   (one user turn per line on stdin)\n";
 
 static int usage(const char *msg) {
     if (msg) fprintf(stderr, "nzp: %s\n", msg);

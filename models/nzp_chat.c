@@ -36,7 +36,8 @@
 static const char CHAT_USAGE[] =
     "usage: nzp chat MODEL.nzp [--strategy greedy|beam|sample] [--beam N] [--temperature T]\n"
     "                [--top-k K] [--top-p P] [--seed S] [--decoders K1,K2,..] [--max-new-tokens N]\n"
-    "                [--all] [--distinct] [--history N] [--cache BYTES] [--threads N]\n"
+    "                [--no-repeat-ngram N] [--all] [--distinct] [--history N] [--cache BYTES]\n"
+    "                [--threads N]\n"
     "  one user turn per line on stdin; prints the best-ranked response per turn\n"
     "  --strategy S      greedy (default), beam or sample\n"
     "  --beam N          beam size (1..64, default 4; implies --strategy beam)\n"
@@ -46,6 +47,8 @@ static const char CHAT_USAGE[] =
     "  --seed S          sampling seed (default 0; implies sample)\n"
     "  --decoders LIST   decoders to run, e.g. 0,2 (default: all of the model's)\n"
     "  --max-new-tokens N  response length cap in tokens (1..65536, default 63)\n"
+    "  --no-repeat-ngram N  never repeat an N-gram of tokens within a response (HF no_repeat_ngram_size;\n"
+    "                    0..65536, default 0 = off; any strategy)\n"
     "  --all             print every response, best first: K<TAB>SCORE<TAB>TEXT, then an empty line\n"
     "  --distinct        drop responses whose text equals a better-ranked one's\n"
     "  --history N       keep only the last N turns as context (default 0: all)\n"
@@ -145,6 +148,8 @@ int nzp_chat(int argc, char **argv) {
             o.gen.decoders = decs;
         } else if (!strcmp(a, "--max-new-tokens") && v) {
             bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &o.gen.max_new_tokens), i++;
+        } else if (!strcmp(a, "--no-repeat-ngram") && v) {
+            bad = nzp_parse_int(v, 0, NZ_T5MD_MAX_NEW_TOKENS, &o.gen.no_repeat_ngram), i++;
         } else if (!strcmp(a, "--history") && v) {
             bad = nzp_parse_int(v, 0, INT_MAX, &history_n), i++;
         } else if (!strcmp(a, "--cache") && v) {

@@ -226,9 +226,20 @@ static int only_with(json_t *o, const char *k, srv_strategy have, srv_strategy n
 
 int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_dialogue_req *r,
                        srv_error *e) {
-    static const char *const known[] = {"context",     "model",  "decoders",     "strategy", "beam_size",
-                                        "temperature", "top_k",  "top_p",        "seed",     "max_new_tokens",
-                                        "distinct",    "stream", "return_tokens"};
+    static const char *const known[] = {"context",
+                                        "model",
+                                        "decoders",
+                                        "strategy",
+                                        "beam_size",
+                                        "temperature",
+                                        "top_k",
+                                        "top_p",
+                                        "seed",
+                                        "max_new_tokens",
+                                        "no_repeat_ngram_size",
+                                        "distinct",
+                                        "stream",
+                                        "return_tokens"};
     memset(r, 0, sizeof *r);
     r->strategy = SRV_GREEDY;
     r->beam_size = 4;
@@ -302,6 +313,7 @@ int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_
     if (opt_int(r->root, "beam_size", 1, 32, &r->beam_size, e) ||
         opt_int(r->root, "top_k", 0, 1000000, &r->top_k, e) ||
         opt_int(r->root, "max_new_tokens", 1, lim->max_new_tokens, &r->max_new_tokens, e) ||
+        opt_int(r->root, "no_repeat_ngram_size", 0, SRV_MAX_NO_REPEAT_NGRAM, &r->no_repeat_ngram, e) ||
         opt_number(r->root, "temperature", 0, 0, 10, &r->temperature, e) ||
         opt_number(r->root, "top_p", 0, 1, 1, &r->top_p, e) ||
         opt_bool(r->root, "distinct", &r->distinct, e) || opt_bool(r->root, "stream", &r->stream, e) ||

@@ -36,6 +36,10 @@
  *   "top_p":        number > 0 and <= 1 (default 1 = no cut; "sample" only)
  *   "seed":         int 0..2^63-1 (default 0; "sample" only)
  *   "max_new_tokens": int 1..max_new_tokens (default min(63, max_new_tokens))
+ *   "no_repeat_ngram_size": int 0..SRV_MAX_NO_REPEAT_NGRAM (63), default 0 =
+ *                   off; any strategy: no n-gram of tokens occurs twice in a
+ *                   response's [start token] + tokens (HF no_repeat_ngram_size,
+ *                   nz_t5md_opts.no_repeat_ngram)
  *   "distinct":     bool (default false): drop responses whose normalised
  *                   text equals a higher-ranked one's
  *   "stream":       bool (default false): server-sent events
@@ -108,6 +112,11 @@ void srv_translate_req_free(srv_translate_req *r);
 
 #define SRV_MAX_DECODERS 64 /* decoders a dialogue request may name (and the highest index + 1) */
 
+/* Cap of a dialogue request's no_repeat_ngram_size: the longest n-gram that can
+ * repeat within a response of 63 tokens (EqHard-EM's max_length 64; the ban at
+ * token i looks at the start token and the i - 1 tokens before it). */
+#define SRV_MAX_NO_REPEAT_NGRAM 63
+
 /** Decoding strategy of a dialogue request. */
 typedef enum { SRV_GREEDY = 0, SRV_BEAM = 1, SRV_SAMPLE = 2 } srv_strategy;
 
@@ -127,10 +136,11 @@ typedef struct srv_dialogue_req {
     int top_k;          /* 0..1000000 */
     double top_p;       /* (0, 1] */
     unsigned long long seed;
-    int max_new_tokens; /* 1..limit */
-    int distinct;       /* bool */
-    int stream;         /* bool */
-    int return_tokens;  /* bool */
+    int max_new_tokens;  /* 1..limit */
+    int no_repeat_ngram; /* no_repeat_ngram_size: 0..SRV_MAX_NO_REPEAT_NGRAM, 0 = off */
+    int distinct;        /* bool */
+    int stream;          /* bool */
+    int return_tokens;   /* bool */
 } srv_dialogue_req;
 
 /** Parse and validate a /v1/dialogue body (len bytes, not necessarily

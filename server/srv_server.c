@@ -768,6 +768,7 @@ static void run_dialogue(srv_worker *w, srv_req *r) {
                      : q->strategy == SRV_SAMPLE ? NZ_T5MD_SAMPLE
                                                  : NZ_T5MD_GREEDY;
     o.gen.max_new_tokens = q->max_new_tokens;
+    o.gen.no_repeat_ngram = q->no_repeat_ngram;
     o.gen.decoders = q->n_decoders ? q->decoders : NULL;
     o.gen.n_decoders = q->n_decoders;
     o.gen.beam_size = q->beam_size;

@@ -6,13 +6,16 @@
  *   t5md_runner MODEL.nzp [--greedy | --beam N | --sample] [--lenpen X] [--early-stopping]
  *               [--num-return R] [--temperature T] [--top-k K] [--top-p P] [--seed S]
  *               [--seed-per-line] [--decoders K1,K2,..] [--max-new-tokens N] [--allow-unk]
- *               [--text] [--stream] [--stop-after N] [--cache BYTES] [--threads N] [--batch K]
+ *               [--no-repeat-ngram N] [--text] [--stream] [--stop-after N] [--cache BYTES]
+ *               [--threads N] [--batch K]
  *
  * stdin: one context a line: space-separated source ids (the encoder input as
  * t5md_ref expects it, normally ending with eos 1), or with --text UTF-8
  * dialogue turns separated by TABs (oldest first), encoded with the model's
  * embedded spm.model (nz_t5md_encode_context). K lines are decoded together.
  * --seed-per-line: context i (0-based line number) samples with seed S + i.
+ * --no-repeat-ngram N: nz_t5md_opts.no_repeat_ngram (HF no_repeat_ngram_size; 0 = off,
+ * the default); any N >= 0 is passed on, so the engine's range check shows as error lines.
  * stdout (fields separated by TABs; floats %.9g; LINE is the 0-based line number):
  *   ctx    LINE  IDS                       (--text: the encoded context)
  *   tok    LINE  K  POS  ID  LOGPROB       (--stream: the streaming hook, as it fires)
@@ -62,8 +65,9 @@ static int usage(void) {
     fprintf(stderr,
             "usage: t5md_runner MODEL.nzp [--greedy | --beam N | --sample] [--lenpen X] [--early-stopping]\n"
             "       [--num-return R] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--seed-per-line]\n"
-            "       [--decoders K1,K2,..] [--max-new-tokens N] [--allow-unk] [--text] [--stream]\n"
-            "       [--stop-after N] [--cache BYTES] [--threads N] [--batch K]   < contexts (one a line)\n");
+            "       [--decoders K1,K2,..] [--max-new-tokens N] [--allow-unk] [--no-repeat-ngram N]\n"
+            "       [--text] [--stream] [--stop-after N] [--cache BYTES] [--threads N] [--batch K]\n"
+            "       < contexts (one a line)\n");
     return 1;
 }
 
@@ -322,6 +326,9 @@ int main(int argc, char **argv) {
             rn.o.max_new_tokens = (int)v;
         } else if (!strcmp(a, "--allow-unk")) {
             rn.o.ban_unk = 0;
+        } else if (!strcmp(a, "--no-repeat-ngram") && next) {
+            if (parse_long(argv[++i], 0, INT_MAX, &v)) return usage();
+            rn.o.no_repeat_ngram = (int)v;
         } else if (!strcmp(a, "--text")) {
             rn.text = 1;
         } else if (!strcmp(a, "--stream")) {

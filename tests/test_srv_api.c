@@ -143,6 +143,7 @@ static void test_dialogue_accepts(void **state) {
     assert_int_equal(r.beam_size, 4);
     assert_true(r.temperature == 1.0 && r.top_p == 1.0 && r.top_k == 0 && r.seed == 0);
     assert_int_equal(r.max_new_tokens, 50); /* min(63, the limit) */
+    assert_int_equal(r.no_repeat_ngram, 0); /* off */
     assert_false(r.distinct || r.stream || r.return_tokens);
     srv_dialogue_req_free(&r);
 
@@ -179,6 +180,20 @@ static void test_dialogue_accepts(void **state) {
     assert_int_equal(
         dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"temperature\": 10, \"top_p\": 1e-9}"), 0);
     assert_int_equal(dstatus("{\"context\": [\"a\", \"b\", \"c\", \"d\"], \"max_new_tokens\": 50}"), 0);
+
+    /* no_repeat_ngram_size: any strategy, 0..SRV_MAX_NO_REPEAT_NGRAM, null = absent */
+    assert_int_equal(
+        dparse("{\"context\": \"a\", \"strategy\": \"beam\", \"no_repeat_ngram_size\": 3}", &r, &e), 0);
+    assert_int_equal(r.no_repeat_ngram, 3);
+    srv_dialogue_req_free(&r);
+    assert_int_equal(
+        dparse("{\"context\": \"a\", \"strategy\": \"sample\", \"no_repeat_ngram_size\": 63}", &r, &e), 0);
+    assert_int_equal(r.no_repeat_ngram, SRV_MAX_NO_REPEAT_NGRAM);
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dparse("{\"context\": \"a\", \"no_repeat_ngram_size\": null}", &r, &e), 0);
+    assert_int_equal(r.no_repeat_ngram, 0);
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": 0}"), 0);
 }
 
 static void test_dialogue_rejects(void **state) {
@@ -200,6 +215,9 @@ static void test_dialogue_rejects(void **state) {
     assert_int_equal(dstatus("{\"context\": \"a\", \"stream\": 1}"), 400);
     assert_int_equal(dstatus("{\"context\": \"a\", \"distinct\": \"yes\"}"), 400);
     assert_int_equal(dstatus("{\"context\": \"a\", \"model\": []}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": \"x\"}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": 2.5}"), 400);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": true}"), 400);
     /* 422: validation */
     assert_int_equal(dstatus("{}"), 422);
     assert_int_equal(dstatus("{\"context\": null}"), 422);
@@ -222,6 +240,9 @@ static void test_dialogue_rejects(void **state) {
     assert_int_equal(dstatus("{\"context\": \"a\", \"max_new_tokens\": 51}"), 422);
     assert_int_equal(dstatus("{\"context\": \"a\", \"top_k\": 5}"), 422);
     assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"beam\", \"seed\": 5}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": -1}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": 64}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": 1000}"), 422);
 
     srv_dialogue_req r;
     srv_error e;
@@ -234,6 +255,12 @@ static void test_dialogue_rejects(void **state) {
     srv_dialogue_req_free(&r);
     assert_int_equal(dparse("{\"context\": [\"a\", 1]}", &r, &e), 400);
     assert_non_null(strstr(e.message, "'context'[1] must be a string"));
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dparse("{\"context\": \"a\", \"no_repeat_ngram_size\": 1000}", &r, &e), 422);
+    assert_non_null(strstr(e.message, "'no_repeat_ngram_size' must be in 0..63, got 1000"));
+    srv_dialogue_req_free(&r);
+    assert_int_equal(dparse("{\"context\": \"a\", \"no_repeat_ngram_size\": \"x\"}", &r, &e), 400);
+    assert_non_null(strstr(e.message, "'no_repeat_ngram_size' must be an integer"));
     srv_dialogue_req_free(&r);
     assert_int_equal(dparse("{\"context\": \"a\", \"topp\": 1}", &r, &e), 422);
     assert_non_null(strstr(e.message, "unknown field \"topp\""));

@@ -282,42 +282,61 @@ def generate(args, nzp, contexts, tag, extra):
     return res
 
 
+DECODE = {"greedy": ["--greedy"], "beam4": ["--beam", "4"],
+          "greedy-nr3": ["--greedy", "--no-repeat-ngram", "3"], "beam4-nr3": ["--beam", "4", "--no-repeat-ngram", "3"]}
+
+
 def quality(args, models, data):
     contexts = [d["context"] for d in data]
     refs = [d["response"] for d in data]
     rows = []
-    for name, packs in models.items():
-        for mode in ("lossless", "lossy-3"):
-            nzp, back, size = packs[mode]
-            res = generate(args, nzp, contexts, "%s-%s-greedy" % (name, mode),
-                           ["--greedy", "--batch", "8", "--cache", str(FULL_CACHE), "--max-new-tokens", str(MNT)])
-            gens = [[(e["decoder"], e["mean"], e["text"]) for e in res["out"][i]] for i in range(len(contexts))]
-            m = quality_metrics(gens, refs)
+    for name, packs, mode, dec in [(n, p, m, d) for d in args.decode.split(",") for n, p in models.items()
+                                   for m in ("lossless", "lossy-3")]:
+        nzp, back, size = packs[mode]
+        suffix = "" if dec == "greedy" else "-" + dec
+        done = os.path.join(args.work, "quality-%s-%s-%d%s.json" % (name, mode, len(contexts), suffix))
+        if os.path.exists(done):  # an earlier run of this OUT measured it (same model files)
+            with open(done) as f:
+                rows.append(json.load(f))
+            continue
+        res = generate(args, nzp, contexts, "%s-%s-%s" % (name, mode, dec),
+                       DECODE[dec] + ["--batch", "8", "--cache", str(FULL_CACHE), "--max-new-tokens", str(MNT)])
+        gens = [[(e["decoder"], e["mean"], e["text"]) for e in res["out"][i]] for i in range(len(contexts))]
+        m = quality_metrics(gens, refs)
+        score_path = os.path.join(args.work, "score-%s-%s-%d.json" % (name, mode, len(contexts)))
+        if os.path.exists(score_path):  # perplexities do not depend on the decoding
+            with open(score_path) as f:
+                sc = json.load(f)
+        else:
             sc = torch_job(args, {"task": "score", "model_dir": back, "contexts": contexts, "responses": refs})
-            tot = sum(sc["ntok"])
-            K = len(sc["nll"][0])
-            m["ppl_best_k"] = math.exp(sum(min(r) for r in sc["nll"]) / tot)
-            m["ppl_mean_k"] = statistics.mean(math.exp(sum(r[k] for r in sc["nll"]) / tot) for k in range(K))
-            m["ppl_per_k"] = [math.exp(sum(r[k] for r in sc["nll"]) / tot) for k in range(K)]
-            # which decoder the ranking puts first, and which fits the reference best
-            m["top_share"] = [sum(1 for i in range(len(contexts)) if res["rank"][i][0] == k) / len(contexts)
-                              for k in range(K)]
-            m["best_fit_share"] = [sum(1 for r in sc["nll"] if min(range(K), key=lambda j: r[j]) == k) / len(contexts)
-                                   for k in range(K)]
-            m.update(model=name, mode=mode, K=K, nzp_bytes=size, contexts=len(contexts))
-            rows.append(m)
-            log("quality", name, mode, json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
-                                                   for k, v in m.items()}))
+            with open(score_path, "w") as f:
+                json.dump(sc, f)
+        tot = sum(sc["ntok"])
+        K = len(sc["nll"][0])
+        m["ppl_best_k"] = math.exp(sum(min(r) for r in sc["nll"]) / tot)
+        m["ppl_mean_k"] = statistics.mean(math.exp(sum(r[k] for r in sc["nll"]) / tot) for k in range(K))
+        m["ppl_per_k"] = [math.exp(sum(r[k] for r in sc["nll"]) / tot) for k in range(K)]
+        # which decoder the ranking puts first, and which fits the reference best
+        m["top_share"] = [sum(1 for i in range(len(contexts)) if res["rank"][i][0] == k) / len(contexts)
+                          for k in range(K)]
+        m["best_fit_share"] = [sum(1 for r in sc["nll"] if min(range(K), key=lambda j: r[j]) == k) / len(contexts)
+                               for k in range(K)]
+        m.update(model=name, mode=mode, decode=dec, K=K, nzp_bytes=size, contexts=len(contexts))
+        rows.append(m)
+        with open(done, "w") as f:
+            json.dump(m, f)
+        log("quality", name, mode, json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                                               for k, v in m.items()}))
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| model | weights | K | BLEU (top-ranked) | oracle BLEU | pairwise BLEU | intra-dist-1/2 | "
+    lines = ["| decoding | model | weights | K | BLEU (top-ranked) | oracle BLEU | pairwise BLEU | intra-dist-1/2 | "
              "inter-dist-1/2 | unique / ctx | ppl best k | ppl mean k |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         pw = "%.2f" % m["pairwise_bleu"] if "pairwise_bleu" in m else "n/a"
         intra = "%.1f / %.1f" % (m["intra_dist_1"], m["intra_dist_2"]) if "intra_dist_1" in m else "n/a"
-        lines.append("| %s | %s | %d | %.2f | %.2f | %s | %s | %.1f / %.1f | %.2f | %.1f | %.1f |" % (
-            m["model"], m["mode"], m["K"], m["bleu"], m["oracle_bleu"], pw, intra, m["inter_dist_1"],
+        lines.append("| %s | %s | %s | %d | %.2f | %.2f | %s | %s | %.1f / %.1f | %.2f | %.1f | %.1f |" % (
+            m.get("decode", "greedy"), m["model"], m["mode"], m["K"], m["bleu"], m["oracle_bleu"], pw, intra, m["inter_dist_1"],
             m["inter_dist_2"], m["unique"], m["ppl_best_k"], m["ppl_mean_k"]))
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -416,7 +435,8 @@ def main(argv=None):
     if argv[:1] == ["--torch-worker"]:
         return torch_worker(argv[1])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", required=True, help="fp32 model directory of the K-decoder model")
+    p.add_argument("--model-dir", help="fp32 model directory of the K-decoder model (omitted: --single-dir "
+                   "alone, --quality only; the results are kept in OUT/work and reused by a later full run)")
     p.add_argument("--single-dir", help="fp32 model directory of a single-decoder baseline (K = 1)")
     p.add_argument("--test", required=True, help="JSONL {context: [turns], response: str}")
     p.add_argument("--out", required=True)
@@ -428,6 +448,8 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--parity-lines", type=int, default=30)
+    p.add_argument("--decode", default="greedy",
+                   help="quality decodings, comma-separated: " + ", ".join(DECODE) + " (default greedy)")
     p.add_argument("--bench-lines", type=int, default=50)
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
@@ -438,7 +460,9 @@ def main(argv=None):
     if args.limit:
         data = data[:args.limit]
     modes = ["lossless", "lossy-3"] + (["fp32-raw"] if args.bench else [])
-    models = {"multi": prepare(args, "multi", args.model_dir, modes)}
+    if not args.model_dir and not (args.single_dir and args.quality and not args.parity and not args.bench):
+        p.error("--model-dir is required (except for --quality of --single-dir alone)")
+    models = {"multi": prepare(args, "multi", args.model_dir, modes)} if args.model_dir else {}
     if args.single_dir and args.quality:
         models["single"] = prepare(args, "single", args.single_dir, ["lossless", "lossy-3"])
     for name, packs in models.items():

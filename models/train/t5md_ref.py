@@ -919,13 +919,40 @@ def _processed(logits, ban_unk):
     return logits
 
 
+def banned_ngram_tokens(seq, n):
+    """HF NoRepeatNGramLogitsProcessor for one row (transformers' _get_ngrams,
+    _get_generated_ngrams, _calc_banned_ngram_tokens): seq = the row's decoder input
+    so far ([DECODER_START] + the tokens generated), n = no_repeat_ngram_size (0 = off).
+
+    With cur_len = len(seq): nothing is banned when cur_len + 1 < n; otherwise the
+    banned tokens are every t such that seq[cur_len - n + 1:] + [t] already occurs in
+    seq (as seq[s:s + n], s + n <= cur_len). n = 1 bans every token of seq, the start
+    token 0 included. Returns a set of ids."""
+    seq = [int(t) for t in seq]
+    cur_len = len(seq)
+    if n <= 0 or cur_len + 1 < n:
+        return set()
+    ngrams = {}  # (n - 1)-gram prefix -> the tokens that followed it
+    for g in zip(*[seq[i:] for i in range(n)]):
+        ngrams.setdefault(g[:-1], []).append(g[-1])
+    return set(ngrams.get(tuple(seq[cur_len + 1 - n:cur_len]), []))
+
+
+def _ban_ngrams(scores, rows, n):
+    """scores[r, t] = -inf for the banned_ngram_tokens of each (r, seq) in rows (n > 0)."""
+    for r, seq in rows:
+        banned = banned_ngram_tokens(seq, n)
+        if banned:
+            scores[r, sorted(banned)] = float("-inf")
+
+
 def _result(k, toks, lps, finished):
     s = float(sum(float(x) for x in lps))
     return {"decoder": k, "tokens": list(toks), "token_logprobs": [float(x) for x in lps],
             "sum_logprob": s, "mean_logprob": s / len(toks) if toks else 0.0, "finished": finished}
 
 
-def _autoregress(model, src_ids, decoders, max_new_tokens, ban_unk, pick):
+def _autoregress(model, src_ids, decoders, max_new_tokens, ban_unk, pick, no_repeat_ngram=0):
     was = model.training
     model.eval()
     try:
@@ -939,6 +966,9 @@ def _autoregress(model, src_ids, decoders, max_new_tokens, ban_unk, pick):
             inp = torch.full((N, 1), DECODER_START, dtype=torch.long, device=dev)
             for step in range(max_new_tokens):
                 logits = _processed(model.decode(inp, state)[:, -1], ban_unk)
+                if no_repeat_ngram:  # on the logits, before the pick and the log_softmax
+                    _ban_ngrams(logits, [(r, [DECODER_START] + toks[r]) for r in range(N) if not done[r]],
+                                no_repeat_ngram)
                 logp = torch.log_softmax(logits, dim=-1).cpu().numpy()
                 ln = logits.cpu().numpy()
                 nxt = [PAD] * N
@@ -964,36 +994,40 @@ def _autoregress(model, src_ids, decoders, max_new_tokens, ban_unk, pick):
     return out
 
 
-def greedy(model, src_ids, decoders=None, max_new_tokens=63, ban_unk=True):
+def greedy(model, src_ids, decoders=None, max_new_tokens=63, ban_unk=True, no_repeat_ngram=0):
     """Greedy decoding of each source with each decoder in `decoders` (HF greedy_search
     as EqHard-EM's generate() calls it: bad_words_ids=[[unk]], max_length = 1 +
     max_new_tokens, so EqHard's max_length=64 is max_new_tokens=63).
 
     src_ids: list of id lists (each ends with eos, see join_context) or one list.
-    Per step and row: logits of the last position, unk -> -inf, next = first argmax;
-    a row stops after emitting eos (eos is part of tokens) or max_new_tokens tokens.
+    Per step and row: logits of the last position, unk -> -inf, with no_repeat_ngram
+    n > 0 the row's banned_ngram_tokens([DECODER_START] + its tokens, n) -> -inf too
+    (HF no_repeat_ngram_size), next = first argmax; a row stops after emitting eos
+    (eos is part of tokens) or max_new_tokens tokens.
     Returns out[b][j] for source b and decoders[j]: dict tokens, token_logprobs
-    (log_softmax of the unk-masked logits at the chosen token, EqHard generate()'s
+    (log_softmax of the masked logits at the chosen token, EqHard generate()'s
     greedy score), sum_logprob, mean_logprob (float64 sum / len(tokens)), finished."""
-    return _autoregress(model, src_ids, decoders, max_new_tokens, ban_unk, lambda r, row: _nz_argmax(row))
+    return _autoregress(model, src_ids, decoders, max_new_tokens, ban_unk, lambda r, row: _nz_argmax(row),
+                        no_repeat_ngram)
 
 
 def sample(model, src_ids, decoders=None, temperature=1.0, top_k=0, top_p=1.0, seed=0, max_new_tokens=63,
-           ban_unk=True):
+           ban_unk=True, no_repeat_ngram=0):
     """Sampling with the engine's nz_sample / nz_rng contract (engine/nz_ops.h).
 
     Row (source b, decoder k) draws from its own stream nz_rng_seed(row_seed(s, k)),
     s = seed (an int: every source) or seed[b] (a list); one draw per generated token
     (none when temperature <= 0 or top_k == 1: that is greedy), on the unk-masked
-    float32 logits. Finished rows draw nothing. Outputs as greedy(); token_logprobs
-    are log_softmax of the unk-masked logits (no temperature)."""
+    (and, with no_repeat_ngram, n-gram-masked as in greedy) float32 logits. Finished
+    rows draw nothing. Outputs as greedy(); token_logprobs are log_softmax of the
+    masked logits (no temperature)."""
     decs = list(range(model.num_modes)) if decoders is None else [int(k) for k in decoders]
     srcs = [src_ids] if isinstance(src_ids[0], int) else src_ids
     B = len(srcs)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
     rngs = [NzRng(row_seed(seeds[b], k)) for k in decs for b in range(B)]
     return _autoregress(model, srcs, decs, max_new_tokens, ban_unk,
-                        lambda r, row: nz_sample(row, temperature, top_k, top_p, rngs[r]))
+                        lambda r, row: nz_sample(row, temperature, top_k, top_p, rngs[r]), no_repeat_ngram)
 
 
 class _BeamHyps:
@@ -1030,12 +1064,15 @@ def _stable_topk_desc(x, k):
 
 
 def beam(model, src_ids, decoders=None, beam_size=4, max_new_tokens=63, length_penalty=1.0, num_return=1,
-         early_stopping=False, ban_unk=True):
+         early_stopping=False, ban_unk=True, no_repeat_ngram=0):
     """Beam search of each (source, decoder) pair, HF beam_search + BeamSearchScorer
     as EqHard-EM's generate() uses them (transformers 4.x of 2021-22), exactly:
 
     * beam scores start [0, -1e9, ...] (float32); per step
-      scores = log_softmax(logits) (float32), unk -> -inf, + beam score; flattened
+      scores = log_softmax(logits) (float32), unk -> -inf, with no_repeat_ngram n > 0
+      each beam's banned_ngram_tokens([DECODER_START] + that beam's tokens, n) -> -inf
+      (HF applies its logits processors after the log_softmax in beam search),
+      + beam score; flattened
       over (beam, token) and the top 2 * beam_size taken (ties: lower flat index);
     * candidates in that order: an eos candidate ranked < beam_size becomes a
       hypothesis (tokens so far, sum = its score) with score sum / len ** length_penalty,
@@ -1077,6 +1114,9 @@ def beam(model, src_ids, decoders=None, beam_size=4, max_new_tokens=63, length_p
                 lp = torch.log_softmax(logits, dim=-1).cpu()
                 if ban_unk:
                     lp[:, UNK] = float("-inf")
+                if no_repeat_ngram:
+                    _ban_ngrams(lp, [(r, [DECODER_START] + seqs[r]) for r in range(N) if not done[r // nb]],
+                                no_repeat_ngram)
                 scores = (lp + beam_scores[:, None]).view(items, nb * V)
                 top_s, top_i = _stable_topk_desc(scores, 2 * nb)
                 nxt_scores = torch.zeros(items, nb, dtype=torch.float32)

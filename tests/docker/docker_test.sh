@@ -209,6 +209,15 @@ port=$(host_port "$c1" 8080)
 wait_ready "$c1" "$port"
 de=$(translate "$port" '{"text": "Open the file."}' nat-ende)
 echo "$c1: 'Open the file.' -> '$de'"
+out=$(curl -sS --max-time 60 -d '{"context": ["Where are you going?"], "distinct": true}' \
+  "http://127.0.0.1:$port/v1/dialogue") || fail "POST /v1/dialogue"
+python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["model"] == "dialogue" and r["responses"] and all(x["text"].strip() for x in r["responses"]), r
+print("dialogue: %d responses, best (decoder %d): %s" % (len(r["responses"]), r["responses"][0]["decoder"],
+                                                         r["responses"][0]["text"][:60]))' "$out" \
+  || fail "bad dialogue response: $out"
 metrics=$(curl -fsS --max-time 10 "http://127.0.0.1:$port/metrics") || fail "GET /metrics"
 for m in 'nzserve_weights_compressed_bytes{model="nat-ende"}' 'nzserve_weights_decoded_equivalent_bytes{model="nat-ende"}' \
   nzserve_tile_cache_bytes nzserve_tile_cache_limit_bytes nzserve_resident_memory_bytes \

@@ -4,7 +4,7 @@ reply equals what the PyTorch reference (t5md_ref) answers to the same
 conversation, where the conversation grows by the user's line and the
 best-ranked reply each turn (or the last --history turns of it); --all prints
 every decoder's response ranked (decoder, score, text, then an empty line);
-greedy, beam and sampling; --decoders, --distinct, /reset, blank lines; and
+greedy, beam and sampling; --decoders, --distinct, --no-repeat-ngram, /reset, blank lines; and
 the errors: usage (exit 2), a model that is not a dialogue model or missing
 (exit 1).
 """
@@ -119,6 +119,23 @@ def test_strategies(nzp, dmodel, args, ref):
     check_all(p.stdout, conversation(dmodel, LINES[:3], **ref))
 
 
+@pytest.mark.parametrize("args,ref", [
+    (["--no-repeat-ngram", 2], dict(no_repeat_ngram=2)),
+    (["--no-repeat-ngram", 1, "--beam", 3], dict(no_repeat_ngram=1, strategy="beam", beam_size=3)),
+    (["--no-repeat-ngram", 3, "--seed", 5], dict(no_repeat_ngram=3, strategy="sample", seed=5)),
+])
+def test_no_repeat_ngram(nzp, dmodel, args, ref):
+    """--no-repeat-ngram N == t5md_ref's no_repeat_ngram=N, and it changes the (repetitive) answers."""
+    p = chat(nzp, dmodel[0], LINES, "--all", *args)
+    want = conversation(dmodel, LINES, **ref)
+    check_all(p.stdout, want)
+    plain = dict(ref, no_repeat_ngram=0)
+    assert [[w["tokens"] for w, _ in e] for e in want] != \
+        [[w["tokens"] for w, _ in e] for e in conversation(dmodel, LINES, **plain)]
+    assert chat(nzp, dmodel[0], LINES, "--all", *args[2:], "--no-repeat-ngram", 0).stdout == \
+        chat(nzp, dmodel[0], LINES, "--all", *args[2:]).stdout  # 0 = off = the default
+
+
 def test_distinct(nzp, dmodel):
     lines = [D.DUP_CONTEXT[0]]
     want = conversation(dmodel, lines, distinct=True)
@@ -141,6 +158,10 @@ def test_threads_and_cache_same_answers(nzp, dmodel):
     (["MODEL", "--top-p", 1.5], "--top-p"),
     (["MODEL", "--temperature", -1], "--temperature"),
     (["MODEL", "--max-new-tokens", 0], "--max-new-tokens"),
+    (["MODEL", "--no-repeat-ngram", -1], "--no-repeat-ngram"),
+    (["MODEL", "--no-repeat-ngram", "x"], "--no-repeat-ngram"),
+    (["MODEL", "--no-repeat-ngram", 65537], "--no-repeat-ngram"),
+    (["MODEL", "--no-repeat-ngram"], "--no-repeat-ngram"),
     (["MODEL", "--decoders", "0,0"], "--decoders"),
     (["MODEL", "--decoders", "1,"], "--decoders"),
     (["MODEL", "--decoders", "x"], "--decoders"),

@@ -7,7 +7,8 @@ server_util.build_dialogue_model.
 Responses are compared with the PyTorch reference models/train/t5md_ref.py on
 exactly the packed weights: greedy / beam / sample tokens of every decoder,
 text (Tokenizer.decode), score (mean token log-prob), the ranking
-(t5md_ref.rank), usage; the decoders subset and the distinct filter. Errors:
+(t5md_ref.rank), usage; the decoders subset, the distinct filter and
+no_repeat_ngram_size. Errors:
 every class the route has (400 401 404 405 413 422 429 503 504). Streaming
 (server-sent events): the token events of each decoder rebuild its final
 response (ids and text), the "done" event equals the plain response, errors
@@ -126,16 +127,16 @@ def dmodel(nzp, tmp_path_factory):
 
 
 def reference(dmodel, context, strategy="greedy", decoders=None, mnt=MNT, beam_size=4, temperature=1.0, top_k=0,
-              top_p=1.0, seed=0):
+              top_p=1.0, seed=0, no_repeat_ngram=0):
     """t5md_ref's responses of one context, in decoder order (decoders or 0..K-1)."""
     _, ref, tok = dmodel
     ids = tok.encode_context(context)
+    kw = dict(max_new_tokens=mnt, no_repeat_ngram=no_repeat_ngram)
     if strategy == "greedy":
-        return R.greedy(ref, [ids], decoders, max_new_tokens=mnt)[0]
+        return R.greedy(ref, [ids], decoders, **kw)[0]
     if strategy == "beam":
-        return [d[0] for d in R.beam(ref, [ids], decoders, beam_size=beam_size, max_new_tokens=mnt)[0]]
-    return R.sample(ref, [ids], decoders, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    max_new_tokens=mnt)[0]
+        return [d[0] for d in R.beam(ref, [ids], decoders, beam_size=beam_size, **kw)[0]]
+    return R.sample(ref, [ids], decoders, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw)[0]
 
 
 def normalise(text):
@@ -251,6 +252,26 @@ class TestDialogue:
         r2 = srv.dialogue({"context": c, "model": "m", "strategy": None, "decoders": None, "distinct": None,
                            "stream": False, "max_new_tokens": None})
         assert r2.status == 200 and r2.json()["responses"] == j["responses"]
+
+    @pytest.mark.parametrize("strategy,n,extra", [("greedy", 2, {}), ("greedy", 1, {}),
+                                                  ("beam", 3, {"beam_size": 3}),
+                                                  ("sample", 2, {"seed": 7, "top_k": 10, "top_p": 0.9})])
+    def test_no_repeat_ngram(self, srv, dmodel, strategy, n, extra):
+        """no_repeat_ngram_size == t5md_ref's no_repeat_ngram: no response repeats an n-gram of
+        [start] + tokens, and the option changes what this (repetitive) model says."""
+        changed = False
+        for c in (SLOW_CONTEXT, CONTEXTS[1], CONTEXTS[3]):
+            body = {"context": c, "strategy": strategy, "max_new_tokens": MNT, "return_tokens": True, **extra}
+            r = srv.dialogue(dict(body, no_repeat_ngram_size=n))
+            assert r.status == 200, r
+            j = r.json()
+            check(dmodel, j, c, reference(dmodel, c, strategy, no_repeat_ngram=n, **extra))
+            assert not any(P.repeats_ngram(g["tokens"], n) for g in j["responses"]), j["responses"]
+            plain = srv.dialogue(dict(body, no_repeat_ngram_size=0)).json()["responses"]
+            assert plain == srv.dialogue(body).json()["responses"]  # 0 = off = the default
+            changed |= {g["decoder"]: g["tokens"] for g in plain} != {g["decoder"]: g["tokens"]
+                                                                      for g in j["responses"]}
+        assert changed
 
     @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
     def test_decoders_subset(self, srv, dmodel, strategy):
@@ -436,6 +457,11 @@ ERROR_CASES = [
     ("seed-greedy", {"context": "hi", "seed": 3}, 422),
     ("max_new_tokens-0", {"context": "hi", "max_new_tokens": 0}, 422),
     ("max_new_tokens-over", {"context": "hi", "max_new_tokens": MAX_NEW + 1}, 422),
+    ("no_repeat_ngram_size-string", {"context": "hi", "no_repeat_ngram_size": "x"}, 400),
+    ("no_repeat_ngram_size-real", {"context": "hi", "no_repeat_ngram_size": 2.0}, 400),
+    ("no_repeat_ngram_size-negative", {"context": "hi", "no_repeat_ngram_size": -1}, 422),
+    ("no_repeat_ngram_size-64", {"context": "hi", "strategy": "beam", "no_repeat_ngram_size": 64}, 422),
+    ("no_repeat_ngram_size-1000", {"context": "hi", "strategy": "sample", "no_repeat_ngram_size": 1000}, 422),
     ("too-long", {"context": " ".join(["hello there how are you"] * 10)}, 422),
     ("too-long-turns", {"context": ["hello there how are you doing today"] * 4}, 422),
     ("translate-model", {"context": "hi", "model": "tr"}, 422),
@@ -470,6 +496,8 @@ class TestErrors:
             assert f"limit is {MAX_IN}" in e["message"], e
         if name == "translate-model":
             assert "serves translate" in e["message"], e
+        if name.startswith("no_repeat_ngram_size"):
+            assert "'no_repeat_ngram_size' must be" in e["message"], e
 
     def test_limits_boundary(self, srv, dmodel):
         tok = dmodel[2]

@@ -24,7 +24,10 @@ top-k 1 == greedy); batches of 1 to 3 contexts; tile cache budgets 0 and
 full, 1 and 2 threads. Tokens must be equal, finished flags equal, token
 log-probs, sums, means and beam scores within ATOL, and the runner's
 ranking equal to t5md_ref.rank (where the keys are not within ATOL of each
-other). Further tests: the streaming hook, the stop hook, per-line errors,
+other). no_repeat_ngram (HF no_repeat_ngram_size) 1, 2 and 3 is compared the
+same way for greedy, beam and sampling on every configuration (and
+t5md_ref.banned_ngram_tokens against the definition on hand-made and random
+sequences). Further tests: the streaming hook, the stop hook, per-line errors,
 refused configurations, and text contexts through the embedded
 SentencePiece model (join_context with a separator, turn and length
 truncation, and the joined-text form; Tokenizer.decode).
@@ -460,9 +463,107 @@ def test_bad_lines(nzp, t5md_runner, tmp_path_factory):
     # options out of range are refused for the whole batch
     for opt, msg in ((["--decoders", "3"], "decoder 3 is out of range"),
                      (["--beam", "2", "--num-return", "3"], "num_return 3"),
-                     (["--max-new-tokens", "70000"], "max_new_tokens 70000")):
+                     (["--max-new-tokens", "70000"], "max_new_tokens 70000"),
+                     (["--no-repeat-ngram", "70000"], "no_repeat_ngram 70000 is outside [0, 65536]")):
         p = run([t5md_runner, nzpath, *opt], "5 6 1\n")
         assert p.stdout.startswith("error") and msg in p.stdout, (opt, p.stdout)
+
+
+# ------------------------------------------------------------------ no_repeat_ngram
+
+
+def repeats_ngram(tokens, n):
+    """[start] + tokens holds some n-gram twice."""
+    seq = [R.DECODER_START] + list(tokens)
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def naive_banned(seq, n):
+    """The definition, written out: t is banned when seq[cur_len-n+1:] + [t] == seq[s:s+n] for an s."""
+    cur_len = len(seq)
+    if n == 0 or cur_len + 1 < n:
+        return set()
+    tail = list(seq[cur_len - n + 1:])
+    return {seq[s + n - 1] for s in range(cur_len - n + 1) if list(seq[s:s + n - 1]) == tail}
+
+
+def test_banned_ngram_tokens():
+    require_torch()
+    b = R.banned_ngram_tokens
+    assert b([0], 1) == {0}  # n = 1: the start token (pad) itself is banned
+    assert b([0, 5, 6, 5], 1) == {0, 5, 6}
+    assert b([0, 5, 6, 5], 2) == {6}  # (5, 6) seen: after 5 comes no 6 again
+    assert b([0, 5, 6, 7], 2) == set()
+    assert b([0], 2) == set()  # cur_len + 1 == n: no complete bigram yet
+    assert b([0, 0], 2) == {0}  # (0, 0) seen
+    assert b([0, 5, 0], 2) == {5}  # the start token takes part in the n-grams
+    assert b([0], 3) == set() and b([0, 5], 4) == set()  # cur_len + 1 < n: nothing
+    assert b([0, 5], 3) == set()
+    assert b([0, 5, 6, 7, 5, 6], 3) == {7}
+    assert b([0, 5, 6, 7, 5, 6, 8, 5, 6], 3) == {7, 8}
+    assert b([0, 5, 5, 5], 3) == {5}
+    assert b([0, 5, 6, 5, 6], 0) == set()  # off
+    g = np.random.RandomState(1)
+    for _ in range(400):
+        seq = [0] + [int(x) for x in g.randint(0, 4, size=g.randint(0, 12))]
+        for n in range(0, 6):
+            assert b(seq, n) == naive_banned(seq, n), (seq, n)
+
+
+# (strategy options, no_repeat_ngram, batch, decoders): "last" = the last decoder alone
+NGRAM_CASES = [(["--greedy"], 1, 3, None), (["--greedy"], 2, 3, None), (["--greedy"], 3, 2, None),
+               (["--greedy"], 2, 1, "last"), (["--greedy"], 3, 1, "last"),
+               (["--beam", 3, "--num-return", 2], 2, 3, None), (["--beam", 4], 3, 2, None),
+               (["--beam", 3, "--num-return", 3, "--lenpen", 0.5], 1, 1, "last"),
+               (["--sample", "--seed", 4, "--top-k", 10, "--top-p", 0.9], 2, 3, None),
+               (["--sample", "--seed", 11, "--temperature", 1.3], 3, 2, "last"),
+               (["--sample", "--seed", 7], 1, 3, None)]
+
+
+def _ngram_ref(ref, srcs, opt, n, decs):
+    """t5md_ref's results (out[b] flattened in the runner's order) for runner options opt."""
+    kw = dict(max_new_tokens=MNT, no_repeat_ngram=n)
+    if opt[0] == "--greedy":
+        return R.greedy(ref, srcs, decs, **kw), False
+    a = dict(zip(opt[1::2], opt[2::2])) if opt[0] == "--sample" else dict(zip(opt[::2], opt[1::2]))
+    if opt[0] == "--beam":
+        out = R.beam(ref, srcs, decs, beam_size=a["--beam"], num_return=a.get("--num-return", 1),
+                     length_penalty=a.get("--lenpen", 1.0), **kw)
+        return [[r for d in row for r in d] for row in out], True
+    return R.sample(ref, srcs, decs, seed=a["--seed"], top_k=a.get("--top-k", 0), top_p=a.get("--top-p", 1.0),
+                    temperature=a.get("--temperature", 1.0), **kw), False
+
+
+@pytest.mark.parametrize("name", ACTIVE_CONFIGS)
+def test_no_repeat_ngram(nzp, t5md_runner, tmp_path_factory, name):
+    """--no-repeat-ngram 1 / 2 / 3 (HF no_repeat_ngram_size) == t5md_ref(no_repeat_ngram=n) for greedy
+    (every decoder batched, one decoder alone), beam (3 and 4 beams, several returns) and sampling;
+    no returned response repeats an n-gram of [start] + tokens, and the option changes what the
+    random model (which repeats itself) says."""
+    require_torch()
+    nzpath, ref = packed(nzp, name, ACTIVE_MODES[0], tmp_path_factory)
+    K = ref.num_modes
+    srcs = sources(sum(map(ord, name)) + 7)
+    plain = R.greedy(ref, srcs, max_new_tokens=MNT)
+    assert any(repeats_ngram(r["tokens"], 2) for row in plain for r in row), "the model never repeats a bigram"
+    changed = set()
+    for i, (opt, n, batch, decs) in enumerate(NGRAM_CASES):
+        decs = [K - 1] if decs == "last" else None
+        want, beam = _ngram_ref(ref, srcs, opt, n, decs)
+        extra = ["--decoders", ",".join(map(str, decs))] if decs else []
+        out = runner_out(t5md_runner, nzpath, srcs, [*opt, "--no-repeat-ngram", n, "--max-new-tokens", MNT, *extra,
+                                                     *VARIANTS[i % len(VARIANTS)]], batch)
+        assert not out["error"], out["error"]
+        label = f"{name} no_repeat_ngram {n} {opt} decoders {decs}"
+        for b in range(len(srcs)):
+            compare(out["out"][b], want[b], f"{label} ctx {b}", beam=beam)
+            for r in want[b]:
+                assert not repeats_ngram(r["tokens"], n), (label, b, r["tokens"])
+            if opt[0] == "--greedy" and decs is None:
+                changed |= {(n, b) for r, p in zip(want[b], plain[b]) if r["tokens"] != p["tokens"]}
+    # greedy with n = 2 and n = 3 answers differently from plain greedy
+    assert {n for n, _ in changed} >= {2, 3}, changed
 
 
 def test_refused_configs(nzp, t5md_runner, tmp_path):
