@@ -234,10 +234,12 @@ def torch_worker(job_path):
 
 def torch_job(args, job):
     path = os.path.join(args.work, "job-%s-%d.json" % (job["task"], os.getpid()))
-    job = dict(job, threads=args.threads, out=path + ".out")
+    # parity: one thread, so that PyTorch's sums run in one fixed order (not timed)
+    threads = 1 if job["task"] == "parity" else args.threads
+    job = dict(job, threads=threads, out=path + ".out")
     with open(path, "w") as f:
         json.dump(job, f)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker", path], env=env)
     _, status, ru = os.wait4(p.pid, 0)

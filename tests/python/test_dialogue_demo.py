@@ -7,8 +7,9 @@ very weights the .nzp decodes to (`nzp unpack --model-dir`), for every decoder
 k: greedy with all K batched, each decoder alone, and beam search (beam 4), on
 the shipped sample contexts (models/demo/dialogue.sample.jsonl), text in
 (the embedded SentencePiece model; context ids checked against
-t5md_ref.join_context). Quality floor: the K decoders do not all say the same
-thing, and the responses are words, not one repeated token.
+t5md_ref.join_context). Quality floor (greedy with no_repeat_ngram 3): the K
+decoders do not all say the same thing, and the responses are words, not one
+repeated phrase.
 NZ_TEST_QUICK=1 uses fewer contexts; under valgrind (make valgrind) two.
 NZ_DIALOGUE_DEMO=PATH tests another model file."""
 
@@ -91,11 +92,17 @@ def test_matches_reference_every_decoder(t5md_runner, demo, strategy):
 
 
 def test_quality_floor(t5md_runner, demo):
+    """With no_repeat_ngram 3 (the setting README suggests: plain greedy loops on a phrase with this small model)."""
     ref, _ = demo
-    got = runner(t5md_runner, contexts(NCTX), "--greedy")
+    got = runner(t5md_runner, contexts(NCTX), "--greedy", "--no-repeat-ngram", 3)
     texts = [[e["text"] for e in got["out"][i]] for i in range(NCTX)]
     # the K decoders differ: on most contexts at least two different responses
     assert sum(len(set(t)) >= 2 for t in texts) >= NCTX // 2, texts
     words = [w for t in texts for r in t for w in r.split()]
     assert len(words) >= NCTX * ref.num_modes  # not empty
     assert len(set(words)) >= min(30, len(words) // 4), words  # not one repeated token
+    for i in range(NCTX):
+        for e in got["out"][i]:  # the option held: no token trigram twice in a response
+            seq = [0] + e["tokens"]
+            grams = [tuple(seq[j:j + 3]) for j in range(len(seq) - 2)]
+            assert len(grams) == len(set(grams)), e
