@@ -922,8 +922,9 @@ static void test_shipped_config(void **state) {
     srv_config c;
     load_ok(&c, "config/nzserve.json", NOENV, NOARGS);
     assert_string_equal(c.config_path, "config/nzserve.json");
-    assert_int_equal(c.n_models, 1);
+    assert_int_equal(c.n_models, 2); /* both demo models */
     assert_model(&c, 0, "nat-ende", SRV_TASK_TRANSLATE, "config/../models/demo/nat-ende.nzp");
+    assert_model(&c, 1, "dialogue", SRV_TASK_DIALOGUE, "config/../models/demo/dialogue.nzp");
     assert_int_equal(c.tile_cache_bytes, 64 << 20);
     c.tile_cache_bytes = 0;
     assert_defaults(&c);
@@ -1086,7 +1087,7 @@ static void test_to_json(void **state) {
     srv_config c2;
     load_ok(&c2, path, NOENV, NOARGS);
     assert_int_equal(c2.tile_cache_bytes, c.tile_cache_bytes);
-    assert_int_equal(c2.n_models, 1);
+    assert_int_equal(c2.n_models, 2);
     srv_config_free(&c2);
     srv_config_free(&c);
 }

@@ -65,7 +65,6 @@ import json
 import math
 import os
 import re
-import resource  # noqa: F401  (ru_maxrss units documented: KiB on Linux)
 import shlex
 import statistics
 import subprocess
