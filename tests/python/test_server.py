@@ -718,7 +718,10 @@ def test_graceful_shutdown_drains(model_path):
             assert len(r.json()["translations"][0]["text"]) > 0
         assert s.wait(timeout=20) == 0
         log = s.log()
-        assert re.search(r"event=draining in_flight=4\b", log), log
+        # the 4 translations, plus at most one request (a /metrics poll of wait_metric, the keep-alive
+        # /health) whose completion libmicrohttpd has not reported yet
+        m = re.search(r"event=draining in_flight=(\d+)\b", log)
+        assert m and 4 <= int(m.group(1)) <= 5, log
         assert re.search(r"event=stopped cancelled=0\b", log), log
         assert len([l for l in access_log(log) if l["path"] == "/v1/translate" and l["status"] == "200"]) == 4
 
