@@ -72,21 +72,56 @@ static int ends_with(const char *s, const char *suf) {
     return a >= b && !strcmp(s + a - b, suf);
 }
 
-/* Embed config.json and tokenizer files of a model directory. */
-static int add_dir_files(nz_writer *w, const char *dir, nz_error *err) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    struct stat st;
-    if (stat(path, &st) == 0) {
-        json_error_t je;
-        json_t *cfg = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-        if (!cfg)
-            return nz_fail(err, NZ_E_FORMAT, "%s: %s (line %d column %d)", path, je.text, je.line, je.column);
-        int rc = json_is_object(cfg) ? nz_writer_set_config(w, cfg, err)
-                                     : nz_fail(err, NZ_E_FORMAT, "%s: not a JSON object", path);
-        json_decref(cfg);
+int nz_json_merge_patch(json_t *target, const json_t *patch, nz_error *err) {
+    if (!json_is_object(target) || !json_is_object(patch))
+        return nz_fail(err, NZ_E_INVALID_ARG, "config patch: both the config and the patch must be objects");
+    const char *k;
+    json_t *v;
+    json_object_foreach((json_t *)patch, k, v) {
+        json_t *cur = json_object_get(target, k);
+        int rc = NZ_OK;
+        if (json_is_null(v))
+            json_object_del(target, k);
+        else if (json_is_object(v) && json_is_object(cur))
+            rc = nz_json_merge_patch(cur, v, err);
+        else if (json_is_object(v)) {
+            json_t *fresh = json_object();
+            rc = fresh && !json_object_set_new(target, k, fresh) ? nz_json_merge_patch(fresh, v, err)
+                                                                 : nz_fail(err, NZ_E_NOMEM, "out of memory");
+        } else if (json_object_set(target, k, v))
+            rc = nz_fail(err, NZ_E_NOMEM, "out of memory");
         if (rc) return rc;
     }
+    return NZ_OK;
+}
+
+/* Embed the config: dir's config.json (dir may be NULL) with patch applied (may be NULL). */
+static int add_config(nz_writer *w, const char *dir, const json_t *patch, nz_error *err) {
+    char path[4096];
+    json_t *cfg = NULL;
+    struct stat st;
+    snprintf(path, sizeof path, "%s/config.json", dir ? dir : ".");
+    if (dir && stat(path, &st) == 0) {
+        json_error_t je;
+        if (!(cfg = json_load_file(path, JSON_REJECT_DUPLICATES, &je)))
+            return nz_fail(err, NZ_E_FORMAT, "%s: %s (line %d column %d)", path, je.text, je.line, je.column);
+        if (!json_is_object(cfg)) {
+            json_decref(cfg);
+            return nz_fail(err, NZ_E_FORMAT, "%s: not a JSON object", path);
+        }
+    }
+    if (!cfg && !patch) return NZ_OK;
+    if (!cfg && !(cfg = json_object())) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    int rc = patch ? nz_json_merge_patch(cfg, patch, err) : NZ_OK;
+    if (!rc) rc = nz_writer_set_config(w, cfg, err);
+    json_decref(cfg);
+    return rc;
+}
+
+/* Embed the tokenizer files (every other regular file) of a model directory. */
+static int add_dir_files(nz_writer *w, const char *dir, nz_error *err) {
+    char path[4096];
+    struct stat st;
     DIR *d = opendir(dir);
     if (!d) return nz_fail(err, NZ_E_IO, "%s: %s", dir, strerror(errno));
     /* sorted names so packing is reproducible */
@@ -190,6 +225,7 @@ int nz_pack(const char *src, const char *out, const nz_pack_opts *o, nz_error *e
     nz_writer *w = NULL;
     int rc = nz_st_open(path, &st, err);
     if (!rc) rc = nz_writer_create(out, &w, err);
+    if (!rc) rc = add_config(w, dir ? src : NULL, o->config_patch, err);
     if (!rc && dir) rc = add_dir_files(w, src, err);
     if (!rc && nz_st_metadata(st)) rc = nz_writer_set_metadata(w, nz_st_metadata(st), err);
     uint64_t total = 0, done = 0;

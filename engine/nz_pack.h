@@ -20,6 +20,9 @@ typedef struct nz_pack_opts {
     const char *exclude; /* POSIX extended regex: matching tensor names are stored raw */
     uint64_t raw_below;  /* tensors with fewer elements are stored raw */
     int zstd_level;      /* for coder zstd */
+    /* JSON merge patch (RFC 7386; may be NULL) applied to the embedded config: an object's keys
+       are merged recursively, a null value removes its key; with no config.json it makes one */
+    const json_t *config_patch;
     /* progress callback (may be NULL): called before each tensor and at the end */
     void (*progress)(void *ud, const char *tensor, uint64_t done_bytes, uint64_t total_bytes);
     void *progress_ud;
@@ -29,7 +32,8 @@ typedef struct nz_pack_opts {
 void nz_pack_opts_default(nz_pack_opts *o);
 
 /** Pack src (a .safetensors file, or a directory holding model.safetensors,
- *  an optional config.json and tokenizer files, which are embedded) into out.
+ *  an optional config.json and tokenizer files, which are embedded) into out,
+ *  the config patched with o->config_patch.
  *  1-D tensors, non-float tensors, tensors smaller than raw_below elements and
  *  names matching exclude are stored raw. out is written atomically.
  *  @return NZ_OK or an error naming the file or tensor. */
@@ -45,6 +49,12 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err);
  *  continues. @return NZ_OK when all is well, else the first error's code;
  *  *nbad (may be NULL) receives the number of failures. */
 int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud, uint64_t *nbad);
+
+/** Apply the JSON merge patch (RFC 7386) patch to the object target in
+ *  place: objects merge recursively, null removes a key, anything else
+ *  replaces. @return NZ_OK, NZ_E_INVALID_ARG (patch or target not an
+ *  object) or NZ_E_NOMEM. */
+int nz_json_merge_patch(json_t *target, const json_t *patch, nz_error *err);
 
 /** @return the order-0 entropy in bits/symbol of a histogram (0 if empty). */
 double nz_entropy_bits(const uint64_t counts[256]);

@@ -305,7 +305,7 @@ const nz_nat_config *nz_nat_get_config(const nz_nat *n) { return &n->c; }
 void nz_nat_opts_default(nz_nat_opts *o) {
     o->max_iter = 10;
     o->length_beam = 1;
-    o->adaptive = 1;
+    o->adaptive = 0;
     o->rerank_at = 0;
     o->max_len = 0;
     o->stop = NULL;

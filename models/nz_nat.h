@@ -10,7 +10,8 @@
  *
  *   nz_nat_mask_predict   nat_ref.mask_predict (fairseq IterativeRefinementGenerator
  *                         + CMLMNATransformerModel.forward_decoder), incl. length
- *                         beam, adaptive early stop and AT rerank
+ *                         beam, fixed iterations (fairseq --iter-decode-force-max-iter,
+ *                         the default) or adaptive early stop, and AT rerank
  *   nz_nat_at_greedy      nat_ref.at_greedy (fairseq SequenceGenerator, beam 1)
  *   nz_nat_at_beam        nat_ref.at_beam (fairseq SequenceGenerator, beam search)
  *
@@ -19,7 +20,8 @@
  * left-padded [B x S] matrix (pad = 1). Results:
  *   mask-predict  [bos, y.., eos] as nat_ref returns them (the length class
  *                 counts bos and eos; with adaptive stopping a hypothesis may
- *                 keep re-masked unk tokens, as fairseq's does);
+ *                 keep re-masked unk tokens, as fairseq's does: the tokens it
+ *                 compares are the re-masked ones);
  *   AT greedy/beam [y.., eos] (no bos, fairseq SequenceGenerator's convention).
  *
  * Every sentence is checked on its own (ids inside the vocabulary, at least
@@ -109,11 +111,14 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
 /** Free the buffers of enc. Accepts NULL and a zeroed struct. */
 void nz_nat_enc_free(nz_nat_enc *enc);
 
-/** Mask-predict options (nz_nat_opts_default: 10, 1, 1, 0, 0, no stop hook). */
+/** Mask-predict options (nz_nat_opts_default: 10, 1, 0, 0, 0, no stop hook). */
 typedef struct nz_nat_opts {
     int max_iter;    /* T >= 0: T + 1 decoder passes */
     int length_beam; /* >= 1 length candidates per sentence */
-    int adaptive;    /* stop a candidate whose tokens did not change in a pass (fairseq default) */
+    int adaptive;    /* 0: exactly T + 1 passes (fairseq --iter-decode-force-max-iter, as
+                        multi-task-nat and the mask-predict paper decode); 1: stop a candidate
+                        whose tokens did not change in a pass (fairseq's generator default;
+                        it can leave re-masked unk tokens in the output) */
     int rerank_at;   /* score the candidates with the AT decoder (teacher forcing) */
     int max_len; /* > 0: candidate lengths (incl. bos/eos) capped here too; 0: max_target_positions only */
     int (*stop)(

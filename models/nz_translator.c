@@ -3,13 +3,16 @@
 
 #include "nz_alloc.h"
 #include "nz_container.h"
+#include "nz_mconfig.h"
 
+#include <math.h>
 #include <string.h>
 
 struct nz_translator {
-    nz_model *model; /* the mapped .nzp */
-    nz_nat *nat;     /* network, borrows model */
-    nz_tok *tok;     /* tokenizer from the embedded spm.model + dict.txt */
+    nz_model *model;     /* the mapped .nzp */
+    nz_nat *nat;         /* network, borrows model */
+    nz_tok *tok;         /* tokenizer from the embedded spm.model + dict.txt */
+    nz_tr_opts defaults; /* nz_tr_opts_default + config "generation" */
 };
 
 void nz_tr_opts_default(nz_tr_opts *o) {
@@ -18,13 +21,144 @@ void nz_tr_opts_default(nz_tr_opts *o) {
     nz_nat_opts_default(&o->nat);
     o->nat.length_beam = 5;
     nz_nat_at_opts_default(&o->at);
-    o->at_beam = 5;
+    o->at_beam = 1;
     o->lenpen = 1.0f;
 }
 
 void nz_tr_opts_set_stop(nz_tr_opts *o, int (*stop)(void *arg), void *arg) {
     o->nat.stop = o->at.stop = stop;
     o->nat.stop_arg = o->at.stop_arg = arg;
+}
+
+void nz_tr_choice_init(nz_tr_choice *c) {
+    c->decoder = c->iterations = c->length_beam = c->rerank = c->adaptive = c->beam_size = c->max_length = -1;
+    c->lenpen = NAN;
+}
+
+/* One integer key of a generation object in [lo, hi]. @return NZ_OK (absent: *v unchanged) or NZ_E_FORMAT. */
+static int gen_int(const json_t *obj, const char *what, const char *k, int lo, int hi, int *v,
+                   nz_error *err) {
+    const json_t *j = nz_cfg_get(obj, k);
+    if (!j) return NZ_OK;
+    if (!json_is_integer(j) || json_integer_value(j) < lo || json_integer_value(j) > hi)
+        return nz_fail(err, NZ_E_FORMAT, "%s: '%s' must be an integer in [%d, %d]", what, k, lo, hi);
+    *v = (int)json_integer_value(j);
+    return NZ_OK;
+}
+
+/* One string key that must be `no` (-> 0) or `yes` (-> 1). @return NZ_OK (absent: unchanged) or NZ_E_FORMAT.
+ */
+static int gen_choice(const json_t *obj, const char *what, const char *k, const char *no, const char *yes,
+                      int *v, nz_error *err) {
+    const json_t *j = nz_cfg_get(obj, k);
+    if (!j) return NZ_OK;
+    const char *x = json_is_string(j) ? json_string_value(j) : "";
+    if (strcmp(x, no) && strcmp(x, yes))
+        return nz_fail(err, NZ_E_FORMAT, "%s: '%s' must be \"%s\" or \"%s\"", what, k, no, yes);
+    *v = !strcmp(x, yes);
+    return NZ_OK;
+}
+
+int nz_tr_choice_from_json(const json_t *obj, const char *what, nz_tr_choice *c, nz_error *err) {
+    static const char *const known[] = {"decoder",  "iterations", "length_beam", "rerank",
+                                        "adaptive", "beam_size",  "lenpen",      "max_length"};
+    nz_tr_choice_init(c);
+    if (!obj) return NZ_OK;
+    if (!json_is_object(obj)) return nz_fail(err, NZ_E_FORMAT, "%s must be an object", what);
+    const char *k;
+    const json_t *v;
+    json_object_foreach((json_t *)obj, k, v) {
+        size_t i = 0;
+        while (i < sizeof known / sizeof *known && strcmp(k, known[i])) i++;
+        if (i == sizeof known / sizeof *known)
+            return nz_fail(
+                err, NZ_E_FORMAT,
+                "%s: unknown key '%.64s' (known: decoder, iterations, length_beam, rerank, adaptive, "
+                "beam_size, lenpen, max_length)",
+                what, k);
+    }
+    int rc = gen_choice(obj, what, "decoder", "nat", "at", &c->decoder, err);
+    if (!rc) rc = gen_int(obj, what, "iterations", 0, 1000, &c->iterations, err);
+    if (!rc) rc = gen_int(obj, what, "length_beam", 1, 100, &c->length_beam, err);
+    if (!rc) rc = gen_choice(obj, what, "rerank", "none", "at", &c->rerank, err);
+    if (!rc) rc = gen_int(obj, what, "beam_size", 1, 100, &c->beam_size, err);
+    if (!rc) rc = gen_int(obj, what, "max_length", 1, 65535, &c->max_length, err);
+    if (rc) return rc;
+    const json_t *j = nz_cfg_get(obj, "adaptive");
+    if (j && !json_is_boolean(j))
+        return nz_fail(err, NZ_E_FORMAT, "%s: 'adaptive' must be true or false", what);
+    if (j) c->adaptive = json_is_true(j);
+    j = nz_cfg_get(obj, "lenpen");
+    if (j && (!json_is_number(j) || !(fabs(json_number_value(j)) <= 100)))
+        return nz_fail(err, NZ_E_FORMAT, "%s: 'lenpen' must be a number in [-100, 100]", what);
+    if (j) c->lenpen = (float)json_number_value(j);
+    return NZ_OK;
+}
+
+int nz_tr_choice_apply(const nz_tr_choice *c, nz_tr_opts *o, nz_error *err) {
+    if (c->iterations > 1000000 || c->length_beam == 0 || c->length_beam > 4096 || c->beam_size == 0 ||
+        c->beam_size > 4096 || c->max_length == 0 || c->max_length > 65535 || c->decoder > 1 ||
+        c->rerank > 1 || c->adaptive > 1 || isinf(c->lenpen))
+        return nz_fail(err, NZ_E_INVALID_ARG,
+                       "translate options out of range: iterations %d, length_beam %d, beam_size %d, "
+                       "max_length %d, lenpen %g",
+                       c->iterations, c->length_beam, c->beam_size, c->max_length, (double)c->lenpen);
+    int at = c->decoder >= 0 ? c->decoder : o->decoder != NZ_TR_NAT;
+    if (c->iterations >= 0) o->nat.max_iter = c->iterations;
+    if (c->length_beam > 0) o->nat.length_beam = c->length_beam;
+    if (c->rerank >= 0) o->nat.rerank_at = c->rerank;
+    if (c->adaptive >= 0) o->nat.adaptive = c->adaptive;
+    if (c->beam_size > 0) o->at_beam = c->beam_size;
+    if (!isnan(c->lenpen)) o->lenpen = c->lenpen;
+    if (c->max_length > 0) {
+        o->nat.max_len = c->max_length + 2; /* + bos, eos */
+        o->at.max_len_a = 0;
+        o->at.max_len_b = c->max_length;
+    }
+    o->decoder = !at ? NZ_TR_NAT : o->at_beam > 1 ? NZ_TR_AT_BEAM : NZ_TR_AT_GREEDY;
+    return NZ_OK;
+}
+
+int nz_tr_opts_same(const nz_tr_opts *a, const nz_tr_opts *b) {
+    const nz_nat_opts *x = &a->nat, *y = &b->nat;
+    int at = a->decoder != NZ_TR_NAT;
+    if (a->decoder != b->decoder || x->max_len != y->max_len || a->at.max_len_a != b->at.max_len_a ||
+        a->at.max_len_b != b->at.max_len_b || a->at.min_len != b->at.min_len)
+        return 0;
+    if (at) return a->decoder == NZ_TR_AT_GREEDY || (a->at_beam == b->at_beam && a->lenpen == b->lenpen);
+    return x->max_iter == y->max_iter && x->length_beam == y->length_beam && x->adaptive == y->adaptive &&
+           x->rerank_at == y->rerank_at;
+}
+
+json_t *nz_tr_opts_to_json(const nz_tr_opts *o) {
+    int at = o->decoder != NZ_TR_NAT;
+    json_t *j = json_pack("{s:s, s:i, s:i, s:s, s:b, s:i, s:f}", "decoder", at ? "at" : "nat", "iterations",
+                          o->nat.max_iter, "length_beam", o->nat.length_beam, "rerank",
+                          o->nat.rerank_at ? "at" : "none", "adaptive", o->nat.adaptive, "beam_size",
+                          o->at_beam, "lenpen", (double)o->lenpen);
+    if (j && o->nat.max_len > 2) json_object_set_new(j, "max_length", json_integer(o->nat.max_len - 2));
+    return j;
+}
+
+/* The model's defaults: nz_tr_opts_default + its config's "generation". @return NZ_OK or an error. */
+static int read_defaults(nz_translator *t, const char *path, nz_error *err) {
+    nz_tr_opts_default(&t->defaults);
+    const json_t *cfg = nz_model_config(t->model);
+    nz_tr_choice c;
+    int rc =
+        nz_tr_choice_from_json(cfg ? nz_cfg_get(cfg, "generation") : NULL, "config.json generation", &c, err);
+    if (!rc) rc = nz_tr_choice_apply(&c, &t->defaults, err);
+    if (!rc && (t->defaults.decoder != NZ_TR_NAT || t->defaults.nat.rerank_at) &&
+        !nz_nat_get_config(t->nat)->at_layers)
+        rc =
+            nz_fail(err, NZ_E_FORMAT, "config.json generation: %s needs an AT decoder and the model has none",
+                    t->defaults.decoder != NZ_TR_NAT ? "decoder \"at\"" : "rerank \"at\"");
+    if (rc) {
+        char m[sizeof err->msg];
+        snprintf(m, sizeof m, "%s", err->msg);
+        nz_fail(err, rc, "%s: %s", path, m);
+    }
+    return rc;
 }
 
 void nz_tr_results_free(nz_tr_result *r, size_t n) {
@@ -45,6 +179,7 @@ int nz_translator_open(const char *path, nz_translator **out, nz_error *err) {
     if (!rc && nz_dict_size(nz_tok_dict(t->tok)) != nz_nat_get_config(t->nat)->vocab)
         rc = nz_fail(err, NZ_E_FORMAT, "%s: dict.txt has %zu symbols but the embeddings have %zu rows", path,
                      nz_dict_size(nz_tok_dict(t->tok)), nz_nat_get_config(t->nat)->vocab);
+    if (!rc) rc = read_defaults(t, path, err);
     if (rc) {
         nz_translator_free(t);
         return rc;
@@ -61,6 +196,7 @@ void nz_translator_free(nz_translator *t) {
     nz_free(t);
 }
 
+const nz_tr_opts *nz_translator_defaults(const nz_translator *t) { return &t->defaults; }
 const nz_model *nz_translator_model(const nz_translator *t) { return t->model; }
 const nz_nat *nz_translator_nat(const nz_translator *t) { return t->nat; }
 const nz_tok *nz_translator_tok(const nz_translator *t) { return t->tok; }

@@ -11,12 +11,31 @@
  * gets its own result or its own error, so one bad text never fails the
  * others. Results are detokenized (fairseq post-processing: SentencePiece
  * pieces joined, bos/eos/pad dropped).
+ *
+ * Per-model decoding defaults: a model's config.json may carry a
+ * "generation" object with the model's recommended decoding options, under
+ * the same names as the /v1/translate request fields:
+ *   "decoder":     "nat" | "at"  (mask-predict, or the AT decoder)
+ *   "iterations":  int 0..1000   mask-predict refinement iterations T
+ *   "length_beam": int 1..100    length candidates
+ *   "rerank":      "none" | "at" pick the length candidate by the AT score
+ *   "adaptive":    bool          adaptive stopping (default false: T + 1 passes)
+ *   "beam_size":   int 1..100    AT beam (1 = greedy)
+ *   "lenpen":      number        AT beam length penalty
+ *   "max_length":  int 1..65535  output tokens (without bos/eos)
+ * Absent keys keep nz_tr_opts_default's value; an unknown key or a bad
+ * value refuses the model at open, naming the key. `nzp pack --set
+ * generation.KEY=VALUE` writes them; callers (nzp translate, the server)
+ * start from nz_translator_defaults and apply what the user chose
+ * (nz_tr_choice).
  */
 #ifndef NZ_TRANSLATOR_H
 #define NZ_TRANSLATOR_H
 
 #include "nz_nat.h"
 #include "nz_tok.h"
+
+#include <jansson.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -31,13 +50,13 @@ typedef enum {
     NZ_TR_AT_BEAM = 2    /* the AT decoder, beam search of at_beam (nz_nat_at_beam) */
 } nz_tr_decoder;
 
-/** Decoding options (nz_tr_opts_default: NAT, 10 iterations, length beam 5,
- *  no rerank, AT beam 5 with lenpen 1). */
+/** Decoding options (nz_tr_opts_default: NAT, 10 fixed iterations, length
+ *  beam 5, no rerank; for the AT decoder beam 1 (greedy), lenpen 1). */
 typedef struct nz_tr_opts {
     nz_tr_decoder decoder;
     nz_nat_opts nat;   /* mask-predict options (incl. its stop hook) */
     nz_nat_at_opts at; /* AT options (incl. its stop hook) */
-    int at_beam;       /* AT beam size (NZ_TR_AT_BEAM) */
+    int at_beam;       /* AT beam size (NZ_TR_AT_BEAM; 1 with NZ_TR_AT_GREEDY) */
     float lenpen;      /* AT beam length penalty */
 } nz_tr_opts;
 
@@ -46,6 +65,41 @@ void nz_tr_opts_default(nz_tr_opts *o);
 
 /** Set the same stop hook on the NAT and AT options. */
 void nz_tr_opts_set_stop(nz_tr_opts *o, int (*stop)(void *arg), void *arg);
+
+/** Decoding options a user chose on top of a base (a model's defaults):
+ *  a field < 0 (lenpen: NAN) is not chosen and keeps the base's value. */
+typedef struct nz_tr_choice {
+    int decoder;     /* 0 mask-predict, 1 the AT decoder (greedy or beam by the resulting beam size) */
+    int iterations;  /* mask-predict T */
+    int length_beam; /* length candidates */
+    int rerank;      /* 0/1: AT rerank of the length candidates */
+    int adaptive;    /* 0/1: adaptive stopping */
+    int beam_size;   /* AT beam, 1 = greedy */
+    int max_length;  /* output tokens without bos/eos (NAT and AT) */
+    float lenpen;    /* AT beam length penalty */
+} nz_tr_choice;
+
+/** Set every field of c to "not chosen". */
+void nz_tr_choice_init(nz_tr_choice *c);
+
+/** Read a "generation" object (keys as in the header comment) into c;
+ *  what names the object in messages (e.g. "config.json generation").
+ *  @return NZ_OK, or NZ_E_FORMAT naming the unknown key or bad value. */
+int nz_tr_choice_from_json(const json_t *obj, const char *what, nz_tr_choice *c, nz_error *err);
+
+/** Apply the chosen fields of c to o (ranges checked: iterations
+ *  0..1000000, length_beam and beam_size 1..4096, max_length 1..65535,
+ *  lenpen finite). The AT decoder becomes greedy at beam 1, beam search
+ *  above. @return NZ_OK, or NZ_E_INVALID_ARG naming the field (o unchanged). */
+int nz_tr_choice_apply(const nz_tr_choice *c, nz_tr_opts *o, nz_error *err);
+
+/** @return 1 when a and b decode alike (every option but the stop hooks
+ *  equal: texts decoded with either can share one batch), else 0. */
+int nz_tr_opts_same(const nz_tr_opts *a, const nz_tr_opts *b);
+
+/** Describe o as a "generation" object (the header's keys, every one set).
+ *  @return a new JSON object, or NULL when out of memory. */
+json_t *nz_tr_opts_to_json(const nz_tr_opts *o);
 
 /** One text's result. */
 typedef struct nz_tr_result {
@@ -63,13 +117,19 @@ typedef struct nz_tr_result {
 /** Free what results r[0..n) hold and zero them. Accepts NULL. */
 void nz_tr_results_free(nz_tr_result *r, size_t n);
 
-/** Open a cmlm_transformer .nzp (path), load its network and tokenizer and
- *  check that dict.txt matches the embeddings.
+/** Open a cmlm_transformer .nzp (path), load its network and tokenizer,
+ *  check that dict.txt matches the embeddings and read the model's
+ *  decoding defaults (config "generation"; an AT choice or rerank needs an
+ *  AT decoder).
  *  @return NZ_OK and *out, or the first error (messages name the file). */
 int nz_translator_open(const char *path, nz_translator **out, nz_error *err);
 
 /** Free a translator (the network, the tokenizer, the mapping). Accepts NULL. */
 void nz_translator_free(nz_translator *t);
+
+/** @return the model's decoding defaults: nz_tr_opts_default with the
+ *  config's "generation" object applied (borrowed; no stop hook). */
+const nz_tr_opts *nz_translator_defaults(const nz_translator *t);
 
 /** @return the opened container (for cache and memory accounting). */
 const nz_model *nz_translator_model(const nz_translator *t);

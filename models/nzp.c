@@ -20,6 +20,8 @@
 #include "nz_pack.h"
 #include "nzp_chat.h"
 #include "nzp_translate.h"
+#include "nz_mconfig.h"
+#include "nz_translator.h"
 #include "nz_rans.h"
 
 #include <errno.h>
@@ -31,25 +33,44 @@
 #include <time.h>
 #include <unistd.h>
 
-static const char *USAGE =
-    "usage:\n"
-    "  nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd] [--tile-rows N]\n"
-    "           [--norm-block B] [--exclude REGEX] [--raw-below N] [--zstd-level L] SRC OUT.nzp\n"
-    "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
-    "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
-    "  nzp unpack IN.nzp OUT.safetensors | nzp unpack --model-dir IN.nzp DIR\n"
-    "  nzp info [--json] [--memory] IN.nzp\n"
-    "  nzp verify IN.nzp\n"
-    "  nzp bench [--seconds S] IN.nzp\n"
-    "  nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--max-len N] [--batch K]\n"
-    "                [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n"
-    "  nzp chat MODEL.nzp [--strategy greedy|beam|sample] [--beam N] [--temperature T] [--top-k K]\n"
-    "           [--top-p P] [--seed S] [--decoders 0,2] [--max-new-tokens N] [--no-repeat-ngram N]\n"
-    "           [--all] [--distinct] [--history N] [--cache BYTES] [--threads N]   (one user turn per line on stdin)\n";
+/* Each subcommand's usage (`nzp CMD --help` prints its own, `nzp --help` all). */
+static const struct {
+    const char *cmd, *text;
+} USAGES[] = {
+    {"pack", "  nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd] [--tile-rows N]\n"
+             "           [--norm-block B] [--exclude REGEX] [--raw-below N] [--zstd-level L]\n"
+             "           [--set KEY=VALUE]... SRC OUT.nzp\n"
+             "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
+             "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
+             "      --set KEY=VALUE sets a key of the embedded config.json (dots name nested objects;\n"
+             "      VALUE is JSON, or else a string), e.g. --set generation.iterations=4 sets a\n"
+             "      translation model's default decoding (see models/README.md).\n"},
+    {"unpack", "  nzp unpack IN.nzp OUT.safetensors | nzp unpack --model-dir IN.nzp DIR\n"},
+    {"info", "  nzp info [--json] [--memory] IN.nzp\n"},
+    {"verify", "  nzp verify IN.nzp\n"},
+    {"bench", "  nzp bench [--seconds S] IN.nzp\n"},
+    {"translate",
+     "  nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--adaptive] [--at | --at-beam K]\n"
+     "                [--max-len N] [--batch K] [--cache BYTES] [--threads N] [--tokens]\n"
+     "                < in.txt > out.txt   (nzp translate --help: every option)\n"},
+    {"chat", "  nzp chat MODEL.nzp [--strategy greedy|beam|sample] [--beam N] [--temperature T] [--top-k K]\n"
+             "           [--top-p P] [--seed S] [--decoders 0,2] [--max-new-tokens N] [--no-repeat-ngram N]\n"
+             "           [--all] [--distinct] [--history N] [--cache BYTES] [--threads N]\n"
+             "           (one user turn per line on stdin; nzp chat --help: every option)\n"},
+};
+#define N_USAGES (sizeof USAGES / sizeof *USAGES)
 
-static int usage(const char *msg) {
+/* Print every subcommand's usage (cmd NULL) or one's to f. */
+static void print_usage(FILE *f, const char *cmd) {
+    fputs("usage:\n", f);
+    for (size_t i = 0; i < N_USAGES; i++)
+        if (!cmd || !strcmp(cmd, USAGES[i].cmd)) fputs(USAGES[i].text, f);
+}
+
+/* The usage error of subcommand cmd (NULL: of nzp itself). @return 2. */
+static int usage_of(const char *cmd, const char *msg) {
     if (msg) fprintf(stderr, "nzp: %s\n", msg);
-    fputs(USAGE, stderr);
+    print_usage(stderr, cmd);
     return 2;
 }
 
@@ -85,7 +106,48 @@ static void progress(void *ud, const char *tensor, uint64_t done, uint64_t total
     fflush(stderr);
 }
 
-static int cmd_pack(int argc, char **argv) {
+/* Add `--set KEY=VALUE` to the merge patch: dotted KEY names nested objects, VALUE is JSON or else a
+ * string. @return 0, or -1 when the argument is malformed. */
+static int add_set(json_t *patch, const char *arg) {
+    const char *eq = strchr(arg, '=');
+    if (!eq || eq == arg) return -1;
+    json_t *val = json_loads(eq + 1, JSON_DECODE_ANY, NULL);
+    if (!val) val = json_string(eq + 1);
+    if (!val) return -1;
+    json_t *obj = patch;
+    const char *k = arg;
+    for (;;) {
+        const char *dot = memchr(k, '.', (size_t)(eq - k));
+        const char *end = dot ? dot : eq;
+        char name[256];
+        if (end == k || (size_t)(end - k) >= sizeof name) break;
+        memcpy(name, k, (size_t)(end - k));
+        name[end - k] = 0;
+        if (!dot) return json_object_set_new(obj, name, val) ? -1 : 0;
+        json_t *next = json_object_get(obj, name);
+        if (!json_is_object(next)) {
+            next = json_object();
+            if (!next || json_object_set_new(obj, name, next)) break;
+        }
+        obj = next;
+        k = dot + 1;
+    }
+    json_decref(val);
+    return -1;
+}
+
+/* The decoding defaults a translation model carries (config "generation") must be readable.
+ * @return NZ_OK or NZ_E_FORMAT naming the key. */
+static int check_generation(const nz_model *m, nz_error *e) {
+    const json_t *cfg = nz_model_config(m);
+    const json_t *arch = cfg ? json_object_get(cfg, "architecture") : NULL;
+    nz_tr_choice c;
+    if (!json_is_string(arch) || strcmp(json_string_value(arch), "cmlm_transformer")) return NZ_OK;
+    return nz_tr_choice_from_json(nz_cfg_get(cfg, "generation"), "config.json generation", &c, e);
+}
+
+/* nzp pack; *patch collects the --set keys (freed by the caller, whatever the outcome). */
+static int pack_with(int argc, char **argv, json_t **patch) {
     nz_pack_opts o;
     nz_pack_opts_default(&o);
     nz_error e = {0};
@@ -97,43 +159,50 @@ static int cmd_pack(int argc, char **argv) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--mode") && val) {
             uint32_t nb = o.mode.norm_block;
-            if (nz_mode_parse(val, &o.mode, &e)) return usage(e.msg);
+            if (nz_mode_parse(val, &o.mode, &e)) return usage_of("pack", e.msg);
             o.mode.norm_block = nb;
             i++;
         } else if (!strcmp(a, "--coder") && val) {
             if (nz_coder_parse(val, &o.coder, &e) || (o.coder != NZ_CODER_RANS && o.coder != NZ_CODER_ZSTD))
-                return usage("--coder must be rans or zstd");
+                return usage_of("pack", "--coder must be rans or zstd");
             i++;
         } else if (!strcmp(a, "--tile-rows") && val) {
             if (parse_u64(val, &v) || v == 0 || v > UINT32_MAX)
-                return usage("--tile-rows needs an integer >= 1");
+                return usage_of("pack", "--tile-rows needs an integer >= 1");
             o.tile_rows = (uint32_t)v;
             i++;
         } else if (!strcmp(a, "--norm-block") && val) {
-            if (parse_u64(val, &v) || v > (1u << 30)) return usage("--norm-block needs an integer 0..2^30");
+            if (parse_u64(val, &v) || v > (1u << 30))
+                return usage_of("pack", "--norm-block needs an integer 0..2^30");
             o.mode.norm_block = (uint32_t)v;
             i++;
         } else if (!strcmp(a, "--raw-below") && val) {
-            if (parse_u64(val, &v)) return usage("--raw-below needs an integer");
+            if (parse_u64(val, &v)) return usage_of("pack", "--raw-below needs an integer");
             o.raw_below = v;
             i++;
         } else if (!strcmp(a, "--zstd-level") && val) {
-            if (parse_u64(val, &v) || v < 1 || v > 22) return usage("--zstd-level needs 1..22");
+            if (parse_u64(val, &v) || v < 1 || v > 22) return usage_of("pack", "--zstd-level needs 1..22");
             o.zstd_level = (int)v;
             i++;
         } else if (!strcmp(a, "--exclude") && val) {
             o.exclude = val;
             i++;
+        } else if (!strcmp(a, "--set") && val) {
+            if ((!*patch && !(*patch = json_object())) || add_set(*patch, val))
+                return usage_of("pack", "--set needs KEY=VALUE (e.g. generation.iterations=4)");
+            o.config_patch = *patch;
+            i++;
         } else if (a[0] == '-' && a[1]) {
-            return usage("unknown or incomplete option for pack");
+            return usage_of("pack", "unknown or incomplete option for pack");
         } else if (npos < 2) {
             pos[npos++] = a;
         } else {
-            return usage("pack takes SRC and OUT");
+            return usage_of("pack", "pack takes SRC and OUT");
         }
     }
-    if (npos != 2) return usage("pack takes SRC and OUT");
-    if (o.mode.norm_block && o.mode.kind != NZ_MODE_LOSSY) return usage("--norm-block needs --mode lossy-K");
+    if (npos != 2) return usage_of("pack", "pack takes SRC and OUT");
+    if (o.mode.norm_block && o.mode.kind != NZ_MODE_LOSSY)
+        return usage_of("pack", "--norm-block needs --mode lossy-K");
     if (isatty(2)) {
         o.progress = progress;
     }
@@ -141,6 +210,11 @@ static int cmd_pack(int argc, char **argv) {
     if (nz_pack(pos[0], pos[1], &o, &e)) return fail(&e);
     nz_model *m;
     if (nz_model_open(pos[1], &m, &e)) return fail(&e);
+    if (check_generation(m, &e)) { /* a model that would be refused at open is not kept */
+        nz_model_free(m);
+        unlink(pos[1]);
+        return fail(&e);
+    }
     uint64_t src = 0, stored = 0;
     for (size_t i = 0; i < nz_model_ntensors(m); i++) {
         const nz_tensor *t = nz_model_tensor(m, i);
@@ -153,6 +227,13 @@ static int cmd_pack(int argc, char **argv) {
            nz_model_file_size(m), now_s() - t0);
     nz_model_free(m);
     return 0;
+}
+
+static int cmd_pack(int argc, char **argv) {
+    json_t *patch = NULL;
+    int rc = pack_with(argc, argv, &patch);
+    json_decref(patch);
+    return rc;
 }
 
 /* ------------------------------------------------------------- info */
@@ -221,13 +302,13 @@ static int cmd_info(int argc, char **argv) {
         else if (!strcmp(argv[i], "--memory"))
             memory = 1;
         else if (argv[i][0] == '-' && argv[i][1])
-            return usage("unknown option for info");
+            return usage_of("info", "unknown option for info");
         else if (!path)
             path = argv[i];
         else
-            return usage("info takes one file");
+            return usage_of("info", "info takes one file");
     }
-    if (!path) return usage("info takes one file");
+    if (!path) return usage_of("info", "info takes one file");
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
@@ -294,6 +375,11 @@ static int cmd_info(int argc, char **argv) {
         if (nz_model_config(m)) {
             const json_t *arch = json_object_get(nz_model_config(m), "architecture");
             printf("config: %s\n", json_is_string(arch) ? json_string_value(arch) : "(present)");
+            /* the model's recommended decoding options (config "generation"), as embedded */
+            const json_t *gen = json_object_get(nz_model_config(m), "generation");
+            char *g = gen ? json_dumps(gen, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+            if (g) printf("generation: %s\n", g);
+            nz_free(g);
         }
         if (memory) print_memory(tst, tdec);
     }
@@ -309,7 +395,7 @@ static void report(void *ud, const nz_error *e) {
 }
 
 static int cmd_verify(int argc, char **argv) {
-    if (argc != 1 || argv[0][0] == '-') return usage("verify takes one file");
+    if (argc != 1 || argv[0][0] == '-') return usage_of("verify", "verify takes one file");
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(argv[0], &m, &e)) return fail(&e);
@@ -345,7 +431,7 @@ static int cmd_unpack(int argc, char **argv) {
     int dir = argc == 3 && !strcmp(argv[0], "--model-dir");
     if (dir) argc--, argv++;
     if (argc != 2 || argv[0][0] == '-' || argv[1][0] == '-')
-        return usage("unpack takes IN.nzp OUT.safetensors, or --model-dir IN.nzp DIR");
+        return usage_of("unpack", "unpack takes IN.nzp OUT.safetensors, or --model-dir IN.nzp DIR");
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(argv[0], &m, &e)) return fail(&e);
@@ -449,11 +535,11 @@ static int cmd_bench(int argc, char **argv) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             seconds = atof(argv[++i]);
         else if (argv[i][0] == '-')
-            return usage("unknown option for bench");
+            return usage_of("bench", "unknown option for bench");
         else
             path = argv[i];
     }
-    if (!path || seconds <= 0) return usage("bench takes one file");
+    if (!path || seconds <= 0) return usage_of("bench", "bench takes one file");
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
@@ -544,12 +630,23 @@ static int cmd_bench(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     nz_alloc_hook_json();
-    if (argc < 2) return usage(NULL);
+    if (argc < 2) return usage_of(NULL, NULL);
     const char *cmd = argv[1];
     if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
-        fputs(USAGE, stdout);
+        print_usage(stdout,
+                    argc > 2 && strcmp(argv[2], "translate") && strcmp(argv[2], "chat") ? argv[2] : NULL);
         return 0;
     }
+    /* `nzp CMD -h|--help`: that subcommand's usage on stdout (translate and chat print their long ones) */
+    for (int i = 2; i < argc && strcmp(cmd, "translate") && strcmp(cmd, "chat"); i++)
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+            for (size_t k = 0; k < N_USAGES; k++)
+                if (!strcmp(cmd, USAGES[k].cmd)) {
+                    print_usage(stdout, cmd);
+                    return 0;
+                }
+            break;
+        }
     if (!strcmp(cmd, "pack")) return cmd_pack(argc - 2, argv + 2);
     if (!strcmp(cmd, "unpack")) return cmd_unpack(argc - 2, argv + 2);
     if (!strcmp(cmd, "info")) return cmd_info(argc - 2, argv + 2);
@@ -557,5 +654,5 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "translate")) return nzp_translate(argc - 2, argv + 2);
     if (!strcmp(cmd, "chat")) return nzp_chat(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
-    return usage("unknown command");
+    return usage_of(NULL, "unknown command");
 }

@@ -54,6 +54,7 @@ static const char CHAT_USAGE[] =
     "  --history N       keep only the last N turns as context (default 0: all)\n"
     "  --cache BYTES     decoded-tile cache budget (default 0: decode weights on every use)\n"
     "  --threads N       threads (default: all cores)\n"
+    "  -h, --help        this text\n"
     "  a line /reset forgets the conversation\n";
 
 /* "2,0,1" -> decs[n]. @return 0 or -1. */
@@ -156,6 +157,9 @@ int nzp_chat(int argc, char **argv) {
             bad = nzp_parse_size(v, &cache_bytes), i++;
         } else if (!strcmp(a, "--threads") && v) {
             bad = nzp_parse_int(v, 1, 64, &threads), i++;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(CHAT_USAGE, stdout);
+            return 0;
         } else if (!strcmp(a, "--all")) {
             all = 1;
         } else if (!strcmp(a, "--distinct")) {

@@ -27,23 +27,30 @@
 #include <string.h>
 
 static const char TRANSLATE_USAGE[] =
-    "usage: nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--at] [--at-beam K]\n"
-    "                     [--lenpen X] [--max-len N] [--batch K] [--cache BYTES] [--threads N]\n"
-    "                     [--tokens] < in.txt > out.txt\n"
-    "  --iter T      mask-predict refinement iterations (T + 1 decoder passes; default 10)\n"
-    "  --beam B      length beam: candidate lengths per sentence (default 5)\n"
-    "  --rerank      pick the length candidate by the AT decoder's score\n"
-    "  --at          decode with the autoregressive decoder (greedy) instead\n"
-    "  --at-beam K   decode with the autoregressive decoder, beam search of K (implies --at)\n"
-    "  --lenpen X    AT beam length penalty: score = sum log-prob / length^X (default 1.0)\n"
-    "  --max-len N   cap output length (tokens, incl. bos/eos for NAT; default: the model's)\n"
+    "usage: nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank | --no-rerank] [--adaptive | --fixed]\n"
+    "                     [--nat | --at | --at-beam K] [--lenpen X] [--max-len N] [--batch K]\n"
+    "                     [--cache BYTES] [--threads N] [--tokens] < in.txt > out.txt\n"
+    "  Options left out take the model's decoding defaults (its config \"generation\", shown by\n"
+    "  `nzp info`), else the built-in ones given here.\n"
+    "  --iter T      mask-predict refinement iterations: T + 1 decoder passes (built-in 10)\n"
+    "  --beam B      length beam: candidate lengths per sentence (built-in 5)\n"
+    "  --rerank      pick the length candidate by the AT decoder's score (--no-rerank: by its own)\n"
+    "  --adaptive    stop a candidate whose tokens did not change in a pass (fairseq's generator\n"
+    "                default; it can leave <unk> masks in the output). --fixed: always T + 1 passes\n"
+    "                (built-in; fairseq --iter-decode-force-max-iter)\n"
+    "  --nat         decode with mask-predict (built-in)\n"
+    "  --at          decode with the autoregressive decoder, greedy\n"
+    "  --at-beam K   decode with the autoregressive decoder, beam search of K\n"
+    "  --lenpen X    AT beam length penalty: score = sum log-prob / length^X (built-in 1.0)\n"
+    "  --max-len N   cap output length (tokens without bos/eos; built-in: the model's)\n"
     "  --batch K     sentences decoded together (default 16)\n"
     "  --cache BYTES decoded-tile cache budget (default 0: decode weights on every use)\n"
     "  --threads N   threads (default: all cores)\n"
-    "  --tokens      print token ids instead of text\n";
+    "  --tokens      print token ids instead of text\n"
+    "  -h, --help    this text\n";
 
 typedef struct opts {
-    nz_tr_opts tr;
+    nz_tr_opts tr; /* the model's defaults with the command line's choices applied */
     int tokens, threads;
     size_t batch, cache;
 } opts;
@@ -91,35 +98,40 @@ static long run_batch(nz_matmul_ctx *mc, const nz_translator *t, const opts *o, 
 int nzp_translate(int argc, char **argv) {
     opts o;
     memset(&o, 0, sizeof o);
-    nz_tr_opts_default(&o.tr);
-    int use_at = 0, at_beam = 0;
+    nz_tr_choice ch;
+    nz_tr_choice_init(&ch);
     o.batch = 16;
     const char *path = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
-        if (!strcmp(a, "--iter") && v)
-            bad = nzp_parse_int(v, 0, 1000, &o.tr.nat.max_iter), i++;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(TRANSLATE_USAGE, stdout);
+            return 0;
+        } else if (!strcmp(a, "--iter") && v)
+            bad = nzp_parse_int(v, 0, 1000, &ch.iterations), i++;
         else if (!strcmp(a, "--beam") && v)
-            bad = nzp_parse_int(v, 1, 100, &o.tr.nat.length_beam), i++;
-        else if (!strcmp(a, "--max-len") && v) {
-            bad = nzp_parse_int(v, 2, 1 << 20, &o.tr.nat.max_len), i++;
-            o.tr.at.max_len_b = o.tr.nat.max_len;
-        } else if (!strcmp(a, "--batch") && v)
+            bad = nzp_parse_int(v, 1, 100, &ch.length_beam), i++;
+        else if (!strcmp(a, "--max-len") && v)
+            bad = nzp_parse_int(v, 1, 65535, &ch.max_length), i++;
+        else if (!strcmp(a, "--batch") && v)
             bad = nzp_parse_size(v, &o.batch) || !o.batch || o.batch > 4096, i++;
         else if (!strcmp(a, "--cache") && v)
             bad = nzp_parse_size(v, &o.cache), i++;
         else if (!strcmp(a, "--threads") && v)
             bad = nzp_parse_int(v, 1, 64, &o.threads), i++;
-        else if (!strcmp(a, "--rerank"))
-            o.tr.nat.rerank_at = 1;
+        else if (!strcmp(a, "--rerank") || !strcmp(a, "--no-rerank"))
+            ch.rerank = !strcmp(a, "--rerank");
+        else if (!strcmp(a, "--adaptive") || !strcmp(a, "--fixed"))
+            ch.adaptive = !strcmp(a, "--adaptive");
+        else if (!strcmp(a, "--nat"))
+            ch.decoder = 0;
         else if (!strcmp(a, "--at"))
-            use_at = 1;
-        else if (!strcmp(a, "--at-beam") && v) {
-            bad = nzp_parse_int(v, 1, 100, &at_beam), i++;
-            use_at = 1;
-        } else if (!strcmp(a, "--lenpen") && v)
-            bad = nzp_parse_float(v, -100, 100, &o.tr.lenpen), i++;
+            ch.decoder = 1, ch.beam_size = 1;
+        else if (!strcmp(a, "--at-beam") && v)
+            bad = nzp_parse_int(v, 1, 100, &ch.beam_size), ch.decoder = 1, i++;
+        else if (!strcmp(a, "--lenpen") && v)
+            bad = nzp_parse_float(v, -100, 100, &ch.lenpen), i++;
         else if (!strcmp(a, "--tokens"))
             o.tokens = 1;
         else if (a[0] != '-' && !path)
@@ -135,8 +147,6 @@ int nzp_translate(int argc, char **argv) {
         fprintf(stderr, "nzp translate: no model given\n%s", TRANSLATE_USAGE);
         return 2;
     }
-    o.tr.decoder = at_beam ? NZ_TR_AT_BEAM : use_at ? NZ_TR_AT_GREEDY : NZ_TR_NAT;
-    if (at_beam) o.tr.at_beam = at_beam;
 
     nz_error e = {0};
     nz_translator *tr = NULL;
@@ -146,6 +156,11 @@ int nzp_translate(int argc, char **argv) {
     char **lines = NULL;
     int status = 1;
     if (nz_translator_open(path, &tr, &e)) {
+        fprintf(stderr, "nzp translate: %s\n", e.msg);
+        goto out;
+    }
+    o.tr = *nz_translator_defaults(tr);
+    if (nz_tr_choice_apply(&ch, &o.tr, &e)) {
         fprintf(stderr, "nzp translate: %s\n", e.msg);
         goto out;
     }

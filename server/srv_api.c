@@ -148,13 +148,13 @@ static int opt_model(json_t *o, const char **model, srv_error *e) {
 
 int srv_parse_translate(const char *body, size_t len, const srv_limits *lim, srv_translate_req *r,
                         srv_error *e) {
-    static const char *const known[] = {"text",   "texts",   "model",     "iterations", "length_beam",
-                                        "rerank", "decoder", "beam_size", "max_length", "return_tokens"};
+    static const char *const known[] = {"text",        "texts",      "model",        "iterations",
+                                        "length_beam", "rerank",     "adaptive",     "decoder",
+                                        "beam_size",   "max_length", "return_tokens"};
     memset(r, 0, sizeof *r);
-    r->iterations = 10;
-    r->length_beam = 5;
-    r->beam_size = 1;
-    r->max_length = lim->max_new_tokens;
+    /* decoding options the body leaves out stay -1: the model's defaults decide them */
+    r->iterations = r->length_beam = r->rerank_at = r->adaptive = r->use_at = r->beam_size = r->max_length =
+        -1;
     if (load_object(body, len, known, sizeof known / sizeof *known, &r->root, e)) return -1;
     json_t *text = json_object_get(r->root, "text"), *texts = json_object_get(r->root, "texts");
     if (text && texts) return srv_fail(e, 422, NULL, "give either 'text' or 'texts', not both");
@@ -188,8 +188,11 @@ int srv_parse_translate(const char *body, size_t len, const srv_limits *lim, srv
         opt_choice(r->root, "rerank", "none", "at", &r->rerank_at, e) ||
         opt_choice(r->root, "decoder", "nat", "at", &r->use_at, e))
         return -1;
-    if (opt_bool(r->root, "return_tokens", &r->return_tokens, e)) return -1;
-    if (r->use_at && r->rerank_at) return srv_fail(e, 422, NULL, "'rerank' applies to decoder \"nat\" only");
+    if (opt_bool(r->root, "return_tokens", &r->return_tokens, e) ||
+        opt_bool(r->root, "adaptive", &r->adaptive, e))
+        return -1;
+    if (r->use_at == 1 && r->rerank_at == 1)
+        return srv_fail(e, 422, NULL, "'rerank' applies to decoder \"nat\" only");
     return 0;
 }
 

@@ -9,12 +9,19 @@
  * POST /v1/translate body:
  *   {"text": "..."} or {"texts": ["...", ...]}   exactly one of the two
  *   "model":        string, a loaded translation model (default: the first)
- *   "iterations":   int 0..100, mask-predict refinement iterations (default 10)
- *   "length_beam":  int 1..32, length candidates (default 5)
- *   "rerank":       "none" | "at" (default "none")
- *   "decoder":      "nat" | "at" (default "nat"; "at" = the AT decoder's beam search)
- *   "beam_size":    int 1..32, AT beam (default 1 = greedy)
- *   "max_length":   int 1..max_new_tokens, output tokens (default max_new_tokens)
+ *   Decoding options; one left out takes the model's default (its config
+ *   "generation", listed by /v1/models; built-in defaults in brackets):
+ *   "iterations":   int 0..100, mask-predict refinement iterations T: T + 1
+ *                   decoder passes [10]
+ *   "length_beam":  int 1..32, length candidates [5]
+ *   "rerank":       "none" | "at" ["none"]
+ *   "adaptive":     bool, adaptive stopping: a candidate whose tokens did not
+ *                   change in a pass stops (fairseq's generator default; can
+ *                   leave <unk> masks in the output) [false: T + 1 passes]
+ *   "decoder":      "nat" | "at" ["nat"; "at" = the AT decoder, greedy or beam]
+ *   "beam_size":    int 1..32, AT beam [1 = greedy]
+ *   "max_length":   int 1..max_new_tokens, output tokens [max_new_tokens; a
+ *                   model default above it is capped to it]
  *   "return_tokens": bool (default false)
  * Types: a wrong JSON type is 400 (invalid_request); a value out of range,
  * an empty or blank text, too many texts, an unknown field is 422
@@ -89,11 +96,13 @@ typedef struct srv_translate_req {
     const char **texts; /* [n] UTF-8, validated by jansson */
     size_t *lens;       /* [n] bytes */
     size_t n;
-    int single;        /* body used "text" (not "texts") */
+    int single; /* body used "text" (not "texts") */
+    /* decoding options, -1 where the body left them out (the model's defaults apply) */
     int iterations;    /* 0..100 */
     int length_beam;   /* 1..32 */
-    int rerank_at;     /* rerank "at" */
-    int use_at;        /* decoder "at" */
+    int rerank_at;     /* rerank "at" (1) or "none" (0) */
+    int adaptive;      /* bool */
+    int use_at;        /* decoder "at" (1) or "nat" (0) */
     int beam_size;     /* AT beam, 1 = greedy */
     int max_length;    /* output tokens */
     int return_tokens; /* bool */

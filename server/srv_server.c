@@ -76,6 +76,7 @@ typedef struct srv_req {
     int retry_after;   /* seconds, 0: no header */
     int close;         /* Connection: close */
     srv_translate_req tr;
+    nz_tr_opts topts; /* translate: the model's defaults with the request's choices applied */
     srv_dialogue_req dr;
     srv_model *model;
     atomic_int fd;     /* the client socket, for disconnect checks (-1 once the connection ended) */
@@ -358,6 +359,7 @@ static json_t *models_json(srv_server *s) {
                 o, "bits_per_weight",
                 json_real(m->params ? 8.0 * (double)m->compressed_bytes / (double)m->params : 0.0));
             if (m->cfg->task == SRV_TASK_TRANSLATE) {
+                json_object_set_new(o, "generation", nz_tr_opts_to_json(nz_translator_defaults(m->tr)));
                 json_object_set_new(o, "at_decoder", json_boolean(m->has_at));
                 json_object_set_new(o, "max_source_positions",
                                     json_integer((json_int_t)m->max_source_positions));
@@ -603,10 +605,8 @@ static void respond_cancelled(srv_req *r, int reason) {
 
 /* Whether b can be decoded in one batch with a (same model and options). */
 static int batchable(const srv_req *a, const srv_req *b) {
-    const srv_translate_req *x = &a->tr, *y = &b->tr;
     return a->route == SRV_ROUTE_TRANSLATE && b->route == SRV_ROUTE_TRANSLATE && a->model == b->model &&
-           x->use_at == y->use_at && x->beam_size == y->beam_size && x->iterations == y->iterations &&
-           x->length_beam == y->length_beam && x->rerank_at == y->rerank_at && x->max_length == y->max_length;
+           nz_tr_opts_same(&a->topts, &b->topts);
 }
 
 /* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
@@ -656,20 +656,7 @@ static void run_translate(srv_worker *w, srv_batch *b) {
     const srv_req *r0 = NULL;
     for (size_t i = 0; !r0; i++) r0 = b->m[i];
     srv_model *model = r0->model;
-    const srv_translate_req *q = &r0->tr;
-    nz_tr_opts o;
-    nz_tr_opts_default(&o);
-    if (q->use_at) {
-        o.decoder = q->beam_size > 1 ? NZ_TR_AT_BEAM : NZ_TR_AT_GREEDY;
-        o.at_beam = q->beam_size;
-        o.at.max_len_a = 0;
-        o.at.max_len_b = q->max_length;
-    } else {
-        o.nat.max_iter = q->iterations;
-        o.nat.length_beam = q->length_beam;
-        o.nat.rerank_at = q->rerank_at;
-        o.nat.max_len = q->max_length + 2; /* + bos, eos */
-    }
+    nz_tr_opts o = r0->topts;
     nz_tr_opts_set_stop(&o, batch_should_stop, b);
     nz_tr_result *res = nz_calloc(total, sizeof *res, NZ_MEM_OTHER);
     const char **texts = nz_calloc(total, sizeof *texts, NZ_MEM_OTHER);
@@ -942,6 +929,37 @@ static int enqueue(srv_server *s, srv_req *r);
 
 /* Validate a translate request against the model and the token limits and queue it.
  * @return 1 when queued (connection suspended), 0 when a response was decided. */
+/* r->topts = m's decoding defaults with r's choices applied (the output cap is max_new_tokens unless
+ * the request or the model asks for less). @return 0, or -1 with r's error response decided. */
+static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_tokens) {
+    const srv_translate_req *q = &r->tr;
+    nz_tr_choice c;
+    nz_tr_choice_init(&c);
+    c.decoder = q->use_at;
+    c.iterations = q->iterations;
+    c.length_beam = q->length_beam;
+    c.rerank = q->rerank_at;
+    c.adaptive = q->adaptive;
+    c.beam_size = q->beam_size;
+    r->topts = *nz_translator_defaults(m->tr);
+    int model_cap = r->topts.nat.max_len > 2 ? r->topts.nat.max_len - 2 : max_new_tokens;
+    c.max_length = q->max_length > 0            ? q->max_length
+                   : model_cap < max_new_tokens ? model_cap
+                                                : max_new_tokens;
+    nz_error e = {0};
+    if (nz_tr_choice_apply(&c, &r->topts, &e)) {
+        respond_fail(r, 422, "%s", e.msg);
+        return -1;
+    }
+    int at = r->topts.decoder != NZ_TR_NAT;
+    if ((at || r->topts.nat.rerank_at) && !m->has_at) {
+        respond_fail(r, 422, "model '%s' has no autoregressive decoder (needed by %s)", m->cfg->name,
+                     at ? "decoder \"at\"" : "rerank \"at\"");
+        return -1;
+    }
+    return 0;
+}
+
 static int submit_translate(srv_server *s, srv_req *r) {
     const srv_config *cfg = s->cfg;
     srv_error e = {0};
@@ -963,11 +981,7 @@ static int submit_translate(srv_server *s, srv_req *r) {
                      srv_task_name(m->cfg->task));
         return 0;
     }
-    if ((r->tr.rerank_at || r->tr.use_at) && !m->has_at) {
-        respond_fail(r, 422, "model '%s' has no autoregressive decoder (needed by %s)", m->cfg->name,
-                     r->tr.use_at ? "decoder \"at\"" : "rerank \"at\"");
-        return 0;
-    }
+    if (resolve_translate_opts(r, m, cfg->max_new_tokens)) return 0;
     r->model = m;
     size_t limit = (size_t)cfg->max_input_tokens;
     if (m->max_source_positions >= 2 && m->max_source_positions - 2 < limit)

@@ -2,7 +2,7 @@
  * nat_runner — decode id sequences with the translation model family
  * (models/nz_nat.h) for the PyTorch parity tests (tests/python/test_nat_parity.py).
  *
- *   nat_runner MODEL.nzp [--iter T] [--beam B] [--no-adaptive] [--rerank] [--at-greedy]
+ *   nat_runner MODEL.nzp [--iter T] [--beam B] [--adaptive | --no-adaptive] [--rerank] [--at-greedy]
  *              [--at-beam K [--lenpen X]] [--max-len-a A] [--max-len-b N] [--min-len N] [--steps]
  *              [--cache BYTES] [--threads N] [--batch K]
  *
@@ -39,7 +39,8 @@ typedef struct line {
 
 static int usage(void) {
     fprintf(stderr,
-            "usage: nat_runner MODEL.nzp [--iter T] [--beam B] [--no-adaptive] [--rerank] [--at-greedy]\n"
+            "usage: nat_runner MODEL.nzp [--iter T] [--beam B] [--adaptive | --no-adaptive] [--rerank] "
+            "[--at-greedy]\n"
             "       [--at-beam K [--lenpen X]] [--max-len-a A] [--max-len-b N] [--min-len N] [--steps]\n"
             "       [--cache BYTES] [--threads N] [--batch K]   < ids (one sentence a line)\n");
     return 1;
@@ -171,8 +172,8 @@ int main(int argc, char **argv) {
         } else if (!strcmp(a, "--beam") && next) {
             if (parse_long(argv[++i], 1, 4096, &v)) return usage();
             o.mp.length_beam = (int)v;
-        } else if (!strcmp(a, "--no-adaptive")) {
-            o.mp.adaptive = 0;
+        } else if (!strcmp(a, "--no-adaptive") || !strcmp(a, "--adaptive")) {
+            o.mp.adaptive = !strcmp(a, "--adaptive");
         } else if (!strcmp(a, "--rerank")) {
             o.mp.rerank_at = 1;
         } else if (!strcmp(a, "--at-greedy")) {

@@ -42,15 +42,20 @@ static void test_accepts(void **state) {
     assert_true(r.single);
     assert_string_equal(r.texts[0], "Hallo Welt");
     assert_int_equal(r.lens[0], 10);
-    assert_int_equal(r.iterations, 10);
-    assert_int_equal(r.length_beam, 5);
-    assert_int_equal(r.max_length, 50);
+    /* options left out stay -1: the model's decoding defaults decide them */
+    assert_int_equal(r.iterations, -1);
+    assert_int_equal(r.length_beam, -1);
+    assert_int_equal(r.rerank_at, -1);
+    assert_int_equal(r.adaptive, -1);
+    assert_int_equal(r.use_at, -1);
+    assert_int_equal(r.beam_size, -1);
+    assert_int_equal(r.max_length, -1);
     assert_null(r.model);
     srv_translate_req_free(&r);
 
     assert_int_equal(
         parse("{\"texts\": [\"a\", \"b c\"], \"model\": \"m\", \"iterations\": 0, \"length_beam\": 32,"
-              " \"rerank\": \"at\", \"max_length\": 50, \"return_tokens\": true}",
+              " \"rerank\": \"at\", \"max_length\": 50, \"return_tokens\": true, \"adaptive\": true}",
               &r, &e),
         0);
     assert_int_equal(r.n, 2);
@@ -58,13 +63,16 @@ static void test_accepts(void **state) {
     assert_string_equal(r.model, "m");
     assert_int_equal(r.iterations, 0);
     assert_int_equal(r.length_beam, 32);
-    assert_true(r.rerank_at);
+    assert_int_equal(r.rerank_at, 1);
+    assert_int_equal(r.adaptive, 1);
+    assert_int_equal(r.max_length, 50);
     assert_true(r.return_tokens);
     srv_translate_req_free(&r);
 
     assert_int_equal(
         parse("{\"text\": \"\\u00e4\", \"decoder\": \"at\", \"beam_size\": 4, \"rerank\": null}", &r, &e), 0);
-    assert_true(r.use_at);
+    assert_int_equal(r.use_at, 1);
+    assert_int_equal(r.rerank_at, -1); /* null means absent */
     assert_int_equal(r.beam_size, 4);
     assert_int_equal(r.lens[0], 2); /* UTF-8 bytes */
     srv_translate_req_free(&r);
@@ -81,6 +89,7 @@ static void test_rejects(void **state) {
     assert_int_equal(status_of("{\"texts\": [\"x\", 1]}"), 400);
     assert_int_equal(status_of("{\"text\": \"x\", \"iterations\": \"3\"}"), 400);
     assert_int_equal(status_of("{\"text\": \"x\", \"iterations\": 2.5}"), 400);
+    assert_int_equal(status_of("{\"text\": \"x\", \"adaptive\": 1}"), 400);
     assert_int_equal(status_of("{\"text\": \"x\", \"return_tokens\": 1}"), 400);
     assert_int_equal(status_of("{\"text\": \"x\", \"model\": 3}"), 400);
     assert_int_equal(status_of("{\"text\": \"\xff\"}"), 400);

@@ -29,8 +29,9 @@ JSON files):
                                 fp32; we use the bf16 demo weights instead.
      lossy-K    --mode lossy-K  K-bit block quantisation of the fp32 weights
 3. --bleu: `nzp translate` of the source (first --limit lines) for every
-   decoding configuration -- NAT mask-predict with iterations 1/4/10 x length
-   beam 1/5 x AT rerank off/on, and AT greedy -- in every --bleu-modes mode
+   decoding configuration -- NAT mask-predict with iterations 1/2/4/10 x length
+   beam 1/3/5 x AT rerank off/on with fixed iterations, two adaptive-stopping
+   rows, AT greedy and AT beam 4 -- in every --bleu-modes mode
    (default lossless, lossy-3, lossy-1); corpus BLEU (models/eval/bleu.py,
    sacreBLEU's default 13a/exp-smoothing definition) against --ref.
    Writes RESULTS_DIR/bleu.md (rows: decoding configuration, columns: weight
@@ -48,7 +49,8 @@ JSON files):
    first differing position, both id sequences) in parity.json and bleu.md.
 4. --bench: on the same lines, for --bench-configs (default nat-i4-b3 and
    at-greedy): PyTorch (nat_ref on the fp32 weights) and `nzp translate` with
-   fp32-raw cache 0, lossless cache 0, lossless full cache, lossy-3 cache 0.
+   fp32-raw cache 0, lossless cache 0, lossless full cache, lossy-3 cache 0
+   (--bench-systems picks a subset; --batch 1 measures one sentence at a time).
    Same --threads (nzp --threads; torch.set_num_threads + OMP/MKL env) and the
    same --batch for everyone. Each run is a child process started with
    subprocess.Popen and reaped with os.wait4, whose rusage gives the child's
@@ -86,8 +88,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
-NAT_GRID = [(it, beam, rr) for it in (1, 4, 10) for beam in (1, 5) for rr in (False, True)]
-DEFAULT_CONFIGS = ["nat-i%d-b%d%s" % (it, b, "-rerank" if rr else "") for it, b, rr in NAT_GRID] + ["at-greedy"]
+NAT_GRID = [(it, beam, rr) for it in (1, 2, 4, 10) for beam in (1, 3, 5) for rr in (False, True)]
+DEFAULT_CONFIGS = (["nat-i%d-b%d%s" % (it, b, "-rerank" if rr else "") for it, b, rr in NAT_GRID]
+                   + ["nat-i10-b5-adaptive", "nat-i4-b5-rerank-adaptive", "at-greedy", "at-beam4"])
 
 
 # ------------------------------------------------------------------ helpers
@@ -97,20 +100,32 @@ def log(*a):
 
 
 def parse_config(name):
-    """'nat-i4-b3[-rerank]' | 'at-greedy' -> dict(name, at, iter, beam, rerank, label, args)."""
+    """'nat-iT-bB[-rerank][-adaptive]' | 'at-greedy' | 'at-beamK' ->
+    dict(name, at, at_beam, iter, beam, rerank, adaptive, label, args). The nzp flags are explicit,
+    so a model's own decoding defaults (config "generation") never change what a row measures."""
     if name == "at-greedy":
-        return dict(name=name, at=True, iter=None, beam=None, rerank=False,
+        return dict(name=name, at=True, at_beam=1, iter=None, beam=None, rerank=False, adaptive=False,
                     label="AT greedy", args=["--at"])
+    if name.startswith("at-beam") and name[7:].isdigit() and int(name[7:]) >= 1:
+        k = int(name[7:])
+        return dict(name=name, at=True, at_beam=k, iter=None, beam=None, rerank=False, adaptive=False,
+                    label="AT beam %d" % k, args=["--at-beam", str(k)])
     parts = name.split("-")
     try:
-        if parts[0] != "nat" or parts[1][0] != "i" or parts[2][0] != "b" or parts[3:] not in ([], ["rerank"]):
+        flags = parts[3:]
+        if parts[0] != "nat" or parts[1][0] != "i" or parts[2][0] != "b" or \
+                flags not in ([], ["rerank"], ["adaptive"], ["rerank", "adaptive"]):
             raise ValueError
-        it, beam, rr = int(parts[1][1:]), int(parts[2][1:]), parts[3:] == ["rerank"]
+        it, beam = int(parts[1][1:]), int(parts[2][1:])
     except (ValueError, IndexError):
-        raise SystemExit("evaluate.py: bad decoding configuration %r (want nat-iT-bB[-rerank] or at-greedy)" % name)
-    args = ["--iter", str(it), "--beam", str(beam)] + (["--rerank"] if rr else [])
-    label = "NAT iter %d, beam %d%s" % (it, beam, ", AT rerank" if rr else "")
-    return dict(name=name, at=False, iter=it, beam=beam, rerank=rr, label=label, args=args)
+        raise SystemExit("evaluate.py: bad decoding configuration %r (want nat-iT-bB[-rerank][-adaptive], "
+                         "at-greedy or at-beamK)" % name)
+    rr, ad = "rerank" in flags, "adaptive" in flags
+    args = ["--nat", "--iter", str(it), "--beam", str(beam), "--rerank" if rr else "--no-rerank",
+            "--adaptive" if ad else "--fixed"]
+    label = "NAT iter %d, beam %d%s%s" % (it, beam, ", AT rerank" if rr else "", ", adaptive" if ad else "")
+    return dict(name=name, at=False, at_beam=None, iter=it, beam=beam, rerank=rr, adaptive=ad, label=label,
+                args=args)
 
 
 def pack_args(mode):
@@ -193,10 +208,12 @@ def torch_worker(argv):
 
     def decode(srcs):
         src = R.pad_batch(srcs)
-        if cfg["at"]:
+        if cfg["at"] and cfg["at_beam"] == 1:
             return R.at_greedy(model, src)
+        if cfg["at"]:
+            return [r["tokens"] for r in R.at_beam(model, src, beam=cfg["at_beam"], lenpen=1.0)]
         return [r["tokens"] for r in R.mask_predict(model, src, max_iter=cfg["iter"], length_beam=cfg["beam"],
-                                                    rerank_at=cfg["rerank"])]
+                                                    rerank_at=cfg["rerank"], adaptive=cfg["adaptive"])]
 
     toks, failed = [], 0
     for i in range(0, len(lines), batch):
@@ -451,6 +468,8 @@ class Evaluation:
              "(sacreBLEU default: 13a, exp smoothing). `--threads %d --batch %d`, cache %s; git %s, %s." % (
                  me["model_dir"], json.dumps(me["model_config"].get("converted_from")), me["lines"], me["src"],
                  me["ref"], o.threads, o.batch, o.bleu_cache, me["git"], me["date"]), "",
+             "Each cell: BLEU, and in brackets sentences/s of that run (wall time of the whole "
+             "`nzp translate` process, start-up included; one run on a shared machine).", "",
              "| decoding | " + " | ".join(modes) + " |",
              "|---|" + "---:|" * len(modes)]
         for c in configs:
@@ -458,7 +477,8 @@ class Evaluation:
             cells = []
             for m in modes:
                 r = row[m]
-                cells.append("%.2f%s" % (r["bleu"], "*" if r["failed_lines"] else ""))
+                cells.append("%.2f%s (%.0f)" % (r["bleu"], "*" if r["failed_lines"] else "",
+                                                me["lines"] / max(r["wall_s"], 1e-9)))
             L.append("| %s | %s |" % (c["label"], " | ".join(cells)))
         if any(r["failed_lines"] for row in results.values() for r in row.values()):
             L += ["", "\\* some lines failed to translate (empty output, counted in BLEU); see bleu.json."]
@@ -492,7 +512,7 @@ class Evaluation:
         log("\n== packing for the benchmark")
         for m in ("fp32-raw", "lossless", "lossy-3"):
             self.pack(m)
-        systems = [
+        systems = [s for s in [
             dict(name="pytorch-fp32", label="PyTorch (nat_ref), fp32", kind="torch", mdir=self.mdir),
             dict(name="nzp-fp32-raw", label="nzp fp32 raw, cache 0", kind="nzp", mode="fp32-raw", cache=0),
             dict(name="nzp-lossless-c0", label="nzp lossless (bf16), cache 0", kind="nzp", mode="lossless",
@@ -500,7 +520,7 @@ class Evaluation:
             dict(name="nzp-lossless-full", label="nzp lossless (bf16), full cache", kind="nzp", mode="lossless",
                  cache=self.full_cache("lossless")),
             dict(name="nzp-lossy-3-c0", label="nzp lossy-3, cache 0", kind="nzp", mode="lossy-3", cache=0),
-        ]
+        ] if s["name"] in o.bench_systems.split(",")]
         bdir = os.path.join(self.work, "bench")
         os.makedirs(bdir, exist_ok=True)
         n = len(self.src)
@@ -544,15 +564,16 @@ class Evaluation:
                     tokens_file=os.path.relpath(best["tokens_file"], self.out))
             for base in ("pytorch-fp32", "nzp-fp32-raw"):
                 for r in rows.values():
-                    r["sent_ratio_vs_" + base] = r["sent_per_s"] / rows[base]["sent_per_s"]
-                    r["tok_ratio_vs_" + base] = r["tok_per_s"] / rows[base]["tok_per_s"]
+                    r["sent_ratio_vs_" + base] = r["sent_per_s"] / rows[base]["sent_per_s"] if base in rows else None
+                    r["tok_ratio_vs_" + base] = r["tok_per_s"] / rows[base]["tok_per_s"] if base in rows else None
             same = {}
 
             def eq(a, b):
                 return read_lines(os.path.join(self.out, rows[a]["tokens_file"])) == \
                     read_lines(os.path.join(self.out, rows[b]["tokens_file"]))
-            same["nzp-fp32-raw == pytorch-fp32"] = eq("nzp-fp32-raw", "pytorch-fp32")
-            same["nzp-lossless-c0 == nzp-lossless-full"] = eq("nzp-lossless-c0", "nzp-lossless-full")
+            for a_, b_ in (("nzp-fp32-raw", "pytorch-fp32"), ("nzp-lossless-c0", "nzp-lossless-full")):
+                if a_ in rows and b_ in rows:
+                    same["%s == %s" % (a_, b_)] = eq(a_, b_)
             table[cfg["name"]] = dict(label=cfg["label"], args=" ".join(cfg["args"]), rows=rows, identical=same)
         self.meta["loadavg_end"] = os.getloadavg()
         doc = dict(meta=self.meta, packs=self.packs, repeat=o.bench_repeat, results=table)
@@ -577,10 +598,12 @@ class Evaluation:
             L += ["## %s (`%s`)" % (t["label"], t["args"]), "",
                   "| system | sent/s | tok/s | × PyTorch fp32 | × nzp fp32 raw | decode s | start-up s | peak RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            ratio = lambda x: "%.2f" % x if x is not None else "–"  # noqa: E731
             for r in t["rows"].values():
-                L.append("| %s | %.1f | %.0f | %.2f | %.2f | %.2f | %.2f | %s |" % (
-                    r["label"], r["sent_per_s"], r["tok_per_s"], r["sent_ratio_vs_pytorch-fp32"],
-                    r["sent_ratio_vs_nzp-fp32-raw"], r["decode_s"], r["startup_s"], fmt_bytes(r["peak_rss"])))
+                L.append("| %s | %.1f | %.0f | %s | %s | %.2f | %.2f | %s |" % (
+                    r["label"], r["sent_per_s"], r["tok_per_s"], ratio(r["sent_ratio_vs_pytorch-fp32"]),
+                    ratio(r["sent_ratio_vs_nzp-fp32-raw"]), r["decode_s"], r["startup_s"],
+                    fmt_bytes(r["peak_rss"])))
             L += ["", "Identical outputs: " + ", ".join("%s: %s" % (k, "yes" if v else "NO")
                                                           for k, v in t["identical"].items()), ""]
         L += [self.packs_md(["fp32-raw", "lossless", "lossy-3"]),
@@ -620,6 +643,8 @@ def main(argv=None):
                    help="torch threads of the parity reference runs (default 1; not timed)")
     p.add_argument("--bench-configs", default="nat-i4-b3,at-greedy")
     p.add_argument("--bench-repeat", type=int, default=1)
+    p.add_argument("--bench-systems", default="pytorch-fp32,nzp-fp32-raw,nzp-lossless-c0,nzp-lossless-full,"
+                   "nzp-lossy-3-c0", help="which systems the bench runs (comma list; default all)")
     p.add_argument("--torch-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment of the PyTorch child (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     o = p.parse_args(argv)

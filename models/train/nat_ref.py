@@ -465,7 +465,7 @@ def at_inputs(nat_target):
 # ------------------------------------------------------------------ decoding
 
 @torch.no_grad()
-def mask_predict(model, src_tokens, max_iter=10, length_beam=1, adaptive=True,
+def mask_predict(model, src_tokens, max_iter=10, length_beam=1, adaptive=False,
                  rerank_at=False, return_all=False):
     """fairseq IterativeRefinementGenerator + CMLMNATransformerModel.forward_decoder.
 
@@ -475,9 +475,10 @@ def mask_predict(model, src_tokens, max_iter=10, length_beam=1, adaptive=True,
     p = 1 - (t+1)/(T+1) computed in double then multiplied in float32 by (L-2)
     (L = non-pad length incl. bos/eos); scores sorted ascending with a *stable* sort
     (bos/eos keep score 0 and are never masked unless ties with 0 force it; fairseq's
-    sort is unstable there). adaptive (fairseq's default, i.e. without
-    --iter-decode-force-max-iter) stops a sentence whose tokens did not change in a
-    pass -- which can leave re-masked <unk>s in the output, as fairseq does.
+    sort is unstable there). By default every sentence runs all T+1 passes (fairseq
+    --iter-decode-force-max-iter, as multi-task-nat and the mask-predict paper decode);
+    adaptive=True (fairseq's generator default) stops a sentence whose tokens did not
+    change in a pass -- which can leave re-masked <unk>s in the output, as fairseq does.
     Length beam b: predicted length L0 (argmax, clamped >= 2), candidates
     L0 - b//2 + j (j = 0..b-1), clamped >= 2. Candidate score = mean of the
     positional scores over its non-pad tokens (bos/eos count with 0); argmax picks

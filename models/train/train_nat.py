@@ -12,6 +12,13 @@ fairseq's checkpoint layout (multi-task-nat ``mt_transformer`` state-dict names,
 or fairseq ``cmlm_transformer`` ones with --at-decoder-layers 0),
 (5) a short greedy-AT / mask-predict decode of some valid sentences.
 
+Sequence-level distillation (multi-task-nat's recipe): --distill DIR trains the
+CMLM decoder and the length predictor on DIR/train.<tgt> (the AT teacher's
+translations of train.<src>, line by line, see distill.sh) while the AT decoder
+keeps the original targets; --init-from MODELDIR starts from a converted model
+directory (its spm.model and dict.txt, its weights, and its update count for the
+schedules) instead of a fresh initialisation.
+
 Needs only Debian's python3-torch, python3-sentencepiece, python3-numpy.
 See README_train.md.
 """
@@ -59,6 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--train-limit", type=int, default=0, help="use only the first N train pairs")
     p.add_argument("--valid-limit", type=int, default=0, help="use only the first N valid pairs")
     # sentencepiece / dictionary
+    p.add_argument("--distill", default=None,
+                   help="dir with train.<tgt>: distilled targets for the CMLM decoder and length predictor")
+    p.add_argument("--init-from", default=None,
+                   help="converted model dir (config.json, model.safetensors, spm.model, dict.txt) to start from")
+    p.add_argument("--rewarm-updates", type=int, default=100,
+                   help="with --init-from: linear lr warm-up over this many updates for the fresh optimiser")
     p.add_argument("--spm-vocab", type=int, default=8000)
     p.add_argument("--spm-type", default="unigram", choices=["unigram", "bpe"])
     # architecture (fairseq names)
@@ -201,11 +214,36 @@ def build_dict(piece_lists, path):
     return SPECIALS + [k for k, _ in items]
 
 
+def encode_distilled(a, sp, index, tgt_fallback):
+    """Distilled CMLM targets: DIR/train.<tgt> line i is the teacher's translation of train.<src>
+    line i. An empty line or one with <unk> (the teacher failed or emitted unknown pieces) keeps
+    the original target. @return list of id lists, aligned with the train pairs."""
+    lines = read_lines(os.path.join(a.distill, "train." + a.tgt), a.train_limit)
+    if len(lines) != len(tgt_fallback):
+        raise SystemExit("--distill: %d lines in train.%s, the corpus has %d" % (
+            len(lines), a.tgt, len(tgt_fallback)))
+    out, kept = [], 0
+    for line, orig in zip(lines, tgt_fallback):
+        ids = [index.get(p, UNK) for p in sp.encode(line, out_type=str)] if line.strip() else []
+        if not ids or UNK in ids or "<unk>" in line:
+            out.append(orig)
+        else:
+            out.append([BOS] + ids + [EOS])
+            kept += 1
+    log("distilled targets: %d of %d used (the rest keep the original target)" % (kept, len(lines)))
+    return out
+
+
 def prepare(a):
     os.makedirs(a.out, exist_ok=True)
     spm_prefix = os.path.join(a.out, "spm")
     dict_path = os.path.join(a.out, "dict.txt")
-    data_path = os.path.join(a.out, "data.pt")
+    data_path = os.path.join(a.out, "data_distill.pt" if a.distill else "data.pt")
+    if a.init_from:  # the model's tokenizer and dictionary, not new ones
+        import shutil
+        for fn, dst in (("spm.model", spm_prefix + ".model"), ("dict.txt", dict_path)):
+            if not os.path.exists(dst):
+                shutil.copyfile(os.path.join(a.init_from, fn), dst)
     if not os.path.exists(spm_prefix + ".model"):
         t = time.time()
         train_spm(a, spm_prefix)
@@ -220,16 +258,22 @@ def prepare(a):
         for lang in (a.src, a.tgt):
             lines = read_lines(os.path.join(a.corpus, "%s.%s" % (split, lang)), lim)
             raw[split, lang] = sp.encode(lines, out_type=str)
-    symbols = build_dict(raw["train", a.src] + raw["train", a.tgt], dict_path)
+    if os.path.exists(dict_path):  # given (--init-from or copied): keep it
+        symbols = nat_ref.load_dict(dict_path)
+    else:
+        symbols = build_dict(raw["train", a.src] + raw["train", a.tgt], dict_path)
     index = {s: i for i, s in enumerate(symbols)}
     data = {}
     for split in ("train", "valid"):
         src = [[BOS] + [index.get(p, UNK) for p in ps] + [EOS] for ps in raw[split, a.src]]
         tgt = [[BOS] + [index.get(p, UNK) for p in ps] + [EOS] for ps in raw[split, a.tgt]]
-        keep = [i for i in range(len(src))
-                if len(src[i]) <= a.max_positions and 3 <= len(tgt[i]) <= min(a.max_positions, 255)]
+        nat = encode_distilled(a, sp, index, tgt) if a.distill and split == "train" else tgt
+        ok = lambda t: 3 <= len(t) <= min(a.max_positions, 255)  # noqa: E731
+        keep = [i for i in range(len(src)) if len(src[i]) <= a.max_positions and ok(tgt[i]) and ok(nat[i])]
         data[split] = {"src": [np.array(src[i], np.int32) for i in keep],
                        "tgt": [np.array(tgt[i], np.int32) for i in keep]}
+        if nat is not tgt:
+            data[split]["nat_tgt"] = [np.array(nat[i], np.int32) for i in keep]
         log("%s: %d pairs (%d dropped by length), %d src / %d tgt tokens" % (
             split, len(keep), len(src) - len(keep),
             sum(len(x) for x in data[split]["src"]), sum(len(x) for x in data[split]["tgt"])))
@@ -238,11 +282,14 @@ def prepare(a):
     return data, symbols
 
 
-def make_batches(src, tgt, max_tokens, seed, epoch, shuffle=True):
-    """fairseq LanguagePairDataset.ordered_indices + batch_by_size (+ batch shuffle)."""
+def make_batches(src, tgt, max_tokens, seed, epoch, shuffle=True, nat_tgt=None):
+    """fairseq LanguagePairDataset.ordered_indices + batch_by_size (+ batch shuffle); with
+    distilled targets a pair's target length is the longer of its two targets."""
     n = len(src)
     sl = np.array([len(x) for x in src])
     tl = np.array([len(x) for x in tgt])
+    if nat_tgt is not None:
+        tl = np.maximum(tl, np.array([len(x) for x in nat_tgt]))
     if shuffle:
         idx = np.random.RandomState(seed + epoch).permutation(n)
     else:
@@ -265,15 +312,20 @@ def make_batches(src, tgt, max_tokens, seed, epoch, shuffle=True):
 
 
 def collate(split, batch, device):
+    """@return source, AT target and CMLM target batches (the last is the AT one without distillation)."""
     s = nat_ref.pad_batch([split["src"][i].tolist() for i in batch]).to(device)
     t = nat_ref.pad_batch([split["tgt"][i].tolist() for i in batch]).to(device)
-    return s, t
+    if "nat_tgt" not in split:
+        return s, t, t
+    n = nat_ref.pad_batch([split["nat_tgt"][i].tolist() for i in batch]).to(device)
+    return s, t, n
 
 
 # ------------------------------------------------------------------ loss
 
-def compute_loss(model, src, tgt, mask_gen, ls):
-    """Returns dict of scalar tensors: at (mean/token), at_nll, word_ins, word_nll, length, nat."""
+def compute_loss(model, src, tgt, mask_gen, ls, nat_tgt=None):
+    """Returns dict of scalar tensors: at (mean/token), at_nll, word_ins, word_nll, length, nat.
+    The AT decoder learns tgt; the CMLM decoder and the length predictor nat_tgt (default tgt)."""
     enc = model.encoder(src)
     out = {}
     if model.at_decoder is not None:
@@ -281,6 +333,7 @@ def compute_loss(model, src, tgt, mask_gen, ls):
         logits = model.at_decoder(prev, enc)
         loss, nll, ntok = nat_ref.at_loss(logits, target, ls)
         out["at"], out["at_nll"] = loss / ntok, nll / ntok
+    tgt = tgt if nat_tgt is None else nat_tgt
     prev = nat_ref.random_mask(tgt, mask_gen)
     dec = model.decoder
     length_out = dec.forward_length(enc)
@@ -305,11 +358,16 @@ def task_weights(a, num_updates):
     return a.at_weight, a.nat_weight
 
 
-def lr_at(a, num_updates):
-    """fairseq inverse_sqrt: linear warmup from warmup_init_lr, then lr*sqrt(warmup/u)."""
+def lr_at(a, num_updates, init_updates=0):
+    """fairseq inverse_sqrt: linear warmup from warmup_init_lr, then lr*sqrt(warmup/u); after
+    --init-from (the schedule goes on from init_updates) a linear re-warm-up of the fresh optimiser."""
     if num_updates < a.warmup_updates:
-        return a.warmup_init_lr + num_updates * (a.lr - a.warmup_init_lr) / a.warmup_updates
-    return a.lr * math.sqrt(a.warmup_updates) / math.sqrt(max(num_updates, 1))
+        lr = a.warmup_init_lr + num_updates * (a.lr - a.warmup_init_lr) / a.warmup_updates
+    else:
+        lr = a.lr * math.sqrt(a.warmup_updates) / math.sqrt(max(num_updates, 1))
+    if init_updates and num_updates - init_updates < a.rewarm_updates:
+        lr *= (num_updates - init_updates + 1) / (a.rewarm_updates + 1)
+    return lr
 
 
 @torch.no_grad()
@@ -319,7 +377,7 @@ def validate(model, a, valid, device):
     sums = {}
     n = 0
     for b in make_batches(valid["src"], valid["tgt"], a.max_tokens, a.seed, 0, shuffle=False):
-        s, t = collate(valid, b, device)
+        s, t, _ = collate(valid, b, device)
         o = compute_loss(model, s, t, gen, a.label_smoothing)
         for k, v in o.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(b)
@@ -448,13 +506,19 @@ def main(argv=None):
     model = nat_ref.NATModel(fargs, V)
     if fargs.apply_bert_init:
         model.apply_bert_init()
+    init_updates = 0
+    if a.init_from:
+        init, icfg = nat_ref.load_model_dir(a.init_from)
+        model.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        init_updates = int((icfg.get("converted_from") or {}).get("num_updates") or 0)
+        log("initialised from %s (update %d)" % (a.init_from, init_updates))
     model.to(device)
     nparam = sum(p.numel() for p in model.parameters())
     log("model: %d parameters (%.2fM); vocab %d; arch %s" % (nparam, nparam / 1e6, V, fargs.arch))
     opt = torch.optim.AdamW(model.parameters(), lr=a.warmup_init_lr, betas=(0.9, 0.98),
                             eps=1e-8, weight_decay=a.weight_decay)
     mask_gen = torch.Generator().manual_seed(a.seed + 1)
-    state = {"num_updates": 0, "epoch": 1, "batch_i": 0, "best": None, "val_loss": None,
+    state = {"num_updates": init_updates, "epoch": 1, "batch_i": 0, "best": None, "val_loss": None,
              "mask_gen": mask_gen, "wall": 0.0}
     last = os.path.join(a.out, "checkpoint_last.pt")
     if a.resume:
@@ -480,23 +544,25 @@ def main(argv=None):
     last_save = time.time()
     acc, acc_n, tok_src, tok_tgt, t_log = {}, 0, 0, 0, time.time()
     stop = a.interrupt_at if a.interrupt_at else a.steps
-    batches = make_batches(train["src"], train["tgt"], a.max_tokens, a.seed, state["epoch"])
+    epoch_batches = lambda e: make_batches(train["src"], train["tgt"], a.max_tokens, a.seed, e,  # noqa: E731
+                                           nat_tgt=train.get("nat_tgt"))
+    batches = epoch_batches(state["epoch"])
     log("epoch %d: %d batches" % (state["epoch"], len(batches)))
     done = False
     while not done and state["num_updates"] < min(stop, a.steps):
         if state["batch_i"] >= len(batches):
             state["epoch"] += 1
             state["batch_i"] = 0
-            batches = make_batches(train["src"], train["tgt"], a.max_tokens, a.seed, state["epoch"])
+            batches = epoch_batches(state["epoch"])
             log("epoch %d: %d batches" % (state["epoch"], len(batches)))
         b = batches[state["batch_i"]]
-        s, t = collate(train, b, device)
+        s, t, nt = collate(train, b, device)
         u = state["num_updates"]
-        lr = lr_at(a, u)
+        lr = lr_at(a, u, init_updates)
         for g in opt.param_groups:
             g["lr"] = lr
         at_w, nat_w = task_weights(a, u)
-        o = compute_loss(model, s, t, mask_gen, a.label_smoothing)
+        o = compute_loss(model, s, t, mask_gen, a.label_smoothing, nt)
         loss = nat_w * o["nat"] + (at_w * o["at"] if "at" in o else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -114,9 +114,12 @@ static inline void fuzz_srv_request_one(const uint8_t *data, size_t size) {
             while (k < r.lens[i] && isspace((unsigned char)r.texts[i][k])) k++;
             if (k == r.lens[i]) FUZZ_FAIL("blank text %zu accepted", i);
         }
-        if (r.iterations < 0 || r.iterations > 100 || r.length_beam < 1 || r.length_beam > 32 ||
-            r.beam_size < 1 || r.beam_size > 32 || r.max_length < 1 || r.max_length > lim.max_new_tokens ||
-            (r.use_at && r.rerank_at))
+        /* -1: left out (the model's default applies) */
+        if (r.iterations < -1 || r.iterations > 100 || r.length_beam < -1 || !r.length_beam ||
+            r.length_beam > 32 || r.beam_size < -1 || !r.beam_size || r.beam_size > 32 || r.max_length < -1 ||
+            !r.max_length || r.max_length > lim.max_new_tokens || r.rerank_at < -1 || r.rerank_at > 1 ||
+            r.use_at < -1 || r.use_at > 1 || r.adaptive < -1 || r.adaptive > 1 ||
+            (r.use_at == 1 && r.rerank_at == 1))
             FUZZ_FAIL("option out of range");
     }
     srv_translate_req_free(&r);

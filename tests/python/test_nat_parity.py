@@ -246,7 +246,7 @@ VARIANTS = [["--cache", str(64 << 20)], ["--cache", "0"], ["--cache", str(64 << 
 
 
 def check_mask_predict(runner, nzpath, ref, sents, it, beam, adaptive, rerank, batch, label, variant=()):
-    extra = ["--iter", it, "--beam", beam] + ([] if adaptive else ["--no-adaptive"]) + (["--rerank"] if rerank else [])
+    extra = ["--iter", it, "--beam", beam] + (["--adaptive"] if adaptive else ["--no-adaptive"]) + (["--rerank"] if rerank else [])
     extra += list(variant)
     got = [parse(l) for l in runner_lines(runner, nzpath, sents, extra, batch)]
     want = R.mask_predict(ref, R.pad_batch(sents), max_iter=it, length_beam=beam, adaptive=adaptive,

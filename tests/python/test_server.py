@@ -174,6 +174,9 @@ class TestEndpoints:
         assert 0 < m["ratio"] < 1
         assert m["parameters"] > 0 and m["at_decoder"] is True and m["max_source_positions"] == 24
         assert j["tile_cache"]["budget_bytes"] == 1 << 20
+        # the model carries no "generation": the built-in decoding defaults
+        assert m["generation"] == {"decoder": "nat", "iterations": 10, "length_beam": 5, "rerank": "none",
+                                   "adaptive": False, "beam_size": 1, "lenpen": 1.0}
 
     def test_memory(self, srv):
         srv.translate({"text": LINES[0]})  # something used the scratch and the cache
@@ -246,6 +249,10 @@ class TestTranslate:
         "nat-1-1": ({"iterations": 1, "length_beam": 1},
                     lambda ref, src: R.mask_predict(ref, src, max_iter=1, length_beam=1)),
         "nat-defaults": ({}, lambda ref, src: R.mask_predict(ref, src, max_iter=10, length_beam=5)),
+        "nat-adaptive": ({"iterations": 4, "adaptive": True},
+                         lambda ref, src: R.mask_predict(ref, src, max_iter=4, length_beam=5, adaptive=True)),
+        "nat-fixed": ({"iterations": 4, "adaptive": False},
+                      lambda ref, src: R.mask_predict(ref, src, max_iter=4, length_beam=5, adaptive=False)),
         "nat-rerank": ({"iterations": 4, "length_beam": 3, "rerank": "at"},
                        lambda ref, src: R.mask_predict(ref, src, max_iter=4, length_beam=3, rerank_at=True)),
         "at-greedy": ({"decoder": "at"}, lambda ref, src: [{"tokens": t} for t in R.at_greedy(ref, src)]),
@@ -504,6 +511,36 @@ class TestErrors:
         bad = [l for l in seen if l["status"].startswith("5") and l["route"] != "/ready"]
         assert not bad, bad
         assert U.metric(s, "nzserve_rejected_total", reason="body_too_large") >= 4
+
+
+def test_model_generation_defaults(model_path, model, nzp, tmp_path):
+    """A model's config "generation" decides the options a request leaves out, /v1/models lists them,
+    and a request's own options win."""
+    _, ref, vocab = model
+    src = R.pad_batch([vocab.encode(l) for l in LINES])
+    nat = T.repack(nzp, tmp_path / "nat", model_path, "generation.iterations=2", "generation.length_beam=3",
+                   "generation.rerank=at")
+    at = T.repack(nzp, tmp_path / "at", model_path, "generation.decoder=at", "generation.beam_size=3",
+                  "generation.max_length=6")
+    runs = [(nat, {"decoder": "nat", "iterations": 2, "length_beam": 3, "rerank": "at", "adaptive": False,
+                   "beam_size": 1, "lenpen": 1.0},
+             [({}, R.mask_predict(ref, src, max_iter=2, length_beam=3, rerank_at=True)),
+              ({"iterations": 1, "rerank": "none"}, R.mask_predict(ref, src, max_iter=1, length_beam=3)),
+              ({"decoder": "at"}, [{"tokens": t} for t in R.at_greedy(ref, src)])]),
+            (at, {"decoder": "at", "iterations": 10, "length_beam": 5, "rerank": "none", "adaptive": False,
+                  "beam_size": 3, "lenpen": 1.0, "max_length": 6},
+             [({}, R.at_beam(ref, src, beam=3, lenpen=1.0, max_len_b=6)),
+              ({"beam_size": 1, "max_length": 9}, [{"tokens": t} for t in R.at_greedy(ref, src, max_len_b=9)]),
+              ({"decoder": "nat", "iterations": 1, "length_beam": 1, "max_length": 64},
+               R.mask_predict(ref, src, max_iter=1, length_beam=1))])]
+    for path, listed, cases in runs:
+        with Server(path, config={"max_new_tokens": 64}) as s:
+            s.wait_ready()
+            assert s.get("/v1/models").json()["models"][0]["generation"] == listed
+            for body, want in cases:
+                r = s.translate({"texts": LINES, "return_tokens": True, **body})
+                assert r.status == 200, (body, r)
+                assert [g["tokens"] for g in r.json()["translations"]] == [w["tokens"] for w in want], body
 
 
 def test_max_input_tokens_and_metrics_off(model_path, model):

@@ -132,3 +132,79 @@ def test_at_beam(nzp, model):
     want = R.at_beam(ref, R.pad_batch(srcs), beam=4, lenpen=1.0)
     got = translate(nzp, path, LINES, "--tokens", "--at-beam", 4, "--batch", len(LINES)).stdout.splitlines()
     assert [[int(x) for x in g.split()] for g in got] == [w["tokens"] for w in want]
+
+
+def test_fixed_iterations_by_default_adaptive_on_request(nzp, model):
+    """The default runs exactly T + 1 passes (fairseq --iter-decode-force-max-iter); --adaptive
+    is fairseq's generator default. Both equal nat_ref in their mode."""
+    path, ref, vocab = model
+    srcs = [vocab.encode(l) for l in LINES]
+    for flags, adaptive in (((), False), (("--fixed",), False), (("--adaptive",), True)):
+        want = R.mask_predict(ref, R.pad_batch(srcs), max_iter=10, length_beam=5, adaptive=adaptive)
+        got = translate(nzp, path, LINES, "--tokens", "--batch", len(LINES), *flags).stdout.splitlines()
+        assert [[int(x) for x in g.split()] for g in got] == [w["tokens"] for w in want], flags
+    fixed = R.mask_predict(ref, R.pad_batch(srcs), max_iter=10, length_beam=5)
+    assert all(R.UNK not in w["tokens"] for w in fixed)  # every mask is filled after the last pass
+
+
+def repack(nzp, tmp_path, model_path, *sets):
+    """model_path's model directory packed again with `--set` pairs. @return the new .nzp."""
+    mdir = tmp_path / "mdir"
+    mdir.mkdir(parents=True, exist_ok=True)
+    P.run([nzp, "unpack", "--model-dir", model_path, mdir])
+    out = tmp_path / "gen.nzp"
+    args = [a for kv in sets for a in ("--set", kv)]
+    P.run([nzp, "pack", "--mode", "lossless", *P.PACK_ARGS, *args, mdir, out])
+    return out
+
+
+def test_model_generation_defaults(nzp, model, tmp_path):
+    """A model's config "generation" decides what the command line leaves out; flags override it."""
+    path, ref, vocab = model
+    gen = repack(nzp, tmp_path, path, "generation.iterations=2", "generation.length_beam=3",
+                 "generation.rerank=at")
+    info = subprocess.run([str(nzp), "info", str(gen)], capture_output=True, text=True, check=True).stdout
+    assert 'generation: {"iterations":2,"length_beam":3,"rerank":"at"}' in info
+    srcs = [vocab.encode(l) for l in LINES]
+    want = R.mask_predict(ref, R.pad_batch(srcs), max_iter=2, length_beam=3, rerank_at=True)
+    got = translate(nzp, gen, LINES, "--tokens", "--batch", len(LINES)).stdout.splitlines()
+    assert [[int(x) for x in g.split()] for g in got] == [w["tokens"] for w in want]
+    # flags win over the model's defaults
+    want = R.mask_predict(ref, R.pad_batch(srcs), max_iter=1, length_beam=3, rerank_at=False)
+    got = translate(nzp, gen, LINES, "--tokens", "--batch", len(LINES), "--iter", 1, "--no-rerank").stdout
+    assert [[int(x) for x in g.split()] for g in got.splitlines()] == [w["tokens"] for w in want]
+    # a model whose default decoder is the AT decoder's beam search
+    at = repack(nzp, tmp_path, path, "generation.decoder=at", "generation.beam_size=4")
+    want = R.at_beam(ref, R.pad_batch(srcs), beam=4, lenpen=1.0)
+    got = translate(nzp, at, LINES, "--tokens", "--batch", len(LINES)).stdout.splitlines()
+    assert [[int(x) for x in g.split()] for g in got] == [w["tokens"] for w in want]
+    got = translate(nzp, at, LINES[:2], "--tokens", "--nat", "--iter", 1, "--beam", 1).stdout.splitlines()
+    want = R.mask_predict(ref, R.pad_batch(srcs[:2]), max_iter=1, length_beam=1)
+    assert [[int(x) for x in g.split()] for g in got] == [w["tokens"] for w in want]
+
+
+@pytest.mark.parametrize("kv,msg", [("generation.iterations=-1", "'iterations' must be an integer in [0, 1000]"),
+                                    ("generation.colour=blue", "unknown key 'colour'"),
+                                    ("generation.decoder=rnn", "'decoder' must be \"nat\" or \"at\""),
+                                    ("generation.adaptive=1", "'adaptive' must be true or false"),
+                                    ("generation=[1]", "config.json generation must be an object")])
+def test_bad_generation_refused(nzp, model, tmp_path, kv, msg):
+    path, _, _ = model
+    mdir = tmp_path / "mdir"
+    mdir.mkdir()
+    P.run([nzp, "unpack", "--model-dir", path, mdir])
+    out = tmp_path / "bad.nzp"
+    p = subprocess.run([str(nzp), "pack", "--set", kv, str(mdir), str(out)], capture_output=True, text=True)
+    assert p.returncode == 1 and msg in p.stderr, p.stderr  # checked before the file is kept
+    assert not out.exists()
+
+
+def test_subcommand_help(nzp):
+    """`nzp CMD --help` / `-h`: that subcommand's usage on stdout, exit 0."""
+    for cmd in ("pack", "unpack", "info", "verify", "bench", "translate", "chat"):
+        for flag in ("--help", "-h"):
+            p = subprocess.run([str(nzp), cmd, flag], capture_output=True, text=True, timeout=30)
+            assert p.returncode == 0 and p.stderr == "", (cmd, flag, p.stderr)
+            assert f"nzp {cmd}" in p.stdout and "bad or incomplete" not in p.stdout, (cmd, flag)
+    p = subprocess.run([str(nzp), "translate", "--help"], capture_output=True, text=True)
+    assert "--adaptive" in p.stdout and "generation" in p.stdout
