@@ -65,16 +65,20 @@ def test_verify_and_info(nzp):
     assert os.path.getsize(DEMO) < 25 * 2**20
 
 
-CONFIGS = [(1, 1, False), (4, 1, False), (10, 5, False), (10, 5, True), (4, 5, True), (1, 1, True)]
+# (iterations, length beam, AT rerank, adaptive stopping)
+CONFIGS = [(1, 1, False, False), (4, 1, False, False), (10, 5, False, False), (10, 5, True, False),
+           (4, 5, True, False), (1, 1, True, False), (10, 5, False, True), (4, 3, True, True)]
 
 
-@pytest.mark.parametrize("it,beam,rerank", CONFIGS[3:4] if VALGRIND else CONFIGS)
-def test_mask_predict_matches_reference(nzp, demo, it, beam, rerank):
+@pytest.mark.parametrize("it,beam,rerank,adaptive", CONFIGS[3:4] if VALGRIND else CONFIGS)
+def test_mask_predict_matches_reference(nzp, demo, it, beam, rerank, adaptive):
     ref, vocab = demo
     src = lines(SAMPLE_EN, NLINES)
     want = R.mask_predict(ref, R.pad_batch([vocab.encode(l) for l in src]), max_iter=it, length_beam=beam,
-                          rerank_at=rerank)
-    args = ["--iter", it, "--beam", beam, "--batch", 16] + (["--rerank"] if rerank else [])
+                          rerank_at=rerank, adaptive=adaptive)
+    # every option explicit: the model's own defaults (config "generation") must not change the row
+    args = ["--nat", "--iter", it, "--beam", beam, "--batch", 16, "--rerank" if rerank else "--no-rerank",
+            "--adaptive" if adaptive else "--fixed"]
     got = translate(nzp, src, "--tokens", *args)
     assert len(got) == len(src)
     for i, (g, w) in enumerate(zip(got, want)):
@@ -95,6 +99,20 @@ def test_sample_bleu_floor(nzp):
     full test split)."""
     src, refs = lines(SAMPLE_EN), lines(SAMPLE_DE)
     at = B.corpus_bleu(translate(nzp, src, "--at", "--batch", 50), [refs]).score
-    nat = B.corpus_bleu(translate(nzp, src, "--iter", 10, "--beam", 5, "--rerank", "--batch", 50), [refs]).score
+    nat = B.corpus_bleu(translate(nzp, src, "--nat", "--iter", 10, "--beam", 5, "--rerank", "--fixed", "--batch", 50),
+                        [refs]).score
     assert at > 5.0, at
     assert nat > 2.0, nat
+
+
+README_TEXTS = ["Open the file in a new window.", "Save changes?", "Show hidden files", "Open the file."]
+
+
+def test_default_decoding_fills_every_mask(nzp):
+    """The model's default decoding (its config "generation", fixed iterations) leaves no <unk> in
+    the README's and the container smoke test's examples nor in the sample, and clears the floor."""
+    src, refs = lines(SAMPLE_EN), lines(SAMPLE_DE)
+    out = translate(nzp, README_TEXTS + src, "--batch", 16)
+    assert all(o.strip() and "<unk>" not in o for o in out[:len(README_TEXTS)]), out[:len(README_TEXTS)]
+    assert sum("<unk>" in o for o in out[len(README_TEXTS):]) <= 2, [o for o in out if "<unk>" in o]
+    assert B.corpus_bleu(out[len(README_TEXTS):], [refs]).score > 5.0

@@ -112,6 +112,7 @@ def main():
             (call(port, "POST", "/v1/translate", {"texts": texts, "return_tokens": True}, key), 200),
             (call(port, "POST", "/v1/translate", {"text": texts[0], "decoder": "at", "beam_size": 3}, key), 200),
             (call(port, "POST", "/v1/translate", {"text": texts[0], "rerank": "at", "iterations": 2}, key), 200),
+            (call(port, "POST", "/v1/translate", {"text": texts[0], "adaptive": True, "iterations": 3}, key), 200),
             (call(port, "POST", "/v1/translate", {"text": texts[0]}), 401),
             (call(port, "POST", "/v1/translate", b"{bad json", key), 400),
             (call(port, "POST", "/v1/translate", b'{"text": "\xff"}', key), 400),
