@@ -59,6 +59,8 @@ def test_verify_and_info(nzp):
                                      check=True).stdout)
     assert info["config"]["architecture"] == "cmlm_transformer"
     assert info["config"]["at_decoder_layers"] > 0
+    # its decoding defaults: the valid split's best setting (models/README.md)
+    assert info["config"]["generation"] == {"decoder": "at", "beam_size": 4}
     assert sorted(info["blobs"]) == ["dict.txt", "spm.model"]
     # bf16 weights, exponents entropy-coded: ~2/3 of the bf16 bytes
     assert 0.60 < info["total"]["stored_bytes"] / (info["total"]["elements"] * 2) < 0.72
