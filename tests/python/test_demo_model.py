@@ -112,9 +112,14 @@ README_TEXTS = ["Open the file in a new window.", "Save changes?", "Show hidden 
 
 def test_default_decoding_fills_every_mask(nzp):
     """The model's default decoding (its config "generation", fixed iterations) leaves no <unk> in
-    the README's and the container smoke test's examples nor in the sample, and clears the floor."""
-    src, refs = lines(SAMPLE_EN), lines(SAMPLE_DE)
+    the README's and the container smoke test's examples nor in the sample, and clears the floor.
+    Under valgrind: the README's examples and NLINES sample lines, no BLEU (the whole sample in beam
+    search under memcheck takes over ten minutes)."""
+    n = NLINES if VALGRIND else 0
+    src, refs = lines(SAMPLE_EN, n), lines(SAMPLE_DE, n)
     out = translate(nzp, README_TEXTS + src, "--batch", 16)
+    assert len(out) == len(README_TEXTS) + len(src)
     assert all(o.strip() and "<unk>" not in o for o in out[:len(README_TEXTS)]), out[:len(README_TEXTS)]
     assert sum("<unk>" in o for o in out[len(README_TEXTS):]) <= 2, [o for o in out if "<unk>" in o]
-    assert B.corpus_bleu(out[len(README_TEXTS):], [refs]).score > 5.0
+    if not VALGRIND:
+        assert B.corpus_bleu(out[len(README_TEXTS):], [refs]).score > 5.0
