@@ -2,6 +2,7 @@
 #include "nz_codec.h"
 
 #include "nz_alloc.h"
+#include "nz_esc.h"
 #include "nz_gemv.h"
 #include "nz_rans.h"
 
@@ -125,17 +126,17 @@ const char *nz_mode_name(const nz_mode *m, char *buf, size_t cap) {
 }
 
 const char *nz_coder_name(nz_coder c) {
-    static const char *n[] = {"none", "rans", "zstd", "const"};
-    return (unsigned)c < 4 ? n[c] : "invalid";
+    static const char *n[] = {"none", "rans", "zstd", "const", "esc"};
+    return (unsigned)c < 5 ? n[c] : "invalid";
 }
 
 int nz_coder_parse(const char *s, nz_coder *c, nz_error *err) {
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         if (!strcmp(s, nz_coder_name((nz_coder)i))) {
             *c = (nz_coder)i;
             return NZ_OK;
         }
-    return nz_fail(err, NZ_E_INVALID_ARG, "unknown coder '%s' (expected rans, zstd, const or none)", s);
+    return nz_fail(err, NZ_E_INVALID_ARG, "unknown coder '%s' (expected esc, rans, zstd, const or none)", s);
 }
 
 /* ------------------------------------------------------------- descriptors */
@@ -186,7 +187,7 @@ int nz_desc_init(nz_tensor_desc *d, nz_dtype dtype, size_t elem_size, const nz_m
         d->mant_bits = mode->k;
         break;
     }
-    if (coder == NZ_CODER_NONE || coder == NZ_CODER_CONST) coder = NZ_CODER_RANS;
+    if (coder == NZ_CODER_NONE || coder == NZ_CODER_CONST) coder = NZ_CODER_ESC;
     d->coder = d->coder_req = coder;
     return NZ_OK;
 }
@@ -215,7 +216,9 @@ int nz_desc_validate(const nz_tensor_desc *d, nz_error *err) {
                        NZ_RANS_PROB_SCALE);
     }
     if (d->coder == NZ_CODER_RANS) return nz_rans_check_freq(d->freq, err);
-    return NZ_OK; /* zstd: the table is informative only */
+    if (d->coder == NZ_CODER_ESC && !present)
+        return nz_fail(err, NZ_E_FORMAT, "esc coder with an empty table");
+    return NZ_OK; /* zstd: the table is informative only; esc: ranks from it */
 }
 
 uint64_t nz_desc_ntiles(const nz_tensor_desc *d) {
@@ -391,7 +394,7 @@ static void unpack_sm(const uint8_t *in, uint64_t n, int w, uint32_t *sm) {
 int nz_tensor_analyze(nz_tensor_desc *d, const void *src, uint64_t counts[256], nz_error *err) {
     uint64_t hist[256] = {0};
     memset(d->freq, 0, sizeof d->freq);
-    if (d->coder != NZ_CODER_NONE) d->coder = d->coder_req ? d->coder_req : NZ_CODER_RANS;
+    if (d->coder != NZ_CODER_NONE) d->coder = d->coder_req ? d->coder_req : NZ_CODER_ESC;
     if (d->coder == NZ_CODER_NONE) {
         if (counts) memset(counts, 0, 256 * sizeof *counts);
         return NZ_OK;
@@ -429,8 +432,9 @@ int nz_tensor_analyze(nz_tensor_desc *d, const void *src, uint64_t counts[256], 
 size_t nz_tile_bound(const nz_tensor_desc *d, uint64_t t) {
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
     if (d->coder == NZ_CODER_NONE) return n * d->elem_size;
-    size_t rb = nz_rans_bound(n), zb = ZSTD_compressBound(n);
-    return TILE_HDR + (rb > zb ? rb : zb) + nz_desc_tile_fixed_bytes(d, t);
+    size_t rb = nz_rans_bound(n), zb = ZSTD_compressBound(n), eb = nz_esc_bound(n);
+    rb = rb > zb ? rb : zb;
+    return TILE_HDR + (rb > eb ? rb : eb) + nz_desc_tile_fixed_bytes(d, t);
 }
 
 int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t *dst, size_t cap,
@@ -460,6 +464,11 @@ int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t
     if (d->coder == NZ_CODER_RANS) {
         lanes = (uint32_t)nz_rans_lanes_for(n);
         rc = nz_rans_encode(e, n, d->freq, (int)lanes, dst + TILE_HDR, cap - TILE_HDR, &elen, err);
+        if (rc) goto done;
+    } else if (d->coder == NZ_CODER_ESC) {
+        nz_esc_table et;
+        nz_esc_table_build(d->freq, &et);
+        rc = nz_esc_encode(e, n, &et, dst + TILE_HDR, cap - TILE_HDR, &elen, err);
         if (rc) goto done;
     } else if (d->coder == NZ_CODER_ZSTD) {
         ZSTD_customMem mem = {zstd_alloc, zstd_free, NULL}; /* counted as scratch */
@@ -522,10 +531,16 @@ int nz_tensor_encode(const nz_tensor_desc *d, const void *src, nz_tile_sink sink
 /* ------------------------------------------------------------- decoder */
 
 struct nz_dctx {
-    uint64_t tab_id; /* desc id whose table is in dtab (0: none) */
-    uint32_t *dtab;  /* [4096] rANS decode table */
-    uint8_t *exps;   /* [cap] exponent scratch */
-    uint32_t *sm;    /* [cap] sign+mantissa scratch */
+    uint64_t tab_id;   /* desc id whose table is in dtab (0: none) */
+    uint32_t *dtab;    /* [4096] rANS decode table */
+    uint64_t etab_id;  /* desc id whose ranks are in etab (0: none) */
+    nz_esc_table etab; /* esc ranks and decode tables */
+    uint8_t *escr;     /* [escr_cap] esc levels 2-4 scratch */
+    size_t escr_cap;
+    float *xp; /* [xp_cap] permuted GEMV input */
+    uint64_t xp_cap;
+    uint8_t *exps; /* [cap] exponent scratch */
+    uint32_t *sm;  /* [cap] sign+mantissa scratch */
     uint64_t cap;
     ZSTD_DCtx *zd;
 };
@@ -544,6 +559,8 @@ nz_dctx *nz_dctx_create(void) {
 void nz_dctx_free(nz_dctx *dc) {
     if (!dc) return;
     nz_free(dc->dtab);
+    nz_free(dc->escr);
+    nz_free(dc->xp);
     nz_free(dc->exps);
     nz_free(dc->sm);
     ZSTD_freeDCtx(dc->zd);
@@ -561,34 +578,76 @@ static int reserve(nz_dctx *dc, uint64_t n, nz_error *err) {
     return NZ_OK;
 }
 
-/* Locate the planes of tile t and decode its exponents into exps (unless
- * fused output is requested: then fout receives the bf16 values directly). */
+/* The planes of a coded tile. */
 typedef struct {
-    uint64_t n;
-    const uint8_t *sm, *norm;
+    uint64_t n;                    /* elements */
+    const uint8_t *ex, *sm, *norm; /* exponent section, sign+mantissa plane, normalisers */
+    uint64_t elen;                 /* exponent section bytes */
+    uint32_t lanes;                /* rANS interleave */
 } tile_view;
 
-static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
-                     uint8_t *exps, float *fout, tile_view *v, nz_error *err) {
+/* Check tile t's header and size against d and locate its planes. */
+static int frame_tile(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len, tile_view *v,
+                      nz_error *err) {
     if (t >= nz_desc_ntiles(d))
         return nz_fail(err, NZ_E_INVALID_ARG, "tile %llu out of range", (unsigned long long)t);
     v->n = nz_desc_tile_nrows(d, t) * d->cols;
     uint64_t fixed = nz_desc_tile_fixed_bytes(d, t);
     if (len < TILE_HDR) return nz_fail(err, NZ_E_TRUNCATED, "tile of %zu bytes has no header", len);
-    uint64_t elen = rd32(tile);
-    uint32_t lanes = rd32(tile + 4);
-    if (d->coder == NZ_CODER_RANS ? lanes != 32 && lanes != 64 : lanes != 0)
-        return nz_fail(err, NZ_E_FORMAT, "tile header lane count %u invalid for coder %s", lanes,
+    v->elen = rd32(tile);
+    v->lanes = rd32(tile + 4);
+    if (d->coder == NZ_CODER_RANS ? v->lanes != 32 && v->lanes != 64 : v->lanes != 0)
+        return nz_fail(err, NZ_E_FORMAT, "tile header lane count %u invalid for coder %s", v->lanes,
                        nz_coder_name(d->coder));
-    if (TILE_HDR + elen + fixed != len)
-        return nz_fail(err, len < TILE_HDR + elen + fixed ? NZ_E_TRUNCATED : NZ_E_FORMAT,
+    if (TILE_HDR + v->elen + fixed != len)
+        return nz_fail(err, len < TILE_HDR + v->elen + fixed ? NZ_E_TRUNCATED : NZ_E_FORMAT,
                        "tile size %zu does not match its planes (8 + %llu exponent + %llu fixed bytes)", len,
-                       (unsigned long long)elen, (unsigned long long)fixed);
-    const uint8_t *ex = tile + TILE_HDR;
-    v->sm = ex + elen;
+                       (unsigned long long)v->elen, (unsigned long long)fixed);
+    v->ex = tile + TILE_HDR;
+    v->sm = v->ex + v->elen;
     v->norm = v->sm + sm_bytes(d, v->n);
-    int rc = NZ_OK;
+    return NZ_OK;
+}
+
+/* Check an esc exponent section; its ranks and scratch into dc. */
+static int esc_open(nz_dctx *dc, const nz_tensor_desc *d, const tile_view *v, nz_esc_view *ev,
+                    nz_error *err) {
+    int rc = nz_esc_open(v->ex, v->elen, v->n, d->exp_bits, ev, err);
+    if (rc) return rc;
+    if (dc->etab_id != d->id) {
+        nz_esc_table_build(d->freq, &dc->etab);
+        dc->etab_id = d->id;
+    }
+    size_t need = nz_esc_scratch_bytes(ev);
+    if (need > dc->escr_cap) {
+        nz_free(dc->escr);
+        dc->escr = nz_malloc(need, NZ_MEM_SCRATCH);
+        dc->escr_cap = dc->escr ? need : 0;
+        if (!dc->escr) return nz_fail(err, NZ_E_NOMEM, "out of memory for esc scratch");
+    }
+    return NZ_OK;
+}
+
+/* Locate the planes of tile t and decode its exponents into exps (unless
+ * fused output is requested: then fout receives the bf16 values directly). */
+static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     uint8_t *exps, float *fout, tile_view *v, nz_error *err) {
+    int rc = frame_tile(d, t, tile, len, v, err);
+    if (rc) return rc;
+    const uint8_t *ex = v->ex;
+    uint64_t elen = v->elen;
+    uint32_t lanes = v->lanes;
     switch (d->coder) {
+    case NZ_CODER_ESC: {
+        nz_esc_view ev;
+        rc = esc_open(dc, d, v, &ev, err);
+        if (rc) break;
+        if (fout)
+            nz_esc_decode_bf16(&ev, &dc->etab, dc->escr, v->sm, fout);
+        else
+            nz_esc_decode(&ev, &dc->etab, dc->escr, exps);
+        break;
+    }
     case NZ_CODER_RANS:
         if (dc->tab_id != d->id) {
             nz_rans_build_dtab(d->freq, dc->dtab);
@@ -657,8 +716,7 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
                        float *out, nz_error *err) {
     if (d->coder == NZ_CODER_NONE) return decode_raw(d, t, tile, len, out, NULL, err);
     uint64_t n = nz_desc_tile_nrows(d, t) * d->cols;
-    int fused = d->coder == NZ_CODER_RANS && d->exp_bits == 8 && d->mant_bits == 7 &&
-                !(d->mode.kind == NZ_MODE_LOSSY && d->mode.norm_block);
+    int fused = nz_tile_gemv_fusable(d);
     tile_view v;
     int rc = reserve(dc, fused ? 0 : n, err);
     if (rc) return rc;
@@ -690,49 +748,35 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
 }
 
 int nz_tile_gemv_fusable(const nz_tensor_desc *d) {
-    return d->coder == NZ_CODER_RANS && d->exp_bits == 8 && d->mant_bits == 7 &&
+    return (d->coder == NZ_CODER_RANS || d->coder == NZ_CODER_ESC) && d->exp_bits == 8 && d->mant_bits == 7 &&
            !(d->mode.kind == NZ_MODE_LOSSY && d->mode.norm_block);
-}
-
-/* Check tile t's framing and fill a fused GEMV job for it. */
-static int gemv_job(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
-                    const float *x, float *y, nz_gemv_job *j, nz_error *err) {
-    if (!nz_tile_gemv_fusable(d))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "fused GEMV needs a rANS tile in the bf16 layout");
-    if (t >= nz_desc_ntiles(d))
-        return nz_fail(err, NZ_E_INVALID_ARG, "tile %llu out of range", (unsigned long long)t);
-    uint64_t fixed = nz_desc_tile_fixed_bytes(d, t);
-    if (len < TILE_HDR) return nz_fail(err, NZ_E_TRUNCATED, "tile of %zu bytes has no header", len);
-    uint64_t elen = rd32(tile);
-    uint32_t lanes = rd32(tile + 4);
-    if (lanes != 32 && lanes != 64)
-        return nz_fail(err, NZ_E_FORMAT, "tile header lane count %u invalid for coder rans", lanes);
-    if (TILE_HDR + elen + fixed != len)
-        return nz_fail(err, len < TILE_HDR + elen + fixed ? NZ_E_TRUNCATED : NZ_E_FORMAT,
-                       "tile size %zu does not match its planes (8 + %llu exponent + %llu fixed bytes)", len,
-                       (unsigned long long)elen, (unsigned long long)fixed);
-    if (dc->tab_id != d->id) {
-        nz_rans_build_dtab(d->freq, dc->dtab);
-        dc->tab_id = d->id;
-    }
-    j->src = tile + TILE_HDR;
-    j->len = elen;
-    j->lanes = (int)lanes;
-    j->dtab = dc->dtab;
-    j->sm = tile + TILE_HDR + elen;
-    j->rows = nz_desc_tile_nrows(d, t);
-    j->cols = d->cols;
-    j->x = x;
-    j->y = y;
-    return NZ_OK;
 }
 
 int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                      const float *x, float *y, nz_error *err) {
-    nz_gemv_job j = {0};
-    int rc = gemv_job(dc, d, t, tile, len, x, y, &j, err);
+    if (!nz_tile_gemv_fusable(d))
+        return nz_fail(err, NZ_E_UNSUPPORTED, "fused GEMV needs an esc or rANS tile in the bf16 layout");
+    tile_view v;
+    int rc = frame_tile(d, t, tile, len, &v, err);
     if (rc) return rc;
-    rc = nz_gemv_rans_bf16(j.src, j.len, j.lanes, j.dtab, j.sm, j.rows, j.cols, x, y, err);
+    uint64_t rows = nz_desc_tile_nrows(d, t);
+    if (d->coder == NZ_CODER_ESC) {
+        nz_esc_view ev;
+        rc = esc_open(dc, d, &v, &ev, err);
+        if (!rc && d->cols > dc->xp_cap) {
+            nz_free(dc->xp);
+            dc->xp = nz_malloc(d->cols * sizeof *dc->xp, NZ_MEM_SCRATCH);
+            dc->xp_cap = dc->xp ? d->cols : 0;
+            if (!dc->xp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for GEMV scratch");
+        }
+        if (!rc) nz_esc_gemv_bf16(&ev, &dc->etab, dc->escr, v.sm, rows, d->cols, x, dc->xp, y);
+    } else {
+        if (dc->tab_id != d->id) {
+            nz_rans_build_dtab(d->freq, dc->dtab);
+            dc->tab_id = d->id;
+        }
+        rc = nz_gemv_rans_bf16(v.ex, v.elen, (int)v.lanes, dc->dtab, v.sm, rows, d->cols, x, y, err);
+    }
     if (rc) nz_fail_prefix(err, "exponent plane");
     return rc;
 }

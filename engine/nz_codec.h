@@ -14,9 +14,9 @@
  *   f32                8         1 + 23               lossless f32
  *   k-bit (k = 0..7)   8         1 + k                lossy-k (any source)
  *
- * The exponent plane is entropy-coded with one order-0 frequency table per
- * tensor (rANS, or zstd as the baseline, or nothing when every exponent is
- * the same); the sign+mantissa plane is stored raw, bit-packed LSB first
+ * The exponent plane is coded with one order-0 frequency table per tensor
+ * (the escape code of nz_esc.h, rANS at the entropy bound, zstd as the
+ * baseline, or nothing when every exponent is the same); the sign+mantissa plane is stored raw, bit-packed LSB first
  * (whole bytes when the width is 8 or 24).
  *
  * Lossy-k rounds the value (seen as fp32) to k mantissa bits: round to
@@ -30,10 +30,11 @@
  * which puts the block maximum near a power of two where k bits represent it almost exactly. Mode bf16 is
  * lossy-7 without normaliser: it turns fp32/fp16 sources into bf16.
  *
- * Tile layout (coder rans/zstd/const), little-endian:
+ * Tile layout (coder esc/rans/zstd/const), little-endian:
  *   u32 exp_len          bytes of the exponent section
- *   u32 lanes            rANS interleave (32 or 64); 0 for zstd and const
- *   u8  exp[exp_len]     rANS stream (nz_rans.h) | zstd frame | nothing (const)
+ *   u32 lanes            rANS interleave (32 or 64); 0 for the other coders
+ *   u8  exp[exp_len]     esc section (nz_esc.h) | rANS stream (nz_rans.h) |
+ *                        zstd frame | nothing (const)
  *   u8  sm[ceil(n*w/8)]  sign+mantissa plane, w = 1 + mantissa bits
  *   u8  norm[ceil(n/B)]  normalisers (lossy with norm_block B only)
  * Coder none (mode raw): the tile is the source bytes of its rows, as is.
@@ -62,9 +63,10 @@ typedef struct nz_mode {
 
 typedef enum nz_coder {
     NZ_CODER_NONE = 0, /* raw tiles */
-    NZ_CODER_RANS,     /* interleaved rANS (default) */
+    NZ_CODER_RANS,     /* interleaved rANS: at the entropy bound, slower to decode */
     NZ_CODER_ZSTD,     /* zstd on the exponent plane (baseline) */
-    NZ_CODER_CONST     /* every exponent equal: nothing stored */
+    NZ_CODER_CONST,    /* every exponent equal: nothing stored */
+    NZ_CODER_ESC       /* multi-level escape code (nz_esc.h), the default: SIMD-fast, ~0.1 bit above rANS */
 } nz_coder;
 
 /** Everything the decoder needs to know about one tensor besides tile bytes. */
@@ -91,7 +93,7 @@ int nz_mode_parse(const char *s, nz_mode *m, nz_error *err);
 /** Write the mode name ("lossy-3") into buf[cap]. @return buf. */
 const char *nz_mode_name(const nz_mode *m, char *buf, size_t cap);
 
-/** @return "none", "rans", "zstd", "const". */
+/** @return "none", "rans", "zstd", "const", "esc". */
 const char *nz_coder_name(nz_coder c);
 
 /** Parse a coder name. @return NZ_OK or NZ_E_INVALID_ARG. */
@@ -179,8 +181,8 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
 int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                           void *out, nz_error *err);
 
-/** @return 1 when tiles of d can go through nz_tile_gemv_f32 (rANS exponents
- *  and the bf16 layout: lossless bf16, mode bf16, lossy-7 without
+/** @return 1 when tiles of d can go through nz_tile_gemv_f32 (rANS or esc
+ *  exponents and the bf16 layout: lossless bf16, mode bf16, lossy-7 without
  *  normalisers), else 0. */
 int nz_tile_gemv_fusable(const nz_tensor_desc *d);
 

@@ -32,8 +32,8 @@
  *          "st_dtype": safetensors dtype ("BF16", "I64", ...),
  *          "shape": [dims], "rows": R, "cols": C   (2-D view, R*C = product)
  *          "mode": "raw"|"lossless"|"bf16"|"lossy-K", "norm_block": B,
- *          "coder": "none"|"rans"|"zstd"|"const", "tile_rows": TR,
- *          "freq":   [[exponent, frequency], ...]  (nonzero entries, rANS table)
+ *          "coder": "none"|"esc"|"rans"|"zstd"|"const", "tile_rows": TR,
+ *          "freq":   [[exponent, frequency], ...]  (nonzero entries: rANS table, esc ranks)
  *          "counts": [[exponent, count], ...]      (exact histogram, for reports)
  *          "tiles":  [[offset, size, "xxh3 hex"], ...]  ceil(R / TR) entries}
  *  3. Data section: blobs and tiles. Every offset is relative to data_offset

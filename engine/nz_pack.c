@@ -16,7 +16,7 @@
 void nz_pack_opts_default(nz_pack_opts *o) {
     memset(o, 0, sizeof *o);
     o->mode.kind = NZ_MODE_LOSSLESS;
-    o->coder = NZ_CODER_RANS;
+    o->coder = NZ_CODER_ESC;
     o->raw_below = 4096;
     o->zstd_level = 3;
 }

@@ -15,7 +15,7 @@ extern "C" {
 
 typedef struct nz_pack_opts {
     nz_mode mode;        /* weight mode for 2-D float tensors */
-    nz_coder coder;      /* exponent coder: NZ_CODER_RANS (default) or NZ_CODER_ZSTD */
+    nz_coder coder;      /* exponent coder: NZ_CODER_ESC (default), NZ_CODER_RANS or NZ_CODER_ZSTD */
     uint32_t tile_rows;  /* rows per tile; 0 = nz_default_tile_rows(cols) */
     const char *exclude; /* POSIX extended regex: matching tensor names are stored raw */
     uint64_t raw_below;  /* tensors with fewer elements are stored raw */

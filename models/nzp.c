@@ -1,7 +1,7 @@
 /*
  * nzp — pack, inspect, verify, benchmark and unpack .nzp model files.
  *
- *   nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd]
+ *   nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder esc|rans|zstd]
  *            [--tile-rows N] [--norm-block B] [--exclude REGEX] [--raw-below N]
  *            SRC OUT.nzp
  *   nzp unpack IN.nzp OUT.safetensors     (the weights as the engine decodes them)
@@ -37,7 +37,7 @@
 static const struct {
     const char *cmd, *text;
 } USAGES[] = {
-    {"pack", "  nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder rans|zstd] [--tile-rows N]\n"
+    {"pack", "  nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder esc|rans|zstd] [--tile-rows N]\n"
              "           [--norm-block B] [--exclude REGEX] [--raw-below N] [--zstd-level L]\n"
              "           [--set KEY=VALUE]... SRC OUT.nzp\n"
              "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
@@ -163,8 +163,9 @@ static int pack_with(int argc, char **argv, json_t **patch) {
             o.mode.norm_block = nb;
             i++;
         } else if (!strcmp(a, "--coder") && val) {
-            if (nz_coder_parse(val, &o.coder, &e) || (o.coder != NZ_CODER_RANS && o.coder != NZ_CODER_ZSTD))
-                return usage_of("pack", "--coder must be rans or zstd");
+            if (nz_coder_parse(val, &o.coder, &e) ||
+                (o.coder != NZ_CODER_ESC && o.coder != NZ_CODER_RANS && o.coder != NZ_CODER_ZSTD))
+                return usage_of("pack", "--coder must be esc, rans or zstd");
             i++;
         } else if (!strcmp(a, "--tile-rows") && val) {
             if (parse_u64(val, &v) || v == 0 || v > UINT32_MAX)
@@ -543,15 +544,15 @@ static int cmd_bench(int argc, char **argv) {
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
-    enum { NV = 4 };
+    enum { NV = 6, NC = 3 };
+    static const nz_coder C[NC] = {NZ_CODER_ESC, NZ_CODER_RANS, NZ_CODER_ZSTD};
     static const struct {
         const char *name;
-        nz_coder coder;
+        int c; /* index in C */
         nz_rans_kernel kernel;
-    } V[NV] = {{"rans avx512", NZ_CODER_RANS, NZ_RANS_AVX512},
-               {"rans avx2", NZ_CODER_RANS, NZ_RANS_AVX2},
-               {"rans scalar", NZ_CODER_RANS, NZ_RANS_SCALAR},
-               {"zstd", NZ_CODER_ZSTD, NZ_RANS_AUTO}};
+    } V[NV] = {{"esc avx2", 0, NZ_RANS_AVX2},      {"esc scalar", 0, NZ_RANS_SCALAR},
+               {"rans avx512", 1, NZ_RANS_AVX512}, {"rans avx2", 1, NZ_RANS_AVX2},
+               {"rans scalar", 1, NZ_RANS_SCALAR}, {"zstd", 2, NZ_RANS_AUTO}};
     double weights = 0, secs[NV] = {0}, exps_secs[NV] = {0}, stored_secs = 0;
     uint64_t bytes[NV] = {0}, ncoded = 0;
     int ok[NV], rc = 0;
@@ -569,7 +570,7 @@ static int cmd_bench(int argc, char **argv) {
         uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
         float *out = nz_malloc(tile_n * sizeof(float), NZ_MEM_SCRATCH);
         uint8_t *ex = nz_malloc(tile_n, NZ_MEM_SCRATCH);
-        encoded x[2] = {0};
+        encoded x[NC] = {0};
         if (!native || !out || !ex) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
         /* as stored and served: checksum + decode of the file's own tiles */
         double t0 = now_s(), el;
@@ -582,11 +583,10 @@ static int cmd_bench(int argc, char **argv) {
         stored_secs += el / (double)reps;
         for (uint64_t j = 0; j < t->ntiles && !rc; j++)
             rc = nz_model_decode_native(m, dc, i, j, native + j * tile_n * nz_dtype_size(nd), &e);
-        for (int c = 0; c < 2 && !rc; c++)
-            rc = reencode(t, native, c ? NZ_CODER_ZSTD : NZ_CODER_RANS, &x[c], &e);
+        for (int c = 0; c < NC && !rc; c++) rc = reencode(t, native, C[c], &x[c], &e);
         for (int v = 0; v < NV && !rc; v++) {
             if (!ok[v]) continue;
-            const encoded *xv = &x[V[v].coder == NZ_CODER_ZSTD];
+            const encoded *xv = &x[V[v].c];
             nz_rans_set_kernel(V[v].kernel);
             for (uint64_t j = 0; j < nz_desc_ntiles(&xv->d); j++) bytes[v] += xv->len[j];
             double a = time_tiles(dc, xv, 0, out, ex, per, &e), b = time_tiles(dc, xv, 1, out, ex, per, &e);
@@ -596,8 +596,7 @@ static int cmd_bench(int argc, char **argv) {
         }
         nz_rans_set_kernel(NZ_RANS_AUTO);
         weights += (double)n;
-        encoded_free(&x[0]);
-        encoded_free(&x[1]);
+        for (int c = 0; c < NC; c++) encoded_free(&x[c]);
         nz_free(native);
         nz_free(out);
         nz_free(ex);
@@ -621,10 +620,11 @@ static int cmd_bench(int argc, char **argv) {
                secs[v] > 0 ? weights / secs[v] / 1e9 : 0,
                exps_secs[v] > 0 ? weights / exps_secs[v] / 1e9 : 0);
     }
-    int best = ok[0] ? 0 : ok[1] ? 1 : 2;
-    if (secs[NV - 1] > 0 && secs[best] > 0)
-        printf("ratio %s / zstd: to fp32 %.2fx, exponents %.2fx\n", V[best].name, secs[NV - 1] / secs[best],
-               exps_secs[NV - 1] / exps_secs[best]);
+    int esc = ok[0] ? 0 : 1, rans = ok[2] ? 2 : ok[3] ? 3 : 4, vs[2] = {rans, NV - 1};
+    for (int k = 0; k < 2; k++)
+        if (secs[vs[k]] > 0 && secs[esc] > 0)
+            printf("ratio %s / %s: to fp32 %.2fx, exponents %.2fx\n", V[esc].name, V[vs[k]].name,
+                   secs[vs[k]] / secs[esc], exps_secs[vs[k]] / exps_secs[esc]);
     return 0;
 }
 

@@ -667,14 +667,14 @@ static void test_mode_names(void **state) {
     assert_string_equal(nz_mode_name(&m, small, sizeof small), "los");
 
     /* coders */
-    const char *cn[] = {"none", "rans", "zstd", "const"};
-    for (int c = 0; c < 4; c++) {
+    const char *cn[] = {"none", "rans", "zstd", "const", "esc"};
+    for (int c = 0; c < 5; c++) {
         assert_string_equal(nz_coder_name((nz_coder)c), cn[c]);
         nz_coder got = (nz_coder)99;
         assert_int_equal(nz_coder_parse(cn[c], &got, NULL), NZ_OK);
         assert_int_equal(got, c);
     }
-    assert_string_equal(nz_coder_name((nz_coder)4), "invalid");
+    assert_string_equal(nz_coder_name((nz_coder)5), "invalid");
     assert_string_equal(nz_coder_name((nz_coder)-1), "invalid");
     nz_coder c;
     nz_error err = {0};
@@ -707,7 +707,7 @@ static void test_desc_init_geometry(void **state) {
 
     /* derived fields */
     assert_int_equal(nz_desc_init(&d, NZ_DT_F16, 0, &lossless, NZ_CODER_NONE, 4, 4, 1, NULL), NZ_OK);
-    assert_int_equal(d.coder, NZ_CODER_RANS); /* NONE means the default */
+    assert_int_equal(d.coder, NZ_CODER_ESC); /* NONE means the default */
     assert_int_equal(d.exp_bits, 5);
     assert_int_equal(d.mant_bits, 10);
     assert_int_equal(d.elem_size, 2);
@@ -896,7 +896,7 @@ static void test_desc_validate(void **state) {
 /* ------------------------------------------------------------------------ */
 
 static void test_lossless_roundtrip(void **state) {
-    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
+    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_ESC};
     const int flavours[] = {FL_GAUSS, FL_BITS, FL_MIXED};
     const char *fname[] = {"gauss", "random bits", "mixed"};
     uint64_t rows = 96, cols = 300;
@@ -955,7 +955,7 @@ static void test_lossless_const(void **state) {
 }
 
 static void test_lossless_edge_values(void **state) {
-    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
+    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_ESC};
     for (int di = 0; di < 3; di++) {
         nz_dtype dt = k_float_dtypes[di];
         size_t ne;
@@ -1005,7 +1005,7 @@ static void test_odd_shapes(void **state) {
                   {3, NZ_RANS_WIDE_MIN / 3, 3},
                   {2, NZ_RANS_WIDE_MIN - 1, 1},
                   {7, 1000, 0}};
-    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
+    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_ESC};
     for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
         uint64_t rows = shapes[si].rows, cols = shapes[si].cols;
         uint32_t tr = shapes[si].tr ? shapes[si].tr : nz_default_tile_rows(cols);
@@ -1114,7 +1114,7 @@ static void *lossy_specials(nz_dtype dt, int k, size_t *n) {
 /* Lossy-k without normaliser: fp32 decode equals the rounding rule element
  * by element; native decode returns the source dtype. */
 static void test_lossy_exact(void **state) {
-    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
+    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_ESC};
     for (int di = 0; di < 3; di++) {
         nz_dtype dt = k_float_dtypes[di];
         for (int k = 0; k <= 7; k++) {
@@ -1311,7 +1311,7 @@ static void test_lossy0_nan_range(void **state) {
 
 /* Mode bf16 turns f32/f16 sources into bf16; native decode returns bf16. */
 static void test_mode_bf16(void **state) {
-    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
+    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_ESC};
     uint64_t rows = 45, cols = 77;
     size_t n = rows * cols;
     for (int src_f16 = 0; src_f16 <= 1; src_f16++) {
@@ -1634,6 +1634,9 @@ static void test_tile_corruption(void **state) {
         {NZ_DT_BF16, {NZ_MODE_LOSSY, 5, 0}, NZ_CODER_ZSTD, FL_GAUSS},
         {NZ_DT_F32, {NZ_MODE_BF16, 0, 0}, NZ_CODER_RANS, FL_GAUSS},
         {NZ_DT_BF16, {NZ_MODE_LOSSLESS, 0, 0}, NZ_CODER_RANS, FL_CONST},
+        {NZ_DT_BF16, {NZ_MODE_LOSSLESS, 0, 0}, NZ_CODER_ESC, FL_GAUSS}, /* fused esc decoder */
+        {NZ_DT_F16, {NZ_MODE_LOSSLESS, 0, 0}, NZ_CODER_ESC, FL_MIXED},
+        {NZ_DT_F32, {NZ_MODE_LOSSY, 3, 16}, NZ_CODER_ESC, FL_MIXED},
     };
     uint64_t rows = 9, cols = 40;
     uint32_t tr = 4; /* tiles 0 and 1 have 160 elements, tile 2 has 40 */
@@ -1832,7 +1835,7 @@ static void test_scratch_memory(void **state) {
     assert_non_null(dc);
     assert_true(nz_mem_current(NZ_MEM_SCRATCH) > m0);
     nz_mode modes[] = {{NZ_MODE_LOSSLESS, 0, 0}, {NZ_MODE_LOSSY, 2, 32}, {NZ_MODE_BF16, 0, 0}};
-    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD};
+    const nz_coder coders[] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_ESC};
     void *src = gen_tensor(NZ_DT_F32, 50 * 60, FL_GAUSS, 3);
     float *f = xmalloc(50 * 60 * 4);
     for (int mi = 0; mi < 3; mi++)

@@ -22,8 +22,9 @@
  *     sizes inside the data section and large enough for their planes (checked
  *     with 128-bit arithmetic), no overlaps, unique names;
  *   - the f32, native and exponent decoders agree with each other (same status,
- *     consistent values), every rANS kernel this CPU has (scalar, AVX2,
- *     AVX-512, nz_rans_set_kernel) agrees with the others bit for bit,
+ *     consistent values), every kernel this CPU has (rANS and esc: scalar,
+ *     AVX2, AVX-512, nz_rans_set_kernel) agrees with the others bit for bit,
+ *     the fused GEMV agrees with dot products of the decoded tile,
  *     and a decoded lossless tile re-encodes to a tile that decodes to the same
  *     bytes (rANS: the very same exponent stream).
  */
@@ -198,8 +199,31 @@ static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, ui
         }
     }
 
-    /* the other rANS kernels, err NULL: same status, same bytes */
-    if (coded && d->coder == NZ_CODER_RANS) {
+    /* fused GEMV (rANS or esc, bf16 layout) against the decoded tile's dot products */
+    if (rf == NZ_OK && nz_tile_gemv_fusable(d)) {
+        uint64_t rows = nz_desc_tile_nrows(d, t);
+        float *x = fz_malloc(d->cols * 4), *y = fz_malloc(rows * 4);
+        for (uint64_t c = 0; x && c < d->cols; c++) x[c] = 1.0f / (float)(c % 7 + 1) - 0.3f;
+        fz_err_reset(&err);
+        int rg = x && y ? nz_tile_gemv_f32(dc, d, t, tile, len, x, y, &err) : NZ_OK;
+        if (rg) fz_check_err(rg, &err, "nz_tile_gemv_f32");
+        FUZZ_CHECK(rg == NZ_OK, "fused GEMV refused a tile the decoder took: %d", rg);
+        for (uint64_t r = 0; x && y && r < rows; r++) {
+            double want = 0, mag = 0;
+            for (uint64_t c = 0; c < d->cols; c++) {
+                want += (double)f[r * d->cols + c] * x[c];
+                mag += __builtin_fabs((double)f[r * d->cols + c] * x[c]);
+            }
+            if (__builtin_isfinite(mag) && mag < 1e30)
+                FUZZ_CHECK(__builtin_fabs(y[r] - want) <= 1e-5 * mag + 1e-35, "fused GEMV row %llu: %g vs %g",
+                           (unsigned long long)r, y[r], want);
+        }
+        free(x);
+        free(y);
+    }
+
+    /* the other kernels (rANS, esc), err NULL: same status, same bytes */
+    if (coded && (d->coder == NZ_CODER_RANS || d->coder == NZ_CODER_ESC)) {
         float *f2 = fz_malloc(n * 4);
         uint8_t *ex2 = fz_malloc(n);
         static const int others[3] = {NZ_RANS_SCALAR, NZ_RANS_AVX2, NZ_RANS_AVX512};
@@ -207,15 +231,15 @@ static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, ui
             if (others[k] == kernel || nz_rans_set_kernel((nz_rans_kernel)others[k]) != NZ_OK) continue;
             int rf2 = nz_tile_decode_f32(dc, d, t, tile, len, f2, NULL);
             int re2 = nz_tile_decode_exponents(dc, d, t, tile, len, ex2, NULL);
-            FUZZ_CHECK(rf2 == rf, "rANS kernels %d and %d disagree on fp32 decode: %d vs %d", kernel,
-                       others[k], rf, rf2);
-            FUZZ_CHECK(re2 == re, "rANS kernels %d and %d disagree on exponent decode: %d vs %d", kernel,
+            FUZZ_CHECK(rf2 == rf, "kernels %d and %d disagree on fp32 decode: %d vs %d", kernel, others[k],
+                       rf, rf2);
+            FUZZ_CHECK(re2 == re, "kernels %d and %d disagree on exponent decode: %d vs %d", kernel,
                        others[k], re, re2);
             if (rf == NZ_OK)
-                FUZZ_CHECK(!memcmp(f, f2, n * 4), "rANS kernels %d and %d decode different values", kernel,
+                FUZZ_CHECK(!memcmp(f, f2, n * 4), "kernels %d and %d decode different values", kernel,
                            others[k]);
             if (re == NZ_OK)
-                FUZZ_CHECK(!memcmp(ex, ex2, n), "rANS kernels %d and %d decode different exponents", kernel,
+                FUZZ_CHECK(!memcmp(ex, ex2, n), "kernels %d and %d decode different exponents", kernel,
                            others[k]);
         }
         fz_set_kernel(kernel);
@@ -533,7 +557,7 @@ static FUZZ_UNUSED int fuzz_tile_parse(const uint8_t *data, size_t size, fuzz_ti
     size_t K = data[10];
     if (size < FUZZ_TILE_HDR + 2 * K) return 0;
     static const nz_dtype dts[3] = {NZ_DT_BF16, NZ_DT_F16, NZ_DT_F32};
-    static const nz_coder cds[3] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_CONST};
+    static const nz_coder cds[4] = {NZ_CODER_RANS, NZ_CODER_ZSTD, NZ_CODER_CONST, NZ_CODER_ESC};
     nz_mode mode = {NZ_MODE_LOSSLESS, 0, 0};
     int mk = data[1] % 10;
     if (mk == 1) mode.kind = NZ_MODE_BF16;
@@ -546,10 +570,10 @@ static FUZZ_UNUSED int fuzz_tile_parse(const uint8_t *data, size_t size, fuzz_ti
     uint32_t tr = 1 + data[7] % 64;
     nz_error err;
     fz_err_reset(&err);
-    int rc = nz_desc_init(&p->d, dts[data[0] % 3], 0, &mode, cds[data[3] % 3], rows, cols, tr, &err);
+    int rc = nz_desc_init(&p->d, dts[data[0] % 3], 0, &mode, cds[data[3] % 4], rows, cols, tr, &err);
     FUZZ_CHECK(rc == NZ_OK, "nz_desc_init: %s", err.msg);
     nz_tensor_desc *d = &p->d;
-    d->coder = cds[data[3] % 3]; /* as the loader does: nz_desc_init never picks const itself */
+    d->coder = cds[data[3] % 4]; /* as the loader does: nz_desc_init never picks const itself */
     uint32_t nsym = 1u << d->exp_bits;
     uint64_t counts[256] = {0};
     const uint8_t *pairs = data + FUZZ_TILE_HDR;
@@ -569,6 +593,11 @@ static FUZZ_UNUSED int fuzz_tile_parse(const uint8_t *data, size_t size, fuzz_ti
                 counts[0] = counts[1] = 1;
             else if (present == 1)
                 counts[((uint32_t)first + 1) % nsym] = 1;
+        }
+        if (d->coder == NZ_CODER_ESC) { /* ranks need one symbol at least */
+            int any = 0;
+            for (uint32_t s = 0; s < nsym; s++) any |= counts[s] != 0;
+            if (!any) counts[0] = 1;
         }
         int present = nz_rans_normalize(counts, d->freq);
         FUZZ_CHECK(present >= 0, "nz_rans_normalize: %d", present);

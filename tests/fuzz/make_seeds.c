@@ -361,6 +361,15 @@ static void container_seeds(void) {
         };
         container_seed("c09-larger-tiles", NULL, NULL, NULL, 0, t, 2);
     }
+    {
+        /* the escape code (nzp pack's default): every level, fused and plain paths */
+        const tspec t[] = {
+            {"esc.bf16", "BF16", 2, {16, 256}, "lossless", NZ_CODER_ESC, 0, 16, GAUSS, 0.3, 0},
+            {"esc.f16.short", "F16", 2, {5, 33}, "lossless", NZ_CODER_ESC, 0, 2, SPECIAL, 1.0, 0},
+            {"esc.f32.lossy2", "F32", 2, {4, 40}, "lossy-2", NZ_CODER_ESC, 8, 3, GAUSS, 0.05, 0},
+        };
+        container_seed("c11-esc", NULL, NULL, NULL, 0, t, 3);
+    }
 }
 
 /* ------------------------------------------------------------ tile seeds */
@@ -370,7 +379,7 @@ typedef struct {
     int dtype; /* 0 bf16, 1 f16, 2 f32 */
     int mode;  /* 0 lossless, 1 bf16, 2 + k lossy-k */
     int norm;  /* byte 2 */
-    int coder; /* 0 rans, 1 zstd, 2 const */
+    int coder; /* 0 rans, 1 zstd, 2 const, 3 esc */
     int rows, cols, tile_rows, t;
     int kernel; /* byte 9: 0 auto, 1 scalar, 2 avx2, 3 avx512 */
     int kind;
@@ -468,6 +477,12 @@ static void tile_seeds(void) {
         {"t18-f32-bf16-rans-fused-scalar", 2, 1, 0, 0, 3, 96, 3, 0, 1, SPECIAL, 1.0, 0},
         {"t19-bf16-lossless-rans64-fused", 0, 0, 0, 0, 8, 128, 8, 0, 3, GAUSS, 0.02, 64},
         {"t20-f16-lossless-rans64-scalar", 1, 0, 0, 0, 5, 77, 5, 0, 1, SPECIAL, 1.0, 64},
+        {"t24-bf16-lossless-esc-fused-avx2", 0, 0, 0, 3, 8, 256, 8, 0, 2, GAUSS, 0.02, 0},
+        {"t25-bf16-lossless-esc-scalar", 0, 0, 0, 3, 3, 100, 3, 0, 1, GAUSS, 0.02, 0},
+        {"t26-f16-lossless-esc-special", 1, 0, 0, 3, 4, 96, 2, 1, 2, SPECIAL, 1.0, 0},
+        {"t27-f32-lossy3-norm16-esc", 2, 5, 16, 3, 6, 40, 3, 1, 2, GAUSS, 0.05, 0},
+        {"t28-f32-bf16-esc-fused-odd", 2, 1, 0, 3, 5, 33, 5, 0, 2, SPECIAL, 1.0, 0},
+        {"t29-bf16-lossless-esc-wide", 0, 0, 0, 3, 16, 512, 16, 0, 2, GAUSS, 0.3, 0},
         {"t21-f32-lossy3-norm9-rans64", 2, 5, 9, 0, 4, 90, 2, 1, 2, GAUSS, 0.1, 64},
         {"t22-bf16-lossy6-rans64-short", 0, 8, 0, 0, 3, 40, 2, 1, 0, GAUSS, 1.0, 64},
         {"t23-bf16-lossless-rans64-avx2", 0, 0, 0, 0, 6, 200, 6, 0, 2, GAUSS, 0.02, 64},

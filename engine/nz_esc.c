@@ -1,0 +1,268 @@
+/* The multi-level escape code: tables, encoder, checks, portable decoder and
+ * dispatch to the AVX2 kernels (see nz_esc.h). */
+#include "nz_esc.h"
+
+#include "nz_rans.h"
+
+#include <string.h>
+
+static inline uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void wr32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> 8 * i);
+}
+
+static inline uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32; }
+
+static inline uint8_t rotr1(uint8_t s) { return (uint8_t)(s >> 1 | s << 7); }
+
+static uint64_t level_bytes(int l, uint64_t n) {
+    return l < 3 ? (n + NZ_ESC_BLOCK - 1) / NZ_ESC_BLOCK * 32 : n;
+}
+
+/* field i of a level: byte i % 32 of block i / 128, bits 2 * (i / 32 % 4) */
+static inline unsigned get_field(const uint8_t *blk, uint64_t i) {
+    return blk[i / NZ_ESC_BLOCK * 32 + i % 32] >> (2 * (i / 32 % 4)) & 3u;
+}
+
+void nz_esc_table_build(const uint32_t freq[256], nz_esc_table *t) {
+    int order[256], k = 0;
+    for (int s = 0; s < 256; s++)
+        if (freq[s]) order[k++] = s;
+    /* by frequency, descending; ties by symbol (insertion sort: 256 at most) */
+    for (int i = 1; i < k; i++) {
+        int s = order[i], j = i;
+        while (j > 0 && freq[order[j - 1]] < freq[s]) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = s;
+    }
+    memset(t->rank, 255, sizeof t->rank);
+    for (int r = 0; r < NZ_ESC_RANKS; r++) {
+        t->sym[r] = (uint8_t)(r < k ? order[r] : k ? order[0] : 0);
+        if (r < k) t->rank[order[r]] = (uint8_t)r;
+    }
+    for (int rot = 0; rot < 2; rot++)
+        for (int l = 0; l < 3; l++) {
+            for (int c = 0; c < 4; c++) {
+                uint8_t s = c < 3 ? t->sym[3 * l + c] : 0;
+                t->lut[rot][l][c] = rot ? rotr1(s) : s;
+            }
+            for (int nb = 0; nb < 16; nb++) {
+                t->nib[rot][l][0][nb] = t->lut[rot][l][nb & 3];
+                t->nib[rot][l][1][nb] = t->lut[rot][l][nb >> 2];
+            }
+        }
+}
+
+size_t nz_esc_bound(uint64_t n) { return NZ_ESC_HDR + (size_t)(level_bytes(0, n) * 3 + n); }
+
+int nz_esc_encode(const uint8_t *sym, uint64_t n, const nz_esc_table *t, uint8_t *dst, size_t cap,
+                  size_t *len, nz_error *err) {
+    uint64_t cnt[NZ_ESC_LEVELS] = {n, 0, 0, 0};
+    for (uint64_t i = 0; i < n; i++) {
+        unsigned r = t->rank[sym[i]];
+        cnt[1] += r >= 3;
+        cnt[2] += r >= 6;
+        cnt[3] += r >= NZ_ESC_RANKS;
+    }
+    if (cnt[1] > UINT32_MAX) return nz_fail(err, NZ_E_INVALID_ARG, "too many symbols for one esc section");
+    uint64_t total = NZ_ESC_HDR;
+    for (int l = 0; l < NZ_ESC_LEVELS; l++) total += level_bytes(l, cnt[l]);
+    if (total > cap) return nz_fail(err, NZ_E_INVALID_ARG, "esc output buffer too small");
+    memset(dst, 0, total);
+    for (int l = 1; l < NZ_ESC_LEVELS; l++) wr32(dst + 4 * (l - 1), (uint32_t)cnt[l]);
+    uint8_t *lv[NZ_ESC_LEVELS];
+    lv[0] = dst + NZ_ESC_HDR;
+    for (int l = 1; l < NZ_ESC_LEVELS; l++) lv[l] = lv[l - 1] + level_bytes(l - 1, cnt[l - 1]);
+    uint64_t pos[NZ_ESC_LEVELS] = {0};
+    for (uint64_t i = 0; i < n; i++) {
+        unsigned r = t->rank[sym[i]];
+        for (int l = 0; l < NZ_ESC_LEVELS; l++) {
+            if (l == 3) {
+                lv[3][pos[3]++] = sym[i];
+                break;
+            }
+            unsigned f = r >= 3u * l + 3 ? 3 : r - 3u * l;
+            uint64_t p = pos[l]++;
+            lv[l][p / NZ_ESC_BLOCK * 32 + p % 32] |= (uint8_t)(f << (2 * (p / 32 % 4)));
+            if (f != 3) break;
+        }
+    }
+    *len = (size_t)total;
+    return NZ_OK;
+}
+
+/* escapes among the fields of nbytes bytes of blocks: fields equal to 3 */
+static uint64_t count_escapes(const uint8_t *blk, uint64_t nbytes) {
+    uint64_t c = 0;
+    for (uint64_t i = 0; i < nbytes; i += 8) {
+        uint64_t w = rd64(blk + i);
+        w &= w >> 1 & 0x5555555555555555ull; /* one bit per escape, at even positions */
+        w = (w & 0x3333333333333333ull) + (w >> 2 & 0x3333333333333333ull);
+        w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0full;
+        c += w * 0x0101010101010101ull >> 56;
+    }
+    return c;
+}
+
+int nz_esc_open(const uint8_t *src, size_t len, uint64_t n, int exp_bits, nz_esc_view *v, nz_error *err) {
+    if (len < NZ_ESC_HDR) return nz_fail(err, NZ_E_TRUNCATED, "esc section of %zu bytes has no header", len);
+    v->n[0] = n;
+    for (int l = 1; l < NZ_ESC_LEVELS; l++) {
+        v->n[l] = rd32(src + 4 * (l - 1));
+        if (v->n[l] > v->n[l - 1])
+            return nz_fail(err, NZ_E_CORRUPT, "esc level %d holds %llu entries, more than level %d's %llu",
+                           l + 1, (unsigned long long)v->n[l], l, (unsigned long long)v->n[l - 1]);
+    }
+    uint64_t total = NZ_ESC_HDR;
+    for (int l = 0; l < NZ_ESC_LEVELS; l++) {
+        v->lv[l] = src + total;
+        total += level_bytes(l, v->n[l]);
+    }
+    if (total != len)
+        return nz_fail(err, len < total ? NZ_E_TRUNCATED : NZ_E_FORMAT,
+                       "esc section has %zu bytes, its counts need %llu", len, (unsigned long long)total);
+    for (int l = 0; l < 3; l++) {
+        uint64_t nl = v->n[l], bytes = level_bytes(l, nl);
+        for (uint64_t i = nl; i < (nl + NZ_ESC_BLOCK - 1) / NZ_ESC_BLOCK * NZ_ESC_BLOCK; i++)
+            if (get_field(v->lv[l], i))
+                return nz_fail(err, NZ_E_CORRUPT, "esc level %d: fields set past its last entry", l + 1);
+        uint64_t c = nz_esc_use_avx2() ? nz_esc_count_avx2(v->lv[l], bytes) : count_escapes(v->lv[l], bytes);
+        if (c != v->n[l + 1])
+            return nz_fail(err, NZ_E_CORRUPT, "esc level %d has %llu escapes for %llu entries at level %d",
+                           l + 1, (unsigned long long)c, (unsigned long long)v->n[l + 1], l + 2);
+    }
+    if (exp_bits < 8)
+        for (uint64_t i = 0; i < v->n[3]; i++)
+            if (v->lv[3][i] >> exp_bits)
+                return nz_fail(err, NZ_E_CORRUPT, "esc symbol %u wider than %d bits", v->lv[3][i], exp_bits);
+    return NZ_OK;
+}
+
+/* output regions: whole runs of 32 plus 32 readable bytes past them */
+static uint64_t region(uint64_t n) { return (n + 31) / 32 * 32 + 32; }
+
+size_t nz_esc_scratch_bytes(const nz_esc_view *v) {
+    return (size_t)(v->n[3] + 32 + region(v->n[2]) + region(v->n[1]));
+}
+
+uint64_t nz_esc_level_scalar(const uint8_t *blk, uint64_t i0, uint64_t i1, const uint8_t lut[4],
+                             const uint8_t *esc, uint8_t *out) {
+    uint64_t used = 0, i = i0;
+    while (i < i1) {
+        if (i % 32 == 0 && i1 - i >= 32) { /* a whole run: one shift for 32 fields */
+            const uint8_t *b = blk + i / NZ_ESC_BLOCK * 32;
+            unsigned sh = 2 * (unsigned)(i / 32 % 4);
+            uint8_t *o = out + (i - i0);
+            for (int j = 0; j < 32; j++) { /* branch-free: esc is readable past its last byte */
+                unsigned f = b[j] >> sh & 3u, x = f == 3;
+                o[j] = x ? esc[used] : lut[f];
+                used += x;
+            }
+            i += 32;
+            continue;
+        }
+        unsigned f = get_field(blk, i);
+        out[i - i0] = f == 3 ? esc[used++] : lut[f];
+        i++;
+    }
+    return used;
+}
+
+int nz_esc_use_avx2(void) { return nz_esc_avx2_compiled && nz_rans_active_kernel() != NZ_RANS_SCALAR; }
+
+/* One level, fields [0, n): AVX2 on whole runs of 32, the rest portable. */
+static void level(const uint8_t *blk, uint64_t n, const nz_esc_table *t, int rot, int l, const uint8_t *esc,
+                  uint8_t *out) {
+    uint64_t n32 = nz_esc_use_avx2() ? n / 32 * 32 : 0, used = 0;
+    if (n32) used = nz_esc_level_avx2(blk, 0, n32, t->nib[rot][l], esc, out);
+    nz_esc_level_scalar(blk, n32, n, t->lut[rot][l], esc + used, out + n32);
+}
+
+const uint8_t *nz_esc_decode_escapes(const nz_esc_view *v, const nz_esc_table *t, int rotated,
+                                     uint8_t *scratch) {
+    uint8_t *s4 = scratch, *s3 = s4 + v->n[3] + 32, *s2 = s3 + region(v->n[2]);
+    for (uint64_t i = 0; i < v->n[3]; i++) s4[i] = rotated ? rotr1(v->lv[3][i]) : v->lv[3][i];
+    memset(s4 + v->n[3], 0, 32);
+    level(v->lv[2], v->n[2], t, rotated, 2, s4, s3);
+    memset(s3 + v->n[2], 0, 32);
+    level(v->lv[1], v->n[1], t, rotated, 1, s3, s2);
+    memset(s2 + v->n[1], 0, 32);
+    return s2;
+}
+
+void nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, uint8_t *out) {
+    level(v->lv[0], v->n[0], t, 0, 0, nz_esc_decode_escapes(v, t, 0, scratch), out);
+}
+
+/* fp32 of a rotated symbol r and a sign+mantissa byte */
+static inline float bf16r_f32(uint8_t r, uint8_t sm) {
+    uint32_t e = (uint32_t)(uint8_t)(r << 1 | r >> 7);
+    uint32_t b = (uint32_t)(sm & 0x80u) << 24 | e << 23 | (uint32_t)(sm & 0x7fu) << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* Portable level 1 of the bf16 layout, fields [i0, n), 32 at a time:
+ * calls fn(ud, i, w, m) with m weights of fields i.. */
+typedef void (*weights_fn)(void *ud, uint64_t i, const float *w, uint64_t m);
+
+static void bf16_portable(const nz_esc_view *v, const nz_esc_table *t, uint64_t i0, const uint8_t *esc,
+                          const uint8_t *sm, weights_fn fn, void *ud) {
+    uint8_t e[32];
+    float w[32];
+    for (uint64_t i = i0; i < v->n[0]; i += 32) {
+        uint64_t m = v->n[0] - i < 32 ? v->n[0] - i : 32;
+        esc += nz_esc_level_scalar(v->lv[0], i, i + m, t->lut[1][0], esc, e);
+        for (uint64_t j = 0; j < m; j++) w[j] = bf16r_f32(e[j], sm[i + j]);
+        fn(ud, i, w, m);
+    }
+}
+
+static void store_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
+    memcpy((float *)ud + i, w, m * 4);
+}
+
+void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                        float *out) {
+    const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
+    uint64_t n32 = nz_esc_use_avx2() ? v->n[0] / 32 * 32 : 0, used = 0;
+    if (n32) used = nz_esc_bf16_avx2(v->lv[0], n32, t->nib[1][0], esc, sm, out);
+    bf16_portable(v, t, n32, esc + used, sm, store_weights, out);
+}
+
+typedef struct {
+    const float *x;
+    float *y;
+    uint64_t cols, row, col;
+    float part;
+} dot_state;
+
+static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
+    dot_state *d = ud;
+    for (uint64_t j = 0; j < m; j++) {
+        d->part += w[j] * d->x[d->col];
+        if (++d->col == d->cols) {
+            d->y[d->row++] = d->part;
+            d->part = 0;
+            d->col = 0;
+        }
+    }
+}
+
+void nz_esc_gemv_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                      uint64_t rows, uint64_t cols, const float *x, float *xp, float *y) {
+    const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
+    if (cols % 32 == 0 && rows && nz_esc_use_avx2()) {
+        nz_esc_permute_x_avx2(x, cols, xp);
+        nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, xp, y);
+        return;
+    }
+    dot_state d = {x, y, cols, 0, 0, 0};
+    bf16_portable(v, t, 0, esc, sm, dot_weights, &d);
+}
