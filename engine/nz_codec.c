@@ -752,10 +752,18 @@ int nz_tile_gemv_fusable(const nz_tensor_desc *d) {
            !(d->mode.kind == NZ_MODE_LOSSY && d->mode.norm_block);
 }
 
-int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
-                     const float *x, float *y, nz_error *err) {
-    if (!nz_tile_gemv_fusable(d))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "fused GEMV needs an esc or rANS tile in the bf16 layout");
+int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M) {
+    if (M == 1) return nz_tile_gemv_fusable(d);
+    return M >= 2 && M <= NZ_ESC_GEMM_MAX && d->coder == NZ_CODER_ESC && nz_tile_gemv_fusable(d);
+}
+
+int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     const float *x, size_t M, float *y, size_t ldy, nz_error *err) {
+    if (!nz_tile_gemm_fusable(d, M))
+        return nz_fail(
+            err, NZ_E_UNSUPPORTED,
+            "fused multiply needs an esc (M <= %d) or rANS (M = 1) tile in the bf16 layout, M = %zu",
+            NZ_ESC_GEMM_MAX, M);
     tile_view v;
     int rc = frame_tile(d, t, tile, len, &v, err);
     if (rc) return rc;
@@ -763,13 +771,13 @@ int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
     if (d->coder == NZ_CODER_ESC) {
         nz_esc_view ev;
         rc = esc_open(dc, d, &v, &ev, err);
-        if (!rc && d->cols > dc->xp_cap) {
+        if (!rc && M * d->cols > dc->xp_cap) {
             nz_free(dc->xp);
-            dc->xp = nz_malloc(d->cols * sizeof *dc->xp, NZ_MEM_SCRATCH);
-            dc->xp_cap = dc->xp ? d->cols : 0;
+            dc->xp = nz_malloc(M * d->cols * sizeof *dc->xp, NZ_MEM_SCRATCH);
+            dc->xp_cap = dc->xp ? M * d->cols : 0;
             if (!dc->xp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for GEMV scratch");
         }
-        if (!rc) nz_esc_gemv_bf16(&ev, &dc->etab, dc->escr, v.sm, rows, d->cols, x, dc->xp, y);
+        if (!rc) nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, rows, d->cols, x, M, dc->xp, y, ldy);
     } else {
         if (dc->tab_id != d->id) {
             nz_rans_build_dtab(d->freq, dc->dtab);
@@ -779,6 +787,11 @@ int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
     }
     if (rc) nz_fail_prefix(err, "exponent plane");
     return rc;
+}
+
+int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     const float *x, float *y, nz_error *err) {
+    return nz_tile_gemm_f32(dc, d, t, tile, len, x, 1, y, 1, err);
 }
 
 int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,

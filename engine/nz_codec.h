@@ -16,8 +16,8 @@
  *
  * The exponent plane is coded with one order-0 frequency table per tensor
  * (the escape code of nz_esc.h, rANS at the entropy bound, zstd as the
- * baseline, or nothing when every exponent is the same); the sign+mantissa plane is stored raw, bit-packed LSB first
- * (whole bytes when the width is 8 or 24).
+ * baseline, or nothing when every exponent is the same); the sign+mantissa plane is stored raw, bit-packed
+ * LSB first (whole bytes when the width is 8 or 24).
  *
  * Lossy-k rounds the value (seen as fp32) to k mantissa bits: round to
  * nearest, ties to even, the carry running into the exponent (to Inf past
@@ -194,6 +194,19 @@ int nz_tile_gemv_fusable(const nz_tensor_desc *d);
  *          !nz_tile_gemv_fusable(d). */
 int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                      const float *x, float *y, nz_error *err);
+
+/** @return 1 when M input rows can multiply tiles of d through
+ *  nz_tile_gemm_f32: M = 1 and nz_tile_gemv_fusable, or M = 2..16 and esc
+ *  exponents in the bf16 layout; else 0. */
+int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M);
+
+/** Fused decode-and-multiply with M input rows (x[M * cols], row-major):
+ *  y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c] for the nrows(t) rows of
+ *  tile t, the tile decoded once and never written as fp32 (summation order
+ *  differs from sgemm: agreement to rounding).
+ *  @return as nz_tile_gemv_f32; NZ_E_UNSUPPORTED when !nz_tile_gemm_fusable(d, M). */
+int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
+                     const float *x, size_t M, float *y, size_t ldy, nz_error *err);
 
 /** @return the dtype nz_tile_decode_native writes. */
 nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d);

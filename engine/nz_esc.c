@@ -237,32 +237,40 @@ void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *sc
 }
 
 typedef struct {
-    const float *x;
-    float *y;
+    const float *x; /* [M * cols] */
+    float *y;       /* y[m * ldy + row] */
     uint64_t cols, row, col;
-    float part;
+    size_t M, ldy;
+    float part[NZ_ESC_GEMM_MAX];
 } dot_state;
 
 static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
     dot_state *d = ud;
     for (uint64_t j = 0; j < m; j++) {
-        d->part += w[j] * d->x[d->col];
+        for (size_t r = 0; r < d->M; r++) d->part[r] += w[j] * d->x[r * d->cols + d->col];
         if (++d->col == d->cols) {
-            d->y[d->row++] = d->part;
-            d->part = 0;
+            for (size_t r = 0; r < d->M; r++) {
+                d->y[r * d->ldy + d->row] = d->part[r];
+                d->part[r] = 0;
+            }
+            d->row++;
             d->col = 0;
         }
     }
 }
 
-void nz_esc_gemv_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                      uint64_t rows, uint64_t cols, const float *x, float *xp, float *y) {
+void nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                      uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
+                      size_t ldy) {
     const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
     if (cols % 32 == 0 && rows && nz_esc_use_avx2()) {
-        nz_esc_permute_x_avx2(x, cols, xp);
-        nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, xp, y);
+        nz_esc_permute_x_avx2(x, cols, M, xp);
+        if (M == 1)
+            nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, xp, y);
+        else
+            nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, xp, M, y, ldy);
         return;
     }
-    dot_state d = {x, y, cols, 0, 0, 0};
+    dot_state d = {x, y, cols, 0, 0, M, ldy, {0}};
     bf16_portable(v, t, 0, esc, sm, dot_weights, &d);
 }

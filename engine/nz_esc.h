@@ -101,11 +101,16 @@ void nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch
 void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
                         float *out);
 
-/** Fused decode-and-multiply of a checked bf16-layout tile of rows x cols:
- *  y[r] = sum_c W[r][c] * x[c] without writing W (summation order differs
- *  from a plain dot product: agreement to rounding). xp[cols] is scratch. */
-void nz_esc_gemv_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                      uint64_t rows, uint64_t cols, const float *x, float *xp, float *y);
+#define NZ_ESC_GEMM_MAX 16 /* input rows of one fused multiply */
+
+/** Fused decode-and-multiply of a checked bf16-layout tile of rows x cols
+ *  with M (1..NZ_ESC_GEMM_MAX) input rows x[m * cols + c]:
+ *  y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c], the tile decoded once
+ *  and never written (summation order differs from a plain dot product:
+ *  agreement to rounding). xp[M * cols] is scratch. */
+void nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                      uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
+                      size_t ldy);
 
 /* ------------------------------------------------------------- internal */
 
@@ -126,7 +131,14 @@ uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2]
  *  escapes; xp is x permuted by nz_esc_permute_x_avx2. @return escapes consumed. */
 uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
                           const uint8_t *esc, const uint8_t *sm, const float *xp, float *y);
-void nz_esc_permute_x_avx2(const float *x, uint64_t cols, float *xp);
+/** The same for M >= 2 input rows (xp from nz_esc_permute_x_avx2, y[m * ldy + r]). */
+uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
+                          const uint8_t *esc, const uint8_t *sm, const float *xp, size_t M, float *y,
+                          size_t ldy);
+/** xp[(c M + m) 32 + i]: run c (32 columns) of input row m, permuted to the
+ *  order of the kernels' weight vectors (runs of all rows together: the
+ *  M-row kernel reads one contiguous block per run). */
+void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp);
 /** @return the escapes (fields equal to 3) in nbytes (a multiple of 32) bytes of blocks. */
 uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes);
 extern const int nz_esc_avx2_compiled; /* 1 when nz_esc_avx2.c was built with AVX2 */

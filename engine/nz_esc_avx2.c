@@ -162,12 +162,13 @@ uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2]
     return (uint64_t)(esc - e0);
 }
 
-void nz_esc_permute_x_avx2(const float *x, uint64_t cols, float *xp) {
+void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {
     /* the order of weights32_eo: 8 vectors of 4 (lane 0 / lane 1 of f[k]) */
     static const uint8_t order[32] = {0, 2,  4,  6,  16, 18, 20, 22, 1, 3,  5,  7,  17, 19, 21, 23,
                                       8, 10, 12, 14, 24, 26, 28, 30, 9, 11, 13, 15, 25, 27, 29, 31};
     for (uint64_t c = 0; c + 32 <= cols; c += 32)
-        for (int i = 0; i < 32; i++) xp[c + (uint64_t)i] = x[c + order[i]];
+        for (size_t m = 0; m < M; m++, xp += 32)
+            for (int i = 0; i < 32; i++) xp[i] = x[m * cols + c + order[i]];
 }
 
 uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes) {
@@ -214,6 +215,42 @@ uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
     return (uint64_t)(esc - e0);
 }
 
+uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
+                          const uint8_t *esc, const uint8_t *sm, const float *xp, size_t M, float *y,
+                          size_t ldy) {
+    const uint8_t *e0 = esc;
+    tables t = load_tables(nib);
+    const uint64_t runs = cols / 32;
+    uint64_t c = 0, r = 0;
+    __m256 acc[NZ_ESC_GEMM_MAX];
+    for (size_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        /* per input row: one product chain of the run's 4 vectors, then one add into its accumulator */
+#define DOTM(j, s)                                                                                           \
+    do {                                                                                                     \
+        __m256 f[4];                                                                                         \
+        weights32_eo(s, sm + 32 * (j), f);                                                                   \
+        const float *xc = xp + 32 * M * c;                                                                   \
+        for (size_t m = 0; m < M; m++, xc += 32) {                                                           \
+            __m256 p = _mm256_mul_ps(f[0], _mm256_loadu_ps(xc));                                             \
+            p = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xc + 8), p);                                           \
+            p = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xc + 16), p);                                          \
+            p = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xc + 24), p);                                          \
+            acc[m] = _mm256_add_ps(acc[m], p);                                                               \
+        }                                                                                                    \
+        if (++c == runs) {                                                                                   \
+            for (size_t m = 0; m < M; m++) {                                                                 \
+                y[m * ldy + r] = hsum8(acc[m]);                                                              \
+                acc[m] = _mm256_setzero_ps();                                                                \
+            }                                                                                                \
+            r++;                                                                                             \
+            c = 0;                                                                                           \
+        }                                                                                                    \
+    } while (0)
+    FOR_RUNS(blk, 0, rows * runs, DOTM)
+#undef DOTM
+    return (uint64_t)(esc - e0);
+}
+
 #else
 const int nz_esc_avx2_compiled = 0;
 uint64_t nz_esc_level_avx2(const uint8_t *blk, uint64_t i0, uint64_t i1, const uint8_t nib[2][16],
@@ -228,6 +265,11 @@ uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
                           const uint8_t *esc, const uint8_t *sm, const float *xp, float *y) {
     return 0;
 }
-void nz_esc_permute_x_avx2(const float *x, uint64_t cols, float *xp) {}
+uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
+                          const uint8_t *esc, const uint8_t *sm, const float *xp, size_t M, float *y,
+                          size_t ldy) {
+    return 0;
+}
+void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {}
 uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes) { return 0; }
 #endif

@@ -50,9 +50,10 @@ static atomic_int g_fused = 1;
 
 int nz_matmul_set_fused(int on) { return atomic_exchange(&g_fused, on ? 1 : 0); }
 
-/* Whether tiles go through the fused GEMV (M = 1, no cache, bf16 layout). */
+/* Whether tiles go through the fused multiply (no cache, bf16 layout; M = 1,
+ * or M <= 16 for esc tiles). */
 static int fused(const nz_tile_cache *cache, const nz_weight *w, size_t M) {
-    return M == 1 && !cache && nz_tile_gemv_fusable(&w->t->desc) &&
+    return !cache && nz_tile_gemm_fusable(&w->t->desc, M) &&
            atomic_load_explicit(&g_fused, memory_order_relaxed);
 }
 
@@ -72,7 +73,8 @@ static int host_le(void) {
 /* One tile of y = x W^T, writing columns r0 .. r0+nr of y. With a cache
  * (budget > 0) the tile comes from nz_cache_get. Without: the tile's bytes
  * come from nz_model_tile_once (checksum on first use), then
- *   M == 1 and a rANS bf16 tile: fused decode-and-multiply (nz_gemv.h);
+ *   a bf16-layout tile and M = 1 (rANS, esc) or M <= 16 (esc): fused
+ *     decode-and-multiply (nz_tile_gemm_f32);
  *   raw fp32 (little-endian host): BLAS straight on the mapped tile bytes
  *     (tiles are 64-byte aligned in the file);
  *   anything else: decode into scratch, then BLAS. */
@@ -97,7 +99,7 @@ static int matmul_tile(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const 
     if (rc) return rc;
     if (fused(cache, w, M)) {
         uint64_t t0 = now_ns();
-        rc = nz_tile_gemv_f32(dc, d, tile, p, len, x, y + r0, err);
+        rc = nz_tile_gemm_f32(dc, d, tile, p, len, x, M, y + r0, (size_t)N, err);
         count_uncached(t0);
     } else if (d->coder == NZ_CODER_NONE && d->dtype == NZ_DT_F32 && host_le() && (uintptr_t)p % 4 == 0 &&
                len == (size_t)nr * (size_t)K * 4) {

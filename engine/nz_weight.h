@@ -13,14 +13,14 @@
  *     counters do not move): the tile's bytes are checked with
  *     nz_model_tile_once (XXH3 on the tile's first use per loaded model, see
  *     nz_container.h; a damaged tile is refused on every call), then
- *       M = 1 on a rANS bf16-layout tile (lossless bf16, mode bf16): the
- *         fused decode-and-multiply GEMV (nz_gemv.h), no fp32 tile written;
+ *       a bf16-layout tile (lossless bf16, mode bf16) with M = 1 (esc or
+ *         rANS exponents) or M = 2..16 (esc): the fused decode-and-multiply
+ *         (nz_tile_gemm_f32), the tile decoded once, no fp32 tile written;
  *       raw fp32 tiles: BLAS directly on the mapped tile bytes;
  *       otherwise decoded into scratch and multiplied with BLAS.
- * The fused GEMV sums in another order than sgemv, so M = 1 results on
- * bf16-layout weights differ between the cached and uncached paths by
- * rounding (relative ~1e-6 of sum |x||w|); everything else is bit-identical
- * whatever the cache.
+ * The fused kernels sum in another order than BLAS, so those results differ
+ * between the cached and uncached paths by rounding (relative ~1e-6 of
+ * sum |x||w|); everything else is bit-identical whatever the cache.
  */
 #ifndef NZ_WEIGHT_H
 #define NZ_WEIGHT_H

@@ -204,8 +204,10 @@ static void test_bf16_and_gemv(void **state) {
         nz_esc_view v;
         assert_int_equal(nz_esc_open(sec, len, n, 8, &v, NULL), NZ_OK);
         uint8_t *scratch = xmalloc(nz_esc_scratch_bytes(&v));
-        float *x = xmalloc(cols * 4), *xp = xmalloc(cols * 4), *w = xmalloc(n * 4), *y = xmalloc(rows * 4);
-        for (uint64_t c = 0; c < cols; c++) x[c] = (float)tu_gauss(&seed);
+        const size_t MX = NZ_ESC_GEMM_MAX, ldy = rows + 3;
+        float *x = xmalloc(MX * cols * 4), *xp = xmalloc(MX * cols * 4), *w = xmalloc(n * 4),
+              *y = xmalloc(MX * ldy * 4);
+        for (uint64_t c = 0; c < MX * cols; c++) x[c] = (float)tu_gauss(&seed);
         for (int scalar = 0; scalar <= 1; scalar++) {
             nz_rans_force_scalar(scalar);
             nz_esc_decode_bf16(&v, &t, scratch, sm, w);
@@ -213,17 +215,27 @@ static void test_bf16_and_gemv(void **state) {
                 if (memcmp(&w[i], &(float){bf16f(e[i], sm[i])}, 4))
                     fail_msg("shape %zu %s: weight %llu is %g", si, scalar ? "scalar" : "simd",
                              (unsigned long long)i, w[i]);
-            nz_esc_gemv_bf16(&v, &t, scratch, sm, rows, cols, x, xp, y);
-            for (uint64_t r = 0; r < rows; r++) {
-                double want = 0, mag = 0;
-                for (uint64_t c = 0; c < cols; c++) {
-                    want += (double)w[r * cols + c] * x[c];
-                    mag += fabs((double)w[r * cols + c] * x[c]);
-                }
-                /* stated tolerance: summation order differs; fp32 rounding of sum |w x| */
-                if (fabs(y[r] - want) > 1e-5 * mag + 1e-30)
-                    fail_msg("shape %zu %s: row %llu %g, want %g", si, scalar ? "scalar" : "simd",
-                             (unsigned long long)r, y[r], want);
+            const size_t Ms[] = {1, 2, 3, 5, 16};
+            for (size_t mi = 0; mi < sizeof Ms / sizeof *Ms; mi++) {
+                size_t M = Ms[mi];
+                for (size_t k = 0; k < MX * ldy; k++) y[k] = -7.0f; /* untouched outside the rows */
+                nz_esc_gemm_bf16(&v, &t, scratch, sm, rows, cols, x, M, xp, y, M == 1 ? 1 : ldy);
+                for (size_t m = 0; m < M; m++)
+                    for (uint64_t r = 0; r < rows; r++) {
+                        double want = 0, mag = 0;
+                        for (uint64_t c = 0; c < cols; c++) {
+                            want += (double)w[r * cols + c] * x[m * cols + c];
+                            mag += fabs((double)w[r * cols + c] * x[m * cols + c]);
+                        }
+                        float got = y[m * (M == 1 ? 1 : ldy) + r];
+                        /* stated tolerance: summation order differs; fp32 rounding of sum |w x| */
+                        if (fabs(got - want) > 1e-5 * mag + 1e-30)
+                            fail_msg("shape %zu %s M %zu: y[%zu][%llu] %g, want %g", si,
+                                     scalar ? "scalar" : "simd", M, m, (unsigned long long)r, got, want);
+                    }
+                if (M > 1)
+                    for (size_t m = 0; m < M; m++)
+                        for (size_t r = rows; r < ldy; r++) assert_true(y[m * ldy + r] == -7.0f);
             }
         }
         nz_rans_force_scalar(0);

@@ -9,10 +9,12 @@
  *   fp32 BLAS        cblas_sgemv/sgemm on a contiguous fp32 array (baseline)
  *   raw f32          raw fp32 tensor in the .nzp through nz_matmul
  *   raw bf16         raw bf16 tensor (converted per tile)
- *   lossless c=0     bf16 lossless rANS, tile cache budget 0 (decode every
- *                    use; M = 1 runs the fused decode-and-multiply GEMV)
+ *   lossless c=0     bf16 lossless, esc exponents (nzp pack's default), tile
+ *                    cache budget 0 (decode every use; M = 1 runs the fused
+ *                    decode-and-multiply GEMV)
  *   ll c=0 unfused   the same with the fused GEMV off (decode + sgemv; M = 1 only)
- *   lossless c=all   bf16 lossless rANS, cache holding the whole model
+ *   rans c=0         bf16 lossless, rANS exponents, cache budget 0 (fused at M = 1)
+ *   lossless c=all   bf16 lossless esc, cache holding the whole model
  *   lossy-3 c=0      lossy-3 from fp32, cache budget 0
  * Each cell: ratio to fp32 BLAS (same run) / ratio to the memory-bandwidth
  * bound (bytes the mode must read: its stored weights, or the cached fp32
@@ -68,14 +70,14 @@ static void die(const char *what, const nz_error *e) {
     exit(1);
 }
 
-static void add(nz_writer *w, const char *name, nz_dtype dt, const char *mode, const void *src, int n,
-                int k) {
+static void add(nz_writer *w, const char *name, nz_dtype dt, const char *mode, nz_coder coder,
+                const void *src, int n, int k) {
     nz_error e = {0};
     nz_mode md;
     nz_tensor_desc d;
     int64_t shape[2] = {n, k};
     if (nz_mode_parse(mode, &md, &e) ||
-        nz_desc_init(&d, dt, nz_dtype_size(dt), &md, NZ_CODER_RANS, (uint64_t)n, (uint64_t)k,
+        nz_desc_init(&d, dt, nz_dtype_size(dt), &md, coder, (uint64_t)n, (uint64_t)k,
                      nz_default_tile_rows((uint64_t)k), &e) ||
         nz_tensor_analyze(&d, src, NULL, &e) ||
         nz_writer_add_tensor(w, name, dt == NZ_DT_F32 ? "F32" : "BF16", 2, shape, &d, NULL, src, &e))
@@ -135,20 +137,22 @@ static void make_weights(int n, int k, float **w32, uint16_t **wbf) {
     }
 }
 
-enum { RAW32, RAWBF, LL, LLUNF, LLALL, LOSSY, NMODE };
-static const char *const MODE_NAME[NMODE] = {"raw f32",        "raw bf16",       "lossless c=0",
-                                             "ll c=0 unfused", "lossless c=all", "lossy-3 c=0"};
-static const char *const TENSOR[NMODE] = {"raw", "rawbf", "lossless", "lossless", "lossless", "lossy"};
+enum { RAW32, RAWBF, LL, LLUNF, LLRANS, LLALL, LOSSY, NMODE };
+static const char *const MODE_NAME[NMODE] = {"raw f32",  "raw bf16",       "lossless c=0", "ll c=0 unfused",
+                                             "rans c=0", "lossless c=all", "lossy-3 c=0"};
+static const char *const TENSOR[NMODE] = {"raw",  "rawbf",    "lossless", "lossless",
+                                          "rans", "lossless", "lossy"};
 
 /* Write the model of one shape (every mode's tensor) to path. */
 static void write_model(const char *path, const float *w32, const uint16_t *wbf, int n, int k) {
     nz_writer *wr;
     nz_error e = {0};
     if (nz_writer_create(path, &wr, &e)) die("create", &e);
-    add(wr, "raw", NZ_DT_F32, "raw", w32, n, k);
-    add(wr, "rawbf", NZ_DT_BF16, "raw", wbf, n, k);
-    add(wr, "lossless", NZ_DT_BF16, "lossless", wbf, n, k);
-    add(wr, "lossy", NZ_DT_F32, "lossy-3", w32, n, k);
+    add(wr, "raw", NZ_DT_F32, "raw", NZ_CODER_NONE, w32, n, k);
+    add(wr, "rawbf", NZ_DT_BF16, "raw", NZ_CODER_NONE, wbf, n, k);
+    add(wr, "lossless", NZ_DT_BF16, "lossless", NZ_CODER_ESC, wbf, n, k);
+    add(wr, "rans", NZ_DT_BF16, "lossless", NZ_CODER_RANS, wbf, n, k);
+    add(wr, "lossy", NZ_DT_F32, "lossy-3", NZ_CODER_ESC, w32, n, k);
     if (nz_writer_finish(wr, &e)) die("finish", &e);
 }
 
@@ -260,9 +264,11 @@ static void bench_stack(double bw, const char *dir) {
         make_weights(n, k, &w32[i], &wbf);
         char name[64];
         snprintf(name, sizeof name, "ll.%d", i);
-        add(wr, name, NZ_DT_BF16, "lossless", wbf, n, k);
+        add(wr, name, NZ_DT_BF16, "lossless", NZ_CODER_ESC, wbf, n, k);
+        snprintf(name, sizeof name, "rans.%d", i);
+        add(wr, name, NZ_DT_BF16, "lossless", NZ_CODER_RANS, wbf, n, k);
         snprintf(name, sizeof name, "lossy.%d", i);
-        add(wr, name, NZ_DT_F32, "lossy-3", w32[i], n, k);
+        add(wr, name, NZ_DT_F32, "lossy-3", NZ_CODER_ESC, w32[i], n, k);
         free(wbf);
         params += (double)n * k;
     }
@@ -270,12 +276,14 @@ static void bench_stack(double bw, const char *dir) {
     nz_model *m;
     if (nz_model_open(path, &m, &e)) die("open", &e);
     unlink(path);
-    nz_weight ll[NT], lossy[NT];
+    nz_weight ll[NT], rans[NT], lossy[NT];
     uint64_t maxt = 0, ll_bytes = 0;
     for (int i = 0; i < NT; i++) {
         char name[64];
         snprintf(name, sizeof name, "ll.%d", i);
         if (nz_weight_bind(&ll[i], m, name, &e)) die("bind", &e);
+        snprintf(name, sizeof name, "rans.%d", i);
+        if (nz_weight_bind(&rans[i], m, name, &e)) die("bind", &e);
         snprintf(name, sizeof name, "lossy.%d", i);
         if (nz_weight_bind(&lossy[i], m, name, &e)) die("bind", &e);
         if (ll[i].max_tile > maxt) maxt = ll[i].max_tile;
@@ -287,8 +295,8 @@ static void bench_stack(double bw, const char *dir) {
         "\n== a model larger than the LLC: %d layers of the 1024-wide shapes, %.1f M params, fp32 %.0f MB, "
         "lossless %.0f MB; one forward step = all %d matmuls, one thread\n",
         STACK_LAYERS, params / 1e6, 4 * params / 1e6, (double)ll_bytes / 1e6, NT);
-    printf("  %-4s %13s %15s %15s %15s %15s %22s\n", "M", "fp32 GFLOP/s", "lossless c=0", "ll c=0 unfused",
-           "lossy-3 c=0", "fp32 bw bound", "2 threads: ll c=0 / fp32");
+    printf("  %-4s %13s %15s %15s %15s %15s %15s %22s\n", "M", "fp32 GFLOP/s", "lossless c=0",
+           "ll c=0 unfused", "rans c=0", "lossy-3 c=0", "fp32 bw bound", "2 threads: ll c=0 / fp32");
     nz_pool *pool = nz_pool_create(2);
     nz_matmul_ctx *mc = nz_matmul_ctx_create(pool, NULL);
     static const int Ms[] = {1, 8, 64};
@@ -296,7 +304,7 @@ static void bench_stack(double bw, const char *dir) {
         int M = Ms[mi];
         float *x = malloc((size_t)M * 4096 * sizeof *x), *y = malloc((size_t)M * 4096 * sizeof *y);
         for (int i = 0; i < M * 4096; i++) x[i] = (float)gauss();
-        double tb = 1e30, tl = 1e30, tu = 1e30, tq = 1e30;
+        double tb = 1e30, tl = 1e30, tu = 1e30, tq = 1e30, tr = 1e30;
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now_s();
             fp32_pass(w32, NT, x, M, y);
@@ -313,6 +321,10 @@ static void bench_stack(double bw, const char *dir) {
             for (int i = 0; i < NT; i++)
                 if (nz_matmul(NULL, dc, scratch, &lossy[i], x, (size_t)M, y, &e)) die("matmul", &e);
             double t4 = now_s();
+            for (int i = 0; i < NT; i++)
+                if (nz_matmul(NULL, dc, scratch, &rans[i], x, (size_t)M, y, &e)) die("matmul", &e);
+            double t5 = now_s();
+            tr = fmin(tr, t5 - t4);
             tb = fmin(tb, t1 - t0);
             tl = fmin(tl, t2 - t1);
             if (M == 1) tu = fmin(tu, t3 - t2);
@@ -338,8 +350,8 @@ static void bench_stack(double bw, const char *dir) {
         if (M == 1) snprintf(unf, sizeof unf, "%.2fx", tb / tu);
         snprintf(two, sizeof two, "%.2fx (%.1f / %.1f GFLOP/s)", tb2 / tl2, 2.0 * M * params / tl2 / 1e9,
                  2.0 * M * params / tb2 / 1e9);
-        printf("  %-4d %13.2f %14.2fx %15s %14.2fx %15.2f %26s\n", M, 2.0 * M * params / tb / 1e9, tb / tl,
-               unf, tb / tq, 4 * params / bw / tb, two);
+        printf("  %-4d %13.2f %14.2fx %15s %14.2fx %14.2fx %15.2f %26s\n", M, 2.0 * M * params / tb / 1e9,
+               tb / tl, unf, tb / tr, tb / tq, 4 * params / bw / tb, two);
         if (M == 1) g_stack_m1_2t = tb2 / tl2;
         if (M == 1) g_stack_m1 = tb / tl;
         if (M == 64) g_stack_m64 = tb / tl;
@@ -364,7 +376,7 @@ int main(int argc, char **argv) {
     double worst_m1 = 1e9, worst_m64 = 1e9, m1_unf = 1e9;
     char dir[] = "/tmp/nz_bench_matmul_XXXXXX";
     if (!mkdtemp(dir)) return 1;
-    printf("nzserve matmul benchmark: y[M x N] = x[M x K] W^T, one thread, rANS kernel %s\n",
+    printf("nzserve matmul benchmark: y[M x N] = x[M x K] W^T, one thread, kernels %s\n",
            nz_rans_decoder_name());
     printf("read bandwidth (streaming sum over 512 MiB): %.1f GB/s\n", bw / 1e9);
     printf("cells: speed ratio to fp32 BLAS (same run) / ratio to the bandwidth bound (bound time / time)\n");
@@ -393,6 +405,7 @@ int main(int argc, char **argv) {
                                     2.0 * n * k,
                                     (double)w[LL].t->stored_bytes,
                                     (double)w[LL].t->stored_bytes,
+                                    (double)w[LLRANS].t->stored_bytes,
                                     4.0 * n * k,
                                     (double)w[LOSSY].t->stored_bytes};
             printf("\n== %d-wide: W %d x %d (lossless stored %.1f%% of bf16, lossy-3 %.1f%%)\n", d, n, k,
