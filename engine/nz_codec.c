@@ -643,7 +643,7 @@ static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
         rc = esc_open(dc, d, v, &ev, err);
         if (rc) break;
         if (fout)
-            nz_esc_decode_bf16(&ev, &dc->etab, dc->escr, v->sm, fout);
+            nz_esc_decode_bf16(&ev, &dc->etab, dc->escr, v->sm, d->mant_bits, fout);
         else
             nz_esc_decode(&ev, &dc->etab, dc->escr, exps);
         break;
@@ -748,8 +748,9 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
 }
 
 int nz_tile_gemv_fusable(const nz_tensor_desc *d) {
-    return (d->coder == NZ_CODER_RANS || d->coder == NZ_CODER_ESC) && d->exp_bits == 8 && d->mant_bits == 7 &&
-           !(d->mode.kind == NZ_MODE_LOSSY && d->mode.norm_block);
+    if (d->exp_bits != 8 || (d->mode.kind == NZ_MODE_LOSSY && d->mode.norm_block)) return 0;
+    if (d->coder == NZ_CODER_RANS) return d->mant_bits == 7;
+    return d->coder == NZ_CODER_ESC && (d->mant_bits == 7 || d->mant_bits == 3);
 }
 
 int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M) {
@@ -760,10 +761,10 @@ int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M) {
 int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                      const float *x, size_t M, float *y, size_t ldy, nz_error *err) {
     if (!nz_tile_gemm_fusable(d, M))
-        return nz_fail(
-            err, NZ_E_UNSUPPORTED,
-            "fused multiply needs an esc (M <= %d) or rANS (M = 1) tile in the bf16 layout, M = %zu",
-            NZ_ESC_GEMM_MAX, M);
+        return nz_fail(err, NZ_E_UNSUPPORTED,
+                       "fused multiply needs an esc (M <= %d) or rANS (M = 1) tile in the bf16 or lossy-3 "
+                       "layout, M = %zu",
+                       NZ_ESC_GEMM_MAX, M);
     tile_view v;
     int rc = frame_tile(d, t, tile, len, &v, err);
     if (rc) return rc;
@@ -777,7 +778,9 @@ int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
             dc->xp_cap = dc->xp ? M * d->cols : 0;
             if (!dc->xp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for GEMV scratch");
         }
-        if (!rc) nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, rows, d->cols, x, M, dc->xp, y, ldy);
+        if (!rc)
+            nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, d->mant_bits, rows, d->cols, x, M, dc->xp, y,
+                             ldy);
     } else {
         if (dc->tab_id != d->id) {
             nz_rans_build_dtab(d->freq, dc->dtab);

@@ -181,12 +181,13 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
 int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                           void *out, nz_error *err);
 
-/** @return 1 when tiles of d can go through nz_tile_gemv_f32 (rANS or esc
- *  exponents and the bf16 layout: lossless bf16, mode bf16, lossy-7 without
- *  normalisers), else 0. */
+/** @return 1 when tiles of d can go through nz_tile_gemv_f32 and the fused
+ *  fp32 decode: 8-bit exponents without normalisers, coded esc with the bf16
+ *  layout (lossless bf16, mode bf16, lossy-7) or lossy-3, or coded rANS with
+ *  the bf16 layout; else 0. */
 int nz_tile_gemv_fusable(const nz_tensor_desc *d);
 
-/** Fused decode-and-multiply (nz_gemv.h): y[r] = sum_c W[r][c] * x[c] for
+/** Fused decode-and-multiply (nz_esc.h, nz_gemv.h): y[r] = sum_c W[r][c] * x[c] for
  *  the nrows(t) rows of tile t, without writing the fp32 tile. Equal to
  *  decoding with nz_tile_decode_f32 and a dot product, up to the summation
  *  order. x holds cols floats, y nrows(t).
@@ -196,8 +197,8 @@ int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
                      const float *x, float *y, nz_error *err);
 
 /** @return 1 when M input rows can multiply tiles of d through
- *  nz_tile_gemm_f32: M = 1 and nz_tile_gemv_fusable, or M = 2..16 and esc
- *  exponents in the bf16 layout; else 0. */
+ *  nz_tile_gemm_f32: M = 1 and nz_tile_gemv_fusable, or M = 2..16, esc
+ *  exponents and nz_tile_gemv_fusable; else 0. */
 int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M);
 
 /** Fused decode-and-multiply with M input rows (x[M * cols], row-major):

@@ -199,6 +199,13 @@ void nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch
     level(v->lv[0], v->n[0], t, 0, 0, nz_esc_decode_escapes(v, t, 0, scratch), out);
 }
 
+/* the bf16-layout sign+mantissa byte of element i of a plane of mant 7 or 3 bits */
+static inline uint8_t sm_byte(const uint8_t *sm, int mant, uint64_t i) {
+    if (mant == 7) return sm[i];
+    unsigned v = sm[i / 2] >> (4 * (i & 1)) & 15u;
+    return (uint8_t)((v >> 3) << 7 | (v & 7) << 4);
+}
+
 /* fp32 of a rotated symbol r and a sign+mantissa byte */
 static inline float bf16r_f32(uint8_t r, uint8_t sm) {
     uint32_t e = (uint32_t)(uint8_t)(r << 1 | r >> 7);
@@ -213,13 +220,13 @@ static inline float bf16r_f32(uint8_t r, uint8_t sm) {
 typedef void (*weights_fn)(void *ud, uint64_t i, const float *w, uint64_t m);
 
 static void bf16_portable(const nz_esc_view *v, const nz_esc_table *t, uint64_t i0, const uint8_t *esc,
-                          const uint8_t *sm, weights_fn fn, void *ud) {
+                          const uint8_t *sm, int mant, weights_fn fn, void *ud) {
     uint8_t e[32];
     float w[32];
     for (uint64_t i = i0; i < v->n[0]; i += 32) {
         uint64_t m = v->n[0] - i < 32 ? v->n[0] - i : 32;
         esc += nz_esc_level_scalar(v->lv[0], i, i + m, t->lut[1][0], esc, e);
-        for (uint64_t j = 0; j < m; j++) w[j] = bf16r_f32(e[j], sm[i + j]);
+        for (uint64_t j = 0; j < m; j++) w[j] = bf16r_f32(e[j], sm_byte(sm, mant, i + j));
         fn(ud, i, w, m);
     }
 }
@@ -229,11 +236,11 @@ static void store_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
 }
 
 void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                        float *out) {
+                        int mant, float *out) {
     const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
     uint64_t n32 = nz_esc_use_avx2() ? v->n[0] / 32 * 32 : 0, used = 0;
-    if (n32) used = nz_esc_bf16_avx2(v->lv[0], n32, t->nib[1][0], esc, sm, out);
-    bf16_portable(v, t, n32, esc + used, sm, store_weights, out);
+    if (n32) used = nz_esc_bf16_avx2(v->lv[0], n32, t->nib[1][0], esc, sm, mant, out);
+    bf16_portable(v, t, n32, esc + used, sm, mant, store_weights, out);
 }
 
 typedef struct {
@@ -260,17 +267,17 @@ static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
 }
 
 void nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                      uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
+                      int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
                       size_t ldy) {
     const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
     if (cols % 32 == 0 && rows && nz_esc_use_avx2()) {
         nz_esc_permute_x_avx2(x, cols, M, xp);
         if (M == 1)
-            nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, xp, y);
+            nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, y);
         else
-            nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, xp, M, y, ldy);
+            nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, M, y, ldy);
         return;
     }
     dot_state d = {x, y, cols, 0, 0, M, ldy, {0}};
-    bf16_portable(v, t, 0, esc, sm, dot_weights, &d);
+    bf16_portable(v, t, 0, esc, sm, mant, dot_weights, &d);
 }

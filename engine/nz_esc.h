@@ -96,20 +96,23 @@ const uint8_t *nz_esc_decode_escapes(const nz_esc_view *v, const nz_esc_table *t
  *  nz_esc_decode_escapes. */
 void nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, uint8_t *out);
 
-/** Decode a checked section of the bf16 layout to fp32: out[i] from symbol
- *  i and sm[i] (bit 7 sign, bits 0-6 mantissa). */
+/** Decode a checked section of 8-bit exponents to fp32 with its
+ *  sign+mantissa plane sm: mant 7 (the bf16 layout: byte i = sign << 7 |
+ *  7 mantissa bits) or 3 (lossy-3: 4-bit fields sign << 3 | 3 mantissa bits,
+ *  packed low nibble first); out[i] gets element i. */
 void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                        float *out);
+                        int mant, float *out);
 
 #define NZ_ESC_GEMM_MAX 16 /* input rows of one fused multiply */
 
 /** Fused decode-and-multiply of a checked bf16-layout tile of rows x cols
- *  with M (1..NZ_ESC_GEMM_MAX) input rows x[m * cols + c]:
+ *  with M (1..NZ_ESC_GEMM_MAX) input rows x[m * cols + c] (sm, mant as for
+ *  nz_esc_decode_bf16):
  *  y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c], the tile decoded once
  *  and never written (summation order differs from a plain dot product:
  *  agreement to rounding). xp[M * cols] is scratch. */
 void nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                      uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
+                      int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
                       size_t ldy);
 
 /* ------------------------------------------------------------- internal */
@@ -126,15 +129,15 @@ uint64_t nz_esc_level_avx2(const uint8_t *blk, uint64_t i0, uint64_t i1, const u
 /** Level 1 of the bf16 layout to fp32, fields [0, n32) (n32 a multiple of
  *  32), rotated tables and escapes. */
 uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
-                          const uint8_t *sm, float *out);
+                          const uint8_t *sm, int mant, float *out);
 /** Fused GEMV over rows x cols (cols a multiple of 32), rotated tables and
  *  escapes; xp is x permuted by nz_esc_permute_x_avx2. @return escapes consumed. */
 uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
-                          const uint8_t *esc, const uint8_t *sm, const float *xp, float *y);
+                          const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, float *y);
 /** The same for M >= 2 input rows (xp from nz_esc_permute_x_avx2, y[m * ldy + r]). */
 uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
-                          const uint8_t *esc, const uint8_t *sm, const float *xp, size_t M, float *y,
-                          size_t ldy);
+                          const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, size_t M,
+                          float *y, size_t ldy);
 /** xp[(c M + m) 32 + i]: run c (32 columns) of input row m, permuted to the
  *  order of the kernels' weight vectors (runs of all rows together: the
  *  M-row kernel reads one contiguous block per run). */

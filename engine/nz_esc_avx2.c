@@ -115,10 +115,27 @@ uint64_t nz_esc_level_avx2(const uint8_t *blk, uint64_t i0, uint64_t i1, const u
     return (uint64_t)(esc - e0);
 }
 
-/* fp32 of 32 weights from rotated symbols r and sign+mantissa bytes: four
+/* The bf16-layout sign+mantissa bytes of run j: 32 bytes (mant 7), or 16
+ * bytes of 4-bit lossy-3 fields (mant 3: low nibble first) spread to bytes
+ * sign << 7 | mantissa << 4 */
+INLINE __m256i sm32(const uint8_t *sm, uint64_t j, int mant) {
+    if (mant == 7) return _mm256_loadu_si256((const __m256i *)(sm + 32 * j));
+    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    __m128i b = _mm_loadu_si128((const __m128i *)(sm + 16 * j));
+    __m128i lo = _mm_and_si128(b, lo4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lo, hi)),
+                                        _mm_unpackhi_epi8(lo, hi), 1);
+    const __m256i spread = _mm256_setr_epi8(
+        0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, (char)0x80, (char)0x90, (char)0xa0, (char)0xb0,
+        (char)0xc0, (char)0xd0, (char)0xe0, (char)0xf0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
+        (char)0x80, (char)0x90, (char)0xa0, (char)0xb0, (char)0xc0, (char)0xd0, (char)0xe0, (char)0xf0);
+    return _mm256_shuffle_epi8(spread, v);
+}
+
+/* fp32 of 32 weights from rotated symbols r and sign+mantissa bytes m: four
  * vectors holding weights {0-3,16-19}, {4-7,20-23}, {8-11,24-27}, {12-15,28-31} */
-INLINE void weights32(__m256i r, const uint8_t *sm, __m256 f[4]) {
-    __m256i m = _mm256_loadu_si256((const __m256i *)sm), x = _mm256_xor_si256(r, m);
+INLINE void weights32(__m256i r, __m256i m, __m256 f[4]) {
+    __m256i x = _mm256_xor_si256(r, m);
     __m256i hi = _mm256_xor_si256(r, _mm256_and_si256(x, _mm256_set1_epi8((char)0x80))); /* sign, e >> 1 */
     __m256i lo = _mm256_xor_si256(r, _mm256_and_si256(x, _mm256_set1_epi8(0x7f)));       /* e & 1, mantissa */
     __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi), z = _mm256_setzero_si256();
@@ -131,8 +148,8 @@ INLINE void weights32(__m256i r, const uint8_t *sm, __m256 f[4]) {
 /* The GEMV's form of the same: even and odd weights of each unpacked half
  * by a shift and a mask instead of shuffles: vectors holding weights
  * {0,2,..,6, 16,..,22}, {1,3,..,7, 17,..,23}, {8,..,14, 24,..,30}, {9,..,15, 25,..,31} */
-INLINE void weights32_eo(__m256i r, const uint8_t *sm, __m256 f[4]) {
-    __m256i m = _mm256_loadu_si256((const __m256i *)sm), x = _mm256_xor_si256(r, m);
+INLINE void weights32_eo(__m256i r, __m256i m, __m256 f[4]) {
+    __m256i x = _mm256_xor_si256(r, m);
     __m256i hi = _mm256_xor_si256(r, _mm256_and_si256(x, _mm256_set1_epi8((char)0x80)));
     __m256i lo = _mm256_xor_si256(r, _mm256_and_si256(x, _mm256_set1_epi8(0x7f)));
     __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);
@@ -144,13 +161,13 @@ INLINE void weights32_eo(__m256i r, const uint8_t *sm, __m256 f[4]) {
 }
 
 uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
-                          const uint8_t *sm, float *out) {
+                          const uint8_t *sm, int mant, float *out) {
     const uint8_t *e0 = esc;
     tables t = load_tables(nib);
 #define STORE(j, s)                                                                                          \
     do {                                                                                                     \
         __m256 f[4];                                                                                         \
-        weights32(s, sm + 32 * (j), f);                                                                      \
+        weights32(s, sm32(sm, j, mant), f);                                                                  \
         float *o = out + 32 * (j);                                                                           \
         _mm256_storeu_ps(o, _mm256_permute2f128_ps(f[0], f[1], 0x20));                                       \
         _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(f[2], f[3], 0x20));                                   \
@@ -189,7 +206,7 @@ INLINE float hsum8(__m256 a) {
 }
 
 uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
-                          const uint8_t *esc, const uint8_t *sm, const float *xp, float *y) {
+                          const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, float *y) {
     const uint8_t *e0 = esc;
     tables t = load_tables(nib);
     const uint64_t runs = cols / 32; /* per row */
@@ -198,7 +215,7 @@ uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
 #define DOT(j, s)                                                                                            \
     do {                                                                                                     \
         __m256 f[4];                                                                                         \
-        weights32_eo(s, sm + 32 * (j), f);                                                                   \
+        weights32_eo(s, sm32(sm, j, mant), f);                                                               \
         const float *xc = xp + 32 * c;                                                                       \
         a0 = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xc), a0);                                                 \
         a1 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xc + 8), a1);                                             \
@@ -216,8 +233,8 @@ uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
 }
 
 uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
-                          const uint8_t *esc, const uint8_t *sm, const float *xp, size_t M, float *y,
-                          size_t ldy) {
+                          const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, size_t M,
+                          float *y, size_t ldy) {
     const uint8_t *e0 = esc;
     tables t = load_tables(nib);
     const uint64_t runs = cols / 32;
@@ -228,7 +245,7 @@ uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
 #define DOTM(j, s)                                                                                           \
     do {                                                                                                     \
         __m256 f[4];                                                                                         \
-        weights32_eo(s, sm + 32 * (j), f);                                                                   \
+        weights32_eo(s, sm32(sm, j, mant), f);                                                               \
         const float *xc = xp + 32 * M * c;                                                                   \
         for (size_t m = 0; m < M; m++, xc += 32) {                                                           \
             __m256 p = _mm256_mul_ps(f[0], _mm256_loadu_ps(xc));                                             \
@@ -258,16 +275,16 @@ uint64_t nz_esc_level_avx2(const uint8_t *blk, uint64_t i0, uint64_t i1, const u
     return 0;
 }
 uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
-                          const uint8_t *sm, float *out) {
+                          const uint8_t *sm, int mant, float *out) {
     return 0;
 }
 uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
-                          const uint8_t *esc, const uint8_t *sm, const float *xp, float *y) {
+                          const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, float *y) {
     return 0;
 }
 uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
-                          const uint8_t *esc, const uint8_t *sm, const float *xp, size_t M, float *y,
-                          size_t ldy) {
+                          const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, size_t M,
+                          float *y, size_t ldy) {
     return 0;
 }
 void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {}

@@ -208,18 +208,29 @@ static void test_bf16_and_gemv(void **state) {
         float *x = xmalloc(MX * cols * 4), *xp = xmalloc(MX * cols * 4), *w = xmalloc(n * 4),
               *y = xmalloc(MX * ldy * 4);
         for (uint64_t c = 0; c < MX * cols; c++) x[c] = (float)tu_gauss(&seed);
-        for (int scalar = 0; scalar <= 1; scalar++) {
+        /* the lossy-3 plane: 4-bit fields sign << 3 | mantissa, low nibble first; as bf16-layout bytes in
+         * sm3b */
+        uint8_t *sm3 = xmalloc((n + 1) / 2), *sm3b = xmalloc(n);
+        memset(sm3, 0, (n + 1) / 2);
+        for (uint64_t i = 0; i < n; i++) {
+            unsigned f = (unsigned)(tu_rand(&seed) & 15);
+            sm3[i / 2] |= (uint8_t)(f << (4 * (i & 1)));
+            sm3b[i] = (uint8_t)((f >> 3) << 7 | (f & 7) << 4);
+        }
+        for (int run = 0; run < 4; run++) {
+            int scalar = run & 1, mant = run < 2 ? 7 : 3;
+            const uint8_t *plane = mant == 7 ? sm : sm3, *smb = mant == 7 ? sm : sm3b;
             nz_rans_force_scalar(scalar);
-            nz_esc_decode_bf16(&v, &t, scratch, sm, w);
+            nz_esc_decode_bf16(&v, &t, scratch, plane, mant, w);
             for (uint64_t i = 0; i < n; i++)
-                if (memcmp(&w[i], &(float){bf16f(e[i], sm[i])}, 4))
-                    fail_msg("shape %zu %s: weight %llu is %g", si, scalar ? "scalar" : "simd",
+                if (memcmp(&w[i], &(float){bf16f(e[i], smb[i])}, 4))
+                    fail_msg("shape %zu %s mant %d: weight %llu is %g", si, scalar ? "scalar" : "simd", mant,
                              (unsigned long long)i, w[i]);
             const size_t Ms[] = {1, 2, 3, 5, 16};
             for (size_t mi = 0; mi < sizeof Ms / sizeof *Ms; mi++) {
                 size_t M = Ms[mi];
                 for (size_t k = 0; k < MX * ldy; k++) y[k] = -7.0f; /* untouched outside the rows */
-                nz_esc_gemm_bf16(&v, &t, scratch, sm, rows, cols, x, M, xp, y, M == 1 ? 1 : ldy);
+                nz_esc_gemm_bf16(&v, &t, scratch, plane, mant, rows, cols, x, M, xp, y, M == 1 ? 1 : ldy);
                 for (size_t m = 0; m < M; m++)
                     for (uint64_t r = 0; r < rows; r++) {
                         double want = 0, mag = 0;
@@ -239,6 +250,8 @@ static void test_bf16_and_gemv(void **state) {
             }
         }
         nz_rans_force_scalar(0);
+        free(sm3);
+        free(sm3b);
         free(x);
         free(xp);
         free(w);
