@@ -50,7 +50,9 @@ JSON files):
 4. --bench: on the same lines, for --bench-configs (default nat-i4-b3 and
    at-greedy): PyTorch (nat_ref on the fp32 weights) and `nzp translate` with
    fp32-raw cache 0, lossless cache 0, lossless full cache, lossy-3 cache 0
-   (--bench-systems picks a subset; --batch 1 measures one sentence at a time).
+   (nzp pack's default esc exponents), and, on request, lossless with rANS
+   exponents cache 0 (nzp-lossless-rans-c0; --bench-systems picks a subset;
+   --batch 1 measures one sentence at a time).
    Same --threads (nzp --threads; torch.set_num_threads + OMP/MKL env) and the
    same --batch for everyone. Each run is a child process started with
    subprocess.Popen and reaped with os.wait4, whose rusage gives the child's
@@ -133,9 +135,11 @@ def pack_args(mode):
         return ["--mode", "raw"]
     if mode == "lossless":
         return ["--mode", "bf16"]
+    if mode == "lossless-rans":
+        return ["--mode", "bf16", "--coder", "rans"]
     if mode.startswith("lossy-") and mode[6:].isdigit():
         return ["--mode", mode]
-    raise SystemExit("evaluate.py: unknown weight mode %r (fp32-raw, lossless, lossy-K)" % mode)
+    raise SystemExit("evaluate.py: unknown weight mode %r (fp32-raw, lossless, lossless-rans, lossy-K)" % mode)
 
 
 def run(cmd, **kw):
@@ -510,8 +514,6 @@ class Evaluation:
         o = self.o
         configs = [parse_config(c) for c in o.bench_configs.split(",")]
         log("\n== packing for the benchmark")
-        for m in ("fp32-raw", "lossless", "lossy-3"):
-            self.pack(m)
         systems = [s for s in [
             dict(name="pytorch-fp32", label="PyTorch (nat_ref), fp32", kind="torch", mdir=self.mdir),
             dict(name="nzp-fp32-raw", label="nzp fp32 raw, cache 0", kind="nzp", mode="fp32-raw", cache=0),
@@ -519,8 +521,12 @@ class Evaluation:
                  cache=0),
             dict(name="nzp-lossless-full", label="nzp lossless (bf16), full cache", kind="nzp", mode="lossless",
                  cache=self.full_cache("lossless")),
+            dict(name="nzp-lossless-rans-c0", label="nzp lossless (bf16) rANS exponents, cache 0", kind="nzp",
+                 mode="lossless-rans", cache=0),
             dict(name="nzp-lossy-3-c0", label="nzp lossy-3, cache 0", kind="nzp", mode="lossy-3", cache=0),
         ] if s["name"] in o.bench_systems.split(",")]
+        for m in sorted({s["mode"] for s in systems if s["kind"] == "nzp"}):
+            self.pack(m)
         bdir = os.path.join(self.work, "bench")
         os.makedirs(bdir, exist_ok=True)
         n = len(self.src)
@@ -644,7 +650,8 @@ def main(argv=None):
     p.add_argument("--bench-configs", default="nat-i4-b3,at-greedy")
     p.add_argument("--bench-repeat", type=int, default=1)
     p.add_argument("--bench-systems", default="pytorch-fp32,nzp-fp32-raw,nzp-lossless-c0,nzp-lossless-full,"
-                   "nzp-lossy-3-c0", help="which systems the bench runs (comma list; default all)")
+                   "nzp-lossy-3-c0",
+                   help="which systems the bench runs (comma list; default all but nzp-lossless-rans-c0)")
     p.add_argument("--torch-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment of the PyTorch child (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     o = p.parse_args(argv)
