@@ -67,6 +67,8 @@ $(BUILD)/engine/nz_gemv_avx2.o: CFLAGS += -mavx2 -mfma -mpopcnt
 $(BUILD)/engine/nz_gemv_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mpopcnt
 # the escape code's AVX2 kernels (engine/nz_esc.h)
 $(BUILD)/engine/nz_esc_avx2.o: CFLAGS += -mavx2 -mfma -mpopcnt
+# joins of the generic layouts (binary16), dispatched at run time in engine/nz_codec.c
+$(BUILD)/engine/nz_join_avx2.o: CFLAGS += -mavx2 -mf16c
 
 $(BUILD)/%.o: %.cc $(wildcard engine/*.h models/*.h)
 	@mkdir -p $(dir $@)
@@ -139,7 +141,7 @@ FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuz
 # (built with AVX2 so that the vector kernels are fuzzed too, not their stubs)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h $(ENGINE_SRC) $(wildcard engine/*.h)
 	@mkdir -p build-fuzz
-	clang -O1 -g -std=c11 -D_GNU_SOURCE -mavx2 -mfma -mpopcnt -Iengine -fsanitize=fuzzer,address,undefined \
+	clang -O1 -g -std=c11 -D_GNU_SOURCE -mavx2 -mfma -mpopcnt -mf16c -Iengine -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=undefined $< $(ENGINE_SRC) -o $@ $(LDLIBS)
 # the server's request parser: engine sources plus server/srv_api.c
 build-fuzz/fuzz_srv_request: tests/fuzz/fuzz_srv_request.c tests/fuzz/fuzz_server.h server/srv_api.c server/srv_api.h $(ENGINE_SRC)

@@ -708,6 +708,13 @@ static int decode_raw(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, 
 }
 
 /* fp32 bits of element i from its fields (exp8 formats) */
+/* whether nz_join_f16_avx2 may run: built with it, the CPU has it, and the
+ * vector kernels are not switched off (NZ_SIMD=scalar, nz_rans_set_kernel) */
+static int have_f16c(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+           nz_rans_active_kernel() != NZ_RANS_SCALAR;
+}
+
 static inline uint32_t join8(uint32_t e, uint32_t sm, int mb) {
     return (sm >> mb) << 31 | e << 23 | (sm & ((1u << mb) - 1)) << (23 - mb);
 }
@@ -735,7 +742,8 @@ int nz_tile_decode_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const u
     unpack_sm(v.sm, n, 1 + d->mant_bits, dc->sm);
     const uint32_t *sm = dc->sm;
     if (d->exp_bits == 5) {
-        for (uint64_t i = 0; i < n; i++)
+        uint64_t i0 = have_f16c() ? nz_join_f16_avx2(e, sm, out, n) : 0;
+        for (uint64_t i = i0; i < n; i++)
             out[i] = f16_to_f32((sm[i] >> 10) << 15 | (uint32_t)e[i] << 10 | (sm[i] & 0x3ff));
         return NZ_OK;
     }

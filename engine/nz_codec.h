@@ -217,6 +217,12 @@ nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d);
 int nz_tile_decode_exponents(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile,
                              size_t len, uint8_t *exps, nz_error *err);
 
+/** AVX2 + F16C join of binary16 elements i = 0.. from 5-bit exponents e and
+ *  11-bit sign+mantissa fields sm into out, 8 at a time, up to a group
+ *  holding a NaN (internal; nz_join_avx2.c).
+ *  @return the elements done (0 when not built or not supported). */
+uint64_t nz_join_f16_avx2(const uint8_t *e, const uint32_t *sm, float *out, uint64_t n);
+
 /* ------------------------------------------------------------- float helpers */
 
 /** @return fp32 of a binary16 bit pattern (exact, NaN payload kept). */
