@@ -4,6 +4,7 @@
 #   make asan       run the whole suite under ASan+UBSan (build-asan/)
 #   make valgrind   run the C tests, the CLI tests and a server session under valgrind memcheck
 #   make bench      benchmarks (not tests): codec ratios and speeds
+#   make bench-peers  batch-1 GEMV against fp32 BLAS and llama.cpp's ggml kernels (npm), with a plot
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
 #   make loadtest   60 s of mixed traffic at 64 connections against nzserve (wrk, loopback)
@@ -52,7 +53,7 @@ TOK_CLI  := $(BUILD)/tok_cli
 NAT_RUNNER := $(BUILD)/nat_runner
 T5MD_RUNNER := $(BUILD)/t5md_runner
 
-.PHONY: all test ctest pytest asan valgrind bench fuzz deps demo docker-test clean format loadtest capacity serve
+.PHONY: all test ctest pytest asan valgrind bench bench-peers fuzz deps demo docker-test clean format loadtest capacity serve
 all: $(ENGINE_LIB) $(MODELS_LIB) $(SERVER_LIB) $(NZP) $(NZSERVE) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(T5MD_RUNNER) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h server/*.h)
@@ -136,6 +137,25 @@ $(BUILD)/bench_%: tests/bench/bench_%.c $(ENGINE_LIB)
 bench: $(BENCH_BIN) $(NZP)
 	$(BUILD)/bench_codec
 	$(BUILD)/bench_matmul
+
+# Batch-1 GEMV against peers (not in CI): fp32 OpenBLAS, a bf16 GEMV of our own,
+# llama.cpp's ggml kernels (bf16, f16, q8_0) from the prebuilt libraries of npm's
+# node-llama-cpp (its linux-x64 binary package, fetched once into PEERS_DIR with
+# npm pack), our esc lossless / lossy-3 and rANS modes; 1 and 2 threads.
+# Writes $(BUILD)/bench_peers.tsv and, with gnuplot (apt-get install gnuplot-nox),
+# docs/bench_peers.png.
+PEERS_DIR ?= /var/tmp/nzserve-peers
+NLC_VERSION := 3.21.1
+GGML_DIR := $(PEERS_DIR)/package/bins/linux-x64
+$(BUILD)/bench_peers: tests/bench/bench_peers.c $(ENGINE_LIB)
+	$(CC) $(CFLAGS) -mavx2 -mfma $< $(ENGINE_LIB) -o $@ $(LDLIBS) -ldl
+bench-peers: $(BUILD)/bench_peers
+	@mkdir -p $(PEERS_DIR)
+	@test -f $(GGML_DIR)/libggml-base.so || { cd $(PEERS_DIR) && npm pack @node-llama-cpp/linux-x64@$(NLC_VERSION) \
+	  && tar xzf node-llama-cpp-linux-x64-$(NLC_VERSION).tgz; }
+	$(BUILD)/bench_peers --ggml $(GGML_DIR) --tsv $(BUILD)/bench_peers.tsv
+	@if command -v gnuplot >/dev/null; then bash tests/bench/plot_peers.sh $(BUILD)/bench_peers.tsv docs/bench_peers.png; \
+	  else echo "bench-peers: no gnuplot (apt-get install gnuplot-nox): plot skipped"; fi
 
 FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 # (built with AVX2 so that the vector kernels are fuzzed too, not their stubs)
