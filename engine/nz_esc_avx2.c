@@ -179,13 +179,23 @@ uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2]
     return (uint64_t)(esc - e0);
 }
 
+/* even and odd elements of a and c (8 floats each), in order: [a0 a2 a4 a6 c0 c2 c4 c6], [a1 a3 .. c7] */
+INLINE void evens_odds(__m256 a, __m256 c, __m256 *ev, __m256 *od) {
+    *ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0x88)), 0xd8));
+    *od = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, c, 0xdd)), 0xd8));
+}
+
 void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {
-    /* the order of weights32_eo: 8 vectors of 4 (lane 0 / lane 1 of f[k]) */
-    static const uint8_t order[32] = {0, 2,  4,  6,  16, 18, 20, 22, 1, 3,  5,  7,  17, 19, 21, 23,
-                                      8, 10, 12, 14, 24, 26, 28, 30, 9, 11, 13, 15, 25, 27, 29, 31};
+    /* the order of weights32_eo's vectors: {0,2,..,6, 16,..,22}, {1,3,..,7, 17,..,23},
+     * {8,..,14, 24,..,30}, {9,..,15, 25,..,31} */
     for (uint64_t c = 0; c + 32 <= cols; c += 32)
-        for (size_t m = 0; m < M; m++, xp += 32)
-            for (int i = 0; i < 32; i++) xp[i] = x[m * cols + c + order[i]];
+        for (size_t m = 0; m < M; m++, xp += 32) {
+            const float *q = x + m * cols + c;
+            __m256 v[4];
+            evens_odds(_mm256_loadu_ps(q), _mm256_loadu_ps(q + 16), &v[0], &v[1]);
+            evens_odds(_mm256_loadu_ps(q + 8), _mm256_loadu_ps(q + 24), &v[2], &v[3]);
+            for (int k = 0; k < 4; k++) _mm256_storeu_ps(xp + 8 * k, v[k]);
+        }
 }
 
 uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes) {
