@@ -9,6 +9,7 @@
 #define ZSTD_STATIC_LINKING_ONLY /* ZSTD_createDCtx_advanced: counted allocations */
 #include <zstd.h>
 
+#include <cpuid.h>
 #include <endian.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -711,7 +712,8 @@ static int decode_raw(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, 
 /* whether nz_join_f16_avx2 may run: built with it, the CPU has it, and the
  * vector kernels are not switched off (NZ_SIMD=scalar, nz_rans_set_kernel) */
 static int have_f16c(void) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+    unsigned a, b, c, d; /* CPUID leaf 1: ECX bit 29 = F16C (clang's __builtin_cpu_supports lacks "f16c") */
+    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1) &&
            nz_rans_active_kernel() != NZ_RANS_SCALAR;
 }
 
