@@ -42,6 +42,8 @@ static const struct {
              "           [--set KEY=VALUE]... SRC OUT.nzp\n"
              "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
              "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
+             "      --coder: esc (default; fast SIMD decoding, ~0.1 bit/weight over rans), rans\n"
+             "      (smallest files, slower to decode) or zstd (baseline).\n"
              "      --set KEY=VALUE sets a key of the embedded config.json (dots name nested objects;\n"
              "      VALUE is JSON, or else a string), e.g. --set generation.iterations=4 sets a\n"
              "      translation model's default decoding (see models/README.md).\n"},
