@@ -622,7 +622,7 @@ static int esc_open(nz_dctx *dc, const nz_tensor_desc *d, const tile_view *v, nz
     size_t need = nz_esc_scratch_bytes(ev);
     if (need > dc->escr_cap) {
         nz_free(dc->escr);
-        dc->escr = nz_malloc(need, NZ_MEM_SCRATCH);
+        dc->escr = nz_calloc(1, need, NZ_MEM_SCRATCH); /* a corrupt section may read past what it wrote */
         dc->escr_cap = dc->escr ? need : 0;
         if (!dc->escr) return nz_fail(err, NZ_E_NOMEM, "out of memory for esc scratch");
     }
@@ -643,10 +643,8 @@ static int open_tile(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
         nz_esc_view ev;
         rc = esc_open(dc, d, v, &ev, err);
         if (rc) break;
-        if (fout)
-            nz_esc_decode_bf16(&ev, &dc->etab, dc->escr, v->sm, d->mant_bits, fout);
-        else
-            nz_esc_decode(&ev, &dc->etab, dc->escr, exps);
+        rc = fout ? nz_esc_decode_bf16(&ev, &dc->etab, dc->escr, v->sm, d->mant_bits, fout, err)
+                  : nz_esc_decode(&ev, &dc->etab, dc->escr, exps, err);
         break;
     }
     case NZ_CODER_RANS:
@@ -789,8 +787,8 @@ int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
             if (!dc->xp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for GEMV scratch");
         }
         if (!rc)
-            nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, d->mant_bits, rows, d->cols, x, M, dc->xp, y,
-                             ldy);
+            rc = nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, d->mant_bits, rows, d->cols, x, M, dc->xp,
+                                  y, ldy, err);
     } else {
         if (dc->tab_id != d->id) {
             nz_rans_build_dtab(d->freq, dc->dtab);

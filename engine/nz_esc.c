@@ -96,19 +96,6 @@ int nz_esc_encode(const uint8_t *sym, uint64_t n, const nz_esc_table *t, uint8_t
     return NZ_OK;
 }
 
-/* escapes among the fields of nbytes bytes of blocks: fields equal to 3 */
-static uint64_t count_escapes(const uint8_t *blk, uint64_t nbytes) {
-    uint64_t c = 0;
-    for (uint64_t i = 0; i < nbytes; i += 8) {
-        uint64_t w = rd64(blk + i);
-        w &= w >> 1 & 0x5555555555555555ull; /* one bit per escape, at even positions */
-        w = (w & 0x3333333333333333ull) + (w >> 2 & 0x3333333333333333ull);
-        w = (w + (w >> 4)) & 0x0f0f0f0f0f0f0f0full;
-        c += w * 0x0101010101010101ull >> 56;
-    }
-    return c;
-}
-
 int nz_esc_open(const uint8_t *src, size_t len, uint64_t n, int exp_bits, nz_esc_view *v, nz_error *err) {
     if (len < NZ_ESC_HDR) return nz_fail(err, NZ_E_TRUNCATED, "esc section of %zu bytes has no header", len);
     v->n[0] = n;
@@ -127,14 +114,10 @@ int nz_esc_open(const uint8_t *src, size_t len, uint64_t n, int exp_bits, nz_esc
         return nz_fail(err, len < total ? NZ_E_TRUNCATED : NZ_E_FORMAT,
                        "esc section has %zu bytes, its counts need %llu", len, (unsigned long long)total);
     for (int l = 0; l < 3; l++) {
-        uint64_t nl = v->n[l], bytes = level_bytes(l, nl);
+        uint64_t nl = v->n[l];
         for (uint64_t i = nl; i < (nl + NZ_ESC_BLOCK - 1) / NZ_ESC_BLOCK * NZ_ESC_BLOCK; i++)
             if (get_field(v->lv[l], i))
                 return nz_fail(err, NZ_E_CORRUPT, "esc level %d: fields set past its last entry", l + 1);
-        uint64_t c = nz_esc_use_avx2() ? nz_esc_count_avx2(v->lv[l], bytes) : count_escapes(v->lv[l], bytes);
-        if (c != v->n[l + 1])
-            return nz_fail(err, NZ_E_CORRUPT, "esc level %d has %llu escapes for %llu entries at level %d",
-                           l + 1, (unsigned long long)c, (unsigned long long)v->n[l + 1], l + 2);
     }
     if (exp_bits < 8)
         for (uint64_t i = 0; i < v->n[3]; i++)
@@ -143,11 +126,22 @@ int nz_esc_open(const uint8_t *src, size_t len, uint64_t n, int exp_bits, nz_esc
     return NZ_OK;
 }
 
-/* output regions: whole runs of 32 plus 32 readable bytes past them */
-static uint64_t region(uint64_t n) { return (n + 31) / 32 * 32 + 32; }
+/* Scratch regions, each the input of the level above: the raw level-4
+ * symbols (then read by level 3), level 3's output (read by level 2), level
+ * 2's output (read by level 1). A level reads as many escapes as its fields
+ * say, which a corrupt section may make up to one per field, plus 32 bytes:
+ * region r is sized for the fields of the level reading it, so no section,
+ * however corrupt, reads outside scratch; the decoders then compare the
+ * escapes read with the counts. */
+static uint64_t region(uint64_t fields) { return (fields + 31) / 32 * 32 + 32; }
 
 size_t nz_esc_scratch_bytes(const nz_esc_view *v) {
-    return (size_t)(v->n[3] + 32 + region(v->n[2]) + region(v->n[1]));
+    return (size_t)(region(v->n[2]) + region(v->n[1]) + region(v->n[0]));
+}
+
+static int count_fail(nz_error *err, int l, uint64_t read, uint64_t want) {
+    return nz_fail(err, NZ_E_CORRUPT, "esc level %d has %llu escapes for %llu entries at level %d", l + 1,
+                   (unsigned long long)read, (unsigned long long)want, l + 2);
 }
 
 uint64_t nz_esc_level_scalar(const uint8_t *blk, uint64_t i0, uint64_t i1, const uint8_t lut[4],
@@ -175,28 +169,37 @@ uint64_t nz_esc_level_scalar(const uint8_t *blk, uint64_t i0, uint64_t i1, const
 
 int nz_esc_use_avx2(void) { return nz_esc_avx2_compiled && nz_rans_active_kernel() != NZ_RANS_SCALAR; }
 
-/* One level, fields [0, n): AVX2 on whole runs of 32, the rest portable. */
-static void level(const uint8_t *blk, uint64_t n, const nz_esc_table *t, int rot, int l, const uint8_t *esc,
-                  uint8_t *out) {
+/* One level, fields [0, n): AVX2 on whole runs of 32, the rest portable.
+ * @return the escapes read. */
+static uint64_t level(const uint8_t *blk, uint64_t n, const nz_esc_table *t, int rot, int l,
+                      const uint8_t *esc, uint8_t *out) {
     uint64_t n32 = nz_esc_use_avx2() ? n / 32 * 32 : 0, used = 0;
     if (n32) used = nz_esc_level_avx2(blk, 0, n32, t->nib[rot][l], esc, out);
-    nz_esc_level_scalar(blk, n32, n, t->lut[rot][l], esc + used, out + n32);
+    return used + nz_esc_level_scalar(blk, n32, n, t->lut[rot][l], esc + used, out + n32);
 }
 
-const uint8_t *nz_esc_decode_escapes(const nz_esc_view *v, const nz_esc_table *t, int rotated,
-                                     uint8_t *scratch) {
-    uint8_t *s4 = scratch, *s3 = s4 + v->n[3] + 32, *s2 = s3 + region(v->n[2]);
+int nz_esc_decode_escapes(const nz_esc_view *v, const nz_esc_table *t, int rotated, uint8_t *scratch,
+                          const uint8_t **esc, nz_error *err) {
+    uint8_t *s4 = scratch, *s3 = s4 + region(v->n[2]), *s2 = s3 + region(v->n[1]);
     for (uint64_t i = 0; i < v->n[3]; i++) s4[i] = rotated ? rotr1(v->lv[3][i]) : v->lv[3][i];
     memset(s4 + v->n[3], 0, 32);
-    level(v->lv[2], v->n[2], t, rotated, 2, s4, s3);
+    uint64_t r = level(v->lv[2], v->n[2], t, rotated, 2, s4, s3);
+    if (r != v->n[3]) return count_fail(err, 2, r, v->n[3]);
     memset(s3 + v->n[2], 0, 32);
-    level(v->lv[1], v->n[1], t, rotated, 1, s3, s2);
+    r = level(v->lv[1], v->n[1], t, rotated, 1, s3, s2);
+    if (r != v->n[2]) return count_fail(err, 1, r, v->n[2]);
     memset(s2 + v->n[1], 0, 32);
-    return s2;
+    *esc = s2;
+    return NZ_OK;
 }
 
-void nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, uint8_t *out) {
-    level(v->lv[0], v->n[0], t, 0, 0, nz_esc_decode_escapes(v, t, 0, scratch), out);
+int nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, uint8_t *out,
+                  nz_error *err) {
+    const uint8_t *esc;
+    int rc = nz_esc_decode_escapes(v, t, 0, scratch, &esc, err);
+    if (rc) return rc;
+    uint64_t r = level(v->lv[0], v->n[0], t, 0, 0, esc, out);
+    return r == v->n[1] ? NZ_OK : count_fail(err, 0, r, v->n[1]);
 }
 
 /* the bf16-layout sign+mantissa byte of element i of a plane of mant 7 or 3 bits */
@@ -219,8 +222,9 @@ static inline float bf16r_f32(uint8_t r, uint8_t sm) {
  * calls fn(ud, i, w, m) with m weights of fields i.. */
 typedef void (*weights_fn)(void *ud, uint64_t i, const float *w, uint64_t m);
 
-static void bf16_portable(const nz_esc_view *v, const nz_esc_table *t, uint64_t i0, const uint8_t *esc,
-                          const uint8_t *sm, int mant, weights_fn fn, void *ud) {
+static uint64_t bf16_portable(const nz_esc_view *v, const nz_esc_table *t, uint64_t i0, const uint8_t *esc,
+                              const uint8_t *sm, int mant, weights_fn fn, void *ud) {
+    const uint8_t *e0 = esc;
     uint8_t e[32];
     float w[32];
     for (uint64_t i = i0; i < v->n[0]; i += 32) {
@@ -229,18 +233,22 @@ static void bf16_portable(const nz_esc_view *v, const nz_esc_table *t, uint64_t 
         for (uint64_t j = 0; j < m; j++) w[j] = bf16r_f32(e[j], sm_byte(sm, mant, i + j));
         fn(ud, i, w, m);
     }
+    return (uint64_t)(esc - e0);
 }
 
 static void store_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
     memcpy((float *)ud + i, w, m * 4);
 }
 
-void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                        int mant, float *out) {
-    const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
+int nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                       int mant, float *out, nz_error *err) {
+    const uint8_t *esc;
+    int rc = nz_esc_decode_escapes(v, t, 1, scratch, &esc, err);
+    if (rc) return rc;
     uint64_t n32 = nz_esc_use_avx2() ? v->n[0] / 32 * 32 : 0, used = 0;
     if (n32) used = nz_esc_bf16_avx2(v->lv[0], n32, t->nib[1][0], esc, sm, mant, out);
-    bf16_portable(v, t, n32, esc + used, sm, mant, store_weights, out);
+    used += bf16_portable(v, t, n32, esc + used, sm, mant, store_weights, out);
+    return used == v->n[1] ? NZ_OK : count_fail(err, 0, used, v->n[1]);
 }
 
 typedef struct {
@@ -266,18 +274,22 @@ static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
     }
 }
 
-void nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                      int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
-                      size_t ldy) {
-    const uint8_t *esc = nz_esc_decode_escapes(v, t, 1, scratch);
+int nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                     int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
+                     size_t ldy, nz_error *err) {
+    const uint8_t *esc;
+    int rc = nz_esc_decode_escapes(v, t, 1, scratch, &esc, err);
+    if (rc) return rc;
+    uint64_t used;
     if (cols % 32 == 0 && rows && nz_esc_use_avx2()) {
         nz_esc_permute_x_avx2(x, cols, M, xp);
         if (M == 1)
-            nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, y);
+            used = nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, y);
         else
-            nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, M, y, ldy);
-        return;
+            used = nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, M, y, ldy);
+    } else {
+        dot_state d = {x, y, cols, 0, 0, M, ldy, {0}};
+        used = bf16_portable(v, t, 0, esc, sm, mant, dot_weights, &d);
     }
-    dot_state d = {x, y, cols, 0, 0, M, ldy, {0}};
-    bf16_portable(v, t, 0, esc, sm, mant, dot_weights, &d);
+    return used == v->n[1] ? NZ_OK : count_fail(err, 0, used, v->n[1]);
 }

@@ -29,10 +29,10 @@
  *   level 2: ceil(n2 / 128) blocks
  *   level 3: ceil(n3 / 128) blocks
  *   level 4: n4 bytes
- * Fields past a level's last entry are 0. nz_esc_open checks the sizes,
- * that each level's escapes number exactly the next level's entries, the
- * padding, and that level-4 symbols fit exp_bits; a checked section then
- * decodes without further checks and without reading outside it.
+ * Fields past a level's last entry are 0. nz_esc_open checks the sizes, the
+ * padding and that level-4 symbols fit exp_bits; the decoders check that
+ * each level's escapes number exactly the next level's entries as they read
+ * them, never reading outside the section or their scratch.
  */
 #ifndef NZ_ESC_H
 #define NZ_ESC_H
@@ -76,44 +76,50 @@ typedef struct nz_esc_view {
     const uint8_t *lv[NZ_ESC_LEVELS]; /* blocks of levels 1-3, bytes of level 4 */
 } nz_esc_view;
 
-/** Parse and check the section src[0..len) of n symbols of exp_bits (5 or 8).
+/** Parse and check the section src[0..len) of n symbols of exp_bits (5 or 8):
+ *  sizes, padding, level-4 symbols. The escape counts are checked by the
+ *  decoders, as they read (no separate pass).
  *  @return NZ_OK, NZ_E_TRUNCATED (shorter than its counts say), NZ_E_FORMAT
- *          (longer) or NZ_E_CORRUPT (escapes do not match the next level's
- *          count, set padding, a level-4 symbol wider than exp_bits). */
+ *          (longer) or NZ_E_CORRUPT (a level with more entries than the one
+ *          above, set padding, a level-4 symbol wider than exp_bits). */
 int nz_esc_open(const uint8_t *src, size_t len, uint64_t n, int exp_bits, nz_esc_view *v, nz_error *err);
 
-/** @return the scratch bytes nz_esc_decode_escapes needs for v. */
+/** @return the scratch bytes the decoders need for v (about n + n2 + n3:
+ *  sized so that even a corrupt section reads nothing outside it). */
 size_t nz_esc_scratch_bytes(const nz_esc_view *v);
 
-/** Decode levels 4..2 of a checked section into the symbol of every level-1
+/** Decode levels 4..2 of an opened section into the symbol of every level-1
  *  escape, in order, inside scratch[nz_esc_scratch_bytes(v)] (rotated: the
- *  symbols rotated right by one bit).
- *  @return a pointer into scratch (v->n[1] symbols, readable 32 bytes past). */
-const uint8_t *nz_esc_decode_escapes(const nz_esc_view *v, const nz_esc_table *t, int rotated,
-                                     uint8_t *scratch);
+ *  symbols rotated right by one bit); *esc points at them (readable 32 bytes
+ *  past). @return NZ_OK, or NZ_E_CORRUPT when a level's escapes do not
+ *  number the next level's entries. */
+int nz_esc_decode_escapes(const nz_esc_view *v, const nz_esc_table *t, int rotated, uint8_t *scratch,
+                          const uint8_t **esc, nz_error *err);
 
-/** Decode a checked section into out[v->n[0]]; scratch as for
- *  nz_esc_decode_escapes. */
-void nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, uint8_t *out);
+/** Decode an opened section into out[v->n[0]]; scratch as for
+ *  nz_esc_decode_escapes. @return NZ_OK or NZ_E_CORRUPT (escape counts;
+ *  out is then unspecified). */
+int nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, uint8_t *out, nz_error *err);
 
-/** Decode a checked section of 8-bit exponents to fp32 with its
+/** Decode an opened section of 8-bit exponents to fp32 with its
  *  sign+mantissa plane sm: mant 7 (the bf16 layout: byte i = sign << 7 |
  *  7 mantissa bits) or 3 (lossy-3: 4-bit fields sign << 3 | 3 mantissa bits,
- *  packed low nibble first); out[i] gets element i. */
-void nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                        int mant, float *out);
+ *  packed low nibble first); out[i] gets element i.
+ *  @return as nz_esc_decode. */
+int nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                       int mant, float *out, nz_error *err);
 
 #define NZ_ESC_GEMM_MAX 16 /* input rows of one fused multiply */
 
-/** Fused decode-and-multiply of a checked bf16-layout tile of rows x cols
- *  with M (1..NZ_ESC_GEMM_MAX) input rows x[m * cols + c] (sm, mant as for
- *  nz_esc_decode_bf16):
- *  y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c], the tile decoded once
- *  and never written (summation order differs from a plain dot product:
- *  agreement to rounding). xp[M * cols] is scratch. */
-void nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                      int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
-                      size_t ldy);
+/** Fused decode-and-multiply of an opened tile of rows x cols (sm, mant as
+ *  for nz_esc_decode_bf16) with M (1..NZ_ESC_GEMM_MAX) input rows
+ *  x[m * cols + c]: y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c], the
+ *  tile decoded once and never written (summation order differs from a
+ *  plain dot product: agreement to rounding). xp[M * cols] is scratch.
+ *  @return as nz_esc_decode (y unspecified on error). */
+int nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
+                     int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
+                     size_t ldy, nz_error *err);
 
 /* ------------------------------------------------------------- internal */
 
@@ -142,8 +148,6 @@ uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
  *  order of the kernels' weight vectors (runs of all rows together: the
  *  M-row kernel reads one contiguous block per run). */
 void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp);
-/** @return the escapes (fields equal to 3) in nbytes (a multiple of 32) bytes of blocks. */
-uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes);
 extern const int nz_esc_avx2_compiled; /* 1 when nz_esc_avx2.c was built with AVX2 */
 /** @return 1 when the AVX2 kernels are compiled in and chosen (NZ_SIMD). */
 int nz_esc_use_avx2(void);

@@ -198,16 +198,6 @@ void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {
         }
 }
 
-uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes) {
-    uint64_t c = 0;
-    for (uint64_t i = 0; i < nbytes; i += 8) {
-        uint64_t w;
-        __builtin_memcpy(&w, blk + i, 8);
-        c += (uint64_t)__builtin_popcountll(w & w >> 1 & 0x5555555555555555ull);
-    }
-    return c;
-}
-
 INLINE float hsum8(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -298,5 +288,4 @@ uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
     return 0;
 }
 void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {}
-uint64_t nz_esc_count_avx2(const uint8_t *blk, uint64_t nbytes) { return 0; }
 #endif

@@ -95,10 +95,10 @@ static void check_roundtrip(const uint8_t *s, uint64_t n, const nz_esc_table *t,
     nz_esc_view v;
     nz_error err = {0};
     if (nz_esc_open(sec, len, n, 8, &v, &err)) fail_msg("%s: open: %s", ctx, err.msg);
-    uint8_t *scratch = xmalloc(nz_esc_scratch_bytes(&v));
+    uint8_t *scratch = calloc(1, nz_esc_scratch_bytes(&v));
     uint8_t *out = xmalloc(n + 1);
     out[n] = 0xA5;
-    nz_esc_decode(&v, t, scratch, out);
+    if (nz_esc_decode(&v, t, scratch, out, &err)) fail_msg("%s: decode: %s", ctx, err.msg);
     assert_int_equal(out[n], 0xA5); /* nothing past n */
     for (uint64_t i = 0; i < n; i++)
         if (out[i] != s[i])
@@ -203,7 +203,7 @@ static void test_bf16_and_gemv(void **state) {
         uint8_t *sec = encode(e, n, &t, &len);
         nz_esc_view v;
         assert_int_equal(nz_esc_open(sec, len, n, 8, &v, NULL), NZ_OK);
-        uint8_t *scratch = xmalloc(nz_esc_scratch_bytes(&v));
+        uint8_t *scratch = calloc(1, nz_esc_scratch_bytes(&v));
         const size_t MX = NZ_ESC_GEMM_MAX, ldy = rows + 3;
         float *x = xmalloc(MX * cols * 4), *xp = xmalloc(MX * cols * 4), *w = xmalloc(n * 4),
               *y = xmalloc(MX * ldy * 4);
@@ -221,7 +221,7 @@ static void test_bf16_and_gemv(void **state) {
             int scalar = run & 1, mant = run < 2 ? 7 : 3;
             const uint8_t *plane = mant == 7 ? sm : sm3, *smb = mant == 7 ? sm : sm3b;
             nz_rans_force_scalar(scalar);
-            nz_esc_decode_bf16(&v, &t, scratch, plane, mant, w);
+            assert_int_equal(nz_esc_decode_bf16(&v, &t, scratch, plane, mant, w, NULL), NZ_OK);
             for (uint64_t i = 0; i < n; i++)
                 if (memcmp(&w[i], &(float){bf16f(e[i], smb[i])}, 4))
                     fail_msg("shape %zu %s mant %d: weight %llu is %g", si, scalar ? "scalar" : "simd", mant,
@@ -230,7 +230,9 @@ static void test_bf16_and_gemv(void **state) {
             for (size_t mi = 0; mi < sizeof Ms / sizeof *Ms; mi++) {
                 size_t M = Ms[mi];
                 for (size_t k = 0; k < MX * ldy; k++) y[k] = -7.0f; /* untouched outside the rows */
-                nz_esc_gemm_bf16(&v, &t, scratch, plane, mant, rows, cols, x, M, xp, y, M == 1 ? 1 : ldy);
+                assert_int_equal(nz_esc_gemm_bf16(&v, &t, scratch, plane, mant, rows, cols, x, M, xp, y,
+                                                  M == 1 ? 1 : ldy, NULL),
+                                 NZ_OK);
                 for (size_t m = 0; m < M; m++)
                     for (uint64_t r = 0; r < rows; r++) {
                         double want = 0, mag = 0;
@@ -278,6 +280,21 @@ static int open_err(const uint8_t *sec, size_t len, uint64_t n, int bits, const 
     return rc;
 }
 
+/* open (must succeed), then decode every way; the status (all must agree) */
+static int decode_err(const uint8_t *sec, size_t len, const nz_esc_table *t, const char *want) {
+    nz_esc_view v;
+    assert_int_equal(nz_esc_open(sec, len, 200, 8, &v, NULL), NZ_OK);
+    uint8_t *scratch = calloc(1, nz_esc_scratch_bytes(&v)), out[200];
+    float f[200], x[40] = {0}, xp[40], y[5];
+    nz_error err = {0};
+    int rc = nz_esc_decode(&v, t, scratch, out, &err);
+    if (rc && want && !strstr(err.msg, want)) fail_msg("error \"%s\" does not say \"%s\"", err.msg, want);
+    assert_int_equal(nz_esc_decode_bf16(&v, t, scratch, out, 7, f, NULL), rc);
+    assert_int_equal(nz_esc_gemm_bf16(&v, t, scratch, out, 7, 5, 40, x, 1, xp, y, 1, NULL), rc);
+    free(scratch);
+    return rc;
+}
+
 static void test_open_checks(void **state) {
     nz_esc_table t;
     uint8_t *s;
@@ -311,8 +328,16 @@ static void test_open_checks(void **state) {
         }
         if (sh < 8) break;
     }
-    bad[NZ_ESC_HDR + k] ^= (uint8_t)(2u << sh); /* field 3 -> 1 */
-    assert_int_equal(open_err(bad, len, 200, 8, "escapes for"), NZ_E_CORRUPT);
+    bad[NZ_ESC_HDR + k] ^= (uint8_t)(2u << sh);                /* field 3 -> 1 */
+    assert_int_equal(open_err(bad, len, 200, 8, NULL), NZ_OK); /* the decoders count, as they read */
+    assert_int_equal(decode_err(bad, len, &t, "escapes for"), NZ_E_CORRUPT);
+    /* more escapes than the next level holds: a symbol turned into an escape */
+    memcpy(bad, sec, len);
+    for (k = 0, sh = 8; sh == 8; k++)
+        for (sh = 0; sh < 8 && (sec[NZ_ESC_HDR + k] >> sh & 3) == 3; sh += 2) {
+        }
+    bad[NZ_ESC_HDR + k - 1] |= (uint8_t)(3u << sh);
+    assert_int_equal(decode_err(bad, len, &t, "escapes for"), NZ_E_CORRUPT);
     /* padding: 200 = 128 + 72 fields; set field 255 (byte 31 of level-1 block 1, bits 6-7) */
     memcpy(bad, sec, len);
     bad[NZ_ESC_HDR + 32 + 31] |= 0x40;
@@ -329,8 +354,10 @@ static void test_open_checks(void **state) {
         memcpy(bad, sec, len);
         bad[bit / 8] ^= (uint8_t)(1u << (bit % 8));
         if (nz_esc_open(bad, len, 200, 8, &v, NULL) == NZ_OK) {
-            uint8_t *scratch = xmalloc(nz_esc_scratch_bytes(&v));
-            nz_esc_decode(&v, &t, scratch, out);
+            uint8_t *scratch = calloc(1, nz_esc_scratch_bytes(&v));
+            nz_error err = {0};
+            int rc = nz_esc_decode(&v, &t, scratch, out, &err);
+            assert_true(rc == NZ_OK || (rc == NZ_E_CORRUPT && strstr(err.msg, "escapes for")));
             free(scratch);
         }
     }
