@@ -536,10 +536,10 @@ struct nz_dctx {
     uint32_t *dtab;    /* [4096] rANS decode table */
     uint64_t etab_id;  /* desc id whose ranks are in etab (0: none) */
     nz_esc_table etab; /* esc ranks and decode tables */
-    uint8_t *escr;     /* [escr_cap] esc levels 2-4 scratch */
+    uint8_t *escr;     /* [escr_cap bytes] esc levels 2-4 scratch */
     size_t escr_cap;
-    float *xp; /* [xp_cap] permuted GEMV input */
-    uint64_t xp_cap;
+    float *xp; /* [xp_cap bytes] permuted GEMV input */
+    size_t xp_cap;
     uint8_t *exps; /* [cap] exponent scratch */
     uint32_t *sm;  /* [cap] sign+mantissa scratch */
     uint64_t cap;
@@ -577,6 +577,16 @@ static int reserve(nz_dctx *dc, uint64_t n, nz_error *err) {
     dc->cap = dc->exps && dc->sm ? n : 0;
     if (!dc->cap) return nz_fail(err, NZ_E_NOMEM, "out of memory for decode scratch");
     return NZ_OK;
+}
+
+/* Grow a zero-filled scratch block to at least need bytes (contents are not
+ * kept). @return NZ_OK or NZ_E_NOMEM. */
+static int grow(void **buf, size_t *cap, size_t need, const char *what, nz_error *err) {
+    if (need <= *cap) return NZ_OK;
+    nz_free(*buf);
+    *buf = nz_calloc(1, need, NZ_MEM_SCRATCH);
+    *cap = *buf ? need : 0;
+    return *buf ? NZ_OK : nz_fail(err, NZ_E_NOMEM, "out of memory for %s", what);
 }
 
 /* The planes of a coded tile. */
@@ -619,14 +629,8 @@ static int esc_open(nz_dctx *dc, const nz_tensor_desc *d, const tile_view *v, nz
         nz_esc_table_build(d->freq, &dc->etab);
         dc->etab_id = d->id;
     }
-    size_t need = nz_esc_scratch_bytes(ev);
-    if (need > dc->escr_cap) {
-        nz_free(dc->escr);
-        dc->escr = nz_calloc(1, need, NZ_MEM_SCRATCH); /* a corrupt section may read past what it wrote */
-        dc->escr_cap = dc->escr ? need : 0;
-        if (!dc->escr) return nz_fail(err, NZ_E_NOMEM, "out of memory for esc scratch");
-    }
-    return NZ_OK;
+    /* zero-filled: a corrupt section may read past what it wrote */
+    return grow((void **)&dc->escr, &dc->escr_cap, nz_esc_scratch_bytes(ev), "esc scratch", err);
 }
 
 /* Locate the planes of tile t and decode its exponents into exps (unless
@@ -706,15 +710,21 @@ static int decode_raw(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, 
     return NZ_OK;
 }
 
-/* fp32 bits of element i from its fields (exp8 formats) */
-/* whether nz_join_f16_avx2 may run: built with it, the CPU has it, and the
- * vector kernels are not switched off (NZ_SIMD=scalar, nz_rans_set_kernel) */
+/* whether nz_join_f16_avx2 may run: the CPU has AVX2 and F16C (read once),
+ * and the vector kernels are not switched off (NZ_SIMD=scalar, nz_rans_set_kernel) */
 static int have_f16c(void) {
-    unsigned a, b, c, d; /* CPUID leaf 1: ECX bit 29 = F16C (clang's __builtin_cpu_supports lacks "f16c") */
-    return __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1) &&
-           nz_rans_active_kernel() != NZ_RANS_SCALAR;
+    static atomic_int cpu = -1;
+    int c = atomic_load_explicit(&cpu, memory_order_relaxed);
+    if (c < 0) {
+        unsigned a, b, ecx,
+            d; /* CPUID leaf 1: ECX bit 29 = F16C (clang's __builtin_cpu_supports lacks "f16c") */
+        c = __builtin_cpu_supports("avx2") && __get_cpuid(1, &a, &b, &ecx, &d) && (ecx >> 29 & 1);
+        atomic_store_explicit(&cpu, c, memory_order_relaxed);
+    }
+    return c && nz_rans_active_kernel() != NZ_RANS_SCALAR;
 }
 
+/* fp32 bits of element i from its fields (exp8 formats) */
 static inline uint32_t join8(uint32_t e, uint32_t sm, int mb) {
     return (sm >> mb) << 31 | e << 23 | (sm & ((1u << mb) - 1)) << (23 - mb);
 }
@@ -780,12 +790,7 @@ int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
     if (d->coder == NZ_CODER_ESC) {
         nz_esc_view ev;
         rc = esc_open(dc, d, &v, &ev, err);
-        if (!rc && M * d->cols > dc->xp_cap) {
-            nz_free(dc->xp);
-            dc->xp = nz_malloc(M * d->cols * sizeof *dc->xp, NZ_MEM_SCRATCH);
-            dc->xp_cap = dc->xp ? M * d->cols : 0;
-            if (!dc->xp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for GEMV scratch");
-        }
+        if (!rc) rc = grow((void **)&dc->xp, &dc->xp_cap, M * d->cols * sizeof *dc->xp, "GEMV scratch", err);
         if (!rc)
             rc = nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, d->mant_bits, rows, d->cols, x, M, dc->xp,
                                   y, ldy, err);

@@ -20,31 +20,16 @@ import argparse
 import json
 import os
 import shutil
-import struct
+import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "convert"))
+from fairseq_cmlm import f32_to_bf16_bits, write_safetensors  # noqa: E402
+
 
 def bf16_round(a):
-    u = a.astype(np.float32).view(np.uint32)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return u.view(np.float32)
-
-
-def write_safetensors(path, tensors):
-    header, off, blobs = {}, 0, []
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(a, dtype=np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
-        off += len(b)
-        blobs.append(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
+    return (f32_to_bf16_bits(a).astype(np.uint32) << 16).view(np.float32)
 
 
 def main():
@@ -112,7 +97,8 @@ def main():
     for i in range(o.at_decoder_layers):
         layer("at_decoder.layers.%d" % i, True)
     os.makedirs(o.out, exist_ok=True)
-    write_safetensors(os.path.join(o.out, "model.safetensors"), T)
+    write_safetensors(os.path.join(o.out, "model.safetensors"), [(k, a, "F32") for k, a in T.items()],
+                      {"format": "pt"})
     with open(os.path.join(o.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     for name in (cfg["spm_model"], cfg["dictionary"]):
