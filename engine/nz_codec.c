@@ -33,13 +33,6 @@ static inline float u2f(uint32_t u) {
     return f;
 }
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static inline uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline void wr32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
 /* ------------------------------------------------------------- float helpers */
 
 /* Branch-free binary16 -> fp32 (vectorises): normals rebias the exponent
@@ -263,7 +256,7 @@ static inline uint32_t src_f32_bits(nz_dtype dt, const uint8_t *src, uint64_t i)
     case NZ_DT_F16:
         return f2u(nz_f16_to_f32(rd16(src + 2 * i)));
     default:
-        return rd32(src + 4 * i);
+        return nz_rd32le(src + 4 * i);
     }
 }
 
@@ -297,7 +290,7 @@ static int split(const nz_tensor_desc *d, const void *srcv, uint64_t n, uint8_t 
                 e[i] = (h >> 10) & 0x1f;
                 sm[i] = (uint32_t)(h >> 15) << 10 | (h & 0x3ff);
             } else {
-                uint32_t u = rd32(src + 4 * i);
+                uint32_t u = nz_rd32le(src + 4 * i);
                 e[i] = (uint8_t)(u >> 23);
                 sm[i] = (u >> 31) << 23 | (u & 0x7fffff);
             }
@@ -496,8 +489,8 @@ int nz_tile_encode(const nz_tensor_desc *d, uint64_t t, const void *src, uint8_t
         rc = nz_fail(err, NZ_E_INVALID_ARG, "exponent section too large");
         goto done;
     }
-    wr32(dst, (uint32_t)elen);
-    wr32(dst + 4, lanes);
+    nz_wr32le(dst, (uint32_t)elen);
+    nz_wr32le(dst + 4, lanes);
     uint8_t *p = dst + TILE_HDR + elen;
     pack_sm(sm, n, 1 + d->mant_bits, p);
     p += sm_bytes(d, n);
@@ -605,8 +598,8 @@ static int frame_tile(const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, 
     v->n = nz_desc_tile_nrows(d, t) * d->cols;
     uint64_t fixed = nz_desc_tile_fixed_bytes(d, t);
     if (len < TILE_HDR) return nz_fail(err, NZ_E_TRUNCATED, "tile of %zu bytes has no header", len);
-    v->elen = rd32(tile);
-    v->lanes = rd32(tile + 4);
+    v->elen = nz_rd32le(tile);
+    v->lanes = nz_rd32le(tile + 4);
     if (d->coder == NZ_CODER_RANS ? v->lanes != 32 && v->lanes != 64 : v->lanes != 0)
         return nz_fail(err, NZ_E_FORMAT, "tile header lane count %u invalid for coder %s", v->lanes,
                        nz_coder_name(d->coder));

@@ -37,6 +37,16 @@ enum {
 #define NZ_ERROR_MSG_MAX 320
 
 /** Error details filled by a failing call. */
+/** @return the little-endian u32 at p (any alignment). */
+static inline uint32_t nz_rd32le(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/** Store v at p as a little-endian u32 (any alignment). */
+static inline void nz_wr32le(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
 typedef struct nz_error {
     int code;                   /* one of NZ_E_* */
     char msg[NZ_ERROR_MSG_MAX]; /* NUL-terminated human-readable message */

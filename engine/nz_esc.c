@@ -6,16 +6,6 @@
 
 #include <string.h>
 
-static inline uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static inline void wr32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> 8 * i);
-}
-
-static inline uint64_t rd64(const uint8_t *p) { return (uint64_t)rd32(p) | (uint64_t)rd32(p + 4) << 32; }
-
 static inline uint8_t rotr1(uint8_t s) { return (uint8_t)(s >> 1 | s << 7); }
 
 static uint64_t level_bytes(int l, uint64_t n) {
@@ -74,7 +64,7 @@ int nz_esc_encode(const uint8_t *sym, uint64_t n, const nz_esc_table *t, uint8_t
     for (int l = 0; l < NZ_ESC_LEVELS; l++) total += level_bytes(l, cnt[l]);
     if (total > cap) return nz_fail(err, NZ_E_INVALID_ARG, "esc output buffer too small");
     memset(dst, 0, total);
-    for (int l = 1; l < NZ_ESC_LEVELS; l++) wr32(dst + 4 * (l - 1), (uint32_t)cnt[l]);
+    for (int l = 1; l < NZ_ESC_LEVELS; l++) nz_wr32le(dst + 4 * (l - 1), (uint32_t)cnt[l]);
     uint8_t *lv[NZ_ESC_LEVELS];
     lv[0] = dst + NZ_ESC_HDR;
     for (int l = 1; l < NZ_ESC_LEVELS; l++) lv[l] = lv[l - 1] + level_bytes(l - 1, cnt[l - 1]);
@@ -100,7 +90,7 @@ int nz_esc_open(const uint8_t *src, size_t len, uint64_t n, int exp_bits, nz_esc
     if (len < NZ_ESC_HDR) return nz_fail(err, NZ_E_TRUNCATED, "esc section of %zu bytes has no header", len);
     v->n[0] = n;
     for (int l = 1; l < NZ_ESC_LEVELS; l++) {
-        v->n[l] = rd32(src + 4 * (l - 1));
+        v->n[l] = nz_rd32le(src + 4 * (l - 1));
         if (v->n[l] > v->n[l - 1])
             return nz_fail(err, NZ_E_CORRUPT, "esc level %d holds %llu entries, more than level %d's %llu",
                            l + 1, (unsigned long long)v->n[l], l, (unsigned long long)v->n[l - 1]);

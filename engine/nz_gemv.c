@@ -8,10 +8,6 @@
 #define RANS_L    (1u << 16)
 #define SLOT_MASK (NZ_RANS_PROB_SCALE - 1)
 
-static inline uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 static inline float bf16_f32(uint32_t e, uint32_t sm) {
     uint32_t b = (sm & 0x80u) << 24 | (e & 0xffu) << 23 | (sm & 0x7fu) << 16;
     float f;
@@ -101,7 +97,7 @@ static int run_init(const nz_gemv_job *j, nz_gemv_run *r, nz_error *err) {
     if ((j->len - hdr) % 2)
         return nz_fail(err, NZ_E_CORRUPT, "rANS stream length %zu is not header + whole words", j->len);
     for (int k = 0; k < j->lanes; k++) {
-        r->st[k] = rd32(j->src + 4 * k);
+        r->st[k] = nz_rd32le(j->src + 4 * k);
         if (r->st[k] < RANS_L) return nz_fail(err, NZ_E_CORRUPT, "rANS initial state %d out of range", k);
     }
     r->p = j->src + hdr;

@@ -19,16 +19,6 @@
 #endif
 #define RANS_L NZ_RANS_L
 
-static inline uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static inline void wr32(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16);
-    p[3] = (uint8_t)(v >> 24);
-}
-
 /* ---------------------------------------------------------------- tables */
 
 int nz_rans_normalize(const uint64_t counts[256], uint32_t freq[256]) {
@@ -148,7 +138,7 @@ int nz_rans_encode(const uint8_t *sym, size_t n, const uint32_t freq[256], int l
         }
         *xs = ((*xs / f) << NZ_RANS_PROB_BITS) + (*xs % f) + cum[s];
     }
-    for (int j = 0; j < lanes; j++) wr32(dst + 4 * j, x[j]);
+    for (int j = 0; j < lanes; j++) nz_wr32le(dst + 4 * j, x[j]);
     size_t words = (size_t)(dst + cap - wp);
     memmove(lo, wp, words);
     *out_len = hdr + words;
@@ -407,7 +397,7 @@ static int dec_common(const uint8_t *src, size_t len, int lanes, const uint32_t 
         return nz_fail(err, NZ_E_CORRUPT, "rANS stream length %zu is not header + whole words", len);
     uint32_t x[NZ_RANS_MAX_LANES] __attribute__((aligned(64)));
     for (int j = 0; j < lanes; j++) {
-        x[j] = rd32(src + 4 * j);
+        x[j] = nz_rd32le(src + 4 * j);
         if (x[j] < RANS_L) return nz_fail(err, NZ_E_CORRUPT, "rANS initial state %d out of range", j);
     }
     const uint8_t *p = src + hdr, *end = src + len;
