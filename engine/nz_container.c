@@ -20,9 +20,6 @@ static uint64_t rd64(const uint8_t *p) {
     for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
     return v;
 }
-static uint32_t rd32(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
 static void wr64(uint8_t *p, uint64_t v) {
     for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
@@ -321,7 +318,7 @@ static int load(nz_model *m, nz_error *err) {
     if (len < NZ_CONTAINER_PREFIX)
         return nz_fail(err, NZ_E_TRUNCATED, "truncated: %" PRIu64 " bytes, shorter than the %d-byte prefix",
                        len, NZ_CONTAINER_PREFIX);
-    uint32_t version = rd32(b + 8), flags = rd32(b + 12);
+    uint32_t version = nz_rd32le(b + 8), flags = nz_rd32le(b + 12);
     if (version != NZ_CONTAINER_VERSION)
         return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported version %u (this build reads version %d)", version,
                        NZ_CONTAINER_VERSION);
