@@ -299,7 +299,7 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
     obuf b = {0};
     ob_reserve(&b, 16384);
 
-    family(&b, "nzserve_requests_total", "counter", "Finished HTTP requests by route and status code.");
+    family(&b, "nzserve_requests_total", "counter", "Answered HTTP requests by route and status code (counted as the response is queued).");
     for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
         for (size_t s = 0; s < N_STATUS; s++) {
             if (!d->requests[r][s]) continue;
@@ -319,11 +319,11 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
         if (d->duration[r].count)
             hist_lines(&b, "nzserve_request_duration_seconds", "route", ROUTE_LABELS[r], &d->duration[r]);
 
-    family(&b, "nzserve_input_tokens_total", "counter", "Input tokens of finished requests, by route.");
+    family(&b, "nzserve_input_tokens_total", "counter", "Input tokens of answered requests, by route.");
     for (int r = 0; r < SRV_ROUTE_COUNT; r++)
         if (d->duration[r].count)
             sample_u64(&b, "nzserve_input_tokens_total", "route", ROUTE_LABELS[r], d->tokens_in[r]);
-    family(&b, "nzserve_output_tokens_total", "counter", "Output tokens of finished requests, by route.");
+    family(&b, "nzserve_output_tokens_total", "counter", "Output tokens of answered requests, by route.");
     for (int r = 0; r < SRV_ROUTE_COUNT; r++)
         if (d->duration[r].count)
             sample_u64(&b, "nzserve_output_tokens_total", "route", ROUTE_LABELS[r], d->tokens_out[r]);

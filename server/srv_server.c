@@ -82,6 +82,7 @@ typedef struct srv_req {
     atomic_int fd;     /* the client socket, for disconnect checks (-1 once the connection ended) */
     atomic_int cancel; /* CANCEL_* */
     uint64_t tokens_in, tokens_out;
+    int counted;                 /* in the request metrics already (count_request) */
     size_t batch_texts;          /* texts decoded together with this request's (its own included) */
     struct srv_req *next, *prev; /* queue / running list */
     /* server-sent events (a dialogue request with "stream": true, from queueing on): the worker appends
@@ -309,6 +310,15 @@ static void respond_fail(srv_req *r, int status, const char *fmt, ...) {
     respond_error(r, &e);
 }
 
+/* Count r once in the request metrics (requests, duration, tokens) with the given status. Called just
+ * before r's response is queued, so whatever a client reads after its response (/metrics) includes it;
+ * retire counts a request that never got that far (the client left first: 499). */
+static void count_request(srv_req *r, int status) {
+    if (r->counted) return;
+    r->counted = 1;
+    srv_metrics_observe(r->s->metrics, r->route, status, now_s() - r->t0, r->tokens_in, r->tokens_out);
+}
+
 /* A JSON string of s[0..n), replacing invalid UTF-8 with U+FFFD. */
 static json_t *json_text(const char *s, size_t n) {
     json_t *j = json_stringn(s, n);
@@ -503,6 +513,7 @@ static void stream_close(srv_req *r) {
         sse_append(r, ok ? "done" : "error", r->resp ? r->resp : oom, r->resp ? r->resp_len : sizeof oom - 1))
         srv_log(SRV_LOG_WARN, "stream_truncated", "path", SRV_KV_STR, r->path, "reason", SRV_KV_STR,
                 "out of memory", NULL);
+    if (!r->sorphan) count_request(r, r->status); /* an orphan is counted when retired (499) */
     r->sdone = 1;
     r->sjob = 0;
     const int resume = r->ssuspended, orphan = r->sorphan, term_ok = r->sterm_ok;
@@ -1227,6 +1238,7 @@ static enum MHD_Result queue_response(struct MHD_Connection *c, srv_req *r) {
         MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, v);
     }
     if (r->close) MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    count_request(r, r->status);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
     return ok;
@@ -1313,15 +1325,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     return queue_response(c, r);
 }
 
-/* The end of a request: access-log line, request metrics, free. term_ok: the response was sent in full
- * (else the status is 499, the client left first). */
+/* The end of a request: access-log line, request metrics unless counted when its response was queued,
+ * free. term_ok: the response was sent in full (else the access log says 499, the client left first). */
 static void retire(srv_req *r, int term_ok) {
     srv_server *s = r->s;
     double t = now_s();
     /* 499 (nginx's "client closed request"): the client left before the response was sent; a stream
      * records the status of its outcome (200 "done", or the code of its "error" event) */
     int status = r->responded && term_ok ? r->status : 499;
-    srv_metrics_observe(s->metrics, r->route, status, t - r->t0, r->tokens_in, r->tokens_out);
     srv_log_level lvl =
         r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY || r->route == SRV_ROUTE_METRICS
             ? SRV_LOG_DEBUG
@@ -1335,6 +1346,8 @@ static void retire(srv_req *r, int term_ok) {
                 SRV_KV_UINT, (unsigned long long)r->batch_texts, "stream", SRV_KV_INT, (long long)r->sse,
                 "tokens_in", SRV_KV_UINT, (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
                 (unsigned long long)r->tokens_out, NULL);
+    /* after the log line: whoever sees the count (a 499) finds the line */
+    count_request(r, status); /* no-op when the response was counted as it was queued */
     srv_translate_req_free(&r->tr);
     srv_dialogue_req_free(&r->dr);
     nz_free(r->body);

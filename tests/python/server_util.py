@@ -421,6 +421,18 @@ class Server:
             time.sleep(0.02)
         raise AssertionError(f"{name}{labels} = {v} did not satisfy the condition within {timeout} s")
 
+    def wait_access(self, pred, timeout=10):
+        """Poll the access log until pred(lines) holds: a request's line is written when its connection
+        ends, which may trail the response the client read. @return the lines."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = access_log(self.log())
+            if pred(lines):
+                return lines
+            if time.monotonic() > deadline:
+                raise AssertionError(f"access log did not satisfy the condition within {timeout} s:\n{lines}")
+            time.sleep(0.02)
+
     def wait_log(self, pattern, timeout=10):
         """Poll the log until the regex pattern matches. @return the match."""
         deadline = time.monotonic() + timeout
@@ -430,6 +442,24 @@ class Server:
                 return m
             time.sleep(0.02)
         raise AssertionError(f"{pattern!r} not logged within {timeout} s:\n{self.log()}")
+
+
+def log_events(log, event):
+    """logfmt lines of one event."""
+    return [l for l in log.splitlines() if re.search(rf"\bevent={event}\b", l)]
+
+
+def logfmt(line):
+    """The key=value fields of a logfmt line (quoted values unescaped)."""
+    out = {}
+    for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line):
+        out[k] = json.loads(v) if v.startswith('"') else v
+    return out
+
+
+def access_log(log):
+    """The fields of every access-log (event=request) line."""
+    return [logfmt(l) for l in log_events(log, "request")]
 
 
 def listening_port(line):

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import server_util as U
-from server_util import Server
+from server_util import Server, access_log
 
 import test_t5md_parity as P
 
@@ -97,15 +97,6 @@ def joined(th, out, timeout=30):
     if "error" in out:
         raise out["error"]
     return out["value"]
-
-
-def access_log(log):
-    out = []
-    for line in log.splitlines():
-        if re.search(r"\bevent=request\b", line):
-            out.append({k: (json.loads(v) if v.startswith('"') else v)
-                        for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line)})
-    return out
 
 
 # ------------------------------------------------------------------ reference
@@ -387,7 +378,8 @@ class TestDialogue:
         u = srv.dialogue({"context": CONTEXTS[1], "max_new_tokens": MNT}).json()["usage"]
         ev = U.parse_sse(srv.stream({"context": CONTEXTS[3], "max_new_tokens": MNT, "stream": True}).body)
         u2 = ev[-1][1]["usage"]
-        srv.wait_metric("nzserve_requests_total", lambda v: v == n200 + 2, route="/v1/dialogue", status="200")
+        # counted before the response (the stream's last event) was queued
+        assert srv.metric("nzserve_requests_total", route="/v1/dialogue", status="200") == n200 + 2
         s1 = srv.metrics()
         assert U.metric(s1, "nzserve_input_tokens_total", route="/v1/dialogue") == \
             tin + u["input_tokens"] + u2["input_tokens"]
@@ -395,7 +387,8 @@ class TestDialogue:
             tout + u["output_tokens"] + u2["output_tokens"]
         assert U.metric(s1, "nzserve_request_duration_seconds_count", route="/v1/dialogue") >= n200 + 2
         # the access log has the dialogue requests, streamed ones marked
-        lines = [l for l in access_log(srv.log()) if l["path"] == "/v1/dialogue" and l["status"] == "200"]
+        ok = lambda ls: [l for l in ls if l["path"] == "/v1/dialogue" and l["status"] == "200"]
+        lines = ok(srv.wait_access(lambda ls: len(ok(ls)) >= n200 + 2))
         assert any(l["stream"] == "1" for l in lines) and any(l["stream"] == "0" for l in lines)
         assert all(l["model"] == "m" and int(l["tokens_in"]) > 0 for l in lines)
 
@@ -597,7 +590,7 @@ def test_deadline_504(dmodel):
         assert events[-1][1]["error"]["type"] == "deadline_exceeded"
         assert all(e == "token" for e, _ in events[:-1])
         assert s.metric("nzserve_rejected_total", reason="deadline") == 2
-        s.wait_metric("nzserve_requests_total", lambda v: v == 2, route="/v1/dialogue", status="504")
+        assert s.metric("nzserve_requests_total", route="/v1/dialogue", status="504") == 2
         assert s.metric("nzserve_requests_in_flight") == 0
         assert s.dialogue({"context": "hi", "max_new_tokens": 2}).status == 200  # the worker is free
 

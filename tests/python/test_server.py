@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import server_util as U
-from server_util import Server
+from server_util import Server, access_log, log_events
 
 import test_translate_cli as T  # the model builder, words(), fairseq_text(), translate()
 
@@ -100,24 +100,6 @@ def joined(th, out, timeout=20):
     if "error" in out:
         raise out["error"]
     return out["value"]
-
-
-def log_events(log, event):
-    """logfmt lines of one event."""
-    return [l for l in log.splitlines() if re.search(rf"\bevent={event}\b", l)]
-
-
-def logfmt(line):
-    """The key=value fields of a logfmt line (quoted values unescaped)."""
-    out = {}
-    for k, v in re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line):
-        out[k] = json.loads(v) if v.startswith('"') else v
-    return out
-
-
-def access_log(log):
-    """The fields of every access-log (event=request) line."""
-    return [logfmt(l) for l in log_events(log, "request")]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -211,15 +193,21 @@ class TestEndpoints:
         assert U.metric(s, "nzserve_resident_memory_bytes") > 0
         assert U.metric(s, "nzserve_tiles_decoded_total") > 0
         assert U.metric(s, "nzserve_queue_depth") == 0 and U.metric(s, "nzserve_requests_in_flight") == 0
-        # a request is counted (on completion, which may trail the response a little)
-        before = srv.metric("nzserve_requests_total", route="/v1/models", status="200") or 0
+        # a request is counted before its response is queued: whatever is read after it includes it
+        s = srv.metrics()
+        before = U.metric(s, "nzserve_requests_total", route="/v1/models", status="200") or 0
         tokens_in = U.metric(s, "nzserve_input_tokens_total", route="/v1/translate")
+        tokens_out = U.metric(s, "nzserve_output_tokens_total", route="/v1/translate")
         assert tokens_in >= tr.json()["usage"]["input_tokens"] > 0
+        assert tokens_out >= tr.json()["usage"]["output_tokens"] > 0
         assert srv.get("/v1/models").status == 200
-        srv.wait_metric("nzserve_requests_total", lambda v: v == before + 1, route="/v1/models", status="200")
+        assert srv.metric("nzserve_requests_total", route="/v1/models", status="200") == before + 1
         tr = srv.translate({"text": LINES[3]})
-        srv.wait_metric("nzserve_input_tokens_total", lambda v: v == tokens_in + tr.json()["usage"]["input_tokens"],
-                        route="/v1/translate")
+        s = srv.metrics()
+        assert U.metric(s, "nzserve_input_tokens_total", route="/v1/translate") == \
+            tokens_in + tr.json()["usage"]["input_tokens"]
+        assert U.metric(s, "nzserve_output_tokens_total", route="/v1/translate") == \
+            tokens_out + tr.json()["usage"]["output_tokens"]
         s = srv.metrics()
         assert U.metric(s, "nzserve_request_duration_seconds_count", route="/v1/translate") >= 2
         assert U.metric(s, "nzserve_request_duration_seconds_bucket", route="/v1/translate", le="+Inf") >= 2
@@ -839,7 +827,8 @@ def test_batched_request_released_alone(model_path):
             r = U.raw_read_response(k)
             assert r.status == 200, r
             assert json.loads(r.body)["translations"][0]["text"] is not None
-        lines = [l for l in access_log(s.log()) if l["path"] == "/v1/translate" and l["status"] == "200"]
+        ok = lambda ls: [l for l in ls if l["path"] == "/v1/translate" and l["status"] == "200"]
+        lines = ok(s.wait_access(lambda ls: len(ok(ls)) >= 2))
         assert max(int(l["batch_texts"]) for l in lines) == 3, lines
         # a batch member whose deadline passes gets its 504 on time, not when the batch ends
         busy = U.raw_connect(s.port)
