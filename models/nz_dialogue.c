@@ -3,19 +3,88 @@
 
 #include "nz_alloc.h"
 #include "nz_container.h"
+#include "nz_mconfig.h"
 
 #include <math.h>
 #include <string.h>
 
 struct nz_dialogue {
-    nz_model *model;  /* the mapped .nzp */
-    nz_t5md *t5md;    /* network, borrows model */
-    nz_t5md_tok *tok; /* tokenizer from the embedded spm.model + config.json */
+    nz_model *model;      /* the mapped .nzp */
+    nz_t5md *t5md;        /* network, borrows model */
+    nz_t5md_tok *tok;     /* tokenizer from the embedded spm.model + config.json */
+    nz_dlg_opts defaults; /* nz_dlg_opts_default + config "generation" */
 };
 
 void nz_dlg_opts_default(nz_dlg_opts *o) {
     memset(o, 0, sizeof *o);
     nz_t5md_opts_default(&o->gen);
+}
+
+void nz_dlg_choice_init(nz_dlg_choice *c) {
+    c->strategy = c->beam_size = c->top_k = c->max_new_tokens = c->no_repeat_ngram = c->distinct = -1;
+    c->temperature = c->top_p = NAN;
+}
+
+static const char *const STRATEGIES[] = {"greedy", "beam", "sample"}; /* nz_t5md_strategy order */
+
+int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *c, nz_error *err) {
+    static const char *const known[] = {"strategy", "beam_size",      "temperature",          "top_k",
+                                        "top_p",    "max_new_tokens", "no_repeat_ngram_size", "distinct"};
+    nz_dlg_choice_init(c);
+    if (!obj) return NZ_OK;
+    if (!json_is_object(obj)) return nz_fail(err, NZ_E_FORMAT, "%s must be an object", what);
+    int rc = nz_gen_keys(obj, what, known, sizeof known / sizeof *known, err);
+    if (!rc) rc = nz_gen_enum(obj, what, "strategy", STRATEGIES, 3, &c->strategy, err);
+    if (!rc) rc = nz_gen_int(obj, what, "beam_size", 1, NZ_T5MD_MAX_BEAM, &c->beam_size, err);
+    if (!rc) rc = nz_gen_number(obj, what, "temperature", 0, 0, 100, &c->temperature, err);
+    if (!rc) rc = nz_gen_int(obj, what, "top_k", 0, 1000000, &c->top_k, err);
+    if (!rc) rc = nz_gen_number(obj, what, "top_p", 0, 1, 1, &c->top_p, err);
+    if (!rc) rc = nz_gen_int(obj, what, "max_new_tokens", 1, NZ_T5MD_MAX_NEW_TOKENS, &c->max_new_tokens, err);
+    if (!rc)
+        rc = nz_gen_int(obj, what, "no_repeat_ngram_size", 0, NZ_T5MD_MAX_NEW_TOKENS, &c->no_repeat_ngram,
+                        err);
+    if (!rc) rc = nz_gen_bool(obj, what, "distinct", &c->distinct, err);
+    return rc;
+}
+
+int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err) {
+    if (c->strategy > NZ_T5MD_SAMPLE || c->beam_size == 0 || c->beam_size > NZ_T5MD_MAX_BEAM ||
+        c->temperature < 0 || c->top_k < -1 || c->top_p <= 0 || c->top_p > 1 || c->max_new_tokens == 0 ||
+        c->max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS || c->no_repeat_ngram > NZ_T5MD_MAX_NEW_TOKENS ||
+        c->distinct > 1)
+        return nz_fail(err, NZ_E_INVALID_ARG,
+                       "dialogue options out of range: strategy %d, beam_size %d, temperature %g, top_k %d, "
+                       "top_p %g, max_new_tokens %d, no_repeat_ngram_size %d",
+                       c->strategy, c->beam_size, (double)c->temperature, c->top_k, (double)c->top_p,
+                       c->max_new_tokens, c->no_repeat_ngram);
+    if (c->strategy >= 0) o->gen.strategy = (nz_t5md_strategy)c->strategy;
+    if (c->beam_size > 0) o->gen.beam_size = c->beam_size;
+    if (!isnan(c->temperature)) o->gen.temperature = c->temperature;
+    if (c->top_k >= 0) o->gen.top_k = (uint32_t)c->top_k;
+    if (!isnan(c->top_p)) o->gen.top_p = c->top_p;
+    if (c->max_new_tokens > 0) o->gen.max_new_tokens = c->max_new_tokens;
+    if (c->no_repeat_ngram >= 0) o->gen.no_repeat_ngram = c->no_repeat_ngram;
+    if (c->distinct >= 0) o->distinct = c->distinct;
+    return NZ_OK;
+}
+
+json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o) {
+    const nz_t5md_opts *g = &o->gen;
+    int s = g->strategy >= NZ_T5MD_GREEDY && g->strategy <= NZ_T5MD_SAMPLE ? (int)g->strategy : 0;
+    return json_pack("{s:s, s:i, s:f, s:I, s:f, s:i, s:i, s:b}", "strategy", STRATEGIES[s], "beam_size",
+                     g->beam_size, "temperature", (double)g->temperature, "top_k", (json_int_t)g->top_k,
+                     "top_p", (double)g->top_p, "max_new_tokens", g->max_new_tokens, "no_repeat_ngram_size",
+                     g->no_repeat_ngram, "distinct", o->distinct);
+}
+
+/* The model's defaults: nz_dlg_opts_default + its config's "generation". @return NZ_OK or an error. */
+static int read_defaults(nz_dialogue *d, nz_error *err) {
+    nz_dlg_opts_default(&d->defaults);
+    const json_t *cfg = nz_model_config(d->model);
+    nz_dlg_choice c;
+    int rc = nz_dlg_choice_from_json(cfg ? nz_cfg_get(cfg, "generation") : NULL, "config.json generation", &c,
+                                     err);
+    return rc ? rc : nz_dlg_choice_apply(&c, &d->defaults, err);
 }
 
 void nz_dlg_result_free(nz_dlg_result *r) {
@@ -36,6 +105,7 @@ int nz_dialogue_open(const char *path, nz_dialogue **out, nz_error *err) {
     if (!rc && (rc = nz_t5md_load(d->model, &d->t5md, err))) nz_fail_prefix(err, "%s: ", path);
     if (!rc && (rc = nz_t5md_tok_load(d->model, nz_t5md_get_config(d->t5md), &d->tok, err)))
         nz_fail_prefix(err, "%s: ", path);
+    if (!rc && (rc = read_defaults(d, err))) nz_fail_prefix(err, "%s: ", path);
     if (rc) {
         nz_dialogue_free(d);
         return rc;
@@ -52,6 +122,7 @@ void nz_dialogue_free(nz_dialogue *d) {
     nz_free(d);
 }
 
+const nz_dlg_opts *nz_dialogue_defaults(const nz_dialogue *d) { return &d->defaults; }
 const nz_model *nz_dialogue_model(const nz_dialogue *d) { return d->model; }
 const nz_t5md *nz_dialogue_t5md(const nz_dialogue *d) { return d->t5md; }
 const nz_t5md_tok *nz_dialogue_tok(const nz_dialogue *d) { return d->tok; }

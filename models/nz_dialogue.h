@@ -33,6 +33,25 @@
  * length, negligible next to a decoder step for responses of a few hundred
  * tokens).
  *
+ * Per-model decoding defaults: a model's config.json may carry a
+ * "generation" object with its recommended decoding options, under the names
+ * of the /v1/dialogue request fields:
+ *   "strategy":             "greedy" | "beam" | "sample"
+ *   "beam_size":            int 1..NZ_T5MD_MAX_BEAM
+ *   "temperature":          number 0..100 (sample)
+ *   "top_k":                int 0..1000000 (sample; 0 = no cut)
+ *   "top_p":                number in (0, 1] (sample; 1 = no cut)
+ *   "max_new_tokens":       int 1..NZ_T5MD_MAX_NEW_TOKENS
+ *   "no_repeat_ngram_size": int 0..NZ_T5MD_MAX_NEW_TOKENS (0 = off)
+ *   "distinct":             bool
+ * Absent keys keep nz_dlg_opts_default's value; an unknown key or a bad value
+ * refuses the model at open, naming the key. Options of a strategy the
+ * model's default does not use are kept for requests that choose that
+ * strategy (e.g. a default temperature for "sample" with greedy by default).
+ * `nzp pack --set generation.KEY=VALUE` writes them; callers (nzp chat, the
+ * server) start from nz_dialogue_defaults and apply what the user chose
+ * (nz_dlg_choice).
+ *
  * Memory: the context ids, the responses and the streaming buffers are
  * NZ_MEM_OTHER; nz_t5md_generate's activations and KV caches are
  * NZ_MEM_ACTIVATIONS / NZ_MEM_KV. Nothing here calls exit().
@@ -41,6 +60,8 @@
 #define NZ_DIALOGUE_H
 
 #include "nz_t5md.h"
+
+#include <jansson.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -69,6 +90,35 @@ typedef struct nz_dlg_opts {
 
 /** Fill o with the defaults. */
 void nz_dlg_opts_default(nz_dlg_opts *o);
+
+/** Decoding options chosen by a request, a command line or a model's
+ *  "generation" object; -1 / NAN = not chosen (nz_dlg_choice_init). */
+typedef struct nz_dlg_choice {
+    int strategy;        /* nz_t5md_strategy */
+    int beam_size;       /* 1..NZ_T5MD_MAX_BEAM */
+    float temperature;   /* >= 0 */
+    int top_k;           /* >= 0 */
+    float top_p;         /* (0, 1] */
+    int max_new_tokens;  /* 1..NZ_T5MD_MAX_NEW_TOKENS */
+    int no_repeat_ngram; /* 0..NZ_T5MD_MAX_NEW_TOKENS */
+    int distinct;        /* 0/1 */
+} nz_dlg_choice;
+
+/** Set every field of c to "not chosen". */
+void nz_dlg_choice_init(nz_dlg_choice *c);
+
+/** Read a "generation" object (keys as in the header comment) into c (NULL
+ *  obj: nothing chosen); what names the object in messages.
+ *  @return NZ_OK, or NZ_E_FORMAT naming the unknown key or bad value. */
+int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *c, nz_error *err);
+
+/** Apply the chosen fields of c to o (ranges checked as in the header).
+ *  @return NZ_OK, or NZ_E_INVALID_ARG naming the field (o unchanged). */
+int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err);
+
+/** Describe o's decoding options as a "generation" object (every key set).
+ *  @return a new JSON object, or NULL when out of memory. */
+json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o);
 
 /** One decoder's response. */
 typedef struct nz_dlg_response {
@@ -102,6 +152,10 @@ int nz_dialogue_open(const char *path, nz_dialogue **out, nz_error *err);
 
 /** Free a dialogue model (tokenizer, network, mapping). Accepts NULL. */
 void nz_dialogue_free(nz_dialogue *d);
+
+/** @return the model's decoding defaults: nz_dlg_opts_default with its
+ *  config's "generation" applied (no decoders, hooks or stop). */
+const nz_dlg_opts *nz_dialogue_defaults(const nz_dialogue *d);
 
 /** @return the opened container (for cache and memory accounting). */
 const nz_model *nz_dialogue_model(const nz_dialogue *d);

@@ -35,6 +35,30 @@ int nz_cfg_str(const json_t *c, const char *k, const char *def, const char **v, 
  *  @return NZ_OK, or NZ_E_UNSUPPORTED naming k. */
 int nz_cfg_fixed(const json_t *c, const char *k, int want, const char *why, nz_error *err);
 
+/* Readers of a "generation" object (a model's recommended decoding options:
+ * nz_translator.h, nz_dialogue.h). what names the object in messages (e.g.
+ * "config.json generation"); an absent or null key leaves *v unchanged. */
+
+/** Every key of obj must be one of known[0..n).
+ *  @return NZ_OK, or NZ_E_FORMAT naming the unknown key and listing the known. */
+int nz_gen_keys(const json_t *obj, const char *what, const char *const *known, size_t n, nz_error *err);
+
+/** An integer key in [lo, hi]. @return NZ_OK, or NZ_E_FORMAT naming k and the range. */
+int nz_gen_int(const json_t *obj, const char *what, const char *k, int lo, int hi, int *v, nz_error *err);
+
+/** A number key in [lo, hi] (lo_open: lo itself excluded).
+ *  @return NZ_OK, or NZ_E_FORMAT naming k and the range. */
+int nz_gen_number(const json_t *obj, const char *what, const char *k, double lo, int lo_open, double hi,
+                  float *v, nz_error *err);
+
+/** A string key that must be one of names[0..n): *v = its index.
+ *  @return NZ_OK, or NZ_E_FORMAT naming k and the allowed strings. */
+int nz_gen_enum(const json_t *obj, const char *what, const char *k, const char *const *names, size_t n,
+                int *v, nz_error *err);
+
+/** A boolean key (true / false): *v = 1 / 0. @return NZ_OK, or NZ_E_FORMAT naming k. */
+int nz_gen_bool(const json_t *obj, const char *what, const char *k, int *v, nz_error *err);
+
 #ifdef __cplusplus
 }
 #endif

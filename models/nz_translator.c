@@ -35,64 +35,23 @@ void nz_tr_choice_init(nz_tr_choice *c) {
     c->lenpen = NAN;
 }
 
-/* One integer key of a generation object in [lo, hi]. @return NZ_OK (absent: *v unchanged) or NZ_E_FORMAT. */
-static int gen_int(const json_t *obj, const char *what, const char *k, int lo, int hi, int *v,
-                   nz_error *err) {
-    const json_t *j = nz_cfg_get(obj, k);
-    if (!j) return NZ_OK;
-    if (!json_is_integer(j) || json_integer_value(j) < lo || json_integer_value(j) > hi)
-        return nz_fail(err, NZ_E_FORMAT, "%s: '%s' must be an integer in [%d, %d]", what, k, lo, hi);
-    *v = (int)json_integer_value(j);
-    return NZ_OK;
-}
-
-/* One string key that must be `no` (-> 0) or `yes` (-> 1). @return NZ_OK (absent: unchanged) or NZ_E_FORMAT.
- */
-static int gen_choice(const json_t *obj, const char *what, const char *k, const char *no, const char *yes,
-                      int *v, nz_error *err) {
-    const json_t *j = nz_cfg_get(obj, k);
-    if (!j) return NZ_OK;
-    const char *x = json_is_string(j) ? json_string_value(j) : "";
-    if (strcmp(x, no) && strcmp(x, yes))
-        return nz_fail(err, NZ_E_FORMAT, "%s: '%s' must be \"%s\" or \"%s\"", what, k, no, yes);
-    *v = !strcmp(x, yes);
-    return NZ_OK;
-}
-
 int nz_tr_choice_from_json(const json_t *obj, const char *what, nz_tr_choice *c, nz_error *err) {
     static const char *const known[] = {"decoder",  "iterations", "length_beam", "rerank",
                                         "adaptive", "beam_size",  "lenpen",      "max_length"};
+    static const char *const decoders[] = {"nat", "at"}, *const reranks[] = {"none", "at"};
     nz_tr_choice_init(c);
     if (!obj) return NZ_OK;
     if (!json_is_object(obj)) return nz_fail(err, NZ_E_FORMAT, "%s must be an object", what);
-    const char *k;
-    const json_t *v;
-    json_object_foreach((json_t *)obj, k, v) {
-        size_t i = 0;
-        while (i < sizeof known / sizeof *known && strcmp(k, known[i])) i++;
-        if (i == sizeof known / sizeof *known)
-            return nz_fail(
-                err, NZ_E_FORMAT,
-                "%s: unknown key '%.64s' (known: decoder, iterations, length_beam, rerank, adaptive, "
-                "beam_size, lenpen, max_length)",
-                what, k);
-    }
-    int rc = gen_choice(obj, what, "decoder", "nat", "at", &c->decoder, err);
-    if (!rc) rc = gen_int(obj, what, "iterations", 0, 1000, &c->iterations, err);
-    if (!rc) rc = gen_int(obj, what, "length_beam", 1, 100, &c->length_beam, err);
-    if (!rc) rc = gen_choice(obj, what, "rerank", "none", "at", &c->rerank, err);
-    if (!rc) rc = gen_int(obj, what, "beam_size", 1, 100, &c->beam_size, err);
-    if (!rc) rc = gen_int(obj, what, "max_length", 1, 65535, &c->max_length, err);
-    if (rc) return rc;
-    const json_t *j = nz_cfg_get(obj, "adaptive");
-    if (j && !json_is_boolean(j))
-        return nz_fail(err, NZ_E_FORMAT, "%s: 'adaptive' must be true or false", what);
-    if (j) c->adaptive = json_is_true(j);
-    j = nz_cfg_get(obj, "lenpen");
-    if (j && (!json_is_number(j) || !(fabs(json_number_value(j)) <= 100)))
-        return nz_fail(err, NZ_E_FORMAT, "%s: 'lenpen' must be a number in [-100, 100]", what);
-    if (j) c->lenpen = (float)json_number_value(j);
-    return NZ_OK;
+    int rc = nz_gen_keys(obj, what, known, sizeof known / sizeof *known, err);
+    if (!rc) rc = nz_gen_enum(obj, what, "decoder", decoders, 2, &c->decoder, err);
+    if (!rc) rc = nz_gen_int(obj, what, "iterations", 0, 1000, &c->iterations, err);
+    if (!rc) rc = nz_gen_int(obj, what, "length_beam", 1, 100, &c->length_beam, err);
+    if (!rc) rc = nz_gen_enum(obj, what, "rerank", reranks, 2, &c->rerank, err);
+    if (!rc) rc = nz_gen_int(obj, what, "beam_size", 1, 100, &c->beam_size, err);
+    if (!rc) rc = nz_gen_int(obj, what, "max_length", 1, 65535, &c->max_length, err);
+    if (!rc) rc = nz_gen_bool(obj, what, "adaptive", &c->adaptive, err);
+    if (!rc) rc = nz_gen_number(obj, what, "lenpen", -100, 0, 100, &c->lenpen, err);
+    return rc;
 }
 
 int nz_tr_choice_apply(const nz_tr_choice *c, nz_tr_opts *o, nz_error *err) {

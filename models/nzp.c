@@ -17,6 +17,7 @@
 #include "nz_alloc.h"
 #include "nz_codec.h"
 #include "nz_container.h"
+#include "nz_dialogue.h"
 #include "nz_pack.h"
 #include "nzp_chat.h"
 #include "nzp_translate.h"
@@ -138,14 +139,25 @@ static int add_set(json_t *patch, const char *arg) {
     return -1;
 }
 
-/* The decoding defaults a translation model carries (config "generation") must be readable.
- * @return NZ_OK or NZ_E_FORMAT naming the key. */
+/* The decoding defaults a model carries (config "generation") must be readable (translation:
+ * nz_tr_choice, dialogue: nz_dlg_choice). @return NZ_OK or NZ_E_FORMAT naming the key. */
 static int check_generation(const nz_model *m, nz_error *e) {
     const json_t *cfg = nz_model_config(m);
     const json_t *arch = cfg ? json_object_get(cfg, "architecture") : NULL;
-    nz_tr_choice c;
-    if (!json_is_string(arch) || strcmp(json_string_value(arch), "cmlm_transformer")) return NZ_OK;
-    return nz_tr_choice_from_json(nz_cfg_get(cfg, "generation"), "config.json generation", &c, e);
+    const char *a = json_is_string(arch) ? json_string_value(arch) : "";
+    const json_t *gen = nz_cfg_get(cfg, "generation");
+    if (!strcmp(a, "cmlm_transformer")) {
+        nz_tr_choice c;
+        return nz_tr_choice_from_json(gen, "config.json generation", &c, e);
+    }
+    if (!strcmp(a, "t5_multidecoder")) {
+        nz_dlg_choice c;
+        nz_dlg_opts o;
+        nz_dlg_opts_default(&o);
+        int rc = nz_dlg_choice_from_json(gen, "config.json generation", &c, e);
+        return rc ? rc : nz_dlg_choice_apply(&c, &o, e);
+    }
+    return NZ_OK;
 }
 
 /* nzp pack; *patch collects the --set keys (freed by the caller, whatever the outcome). */

@@ -39,7 +39,9 @@ static const char CHAT_USAGE[] =
     "                [--no-repeat-ngram N] [--all] [--distinct] [--history N] [--cache BYTES]\n"
     "                [--threads N]\n"
     "  one user turn per line on stdin; prints the best-ranked response per turn\n"
-    "  --strategy S      greedy (default), beam or sample\n"
+    "  Options left out take the model's decoding defaults (its config \"generation\", shown by\n"
+    "  `nzp info`), else the built-in ones given here.\n"
+    "  --strategy S      greedy (built-in), beam or sample\n"
     "  --beam N          beam size (1..64, default 4; implies --strategy beam)\n"
     "  --temperature T   sampling temperature (0..100, default 1; implies --strategy sample)\n"
     "  --top-k K         sample from the K most likely tokens (0: all; implies sample)\n"
@@ -109,7 +111,10 @@ static int is_blank(const char *s) {
 
 int nzp_chat(int argc, char **argv) {
     nz_dlg_opts o;
-    nz_dlg_opts_default(&o);
+    nz_dlg_choice ch; /* what the flags chose; the model's defaults ("generation") fill the rest */
+    nz_dlg_choice_init(&ch);
+    size_t n_decs = 0;
+    uint64_t seed = 0;
     int strategy = -1, implied = -1, threads = 0, all = 0, history_n = 0;
     const char *implied_by = NULL;
     size_t cache_bytes = 0;
@@ -126,31 +131,28 @@ int nzp_chat(int argc, char **argv) {
                                               : -1;
             bad = strategy < 0;
         } else if (!strcmp(a, "--beam") && v) {
-            bad = nzp_parse_int(v, 1, 64, &o.gen.beam_size), i++;
+            bad = nzp_parse_int(v, 1, 64, &ch.beam_size), i++;
             imp = NZ_T5MD_BEAM;
         } else if (!strcmp(a, "--temperature") && v) {
-            bad = nzp_parse_float(v, 0, 100, &o.gen.temperature), i++;
+            bad = nzp_parse_float(v, 0, 100, &ch.temperature), i++;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--top-k") && v) {
-            int k = 0;
-            bad = nzp_parse_int(v, 0, INT_MAX, &k), i++;
-            o.gen.top_k = (uint32_t)k;
+            bad = nzp_parse_int(v, 0, 1000000, &ch.top_k), i++;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--top-p") && v) {
-            bad = nzp_parse_float(v, 0, 1, &o.gen.top_p) || !(o.gen.top_p > 0), i++;
+            bad = nzp_parse_float(v, 0, 1, &ch.top_p) || !(ch.top_p > 0), i++;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--seed") && v) {
             size_t s = 0;
             bad = nzp_parse_size(v, &s), i++;
-            o.gen.seed = (uint64_t)s;
+            seed = (uint64_t)s;
             imp = NZ_T5MD_SAMPLE;
         } else if (!strcmp(a, "--decoders") && v) {
-            bad = parse_decoders(v, decs, &o.gen.n_decoders), i++;
-            o.gen.decoders = decs;
+            bad = parse_decoders(v, decs, &n_decs), i++;
         } else if (!strcmp(a, "--max-new-tokens") && v) {
-            bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &o.gen.max_new_tokens), i++;
+            bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &ch.max_new_tokens), i++;
         } else if (!strcmp(a, "--no-repeat-ngram") && v) {
-            bad = nzp_parse_int(v, 0, NZ_T5MD_MAX_NEW_TOKENS, &o.gen.no_repeat_ngram), i++;
+            bad = nzp_parse_int(v, 0, NZ_T5MD_MAX_NEW_TOKENS, &ch.no_repeat_ngram), i++;
         } else if (!strcmp(a, "--history") && v) {
             bad = nzp_parse_int(v, 0, INT_MAX, &history_n), i++;
         } else if (!strcmp(a, "--cache") && v) {
@@ -163,7 +165,7 @@ int nzp_chat(int argc, char **argv) {
         } else if (!strcmp(a, "--all")) {
             all = 1;
         } else if (!strcmp(a, "--distinct")) {
-            o.distinct = 1;
+            ch.distinct = 1;
         } else if (a[0] != '-' && !path) {
             path = a;
         } else {
@@ -195,7 +197,7 @@ int nzp_chat(int argc, char **argv) {
                 CHAT_USAGE);
         return 2;
     }
-    o.gen.strategy = (nz_t5md_strategy)(strategy >= 0 ? strategy : implied >= 0 ? implied : NZ_T5MD_GREEDY);
+    ch.strategy = strategy >= 0 ? strategy : implied; /* -1: the model's default */
 
     nz_error e = {0};
     nz_dialogue *d = NULL;
@@ -209,6 +211,15 @@ int nzp_chat(int argc, char **argv) {
         fprintf(stderr, "nzp chat: %s\n", e.msg);
         goto out;
     }
+    o = *nz_dialogue_defaults(d);
+    if (nz_dlg_choice_apply(&ch, &o, &e)) {
+        fprintf(stderr, "nzp chat: %s\n", e.msg);
+        status = 2;
+        goto out;
+    }
+    o.gen.decoders = n_decs ? decs : NULL;
+    o.gen.n_decoders = n_decs;
+    o.gen.seed = seed;
     const nz_t5md_config *c = nz_dialogue_config(d);
     for (size_t j = 0; j < o.gen.n_decoders; j++)
         if ((size_t)decs[j] >= c->num_modes) {

@@ -4,6 +4,7 @@
 #include "nz_alloc.h"
 
 #include <ctype.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -244,11 +245,8 @@ int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_
                                         "stream",
                                         "return_tokens"};
     memset(r, 0, sizeof *r);
-    r->strategy = SRV_GREEDY;
-    r->beam_size = 4;
-    r->temperature = 1.0;
-    r->top_p = 1.0;
-    r->max_new_tokens = lim->max_new_tokens < 63 ? lim->max_new_tokens : 63;
+    r->strategy = r->beam_size = r->top_k = r->max_new_tokens = r->no_repeat_ngram = r->distinct = -1;
+    r->temperature = r->top_p = NAN;
     if (load_object(body, len, known, sizeof known / sizeof *known, &r->root, e)) return -1;
     json_t *ctx = json_object_get(r->root, "context");
     if (!ctx || json_is_null(ctx))
@@ -322,11 +320,15 @@ int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_
         opt_bool(r->root, "distinct", &r->distinct, e) || opt_bool(r->root, "stream", &r->stream, e) ||
         opt_bool(r->root, "return_tokens", &r->return_tokens, e))
         return -1;
-    if (only_with(r->root, "beam_size", r->strategy, SRV_BEAM, e) ||
-        only_with(r->root, "temperature", r->strategy, SRV_SAMPLE, e) ||
-        only_with(r->root, "top_k", r->strategy, SRV_SAMPLE, e) ||
-        only_with(r->root, "top_p", r->strategy, SRV_SAMPLE, e) ||
-        only_with(r->root, "seed", r->strategy, SRV_SAMPLE, e))
+    return 0;
+}
+
+int srv_dialogue_check_strategy(const srv_dialogue_req *r, int strategy, srv_error *e) {
+    srv_strategy s = strategy == SRV_BEAM ? SRV_BEAM : strategy == SRV_SAMPLE ? SRV_SAMPLE : SRV_GREEDY;
+    if (only_with(r->root, "beam_size", s, SRV_BEAM, e) ||
+        only_with(r->root, "temperature", s, SRV_SAMPLE, e) ||
+        only_with(r->root, "top_k", s, SRV_SAMPLE, e) || only_with(r->root, "top_p", s, SRV_SAMPLE, e) ||
+        only_with(r->root, "seed", s, SRV_SAMPLE, e))
         return -1;
     return 0;
 }

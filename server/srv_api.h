@@ -36,6 +36,8 @@
  *   "decoders":     array of 1..SRV_MAX_DECODERS distinct ints, each
  *                   0..SRV_MAX_DECODERS-1 (the server checks them against
  *                   the model's num_modes); default: every decoder
+ *   Defaults below are the built-in ones; a model's config "generation"
+ *   (nz_dialogue.h) replaces them for the fields it names.
  *   "strategy":     "greedy" | "beam" | "sample" (default "greedy")
  *   "beam_size":    int 1..32 (default 4; strategy "beam" only)
  *   "temperature":  number 0..10 (default 1; 0 = greedy; "sample" only)
@@ -139,7 +141,8 @@ typedef struct srv_dialogue_req {
     int single;                     /* context was a string */
     int decoders[SRV_MAX_DECODERS]; /* [n_decoders] distinct, in request order */
     size_t n_decoders;              /* 0: every decoder of the model */
-    srv_strategy strategy;
+    /* decoding options, -1 / NAN where the body left them out (the model's defaults apply) */
+    int strategy;       /* srv_strategy */
     int beam_size;      /* 1..32 */
     double temperature; /* 0..10 */
     int top_k;          /* 0..1000000 */
@@ -159,6 +162,12 @@ typedef struct srv_dialogue_req {
  *  @return 0, or -1 with e filled (400 / 422 as above). */
 int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_dialogue_req *r,
                        srv_error *e);
+
+/** The strategy-specific fields of r (beam_size: "beam"; temperature, top_k,
+ *  top_p, seed: "sample") against the strategy the request decodes with
+ *  (its own, else the model's default).
+ *  @return 0, or -1 with e filled (422 naming the field). */
+int srv_dialogue_check_strategy(const srv_dialogue_req *r, int strategy, srv_error *e);
 
 /** Free what r holds and zero it. Accepts a zeroed struct. */
 void srv_dialogue_req_free(srv_dialogue_req *r);

@@ -78,6 +78,7 @@ typedef struct srv_req {
     srv_translate_req tr;
     nz_tr_opts topts; /* translate: the model's defaults with the request's choices applied */
     srv_dialogue_req dr;
+    nz_dlg_opts dopts; /* dialogue: the model's defaults with the request's choices applied */
     srv_model *model;
     atomic_int fd;     /* the client socket, for disconnect checks (-1 once the connection ended) */
     atomic_int cancel; /* CANCEL_* */
@@ -375,6 +376,7 @@ static json_t *models_json(srv_server *s) {
                                     json_integer((json_int_t)m->max_source_positions));
             } else if (m->dlg) {
                 const nz_t5md_config *dc = nz_dialogue_config(m->dlg);
+                json_object_set_new(o, "generation", nz_dlg_opts_to_json(nz_dialogue_defaults(m->dlg)));
                 json_object_set_new(o, "num_modes", json_integer((json_int_t)m->num_modes));
                 json_object_set_new(o, "variant", json_string(m->variant));
                 json_object_set_new(o, "max_context_turns", json_integer((json_int_t)dc->max_context_turns));
@@ -760,23 +762,12 @@ static void run_dialogue(srv_worker *w, srv_req *r) {
         return;
     }
     const srv_dialogue_req *q = &r->dr;
-    nz_dlg_opts o;
-    nz_dlg_opts_default(&o);
-    o.gen.strategy = q->strategy == SRV_BEAM     ? NZ_T5MD_BEAM
-                     : q->strategy == SRV_SAMPLE ? NZ_T5MD_SAMPLE
-                                                 : NZ_T5MD_GREEDY;
-    o.gen.max_new_tokens = q->max_new_tokens;
-    o.gen.no_repeat_ngram = q->no_repeat_ngram;
+    nz_dlg_opts o = r->dopts;
     o.gen.decoders = q->n_decoders ? q->decoders : NULL;
     o.gen.n_decoders = q->n_decoders;
-    o.gen.beam_size = q->beam_size;
-    o.gen.temperature = (float)q->temperature;
-    o.gen.top_k = (uint32_t)q->top_k;
-    o.gen.top_p = (float)q->top_p;
     o.gen.seed = (uint64_t)q->seed;
     o.gen.stop = dialogue_should_stop;
     o.gen.stop_arg = r;
-    o.distinct = q->distinct;
     if (r->sse) {
         o.on_token = dialogue_token;
         o.token_arg = r;
@@ -971,6 +962,38 @@ static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_to
     return 0;
 }
 
+/* r->dopts = m's decoding defaults with r's choices applied (max_new_tokens: the request's, else the
+ * model's capped by the server's limit); a strategy option is checked against the strategy in effect.
+ * @return 0, or -1 with r's error response decided. */
+static int resolve_dialogue_opts(srv_req *r, const srv_model *m, int max_new_tokens) {
+    const srv_dialogue_req *q = &r->dr;
+    r->dopts = *nz_dialogue_defaults(m->dlg);
+    nz_dlg_choice c;
+    nz_dlg_choice_init(&c);
+    c.strategy = q->strategy;
+    c.beam_size = q->beam_size;
+    c.temperature = (float)q->temperature;
+    c.top_k = q->top_k;
+    c.top_p = (float)q->top_p;
+    c.no_repeat_ngram = q->no_repeat_ngram;
+    c.distinct = q->distinct;
+    int model_cap = r->dopts.gen.max_new_tokens;
+    c.max_new_tokens = q->max_new_tokens > 0        ? q->max_new_tokens
+                       : model_cap < max_new_tokens ? model_cap
+                                                    : max_new_tokens;
+    srv_error se = {0};
+    if (srv_dialogue_check_strategy(q, c.strategy >= 0 ? c.strategy : (int)r->dopts.gen.strategy, &se)) {
+        respond_error(r, &se);
+        return -1;
+    }
+    nz_error e = {0};
+    if (nz_dlg_choice_apply(&c, &r->dopts, &e)) {
+        respond_fail(r, 422, "%s", e.msg);
+        return -1;
+    }
+    return 0;
+}
+
 static int submit_translate(srv_server *s, srv_req *r) {
     const srv_config *cfg = s->cfg;
     srv_error e = {0};
@@ -1078,6 +1101,7 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
         return 0;
     }
     r->model = m;
+    if (resolve_dialogue_opts(r, m, cfg->max_new_tokens)) return 0;
     for (size_t j = 0; j < q->n_decoders; j++)
         if ((size_t)q->decoders[j] >= m->num_modes) {
             respond_fail(r, 422, "'decoders'[%zu]: model '%s' has no decoder %d (it has %zu: 0..%zu)", j,

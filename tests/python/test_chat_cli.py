@@ -192,3 +192,47 @@ def test_model_errors(nzp, dmodel, tmp_path, tmp_path_factory):
 def test_help_lists_chat(nzp):
     p = subprocess.run([nzp, "help"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and "nzp chat MODEL.nzp" in p.stdout
+
+
+def repack(nzp, model_path, out_dir, *sets, check=True):
+    """The dialogue model packed again with `--set` pairs. @return (the new .nzp, the pack's process)."""
+    mdir = out_dir / "mdir"
+    mdir.mkdir(parents=True, exist_ok=True)
+    P.run([nzp, "unpack", "--model-dir", model_path, mdir])
+    out = out_dir / "gen.nzp"
+    args = [a for kv in sets for a in ("--set", kv)]
+    p = subprocess.run([str(nzp), "pack", "--mode", "lossless", *map(str, P.PACK_ARGS), *args, str(mdir),
+                        str(out)], capture_output=True, text=True)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return out, p
+
+
+def test_model_generation_defaults(nzp, dmodel, tmp_path):
+    """A dialogue model's config "generation" decides what the command line leaves out; flags override it."""
+    gen, _ = repack(nzp, dmodel[0], tmp_path, "generation.strategy=beam", "generation.beam_size=3",
+                    "generation.no_repeat_ngram_size=2", "generation.temperature=0.5")
+    info = P.run([nzp, "info", gen]).stdout
+    assert 'generation: {"strategy":"beam","beam_size":3,"no_repeat_ngram_size":2,"temperature":0.5}' in info
+    check_all(chat(nzp, gen, LINES, "--all").stdout,
+              conversation(dmodel, LINES, strategy="beam", beam_size=3, no_repeat_ngram=2))
+    check_all(chat(nzp, gen, LINES, "--all", "--strategy", "greedy").stdout,
+              conversation(dmodel, LINES, no_repeat_ngram=2))
+    check_all(chat(nzp, gen, LINES, "--all", "--no-repeat-ngram", 0, "--beam", 2).stdout,
+              conversation(dmodel, LINES, strategy="beam", beam_size=2))
+    # a sampling flag switches to sampling, with the model's temperature
+    check_all(chat(nzp, gen, LINES[:2], "--all", "--seed", 4).stdout,
+              conversation(dmodel, LINES[:2], strategy="sample", seed=4, temperature=0.5, no_repeat_ngram=2))
+
+
+@pytest.mark.parametrize("kv,msg", [
+    ("generation.strategy=nucleus", "'strategy' must be \"greedy\", \"beam\" or \"sample\""),
+    ("generation.top_p=0", "'top_p' must be a number in (0, 1]"),
+    ("generation.beam_size=0", "'beam_size' must be an integer in [1, 1024]"),
+    ("generation.no_repeat=3", "unknown key 'no_repeat' (known: strategy, beam_size,"),
+    ("generation.distinct=1", "'distinct' must be true or false"),
+])
+def test_bad_generation_refused(nzp, dmodel, tmp_path, kv, msg):
+    out, p = repack(nzp, dmodel[0], tmp_path, kv, check=False)
+    assert p.returncode == 1 and msg in p.stderr, p.stderr  # checked before the file is kept
+    assert not out.exists()

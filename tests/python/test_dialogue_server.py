@@ -194,6 +194,10 @@ class TestDialogue:
         assert m["num_modes"] == K and m["variant"] == "transformer", m
         assert m["max_context_turns"] == 0 and m["max_source_length"] == 0
         assert "at_decoder" not in m
+        # the model carries no "generation": the built-in decoding defaults
+        assert m["generation"] == {"strategy": "greedy", "beam_size": 4, "temperature": 1.0, "top_k": 0,
+                                   "top_p": 1.0, "max_new_tokens": 63, "no_repeat_ngram_size": 0,
+                                   "distinct": False}, m
 
     @pytest.mark.parametrize("i", range(len(CONTEXTS)))
     def test_greedy_matches_reference(self, srv, dmodel, i):
@@ -680,3 +684,33 @@ def test_shutdown_with_streams(dmodel):
         assert ev[-1][0] == "error" and ev[-1][1]["error"]["code"] == 503, ev[-1]
         assert s.wait(timeout=10) == 0
         assert re.search(r"event=stopped cancelled=1\b", s.log()), s.log()
+
+
+def test_model_generation_defaults(dmodel, nzp, tmp_path):
+    """A dialogue model's config "generation" decides the options a request leaves out (its max_new_tokens
+    capped by the server's), /v1/models lists them, a request's own options win, and a strategy option
+    is checked against the strategy in effect."""
+    import test_chat_cli as C
+
+    gen, _ = C.repack(nzp, dmodel[0], tmp_path, "generation.strategy=beam", "generation.beam_size=2",
+                      "generation.no_repeat_ngram_size=2", "generation.max_new_tokens=40",
+                      "generation.temperature=0.5", "generation.distinct=true")
+    c = CONTEXTS[1]
+    with Server(gen, task="dialogue", config={"max_new_tokens": MNT}) as s:
+        s.wait_ready()
+        assert s.get("/v1/models").json()["models"][0]["generation"] == {
+            "strategy": "beam", "beam_size": 2, "temperature": 0.5, "top_k": 0, "top_p": 1.0,
+            "max_new_tokens": 40, "no_repeat_ngram_size": 2, "distinct": True}
+        cases = [({}, reference(dmodel, c, "beam", beam_size=2, no_repeat_ngram=2), True),
+                 ({"strategy": "greedy", "no_repeat_ngram_size": 0, "distinct": False, "max_new_tokens": 9},
+                  reference(dmodel, c, mnt=9), False),
+                 ({"beam_size": 3}, reference(dmodel, c, "beam", beam_size=3, no_repeat_ngram=2), True),
+                 ({"strategy": "sample", "seed": 3},
+                  reference(dmodel, c, "sample", temperature=0.5, seed=3, no_repeat_ngram=2), True)]
+        for body, want, distinct in cases:
+            r = s.dialogue({"context": c, "return_tokens": True, **body})
+            assert r.status == 200, (body, r)
+            check(dmodel, r.json(), c, want, distinct=distinct)
+        e = assert_error(s.dialogue({"context": c, "temperature": 0.7}), 422)
+        assert "'temperature' applies to strategy \"sample\" only (this request uses \"beam\")" in e["message"], e
+        assert s.dialogue({"context": c, "strategy": "sample", "temperature": 0.7}).status == 200
