@@ -60,6 +60,7 @@ measurement has its own process and peak RSS.
 """
 
 import argparse
+import collections
 import itertools
 import json
 import math
@@ -284,7 +285,39 @@ def generate(args, nzp, contexts, tag, extra):
 
 
 DECODE = {"greedy": ["--greedy"], "beam4": ["--beam", "4"],
-          "greedy-nr3": ["--greedy", "--no-repeat-ngram", "3"], "beam4-nr3": ["--beam", "4", "--no-repeat-ngram", "3"]}
+          "greedy-nr3": ["--greedy", "--no-repeat-ngram", "3"], "beam4-nr3": ["--beam", "4", "--no-repeat-ngram", "3"],
+          "nucleus0.9": ["--sample", "--top-p", "0.9", "--seed", "1"],
+          "nucleus0.9-nr3": ["--sample", "--top-p", "0.9", "--seed", "1", "--no-repeat-ngram", "3"]}
+
+
+def loops(text, n=3, times=3):
+    """A response loops when one word n-gram occurs `times` or more times in it."""
+    w = words(text)
+    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    return any(c >= times for c in collections.Counter(grams).values())
+
+
+def by_source(gens, refs, sources, ranks, nll):
+    """Per source: contexts, BLEU of the top-ranked response, oracle BLEU, loop rate, and the share of
+    contexts whose top-ranked / best-fitting (lowest NLL of the reference, EqHard-EM's hard assignment)
+    decoder is k."""
+    out = {}
+    K = len(gens[0])
+    for src in sorted(set(sources)):
+        idx = [i for i, s in enumerate(sources) if s == src]
+        top = [max(gens[i], key=lambda r: r[1])[2] for i in idx]
+        lref = [refs[i].lower() for i in idx]
+        oracle = [max((r[2] for r in gens[i]), key=lambda t: sentence_bleu(t, refs[i])) for i in idx]
+        out[src] = {
+            "contexts": len(idx),
+            "bleu": B.corpus_bleu([t.lower() for t in top], [lref]).score,
+            "oracle_bleu": B.corpus_bleu([t.lower() for t in oracle], [lref]).score,
+            "loop_top": sum(loops(t) for t in top) / len(idx),
+            "top_share": [sum(1 for i in idx if ranks[i][0] == k) / len(idx) for k in range(K)],
+            "best_fit_share": [sum(1 for i in idx if min(range(K), key=lambda j: nll[i][j]) == k) / len(idx)
+                               for k in range(K)],
+        }
+    return out
 
 
 def quality(args, models, data):
@@ -322,6 +355,15 @@ def quality(args, models, data):
                           for k in range(K)]
         m["best_fit_share"] = [sum(1 for r in sc["nll"] if min(range(K), key=lambda j: r[j]) == k) / len(contexts)
                                for k in range(K)]
+        m["loop_top"] = sum(loops(max(g, key=lambda r: r[1])[2]) for g in gens) / len(gens)
+        m["loop_any"] = sum(any(loops(r[2]) for r in g) for g in gens) / len(gens)
+        sources = [d.get("source", "all") for d in data]
+        m["by_source"] = by_source(gens, refs, sources, res["rank"], sc["nll"])
+        if args.samples:
+            m["samples"] = [{"context": contexts[i], "reference": refs[i], "source": sources[i],
+                             "responses": [{"decoder": e["decoder"], "score": e["mean"], "text": e["text"]}
+                                           for e in sorted(res["out"][i], key=lambda e: -e["mean"])]}
+                            for i in sample_indices(data, args.samples)]
         m.update(model=name, mode=mode, decode=dec, K=K, nzp_bytes=size, contexts=len(contexts))
         rows.append(m)
         with open(done, "w") as f:
@@ -339,9 +381,53 @@ def quality(args, models, data):
         lines.append("| %s | %s | %s | %d | %.2f | %.2f | %s | %s | %.1f / %.1f | %.2f | %.1f | %.1f |" % (
             m.get("decode", "greedy"), m["model"], m["mode"], m["K"], m["bleu"], m["oracle_bleu"], pw, intra, m["inter_dist_1"],
             m["inter_dist_2"], m["unique"], m["ppl_best_k"], m["ppl_mean_k"]))
+    lines += ["", "Loops (a word 3-gram 3 or more times in a response; share of contexts):", "",
+              "| decoding | model | weights | top-ranked response | any decoder's |", "|---|---|---|---:|---:|"]
+    for m in rows:
+        lines.append("| %s | %s | %s | %.1f %% | %.1f %% |" % (m.get("decode", "greedy"), m["model"], m["mode"],
+                                                           100 * m["loop_top"], 100 * m["loop_any"]))
+    for m in rows:
+        if m["mode"] != "lossless" or "by_source" not in m:
+            continue
+        K = m["K"]
+        lines += ["", "By source (%s, %s, lossless): BLEU of the top-ranked response, oracle BLEU, loops; "
+                  "share of contexts whose top-ranked / best-fitting decoder is k:" % (m["model"], m.get("decode")), "",
+                  "| source | contexts | BLEU | oracle BLEU | loops | top-ranked " + " / ".join(
+                      "k%d" % k for k in range(K)) + " | best-fitting " + " / ".join("k%d" % k for k in range(K)) + " |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        for src, b in m["by_source"].items():
+            lines.append("| %s | %d | %.2f | %.2f | %.1f %% | %s | %s |" % (
+                src, b["contexts"], b["bleu"], b["oracle_bleu"], 100 * b["loop_top"],
+                " / ".join("%.0f" % (100 * x) for x in b["top_share"]),
+                " / ".join("%.0f" % (100 * x) for x in b["best_fit_share"])))
+    for m in rows:
+        if "samples" not in m or m["mode"] != "lossless":
+            continue
+        lines += ["", "Samples (%s, %s, lossless; fixed contexts, uncurated, best-ranked first):" % (
+            m["model"], m.get("decode")), ""]
+        for smp in m["samples"]:
+            lines.append("* **%s** (%s; reference: %s)" % (" / ".join(smp["context"][-2:]), smp["source"],
+                                                           smp["reference"]))
+            for r in smp["responses"]:
+                lines.append("  * k%d (%.2f): %s" % (r["decoder"], r["score"], r["text"]))
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def sample_indices(data, n):
+    """n contexts spread over the sources (round robin over sources in sorted order, each source's
+    contexts in file order at a fixed stride): a fixed, uncurated choice."""
+    per = {}
+    for i, d in enumerate(data):
+        per.setdefault(d.get("source", "all"), []).append(i)
+    order, srcs = [], sorted(per)
+    for j in range(n):
+        src = srcs[j % len(srcs)]
+        lst = per[src]
+        k = j // len(srcs)
+        order.append(lst[(k * 97) % len(lst)])
+    return sorted(set(order))[:n]
 
 
 def parity(args, packs, data):
@@ -452,12 +538,24 @@ def main(argv=None):
     p.add_argument("--decode", default="greedy",
                    help="quality decodings, comma-separated: " + ", ".join(DECODE) + " (default greedy)")
     p.add_argument("--bench-lines", type=int, default=50)
+    p.add_argument("--samples", type=int, default=10, help="fixed sample contexts shown with every decoder's answer")
+    p.add_argument("--per-source", type=int, default=0,
+                   help="test contexts per source (deterministic: every source's first N lines; 0: --limit lines)")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out)
     args.work = os.path.join(args.out, "work")
     os.makedirs(args.work, exist_ok=True)
     with open(args.test, encoding="utf-8") as f:
         data = [json.loads(ln) for ln in f if ln.strip()]
+    if args.per_source:  # the test file is in a fixed shuffled order: each source's first N are a sample
+        seen = collections.Counter()
+        keep = []
+        for d in data:
+            src = d.get("source", "all")
+            if seen[src] < args.per_source:
+                seen[src] += 1
+                keep.append(d)
+        data = keep
     if args.limit:
         data = data[:args.limit]
     modes = ["lossless", "lossy-3"] + (["fp32-raw"] if args.bench else [])
