@@ -191,3 +191,14 @@ int nz_mem_get_report(nz_mem_report *r) {
     fclose(f);
     return r->rss ? NZ_OK : NZ_E_IO;
 }
+
+json_t *nz_mem_report_json(const nz_mem_report *r) {
+    json_t *cats = json_object();
+    for (int c = 0; cats && c < NZ_MEM_NCAT; c++)
+        json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
+                            json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r->current[c], "peak_bytes",
+                                      (json_int_t)r->peak[c]));
+    return json_pack("{s:o, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
+                     (json_int_t)r->counted, "mapped_resident_bytes", (json_int_t)r->mapped_resident,
+                     "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes", (json_int_t)r->rss_peak);
+}

@@ -88,6 +88,13 @@ typedef struct nz_mem_report {
  *  (the counters are filled anyway; rss fields are then 0). */
 int nz_mem_get_report(nz_mem_report *r);
 
+/** r as a JSON object, the one layout of every memory report (`nzp info
+ *  --memory --json`, the server's /v1/memory): {"categories": {NAME:
+ *  {"current_bytes", "peak_bytes"}}, "counted_heap_bytes",
+ *  "mapped_resident_bytes", "rss_bytes", "rss_peak_bytes"}; callers add
+ *  their own keys. @return a new object, or NULL when out of memory. */
+struct json_t *nz_mem_report_json(const nz_mem_report *r);
+
 /** Route jansson's allocations through the counter (category other).
  *  Runs automatically before main() (a constructor in nz_alloc.c); calling it
  *  again is harmless. */

@@ -62,12 +62,6 @@ static uint64_t key_hash(const nz_model *m, size_t ti, uint64_t t) {
     return x;
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 static nz_centry *find(nz_tile_cache *c, const nz_model *m, size_t ti, uint64_t t, uint64_t h) {
     nz_centry *e = c->buckets[h & (c->nbuckets - 1)];
     for (; e; e = e->hnext)
@@ -260,9 +254,9 @@ int nz_cache_get(nz_tile_cache *c, const nz_model *m, size_t ti, uint64_t t, nz_
 
     /* Decode, unlocked. */
     float *out = ne ? ne->data : scratch;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = nz_now_ns();
     int rc = nz_model_decode_f32(m, dc, ti, t, out, err);
-    uint64_t dt = now_ns() - t0;
+    uint64_t dt = nz_now_ns() - t0;
 
     pthread_mutex_lock(&c->lock);
     c->st.decode_ns += dt;

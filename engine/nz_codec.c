@@ -32,7 +32,6 @@ static inline float u2f(uint32_t u) {
     memcpy(&f, &u, 4);
     return f;
 }
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 /* ------------------------------------------------------------- float helpers */
 
 /* Branch-free binary16 -> fp32 (vectorises): normals rebias the exponent
@@ -252,9 +251,9 @@ nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d) {
 static inline uint32_t src_f32_bits(nz_dtype dt, const uint8_t *src, uint64_t i) {
     switch (dt) {
     case NZ_DT_BF16:
-        return (uint32_t)rd16(src + 2 * i) << 16;
+        return (uint32_t)nz_rd16le(src + 2 * i) << 16;
     case NZ_DT_F16:
-        return f2u(nz_f16_to_f32(rd16(src + 2 * i)));
+        return f2u(nz_f16_to_f32(nz_rd16le(src + 2 * i)));
     default:
         return nz_rd32le(src + 4 * i);
     }
@@ -282,11 +281,11 @@ static int split(const nz_tensor_desc *d, const void *srcv, uint64_t n, uint8_t 
     if (d->mode.kind == NZ_MODE_LOSSLESS) {
         for (uint64_t i = 0; i < n; i++) {
             if (d->dtype == NZ_DT_BF16) {
-                uint16_t b = rd16(src + 2 * i);
+                uint16_t b = nz_rd16le(src + 2 * i);
                 e[i] = (uint8_t)(b >> 7);
                 sm[i] = (uint32_t)(b >> 15) << 7 | (b & 0x7f);
             } else if (d->dtype == NZ_DT_F16) {
-                uint16_t h = rd16(src + 2 * i);
+                uint16_t h = nz_rd16le(src + 2 * i);
                 e[i] = (h >> 10) & 0x1f;
                 sm[i] = (uint32_t)(h >> 15) << 10 | (h & 0x3ff);
             } else {

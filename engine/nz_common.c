@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 int nz_fail(nz_error *err, int code, const char *fmt, ...) {
@@ -18,6 +19,12 @@ int nz_fail(nz_error *err, int code, const char *fmt, ...) {
         err->code = code;
     }
     return code;
+}
+
+uint64_t nz_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
 int nz_fail_prefix(nz_error *err, const char *fmt, ...) {

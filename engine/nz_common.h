@@ -37,6 +37,23 @@ enum {
 #define NZ_ERROR_MSG_MAX 320
 
 /** Error details filled by a failing call. */
+typedef struct nz_error {
+    int code;                   /* one of NZ_E_* */
+    char msg[NZ_ERROR_MSG_MAX]; /* NUL-terminated human-readable message */
+} nz_error;
+
+/* Error forwarding inside a function that has `int rc`, `nz_error *err` and a
+ * `done:` label where it cleans up and returns rc (zstd's FORWARD_IF_ERROR). */
+#define NZ_TRY(x)                                                                                            \
+    do {                                                                                                     \
+        if ((rc = (x)) != NZ_OK) goto done;                                                                  \
+    } while (0)
+#define NZ_FAIL(code, ...)                                                                                   \
+    do {                                                                                                     \
+        rc = nz_fail(err, code, __VA_ARGS__);                                                                \
+        goto done;                                                                                           \
+    } while (0)
+
 /** @return the little-endian u32 at p (any alignment). */
 static inline uint32_t nz_rd32le(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -47,10 +64,23 @@ static inline void nz_wr32le(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-typedef struct nz_error {
-    int code;                   /* one of NZ_E_* */
-    char msg[NZ_ERROR_MSG_MAX]; /* NUL-terminated human-readable message */
-} nz_error;
+/** @return the little-endian u16 at p (any alignment). */
+static inline uint16_t nz_rd16le(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/** @return the little-endian u64 at p (any alignment). */
+static inline uint64_t nz_rd64le(const uint8_t *p) { return nz_rd32le(p) | (uint64_t)nz_rd32le(p + 4) << 32; }
+
+/** Store v at p as a little-endian u64 (any alignment). */
+static inline void nz_wr64le(uint8_t *p, uint64_t v) {
+    nz_wr32le(p, (uint32_t)v);
+    nz_wr32le(p + 4, (uint32_t)(v >> 32));
+}
+
+/** @return a monotonic clock (CLOCK_MONOTONIC) in nanoseconds. */
+uint64_t nz_now_ns(void);
+
+/** @return the same clock in seconds. */
+static inline double nz_now_s(void) { return (double)nz_now_ns() * 1e-9; }
 
 /** Fill err (if not NULL) with code and a printf-style message.
  *  @return code, so callers can write `return nz_fail(err, NZ_E_FORMAT, ...)`. */

@@ -1,5 +1,6 @@
 /* .nzp container: loader and writer. See nz_container.h for the layout. */
 #include "nz_container.h"
+#include "nz_hash.h"
 
 #include "nz_alloc.h"
 #include "nz_safetensors.h"
@@ -14,15 +15,6 @@
 #include <unistd.h>
 
 static const uint8_t NZP_MAGIC[8] = {0x89, 'N', 'Z', 'P', '\r', '\n', 0x1a, '\n'};
-
-static uint64_t rd64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-static void wr64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
 
 /* ------------------------------------------------------------- loader */
 
@@ -309,7 +301,7 @@ static int load(nz_model *m, nz_error *err) {
     uint64_t len = m->len;
     if (len == 0) return nz_fail(err, NZ_E_TRUNCATED, "empty file");
     if (len < 8 || memcmp(b, NZP_MAGIC, 8)) {
-        if (len >= 8 && rd64(b) < len && len > 9 && b[8] == '{')
+        if (len >= 8 && nz_rd64le(b) < len && len > 9 && b[8] == '{')
             return nz_fail(err, NZ_E_FORMAT,
                            "bad magic: this is a .safetensors file, not .nzp "
                            "(pack it with `nzp pack`)");
@@ -323,8 +315,10 @@ static int load(nz_model *m, nz_error *err) {
         return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported version %u (this build reads version %d)", version,
                        NZ_CONTAINER_VERSION);
     if (flags) return nz_fail(err, NZ_E_UNSUPPORTED, "unsupported flags 0x%x", flags);
-    uint64_t hlen = rd64(b + 16), doff = rd64(b + 24), dsize = rd64(b + 32), hhash = rd64(b + 40);
-    if (rd64(b + 48) || rd64(b + 56)) return nz_fail(err, NZ_E_FORMAT, "reserved prefix bytes are not zero");
+    uint64_t hlen = nz_rd64le(b + 16), doff = nz_rd64le(b + 24), dsize = nz_rd64le(b + 32),
+             hhash = nz_rd64le(b + 40);
+    if (nz_rd64le(b + 48) || nz_rd64le(b + 56))
+        return nz_fail(err, NZ_E_FORMAT, "reserved prefix bytes are not zero");
     if (hlen > UINT64_MAX - NZ_CONTAINER_PREFIX || doff < NZ_CONTAINER_PREFIX + hlen ||
         doff % NZ_CONTAINER_ALIGN || dsize > UINT64_MAX - doff)
         return nz_fail(err, NZ_E_FORMAT,
@@ -750,10 +744,10 @@ int nz_writer_finish(nz_writer *w, nz_error *err) {
     uint8_t pre[NZ_CONTAINER_PREFIX] = {0};
     memcpy(pre, NZP_MAGIC, 8);
     pre[8] = NZ_CONTAINER_VERSION;
-    wr64(pre + 16, hlen);
-    wr64(pre + 24, doff);
-    wr64(pre + 32, w->data_size);
-    wr64(pre + 40, nz_hash(hdr, hlen));
+    nz_wr64le(pre + 16, hlen);
+    nz_wr64le(pre + 24, doff);
+    nz_wr64le(pre + 32, w->data_size);
+    nz_wr64le(pre + 40, nz_hash(hdr, hlen));
     f = fopen(w->tmp_path, "wb");
     if (!f) goto io;
     static const uint8_t zeros[NZ_CONTAINER_ALIGN];

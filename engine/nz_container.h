@@ -216,9 +216,6 @@ int nz_writer_finish(nz_writer *w, nz_error *err);
 /** Abandon the file: remove temporaries, free w. Accepts NULL. */
 void nz_writer_abort(nz_writer *w);
 
-/** @return XXH3-64 of data (the checksum used for tiles, blobs, header). */
-uint64_t nz_hash(const void *data, size_t size);
-
 #ifdef __cplusplus
 }
 #endif

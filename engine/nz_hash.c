@@ -6,15 +6,12 @@
  * Makefile) just run 2-3x faster than the portable SSE2 one, which matters
  * because every tile decode first checks its checksum.
  */
-#include "nz_container.h"
+#include "nz_hash.h"
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
 #include <stdatomic.h>
-
-uint64_t nz_hash_avx2(const void *data, size_t size);
-uint64_t nz_hash_avx512(const void *data, size_t size);
 
 static uint64_t hash_portable(const void *data, size_t size) { return XXH3_64bits(data, size); }
 

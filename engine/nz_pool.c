@@ -52,12 +52,6 @@ static void work(nz_pool *p, nz_pool_fn fn, void *ctx, uint64_t ntasks, int thre
     }
 }
 
-static uint64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -67,11 +61,11 @@ static inline void cpu_relax(void) {
 /* Poll until *v != old (or stop) for at most ns. @return 1 when it changed. */
 static int spin_until_changed(nz_pool *p, const _Atomic uint64_t *v, uint64_t old, uint64_t ns) {
     if (!ns) return 0;
-    uint64_t end = now_ns() + ns;
+    uint64_t end = nz_now_ns() + ns;
     for (unsigned i = 1;; i++) {
         if (atomic_load(v) != old || atomic_load(&p->stop)) return 1;
         cpu_relax();
-        if (!(i & 63) && now_ns() > end) return 0;
+        if (!(i & 63) && nz_now_ns() > end) return 0;
     }
 }
 
@@ -175,10 +169,10 @@ void nz_pool_run(nz_pool *p, uint64_t ntasks, nz_pool_fn fn, void *ctx) {
     pthread_mutex_unlock(&p->lock);
     work(p, fn, ctx, ntasks, 0);
     if (p->spin_ns) { /* the workers are finishing their last task: poll before sleeping */
-        uint64_t end = now_ns() + p->spin_ns;
+        uint64_t end = nz_now_ns() + p->spin_ns;
         for (unsigned i = 1; atomic_load(&p->busy) > 0; i++) {
             cpu_relax();
-            if (!(i & 63) && now_ns() > end) break;
+            if (!(i & 63) && nz_now_ns() > end) break;
         }
     }
     pthread_mutex_lock(&p->lock);

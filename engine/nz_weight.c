@@ -11,16 +11,10 @@
 
 static atomic_uint_fast64_t g_uncached_tiles, g_uncached_ns;
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Count one tile decoded outside the cache, started at t0. */
 static void count_uncached(uint64_t t0) {
     atomic_fetch_add_explicit(&g_uncached_tiles, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&g_uncached_ns, now_ns() - t0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_uncached_ns, nz_now_ns() - t0, memory_order_relaxed);
 }
 
 void nz_weight_uncached_stats(uint64_t *tiles, uint64_t *ns) {
@@ -98,14 +92,14 @@ static int matmul_tile(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const 
     int rc = nz_model_tile_once(w->model, w->index, tile, &p, &len, err);
     if (rc) return rc;
     if (fused(cache, w, M)) {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = nz_now_ns();
         rc = nz_tile_gemm_f32(dc, d, tile, p, len, x, M, y + r0, (size_t)N, err);
         count_uncached(t0);
     } else if (d->coder == NZ_CODER_NONE && d->dtype == NZ_DT_F32 && host_le() && (uintptr_t)p % 4 == 0 &&
                len == (size_t)nr * (size_t)K * 4) {
         tile_gemm((const float *)(const void *)p, nr, K, N, x, M, y + r0);
     } else {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = nz_now_ns();
         rc = nz_tile_decode_f32(dc, d, tile, p, len, scratch, err);
         count_uncached(t0);
         if (!rc) tile_gemm(scratch, nr, K, N, x, M, y + r0);
@@ -240,7 +234,7 @@ int nz_matmul_ctx_tile(nz_matmul_ctx *c, const nz_weight *w, uint64_t t, nz_cach
     ref->data = r->scratch;
     ref->entry = NULL;
     if (c->cache) return nz_cache_get(c->cache, w->model, w->index, t, r->dc, r->scratch, ref, err);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = nz_now_ns();
     int rc = nz_model_decode_f32(w->model, r->dc, w->index, t, r->scratch, err);
     count_uncached(t0);
     return rc;

@@ -52,90 +52,80 @@ struct nz_nat {
 
 /* ------------------------------------------------------------------ config */
 
-#define TRY(x)                                                                                               \
-    do {                                                                                                     \
-        if ((rc = (x)) != NZ_OK) goto done;                                                                  \
-    } while (0)
-
-#define FAIL(code, ...)                                                                                      \
-    do {                                                                                                     \
-        rc = nz_fail(err, code, __VA_ARGS__);                                                                \
-        goto done;                                                                                           \
-    } while (0)
-
 /* Fill c from config.json (nat_ref.ARCH_DEFAULTS for absent keys); refuse
  * what the engine does not implement. */
 static int read_config(const json_t *j, nz_nat_config *c, nz_error *err) {
     int rc = NZ_OK, v;
     memset(c, 0, sizeof *c);
-    if (!json_is_object(j)) FAIL(NZ_E_FORMAT, "model has no config.json object");
+    if (!json_is_object(j)) NZ_FAIL(NZ_E_FORMAT, "model has no config.json object");
     const json_t *arch = nz_cfg_get(j, "architecture");
     if (!json_is_string(arch) || strcmp(json_string_value(arch), "cmlm_transformer"))
-        FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"cmlm_transformer\"",
-             json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
-             json_is_string(arch) ? "\"" : "");
+        NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"cmlm_transformer\"",
+                json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
+                json_is_string(arch) ? "\"" : "");
     size_t dec_dim = 0;
-    TRY(nz_cfg_size(j, "encoder_embed_dim", 512, 0, &c->d_model, err));
-    TRY(nz_cfg_size(j, "encoder_ffn_embed_dim", 2048, 0, &c->enc_ffn, err));
-    TRY(nz_cfg_size(j, "encoder_layers", 6, 0, &c->enc_layers, err));
-    TRY(nz_cfg_size(j, "encoder_attention_heads", 8, 0, &c->enc_heads, err));
-    TRY(nz_cfg_size(j, "decoder_embed_dim", c->d_model, 0, &dec_dim, err));
-    TRY(nz_cfg_size(j, "decoder_ffn_embed_dim", c->enc_ffn, 0, &c->dec_ffn, err));
-    TRY(nz_cfg_size(j, "decoder_layers", 6, 0, &c->dec_layers, err));
-    TRY(nz_cfg_size(j, "decoder_attention_heads", 8, 0, &c->dec_heads, err));
-    TRY(nz_cfg_size(j, "at_decoder_layers", 0, 0, &c->at_layers, err));
-    TRY(nz_cfg_size(j, "max_source_positions", 1024, 0, &c->max_source_positions, err));
-    TRY(nz_cfg_size(j, "max_target_positions", 1024, 0, &c->max_target_positions, err));
-    TRY(nz_cfg_flag(j, "encoder_normalize_before", 0, &c->enc_pre_norm, err));
-    TRY(nz_cfg_flag(j, "decoder_normalize_before", 0, &c->dec_pre_norm, err));
-    TRY(nz_cfg_flag(j, "encoder_learned_pos", 0, &c->enc_learned_pos, err));
-    TRY(nz_cfg_flag(j, "decoder_learned_pos", 0, &c->dec_learned_pos, err));
-    TRY(nz_cfg_flag(j, "no_token_positional_embeddings", 0, &c->no_positions, err));
-    TRY(nz_cfg_flag(j, "layernorm_embedding", 0, &c->layernorm_embedding, err));
-    TRY(nz_cfg_flag(j, "pred_length_offset", 0, &c->pred_length_offset, err));
-    TRY(nz_cfg_flag(j, "at_prepend_bos", 0, &c->at_prepend_bos, err));
-    TRY(nz_cfg_flag(j, "share_all_embeddings", 1, &v, err));
+    NZ_TRY(nz_cfg_size(j, "encoder_embed_dim", 512, 0, &c->d_model, err));
+    NZ_TRY(nz_cfg_size(j, "encoder_ffn_embed_dim", 2048, 0, &c->enc_ffn, err));
+    NZ_TRY(nz_cfg_size(j, "encoder_layers", 6, 0, &c->enc_layers, err));
+    NZ_TRY(nz_cfg_size(j, "encoder_attention_heads", 8, 0, &c->enc_heads, err));
+    NZ_TRY(nz_cfg_size(j, "decoder_embed_dim", c->d_model, 0, &dec_dim, err));
+    NZ_TRY(nz_cfg_size(j, "decoder_ffn_embed_dim", c->enc_ffn, 0, &c->dec_ffn, err));
+    NZ_TRY(nz_cfg_size(j, "decoder_layers", 6, 0, &c->dec_layers, err));
+    NZ_TRY(nz_cfg_size(j, "decoder_attention_heads", 8, 0, &c->dec_heads, err));
+    NZ_TRY(nz_cfg_size(j, "at_decoder_layers", 0, 0, &c->at_layers, err));
+    NZ_TRY(nz_cfg_size(j, "max_source_positions", 1024, 0, &c->max_source_positions, err));
+    NZ_TRY(nz_cfg_size(j, "max_target_positions", 1024, 0, &c->max_target_positions, err));
+    NZ_TRY(nz_cfg_flag(j, "encoder_normalize_before", 0, &c->enc_pre_norm, err));
+    NZ_TRY(nz_cfg_flag(j, "decoder_normalize_before", 0, &c->dec_pre_norm, err));
+    NZ_TRY(nz_cfg_flag(j, "encoder_learned_pos", 0, &c->enc_learned_pos, err));
+    NZ_TRY(nz_cfg_flag(j, "decoder_learned_pos", 0, &c->dec_learned_pos, err));
+    NZ_TRY(nz_cfg_flag(j, "no_token_positional_embeddings", 0, &c->no_positions, err));
+    NZ_TRY(nz_cfg_flag(j, "layernorm_embedding", 0, &c->layernorm_embedding, err));
+    NZ_TRY(nz_cfg_flag(j, "pred_length_offset", 0, &c->pred_length_offset, err));
+    NZ_TRY(nz_cfg_flag(j, "at_prepend_bos", 0, &c->at_prepend_bos, err));
+    NZ_TRY(nz_cfg_flag(j, "share_all_embeddings", 1, &v, err));
     if (!v)
-        FAIL(NZ_E_UNSUPPORTED, "config.json: share_all_embeddings false is not supported (one joined "
-                               "dictionary and embedding matrix is required)");
+        NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: share_all_embeddings false is not supported (one joined "
+                                  "dictionary and embedding matrix is required)");
     /* share_all_embeddings implies a tied output projection (fairseq forces
      * share_decoder_input_output_embed), whatever the key says */
-    TRY(nz_cfg_flag(j, "src_embedding_copy", 0, &v, err));
-    if (v) FAIL(NZ_E_UNSUPPORTED, "config.json: src_embedding_copy is not supported");
-    TRY(nz_cfg_flag(j, "no_scale_embedding", 0, &v, err));
+    NZ_TRY(nz_cfg_flag(j, "src_embedding_copy", 0, &v, err));
+    if (v) NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: src_embedding_copy is not supported");
+    NZ_TRY(nz_cfg_flag(j, "no_scale_embedding", 0, &v, err));
     c->embed_scale = v ? 1.0f : (float)sqrt((double)c->d_model);
     if (!c->d_model || dec_dim != c->d_model)
-        FAIL(NZ_E_UNSUPPORTED,
-             "config.json: encoder_embed_dim %zu and decoder_embed_dim %zu must be equal and > 0", c->d_model,
-             dec_dim);
+        NZ_FAIL(NZ_E_UNSUPPORTED,
+                "config.json: encoder_embed_dim %zu and decoder_embed_dim %zu must be equal and > 0",
+                c->d_model, dec_dim);
     if (!c->enc_heads || c->d_model % c->enc_heads || !c->dec_heads || c->d_model % c->dec_heads)
-        FAIL(NZ_E_FORMAT, "config.json: attention heads (%zu encoder, %zu decoder) must divide the width %zu",
-             c->enc_heads, c->dec_heads, c->d_model);
-    if (!c->enc_ffn || !c->dec_ffn) FAIL(NZ_E_FORMAT, "config.json: FFN widths must be > 0");
-    if (!c->dec_layers) FAIL(NZ_E_FORMAT, "config.json: decoder_layers must be > 0");
+        NZ_FAIL(NZ_E_FORMAT,
+                "config.json: attention heads (%zu encoder, %zu decoder) must divide the width %zu",
+                c->enc_heads, c->dec_heads, c->d_model);
+    if (!c->enc_ffn || !c->dec_ffn) NZ_FAIL(NZ_E_FORMAT, "config.json: FFN widths must be > 0");
+    if (!c->dec_layers) NZ_FAIL(NZ_E_FORMAT, "config.json: decoder_layers must be > 0");
     if (!c->max_source_positions || c->max_target_positions < 2)
-        FAIL(NZ_E_FORMAT, "config.json: max_source_positions must be > 0 and max_target_positions >= 2");
+        NZ_FAIL(NZ_E_FORMAT, "config.json: max_source_positions must be > 0 and max_target_positions >= 2");
     const json_t *act = nz_cfg_get(j, "activation_fn");
     const char *an = act ? json_string_value(act) : "relu";
-    if (!an) FAIL(NZ_E_FORMAT, "config.json: 'activation_fn' must be a string");
+    if (!an) NZ_FAIL(NZ_E_FORMAT, "config.json: 'activation_fn' must be a string");
     if (!strcmp(an, "relu"))
         c->act = NZ_ACT_RELU;
     else if (!strcmp(an, "gelu"))
         c->act = NZ_ACT_GELU;
     else
-        FAIL(NZ_E_UNSUPPORTED, "config.json: activation_fn \"%s\" is not supported (relu, gelu)", an);
+        NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: activation_fn \"%s\" is not supported (relu, gelu)", an);
     const json_t *eps = nz_cfg_get(j, "layer_norm_eps");
     c->ln_eps = 1e-5f;
     if (eps) {
         if (!json_is_number(eps) || !(json_number_value(eps) > 0))
-            FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_eps' must be a positive number");
+            NZ_FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_eps' must be a positive number");
         c->ln_eps = (float)json_number_value(eps);
     }
-    TRY(nz_cfg_fixed(j, "bos_index", NZ_NAT_BOS, "fairseq dictionary", err));
-    TRY(nz_cfg_fixed(j, "pad_index", NZ_NAT_PAD, "fairseq dictionary", err));
-    TRY(nz_cfg_fixed(j, "eos_index", NZ_NAT_EOS, "fairseq dictionary", err));
-    TRY(nz_cfg_fixed(j, "unk_index", NZ_NAT_UNK, "fairseq dictionary", err));
-    TRY(nz_cfg_fixed(j, "mask_index", NZ_NAT_MASK, "fairseq dictionary", err));
+    NZ_TRY(nz_cfg_fixed(j, "bos_index", NZ_NAT_BOS, "fairseq dictionary", err));
+    NZ_TRY(nz_cfg_fixed(j, "pad_index", NZ_NAT_PAD, "fairseq dictionary", err));
+    NZ_TRY(nz_cfg_fixed(j, "eos_index", NZ_NAT_EOS, "fairseq dictionary", err));
+    NZ_TRY(nz_cfg_fixed(j, "unk_index", NZ_NAT_UNK, "fairseq dictionary", err));
+    NZ_TRY(nz_cfg_fixed(j, "mask_index", NZ_NAT_MASK, "fairseq dictionary", err));
 done:
     return rc;
 }
@@ -169,21 +159,21 @@ static int bind_layer(const nz_nat *n, nz_block *b, const char *stack, size_t i,
     b->has_cross = cross;
     snprintf(p, sizeof p, "%slayers.%zu.", stack, i);
     snprintf(a, sizeof a, "%sself_attn.", p);
-    TRY(bind_attn(n, &b->self, a, H, err));
-    TRY(bind_norm(n, &b->self_norm, p, "self_attn_layer_norm", err));
+    NZ_TRY(bind_attn(n, &b->self, a, H, err));
+    NZ_TRY(bind_norm(n, &b->self_norm, p, "self_attn_layer_norm", err));
     if (cross) {
         snprintf(a, sizeof a, "%sencoder_attn.", p);
-        TRY(bind_attn(n, &b->cross, a, H, err));
-        TRY(bind_norm(n, &b->cross_norm, p, "encoder_attn_layer_norm", err));
+        NZ_TRY(bind_attn(n, &b->cross, a, H, err));
+        NZ_TRY(bind_norm(n, &b->cross_norm, p, "encoder_attn_layer_norm", err));
     }
     snprintf(a, sizeof a, "%sfc1.weight", p);
     snprintf(c, sizeof c, "%sfc1.bias", p);
     snprintf(d, sizeof d, "%sfc2.weight", p);
     snprintf(e, sizeof e, "%sfc2.bias", p);
-    TRY(nz_ffn_bind(&b->ffn, n->m, n->c.act, a, c, NULL, d, e, n->c.d_model, err));
+    NZ_TRY(nz_ffn_bind(&b->ffn, n->m, n->c.act, a, c, NULL, d, e, n->c.d_model, err));
     if (b->ffn.d_ff != ffn)
-        FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says %zu (ffn_embed_dim)", a, b->ffn.d_ff, ffn);
-    TRY(bind_norm(n, &b->ffn_norm, p, "final_layer_norm", err));
+        NZ_FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says %zu (ffn_embed_dim)", a, b->ffn.d_ff, ffn);
+    NZ_TRY(bind_norm(n, &b->ffn_norm, p, "final_layer_norm", err));
 done:
     return rc;
 }
@@ -206,33 +196,34 @@ static int bind_stack(nz_nat *n, nat_stack *s, const char *prefix, size_t nlayer
         s->pos = learned ? POS_LEARNED : POS_SINUSOIDAL;
         snprintf(a, sizeof a, "%sembed_positions.weight", prefix);
         if (learned) {
-            TRY(nz_weight_bind(&s->pos_table, n->m, a, err));
+            NZ_TRY(nz_weight_bind(&s->pos_table, n->m, a, err));
             if (s->pos_table.k != n->c.d_model || s->pos_table.n != max_pos + NZ_NAT_PAD + 1)
-                FAIL(NZ_E_FORMAT, "'%s' is %llu x %llu, expected %zu x %zu (max positions %zu + 2)", a,
-                     (unsigned long long)s->pos_table.n, (unsigned long long)s->pos_table.k,
-                     max_pos + NZ_NAT_PAD + 1, n->c.d_model, max_pos);
+                NZ_FAIL(NZ_E_FORMAT, "'%s' is %llu x %llu, expected %zu x %zu (max positions %zu + 2)", a,
+                        (unsigned long long)s->pos_table.n, (unsigned long long)s->pos_table.k,
+                        max_pos + NZ_NAT_PAD + 1, n->c.d_model, max_pos);
             s->pos_rows = (size_t)s->pos_table.n;
         } else if (nz_model_find(n->m, a) >= 0) {
-            FAIL(NZ_E_FORMAT, "'%s' exists but the config says sinusoidal positions (learned_pos false)", a);
+            NZ_FAIL(NZ_E_FORMAT, "'%s' exists but the config says sinusoidal positions (learned_pos false)",
+                    a);
         }
     }
     if (emb_norm) {
-        TRY(bind_norm(n, &s->emb_norm, prefix, "layernorm_embedding", err));
+        NZ_TRY(bind_norm(n, &s->emb_norm, prefix, "layernorm_embedding", err));
         s->has_emb_norm = 1;
     }
     if (pre_norm) {
-        TRY(bind_norm(n, &s->final_norm, prefix, "layer_norm", err));
+        NZ_TRY(bind_norm(n, &s->final_norm, prefix, "layer_norm", err));
         s->has_final_norm = 1;
     }
     snprintf(a, sizeof a, "%slayers.%zu.fc1.weight", prefix, nlayers);
     if (nz_model_find(n->m, a) >= 0)
-        FAIL(NZ_E_FORMAT, "'%s' exists: the model has more %slayers than config.json says (%zu)", a, prefix,
-             nlayers);
+        NZ_FAIL(NZ_E_FORMAT, "'%s' exists: the model has more %slayers than config.json says (%zu)", a,
+                prefix, nlayers);
     s->layers = nz_calloc(nlayers ? nlayers : 1, sizeof *s->layers, NZ_MEM_OTHER);
-    if (!s->layers) FAIL(NZ_E_NOMEM, "out of memory for %zu layers", nlayers);
+    if (!s->layers) NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu layers", nlayers);
     s->nlayers = nlayers;
     for (size_t i = 0; i < nlayers; i++)
-        TRY(bind_layer(n, &s->layers[i], prefix, i, cross, pre_norm, H, ffn, err));
+        NZ_TRY(bind_layer(n, &s->layers[i], prefix, i, cross, pre_norm, H, ffn, err));
 done:
     return rc;
 }
@@ -244,45 +235,45 @@ int nz_nat_load(const nz_model *m, nz_nat **out, nz_error *err) {
     if (!n) return nz_fail(err, NZ_E_NOMEM, "out of memory for the model");
     n->m = m;
     nz_nat_config *c = &n->c;
-    TRY(read_config(nz_model_config(m), c, err));
+    NZ_TRY(read_config(nz_model_config(m), c, err));
     const char *ename = "encoder.embed_tokens.weight";
-    TRY(nz_weight_bind(&n->embed, m, ename, err));
+    NZ_TRY(nz_weight_bind(&n->embed, m, ename, err));
     if (n->embed.k != c->d_model)
-        FAIL(NZ_E_FORMAT, "'%s' is %llu wide, config.json says encoder_embed_dim %zu", ename,
-             (unsigned long long)n->embed.k, c->d_model);
+        NZ_FAIL(NZ_E_FORMAT, "'%s' is %llu wide, config.json says encoder_embed_dim %zu", ename,
+                (unsigned long long)n->embed.k, c->d_model);
     if (n->embed.n <= NZ_NAT_UNK || n->embed.n > INT32_MAX)
-        FAIL(NZ_E_FORMAT, "'%s' has %llu rows", ename, (unsigned long long)n->embed.n);
+        NZ_FAIL(NZ_E_FORMAT, "'%s' has %llu rows", ename, (unsigned long long)n->embed.n);
     c->vocab = (size_t)n->embed.n;
     size_t vs = 0;
-    TRY(nz_cfg_size(nz_model_config(m), "vocab_size", c->vocab, 0, &vs, err));
+    NZ_TRY(nz_cfg_size(nz_model_config(m), "vocab_size", c->vocab, 0, &vs, err));
     if (vs != c->vocab)
-        FAIL(NZ_E_FORMAT, "config.json: vocab_size %zu but '%s' has %zu rows", vs, ename, c->vocab);
+        NZ_FAIL(NZ_E_FORMAT, "config.json: vocab_size %zu but '%s' has %zu rows", vs, ename, c->vocab);
     static const char *const untied[] = {"decoder.embed_tokens.weight", "decoder.output_projection.weight",
                                          "at_decoder.embed_tokens.weight",
                                          "at_decoder.output_projection.weight"};
     for (size_t i = 0; i < sizeof untied / sizeof untied[0]; i++)
         if (nz_model_find(m, untied[i]) >= 0)
-            FAIL(NZ_E_UNSUPPORTED,
-                 "'%s' exists: with share_all_embeddings every embedding and output "
-                 "projection is '%s' (the converter stores it once)",
-                 untied[i], ename);
-    TRY(nz_linear_bind(&n->out_proj, m, ename, NULL, c->d_model, c->vocab, err));
-    TRY(nz_linear_bind(&n->length, m, "decoder.embed_length.weight", NULL, c->d_model, 0, err));
+            NZ_FAIL(NZ_E_UNSUPPORTED,
+                    "'%s' exists: with share_all_embeddings every embedding and output "
+                    "projection is '%s' (the converter stores it once)",
+                    untied[i], ename);
+    NZ_TRY(nz_linear_bind(&n->out_proj, m, ename, NULL, c->d_model, c->vocab, err));
+    NZ_TRY(nz_linear_bind(&n->length, m, "decoder.embed_length.weight", NULL, c->d_model, 0, err));
     c->length_classes = n->length.n_out;
     size_t lc = 0;
-    TRY(nz_cfg_size(nz_model_config(m), "length_classes", c->length_classes, 0, &lc, err));
+    NZ_TRY(nz_cfg_size(nz_model_config(m), "length_classes", c->length_classes, 0, &lc, err));
     if (lc != c->length_classes)
-        FAIL(NZ_E_FORMAT, "config.json: length_classes %zu but decoder.embed_length.weight has %zu rows", lc,
-             c->length_classes);
-    TRY(bind_stack(n, &n->enc, "encoder.", c->enc_layers, 0, c->enc_pre_norm, c->enc_learned_pos,
-                   c->max_source_positions, c->enc_heads, c->enc_ffn, c->layernorm_embedding, err));
-    TRY(bind_stack(n, &n->dec, "decoder.", c->dec_layers, 1, c->dec_pre_norm, c->dec_learned_pos,
-                   c->max_target_positions, c->dec_heads, c->dec_ffn, 0, err));
+        NZ_FAIL(NZ_E_FORMAT, "config.json: length_classes %zu but decoder.embed_length.weight has %zu rows",
+                lc, c->length_classes);
+    NZ_TRY(bind_stack(n, &n->enc, "encoder.", c->enc_layers, 0, c->enc_pre_norm, c->enc_learned_pos,
+                      c->max_source_positions, c->enc_heads, c->enc_ffn, c->layernorm_embedding, err));
+    NZ_TRY(bind_stack(n, &n->dec, "decoder.", c->dec_layers, 1, c->dec_pre_norm, c->dec_learned_pos,
+                      c->max_target_positions, c->dec_heads, c->dec_ffn, 0, err));
     if (c->at_layers)
-        TRY(bind_stack(n, &n->at, "at_decoder.", c->at_layers, 1, c->dec_pre_norm, c->dec_learned_pos,
-                       c->max_target_positions, c->dec_heads, c->dec_ffn, c->layernorm_embedding, err));
+        NZ_TRY(bind_stack(n, &n->at, "at_decoder.", c->at_layers, 1, c->dec_pre_norm, c->dec_learned_pos,
+                          c->max_target_positions, c->dec_heads, c->dec_ffn, c->layernorm_embedding, err));
     else if (nz_model_find(m, "at_decoder.layers.0.fc1.weight") >= 0)
-        FAIL(NZ_E_FORMAT, "the model has at_decoder.* layers but config.json has no at_decoder_layers");
+        NZ_FAIL(NZ_E_FORMAT, "the model has at_decoder.* layers but config.json has no at_decoder_layers");
     *out = n;
     return NZ_OK;
 done:
@@ -409,7 +400,7 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
     enc->x = nz_malloc(B * S * D * sizeof *enc->x, NZ_MEM_ACTIVATIONS);
     enc->pad = nz_malloc(B * S, NZ_MEM_ACTIVATIONS);
     enc->len = nz_malloc(B * sizeof *enc->len, NZ_MEM_ACTIVATIONS);
-    if (!enc->x || !enc->pad || !enc->len) FAIL(NZ_E_NOMEM, "out of memory for the encoder output");
+    if (!enc->x || !enc->pad || !enc->len) NZ_FAIL(NZ_E_NOMEM, "out of memory for the encoder output");
     for (size_t b = 0; b < B; b++) {
         rc = nz_nat_check_source(n, src + b * S, S, &enc->len[b], err);
         if (rc) {
@@ -419,7 +410,7 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
     }
     int any = 0;
     for (size_t i = 0; i < B * S; i++) any |= enc->pad[i] = src[i] == NZ_NAT_PAD;
-    TRY(stack_embed(mc, n, &n->enc, src, B, S, 0, 1, enc->x, err));
+    NZ_TRY(stack_embed(mc, n, &n->enc, src, B, S, 0, 1, enc->x, err));
     for (size_t i = 0; i < B * S; i++)
         if (enc->pad[i]) memset(enc->x + i * D, 0, D * sizeof *enc->x);
     nz_block_io io;
@@ -427,7 +418,7 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
     io.B = B;
     io.T = S;
     io.self_pad = any ? enc->pad : NULL;
-    TRY(stack_layers(mc, &n->enc, enc->x, &io, NULL, NULL, err));
+    NZ_TRY(stack_layers(mc, &n->enc, enc->x, &io, NULL, NULL, err));
 done:
     if (rc) nz_nat_enc_free(enc);
     return rc;
@@ -597,7 +588,7 @@ int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, c
     owner = nz_malloc(R * sizeof *owner, NZ_MEM_ACTIVATIONS);
     acc = nz_calloc(N, sizeof *acc, NZ_MEM_ACTIVATIONS);
     h = nz_malloc(N * W * D * sizeof *h, NZ_MEM_ACTIVATIONS);
-    if (!in || !target || !rows || !owner || !acc || !h) FAIL(NZ_E_NOMEM, "out of memory for AT scoring");
+    if (!in || !target || !rows || !owner || !acc || !h) NZ_FAIL(NZ_E_NOMEM, "out of memory for AT scoring");
     size_t r = 0;
     for (size_t i = 0; i < N; i++) {
         for (size_t t = 0; t < W; t++) in[i * W + t] = NZ_NAT_PAD;
@@ -609,10 +600,10 @@ int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, c
             owner[r] = i;
         }
     }
-    TRY(cross_kvs(mc, n, &n->at, enc, &cross, err));
-    TRY(decoder_fwd(mc, n, 0, in, N, W, cross, sent, h, err));
+    NZ_TRY(cross_kvs(mc, n, &n->at, enc, &cross, err));
+    NZ_TRY(decoder_fwd(mc, n, 0, in, N, W, cross, sent, h, err));
     score_ctx sc = {target, acc, owner};
-    TRY(project_rows(mc, n, h, rows, R, score_row, &sc, err));
+    NZ_TRY(project_rows(mc, n, h, rows, R, score_row, &sc, err));
     for (size_t i = 0; i < N; i++) scores[i] = (float)(acc[i] / (double)(len[i] - 1));
 done:
     kvs_free(cross, n->at.nlayers);
@@ -648,7 +639,7 @@ static int predict_lengths(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc 
             for (size_t d = 0; d < D; d++) p[d] += x[d] / cnt;
         }
     }
-    TRY(nz_linear_fwd(mc, &n->length, pooled, B, lo, err));
+    NZ_TRY(nz_linear_fwd(mc, &n->length, pooled, B, lo, err));
     nz_log_softmax(lo, B, C);
     for (size_t b = 0; b < B; b++) {
         long L = (long)nz_argmax(lo + b * C, C);
@@ -721,24 +712,24 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
     nz_nat_enc enc;
     memset(&enc, 0, sizeof enc);
     size_t nv = 0;
-    TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
     if (o->max_len < 0 || o->max_len == 1)
-        FAIL(NZ_E_INVALID_ARG, "mask-predict: max_len %d must be 0 (no cap) or >= 2 (bos and eos)",
-             o->max_len);
+        NZ_FAIL(NZ_E_INVALID_ARG, "mask-predict: max_len %d must be 0 (no cap) or >= 2 (bos and eos)",
+                o->max_len);
     if (o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 || o->length_beam > 4096)
-        FAIL(NZ_E_INVALID_ARG, "mask-predict: max_iter %d (>= 0) or length_beam %d (1..4096) out of range",
-             o->max_iter, o->length_beam);
+        NZ_FAIL(NZ_E_INVALID_ARG, "mask-predict: max_iter %d (>= 0) or length_beam %d (1..4096) out of range",
+                o->max_iter, o->length_beam);
     if (o->rerank_at && !n->c.at_layers)
-        FAIL(NZ_E_UNSUPPORTED, "AT rerank needs an AT decoder (config.json has no at_decoder_layers)");
+        NZ_FAIL(NZ_E_UNSUPPORTED, "AT rerank needs an AT decoder (config.json has no at_decoder_layers)");
     if (o->rerank_at && n->c.at_prepend_bos)
-        FAIL(NZ_E_UNSUPPORTED,
-             "AT rerank: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
+        NZ_FAIL(NZ_E_UNSUPPORTED,
+                "AT rerank: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
     if (!nv) goto done;
 
-    TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
+    NZ_TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
     L0 = nz_malloc(nv * sizeof *L0, NZ_MEM_ACTIVATIONS);
-    if (!L0) FAIL(NZ_E_NOMEM, "out of memory for lengths");
-    TRY(predict_lengths(mc, n, &enc, L0, err));
+    if (!L0) NZ_FAIL(NZ_E_NOMEM, "out of memory for lengths");
+    NZ_TRY(predict_lengths(mc, n, &enc, L0, err));
 
     /* length-beam candidates, all sentences' together */
     const size_t beam = (size_t)o->length_beam, N = nv * beam, T = (size_t)o->max_iter;
@@ -746,7 +737,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
     if (o->max_len >= 2 && o->max_len < maxL) maxL = o->max_len;
     clen = nz_malloc(N * sizeof *clen, NZ_MEM_ACTIVATIONS);
     csent = nz_malloc(N * sizeof *csent, NZ_MEM_ACTIVATIONS);
-    if (!clen || !csent) FAIL(NZ_E_NOMEM, "out of memory for candidates");
+    if (!clen || !csent) NZ_FAIL(NZ_E_NOMEM, "out of memory for candidates");
     size_t W = 2;
     for (size_t s = 0; s < nv; s++)
         for (size_t j = 0; j < beam; j++) {
@@ -773,7 +764,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
     keys = nz_malloc(W * sizeof *keys, NZ_MEM_ACTIVATIONS);
     if (!tok || !prev || !bt || !ftok || !sc || !h || !act || !kvmap || !rows || !cell || !fn || !fscore ||
         !ascore || !fsteps || !keys)
-        FAIL(NZ_E_NOMEM, "out of memory for %zu candidates of up to %zu tokens", N, W);
+        NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu candidates of up to %zu tokens", N, W);
     /* [bos, unk x (L-2), eos, pad..] */
     for (size_t c = 0; c < N; c++) {
         int32_t *r = tok + c * W;
@@ -782,12 +773,12 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
         r[clen[c] - 1] = NZ_NAT_EOS;
         act[c] = c;
     }
-    TRY(cross_kvs(mc, n, &n->dec, &enc, &cross, err));
+    NZ_TRY(cross_kvs(mc, n, &n->dec, &enc, &cross, err));
 
     size_t A = N;
     for (size_t step = 0; step <= T && A; step++) {
         if (o->stop && o->stop(o->stop_arg))
-            FAIL(NZ_E_CANCELLED, "mask-predict: cancelled before pass %zu", step);
+            NZ_FAIL(NZ_E_CANCELLED, "mask-predict: cancelled before pass %zu", step);
         size_t Wa = 0; /* the active candidates' width: trailing pads change nothing */
         for (size_t a = 0; a < A; a++)
             if (clen[act[a]] > Wa) Wa = clen[act[a]];
@@ -803,9 +794,9 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
                     cell[R++] = c * W + t;
                 }
         }
-        TRY(decoder_fwd(mc, n, 1, bt, A, Wa, cross, kvmap, h, err));
+        NZ_TRY(decoder_fwd(mc, n, 1, bt, A, Wa, cross, kvmap, h, err));
         mp_ctx mp = {tok, sc, cell, n->c.vocab};
-        TRY(project_rows(mc, n, h, rows, R, mp_row, &mp, err));
+        NZ_TRY(project_rows(mc, n, h, rows, R, mp_row, &mp, err));
         if (step < T) {
             /* re-mask the floor((L - 2) * p) lowest scores (fairseq _skeptical_unmasking) */
             const float p = (float)(1.0 - (double)(step + 1) / (double)(T + 1));
@@ -853,7 +844,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
     if (o->rerank_at) {
         /* fairseq rerank: the AT decoder's teacher-forced mean log-prob */
         hp = nz_malloc(N * sizeof *hp, NZ_MEM_ACTIVATIONS);
-        if (!hp) FAIL(NZ_E_NOMEM, "out of memory for reranking");
+        if (!hp) NZ_FAIL(NZ_E_NOMEM, "out of memory for reranking");
         /* the scorable candidates (>= 2 tokens; others keep NaN), compacted;
          * rows / kvmap / sc are free now */
         size_t M = 0, *ml = rows;
@@ -865,7 +856,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
             ml[M] = fn[c];
             ms[M++] = csent[c];
         }
-        TRY(nz_nat_at_score(mc, n, &enc, hp, ml, ms, M, sc, err));
+        NZ_TRY(nz_nat_at_score(mc, n, &enc, hp, ml, ms, M, sc, err));
         for (size_t c = 0, m = 0; c < N; c++)
             if (fn[c] >= 2) ascore[c] = sc[m++];
     }
@@ -874,7 +865,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
         const float *score = (o->rerank_at ? ascore : fscore) + s * beam;
         const size_t j = first_best(score, beam), c = s * beam + j;
         nz_nat_hyp *hy = &hyps[vidx[s]];
-        TRY(set_tokens(hy, ftok + c * W, fn[c], err));
+        NZ_TRY(set_tokens(hy, ftok + c * W, fn[c], err));
         hy->score = score[j];
         hy->nat_score = fscore[c];
         hy->steps = fsteps[c];
@@ -971,17 +962,17 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
     nz_nat_enc enc;
     memset(&enc, 0, sizeof enc);
     size_t nv = 0;
-    TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
     size_t max_len = 0;
-    TRY(at_setup(n, o, S, &max_len, err));
+    NZ_TRY(at_setup(n, o, S, &max_len, err));
     if (!nv) goto done;
 
-    TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
-    TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
+    NZ_TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
+    NZ_TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
     const size_t cap = max_len + 1, nl = n->at.nlayers;
     self = nz_calloc(nl, sizeof *self, NZ_MEM_KV);
-    if (!self) FAIL(NZ_E_NOMEM, "out of memory for the AT caches");
-    for (size_t l = 0; l < nl; l++) TRY(nz_kv_init(&self[l], nv, cap, D, err));
+    if (!self) NZ_FAIL(NZ_E_NOMEM, "out of memory for the AT caches");
+    for (size_t l = 0; l < nl; l++) NZ_TRY(nz_kv_init(&self[l], nv, cap, D, err));
     cur = nz_malloc(nv * sizeof *cur, NZ_MEM_ACTIVATIONS);
     next = nz_malloc(nv * sizeof *next, NZ_MEM_ACTIVATIONS);
     obuf = nz_malloc(nv * cap * sizeof *obuf, NZ_MEM_ACTIVATIONS);
@@ -993,26 +984,26 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
     x = nz_malloc(nv * D * sizeof *x, NZ_MEM_ACTIVATIONS);
     tmp = nz_malloc(V * sizeof *tmp, NZ_MEM_ACTIVATIONS);
     if (!cur || !next || !obuf || !on || !rows || !pad || !fin || !lpsum || !x || !tmp)
-        FAIL(NZ_E_NOMEM, "out of memory for AT decoding");
+        NZ_FAIL(NZ_E_NOMEM, "out of memory for AT decoding");
     for (size_t b = 0; b < nv; b++) cur[b] = NZ_NAT_EOS;
     size_t ndone = 0;
     for (size_t step = 0; step <= max_len && ndone < nv; step++) {
         if (o->stop && o->stop(o->stop_arg))
-            FAIL(NZ_E_CANCELLED, "AT greedy: cancelled before step %zu", step);
+            NZ_FAIL(NZ_E_CANCELLED, "AT greedy: cancelled before step %zu", step);
         for (size_t b = 0; b < nv; b++) pad[b] = cur[b] == NZ_NAT_PAD;
-        TRY(stack_embed(mc, n, &n->at, cur, nv, 1, (int64_t)step, 1, x, err));
+        NZ_TRY(stack_embed(mc, n, &n->at, cur, nv, 1, (int64_t)step, 1, x, err));
         nz_block_io io;
         memset(&io, 0, sizeof io);
         io.B = nv;
         io.T = 1;
         io.self_pad = pad;
         io.causal = 1;
-        TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
+        NZ_TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
         size_t R = 0;
         for (size_t b = 0; b < nv; b++)
             if (!fin[b]) rows[R++] = b;
         greedy_ctx g = {V, step, max_len, (size_t)o->min_len, rows, next, lpsum, tmp};
-        TRY(project_rows(mc, n, x, rows, R, greedy_row, &g, err));
+        NZ_TRY(project_rows(mc, n, x, rows, R, greedy_row, &g, err));
         for (size_t b = 0; b < nv; b++) {
             if (fin[b]) {
                 cur[b] = NZ_NAT_PAD;
@@ -1033,7 +1024,7 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
                 nz_fail(&hy->err, NZ_E_RANGE, "no eos within max_len %zu (min_len %d)", max_len, o->min_len);
             continue;
         }
-        TRY(set_tokens(hy, obuf + b * cap, on[b], err));
+        NZ_TRY(set_tokens(hy, obuf + b * cap, on[b], err));
         hy->score = (float)(lpsum[b] / (double)on[b]);
         hy->nat_score = NAN;
         hy->steps = (int)on[b];
@@ -1123,22 +1114,22 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
     nz_nat_enc enc;
     memset(&enc, 0, sizeof enc);
     size_t nv = 0;
-    TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
+    NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
     size_t max_len = 0;
-    TRY(at_setup(n, o, S, &max_len, err));
+    NZ_TRY(at_setup(n, o, S, &max_len, err));
     if (beam < 1 || beam > 4096 || !isfinite(lenpen))
-        FAIL(NZ_E_INVALID_ARG, "AT beam search: beam %d (1..4096) or length penalty %g out of range", beam,
-             (double)lenpen);
+        NZ_FAIL(NZ_E_INVALID_ARG, "AT beam search: beam %d (1..4096) or length penalty %g out of range", beam,
+                (double)lenpen);
     if (!nv) goto done;
 
     /* fairseq: beam_size = min(beam, vocab - 1); 2 * beam candidates a step */
     const size_t K = (size_t)beam < V - 1 ? (size_t)beam : V - 1, N = nv * K, cap = max_len + 1;
     const size_t cand = 2 * K, kk = cand < V ? cand : V, nl = n->at.nlayers;
-    TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
-    TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
+    NZ_TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
+    NZ_TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
     self = nz_calloc(nl, sizeof *self, NZ_MEM_KV);
-    if (!self) FAIL(NZ_E_NOMEM, "out of memory for the AT caches");
-    for (size_t l = 0; l < nl; l++) TRY(nz_kv_init(&self[l], N, cap, D, err));
+    if (!self) NZ_FAIL(NZ_E_NOMEM, "out of memory for the AT caches");
+    for (size_t l = 0; l < nl; l++) NZ_TRY(nz_kv_init(&self[l], N, cap, D, err));
     cur = nz_malloc(N * sizeof *cur, NZ_MEM_ACTIVATIONS);
     hist = nz_malloc(N * cap * sizeof *hist, NZ_MEM_ACTIVATIONS);
     hist2 = nz_malloc(N * cap * sizeof *hist2, NZ_MEM_ACTIVATIONS);
@@ -1161,7 +1152,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
     pool = nz_malloc(K * kk * sizeof *pool, NZ_MEM_ACTIVATIONS);
     if (!cur || !hist || !hist2 || !ftok || !rows || !asent || !fn || !fcnt || !kvmap || !order || !ctok ||
         !cval || !ignore || !em || !cum || !cum2 || !fsc || !x || !tmp || !pool)
-        FAIL(NZ_E_NOMEM, "out of memory for AT beam search (%zu rows of up to %zu tokens)", N, cap);
+        NZ_FAIL(NZ_E_NOMEM, "out of memory for AT beam search (%zu rows of up to %zu tokens)", N, cap);
     /* rows a * K .. a * K + K - 1 belong to active sentence asent[a]; all start from [eos] */
     size_t A = nv;
     for (size_t a = 0; a < nv; a++) asent[a] = a;
@@ -1170,23 +1161,24 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         kvmap[r] = (uint32_t)(r / K);
     }
     for (size_t step = 0; step <= max_len && A; step++) {
-        if (o->stop && o->stop(o->stop_arg)) FAIL(NZ_E_CANCELLED, "AT beam: cancelled before step %zu", step);
+        if (o->stop && o->stop(o->stop_arg))
+            NZ_FAIL(NZ_E_CANCELLED, "AT beam: cancelled before step %zu", step);
         const size_t R = A * K;
-        TRY(stack_embed(mc, n, &n->at, cur, R, 1, (int64_t)step, 1, x, err));
+        NZ_TRY(stack_embed(mc, n, &n->at, cur, R, 1, (int64_t)step, 1, x, err));
         nz_block_io io;
         memset(&io, 0, sizeof io);
         io.B = R;
         io.T = 1;
         io.causal = 1;
         io.kv_map = kvmap;
-        TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
+        NZ_TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
         /* step 0: only row 0 of each sentence (fairseq's lprobs[:, ::beam_size]) */
         const size_t nr = step ? K : 1;
         size_t P = 0;
         for (size_t a = 0; a < A; a++)
             for (size_t j = 0; j < nr; j++) rows[P++] = a * K + j;
         beam_ctx bc = {V, step, max_len, (size_t)o->min_len, kk, rows, cum, tmp, ctok, cval};
-        TRY(project_rows(mc, n, x, rows, P, beam_row, &bc, err));
+        NZ_TRY(project_rows(mc, n, x, rows, P, beam_row, &bc, err));
         const float norm = (float)pow((double)(step + 1), (double)lenpen);
         size_t A2 = 0;
         for (size_t a = 0; a < A; a++) {
@@ -1238,7 +1230,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         if (step == max_len || !A2) break;
         /* beam reorder of the self-attention caches, finished sentences' rows
          * dropped: the A2 * K surviving rows take their parents' rows */
-        for (size_t l = 0; l < nl; l++) TRY(nz_kv_select(&self[l], order, A2 * K, err));
+        for (size_t l = 0; l < nl; l++) NZ_TRY(nz_kv_select(&self[l], order, A2 * K, err));
         for (size_t r = 0; r < A2 * K; r++) kvmap[r] = (uint32_t)asent[r / K];
         int32_t *th = hist;
         hist = hist2;
@@ -1260,7 +1252,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         size_t best = s * K;
         for (size_t f = s * K + 1; f < s * K + fcnt[s]; f++)
             if (fsc[f] > fsc[best]) best = f;
-        TRY(set_tokens(hy, ftok + best * cap, fn[best], err));
+        NZ_TRY(set_tokens(hy, ftok + best * cap, fn[best], err));
         hy->score = fsc[best];
         hy->nat_score = NAN;
         hy->steps = (int)fn[best];

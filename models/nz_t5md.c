@@ -63,17 +63,6 @@ struct nz_t5md_tok {
     size_t max_turns, max_src, count;
 };
 
-#define TRY(x)                                                                                               \
-    do {                                                                                                     \
-        if ((rc = (x)) != NZ_OK) goto done;                                                                  \
-    } while (0)
-
-#define FAIL(code, ...)                                                                                      \
-    do {                                                                                                     \
-        rc = nz_fail(err, code, __VA_ARGS__);                                                                \
-        goto done;                                                                                           \
-    } while (0)
-
 /* ------------------------------------------------------------------ config */
 
 /* Fill c from config.json (t5md_ref.make_config's defaults for absent
@@ -82,15 +71,15 @@ static int read_config(const json_t *j, nz_t5md_config *c, nz_error *err) {
     int rc = NZ_OK;
     const char *s = NULL;
     memset(c, 0, sizeof *c);
-    if (!json_is_object(j)) FAIL(NZ_E_FORMAT, "model has no config.json object");
+    if (!json_is_object(j)) NZ_FAIL(NZ_E_FORMAT, "model has no config.json object");
     const json_t *arch = nz_cfg_get(j, "architecture");
     if (!json_is_string(arch) || strcmp(json_string_value(arch), "t5_multidecoder"))
-        FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"t5_multidecoder\"",
-             json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
-             json_is_string(arch) ? "\"" : "");
-    TRY(nz_cfg_str(j, "model_type", "t5", &s, err));
-    if (strcmp(s, "t5")) FAIL(NZ_E_UNSUPPORTED, "config.json: 'model_type' is \"%s\", expected \"t5\"", s);
-    TRY(nz_cfg_str(j, "multidecoder", "adapter", &s, err));
+        NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: 'architecture' is %s%s%s, expected \"t5_multidecoder\"",
+                json_is_string(arch) ? "\"" : "", json_is_string(arch) ? json_string_value(arch) : "missing",
+                json_is_string(arch) ? "\"" : "");
+    NZ_TRY(nz_cfg_str(j, "model_type", "t5", &s, err));
+    if (strcmp(s, "t5")) NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: 'model_type' is \"%s\", expected \"t5\"", s);
+    NZ_TRY(nz_cfg_str(j, "multidecoder", "adapter", &s, err));
     if (!strcmp(s, "adapter"))
         c->kind = NZ_T5MD_ADAPTER;
     else if (!strcmp(s, "transformer"))
@@ -98,54 +87,54 @@ static int read_config(const json_t *j, nz_t5md_config *c, nz_error *err) {
     else if (!strcmp(s, "none"))
         c->kind = NZ_T5MD_ADAPTER, c->plain = 1;
     else
-        FAIL(NZ_E_UNSUPPORTED, "config.json: 'multidecoder' is \"%s\" (adapter, transformer or none)", s);
-    TRY(nz_cfg_size(j, "num_modes", 1, 1, &c->num_modes, err));
-    if (c->num_modes > 4096) FAIL(NZ_E_RANGE, "config.json: 'num_modes' %zu is above 4096", c->num_modes);
+        NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: 'multidecoder' is \"%s\" (adapter, transformer or none)", s);
+    NZ_TRY(nz_cfg_size(j, "num_modes", 1, 1, &c->num_modes, err));
+    if (c->num_modes > 4096) NZ_FAIL(NZ_E_RANGE, "config.json: 'num_modes' %zu is above 4096", c->num_modes);
     if (c->plain) c->num_modes = 1; /* make_config: a plain T5 has one decoder */
-    TRY(nz_cfg_size(j, "adapter_hidden_size", 128, 1, &c->adapter_hidden, err));
-    TRY(nz_cfg_size(j, "vocab_size", 8000, 3, &c->vocab, err));
-    TRY(nz_cfg_size(j, "d_model", 256, 1, &c->d_model, err));
-    TRY(nz_cfg_size(j, "d_kv", 64, 1, &c->d_kv, err));
-    TRY(nz_cfg_size(j, "d_ff", 1024, 1, &c->d_ff, err));
-    TRY(nz_cfg_size(j, "num_heads", 4, 1, &c->num_heads, err));
-    TRY(nz_cfg_size(j, "num_layers", 4, 1, &c->enc_layers, err));
-    TRY(nz_cfg_size(j, "num_decoder_layers", c->enc_layers, 1, &c->dec_layers, err));
+    NZ_TRY(nz_cfg_size(j, "adapter_hidden_size", 128, 1, &c->adapter_hidden, err));
+    NZ_TRY(nz_cfg_size(j, "vocab_size", 8000, 3, &c->vocab, err));
+    NZ_TRY(nz_cfg_size(j, "d_model", 256, 1, &c->d_model, err));
+    NZ_TRY(nz_cfg_size(j, "d_kv", 64, 1, &c->d_kv, err));
+    NZ_TRY(nz_cfg_size(j, "d_ff", 1024, 1, &c->d_ff, err));
+    NZ_TRY(nz_cfg_size(j, "num_heads", 4, 1, &c->num_heads, err));
+    NZ_TRY(nz_cfg_size(j, "num_layers", 4, 1, &c->enc_layers, err));
+    NZ_TRY(nz_cfg_size(j, "num_decoder_layers", c->enc_layers, 1, &c->dec_layers, err));
     size_t nb = 0, md = 0;
-    TRY(nz_cfg_size(j, "relative_attention_num_buckets", 32, 1, &nb, err));
-    TRY(nz_cfg_size(j, "relative_attention_max_distance", 128, 1, &md, err));
+    NZ_TRY(nz_cfg_size(j, "relative_attention_num_buckets", 32, 1, &nb, err));
+    NZ_TRY(nz_cfg_size(j, "relative_attention_max_distance", 128, 1, &md, err));
     c->num_buckets = (int)nb;
     c->max_distance = (int)md;
     if (c->num_heads * c->d_kv > (1u << 30))
-        FAIL(NZ_E_FORMAT, "config.json: num_heads %zu x d_kv %zu is too large", c->num_heads, c->d_kv);
+        NZ_FAIL(NZ_E_FORMAT, "config.json: num_heads %zu x d_kv %zu is too large", c->num_heads, c->d_kv);
     c->inner = c->num_heads * c->d_kv;
     const json_t *eps = nz_cfg_get(j, "layer_norm_epsilon");
     c->eps = 1e-6f;
     if (eps) {
         if (!json_is_number(eps) || !(json_number_value(eps) >= 0) || !isfinite(json_number_value(eps)))
-            FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_epsilon' must be a finite number >= 0");
+            NZ_FAIL(NZ_E_FORMAT, "config.json: 'layer_norm_epsilon' must be a finite number >= 0");
         c->eps = (float)json_number_value(eps);
     }
-    TRY(nz_cfg_str(j, "feed_forward_proj", "relu", &s, err));
+    NZ_TRY(nz_cfg_str(j, "feed_forward_proj", "relu", &s, err));
     if (!strcmp(s, "relu"))
         c->act = NZ_ACT_RELU;
     else if (!strcmp(s, "gated-gelu"))
         c->act = NZ_ACT_GATED_GELU;
     else
-        FAIL(NZ_E_UNSUPPORTED, "config.json: feed_forward_proj \"%s\" is not supported (relu, gated-gelu)",
-             s);
-    TRY(nz_cfg_flag(j, "tie_word_embeddings", 1, &c->tied, err));
-    TRY(nz_cfg_fixed(j, "pad_token_id", NZ_T5MD_PAD, "T5 ids: pad 0, eos 1, unk 2", err));
-    TRY(nz_cfg_fixed(j, "eos_token_id", NZ_T5MD_EOS, "T5 ids: pad 0, eos 1, unk 2", err));
-    TRY(nz_cfg_fixed(j, "unk_token_id", NZ_T5MD_UNK, "T5 ids: pad 0, eos 1, unk 2", err));
-    TRY(nz_cfg_fixed(j, "decoder_start_token_id", NZ_T5MD_START, "T5 ids: pad 0, eos 1, unk 2", err));
-    TRY(nz_cfg_str(j, "turn_separator", "", &s, err));
+        NZ_FAIL(NZ_E_UNSUPPORTED, "config.json: feed_forward_proj \"%s\" is not supported (relu, gated-gelu)",
+                s);
+    NZ_TRY(nz_cfg_flag(j, "tie_word_embeddings", 1, &c->tied, err));
+    NZ_TRY(nz_cfg_fixed(j, "pad_token_id", NZ_T5MD_PAD, "T5 ids: pad 0, eos 1, unk 2", err));
+    NZ_TRY(nz_cfg_fixed(j, "eos_token_id", NZ_T5MD_EOS, "T5 ids: pad 0, eos 1, unk 2", err));
+    NZ_TRY(nz_cfg_fixed(j, "unk_token_id", NZ_T5MD_UNK, "T5 ids: pad 0, eos 1, unk 2", err));
+    NZ_TRY(nz_cfg_fixed(j, "decoder_start_token_id", NZ_T5MD_START, "T5 ids: pad 0, eos 1, unk 2", err));
+    NZ_TRY(nz_cfg_str(j, "turn_separator", "", &s, err));
     if (strlen(s) >= sizeof c->turn_separator)
-        FAIL(NZ_E_FORMAT, "config.json: 'turn_separator' is longer than %zu bytes",
-             sizeof c->turn_separator - 1);
+        NZ_FAIL(NZ_E_FORMAT, "config.json: 'turn_separator' is longer than %zu bytes",
+                sizeof c->turn_separator - 1);
     snprintf(c->turn_separator, sizeof c->turn_separator, "%s", s);
-    TRY(nz_cfg_size(j, "max_context_turns", 0, 0, &c->max_context_turns, err));
-    TRY(nz_cfg_size(j, "max_source_length", 0, 0, &c->max_source_length, err));
-    TRY(nz_cfg_size(j, "max_target_length", 0, 0, &c->max_target_length, err));
+    NZ_TRY(nz_cfg_size(j, "max_context_turns", 0, 0, &c->max_context_turns, err));
+    NZ_TRY(nz_cfg_size(j, "max_source_length", 0, 0, &c->max_source_length, err));
+    NZ_TRY(nz_cfg_size(j, "max_target_length", 0, 0, &c->max_target_length, err));
 done:
     return rc;
 }
@@ -207,33 +196,33 @@ static int bind_block(nz_t5md *t, t5_stack *s, size_t i, int dec, nz_error *err)
     bl->has_cross = dec;
     snprintf(p, sizeof p, "%sblock.%zu.", s->prefix, i);
     snprintf(a, sizeof a, "%slayer.0.SelfAttention.", p);
-    TRY(bind_attn(t, &bl->self, a, err));
+    NZ_TRY(bind_attn(t, &bl->self, a, err));
     snprintf(a, sizeof a, "%slayer.0.layer_norm.weight", p);
-    TRY(bind_norm(t, &bl->self_norm, a, err));
+    NZ_TRY(bind_norm(t, &bl->self_norm, a, err));
     if (i == 0) {
         snprintf(a, sizeof a, "%slayer.0.SelfAttention.relative_attention_bias.weight", p);
-        TRY(bind_rel(t, s, a, err));
+        NZ_TRY(bind_rel(t, s, a, err));
     }
     int f = 1;
     if (dec) {
         snprintf(a, sizeof a, "%slayer.1.EncDecAttention.", p);
-        TRY(bind_attn(t, &bl->cross, a, err));
+        NZ_TRY(bind_attn(t, &bl->cross, a, err));
         snprintf(a, sizeof a, "%slayer.1.layer_norm.weight", p);
-        TRY(bind_norm(t, &bl->cross_norm, a, err));
+        NZ_TRY(bind_norm(t, &bl->cross_norm, a, err));
         f = 2;
     }
     const int gated = t->c.act == NZ_ACT_GATED_GELU;
     snprintf(a, sizeof a, "%slayer.%d.DenseReluDense.%s.weight", p, f, gated ? "wi_0" : "wi");
     snprintf(b, sizeof b, "%slayer.%d.DenseReluDense.wi_1.weight", p, f);
     snprintf(c, sizeof c, "%slayer.%d.DenseReluDense.wo.weight", p, f);
-    TRY(nz_ffn_bind(&bl->ffn, t->m, t->c.act, a, NULL, gated ? b : NULL, c, NULL, t->c.d_model, err));
+    NZ_TRY(nz_ffn_bind(&bl->ffn, t->m, t->c.act, a, NULL, gated ? b : NULL, c, NULL, t->c.d_model, err));
     if (bl->ffn.d_ff != t->c.d_ff)
-        FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says d_ff %zu", a, bl->ffn.d_ff, t->c.d_ff);
+        NZ_FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says d_ff %zu", a, bl->ffn.d_ff, t->c.d_ff);
     mark(t, a);
     mark(t, c);
     if (gated) mark(t, b);
     snprintf(a, sizeof a, "%slayer.%d.layer_norm.weight", p, f);
-    TRY(bind_norm(t, &bl->ffn_norm, a, err));
+    NZ_TRY(bind_norm(t, &bl->ffn_norm, a, err));
 done:
     return rc;
 }
@@ -252,11 +241,11 @@ static int bind_stack(nz_t5md *t, t5_stack *s, const char *prefix, size_t nl, in
     memset(s, 0, sizeof *s);
     snprintf(s->prefix, sizeof s->prefix, "%s", prefix);
     s->blk = nz_calloc(nl, sizeof *s->blk, NZ_MEM_OTHER);
-    if (!s->blk) FAIL(NZ_E_NOMEM, "out of memory for %zu blocks", nl);
+    if (!s->blk) NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu blocks", nl);
     s->nl = nl;
-    for (size_t i = 0; i < nl; i++) TRY(bind_block(t, s, i, dec, err));
+    for (size_t i = 0; i < nl; i++) NZ_TRY(bind_block(t, s, i, dec, err));
     snprintf(a, sizeof a, "%sfinal_layer_norm.weight", prefix);
-    TRY(bind_norm(t, &s->fnorm, a, err));
+    NZ_TRY(bind_norm(t, &s->fnorm, a, err));
 done:
     return rc;
 }
@@ -267,7 +256,7 @@ static int bind_adapters(nz_t5md *t, nz_error *err) {
     const size_t L = t->c.dec_layers, K = t->c.num_modes;
     char n[4][256];
     t->ad = nz_calloc(L * 3 * K, sizeof *t->ad, NZ_MEM_OTHER);
-    if (!t->ad) FAIL(NZ_E_NOMEM, "out of memory for %zu adapters", L * 3 * K);
+    if (!t->ad) NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu adapters", L * 3 * K);
     for (size_t l = 0; l < L; l++)
         for (int sub = 0; sub < 3; sub++)
             for (size_t k = 0; k < K; k++) {
@@ -277,10 +266,10 @@ static int bind_adapters(nz_t5md *t, nz_error *err) {
                 snprintf(n[2], sizeof n[2], "%s.%zu.layer.%d.adapters.%zu.i2o.weight", p, l, sub, k);
                 snprintf(n[3], sizeof n[3], "%s.%zu.layer.%d.adapters.%zu.i2o.bias", p, l, sub, k);
                 nz_adapter *ad = &t->ad[(l * 3 + (size_t)sub) * K + k];
-                TRY(nz_adapter_bind(ad, t->m, n[0], n[1], n[2], n[3], t->c.d_model, err));
+                NZ_TRY(nz_adapter_bind(ad, t->m, n[0], n[1], n[2], n[3], t->c.d_model, err));
                 if (ad->down.n_out != t->c.adapter_hidden)
-                    FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says adapter_hidden_size %zu", n[0],
-                         ad->down.n_out, t->c.adapter_hidden);
+                    NZ_FAIL(NZ_E_FORMAT, "'%s' has %zu rows, config.json says adapter_hidden_size %zu", n[0],
+                            ad->down.n_out, t->c.adapter_hidden);
                 for (int i = 0; i < 4; i++) mark(t, n[i]);
             }
 done:
@@ -306,50 +295,50 @@ int nz_t5md_load(const nz_model *m, nz_t5md **out, nz_error *err) {
     if (!t) return nz_fail(err, NZ_E_NOMEM, "out of memory for the model");
     t->m = m;
     nz_t5md_config *c = &t->c;
-    TRY(read_config(nz_model_config(m), c, err));
+    NZ_TRY(read_config(nz_model_config(m), c, err));
     const size_t nt = nz_model_ntensors(m);
     t->used = nz_calloc(nt ? nt : 1, 1, NZ_MEM_OTHER);
-    if (!t->used) FAIL(NZ_E_NOMEM, "out of memory for the model");
-    TRY(bind_vd(t, &t->shared, "shared.weight", err));
+    if (!t->used) NZ_FAIL(NZ_E_NOMEM, "out of memory for the model");
+    NZ_TRY(bind_vd(t, &t->shared, "shared.weight", err));
     if (c->tied) {
-        TRY(nz_linear_bind(&t->head, m, "shared.weight", NULL, c->d_model, c->vocab, err));
+        NZ_TRY(nz_linear_bind(&t->head, m, "shared.weight", NULL, c->d_model, c->vocab, err));
         t->head_scale = (float)pow((double)c->d_model, -0.5);
     } else {
-        TRY(nz_linear_bind(&t->head, m, "lm_head.weight", NULL, c->d_model, c->vocab, err));
+        NZ_TRY(nz_linear_bind(&t->head, m, "lm_head.weight", NULL, c->d_model, c->vocab, err));
         mark(t, "lm_head.weight");
         t->head_scale = 1.0f;
     }
-    TRY(bind_stack(t, &t->enc, "encoder.", c->enc_layers, 0, err));
+    NZ_TRY(bind_stack(t, &t->enc, "encoder.", c->enc_layers, 0, err));
     t->ndec = c->kind == NZ_T5MD_TRANSFORMER ? c->num_modes : 1;
     t->dec = nz_calloc(t->ndec, sizeof *t->dec, NZ_MEM_OTHER);
-    if (!t->dec) FAIL(NZ_E_NOMEM, "out of memory for %zu decoders", t->ndec);
+    if (!t->dec) NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu decoders", t->ndec);
     if (c->kind == NZ_T5MD_TRANSFORMER) {
         for (size_t k = 0; k < t->ndec; k++) {
             char p[32], e[64];
             snprintf(p, sizeof p, "decoders.%zu.", k);
-            TRY(bind_stack(t, &t->dec[k], p, c->dec_layers, 1, err));
+            NZ_TRY(bind_stack(t, &t->dec[k], p, c->dec_layers, 1, err));
             snprintf(e, sizeof e, "decoders.%zu.embed_tokens.weight", k);
             /* t5md_ref.load_model_dir: a missing copy is the shared embedding */
-            TRY(bind_vd(t, &t->dec[k].embed, has(t, e) ? e : "shared.weight", err));
+            NZ_TRY(bind_vd(t, &t->dec[k].embed, has(t, e) ? e : "shared.weight", err));
         }
     } else {
-        TRY(bind_stack(t, &t->dec[0], "decoder.", c->dec_layers, 1, err));
+        NZ_TRY(bind_stack(t, &t->dec[0], "decoder.", c->dec_layers, 1, err));
         t->dec[0].embed = t->shared;
-        if (!c->plain) TRY(bind_adapters(t, err));
+        if (!c->plain) NZ_TRY(bind_adapters(t, err));
     }
     /* the reference loads strictly: a tensor this configuration has no place for is an error */
     for (size_t i = 0; i < nt; i++) {
         if (t->used[i]) continue;
         const char *name = nz_model_tensor(m, i)->name;
-        FAIL(NZ_E_FORMAT,
-             "tensor '%s' is not part of the model config.json describes (multidecoder %s, num_modes %zu, "
-             "%zu encoder / %zu decoder blocks, feed_forward_proj %s, tie_word_embeddings %s)",
-             name,
-             c->kind == NZ_T5MD_TRANSFORMER ? "transformer"
-             : c->plain                     ? "none"
-                                            : "adapter",
-             c->num_modes, c->enc_layers, c->dec_layers, c->act == NZ_ACT_RELU ? "relu" : "gated-gelu",
-             c->tied ? "true" : "false");
+        NZ_FAIL(NZ_E_FORMAT,
+                "tensor '%s' is not part of the model config.json describes (multidecoder %s, num_modes %zu, "
+                "%zu encoder / %zu decoder blocks, feed_forward_proj %s, tie_word_embeddings %s)",
+                name,
+                c->kind == NZ_T5MD_TRANSFORMER ? "transformer"
+                : c->plain                     ? "none"
+                                               : "adapter",
+                c->num_modes, c->enc_layers, c->dec_layers, c->act == NZ_ACT_RELU ? "relu" : "gated-gelu",
+                c->tied ? "true" : "false");
     }
     nz_free(t->used);
     t->used = NULL;
@@ -420,7 +409,7 @@ int nz_t5md_encode(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *sr
     ids = nz_malloc(B * S * sizeof *ids, NZ_MEM_ACTIVATIONS);
     bias = (H * S * S) / S / S == H ? nz_malloc(H * S * S * sizeof *bias, NZ_MEM_ACTIVATIONS) : NULL;
     if (!enc->x || !enc->pad || !enc->len || !ids || !bias)
-        FAIL(NZ_E_NOMEM, "out of memory encoding %zu sources of up to %zu ids", B, S);
+        NZ_FAIL(NZ_E_NOMEM, "out of memory encoding %zu sources of up to %zu ids", B, S);
     int any = 0;
     for (size_t b = 0; b < B; b++) {
         enc->len[b] = len[b];
@@ -431,7 +420,7 @@ int nz_t5md_encode(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *sr
             any |= p;
         }
     }
-    TRY(nz_embed(mc, &t->shared, ids, B * S, 1.0f, enc->x, err));
+    NZ_TRY(nz_embed(mc, &t->shared, ids, B * S, 1.0f, enc->x, err));
     nz_t5_position_bias(bias, t->enc.rel, H, S, S, 0, 0, 1, c->num_buckets, c->max_distance);
     nz_block_io io;
     memset(&io, 0, sizeof io);
@@ -439,7 +428,7 @@ int nz_t5md_encode(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *sr
     io.T = S;
     io.self_pad = any ? enc->pad : NULL;
     io.self_bias = bias;
-    for (size_t l = 0; l < t->enc.nl; l++) TRY(nz_block_fwd(mc, &t->enc.blk[l], enc->x, &io, err));
+    for (size_t l = 0; l < t->enc.nl; l++) NZ_TRY(nz_block_fwd(mc, &t->enc.blk[l], enc->x, &io, err));
     nz_norm_fwd(&t->enc.fnorm, enc->x, B * S, enc->x);
 done:
     nz_free(ids);
@@ -501,14 +490,14 @@ static int run_init(nz_matmul_ctx *mc, run *r, const nz_t5md *t, const nz_t5md_e
     r->y = nz_malloc(N0 * d * sizeof *r->y, NZ_MEM_ACTIVATIONS);
     r->bias = nz_malloc(t->c.num_heads * (cap + 1) * sizeof *r->bias, NZ_MEM_ACTIVATIONS);
     if (!r->cross || !r->self || !r->src || !r->dj || !r->x || !r->h || !r->y || !r->bias)
-        FAIL(NZ_E_NOMEM, "out of memory for %zu decoder rows", N0);
+        NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu decoder rows", N0);
     for (size_t i = 0; i < r->ncross; i++) {
         const size_t l = i % L;
         const t5_stack *st = t->c.kind == NZ_T5MD_TRANSFORMER ? &t->dec[decs[i / L]] : &t->dec[0];
-        TRY(nz_kv_init(&r->cross[i], enc->B, enc->S, I, err));
-        TRY(nz_attn_cross_kv(mc, &st->blk[l].cross, enc->x, enc->B, enc->S, enc->pad, &r->cross[i], err));
+        NZ_TRY(nz_kv_init(&r->cross[i], enc->B, enc->S, I, err));
+        NZ_TRY(nz_attn_cross_kv(mc, &st->blk[l].cross, enc->x, enc->B, enc->S, enc->pad, &r->cross[i], err));
     }
-    for (size_t l = 0; l < L; l++) TRY(nz_kv_init(&r->self[l], N0, cap, I, err));
+    for (size_t l = 0; l < L; l++) NZ_TRY(nz_kv_init(&r->self[l], N0, cap, I, err));
     r->N = N0;
 done:
     return rc;
@@ -801,7 +790,7 @@ static int autoregress(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
     uint8_t *fin = NULL;
     nz_rng *rng = NULL;
     void *work = NULL;
-    TRY(run_init(mc, &r, t, enc, decs, D, N0, cap, err));
+    NZ_TRY(run_init(mc, &r, t, enc, decs, D, N0, cap, err));
     cur = nz_malloc(N0 * sizeof *cur, NZ_MEM_ACTIVATIONS);
     next = nz_malloc(N0 * sizeof *next, NZ_MEM_ACTIVATIONS);
     lp = nz_malloc(N0 * sizeof *lp, NZ_MEM_ACTIVATIONS);
@@ -814,7 +803,7 @@ static int autoregress(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
     rng = nz_malloc(N0 * sizeof *rng, NZ_MEM_ACTIVATIONS);
     work = nz_malloc(nz_sample_work_bytes(V), NZ_MEM_ACTIVATIONS);
     if (!cur || !next || !lp || !otok || !olp || !orig || !cnt || !keep || !fin || !rng || !work)
-        FAIL(NZ_E_NOMEM, "out of memory for %zu decoder rows of up to %zu tokens", N0, mnt);
+        NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu decoder rows of up to %zu tokens", N0, mnt);
     /* row j * Bv + b: decoder decs[j] on source b (t5md_ref._prepare's order) */
     for (size_t j = 0; j < D; j++)
         for (size_t b = 0; b < Bv; b++) {
@@ -828,10 +817,10 @@ static int autoregress(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
         }
     for (size_t step = 0; step < mnt && r.N; step++) {
         if (o->stop && o->stop(o->stop_arg))
-            FAIL(NZ_E_CANCELLED, "generation cancelled before step %zu", step);
-        TRY(run_step(mc, &r, cur, err));
+            NZ_FAIL(NZ_E_CANCELLED, "generation cancelled before step %zu", step);
+        NZ_TRY(run_step(mc, &r, cur, err));
         ar_ctx a = {o, V, orig, otok, cnt, cap, rng, work, next, lp};
-        TRY(project(mc, t, r.x, r.N, ar_row, &a, err));
+        NZ_TRY(project(mc, t, r.x, r.N, ar_row, &a, err));
         size_t n = 0;
         for (size_t i = 0; i < r.N; i++) {
             const size_t w = orig[i];
@@ -846,14 +835,14 @@ static int autoregress(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
                 keep[n++] = (uint32_t)i;
         }
         if (n < r.N) { /* finished rows leave the batch (keep is ascending: in place) */
-            TRY(run_select(&r, keep, n, err));
+            NZ_TRY(run_select(&r, keep, n, err));
             for (size_t i = 0; i < n; i++) orig[i] = orig[keep[i]];
         }
         for (size_t i = 0; i < n; i++) cur[i] = next[keep[i]];
     }
     for (size_t w = 0; w < N0; w++) {
         nz_t5md_result *re = &res[valid[w % Bv] * D + w / Bv];
-        TRY(set_result(re, otok + w * cap, olp + w * cap, cnt[w], fin[w], err));
+        NZ_TRY(set_result(re, otok + w * cap, olp + w * cap, cnt[w], fin[w], err));
     }
 done:
     run_free(&r);
@@ -1026,7 +1015,7 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
     uint32_t *order = NULL;
     uint8_t *done = NULL, *taken = NULL;
     beam_cand *pool = NULL, *nxt = NULL;
-    TRY(run_init(mc, &r, t, enc, decs, D, N0, cap, err));
+    NZ_TRY(run_init(mc, &r, t, enc, decs, D, N0, cap, err));
     bs.nb = nb;
     bs.cap = cap;
     bs.V = V;
@@ -1059,7 +1048,7 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
     if (!bs.hy || !bs.hcnt || !bs.worst || !bs.slot_use || !bs.htok || !bs.hlp || !bs.ctok || !bs.cval ||
         !bs.clp || !bs.tmp || !cur || !seq || !seq2 || !seqlp || !seqlp2 || !bscore || !bscore2 || !act ||
         !order || !done || !taken || !pool || !nxt)
-        FAIL(NZ_E_NOMEM, "out of memory for beam search (%zu rows of up to %zu tokens)", N0, mnt);
+        NZ_FAIL(NZ_E_NOMEM, "out of memory for beam search (%zu rows of up to %zu tokens)", N0, mnt);
     /* item j * Bv + b (decoder decs[j], source b), its rows item * nb + beam */
     for (size_t it = 0; it < items; it++) {
         act[it] = it;
@@ -1076,13 +1065,13 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
     beam_ban bb = {&bs, o->ban_unk, o->no_repeat_ngram, NULL, 0};
     for (;;) {
         if (o->stop && o->stop(o->stop_arg))
-            FAIL(NZ_E_CANCELLED, "generation cancelled before step %zu", cur_len - 1);
-        TRY(run_step(mc, &r, cur, err));
+            NZ_FAIL(NZ_E_CANCELLED, "generation cancelled before step %zu", cur_len - 1);
+        NZ_TRY(run_step(mc, &r, cur, err));
         const size_t ntok = cur_len - 1; /* tokens of every live beam before this step */
         bs.bscore = bscore;
         bb.seq = seq; /* row a * nb + m: beam m of the a-th live item (seq / seq2 swap every step) */
         bb.ntok = ntok;
-        TRY(project(mc, t, r.x, r.N, beam_row, &bb, err));
+        NZ_TRY(project(mc, t, r.x, r.N, beam_row, &bb, err));
         size_t A2 = 0;
         for (size_t a = 0; a < A; a++) {
             const size_t it = act[a];
@@ -1109,8 +1098,8 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
                 if (bi == nb) break;
             }
             if (bi < nb)
-                FAIL(NZ_E_RANGE, "beam search: fewer than beam_size %zu non-eos candidates (vocabulary %zu)",
-                     nb, V);
+                NZ_FAIL(NZ_E_RANGE,
+                        "beam search: fewer than beam_size %zu non-eos candidates (vocabulary %zu)", nb, V);
             done[it] = (uint8_t)hyp_done(&bs, it, (double)pool[0].s, cur_len);
             if (done[it]) {
                 beam_emit(&bs, o, it, valid[it % Bv], decs[it / Bv]);
@@ -1145,7 +1134,7 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
         A = A2;
         cur_len++;
         if (!A || cur_len >= max_length) break;
-        TRY(run_select(&r, order, A * nb, err));
+        NZ_TRY(run_select(&r, order, A * nb, err));
     }
     /* items not done: their live beams are offered (no eos) */
     for (size_t a = 0; a < A; a++) {
@@ -1170,7 +1159,7 @@ static int beam_search(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *e
             }
             taken[b] = 1;
             const size_t at = (it * (nb + 1) + h[b].slot) * W;
-            TRY(set_result(re, bs.htok + at, bs.hlp + at, h[b].n, h[b].fin, err));
+            NZ_TRY(set_result(re, bs.htok + at, bs.hlp + at, h[b].n, h[b].fin, err));
             re->beam_score = h[b].score;
         }
     }
@@ -1259,12 +1248,12 @@ int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *
         res[i].context = i / (D * R);
         res[i].beam_score = NAN;
     }
-    TRY(check_opts(t, o, err));
+    NZ_TRY(check_opts(t, o, err));
     decs = nz_malloc(D * sizeof *decs + 1, NZ_MEM_ACTIVATIONS);
     valid = nz_malloc(B * sizeof *valid + 1, NZ_MEM_ACTIVATIONS);
     vsrc = nz_malloc(B * sizeof *vsrc + 1, NZ_MEM_ACTIVATIONS);
     vlen = nz_malloc(B * sizeof *vlen + 1, NZ_MEM_ACTIVATIONS);
-    if (!decs || !valid || !vsrc || !vlen) FAIL(NZ_E_NOMEM, "out of memory for the batch");
+    if (!decs || !valid || !vsrc || !vlen) NZ_FAIL(NZ_E_NOMEM, "out of memory for the batch");
     for (size_t j = 0; j < D; j++) decs[j] = o->decoders && o->n_decoders ? o->decoders[j] : (int)j;
     for (size_t i = 0; i < NR; i++) res[i].decoder = decs[(i / R) % D];
     for (size_t b = 0; b < B; b++) {
@@ -1282,11 +1271,11 @@ int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *
         valid[nv++] = b;
     }
     if (!nv || !D) goto done;
-    TRY(nz_t5md_encode(mc, t, vsrc, vlen, nv, &enc, err));
+    NZ_TRY(nz_t5md_encode(mc, t, vsrc, vlen, nv, &enc, err));
     if (o->strategy == NZ_T5MD_BEAM)
-        TRY(beam_search(mc, t, &enc, valid, o, decs, D, res, err));
+        NZ_TRY(beam_search(mc, t, &enc, valid, o, decs, D, res, err));
     else
-        TRY(autoregress(mc, t, &enc, valid, o, decs, D, res, err));
+        NZ_TRY(autoregress(mc, t, &enc, valid, o, decs, D, res, err));
 done:
     if (rc) fail_all(res, NR, err);
     nz_t5md_enc_free(&enc);
@@ -1314,14 +1303,14 @@ int nz_t5md_tok_load(const nz_model *m, const nz_t5md_config *c, nz_t5md_tok **o
     }
     tk->count = nz_spm_piece_count(tk->sp);
     if (nz_spm_unk_id(tk->sp) != NZ_T5MD_UNK)
-        FAIL(NZ_E_FORMAT, "spm.model: unk id is %d, not a T5-id SentencePiece model (pad 0, eos 1, unk 2)",
-             (int)nz_spm_unk_id(tk->sp));
+        NZ_FAIL(NZ_E_FORMAT, "spm.model: unk id is %d, not a T5-id SentencePiece model (pad 0, eos 1, unk 2)",
+                (int)nz_spm_unk_id(tk->sp));
     tk->sep = -1;
     if (c->turn_separator[0]) {
         tk->sep = nz_spm_piece_to_id(tk->sp, c->turn_separator, strlen(c->turn_separator));
         if (tk->sep == NZ_T5MD_UNK)
-            FAIL(NZ_E_FORMAT, "config.json: turn separator \"%s\" is not a piece of spm.model",
-                 c->turn_separator);
+            NZ_FAIL(NZ_E_FORMAT, "config.json: turn separator \"%s\" is not a piece of spm.model",
+                    c->turn_separator);
     }
     tk->max_turns = c->max_context_turns;
     tk->max_src = c->max_source_length;
@@ -1337,8 +1326,6 @@ void nz_t5md_tok_free(nz_t5md_tok *tk) {
     nz_spm_free(tk->sp);
     nz_free(tk);
 }
-
-const nz_spm *nz_t5md_tok_spm(const nz_t5md_tok *tk) { return tk->sp; }
 
 /* Python's str.isspace() code points (Unicode White_Space and the ASCII separators 0x1c..0x1f). */
 static int py_space(uint32_t cp) {
@@ -1419,14 +1406,14 @@ int nz_t5md_encode_context(const nz_t5md_tok *tk, const char *const *turns, cons
     char *joined = NULL;
     int32_t *out = nz_malloc(cap * sizeof *out, NZ_MEM_OTHER);
     if (!out) return nz_fail(err, NZ_E_NOMEM, "out of memory encoding a context");
-    if (n_turns && !turns) FAIL(NZ_E_INVALID_ARG, "encode context: NULL turns");
+    if (n_turns && !turns) NZ_FAIL(NZ_E_INVALID_ARG, "encode context: NULL turns");
     const size_t first = tk->max_turns && n_turns > tk->max_turns ? n_turns - tk->max_turns : 0;
     if (tk->sep < 0) {
         /* " ".join(stripped turns), encoded once */
         size_t total = 1;
         for (size_t i = first; i < n_turns; i++) total += (lens ? lens[i] : strlen(turns[i])) + 1;
         joined = nz_malloc(total, NZ_MEM_ACTIVATIONS);
-        if (!joined) FAIL(NZ_E_NOMEM, "out of memory encoding a context");
+        if (!joined) NZ_FAIL(NZ_E_NOMEM, "out of memory encoding a context");
         size_t jl = 0;
         for (size_t i = first; i < n_turns; i++) {
             size_t b, e;
@@ -1435,16 +1422,16 @@ int nz_t5md_encode_context(const nz_t5md_tok *tk, const char *const *turns, cons
             memcpy(joined + jl, turns[i] + b, e - b);
             jl += e - b;
         }
-        TRY(append_encoded(tk, joined, jl, &out, &cnt, &cap, err));
+        NZ_TRY(append_encoded(tk, joined, jl, &out, &cnt, &cap, err));
     } else {
         for (size_t i = first; i < n_turns; i++) {
             size_t b, e;
             py_strip(turns[i], lens ? lens[i] : strlen(turns[i]), &b, &e);
             if (i > first) {
-                TRY(ids_reserve(&out, cnt, 1, &cap, err));
+                NZ_TRY(ids_reserve(&out, cnt, 1, &cap, err));
                 out[cnt++] = tk->sep;
             }
-            TRY(append_encoded(tk, turns[i] + b, e - b, &out, &cnt, &cap, err));
+            NZ_TRY(append_encoded(tk, turns[i] + b, e - b, &out, &cnt, &cap, err));
         }
     }
     if (tk->max_src && cnt > tk->max_src - 1) {
@@ -1452,7 +1439,7 @@ int nz_t5md_encode_context(const nz_t5md_tok *tk, const char *const *turns, cons
         memmove(out, out + (cnt - keep), keep * sizeof *out);
         cnt = keep;
     }
-    TRY(ids_reserve(&out, cnt, 1, &cap, err));
+    NZ_TRY(ids_reserve(&out, cnt, 1, &cap, err));
     out[cnt++] = NZ_T5MD_EOS;
     *ids = out;
     *n = cnt;

@@ -291,9 +291,6 @@ int nz_t5md_tok_load(const nz_model *m, const nz_t5md_config *c, nz_t5md_tok **o
 /** Free a tokenizer. Accepts NULL. */
 void nz_t5md_tok_free(nz_t5md_tok *tk);
 
-/** @return the SentencePiece model of tk (owned by tk). */
-const nz_spm *nz_t5md_tok_spm(const nz_t5md_tok *tk);
-
 /** Model input ids of a dialogue context (t5md_ref.join_context): turns
  *  turns[0..n_turns) oldest first, turn i of lens[i] bytes (lens NULL:
  *  NUL-terminated), UTF-8. 1. each turn is stripped of surrounding

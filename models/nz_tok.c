@@ -4,6 +4,7 @@
 #include "nz_tok.h"
 
 #include "nz_alloc.h"
+#include "nz_hash.h"
 
 #include <stdbool.h>
 #include <string.h>

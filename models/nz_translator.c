@@ -158,7 +158,6 @@ void nz_translator_free(nz_translator *t) {
 const nz_tr_opts *nz_translator_defaults(const nz_translator *t) { return &t->defaults; }
 const nz_model *nz_translator_model(const nz_translator *t) { return t->model; }
 const nz_nat *nz_translator_nat(const nz_translator *t) { return t->nat; }
-const nz_tok *nz_translator_tok(const nz_translator *t) { return t->tok; }
 
 int nz_translator_encode(const nz_translator *t, const char *text, size_t len, int32_t **ids, size_t *n,
                          nz_error *err) {

@@ -135,8 +135,6 @@ const nz_tr_opts *nz_translator_defaults(const nz_translator *t);
 const nz_model *nz_translator_model(const nz_translator *t);
 /** @return the network. */
 const nz_nat *nz_translator_nat(const nz_translator *t);
-/** @return the tokenizer. */
-const nz_tok *nz_translator_tok(const nz_translator *t);
 
 /** Tokenize one text as the translator's source ([bos, ids.., eos]).
  *  *ids is NZ_MEM_OTHER (nz_free). @return NZ_OK or an error. */

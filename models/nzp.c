@@ -82,12 +82,6 @@ static int fail(const nz_error *e) {
     return 1;
 }
 
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
-
 static int parse_u64(const char *s, uint64_t *v) {
     char *end;
     errno = 0;
@@ -221,7 +215,7 @@ static int pack_with(int argc, char **argv, json_t **patch) {
     if (isatty(2)) {
         o.progress = progress;
     }
-    double t0 = now_s();
+    double t0 = nz_now_s();
     if (nz_pack(pos[0], pos[1], &o, &e)) return fail(&e);
     nz_model *m;
     if (nz_model_open(pos[1], &m, &e)) return fail(&e);
@@ -239,7 +233,7 @@ static int pack_with(int argc, char **argv, json_t **patch) {
     printf("packed %zu tensors: %" PRIu64 " -> %" PRIu64 " bytes of tensor data (%.2f%%), file %" PRIu64
            " bytes, %.2f s\n",
            nz_model_ntensors(m), src, stored, src ? 100.0 * (double)stored / (double)src : 0.0,
-           nz_model_file_size(m), now_s() - t0);
+           nz_model_file_size(m), nz_now_s() - t0);
     nz_model_free(m);
     return 0;
 }
@@ -282,16 +276,12 @@ static void shape_str(const nz_tensor *t, char *buf, size_t cap) {
 static json_t *memory_json(uint64_t stored, uint64_t decoded) {
     nz_mem_report r;
     nz_mem_get_report(&r);
-    json_t *cats = json_object();
-    for (int c = 0; c < NZ_MEM_NCAT; c++)
-        json_object_set_new(
-            cats, nz_mem_cat_name((nz_mem_cat)c),
-            json_pack("{s:I, s:I}", "current", (json_int_t)r.current[c], "peak", (json_int_t)r.peak[c]));
-    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
-                     (json_int_t)r.counted, "mapped_resident_bytes", (json_int_t)r.mapped_resident,
-                     "rss_bytes", (json_int_t)r.rss, "rss_peak_bytes", (json_int_t)r.rss_peak,
-                     "weights_compressed_bytes", (json_int_t)stored, "weights_decoded_equivalent_bytes",
-                     (json_int_t)decoded);
+    json_t *j = nz_mem_report_json(&r);
+    if (j) {
+        json_object_set_new(j, "weights_compressed_bytes", json_integer((json_int_t)stored));
+        json_object_set_new(j, "weights_decoded_equivalent_bytes", json_integer((json_int_t)decoded));
+    }
+    return j;
 }
 
 static void print_memory(uint64_t stored, uint64_t decoded) {
@@ -416,13 +406,13 @@ static int cmd_verify(int argc, char **argv) {
     if (nz_model_open(argv[0], &m, &e)) return fail(&e);
     uint64_t bad = 0, tiles = 0;
     for (size_t i = 0; i < nz_model_ntensors(m); i++) tiles += nz_model_tensor(m, i)->ntiles;
-    double t0 = now_s();
+    double t0 = nz_now_s();
     nz_verify(m, report, NULL, &bad);
     if (bad)
         printf("%s: DAMAGED: %" PRIu64 " of %" PRIu64 " tiles/blobs failed\n", argv[0], bad, tiles);
     else
         printf("%s: OK: %zu tensors, %" PRIu64 " tiles, %zu blobs verified in %.2f s\n", argv[0],
-               nz_model_ntensors(m), tiles, nz_model_nblobs(m), now_s() - t0);
+               nz_model_ntensors(m), tiles, nz_model_nblobs(m), nz_now_s() - t0);
     nz_model_free(m);
     return bad ? 1 : 0;
 }
@@ -530,7 +520,7 @@ static int reencode(const nz_tensor *t, const void *native, nz_coder coder, enco
 static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *out, uint8_t *ex, double min_s,
                          nz_error *e) {
     uint64_t nt = nz_desc_ntiles(&x->d), reps = 0;
-    double t0 = now_s(), el;
+    double t0 = nz_now_s(), el;
     do {
         for (uint64_t j = 0; j < nt; j++) {
             int rc = exps_only ? nz_tile_decode_exponents(dc, &x->d, j, x->tiles[j], x->len[j], ex, e)
@@ -538,7 +528,7 @@ static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *ou
             if (rc) return -1;
         }
         reps++;
-        el = now_s() - t0;
+        el = nz_now_s() - t0;
     } while (el < min_s);
     return el / (double)reps;
 }
@@ -587,12 +577,12 @@ static int cmd_bench(int argc, char **argv) {
         encoded x[NC] = {0};
         if (!native || !out || !ex) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
         /* as stored and served: checksum + decode of the file's own tiles */
-        double t0 = now_s(), el;
+        double t0 = nz_now_s(), el;
         uint64_t reps = 0;
         do {
             for (uint64_t j = 0; j < t->ntiles && !rc; j++) rc = nz_model_decode_f32(m, dc, i, j, out, &e);
             reps++;
-            el = now_s() - t0;
+            el = nz_now_s() - t0;
         } while (!rc && el < per);
         stored_secs += el / (double)reps;
         for (uint64_t j = 0; j < t->ntiles && !rc; j++)

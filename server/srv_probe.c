@@ -3,6 +3,8 @@
  * socket; see srv_probe.h.
  */
 #include "srv_probe.h"
+
+#include "nz_common.h"
 #include "srv_text.h"
 
 #include <errno.h>
@@ -21,17 +23,11 @@
 
 #define fail srv_errf
 
-static long long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Wait until fd is ready for ev or the deadline passes.
  * @return 1 ready (or an error or hang-up is pending), 0 deadline passed, -1 poll failed. */
 static int wait_fd(int fd, short ev, long long deadline) {
     for (;;) {
-        long long left = deadline - now_ms();
+        long long left = deadline - (long long)(nz_now_ns() / 1000000u);
         if (left <= 0) return 0;
         struct pollfd p = {.fd = fd, .events = ev};
         int r = poll(&p, 1, (int)left);
@@ -98,7 +94,7 @@ const char *srv_probe_target(const char *host) {
 
 int srv_probe_get(const char *host, int port, const char *path, int timeout_ms, char *err, size_t errlen) {
     if (err && errlen) err[0] = 0;
-    long long deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    long long deadline = (long long)(nz_now_ns() / 1000000u) + (timeout_ms > 0 ? timeout_ms : 0);
     if (port < 1 || port > 65535) return fail(err, errlen, "port %d is not a port to connect to", port);
 
     char h[HOST_LEN];

@@ -142,12 +142,6 @@ struct srv_server {
 #define SRV_BATCH_MAX  64 /* requests decoded together */
 #define SRV_BATCH_SCAN 64 /* queue entries looked at for batch mates */
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static void sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
@@ -228,7 +222,7 @@ static void *loader_main(void *arg) {
     }
     for (size_t i = 0; i < s->n_models && !atomic_load(&s->draining); i++) {
         srv_model *sm = &s->models[i];
-        double t0 = now_s();
+        double t0 = nz_now_s();
         nz_error e = {0};
         int rc = sm->cfg->task == SRV_TASK_DIALOGUE ? nz_dialogue_open(sm->cfg->path, &sm->dlg, &e)
                                                     : nz_translator_open(sm->cfg->path, &sm->tr, &e);
@@ -252,12 +246,12 @@ static void *loader_main(void *arg) {
                 sm->cfg->path, "architecture", SRV_KV_STR, sm->architecture, "weight_mode", SRV_KV_STR,
                 sm->mode, "compressed_bytes", SRV_KV_UINT, (unsigned long long)sm->compressed_bytes,
                 "decoded_equivalent_bytes", SRV_KV_UINT, (unsigned long long)sm->decoded_bytes, "load_ms",
-                SRV_KV_DBL, (now_s() - t0) * 1e3, NULL);
+                SRV_KV_DBL, (nz_now_s() - t0) * 1e3, NULL);
     }
     if (!atomic_load(&s->draining)) {
         atomic_store(&s->ready, 1);
         srv_log(SRV_LOG_INFO, "ready", "models", SRV_KV_UINT, (unsigned long long)s->n_models, "startup_ms",
-                SRV_KV_DBL, (now_s() - s->t_start) * 1e3, NULL);
+                SRV_KV_DBL, (nz_now_s() - s->t_start) * 1e3, NULL);
     }
     return NULL;
 }
@@ -317,7 +311,7 @@ static void respond_fail(srv_req *r, int status, const char *fmt, ...) {
 static void count_request(srv_req *r, int status) {
     if (r->counted) return;
     r->counted = 1;
-    srv_metrics_observe(r->s->metrics, r->route, status, now_s() - r->t0, r->tokens_in, r->tokens_out);
+    srv_metrics_observe(r->s->metrics, r->route, status, nz_now_s() - r->t0, r->tokens_in, r->tokens_out);
 }
 
 /* A JSON string of s[0..n), replacing invalid UTF-8 with U+FFFD. */
@@ -396,11 +390,6 @@ static json_t *memory_json(srv_server *s) {
     nz_cache_get_stats(s->cache, &cs);
     uint64_t ut, uns;
     nz_weight_uncached_stats(&ut, &uns);
-    json_t *cats = json_object();
-    for (int c = 0; c < NZ_MEM_NCAT; c++)
-        json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
-                            json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r.current[c], "peak_bytes",
-                                      (json_int_t)r.peak[c]));
     json_t *models = json_array();
     int ready = atomic_load(&s->ready) == 1;
     for (size_t i = 0; ready && i < s->n_models; i++) {
@@ -412,14 +401,20 @@ static json_t *memory_json(srv_server *s) {
                       (json_int_t)m->decoded_bytes, "decoded_over_compressed",
                       m->compressed_bytes ? (double)m->decoded_bytes / (double)m->compressed_bytes : 0.0));
     }
-    return json_pack(
-        "{s:o, s:o, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f}, s:I, s:I, s:I, s:I}", "categories", cats,
-        "models", models, "tile_cache", "bytes", (json_int_t)cs.bytes, "peak_bytes",
-        (json_int_t)cs.peak_bytes, "budget_bytes", (json_int_t)cs.budget, "entries", (json_int_t)cs.entries,
-        "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "evictions", (json_int_t)cs.evictions,
-        "tiles_decoded_uncached", (json_int_t)ut, "decode_seconds", (double)(cs.decode_ns + uns) * 1e-9,
-        "counted_heap_bytes", (json_int_t)r.counted, "mapped_resident_bytes", (json_int_t)r.mapped_resident,
-        "rss_bytes", (json_int_t)r.rss, "rss_peak_bytes", (json_int_t)r.rss_peak);
+    json_t *j = nz_mem_report_json(&r);
+    if (!j) {
+        json_decref(models);
+        return NULL;
+    }
+    json_object_set_new(j, "models", models);
+    json_object_set_new(j, "tile_cache",
+                        json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f}", "bytes",
+                                  (json_int_t)cs.bytes, "peak_bytes", (json_int_t)cs.peak_bytes,
+                                  "budget_bytes", (json_int_t)cs.budget, "entries", (json_int_t)cs.entries,
+                                  "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "evictions",
+                                  (json_int_t)cs.evictions, "tiles_decoded_uncached", (json_int_t)ut,
+                                  "decode_seconds", (double)(cs.decode_ns + uns) * 1e-9));
+    return j;
 }
 
 static void respond_metrics(srv_server *s, srv_req *r) {
@@ -452,7 +447,7 @@ static void respond_metrics(srv_server *s, srv_req *r) {
     g.tile_cache_evictions_total = cs.evictions;
     g.tile_decode_seconds_total = (double)(cs.decode_ns + uns) * 1e-9;
     g.ready = ready;
-    g.uptime_seconds = now_s() - s->t_start;
+    g.uptime_seconds = nz_now_s() - s->t_start;
     char *text = NULL;
     size_t len = 0;
     if (srv_metrics_render(s->metrics, &g, &text, &len)) {
@@ -565,7 +560,7 @@ static int client_gone(int fd) {
  * (sets r->cancel to the reason). */
 static int req_should_stop(srv_req *r) {
     if (atomic_load(&r->cancel)) return 1;
-    if (now_s() > r->deadline) {
+    if (nz_now_s() > r->deadline) {
         atomic_store(&r->cancel, CANCEL_DEADLINE);
         return 1;
     }
@@ -651,7 +646,7 @@ static void respond_translations(srv_req *r, const nz_tr_result *res) {
     }
     r->tokens_in = tin;
     r->tokens_out = tout;
-    double t1 = now_s();
+    double t1 = nz_now_s();
     respond_json(r, 200,
                  json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model", r->model->cfg->name,
                            "translations", arr, "usage", "input_tokens", (json_int_t)tin, "output_tokens",
@@ -746,7 +741,7 @@ static void respond_dialogue(srv_req *r, const nz_dlg_result *res) {
     }
     r->tokens_in = res->input_tokens ? res->input_tokens - 1 : 0; /* without eos */
     r->tokens_out = res->output_tokens;
-    double t1 = now_s();
+    double t1 = nz_now_s();
     respond_json(r, 200,
                  json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model", r->model->cfg->name,
                            "responses", arr, "usage", "input_tokens", (json_int_t)r->tokens_in,
@@ -806,7 +801,7 @@ static void list_remove(srv_req **head, srv_req **tail, srv_req *r) {
 /* Hand a finished request back to libmicrohttpd (a streamed one: its decided response becomes the
  * stream's last event). r must not be touched after. */
 static void finish(srv_req *r) {
-    r->t_end = now_s();
+    r->t_end = nz_now_s();
     if (r->sse) {
         stream_close(r);
         return;
@@ -863,7 +858,7 @@ static void *worker_main(void *arg) {
         start_running(s, r0);
         if (r0->route == SRV_ROUTE_DIALOGUE) { /* a job of its own */
             pthread_mutex_unlock(&s->mu);
-            r0->t_start = now_s();
+            r0->t_start = nz_now_s();
             srv_metrics_queue_wait(s->metrics, r0->t_start - r0->t0);
             run_dialogue(w, r0);
             stop_running(s, r0);
@@ -884,7 +879,7 @@ static void *worker_main(void *arg) {
         b.live = b.n;
         pthread_mutex_unlock(&s->mu);
 
-        double t = now_s();
+        double t = nz_now_s();
         for (size_t i = 0; i < b.n; i++) {
             b.m[i]->t_start = t;
             srv_metrics_queue_wait(s->metrics, t - b.m[i]->t0);
@@ -905,7 +900,7 @@ static void *reaper_main(void *arg) {
     srv_server *s = arg;
     pthread_mutex_lock(&s->mu);
     while (!s->stop_reaper) {
-        double t = now_s();
+        double t = nz_now_s();
         for (srv_req *r = s->qhead, *nx; r; r = nx) {
             nx = r->next;
             int reason = atomic_load(&r->cancel)            ? atomic_load(&r->cancel)
@@ -1133,19 +1128,6 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
 
 /* ------------------------------------------------------------------ HTTP */
 
-static srv_route route_of(const char *url) {
-    static const struct {
-        const char *path;
-        srv_route r;
-    } routes[] = {{"/v1/translate", SRV_ROUTE_TRANSLATE}, {"/v1/dialogue", SRV_ROUTE_DIALOGUE},
-                  {"/health", SRV_ROUTE_HEALTH},          {"/ready", SRV_ROUTE_READY},
-                  {"/v1/models", SRV_ROUTE_MODELS},       {"/v1/memory", SRV_ROUTE_MEMORY},
-                  {"/metrics", SRV_ROUTE_METRICS}};
-    for (size_t i = 0; i < sizeof routes / sizeof *routes; i++)
-        if (!strcmp(url, routes[i].path)) return routes[i].r;
-    return SRV_ROUTE_OTHER;
-}
-
 static int is_inference(srv_route r) { return r == SRV_ROUTE_TRANSLATE || r == SRV_ROUTE_DIALOGUE; }
 
 /* Decisions possible before the body is read: method, route, auth, body size, draining. */
@@ -1293,9 +1275,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         atomic_fetch_add(&s->live, 1);
         r->s = s;
         r->conn = c;
-        r->t0 = now_s();
+        r->t0 = nz_now_s();
         r->deadline = r->t0 + s->cfg->request_timeout_ms * 1e-3;
-        r->route = route_of(url);
+        r->route = srv_route_from_path(url);
         r->fd = -1;
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->path, sizeof r->path, "%s", url);
@@ -1353,7 +1335,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
  * free. term_ok: the response was sent in full (else the access log says 499, the client left first). */
 static void retire(srv_req *r, int term_ok) {
     srv_server *s = r->s;
-    double t = now_s();
+    double t = nz_now_s();
     /* 499 (nginx's "client closed request"): the client left before the response was sent; a stream
      * records the status of its outcome (200 "done", or the code of its "error" event) */
     int status = r->responded && term_ok ? r->status : 499;
@@ -1450,7 +1432,7 @@ int srv_server_start(const srv_config *cfg, srv_server **out, char *err, size_t 
         return -1;
     }
     s->cfg = cfg;
-    s->t_start = now_s();
+    s->t_start = nz_now_s();
     const char *dd = getenv("NZSERVE_DEBUG_STEP_DELAY_MS");
     s->debug_step_delay_ms = dd && atoi(dd) > 0 ? atoi(dd) : 0;
     pthread_mutex_init(&s->mu, NULL);
@@ -1529,7 +1511,7 @@ void srv_server_shutdown(srv_server *s) {
     if (!s || s->shut) return;
     s->shut = 1;
     atomic_store(&s->draining, 1);
-    double t0 = now_s(), grace = s->cfg->shutdown_grace_ms * 1e-3;
+    double t0 = nz_now_s(), grace = s->cfg->shutdown_grace_ms * 1e-3;
     if (s->mhd) {
         MHD_socket ls = MHD_quiesce_daemon(s->mhd);
         if (ls != MHD_INVALID_SOCKET) close(ls);
@@ -1539,7 +1521,7 @@ void srv_server_shutdown(srv_server *s) {
     if (s->mhd)
         srv_log(SRV_LOG_INFO, "draining", "in_flight", SRV_KV_INT, (long long)busy, "grace_ms", SRV_KV_INT,
                 (long long)s->cfg->shutdown_grace_ms, NULL);
-    while (busy && now_s() - t0 < grace) {
+    while (busy && nz_now_s() - t0 < grace) {
         sleep_ms(10);
         busy = atomic_load(&s->live);
     }
@@ -1569,7 +1551,7 @@ void srv_server_shutdown(srv_server *s) {
     MHD_stop_daemon(s->mhd);
     s->mhd = NULL;
     srv_log(SRV_LOG_INFO, "stopped", "cancelled", SRV_KV_INT, (long long)cancelled, "drain_ms", SRV_KV_DBL,
-            (now_s() - t0) * 1e3, NULL);
+            (nz_now_s() - t0) * 1e3, NULL);
 }
 
 void srv_server_free(srv_server *s) {

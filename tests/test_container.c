@@ -4,6 +4,7 @@
 #include "nz_alloc.h"
 #include "nz_codec.h"
 #include "nz_container.h"
+#include "nz_hash.h"
 #include "nz_pack.h"
 
 #include <math.h>
@@ -62,15 +63,6 @@ static int teardown(void **state) {
     return 0;
 }
 
-static uint64_t rd64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-static void wr64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
 /* Load buf and, when it loads, verify it. @return 0 when the image is judged
  * intact, the first error code otherwise; msg receives the message. */
 static int load_and_verify(const uint8_t *buf, size_t len, char *msg, size_t cap) {
@@ -107,21 +99,21 @@ static int load_and_verify(const uint8_t *buf, size_t len, char *msg, size_t cap
 
 /* Replace the JSON header of g_img by hdr (re-hashed), keeping the data. */
 static uint8_t *with_header(const char *hdr, size_t *len) {
-    uint64_t doff = rd64(g_img + 24), dsize = rd64(g_img + 32), hlen = strlen(hdr);
+    uint64_t doff = nz_rd64le(g_img + 24), dsize = nz_rd64le(g_img + 32), hlen = strlen(hdr);
     uint64_t ndoff = (64 + hlen + 63) / 64 * 64;
     *len = ndoff + dsize;
     uint8_t *img = calloc(1, *len);
     memcpy(img, g_img, 64);
     memcpy(img + 64, hdr, hlen);
     memcpy(img + ndoff, g_img + doff, dsize);
-    wr64(img + 16, hlen);
-    wr64(img + 24, ndoff);
-    wr64(img + 40, nz_hash(hdr, hlen));
+    nz_wr64le(img + 16, hlen);
+    nz_wr64le(img + 24, ndoff);
+    nz_wr64le(img + 40, nz_hash(hdr, hlen));
     return img;
 }
 
 static char *header_copy(void) {
-    uint64_t hlen = rd64(g_img + 16);
+    uint64_t hlen = nz_rd64le(g_img + 16);
     char *h = malloc(hlen + 1);
     memcpy(h, g_img + 64, hlen);
     h[hlen] = 0;
@@ -209,7 +201,7 @@ static void test_round_trip(void **state) {
 static void test_lazy_load(void **state) {
     (void)state;
     long pg = sysconf(_SC_PAGESIZE);
-    uint64_t doff = rd64(g_img + 24);
+    uint64_t doff = nz_rd64le(g_img + 24);
     size_t shift = (size_t)(pg - (long)(doff % (uint64_t)pg)) % (size_t)pg;
     size_t total = (shift + g_len + (size_t)pg - 1) / (size_t)pg * (size_t)pg + (size_t)pg;
     uint8_t *area = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -293,7 +285,7 @@ static void test_tile_damage_message(void **state) {
     memcpy(img, g_img, g_len);
     assert_int_equal(nz_model_load_buffer(img, g_len, &m, &e), NZ_OK);
     const nz_tensor *t = nz_model_tensor(m, 0);
-    uint64_t doff = rd64(g_img + 24);
+    uint64_t doff = nz_rd64le(g_img + 24);
     img[doff + t->tiles[3].offset + 20] ^= 0x10;
     nz_dctx *dc = nz_dctx_create();
     float f[TILE_ROWS * W_COLS];

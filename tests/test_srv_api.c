@@ -123,10 +123,12 @@ static void test_rejects(void **state) {
     srv_translate_req_free(&r);
 }
 
-/* Parse s as a dialogue body; @return the status (0 accepted) and keep r for inspection. */
+/* Parse s as a dialogue body and check its strategy options against the strategy in effect (its own,
+ * else a model default of greedy); @return the status (0 accepted) and keep r for inspection. */
 static int dparse(const char *s, srv_dialogue_req *r, srv_error *e) {
     memset(e, 0, sizeof *e);
-    return srv_parse_dialogue(s, strlen(s), &LIM, r, e) ? e->status : 0;
+    if (srv_parse_dialogue(s, strlen(s), &LIM, r, e)) return e->status;
+    return srv_dialogue_check_strategy(r, r->strategy >= 0 ? r->strategy : SRV_GREEDY, e) ? e->status : 0;
 }
 
 static int dstatus(const char *s) {
@@ -148,12 +150,22 @@ static void test_dialogue_accepts(void **state) {
     assert_int_equal(r.lens[0], 11);
     assert_null(r.model);
     assert_int_equal(r.n_decoders, 0);
-    assert_int_equal(r.strategy, SRV_GREEDY);
-    assert_int_equal(r.beam_size, 4);
-    assert_true(r.temperature == 1.0 && r.top_p == 1.0 && r.top_k == 0 && r.seed == 0);
-    assert_int_equal(r.max_new_tokens, 50); /* min(63, the limit) */
-    assert_int_equal(r.no_repeat_ngram, 0); /* off */
-    assert_false(r.distinct || r.stream || r.return_tokens);
+    /* options left out: -1 / NAN (the model's defaults apply, resolved by the server) */
+    assert_int_equal(r.strategy, -1);
+    assert_int_equal(r.beam_size, -1);
+    assert_true(isnan(r.temperature) && isnan(r.top_p) && r.top_k == -1 && r.seed == 0);
+    assert_int_equal(r.max_new_tokens, -1);
+    assert_int_equal(r.no_repeat_ngram, -1);
+    assert_int_equal(r.distinct, -1);
+    assert_false(r.stream || r.return_tokens);
+    srv_dialogue_req_free(&r);
+    /* a strategy option is checked against the strategy in effect: the model's default counts */
+    assert_int_equal(dparse("{\"context\": \"a\", \"temperature\": 0.5}", &r, &e), 422);
+    assert_non_null(strstr(e.message, "(this request uses \"greedy\")"));
+    assert_int_equal(srv_dialogue_check_strategy(&r, SRV_SAMPLE, &e), 0);
+    assert_int_equal(srv_dialogue_check_strategy(&r, SRV_BEAM, &e), -1);
+    assert_non_null(
+        strstr(e.message, "'temperature' applies to strategy \"sample\" only (this request uses \"beam\")"));
     srv_dialogue_req_free(&r);
 
     assert_int_equal(
@@ -200,7 +212,7 @@ static void test_dialogue_accepts(void **state) {
     assert_int_equal(r.no_repeat_ngram, SRV_MAX_NO_REPEAT_NGRAM);
     srv_dialogue_req_free(&r);
     assert_int_equal(dparse("{\"context\": \"a\", \"no_repeat_ngram_size\": null}", &r, &e), 0);
-    assert_int_equal(r.no_repeat_ngram, 0);
+    assert_int_equal(r.no_repeat_ngram, -1); /* absent: the model's default */
     srv_dialogue_req_free(&r);
     assert_int_equal(dstatus("{\"context\": \"a\", \"no_repeat_ngram_size\": 0}"), 0);
 }

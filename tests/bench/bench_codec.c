@@ -67,12 +67,6 @@ static void *xmalloc(size_t n) {
     return p;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void fail(const char *what, const nz_error *err) {
     fprintf(stderr, "ROUND TRIP FAILED: %s%s%s\n", what, err ? ": " : "", err ? err->msg : "");
     g_failed = 1;
@@ -118,11 +112,11 @@ static double best_rate(pass_fn fn, void *ctx, double items) {
     double best = 0;
     for (int r = 0; r < g_reps; r++) {
         long calls = 0;
-        double t0 = now_s(), dt;
+        double t0 = nz_now_s(), dt;
         do {
             if (fn(ctx) != NZ_OK) g_failed = 1;
             calls++;
-            dt = now_s() - t0;
+            dt = nz_now_s() - t0;
         } while (dt < g_run_s);
         double rate = (double)calls * items / dt;
         if (rate > best) best = rate;

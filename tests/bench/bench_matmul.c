@@ -46,12 +46,6 @@
 
 void openblas_set_num_threads(int);
 
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static uint64_t g_seed = 1;
 static double gauss(void) {
     g_seed ^= g_seed << 13;
@@ -90,11 +84,11 @@ static void add(nz_writer *w, const char *name, nz_dtype dt, const char *mode, n
         double best_ = 1e30;                                                                                 \
         for (int r_ = 0; r_ < 5; r_++) {                                                                     \
             int reps_ = 0;                                                                                   \
-            double t0_ = now_s(), el_;                                                                       \
+            double t0_ = nz_now_s(), el_;                                                                       \
             do {                                                                                             \
                 stmt;                                                                                        \
                 reps_++;                                                                                     \
-                el_ = now_s() - t0_;                                                                         \
+                el_ = nz_now_s() - t0_;                                                                         \
             } while (el_ < 0.04);                                                                            \
             if (el_ / reps_ < best_) best_ = el_ / reps_;                                                    \
         }                                                                                                    \
@@ -110,7 +104,7 @@ static double read_bandwidth(void) {
     double best = 1e30;
     volatile uint64_t sink = 0;
     for (int r = 0; r < 4; r++) {
-        double t0 = now_s();
+        double t0 = nz_now_s();
         uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         for (size_t i = 0; i < n; i += 4) {
             s0 += b[i];
@@ -119,7 +113,7 @@ static double read_bandwidth(void) {
             s3 += b[i + 3];
         }
         sink += s0 + s1 + s2 + s3;
-        double t = now_s() - t0;
+        double t = nz_now_s() - t0;
         if (t < best) best = t;
     }
     (void)sink;
@@ -306,24 +300,24 @@ static void bench_stack(double bw, const char *dir) {
         for (int i = 0; i < M * 4096; i++) x[i] = (float)gauss();
         double tb = 1e30, tl = 1e30, tu = 1e30, tq = 1e30, tr = 1e30;
         for (int rep = 0; rep < 3; rep++) {
-            double t0 = now_s();
+            double t0 = nz_now_s();
             fp32_pass(w32, NT, x, M, y);
-            double t1 = now_s();
+            double t1 = nz_now_s();
             for (int i = 0; i < NT; i++)
                 if (nz_matmul(NULL, dc, scratch, &ll[i], x, (size_t)M, y, &e)) die("matmul", &e);
-            double t2 = now_s();
+            double t2 = nz_now_s();
             nz_matmul_set_fused(0);
             if (M == 1)
                 for (int i = 0; i < NT; i++)
                     if (nz_matmul(NULL, dc, scratch, &ll[i], x, (size_t)M, y, &e)) die("matmul", &e);
             nz_matmul_set_fused(1);
-            double t3 = now_s();
+            double t3 = nz_now_s();
             for (int i = 0; i < NT; i++)
                 if (nz_matmul(NULL, dc, scratch, &lossy[i], x, (size_t)M, y, &e)) die("matmul", &e);
-            double t4 = now_s();
+            double t4 = nz_now_s();
             for (int i = 0; i < NT; i++)
                 if (nz_matmul(NULL, dc, scratch, &rans[i], x, (size_t)M, y, &e)) die("matmul", &e);
-            double t5 = now_s();
+            double t5 = nz_now_s();
             tr = fmin(tr, t5 - t4);
             tb = fmin(tb, t1 - t0);
             tl = fmin(tl, t2 - t1);
@@ -334,15 +328,15 @@ static void bench_stack(double bw, const char *dir) {
         double tb2 = 1e30, tl2 = 1e30;
         for (int rep = 0; rep < 3; rep++) {
             openblas_set_num_threads(2);
-            double t0 = now_s();
+            double t0 = nz_now_s();
             fp32_pass(w32, NT, x, M, y);
             openblas_set_num_threads(1);
-            double t1 = now_s();
+            double t1 = nz_now_s();
             usleep(300000); /* OpenBLAS's idle workers spin for a while: let them sleep before timing ours */
-            double t1b = now_s();
+            double t1b = nz_now_s();
             for (int i = 0; i < NT; i++)
                 if (nz_matmul_mt(mc, &ll[i], x, (size_t)M, y, &e)) die("matmul_mt", &e);
-            double t2 = now_s() - (t1b - t1);
+            double t2 = nz_now_s() - (t1b - t1);
             tb2 = fmin(tb2, t1 - t0);
             tl2 = fmin(tl2, t2 - t1);
         }
@@ -369,7 +363,7 @@ static void bench_stack(double bw, const char *dir) {
 int main(int argc, char **argv) {
     if (argc == 4 && !strcmp(argv[1], "--rss")) return rss_child(atoi(argv[2]), argv[3]);
     openblas_set_num_threads(1);
-    double t_start = now_s();
+    double t_start = nz_now_s();
     double bw = read_bandwidth();
     static const int widths[] = {512, 1024};
     static const int Ms[] = {1, 8, 64, 256};
@@ -522,6 +516,6 @@ int main(int argc, char **argv) {
         "model larger than the LLC (every weight cold, as in serving): lossless c=0 M = 1 %.2fx (2 threads "
         "%.2fx), M = 64 %.2fx fp32\n",
         g_stack_m1, g_stack_m1_2t, g_stack_m64);
-    printf("bench time %.0f s\n", now_s() - t_start);
+    printf("bench time %.0f s\n", nz_now_s() - t_start);
     return 0;
 }

@@ -49,12 +49,6 @@
 
 void openblas_set_num_threads(int);
 
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static void die(const char *what, const char *msg) {
     fprintf(stderr, "bench_peers: %s: %s\n", what, msg);
     exit(1);
@@ -342,7 +336,7 @@ int main(int argc, char **argv) {
             for (int s = 0; s < NSYS; s++) {
                 if (s >= S_GGML_BF16 && s <= S_GGML_Q8 && !have_ggml) continue;
                 openblas_set_num_threads(th);
-                double t0 = now_s();
+                double t0 = nz_now_s();
                 for (int m = 0; m < nmat; m++) {
                     if (s == S_FP32)
                         cblas_sgemv(CblasRowMajor, CblasNoTrans, dim, dim, 1, w32[m], dim, x, 1, 0, y, 1);
@@ -357,7 +351,7 @@ int main(int argc, char **argv) {
                 }
                 if (s >= S_GGML_BF16 && s <= S_GGML_Q8)
                     g.graph_compute_with_ctx(gc[s - S_GGML_BF16].ctx, gc[s - S_GGML_BF16].graph, th);
-                t[((size_t)s * 2 + (size_t)(th - 1)) * (size_t)reps + (size_t)r] = now_s() - t0;
+                t[((size_t)s * 2 + (size_t)(th - 1)) * (size_t)reps + (size_t)r] = nz_now_s() - t0;
                 if (r == 0 && th == 1) { /* the last matrix's product against fp64 */
                     const float *ys =
                         s >= S_GGML_BF16 && s <= S_GGML_Q8 ? g.get_data(gc[s - S_GGML_BF16].last) : y;

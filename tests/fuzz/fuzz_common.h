@@ -35,6 +35,7 @@
 #include "nz_codec.h"
 #include "nz_common.h"
 #include "nz_container.h"
+#include "nz_hash.h"
 #include "nz_rans.h"
 #include "nz_safetensors.h"
 
@@ -66,15 +67,6 @@
 
 typedef unsigned __int128 fz_u128;
 
-static FUZZ_UNUSED uint64_t fz_rd64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
-    return v;
-}
-static FUZZ_UNUSED void fz_wr64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static FUZZ_UNUSED uint16_t fz_rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static FUZZ_UNUSED uint32_t fz_rd32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
@@ -109,9 +101,9 @@ static FUZZ_UNUSED void fz_err_reset(nz_error *err) {
 static FUZZ_UNUSED uint32_t fz_native_f32bits(nz_dtype nd, const uint8_t *nat, uint64_t i) {
     switch (nd) {
     case NZ_DT_BF16:
-        return (uint32_t)fz_rd16(nat + 2 * i) << 16;
+        return (uint32_t)nz_rd16le(nat + 2 * i) << 16;
     case NZ_DT_F16:
-        return fz_f2u(nz_f16_to_f32(fz_rd16(nat + 2 * i)));
+        return fz_f2u(nz_f16_to_f32(nz_rd16le(nat + 2 * i)));
     default:
         return fz_rd32(nat + 4 * i);
     }
@@ -187,11 +179,11 @@ static FUZZ_UNUSED int fuzz_decode_tile(nz_dctx *dc, const nz_tensor_desc *d, ui
                            (unsigned long long)i);
             } else {
                 uint16_t h = nd == NZ_DT_BF16 ? nz_f32_to_bf16(f[i]) : nz_f32_to_f16(f[i]);
-                FUZZ_CHECK(h == fz_rd16(nat + 2 * i), "lossy element %llu: native not narrowed fp32",
+                FUZZ_CHECK(h == nz_rd16le(nat + 2 * i), "lossy element %llu: native not narrowed fp32",
                            (unsigned long long)i);
             }
             if (coded && d->exp_bits == 5)
-                FUZZ_CHECK(ex[i] == ((fz_rd16(nat + 2 * i) >> 10) & 0x1f), "f16 exponent %llu",
+                FUZZ_CHECK(ex[i] == ((nz_rd16le(nat + 2 * i) >> 10) & 0x1f), "f16 exponent %llu",
                            (unsigned long long)i);
             else if (coded && !B)
                 FUZZ_CHECK(ex[i] == ((fb >> 23) & 0xff), "element %llu: exponent %u vs value %08x",
@@ -313,7 +305,7 @@ static FUZZ_UNUSED fz_u128 fz_tile_need(const nz_tensor_desc *d, uint64_t t) {
 
 /* Invariants of a model the loader accepted. */
 static FUZZ_UNUSED void fuzz_check_model(const nz_model *m, const uint8_t *buf, size_t size) {
-    uint64_t hlen = fz_rd64(buf + 16), doff = fz_rd64(buf + 24), dsize = fz_rd64(buf + 32);
+    uint64_t hlen = nz_rd64le(buf + 16), doff = nz_rd64le(buf + 24), dsize = nz_rd64le(buf + 32);
     FUZZ_CHECK(size >= NZ_CONTAINER_PREFIX && (fz_u128)doff + dsize == size && doff % 64 == 0 &&
                    (fz_u128)doff >= (fz_u128)64 + hlen,
                "accepted an inconsistent prefix");
@@ -398,7 +390,7 @@ out:
 
 static FUZZ_UNUSED void fuzz_walk_model(const nz_model *m, const uint8_t *buf, size_t size, int kernel) {
     fuzz_check_model(m, buf, size);
-    const uint8_t *dsec = buf + fz_rd64(buf + 24);
+    const uint8_t *dsec = buf + nz_rd64le(buf + 24);
     nz_error err;
     const uint8_t *p;
     size_t n;
@@ -497,8 +489,8 @@ static FUZZ_UNUSED void fuzz_container_one(const uint8_t *data, size_t size) {
     if (size) memcpy(buf, data, size);
     /* Fix the header checksum so mutations reach the JSON validation. */
     if (size >= NZ_CONTAINER_PREFIX) {
-        uint64_t hlen = fz_rd64(buf + 16);
-        if (hlen <= size - NZ_CONTAINER_PREFIX) fz_wr64(buf + 40, nz_hash(buf + NZ_CONTAINER_PREFIX, hlen));
+        uint64_t hlen = nz_rd64le(buf + 16);
+        if (hlen <= size - NZ_CONTAINER_PREFIX) nz_wr64le(buf + 40, nz_hash(buf + NZ_CONTAINER_PREFIX, hlen));
     }
     nz_model *m = NULL;
     nz_error err;
@@ -566,7 +558,7 @@ static FUZZ_UNUSED int fuzz_tile_parse(const uint8_t *data, size_t size, fuzz_ti
         mode.k = mk - 2;
         mode.norm_block = data[2] == 255 ? 1u << 30 : data[2];
     }
-    uint64_t rows = 1 + data[4] % 64, cols = 1 + fz_rd16(data + 5) % 512;
+    uint64_t rows = 1 + data[4] % 64, cols = 1 + nz_rd16le(data + 5) % 512;
     uint32_t tr = 1 + data[7] % 64;
     nz_error err;
     fz_err_reset(&err);

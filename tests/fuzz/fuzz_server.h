@@ -29,6 +29,7 @@
 #include "srv_api.h"
 
 #include <ctype.h>
+#include <math.h>
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,20 +80,33 @@ static inline void fuzz_srv_dialogue_one(const char *body, size_t len, const srv
             for (size_t j = 0; j < i; j++)
                 if (r.decoders[j] == r.decoders[i]) FUZZ_FAIL("decoder %d twice", r.decoders[i]);
         }
-        if ((r.strategy != SRV_GREEDY && r.strategy != SRV_BEAM && r.strategy != SRV_SAMPLE) ||
-            r.beam_size < 1 || r.beam_size > 32 || !(r.temperature >= 0 && r.temperature <= 10) ||
-            r.top_k < 0 || r.top_k > 1000000 || !(r.top_p > 0 && r.top_p <= 1) || r.max_new_tokens < 1 ||
-            r.max_new_tokens > lim->max_new_tokens || (unsigned)r.distinct > 1 || (unsigned)r.stream > 1 ||
-            (unsigned)r.return_tokens > 1)
+        /* options: in range, or left out (-1 / NAN: the model's defaults apply) */
+        if ((r.strategy != -1 && r.strategy != SRV_GREEDY && r.strategy != SRV_BEAM &&
+             r.strategy != SRV_SAMPLE) ||
+            (r.beam_size != -1 && (r.beam_size < 1 || r.beam_size > 32)) ||
+            (!isnan(r.temperature) && !(r.temperature >= 0 && r.temperature <= 10)) || r.top_k < -1 ||
+            r.top_k > 1000000 || (!isnan(r.top_p) && !(r.top_p > 0 && r.top_p <= 1)) ||
+            (r.max_new_tokens != -1 && (r.max_new_tokens < 1 || r.max_new_tokens > lim->max_new_tokens)) ||
+            r.no_repeat_ngram < -1 || r.no_repeat_ngram > SRV_MAX_NO_REPEAT_NGRAM || r.distinct < -1 ||
+            r.distinct > 1 || (unsigned)r.stream > 1 || (unsigned)r.return_tokens > 1)
             FUZZ_FAIL("dialogue option out of range");
-        static const char *const sample_only[] = {"temperature", "top_k", "top_p", "seed"};
-        for (size_t i = 0; i < 4; i++) {
-            json_t *x = json_object_get(r.root, sample_only[i]);
-            if (x && !json_is_null(x) && r.strategy != SRV_SAMPLE)
-                FUZZ_FAIL("'%s' without sampling", sample_only[i]);
+        /* the strategy options against the strategy in effect (the request's, else a model default) */
+        for (int st = SRV_GREEDY; st <= SRV_SAMPLE; st++) {
+            int eff = r.strategy >= 0 ? r.strategy : st;
+            srv_error se = {0};
+            if (srv_dialogue_check_strategy(&r, eff, &se)) {
+                fuzz_srv_check_error(&se);
+                continue;
+            }
+            static const char *const sample_only[] = {"temperature", "top_k", "top_p", "seed"};
+            for (size_t i = 0; i < 4; i++) {
+                json_t *x = json_object_get(r.root, sample_only[i]);
+                if (x && !json_is_null(x) && eff != SRV_SAMPLE)
+                    FUZZ_FAIL("'%s' without sampling", sample_only[i]);
+            }
+            json_t *bs = json_object_get(r.root, "beam_size");
+            if (bs && !json_is_null(bs) && eff != SRV_BEAM) FUZZ_FAIL("'beam_size' without beam search");
         }
-        json_t *bs = json_object_get(r.root, "beam_size");
-        if (bs && !json_is_null(bs) && r.strategy != SRV_BEAM) FUZZ_FAIL("'beam_size' without beam search");
     }
     srv_dialogue_req_free(&r);
 }

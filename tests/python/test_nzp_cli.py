@@ -103,7 +103,7 @@ def test_info_reports_ratio_and_entropy_bound(nzp, tmp_path):
     assert "lossless" in text and "total:" in text
     # --memory: the engine's report; the mapped file is accounted, RSS read from the OS
     mem = json.loads(run(nzp, "info", "--json", "--memory", out).stdout)["memory"]
-    assert mem["categories"]["mapped"]["current"] == rep["total"]["file_bytes"]
+    assert mem["categories"]["mapped"]["current_bytes"] == rep["total"]["file_bytes"]
     assert mem["rss_bytes"] > 0 and mem["rss_peak_bytes"] >= mem["rss_bytes"]
     assert 0 < mem["mapped_resident_bytes"] <= rep["total"]["file_bytes"]  # mincore over the map
     assert mem["weights_decoded_equivalent_bytes"] == 4 * (1024 * 1024 + 1024)
