@@ -206,9 +206,10 @@ static void stream_token(void *arg, size_t context, int k, size_t pos, int32_t t
 
 /* ------------------------------------------------------------------ run */
 
-int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,
-                    const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
+int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *ids, size_t n_ids,
+                        const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
     memset(res, 0, sizeof *res);
+    if (!ids || !n_ids) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: empty encoder input");
     const nz_t5md_config *c = nz_t5md_get_config(d->t5md);
     const size_t K = c->num_modes;
     const int all = !o->gen.decoders || !o->gen.n_decoders;
@@ -218,8 +219,6 @@ int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *
         return nz_fail(err, NZ_E_RANGE, "dialogue: max_new_tokens %d is outside 0..%d", o->gen.max_new_tokens,
                        NZ_T5MD_MAX_NEW_TOKENS);
     int rc = NZ_OK;
-    int32_t *ids = NULL;
-    size_t n_ids = 0;
     nz_t5md_result *gres = NULL;
     size_t nres = 0, *order = NULL;
     char **norm = NULL;
@@ -245,7 +244,6 @@ int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *
         }
         st.slot[k] = (int)j;
     }
-    if ((rc = nz_dialogue_encode(d, turns, n_turns, &ids, &n_ids, err))) goto done;
     res->input_tokens = n_ids;
 
     nz_t5md_opts gen = o->gen;
@@ -335,11 +333,21 @@ done:
     nz_free(norm);
     nz_free(order);
     nz_free(gres);
-    nz_free(ids);
     nz_free(st.slot);
     nz_free(st.tok);
     nz_free(st.n);
     nz_free(st.shown);
     nz_free(st.broken);
+    return rc;
+}
+
+int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,
+                    const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
+    memset(res, 0, sizeof *res);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int rc = nz_dialogue_encode(d, turns, n_turns, &ids, &n, err);
+    if (!rc) rc = nz_dialogue_run_ids(mc, d, ids, n, o, res, err);
+    nz_free(ids);
     return rc;
 }

@@ -188,6 +188,13 @@ size_t nz_dlg_normalize(const char *text, size_t len, char *out);
 int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,
                     const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err);
 
+/** nz_dialogue_run on a context already encoded (nz_dialogue_encode's
+ *  ids[0..n_ids), eos included; read only before the first stop-hook call):
+ *  a caller that encoded the context to check its limits hands the ids on,
+ *  so a context is tokenized once. @return as nz_dialogue_run. */
+int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *ids, size_t n_ids,
+                        const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err);
+
 #ifdef __cplusplus
 }
 #endif

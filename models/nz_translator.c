@@ -189,30 +189,21 @@ static void take_hyp(const nz_translator *t, nz_nat_hyp *h, int detok, nz_tr_res
     }
 }
 
-int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *const *texts, const size_t *lens,
-                      size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res, nz_error *err) {
-    memset(res, 0, n * sizeof *res);
-    if (!n) return NZ_OK;
-    int32_t **ids = nz_calloc(n, sizeof *ids, NZ_MEM_OTHER);
-    size_t *len = nz_calloc(n, sizeof *len, NZ_MEM_OTHER);
+/* Decode the texts whose ids[i] is set (a NULL entry's result already holds its error) as one batch. ids are
+ * read only while the source matrix is built, before the decoder's first stop check. */
+static int run_batch(nz_matmul_ctx *mc, const nz_translator *t, const int32_t *const *ids, const size_t *len,
+                     size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res, nz_error *err) {
     size_t *live = nz_calloc(n, sizeof *live, NZ_MEM_OTHER); /* res index of each decoded row */
     nz_nat_hyp *hyps = nz_calloc(n, sizeof *hyps, NZ_MEM_OTHER);
     int32_t *src = NULL;
     int rc = NZ_OK;
     size_t B = 0, S = 2;
-    if (!ids || !len || !live || !hyps) {
+    if (!live || !hyps) {
         rc = nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
         goto done;
     }
-    /* tokenize; a text that fails keeps its error and stays out of the batch */
     for (size_t i = 0; i < n; i++) {
-        size_t l = lens ? lens[i] : strlen(texts[i]);
-        nz_error e = {0};
-        if (nz_translator_encode(t, texts[i], l, &ids[i], &len[i], &e)) {
-            res[i].rc = e.code;
-            nz_fail(&res[i].err, e.code, "tokenizing: %s", e.msg);
-            continue;
-        }
+        if (!ids[i]) continue;
         res[i].input_tokens = len[i];
         if (len[i] > S) S = len[i];
         live[B++] = i;
@@ -253,11 +244,51 @@ done:
                 res[i].err = err ? *err : (nz_error){rc, "batch failed"};
             }
     if (hyps) nz_nat_hyps_free(hyps, B);
-    for (size_t i = 0; ids && i < n; i++) nz_free(ids[i]);
-    nz_free(ids);
-    nz_free(len);
     nz_free(live);
     nz_free(hyps);
     nz_free(src);
+    return rc;
+}
+
+int nz_translator_run_ids(nz_matmul_ctx *mc, const nz_translator *t, const int32_t *const *ids,
+                          const size_t *lens, size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res,
+                          nz_error *err) {
+    memset(res, 0, n * sizeof *res);
+    if (!n) return NZ_OK;
+    for (size_t i = 0; i < n; i++)
+        if (!ids[i] || lens[i] < 2)
+            return nz_fail(err, NZ_E_INVALID_ARG, "translate: source %zu has %zu ids (at least bos and eos)",
+                           i, ids[i] ? lens[i] : 0);
+    return run_batch(mc, t, ids, lens, n, o, detok, res, err);
+}
+
+int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *const *texts, const size_t *lens,
+                      size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res, nz_error *err) {
+    memset(res, 0, n * sizeof *res);
+    if (!n) return NZ_OK;
+    int32_t **ids = nz_calloc(n, sizeof *ids, NZ_MEM_OTHER);
+    size_t *len = nz_calloc(n, sizeof *len, NZ_MEM_OTHER);
+    int rc = NZ_OK;
+    if (!ids || !len) {
+        rc = nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
+        for (size_t i = 0; i < n; i++) {
+            res[i].rc = rc;
+            res[i].err = err ? *err : (nz_error){rc, "out of memory"};
+        }
+    } else {
+        /* tokenize; a text that fails keeps its error and stays out of the batch */
+        for (size_t i = 0; i < n; i++) {
+            nz_error e = {0};
+            if (nz_translator_encode(t, texts[i], lens ? lens[i] : strlen(texts[i]), &ids[i], &len[i], &e)) {
+                ids[i] = NULL;
+                res[i].rc = e.code;
+                nz_fail(&res[i].err, e.code, "tokenizing: %s", e.msg);
+            }
+        }
+        rc = run_batch(mc, t, (const int32_t *const *)ids, len, n, o, detok, res, err);
+    }
+    for (size_t i = 0; ids && i < n; i++) nz_free(ids[i]);
+    nz_free(ids);
+    nz_free(len);
     return rc;
 }

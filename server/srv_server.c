@@ -76,7 +76,11 @@ typedef struct srv_req {
     int retry_after;   /* seconds, 0: no header */
     int close;         /* Connection: close */
     srv_translate_req tr;
-    nz_tr_opts topts; /* translate: the model's defaults with the request's choices applied */
+    int32_t *
+        *ids; /* [tr.n] translate: each text's source ids, tokenized once when validated (NZ_MEM_OTHER) */
+    size_t *n_ids;      /* [tr.n] their lengths; dialogue: ids[0] / n_ids[0] are the encoded context */
+    size_t n_ids_alloc; /* entries of ids / n_ids */
+    nz_tr_opts topts;   /* translate: the model's defaults with the request's choices applied */
     srv_dialogue_req dr;
     nz_dlg_opts dopts; /* dialogue: the model's defaults with the request's choices applied */
     srv_model *model;
@@ -582,7 +586,7 @@ typedef struct srv_batch {
 static void release_member(srv_batch *b, size_t i);
 
 /* The stop hook of a batch: a member that was cancelled, passed its deadline or lost its client
- * is answered and released at once (its texts are no longer read: nz_translator_run reads
+ * is answered and released at once (its ids are no longer read: nz_translator_run_ids reads
  * them only before its first stop check); the batch stops when no member is left. */
 static int batch_should_stop(void *arg) {
     srv_batch *b = arg;
@@ -667,20 +671,20 @@ static void run_translate(srv_worker *w, srv_batch *b) {
     nz_tr_opts o = r0->topts;
     nz_tr_opts_set_stop(&o, batch_should_stop, b);
     nz_tr_result *res = nz_calloc(total, sizeof *res, NZ_MEM_OTHER);
-    const char **texts = nz_calloc(total, sizeof *texts, NZ_MEM_OTHER);
+    const int32_t **ids = nz_calloc(total, sizeof *ids, NZ_MEM_OTHER);
     size_t *lens = nz_calloc(total, sizeof *lens, NZ_MEM_OTHER);
-    if (!res || !texts || !lens) {
+    if (!res || !ids || !lens) {
         for (size_t i = 0; i < b->n; i++)
             if (b->m[i]) respond_fail(b->m[i], 500, "out of memory");
         goto out;
     }
     for (size_t i = 0, k = 0; i < b->n; i++)
         for (size_t j = 0; j < cnt[i]; j++, k++) {
-            texts[k] = b->m[i]->tr.texts[j];
-            lens[k] = b->m[i]->tr.lens[j];
+            ids[k] = b->m[i]->ids[j];
+            lens[k] = b->m[i]->n_ids[j];
         }
     nz_error e = {0};
-    int rc = nz_translator_run(w->mc, model->tr, texts, lens, total, &o, 1, res, &e);
+    int rc = nz_translator_run_ids(w->mc, model->tr, ids, lens, total, &o, 1, res, &e);
     if (rc && rc != NZ_E_CANCELLED)
         srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, model->cfg->name, "error", SRV_KV_STR,
                 e.msg, NULL);
@@ -699,7 +703,7 @@ static void run_translate(srv_worker *w, srv_batch *b) {
 out:
     nz_tr_results_free(res, res ? total : 0);
     nz_free(res);
-    nz_free(texts);
+    nz_free(ids);
     nz_free(lens);
 }
 
@@ -769,7 +773,7 @@ static void run_dialogue(srv_worker *w, srv_req *r) {
     }
     nz_dlg_result res;
     nz_error e = {0};
-    int rc = nz_dialogue_run(w->mc, r->model->dlg, q->turns, q->n_turns, &o, &res, &e);
+    int rc = nz_dialogue_run_ids(w->mc, r->model->dlg, r->ids[0], r->n_ids[0], &o, &res, &e);
     int reason = atomic_load(&r->cancel);
     if (reason || rc == NZ_E_CANCELLED) {
         respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
@@ -957,6 +961,16 @@ static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_to
     return 0;
 }
 
+/* Room for n tokenized inputs of r (freed by retire). @return 0, or -1 with a 500 response decided. */
+static int alloc_ids(srv_req *r, size_t n) {
+    r->ids = nz_calloc(n, sizeof *r->ids, NZ_MEM_OTHER);
+    r->n_ids = nz_calloc(n, sizeof *r->n_ids, NZ_MEM_OTHER);
+    r->n_ids_alloc = r->ids && r->n_ids ? n : 0;
+    if (r->n_ids_alloc) return 0;
+    respond_fail(r, 500, "out of memory");
+    return -1;
+}
+
 /* r->dopts = m's decoding defaults with r's choices applied (max_new_tokens: the request's, else the
  * model's capped by the server's limit); a strategy option is checked against the strategy in effect.
  * @return 0, or -1 with r's error response decided. */
@@ -1015,16 +1029,15 @@ static int submit_translate(srv_server *s, srv_req *r) {
     size_t limit = (size_t)cfg->max_input_tokens;
     if (m->max_source_positions >= 2 && m->max_source_positions - 2 < limit)
         limit = m->max_source_positions - 2;
+    if (alloc_ids(r, r->tr.n)) return 0;
     for (size_t i = 0; i < r->tr.n; i++) {
-        int32_t *ids = NULL;
-        size_t n = 0;
         nz_error ne = {0};
-        if (nz_translator_encode(m->tr, r->tr.texts[i], r->tr.lens[i], &ids, &n, &ne)) {
+        if (nz_translator_encode(m->tr, r->tr.texts[i], r->tr.lens[i], &r->ids[i], &r->n_ids[i], &ne)) {
             respond_fail(r, 422, "%s%zu%s: cannot tokenize: %s", r->tr.single ? "text" : "texts[", i,
                          r->tr.single ? "" : "]", ne.msg);
             return 0;
         }
-        nz_free(ids);
+        size_t n = r->n_ids[i];
         if (n - 2 > limit) {
             if (r->tr.single)
                 respond_fail(r, 422, "'text' has %zu tokens; the limit is %zu", n - 2, limit);
@@ -1103,14 +1116,13 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
                          m->cfg->name, q->decoders[j], m->num_modes, m->num_modes - 1);
             return 0;
         }
-    int32_t *ids = NULL;
-    size_t n = 0;
     nz_error ne = {0};
-    if (nz_dialogue_encode(m->dlg, q->turns, q->n_turns, &ids, &n, &ne)) {
+    if (alloc_ids(r, 1)) return 0;
+    if (nz_dialogue_encode(m->dlg, q->turns, q->n_turns, &r->ids[0], &r->n_ids[0], &ne)) {
         respond_fail(r, 422, "'context': cannot tokenize: %s", ne.msg);
         return 0;
     }
-    nz_free(ids);
+    size_t n = r->n_ids[0];
     if (n - 1 > (size_t)cfg->max_input_tokens) { /* the model's own truncation applied, eos not counted */
         respond_fail(r, 422, "'context' has %zu tokens; the limit is %d", n - 1, cfg->max_input_tokens);
         return 0;
@@ -1354,6 +1366,9 @@ static void retire(srv_req *r, int term_ok) {
                 (unsigned long long)r->tokens_out, NULL);
     /* after the log line: whoever sees the count (a 499) finds the line */
     count_request(r, status); /* no-op when the response was counted as it was queued */
+    for (size_t i = 0; i < r->n_ids_alloc; i++) nz_free(r->ids[i]);
+    nz_free(r->ids);
+    nz_free(r->n_ids);
     srv_translate_req_free(&r->tr);
     srv_dialogue_req_free(&r->dr);
     nz_free(r->body);
