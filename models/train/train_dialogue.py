@@ -99,6 +99,8 @@ def parse_args(argv=None):
                    help="phase 2 trains everything (EqHard-EM without --freeze); default: adapters only")
     # optimisation
     p.add_argument("--batch-size", type=int, default=32, help="phase 1 samples per update")
+    p.add_argument("--length-buckets", action="store_true",
+                   help="batch dialogue pairs of similar lengths (less padding; same samples per update)")
     p.add_argument("--pretrain-steps", type=int, default=0)
     p.add_argument("--phase1-steps", type=int, default=20000, help="seq2seq updates after pre-training")
     p.add_argument("--lr", type=float, default=7e-4)
@@ -273,10 +275,23 @@ def prepare(a):
     return data
 
 
-def make_batches(n, size, seed, epoch, salt):
-    """Shuffled consecutive chunks of `size` sample indices (the last may be smaller)."""
-    idx = np.random.RandomState((seed * 1000003 + epoch * 7919 + salt) % (2 ** 32)).permutation(n)
-    return [idx[i:i + size].tolist() for i in range(0, n, size)]
+def make_batches(n, size, seed, epoch, salt, lengths=None, pool=64):
+    """Shuffled consecutive chunks of `size` sample indices (the last may be smaller). With lengths
+    (--length-buckets: (src_lens, tgt_lens) arrays), the shuffled indices are cut into pools of
+    pool * size samples, each pool is sorted by target length (in steps of 4) then source length and
+    cut into batches, and the batches are shuffled: a batch holds samples of similar lengths, so
+    little of it is padding, while its samples stay a random draw of the epoch."""
+    rs = np.random.RandomState((seed * 1000003 + epoch * 7919 + salt) % (2 ** 32))
+    idx = rs.permutation(n)
+    if lengths is None:
+        return [idx[i:i + size].tolist() for i in range(0, n, size)]
+    src_len, tgt_len = lengths
+    out = []
+    for p in range(0, n, pool * size):
+        chunk = idx[p:p + pool * size]
+        chunk = chunk[np.lexsort((src_len[chunk], tgt_len[chunk] // 4))]
+        out += [chunk[i:i + size].tolist() for i in range(0, len(chunk), size)]
+    return [out[i] for i in rs.permutation(len(out))]
 
 
 def collate(src, tgt, device):
@@ -550,17 +565,22 @@ def main(argv=None):
     acc_n, ntok, t_log = 0, 0, time.time()
     batches_cache = {}
 
+    # --length-buckets: batches of similar lengths (the dialogue pairs; pre-training noise changes lengths)
+    train_lengths = (np.array([len(x) for x in train["src"]]), np.array([len(y) for y in train["tgt"]])) \
+        if a.length_buckets else None
+
     def next_batch(source, n_items, size, salt):
         ep, bi = state["iters"][source]
         key = (source, ep)
+        lengths = train_lengths if source != "pretrain" else None
         if key not in batches_cache:
             batches_cache.clear()
-            batches_cache[key] = make_batches(n_items, size, a.seed, ep, salt)
+            batches_cache[key] = make_batches(n_items, size, a.seed, ep, salt, lengths)
         bl = batches_cache[key]
         if bi >= len(bl):
             ep, bi = ep + 1, 0
             batches_cache.clear()
-            batches_cache[(source, ep)] = bl = make_batches(n_items, size, a.seed, ep, salt)
+            batches_cache[(source, ep)] = bl = make_batches(n_items, size, a.seed, ep, salt, lengths)
             log("%s epoch %d: %d batches" % (source, ep, len(bl)))
         state["iters"][source] = [ep, bi + 1]
         return bl[bi]

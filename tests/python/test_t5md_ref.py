@@ -542,9 +542,10 @@ def test_training_checkpoint_converts_to_the_export(trained, tmp_path):
     assert cfg1["num_modes"] == 1
 
 
-def test_resume_is_exact(corpus, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--length-buckets"]])
+def test_resume_is_exact(corpus, tmp_path, extra):
     a, b = tmp_path / "a", tmp_path / "b"
-    args = ["--phase1-steps", "3", "--phase2-steps", "3", "--dropout", "0.1"]
+    args = ["--phase1-steps", "3", "--phase2-steps", "3", "--dropout", "0.1", *extra]
     _train(corpus, a, *args)
     _train(corpus, b, *args, "--interrupt-at", "4")  # stops one round into phase 2
     ck = torch.load(b / "checkpoint_last.pt", map_location="cpu")
@@ -644,3 +645,21 @@ def test_eqhard_assignment_is_optimal_and_equal_size():
         best = min(sum(L[i, x[i]] for i in range(B)) for x in itertools.product(range(K), repeat=B)
                    if np.bincount(x, minlength=K).max() <= cap)
         assert L[np.arange(B), a].sum() == pytest.approx(best, abs=1e-9)
+
+
+def test_length_buckets():
+    """--length-buckets: every sample once per epoch, deterministic, batches of similar lengths."""
+    import numpy as np
+    import train_dialogue as T
+    rs = np.random.RandomState(0)
+    n, size = 1000, 8
+    src, tgt = rs.randint(2, 65, n), rs.randint(2, 65, n)
+    plain = T.make_batches(n, size, 1, 0, 2)
+    buck = T.make_batches(n, size, 1, 0, 2, (src, tgt), pool=16)
+    assert buck == T.make_batches(n, size, 1, 0, 2, (src, tgt), pool=16)
+    assert buck != T.make_batches(n, size, 1, 1, 2, (src, tgt), pool=16)  # a new order every epoch
+    assert sorted(i for b in buck for i in b) == list(range(n)) and max(len(b) for b in buck) == size
+
+    def padded(batches):  # padded tokens per real token
+        return sum(len(b) * (src[b].max() + tgt[b].max()) for b in batches) / (src.sum() + tgt.sum())
+    assert padded(buck) < 0.8 * padded(plain), (padded(buck), padded(plain))
