@@ -540,6 +540,17 @@ int nz_model_tile_once(const nz_model *m, size_t ti, uint64_t t, const uint8_t *
     return NZ_OK;
 }
 
+int nz_model_verify_tiles(const nz_model *m, nz_error *err) {
+    for (size_t ti = 0; ti < m->nt; ti++)
+        for (uint64_t t = 0; t < m->t[ti].ntiles; t++) {
+            const uint8_t *p;
+            size_t n;
+            int rc = nz_model_tile_once(m, ti, t, &p, &n, err);
+            if (rc) return rc;
+        }
+    return NZ_OK;
+}
+
 void nz_model_set_verify(nz_model *m, nz_verify_policy p) {
     if (m) atomic_store(&m->verify, (int)p);
 }

@@ -158,6 +158,12 @@ typedef enum nz_verify_policy {
 int nz_model_tile_once(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data, size_t *size,
                        nz_error *err);
 
+/** Check every tile's checksum now (nz_model_tile_once: a tile that matches
+ *  is not hashed again when served). A server calls it while loading, so a
+ *  damaged model is refused before it is reported ready.
+ *  @return NZ_OK, or the first damaged tile's error (tensor and tile named). */
+int nz_model_verify_tiles(const nz_model *m, nz_error *err);
+
 /** Set m's nz_model_tile_once policy (default NZ_VERIFY_ONCE, or
  *  NZ_VERIFY_ALWAYS when the environment has NZ_VERIFY=always at load).
  *  Accepts NULL. */

@@ -38,7 +38,7 @@ typedef enum {
 typedef struct setting {
     const char *key; /* JSON key; env = NZSERVE_ + upper, flag = -- + dashes */
     kind k;
-    size_t off; /* of the int/size_t field (K_INT, K_SIZE) */
+    size_t off; /* of the int/size_t field (K_INT, K_SIZE, K_BOOL) */
     long long lo, hi;
 } setting;
 
@@ -46,6 +46,8 @@ typedef struct setting {
     { #f, K_INT, offsetof(srv_config, f), lo, hi }
 #define S_SIZE(f, lo, hi)                                                                                    \
     { #f, K_SIZE, offsetof(srv_config, f), lo, hi }
+#define S_BOOL(f)                                                                                            \
+    { #f, K_BOOL, offsetof(srv_config, f), 0, 1 }
 #define HOST_MAX     255
 #define KEY_MIN      8
 #define KEY_MAX      256
@@ -72,7 +74,8 @@ static const setting SETTINGS[] = {
     {"api_key_file", K_KEYFILE, 0, 0, 0},
     {"log_level", K_LEVEL, 0, 0, 0},
     {"log_format", K_FORMAT, 0, 0, 0},
-    {"metrics", K_BOOL, 0, 0, 0},
+    S_BOOL(metrics),
+    S_BOOL(verify_on_load),
 };
 #define N_SETTINGS (sizeof SETTINGS / sizeof SETTINGS[0])
 
@@ -418,7 +421,7 @@ static int apply_string(ctx *x, const setting *s, const char *where, const char 
         return 0;
     }
     case K_BOOL:
-        if (bool_parse(v, &c->metrics))
+        if (bool_parse(v, int_at(c, s)))
             return XFAIL(x, "%s: must be true/false/1/0/yes/no/on/off, got '%.80s'", where, v);
         return 0;
     case K_LEVEL:
@@ -508,7 +511,7 @@ static int apply_json(ctx *x, const setting *s, const char *where, const char *e
     }
     case K_BOOL:
         if (!json_is_boolean(v)) return XFAIL(x, "%s: must be true or false", where);
-        c->metrics = json_is_true(v);
+        *int_at(c, s) = json_is_true(v);
         return 0;
     case K_LEVEL:
         if (!json_is_string(v) || level_parse(json_string_value(v), &c->log_level))
@@ -727,7 +730,7 @@ static int load_flags(ctx *x, int argc, char *const *argv) {
 }
 
 /* Append the keys of c->api_key_file (one per line; blank and '#' lines
- * skipped). */
+ * skipped); a file without any key is an error. */
 static int load_key_file(ctx *x) {
     srv_config *c = x->c;
     const char *path = c->api_key_file, *where = x->keyfile_where[0] ? x->keyfile_where : "api_key_file";
@@ -735,7 +738,7 @@ static int load_key_file(ctx *x) {
     FILE *f = fopen(path, "r");
     if (!f) return XFAIL(x, "%s: cannot open '%s': %s", where, path, strerror(errno));
     char *line = NULL;
-    size_t cap = 0, lineno = 0;
+    size_t cap = 0, lineno = 0, before = c->n_api_keys;
     ssize_t len;
     int rc = 0;
     errno = 0;
@@ -759,6 +762,11 @@ static int load_key_file(ctx *x) {
         c->api_keys[c->n_api_keys++] = k;
     }
     if (!rc && ferror(f)) rc = XFAIL(x, "%s: cannot read '%s': %s", where, path, strerror(errno));
+    /* a key file that names no key would leave the API open: an operator who points at one wants auth */
+    if (!rc && c->n_api_keys == before)
+        rc = XFAIL(
+            x, "%s: '%s' holds no API key (only blank or '#' lines); remove the setting to run without keys",
+            where, path);
     free(line);
     fclose(f);
     return rc;
@@ -786,6 +794,7 @@ int srv_config_init(srv_config *c) {
     c->log_level = SRV_LOG_INFO;
     c->log_format = SRV_LOG_LOGFMT;
     c->metrics = 1;
+    c->verify_on_load = 1;
     return c->host && c->api_key_file ? 0 : -1;
 }
 
@@ -824,7 +833,28 @@ int srv_config_load(srv_config *c, const char *default_path, char *const *envp, 
     return srv_config_validate(c, err, errlen) ? SRV_CFG_ERROR : SRV_CFG_OK;
 }
 
+/* The memory this process may use: the machine's physical memory, or the cgroup v2 limit of its container
+ * when that is lower. @return bytes, 0 if unknown. */
+static uint64_t memory_limit(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    uint64_t lim = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
+    FILE *f = fopen("/sys/fs/cgroup/memory.max", "r"); /* "max" or a byte count */
+    unsigned long long cg = 0;
+    if (f) {
+        if (fscanf(f, "%llu", &cg) == 1 && cg > 0 && (!lim || cg < lim)) lim = cg;
+        fclose(f);
+    }
+    return lim;
+}
+
 int srv_config_validate(const srv_config *c, char *err, size_t errlen) {
+    uint64_t mem = memory_limit();
+    if (mem && c->tile_cache_bytes > mem)
+        return fail(
+            err, errlen,
+            "tile_cache_bytes: %zu bytes is more than the memory this process may use (%llu bytes: the "
+            "machine's, or its container's limit)",
+            c->tile_cache_bytes, (unsigned long long)mem);
     if (!host_ok(c->host))
         return fail(err, errlen, "host: must be a non-empty string of at most 255 characters");
     for (size_t i = 0; i < N_SETTINGS; i++) {
@@ -899,7 +929,7 @@ json_t *srv_config_to_json(const srv_config *c) {
             v = json_integer((json_int_t)size_get(c, s));
             break;
         case K_BOOL:
-            v = json_boolean(c->metrics);
+            v = json_boolean(int_get(c, s));
             break;
         case K_LEVEL:
             v = json_string((unsigned)c->log_level <= SRV_LOG_ERROR ? LEVEL_NAMES[c->log_level] : "unknown");
@@ -962,6 +992,7 @@ const char *srv_config_usage(void) {
            "  --log-level LEVEL                debug, info, warn or error (info)\n"
            "  --log-format FORMAT              logfmt or json (logfmt)\n"
            "  --metrics BOOL                   enable metrics: true/false/1/0/yes/no/on/off (true)\n"
+           "  --verify-on-load BOOL            check every weight tile's checksum while loading (true)\n"
            "  --health-check                   probe a running server instead of starting one: GET /health\n"
            "                                   on the configured host and port (127.0.0.1 or ::1 for a\n"
            "                                   wildcard host), 2 s timeout; exit 0 on a 200, else 1 (a\n"

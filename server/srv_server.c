@@ -230,6 +230,9 @@ static void *loader_main(void *arg) {
         nz_error e = {0};
         int rc = sm->cfg->task == SRV_TASK_DIALOGUE ? nz_dialogue_open(sm->cfg->path, &sm->dlg, &e)
                                                     : nz_translator_open(sm->cfg->path, &sm->tr, &e);
+        if (!rc && s->cfg->verify_on_load)
+            rc =
+                nz_model_verify_tiles(sm->dlg ? nz_dialogue_model(sm->dlg) : nz_translator_model(sm->tr), &e);
         if (rc) {
             snprintf(s->load_err, sizeof s->load_err, "model '%s': %s", sm->cfg->name, e.msg);
             atomic_store(&s->ready, -1);
@@ -1209,13 +1212,16 @@ static void final_call(srv_server *s, srv_req *r) {
         respond_json(r, 200, json_pack("{s:s}", "status", "ok"));
         return;
     case SRV_ROUTE_READY:
-        if (ready == 1)
+        if (ready == 1) {
             respond_json(r, 200, json_pack("{s:s}", "status", "ready"));
-        else
+        } else {
+            char msg[sizeof s->load_err + 32] = "models are loading";
+            if (ready < 0) /* load_err was written before ready became -1 */
+                snprintf(msg, sizeof msg, "a model failed to load: %s", s->load_err);
             respond_json(r, 503,
                          json_pack("{s:s, s:{s:i, s:s, s:s}}", "status", ready < 0 ? "failed" : "loading",
-                                   "error", "code", 503, "type", "not_ready", "message",
-                                   ready < 0 ? "a model failed to load" : "models are loading"));
+                                   "error", "code", 503, "type", "not_ready", "message", msg));
+        }
         return;
     case SRV_ROUTE_MODELS:
         respond_json(r, 200, models_json(s));

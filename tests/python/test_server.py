@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -872,8 +873,11 @@ def write_config(tmp_path, cfg, name="bad.json"):
     ("env-unknown", {}, [], {"NZSERVE_QUEUE_LENGHT": "1"}, "NZSERVE_QUEUE_LENGHT"),
     ("short-api-key", {"api_keys": ["sh0rt!"]}, [], {}, "api_keys"),
     ("missing-key-file", {"api_key_file": "/nonexistent/keys.txt"}, [], {}, "/nonexistent/keys.txt"),
+    ("empty-key-file", {}, ["--api-key-file", "empty-keys.txt"], {}, "holds no API key"),
 ])
 def test_bad_config_exit_2(tmp_path, model_path, name, cfg, args, env, needle):
+    empty = tmp_path / "empty-keys.txt"  # the "empty-key-file" case: comments and blanks only
+    empty.write_text("# keys go here\n\n   \n")
     if isinstance(cfg, dict):
         cfg = {"models": [{"name": "m", "task": "translate", "path": str(model_path)}], "port": 0, **cfg}
     p = write_config(tmp_path, cfg)
@@ -968,3 +972,34 @@ def test_logfmt_access_log(model_path):
     assert int(l["tokens_in"]) == r.json()["usage"]["input_tokens"]
     assert int(l["tokens_out"]) == r.json()["usage"]["output_tokens"]
     assert sorted(l["status"] for l in lines if l["path"] == "/v1/translate") == ["200", "422"]
+
+
+def damage_tile(src, dst, suffix="fc1.weight"):
+    """Copy the .nzp src to dst with one bit flipped in the middle of the first tile of the mask-predict
+    decoder's first compressed tensor named *suffix (read on every translation, decoded lazily).
+    @return that tensor's name."""
+    b = bytearray(src.read_bytes())
+    hlen, doff = struct.unpack_from("<QQ", b, 16)
+    t = [x for x in json.loads(b[64:64 + hlen])["tensors"]
+         if x["name"].startswith("decoder.") and x["name"].endswith(suffix) and x["mode"] != "raw"][0]
+    off, size = t["tiles"][0][0], t["tiles"][0][1]
+    b[doff + off + size // 2] ^= 0x10
+    dst.write_bytes(b)
+    return t["name"]
+
+
+def test_damaged_tile_refused_at_load(tmp_path, model_path):
+    """verify_on_load (default): every tile's checksum is checked while loading; a damaged one stops the
+    start with the tensor named (exit 1). Off: the server starts and the request that touches the
+    tile gets a JSON 500 naming it."""
+    bad = tmp_path / "bad.nzp"
+    name = damage_tile(model_path, bad)
+    p = write_config(tmp_path, {"port": 0, "models": [{"name": "m", "task": "translate", "path": str(bad)}]})
+    r = U.run_nzserve(["--config", p], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert f"tensor '{name}'" in r.stderr and "checksum mismatch" in r.stderr, r.stderr
+    with Server(bad, config={"verify_on_load": False}) as s:
+        s.wait_ready()
+        e = assert_error(s.translate({"texts": LINES[:2]}), 500, "internal_error")
+        assert f"tensor '{name}'" in e["message"] and "checksum mismatch" in e["message"], e
+        assert s.get("/health").status == 200
