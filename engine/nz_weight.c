@@ -7,7 +7,9 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 static atomic_uint_fast64_t g_uncached_tiles, g_uncached_ns;
 
@@ -148,7 +150,20 @@ struct nz_matmul_ctx {
     float *y;
     nz_tile_cache *cache_now; /* cache, or NULL while its budget is 0 */
     _Atomic int failed;
+    _Atomic int cancelled; /* nz_matmul_ctx_cancel: every tile from now on fails with NZ_E_CANCELLED */
+    int tile_delay_us;     /* test hook (environment NZ_DEBUG_TILE_DELAY_US): sleep before each tile */
 };
+
+void nz_matmul_ctx_cancel(nz_matmul_ctx *c, int on) {
+    if (c) atomic_store(&c->cancelled, on != 0);
+}
+
+/* NZ_E_CANCELLED into e when c was cancelled. @return 1 cancelled, else 0. */
+static int cancelled(nz_matmul_ctx *c, nz_error *e) {
+    if (!atomic_load_explicit(&c->cancelled, memory_order_relaxed)) return 0;
+    nz_fail(e, NZ_E_CANCELLED, "cancelled");
+    return 1;
+}
 
 nz_matmul_ctx *nz_matmul_ctx_create(nz_pool *pool, nz_tile_cache *cache) {
     nz_matmul_ctx *c = nz_calloc(1, sizeof *c, NZ_MEM_OTHER);
@@ -156,6 +171,8 @@ nz_matmul_ctx *nz_matmul_ctx_create(nz_pool *pool, nz_tile_cache *cache) {
     nz_blas_serial();
     c->pool = pool;
     c->cache = cache;
+    const char *d = getenv("NZ_DEBUG_TILE_DELAY_US"); /* makes a forward pass slow, for cancellation tests */
+    c->tile_delay_us = d && atoi(d) > 0 ? atoi(d) : 0;
     c->nthreads = nz_pool_size(pool);
     c->t = nz_calloc((size_t)c->nthreads, sizeof *c->t, NZ_MEM_OTHER);
     if (!c->t) {
@@ -184,6 +201,12 @@ static void tile_task(void *ctx, uint64_t tile, int thread) {
     nz_matmul_ctx *c = ctx;
     thread_res *r = &c->t[thread];
     if (atomic_load(&c->failed)) return; /* stop early after an error */
+    if (c->tile_delay_us) usleep((useconds_t)c->tile_delay_us);
+    if (cancelled(c, &r->err)) {
+        r->rc = NZ_E_CANCELLED;
+        atomic_store(&c->failed, 1);
+        return;
+    }
     if (r->cap < c->w->max_tile) {
         nz_free(r->scratch);
         r->scratch = nz_malloc(c->w->max_tile * sizeof(float), NZ_MEM_SCRATCH);
@@ -204,6 +227,7 @@ static void tile_task(void *ctx, uint64_t tile, int thread) {
 }
 
 int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M, float *y, nz_error *err) {
+    if (cancelled(c, err)) return NZ_E_CANCELLED;
     c->w = w;
     c->x = x;
     c->M = M;
@@ -222,6 +246,8 @@ int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M,
 
 int nz_matmul_ctx_tile(nz_matmul_ctx *c, const nz_weight *w, uint64_t t, nz_cache_ref *ref, nz_error *err) {
     thread_res *r = &c->t[0];
+    ref->entry = NULL;
+    if (cancelled(c, err)) return NZ_E_CANCELLED;
     if (t >= w->t->ntiles)
         return nz_fail(err, NZ_E_RANGE, "tensor '%s': tile %llu of %llu", w->t->name, (unsigned long long)t,
                        (unsigned long long)w->t->ntiles);

@@ -82,6 +82,13 @@ void nz_matmul_ctx_free(nz_matmul_ctx *c);
  *  @return NZ_OK or the first tile error recorded (y is then unspecified). */
 int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M, float *y, nz_error *err);
 
+/** Cancel (on = 1) or re-arm (on = 0) the work of c from any thread: while
+ *  cancelled, every nz_matmul_mt and nz_matmul_ctx_tile call on c fails with
+ *  NZ_E_CANCELLED, a call in progress at its next tile, so a forward pass
+ *  stops within about one tile's work of the cancel (a server's deadline,
+ *  a client gone, shutdown). Async-safe: one atomic store. Accepts NULL. */
+void nz_matmul_ctx_cancel(nz_matmul_ctx *c, int on);
+
 /** Fetch tile t of w as fp32 on the calling thread, through the context's
  *  cache (or its first thread's scratch when not cached): for row lookups
  *  such as embeddings. Release with nz_matmul_ctx_release before the next

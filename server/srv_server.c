@@ -90,6 +90,7 @@ typedef struct srv_req {
     int counted;                 /* in the request metrics already (count_request) */
     size_t batch_texts;          /* texts decoded together with this request's (its own included) */
     struct srv_req *next, *prev; /* queue / running list */
+    struct srv_worker *worker;   /* the worker running it (set with start_running, under s->mu) */
     /* server-sent events (a dialogue request with "stream": true, from queueing on): the worker appends
      * events to sbuf, the content reader (sse_read) hands them to libmicrohttpd; both under smu */
     int sse;             /* the request is answered by an event stream */
@@ -862,6 +863,8 @@ static void *worker_main(void *arg) {
         }
         b.n = 0;
         srv_req *r0 = s->qhead;
+        nz_matmul_ctx_cancel(w->mc, 0); /* re-armed for this job (the reaper cancels under s->mu too) */
+        r0->worker = w;
         start_running(s, r0);
         if (r0->route == SRV_ROUTE_DIALOGUE) { /* a job of its own */
             pthread_mutex_unlock(&s->mu);
@@ -879,6 +882,7 @@ static void *worker_main(void *arg) {
              r = nx, scanned++) {
             nx = r->next;
             if (!batchable(r0, r) || texts + r->tr.n > (size_t)s->cfg->max_texts) continue;
+            r->worker = w;
             start_running(s, r);
             b.m[b.n++] = r;
             texts += r->tr.n;
@@ -902,7 +906,22 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* Completes queued requests whose deadline passed or whose client left. */
+/* Running jobs: marks each running request that passed its deadline or lost its client (r->cancel), and
+ * cancels the matmul context of a worker whose every member is stopping, so its forward pass ends within a
+ * tile's work instead of at the next pass or step boundary (a member of a batch that goes on is released
+ * at the next boundary, as before). Caller holds s->mu (running requests cannot be freed meanwhile). */
+static void cancel_stopped_jobs(srv_server *s) {
+    for (srv_req *r = s->running; r; r = r->next) req_should_stop(r);
+    for (int i = 0; i < s->nworkers; i++) {
+        int members = 0, live = 0;
+        for (srv_req *r = s->running; r; r = r->next)
+            if (r->worker == &s->workers[i]) members++, live += !atomic_load(&r->cancel);
+        if (members && !live) nz_matmul_ctx_cancel(s->workers[i].mc, 1);
+    }
+}
+
+/* Completes queued requests whose deadline passed or whose client left; stops running jobs whose every
+ * request did (cancel_stopped_jobs). */
 static void *reaper_main(void *arg) {
     srv_server *s = arg;
     pthread_mutex_lock(&s->mu);
@@ -921,6 +940,7 @@ static void *reaper_main(void *arg) {
             respond_cancelled(r, reason);
             finish(r);
         }
+        cancel_stopped_jobs(s);
         pthread_mutex_unlock(&s->mu);
         sleep_ms(20);
         pthread_mutex_lock(&s->mu);
@@ -1558,6 +1578,7 @@ void srv_server_shutdown(srv_server *s) {
         finish(r);
     }
     for (srv_req *r = s->running; r; r = r->next) atomic_store(&r->cancel, CANCEL_SHUTDOWN);
+    for (int i = 0; i < s->nworkers; i++) nz_matmul_ctx_cancel(s->workers[i].mc, 1); /* stop mid-pass */
     s->stop_workers = 1;
     s->stop_reaper = 1;
     pthread_cond_broadcast(&s->cv);

@@ -11,7 +11,9 @@
 #include "nz_weight.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define N         300 /* output features (rows of W) */
@@ -429,11 +431,71 @@ static void test_matmul_verify_once(void **state) {
     free(img);
 }
 
+typedef struct {
+    nz_matmul_ctx *mc;
+    nz_weight *w;
+    const float *x;
+    float *y;
+    int rc;
+    long calls;
+} cancel_job;
+
+static void *matmul_until_cancelled(void *arg) {
+    cancel_job *j = arg;
+    nz_error e = {0};
+    do j->calls++;
+    while ((j->rc = nz_matmul_mt(j->mc, j->w, j->x, 4, j->y, &e)) == NZ_OK);
+    return NULL;
+}
+
+/* nz_matmul_ctx_cancel: every call fails with NZ_E_CANCELLED until re-armed, also when the cancel
+ * comes from another thread while the context is busy; re-armed, the results are unchanged. */
+static void test_matmul_cancel(void **state) {
+    (void)state;
+    nz_error e = {0};
+    const size_t M = 4;
+    uint64_t s = 5;
+    float *x = xmalloc(M * K * sizeof(float)), *y0 = xmalloc(M * N * sizeof(float)),
+          *y = xmalloc(M * N * sizeof(float));
+    for (size_t i = 0; i < M * K; i++) x[i] = (float)tu_gauss(&s);
+    nz_pool *p = nz_pool_create(2);
+    nz_matmul_ctx *mc = nz_matmul_ctx_create(p, NULL);
+    nz_weight w;
+    assert_int_equal(nz_weight_bind(&w, g_m, NAMES[1], &e), NZ_OK);
+    assert_int_equal(nz_matmul_mt(mc, &w, x, M, y0, &e), NZ_OK);
+    nz_matmul_ctx_cancel(mc, 1);
+    assert_int_equal(nz_matmul_mt(mc, &w, x, M, y, &e), NZ_E_CANCELLED);
+    assert_string_equal(e.msg, "cancelled");
+    nz_cache_ref ref;
+    assert_int_equal(nz_matmul_ctx_tile(mc, &w, 0, &ref, &e), NZ_E_CANCELLED);
+    nz_matmul_ctx_release(mc, &ref); /* harmless after a failed fetch */
+    nz_matmul_ctx_cancel(mc, 0);
+    assert_int_equal(nz_matmul_mt(mc, &w, x, M, y, &e), NZ_OK);
+    assert_memory_equal(y, y0, M * N * sizeof(float));
+    /* from another thread, while busy */
+    cancel_job j = {mc, &w, x, y, NZ_OK, 0};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, matmul_until_cancelled, &j), 0);
+    struct timespec ts = {0, 5 * 1000000L};
+    nanosleep(&ts, NULL);
+    nz_matmul_ctx_cancel(mc, 1);
+    pthread_join(th, NULL);
+    assert_int_equal(j.rc, NZ_E_CANCELLED);
+    assert_true(j.calls >= 1);
+    nz_matmul_ctx_cancel(mc, 0);
+    nz_matmul_ctx_cancel(NULL, 1); /* accepts NULL */
+    nz_matmul_ctx_free(mc);
+    nz_pool_free(p);
+    free(x);
+    free(y0);
+    free(y);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_matmul_all_modes),   cmocka_unit_test(test_matmul_damaged_tile),
-        cmocka_unit_test(test_matmul_threads),     cmocka_unit_test(test_matmul_fused_gemv),
-        cmocka_unit_test(test_matmul_verify_once),
+        cmocka_unit_test(test_matmul_cancel),       cmocka_unit_test(test_matmul_all_modes),
+        cmocka_unit_test(test_matmul_damaged_tile), cmocka_unit_test(test_matmul_threads),
+        cmocka_unit_test(test_matmul_fused_gemv),   cmocka_unit_test(test_matmul_verify_once),
     };
     return cmocka_run_group_tests_name("matmul", tests, setup, teardown);
 }

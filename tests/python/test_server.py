@@ -1003,3 +1003,43 @@ def test_damaged_tile_refused_at_load(tmp_path, model_path):
         e = assert_error(s.translate({"texts": LINES[:2]}), 500, "internal_error")
         assert f"tensor '{name}'" in e["message"] and "checksum mismatch" in e["message"], e
         assert s.get("/health").status == 200
+
+
+TILE_DELAY_US = 20000  # NZ_DEBUG_TILE_DELAY_US: one mask-predict pass of LINES takes about a second
+
+
+def test_cancel_within_a_pass(model_path):
+    """Deadlines, a client that leaves and shutdown stop a request inside its forward pass (the reaper
+    cancels the worker's matmul context; it stops within a tile), not at the next pass: with every
+    weight tile slowed to 20 ms a single pass of this request takes about a second."""
+    body = {"texts": LINES[:6], "iterations": 0, "length_beam": 1}
+    with Server(model_path, config={"max_concurrent_requests": 1, "request_timeout_ms": 300},
+                env={"NZ_DEBUG_TILE_DELAY_US": TILE_DELAY_US}) as s:
+        s.wait_ready()
+        t0 = time.monotonic()
+        assert_error(s.translate(body), 504)
+        dt = time.monotonic() - t0
+        assert dt < 0.8, f"504 after {dt:.2f} s for a 0.3 s deadline"
+    with Server(model_path, config={"max_concurrent_requests": 1, "shutdown_grace_ms": 200},
+                env={"NZ_DEBUG_TILE_DELAY_US": TILE_DELAY_US}) as s:
+        s.wait_ready()
+        # a client that leaves: the worker is free again within half a second
+        a = U.raw_connect(s.port)
+        a.sendall(U.post_request_bytes("/v1/translate", json.dumps(body).encode()))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        time.sleep(0.1)  # inside the first pass
+        t0 = time.monotonic()
+        a.close()
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 0, timeout=5)
+        dt = time.monotonic() - t0
+        assert dt < 0.5, f"the worker went on {dt:.2f} s after its client left"
+        assert s.metric("nzserve_rejected_total", reason="cancelled") == 1
+        # SIGTERM with a long request running: answered 503 and exited within the grace period
+        th, out = background(s.translate, dict(body, iterations=10))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        t0 = time.monotonic()
+        s.signal(signal.SIGTERM)
+        assert s.wait(timeout=10) == 0
+        dt = time.monotonic() - t0
+        assert dt < 0.2 + 0.6, f"exited {dt:.2f} s after SIGTERM with a 0.2 s grace"
+        assert_error(joined(th, out), 503)
