@@ -3,6 +3,7 @@
 #include "nz_common.h"
 
 #include <jansson.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -170,6 +171,35 @@ size_t nz_mem_mapped_resident(void) {
 }
 
 /* VmRSS / VmHWM lines of /proc/self/status, in bytes. */
+/* The malloc in use, for the memory report: a sanitizer replaces glibc's (and keeps freed memory in its
+ * quarantine, so RSS does not follow frees). */
+#if defined(__SANITIZE_ADDRESS__)
+#define ALLOCATOR "asan"
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ALLOCATOR "asan"
+#endif
+#endif
+#ifndef ALLOCATOR
+#define ALLOCATOR "glibc"
+#endif
+
+static size_t allocator_free(void) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+    return mallinfo2().fordblks;
+#else
+    return 0;
+#endif
+}
+
+size_t nz_mem_trim(size_t min_free) {
+    size_t f = allocator_free();
+#ifdef __GLIBC__
+    if (f > min_free) malloc_trim(0);
+#endif
+    return f;
+}
+
 int nz_mem_get_report(nz_mem_report *r) {
     memset(r, 0, sizeof *r);
     for (int c = 0; c < NZ_MEM_NCAT; c++) {
@@ -178,6 +208,7 @@ int nz_mem_get_report(nz_mem_report *r) {
         if (c != NZ_MEM_MAPPED) r->counted += r->current[c];
     }
     r->mapped_resident = nz_mem_mapped_resident();
+    r->allocator_free = allocator_free();
     FILE *f = fopen("/proc/self/status", "r");
     if (!f) return NZ_E_IO;
     char line[256];
@@ -198,7 +229,8 @@ json_t *nz_mem_report_json(const nz_mem_report *r) {
         json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
                             json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r->current[c], "peak_bytes",
                                       (json_int_t)r->peak[c]));
-    return json_pack("{s:o, s:I, s:I, s:I, s:I}", "categories", cats, "counted_heap_bytes",
+    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:s}", "categories", cats, "counted_heap_bytes",
                      (json_int_t)r->counted, "mapped_resident_bytes", (json_int_t)r->mapped_resident,
-                     "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes", (json_int_t)r->rss_peak);
+                     "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes", (json_int_t)r->rss_peak,
+                     "allocator_free_bytes", (json_int_t)r->allocator_free, "allocator", ALLOCATOR);
 }

@@ -82,16 +82,25 @@ typedef struct nz_mem_report {
     size_t mapped_resident;      /* bytes of mapped model files resident now (mincore) */
     size_t rss;                  /* resident set size (VmRSS), 0 if unknown */
     size_t rss_peak;             /* peak resident set size (VmHWM), 0 if unknown */
+    size_t allocator_free;       /* bytes malloc holds free (freed, not yet returned to the OS: glibc
+                                    mallinfo2 fordblks), 0 if unknown (e.g. under a sanitizer) */
 } nz_mem_report;
 
 /** Fill r. @return NZ_OK, or NZ_E_IO when /proc/self/status cannot be read
  *  (the counters are filled anyway; rss fields are then 0). */
 int nz_mem_get_report(nz_mem_report *r);
 
+/** Return malloc's free memory to the OS (glibc malloc_trim) when it holds
+ *  more than min_free bytes free: a long-running server calls it after a
+ *  large job, so its RSS goes back to its warm level instead of keeping the
+ *  job's peak. @return the bytes held free before (0 where unknown). */
+size_t nz_mem_trim(size_t min_free);
+
 /** r as a JSON object, the one layout of every memory report (`nzp info
  *  --memory --json`, the server's /v1/memory): {"categories": {NAME:
  *  {"current_bytes", "peak_bytes"}}, "counted_heap_bytes",
- *  "mapped_resident_bytes", "rss_bytes", "rss_peak_bytes"}; callers add
+ *  "mapped_resident_bytes", "rss_bytes", "rss_peak_bytes",
+ *  "allocator_free_bytes", "allocator": "glibc" or "asan"}; callers add
  *  their own keys. @return a new object, or NULL when out of memory. */
 struct json_t *nz_mem_report_json(const nz_mem_report *r);
 

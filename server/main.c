@@ -24,6 +24,7 @@
 #include "srv_server.h"
 
 #include <jansson.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -64,6 +65,11 @@ static int health_check(const srv_config *cfg) {
 }
 
 int main(int argc, char **argv) {
+    /* one malloc arena for every thread: glibc's per-thread arenas keep a large job's freed memory in their
+       top chunks, which malloc_trim does not return; with one arena nz_mem_trim after each large job
+       brings the RSS back to its warm level (measured: 93 -> 57 MiB after 64-text NAT and AT-beam requests
+       on the demo model, warm 36-41 MiB) */
+    mallopt(M_ARENA_MAX, 1);
     srv_config cfg;
     memset(&cfg, 0, sizeof cfg);
     char err[1024] = {0};

@@ -299,7 +299,8 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
     obuf b = {0};
     ob_reserve(&b, 16384);
 
-    family(&b, "nzserve_requests_total", "counter", "Answered HTTP requests by route and status code (counted as the response is queued).");
+    family(&b, "nzserve_requests_total", "counter",
+           "Answered HTTP requests by route and status code (counted as the response is queued).");
     for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
         for (size_t s = 0; s < N_STATUS; s++) {
             if (!d->requests[r][s]) continue;
@@ -366,6 +367,9 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
               "Peak resident set size of the process in bytes.", g->resident_peak_bytes);
     gauge_u64(&b, "nzserve_mapped_resident_bytes", "gauge", "Resident bytes of memory-mapped model files.",
               g->mapped_resident_bytes);
+    gauge_u64(&b, "nzserve_allocator_free_bytes", "gauge",
+              "Bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
+              g->allocator_free_bytes);
 
     gauge_u64(&b, "nzserve_tiles_decoded_total", "counter", "Weight tiles decoded.", g->tiles_decoded_total);
     gauge_u64(&b, "nzserve_tile_cache_hits_total", "counter", "Tile cache lookups served from the cache.",

@@ -146,6 +146,9 @@ struct srv_server {
 
 #define SRV_BATCH_MAX  64 /* requests decoded together */
 #define SRV_BATCH_SCAN 64 /* queue entries looked at for batch mates */
+/* After a job, malloc's free memory beyond this goes back to the OS (nz_mem_trim): a large request's
+ * activations and KV caches must not keep the RSS at its peak (glibc keeps freed heap otherwise). */
+#define SRV_TRIM_FREE_BYTES (8u << 20)
 
 static void sleep_ms(int ms) {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
@@ -449,6 +452,7 @@ static void respond_metrics(srv_server *s, srv_req *r) {
     g.resident_bytes = mr.rss;
     g.resident_peak_bytes = mr.rss_peak;
     g.mapped_resident_bytes = mr.mapped_resident;
+    g.allocator_free_bytes = mr.allocator_free;
     g.tiles_decoded_total = cs.tiles_decoded + ut;
     g.tile_cache_hits_total = cs.hits;
     g.tile_cache_misses_total = cs.misses;
@@ -871,6 +875,8 @@ static void *worker_main(void *arg) {
             r0->t_start = nz_now_s();
             srv_metrics_queue_wait(s->metrics, r0->t_start - r0->t0);
             run_dialogue(w, r0);
+            nz_mem_trim(
+                SRV_TRIM_FREE_BYTES); /* before the response goes: what the client reads next is trimmed */
             stop_running(s, r0);
             finish(r0);
             continue;
@@ -896,6 +902,7 @@ static void *worker_main(void *arg) {
             srv_metrics_queue_wait(s->metrics, t - b.m[i]->t0);
         }
         run_translate(w, &b);
+        nz_mem_trim(SRV_TRIM_FREE_BYTES);
 
         for (size_t i = 0; i < b.n; i++) {
             if (!b.m[i]) continue; /* released early */

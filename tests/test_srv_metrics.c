@@ -30,6 +30,7 @@ static const char *const FAMILIES[][2] = {
     {"nzserve_resident_memory_bytes", "gauge"},
     {"nzserve_resident_memory_peak_bytes", "gauge"},
     {"nzserve_mapped_resident_bytes", "gauge"},
+    {"nzserve_allocator_free_bytes", "gauge"},
     {"nzserve_tiles_decoded_total", "counter"},
     {"nzserve_tile_cache_hits_total", "counter"},
     {"nzserve_tile_cache_misses_total", "counter"},

@@ -23,6 +23,7 @@ the access log, and that API keys never reach the log.
 import http.client
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -55,7 +56,7 @@ METRIC_NAMES = ["nzserve_requests_total", "nzserve_request_duration_seconds", "n
                 "nzserve_tile_cache_bytes", "nzserve_tile_cache_limit_bytes", "nzserve_kv_cache_bytes",
                 "nzserve_scratch_bytes", "nzserve_resident_memory_bytes", "nzserve_resident_memory_peak_bytes",
                 "nzserve_tiles_decoded_total", "nzserve_tile_cache_hits_total", "nzserve_tile_decode_seconds_total",
-                "nzserve_rejected_total"]
+                "nzserve_rejected_total", "nzserve_allocator_free_bytes"]
 
 
 def slow(max_length, **kw):
@@ -1043,3 +1044,27 @@ def test_cancel_within_a_pass(model_path):
         dt = time.monotonic() - t0
         assert dt < 0.2 + 0.6, f"exited {dt:.2f} s after SIGTERM with a 0.2 s grace"
         assert_error(joined(th, out), 503)
+
+
+def test_rss_returns_to_warm_level_after_large_jobs():
+    """After large jobs the RSS goes back to its warm level (one malloc arena, malloc_trim after each large
+    job) instead of keeping their peak: the demo model, warmed by a request of each kind on each worker,
+    then a mixed run of large NAT and AT-beam requests, two at a time."""
+    demo = pathlib.Path(U.REPO) / "models" / "demo" / "nat-ende.nzp"
+    src = [l.strip() for l in demo.with_name("nat-ende.sample.en").read_text().splitlines()][:32]
+    nat = {"texts": src, "decoder": "nat", "iterations": 1, "length_beam": 6}
+    at = {"texts": src, "decoder": "at", "beam_size": 6}
+    with Server(demo, config={"max_concurrent_requests": 2, "max_texts": 64}) as s:
+        s.wait_ready()
+        mem = s.get("/v1/memory").json()
+        if mem["allocator"] != "glibc":
+            pytest.skip("a sanitizer's allocator keeps freed memory (quarantine): RSS is checked with glibc malloc")
+        with ThreadPoolExecutor(2) as ex:  # warm: both workers have run a job of each kind
+            assert all(r.status == 200 for r in ex.map(s.translate, [nat, at, at, nat]))
+        warm = s.get("/v1/memory").json()["rss_bytes"]
+        with ThreadPoolExecutor(2) as ex:
+            rs = list(ex.map(s.translate, [nat, at, at, nat, nat, nat]))
+        assert all(r.status == 200 for r in rs)
+        mem = s.get("/v1/memory").json()
+        assert mem["rss_peak_bytes"] > 1.3 * warm  # the jobs did need memory
+        assert mem["rss_bytes"] <= 1.15 * warm, (mem["rss_bytes"] >> 20, warm >> 20, mem["rss_peak_bytes"] >> 20)
