@@ -55,15 +55,18 @@ typedef struct srv_config {
     size_t tile_cache_bytes, max_body_bytes;
     int max_input_tokens, max_texts, max_new_tokens, max_concurrent_requests, queue_length;
     int request_timeout_ms, connection_timeout_s, shutdown_grace_ms;
-    char **api_keys; /* api_keys plus the keys read from api_key_file */
+    int max_connections;            /* open connections in all (libmicrohttpd's limit) */
+    int max_connections_per_client; /* open connections from one IP address (0: no limit) */
+    char **api_keys;                /* api_keys plus the keys read from api_key_file */
     size_t n_api_keys;
     char *api_key_file; /* "" when unset; resolved as described above */
     srv_log_level log_level;
     srv_log_format log_format;
-    int metrics;       /* 0 or 1 */
-    int verify_on_load; /* 0 or 1: every tile's checksum checked while loading (a damaged model is not ready) */
-    char *config_path; /* the file that was read, or NULL */
-    int health_check;  /* 1: --health-check was given (probe a running server; no model is required) */
+    int metrics;        /* 0 or 1 */
+    int verify_on_load; /* 0 or 1: every tile's checksum checked while loading (a damaged model is not ready)
+                         */
+    char *config_path;  /* the file that was read, or NULL */
+    int health_check;   /* 1: --health-check was given (probe a running server; no model is required) */
 } srv_config;
 
 /** Return codes of srv_config_load. */

@@ -1068,3 +1068,43 @@ def test_rss_returns_to_warm_level_after_large_jobs():
         mem = s.get("/v1/memory").json()
         assert mem["rss_peak_bytes"] > 1.3 * warm  # the jobs did need memory
         assert mem["rss_bytes"] <= 1.15 * warm, (mem["rss_bytes"] >> 20, warm >> 20, mem["rss_peak_bytes"] >> 20)
+
+
+def test_connection_flood_from_one_client(model_path):
+    """Thousands of idle sockets from one address (a slowloris client) take at most
+    max_connections_per_client of the server: /health and a translation from another loopback address
+    are answered at once."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = 4500
+    if soft < n + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 200), hard))
+        n = min(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200)
+    socks = []
+    with Server(model_path, config={"max_connections_per_client": 16, "connection_timeout_s": 60}) as s:
+        s.wait_ready()
+        try:
+            for _ in range(n):
+                k = socket.socket()
+                k.setblocking(False)
+                k.connect_ex((U.HOST, s.port))
+                socks.append(k)
+            time.sleep(0.3)  # the server accepts (and drops what is beyond the per-client limit)
+
+            def from_other_address(method, path, body=None):
+                c = http.client.HTTPConnection(U.HOST, s.port, timeout=5, source_address=("127.0.0.2", 0))
+                t0 = time.monotonic()
+                c.request(method, path, body=json.dumps(body) if body else None,
+                          headers={"Content-Type": "application/json"} if body else {})
+                r = c.getresponse()
+                out = (r.status, r.read(), time.monotonic() - t0)
+                c.close()
+                return out
+            st, _, dt = from_other_address("GET", "/health")
+            assert st == 200 and dt < 0.1, (st, dt)
+            st, b, _ = from_other_address("POST", "/v1/translate", {"text": LINES[0]})
+            assert st == 200 and json.loads(b)["translations"][0]["text"], b
+        finally:
+            for k in socks:
+                k.close()
+        assert s.get("/health").status == 200  # and the flooding address is served again
