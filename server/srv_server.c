@@ -76,8 +76,7 @@ typedef struct srv_req {
     int retry_after;   /* seconds, 0: no header */
     int close;         /* Connection: close */
     srv_translate_req tr;
-    int32_t *
-        *ids; /* [tr.n] translate: each text's source ids, tokenized once when validated (NZ_MEM_OTHER) */
+    int32_t **ids;      /* [tr.n] translate: each text's ids, tokenized once when validated (NZ_MEM_OTHER) */
     size_t *n_ids;      /* [tr.n] their lengths; dialogue: ids[0] / n_ids[0] are the encoded context */
     size_t n_ids_alloc; /* entries of ids / n_ids */
     nz_tr_opts topts;   /* translate: the model's defaults with the request's choices applied */
