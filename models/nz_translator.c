@@ -189,6 +189,15 @@ static void take_hyp(const nz_translator *t, nz_nat_hyp *h, int detok, nz_tr_res
     }
 }
 
+/* A batch-wide failure rc (message in err) becomes the result of every text that has no error of its own. */
+static void fail_all(nz_tr_result *res, size_t n, int rc, const nz_error *err) {
+    for (size_t i = 0; i < n; i++)
+        if (!res[i].rc) {
+            res[i].rc = rc;
+            res[i].err = err ? *err : (nz_error){rc, "batch failed"};
+        }
+}
+
 /* Decode the texts whose ids[i] is set (a NULL entry's result already holds its error) as one batch. ids are
  * read only while the source matrix is built, before the decoder's first stop check. */
 static int run_batch(nz_matmul_ctx *mc, const nz_translator *t, const int32_t *const *ids, const size_t *len,
@@ -237,12 +246,7 @@ static int run_batch(nz_matmul_ctx *mc, const nz_translator *t, const int32_t *c
         take_hyp(t, &hyps[b], detok, &res[live[b]]);
     }
 done:
-    if (rc)
-        for (size_t i = 0; i < n; i++)
-            if (!res[i].rc) {
-                res[i].rc = rc;
-                res[i].err = err ? *err : (nz_error){rc, "batch failed"};
-            }
+    if (rc) fail_all(res, n, rc, err);
     if (hyps) nz_nat_hyps_free(hyps, B);
     nz_free(live);
     nz_free(hyps);
@@ -256,9 +260,13 @@ int nz_translator_run_ids(nz_matmul_ctx *mc, const nz_translator *t, const int32
     memset(res, 0, n * sizeof *res);
     if (!n) return NZ_OK;
     for (size_t i = 0; i < n; i++)
-        if (!ids[i] || lens[i] < 2)
-            return nz_fail(err, NZ_E_INVALID_ARG, "translate: source %zu has %zu ids (at least bos and eos)",
-                           i, ids[i] ? lens[i] : 0);
+        if (!ids[i] || lens[i] < 2) {
+            int rc =
+                nz_fail(err, NZ_E_INVALID_ARG, "translate: source %zu has %zu ids (at least bos and eos)", i,
+                        ids[i] ? lens[i] : 0);
+            fail_all(res, n, rc, err);
+            return rc;
+        }
     return run_batch(mc, t, ids, lens, n, o, detok, res, err);
 }
 
@@ -271,10 +279,7 @@ int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *con
     int rc = NZ_OK;
     if (!ids || !len) {
         rc = nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
-        for (size_t i = 0; i < n; i++) {
-            res[i].rc = rc;
-            res[i].err = err ? *err : (nz_error){rc, "out of memory"};
-        }
+        fail_all(res, n, rc, err);
     } else {
         /* tokenize; a text that fails keeps its error and stays out of the batch */
         for (size_t i = 0; i < n; i++) {

@@ -158,7 +158,7 @@ int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *con
  *  limits hands its ids on instead of the texts: each text is tokenized
  *  once). ids are read only before the stop hook is first called.
  *  @return as nz_translator_run; NZ_E_INVALID_ARG for a NULL or too short
- *          source (nothing decoded). */
+ *          source (nothing decoded; copied into every res[i]). */
 int nz_translator_run_ids(nz_matmul_ctx *mc, const nz_translator *t, const int32_t *const *ids,
                           const size_t *lens, size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res,
                           nz_error *err);
