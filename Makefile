@@ -40,7 +40,9 @@ MODELS_LIB := $(BUILD)/libnzmodels.a
 
 # the HTTP server (server/*.c except main.c) and its binary
 SERVER_SRC := $(filter-out server/main.c,$(wildcard server/*.c))
-SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/%.o)
+# the web playground's files, embedded at build time (server/srv_ui.h)
+UI_FILES := $(sort $(filter-out server/ui/embed.sh,$(wildcard server/ui/*)))
+SERVER_OBJ := $(SERVER_SRC:%.c=$(BUILD)/%.o) $(BUILD)/server/srv_ui_assets.o
 SERVER_LIB := $(BUILD)/libnzserver.a
 SERVER_LDLIBS := -lmicrohttpd
 NZSERVE  := $(BUILD)/nzserve
@@ -78,6 +80,13 @@ $(BUILD)/%.o: %.cc $(wildcard engine/*.h models/*.h)
 $(MODELS_LIB): $(MODELS_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
+
+$(BUILD)/server/srv_ui_assets.c: $(UI_FILES) server/ui/embed.sh
+	@mkdir -p $(dir $@)
+	sh server/ui/embed.sh $@ $(UI_FILES)
+
+$(BUILD)/server/srv_ui_assets.o: $(BUILD)/server/srv_ui_assets.c server/srv_ui.h
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(SERVER_LIB): $(SERVER_OBJ)
 	@rm -f $@

@@ -77,6 +77,7 @@ static const setting SETTINGS[] = {
     {"log_level", K_LEVEL, 0, 0, 0},
     {"log_format", K_FORMAT, 0, 0, 0},
     S_BOOL(metrics),
+    S_BOOL(ui),
     S_BOOL(verify_on_load),
 };
 #define N_SETTINGS (sizeof SETTINGS / sizeof SETTINGS[0])
@@ -798,6 +799,7 @@ int srv_config_init(srv_config *c) {
     c->log_level = SRV_LOG_INFO;
     c->log_format = SRV_LOG_LOGFMT;
     c->metrics = 1;
+    c->ui = 1;
     c->verify_on_load = 1;
     return c->host && c->api_key_file ? 0 : -1;
 }
@@ -998,6 +1000,7 @@ const char *srv_config_usage(void) {
            "  --log-level LEVEL                debug, info, warn or error (info)\n"
            "  --log-format FORMAT              logfmt or json (logfmt)\n"
            "  --metrics BOOL                   enable metrics: true/false/1/0/yes/no/on/off (true)\n"
+           "  --ui BOOL                        serve the web playground at / (true)\n"
            "  --verify-on-load BOOL            check every weight tile's checksum while loading (true)\n"
            "  --health-check                   probe a running server instead of starting one: GET /health\n"
            "                                   on the configured host and port (127.0.0.1 or ::1 for a\n"

@@ -63,6 +63,7 @@ typedef struct srv_config {
     srv_log_level log_level;
     srv_log_format log_format;
     int metrics;        /* 0 or 1 */
+    int ui;             /* 0 or 1: the web playground at GET / */
     int verify_on_load; /* 0 or 1: every tile's checksum checked while loading (a damaged model is not ready)
                          */
     char *config_path;  /* the file that was read, or NULL */

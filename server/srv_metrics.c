@@ -23,7 +23,7 @@ static const double BUCKETS[N_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
                                           0.25,  0.5,    1,     2.5,  5,     10,   30};
 
 static const char *const ROUTE_LABELS[SRV_ROUTE_COUNT] = {
-    "/v1/translate", "/v1/dialogue", "/health", "/ready", "/v1/models", "/v1/memory", "/metrics", "other"};
+    "/v1/translate", "/v1/dialogue", "/health", "/ready", "/v1/models", "/v1/memory", "/metrics", "/ui", "other"};
 
 static const char *const REASONS[] = {"queue_full", "body_too_large", "unauthorized", "deadline", "cancelled",
                                       "shutdown",   "not_ready",      "bad_request",  "other"};
@@ -57,6 +57,7 @@ const char *srv_route_label(srv_route r) {
 srv_route srv_route_from_path(const char *path) {
     if (!path) return SRV_ROUTE_OTHER;
     size_t n = strcspn(path, "?");
+    if ((n == 1 && path[0] == '/') || !strncmp(path, "/ui/", 4)) return SRV_ROUTE_UI;
     for (int r = 0; r < SRV_ROUTE_OTHER; r++)
         if (strlen(ROUTE_LABELS[r]) == n && !memcmp(path, ROUTE_LABELS[r], n)) return (srv_route)r;
     return SRV_ROUTE_OTHER;

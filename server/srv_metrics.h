@@ -46,17 +46,20 @@ typedef enum {
     SRV_ROUTE_MODELS,
     SRV_ROUTE_MEMORY,
     SRV_ROUTE_METRICS,
+    SRV_ROUTE_UI,
     SRV_ROUTE_OTHER,
     SRV_ROUTE_COUNT
 } srv_route;
 
 /** @return the route's label: "/v1/translate", "/v1/dialogue", "/health",
- *  "/ready", "/v1/models", "/v1/memory", "/metrics", or "other" (also for
- *  out-of-range values). */
+ *  "/ready", "/v1/models", "/v1/memory", "/metrics", "/ui" (the playground:
+ *  "/" and every path under "/ui/"), or "other" (also for out-of-range
+ *  values). */
 const char *srv_route_label(srv_route r);
 
 /** Map a request path (a query string after '?' is ignored) to its route.
- *  @return the route whose label equals the path, else SRV_ROUTE_OTHER. */
+ *  @return the route whose label equals the path, SRV_ROUTE_UI for "/" and
+ *  "/ui/...", else SRV_ROUTE_OTHER. */
 srv_route srv_route_from_path(const char *path);
 
 typedef struct srv_metrics srv_metrics;

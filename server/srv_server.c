@@ -1,6 +1,7 @@
 /* srv_server — see srv_server.h. */
 #include "srv_server.h"
 #include "srv_text.h"
+#include "srv_ui.h"
 
 #include "srv_api.h"
 #include "srv_log.h"
@@ -73,6 +74,7 @@ typedef struct srv_req {
     char *resp; /* response body (nz_malloc'd) */
     size_t resp_len;
     const char *allow; /* Allow header for 405 */
+    const srv_ui_asset *asset; /* a playground file to answer with (static, instead of resp) */
     int retry_after;   /* seconds, 0: no header */
     int close;         /* Connection: close */
     srv_translate_req tr;
@@ -1181,7 +1183,8 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
         respond_fail(r, 503, "the server is shutting down");
         return;
     }
-    if (r->route == SRV_ROUTE_OTHER || (r->route == SRV_ROUTE_METRICS && !cfg->metrics)) {
+    if (r->route == SRV_ROUTE_OTHER || (r->route == SRV_ROUTE_METRICS && !cfg->metrics) ||
+        (r->route == SRV_ROUTE_UI && (!cfg->ui || !srv_ui_find(r->path)))) {
         respond_fail(r, 404, "no route %.80s %.80s", method, r->path);
         return;
     }
@@ -1190,9 +1193,10 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
         respond_fail(r, 405, "%s does not accept %.20s (allowed: %s)", r->path, method, r->allow);
         return;
     }
-    /* probes and the scraper need no key; the API routes (inference, models, memory) do */
-    int open_route =
-        r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY || r->route == SRV_ROUTE_METRICS;
+    /* probes, the scraper and the playground's files need no key; the API routes (inference, models,
+     * memory) do */
+    int open_route = r->route == SRV_ROUTE_HEALTH || r->route == SRV_ROUTE_READY ||
+                     r->route == SRV_ROUTE_METRICS || r->route == SRV_ROUTE_UI;
     if (cfg->n_api_keys && !open_route) {
         size_t klen;
         const char *key =
@@ -1258,6 +1262,11 @@ static void final_call(srv_server *s, srv_req *r) {
     case SRV_ROUTE_METRICS:
         respond_metrics(s, r);
         return;
+    case SRV_ROUTE_UI:
+        r->asset = srv_ui_find(r->path);
+        r->status = 200;
+        r->responded = 1;
+        return;
     default:
         break;
     }
@@ -1272,15 +1281,33 @@ static void final_call(srv_server *s, srv_req *r) {
         submit_translate(s, r); /* queued: suspended */
 }
 
-static enum MHD_Result queue_response(struct MHD_Connection *c, srv_req *r) {
+/* A playground file (static bytes; only its own origin's scripts, styles and API calls allowed). */
+static struct MHD_Response *asset_response(const srv_ui_asset *a) {
     struct MHD_Response *resp =
-        MHD_create_response_from_buffer_with_free_callback(r->resp_len, r->resp, nz_free);
-    if (!resp) return MHD_NO;
-    r->resp = NULL; /* the response owns it now */
-    int metrics = r->route == SRV_ROUTE_METRICS && r->status == 200;
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
-                            metrics ? "text/plain; version=0.0.4; charset=utf-8" : "application/json");
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+        MHD_create_response_from_buffer(a->len, (void *)(uintptr_t)a->data, MHD_RESPMEM_PERSISTENT);
+    if (!resp) return NULL;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, a->content_type);
+    MHD_add_response_header(resp, "Content-Security-Policy", SRV_UI_CSP);
+    MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
+    MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    return resp;
+}
+
+static enum MHD_Result queue_response(struct MHD_Connection *c, srv_req *r) {
+    struct MHD_Response *resp;
+    if (r->asset) {
+        resp = asset_response(r->asset);
+        if (!resp) return MHD_NO;
+    } else {
+        resp = MHD_create_response_from_buffer_with_free_callback(r->resp_len, r->resp, nz_free);
+        if (!resp) return MHD_NO;
+        r->resp = NULL; /* the response owns it now */
+        int metrics = r->route == SRV_ROUTE_METRICS && r->status == 200;
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                                metrics ? "text/plain; version=0.0.4; charset=utf-8" : "application/json");
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    }
     if (r->allow) MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow);
     if (r->retry_after) {
         char v[16];
