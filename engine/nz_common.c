@@ -1,4 +1,5 @@
 #include "nz_common.h"
+#include "nz_guard.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -116,6 +117,7 @@ int nz_map_file(const char *path, const uint8_t **map, size_t *len, nz_error *er
         else {
             *map = p;
             *len = (size_t)st.st_size;
+            nz_guard_register(p, *len, path, NULL); /* no free slot: unguarded, as before */
         }
     }
     close(fd);
@@ -123,5 +125,7 @@ int nz_map_file(const char *path, const uint8_t **map, size_t *len, nz_error *er
 }
 
 void nz_unmap_file(const uint8_t *map, size_t len) {
-    if (map && len) munmap((void *)map, len);
+    if (!map || !len) return;
+    nz_guard_unregister(map);
+    munmap((void *)map, len);
 }

@@ -1,5 +1,6 @@
 /* .nzp container: loader and writer. See nz_container.h for the layout. */
 #include "nz_container.h"
+#include "nz_guard.h"
 #include "nz_hash.h"
 
 #include "nz_alloc.h"
@@ -492,12 +493,24 @@ long nz_model_find(const nz_model *m, const char *name) {
     return -1;
 }
 
+/* *h = nz_hash(p, n) of mapped bytes. @return NZ_OK, or NZ_E_IO when the file changed under us. */
+static int mapped_hash(const uint8_t *p, size_t n, uint64_t *h, nz_error *err) {
+    volatile int rc = NZ_OK; /* set again after a fault's jump */
+    NZ_MAPPED(rc, err, *h = nz_hash(p, n));
+    return rc;
+}
+
 int nz_model_blob(const nz_model *m, const char *name, const uint8_t **data, size_t *size, nz_error *err) {
     for (size_t i = 0; i < m->nb; i++) {
         if (strcmp(m->b[i].name, name)) continue;
         const uint8_t *p = m->data + m->b[i].offset;
-        if (nz_hash(p, m->b[i].size) != m->b[i].hash)
-            return nz_fail(err, NZ_E_CHECKSUM, "blob '%s': checksum mismatch", name);
+        uint64_t h = 0;
+        int rc = mapped_hash(p, m->b[i].size, &h, err);
+        if (rc) {
+            nz_fail_prefix(err, "blob '%s'", name);
+            return rc;
+        }
+        if (h != m->b[i].hash) return nz_fail(err, NZ_E_CHECKSUM, "blob '%s': checksum mismatch", name);
         *data = p;
         *size = m->b[i].size;
         return NZ_OK;
@@ -515,7 +528,13 @@ int nz_model_tile(const nz_model *m, size_t ti, uint64_t t, const uint8_t **data
                        x->ntiles);
     const nz_tile_ref *r = &x->tiles[t];
     const uint8_t *p = m->data + r->offset;
-    if (nz_hash(p, r->size) != r->hash)
+    uint64_t h = 0;
+    int rc = mapped_hash(p, r->size, &h, err);
+    if (rc) {
+        nz_fail_prefix(err, "tensor '%s' tile %" PRIu64, x->name, t);
+        return rc;
+    }
+    if (h != r->hash)
         return nz_fail(err, NZ_E_CHECKSUM, "tensor '%s' tile %" PRIu64 ": checksum mismatch", x->name, t);
     *data = p;
     *size = r->size;
@@ -551,6 +570,8 @@ int nz_model_verify_tiles(const nz_model *m, nz_error *err) {
     return NZ_OK;
 }
 
+int nz_model_faulted(const nz_model *m) { return m && m->map && nz_guard_faulted(m->map); }
+
 void nz_model_set_verify(nz_model *m, nz_verify_policy p) {
     if (m) atomic_store(&m->verify, (int)p);
 }
@@ -562,8 +583,9 @@ static int decode(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t, void *o
     int rc = nz_model_tile(m, ti, t, &p, &n, err);
     if (rc) return rc;
     const nz_tensor *x = &m->t[ti];
-    rc = native ? nz_tile_decode_native(dc, &x->desc, t, p, n, out, err)
-                : nz_tile_decode_f32(dc, &x->desc, t, p, n, out, err);
+    NZ_MAPPED(rc, err,
+              rc = native ? nz_tile_decode_native(dc, &x->desc, t, p, n, out, err)
+                          : nz_tile_decode_f32(dc, &x->desc, t, p, n, out, err));
     if (rc) nz_fail_prefix(err, "tensor '%s' tile %" PRIu64, x->name, t);
     return rc;
 }
@@ -576,21 +598,25 @@ int nz_model_decode_native(const nz_model *m, nz_dctx *dc, size_t ti, uint64_t t
     return decode(m, dc, ti, t, out, 1, err);
 }
 
+/* The bytes between the n sorted regions r must be zero. */
+static int padding_scan(const nz_model *m, const region *r, size_t n, nz_error *err) {
+    uint64_t pos = 0;
+    for (size_t i = 0; i <= n; i++) {
+        uint64_t stop = i < n ? r[i].off : m->data_size;
+        for (; pos < stop; pos++)
+            if (m->data[pos])
+                return nz_fail(err, NZ_E_FORMAT, "padding byte at data offset %" PRIu64 " is not zero", pos);
+        if (i < n && r[i].end > pos) pos = r[i].end;
+    }
+    return NZ_OK;
+}
+
 int nz_model_check_padding(const nz_model *m, nz_error *err) {
     size_t n;
     region *r = sorted_regions(m, &n);
     if (!r) return nz_fail(err, NZ_E_NOMEM, "out of memory");
-    uint64_t pos = 0;
     int rc = NZ_OK;
-    for (size_t i = 0; i <= n && !rc; i++) {
-        uint64_t stop = i < n ? r[i].off : m->data_size;
-        for (; pos < stop; pos++)
-            if (m->data[pos]) {
-                rc = nz_fail(err, NZ_E_FORMAT, "padding byte at data offset %" PRIu64 " is not zero", pos);
-                break;
-            }
-        if (i < n && r[i].end > pos) pos = r[i].end;
-    }
+    NZ_MAPPED(rc, err, rc = padding_scan(m, r, n, err));
     nz_free(r);
     return rc;
 }

@@ -164,6 +164,12 @@ int nz_model_tile_once(const nz_model *m, size_t ti, uint64_t t, const uint8_t *
  *  @return NZ_OK, or the first damaged tile's error (tensor and tile named). */
 int nz_model_verify_tiles(const nz_model *m, nz_error *err);
 
+/** @return 1 when a read of m's mapped file faulted (the file was truncated
+ *  or rewritten in place under the process: every read that touches the
+ *  lost pages fails with NZ_E_IO, see nz_guard.h), else 0 (also for a model
+ *  loaded from a buffer). */
+int nz_model_faulted(const nz_model *m);
+
 /** Set m's nz_model_tile_once policy (default NZ_VERIFY_ONCE, or
  *  NZ_VERIFY_ALWAYS when the environment has NZ_VERIFY=always at load).
  *  Accepts NULL. */

@@ -1,5 +1,6 @@
 /* Lazy tile matmul: see nz_weight.h. */
 #include "nz_weight.h"
+#include "nz_guard.h"
 
 #include "nz_alloc.h"
 
@@ -66,6 +67,29 @@ static int host_le(void) {
     return *(const uint8_t *)&one == 1;
 }
 
+/* The uncached tile at p[0..len) (already checked) times x, into y's columns of the tile. */
+static int tile_uncached(nz_dctx *dc, float *scratch, const nz_weight *w, uint64_t tile, const uint8_t *p,
+                         size_t len, const float *x, size_t M, float *y, nz_error *err) {
+    const nz_tensor_desc *d = &w->t->desc;
+    const int K = (int)w->k, N = (int)w->n;
+    const int r0 = (int)(tile * d->tile_rows);
+    const int nr = (int)nz_desc_tile_nrows(d, tile);
+    int rc = NZ_OK;
+    uint64_t t0 = nz_now_ns();
+    if (fused(NULL, w, M)) {
+        rc = nz_tile_gemm_f32(dc, d, tile, p, len, x, M, y + r0, (size_t)N, err);
+        count_uncached(t0);
+    } else if (d->coder == NZ_CODER_NONE && d->dtype == NZ_DT_F32 && host_le() && (uintptr_t)p % 4 == 0 &&
+               len == (size_t)nr * (size_t)K * 4) {
+        tile_gemm((const float *)(const void *)p, nr, K, N, x, M, y + r0);
+    } else {
+        rc = nz_tile_decode_f32(dc, d, tile, p, len, scratch, err);
+        count_uncached(t0);
+        if (!rc) tile_gemm(scratch, nr, K, N, x, M, y + r0);
+    }
+    return rc;
+}
+
 /* One tile of y = x W^T, writing columns r0 .. r0+nr of y. With a cache
  * (budget > 0) the tile comes from nz_cache_get. Without: the tile's bytes
  * come from nz_model_tile_once (checksum on first use), then
@@ -93,19 +117,8 @@ static int matmul_tile(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const 
     size_t len;
     int rc = nz_model_tile_once(w->model, w->index, tile, &p, &len, err);
     if (rc) return rc;
-    if (fused(cache, w, M)) {
-        uint64_t t0 = nz_now_ns();
-        rc = nz_tile_gemm_f32(dc, d, tile, p, len, x, M, y + r0, (size_t)N, err);
-        count_uncached(t0);
-    } else if (d->coder == NZ_CODER_NONE && d->dtype == NZ_DT_F32 && host_le() && (uintptr_t)p % 4 == 0 &&
-               len == (size_t)nr * (size_t)K * 4) {
-        tile_gemm((const float *)(const void *)p, nr, K, N, x, M, y + r0);
-    } else {
-        uint64_t t0 = nz_now_ns();
-        rc = nz_tile_decode_f32(dc, d, tile, p, len, scratch, err);
-        count_uncached(t0);
-        if (!rc) tile_gemm(scratch, nr, K, N, x, M, y + r0);
-    }
+    /* the tile's bytes are read from the mapped file: a file changed under us fails here (nz_guard.h) */
+    NZ_MAPPED(rc, err, rc = tile_uncached(dc, scratch, w, tile, p, len, x, M, y, err));
     if (rc) nz_fail_prefix(err, "tensor '%s' tile %llu", t->name, (unsigned long long)tile);
     return rc;
 }

@@ -49,6 +49,7 @@ typedef struct srv_model {
     size_t max_source_positions; /* translate: longest source incl. bos/eos */
     size_t num_modes;            /* dialogue: K decoders */
     const char *variant;         /* dialogue: "adapter", "transformer" or "none" (plain T5) */
+    atomic_int lost;             /* its file changed under the server (a read faulted): not served any more */
 } srv_model;
 
 enum { RQ_READ = 0, RQ_QUEUED, RQ_RUNNING, RQ_DONE };
@@ -275,6 +276,24 @@ static srv_model *find_model(srv_server *s, const char *name, srv_task task) {
     return NULL;
 }
 
+/* The container of a loaded model. */
+static const nz_model *model_container(const srv_model *m) {
+    return m->tr ? nz_translator_model(m->tr) : m->dlg ? nz_dialogue_model(m->dlg) : NULL;
+}
+
+/* A job of model m failed with e: log it; when a read of its file faulted (the file was truncated or
+ * rewritten in place), the model is lost: logged once, /ready answers 503 and its requests 503.
+ * @return the status to answer: 503 for a lost model, else 500. */
+static int job_failed(srv_model *m, const nz_error *e) {
+    srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, m->cfg->name, "error", SRV_KV_STR, e->msg,
+            NULL);
+    if (!nz_model_faulted(model_container(m))) return 500;
+    if (!atomic_exchange(&m->lost, 1))
+        srv_log(SRV_LOG_ERROR, "model_file_changed", "model", SRV_KV_STR, m->cfg->name, "path", SRV_KV_STR,
+                m->cfg->path, "action", SRV_KV_STR, "not served until the server restarts", NULL);
+    return 503;
+}
+
 /* ------------------------------------------------------------------ responses */
 
 /* Decide the response of r: status and a body (nz_malloc'd via jansson or ours). */
@@ -360,8 +379,9 @@ static json_t *models_json(srv_server *s) {
     for (size_t i = 0; i < s->n_models; i++) {
         srv_model *m = &s->models[i];
         int loaded = ready || m->tr || m->dlg; /* the loader fills models in order */
-        json_t *o = json_pack("{s:s, s:s, s:s, s:b}", "name", m->cfg->name, "task",
-                              srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded", loaded && ready);
+        json_t *o = json_pack("{s:s, s:s, s:s, s:b, s:b}", "name", m->cfg->name, "task",
+                              srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded", loaded && ready,
+                              "available", loaded && ready && !atomic_load(&m->lost));
         if (ready) {
             json_object_set_new(o, "architecture", json_string(m->architecture));
             json_object_set_new(o, "weight_mode", json_string(m->mode));
@@ -694,9 +714,7 @@ static void run_translate(srv_worker *w, srv_batch *b) {
         }
     nz_error e = {0};
     int rc = nz_translator_run_ids(w->mc, model->tr, ids, lens, total, &o, 1, res, &e);
-    if (rc && rc != NZ_E_CANCELLED)
-        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, model->cfg->name, "error", SRV_KV_STR,
-                e.msg, NULL);
+    int fail_status = rc && rc != NZ_E_CANCELLED ? job_failed(model, &e) : 500;
     for (size_t i = 0, k = 0; i < b->n; k += cnt[i], i++) {
         srv_req *r = b->m[i];
         if (!r) continue; /* released early */
@@ -705,7 +723,7 @@ static void run_translate(srv_worker *w, srv_batch *b) {
         if (reason || rc == NZ_E_CANCELLED)
             respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
         else if (rc)
-            respond_fail(r, 500, "translation failed: %s", e.msg);
+            respond_fail(r, fail_status, "translation failed: %s", e.msg);
         else
             respond_translations(r, res + k);
     }
@@ -789,9 +807,7 @@ static void run_dialogue(srv_worker *w, srv_req *r) {
     } else if (rc == NZ_E_RANGE || rc == NZ_E_INVALID_ARG) {
         respond_fail(r, 422, "%s", e.msg);
     } else if (rc) {
-        srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, r->model->cfg->name, "error",
-                SRV_KV_STR, e.msg, NULL);
-        respond_fail(r, 500, "dialogue failed: %s", e.msg);
+        respond_fail(r, job_failed(r->model, &e), "dialogue failed: %s", e.msg);
     } else {
         respond_dialogue(r, &res);
     }
@@ -959,6 +975,31 @@ static void *reaper_main(void *arg) {
 
 static int enqueue(srv_server *s, srv_req *r);
 
+/* The model a request names (or the first of its task): NULL after answering 404 (none), 422 (another
+ * task) or 503 (its file changed under the server). */
+static srv_model *resolve_model(srv_server *s, srv_req *r, const char *name, srv_task task) {
+    srv_model *m = find_model(s, name, task);
+    if (!m) {
+        if (name)
+            respond_fail(r, 404, "model '%.100s' not found", name);
+        else
+            respond_fail(r, 404, "no %s model is configured", task == SRV_TASK_DIALOGUE ? "dialogue" : "translation");
+        return NULL;
+    }
+    if (m->cfg->task != task) {
+        respond_fail(r, 422, "model '%s' serves %s, not %s", m->cfg->name, srv_task_name(m->cfg->task),
+                     srv_task_name(task));
+        return NULL;
+    }
+    if (atomic_load(&m->lost)) {
+        respond_fail(r, 503, "model '%s' is unavailable: its file %s changed under the server; restart it (replace "
+                     "model files by renaming a new file over the old one)", m->cfg->name, m->cfg->path);
+        return NULL;
+    }
+    return m;
+}
+
+
 /* Validate a translate request against the model and the token limits and queue it.
  * @return 1 when queued (connection suspended), 0 when a response was decided. */
 /* r->topts = m's decoding defaults with r's choices applied (the output cap is max_new_tokens unless
@@ -1042,19 +1083,8 @@ static int submit_translate(srv_server *s, srv_req *r) {
         respond_error(r, &e);
         return 0;
     }
-    srv_model *m = find_model(s, r->tr.model, SRV_TASK_TRANSLATE);
-    if (!m) {
-        if (r->tr.model)
-            respond_fail(r, 404, "model '%.100s' not found", r->tr.model);
-        else
-            respond_fail(r, 404, "no translation model is configured");
-        return 0;
-    }
-    if (m->cfg->task != SRV_TASK_TRANSLATE) {
-        respond_fail(r, 422, "model '%s' serves %s, not translate", m->cfg->name,
-                     srv_task_name(m->cfg->task));
-        return 0;
-    }
+    srv_model *m = resolve_model(s, r, r->tr.model, SRV_TASK_TRANSLATE);
+    if (!m) return 0;
     if (resolve_translate_opts(r, m, cfg->max_new_tokens)) return 0;
     r->model = m;
     size_t limit = (size_t)cfg->max_input_tokens;
@@ -1127,18 +1157,8 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
         return 0;
     }
     const srv_dialogue_req *q = &r->dr;
-    srv_model *m = find_model(s, q->model, SRV_TASK_DIALOGUE);
-    if (!m) {
-        if (q->model)
-            respond_fail(r, 404, "model '%.100s' not found", q->model);
-        else
-            respond_fail(r, 404, "no dialogue model is configured");
-        return 0;
-    }
-    if (m->cfg->task != SRV_TASK_DIALOGUE) {
-        respond_fail(r, 422, "model '%s' serves %s, not dialogue", m->cfg->name, srv_task_name(m->cfg->task));
-        return 0;
-    }
+    srv_model *m = resolve_model(s, r, q->model, SRV_TASK_DIALOGUE);
+    if (!m) return 0;
     r->model = m;
     if (resolve_dialogue_opts(r, m, cfg->max_new_tokens)) return 0;
     for (size_t j = 0; j < q->n_decoders; j++)
@@ -1170,6 +1190,13 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
 }
 
 /* ------------------------------------------------------------------ HTTP */
+
+/* @return the first model whose file changed under the server, or NULL. */
+static const srv_model *lost_model(srv_server *s) {
+    for (size_t i = 0; i < s->n_models; i++)
+        if (atomic_load(&s->models[i].lost)) return &s->models[i];
+    return NULL;
+}
 
 static int is_inference(srv_route r) { return r == SRV_ROUTE_TRANSLATE || r == SRV_ROUTE_DIALOGUE; }
 
@@ -1242,7 +1269,15 @@ static void final_call(srv_server *s, srv_req *r) {
         respond_json(r, 200, json_pack("{s:s}", "status", "ok"));
         return;
     case SRV_ROUTE_READY:
-        if (ready == 1) {
+        if (ready == 1 && lost_model(s)) {
+            const srv_model *m = lost_model(s);
+            char msg[400];
+            snprintf(msg, sizeof msg, "model '%s' is unavailable: its file %s changed under the server", m->cfg->name,
+                     m->cfg->path);
+            respond_json(r, 503,
+                         json_pack("{s:s, s:{s:i, s:s, s:s}}", "status", "degraded", "error", "code", 503, "type",
+                                   "not_ready", "message", msg));
+        } else if (ready == 1) {
             respond_json(r, 200, json_pack("{s:s}", "status", "ready"));
         } else {
             char msg[sizeof s->load_err + 32] = "models are loading";

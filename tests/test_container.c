@@ -423,6 +423,35 @@ static void test_memory_report(void **state) {
     unlink(path);
 }
 
+/* A served file truncated in place (SIGBUS on the mapping) fails the reads
+ * that touch it with NZ_E_IO naming the file, and the process lives on. */
+static void test_truncated_under_us(void **state) {
+    (void)state;
+    char path[] = "/tmp/nz_test_trunc_XXXXXX";
+    int fd = mkstemp(path);
+    assert_int_equal(write(fd, g_img, g_len), (ssize_t)g_len);
+    nz_model *m;
+    nz_error e = {0};
+    assert_int_equal(nz_model_open(path, &m, &e), NZ_OK);
+    nz_dctx *dc = nz_dctx_create();
+    float f[TILE_ROWS * W_COLS];
+    assert_int_equal(nz_model_decode_f32(m, dc, 0, 2, f, &e), NZ_OK);
+    assert_false(nz_model_faulted(m));
+    assert_int_equal(ftruncate(fd, 0), 0);
+    assert_int_equal(nz_model_decode_f32(m, dc, 0, 3, f, &e), NZ_E_IO);
+    assert_non_null(strstr(e.msg, path));
+    assert_non_null(strstr(e.msg, "changed under the running process"));
+    assert_non_null(strstr(e.msg, "tensor 'layer.w' tile 3"));
+    assert_true(nz_model_faulted(m));
+    /* every later read fails the same way; nothing else is affected */
+    uint64_t bad = 0;
+    assert_int_equal(nz_verify(m, NULL, NULL, &bad), NZ_E_IO);
+    nz_dctx_free(dc);
+    nz_model_free(m);
+    close(fd);
+    unlink(path);
+}
+
 static void test_memory_returns(void **state) {
     (void)state;
     size_t before = nz_mem_current(NZ_MEM_OTHER) + nz_mem_current(NZ_MEM_SCRATCH);
@@ -450,6 +479,7 @@ int main(void) {
         cmocka_unit_test(test_hash_matches_reference),
         cmocka_unit_test(test_memory_report),
         cmocka_unit_test(test_memory_returns),
+        cmocka_unit_test(test_truncated_under_us),
     };
     return cmocka_run_group_tests_name("container", tests, setup, teardown);
 }

@@ -23,6 +23,7 @@ the access log, and that API keys never reach the log.
 import http.client
 import json
 import os
+import shutil
 import pathlib
 import re
 import signal
@@ -1004,6 +1005,32 @@ def test_damaged_tile_refused_at_load(tmp_path, model_path):
         e = assert_error(s.translate({"texts": LINES[:2]}), 500, "internal_error")
         assert f"tensor '{name}'" in e["message"] and "checksum mismatch" in e["message"], e
         assert s.get("/health").status == 200
+
+
+def test_file_truncated_under_the_server(tmp_path, model_path):
+    """A served .nzp truncated in place (SIGBUS on its mapping) fails the requests that touch it with a
+    JSON 503 and a log line, /ready turns 503 naming the model, and the server keeps serving the other
+    model (nz_guard.h)."""
+    a, b = tmp_path / "a.nzp", tmp_path / "b.nzp"
+    shutil.copy(model_path, a)
+    shutil.copy(model_path, b)
+    models = [{"name": "a", "task": "translate", "path": str(a)}, {"name": "b", "task": "translate", "path": str(b)}]
+    with Server(models=models, config={"tile_cache_bytes": 0}) as s:
+        s.wait_ready()
+        assert s.translate({"texts": LINES[:2], "model": "a"}).status == 200
+        os.truncate(a, 4096)
+        e = assert_error(s.translate({"texts": LINES[:2], "model": "a"}), 503)
+        assert str(a) in e["message"] and "changed under" in e["message"], e
+        s.wait_log(r"event=model_file_changed .*model=a\b")
+        e = assert_error(s.translate({"texts": LINES[:2], "model": "a"}), 503)  # refused before it runs
+        assert "unavailable" in e["message"], e
+        r = s.get("/ready")
+        assert r.status == 503 and "'a'" in r.json()["error"]["message"], r.body
+        assert s.translate({"texts": LINES[:2], "model": "b"}).status == 200
+        avail = {m["name"]: m["available"] for m in s.get("/v1/models").json()["models"]}
+        assert avail == {"a": False, "b": True}
+        assert s.get("/health").status == 200
+        assert s.proc.poll() is None
 
 
 TILE_DELAY_US = 20000  # NZ_DEBUG_TILE_DELAY_US: one mask-predict pass of LINES takes about a second
