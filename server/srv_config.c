@@ -69,6 +69,7 @@ static const setting SETTINGS[] = {
     S_INT(queue_length, 0, 100000),
     S_INT(request_timeout_ms, 1, 3600000),
     S_INT(connection_timeout_s, 1, 3600),
+    S_INT(read_timeout_ms, 100, 3600000),
     S_INT(max_connections, 16, 1000000),
     S_INT(max_connections_per_client, 0, 1000000),
     S_INT(shutdown_grace_ms, 0, 3600000),
@@ -793,6 +794,7 @@ int srv_config_init(srv_config *c) {
     c->queue_length = 64;
     c->request_timeout_ms = 30000;
     c->connection_timeout_s = 30;
+    c->read_timeout_ms = 30000;
     c->max_connections = 4096;
     c->max_connections_per_client = 64;
     c->shutdown_grace_ms = 10000;
@@ -992,6 +994,8 @@ const char *srv_config_usage(void) {
            "  --queue-length N                 requests waiting beyond those, 0..100000 (64)\n"
            "  --request-timeout-ms N           deadline of a request from arrival (30000)\n"
            "  --connection-timeout-s N         connection timeout in seconds, 1..3600 (30)\n"
+           "  --read-timeout-ms N              deadline for a request's headers and body, from when the\n"
+           "                                   connection is ready to read it; bytes do not extend it (30000)\n"
            "  --max-connections N              open connections in all, 16..1000000 (4096)\n"
            "  --max-connections-per-client N   open connections from one IP address, 0 = no limit (64)\n"
            "  --shutdown-grace-ms N            time to finish requests at shutdown (10000)\n"

@@ -55,6 +55,7 @@ typedef struct srv_config {
     size_t tile_cache_bytes, max_body_bytes;
     int max_input_tokens, max_texts, max_new_tokens, max_concurrent_requests, queue_length;
     int request_timeout_ms, connection_timeout_s, shutdown_grace_ms;
+    int read_timeout_ms; /* a request's headers and body must arrive within it (srv_conn.h) */
     int max_connections;            /* open connections in all (libmicrohttpd's limit) */
     int max_connections_per_client; /* open connections from one IP address (0: no limit) */
     char **api_keys;                /* api_keys plus the keys read from api_key_file */

@@ -26,7 +26,7 @@ static const char *const ROUTE_LABELS[SRV_ROUTE_COUNT] = {
     "/v1/translate", "/v1/dialogue", "/health", "/ready", "/v1/models", "/v1/memory", "/metrics", "/ui", "other"};
 
 static const char *const REASONS[] = {"queue_full", "body_too_large", "unauthorized", "deadline", "cancelled",
-                                      "shutdown",   "not_ready",      "bad_request",  "other"};
+                                      "shutdown",   "not_ready",      "bad_request",  "read_timeout", "other"};
 #define N_REASONS    (sizeof REASONS / sizeof REASONS[0])
 #define REASON_OTHER (N_REASONS - 1)
 

@@ -4,6 +4,7 @@
 #include "srv_ui.h"
 
 #include "srv_api.h"
+#include "srv_conn.h"
 #include "srv_log.h"
 #include "srv_metrics.h"
 
@@ -122,6 +123,7 @@ struct srv_server {
     nz_tile_cache *cache; /* shared by every model */
     nz_pool *pool;        /* compute threads, shared by the workers */
     struct MHD_Daemon *mhd;
+    srv_conns *conns; /* read deadlines of the open connections */
     int port;
     double t_start;
 
@@ -966,6 +968,7 @@ static void *reaper_main(void *arg) {
         }
         cancel_stopped_jobs(s);
         pthread_mutex_unlock(&s->mu);
+        for (size_t n = srv_conns_sweep(s->conns, t); n; n--) srv_metrics_rejected(s->metrics, "read_timeout");
         sleep_ms(20);
         pthread_mutex_lock(&s->mu);
     }
@@ -1427,6 +1430,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         return MHD_YES;
     }
+    srv_conns_request_read(s->conns, c); /* headers and body are in: no read deadline until it is answered */
     if (r->state == RQ_QUEUED || r->state == RQ_RUNNING) return MHD_YES; /* not ours to answer yet */
     if (!r->responded) {
         final_call(s, r);
@@ -1475,9 +1479,9 @@ static void retire(srv_req *r, int term_ok) {
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe) {
+    srv_server *s = cls;
     srv_req *r = *con_cls;
-    (void)cls;
-    (void)c;
+    srv_conns_request_done(s->conns, c); /* the next request's read deadline starts now */
     if (!r) return;
     *con_cls = NULL;
     const int ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
@@ -1553,7 +1557,8 @@ int srv_server_start(const srv_config *cfg, srv_server **out, char *err, size_t 
     s->pool = nz_pool_create(cfg->worker_threads);
     s->nworkers = cfg->max_concurrent_requests;
     s->workers = nz_calloc((size_t)s->nworkers, sizeof *s->workers, NZ_MEM_OTHER);
-    if (!s->models || !s->metrics || !s->cache || !s->pool || !s->workers) {
+    s->conns = srv_conns_create(cfg->read_timeout_ms * 1e-3);
+    if (!s->models || !s->metrics || !s->cache || !s->pool || !s->workers || !s->conns) {
         snprintf(err, errlen, "out of memory (or cannot start the compute threads)");
         goto fail;
     }
@@ -1575,7 +1580,8 @@ int srv_server_start(const srv_config *cfg, srv_server **out, char *err, size_t 
         s, /* first, so every message goes through srv_log */
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_THREAD_POOL_SIZE,
         (unsigned)cfg->http_threads, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
-        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_LIMIT,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, srv_conns_notify, s->conns,
+        MHD_OPTION_CONNECTION_LIMIT,
         (unsigned)cfg->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
         (unsigned)cfg->max_connections_per_client, MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_END);
     if (!s->mhd) {
@@ -1682,6 +1688,7 @@ void srv_server_free(srv_server *s) {
     nz_pool_free(s->pool);
     nz_cache_free(s->cache);
     srv_metrics_free(s->metrics);
+    srv_conns_free(s->conns);
     pthread_cond_destroy(&s->cv);
     pthread_mutex_destroy(&s->mu);
     nz_free(s);

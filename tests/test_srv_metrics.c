@@ -325,7 +325,8 @@ static void expect_all_families(const char *text) {
 
 static void test_routes(void **state) {
     static const char *const want[SRV_ROUTE_COUNT] = {"/v1/translate", "/v1/dialogue", "/health",  "/ready",
-                                                      "/v1/models",    "/v1/memory",   "/metrics", "other"};
+                                                      "/v1/models",    "/v1/memory",   "/metrics", "/ui",
+                                                      "other"};
     for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
         assert_string_equal(srv_route_label((srv_route)r), want[r]);
         if (r != SRV_ROUTE_OTHER) assert_int_equal(srv_route_from_path(want[r]), r);
@@ -338,6 +339,11 @@ static void test_routes(void **state) {
     assert_int_equal(srv_route_from_path("other"), SRV_ROUTE_OTHER);
     assert_int_equal(srv_route_from_path(""), SRV_ROUTE_OTHER);
     assert_int_equal(srv_route_from_path(NULL), SRV_ROUTE_OTHER);
+    /* the playground: "/" and everything under "/ui/" */
+    assert_int_equal(srv_route_from_path("/"), SRV_ROUTE_UI);
+    assert_int_equal(srv_route_from_path("/?tab=chat"), SRV_ROUTE_UI);
+    assert_int_equal(srv_route_from_path("/ui/app.js"), SRV_ROUTE_UI);
+    assert_int_equal(srv_route_from_path("/uix"), SRV_ROUTE_OTHER);
 }
 
 static void test_empty(void **state) {

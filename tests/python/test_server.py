@@ -26,6 +26,7 @@ import os
 import shutil
 import pathlib
 import re
+import select
 import signal
 import socket
 import struct
@@ -1095,6 +1096,46 @@ def test_rss_returns_to_warm_level_after_large_jobs():
         mem = s.get("/v1/memory").json()
         assert mem["rss_peak_bytes"] > 1.3 * warm  # the jobs did need memory
         assert mem["rss_bytes"] <= 1.15 * warm, (mem["rss_bytes"] >> 20, warm >> 20, mem["rss_peak_bytes"] >> 20)
+
+
+def test_read_deadline_is_absolute(model_path):
+    """read_timeout_ms bounds the time to send a request's headers and body, however often bytes trickle
+    in (libmicrohttpd's connection timeout is an idle timeout, reset by every byte); a keep-alive client
+    that sends its next request in time is served, and the closures are counted."""
+
+    def trickle(first, then, s):
+        """Send first, then one byte of then every 50 ms; @return seconds until the server closed."""
+        k = socket.create_connection((U.HOST, s.port), timeout=5)
+        k.sendall(first)
+        t0 = time.monotonic()
+        try:
+            for i in range(80):  # 4 s at most
+                k.sendall(then[i % len(then):i % len(then) + 1])
+                r, _, _ = select.select([k], [], [], 0.05)
+                if r and not k.recv(4096):
+                    return time.monotonic() - t0
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - t0
+        finally:
+            k.close()
+        return None
+
+    with Server(model_path, config={"read_timeout_ms": 500, "connection_timeout_s": 60}) as s:
+        s.wait_ready()
+        dt = trickle(b"GET /health HTTP/1.1\r\nHost: x\r\n", b"X-Slow: aaaaaaaa\r\n", s)
+        assert dt is not None and dt < 1.2, f"headers trickled for {dt} s"
+        body = json.dumps({"text": LINES[0]}).encode()
+        head = b"POST /v1/translate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (len(body) + 200)
+        dt = trickle(head, b" ", s)
+        assert dt is not None and dt < 1.2, f"body trickled for {dt} s"
+        c = http.client.HTTPConnection(U.HOST, s.port, timeout=5)
+        for _ in range(3):  # keep-alive: each request in time, 0.3 s apart
+            c.request("GET", "/health")
+            r = c.getresponse()
+            assert r.status == 200 and r.read()
+            time.sleep(0.3)
+        c.close()
+        assert s.metric("nzserve_rejected_total", reason="read_timeout") >= 2
 
 
 def test_connection_flood_from_one_client(model_path):
