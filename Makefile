@@ -1,6 +1,7 @@
 # nzserve — build, test, benchmark, fuzz.
 #   make            build library, tools and tests (build/)
 #   make test       run the whole test suite (C unit tests + pytest)
+#   make test-ui    the web playground in headless Chromium (screenshots in build/ui-screens/)
 #   make asan       run the whole suite under ASan+UBSan (build-asan/)
 #   make valgrind   run the C tests, the CLI tests and a server session under valgrind memcheck
 #   make bench      benchmarks (not tests): codec ratios and speeds
@@ -55,7 +56,7 @@ TOK_CLI  := $(BUILD)/tok_cli
 NAT_RUNNER := $(BUILD)/nat_runner
 T5MD_RUNNER := $(BUILD)/t5md_runner
 
-.PHONY: all test ctest pytest asan valgrind bench bench-peers fuzz deps demo docker-test clean format loadtest capacity serve
+.PHONY: all test test-ui ctest pytest asan valgrind bench bench-peers fuzz deps demo docker-test clean format loadtest capacity serve
 all: $(ENGINE_LIB) $(MODELS_LIB) $(SERVER_LIB) $(NZP) $(NZSERVE) $(PARITY) $(TOK_CLI) $(NAT_RUNNER) $(T5MD_RUNNER) $(TEST_BIN)
 
 $(BUILD)/%.o: %.c $(wildcard engine/*.h models/*.h server/*.h)
@@ -126,6 +127,14 @@ $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h tests/fuzz/*.h) $(SERVER_LIB) $
 test: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
 	NZP=$(abspath $(NZP)) NZSERVE=$(abspath $(NZSERVE)) PARITY_RUNNER=$(abspath $(PARITY)) TOK_CLI=$(abspath $(TOK_CLI)) NAT_RUNNER=$(abspath $(NAT_RUNNER)) T5MD_RUNNER=$(abspath $(T5MD_RUNNER)) $(PYTHON) -m pytest -q tests/python
+
+# The web playground (server/ui/, GET /) in headless Chromium (Debian's chromium,
+# driven by npm's playwright-core, pinned in tests/ui/package-lock.json and
+# installed into tests/ui/node_modules by tests/ui/run.sh): translate, a two-turn
+# chat with every decoder streaming, 375 px width, an API-key server.
+# Screenshots in $(BUILD)/ui-screens/.
+test-ui: $(NZSERVE)
+	NZSERVE=$(abspath $(NZSERVE)) UI_SCREENS=$(abspath $(BUILD))/ui-screens bash tests/ui/run.sh
 
 ctest: all
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
