@@ -228,18 +228,28 @@ int nz_pack(const char *src, const char *out, const nz_pack_opts *o, nz_error *e
     if (!rc) rc = add_config(w, dir ? src : NULL, o->config_patch, err);
     if (!rc && dir) rc = add_dir_files(w, src, err);
     if (!rc && nz_st_metadata(st)) rc = nz_writer_set_metadata(w, nz_st_metadata(st), err);
-    uint64_t total = 0, done = 0;
-    for (size_t i = 0; st && i < nz_st_count(st); i++) total += nz_st_get(st, i)->size;
+    nz_progress pr = {0};
+    for (size_t i = 0; !rc && i < nz_st_count(st); i++) pr.total += nz_st_get(st, i)->size;
+    pr.items_total = rc ? 0 : nz_st_count(st);
     for (size_t i = 0; !rc && i < nz_st_count(st); i++) {
         const nz_st_tensor *t = nz_st_get(st, i);
-        if (o->progress) o->progress(o->progress_ud, t->name, done, total);
+        pr.name = t->name;
+        if (o->progress) o->progress(o->progress_ud, &pr);
         rc = pack_tensor(w, t, o, excl, err);
-        done += t->size;
+        pr.done += t->size;
+        pr.items_done++;
     }
-    if (!rc && o->progress) o->progress(o->progress_ud, NULL, total, total);
+    if (!rc && o->progress) {
+        pr.name = "writing";
+        o->progress(o->progress_ud, &pr);
+    }
     if (!rc) {
         rc = nz_writer_finish(w, err);
         w = NULL;
+    }
+    if (!rc && o->progress) {
+        pr.name = NULL;
+        o->progress(o->progress_ud, &pr);
     }
     nz_writer_abort(w);
     nz_st_free(st);
@@ -291,6 +301,20 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err) {
 }
 
 int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud, uint64_t *nbad) {
+    nz_verify_opts o = {report, NULL, ud};
+    return nz_verify_with(m, &o, nbad);
+}
+
+int nz_verify_with(const nz_model *m, const nz_verify_opts *o, uint64_t *nbad) {
+    static const nz_verify_opts none;
+    if (!o) o = &none;
+    void (*report)(void *, const nz_error *) = o->report;
+    void *ud = o->ud;
+    nz_progress pr = {0};
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        pr.total += nz_model_tensor(m, i)->stored_bytes;
+        pr.items_total += nz_model_tensor(m, i)->ntiles;
+    }
     uint64_t bad = 0;
     int first = NZ_OK;
     nz_error e;
@@ -325,6 +349,7 @@ int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), vo
                 return NZ_E_NOMEM;
             }
         }
+        pr.name = t->name;
         for (uint64_t j = 0; j < t->ntiles; j++) {
             int rc = t->desc.dtype == NZ_DT_OTHER ? nz_model_decode_native(m, dc, i, j, buf, &e)
                                                   : nz_model_decode_f32(m, dc, i, j, buf, &e);
@@ -333,10 +358,17 @@ int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), vo
                 if (!first) first = rc;
                 if (report) report(ud, &e);
             }
+            pr.items_done++;
+            pr.done += t->tiles[j].size;
+            if (o->progress) o->progress(ud, &pr);
         }
     }
     nz_free(buf);
     nz_dctx_free(dc);
+    if (o->progress) {
+        pr.name = NULL;
+        o->progress(ud, &pr);
+    }
     if (nbad) *nbad = bad;
     return first;
 }

@@ -13,6 +13,21 @@
 extern "C" {
 #endif
 
+/* Where a long walk over a model (nz_pack, nz_verify_with) stands; passed to its progress callback. */
+typedef struct nz_progress {
+    /* bytes: of the source tensor data (pack), of the stored tensor data (verify) */
+    uint64_t done, total;
+    uint64_t items_done, items_total; /* tensors (pack) or tiles (verify) */
+    /* what is being worked on: a tensor's name, or a step ("writing"); NULL once the walk is done */
+    const char *name;
+} nz_progress;
+
+/** A progress callback: called with its ud as the walk advances and once when
+ *  it is done (p->name NULL, p->done == p->total; nz_pack leaves that call out
+ *  after an error); it must not call back into the walk. The engine never
+ *  prints: the caller decides what to show. @return nothing. */
+typedef void (*nz_progress_fn)(void *ud, const nz_progress *p);
+
 typedef struct nz_pack_opts {
     nz_mode mode;        /* weight mode for 2-D float tensors */
     nz_coder coder;      /* exponent coder: NZ_CODER_ESC (default), NZ_CODER_RANS or NZ_CODER_ZSTD */
@@ -23,8 +38,9 @@ typedef struct nz_pack_opts {
     /* JSON merge patch (RFC 7386; may be NULL) applied to the embedded config: an object's keys
        are merged recursively, a null value removes its key; with no config.json it makes one */
     const json_t *config_patch;
-    /* progress callback (may be NULL): called before each tensor and at the end */
-    void (*progress)(void *ud, const char *tensor, uint64_t done_bytes, uint64_t total_bytes);
+    /* progress (may be NULL): called before each tensor (bytes and tensors done so far, the
+       tensor's name), before the file is written ("writing") and once at the end */
+    nz_progress_fn progress;
     void *progress_ud;
 } nz_pack_opts;
 
@@ -49,6 +65,18 @@ int nz_unpack(const nz_model *m, const char *out, nz_error *err);
  *  continues. @return NZ_OK when all is well, else the first error's code;
  *  *nbad (may be NULL) receives the number of failures. */
 int nz_verify(const nz_model *m, void (*report)(void *ud, const nz_error *e), void *ud, uint64_t *nbad);
+
+typedef struct nz_verify_opts {
+    void (*report)(void *ud, const nz_error *e); /* each failure (may be NULL) */
+    nz_progress_fn progress; /* after each tile: stored bytes and tiles checked so far (may be NULL) */
+    void *ud;                /* passed to both */
+} nz_verify_opts;
+
+/** nz_verify with a progress callback: o (may be NULL: no report, no
+ *  progress) holds both callbacks and their argument.
+ *  @return NZ_OK when all is well, else the first error's code; *nbad (may
+ *  be NULL) receives the number of failures. */
+int nz_verify_with(const nz_model *m, const nz_verify_opts *o, uint64_t *nbad);
 
 /** Apply the JSON merge patch (RFC 7386) patch to the object target in
  *  place: objects merge recursively, null removes a key, anything else

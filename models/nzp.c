@@ -3,15 +3,16 @@
  *
  *   nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder esc|rans|zstd]
  *            [--tile-rows N] [--norm-block B] [--exclude REGEX] [--raw-below N]
- *            SRC OUT.nzp
+ *            [--quiet] SRC OUT.nzp
  *   nzp unpack IN.nzp OUT.safetensors     (the weights as the engine decodes them)
  *   nzp unpack --model-dir IN.nzp DIR     (model.safetensors + config.json + blobs)
  *   nzp info [--json] [--memory] IN.nzp
- *   nzp verify IN.nzp
- *   nzp bench [--seconds S] IN.nzp
+ *   nzp verify [--quiet] IN.nzp
+ *   nzp bench [--seconds S] [--quiet] IN.nzp
  *   nzp translate MODEL.nzp [...] < in.txt > out.txt   (models/nzp_translate.c)
  *   nzp chat MODEL.nzp [...]                         (models/nzp_chat.c)
  *
+ * pack, verify and bench report their progress on stderr (models/nzp_progress.h).
  * Exit status: 0 success, 1 failure (bad file, damaged model), 2 usage error.
  */
 #include "nz_alloc.h"
@@ -20,6 +21,7 @@
 #include "nz_dialogue.h"
 #include "nz_pack.h"
 #include "nzp_chat.h"
+#include "nzp_progress.h"
 #include "nzp_translate.h"
 #include "nz_mconfig.h"
 #include "nz_translator.h"
@@ -40,18 +42,26 @@ static const struct {
 } USAGES[] = {
     {"pack", "  nzp pack [--mode lossless|bf16|lossy-K|raw] [--coder esc|rans|zstd] [--tile-rows N]\n"
              "           [--norm-block B] [--exclude REGEX] [--raw-below N] [--zstd-level L]\n"
-             "           [--set KEY=VALUE]... SRC OUT.nzp\n"
+             "           [--set KEY=VALUE]... [--quiet] SRC OUT.nzp\n"
              "      SRC is a .safetensors file or a model directory (model.safetensors, config.json,\n"
              "      tokenizer files). K = kept mantissa bits 0..7; B = elements per lossy normaliser.\n"
              "      --coder: esc (default; fast SIMD decoding, ~0.1 bit/weight over rans), rans\n"
              "      (smallest files, slower to decode) or zstd (baseline).\n"
              "      --set KEY=VALUE sets a key of the embedded config.json (dots name nested objects;\n"
              "      VALUE is JSON, or else a string), e.g. --set generation.iterations=4 sets a\n"
-             "      translation model's default decoding (see models/README.md).\n"},
+             "      translation model's default decoding (see models/README.md).\n"
+             "      pack, verify and bench show their progress on stderr (tensors or tiles and bytes\n"
+             "      done, rate, ETA): a line redrawn in place on a terminal; otherwise, once a job has\n"
+             "      run 2 s, a line per 10 % done. --quiet: no progress.\n"},
     {"unpack", "  nzp unpack IN.nzp OUT.safetensors | nzp unpack --model-dir IN.nzp DIR\n"},
     {"info", "  nzp info [--json] [--memory] IN.nzp\n"},
-    {"verify", "  nzp verify IN.nzp\n"},
-    {"bench", "  nzp bench [--seconds S] IN.nzp\n"},
+    {"verify", "  nzp verify [--quiet] IN.nzp\n"
+               "      decode every tile and check every checksum; exit 1 if damaged. Progress on\n"
+               "      stderr as for pack (tiles checked); --quiet: none.\n"},
+    {"bench", "  nzp bench [--seconds S] [--quiet] IN.nzp\n"
+              "      decode throughput per coder on one core: about S seconds of timing (default 0.5)\n"
+              "      after re-encoding each tensor with every coder. Progress on stderr as for pack\n"
+              "      (tensors measured); --quiet: none.\n"},
     {"translate",
      "  nzp translate MODEL.nzp [--iter T] [--beam B] [--rerank] [--adaptive] [--at | --at-beam K]\n"
      "                [--max-len N] [--batch K] [--cache BYTES] [--threads N] [--tokens]\n"
@@ -92,16 +102,6 @@ static int parse_u64(const char *s, uint64_t *v) {
 }
 
 /* ------------------------------------------------------------- pack */
-
-static void progress(void *ud, const char *tensor, uint64_t done, uint64_t total) {
-    (void)ud;
-    int pct = total ? (int)(100.0 * (double)done / (double)total) : 100;
-    if (tensor)
-        fprintf(stderr, "\r[%3d%%] %-64.64s", pct, tensor);
-    else
-        fprintf(stderr, "\r[100%%] %-64.64s\n", "done");
-    fflush(stderr);
-}
 
 /* Add `--set KEY=VALUE` to the merge patch: dotted KEY names nested objects, VALUE is JSON or else a
  * string. @return 0, or -1 when the argument is malformed. */
@@ -160,7 +160,7 @@ static int pack_with(int argc, char **argv, json_t **patch) {
     nz_pack_opts_default(&o);
     nz_error e = {0};
     const char *pos[2];
-    int npos = 0;
+    int npos = 0, quiet = 0;
     uint64_t v;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -201,6 +201,8 @@ static int pack_with(int argc, char **argv, json_t **patch) {
                 return usage_of("pack", "--set needs KEY=VALUE (e.g. generation.iterations=4)");
             o.config_patch = *patch;
             i++;
+        } else if (!strcmp(a, "--quiet")) {
+            quiet = 1;
         } else if (a[0] == '-' && a[1]) {
             return usage_of("pack", "unknown or incomplete option for pack");
         } else if (npos < 2) {
@@ -212,11 +214,14 @@ static int pack_with(int argc, char **argv, json_t **patch) {
     if (npos != 2) return usage_of("pack", "pack takes SRC and OUT");
     if (o.mode.norm_block && o.mode.kind != NZ_MODE_LOSSY)
         return usage_of("pack", "--norm-block needs --mode lossy-K");
-    if (isatty(2)) {
-        o.progress = progress;
-    }
+    nzp_progress pr;
+    nzp_progress_start(&pr, "pack", "tensors", quiet);
+    o.progress = nzp_progress_engine;
+    o.progress_ud = &pr;
     double t0 = nz_now_s();
-    if (nz_pack(pos[0], pos[1], &o, &e)) return fail(&e);
+    int rc = nz_pack(pos[0], pos[1], &o, &e);
+    nzp_progress_end(&pr);
+    if (rc) return fail(&e);
     nz_model *m;
     if (nz_model_open(pos[1], &m, &e)) return fail(&e);
     if (check_generation(m, &e)) { /* a model that would be refused at open is not kept */
@@ -394,24 +399,39 @@ static int cmd_info(int argc, char **argv) {
 
 /* ------------------------------------------------------------- verify / unpack */
 
+/* A failure verify found (ud: the nzp_progress, whose line goes first). */
 static void report(void *ud, const nz_error *e) {
-    (void)ud;
+    nzp_progress_clear(ud);
     fprintf(stderr, "nzp: verify: %s\n", e->msg);
 }
 
 static int cmd_verify(int argc, char **argv) {
-    if (argc != 1 || argv[0][0] == '-') return usage_of("verify", "verify takes one file");
+    const char *path = NULL;
+    int quiet = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--quiet"))
+            quiet = 1;
+        else if (argv[i][0] == '-' || path)
+            return usage_of("verify", "verify takes one file");
+        else
+            path = argv[i];
+    }
+    if (!path) return usage_of("verify", "verify takes one file");
     nz_model *m;
     nz_error e = {0};
-    if (nz_model_open(argv[0], &m, &e)) return fail(&e);
+    if (nz_model_open(path, &m, &e)) return fail(&e);
     uint64_t bad = 0, tiles = 0;
     for (size_t i = 0; i < nz_model_ntensors(m); i++) tiles += nz_model_tensor(m, i)->ntiles;
     double t0 = nz_now_s();
-    nz_verify(m, report, NULL, &bad);
+    nzp_progress pr;
+    nzp_progress_start(&pr, "verify", "tiles", quiet);
+    nz_verify_opts vo = {report, nzp_progress_engine, &pr};
+    nz_verify_with(m, &vo, &bad);
+    nzp_progress_end(&pr);
     if (bad)
-        printf("%s: DAMAGED: %" PRIu64 " of %" PRIu64 " tiles/blobs failed\n", argv[0], bad, tiles);
+        printf("%s: DAMAGED: %" PRIu64 " of %" PRIu64 " tiles/blobs failed\n", path, bad, tiles);
     else
-        printf("%s: OK: %zu tensors, %" PRIu64 " tiles, %zu blobs verified in %.2f s\n", argv[0],
+        printf("%s: OK: %zu tensors, %" PRIu64 " tiles, %zu blobs verified in %.2f s\n", path,
                nz_model_ntensors(m), tiles, nz_model_nblobs(m), nz_now_s() - t0);
     nz_model_free(m);
     return bad ? 1 : 0;
@@ -536,9 +556,12 @@ static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *ou
 static int cmd_bench(int argc, char **argv) {
     double seconds = 0.5;
     const char *path = NULL;
+    int quiet = 0;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             seconds = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--quiet"))
+            quiet = 1;
         else if (argv[i][0] == '-')
             return usage_of("bench", "unknown option for bench");
         else
@@ -558,17 +581,24 @@ static int cmd_bench(int argc, char **argv) {
                {"rans avx512", 1, NZ_RANS_AVX512}, {"rans avx2", 1, NZ_RANS_AVX2},
                {"rans scalar", 1, NZ_RANS_SCALAR}, {"zstd", 2, NZ_RANS_AUTO}};
     double weights = 0, secs[NV] = {0}, exps_secs[NV] = {0}, stored_secs = 0;
-    uint64_t bytes[NV] = {0}, ncoded = 0;
+    uint64_t bytes[NV] = {0}, ncoded = 0, done = 0, src_total = 0, src_done = 0;
     int ok[NV], rc = 0;
     for (int v = 0; v < NV; v++) ok[v] = nz_rans_set_kernel(V[v].kernel) == NZ_OK;
     nz_rans_set_kernel(NZ_RANS_AUTO);
-    for (size_t i = 0; i < nz_model_ntensors(m); i++)
-        ncoded += nz_model_tensor(m, i)->desc.coder != NZ_CODER_NONE;
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        if (t->desc.coder == NZ_CODER_NONE) continue;
+        ncoded++;
+        src_total += t->desc.rows * t->desc.cols * t->desc.elem_size;
+    }
+    nzp_progress pr;
+    nzp_progress_start(&pr, "bench", "tensors", quiet);
     double per = seconds / (double)(ncoded ? ncoded : 1) / (2 * NV + 1);
     nz_dctx *dc = nz_dctx_create();
     for (size_t i = 0; i < nz_model_ntensors(m) && !rc && dc; i++) {
         const nz_tensor *t = nz_model_tensor(m, i);
         if (t->desc.coder == NZ_CODER_NONE) continue;
+        nzp_progress_update(&pr, done, ncoded, src_done, src_total, t->name);
         nz_dtype nd = nz_desc_native_dtype(&t->desc);
         uint64_t n = t->desc.rows * t->desc.cols, tile_n = nz_desc_tile_nrows(&t->desc, 0) * t->desc.cols;
         uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
@@ -600,12 +630,16 @@ static int cmd_bench(int argc, char **argv) {
         }
         nz_rans_set_kernel(NZ_RANS_AUTO);
         weights += (double)n;
+        done++;
+        src_done += t->desc.rows * t->desc.cols * t->desc.elem_size;
         for (int c = 0; c < NC; c++) encoded_free(&x[c]);
         nz_free(native);
         nz_free(out);
         nz_free(ex);
     }
     if (!dc) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
+    if (!rc) nzp_progress_update(&pr, done, ncoded, src_done, src_total, NULL);
+    nzp_progress_end(&pr);
     nz_dctx_free(dc);
     nz_model_free(m);
     if (rc) return fail(&e);

@@ -61,6 +61,7 @@ static const setting SETTINGS[] = {
     S_INT(http_threads, 1, 64),
     {"models", K_MODELS, 0, 0, 0},
     S_SIZE(tile_cache_bytes, 0, 1LL << 50),
+    S_SIZE(memory_budget_bytes, 0, 1LL << 50),
     S_SIZE(max_body_bytes, 1, 1LL << 30),
     S_INT(max_input_tokens, 1, 65536),
     S_INT(max_texts, 1, 4096),
@@ -841,9 +842,7 @@ int srv_config_load(srv_config *c, const char *default_path, char *const *envp, 
     return srv_config_validate(c, err, errlen) ? SRV_CFG_ERROR : SRV_CFG_OK;
 }
 
-/* The memory this process may use: the machine's physical memory, or the cgroup v2 limit of its container
- * when that is lower. @return bytes, 0 if unknown. */
-static uint64_t memory_limit(void) {
+uint64_t srv_config_memory_limit(void) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
     uint64_t lim = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
     FILE *f = fopen("/sys/fs/cgroup/memory.max", "r"); /* "max" or a byte count */
@@ -856,13 +855,23 @@ static uint64_t memory_limit(void) {
 }
 
 int srv_config_validate(const srv_config *c, char *err, size_t errlen) {
-    uint64_t mem = memory_limit();
+    uint64_t mem = srv_config_memory_limit();
     if (mem && c->tile_cache_bytes > mem)
         return fail(
             err, errlen,
             "tile_cache_bytes: %zu bytes is more than the memory this process may use (%llu bytes: the "
             "machine's, or its container's limit)",
             c->tile_cache_bytes, (unsigned long long)mem);
+    if (mem && c->memory_budget_bytes > mem)
+        return fail(
+            err, errlen,
+            "memory_budget_bytes: %zu bytes is more than the memory this process may use (%llu bytes: "
+            "the machine's, or its container's limit)",
+            c->memory_budget_bytes, (unsigned long long)mem);
+    if (c->memory_budget_bytes && c->memory_budget_bytes <= c->tile_cache_bytes)
+        return fail(err, errlen,
+                    "memory_budget_bytes: %zu bytes leaves nothing beside tile_cache_bytes (%zu)",
+                    c->memory_budget_bytes, c->tile_cache_bytes);
     if (!host_ok(c->host))
         return fail(err, errlen, "host: must be a non-empty string of at most 255 characters");
     for (size_t i = 0; i < N_SETTINGS; i++) {
@@ -986,6 +995,9 @@ const char *srv_config_usage(void) {
            "  --model NAME:TASK:PATH           one model; the first use replaces the list, later uses "
            "append\n"
            "  --tile-cache-bytes SIZE          decoded-tile cache budget, e.g. 64MiB; 0 = no cache (0)\n"
+           "  --memory-budget-bytes SIZE       memory the process may use; requests reserve their estimated\n"
+           "                                   peak from what the loaded models and the tile cache leave\n"
+           "                                   (0 = 80%% of the machine's or the container's memory) (0)\n"
            "  --max-body-bytes SIZE            largest request body (1MiB)\n"
            "  --max-input-tokens N             tokens per input text, 1..65536 (256)\n"
            "  --max-texts N                    texts per request, 1..4096 (64)\n"
@@ -995,7 +1007,8 @@ const char *srv_config_usage(void) {
            "  --request-timeout-ms N           deadline of a request from arrival (30000)\n"
            "  --connection-timeout-s N         connection timeout in seconds, 1..3600 (30)\n"
            "  --read-timeout-ms N              deadline for a request's headers and body, from when the\n"
-           "                                   connection is ready to read it; bytes do not extend it (30000)\n"
+           "                                   connection is ready to read it; bytes do not extend it "
+           "(30000)\n"
            "  --max-connections N              open connections in all, 16..1000000 (4096)\n"
            "  --max-connections-per-client N   open connections from one IP address, 0 = no limit (64)\n"
            "  --shutdown-grace-ms N            time to finish requests at shutdown (10000)\n"

@@ -53,9 +53,10 @@ typedef struct srv_config {
     srv_model_cfg *models;
     size_t n_models;
     size_t tile_cache_bytes, max_body_bytes;
+    size_t memory_budget_bytes; /* the process's memory budget, 0 = 80 % of srv_config_memory_limit() */
     int max_input_tokens, max_texts, max_new_tokens, max_concurrent_requests, queue_length;
     int request_timeout_ms, connection_timeout_s, shutdown_grace_ms;
-    int read_timeout_ms; /* a request's headers and body must arrive within it (srv_conn.h) */
+    int read_timeout_ms;            /* a request's headers and body must arrive within it (srv_conn.h) */
     int max_connections;            /* open connections in all (libmicrohttpd's limit) */
     int max_connections_per_client; /* open connections from one IP address (0: no limit) */
     char **api_keys;                /* api_keys plus the keys read from api_key_file */
@@ -91,6 +92,11 @@ int srv_config_load(srv_config *c, const char *default_path, char *const *envp, 
  *  least one model, unique model names).
  *  @return 0, or -1 with a one-line message in err. */
 int srv_config_validate(const srv_config *c, char *err, size_t errlen);
+
+/** @return the memory this process may use: the machine's physical memory,
+ *  or its cgroup v2 limit (/sys/fs/cgroup/memory.max) when lower; 0 when
+ *  unknown. */
+uint64_t srv_config_memory_limit(void);
 
 /** Free everything inside c (not c itself) and zero it; accepts a zeroed struct.
  *  @return nothing. */

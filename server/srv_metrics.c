@@ -22,11 +22,13 @@
 static const double BUCKETS[N_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                           0.25,  0.5,    1,     2.5,  5,     10,   30};
 
-static const char *const ROUTE_LABELS[SRV_ROUTE_COUNT] = {
-    "/v1/translate", "/v1/dialogue", "/health", "/ready", "/v1/models", "/v1/memory", "/metrics", "/ui", "other"};
+static const char *const ROUTE_LABELS[SRV_ROUTE_COUNT] = {"/v1/translate", "/v1/dialogue", "/health",
+                                                          "/ready",        "/v1/models",   "/v1/memory",
+                                                          "/metrics",      "/ui",          "other"};
 
-static const char *const REASONS[] = {"queue_full", "body_too_large", "unauthorized", "deadline", "cancelled",
-                                      "shutdown",   "not_ready",      "bad_request",  "read_timeout", "other"};
+static const char *const REASONS[] = {"queue_full",   "body_too_large", "unauthorized", "deadline",
+                                      "cancelled",    "shutdown",       "not_ready",    "bad_request",
+                                      "read_timeout", "memory",         "other"};
 #define N_REASONS    (sizeof REASONS / sizeof REASONS[0])
 #define REASON_OTHER (N_REASONS - 1)
 
@@ -371,6 +373,17 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
     gauge_u64(&b, "nzserve_allocator_free_bytes", "gauge",
               "Bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
               g->allocator_free_bytes);
+    gauge_u64(&b, "nzserve_memory_budget_bytes", "gauge", "Memory the process may use (memory_budget_bytes).",
+              g->memory_budget_bytes);
+    gauge_u64(&b, "nzserve_request_memory_pool_bytes", "gauge",
+              "Bytes requests may reserve for their estimated peak (the budget less the loaded process and "
+              "the tile cache).",
+              g->request_memory_pool_bytes);
+    gauge_u64(&b, "nzserve_request_memory_reserved_bytes", "gauge",
+              "Bytes reserved now by running requests (estimated peaks).", g->request_memory_reserved_bytes);
+    gauge_u64(&b, "nzserve_request_memory_waits_total", "counter",
+              "Requests (or batch chunks) that waited for memory before running.",
+              g->request_memory_waits_total);
 
     gauge_u64(&b, "nzserve_tiles_decoded_total", "counter", "Weight tiles decoded.", g->tiles_decoded_total);
     gauge_u64(&b, "nzserve_tile_cache_hits_total", "counter", "Tile cache lookups served from the cache.",

@@ -121,6 +121,10 @@ typedef struct srv_gauges {
         resident_bytes, resident_peak_bytes, mapped_resident_bytes, allocator_free_bytes;
     uint64_t tiles_decoded_total, tile_cache_hits_total, tile_cache_misses_total, tile_cache_evictions_total;
     double tile_decode_seconds_total;
+    /* memory admission (srv_budget.h): the process budget, the part requests may reserve, reserved now,
+     * reservations that waited */
+    uint64_t memory_budget_bytes, request_memory_pool_bytes, request_memory_reserved_bytes,
+        request_memory_waits_total;
     int ready; /* nonzero: nzserve_ready 1 */
     double uptime_seconds;
 } srv_gauges;

@@ -14,6 +14,7 @@ const srv_ui_asset *srv_ui_find(const char *path) {
         n = strlen(path);
     }
     for (size_t i = 0; i < SRV_UI_N_ASSETS; i++)
-        if (strlen(SRV_UI_ASSETS[i].path) == n && !memcmp(SRV_UI_ASSETS[i].path, path, n)) return &SRV_UI_ASSETS[i];
+        if (strlen(SRV_UI_ASSETS[i].path) == n && !memcmp(SRV_UI_ASSETS[i].path, path, n))
+            return &SRV_UI_ASSETS[i];
     return NULL;
 }

@@ -17,8 +17,8 @@ extern "C" {
 #endif
 
 /** Content-Security-Policy of every playground response. */
-#define SRV_UI_CSP                                                                                          \
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; " \
+#define SRV_UI_CSP                                                                                           \
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "    \
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 /** One embedded file. */

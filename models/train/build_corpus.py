@@ -54,6 +54,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import clear_line, track  # noqa: E402
+
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------
@@ -89,6 +92,7 @@ ORIGIN_INSTALLED = "installed"
 
 def log(msg: str) -> None:
     """Print a progress message to stderr."""
+    clear_line()  # not on the row of a progress line
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -799,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     download_bytes = 0
     download_secs = 0.0
     with tempfile.TemporaryDirectory(prefix="nzserve-corpus-") as tmp:
-        for pkg in PACKAGES:
+        for pkg in track(PACKAGES, "packages", unit="packages"):
             if args.no_fetch:
                 deb, info = apt.cached_deb(pkg), {"cached": True, "seconds": 0.0}
             else:
@@ -822,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             info["de_catalogs"] = [str(m.relative_to(root)) for m in mos]
             if not mos:
                 log(f"warning: {pkg} ships no German .mo catalogs")
-            for mo in mos:
+            for mo in track(mos, pkg, unit="catalogs"):
                 corpus.add_catalog(pkg, mo, f"{pkg}:/{mo.relative_to(root)}")
             stats["packages"][pkg] = info
             how = "cached" if info["cached"] else f"downloaded in {info['seconds']:.1f}s"
@@ -834,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_installed:
         mos = installed_catalogs()
         own = owners(mos)
-        for mo in mos:
+        for mo in track(mos, "installed catalogs", unit="catalogs"):
             corpus.add_catalog(ORIGIN_INSTALLED, mo, str(mo))
             stats["installed_catalogs"][str(mo)] = own.get(str(mo), "?")
         log(f"installed: {len(mos)} German catalogs, "
@@ -845,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     de_desc: dict[str, str] = {}
     index_info = {}
     if apt.lists.is_dir():
-        for path in sorted(apt.lists.iterdir()):
+        for path in track(sorted(apt.lists.iterdir()), "apt indexes", unit="files"):
             m = re.search(r"_i18n_Translation-(en|de)(?:\.\w+)?$", path.name)
             if not m:
                 continue
@@ -854,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
             index_info[path.name] = {"size": path.stat().st_size, "descriptions": len(parsed)}
     matched = sorted(set(en_desc) & set(de_desc))
     raw = []
-    for md5 in matched:
+    for md5 in track(matched, "descriptions", unit="descriptions"):
         raw += description_pairs(en_desc[md5], de_desc[md5])
     corpus.add(ORIGIN_DESCRIPTIONS, raw, set())
     stats["translation_indexes"] = index_info

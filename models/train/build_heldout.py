@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_corpus as C  # noqa: E402
+from progress import track  # noqa: E402
 
 # UI catalogs of programs unrelated to the corpus's packages (chat, FTP,
 # IRC, media player, spreadsheet): none is fetched by build_corpus.py nor installed by `make deps`
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         apt.update()
     stats, per_pkg = {"packages": {}, "corpus_sources": len(seen)}, {}
     with tempfile.TemporaryDirectory(prefix="nzserve-heldout-") as tmp:
-        for pkg in packages:
+        for pkg in track(packages, "packages", unit="packages"):
             deb, info = apt.download(pkg)
             if deb is None:
                 raise SystemExit(f"build_heldout: cannot download {pkg}: {info.get('error', '?')}")
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
             corpus = C.Corpus()
             mos = C.find_de_catalogs(root)
-            for mo in mos:
+            for mo in track(mos, pkg, unit="catalogs"):
                 corpus.add_catalog(pkg, mo, f"{pkg}:/{mo.relative_to(root)}")
             fresh = [(s, t) for s, t, _ in corpus.pairs if C.split_key(s) not in seen]
             # one target per source (the first), so a source is never counted twice

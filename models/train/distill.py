@@ -24,12 +24,24 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from progress import Progress, clear_line  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def read_lines(path):
     with open(path, encoding="utf-8") as f:
         return [l.rstrip("\n") for l in f]
+
+
+def count_lines(path):
+    """Lines written so far to a chunk's output (0 when it does not exist yet)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
 
 
 def sha1_file(path):
@@ -86,6 +98,9 @@ def main(argv=None):
     cpu0 = os.times()
     running = []
     done = 0
+    # lines translated this run: finished chunks, plus what the running jobs have written so far
+    progress = Progress(sum(min(a.chunk, len(src) - i * a.chunk) for i, _, _ in todo), "distill", unit="lines")
+    lines_done = 0
     while todo or running:
         while todo and len(running) < a.jobs:
             i, inp, out = todo.pop(0)
@@ -106,14 +121,19 @@ def main(argv=None):
             want = len(read_lines(inp))
             got = len(read_lines(out + ".tmp"))
             if p.returncode not in (0, 1) or got != want:  # 1: some lines failed (left empty)
+                progress.close()
                 raise SystemExit("distill: chunk %d failed (exit %d, %d of %d lines), see %s.stderr" % (
                     i, p.returncode, got, want, out))
             os.replace(out + ".tmp", out)
             os.remove(inp)
             done += 1
+            lines_done += want
             el = time.time() - t0
+            clear_line()
             print("distill: chunk %d done (%d/%d this run, %.0f s, %.1f lines/s)" % (
                 i, done, done + len(todo) + len(running), el, done * a.chunk / max(el, 1e-9)), flush=True)
+        progress.update(lines_done + sum(count_lines(r[3] + ".tmp") for r in running))
+    progress.close()
 
     hyps = []
     for i in range(n):

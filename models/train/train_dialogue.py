@@ -48,12 +48,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import t5md_ref as R  # noqa: E402
+from progress import Progress, clear_line  # noqa: E402
 from t5md_ref import EOS, PAD  # noqa: E402
 
 IGNORE = -100
 
 
 def log(*a):
+    clear_line()  # not on the row of a progress line
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
@@ -611,6 +613,8 @@ def main(argv=None):
     stopped = False
     # ---------------- phase 1: denoising pre-training, then seq2seq
     model.train()
+    progress = Progress(phase1_total, "phase 1", unit="updates", done=state["updates"]) \
+        if state["phase"] == 1 else None
     while state["phase"] == 1 and state["updates"] < phase1_total:
         u = state["updates"]
         pre = u < a.pretrain_steps
@@ -640,6 +644,7 @@ def main(argv=None):
         acc["gnorm"] = acc.get("gnorm", 0.0) + float(gn)
         acc_n += 1
         ntok += int(lb.ne(IGNORE).sum()) + int((~sp).sum())
+        progress.update(u, note="%s %.3f" % (k, acc[k] / acc_n))
         if u % a.log_interval == 0 or u == phase1_total:
             dt = time.time() - t_log
             log("update %d phase 1 (%s) epoch %d lr %.3g | %s | %.0f tok/s" % (
@@ -653,6 +658,8 @@ def main(argv=None):
             log("stopping: %s reached" % out_of_time)
             stopped = True
             break
+    if progress:
+        progress.close()
 
     # ---------------- phase 1 -> phase 2
     if not stopped and state["phase"] == 1:
@@ -676,6 +683,7 @@ def main(argv=None):
         bs = a.eq_batch_size
         if state["per_mode"] is None:
             state["per_mode"] = [0] * K
+        progress = Progress(a.phase2_steps, "phase 2", unit="updates", done=state["updates"])
     while not stopped and state["phase"] == 2 and state["updates"] < a.phase2_steps:
         b = next_batch("eqhard", len(train["src"]), K * bs, 3)
         s, sp, di, lb = collate([train["src"][i] for i in b], [train["tgt"][i] for i in b], device)
@@ -708,6 +716,7 @@ def main(argv=None):
         state["updates"] += 1
         state["global_step"] += 1
         u = state["updates"]
+        progress.update(u, note="assigned_loss %.3f" % (acc["assigned_loss"] / acc_n))
         if u % a.log_interval == 0 or u == a.phase2_steps:
             dt = time.time() - t_log
             parts = ["loss %s" % ",".join("%.3f" % (acc.get("loss_%d" % i, 0.0) / acc_n) for i in range(K)),
@@ -725,6 +734,8 @@ def main(argv=None):
         if out_of_time:
             log("stopping: %s reached" % out_of_time)
             stopped = True
+    if state["phase"] == 2:
+        progress.close()
 
     finished = (state["phase"] == 2 and state["updates"] >= a.phase2_steps) or \
                (state["phase"] == 1 and state["updates"] >= phase1_total and a.phase2_steps == 0)

@@ -37,11 +37,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nat_ref  # noqa: E402
 from nat_ref import BOS, EOS, PAD, UNK  # noqa: E402
+from progress import Progress, clear_line  # noqa: E402
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
 def log(*a):
+    clear_line()  # not on the row of a progress line
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
@@ -549,6 +551,7 @@ def main(argv=None):
     batches = epoch_batches(state["epoch"])
     log("epoch %d: %d batches" % (state["epoch"], len(batches)))
     done = False
+    progress = Progress(min(stop, a.steps), "train", unit="updates", done=state["num_updates"])
     while not done and state["num_updates"] < min(stop, a.steps):
         if state["batch_i"] >= len(batches):
             state["epoch"] += 1
@@ -579,6 +582,7 @@ def main(argv=None):
         acc_n += 1
         tok_src += int(s.ne(PAD).sum())
         tok_tgt += int(t.ne(PAD).sum())
+        progress.update(u, note="loss %.3f" % (acc["loss"] / acc_n))
         if u % a.log_interval == 0 or u == stop:
             dt = time.time() - t_log
             msg = " ".join("%s %.4f" % (k, v / acc_n) for k, v in sorted(acc.items()))
@@ -603,6 +607,7 @@ def main(argv=None):
         if out_of_time:
             log("stopping: --max-minutes reached")
             done = True
+    progress.close()
     if state["num_updates"] >= a.steps and not a.no_final_decode:
         final_decode(model, a, valid, symbols, a.out)
     log("done: %d updates, %.1f min this run" % (state["num_updates"], (time.time() - t_start) / 60))

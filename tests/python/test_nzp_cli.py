@@ -243,3 +243,108 @@ def test_bench_reports_each_coder(nzp, tmp_path):
     for coder in ("as stored", "esc avx2", "esc scalar", "rans avx512", "rans avx2", "rans scalar", "zstd"):
         assert coder in text
     assert "/ zstd: to fp32" in text and "/ rans" in text
+
+
+# ---------------------------------------------------------------- progress (pack, verify, bench)
+
+
+def run_on_tty(nzp, *args, timeout=120):
+    """Run nzp with stdout and stderr on one pseudo-terminal. @return (exit status, everything it wrote)."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([nzp, *map(str, args)], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    finally:
+        os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                if p.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=10)
+    return p.returncode, out.decode("utf-8", "replace")
+
+
+def progress_model(tmp_path):
+    """A model directory with several tensors (a few MiB). @return its path."""
+    rng = np.random.default_rng(8)
+    d = tmp_path / "prog"
+    d.mkdir()
+    tensors = {f"layers.{i}.w": ("BF16", f32_to_bf16_bits(rng.normal(0, 0.02, (512, 512)).astype(np.float32)))
+               for i in range(12)}
+    tensors["bias"] = ("F32", rng.normal(size=512).astype(np.float32))
+    write_safetensors(d / "model.safetensors", tensors)
+    return d
+
+
+def test_progress_stays_quiet_off_a_terminal(nzp, tmp_path):
+    src, out = progress_model(tmp_path), tmp_path / "p.nzp"
+    for args in (["pack", src, out], ["verify", out], ["bench", "--seconds", "0.05", out]):
+        p = run(nzp, *args)
+        # on a pipe: nothing for a job under 2 s (here, unless under valgrind), else a line per 10 %
+        assert "\r" not in p.stderr and "\x1b" not in p.stderr, args
+        lines = p.stderr.splitlines()
+        assert len(lines) <= 10 and all(l.startswith(f"nzp {args[0]}: ") and "%" in l for l in lines), p.stderr
+    assert run(nzp, "pack", src, out).stdout.startswith("packed 13 tensors:")
+    assert ": OK: 13 tensors" in run(nzp, "verify", out).stdout
+
+
+def test_progress_line_on_a_terminal(nzp, tmp_path):
+    src, out = progress_model(tmp_path), tmp_path / "p.nzp"
+    rc, text = run_on_tty(nzp, "pack", src, out)
+    assert rc == 0, text
+    # one line redrawn with \r: tensors and bytes done of the total, rate, ETA; erased before the summary
+    assert "\rnzp pack:" in text and "/13 tensors" in text and "MiB/s" in text and "ETA" in text, text
+    assert "\rnzp pack: 100%  13/13 tensors" in text, text
+    before, sep, summary = text.rpartition("\r\x1b[K")
+    assert sep and summary.startswith("packed 13 tensors:") and summary.count("\n") == 1, repr(text)
+    assert "\n" not in before, "the progress must stay on one line"
+    rc, text = run_on_tty(nzp, "verify", out)
+    assert rc == 0 and "\rnzp verify:" in text and "tiles" in text, text
+    assert text.rpartition("\r\x1b[K")[2].startswith(f"{out}: OK: 13 tensors"), repr(text)
+    rc, text = run_on_tty(nzp, "bench", "--seconds", "0.05", out)
+    assert rc == 0 and "\rnzp bench:" in text and "/12 tensors" in text, text
+    assert text.rpartition("\r\x1b[K")[2].startswith("decode throughput"), repr(text)
+    # --quiet: the summary alone
+    for args in (["pack", "--quiet", src, out], ["verify", "--quiet", out], ["bench", "--quiet", "--seconds", "0.05", out]):
+        rc, text = run_on_tty(nzp, *args)
+        assert rc == 0 and "\r" not in text.replace("\r\n", "\n") and f"nzp {args[0]}:" not in text, (args, text)
+
+
+def test_progress_leaves_errors_on_their_own_line(nzp, tmp_path):
+    src, good = progress_model(tmp_path), tmp_path / "p.nzp"
+    run(nzp, "pack", src, good)
+    data = bytearray(good.read_bytes())
+    data[-100] ^= 0x04  # a flipped bit in the last tile
+    bad = tmp_path / "bad.nzp"
+    bad.write_bytes(data)
+    rc, text = run_on_tty(nzp, "verify", bad)
+    assert rc == 1, text
+    assert "\r\x1b[Knzp: verify: tensor 'bias' tile 0: checksum mismatch\r\n" in text, repr(text)
+    assert text.rpartition("\r\x1b[K")[2].startswith(f"{bad}: DAMAGED: 1 of"), repr(text)
+
+
+def test_progress_options_in_usage(nzp):
+    for cmd in ("pack", "verify", "bench"):
+        assert "--quiet" in run(nzp, cmd, "--help").stdout, cmd
+    assert "progress" in run(nzp, "pack", "--help").stdout
+    for args in (["verify", "--quiet"], ["verify", "--loud", "x.nzp"], ["verify", "a.nzp", "b.nzp"]):
+        p = run(nzp, *args, ok=False)
+        assert p.returncode == 2 and "usage" in p.stderr, args

@@ -1,0 +1,352 @@
+/* srv_models — the served models: loading and readiness, the request memory pool, model lookup, the
+ * /v1/models, /v1/memory and /metrics views. */
+#include "srv_internal.h"
+
+#include "nz_alloc.h"
+#include "nz_cache.h"
+#include "nz_codec.h"
+#include "nz_container.h"
+#include "nz_weight.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Sizes and the dominant weight mode of an opened model. */
+static void model_stats(srv_model *sm, const nz_model *m) {
+    uint64_t by_mode[8] = {0};
+    char names[8][32] = {{0}};
+    sm->params = sm->compressed_bytes = sm->source_bytes = sm->decoded_bytes = 0;
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        uint64_t n = 1;
+        for (int d = 0; d < t->ndim; d++) n *= (uint64_t)t->shape[d];
+        sm->compressed_bytes += t->stored_bytes;
+        sm->source_bytes += n * t->desc.elem_size;
+        if (t->desc.dtype == NZ_DT_OTHER) {
+            sm->decoded_bytes += n * t->desc.elem_size;
+            continue;
+        }
+        sm->params += n;
+        sm->decoded_bytes += n * 4;
+        char name[32];
+        nz_mode_name(&t->desc.mode, name, sizeof name);
+        for (int k = 0; k < 8; k++)
+            if (!names[k][0] || !strcmp(names[k], name)) {
+                snprintf(names[k], sizeof names[k], "%s", name);
+                by_mode[k] += n;
+                break;
+            }
+    }
+    int best = 0;
+    for (int k = 1; k < 8; k++)
+        if (by_mode[k] > by_mode[best]) best = k;
+    snprintf(sm->mode, sizeof sm->mode, "%s", names[best][0] ? names[best] : "none");
+    const json_t *arch = json_object_get(nz_model_config(m), "architecture");
+    snprintf(sm->architecture, sizeof sm->architecture, "%s",
+             json_is_string(arch) ? json_string_value(arch) : "?");
+}
+
+int srv_server_check_models(const srv_config *cfg, char *err, size_t errlen) {
+    for (size_t i = 0; i < cfg->n_models; i++) {
+        const srv_model_cfg *mc = &cfg->models[i];
+        nz_model *m = NULL;
+        nz_error e = {0};
+        if (nz_model_open(mc->path, &m, &e)) {
+            snprintf(err, errlen, "model '%s': %s", mc->name, e.msg);
+            return -1;
+        }
+        const json_t *arch = json_object_get(nz_model_config(m), "architecture");
+        const char *a = json_is_string(arch) ? json_string_value(arch) : NULL;
+        int ok = 1;
+        if (mc->task == SRV_TASK_TRANSLATE && (!a || strcmp(a, "cmlm_transformer"))) {
+            snprintf(err, errlen,
+                     "model '%s': %s: task translate needs architecture \"cmlm_transformer\", found %s%s%s",
+                     mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
+            ok = 0;
+        } else if (mc->task == SRV_TASK_DIALOGUE && (!a || strcmp(a, "t5_multidecoder"))) {
+            snprintf(err, errlen,
+                     "model '%s': %s: task dialogue needs architecture \"t5_multidecoder\", found %s%s%s",
+                     mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
+            ok = 0;
+        }
+        nz_model_free(m);
+        if (!ok) return -1;
+    }
+    return 0;
+}
+
+/* Size the request memory pool once the models are loaded: the budget less what the process holds now
+ * (its resident set: code, the loaded models' headers and parameters, their mapped tiles) and what the
+ * tile cache may grow to, less 5 % for the allocator's overhead.
+ * @return 0, or -1 with load_err set when nothing would be left for requests. */
+static int size_request_pool(srv_server *s) {
+    nz_mem_report r;
+    nz_mem_get_report(&r);
+    const uint64_t lim = srv_config_memory_limit();
+    s->memory_budget = s->cfg->memory_budget_bytes ? s->cfg->memory_budget_bytes : lim / 5 * 4;
+    const uint64_t held = (uint64_t)r.rss + s->cfg->tile_cache_bytes + s->memory_budget / 20;
+    if (!s->memory_budget || s->memory_budget <= held) {
+        snprintf(s->load_err, sizeof s->load_err,
+                 "memory_budget_bytes %llu leaves nothing for requests: the loaded process holds %llu bytes, "
+                 "the tile cache may take %zu",
+                 (unsigned long long)s->memory_budget, (unsigned long long)r.rss, s->cfg->tile_cache_bytes);
+        return -1;
+    }
+    srv_budget_set_total(s->budget, s->memory_budget - held);
+    srv_log(SRV_LOG_INFO, "memory_budget", "budget_bytes", SRV_KV_UINT, (unsigned long long)s->memory_budget,
+            "resident_bytes", SRV_KV_UINT, (unsigned long long)r.rss, "tile_cache_bytes", SRV_KV_UINT,
+            (unsigned long long)s->cfg->tile_cache_bytes, "request_pool_bytes", SRV_KV_UINT,
+            (unsigned long long)(s->memory_budget - held), NULL);
+    return 0;
+}
+
+void *srv_loader_main(void *arg) {
+    srv_server *s = arg;
+    const char *delay = getenv("NZSERVE_DEBUG_LOAD_DELAY_MS"); /* test hook: a slow model load */
+    if (delay && atoi(delay) > 0) {
+        int ms = atoi(delay);
+        for (int t = 0; t < ms && !atomic_load(&s->draining); t += 10) srv_sleep_ms(10);
+    }
+    for (size_t i = 0; i < s->n_models && !atomic_load(&s->draining); i++) {
+        srv_model *sm = &s->models[i];
+        double t0 = nz_now_s();
+        nz_error e = {0};
+        int rc = sm->cfg->task == SRV_TASK_DIALOGUE ? nz_dialogue_open(sm->cfg->path, &sm->dlg, &e)
+                                                    : nz_translator_open(sm->cfg->path, &sm->tr, &e);
+        if (!rc && s->cfg->verify_on_load)
+            rc =
+                nz_model_verify_tiles(sm->dlg ? nz_dialogue_model(sm->dlg) : nz_translator_model(sm->tr), &e);
+        if (rc) {
+            snprintf(s->load_err, sizeof s->load_err, "model '%s': %s", sm->cfg->name, e.msg);
+            atomic_store(&s->ready, -1);
+            return NULL;
+        }
+        if (sm->dlg) {
+            model_stats(sm, nz_dialogue_model(sm->dlg));
+            const nz_t5md_config *dc = nz_dialogue_config(sm->dlg);
+            sm->num_modes = dc->num_modes;
+            sm->variant = dc->plain ? "none" : dc->kind == NZ_T5MD_TRANSFORMER ? "transformer" : "adapter";
+        } else {
+            model_stats(sm, nz_translator_model(sm->tr));
+            const nz_nat_config *nc = nz_nat_get_config(nz_translator_nat(sm->tr));
+            sm->has_at = nc->at_layers > 0;
+            sm->max_source_positions = nc->max_source_positions;
+        }
+        srv_log(SRV_LOG_INFO, "model_loaded", "model", SRV_KV_STR, sm->cfg->name, "path", SRV_KV_STR,
+                sm->cfg->path, "architecture", SRV_KV_STR, sm->architecture, "weight_mode", SRV_KV_STR,
+                sm->mode, "compressed_bytes", SRV_KV_UINT, (unsigned long long)sm->compressed_bytes,
+                "decoded_equivalent_bytes", SRV_KV_UINT, (unsigned long long)sm->decoded_bytes, "load_ms",
+                SRV_KV_DBL, (nz_now_s() - t0) * 1e3, NULL);
+    }
+    if (!atomic_load(&s->draining) && size_request_pool(s)) {
+        atomic_store(&s->ready, -1);
+        return NULL;
+    }
+    if (!atomic_load(&s->draining)) {
+        atomic_store(&s->ready, 1);
+        srv_log(SRV_LOG_INFO, "ready", "models", SRV_KV_UINT, (unsigned long long)s->n_models, "startup_ms",
+                SRV_KV_DBL, (nz_now_s() - s->t_start) * 1e3, NULL);
+    }
+    return NULL;
+}
+
+static srv_model *find_model(srv_server *s, const char *name, srv_task task) {
+    for (size_t i = 0; i < s->n_models; i++)
+        if (name ? !strcmp(s->models[i].cfg->name, name) : s->models[i].cfg->task == task)
+            return &s->models[i];
+    return NULL;
+}
+
+/* The container of a loaded model. */
+static const nz_model *model_container(const srv_model *m) {
+    return m->tr ? nz_translator_model(m->tr) : m->dlg ? nz_dialogue_model(m->dlg) : NULL;
+}
+
+/* A job of model m failed with e: log it; when a read of its file faulted (the file was truncated or
+ * rewritten in place), the model is lost: logged once, /ready answers 503 and its requests 503.
+ * @return the status to answer: 503 for a lost model, else 500. */
+int srv_job_failed(srv_model *m, const nz_error *e) {
+    srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, m->cfg->name, "error", SRV_KV_STR, e->msg,
+            NULL);
+    if (!nz_model_faulted(model_container(m))) return 500;
+    if (!atomic_exchange(&m->lost, 1))
+        srv_log(SRV_LOG_ERROR, "model_file_changed", "model", SRV_KV_STR, m->cfg->name, "path", SRV_KV_STR,
+                m->cfg->path, "action", SRV_KV_STR, "not served until the server restarts", NULL);
+    return 503;
+}
+
+/* The model a request names (or the first of its task): NULL after answering 404 (none), 422 (another
+ * task) or 503 (its file changed under the server). */
+srv_model *srv_resolve_model(srv_server *s, srv_req *r, const char *name, srv_task task) {
+    srv_model *m = find_model(s, name, task);
+    if (!m) {
+        if (name)
+            srv_respond_fail(r, 404, "model '%.100s' not found", name);
+        else
+            srv_respond_fail(r, 404, "no %s model is configured",
+                             task == SRV_TASK_DIALOGUE ? "dialogue" : "translation");
+        return NULL;
+    }
+    if (m->cfg->task != task) {
+        srv_respond_fail(r, 422, "model '%s' serves %s, not %s", m->cfg->name, srv_task_name(m->cfg->task),
+                         srv_task_name(task));
+        return NULL;
+    }
+    if (atomic_load(&m->lost)) {
+        srv_respond_fail(
+            r, 503,
+            "model '%s' is unavailable: its file %s changed under the server; restart it (replace "
+            "model files by renaming a new file over the old one)",
+            m->cfg->name, m->cfg->path);
+        return NULL;
+    }
+    return m;
+}
+
+/* @return the first model whose file changed under the server, or NULL. */
+const srv_model *srv_lost_model(srv_server *s) {
+    for (size_t i = 0; i < s->n_models; i++)
+        if (atomic_load(&s->models[i].lost)) return &s->models[i];
+    return NULL;
+}
+
+json_t *srv_models_json(srv_server *s) {
+    json_t *arr = json_array();
+    nz_cache_stats cs;
+    nz_cache_get_stats(s->cache, &cs);
+    int ready = atomic_load(&s->ready) == 1;
+    for (size_t i = 0; i < s->n_models; i++) {
+        srv_model *m = &s->models[i];
+        int loaded = ready || m->tr || m->dlg; /* the loader fills models in order */
+        json_t *o = json_pack("{s:s, s:s, s:s, s:b, s:b}", "name", m->cfg->name, "task",
+                              srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded", loaded && ready,
+                              "available", loaded && ready && !atomic_load(&m->lost));
+        if (ready) {
+            json_object_set_new(o, "architecture", json_string(m->architecture));
+            json_object_set_new(o, "weight_mode", json_string(m->mode));
+            json_object_set_new(o, "parameters", json_integer((json_int_t)m->params));
+            json_object_set_new(o, "compressed_bytes", json_integer((json_int_t)m->compressed_bytes));
+            json_object_set_new(o, "source_bytes", json_integer((json_int_t)m->source_bytes));
+            json_object_set_new(o, "decoded_equivalent_bytes", json_integer((json_int_t)m->decoded_bytes));
+            json_object_set_new(
+                o, "ratio",
+                json_real(m->source_bytes ? (double)m->compressed_bytes / (double)m->source_bytes : 0.0));
+            json_object_set_new(
+                o, "bits_per_weight",
+                json_real(m->params ? 8.0 * (double)m->compressed_bytes / (double)m->params : 0.0));
+            if (m->cfg->task == SRV_TASK_TRANSLATE) {
+                json_object_set_new(o, "generation", nz_tr_opts_to_json(nz_translator_defaults(m->tr)));
+                json_object_set_new(o, "at_decoder", json_boolean(m->has_at));
+                json_object_set_new(o, "max_source_positions",
+                                    json_integer((json_int_t)m->max_source_positions));
+            } else if (m->dlg) {
+                const nz_t5md_config *dc = nz_dialogue_config(m->dlg);
+                json_object_set_new(o, "generation", nz_dlg_opts_to_json(nz_dialogue_defaults(m->dlg)));
+                json_object_set_new(o, "num_modes", json_integer((json_int_t)m->num_modes));
+                json_object_set_new(o, "variant", json_string(m->variant));
+                json_object_set_new(o, "max_context_turns", json_integer((json_int_t)dc->max_context_turns));
+                json_object_set_new(o, "max_source_length", json_integer((json_int_t)dc->max_source_length));
+            }
+        }
+        json_array_append_new(arr, o);
+    }
+    return json_pack("{s:o, s:{s:I, s:b, s:I}}", "models", arr, "tile_cache", "budget_bytes",
+                     (json_int_t)cs.budget, "shared", 1, "bytes", (json_int_t)cs.bytes);
+}
+
+json_t *srv_memory_json(srv_server *s) {
+    nz_mem_report r;
+    nz_mem_get_report(&r);
+    nz_cache_stats cs;
+    nz_cache_get_stats(s->cache, &cs);
+    uint64_t ut, uns;
+    nz_weight_uncached_stats(&ut, &uns);
+    json_t *models = json_array();
+    int ready = atomic_load(&s->ready) == 1;
+    for (size_t i = 0; ready && i < s->n_models; i++) {
+        srv_model *m = &s->models[i];
+        json_array_append_new(
+            models,
+            json_pack("{s:s, s:s, s:I, s:I, s:f}", "name", m->cfg->name, "weight_mode", m->mode,
+                      "compressed_bytes", (json_int_t)m->compressed_bytes, "decoded_equivalent_bytes",
+                      (json_int_t)m->decoded_bytes, "decoded_over_compressed",
+                      m->compressed_bytes ? (double)m->decoded_bytes / (double)m->compressed_bytes : 0.0));
+    }
+    json_t *j = nz_mem_report_json(&r);
+    if (!j) {
+        json_decref(models);
+        return NULL;
+    }
+    json_object_set_new(j, "models", models);
+    json_object_set_new(j, "tile_cache",
+                        json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f}", "bytes",
+                                  (json_int_t)cs.bytes, "peak_bytes", (json_int_t)cs.peak_bytes,
+                                  "budget_bytes", (json_int_t)cs.budget, "entries", (json_int_t)cs.entries,
+                                  "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "evictions",
+                                  (json_int_t)cs.evictions, "tiles_decoded_uncached", (json_int_t)ut,
+                                  "decode_seconds", (double)(cs.decode_ns + uns) * 1e-9));
+    srv_budget_stats bs;
+    srv_budget_get_stats(s->budget, &bs);
+    json_object_set_new(j, "requests",
+                        json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "budget_bytes",
+                                  (json_int_t)s->memory_budget, "pool_bytes", (json_int_t)bs.total,
+                                  "reserved_bytes", (json_int_t)bs.reserved, "peak_reserved_bytes",
+                                  (json_int_t)bs.peak, "waiting", (json_int_t)bs.waiting, "waits",
+                                  (json_int_t)bs.waits));
+    return j;
+}
+
+void srv_respond_metrics(srv_server *s, srv_req *r) {
+    nz_mem_report mr;
+    nz_mem_get_report(&mr);
+    nz_cache_stats cs;
+    nz_cache_get_stats(s->cache, &cs);
+    uint64_t ut, uns;
+    nz_weight_uncached_stats(&ut, &uns);
+    int ready = atomic_load(&s->ready) == 1;
+    srv_model_gauges mg[s->n_models ? s->n_models : 1];
+    size_t nm = 0;
+    for (size_t i = 0; ready && i < s->n_models; i++)
+        mg[nm++] = (srv_model_gauges){s->models[i].cfg->name, s->models[i].compressed_bytes,
+                                      s->models[i].decoded_bytes};
+    srv_gauges g = {0};
+    g.models = mg;
+    g.n_models = nm;
+    g.tile_cache_bytes = cs.bytes;
+    g.tile_cache_limit_bytes = cs.budget;
+    g.kv_cache_bytes = mr.current[NZ_MEM_KV];
+    g.scratch_bytes = mr.current[NZ_MEM_SCRATCH];
+    g.activations_bytes = mr.current[NZ_MEM_ACTIVATIONS];
+    g.resident_bytes = mr.rss;
+    g.resident_peak_bytes = mr.rss_peak;
+    g.mapped_resident_bytes = mr.mapped_resident;
+    g.allocator_free_bytes = mr.allocator_free;
+    g.tiles_decoded_total = cs.tiles_decoded + ut;
+    g.tile_cache_hits_total = cs.hits;
+    g.tile_cache_misses_total = cs.misses;
+    g.tile_cache_evictions_total = cs.evictions;
+    g.tile_decode_seconds_total = (double)(cs.decode_ns + uns) * 1e-9;
+    srv_budget_stats bs;
+    srv_budget_get_stats(s->budget, &bs);
+    g.memory_budget_bytes = s->memory_budget;
+    g.request_memory_pool_bytes = bs.total;
+    g.request_memory_reserved_bytes = bs.reserved;
+    g.request_memory_waits_total = bs.waits;
+    g.ready = ready;
+    g.uptime_seconds = nz_now_s() - s->t_start;
+    char *text = NULL;
+    size_t len = 0;
+    if (srv_metrics_render(s->metrics, &g, &text, &len)) {
+        srv_respond_fail(r, 500, "out of memory rendering the metrics");
+        return;
+    }
+    char *b = nz_malloc(len + 1, NZ_MEM_OTHER);
+    if (b) memcpy(b, text, len + 1);
+    free(text);
+    if (!b) {
+        srv_respond_fail(r, 500, "out of memory rendering the metrics");
+        return;
+    }
+    srv_respond_body(r, 200, b, len);
+}

@@ -1,0 +1,204 @@
+/* srv_translate — the /v1/translate handler: options, validation and tokenization, memory
+ * checks, running a batch of requests in chunks that fit the memory pool, the response. */
+#include "srv_internal.h"
+
+#include "nz_alloc.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Whether b can be decoded in one batch with a (same model and options). */
+static int batchable(const srv_req *a, const srv_req *b) {
+    return a->route == SRV_ROUTE_TRANSLATE && b->route == SRV_ROUTE_TRANSLATE && a->model == b->model &&
+           nz_tr_opts_same(&a->topts, &b->topts);
+}
+
+/* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
+static void respond_translations(srv_req *r, const nz_tr_result *res) {
+    const srv_translate_req *q = &r->tr;
+    json_t *arr = json_array();
+    uint64_t tin = 0, tout = 0;
+    for (size_t i = 0; i < q->n; i++) {
+        const nz_tr_result *t = &res[i];
+        if (t->rc) {
+            int st = t->rc == NZ_E_RANGE || t->rc == NZ_E_INVALID_ARG || t->rc == NZ_E_FORMAT ? 422 : 500;
+            if (q->single)
+                srv_respond_fail(r, st, "%s", t->err.msg);
+            else
+                srv_respond_fail(r, st, "texts[%zu]: %s", i, t->err.msg);
+            json_decref(arr);
+            return;
+        }
+        tin += t->input_tokens >= 2 ? t->input_tokens - 2 : 0;
+        tout += t->output_tokens;
+        json_t *o1 =
+            json_pack("{s:o, s:f}", "text", srv_json_text(t->text, t->text_len), "score", (double)t->score);
+        if (o1 && q->return_tokens) {
+            json_t *ids = json_array();
+            for (size_t k = 0; k < t->n_tokens; k++) json_array_append_new(ids, json_integer(t->tokens[k]));
+            json_object_set_new(o1, "tokens", ids);
+        }
+        json_array_append_new(arr, o1);
+    }
+    r->tokens_in = tin;
+    r->tokens_out = tout;
+    double t1 = nz_now_s();
+    srv_respond_json(r, 200,
+                     json_pack("{s:s, s:o, s:{s:I, s:I}, s:{s:f, s:f, s:f}}", "model", r->model->cfg->name,
+                               "translations", arr, "usage", "input_tokens", (json_int_t)tin, "output_tokens",
+                               (json_int_t)tout, "timing_ms", "queue", (r->t_start - r->t0) * 1e3,
+                               "inference", (t1 - r->t_start) * 1e3, "total", (t1 - r->t0) * 1e3));
+}
+
+/* Translate ids[0..n) in chunks that fit the request memory pool: each chunk, the longest run of texts
+ * whose estimated peak fits the pool, reserves its estimate (waiting its turn) and returns it when done.
+ * A single text always fits (submit_translate refused the others). @return as nz_translator_run_ids;
+ * NZ_E_CANCELLED when the batch was stopped while waiting for memory. */
+static int run_translate_chunks(srv_worker *w, srv_model *model, const int32_t **ids, const size_t *lens,
+                                size_t n, const nz_tr_opts *o, srv_batch *b, nz_tr_result *res, nz_error *e) {
+    srv_server *s = w->s;
+    srv_budget_stats bs;
+    srv_budget_get_stats(s->budget, &bs);
+    int rc = NZ_OK;
+    for (size_t k0 = 0; k0 < n && !rc;) {
+        size_t k1 = k0 + 1;
+        uint64_t est = nz_translator_peak_bytes(model->tr, lens + k0, 1, o);
+        while (k1 < n) {
+            uint64_t more = nz_translator_peak_bytes(model->tr, lens + k0, k1 + 1 - k0, o);
+            if (more > bs.total) break;
+            est = more;
+            k1++;
+        }
+        if (srv_budget_reserve(s->budget, est, srv_batch_all_stopped, b))
+            return nz_fail(e, NZ_E_CANCELLED, "stopped while waiting for memory");
+        rc = nz_translator_run_ids(w->mc, model->tr, ids + k0, lens + k0, k1 - k0, o, 1, res + k0, e);
+        srv_budget_release(s->budget, est);
+        if (k1 < n) nz_mem_trim(SRV_TRIM_FREE_BYTES); /* the next chunk reuses the memory */
+        k0 = k1;
+    }
+    return rc;
+}
+
+/* Decode the live members of b as one nz_translator_run and answer each of them. */
+static void run_translate(srv_worker *w, srv_batch *b) {
+    size_t cnt[SRV_BATCH_MAX], total = 0; /* texts of each member, as laid out in the batch */
+    for (size_t i = 0; i < b->n; i++)
+        if (b->m[i] && srv_req_should_stop(b->m[i])) srv_release_member(b, i);
+    for (size_t i = 0; i < b->n; i++) total += cnt[i] = b->m[i] ? b->m[i]->tr.n : 0;
+    if (!b->live) return;
+    const srv_req *r0 = NULL;
+    for (size_t i = 0; !r0; i++) r0 = b->m[i];
+    srv_model *model = r0->model;
+    nz_tr_opts o = r0->topts;
+    nz_tr_opts_set_stop(&o, srv_batch_should_stop, b);
+    nz_tr_result *res = nz_calloc(total, sizeof *res, NZ_MEM_OTHER);
+    const int32_t **ids = nz_calloc(total, sizeof *ids, NZ_MEM_OTHER);
+    size_t *lens = nz_calloc(total, sizeof *lens, NZ_MEM_OTHER);
+    if (!res || !ids || !lens) {
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i]) srv_respond_fail(b->m[i], 500, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0, k = 0; i < b->n; i++)
+        for (size_t j = 0; j < cnt[i]; j++, k++) {
+            ids[k] = b->m[i]->ids[j];
+            lens[k] = b->m[i]->n_ids[j];
+        }
+    nz_error e = {0};
+    int rc = run_translate_chunks(w, model, ids, lens, total, &o, b, res, &e);
+    int fail_status = rc && rc != NZ_E_CANCELLED ? srv_job_failed(model, &e) : 500;
+    for (size_t i = 0, k = 0; i < b->n; k += cnt[i], i++) {
+        srv_req *r = b->m[i];
+        if (!r) continue; /* released early */
+        int reason = atomic_load(&r->cancel);
+        r->batch_texts = total;
+        if (reason || rc == NZ_E_CANCELLED)
+            srv_respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
+        else if (rc)
+            srv_respond_fail(r, fail_status, "translation failed: %s", e.msg);
+        else
+            respond_translations(r, res + k);
+    }
+out:
+    nz_tr_results_free(res, res ? total : 0);
+    nz_free(res);
+    nz_free(ids);
+    nz_free(lens);
+}
+
+/* Validate a translate request against the model and the token limits and queue it.
+ * @return 1 when queued (connection suspended), 0 when a response was decided. */
+/* r->topts = m's decoding defaults with r's choices applied (the output cap is max_new_tokens unless
+ * the request or the model asks for less). @return 0, or -1 with r's error response decided. */
+static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_tokens) {
+    const srv_translate_req *q = &r->tr;
+    nz_tr_choice c;
+    nz_tr_choice_init(&c);
+    c.decoder = q->use_at;
+    c.iterations = q->iterations;
+    c.length_beam = q->length_beam;
+    c.rerank = q->rerank_at;
+    c.adaptive = q->adaptive;
+    c.beam_size = q->beam_size;
+    r->topts = *nz_translator_defaults(m->tr);
+    int model_cap = r->topts.nat.max_len > 2 ? r->topts.nat.max_len - 2 : max_new_tokens;
+    c.max_length = q->max_length > 0            ? q->max_length
+                   : model_cap < max_new_tokens ? model_cap
+                                                : max_new_tokens;
+    nz_error e = {0};
+    if (nz_tr_choice_apply(&c, &r->topts, &e)) {
+        srv_respond_fail(r, 422, "%s", e.msg);
+        return -1;
+    }
+    int at = r->topts.decoder != NZ_TR_NAT;
+    if ((at || r->topts.nat.rerank_at) && !m->has_at) {
+        srv_respond_fail(r, 422, "model '%s' has no autoregressive decoder (needed by %s)", m->cfg->name,
+                         at ? "decoder \"at\"" : "rerank \"at\"");
+        return -1;
+    }
+    return 0;
+}
+
+static int submit_translate(srv_server *s, srv_req *r) {
+    const srv_config *cfg = s->cfg;
+    srv_error e = {0};
+    srv_limits lim = {cfg->max_texts, cfg->max_new_tokens};
+    if (srv_parse_translate(r->body, r->body_len, &lim, &r->tr, &e)) {
+        srv_respond_error(r, &e);
+        return 0;
+    }
+    srv_model *m = srv_resolve_model(s, r, r->tr.model, SRV_TASK_TRANSLATE);
+    if (!m) return 0;
+    if (resolve_translate_opts(r, m, cfg->max_new_tokens)) return 0;
+    r->model = m;
+    size_t limit = (size_t)cfg->max_input_tokens;
+    if (m->max_source_positions >= 2 && m->max_source_positions - 2 < limit)
+        limit = m->max_source_positions - 2;
+    if (srv_alloc_ids(r, r->tr.n)) return 0;
+    for (size_t i = 0; i < r->tr.n; i++) {
+        nz_error ne = {0};
+        if (nz_translator_encode(m->tr, r->tr.texts[i], r->tr.lens[i], &r->ids[i], &r->n_ids[i], &ne)) {
+            srv_respond_fail(r, 422, "%s%zu%s: cannot tokenize: %s", r->tr.single ? "text" : "texts[", i,
+                             r->tr.single ? "" : "]", ne.msg);
+            return 0;
+        }
+        size_t n = r->n_ids[i];
+        if (n - 2 > limit) {
+            if (r->tr.single)
+                srv_respond_fail(r, 422, "'text' has %zu tokens; the limit is %zu", n - 2, limit);
+            else
+                srv_respond_fail(r, 422, "'texts'[%zu] has %zu tokens; the limit is %zu", i, n - 2, limit);
+            return 0;
+        }
+        /* a batch is split into chunks that fit the request pool; a single text must fit on its own */
+        if (srv_refuse_oversized(s, r, nz_translator_peak_bytes(m->tr, &r->n_ids[i], 1, &r->topts), i))
+            return 0;
+    }
+    return srv_enqueue(s, r);
+}
+
+static size_t texts(const srv_req *r) { return r->tr.n; }
+
+const srv_handler SRV_TRANSLATE_HANDLER = {SRV_ROUTE_TRANSLATE, submit_translate, batchable, texts,
+                                           run_translate};
