@@ -25,12 +25,39 @@ typedef struct {
 static _Atomic int64_t g_cur[NZ_MEM_NCAT];
 static _Atomic int64_t g_peak[NZ_MEM_NCAT];
 
+/* The measurement window (nz_mem_window_begin): the categories tracked, their
+ * summed bytes relative to the window's start, and that sum's peak. */
+static _Atomic unsigned g_win_mask;
+static _Atomic int64_t g_win_cur;
+static _Atomic int64_t g_win_peak;
+
 static void count(int cat, int64_t delta) {
     int64_t now = atomic_fetch_add(&g_cur[cat], delta) + delta;
     int64_t peak = atomic_load(&g_peak[cat]);
     while (now > peak && !atomic_compare_exchange_weak(&g_peak[cat], &peak, now)) {
     }
+    if (atomic_load_explicit(&g_win_mask, memory_order_relaxed) & (1u << cat)) {
+        int64_t w = atomic_fetch_add_explicit(&g_win_cur, delta, memory_order_relaxed) + delta;
+        int64_t wp = atomic_load_explicit(&g_win_peak, memory_order_relaxed);
+        while (w > wp && !atomic_compare_exchange_weak_explicit(&g_win_peak, &wp, w, memory_order_relaxed,
+                                                                memory_order_relaxed)) {
+        }
+    }
 }
+
+void nz_mem_window_begin(unsigned mask) {
+    atomic_store(&g_win_mask, 0u);
+    atomic_store(&g_win_cur, 0);
+    atomic_store(&g_win_peak, 0);
+    atomic_store(&g_win_mask, mask & ((1u << NZ_MEM_NCAT) - 1));
+}
+
+size_t nz_mem_window_peak(void) {
+    int64_t p = atomic_load(&g_win_peak);
+    return p > 0 ? (size_t)p : 0;
+}
+
+void nz_mem_window_end(void) { atomic_store(&g_win_mask, 0u); }
 
 void nz_mem_account(nz_mem_cat cat, int64_t delta) {
     if ((unsigned)cat < NZ_MEM_NCAT) count((int)cat, delta);

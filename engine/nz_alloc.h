@@ -52,6 +52,28 @@ size_t nz_mem_current(nz_mem_cat cat);
 /** @return the highest value nz_mem_current(cat) has reached. */
 size_t nz_mem_peak(nz_mem_cat cat);
 
+/** Bit of category cat in a category mask (nz_mem_window_begin). */
+#define NZ_MEM_MASK(cat) (1u << (unsigned)(cat))
+
+/** Start the measurement window: from now on, the sum of the current bytes
+ *  of the categories in mask (NZ_MEM_MASK(cat) bits, e.g.
+ *  NZ_MEM_MASK(NZ_MEM_ACTIVATIONS) | NZ_MEM_MASK(NZ_MEM_KV)) is tracked
+ *  relative to its value now, with its peak. One window per process: a new
+ *  call restarts it (with the new mask). It counts every thread's
+ *  allocations in those categories, so measure one piece of work at a time;
+ *  allocations racing with this call may or may not be counted. The cost
+ *  is one atomic add and compare per counted allocation while a window is
+ *  open, one relaxed load otherwise. mask 0 closes the window. */
+void nz_mem_window_begin(unsigned mask);
+
+/** @return the highest sum of the window's categories seen since
+ *  nz_mem_window_begin, minus the sum at its start (0 when it never rose
+ *  above it, e.g. only frees of older blocks; 0 without a window). */
+size_t nz_mem_window_peak(void);
+
+/** Stop tracking (nz_mem_window_peak keeps the peak reached so far). */
+void nz_mem_window_end(void);
+
 /** Add (or with a negative delta, remove) bytes that are held outside
  *  nz_malloc, e.g. an mmap of a model file, so reports include them. */
 void nz_mem_account(nz_mem_cat cat, int64_t delta);

@@ -341,6 +341,36 @@ done:
     return rc;
 }
 
+uint64_t nz_dialogue_peak_bytes(const nz_dialogue *d, size_t n_ids, const nz_dlg_opts *o) {
+    if (!o) o = &d->defaults;
+    const size_t K = nz_t5md_get_config(d->t5md)->num_modes;
+    const size_t D = !o->gen.decoders || !o->gen.n_decoders ? K : o->gen.n_decoders;
+    if (!n_ids || !D || o->gen.max_new_tokens < 0 || o->gen.max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS) return 0;
+    nz_t5md_opts gen = o->gen; /* as nz_dialogue_run_ids passes it on */
+    gen.num_return = 1;
+    gen.on_token = NULL;
+    const uint64_t mnt = (uint64_t)gen.max_new_tokens, cap = mnt ? mnt : 1;
+    const uint64_t nres = nz_t5md_result_count(d->t5md, &gen, 1);
+    /* st.slot, gres, order, norm, res->responses (NZ_MEM_OTHER) */
+    const uint64_t arrays = K * sizeof(int) + nres * (sizeof(nz_t5md_result) + sizeof(size_t) +
+                                                      sizeof(char *) + sizeof(nz_dlg_response));
+    uint64_t stream = 0, hook = 0;
+    if (o->on_token) {
+        /* st.tok, st.n, st.shown, st.broken; and during every token (stream_token, called while the
+         * decoder's buffers are held): nz_t5md_decode_text of the <= mnt + 1 tokens so far (pieces and
+         * plen: 8 bytes a token + 1 each; the text + 1) */
+        stream = D * (mnt + 1) * sizeof(int32_t) + D * (2 * sizeof(size_t) + sizeof(int));
+        hook = 2 * (8 * (mnt + 1) + 1) + nz_t5md_decode_text_bound(d->tok, mnt + 1) + 1;
+    }
+    const uint64_t gen_peak = nz_t5md_peak_bytes(d->t5md, &n_ids, 1, &gen);
+    /* after generating: every result's tokens and logprobs (<= cap + 1 each, + 1 byte), its text (+ 1) and,
+     * with distinct, its normalised copy (+ 1); one nz_t5md_decode_text's pieces and plen at a time */
+    const uint64_t tmax = cap + 1, text = nz_t5md_decode_text_bound(d->tok, tmax) + 1;
+    const uint64_t texts = nres * (2 * (4 * tmax + 1) + text + (o->distinct ? text : 0)) + 2 * (8 * tmax + 1);
+    const uint64_t during = gen_peak + hook;
+    return arrays + stream + (during > texts ? during : texts);
+}
+
 int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,
                     const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
     memset(res, 0, sizeof *res);

@@ -195,6 +195,18 @@ int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *
 int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *ids, size_t n_ids,
                         const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err);
 
+/** Upper bound of the bytes nz_dialogue_run_ids(mc, d, ids, n_ids, o, ...) holds at its peak in
+ *  NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+ its NZ_MEM_OTHER for the run), from the context length n_ids and
+ *  the options o (NULL: the model's defaults; strategy, beam size, decoders, max new tokens, ...).
+ *  Cheap (no allocation, no model compute). It is nz_t5md_peak_bytes for the one context (the encoder;
+ *  the decoders' caches of max_new_tokens positions, allocated whole before the first step, with a step
+ *  and the projection chunk; every decoder assumed to run to max_new_tokens) plus this call's own
+ *  buffers: the result arrays, the streaming state and one streamed token's text decoding (with
+ *  o->on_token), the responses' texts. Not counted: what o->on_token and the stop hook allocate, the
+ *  allocator's per-block headers, the tile cache and decode scratch, and with nz_dialogue_run the
+ *  context's ids (4 bytes an id). @return bytes (0 for options refused before any allocation). */
+uint64_t nz_dialogue_peak_bytes(const nz_dialogue *d, size_t n_ids, const nz_dlg_opts *o);
+
 #ifdef __cplusplus
 }
 #endif

@@ -363,6 +363,53 @@ static int stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_bloc
     return NZ_OK;
 }
 
+/* ------------------------------------------------------------------ peak memory estimates
+ *
+ * nz_nat_*_peak_bytes: the bytes a call holds at its peak in NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+ its
+ * NZ_MEM_OTHER results), counted as nz_malloc counts them, as the sum of the buffers alive together at the
+ * worst point of the call. Each helper stands next to the code whose allocations it mirrors (the engine's
+ * layers: engine/nz_layer.c): a change to those allocations must change the helper
+ * (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB). Sizes are doubles
+ * (exact below 2^53 bytes), saturated on return. */
+
+static double dmax(double a, double b) { return a > b ? a : b; }
+
+static uint64_t to_bytes(double v) { return v >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)v; }
+
+/* engine/nz_layer.c nz_attn_self over B x T rows (attention width I) attending Tk keys: q, k, v (3 M I
+ * floats), with a cache (kv) the key padding copy kv_pad_rows (B x Tk bytes + 1), attend's ctx (M I floats)
+ * and work (nz_attention_work_floats: Tk floats, at least 1). */
+static double attn_self_peak(double B, double T, double I, int kv, double Tk) {
+    const double M = B * T;
+    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I + 4 * dmax(Tk, 1);
+}
+
+/* nz_attn_cross of M query rows over a cache of kvB x S keys: q (M I floats), the padding copy of the whole
+ * cache (kvB x S bytes + 1), attend's ctx (M I floats) and work (S floats). */
+static double attn_cross_peak(double M, double I, double kvB, double S) {
+    return 4 * M * I + kvB * S + 1 + 4 * M * I + 4 * dmax(S, 1);
+}
+
+/* nz_block_fwd over B x T rows of width D, no adapter: h and y (2 M D floats + 1) plus the largest
+ * sub-layer: self attention (stateless: over the T positions; kv: over Tk, the cache length after the
+ * step), cross attention (when cross: over a kvB x S cache), the FFN's hidden layer (M F floats + 1). */
+static double block_peak(double B, double T, double D, double F, int kv, double Tk, int cross, double kvB,
+                         double S) {
+    const double M = B * T;
+    double sub = attn_self_peak(B, T, D, kv, kv ? Tk : T);
+    if (cross) sub = dmax(sub, attn_cross_peak(M, D, kvB, S));
+    sub = dmax(sub, 4 * M * F + 1);
+    return 8 * M * D + 1 + sub;
+}
+
+/* stack_embed over M rows: nz_embed's done flags (M bytes, freed before the positions), then pos (M int64),
+ * pe (M x D floats) and ids (M int32); the embedding norm runs in place. */
+static double embed_peak(const nat_stack *s, double M, double D) {
+    const double done = dmax(M, 1);
+    if (s->pos == POS_NONE || !M) return done;
+    return dmax(done, 8 * M + 4 * M * D + 4 * M);
+}
+
 int nz_nat_check_source(const nz_nat *n, const int32_t *src, size_t S, size_t *len, nz_error *err) {
     size_t k = 0;
     for (size_t t = 0; t < S; t++) {
@@ -424,6 +471,16 @@ done:
     return rc;
 }
 
+/* nz_nat_encode's output for B x S: x (B S D floats), pad (B S bytes), len (B size_t). */
+static double enc_bytes(double B, double S, double D) { return 4 * B * S * D + B * S + 8 * B; }
+
+/* nz_nat_encode's peak: its output + the larger of the embedding and one (stateless) layer. */
+static double encode_peak(const nz_nat *n, double B, double S) {
+    const double D = (double)n->c.d_model;
+    return enc_bytes(B, S, D) +
+           dmax(embed_peak(&n->enc, B * S, D), block_peak(B, S, D, (double)n->c.enc_ffn, 0, 0, 0, 0, 0));
+}
+
 static void kvs_free(nz_kv *kv, size_t nl) {
     for (size_t l = 0; kv && l < nl; l++) nz_kv_free(&kv[l]);
     nz_free(kv);
@@ -446,6 +503,16 @@ static int cross_kvs(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, con
     }
     *out = kv;
     return rc;
+}
+
+/* cross_kvs of stack s over B x S encoder rows: the nz_kv array and per layer k, v (B S D floats each) and
+ * pad (B S bytes). *build: the peak while they are built (+ the last layer's nz_attn_cross_kv projections,
+ * 2 B S D floats + 1). @return the bytes held once built. */
+static double cross_kvs_bytes(const nz_nat *n, const nat_stack *s, double B, double S, double *build) {
+    const double D = (double)n->c.d_model, nl = (double)s->nlayers;
+    const double held = nl * sizeof(nz_kv) + nl * (8 * B * S * D + B * S);
+    *build = held + (nl ? 8 * B * S * D + 1 : 0);
+    return held;
 }
 
 /* Decoder features h[A x W x D] of tok[A x W] (nat: CMLM decoder, else AT
@@ -472,6 +539,15 @@ static int decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_
     return rc;
 }
 
+/* decoder_fwd's peak over A x W tokens whose rows read cross caches of encB x S: pad (A W bytes + 1) + the
+ * larger of the embedding and one layer (stateless self attention, cross attention, FFN). */
+static double decoder_fwd_peak(const nz_nat *n, int nat, double A, double W, double encB, double S) {
+    const nat_stack *s = nat ? &n->dec : &n->at;
+    const double D = (double)n->c.d_model;
+    return A * W + 1 +
+           dmax(embed_peak(s, A * W, D), block_peak(A, W, D, (double)n->c.dec_ffn, 0, 0, 1, encB, S));
+}
+
 /* Log-softmax of the output projection of the R rows h[rows[i]] (rows of
  * D floats): calls fn(ctx, i, lp[V]) for each, PROJ_CHUNK rows per matmul. */
 typedef void (*row_fn)(void *ctx, size_t i, const float *lp);
@@ -495,6 +571,12 @@ static int project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, cons
     nz_free(g);
     nz_free(lp);
     return rc;
+}
+
+/* project_rows' peak for R rows: g (C x D floats) and lp (C x V floats), C = min(R, PROJ_CHUNK). */
+static double project_peak(const nz_nat *n, double R) {
+    const double C = R < PROJ_CHUNK ? R : PROJ_CHUNK;
+    return C > 0 ? 4 * C * (double)n->c.d_model + 4 * C * (double)n->c.vocab : 0;
 }
 
 /* ------------------------------------------------------------------ results */
@@ -525,6 +607,9 @@ static int prepare(const nz_nat *n, const int32_t *src, size_t B, size_t S, nz_n
     }
     return NZ_OK;
 }
+
+/* prepare's buffers for B sources of width S: vsrc (B S int32 + 1), vidx (B size_t + 1). */
+static double prepare_bytes(double B, double S) { return 4 * B * S + 1 + 8 * B + 1; }
 
 /* A batch-wide failure: every sentence without a result gets it. */
 static void fail_all(nz_nat_hyp *hyps, size_t B, const nz_error *err) {
@@ -614,6 +699,16 @@ done:
     nz_free(acc);
     nz_free(h);
     return rc;
+}
+
+/* nz_nat_at_score's peak for N hypotheses (inputs at most W wide), R scored rows, over an encoder of B x S:
+ * in (N W int32), target (R int32), rows and owner (R size_t each), acc (N double), h (N W D floats), then
+ * the AT decoder's cross caches (while built; or held, with the forward pass or the projection). */
+static double at_score_peak(const nz_nat *n, double N, double W, double R, double B, double S) {
+    const double D = (double)n->c.d_model;
+    const double bufs = 4 * N * W + 4 * R + 8 * R + 8 * R + 8 * N + 4 * N * W * D;
+    double build, held = cross_kvs_bytes(n, &n->at, B, S, &build);
+    return bufs + dmax(build, held + dmax(decoder_fwd_peak(n, 0, N, W, B, S), project_peak(n, R)));
 }
 
 /* ------------------------------------------------------------------ mask-predict */
@@ -900,6 +995,69 @@ done:
     return rc;
 }
 
+/* The longest candidates mask-predict can make for sources of len[0..B) non-pad tokens: the length
+ * predictor's largest class (length_classes - 1; with pred_length_offset that - 128 + the source length;
+ * at least 2) is L0, candidate j is L0 + j - beam / 2 within [2, maxL] (as in nz_nat_mask_predict; the
+ * prediction itself is only known after the encoder ran). *sum receives the sum of the candidates'
+ * lengths. @return the widest (>= 2). */
+static size_t mp_max_width(const nz_nat *n, const size_t *len, size_t B, const nz_nat_opts *o, double *sum) {
+    const long beam = o->length_beam;
+    long maxL = (long)n->c.max_target_positions, W = 2;
+    if (o->max_len >= 2 && o->max_len < maxL) maxL = o->max_len;
+    *sum = 0;
+    for (size_t b = 0; b < B; b++) {
+        long L0 = (long)n->c.length_classes - 1;
+        if (n->c.pred_length_offset) L0 = L0 - LENGTH_OFFSET + (long)(len ? len[b] : 0);
+        L0 = L0 < 2 ? 2 : L0;
+        for (long j = 0; j < beam; j++) {
+            long L = L0 + j - beam / 2;
+            L = L < 2 ? 2 : L > maxL ? maxL : L;
+            *sum += (double)L;
+            if (L > W) W = L;
+        }
+    }
+    return (size_t)W;
+}
+
+uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size_t B, size_t S,
+                                        const nz_nat_opts *o) {
+    nz_nat_opts def;
+    if (!o) {
+        nz_nat_opts_default(&def);
+        o = &def;
+    }
+    const double prep = prepare_bytes((double)B, (double)S); /* vsrc, vidx */
+    /* nz_nat_mask_predict's option checks: refused before anything else is allocated */
+    if (o->max_len < 0 || o->max_len == 1 || o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 ||
+        o->length_beam > 4096 || (o->rerank_at && (!n->c.at_layers || n->c.at_prepend_bos)) || !B || !S)
+        return to_bytes(prep);
+    const double D = (double)n->c.d_model, dB = (double)B, dS = (double)S;
+    double sumL; /* the candidates' lengths, summed */
+    const double N = dB * o->length_beam, W = (double)mp_max_width(n, len, B, o, &sumL);
+    const double enc = enc_bytes(dB, dS, D);                                  /* enc */
+    const double L0 = 8 * dB;                                                 /* L0 */
+    const double lenpred = 4 * dB * D + 4 * dB * (double)n->c.length_classes; /* pooled, lo */
+
+    const double cand = 8 * N + 4 * N                                  /* clen, csent */
+                        + 4 * (4 * N * W)                              /* tok, prev, bt, ftok */
+                        + 4 * N * W                                    /* sc */
+                        + 4 * N * W * D                                /* h */
+                        + 8 * N + 4 * N                                /* act, kvmap */
+                        + 8 * N * W + 8 * N * W                        /* rows, cell */
+                        + 8 * N + 4 * N * 3                            /* fn, fscore, ascore, fsteps */
+                        + sizeof(sort_key) * W;                        /* keys */
+    double build, cross = cross_kvs_bytes(n, &n->dec, dB, dS, &build); /* the CMLM decoder's cross caches */
+    /* a pass: every candidate active at the full width (fixed iterations), then the projection of the
+     * masked cells (all L - 2 inner cells in the first pass, the most of any pass) */
+    const double pass = dmax(decoder_fwd_peak(n, 1, N, W, dB, dS), project_peak(n, sumL - 2 * N));
+    /* rerank: hp + the AT decoder's teacher-forced pass over N candidates of <= L tokens (L - 1 rows) */
+    const double hp = o->rerank_at ? 8 * N : 0;
+    const double rerank = o->rerank_at ? hp + at_score_peak(n, N, W - 1, sumL - N, dB, dS) : 0;
+    const double hyps = dB * (4 * W + 1); /* set_tokens: every sentence's result (NZ_MEM_OTHER) */
+    const double decode = enc + L0 + cand + dmax(build, cross + dmax(dmax(pass, rerank), hp + hyps));
+    return to_bytes(prep + dmax(dmax(encode_peak(n, dB, dS), enc + L0 + lenpred), decode));
+}
+
 /* ------------------------------------------------------------------ AT greedy */
 
 /* Checks shared by the AT searches; *max_len = min(int(a * S + b),
@@ -1047,6 +1205,55 @@ done:
     nz_free(x);
     nz_free(tmp);
     return rc;
+}
+
+/* The AT searches' common part: the encoder, then (held through the search) its output and the AT
+ * decoder's cross caches over B x S. *held receives those; @return the peak until the search starts. */
+static double at_front(const nz_nat *n, double B, double S, double *held) {
+    double build, cross = cross_kvs_bytes(n, &n->at, B, S, &build);
+    const double enc = enc_bytes(B, S, (double)n->c.d_model);
+    *held = enc + cross;
+    return dmax(encode_peak(n, B, S), enc + build);
+}
+
+/* One AT step of R rows (T = 1) with self-attention caches of cap positions: the larger of the
+ * embedding, a layer (cached self attention, cross attention over B x S) and the projection. */
+static double at_step_peak(const nz_nat *n, double R, double cap, double B, double S) {
+    const double D = (double)n->c.d_model;
+    const double layer = block_peak(R, 1, D, (double)n->c.dec_ffn, 1, cap, 1, B, S);
+    return dmax(dmax(embed_peak(&n->at, R, D), layer), project_peak(n, R));
+}
+
+/* The self-attention caches of R rows x cap positions: the nz_kv array and per AT layer k, v (R cap D
+ * floats each) and pad (R cap bytes). */
+static double at_self_bytes(const nz_nat *n, double R, double cap) {
+    const double nl = (double)n->at.nlayers, D = (double)n->c.d_model;
+    return nl * sizeof(nz_kv) + nl * (8 * R * cap * D + R * cap);
+}
+
+uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o) {
+    nz_nat_at_opts def;
+    if (!o) {
+        nz_nat_at_opts_default(&def);
+        o = &def;
+    }
+    const double dB = (double)B, dS = (double)S, D = (double)n->c.d_model, V = (double)n->c.vocab;
+    const double prep = prepare_bytes(dB, dS); /* vsrc, vidx */
+    nz_error e;
+    size_t max_len = 0;
+    if (at_setup(n, o, S, &max_len, &e) || !B || !S) return to_bytes(prep);
+    const double cap = (double)max_len + 1;
+    double held, front = at_front(n, dB, dS, &held);
+    const double bufs = 4 * dB + 4 * dB       /* cur, next */
+                        + 4 * dB * cap        /* obuf */
+                        + 8 * dB + 8 * dB     /* on, rows */
+                        + dB + dB + 8 * dB    /* pad, fin, lpsum */
+                        + 4 * dB * D + 4 * V; /* x, tmp */
+    /* set_tokens: the results (NZ_MEM_OTHER), <= max_len + 1 tokens each */
+    const double hyps = dB * (4 * cap + 1);
+    const double search =
+        held + at_self_bytes(n, dB, cap) + bufs + dmax(at_step_peak(n, dB, cap, dB, dS), hyps);
+    return to_bytes(prep + dmax(front, search));
 }
 
 /* ------------------------------------------------------------------ AT beam search */
@@ -1285,4 +1492,38 @@ done:
     nz_free(tmp);
     nz_free(pool);
     return rc;
+}
+
+uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o, int beam) {
+    nz_nat_at_opts def;
+    if (!o) {
+        nz_nat_at_opts_default(&def);
+        o = &def;
+    }
+    const double dB = (double)B, dS = (double)S, D = (double)n->c.d_model, V = (double)n->c.vocab;
+    const double prep = prepare_bytes(dB, dS); /* vsrc, vidx */
+    nz_error e;
+    size_t max_len = 0;
+    if (at_setup(n, o, S, &max_len, &e) || beam < 1 || beam > 4096 || !B || !S) return to_bytes(prep);
+    const size_t Kz = (size_t)beam < n->c.vocab - 1 ? (size_t)beam : n->c.vocab - 1;
+    const double K = (double)Kz, N = dB * K, cap = (double)max_len + 1;
+    const double kk = 2 * K < V ? 2 * K : V;
+    double held, front = at_front(n, dB, dS, &held);
+    const double bufs = 4 * N                         /* cur */
+                        + 3 * (4 * N * cap)           /* hist, hist2, ftok */
+                        + 8 * N + 8 * dB              /* rows, asent */
+                        + 8 * N + 8 * dB              /* fn, fcnt */
+                        + 4 * N + 4 * N               /* kvmap, order */
+                        + 4 * N * kk + 4 * N * kk     /* ctok, cval */
+                        + N + 2 * K                   /* ignore, em */
+                        + 4 * N + 4 * N + 4 * N       /* cum, cum2, fsc */
+                        + 4 * N * D + 4 * V           /* x, tmp */
+                        + sizeof(beam_cand) * K * kk; /* pool */
+    /* nz_kv_select's copies (engine/nz_layer.c, NZ_MEM_KV) when the caches are reordered after a step:
+     * tmp (rows x len x D floats) and ptmp (rows x len bytes), len <= max_len */
+    const double select = 4 * N * (double)max_len * D + N * (double)max_len;
+    const double hyps = dB * (4 * cap + 1); /* set_tokens: the results (NZ_MEM_OTHER) */
+    const double step = dmax(at_step_peak(n, N, cap, dB, dS), select);
+    const double search = held + at_self_bytes(n, N, cap) + bufs + dmax(step, hyps);
+    return to_bytes(prep + dmax(front, search));
 }

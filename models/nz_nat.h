@@ -225,6 +225,33 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
 int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, const int32_t *const *hyp,
                     const size_t *len, const uint32_t *sent, size_t N, float *scores, nz_error *err);
 
+/* Peak memory of a call, from its shape alone (no allocation, no model compute): an upper bound of the
+ * bytes the call holds at once in NZ_MEM_ACTIVATIONS + NZ_MEM_KV + the NZ_MEM_OTHER results it makes,
+ * for src[B x S] with every sentence valid (invalid ones only lower it), counted as nz_malloc counts
+ * them (the allocator's 64-byte headers and malloc's own overhead are not included). Options the call
+ * refuses give the little it allocates before refusing them. */
+
+/** Peak of nz_nat_mask_predict(mc, n, src, B, S, o, ...); len[B] (NULL: 0) the non-pad token counts of
+ *  the sources (an upper bound of each is enough). The candidates' lengths come from the length
+ *  predictor, known only after the encoder ran: the estimate takes the longest it can give
+ *  (length_classes - 1, with pred_length_offset that - 128 + the source length) plus the length beam's
+ *  spread, capped by max_target_positions and o->max_len; it is tight when a sentence's prediction is
+ *  that long, or when o->max_len caps the candidates. Covers the encoder, length prediction, every
+ *  mask-predict pass (all candidates active: fixed or adaptive iterations alike), the AT rerank and the
+ *  results. @return bytes. */
+uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size_t B, size_t S,
+                                        const nz_nat_opts *o);
+
+/** Peak of nz_nat_at_greedy(mc, n, src, B, S, o, ...): the encoder, the AT cross and self caches of
+ *  max_len + 1 positions (allocated whole before the first step), a step, the results (every sentence
+ *  assumed to run to max_len). @return bytes. */
+uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o);
+
+/** Peak of nz_nat_at_beam(mc, n, src, B, S, o, beam, ...): as nz_nat_at_greedy_peak_bytes for B x beam
+ *  rows, plus the search's buffers and the caches' reorder copies (at max_len positions).
+ *  @return bytes. */
+uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o, int beam);
+
 #ifdef __cplusplus
 }
 #endif

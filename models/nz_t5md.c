@@ -61,6 +61,7 @@ struct nz_t5md_tok {
     nz_spm *sp;
     int32_t sep; /* separator id, -1: turns joined with a space */
     size_t max_turns, max_src, count;
+    size_t max_piece; /* bytes of the longest piece: bounds decoded text */
 };
 
 /* ------------------------------------------------------------------ config */
@@ -437,6 +438,52 @@ done:
     return rc;
 }
 
+/* ------------------------------------------------------------------ peak memory estimates
+ *
+ * nz_t5md_peak_bytes: the bytes nz_t5md_generate holds at its peak in NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+
+ * its NZ_MEM_OTHER results), counted as nz_malloc counts them, as the sum of the buffers alive together
+ * at the worst point. Each helper stands next to the code whose allocations it mirrors (the engine's
+ * layers: engine/nz_layer.c): a change to those allocations must change the helper
+ * (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB). Sizes are doubles
+ * (exact below 2^53 bytes), saturated on return. */
+
+static double dmax(double a, double b) { return a > b ? a : b; }
+
+static uint64_t to_bytes(double v) { return v >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)v; }
+
+/* engine/nz_layer.c nz_attn_self over B x T rows (attention width I) attending Tk keys: q, k, v (3 M I
+ * floats), with a cache (kv) the key padding copy kv_pad_rows (B x Tk bytes + 1), attend's ctx (M I floats)
+ * and work (nz_attention_work_floats: Tk floats, at least 1). */
+static double attn_self_peak(double B, double T, double I, int kv, double Tk) {
+    const double M = B * T;
+    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I + 4 * dmax(Tk, 1);
+}
+
+/* nz_attn_cross of M query rows over a cache of kvB x S keys: q (M I floats), the padding copy of the whole
+ * cache (kvB x S bytes + 1), attend's ctx (M I floats) and work (S floats). */
+static double attn_cross_peak(double M, double I, double kvB, double S) {
+    return 4 * M * I + kvB * S + 1 + 4 * M * I + 4 * dmax(S, 1);
+}
+
+/* nz_ffn_fwd over M rows: the hidden layer (M d_ff floats, twice that gated, + 1). */
+static double ffn_peak(const nz_t5md_config *c, double M) {
+    return (c->act == NZ_ACT_GATED_GELU ? 8 : 4) * M * (double)c->d_ff + 1;
+}
+
+/* nz_t5md_encode's output for B x S: x (B S d floats), pad (B S bytes), len (B size_t). */
+static double enc_bytes(const nz_t5md_config *c, double B, double S) {
+    return 4 * B * S * (double)c->d_model + B * S + 8 * B;
+}
+
+/* nz_t5md_encode's peak: its output, ids (B S int32), the position bias (H S S floats), and the larger of
+ * nz_embed's flags (B S bytes) and one nz_block_fwd (h, y: 2 M d floats + 1; then stateless self attention
+ * or the FFN; no cross attention, no adapter). */
+static double encode_peak(const nz_t5md_config *c, double B, double S) {
+    const double M = B * S, d = (double)c->d_model, I = (double)c->inner;
+    const double block = 8 * M * d + 1 + dmax(attn_self_peak(B, S, I, 0, S), ffn_peak(c, M));
+    return enc_bytes(c, B, S) + 4 * M + 4 * (double)c->num_heads * S * S + dmax(dmax(M, 1), block);
+}
+
 /* ------------------------------------------------------------------ decoder */
 
 /* The state of one generation call's decoder rows. Rows are decoder-major:
@@ -501,6 +548,29 @@ static int run_init(nz_matmul_ctx *mc, run *r, const nz_t5md *t, const nz_t5md_e
     r->N = N0;
 done:
     return rc;
+}
+
+/* run_init for N0 rows of cap positions over B x S encoder rows, D requested decoders: the cache arrays
+ * (nz_kv each), src and dj (N0 uint32 each), x, h, y (N0 d floats each), bias (H (cap + 1) floats); the
+ * cross-attention caches (per (decoder,) layer k, v: B S I floats each, pad: B S bytes), *build: the peak
+ * while they are built (+ nz_attn_cross_kv's projections, 2 B S I floats + 1); the self-attention caches
+ * (per layer k, v: N0 cap I floats each, pad: N0 cap bytes). @return the bytes held once built. */
+static double run_bytes(const nz_t5md *t, double B, double S, double D, double N0, double cap,
+                        double *build) {
+    const nz_t5md_config *c = &t->c;
+    const double d = (double)c->d_model, I = (double)c->inner, L = (double)c->dec_layers;
+    const double ncross = c->kind == NZ_T5MD_TRANSFORMER ? D * L : L;
+    const double fixed = ncross * sizeof(nz_kv) + L * sizeof(nz_kv) + 4 * N0 + 4 * N0 + 3 * (4 * N0 * d) +
+                         4 * (double)c->num_heads * (cap + 1);
+    const double cross = ncross * (8 * B * S * I + B * S);
+    *build = fixed + cross + 8 * B * S * I + 1;
+    return fixed + cross + L * (8 * N0 * cap * I + N0 * cap);
+}
+
+/* nz_kv_select's copies (engine/nz_layer.c, NZ_MEM_KV) in run_select of n rows whose caches hold up to
+ * cap positions: tmp (n len I floats) and ptmp (n len bytes). */
+static double select_peak(const nz_t5md *t, double n, double cap) {
+    return 4 * n * cap * (double)t->c.inner + n * cap;
 }
 
 /* Keep rows keep[0..n) (ascending: the groups stay contiguous) of the caches and row maps. */
@@ -597,6 +667,20 @@ static int run_step(nz_matmul_ctx *mc, run *r, const int32_t *tok, nz_error *err
     return NZ_OK;
 }
 
+/* One run_step's largest temporary: run_unit over n rows at a time (adapter variant: all the rows;
+ * transformer variant: one decoder's), with g rows per adapter group (one decoder's rows), caches of up to
+ * cap positions, cross attention over B x S: nz_embed's flags (n bytes), cached self attention, an
+ * adapter (g r + g d floats + 1), cross attention, the FFN. r->x, h, y are run_init's. */
+static double step_peak(const nz_t5md *t, double n, double g, double B, double S, double cap) {
+    const nz_t5md_config *c = &t->c;
+    const double I = (double)c->inner, d = (double)c->d_model;
+    double p = dmax(dmax(n, 1), attn_self_peak(n, 1, I, 1, cap));
+    p = dmax(p, attn_cross_peak(n, I, B, S));
+    p = dmax(p, ffn_peak(c, n));
+    if (t->ad) p = dmax(p, 4 * (g * (double)c->adapter_hidden + g * d) + 1);
+    return p;
+}
+
 typedef void (*row_fn)(void *ctx, size_t row, float *logits);
 
 /* Logits of rows x[0..N) (rows of d floats), PROJ_CHUNK rows per matmul:
@@ -620,6 +704,12 @@ static int project(nz_matmul_ctx *mc, const nz_t5md *t, const float *x, size_t N
     nz_free(g);
     nz_free(lg);
     return rc;
+}
+
+/* project's peak for N rows: g (C d floats) and lg (C V floats), C = min(N, PROJ_CHUNK). */
+static double project_peak(const nz_t5md *t, double N) {
+    const double C = N < PROJ_CHUNK ? N : PROJ_CHUNK;
+    return C > 0 ? 4 * C * (double)t->c.d_model + 4 * C * (double)t->c.vocab : 0;
 }
 
 /* ------------------------------------------------------------------ results */
@@ -858,6 +948,25 @@ done:
     nz_free(rng);
     nz_free(work);
     return rc;
+}
+
+/* autoregress' peak over B encoder rows of S and D decoders: the run (while its cross caches are built, or
+ * held with the caches), its buffers, and the largest of a step, the projection, a run_select and the
+ * results. */
+static double autoregress_peak(const nz_t5md *t, double B, double S, double D, const nz_t5md_opts *o) {
+    const double N0 = B * D, mnt = (double)o->max_new_tokens, cap = mnt ? mnt : 1;
+    double build, held = run_bytes(t, B, S, D, N0, cap, &build);
+    const double bufs = 4 * N0 * 3                                  /* cur, next, lp */
+                        + 4 * N0 * cap * 2                          /* otok, olp */
+                        + 8 * N0 + 8 * N0                           /* orig, cnt */
+                        + 4 * N0 + N0                               /* keep, fin */
+                        + sizeof(nz_rng) * N0                       /* rng */
+                        + (double)nz_sample_work_bytes(t->c.vocab); /* work */
+    const int tr = t->c.kind == NZ_T5MD_TRANSFORMER;
+    double step = step_peak(t, tr ? B : N0, B, B, S, cap);
+    step = dmax(step, dmax(project_peak(t, N0), select_peak(t, N0, cap)));
+    const double results = N0 * 2 * (4 * cap + 1); /* set_result: tokens, logprobs (NZ_MEM_OTHER) */
+    return dmax(build, held + bufs + dmax(step, results));
 }
 
 /* ------------------------------------------------------------------ beam search */
@@ -1191,6 +1300,32 @@ done:
     return rc;
 }
 
+/* beam_search's peak over B encoder rows of S and D decoders: the run of items x beam rows, the search's
+ * buffers, and the largest of a step, the projection, a run_select and the results. */
+static double beam_search_peak(const nz_t5md *t, double B, double S, double D, const nz_t5md_opts *o) {
+    const double items = B * D, nb = (double)o->beam_size, N0 = items * nb, V = (double)t->c.vocab;
+    const double mnt = (double)o->max_new_tokens, cap = mnt ? mnt : 1, W = cap + 1;
+    const double kk = 2 * nb < V ? 2 * nb : V, R = (double)o->num_return;
+    double build, held = run_bytes(t, B, S, D, N0, cap, &build);
+    const double bufs = sizeof(bhyp) * items * (nb + 1)       /* hy */
+                        + 8 * items + 8 * items               /* hcnt, worst */
+                        + items * (nb + 1)                    /* slot_use */
+                        + 2 * (4 * items * (nb + 1) * W)      /* htok, hlp */
+                        + 3 * (4 * N0 * kk)                   /* ctok, cval, clp */
+                        + 4 * V + 4 * N0                      /* tmp, cur */
+                        + 4 * (4 * N0 * cap)                  /* seq, seq2, seqlp, seqlp2 */
+                        + 4 * N0 * 2                          /* bscore, bscore2 */
+                        + 8 * items + 4 * N0 + items          /* act, order, done */
+                        + (nb + 1)                            /* taken */
+                        + sizeof(beam_cand) * (nb * kk + N0); /* pool, nxt */
+    const int tr = t->c.kind == NZ_T5MD_TRANSFORMER;
+    double step = step_peak(t, tr ? B * nb : N0, B * nb, B, S, cap);
+    step = dmax(step, dmax(project_peak(t, N0), select_peak(t, N0, cap)));
+    /* set_result: R per item, tokens and logprobs of <= cap + 1 tokens (NZ_MEM_OTHER) */
+    const double results = items * R * 2 * (4 * (cap + 1) + 1);
+    return dmax(build, held + bufs + dmax(step, results));
+}
+
 /* ------------------------------------------------------------------ generate */
 
 static int check_opts(const nz_t5md *t, const nz_t5md_opts *o, nz_error *err) {
@@ -1286,6 +1421,30 @@ done:
     return rc;
 }
 
+uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const nz_t5md_opts *o) {
+    nz_t5md_opts def;
+    if (!o) {
+        nz_t5md_opts_default(&def);
+        o = &def;
+    }
+    nz_error e;
+    if (check_opts(t, o, &e)) return 0; /* refused before any allocation */
+    const double D = (double)n_decoders(t, o), dB = (double)B;
+    const double base = 4 * D + 1 + 3 * (8 * dB + 1); /* decs, valid, vsrc, vlen */
+    /* the contexts that can pass nz_t5md_check_source: the encoder's batch and width */
+    size_t Bv = 0, S = 0;
+    for (size_t b = 0; b < B; b++)
+        if (len[b] >= 1 && len[b] <= NZ_T5MD_MAX_SOURCE) {
+            Bv++;
+            if (len[b] > S) S = len[b];
+        }
+    if (!Bv || !D) return to_bytes(base);
+    const double dBv = (double)Bv, dS = (double)S;
+    const double gen =
+        o->strategy == NZ_T5MD_BEAM ? beam_search_peak(t, dBv, dS, D, o) : autoregress_peak(t, dBv, dS, D, o);
+    return to_bytes(base + dmax(encode_peak(&t->c, dBv, dS), enc_bytes(&t->c, dBv, dS) + gen));
+}
+
 /* ------------------------------------------------------------------ tokenizer */
 
 int nz_t5md_tok_load(const nz_model *m, const nz_t5md_config *c, nz_t5md_tok **out, nz_error *err) {
@@ -1302,6 +1461,8 @@ int nz_t5md_tok_load(const nz_model *m, const nz_t5md_config *c, nz_t5md_tok **o
         goto done;
     }
     tk->count = nz_spm_piece_count(tk->sp);
+    for (size_t i = 0, l = 0; i < tk->count; i++)
+        if (nz_spm_id_to_piece(tk->sp, (int32_t)i, &l) && l > tk->max_piece) tk->max_piece = l;
     if (nz_spm_unk_id(tk->sp) != NZ_T5MD_UNK)
         NZ_FAIL(NZ_E_FORMAT, "spm.model: unk id is %d, not a T5-id SentencePiece model (pad 0, eos 1, unk 2)",
                 (int)nz_spm_unk_id(tk->sp));
@@ -1473,4 +1634,10 @@ int nz_t5md_decode_text(const nz_t5md_tok *tk, const int32_t *ids, size_t n, cha
     nz_free(pieces);
     nz_free(plen);
     return rc;
+}
+
+size_t nz_t5md_decode_text_bound(const nz_t5md_tok *tk, size_t n) {
+    /* SentencePiece's decoding does not lengthen a piece ("▁" becomes a space, a byte piece one byte);
+     * 5 bytes at least: an unknown piece's " ⁇ " */
+    return n * (tk->max_piece > 5 ? tk->max_piece : 5);
 }

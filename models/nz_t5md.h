@@ -261,6 +261,18 @@ void nz_t5md_results_free(nz_t5md_result *res, size_t n);
 int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *src, const size_t *len,
                      size_t B, const nz_t5md_opts *o, nz_t5md_result *res, nz_error *err);
 
+/** Upper bound of the bytes nz_t5md_generate(mc, t, src, len, B, o, ...) holds at its peak in
+ *  NZ_MEM_ACTIVATIONS + NZ_MEM_KV + its NZ_MEM_OTHER results, from the shape alone: B contexts of len[b]
+ *  ids (every one that can be valid counted) and o (NULL: the defaults). Cheap (no allocation, no model
+ *  compute). The largest of: the encoder (incl. its H x S x S position bias); the decoder run's caches
+ *  (cross: per source, per requested decoder with the transformer variant; self: B x decoders [x beam]
+ *  rows of max_new_tokens positions, allocated whole before the first step) with the search's buffers
+ *  and a step, the projection chunk (PROJ_CHUNK rows), a cache reorder, the results (every row assumed
+ *  to run to max_new_tokens). Not counted: what o->on_token and o->stop allocate, the allocator's
+ *  per-block headers, the tile cache and decode scratch. Invalid options give 0 (refused before any
+ *  allocation). @return bytes. */
+uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const nz_t5md_opts *o);
+
 typedef enum nz_t5md_rank_key {
     NZ_T5MD_RANK_MEAN_LOGPROB = 0, /* EqHard-EM's perplexity ranking (greedy / sampled outputs) */
     NZ_T5MD_RANK_BEAM_SCORE = 1    /* beam outputs: HF sequences_scores */
@@ -313,6 +325,9 @@ int nz_t5md_encode_context(const nz_t5md_tok *tk, const char *const *turns, cons
  *          with nz_free) and *len (may be NULL), or an error. */
 int nz_t5md_decode_text(const nz_t5md_tok *tk, const int32_t *ids, size_t n, char **text, size_t *len,
                         nz_error *err);
+
+/** @return an upper bound of the text bytes (without the NUL) nz_t5md_decode_text gives for n ids. */
+size_t nz_t5md_decode_text_bound(const nz_t5md_tok *tk, size_t n);
 
 #ifdef __cplusplus
 }

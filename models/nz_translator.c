@@ -13,6 +13,7 @@ struct nz_translator {
     nz_nat *nat;         /* network, borrows model */
     nz_tok *tok;         /* tokenizer from the embedded spm.model + dict.txt */
     nz_tr_opts defaults; /* nz_tr_opts_default + config "generation" */
+    size_t max_sym; /* bytes of the longest dictionary symbol ("<unk>" at least): bounds detokenized text */
 };
 
 void nz_tr_opts_default(nz_tr_opts *o) {
@@ -139,6 +140,12 @@ int nz_translator_open(const char *path, nz_translator **out, nz_error *err) {
         rc = nz_fail(err, NZ_E_FORMAT, "%s: dict.txt has %zu symbols but the embeddings have %zu rows", path,
                      nz_dict_size(nz_tok_dict(t->tok)), nz_nat_get_config(t->nat)->vocab);
     if (!rc) rc = read_defaults(t, path, err);
+    if (!rc) {
+        const nz_dict *d = nz_tok_dict(t->tok);
+        t->max_sym = 5; /* "<unk>", printed for ids beyond the dictionary */
+        for (size_t i = 0, l = 0; i < nz_dict_size(d); i++)
+            if (nz_dict_symbol(d, (int32_t)i, &l) && l > t->max_sym) t->max_sym = l;
+    }
     if (rc) {
         nz_translator_free(t);
         return rc;
@@ -268,6 +275,37 @@ int nz_translator_run_ids(nz_matmul_ctx *mc, const nz_translator *t, const int32
             return rc;
         }
     return run_batch(mc, t, ids, lens, n, o, detok, res, err);
+}
+
+uint64_t nz_translator_peak_bytes(const nz_translator *t, const size_t *lens, size_t n, const nz_tr_opts *o) {
+    if (!n) return 0;
+    if (!o) o = &t->defaults;
+    const nz_nat_config *c = nz_nat_get_config(t->nat);
+    size_t S = 2; /* run_batch's source width */
+    for (size_t i = 0; i < n; i++)
+        if (lens[i] > S) S = lens[i];
+    /* run_batch: live and hyps (NZ_MEM_OTHER), src (n x S int32) */
+    const uint64_t batch = n * sizeof(size_t) + n * sizeof(nz_nat_hyp) + (uint64_t)n * S * sizeof(int32_t);
+    uint64_t dec = 0;
+    switch (o->decoder) {
+    case NZ_TR_NAT:
+        dec = nz_nat_mask_predict_peak_bytes(t->nat, lens, n, S, &o->nat);
+        break;
+    case NZ_TR_AT_GREEDY:
+        dec = nz_nat_at_greedy_peak_bytes(t->nat, n, S, &o->at);
+        break;
+    case NZ_TR_AT_BEAM:
+        dec = nz_nat_at_beam_peak_bytes(t->nat, n, S, &o->at, o->at_beam);
+        break;
+    default:
+        return batch;
+    }
+    /* after decoding, take_hyp: every result's tokens (at most max_target_positions: the mask-predict
+     * candidates' and the AT searches' bound, + 1 byte each) and its detokenized text (nz_tok_decode's
+     * NZ_DETOK_FAIRSEQ: at most the symbols' bytes + 1) */
+    const uint64_t out = c->max_target_positions;
+    const uint64_t detok = n * (out * sizeof(int32_t) + 1) + n * (out * t->max_sym + 1);
+    return batch + (dec > detok ? dec : detok);
 }
 
 int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *const *texts, const size_t *lens,

@@ -163,6 +163,23 @@ int nz_translator_run_ids(nz_matmul_ctx *mc, const nz_translator *t, const int32
                           const size_t *lens, size_t n, const nz_tr_opts *o, int detok, nz_tr_result *res,
                           nz_error *err);
 
+/** Upper bound of the bytes nz_translator_run_ids(mc, t, ids, lens, n, o, ...) holds at its peak in
+ *  NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+ the NZ_MEM_OTHER it allocates for the run: results, id copies),
+ *  from the shape alone: n sources of lens[i] ids each (as nz_translator_encode returns them, bos/eos
+ *  included) and the options o (NULL: the model's defaults; decoder NAT/AT, iterations, length_beam,
+ *  beam size, max new tokens, rerank, ...). Cheap (no allocation, no model compute). The batch is
+ *  decoded as one (no internal chunks): the estimate grows with n, the longest source (the batch's
+ *  width) and the options, never shrinks when n grows. It is the largest of: the encoder over n x S;
+ *  mask-predict's candidates (n x length_beam rows of the longest length the length predictor can give
+ *  plus the beam's spread, capped by max_target_positions and o->nat.max_len: see
+ *  nz_nat_mask_predict_peak_bytes; a model predicting shorter lengths makes it loose, a max_length
+ *  choice makes it tight) through a decoder pass, the projection chunk, the AT rerank; the AT decoder's
+ *  caches of n x beam rows of max_len + 1 positions with a step; the results and their text. Not
+ *  counted: the allocator's per-block headers, the tile cache and decode scratch (NZ_MEM_TILE_CACHE,
+ *  NZ_MEM_SCRATCH), the caller's stop hook, and with nz_translator_run the tokenizer's id arrays (about
+ *  4 x (ids + 2) bytes a text + 16 x n). @return the estimate in bytes. */
+uint64_t nz_translator_peak_bytes(const nz_translator *t, const size_t *lens, size_t n, const nz_tr_opts *o);
+
 #ifdef __cplusplus
 }
 #endif
