@@ -245,8 +245,12 @@ int nz_mem_get_report(nz_mem_report *r) {
             r->rss = (size_t)kb * 1024;
         else if (sscanf(line, "VmHWM: %llu kB", &kb) == 1)
             r->rss_peak = (size_t)kb * 1024;
+        else if (sscanf(line, "RssFile: %llu kB", &kb) == 1)
+            r->file_resident = (size_t)kb * 1024;
     }
     fclose(f);
+    r->code_resident = r->file_resident > r->mapped_resident ? r->file_resident - r->mapped_resident : 0;
+    r->accounted = r->counted + r->allocator_free + r->file_resident;
     return r->rss ? NZ_OK : NZ_E_IO;
 }
 
@@ -256,8 +260,11 @@ json_t *nz_mem_report_json(const nz_mem_report *r) {
         json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
                             json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r->current[c], "peak_bytes",
                                       (json_int_t)r->peak[c]));
-    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:s}", "categories", cats, "counted_heap_bytes",
-                     (json_int_t)r->counted, "mapped_resident_bytes", (json_int_t)r->mapped_resident,
-                     "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes", (json_int_t)r->rss_peak,
-                     "allocator_free_bytes", (json_int_t)r->allocator_free, "allocator", ALLOCATOR);
+    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:s}", "categories", cats,
+                     "counted_heap_bytes", (json_int_t)r->counted, "mapped_resident_bytes",
+                     (json_int_t)r->mapped_resident, "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes",
+                     (json_int_t)r->rss_peak, "allocator_free_bytes", (json_int_t)r->allocator_free,
+                     "code_resident_bytes", (json_int_t)r->code_resident, "accounted_bytes",
+                     (json_int_t)r->accounted, "accounted_fraction",
+                     r->rss ? (double)r->accounted / (double)r->rss : 0.0, "allocator", ALLOCATOR);
 }

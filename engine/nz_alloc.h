@@ -106,6 +106,12 @@ typedef struct nz_mem_report {
     size_t rss_peak;             /* peak resident set size (VmHWM), 0 if unknown */
     size_t allocator_free;       /* bytes malloc holds free (freed, not yet returned to the OS: glibc
                                     mallinfo2 fordblks), 0 if unknown (e.g. under a sanitizer) */
+    size_t file_resident;        /* file-backed resident bytes (RssFile: the mapped models, code and
+                                    libraries), 0 if unknown */
+    size_t code_resident;        /* file_resident less mapped_resident: executable, shared libraries */
+    size_t accounted;            /* counted + allocator_free + file_resident: the part of rss the report
+                                    explains (the rest: thread stacks, libraries' own heap such as the
+                                    tokenizer's and OpenBLAS's buffers, malloc's block headers) */
 } nz_mem_report;
 
 /** Fill r. @return NZ_OK, or NZ_E_IO when /proc/self/status cannot be read
@@ -122,7 +128,8 @@ size_t nz_mem_trim(size_t min_free);
  *  --memory --json`, the server's /v1/memory): {"categories": {NAME:
  *  {"current_bytes", "peak_bytes"}}, "counted_heap_bytes",
  *  "mapped_resident_bytes", "rss_bytes", "rss_peak_bytes",
- *  "allocator_free_bytes", "allocator": "glibc" or "asan"}; callers add
+ *  "allocator_free_bytes", "code_resident_bytes", "accounted_bytes",
+ *  "accounted_fraction" (of rss), "allocator": "glibc" or "asan"}; callers add
  *  their own keys. @return a new object, or NULL when out of memory. */
 struct json_t *nz_mem_report_json(const nz_mem_report *r);
 

@@ -373,6 +373,9 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
     gauge_u64(&b, "nzserve_allocator_free_bytes", "gauge",
               "Bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
               g->allocator_free_bytes);
+    gauge_u64(&b, "nzserve_code_resident_bytes", "gauge",
+              "Resident bytes of the executable and shared libraries (file-backed, not the models).",
+              g->code_resident_bytes);
     gauge_u64(&b, "nzserve_memory_budget_bytes", "gauge", "Memory the process may use (memory_budget_bytes).",
               g->memory_budget_bytes);
     gauge_u64(&b, "nzserve_request_memory_pool_bytes", "gauge",

@@ -118,7 +118,7 @@ typedef struct srv_gauges {
     const srv_model_gauges *models;
     size_t n_models;
     uint64_t tile_cache_bytes, tile_cache_limit_bytes, kv_cache_bytes, scratch_bytes, activations_bytes,
-        resident_bytes, resident_peak_bytes, mapped_resident_bytes, allocator_free_bytes;
+        resident_bytes, resident_peak_bytes, mapped_resident_bytes, allocator_free_bytes, code_resident_bytes;
     uint64_t tiles_decoded_total, tile_cache_hits_total, tile_cache_misses_total, tile_cache_evictions_total;
     double tile_decode_seconds_total;
     /* memory admission (srv_budget.h): the process budget, the part requests may reserve, reserved now,

@@ -31,6 +31,7 @@ static const char *const FAMILIES[][2] = {
     {"nzserve_resident_memory_peak_bytes", "gauge"},
     {"nzserve_mapped_resident_bytes", "gauge"},
     {"nzserve_allocator_free_bytes", "gauge"},
+    {"nzserve_code_resident_bytes", "gauge"},
     {"nzserve_memory_budget_bytes", "gauge"},
     {"nzserve_request_memory_pool_bytes", "gauge"},
     {"nzserve_request_memory_reserved_bytes", "gauge"},

@@ -1096,6 +1096,10 @@ def test_rss_returns_to_warm_level_after_large_jobs():
         mem = s.get("/v1/memory").json()
         assert mem["rss_peak_bytes"] > 1.3 * warm  # the jobs did need memory
         assert mem["rss_bytes"] <= 1.15 * warm, (mem["rss_bytes"] >> 20, warm >> 20, mem["rss_peak_bytes"] >> 20)
+        # the report explains the resident set: counted heap + malloc's free memory + file-backed pages
+        assert mem["accounted_fraction"] >= 0.9, mem
+        assert mem["accounted_bytes"] == (mem["counted_heap_bytes"] + mem["allocator_free_bytes"]
+                                          + mem["mapped_resident_bytes"] + mem["code_resident_bytes"]), mem
 
 
 DEMO_TR = pathlib.Path(U.REPO) / "models" / "demo" / "nat-ende.nzp"
