@@ -584,6 +584,8 @@ static double project_peak(const nz_nat *n, double R) {
 void nz_nat_hyps_free(nz_nat_hyp *hyps, size_t B) {
     for (size_t i = 0; hyps && i < B; i++) {
         nz_free(hyps[i].tokens);
+        for (size_t j = 0; hyps[i].cands && j < hyps[i].n_cands; j++) nz_free(hyps[i].cands[j].tokens);
+        nz_free(hyps[i].cands);
         memset(&hyps[i], 0, sizeof hyps[i]);
     }
 }
@@ -625,6 +627,26 @@ static int set_tokens(nz_nat_hyp *h, const int32_t *tok, size_t k, nz_error *err
     if (!h->tokens) return nz_fail(err, NZ_E_NOMEM, "out of memory for a result");
     if (k) memcpy(h->tokens, tok, k * sizeof *tok);
     h->n = k;
+    return NZ_OK;
+}
+
+/* Copy the beam candidates of one sentence into h->cands: candidate j has fn[j] tokens at tok + j * W,
+ * ranking score score[j], positional score nat[j] and length len[j]. */
+static int keep_candidates(nz_nat_hyp *h, const int32_t *tok, size_t W, const size_t *fn, const float *score,
+                           const float *nat, const size_t *len, size_t beam, nz_error *err) {
+    h->cands = nz_calloc(beam, sizeof *h->cands, NZ_MEM_OTHER);
+    if (!h->cands) return nz_fail(err, NZ_E_NOMEM, "out of memory for the length candidates");
+    h->n_cands = beam;
+    for (size_t j = 0; j < beam; j++) {
+        nz_nat_cand *c = &h->cands[j];
+        c->tokens = nz_malloc(fn[j] * sizeof *c->tokens + 1, NZ_MEM_OTHER);
+        if (!c->tokens) return nz_fail(err, NZ_E_NOMEM, "out of memory for the length candidates");
+        if (fn[j]) memcpy(c->tokens, tok + j * W, fn[j] * sizeof *tok);
+        c->n = fn[j];
+        c->score = score[j];
+        c->nat_score = nat[j];
+        c->length = len[j];
+    }
     return NZ_OK;
 }
 
@@ -966,6 +988,9 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
         hy->steps = fsteps[c];
         hy->length = clen[c];
         hy->candidate = j;
+        if (o->keep_candidates)
+            NZ_TRY(keep_candidates(hy, ftok + s * beam * W, W, fn + s * beam, score, fscore + s * beam,
+                                   clen + s * beam, beam, err));
     }
 done:
     if (rc) fail_all(hyps, B, err);

@@ -121,6 +121,7 @@ typedef struct nz_nat_opts {
                         it can leave re-masked unk tokens in the output) */
     int rerank_at;   /* score the candidates with the AT decoder (teacher forcing) */
     int max_len; /* > 0: candidate lengths (incl. bos/eos) capped here too; 0: max_target_positions only */
+    int keep_candidates; /* fill nz_nat_hyp.cands with every length candidate (not only the chosen one) */
     int (*stop)(
         void *arg); /* optional: checked before every decoder pass; nonzero stops with NZ_E_CANCELLED */
     void *stop_arg;
@@ -143,6 +144,15 @@ typedef struct nz_nat_at_opts {
 void nz_nat_at_opts_default(nz_nat_at_opts *o);
 
 /** One sentence's result. */
+/** One length candidate of a mask-predict hypothesis (nz_nat_opts.keep_candidates). */
+typedef struct nz_nat_cand {
+    int32_t *tokens; /* [n] as nz_nat_hyp.tokens, NZ_MEM_OTHER */
+    size_t n;        /* tokens */
+    float score;     /* its ranking score: the AT score with rerank (NaN when unscorable), else nat_score */
+    float nat_score; /* mean positional score */
+    size_t length;   /* its length incl. bos/eos */
+} nz_nat_cand;
+
 typedef struct nz_nat_hyp {
     int rc;           /* NZ_OK, or this sentence's error (message in err) */
     nz_error err;     /* set when rc != NZ_OK */
@@ -155,6 +165,8 @@ typedef struct nz_nat_hyp {
     int steps;        /* mask-predict: pass that finalized it (0-based); AT: tokens generated */
     size_t length;    /* mask-predict: the chosen candidate's length (incl. bos/eos) */
     size_t candidate; /* mask-predict: index of the chosen length candidate (0 .. length_beam-1) */
+    nz_nat_cand *cands; /* [n_cands] every length candidate in candidate order (keep_candidates), else NULL */
+    size_t n_cands;
 } nz_nat_hyp;
 
 /** Free the tokens of hyps[0..B) and zero them. Accepts NULL. */

@@ -87,7 +87,7 @@ int nz_tr_opts_same(const nz_tr_opts *a, const nz_tr_opts *b) {
         return 0;
     if (at) return a->decoder == NZ_TR_AT_GREEDY || (a->at_beam == b->at_beam && a->lenpen == b->lenpen);
     return x->max_iter == y->max_iter && x->length_beam == y->length_beam && x->adaptive == y->adaptive &&
-           x->rerank_at == y->rerank_at;
+           x->rerank_at == y->rerank_at && a->return_candidates == b->return_candidates;
 }
 
 json_t *nz_tr_opts_to_json(const nz_tr_opts *o) {
@@ -125,6 +125,8 @@ void nz_tr_results_free(nz_tr_result *r, size_t n) {
     for (size_t i = 0; r && i < n; i++) {
         nz_free(r[i].text);
         nz_free(r[i].tokens);
+        for (size_t j = 0; r[i].cands && j < r[i].n_cands; j++) nz_free(r[i].cands[j].text);
+        nz_free(r[i].cands);
         memset(&r[i], 0, sizeof r[i]);
     }
 }
@@ -171,6 +173,31 @@ int nz_translator_encode(const nz_translator *t, const char *text, size_t len, i
     return nz_tok_encode(t->tok, text, len, NZ_TOK_ADD_BOS | NZ_TOK_ADD_EOS, ids, n, err);
 }
 
+/* The length candidates of h into r->cands (detokenized when detok). */
+static void take_cands(const nz_translator *t, const nz_nat_hyp *h, int detok, nz_tr_result *r) {
+    r->cands = nz_calloc(h->n_cands, sizeof *r->cands, NZ_MEM_OTHER);
+    if (!r->cands) {
+        r->rc = NZ_E_NOMEM;
+        nz_fail(&r->err, NZ_E_NOMEM, "out of memory for the length candidates");
+        return;
+    }
+    r->n_cands = h->n_cands;
+    for (size_t j = 0; j < h->n_cands; j++) {
+        const nz_nat_cand *c = &h->cands[j];
+        nz_tr_cand *o = &r->cands[j];
+        o->score = c->score;
+        o->nat_score = c->nat_score;
+        o->length = c->length;
+        o->chosen = j == h->candidate;
+        nz_error e = {0};
+        if (detok && nz_tok_decode(t->tok, c->tokens, c->n, NZ_DETOK_FAIRSEQ, &o->text, &o->text_len, &e)) {
+            r->rc = e.code;
+            nz_fail(&r->err, e.code, "detokenizing candidate %zu: %s", j, e.msg);
+            return;
+        }
+    }
+}
+
 /* Move hyp h into result r (tokens, score, text). */
 static void take_hyp(const nz_translator *t, nz_nat_hyp *h, int detok, nz_tr_result *r) {
     if (h->rc) {
@@ -194,6 +221,7 @@ static void take_hyp(const nz_translator *t, nz_nat_hyp *h, int detok, nz_tr_res
             nz_fail(&r->err, e.code, "detokenizing: %s", e.msg);
         }
     }
+    if (!r->rc && h->cands) take_cands(t, h, detok, r);
 }
 
 /* A batch-wide failure rc (message in err) becomes the result of every text that has no error of its own. */
@@ -233,9 +261,12 @@ static int run_batch(nz_matmul_ctx *mc, const nz_translator *t, const int32_t *c
     for (size_t b = 0; b < B; b++)
         for (size_t j = 0; j < S; j++) src[b * S + j] = j < len[live[b]] ? ids[live[b]][j] : NZ_NAT_PAD;
     switch (o->decoder) {
-    case NZ_TR_NAT:
-        rc = nz_nat_mask_predict(mc, t->nat, src, B, S, &o->nat, hyps, err);
+    case NZ_TR_NAT: {
+        nz_nat_opts no = o->nat;
+        no.keep_candidates = o->return_candidates;
+        rc = nz_nat_mask_predict(mc, t->nat, src, B, S, &no, hyps, err);
         break;
+    }
     case NZ_TR_AT_GREEDY:
         rc = nz_nat_at_greedy(mc, t->nat, src, B, S, &o->at, hyps, err);
         break;
@@ -304,7 +335,16 @@ uint64_t nz_translator_peak_bytes(const nz_translator *t, const size_t *lens, si
      * candidates' and the AT searches' bound, + 1 byte each) and its detokenized text (nz_tok_decode's
      * NZ_DETOK_FAIRSEQ: at most the symbols' bytes + 1) */
     const uint64_t out = c->max_target_positions;
-    const uint64_t detok = n * (out * sizeof(int32_t) + 1) + n * (out * t->max_sym + 1);
+    uint64_t detok = n * (out * sizeof(int32_t) + 1) + n * (out * t->max_sym + 1);
+    if (o->decoder == NZ_TR_NAT &&
+        o->return_candidates) { /* every candidate's tokens and text, held at once */
+        const uint64_t cb = (uint64_t)(o->nat.length_beam > 0 ? o->nat.length_beam : 1);
+        const uint64_t cands =
+            n * cb *
+            (sizeof(nz_nat_cand) + sizeof(nz_tr_cand) + out * sizeof(int32_t) + 1 + out * t->max_sym + 1);
+        dec += cands;
+        detok += cands;
+    }
     return batch + (dec > detok ? dec : detok);
 }
 

@@ -58,6 +58,7 @@ typedef struct nz_tr_opts {
     nz_nat_at_opts at; /* AT options (incl. its stop hook) */
     int at_beam;       /* AT beam size (NZ_TR_AT_BEAM; 1 with NZ_TR_AT_GREEDY) */
     float lenpen;      /* AT beam length penalty */
+    int return_candidates; /* NZ_TR_NAT: every length candidate into nz_tr_result.cands (nat.keep_candidates) */
 } nz_tr_opts;
 
 /** Fill o with the defaults. */
@@ -102,6 +103,16 @@ int nz_tr_opts_same(const nz_tr_opts *a, const nz_tr_opts *b);
 json_t *nz_tr_opts_to_json(const nz_tr_opts *o);
 
 /** One text's result. */
+/** One mask-predict length candidate of a translation (nz_tr_opts.return_candidates). */
+typedef struct nz_tr_cand {
+    char *text;      /* detokenized (NUL-terminated, NZ_MEM_OTHER); NULL without detok */
+    size_t text_len; /* bytes of text */
+    float score;     /* its ranking score (the AT score with rerank: NaN when unscorable) */
+    float nat_score; /* mean positional score */
+    size_t length;   /* candidate length incl. bos/eos */
+    int chosen;      /* the candidate the translation is */
+} nz_tr_cand;
+
 typedef struct nz_tr_result {
     int rc;               /* NZ_OK, or this text's error (message in err) */
     nz_error err;         /* set when rc != NZ_OK */
@@ -112,6 +123,8 @@ typedef struct nz_tr_result {
     size_t input_tokens;  /* source tokens incl. bos/eos (0 when tokenizing failed) */
     size_t output_tokens; /* generated tokens: n_tokens without bos/eos/pad */
     float score;          /* the decoder's score (nz_nat_hyp.score) */
+    nz_tr_cand *cands;    /* [n_cands] the length candidates (return_candidates, mask-predict), or NULL */
+    size_t n_cands;
 } nz_tr_result;
 
 /** Free what results r[0..n) hold and zero them. Accepts NULL. */

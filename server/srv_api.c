@@ -149,9 +149,9 @@ static int opt_model(json_t *o, const char **model, srv_error *e) {
 
 int srv_parse_translate(const char *body, size_t len, const srv_limits *lim, srv_translate_req *r,
                         srv_error *e) {
-    static const char *const known[] = {"text",        "texts",      "model",        "iterations",
-                                        "length_beam", "rerank",     "adaptive",     "decoder",
-                                        "beam_size",   "max_length", "return_tokens"};
+    static const char *const known[] = {"text",        "texts",      "model",         "iterations",
+                                        "length_beam", "rerank",     "adaptive",      "decoder",
+                                        "beam_size",   "max_length", "return_tokens", "return_candidates"};
     memset(r, 0, sizeof *r);
     /* decoding options the body leaves out stay -1: the model's defaults decide them */
     r->iterations = r->length_beam = r->rerank_at = r->adaptive = r->use_at = r->beam_size = r->max_length =
@@ -190,10 +190,13 @@ int srv_parse_translate(const char *body, size_t len, const srv_limits *lim, srv
         opt_choice(r->root, "decoder", "nat", "at", &r->use_at, e))
         return -1;
     if (opt_bool(r->root, "return_tokens", &r->return_tokens, e) ||
+        opt_bool(r->root, "return_candidates", &r->return_candidates, e) ||
         opt_bool(r->root, "adaptive", &r->adaptive, e))
         return -1;
     if (r->use_at == 1 && r->rerank_at == 1)
         return srv_fail(e, 422, NULL, "'rerank' applies to decoder \"nat\" only");
+    if (r->use_at == 1 && r->return_candidates)
+        return srv_fail(e, 422, NULL, "'return_candidates' applies to decoder \"nat\" only");
     return 0;
 }
 

@@ -23,6 +23,10 @@
  *   "max_length":   int 1..max_new_tokens, output tokens [max_new_tokens; a
  *                   model default above it is capped to it]
  *   "return_tokens": bool (default false)
+ *   "return_candidates": bool (default false; decoder "nat" only): each
+ *                   translation lists every length candidate as
+ *                   "candidates": [{"text", "score", "nat_score", "length",
+ *                   "chosen"}]
  * Types: a wrong JSON type is 400 (invalid_request); a value out of range,
  * an empty or blank text, too many texts, an unknown field is 422
  * (validation_error). Token limits need the model's tokenizer and are
@@ -108,6 +112,7 @@ typedef struct srv_translate_req {
     int beam_size;     /* AT beam, 1 = greedy */
     int max_length;    /* output tokens */
     int return_tokens; /* bool */
+    int return_candidates; /* bool: every mask-predict length candidate (decoder "nat" only) */
 } srv_translate_req;
 
 /** Parse and validate a /v1/translate body (len bytes, not necessarily

@@ -15,6 +15,21 @@ static int batchable(const srv_req *a, const srv_req *b) {
 }
 
 /* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
+/* The length candidates of t: [{"text", "score", "nat_score", "length", "chosen"}] in candidate order
+ * (length without bos/eos; a score that is not a number, an unscorable candidate under rerank, is null). */
+static json_t *candidates_json(const nz_tr_result *t) {
+    json_t *arr = json_array();
+    for (size_t j = 0; arr && j < t->n_cands; j++) {
+        const nz_tr_cand *c = &t->cands[j];
+        json_array_append_new(
+            arr, json_pack("{s:o, s:o, s:o, s:I, s:b}", "text", srv_json_text(c->text, c->text_len), "score",
+                           isfinite(c->score) ? json_real(c->score) : json_null(), "nat_score",
+                           isfinite(c->nat_score) ? json_real(c->nat_score) : json_null(), "length",
+                           (json_int_t)(c->length >= 2 ? c->length - 2 : 0), "chosen", c->chosen));
+    }
+    return arr;
+}
+
 static void respond_translations(srv_req *r, const nz_tr_result *res) {
     const srv_translate_req *q = &r->tr;
     json_t *arr = json_array();
@@ -39,6 +54,7 @@ static void respond_translations(srv_req *r, const nz_tr_result *res) {
             for (size_t k = 0; k < t->n_tokens; k++) json_array_append_new(ids, json_integer(t->tokens[k]));
             json_object_set_new(o1, "tokens", ids);
         }
+        if (o1 && t->cands) json_object_set_new(o1, "candidates", candidates_json(t));
         json_array_append_new(arr, o1);
     }
     r->tokens_in = tin;
@@ -157,6 +173,14 @@ static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_to
                          at ? "decoder \"at\"" : "rerank \"at\"");
         return -1;
     }
+    if (q->return_candidates && r->topts.decoder != NZ_TR_NAT) {
+        srv_respond_fail(r, 422,
+                         "'return_candidates' needs mask-predict: model '%s' decodes with its AT decoder by "
+                         "default; add \"decoder\": \"nat\"",
+                         m->cfg->name);
+        return -1;
+    }
+    r->topts.return_candidates = q->return_candidates;
     return 0;
 }
 

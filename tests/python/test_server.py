@@ -277,6 +277,28 @@ class TestTranslate:
         assert j["usage"]["output_tokens"] == sum(
             sum(1 for t in w["tokens"] if t not in (R.BOS, R.EOS, R.PAD)) for w in want)
 
+    @pytest.mark.parametrize("rerank", ["none", "at"])
+    def test_length_candidates(self, srv, rerank):
+        """return_candidates: every length candidate of each text, in candidate order, with exactly one
+        chosen: the translation (its text and score); lengths consecutive around the predicted one."""
+        r = srv.translate({"texts": LINES[:4], "decoder": "nat", "length_beam": 3, "rerank": rerank,
+                           "return_candidates": True})
+        assert r.status == 200, r
+        for t in r.json()["translations"]:
+            c = t["candidates"]
+            assert len(c) == 3, t
+            chosen = [x for x in c if x["chosen"]]
+            assert len(chosen) == 1 and chosen[0]["text"] == t["text"] and chosen[0]["score"] == t["score"], t
+            lens = [x["length"] for x in c]
+            assert all(b >= a for a, b in zip(lens, lens[1:])), lens
+            best = max(x["score"] for x in c if x["score"] is not None)
+            assert chosen[0]["score"] == best, c
+            if rerank == "none":
+                assert all(x["score"] == x["nat_score"] for x in c), c
+        plain = srv.translate({"texts": LINES[:4], "decoder": "nat", "length_beam": 3, "rerank": rerank}).json()
+        assert [t["text"] for t in plain["translations"]] == [t["text"] for t in r.json()["translations"]]
+        assert "candidates" not in plain["translations"][0]
+
     def test_nat_max_length_caps_output(self, srv):
         r = srv.translate({"texts": LINES, "max_length": 3, "return_tokens": True})
         assert r.status == 200, r
@@ -380,6 +402,7 @@ ERROR_CASES = [
     ("rerank-int", {"text": "ko", "rerank": 1}, 400),
     ("decoder-list", {"text": "ko", "decoder": ["at"]}, 400),
     ("beam_size-string", {"text": "ko", "decoder": "at", "beam_size": "2"}, 400),
+    ("return_candidates-int", {"text": "ko", "return_candidates": 1}, 400),
     # 404
     ("unknown-model", {"text": "ko", "model": "nope"}, 404),
     # 422: validation
@@ -396,6 +419,7 @@ ERROR_CASES = [
     ("length_beam-0", {"text": "ko", "length_beam": 0}, 422),
     ("length_beam-33", {"text": "ko", "length_beam": 33}, 422),
     ("max_length-0", {"text": "ko", "max_length": 0}, 422),
+    ("candidates-with-at", {"text": "ko", "decoder": "at", "return_candidates": True}, 422),
     ("max_length-over", {"text": "ko", "max_length": MAX_NEW + 1}, 422),
     ("beam_size-0", {"text": "ko", "decoder": "at", "beam_size": 0}, 422),
     ("beam_size-33", {"text": "ko", "decoder": "at", "beam_size": 33}, 422),
