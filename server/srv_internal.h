@@ -48,7 +48,8 @@ typedef struct srv_model {
     size_t max_source_positions; /* translate: longest source incl. bos/eos */
     size_t num_modes;            /* dialogue: K decoders */
     const char *variant;         /* dialogue: "adapter", "transformer" or "none" (plain T5) */
-    atomic_int lost;             /* its file changed under the server (a read faulted): not served any more */
+    atomic_int lost;             /* not served: it failed to load, or its file changed under the server */
+    char why[400];               /* why it is lost (written before lost is set) */
 } srv_model;
 
 enum { RQ_READ = 0, RQ_QUEUED, RQ_RUNNING, RQ_DONE };

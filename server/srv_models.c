@@ -9,6 +9,7 @@
 #include "nz_weight.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -101,6 +102,24 @@ static int size_request_pool(srv_server *s) {
     return 0;
 }
 
+/* Take m out of service for the reason fmt...: its requests and /ready answer 503 with it.
+ * @return 1 the first time (the caller logs it), 0 when it was lost already. */
+static int lose_model(srv_model *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int lose_model(srv_model *m, const char *fmt, ...) {
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* one writer of why per model */
+    pthread_mutex_lock(&mu);
+    int first = !atomic_load(&m->lost);
+    if (first) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(m->why, sizeof m->why, fmt, ap);
+        va_end(ap);
+        atomic_store(&m->lost, 1); /* after why: readers test lost first */
+    }
+    pthread_mutex_unlock(&mu);
+    return first;
+}
+
 void *srv_loader_main(void *arg) {
     srv_server *s = arg;
     const char *delay = getenv("NZSERVE_DEBUG_LOAD_DELAY_MS"); /* test hook: a slow model load */
@@ -117,10 +136,15 @@ void *srv_loader_main(void *arg) {
         if (!rc && s->cfg->verify_on_load)
             rc =
                 nz_model_verify_tiles(sm->dlg ? nz_dialogue_model(sm->dlg) : nz_translator_model(sm->tr), &e);
-        if (rc) {
-            snprintf(s->load_err, sizeof s->load_err, "model '%s': %s", sm->cfg->name, e.msg);
-            atomic_store(&s->ready, -1);
-            return NULL;
+        if (rc) { /* this model is not served; the others are */
+            nz_translator_free(sm->tr);
+            nz_dialogue_free(sm->dlg);
+            sm->tr = NULL;
+            sm->dlg = NULL;
+            lose_model(sm, "failed to load: %s", e.msg);
+            srv_log(SRV_LOG_ERROR, "load_failed", "model", SRV_KV_STR, sm->cfg->name, "path", SRV_KV_STR,
+                    sm->cfg->path, "error", SRV_KV_STR, e.msg, NULL);
+            continue;
         }
         if (sm->dlg) {
             model_stats(sm, nz_dialogue_model(sm->dlg));
@@ -170,7 +194,9 @@ int srv_job_failed(srv_model *m, const nz_error *e) {
     srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, m->cfg->name, "error", SRV_KV_STR, e->msg,
             NULL);
     if (!nz_model_faulted(model_container(m))) return 500;
-    if (!atomic_exchange(&m->lost, 1))
+    if (lose_model(m, "its file %s changed under the server (truncated or rewritten in place); restart the "
+                      "server (replace model files by renaming a new file over the old one)",
+                   m->cfg->path))
         srv_log(SRV_LOG_ERROR, "model_file_changed", "model", SRV_KV_STR, m->cfg->name, "path", SRV_KV_STR,
                 m->cfg->path, "action", SRV_KV_STR, "not served until the server restarts", NULL);
     return 503;
@@ -194,11 +220,7 @@ srv_model *srv_resolve_model(srv_server *s, srv_req *r, const char *name, srv_ta
         return NULL;
     }
     if (atomic_load(&m->lost)) {
-        srv_respond_fail(
-            r, 503,
-            "model '%s' is unavailable: its file %s changed under the server; restart it (replace "
-            "model files by renaming a new file over the old one)",
-            m->cfg->name, m->cfg->path);
+        srv_respond_fail(r, 503, "model '%s' is unavailable: %s", m->cfg->name, m->why);
         return NULL;
     }
     return m;
@@ -219,10 +241,12 @@ json_t *srv_models_json(srv_server *s) {
     for (size_t i = 0; i < s->n_models; i++) {
         srv_model *m = &s->models[i];
         int loaded = ready || m->tr || m->dlg; /* the loader fills models in order */
+        const int lost = atomic_load(&m->lost);
         json_t *o = json_pack("{s:s, s:s, s:s, s:b, s:b}", "name", m->cfg->name, "task",
-                              srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded", loaded && ready,
-                              "available", loaded && ready && !atomic_load(&m->lost));
-        if (ready) {
+                              srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded",
+                              loaded && ready && (m->tr || m->dlg), "available", loaded && ready && !lost);
+        if (lost) json_object_set_new(o, "error", json_string(m->why));
+        if (ready && (m->tr || m->dlg)) {
             json_object_set_new(o, "architecture", json_string(m->architecture));
             json_object_set_new(o, "weight_mode", json_string(m->mode));
             json_object_set_new(o, "parameters", json_integer((json_int_t)m->params));

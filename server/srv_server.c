@@ -88,9 +88,8 @@ static void final_call(srv_server *s, srv_req *r) {
     case SRV_ROUTE_READY:
         if (ready == 1 && srv_lost_model(s)) {
             const srv_model *m = srv_lost_model(s);
-            char msg[400];
-            snprintf(msg, sizeof msg, "model '%s' is unavailable: its file %s changed under the server",
-                     m->cfg->name, m->cfg->path);
+            char msg[sizeof m->why + 160];
+            snprintf(msg, sizeof msg, "model '%s' is unavailable: %s", m->cfg->name, m->why);
             srv_respond_json(r, 503,
                              json_pack("{s:s, s:{s:i, s:s, s:s}}", "status", "degraded", "error", "code", 503,
                                        "type", "not_ready", "message", msg));

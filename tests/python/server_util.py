@@ -336,6 +336,20 @@ class Server:
             time.sleep(0.02)
         raise ServerError(f"not ready within {timeout} s (last: {last}):\n{self.log()}")
 
+    def wait_loaded(self, timeout=15):
+        """Poll /ready until loading ended, served or not (a model that failed to load leaves it 503
+        "degraded"). @return the last /ready response."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"nzserve exited with {self.proc.returncode}:\n{self.log()}")
+            last = self.get("/ready", timeout=5)
+            if last.status == 200 or last.json().get("status") != "loading":
+                return last
+            if time.monotonic() > deadline:
+                raise ServerError(f"still loading after {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+
     def signal(self, sig=signal.SIGTERM):
         self.proc.send_signal(sig)
 

@@ -1016,15 +1016,27 @@ def damage_tile(src, dst, suffix="fc1.weight"):
 
 
 def test_damaged_tile_refused_at_load(tmp_path, model_path):
-    """verify_on_load (default): every tile's checksum is checked while loading; a damaged one stops the
-    start with the tensor named (exit 1). Off: the server starts and the request that touches the
-    tile gets a JSON 500 naming it."""
+    """verify_on_load (default): every tile's checksum is checked while loading; a damaged model is not
+    served: /ready answers 503 naming it, the tensor and the tile, its requests 503 with the same, a
+    load_failed log line names them, and the other model is served. Off: the server starts and the
+    request that touches the tile gets a JSON 500 naming it."""
     bad = tmp_path / "bad.nzp"
     name = damage_tile(model_path, bad)
-    p = write_config(tmp_path, {"port": 0, "models": [{"name": "m", "task": "translate", "path": str(bad)}]})
-    r = U.run_nzserve(["--config", p], cwd=tmp_path)
-    assert r.returncode == 1, r.stderr
-    assert f"tensor '{name}'" in r.stderr and "checksum mismatch" in r.stderr, r.stderr
+    models = [{"name": "good", "task": "translate", "path": str(model_path)},
+              {"name": "bad", "task": "translate", "path": str(bad)}]
+    with Server(models=models) as s:
+        r = s.wait_loaded()
+        msg = r.json()["error"]["message"]
+        assert r.status == 503 and r.json()["status"] == "degraded", r.body
+        assert "'bad'" in msg and f"tensor '{name}'" in msg and "checksum mismatch" in msg, msg
+        e = assert_error(s.translate({"texts": LINES[:2], "model": "bad"}), 503)
+        assert f"tensor '{name}'" in e["message"] and "failed to load" in e["message"], e
+        assert s.translate({"texts": LINES[:2], "model": "good"}).status == 200
+        ms = {m["name"]: m for m in s.get("/v1/models").json()["models"]}
+        assert ms["good"]["available"] and not ms["bad"]["available"] and not ms["bad"]["loaded"]
+        assert f"tensor '{name}'" in ms["bad"]["error"]
+        s.wait_log(r"event=load_failed .*model=bad\b")
+        assert s.get("/health").status == 200
     with Server(bad, config={"verify_on_load": False}) as s:
         s.wait_ready()
         e = assert_error(s.translate({"texts": LINES[:2]}), 500, "internal_error")
