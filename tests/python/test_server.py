@@ -1177,6 +1177,39 @@ def test_memory_budget_bounds_worst_case_requests():
             assert mem["rss_peak_bytes"] <= 1.1 * budget, (mem["rss_peak_bytes"] >> 20, budget >> 20)
 
 
+def test_worst_case_requests_stop_on_time():
+    """The worst-case requests of issue 17 stop promptly: a deadline is overshot by < 0.5 s, a client that
+    leaves frees its worker within 0.5 s, and SIGTERM with two of them running exits 0 within the grace."""
+    text = demo_long_text()
+    nat = {"texts": [text] * 64, "decoder": "nat", "length_beam": 32, "iterations": 100}
+    at = {"texts": [text] * 64, "decoder": "at", "beam_size": 32}
+    with Server(DEMO_TR, config={"memory_budget_bytes": 512 << 20, "max_concurrent_requests": 2,
+                                 "request_timeout_ms": 1500, "shutdown_grace_ms": 500}) as s:
+        s.wait_ready()
+        for body in (nat, at):
+            t0 = time.monotonic()
+            assert_error(s.translate(body, timeout=30), 504)
+            dt = time.monotonic() - t0
+            assert dt < 1.5 + 0.5, f"504 after {dt:.2f} s for a 1.5 s deadline"
+        a = U.raw_connect(s.port)
+        a.sendall(U.post_request_bytes("/v1/translate", json.dumps(nat).encode()))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        a.close()
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 0, timeout=5)
+        assert time.monotonic() - t0 < 0.5
+        ths = [background(s.translate, b) for b in (nat, at)]
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 2)
+        t0 = time.monotonic()
+        s.signal(signal.SIGTERM)
+        assert s.wait(timeout=10) == 0
+        dt = time.monotonic() - t0
+        assert dt < 0.5 + 0.5, f"exited {dt:.2f} s after SIGTERM with a 0.5 s grace"
+        for th, out in ths:
+            assert_error(joined(th, out), 503)
+
+
 def test_memory_budget_refuses_what_never_fits(tmp_path):
     """A request whose estimated peak exceeds the whole request pool gets a JSON 413 naming the limit at
     once; small requests on the same server run; a budget below what the loaded model holds is a load
