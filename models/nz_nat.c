@@ -864,6 +864,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
             csent[s * beam + j] = (uint32_t)s;
             if ((size_t)L > W) W = (size_t)L;
         }
+    if (o->on_width) o->on_width(o->width_arg, W);
     tok = nz_malloc(N * W * sizeof *tok, NZ_MEM_ACTIVATIONS);
     prev = nz_malloc(N * W * sizeof *prev, NZ_MEM_ACTIVATIONS);
     bt = nz_malloc(N * W * sizeof *bt, NZ_MEM_ACTIVATIONS);

@@ -122,6 +122,11 @@ typedef struct nz_nat_opts {
     int rerank_at;   /* score the candidates with the AT decoder (teacher forcing) */
     int max_len; /* > 0: candidate lengths (incl. bos/eos) capped here too; 0: max_target_positions only */
     int keep_candidates; /* fill nz_nat_hyp.cands with every length candidate (not only the chosen one) */
+    /* optional: called once the lengths are predicted, before the passes allocate, with W = the longest
+     * candidate (incl. bos/eos): the run's memory is then nz_nat_mask_predict_peak_bytes with max_len = W
+     * at most (a caller that reserved memory for the worst length gives the rest back) */
+    void (*on_width)(void *arg, size_t W);
+    void *width_arg;
     int (*stop)(
         void *arg); /* optional: checked before every decoder pass; nonzero stops with NZ_E_CANCELLED */
     void *stop_arg;

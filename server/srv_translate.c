@@ -71,6 +71,27 @@ static void respond_translations(srv_req *r, const nz_tr_result *res) {
  * whose estimated peak fits the pool, reserves its estimate (waiting its turn) and returns it when done.
  * A single text always fits (submit_translate refused the others). @return as nz_translator_run_ids;
  * NZ_E_CANCELLED when the batch was stopped while waiting for memory. */
+/* A chunk's reservation, shrunk once mask-predict knows its candidates' width (nz_nat_opts.on_width). */
+typedef struct chunk_mem {
+    srv_budget *budget;
+    const nz_translator *tr;
+    const size_t *lens;
+    size_t n;
+    const nz_tr_opts *o;
+    uint64_t reserved;
+} chunk_mem;
+
+static void chunk_width(void *arg, size_t W) {
+    chunk_mem *c = arg;
+    nz_tr_opts o = *c->o;
+    o.nat.max_len = (int)W; /* every candidate is at most W long: the estimate for that cap bounds the run */
+    const uint64_t est = nz_translator_peak_bytes(c->tr, c->lens, c->n, &o);
+    if (est < c->reserved) {
+        srv_budget_release(c->budget, c->reserved - est);
+        c->reserved = est;
+    }
+}
+
 static int run_translate_chunks(srv_worker *w, srv_model *model, const int32_t **ids, const size_t *lens,
                                 size_t n, const nz_tr_opts *o, srv_batch *b, nz_tr_result *res, nz_error *e) {
     srv_server *s = w->s;
@@ -88,8 +109,12 @@ static int run_translate_chunks(srv_worker *w, srv_model *model, const int32_t *
         }
         if (srv_budget_reserve(s->budget, est, srv_batch_all_stopped, b))
             return nz_fail(e, NZ_E_CANCELLED, "stopped while waiting for memory");
-        rc = nz_translator_run_ids(w->mc, model->tr, ids + k0, lens + k0, k1 - k0, o, 1, res + k0, e);
-        srv_budget_release(s->budget, est);
+        chunk_mem cm = {s->budget, model->tr, lens + k0, k1 - k0, o, est};
+        nz_tr_opts co = *o;
+        co.nat.on_width = chunk_width;
+        co.nat.width_arg = &cm;
+        rc = nz_translator_run_ids(w->mc, model->tr, ids + k0, lens + k0, k1 - k0, &co, 1, res + k0, e);
+        srv_budget_release(s->budget, cm.reserved);
         if (k1 < n) nz_mem_trim(SRV_TRIM_FREE_BYTES); /* the next chunk reuses the memory */
         k0 = k1;
     }

@@ -1177,6 +1177,25 @@ def test_memory_budget_bounds_worst_case_requests():
             assert mem["rss_peak_bytes"] <= 1.1 * budget, (mem["rss_peak_bytes"] >> 20, budget >> 20)
 
 
+def test_mask_predict_gives_back_its_unused_reservation():
+    """Before it runs, a mask-predict chunk reserves its peak for the longest target a length prediction
+    could give; once the lengths are predicted it gives back what its actual candidates cannot use."""
+    body = {"texts": ["Open the file in a new window."] * 16, "decoder": "nat", "iterations": 20}
+    with Server(DEMO_TR, config={"memory_budget_bytes": 1 << 30, "request_timeout_ms": 20000}) as s:
+        s.wait_ready()
+        th, out = background(s.translate, body)
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and th.is_alive():
+            seen.append(s.get("/v1/memory").json()["requests"]["reserved_bytes"])
+            if len(seen) > 2 and 0 < seen[-1] < max(seen) / 4:
+                break
+            time.sleep(0.02)
+        peak = s.get("/v1/memory").json()["requests"]["peak_reserved_bytes"]
+        assert 0 < seen[-1] < peak / 4, (seen, peak)
+        assert joined(th, out).status == 200
+
+
 def test_worst_case_requests_stop_on_time():
     """The worst-case requests of issue 17 stop promptly: a deadline is overshot by < 0.5 s, a client that
     leaves frees its worker within 0.5 s, and SIGTERM with two of them running exits 0 within the grace."""
