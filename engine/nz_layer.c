@@ -549,3 +549,20 @@ int nz_block_fwd(nz_matmul_ctx *mc, const nz_block *b, float *x, const nz_block_
     nz_free(h);
     return rc;
 }
+
+/* ------------------------------------------------------------ memory estimates */
+
+static double peak_max(double a, double b) { return a > b ? a : b; }
+
+/* nz_attn_self: q, k, v (3 M I floats), with a cache kv_pad_rows (B x Tk bytes + 1), attend's ctx (M I
+ * floats) and work (nz_attention_work_floats: Tk floats, at least 1). */
+double nz_attn_self_peak(double B, double T, double I, int kv, double Tk) {
+    const double M = B * T;
+    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I + 4 * peak_max(Tk, 1);
+}
+
+/* nz_attn_cross: q (M I floats), the padding copy of the whole cache (kvB x S bytes + 1), attend's ctx
+ * (M I floats) and work (S floats). */
+double nz_attn_cross_peak(double M, double I, double kvB, double S) {
+    return 4 * M * I + kvB * S + 1 + 4 * M * I + 4 * peak_max(S, 1);
+}

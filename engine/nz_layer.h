@@ -251,6 +251,29 @@ typedef struct nz_block_io {
 /** x[B x T x d_model] = block(x), in place. @return NZ_OK or an error. */
 int nz_block_fwd(nz_matmul_ctx *mc, const nz_block *b, float *x, const nz_block_io *io, nz_error *err);
 
+/* ---------------------------------------------------- memory estimates */
+/* Peak bytes (NZ_MEM_ACTIVATIONS) the layer calls above allocate, from their
+ * shapes alone, for the model families' per-request estimates
+ * (nz_nat_*_peak_bytes, nz_t5md_peak_bytes). Doubles: estimates add many
+ * terms (exact below 2^53 bytes); nz_mem_bytes saturates the sum. A change
+ * to the allocations of these calls must change these functions
+ * (tests/test_mem_estimate.c checks the estimates against measured peaks). */
+
+/** nz_attn_self over B x T rows of attention width I (heads x head size)
+ *  attending Tk keys (with a cache, kv != 0: its length after the step):
+ *  q, k, v, the key padding copy (with a cache), attend's context and work.
+ *  @return bytes. */
+double nz_attn_self_peak(double B, double T, double I, int kv, double Tk);
+
+/** nz_attn_cross of M query rows over a cache of kvB x S keys: q, the
+ *  padding copy of the cache, attend's context and work. @return bytes. */
+double nz_attn_cross_peak(double M, double I, double kvB, double S);
+
+/** @return v bytes as an integer, saturated at UINT64_MAX (v >= 0). */
+static inline uint64_t nz_mem_bytes(double v) {
+    return v >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)v;
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -368,27 +368,11 @@ static int stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_bloc
  * nz_nat_*_peak_bytes: the bytes a call holds at its peak in NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+ its
  * NZ_MEM_OTHER results), counted as nz_malloc counts them, as the sum of the buffers alive together at the
  * worst point of the call. Each helper stands next to the code whose allocations it mirrors (the engine's
- * layers: engine/nz_layer.c): a change to those allocations must change the helper
+ * layers: engine/nz_layer.c, nz_attn_self_peak and nz_attn_cross_peak): a change to those allocations must change the helper
  * (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB). Sizes are doubles
  * (exact below 2^53 bytes), saturated on return. */
 
 static double dmax(double a, double b) { return a > b ? a : b; }
-
-static uint64_t to_bytes(double v) { return v >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)v; }
-
-/* engine/nz_layer.c nz_attn_self over B x T rows (attention width I) attending Tk keys: q, k, v (3 M I
- * floats), with a cache (kv) the key padding copy kv_pad_rows (B x Tk bytes + 1), attend's ctx (M I floats)
- * and work (nz_attention_work_floats: Tk floats, at least 1). */
-static double attn_self_peak(double B, double T, double I, int kv, double Tk) {
-    const double M = B * T;
-    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I + 4 * dmax(Tk, 1);
-}
-
-/* nz_attn_cross of M query rows over a cache of kvB x S keys: q (M I floats), the padding copy of the whole
- * cache (kvB x S bytes + 1), attend's ctx (M I floats) and work (S floats). */
-static double attn_cross_peak(double M, double I, double kvB, double S) {
-    return 4 * M * I + kvB * S + 1 + 4 * M * I + 4 * dmax(S, 1);
-}
 
 /* nz_block_fwd over B x T rows of width D, no adapter: h and y (2 M D floats + 1) plus the largest
  * sub-layer: self attention (stateless: over the T positions; kv: over Tk, the cache length after the
@@ -396,8 +380,8 @@ static double attn_cross_peak(double M, double I, double kvB, double S) {
 static double block_peak(double B, double T, double D, double F, int kv, double Tk, int cross, double kvB,
                          double S) {
     const double M = B * T;
-    double sub = attn_self_peak(B, T, D, kv, kv ? Tk : T);
-    if (cross) sub = dmax(sub, attn_cross_peak(M, D, kvB, S));
+    double sub = nz_attn_self_peak(B, T, D, kv, kv ? Tk : T);
+    if (cross) sub = dmax(sub, nz_attn_cross_peak(M, D, kvB, S));
     sub = dmax(sub, 4 * M * F + 1);
     return 8 * M * D + 1 + sub;
 }
@@ -1056,7 +1040,7 @@ uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size
     /* nz_nat_mask_predict's option checks: refused before anything else is allocated */
     if (o->max_len < 0 || o->max_len == 1 || o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 ||
         o->length_beam > 4096 || (o->rerank_at && (!n->c.at_layers || n->c.at_prepend_bos)) || !B || !S)
-        return to_bytes(prep);
+        return nz_mem_bytes(prep);
     const double D = (double)n->c.d_model, dB = (double)B, dS = (double)S;
     double sumL; /* the candidates' lengths, summed */
     const double N = dB * o->length_beam, W = (double)mp_max_width(n, len, B, o, &sumL);
@@ -1081,7 +1065,7 @@ uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size
     const double rerank = o->rerank_at ? hp + at_score_peak(n, N, W - 1, sumL - N, dB, dS) : 0;
     const double hyps = dB * (4 * W + 1); /* set_tokens: every sentence's result (NZ_MEM_OTHER) */
     const double decode = enc + L0 + cand + dmax(build, cross + dmax(dmax(pass, rerank), hp + hyps));
-    return to_bytes(prep + dmax(dmax(encode_peak(n, dB, dS), enc + L0 + lenpred), decode));
+    return nz_mem_bytes(prep + dmax(dmax(encode_peak(n, dB, dS), enc + L0 + lenpred), decode));
 }
 
 /* ------------------------------------------------------------------ AT greedy */
@@ -1267,7 +1251,7 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
     const double prep = prepare_bytes(dB, dS); /* vsrc, vidx */
     nz_error e;
     size_t max_len = 0;
-    if (at_setup(n, o, S, &max_len, &e) || !B || !S) return to_bytes(prep);
+    if (at_setup(n, o, S, &max_len, &e) || !B || !S) return nz_mem_bytes(prep);
     const double cap = (double)max_len + 1;
     double held, front = at_front(n, dB, dS, &held);
     const double bufs = 4 * dB + 4 * dB       /* cur, next */
@@ -1279,7 +1263,7 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
     const double hyps = dB * (4 * cap + 1);
     const double search =
         held + at_self_bytes(n, dB, cap) + bufs + dmax(at_step_peak(n, dB, cap, dB, dS), hyps);
-    return to_bytes(prep + dmax(front, search));
+    return nz_mem_bytes(prep + dmax(front, search));
 }
 
 /* ------------------------------------------------------------------ AT beam search */
@@ -1530,7 +1514,7 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
     const double prep = prepare_bytes(dB, dS); /* vsrc, vidx */
     nz_error e;
     size_t max_len = 0;
-    if (at_setup(n, o, S, &max_len, &e) || beam < 1 || beam > 4096 || !B || !S) return to_bytes(prep);
+    if (at_setup(n, o, S, &max_len, &e) || beam < 1 || beam > 4096 || !B || !S) return nz_mem_bytes(prep);
     const size_t Kz = (size_t)beam < n->c.vocab - 1 ? (size_t)beam : n->c.vocab - 1;
     const double K = (double)Kz, N = dB * K, cap = (double)max_len + 1;
     const double kk = 2 * K < V ? 2 * K : V;
@@ -1551,5 +1535,5 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
     const double hyps = dB * (4 * cap + 1); /* set_tokens: the results (NZ_MEM_OTHER) */
     const double step = dmax(at_step_peak(n, N, cap, dB, dS), select);
     const double search = held + at_self_bytes(n, N, cap) + bufs + dmax(step, hyps);
-    return to_bytes(prep + dmax(front, search));
+    return nz_mem_bytes(prep + dmax(front, search));
 }

@@ -443,27 +443,11 @@ done:
  * nz_t5md_peak_bytes: the bytes nz_t5md_generate holds at its peak in NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+
  * its NZ_MEM_OTHER results), counted as nz_malloc counts them, as the sum of the buffers alive together
  * at the worst point. Each helper stands next to the code whose allocations it mirrors (the engine's
- * layers: engine/nz_layer.c): a change to those allocations must change the helper
+ * layers: engine/nz_layer.c, nz_attn_self_peak and nz_attn_cross_peak): a change to those allocations must change the helper
  * (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB). Sizes are doubles
  * (exact below 2^53 bytes), saturated on return. */
 
 static double dmax(double a, double b) { return a > b ? a : b; }
-
-static uint64_t to_bytes(double v) { return v >= 18446744073709551615.0 ? UINT64_MAX : (uint64_t)v; }
-
-/* engine/nz_layer.c nz_attn_self over B x T rows (attention width I) attending Tk keys: q, k, v (3 M I
- * floats), with a cache (kv) the key padding copy kv_pad_rows (B x Tk bytes + 1), attend's ctx (M I floats)
- * and work (nz_attention_work_floats: Tk floats, at least 1). */
-static double attn_self_peak(double B, double T, double I, int kv, double Tk) {
-    const double M = B * T;
-    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I + 4 * dmax(Tk, 1);
-}
-
-/* nz_attn_cross of M query rows over a cache of kvB x S keys: q (M I floats), the padding copy of the whole
- * cache (kvB x S bytes + 1), attend's ctx (M I floats) and work (S floats). */
-static double attn_cross_peak(double M, double I, double kvB, double S) {
-    return 4 * M * I + kvB * S + 1 + 4 * M * I + 4 * dmax(S, 1);
-}
 
 /* nz_ffn_fwd over M rows: the hidden layer (M d_ff floats, twice that gated, + 1). */
 static double ffn_peak(const nz_t5md_config *c, double M) {
@@ -480,7 +464,7 @@ static double enc_bytes(const nz_t5md_config *c, double B, double S) {
  * or the FFN; no cross attention, no adapter). */
 static double encode_peak(const nz_t5md_config *c, double B, double S) {
     const double M = B * S, d = (double)c->d_model, I = (double)c->inner;
-    const double block = 8 * M * d + 1 + dmax(attn_self_peak(B, S, I, 0, S), ffn_peak(c, M));
+    const double block = 8 * M * d + 1 + dmax(nz_attn_self_peak(B, S, I, 0, S), ffn_peak(c, M));
     return enc_bytes(c, B, S) + 4 * M + 4 * (double)c->num_heads * S * S + dmax(dmax(M, 1), block);
 }
 
@@ -674,8 +658,8 @@ static int run_step(nz_matmul_ctx *mc, run *r, const int32_t *tok, nz_error *err
 static double step_peak(const nz_t5md *t, double n, double g, double B, double S, double cap) {
     const nz_t5md_config *c = &t->c;
     const double I = (double)c->inner, d = (double)c->d_model;
-    double p = dmax(dmax(n, 1), attn_self_peak(n, 1, I, 1, cap));
-    p = dmax(p, attn_cross_peak(n, I, B, S));
+    double p = dmax(dmax(n, 1), nz_attn_self_peak(n, 1, I, 1, cap));
+    p = dmax(p, nz_attn_cross_peak(n, I, B, S));
     p = dmax(p, ffn_peak(c, n));
     if (t->ad) p = dmax(p, 4 * (g * (double)c->adapter_hidden + g * d) + 1);
     return p;
@@ -1438,11 +1422,11 @@ uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const
             Bv++;
             if (len[b] > S) S = len[b];
         }
-    if (!Bv || !D) return to_bytes(base);
+    if (!Bv || !D) return nz_mem_bytes(base);
     const double dBv = (double)Bv, dS = (double)S;
     const double gen =
         o->strategy == NZ_T5MD_BEAM ? beam_search_peak(t, dBv, dS, D, o) : autoregress_peak(t, dBv, dS, D, o);
-    return to_bytes(base + dmax(encode_peak(&t->c, dBv, dS), enc_bytes(&t->c, dBv, dS) + gen));
+    return nz_mem_bytes(base + dmax(encode_peak(&t->c, dBv, dS), enc_bytes(&t->c, dBv, dS) + gen));
 }
 
 /* ------------------------------------------------------------------ tokenizer */

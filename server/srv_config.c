@@ -855,19 +855,17 @@ uint64_t srv_config_memory_limit(void) {
 }
 
 int srv_config_validate(const srv_config *c, char *err, size_t errlen) {
-    uint64_t mem = srv_config_memory_limit();
-    if (mem && c->tile_cache_bytes > mem)
-        return fail(
-            err, errlen,
-            "tile_cache_bytes: %zu bytes is more than the memory this process may use (%llu bytes: the "
-            "machine's, or its container's limit)",
-            c->tile_cache_bytes, (unsigned long long)mem);
-    if (mem && c->memory_budget_bytes > mem)
-        return fail(
-            err, errlen,
-            "memory_budget_bytes: %zu bytes is more than the memory this process may use (%llu bytes: "
-            "the machine's, or its container's limit)",
-            c->memory_budget_bytes, (unsigned long long)mem);
+    const uint64_t mem = srv_config_memory_limit();
+    const struct {
+        const char *key;
+        size_t v;
+    } sizes[] = {{"tile_cache_bytes", c->tile_cache_bytes}, {"memory_budget_bytes", c->memory_budget_bytes}};
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++)
+        if (mem && sizes[i].v > mem)
+            return fail(err, errlen,
+                        "%s: %zu bytes is more than the memory this process may use (%llu bytes: the "
+                        "machine's, or its container's limit)",
+                        sizes[i].key, sizes[i].v, (unsigned long long)mem);
     if (c->memory_budget_bytes && c->memory_budget_bytes <= c->tile_cache_bytes)
         return fail(err, errlen,
                     "memory_budget_bytes: %zu bytes leaves nothing beside tile_cache_bytes (%zu)",

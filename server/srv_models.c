@@ -279,15 +279,31 @@ json_t *srv_models_json(srv_server *s) {
                      (json_int_t)cs.budget, "shared", 1, "bytes", (json_int_t)cs.bytes);
 }
 
+/* What /v1/memory and /metrics report, read at one moment. */
+typedef struct snapshot {
+    nz_mem_report mem;
+    nz_cache_stats cache;
+    uint64_t uncached_tiles, uncached_ns; /* tiles decoded without the cache, and the time it took */
+    srv_budget_stats budget;
+    int ready;
+} snapshot;
+
+static void take_snapshot(srv_server *s, snapshot *x) {
+    nz_mem_get_report(&x->mem);
+    nz_cache_get_stats(s->cache, &x->cache);
+    nz_weight_uncached_stats(&x->uncached_tiles, &x->uncached_ns);
+    srv_budget_get_stats(s->budget, &x->budget);
+    x->ready = atomic_load(&s->ready) == 1;
+}
+
 json_t *srv_memory_json(srv_server *s) {
-    nz_mem_report r;
-    nz_mem_get_report(&r);
-    nz_cache_stats cs;
-    nz_cache_get_stats(s->cache, &cs);
-    uint64_t ut, uns;
-    nz_weight_uncached_stats(&ut, &uns);
+    snapshot x;
+    take_snapshot(s, &x);
+    const nz_mem_report r = x.mem;
+    const nz_cache_stats cs = x.cache;
+    const uint64_t ut = x.uncached_tiles, uns = x.uncached_ns;
     json_t *models = json_array();
-    int ready = atomic_load(&s->ready) == 1;
+    int ready = x.ready;
     for (size_t i = 0; ready && i < s->n_models; i++) {
         srv_model *m = &s->models[i];
         json_array_append_new(
@@ -310,8 +326,7 @@ json_t *srv_memory_json(srv_server *s) {
                                   "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses, "evictions",
                                   (json_int_t)cs.evictions, "tiles_decoded_uncached", (json_int_t)ut,
                                   "decode_seconds", (double)(cs.decode_ns + uns) * 1e-9));
-    srv_budget_stats bs;
-    srv_budget_get_stats(s->budget, &bs);
+    const srv_budget_stats bs = x.budget;
     json_object_set_new(j, "requests",
                         json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "budget_bytes",
                                   (json_int_t)s->memory_budget, "pool_bytes", (json_int_t)bs.total,
@@ -322,13 +337,12 @@ json_t *srv_memory_json(srv_server *s) {
 }
 
 void srv_respond_metrics(srv_server *s, srv_req *r) {
-    nz_mem_report mr;
-    nz_mem_get_report(&mr);
-    nz_cache_stats cs;
-    nz_cache_get_stats(s->cache, &cs);
-    uint64_t ut, uns;
-    nz_weight_uncached_stats(&ut, &uns);
-    int ready = atomic_load(&s->ready) == 1;
+    snapshot x;
+    take_snapshot(s, &x);
+    const nz_mem_report mr = x.mem;
+    const nz_cache_stats cs = x.cache;
+    const uint64_t ut = x.uncached_tiles, uns = x.uncached_ns;
+    const int ready = x.ready;
     srv_model_gauges mg[s->n_models ? s->n_models : 1];
     size_t nm = 0;
     for (size_t i = 0; ready && i < s->n_models; i++)
@@ -352,8 +366,7 @@ void srv_respond_metrics(srv_server *s, srv_req *r) {
     g.tile_cache_misses_total = cs.misses;
     g.tile_cache_evictions_total = cs.evictions;
     g.tile_decode_seconds_total = (double)(cs.decode_ns + uns) * 1e-9;
-    srv_budget_stats bs;
-    srv_budget_get_stats(s->budget, &bs);
+    const srv_budget_stats bs = x.budget;
     g.memory_budget_bytes = s->memory_budget;
     g.request_memory_pool_bytes = bs.total;
     g.request_memory_reserved_bytes = bs.reserved;

@@ -19,6 +19,7 @@
  * measured vs estimated bytes, asserting only the upper bound (the demo
  * translator predicts much shorter lengths than the longest it could). */
 #include "test_model.h"
+#include "test_pb.h"
 
 #include "nz_alloc.h"
 #include "nz_cache.h"
@@ -78,37 +79,6 @@ static void w_vec(mw *m, const char *name, uint64_t n, float base, float noise) 
 }
 
 /* ---------------------------------------------- in-memory SentencePiece models (as tests/test_tok.c) */
-
-typedef struct pb {
-    uint8_t b[4096];
-    size_t n;
-} pb;
-
-static void pb_varint(pb *p, uint64_t v) {
-    do {
-        assert_true(p->n < sizeof p->b);
-        p->b[p->n++] = (uint8_t)((v & 0x7F) | (v > 0x7F ? 0x80 : 0));
-        v >>= 7;
-    } while (v);
-}
-static void pb_tag(pb *p, unsigned field, unsigned wire) { pb_varint(p, field << 3 | wire); }
-static void pb_bytes(pb *p, unsigned field, const void *d, size_t n) {
-    pb_tag(p, field, 2);
-    pb_varint(p, n);
-    assert_true(p->n + n <= sizeof p->b);
-    memcpy(p->b + p->n, d, n);
-    p->n += n;
-}
-static void pb_float(pb *p, unsigned field, float f) {
-    pb_tag(p, field, 5);
-    assert_true(p->n + 4 <= sizeof p->b);
-    memcpy(p->b + p->n, &f, 4);
-    p->n += 4;
-}
-static void pb_int(pb *p, unsigned field, int64_t v) {
-    pb_tag(p, field, 0);
-    pb_varint(p, (uint64_t)v);
-}
 
 #define U2581 "\xe2\x96\x81"
 

@@ -4,6 +4,7 @@
  * Python SentencePiece and fairseq on trained models are in
  * tests/python/test_tokenizer.py. */
 #include "test_util.h"
+#include "test_pb.h"
 
 #include "nz_alloc.h"
 #include "nz_spm.h"
@@ -253,36 +254,6 @@ static void test_dict_bad_args(void **state) {
 }
 
 /* ------------------------------------------- in-memory SentencePiece model */
-
-typedef struct pb {
-    uint8_t b[8192];
-    size_t n;
-} pb;
-
-static void pb_varint(pb *p, uint64_t v) {
-    do {
-        assert_true(p->n < sizeof p->b);
-        p->b[p->n++] = (uint8_t)((v & 0x7F) | (v > 0x7F ? 0x80 : 0));
-        v >>= 7;
-    } while (v);
-}
-static void pb_tag(pb *p, unsigned field, unsigned wire) { pb_varint(p, field << 3 | wire); }
-static void pb_bytes(pb *p, unsigned field, const void *d, size_t n) {
-    pb_tag(p, field, 2);
-    pb_varint(p, n);
-    assert_true(p->n + n <= sizeof p->b);
-    memcpy(p->b + p->n, d, n);
-    p->n += n;
-}
-static void pb_float(pb *p, unsigned field, float f) {
-    pb_tag(p, field, 5);
-    memcpy(p->b + p->n, &f, 4); /* little-endian host */
-    p->n += 4;
-}
-static void pb_int(pb *p, unsigned field, int64_t v) {
-    pb_tag(p, field, 0);
-    pb_varint(p, (uint64_t)v);
-}
 
 #define U2581 "\xe2\x96\x81"
 #define NEL   "\xc2\x85"     /* U+0085, Python whitespace */
