@@ -71,6 +71,8 @@ $(BUILD)/engine/nz_gemv_avx2.o: CFLAGS += -mavx2 -mfma -mpopcnt
 $(BUILD)/engine/nz_gemv_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mpopcnt
 # the escape code's AVX2 kernels (engine/nz_esc.h)
 $(BUILD)/engine/nz_esc_avx2.o: CFLAGS += -mavx2 -mfma -mpopcnt
+# the row-invariant fp32 matmul's AVX2 kernel (dispatched at run time, see engine/nz_gemm.c)
+$(BUILD)/engine/nz_gemm_avx2.o: CFLAGS += -mavx2 -mfma
 # joins of the generic layouts (binary16), dispatched at run time in engine/nz_codec.c
 $(BUILD)/engine/nz_join_avx2.o: CFLAGS += -mavx2 -mf16c
 

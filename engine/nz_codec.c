@@ -765,16 +765,16 @@ int nz_tile_gemv_fusable(const nz_tensor_desc *d) {
 
 int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M) {
     if (M == 1) return nz_tile_gemv_fusable(d);
-    return M >= 2 && M <= NZ_ESC_GEMM_MAX && d->coder == NZ_CODER_ESC && nz_tile_gemv_fusable(d);
+    return M >= 2 && d->coder == NZ_CODER_ESC && nz_tile_gemv_fusable(d);
 }
 
 int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
-                     const float *x, size_t M, float *y, size_t ldy, nz_error *err) {
+                     const float *x, size_t M, float *y, size_t ldy, float *scratch, nz_error *err) {
     if (!nz_tile_gemm_fusable(d, M))
         return nz_fail(err, NZ_E_UNSUPPORTED,
-                       "fused multiply needs an esc (M <= %d) or rANS (M = 1) tile in the bf16 or lossy-3 "
+                       "fused multiply needs an esc (M >= 1) or rANS (M = 1) tile in the bf16 or lossy-3 "
                        "layout, M = %zu",
-                       NZ_ESC_GEMM_MAX, M);
+                       M);
     tile_view v;
     int rc = frame_tile(d, t, tile, len, &v, err);
     if (rc) return rc;
@@ -782,10 +782,12 @@ int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
     if (d->coder == NZ_CODER_ESC) {
         nz_esc_view ev;
         rc = esc_open(dc, d, &v, &ev, err);
-        if (!rc) rc = grow((void **)&dc->xp, &dc->xp_cap, M * d->cols * sizeof *dc->xp, "GEMV scratch", err);
+        size_t pass = M < NZ_ESC_GEMM_MAX ? M : NZ_ESC_GEMM_MAX; /* rows of one pass */
+        if (!rc)
+            rc = grow((void **)&dc->xp, &dc->xp_cap, pass * d->cols * sizeof *dc->xp, "GEMV scratch", err);
         if (!rc)
             rc = nz_esc_gemm_bf16(&ev, &dc->etab, dc->escr, v.sm, d->mant_bits, rows, d->cols, x, M, dc->xp,
-                                  y, ldy, err);
+                                  scratch, y, ldy, err);
     } else {
         if (dc->tab_id != d->id) {
             nz_rans_build_dtab(d->freq, dc->dtab);
@@ -799,7 +801,7 @@ int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uin
 
 int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                      const float *x, float *y, nz_error *err) {
-    return nz_tile_gemm_f32(dc, d, t, tile, len, x, 1, y, 1, err);
+    return nz_tile_gemm_f32(dc, d, t, tile, len, x, 1, y, 1, NULL, err);
 }
 
 int nz_tile_decode_native(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,

@@ -190,24 +190,29 @@ int nz_tile_gemv_fusable(const nz_tensor_desc *d);
 /** Fused decode-and-multiply (nz_esc.h, nz_gemv.h): y[r] = sum_c W[r][c] * x[c] for
  *  the nrows(t) rows of tile t, without writing the fp32 tile. Equal to
  *  decoding with nz_tile_decode_f32 and a dot product, up to the summation
- *  order. x holds cols floats, y nrows(t).
+ *  order (esc: the arithmetic of nz_tile_gemm_f32's rows, bit for bit). x
+ *  holds cols floats, y nrows(t).
  *  @return as nz_tile_decode_f32, NZ_E_UNSUPPORTED when
  *          !nz_tile_gemv_fusable(d). */
 int nz_tile_gemv_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
                      const float *x, float *y, nz_error *err);
 
 /** @return 1 when M input rows can multiply tiles of d through
- *  nz_tile_gemm_f32: M = 1 and nz_tile_gemv_fusable, or M = 2..16, esc
+ *  nz_tile_gemm_f32: M = 1 and nz_tile_gemv_fusable, or M >= 2, esc
  *  exponents and nz_tile_gemv_fusable; else 0. */
 int nz_tile_gemm_fusable(const nz_tensor_desc *d, size_t M);
 
 /** Fused decode-and-multiply with M input rows (x[M * cols], row-major):
  *  y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c] for the nrows(t) rows of
- *  tile t, the tile decoded once and never written as fp32 (summation order
- *  differs from sgemm: agreement to rounding).
+ *  tile t. Up to 16 rows the tile is decoded once and never written as fp32;
+ *  more rows decode it once into scratch (nrows(t) * cols floats; NULL:
+ *  decode it again per 16 rows instead). esc tiles are row-invariant: a row
+ *  of y is bit-identical whatever M and the other rows, on every kernel
+ *  (nz_esc_gemm_bf16); the summation order differs from nz_gemm_f32 on the
+ *  decoded tile (agreement to rounding).
  *  @return as nz_tile_gemv_f32; NZ_E_UNSUPPORTED when !nz_tile_gemm_fusable(d, M). */
 int nz_tile_gemm_f32(nz_dctx *dc, const nz_tensor_desc *d, uint64_t t, const uint8_t *tile, size_t len,
-                     const float *x, size_t M, float *y, size_t ldy, nz_error *err);
+                     const float *x, size_t M, float *y, size_t ldy, float *scratch, nz_error *err);
 
 /** @return the dtype nz_tile_decode_native writes. */
 nz_dtype nz_desc_native_dtype(const nz_tensor_desc *d);

@@ -4,6 +4,7 @@
 
 #include "nz_rans.h"
 
+#include <math.h>
 #include <string.h>
 
 static inline uint8_t rotr1(uint8_t s) { return (uint8_t)(s >> 1 | s << 7); }
@@ -157,7 +158,14 @@ uint64_t nz_esc_level_scalar(const uint8_t *blk, uint64_t i0, uint64_t i1, const
     return used;
 }
 
-int nz_esc_use_avx2(void) { return nz_esc_avx2_compiled && nz_rans_active_kernel() != NZ_RANS_SCALAR; }
+int nz_esc_use_avx2(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    /* the kernels also use FMA (the rANS decoder's AVX2 choice does not check it) */
+    return nz_esc_avx2_compiled && nz_rans_active_kernel() != NZ_RANS_SCALAR && __builtin_cpu_supports("fma");
+#else
+    return nz_esc_avx2_compiled && nz_rans_active_kernel() != NZ_RANS_SCALAR;
+#endif
+}
 
 /* One level, fields [0, n): AVX2 on whole runs of 32, the rest portable.
  * @return the escapes read. */
@@ -241,23 +249,62 @@ int nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scr
     return used == v->n[1] ? NZ_OK : count_fail(err, 0, used, v->n[1]);
 }
 
+/* The portable fused multiply of up to NZ_ESC_GEMM_MAX input rows: the
+ * arithmetic of the AVX2 kernels (nz_esc.h) emulated lane by lane (fmaf
+ * rounds once, as vfmadd does), weights fed in element order. */
 typedef struct {
-    const float *x; /* [M * cols] */
-    float *y;       /* y[m * ldy + row] */
-    uint64_t cols, row, col;
+    const float *x;                    /* [M * cols] */
+    float *y;                          /* y[m * ldy + row] */
+    uint64_t cols, runs_end, row, col; /* runs_end: the columns in whole runs of 32 */
     size_t M, ldy;
-    float part[NZ_ESC_GEMM_MAX];
+    float run[32];                    /* the weights of the row's current run */
+    float acc[NZ_ESC_GEMM_MAX][2][8]; /* per input row: the accumulators of its even and odd runs */
+    float s[NZ_ESC_GEMM_MAX];         /* per input row: the sum, then the tail added */
 } dot_state;
 
-static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
+/* column (within its run) of lane l of the AVX2 kernels' weight vector k (weights32_eo) */
+static inline unsigned eo_col(unsigned k, unsigned l) {
+    return 16 * (l / 4) + 8 * (k / 2) + 2 * (l % 4) + k % 2;
+}
+
+/* The run of 32 weights starting at column c0 (run c0 / 32 of the row) into
+ * every input row's accumulator of that run's parity, its four vectors in
+ * order. */
+static void dot_run(dot_state *d, uint64_t c0) {
+    for (size_t m = 0; m < d->M; m++) {
+        const float *x = d->x + m * d->cols + c0;
+        float *a = d->acc[m][c0 / 32 % 2];
+        for (unsigned k = 0; k < 4; k++)
+            for (unsigned l = 0; l < 8; l++) a[l] = fmaf(d->run[eo_col(k, l)], x[eo_col(k, l)], a[l]);
+    }
+}
+
+static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t n) {
     dot_state *d = ud;
-    for (uint64_t j = 0; j < m; j++) {
-        for (size_t r = 0; r < d->M; r++) d->part[r] += w[j] * d->x[r * d->cols + d->col];
-        if (++d->col == d->cols) {
-            for (size_t r = 0; r < d->M; r++) {
-                d->y[r * d->ldy + d->row] = d->part[r];
-                d->part[r] = 0;
+    (void)i;
+    for (uint64_t j = 0; j < n; j++) {
+        const uint64_t c = d->col;
+        if (c == 0)
+            for (size_t m = 0; m < d->M; m++) {
+                memset(d->acc[m], 0, sizeof d->acc[m]);
+                d->s[m] = 0;
             }
+        if (c < d->runs_end) {
+            d->run[c % 32] = w[j];
+            if (c % 32 == 31) dot_run(d, c - 31);
+            if (c + 1 == d->runs_end)
+                for (size_t m = 0; m < d->M; m++) {
+                    float v[8];
+                    for (int l = 0; l < 8; l++) v[l] = d->acc[m][0][l] + d->acc[m][1][l];
+                    float lo = (v[0] + v[4]) + (v[2] + v[6]);
+                    float hi = (v[1] + v[5]) + (v[3] + v[7]);
+                    d->s[m] = lo + hi;
+                }
+        } else {
+            for (size_t m = 0; m < d->M; m++) d->s[m] = fmaf(w[j], d->x[m * d->cols + c], d->s[m]);
+        }
+        if (++d->col == d->cols) {
+            for (size_t m = 0; m < d->M; m++) d->y[m * d->ldy + d->row] = d->s[m];
             d->row++;
             d->col = 0;
         }
@@ -265,21 +312,37 @@ static void dot_weights(void *ud, uint64_t i, const float *w, uint64_t m) {
 }
 
 int nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                     int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
-                     size_t ldy, nz_error *err) {
+                     int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *wt,
+                     float *y, size_t ldy, nz_error *err) {
     const uint8_t *esc;
     int rc = nz_esc_decode_escapes(v, t, 1, scratch, &esc, err);
     if (rc) return rc;
-    uint64_t used;
-    if (cols % 32 == 0 && rows && nz_esc_use_avx2()) {
-        nz_esc_permute_x_avx2(x, cols, M, xp);
-        if (M == 1)
-            used = nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, y);
-        else
-            used = nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, M, y, ldy);
-    } else {
-        dot_state d = {x, y, cols, 0, 0, M, ldy, {0}};
-        used = bf16_portable(v, t, 0, esc, sm, mant, dot_weights, &d);
+    const int simd = cols % 32 == 0 && rows && nz_esc_use_avx2();
+    if (simd && wt && M > NZ_ESC_GEMM_MAX) { /* decode once, then the register-blocked kernel */
+        uint64_t used = nz_esc_bf16eo_avx2(v->lv[0], rows * cols, t->nib[1][0], esc, sm, mant, wt);
+        if (used != v->n[1]) return count_fail(err, 0, used, v->n[1]);
+        nz_esc_gemm_eo_avx2(wt, rows, cols, x, M, xp, y, ldy);
+        return NZ_OK;
     }
-    return used == v->n[1] ? NZ_OK : count_fail(err, 0, used, v->n[1]);
+    /* passes of at most NZ_ESC_GEMM_MAX rows, nearly equal (17 rows: 9 + 8, not 16 + 1) */
+    const size_t passes = (M + NZ_ESC_GEMM_MAX - 1) / NZ_ESC_GEMM_MAX;
+    for (size_t pi = 0, m0 = 0; pi < passes; pi++) {
+        const size_t mc = M / passes + (pi < M % passes);
+        const float *xc = x + m0 * cols;
+        float *yc = y + m0 * ldy;
+        uint64_t used;
+        if (simd) {
+            nz_esc_permute_x_avx2(xc, cols, mc, xp);
+            if (mc == 1)
+                used = nz_esc_gemv_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, yc);
+            else
+                used = nz_esc_gemm_avx2(v->lv[0], rows, cols, t->nib[1][0], esc, sm, mant, xp, mc, yc, ldy);
+        } else {
+            dot_state d = {.x = xc, .y = yc, .cols = cols, .runs_end = cols / 32 * 32, .M = mc, .ldy = ldy};
+            used = bf16_portable(v, t, 0, esc, sm, mant, dot_weights, &d);
+        }
+        if (used != v->n[1]) return count_fail(err, 0, used, v->n[1]);
+        m0 += mc;
+    }
+    return NZ_OK;
 }

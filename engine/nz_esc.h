@@ -109,17 +109,34 @@ int nz_esc_decode(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch,
 int nz_esc_decode_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
                        int mant, float *out, nz_error *err);
 
-#define NZ_ESC_GEMM_MAX 16 /* input rows of one fused multiply */
+#define NZ_ESC_GEMM_MAX 16 /* input rows of one pass of the fused multiply */
 
 /** Fused decode-and-multiply of an opened tile of rows x cols (sm, mant as
- *  for nz_esc_decode_bf16) with M (1..NZ_ESC_GEMM_MAX) input rows
- *  x[m * cols + c]: y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c], the
- *  tile decoded once and never written (summation order differs from a
- *  plain dot product: agreement to rounding). xp[M * cols] is scratch.
+ *  for nz_esc_decode_bf16) with M >= 1 input rows x[m * cols + c]:
+ *  y[m * ldy + r] = sum_c W[r][c] * x[m * cols + c]. Up to NZ_ESC_GEMM_MAX
+ *  rows: the tile decoded once, never written. More rows: with wt
+ *  (rows * cols floats of scratch, may be NULL), the AVX2 kernels and cols a
+ *  multiple of 32, the tile is decoded once into wt in the kernels' vector
+ *  order and multiplied by a register-blocked kernel of the same arithmetic;
+ *  otherwise in passes of up to NZ_ESC_GEMM_MAX rows, nearly equal, each
+ *  decoding the tile again. xp[min(M, NZ_ESC_GEMM_MAX) * cols] is scratch.
+ *  Row-invariant: each y element is one fixed sequence of fp32 operations
+ *  that depends only on cols, whatever M, the other rows or the kernel
+ *  (AVX2 or portable, bit-identical). Two 8-lane accumulators start at +0,
+ *  one for the even, one for the odd runs of 32 columns from the row's
+ *  start; in a run, lane l (0..7) of four vectors k = 0..3 holds column
+ *  16 (l / 4) + 8 (k / 2) + 2 (l % 4) + k % 2 of the run (the order the
+ *  AVX2 join produces), and acc = fma(w, x, acc) for k = 0, 1, 2, 3 into
+ *  the run's accumulator; after the last whole run v = even + odd,
+ *  s = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), then
+ *  s = fma(w, x, s) over the cols % 32 last columns in order. (Two
+ *  accumulators keep the one-row kernel's FMA chain off its critical path.
+ *  Against nz_gemm_f32 on the decoded tile: agreement to rounding,
+ *  relative ~1e-6 of sum |w x|.)
  *  @return as nz_esc_decode (y unspecified on error). */
 int nz_esc_gemm_bf16(const nz_esc_view *v, const nz_esc_table *t, uint8_t *scratch, const uint8_t *sm,
-                     int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *y,
-                     size_t ldy, nz_error *err);
+                     int mant, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp, float *wt,
+                     float *y, size_t ldy, nz_error *err);
 
 /* ------------------------------------------------------------- internal */
 
@@ -137,13 +154,24 @@ uint64_t nz_esc_level_avx2(const uint8_t *blk, uint64_t i0, uint64_t i1, const u
 uint64_t nz_esc_bf16_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
                           const uint8_t *sm, int mant, float *out);
 /** Fused GEMV over rows x cols (cols a multiple of 32), rotated tables and
- *  escapes; xp is x permuted by nz_esc_permute_x_avx2. @return escapes consumed. */
+ *  escapes; xp is x permuted by nz_esc_permute_x_avx2; each row's arithmetic
+ *  is the M-row kernel's (nz_esc_gemm_bf16). @return escapes consumed. */
 uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
                           const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, float *y);
-/** The same for M >= 2 input rows (xp from nz_esc_permute_x_avx2, y[m * ldy + r]). */
+/** The same for M = 2..NZ_ESC_GEMM_MAX input rows (xp from nz_esc_permute_x_avx2, y[m * ldy + r]). */
 uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, const uint8_t nib[2][16],
                           const uint8_t *esc, const uint8_t *sm, int mant, const float *xp, size_t M,
                           float *y, size_t ldy);
+/** Level 1 of the bf16 layout to fp32 in the kernels' vector order (run j's
+ *  four vectors, as weights32_eo makes them, at out[32 j ..]), fields
+ *  [0, n32) (n32 a multiple of 32). @return escapes consumed. */
+uint64_t nz_esc_bf16eo_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
+                            const uint8_t *sm, int mant, float *out);
+/** The M-row multiply (any M) on a tile from nz_esc_bf16eo_avx2: wt[rows *
+ *  cols], x[M * cols] row-major, xp[3 * cols] scratch; y[m * ldy + r]
+ *  bit-identical to nz_esc_gemm_avx2's. */
+void nz_esc_gemm_eo_avx2(const float *wt, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp,
+                         float *y, size_t ldy);
 /** xp[(c M + m) 32 + i]: run c (32 columns) of input row m, permuted to the
  *  order of the kernels' weight vectors (runs of all rows together: the
  *  M-row kernel reads one contiguous block per run). */

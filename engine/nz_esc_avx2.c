@@ -198,6 +198,7 @@ void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {
         }
 }
 
+/* ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)) (nz_esc.c's portable path: the same tree) */
 INLINE float hsum8(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -211,19 +212,23 @@ uint64_t nz_esc_gemv_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
     tables t = load_tables(nib);
     const uint64_t runs = cols / 32; /* per row */
     uint64_t c = 0;                  /* run within the row */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    /* the row's two accumulators (nz_esc.h): the even runs into one, the odd runs into the other, each
+     * run's four vectors in order; cur is the one of this run (the sum of both is the same bits
+     * either way round) */
+    __m256 cur = _mm256_setzero_ps(), other = cur;
 #define DOT(j, s)                                                                                            \
     do {                                                                                                     \
         __m256 f[4];                                                                                         \
         weights32_eo(s, sm32(sm, j, mant), f);                                                               \
         const float *xc = xp + 32 * c;                                                                       \
-        a0 = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xc), a0);                                                 \
-        a1 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xc + 8), a1);                                             \
-        a2 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xc + 16), a2);                                            \
-        a3 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xc + 24), a3);                                            \
+        __m256 a = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xc), cur);                                          \
+        a = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xc + 8), a);                                               \
+        a = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xc + 16), a);                                              \
+        cur = other;                                                                                         \
+        other = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xc + 24), a);                                          \
         if (++c == runs) {                                                                                   \
-            *y++ = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                       \
-            a0 = a1 = a2 = a3 = _mm256_setzero_ps();                                                         \
+            *y++ = hsum8(_mm256_add_ps(cur, other));                                                         \
+            cur = other = _mm256_setzero_ps();                                                               \
             c = 0;                                                                                           \
         }                                                                                                    \
     } while (0)
@@ -239,25 +244,24 @@ uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
     tables t = load_tables(nib);
     const uint64_t runs = cols / 32;
     uint64_t c = 0, r = 0;
-    __m256 acc[NZ_ESC_GEMM_MAX];
-    for (size_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-        /* per input row: one product chain of the run's 4 vectors, then one add into its accumulator */
+    __m256 acc[2 * NZ_ESC_GEMM_MAX]; /* per input row m: its even runs' accumulator at 2 m, odd at 2 m + 1 */
+    for (size_t m = 0; m < 2 * M; m++) acc[m] = _mm256_setzero_ps();
 #define DOTM(j, s)                                                                                           \
     do {                                                                                                     \
         __m256 f[4];                                                                                         \
         weights32_eo(s, sm32(sm, j, mant), f);                                                               \
         const float *xc = xp + 32 * M * c;                                                                   \
+        __m256 *am = acc + (c & 1);                                                                          \
         for (size_t m = 0; m < M; m++, xc += 32) {                                                           \
-            __m256 p = _mm256_mul_ps(f[0], _mm256_loadu_ps(xc));                                             \
-            p = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xc + 8), p);                                           \
-            p = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xc + 16), p);                                          \
-            p = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xc + 24), p);                                          \
-            acc[m] = _mm256_add_ps(acc[m], p);                                                               \
+            __m256 a = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xc), am[2 * m]);                                \
+            a = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xc + 8), a);                                           \
+            a = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xc + 16), a);                                          \
+            am[2 * m] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xc + 24), a);                                  \
         }                                                                                                    \
         if (++c == runs) {                                                                                   \
             for (size_t m = 0; m < M; m++) {                                                                 \
-                y[m * ldy + r] = hsum8(acc[m]);                                                              \
-                acc[m] = _mm256_setzero_ps();                                                                \
+                y[m * ldy + r] = hsum8(_mm256_add_ps(acc[2 * m], acc[2 * m + 1]));                           \
+                acc[2 * m] = acc[2 * m + 1] = _mm256_setzero_ps();                                           \
             }                                                                                                \
             r++;                                                                                             \
             c = 0;                                                                                           \
@@ -266,6 +270,139 @@ uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
     FOR_RUNS(blk, 0, rows * runs, DOTM)
 #undef DOTM
     return (uint64_t)(esc - e0);
+}
+
+/* The tile's weights in the runs' vector order (weights32_eo: run j's four
+ * vectors at out[32 j ..]), for nz_esc_gemm_eo_avx2. */
+uint64_t nz_esc_bf16eo_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
+                            const uint8_t *sm, int mant, float *out) {
+    const uint8_t *e0 = esc;
+    tables t = load_tables(nib);
+#define STORE(j, s)                                                                                          \
+    do {                                                                                                     \
+        __m256 f[4];                                                                                         \
+        weights32_eo(s, sm32(sm, j, mant), f);                                                               \
+        float *o = out + 32 * (j);                                                                           \
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + 8 * k, f[k]);                                       \
+    } while (0)
+    FOR_RUNS(blk, 0, n32 / 32, STORE)
+#undef STORE
+    return (uint64_t)(esc - e0);
+}
+
+/* Load v once into a register: GCC would rather fold the load into every
+ * FMA that uses it as a memory operand, which makes the kernel load-bound. */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+/* One run (four vectors at xc, wc) of the pairs (i < mr rows of xp, j < nr
+ * rows of wt) into their accumulators h (0 or 1), all compile-time
+ * constants: each pair's four FMAs in order. */
+INLINE void eo_run(const int mr, const int nr, const int h, const float *xc, size_t ldx, const float *wc,
+                   size_t ldw, __m256 acc[3][4][2]) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) {
+        if (nr <= mr) { /* nr weight vectors in registers */
+            __m256 wv[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < nr; j++) wv[j] = _mm256_loadu_ps(wc + (size_t)j * ldw + 8 * k);
+#pragma GCC unroll 3
+            for (int i = 0; i < mr; i++) {
+                __m256 xv = _mm256_loadu_ps(xc + (size_t)i * ldx + 8 * k);
+                KEEP(xv);
+#pragma GCC unroll 4
+                for (int j = 0; j < nr; j++) acc[i][j][h] = _mm256_fmadd_ps(wv[j], xv, acc[i][j][h]);
+            }
+        } else { /* mr x vectors in registers */
+            __m256 xv[3];
+#pragma GCC unroll 3
+            for (int i = 0; i < mr; i++) xv[i] = _mm256_loadu_ps(xc + (size_t)i * ldx + 8 * k);
+#pragma GCC unroll 4
+            for (int j = 0; j < nr; j++) {
+                __m256 wv = _mm256_loadu_ps(wc + (size_t)j * ldw + 8 * k);
+                KEEP(wv);
+#pragma GCC unroll 3
+                for (int i = 0; i < mr; i++) acc[i][j][h] = _mm256_fmadd_ps(wv, xv[i], acc[i][j][h]);
+            }
+        }
+    }
+}
+
+/* Runs [c0, c1) of the pairs (i < mr rows of xp, j < nr rows of wt; both in
+ * the runs' vector order, rows ldx / ldw floats apart), mr and nr
+ * compile-time constants (mr * nr <= 6 pairs of two accumulators). The
+ * accumulators start at +0 (c0 = 0) or from acc_mem, pair (i, j) at
+ * acc_mem[(3 j + i) 2 + 0 / 1]; after the last run (c1 = runs) the pair's
+ * sum goes to y[i * ldy + j], else they go back to acc_mem. Per pair: the
+ * arithmetic of nz_esc_gemm_avx2's DOTM. */
+INLINE void eo_part(const int mr, const int nr, uint64_t c0, uint64_t c1, uint64_t runs, const float *xp,
+                    size_t ldx, const float *wt, size_t ldw, __m256 *acc_mem, float *y, size_t ldy) {
+    __m256 acc[3][4][2];
+#pragma GCC unroll 3
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nr; j++)
+            for (int h = 0; h < 2; h++)
+                acc[i][j][h] = c0 ? acc_mem[(3 * j + i) * 2 + h] : _mm256_setzero_ps();
+    /* c0 is even: runs c0, c0 + 2, .. into accumulator 0, the others into 1 */
+    uint64_t c = c0;
+    for (; c + 2 <= c1; c += 2) {
+        eo_run(mr, nr, 0, xp + 32 * c, ldx, wt + 32 * c, ldw, acc);
+        eo_run(mr, nr, 1, xp + 32 * c + 32, ldx, wt + 32 * c + 32, ldw, acc);
+    }
+    if (c < c1) eo_run(mr, nr, 0, xp + 32 * c, ldx, wt + 32 * c, ldw, acc);
+#pragma GCC unroll 3
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < nr; j++) {
+            if (c1 == runs)
+                y[(size_t)i * ldy + (size_t)j] = hsum8(_mm256_add_ps(acc[i][j][0], acc[i][j][1]));
+            else
+                for (int h = 0; h < 2; h++) acc_mem[(3 * j + i) * 2 + h] = acc[i][j][h];
+        }
+}
+
+#define EO_GROUP 12 /* weight rows whose accumulators wait in a stack buffer (a multiple of nr = 2, 3, 4) */
+#define EO_RUNS  32 /* runs per column block: 3 rows of x = 12 KiB, L1-resident */
+
+/* mr (<= 3) rows of xp against every row of wt in blocks of nr (the last
+ * rows of a group one at a time): per group of EO_GROUP weight rows, the
+ * columns in blocks of EO_RUNS runs (the arithmetic is per pair, so
+ * blocking the columns changes no bit; rows of up to 1024 columns are one
+ * block, their accumulators never leave the registers). */
+INLINE void eo_strip(const int mr, const int nr, uint64_t rows, uint64_t cols, const float *xp,
+                     const float *wt, float *y, size_t ldy) {
+    const uint64_t runs = cols / 32;
+    __m256 acc[EO_GROUP * 3 * 2];
+    for (uint64_t r0 = 0; r0 < rows; r0 += EO_GROUP) {
+        const uint64_t g = rows - r0 < EO_GROUP ? rows - r0 : EO_GROUP;
+        const float *wg = wt + r0 * cols;
+        for (uint64_t c0 = 0; c0 < runs; c0 += EO_RUNS) {
+            const uint64_t c1 = runs - c0 < EO_RUNS ? runs : c0 + EO_RUNS;
+            uint64_t r = 0;
+            for (; r + (uint64_t)nr <= g; r += (uint64_t)nr)
+                eo_part(mr, nr, c0, c1, runs, xp, cols, wg + r * cols, cols, acc + r * 6, y + r0 + r, ldy);
+            for (; r < g; r++)
+                eo_part(mr, 1, c0, c1, runs, xp, cols, wg + r * cols, cols, acc + r * 6, y + r0 + r, ldy);
+        }
+    }
+}
+
+void nz_esc_gemm_eo_avx2(const float *wt, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp,
+                         float *y, size_t ldy) {
+    /* blocks of 3 input rows x 2 weight rows (the last M % 3 rows: 2 x 3 or 1 x 4), each block's
+     * rows of x permuted into xp */
+    for (size_t m = 0; m < M;) {
+        size_t mr = M - m >= 3 ? 3 : M - m;
+        for (size_t i = 0; i < mr; i++) nz_esc_permute_x_avx2(x + (m + i) * cols, cols, 1, xp + i * cols);
+        float *ym = y + m * ldy;
+        if (mr == 3)
+            eo_strip(3, 2, rows, cols, xp, wt, ym, ldy);
+        else if (mr == 2)
+            eo_strip(2, 3, rows, cols, xp, wt, ym, ldy);
+        else
+            eo_strip(1, 4, rows, cols, xp, wt, ym, ldy);
+        m += mr;
+    }
 }
 
 #else
@@ -288,4 +425,10 @@ uint64_t nz_esc_gemm_avx2(const uint8_t *blk, uint64_t rows, uint64_t cols, cons
     return 0;
 }
 void nz_esc_permute_x_avx2(const float *x, uint64_t cols, size_t M, float *xp) {}
+uint64_t nz_esc_bf16eo_avx2(const uint8_t *blk, uint64_t n32, const uint8_t nib[2][16], const uint8_t *esc,
+                            const uint8_t *sm, int mant, float *out) {
+    return 0;
+}
+void nz_esc_gemm_eo_avx2(const float *wt, uint64_t rows, uint64_t cols, const float *x, size_t M, float *xp,
+                         float *y, size_t ldy) {}
 #endif

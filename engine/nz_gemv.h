@@ -13,8 +13,10 @@
  * The stream is checked as nz_rans_decode checks it (truncation, unread
  * bytes, final states), so a corrupt tile fails with NZ_E_TRUNCATED or
  * NZ_E_CORRUPT; y is then unspecified. The summation order differs from
- * sgemv on the decoded tile (results agree to rounding: relative ~1e-6 of
- * sum |x||w| per row).
+ * nz_gemm_f32 on the decoded tile (results agree to rounding: relative
+ * ~1e-6 of sum |x||w| per row), which is why nz_matmul decodes rANS tiles
+ * instead (a row's bits must not depend on M; this kernel is M = 1 only):
+ * it serves nz_tile_gemv_f32 callers (benchmarks, the fuzz targets).
  */
 #ifndef NZ_GEMV_H
 #define NZ_GEMV_H

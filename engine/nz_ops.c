@@ -1,7 +1,6 @@
 /* Weight-free transformer kernels: see nz_ops.h. */
 #include "nz_ops.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <string.h>
 
@@ -469,10 +468,34 @@ void nz_t5_position_bias(float *out, const float *table, size_t H, size_t Tq, si
 
 size_t nz_attention_work_floats(size_t Tk) { return Tk ? Tk : 1; }
 
+/* <a, b> over n floats in a fixed order: 8 partial sums (lane d % 8, in
+ * order of d), a fixed tree, then the n % 8 last terms in order (the
+ * compiler may vectorise the lanes; no reassociation in ISO C mode). */
+static float dot_fixed(const float *a, const float *b, size_t n) {
+    float s[8] = {0};
+    size_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int l = 0; l < 8; l++) {
+            float p = a[d + (size_t)l] * b[d + (size_t)l];
+            s[l] += p;
+        }
+    float r = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+    for (; d < n; d++) {
+        float p = a[d] * b[d];
+        r += p;
+    }
+    return r;
+}
+
 /* torch scaled_dot_product_attention / fairseq MultiheadAttention core, one
- * (batch row, head, query) at a time: scores = scale * K q (cblas_sgemv),
- * + bias, masks to -inf, stable softmax, out = V^T p (cblas_sgemv). Keys past
- * the causal limit are never touched. */
+ * (batch row, head, query) at a time, over its visible keys only (padded
+ * keys and keys past the causal limit are never touched, not multiplied by
+ * a zero probability): scores s_j = scale <q, k_j> (+ bias), softmax with
+ * max and sum over the visible keys in key order, out = (sum_j p_j v_j) /
+ * sum, accumulated in key order and vectorised over dh. Each output is
+ * thus one fixed sequence of operations on its own visible keys: the same
+ * bits whatever Tk (how far its batch is padded), the other batch rows or
+ * the batch size. */
 void nz_attention(const nz_attn_args *a, float *work) {
     const size_t H = a->H, dh = a->dh, Tq = a->Tq, Tk = a->Tk;
     if (dh == 0) return;
@@ -493,13 +516,12 @@ void nz_attention(const nz_attn_args *a, float *work) {
                     nk = lim <= 0 ? 0 : (uint64_t)lim < Tk ? (size_t)lim : Tk;
                 }
                 float m = -INFINITY;
-                if (nk > 0)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nk, (int)dh, a->scale, kb, (int)a->ldkv, qi,
-                                1, 0.0f, work, 1);
                 for (size_t j = 0; j < nk; j++) {
-                    if (bias) work[j] += bias[i * Tk + j];
-                    if (pad && pad[j]) work[j] = -INFINITY;
-                    if (work[j] > m) m = work[j];
+                    if (pad && pad[j]) continue;
+                    float sj = dot_fixed(qi, kb + j * a->ldkv, dh) * a->scale;
+                    if (bias) sj += bias[i * Tk + j];
+                    work[j] = sj;
+                    if (sj > m) m = sj;
                 }
                 if (m == -INFINITY) { /* every key masked */
                     memset(oi, 0, dh * sizeof *oi);
@@ -507,11 +529,24 @@ void nz_attention(const nz_attn_args *a, float *work) {
                 }
                 float sum = 0.0f;
                 for (size_t j = 0; j < nk; j++) {
+                    if (pad && pad[j]) continue;
                     work[j] = expf(work[j] - m);
                     sum += work[j];
                 }
-                cblas_sgemv(CblasRowMajor, CblasTrans, (int)nk, (int)dh, 1.0f / sum, vb, (int)a->ldkv, work,
-                            1, 0.0f, oi, 1);
+                /* q is read: oi may now be written (even where out aliases q) */
+                memset(oi, 0, dh * sizeof *oi);
+                for (size_t j = 0; j < nk; j++) {
+                    if (pad && pad[j]) continue;
+                    const float pj = work[j];
+                    const float *restrict vj = vb + j * a->ldkv;
+                    float *restrict o = oi;
+                    for (size_t d = 0; d < dh; d++) {
+                        float t = pj * vj[d];
+                        o[d] += t;
+                    }
+                }
+                const float inv = 1.0f / sum;
+                for (size_t d = 0; d < dh; d++) oi[d] *= inv;
             }
         }
     }

@@ -160,6 +160,10 @@ void nz_t5_position_bias(float *out, const float *table, size_t H, size_t Tq, si
  *  A query row whose keys are all masked gets zeros (no NaN).
  *  out[B x Tq x H*dh] (row stride ldo). work holds nz_attention_work_floats(Tk)
  *  floats (caller-owned).
+ *  Batch-invariant: masked keys are skipped, not weighted by zero, and each
+ *  output is one fixed sequence of fp32 operations over its visible keys in
+ *  key order, so a sequence gets bit-identical outputs whatever Tk (how far
+ *  its batch is padded), B and the other batch rows.
  */
 typedef struct nz_attn_args {
     const float *q;

@@ -3,8 +3,8 @@
 #include "nz_guard.h"
 
 #include "nz_alloc.h"
+#include "nz_gemm.h"
 
-#include <cblas.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -33,7 +33,7 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
     if (t->desc.dtype == NZ_DT_OTHER)
         return nz_fail(err, NZ_E_UNSUPPORTED, "tensor '%s' (%s) is not a float weight", name, t->st_dtype);
     if (t->desc.rows > INT32_MAX || t->desc.cols > INT32_MAX)
-        return nz_fail(err, NZ_E_UNSUPPORTED, "tensor '%s' is too large for BLAS (int dimensions)", name);
+        return nz_fail(err, NZ_E_UNSUPPORTED, "tensor '%s' is too large (int dimensions)", name);
     w->model = m;
     w->index = (size_t)i;
     w->t = t;
@@ -47,19 +47,20 @@ static atomic_int g_fused = 1;
 
 int nz_matmul_set_fused(int on) { return atomic_exchange(&g_fused, on ? 1 : 0); }
 
-/* Whether tiles go through the fused multiply (no cache, bf16 layout; M = 1,
- * or M <= 16 for esc tiles). */
+/* Whether tiles go through the fused multiply: no cache, an esc tile in the
+ * bf16 or lossy-3 layout, any M. rANS tiles are decoded instead: their fused
+ * kernel is M = 1 only, and a row's arithmetic must not depend on M
+ * (decoding costs rANS about what fusing saves). */
 static int fused(const nz_tile_cache *cache, const nz_weight *w, size_t M) {
-    return !cache && nz_tile_gemm_fusable(&w->t->desc, M) &&
+    return !cache && w->t->desc.coder == NZ_CODER_ESC && nz_tile_gemm_fusable(&w->t->desc, M) &&
            atomic_load_explicit(&g_fused, memory_order_relaxed);
 }
 
-/* y[:, r0:r0+nr] = x * tile^T for a tile of nr x K fp32 weights (row-major). */
+/* y[:, r0:r0+nr] = x * tile^T for a tile of nr x K fp32 weights (row-major):
+ * the row-invariant kernel (nz_gemm.h), never BLAS, whose sgemm rounds a row
+ * differently with the batch around it. */
 static void tile_gemm(const float *wt, int nr, int K, int N, const float *x, size_t M, float *y) {
-    if (M == 1)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, nr, K, 1.0f, wt, K, x, 1, 0.0f, y, 1);
-    else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, nr, K, 1.0f, x, K, wt, K, 0.0f, y, N);
+    nz_gemm_f32(M, (size_t)nr, (size_t)K, x, (size_t)K, wt, (size_t)K, y, (size_t)N);
 }
 
 static int host_le(void) {
@@ -77,7 +78,7 @@ static int tile_uncached(nz_dctx *dc, float *scratch, const nz_weight *w, uint64
     int rc = NZ_OK;
     uint64_t t0 = nz_now_ns();
     if (fused(NULL, w, M)) {
-        rc = nz_tile_gemm_f32(dc, d, tile, p, len, x, M, y + r0, (size_t)N, err);
+        rc = nz_tile_gemm_f32(dc, d, tile, p, len, x, M, y + r0, (size_t)N, scratch, err);
         count_uncached(t0);
     } else if (d->coder == NZ_CODER_NONE && d->dtype == NZ_DT_F32 && host_le() && (uintptr_t)p % 4 == 0 &&
                len == (size_t)nr * (size_t)K * 4) {
@@ -93,11 +94,11 @@ static int tile_uncached(nz_dctx *dc, float *scratch, const nz_weight *w, uint64
 /* One tile of y = x W^T, writing columns r0 .. r0+nr of y. With a cache
  * (budget > 0) the tile comes from nz_cache_get. Without: the tile's bytes
  * come from nz_model_tile_once (checksum on first use), then
- *   a bf16-layout tile and M = 1 (rANS, esc) or M <= 16 (esc): fused
- *     decode-and-multiply (nz_tile_gemm_f32);
- *   raw fp32 (little-endian host): BLAS straight on the mapped tile bytes
- *     (tiles are 64-byte aligned in the file);
- *   anything else: decode into scratch, then BLAS. */
+ *   an esc tile in the bf16 or lossy-3 layout: fused decode-and-multiply
+ *     (nz_tile_gemm_f32, any M);
+ *   raw fp32 (little-endian host): nz_gemm_f32 straight on the mapped tile
+ *     bytes (tiles are 64-byte aligned in the file);
+ *   anything else: decode into scratch, then nz_gemm_f32. */
 static int matmul_tile(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, uint64_t tile,
                        const float *x, size_t M, float *y, nz_error *err) {
     const nz_tensor *t = w->t;
@@ -181,7 +182,6 @@ static int cancelled(nz_matmul_ctx *c, nz_error *e) {
 nz_matmul_ctx *nz_matmul_ctx_create(nz_pool *pool, nz_tile_cache *cache) {
     nz_matmul_ctx *c = nz_calloc(1, sizeof *c, NZ_MEM_OTHER);
     if (!c) return NULL;
-    nz_blas_serial();
     c->pool = pool;
     c->cache = cache;
     const char *d = getenv("NZ_DEBUG_TILE_DELAY_US"); /* makes a forward pass slow, for cancellation tests */

@@ -8,19 +8,27 @@
  * y:
  *   - with a tile cache of budget > 0: the tile comes from the cache (or is
  *     decoded into the caller's scratch when it does not fit) as fp32 and is
- *     multiplied with OpenBLAS (sgemv for M = 1, sgemm otherwise);
+ *     multiplied by nz_gemm_f32 (nz_gemm.h);
  *   - without a cache, or with a budget-0 cache (which is then bypassed: its
  *     counters do not move): the tile's bytes are checked with
  *     nz_model_tile_once (XXH3 on the tile's first use per loaded model, see
  *     nz_container.h; a damaged tile is refused on every call), then
- *       a bf16-layout tile (lossless bf16, mode bf16) with M = 1 (esc or
- *         rANS exponents) or M = 2..16 (esc): the fused decode-and-multiply
- *         (nz_tile_gemm_f32), the tile decoded once, no fp32 tile written;
- *       raw fp32 tiles: BLAS directly on the mapped tile bytes;
- *       otherwise decoded into scratch and multiplied with BLAS.
- * The fused kernels sum in another order than BLAS, so those results differ
- * between the cached and uncached paths by rounding (relative ~1e-6 of
- * sum |x||w|); everything else is bit-identical whatever the cache.
+ *       an esc tile in the bf16 layout (lossless bf16, mode bf16) or lossy-3:
+ *         the fused decode-and-multiply (nz_tile_gemm_f32): up to 16 rows of
+ *         x, no fp32 tile written; more, the tile decoded once into scratch
+ *         in the fused kernels' order and multiplied with their arithmetic;
+ *       raw fp32 tiles: nz_gemm_f32 directly on the mapped tile bytes;
+ *       otherwise (rANS and zstd coders, fp16/fp32 sources, other lossy
+ *         widths, raw bf16/fp16) decoded into scratch, then nz_gemm_f32.
+ *
+ * Batch invariance: row m of y is bit-identical whatever M is and whatever
+ * the other rows of x hold (and on 1 or many threads), in every weight mode
+ * and cache setting, because both kernels compute each element by one fixed
+ * sequence that depends only on K (nz_gemm.h, nz_esc.h): a request gets the
+ * same numbers alone or batched. The fused kernel sums in another order than
+ * nz_gemm_f32, so cached and uncached esc results differ by rounding
+ * (relative ~1e-6 of sum |x||w|); everything else is bit-identical whatever
+ * the cache.
  */
 #ifndef NZ_WEIGHT_H
 #define NZ_WEIGHT_H
@@ -55,8 +63,8 @@ int nz_weight_bind(nz_weight *w, const nz_model *m, const char *name, nz_error *
 int nz_matmul(nz_tile_cache *cache, nz_dctx *dc, float *scratch, const nz_weight *w, const float *x, size_t M,
               float *y, nz_error *err);
 
-/** Turn the fused M = 1 path off (0) or on (1, the default) for the whole
- *  process (benchmarks and tests compare it with decode + sgemv).
+/** Turn the fused path off (0) or on (1, the default) for the whole
+ *  process (benchmarks and tests compare it with decode + nz_gemm_f32).
  *  @return the previous setting. */
 int nz_matmul_set_fused(int on);
 

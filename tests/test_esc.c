@@ -189,7 +189,7 @@ static void test_bf16_and_gemv(void **state) {
     uint64_t seed = 11;
     const struct {
         uint64_t rows, cols;
-    } shapes[] = {{1, 32}, {3, 64}, {17, 256}, {5, 1024}, {2, 40}, {7, 33}, {1, 1}, {9, 96}};
+    } shapes[] = {{1, 32}, {3, 64}, {17, 256}, {5, 1024}, {2, 40}, {7, 33}, {1, 1}, {9, 96}, {13, 1088}};
     for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
         uint64_t rows = shapes[si].rows, cols = shapes[si].cols, n = rows * cols;
         uint8_t *e = xmalloc(n), *sm = xmalloc(n);
@@ -204,9 +204,11 @@ static void test_bf16_and_gemv(void **state) {
         nz_esc_view v;
         assert_int_equal(nz_esc_open(sec, len, n, 8, &v, NULL), NZ_OK);
         uint8_t *scratch = calloc(1, nz_esc_scratch_bytes(&v));
-        const size_t MX = NZ_ESC_GEMM_MAX, ldy = rows + 3;
-        float *x = xmalloc(MX * cols * 4), *xp = xmalloc(MX * cols * 4), *w = xmalloc(n * 4),
-              *y = xmalloc(MX * ldy * 4);
+        const size_t MX = 40, ldy = rows + 3; /* past NZ_ESC_GEMM_MAX: passes, or the decode-once kernel */
+        float *x = xmalloc(MX * cols * 4), *xp = xmalloc(NZ_ESC_GEMM_MAX * cols * 4), *w = xmalloc(n * 4),
+              *y = xmalloc(MX * ldy * 4), *wt = xmalloc(n * 4);
+        /* each row alone (M = 1), per mant: the simd run's, then the scalar run's must be the same bits */
+        float *alone[2] = {xmalloc(MX * rows * 4 + 4), xmalloc(MX * rows * 4 + 4)};
         for (uint64_t c = 0; c < MX * cols; c++) x[c] = (float)tu_gauss(&seed);
         /* the lossy-3 plane: 4-bit fields sign << 3 | mantissa, low nibble first; as bf16-layout bytes in
          * sm3b */
@@ -226,13 +228,30 @@ static void test_bf16_and_gemv(void **state) {
                 if (memcmp(&w[i], &(float){bf16f(e[i], smb[i])}, 4))
                     fail_msg("shape %zu %s mant %d: weight %llu is %g", si, scalar ? "scalar" : "simd", mant,
                              (unsigned long long)i, w[i]);
-            const size_t Ms[] = {1, 2, 3, 5, 16};
+            float *al = alone[mant == 3];
+            for (size_t m = 0; m < MX; m++) {
+                float y1[40];
+                assert_true(rows <= 40);
+                assert_int_equal(nz_esc_gemm_bf16(&v, &t, scratch, plane, mant, rows, cols, x + m * cols, 1,
+                                                  xp, NULL, y1, 1, NULL),
+                                 NZ_OK);
+                if (scalar && memcmp(y1, al + m * rows, rows * 4)) /* AVX2 and portable: the same bits */
+                    fail_msg("shape %zu mant %d: row %zu, scalar differs from simd", si, mant, m);
+                memcpy(al + m * rows, y1, rows * 4);
+            }
+            const size_t Ms[] = {1, 2, 3, 5, 16, 17, 40, 40};
             for (size_t mi = 0; mi < sizeof Ms / sizeof *Ms; mi++) {
                 size_t M = Ms[mi];
+                float *wtm = mi == 7 ? wt : NULL;                   /* M = 40 again, with the tile scratch */
                 for (size_t k = 0; k < MX * ldy; k++) y[k] = -7.0f; /* untouched outside the rows */
-                assert_int_equal(nz_esc_gemm_bf16(&v, &t, scratch, plane, mant, rows, cols, x, M, xp, y,
+                assert_int_equal(nz_esc_gemm_bf16(&v, &t, scratch, plane, mant, rows, cols, x, M, xp, wtm, y,
                                                   M == 1 ? 1 : ldy, NULL),
                                  NZ_OK);
+                /* row-invariant: each row the same bits as alone */
+                for (size_t m = 0; m < M; m++)
+                    if (memcmp(y + m * (M == 1 ? 1 : ldy), al + m * rows, rows * 4))
+                        fail_msg("shape %zu %s mant %d M %zu%s: row %zu differs from the row alone", si,
+                                 scalar ? "scalar" : "simd", mant, M, wtm ? " (decode once)" : "", m);
                 for (size_t m = 0; m < M; m++)
                     for (uint64_t r = 0; r < rows; r++) {
                         double want = 0, mag = 0;
@@ -252,6 +271,9 @@ static void test_bf16_and_gemv(void **state) {
             }
         }
         nz_rans_force_scalar(0);
+        free(alone[0]);
+        free(alone[1]);
+        free(wt);
         free(sm3);
         free(sm3b);
         free(x);
@@ -290,7 +312,7 @@ static int decode_err(const uint8_t *sec, size_t len, const nz_esc_table *t, con
     int rc = nz_esc_decode(&v, t, scratch, out, &err);
     if (rc && want && !strstr(err.msg, want)) fail_msg("error \"%s\" does not say \"%s\"", err.msg, want);
     assert_int_equal(nz_esc_decode_bf16(&v, t, scratch, out, 7, f, NULL), rc);
-    assert_int_equal(nz_esc_gemm_bf16(&v, t, scratch, out, 7, 5, 40, x, 1, xp, y, 1, NULL), rc);
+    assert_int_equal(nz_esc_gemm_bf16(&v, t, scratch, out, 7, 5, 40, x, 1, xp, NULL, y, 1, NULL), rc);
     free(scratch);
     return rc;
 }

@@ -834,6 +834,88 @@ static void test_attention(void **state) {
     }
 }
 
+/* Batch invariance of nz_attention: one sequence (L keys, Tq queries) gets
+ * bit-identical outputs alone (B = 1, Tk = L, no padding mask) and as row 1
+ * of a batch of 3 padded to Tk = L .. L + 7 keys, the extra keys masked at
+ * the end or in front (left padding), the other rows and the padded keys'
+ * contents random; with a bias (row stride Tk), and causally (the queries
+ * the last Tq positions); dh with and without a tail past a multiple of 8. */
+static void test_attention_padding_invariant(void **state) {
+    (void)state;
+    uint64_t s = 17;
+    const size_t H = 2, L = 5, Tq = 3, B = 3;
+    static const size_t dhs[] = {8, 12, 64};
+    for (size_t di = 0; di < sizeof dhs / sizeof *dhs; di++) {
+        const size_t dh = dhs[di], HD = H * dh;
+        float *q0 = rand_floats(&s, Tq * HD, 0, 1), *k0 = rand_floats(&s, L * HD, 0, 1);
+        float *v0 = rand_floats(&s, L * HD, 0, 1), *bias0 = rand_floats(&s, H * Tq * L, 0, 0.5);
+        for (int cfg = 0; cfg < 6; cfg++) {
+            const int causal = cfg & 1, left = cfg >> 1 & 1, with_bias = cfg < 4;
+            if (causal && left) continue; /* left padding moves the causal limit: not the same sequence */
+            float *ref = xmalloc(Tq * HD * sizeof *ref), *work = xmalloc(nz_attention_work_floats(L + 7) * 4);
+            nz_attn_args a = {.q = q0,
+                              .ldq = HD,
+                              .k = k0,
+                              .v = v0,
+                              .ldkv = HD,
+                              .kv_bstride = L * HD,
+                              .bias = with_bias ? bias0 : NULL,
+                              .B = 1,
+                              .Tq = Tq,
+                              .Tk = L,
+                              .H = H,
+                              .dh = dh,
+                              .causal = causal,
+                              .q0 = (int64_t)(L - Tq),
+                              .scale = 0.4f,
+                              .out = ref,
+                              .ldo = HD};
+            nz_attention(&a, work);
+            for (size_t pad = 0; pad < 8; pad++) {
+                const size_t Tk = L + pad, off = left ? pad : 0; /* the sequence's keys: off .. off + L */
+                float *q = rand_floats(&s, B * Tq * HD, 0, 1), *k = rand_floats(&s, B * Tk * HD, 0, 1);
+                float *v = rand_floats(&s, B * Tk * HD, 0, 1), *bias = rand_floats(&s, H * Tq * Tk, 0, 0.5);
+                float *out = xmalloc(B * Tq * HD * sizeof *out);
+                uint8_t *kp = xmalloc(B * Tk);
+                for (size_t i = 0; i < B * Tk; i++) kp[i] = tu_rand(&s) % 3 == 0;
+                memcpy(q + Tq * HD, q0, Tq * HD * sizeof *q);
+                for (size_t j = 0; j < Tk; j++) kp[Tk + j] = j < off || j >= off + L;
+                memcpy(k + (Tk + off) * HD, k0, L * HD * sizeof *k);
+                memcpy(v + (Tk + off) * HD, v0, L * HD * sizeof *v);
+                for (size_t h = 0; h < H; h++)
+                    for (size_t i = 0; i < Tq; i++)
+                        memcpy(bias + (h * Tq + i) * Tk + off, bias0 + (h * Tq + i) * L, L * sizeof *bias);
+                nz_attn_args p = a;
+                p.q = q;
+                p.k = k;
+                p.v = v;
+                p.kv_bstride = Tk * HD;
+                p.key_pad = kp;
+                p.bias = with_bias ? bias : NULL;
+                p.B = B;
+                p.Tk = Tk;
+                p.out = out;
+                nz_attention(&p, work);
+                if (memcmp(out + Tq * HD, ref, Tq * HD * sizeof *ref))
+                    fail_msg("dh %zu causal %d left %d bias %d: padded to Tk = %zu, the outputs differ", dh,
+                             causal, left, with_bias, Tk);
+                free(q);
+                free(k);
+                free(v);
+                free(bias);
+                free(out);
+                free(kp);
+            }
+            free(ref);
+            free(work);
+        }
+        free(q0);
+        free(k0);
+        free(v0);
+        free(bias0);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_norms),
@@ -851,6 +933,7 @@ int main(void) {
         cmocka_unit_test(test_t5_bucket),
         cmocka_unit_test(test_t5_position_bias),
         cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_padding_invariant),
     };
     return cmocka_run_group_tests_name("ops", tests, NULL, NULL);
 }
