@@ -68,6 +68,17 @@ int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err) {
     return NZ_OK;
 }
 
+int nz_dlg_opts_same(const nz_dlg_opts *a, const nz_dlg_opts *b) {
+    const nz_t5md_opts *x = &a->gen, *y = &b->gen;
+    const size_t nx = x->decoders ? x->n_decoders : 0, ny = y->decoders ? y->n_decoders : 0;
+    if (nx != ny || (nx && memcmp(x->decoders, y->decoders, nx * sizeof *x->decoders))) return 0;
+    return x->strategy == y->strategy && x->max_new_tokens == y->max_new_tokens && x->ban_unk == y->ban_unk &&
+           x->no_repeat_ngram == y->no_repeat_ngram && x->beam_size == y->beam_size &&
+           x->length_penalty == y->length_penalty && x->early_stopping == y->early_stopping &&
+           x->num_return == y->num_return && x->temperature == y->temperature && x->top_k == y->top_k &&
+           x->top_p == y->top_p && a->distinct == b->distinct;
+}
+
 json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o) {
     const nz_t5md_opts *g = &o->gen;
     int s = g->strategy >= NZ_T5MD_GREEDY && g->strategy <= NZ_T5MD_SAMPLE ? (int)g->strategy : 0;
@@ -154,17 +165,18 @@ size_t nz_dlg_normalize(const char *text, size_t len, char *out) {
 
 /* ------------------------------------------------------------------ streaming */
 
-/** State of the streaming hook: every requested decoder's tokens so far and
- *  the bytes of its text already reported. */
+/** State of the streaming hook: the tokens so far of every (context, requested decoder) item and the
+ *  bytes of its text already reported; item b * D + j is context b's j-th requested decoder. */
 typedef struct dlg_stream {
     const nz_dialogue *d;
     const nz_dlg_opts *o;
-    int *slot;       /* [K] decoder k -> its slot, -1 when not requested */
-    int32_t *tok;    /* [D x cap] tokens of each slot */
-    size_t *n;       /* [D] tokens so far */
-    size_t *shown;   /* [D] text bytes reported so far */
-    int *broken;     /* [D] decoding failed: report tokens without text from then on */
-    size_t cap, max; /* tokens a slot can hold; max_new_tokens */
+    const int *slot; /* [K] decoder k -> its slot j, -1 when not requested */
+    size_t B, D;     /* contexts, requested decoders */
+    int32_t *tok;    /* [B x D x cap] tokens of each item */
+    size_t *n;       /* [B x D] tokens so far */
+    size_t *shown;   /* [B x D] text bytes reported so far */
+    int *broken;     /* [B x D] decoding failed: report tokens without text from then on */
+    size_t cap, max; /* tokens an item can hold; max_new_tokens */
 } dlg_stream;
 
 static int ends_with_replacement(const char *s, size_t n) {
@@ -174,17 +186,17 @@ static int ends_with_replacement(const char *s, size_t n) {
 
 static void stream_token(void *arg, size_t context, int k, size_t pos, int32_t token, float logprob) {
     dlg_stream *st = arg;
-    (void)context; /* always 0: one context per call */
     const int j = k >= 0 && (size_t)k < nz_t5md_get_config(st->d->t5md)->num_modes ? st->slot[k] : -1;
-    if (j < 0) return;
-    int32_t *toks = st->tok + (size_t)j * st->cap;
-    if (st->n[j] < st->cap) toks[st->n[j]++] = token;
+    if (j < 0 || context >= st->B) return;
+    const size_t it = context * st->D + (size_t)j;
+    int32_t *toks = st->tok + it * st->cap;
+    if (st->n[it] < st->cap) toks[st->n[it]++] = token;
     char *text = NULL;
-    size_t len = 0, from = st->shown[j];
-    if (!st->broken[j]) {
+    size_t len = 0, from = st->shown[it];
+    if (!st->broken[it]) {
         nz_error e = {0};
-        if (nz_t5md_decode_text(st->d->tok, toks, st->n[j], &text, &len, &e)) {
-            st->broken[j] = 1;
+        if (nz_t5md_decode_text(st->d->tok, toks, st->n[it], &text, &len, &e)) {
+            st->broken[it] = 1;
             len = 0;
         }
     }
@@ -198,111 +210,67 @@ static void stream_token(void *arg, size_t context, int k, size_t pos, int32_t t
         piece = text + from;
         plen = end - from;
         text[end] = 0;
-        st->shown[j] = end;
+        st->shown[it] = end;
     }
-    st->o->on_token(st->o->token_arg, k, pos, token, logprob, piece, plen);
+    st->o->on_token(st->o->token_arg, context, k, pos, token, logprob, piece, plen);
     nz_free(text);
 }
 
 /* ------------------------------------------------------------------ run */
 
-int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *ids, size_t n_ids,
-                        const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
-    memset(res, 0, sizeof *res);
-    if (!ids || !n_ids) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: empty encoder input");
-    const nz_t5md_config *c = nz_t5md_get_config(d->t5md);
-    const size_t K = c->num_modes;
+/* The requested decoders of o: slot[k] (K entries) = j for the j-th, -1 for the others; *D their count.
+ * @return NZ_OK, or NZ_E_INVALID_ARG / NZ_E_RANGE (none, one out of range or repeated, max_new_tokens). */
+static int decoder_slots(const nz_dialogue *d, const nz_dlg_opts *o, int *slot, size_t *D, nz_error *err) {
+    const size_t K = nz_t5md_get_config(d->t5md)->num_modes;
     const int all = !o->gen.decoders || !o->gen.n_decoders;
-    const size_t D = all ? K : o->gen.n_decoders;
-    if (!D) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: no decoder requested");
+    *D = all ? K : o->gen.n_decoders;
+    if (!*D) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: no decoder requested");
     if (o->gen.max_new_tokens < 0 || o->gen.max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS)
         return nz_fail(err, NZ_E_RANGE, "dialogue: max_new_tokens %d is outside 0..%d", o->gen.max_new_tokens,
                        NZ_T5MD_MAX_NEW_TOKENS);
-    int rc = NZ_OK;
-    nz_t5md_result *gres = NULL;
-    size_t nres = 0, *order = NULL;
-    char **norm = NULL;
-    dlg_stream st;
-    memset(&st, 0, sizeof st);
-    st.slot = nz_malloc(K * sizeof *st.slot, NZ_MEM_OTHER);
-    if (!st.slot) {
-        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
-        goto done;
-    }
-    for (size_t k = 0; k < K; k++) st.slot[k] = -1;
-    for (size_t j = 0; j < D; j++) {
+    for (size_t k = 0; k < K; k++) slot[k] = -1;
+    for (size_t j = 0; j < *D; j++) {
         const int k = all ? (int)j : o->gen.decoders[j];
-        if (k < 0 || (size_t)k >= K) {
-            rc =
-                nz_fail(err, NZ_E_RANGE, "dialogue: decoder %d is out of range (the model has %zu decoder%s)",
-                        k, K, K == 1 ? "" : "s");
-            goto done;
-        }
-        if (st.slot[k] >= 0) {
-            rc = nz_fail(err, NZ_E_INVALID_ARG, "dialogue: decoder %d is requested twice", k);
-            goto done;
-        }
-        st.slot[k] = (int)j;
+        if (k < 0 || (size_t)k >= K)
+            return nz_fail(err, NZ_E_RANGE,
+                           "dialogue: decoder %d is out of range (the model has %zu decoder%s)", k, K,
+                           K == 1 ? "" : "s");
+        if (slot[k] >= 0) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: decoder %d is requested twice", k);
+        slot[k] = (int)j;
     }
-    res->input_tokens = n_ids;
+    return NZ_OK;
+}
 
-    nz_t5md_opts gen = o->gen;
-    gen.num_return = 1;
-    gen.on_token = NULL;
-    gen.token_arg = NULL;
-    if (o->on_token) {
-        st.d = d;
-        st.o = o;
-        st.max = (size_t)gen.max_new_tokens;
-        st.cap = st.max + 1;
-        st.tok = nz_malloc(D * st.cap * sizeof *st.tok, NZ_MEM_OTHER);
-        st.n = nz_calloc(D, sizeof *st.n, NZ_MEM_OTHER);
-        st.shown = nz_calloc(D, sizeof *st.shown, NZ_MEM_OTHER);
-        st.broken = nz_calloc(D, sizeof *st.broken, NZ_MEM_OTHER);
-        if (!st.tok || !st.n || !st.shown || !st.broken) {
-            rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
-            goto done;
+/* One context's answer from its generated results g[0..D) (a context error there becomes res->rc): rank,
+ * decode, filter; the kept responses' tokens move into res. order, norm: scratch of D entries (norm's
+ * strings are freed here). @return NZ_OK, or an error (res then holds what it has: the caller frees it). */
+static int finish_context(const nz_dialogue *d, const nz_dlg_opts *o, nz_t5md_result *g, size_t D,
+                          size_t *order, char **norm, nz_dlg_result *res, nz_error *err) {
+    for (size_t i = 0; i < D; i++)
+        if (g[i].rc) {
+            res->rc = g[i].rc;
+            res->err = g[i].err;
+            nz_fail_prefix(&res->err, "dialogue: ");
+            return NZ_OK;
         }
-        gen.on_token = stream_token;
-        gen.token_arg = &st;
-    }
-    nres = nz_t5md_result_count(d->t5md, &gen, 1);
-    gres = nz_calloc(nres, sizeof *gres, NZ_MEM_OTHER);
-    order = nz_calloc(nres, sizeof *order, NZ_MEM_OTHER);
-    norm = nz_calloc(nres, sizeof *norm, NZ_MEM_OTHER);
-    res->responses = nz_calloc(nres, sizeof *res->responses, NZ_MEM_OTHER);
-    if (!gres || !order || !norm || !res->responses) {
-        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
-        goto done;
-    }
-    const int32_t *src = ids;
-    if ((rc = nz_t5md_generate(mc, d->t5md, &src, &n_ids, 1, &gen, gres, err))) goto done;
-    res->generated = nres;
-    for (size_t i = 0; i < nres; i++) {
-        if (gres[i].rc) {
-            *err = gres[i].err;
-            rc = gres[i].rc;
-            goto done;
-        }
-        res->output_tokens += gres[i].n - (gres[i].finished ? 1 : 0);
-    }
-    nz_t5md_rank(gres, nres, NZ_T5MD_RANK_MEAN_LOGPROB, order);
-    for (size_t q = 0; q < nres; q++) {
-        nz_t5md_result *g = &gres[order[q]];
+    int rc = NZ_OK;
+    res->responses = nz_calloc(D, sizeof *res->responses, NZ_MEM_OTHER);
+    if (!res->responses) return nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+    res->generated = D;
+    for (size_t i = 0; i < D; i++) res->output_tokens += g[i].n - (g[i].finished ? 1 : 0);
+    nz_t5md_rank(g, D, NZ_T5MD_RANK_MEAN_LOGPROB, order);
+    for (size_t q = 0; q < D; q++) {
+        nz_t5md_result *gr = &g[order[q]];
         nz_dlg_response *r = &res->responses[res->n];
-        if ((rc = nz_t5md_decode_text(d->tok, g->tokens, g->n, &r->text, &r->text_len, err))) {
-            nz_fail_prefix(err, "dialogue: decoder %d: ", g->decoder);
-            nz_free(r->text);
-            r->text = NULL;
-            goto done;
+        if ((rc = nz_t5md_decode_text(d->tok, gr->tokens, gr->n, &r->text, &r->text_len, err))) {
+            nz_fail_prefix(err, "dialogue: decoder %d: ", gr->decoder);
+            break;
         }
         if (o->distinct) {
             char *nt = nz_malloc(r->text_len + 1, NZ_MEM_OTHER);
             if (!nt) {
-                nz_free(r->text);
-                r->text = NULL;
                 rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
-                goto done;
+                break;
             }
             nz_dlg_normalize(r->text, r->text_len, nt);
             int dup = 0;
@@ -315,25 +283,101 @@ int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *
             }
             norm[res->n] = nt;
         }
-        r->decoder = g->decoder;
-        r->tokens = g->tokens;
-        r->n_tokens = g->n;
-        g->tokens = NULL;
-        g->n = 0;
-        r->output_tokens = r->n_tokens - (g->finished ? 1 : 0);
-        r->score = g->mean_logprob;
-        r->beam_score = g->beam_score;
-        r->finished = g->finished;
+        r->decoder = gr->decoder;
+        r->tokens = gr->tokens;
+        r->n_tokens = gr->n;
+        gr->tokens = NULL;
+        gr->n = 0;
+        r->output_tokens = r->n_tokens - (gr->finished ? 1 : 0);
+        r->score = gr->mean_logprob;
+        r->beam_score = gr->beam_score;
+        r->finished = gr->finished;
         res->n++;
     }
+    if (rc) { /* the failed response's text, not yet counted in res->n */
+        nz_free(res->responses[res->n].text);
+        res->responses[res->n].text = NULL;
+    }
+    for (size_t i = 0; i < D; i++) {
+        nz_free(norm[i]);
+        norm[i] = NULL;
+    }
+    return rc;
+}
+
+int nz_dialogue_run_batch(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *const *ids,
+                          const size_t *n_ids, size_t B, const nz_dlg_opts *o, nz_dlg_result *res,
+                          nz_error *err) {
+    for (size_t b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
+    if (!B) return nz_fail(err, NZ_E_INVALID_ARG, "dialogue: no context");
+    const size_t K = nz_t5md_get_config(d->t5md)->num_modes;
+    int rc = NZ_OK;
+    nz_t5md_result *gres = NULL;
+    size_t nres = 0, D = 0, *order = NULL;
+    char **norm = NULL;
+    dlg_stream st;
+    memset(&st, 0, sizeof st);
+    int *slot = nz_malloc(K * sizeof *slot, NZ_MEM_OTHER);
+    if (!slot) {
+        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+        goto done;
+    }
+    if ((rc = decoder_slots(d, o, slot, &D, err))) goto done;
+    for (size_t b = 0; b < B; b++) res[b].input_tokens = n_ids[b];
+
+    nz_t5md_opts gen = o->gen;
+    gen.num_return = 1;
+    gen.on_token = NULL;
+    gen.token_arg = NULL;
+    if (o->on_token) {
+        st.d = d;
+        st.o = o;
+        st.slot = slot;
+        st.B = B;
+        st.D = D;
+        st.max = (size_t)gen.max_new_tokens;
+        st.cap = st.max + 1;
+        st.tok = nz_malloc(B * D * st.cap * sizeof *st.tok, NZ_MEM_OTHER);
+        st.n = nz_calloc(B * D, sizeof *st.n, NZ_MEM_OTHER);
+        st.shown = nz_calloc(B * D, sizeof *st.shown, NZ_MEM_OTHER);
+        st.broken = nz_calloc(B * D, sizeof *st.broken, NZ_MEM_OTHER);
+        if (!st.tok || !st.n || !st.shown || !st.broken) {
+            rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+            goto done;
+        }
+        gen.on_token = stream_token;
+        gen.token_arg = &st;
+    }
+    nres = nz_t5md_result_count(d->t5md, &gen, B); /* B x D: res[b * D + j] */
+    gres = nz_calloc(nres, sizeof *gres, NZ_MEM_OTHER);
+    order = nz_calloc(D, sizeof *order, NZ_MEM_OTHER);
+    norm = nz_calloc(D, sizeof *norm, NZ_MEM_OTHER);
+    if (!gres || !order || !norm) {
+        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+        goto done;
+    }
+    if ((rc = nz_t5md_generate(mc, d->t5md, ids, n_ids, B, &gen, gres, err))) goto done;
+    for (size_t b = 0; b < B; b++) {
+        nz_error e = {0};
+        int crc = finish_context(d, o, gres + b * D, D, order, norm, &res[b], &e);
+        if (crc) {
+            nz_dlg_result_free(&res[b]);
+            res[b].rc = crc;
+            res[b].err = e;
+        }
+    }
 done:
-    if (rc) nz_dlg_result_free(res);
+    if (rc)
+        for (size_t b = 0; b < B; b++) {
+            nz_dlg_result_free(&res[b]);
+            res[b].rc = rc;
+            res[b].err = *err;
+        }
     if (gres) nz_t5md_results_free(gres, nres); /* what was not moved into res */
-    for (size_t i = 0; norm && i < nres; i++) nz_free(norm[i]);
     nz_free(norm);
     nz_free(order);
     nz_free(gres);
-    nz_free(st.slot);
+    nz_free(slot);
     nz_free(st.tok);
     nz_free(st.n);
     nz_free(st.shown);
@@ -341,34 +385,53 @@ done:
     return rc;
 }
 
-uint64_t nz_dialogue_peak_bytes(const nz_dialogue *d, size_t n_ids, const nz_dlg_opts *o) {
+int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *ids, size_t n_ids,
+                        const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err) {
+    int rc = nz_dialogue_run_batch(mc, d, &ids, &n_ids, 1, o, res, err);
+    if (!rc && res->rc) {
+        rc = res->rc;
+        *err = res->err;
+    }
+    if (rc) nz_dlg_result_free(res);
+    return rc;
+}
+
+uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids, size_t B,
+                                      const nz_dlg_opts *o) {
     if (!o) o = &d->defaults;
     const size_t K = nz_t5md_get_config(d->t5md)->num_modes;
     const size_t D = !o->gen.decoders || !o->gen.n_decoders ? K : o->gen.n_decoders;
-    if (!n_ids || !D || o->gen.max_new_tokens < 0 || o->gen.max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS) return 0;
-    nz_t5md_opts gen = o->gen; /* as nz_dialogue_run_ids passes it on */
+    if (!B || !D || o->gen.max_new_tokens < 0 || o->gen.max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS) return 0;
+    for (size_t b = 0; b < B; b++)
+        if (!n_ids[b]) return 0;
+    nz_t5md_opts gen = o->gen; /* as nz_dialogue_run_batch passes it on */
     gen.num_return = 1;
     gen.on_token = NULL;
     const uint64_t mnt = (uint64_t)gen.max_new_tokens, cap = mnt ? mnt : 1;
-    const uint64_t nres = nz_t5md_result_count(d->t5md, &gen, 1);
-    /* st.slot, gres, order, norm, res->responses (NZ_MEM_OTHER) */
-    const uint64_t arrays = K * sizeof(int) + nres * (sizeof(nz_t5md_result) + sizeof(size_t) +
-                                                      sizeof(char *) + sizeof(nz_dlg_response));
+    const uint64_t nres = nz_t5md_result_count(d->t5md, &gen, B); /* B x D */
+    /* slot, gres, the responses of every context; order and norm (D each, reused per context) */
+    const uint64_t arrays = K * sizeof(int) + nres * (sizeof(nz_t5md_result) + sizeof(nz_dlg_response)) +
+                            D * (sizeof(size_t) + sizeof(char *));
     uint64_t stream = 0, hook = 0;
     if (o->on_token) {
         /* st.tok, st.n, st.shown, st.broken; and during every token (stream_token, called while the
          * decoder's buffers are held): nz_t5md_decode_text of the <= mnt + 1 tokens so far (pieces and
          * plen: 8 bytes a token + 1 each; the text + 1) */
-        stream = D * (mnt + 1) * sizeof(int32_t) + D * (2 * sizeof(size_t) + sizeof(int));
+        stream = nres * ((mnt + 1) * sizeof(int32_t) + 2 * sizeof(size_t) + sizeof(int));
         hook = 2 * (8 * (mnt + 1) + 1) + nz_t5md_decode_text_bound(d->tok, mnt + 1) + 1;
     }
-    const uint64_t gen_peak = nz_t5md_peak_bytes(d->t5md, &n_ids, 1, &gen);
-    /* after generating: every result's tokens and logprobs (<= cap + 1 each, + 1 byte), its text (+ 1) and,
-     * with distinct, its normalised copy (+ 1); one nz_t5md_decode_text's pieces and plen at a time */
+    const uint64_t gen_peak = nz_t5md_peak_bytes(d->t5md, n_ids, B, &gen);
+    /* after generating: every result's tokens and logprobs (<= cap + 1 each, + 1 byte) and its text (+ 1),
+     * with distinct one context's normalised copies (+ 1); one nz_t5md_decode_text's pieces and plen */
     const uint64_t tmax = cap + 1, text = nz_t5md_decode_text_bound(d->tok, tmax) + 1;
-    const uint64_t texts = nres * (2 * (4 * tmax + 1) + text + (o->distinct ? text : 0)) + 2 * (8 * tmax + 1);
+    const uint64_t texts =
+        nres * (2 * (4 * tmax + 1) + text) + (o->distinct ? D * text : 0) + 2 * (8 * tmax + 1);
     const uint64_t during = gen_peak + hook;
     return arrays + stream + (during > texts ? during : texts);
+}
+
+uint64_t nz_dialogue_peak_bytes(const nz_dialogue *d, size_t n_ids, const nz_dlg_opts *o) {
+    return nz_dialogue_batch_peak_bytes(d, &n_ids, 1, o);
 }
 
 int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *turns, size_t n_turns,

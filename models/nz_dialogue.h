@@ -5,7 +5,11 @@
  * turns a conversation into K ranked responses. Used by `nzp chat` and by
  * the HTTP server; knows nothing of either.
  *
- * One call = one context: the turns are joined as training joins them
+ * One call = one context (nz_dialogue_run, nz_dialogue_run_ids) or a batch
+ * of B contexts that share the decoding options (nz_dialogue_run_batch: one
+ * nz_t5md_generate over every context's rows, so each decoder step's weight
+ * decode serves all of them; per-context sampling seeds in o->gen.seeds).
+ * Per context: the turns are joined as training joins them
  * (nz_t5md_encode_context: stripped, turn separator or " ", the model's
  * max_context_turns / max_source_length truncation, eos), every requested
  * decoder generates its response in one batched nz_t5md_generate (all
@@ -24,7 +28,7 @@
  * the best hypothesis of a decoder once it is settled), together with the
  * piece of response text it adds: the decoder's tokens so far are decoded
  * (nz_t5md_decode_text) and the bytes beyond those already reported are the
- * piece, so for each decoder the concatenation of its pieces equals its
+ * piece, so for each (context, decoder) the concatenation of its pieces equals its
  * response's text (SentencePiece's decoding of a growing prefix only grows;
  * a trailing U+FFFD, an incomplete byte sequence, is held back until a later
  * token, the decoder's last token or eos flushes it). Every decoder is
@@ -69,20 +73,22 @@ extern "C" {
 
 typedef struct nz_dialogue nz_dialogue;
 
-/** Streaming hook: decoder k made token `token` (position pos in its
- *  response, 0-based) with log-prob logprob; text[0..text_len) is the text
- *  it adds to the decoder's response (may be empty: eos, control pieces, a
- *  held-back partial character; NUL-terminated, valid during the call). */
-typedef void (*nz_dlg_token_fn)(void *arg, int decoder, size_t pos, int32_t token, float logprob,
-                                const char *text, size_t text_len);
+/** Streaming hook: decoder k of context `context` (its index in the batch;
+ *  0 with nz_dialogue_run / nz_dialogue_run_ids) made token `token`
+ *  (position pos in its response, 0-based) with log-prob logprob;
+ *  text[0..text_len) is the text it adds to the decoder's response (may be
+ *  empty: eos, control pieces, a held-back partial character;
+ *  NUL-terminated, valid during the call). */
+typedef void (*nz_dlg_token_fn)(void *arg, size_t context, int decoder, size_t pos, int32_t token,
+                                float logprob, const char *text, size_t text_len);
 
 /** Options of nz_dialogue_run (nz_dlg_opts_default: nz_t5md_opts_default's
  *  greedy decoding of every decoder with 63 new tokens, no distinct filter,
  *  no hooks). */
 typedef struct nz_dlg_opts {
     nz_t5md_opts gen;         /* strategy, max_new_tokens, decoders (distinct ks), beam / sampling settings,
-                                 no_repeat_ngram, the stop hook; gen.num_return is taken as 1 and
-                                 gen.on_token is replaced */
+                                 no_repeat_ngram, seed or seeds[B] (one per context of a batch), the stop
+                                 hook; gen.num_return is taken as 1 and gen.on_token is replaced */
     int distinct;             /* drop responses whose normalised text equals a higher-ranked one's */
     nz_dlg_token_fn on_token; /* optional streaming hook (with the tokens' text) */
     void *token_arg;
@@ -116,6 +122,13 @@ int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *
  *  @return NZ_OK, or NZ_E_INVALID_ARG naming the field (o unchanged). */
 int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err);
 
+/** @return 1 when contexts decoded with a and with b can share one batch:
+ *  every option that shapes generation is equal (strategy, max_new_tokens,
+ *  ban_unk, no_repeat_ngram, the decoders by value, beam_size,
+ *  length_penalty, early_stopping, num_return, temperature, top_k, top_p,
+ *  distinct); the seed(s) and the hooks may differ. Else 0. */
+int nz_dlg_opts_same(const nz_dlg_opts *a, const nz_dlg_opts *b);
+
 /** Describe o's decoding options as a "generation" object (every key set).
  *  @return a new JSON object, or NULL when out of memory. */
 json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o);
@@ -135,6 +148,8 @@ typedef struct nz_dlg_response {
 
 /** The ranked responses of one context. */
 typedef struct nz_dlg_result {
+    int rc; /* nz_dialogue_run_batch: NZ_OK, or this context's error (message in err) */
+    nz_error err;
     nz_dlg_response *responses; /* [n] best first (NZ_MEM_OTHER) */
     size_t n;                   /* responses kept (after the distinct filter) */
     size_t generated;           /* responses generated (the requested decoders) */
@@ -195,6 +210,22 @@ int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *
 int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *ids, size_t n_ids,
                         const nz_dlg_opts *o, nz_dlg_result *res, nz_error *err);
 
+/** Answer B contexts already encoded (ids[b][0..n_ids[b]), eos included; read only before the first
+ *  stop-hook call) with the same options o: one nz_t5md_generate over every (context, decoder[, beam])
+ *  row (o->gen.seeds, when set, holds B sampling seeds, one per context; NULL: o->gen.seed for each),
+ *  then per context the ranking, decoding and distinct filter of nz_dialogue_run into res[b]. With
+ *  o->on_token every context's tokens are streamed, the hook told the context's index. Each context's
+ *  responses are those it gets alone, up to the engine's batch invariance (same tokens with
+ *  batch-invariant numerics). res[0..B) receive the results; free each with nz_dlg_result_free, also
+ *  after an error return. nz_dialogue_run_ids is the B = 1 case.
+ *  @return NZ_OK when the batch ran (a context that failed on its own, e.g. an id outside the
+ *          vocabulary, has res[b].rc and res[b].err and no responses), or a batch-wide error (as
+ *          nz_dialogue_run: bad options, NZ_E_CANCELLED, NZ_E_NOMEM, a damaged tile; then every
+ *          res[b] is empty with that error). */
+int nz_dialogue_run_batch(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *const *ids,
+                          const size_t *n_ids, size_t B, const nz_dlg_opts *o, nz_dlg_result *res,
+                          nz_error *err);
+
 /** Upper bound of the bytes nz_dialogue_run_ids(mc, d, ids, n_ids, o, ...) holds at its peak in
  *  NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+ its NZ_MEM_OTHER for the run), from the context length n_ids and
  *  the options o (NULL: the model's defaults; strategy, beam size, decoders, max new tokens, ...).
@@ -206,6 +237,12 @@ int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *
  *  allocator's per-block headers, the tile cache and decode scratch, and with nz_dialogue_run the
  *  context's ids (4 bytes an id). @return bytes (0 for options refused before any allocation). */
 uint64_t nz_dialogue_peak_bytes(const nz_dialogue *d, size_t n_ids, const nz_dlg_opts *o);
+
+/** nz_dialogue_peak_bytes for nz_dialogue_run_batch(mc, d, ids, n_ids, B, o, ...): B contexts of
+ *  n_ids[b] ids (nz_t5md_peak_bytes of the batch, every context's streaming state and results).
+ *  @return bytes (0 for options refused before any allocation, or B = 0). */
+uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids, size_t B,
+                                      const nz_dlg_opts *o);
 
 #ifdef __cplusplus
 }

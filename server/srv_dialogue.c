@@ -1,5 +1,6 @@
 /* srv_dialogue — the /v1/dialogue handler: options, validation and tokenization, the memory
- * check, running a context with every requested decoder (streamed or not), the response. */
+ * check, running a batch of queued requests (same model and decoding options) as one generation in
+ * chunks that fit the memory pool (streamed or not), the responses. */
 #include "srv_internal.h"
 
 #include "nz_alloc.h"
@@ -8,19 +9,37 @@
 #include <stdio.h>
 #include <string.h>
 
-/* The stop hook of a dialogue request (checked before every decoder step). */
-static int dialogue_should_stop(void *arg) {
-    srv_req *r = arg;
-    for (int t = 0; t < r->s->debug_step_delay_ms; t += 5) srv_sleep_ms(5);
-    return srv_req_should_stop(r);
+/* Whether queued b can be generated in one batch with a: same model, the same decoding options (every
+ * option that shapes generation, the decoders included; the seed may differ, and streamed and plain
+ * requests mix). */
+static int batchable(const srv_req *a, const srv_req *b) {
+    return a->route == SRV_ROUTE_DIALOGUE && b->route == SRV_ROUTE_DIALOGUE && a->model == b->model &&
+           nz_dlg_opts_same(&a->dopts, &b->dopts);
 }
 
-/* The streaming hook of a dialogue request: one "token" event per generated token. */
-static void dialogue_token(void *arg, int decoder, size_t pos, int32_t token, float logprob, const char *text,
-                           size_t text_len) {
-    srv_req *r = arg;
+/* The units of r counted against max_texts when batching: its decoder rows (requested decoders x beam
+ * size for beam search, else the decoders), so max_texts bounds the rows a batched decoder step runs. */
+static size_t rows(const srv_req *r) {
+    const nz_t5md_opts *g = &r->dopts.gen;
+    const size_t D = g->n_decoders ? g->n_decoders : r->model->num_modes;
+    return D * (g->strategy == NZ_T5MD_BEAM ? (size_t)g->beam_size : 1);
+}
+
+/* One generation of a dialogue batch: the member each of its contexts belongs to. */
+typedef struct dlg_chunk {
+    srv_batch *b;
+    size_t member[SRV_BATCH_MAX]; /* context c is b->m[member[c]] (NULL once released early) */
+} dlg_chunk;
+
+/* The streaming hook of a dialogue batch: one "token" event per generated token, on the event stream of
+ * the context's request (nothing for a plain request or one released early). */
+static void dialogue_token(void *arg, size_t context, int decoder, size_t pos, int32_t token, float logprob,
+                           const char *text, size_t text_len) {
+    dlg_chunk *c = arg;
+    srv_req *r = c->b->m[c->member[context]];
     (void)pos;
     (void)logprob;
+    if (!r || !r->sse) return;
     json_t *j = json_pack("{s:i, s:i, s:o}", "decoder", decoder, "token", (int)token, "text",
                           srv_json_text(text, text_len));
     char *d = j ? json_dumps(j, JSON_COMPACT) : NULL;
@@ -55,42 +74,103 @@ static void respond_dialogue(srv_req *r, const nz_dlg_result *res) {
                                (t1 - r->t0) * 1e3));
 }
 
-/* Run one dialogue request (a job of its own: b has one member) and decide its response. */
-static void run_dialogue(srv_worker *w, srv_batch *b) {
-    srv_req *r = b->m[0];
-    if (srv_req_should_stop(r)) {
-        srv_respond_cancelled(r, atomic_load(&r->cancel));
-        return;
-    }
-    const srv_dialogue_req *q = &r->dr;
-    nz_dlg_opts o = r->dopts;
-    o.gen.decoders = q->n_decoders ? q->decoders : NULL;
-    o.gen.n_decoders = q->n_decoders;
-    o.gen.seed = (uint64_t)q->seed;
-    o.gen.stop = dialogue_should_stop;
-    o.gen.stop_arg = r;
-    if (r->sse) {
-        o.on_token = dialogue_token;
-        o.token_arg = r;
-    }
-    nz_dlg_result res;
-    nz_error e = {0};
-    const uint64_t est = nz_dialogue_peak_bytes(r->model->dlg, r->n_ids[0], &o);
-    const int reserved = !srv_budget_reserve(w->s->budget, est, srv_req_stop_hook, r);
-    int rc = reserved ? nz_dialogue_run_ids(w->mc, r->model->dlg, r->ids[0], r->n_ids[0], &o, &res, &e)
-                      : nz_fail(&e, NZ_E_CANCELLED, "stopped while waiting for memory");
-    if (reserved) srv_budget_release(w->s->budget, est);
+/* Decide r's response from its outcome: rc (NZ_OK: res is its answer) with e; status: the one to answer
+ * a failure that is neither a cancellation nor a bad option (srv_job_failed's). */
+static void respond_outcome(srv_req *r, int rc, const nz_error *e, int status, const nz_dlg_result *res) {
     int reason = atomic_load(&r->cancel);
-    if (reason || rc == NZ_E_CANCELLED) {
+    if (reason || rc == NZ_E_CANCELLED)
         srv_respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
-    } else if (rc == NZ_E_RANGE || rc == NZ_E_INVALID_ARG) {
-        srv_respond_fail(r, 422, "%s", e.msg);
-    } else if (rc) {
-        srv_respond_fail(r, srv_job_failed(r->model, &e), "dialogue failed: %s", e.msg);
-    } else {
-        respond_dialogue(r, &res);
+    else if (rc == NZ_E_RANGE || rc == NZ_E_INVALID_ARG)
+        srv_respond_fail(r, 422, "%s", e->msg);
+    else if (rc)
+        srv_respond_fail(r, status, "dialogue failed: %s", e->msg);
+    else
+        respond_dialogue(r, res);
+}
+
+/* Whether a failure rc is the model's or the machine's (not a cancellation or a bad option). */
+static int job_error(int rc) {
+    return rc && rc != NZ_E_CANCELLED && rc != NZ_E_RANGE && rc != NZ_E_INVALID_ARG;
+}
+
+/* Generate the live members of b from index *i0 on that fit the request memory pool together (the longest
+ * such run, at least one) as one nz_dialogue_run_batch with options o, reserving its estimate while it runs,
+ * and decide each one's response; *i0 moves past them. @return 0, or -1 when the batch was stopped while
+ * waiting for memory (every member then released). */
+static int run_dialogue_chunk(srv_worker *w, srv_batch *b, const nz_dlg_opts *o, size_t *i0) {
+    srv_server *s = w->s;
+    srv_model *model = NULL;
+    srv_budget_stats bs;
+    srv_budget_get_stats(s->budget, &bs);
+    dlg_chunk c = {b, {0}};
+    nz_dlg_opts co = *o;
+    /* streaming costs a text decoding per token: only when a member is streamed */
+    for (size_t i = *i0; i < b->n && !co.on_token; i++)
+        if (b->m[i] && b->m[i]->sse) {
+            co.on_token = dialogue_token;
+            co.token_arg = &c;
+        }
+    const int32_t *ids[SRV_BATCH_MAX];
+    size_t lens[SRV_BATCH_MAX], B = 0, i = *i0;
+    uint64_t seeds[SRV_BATCH_MAX], est = 0;
+    for (; i < b->n; i++) {
+        const srv_req *r = b->m[i];
+        if (!r) continue; /* released early */
+        lens[B] = r->n_ids[0];
+        const uint64_t more = nz_dialogue_batch_peak_bytes(r->model->dlg, lens, B + 1, &co);
+        if (B && more > bs.total) break;
+        est = more;
+        ids[B] = r->ids[0];
+        seeds[B] = (uint64_t)r->dr.seed;
+        c.member[B++] = i;
+        model = r->model;
     }
-    nz_dlg_result_free(&res);
+    *i0 = i;
+    if (!B) return 0;
+    if (srv_budget_reserve(s->budget, est, srv_batch_all_stopped, b)) return -1;
+    co.gen.seeds = seeds;
+    co.gen.stop = srv_batch_should_stop; /* also the NZSERVE_DEBUG_STEP_DELAY_MS sleep before every step */
+    co.gen.stop_arg = b;
+    nz_dlg_result res[SRV_BATCH_MAX];
+    nz_error e = {0};
+    int rc = nz_dialogue_run_batch(w->mc, model->dlg, ids, lens, B, &co, res, &e);
+    srv_budget_release(s->budget, est);
+    const int status = job_error(rc) ? srv_job_failed(model, &e) : 500;
+    for (size_t k = 0; k < B; k++) {
+        srv_req *r = b->m[c.member[k]];
+        if (r) {
+            r->batch_texts = B;
+            if (rc)
+                respond_outcome(r, rc, &e, status, NULL);
+            else
+                respond_outcome(r, res[k].rc, &res[k].err,
+                                job_error(res[k].rc) ? srv_job_failed(model, &res[k].err) : 500, &res[k]);
+        }
+        nz_dlg_result_free(&res[k]);
+    }
+    return 0;
+}
+
+/* Run the live members of b (same model and decoding options) as one generation, in chunks that fit the
+ * request memory pool, and decide each one's response; members released early are answered at once and
+ * their results ignored. */
+static void run_dialogue(srv_worker *w, srv_batch *b) {
+    for (size_t i = 0; i < b->n; i++)
+        if (b->m[i] && srv_req_should_stop(b->m[i])) srv_release_member(b, i);
+    if (!b->live) return;
+    const srv_req *r0 = NULL;
+    for (size_t i = 0; !r0; i++) r0 = b->m[i];
+    /* the shared options, with their decoders copied: r0 may be released (and freed) while they are used */
+    int decoders[SRV_MAX_DECODERS];
+    nz_dlg_opts o = r0->dopts;
+    if (o.gen.n_decoders) {
+        memcpy(decoders, o.gen.decoders, o.gen.n_decoders * sizeof *decoders);
+        o.gen.decoders = decoders;
+    }
+    for (size_t i0 = 0; i0 < b->n;) {
+        if (run_dialogue_chunk(w, b, &o, &i0)) return;   /* stopped while waiting for memory: all released */
+        if (i0 < b->n) nz_mem_trim(SRV_TRIM_FREE_BYTES); /* the next chunk reuses the memory */
+    }
 }
 
 /* r->dopts = m's decoding defaults with r's choices applied (max_new_tokens: the request's, else the
@@ -122,6 +202,8 @@ static int resolve_dialogue_opts(srv_req *r, const srv_model *m, int max_new_tok
         srv_respond_fail(r, 422, "%s", e.msg);
         return -1;
     }
+    r->dopts.gen.decoders = q->n_decoders ? q->decoders : NULL; /* r's own array: valid while r lives */
+    r->dopts.gen.n_decoders = q->n_decoders;
     return 0;
 }
 
@@ -169,6 +251,4 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
     return srv_enqueue(s, r);
 }
 
-static size_t one(const srv_req *r) { return 1; }
-
-const srv_handler SRV_DIALOGUE_HANDLER = {SRV_ROUTE_DIALOGUE, submit_dialogue, NULL, one, run_dialogue};
+const srv_handler SRV_DIALOGUE_HANDLER = {SRV_ROUTE_DIALOGUE, submit_dialogue, batchable, rows, run_dialogue};

@@ -1,8 +1,8 @@
 /* Peak memory estimates against measured peaks: nz_translator_peak_bytes and
- * nz_dialogue_peak_bytes (the formulas in models/nz_nat.c and
+ * nz_dialogue_peak_bytes / nz_dialogue_batch_peak_bytes (the formulas in models/nz_nat.c and
  * models/nz_t5md.c) on small random models of both families, measured with
  * the allocator's window (nz_mem_window_begin over activations + KV + other)
- * around nz_translator_run_ids / nz_dialogue_run_ids with tile cache budget
+ * around nz_translator_run_ids / nz_dialogue_run_ids / nz_dialogue_run_batch with tile cache budget
  * 0: measured <= estimate <= 1.3 x measured + 256 KiB for every shape; the
  * ratios are printed. Also the window itself and the estimates' cheapness.
  *
@@ -538,12 +538,15 @@ typedef struct dlg_case {
     int stream; /* on_token set (+ distinct) */
 } dlg_case;
 
-static void no_token(void *arg, int decoder, size_t pos, int32_t token, float logprob, const char *text,
-                     size_t text_len) {
-    (void)arg, (void)decoder, (void)pos, (void)token, (void)logprob, (void)text, (void)text_len;
+static void no_token(void *arg, size_t context, int decoder, size_t pos, int32_t token, float logprob,
+                     const char *text, size_t text_len) {
+    (void)arg, (void)context, (void)decoder, (void)pos, (void)token, (void)logprob, (void)text,
+        (void)text_len;
 }
 
-static void run_dialogue(env *v, const nz_dialogue *d, const dlg_case *c, uint64_t seed, int strict,
+/* nz_dialogue_run_ids (B = 1: one context of c->ctx ids) or nz_dialogue_run_batch (B contexts of uneven
+ * lengths 3 .. c->ctx, one sampling seed each) against nz_dialogue_batch_peak_bytes. */
+static void run_dialogue(env *v, const nz_dialogue *d, const dlg_case *c, size_t B, uint64_t seed, int strict,
                          const char *model) {
     nz_dlg_opts o = *nz_dialogue_defaults(d);
     const size_t K = nz_dialogue_config(d)->num_modes, V = nz_dialogue_config(d)->vocab;
@@ -561,28 +564,48 @@ static void run_dialogue(env *v, const nz_dialogue *d, const dlg_case *c, uint64
         o.on_token = no_token;
         o.distinct = 1;
     }
-    int32_t *ids = xmalloc(c->ctx * sizeof *ids);
-    for (size_t i = 0; i < c->ctx; i++) ids[i] = 3 + (int32_t)(tu_rand(&seed) % (V - 3));
-    ids[c->ctx - 1] = 1; /* eos */
+    int32_t **ids = xmalloc(B * sizeof *ids);
+    size_t *len = xmalloc(B * sizeof *len);
+    uint64_t *seeds = xmalloc(B * sizeof *seeds);
+    for (size_t b = 0; b < B; b++) {
+        len[b] = B == 1 ? c->ctx : 3 + (c->ctx - 3) * b / (B - 1);
+        ids[b] = xmalloc(len[b] * sizeof **ids);
+        for (size_t i = 0; i < len[b]; i++) ids[b][i] = 3 + (int32_t)(tu_rand(&seed) % (V - 3));
+        ids[b][len[b] - 1] = 1; /* eos */
+        seeds[b] = seed + b;
+    }
+    if (B > 1) o.gen.seeds = seeds;
 
     nz_mem_window_begin(WINDOW);
-    const uint64_t est = nz_dialogue_peak_bytes(d, c->ctx, &o);
+    const uint64_t est =
+        B == 1 ? nz_dialogue_peak_bytes(d, len[0], &o) : nz_dialogue_batch_peak_bytes(d, len, B, &o);
     assert_int_equal(nz_mem_window_peak(), 0);
-    nz_dlg_result res;
+    nz_dlg_result *res = xmalloc(B * sizeof *res);
     nz_error e = {0};
     nz_mem_window_begin(WINDOW);
-    int rc = nz_dialogue_run_ids(v->mc, d, ids, c->ctx, &o, &res, &e);
+    int rc = B == 1 ? nz_dialogue_run_ids(v->mc, d, ids[0], len[0], &o, res, &e)
+                    : nz_dialogue_run_batch(v->mc, d, (const int32_t *const *)ids, len, B, &o, res, &e);
     const size_t measured = nz_mem_window_peak();
     nz_mem_window_end();
     if (rc) fail_msg("dialogue: %s", e.msg);
-    nz_dlg_result_free(&res);
+    for (size_t b = 0; b < B; b++) {
+        if (res[b].rc) fail_msg("dialogue context %zu: %s", b, res[b].err.msg);
+        assert_int_equal(res[b].input_tokens, len[b]);
+        nz_dlg_result_free(&res[b]);
+    }
     static const char *const strat[] = {"greedy", "beam", "sample"};
-    char label[160];
-    snprintf(label, sizeof label, "%s %s%s%.0d %s ctx=%zu new=%d%s", model, strat[c->strategy],
+    char label[160], batch[32] = "";
+    if (B > 1) snprintf(batch, sizeof batch, " x%zu contexts", B);
+    snprintf(label, sizeof label, "%s %s%s%.0d %s ctx=%zu%s new=%d%s", model, strat[c->strategy],
              c->strategy == NZ_T5MD_BEAM ? " " : "", c->strategy == NZ_T5MD_BEAM ? c->beam : 0,
-             c->one_decoder ? "1 decoder" : "all decoders", c->ctx, c->mnt, c->stream ? " stream" : "");
+             c->one_decoder ? "1 decoder" : "all decoders", c->ctx, batch, c->mnt,
+             c->stream ? " stream" : "");
     check(label, measured, est, strict);
+    for (size_t b = 0; b < B; b++) free(ids[b]);
     free(ids);
+    free(len);
+    free(seeds);
+    free(res);
 }
 
 /* nz_t5md_peak_bytes itself on a batch of B contexts of uneven lengths (padding, several encoder rows). */
@@ -636,7 +659,9 @@ static void dialogue_model(const t5_spec *s, const char *tag, const dlg_case *ca
     env v;
     env_open(&v, 1);
     const int quick = tu_quick();
-    for (size_t i = 0; i < ncases; i++) run_dialogue(&v, d, &cases[i], seed + i, 1, tag);
+    for (size_t i = 0; i < ncases; i++) run_dialogue(&v, d, &cases[i], 1, seed + i, 1, tag);
+    /* batches of 2..4 contexts: each strategy, streamed and not */
+    for (size_t i = 0; i < ncases; i++) run_dialogue(&v, d, &cases[i], 2 + i % 3, seed + 100 + i, 1, tag);
     const dlg_case g = {NZ_T5MD_GREEDY, 0, 0, 40, 24, 0}, b = {NZ_T5MD_BEAM, 4, 0, 64, 16, 0};
     const dlg_case gq = {NZ_T5MD_GREEDY, 0, 0, 10, 6, 0};
     run_generate(&v, nz_dialogue_t5md(d), quick ? &gq : &g, quick ? 3 : 5, seed, tag);

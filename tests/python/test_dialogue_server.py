@@ -714,3 +714,128 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
         e = assert_error(s.dialogue({"context": c, "temperature": 0.7}), 422)
         assert "'temperature' applies to strategy \"sample\" only (this request uses \"beam\")" in e["message"], e
         assert s.dialogue({"context": c, "strategy": "sample", "temperature": 0.7}).status == 200
+
+
+# ------------------------------------------------------------------ batching across requests
+
+
+def streamed_done(r):
+    """The "done" body of a streamed response, after checking that its token events rebuild each
+    decoder's final tokens and text (so no other request's tokens came on this stream)."""
+    assert r.status == 200, r
+    events = U.parse_sse(r.body)
+    assert [e for e, _ in events[:-1]] == ["token"] * (len(events) - 1), events
+    ev, done = events[-1]
+    assert ev == "done", events[-1]
+    streamed = {}
+    for _, d in events[:-1]:
+        ids, text = streamed.setdefault(d["decoder"], ([], []))
+        ids.append(d["token"])
+        text.append(d["text"])
+    assert sorted(streamed) == sorted(g["decoder"] for g in done["responses"])
+    for g in done["responses"]:
+        ids, text = streamed[g["decoder"]]
+        assert ids == g["tokens"], (g, ids)
+        assert "".join(text) == g["text"], (g, text)
+    return done
+
+
+class TestBatching:
+    """Queued requests with the same model and decoding options are generated together (one decoder pass per
+    step for all their rows): the access log's batch_texts counts the contexts, and every response (tokens,
+    texts, scores, usage; a stream's events) is the one the same request gets alone. One worker and a step
+    delay make requests queue behind a busy one (other options: a batch of its own)."""
+
+    @pytest.fixture(scope="class")
+    def srv(self, dmodel):
+        with Server(dmodel[0], task="dialogue", config={"max_concurrent_requests": 1, "queue_length": 16},
+                    env={"NZSERVE_DEBUG_STEP_DELAY_MS": 25}) as s:
+            s.wait_ready()
+            yield s
+
+    @staticmethod
+    def dialogue_lines(srv):
+        return [l for l in access_log(srv.log()) if l["path"] == "/v1/dialogue"]
+
+    def batched(self, srv, calls, started=None):
+        """Send calls (functions sending one request each) concurrently while the worker is busy, so they
+        queue and are taken together; started(): run once they are queued. @return their results and the
+        access-log lines of the busy request and theirs."""
+        n0 = len(self.dialogue_lines(srv))
+        busy = background(srv.dialogue, slow(60))  # ~1.5 s
+        srv.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        ths = [background(c) for c in calls]
+        srv.wait_metric("nzserve_queue_depth", lambda v: v == len(calls))
+        assert srv.metric("nzserve_requests_in_flight") == 1  # they queued behind the busy request
+        if started:
+            started()
+        out = [joined(*t) for t in ths]
+        assert joined(*busy).status == 200
+        n = n0 + len(calls) + 1
+        return out, srv.wait_access(lambda ls: len([l for l in ls if l["path"] == "/v1/dialogue"]) >= n)
+
+    @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+    def test_same_as_alone(self, srv, strategy):
+        n0 = len(self.dialogue_lines(srv))
+        base = {"strategy": strategy, "max_new_tokens": MNT, "return_tokens": True}
+        if strategy == "beam":
+            base["beam_size"] = 3
+        bodies = [dict(base, context=c) for c in CONTEXTS[:4]]
+        if strategy == "sample":  # a seed each; the same context with two seeds gives two answers
+            bodies[2]["context"] = bodies[1]["context"]
+            for i, b in enumerate(bodies):
+                b["seed"] = 1 + i
+        got, _ = self.batched(srv, [lambda b=b: srv.dialogue(b) for b in bodies])
+        lines = self.dialogue_lines(srv)[n0:]
+        assert sorted(int(l["batch_texts"]) for l in lines) == [1] + [len(bodies)] * len(bodies), lines
+        for b, r in zip(bodies, got):
+            assert r.status == 200, r
+            alone = srv.dialogue(b)
+            assert alone.status == 200, alone
+            assert r.json()["responses"] == alone.json()["responses"], (b, r.json(), alone.json())
+            assert r.json()["usage"] == alone.json()["usage"]
+        assert all(l["batch_texts"] == "1" for l in self.dialogue_lines(srv)[n0 + len(bodies) + 1:])
+        if strategy == "sample":
+            a, c = (got[i].json()["responses"] for i in (1, 2))
+            assert {x["decoder"]: x["tokens"] for x in a} != {x["decoder"]: x["tokens"] for x in c}
+
+    def test_stream_and_plain_share_a_batch(self, srv):
+        n0 = len(self.dialogue_lines(srv))
+        bodies = [{"context": c, "max_new_tokens": MNT, "return_tokens": True} for c in CONTEXTS[:4]]
+        calls = [(lambda b=b: srv.stream(dict(b, stream=True))) if i % 2 else (lambda b=b: srv.dialogue(b))
+                 for i, b in enumerate(bodies)]
+        got, _ = self.batched(srv, calls)
+        lines = self.dialogue_lines(srv)[n0:]
+        assert sorted(int(l["batch_texts"]) for l in lines) == [1, 4, 4, 4, 4], lines
+        assert sorted(l["stream"] for l in lines if l["batch_texts"] == "4") == ["0", "0", "1", "1"], lines
+        for i, (b, r) in enumerate(zip(bodies, got)):
+            j = streamed_done(r) if i % 2 else r.json()
+            alone = srv.dialogue(b).json()
+            assert j["responses"] == alone["responses"] and j["usage"] == alone["usage"], (b, j, alone)
+
+    def test_cancelled_member(self, srv):
+        """A batch member whose client leaves mid-generation is released (499) and the others' responses
+        are unchanged."""
+        c499 = srv.metric("nzserve_requests_total", route="/v1/dialogue", status="499") or 0
+        n0 = len(self.dialogue_lines(srv))
+        bodies = [{"context": c, "max_new_tokens": 30, "return_tokens": True}
+                  for c in (SLOW_CONTEXT, CONTEXTS[1], CONTEXTS[3])]
+        busy = background(srv.dialogue, slow(60))
+        srv.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        sock, rd = open_stream(srv.port, bodies[0])  # the head comes at once, while it waits
+        ths = [background(srv.dialogue, b) for b in bodies[1:]]
+        srv.wait_metric("nzserve_queue_depth", lambda v: v == 3)
+        got = rd.read_until(lambda x: x.count(b"event: token") >= 3)  # its batch runs
+        assert b"event: done" not in got
+        sock.close()
+        srv.wait_metric("nzserve_requests_total", lambda v: v == c499 + 1, route="/v1/dialogue", status="499")
+        out = [joined(*t) for t in ths]
+        assert joined(*busy).status == 200
+        srv.wait_access(lambda ls: len([l for l in ls if l["path"] == "/v1/dialogue"]) >= n0 + 4)
+        lines = self.dialogue_lines(srv)[n0:]
+        assert sorted((l["status"], int(l["batch_texts"])) for l in lines if l["status"] == "200") == \
+            [("200", 1), ("200", 3), ("200", 3)], lines
+        for b, r in zip(bodies[1:], out):
+            assert r.status == 200, r
+            assert r.json()["responses"] == srv.dialogue(b).json()["responses"], b
+        assert srv.metric("nzserve_requests_in_flight") == 0 and srv.metric("nzserve_queue_depth") == 0
