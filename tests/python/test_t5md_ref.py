@@ -252,10 +252,10 @@ def _nzops_lib(tmp_path):
     if cc is None:
         return None
     so = str(tmp_path / "nzops.so")
-    srcs = [os.path.join(REPO, "engine", f) for f in ("nz_ops.c", "nz_common.c")]
+    srcs = [os.path.join(REPO, "engine", f) for f in ("nz_ops.c", "nz_common.c", "nz_guard.c")]
     for blas in ("-lopenblas", "-lblas"):
         r = subprocess.run([cc, "-O2", "-std=c11", "-D_GNU_SOURCE", "-shared", "-fPIC",
-                            "-I" + os.path.join(REPO, "engine"), *srcs, "-o", so, blas, "-lm"],
+                            "-I" + os.path.join(REPO, "engine"), *srcs, "-o", so, blas, "-lm", "-lpthread"],
                            capture_output=True)
         if r.returncode == 0:
             return ctypes.CDLL(so)
