@@ -1,5 +1,6 @@
 /* Lazy tile matmul: results against a double-precision reference on the
- * same (decoded) weights, in every weight mode and cache setting. */
+ * same (decoded) weights, in every weight mode and cache setting; the
+ * row-invariant kernel (nz_gemm.h) and batch invariance of every path. */
 #include "test_model.h"
 
 #include "nz_alloc.h"
