@@ -247,20 +247,30 @@ void nz_attn_free(nz_attn *a) {
     nz_linear_free(&a->o);
 }
 
+/* attend's tasks: consecutive (batch row, head) pairs of one attention */
+typedef struct {
+    const nz_attn_args *a;
+    size_t per_task; /* pairs per task */
+} attn_job;
+
+static void attn_task(void *ctx, uint64_t task, float *work) {
+    const attn_job *j = ctx;
+    nz_attention_pairs(j->a, (size_t)task * j->per_task, (size_t)(task + 1) * j->per_task, work);
+}
+
 /* Attention of projected queries q[B x T x inner] over keys/values, then
  * the output projection into out[B x T x d_model]. kp is the contiguous
- * [nkv x Tk] padding (or NULL). */
+ * [nkv x Tk] padding (or NULL). The (batch row, head) pairs run on mc's
+ * threads in tasks of about ATTN_TASK_MACS multiply-adds (one task, on the
+ * caller, for a small attention such as one decoder step of one sequence),
+ * and stop between tasks when mc is cancelled: same bits however split. */
+#define ATTN_TASK_MACS (1u << 18)
 static int attend(nz_matmul_ctx *mc, const nz_attn *a, const float *q, size_t B, size_t T, const float *k,
                   const float *v, size_t kv_bstride, const uint32_t *kv_map, const uint8_t *kp, size_t Tk,
                   int causal, int64_t q0, const float *bias, float *out, nz_error *err) {
     const size_t inner = a->H * a->dh;
     float *ctx = nz_malloc(B * T * inner * sizeof(float), NZ_MEM_ACTIVATIONS);
-    float *work = nz_malloc(nz_attention_work_floats(Tk) * sizeof(float), NZ_MEM_ACTIVATIONS);
-    if (!ctx || !work) {
-        nz_free(ctx);
-        nz_free(work);
-        return nz_fail(err, NZ_E_NOMEM, "out of memory for attention");
-    }
+    if (!ctx) return nz_fail(err, NZ_E_NOMEM, "out of memory for attention");
     nz_attn_args args = {.q = q,
                          .ldq = inner,
                          .k = k,
@@ -280,10 +290,12 @@ static int attend(nz_matmul_ctx *mc, const nz_attn *a, const float *q, size_t B,
                          .scale = a->scale,
                          .out = ctx,
                          .ldo = inner};
-    nz_attention(&args, work);
-    int rc = nz_linear_fwd(mc, &a->o, ctx, B * T, out, err);
+    const size_t pairs = B * a->H, pair_macs = 2 * T * Tk * a->dh + 1;
+    attn_job job = {.a = &args, .per_task = ATTN_TASK_MACS / pair_macs + 1};
+    int rc = nz_matmul_ctx_run(mc, (pairs + job.per_task - 1) / job.per_task, nz_attention_work_floats(Tk),
+                               attn_task, &job, err);
+    if (!rc) rc = nz_linear_fwd(mc, &a->o, ctx, B * T, out, err);
     nz_free(ctx);
-    nz_free(work);
     return rc;
 }
 
@@ -552,17 +564,15 @@ int nz_block_fwd(nz_matmul_ctx *mc, const nz_block *b, float *x, const nz_block_
 
 /* ------------------------------------------------------------ memory estimates */
 
-static double peak_max(double a, double b) { return a > b ? a : b; }
-
-/* nz_attn_self: q, k, v (3 M I floats), with a cache kv_pad_rows (B x Tk bytes + 1), attend's ctx (M I
- * floats) and work (nz_attention_work_floats: Tk floats, at least 1). */
+/* nz_attn_self: q, k, v (3 M I floats), with a cache kv_pad_rows (B x Tk bytes + 1) and attend's ctx (M I
+ * floats); attend's work is the matmul context's scratch. */
 double nz_attn_self_peak(double B, double T, double I, int kv, double Tk) {
     const double M = B * T;
-    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I + 4 * peak_max(Tk, 1);
+    return 12 * M * I + (kv ? B * Tk + 1 : 0) + 4 * M * I;
 }
 
-/* nz_attn_cross: q (M I floats), the padding copy of the whole cache (kvB x S bytes + 1), attend's ctx
- * (M I floats) and work (S floats). */
+/* nz_attn_cross: q (M I floats), the padding copy of the whole cache (kvB x S bytes + 1) and attend's ctx
+ * (M I floats). */
 double nz_attn_cross_peak(double M, double I, double kvB, double S) {
-    return 4 * M * I + kvB * S + 1 + 4 * M * I + 4 * peak_max(S, 1);
+    return 4 * M * I + kvB * S + 1 + 4 * M * I;
 }

@@ -261,12 +261,12 @@ int nz_block_fwd(nz_matmul_ctx *mc, const nz_block *b, float *x, const nz_block_
 
 /** nz_attn_self over B x T rows of attention width I (heads x head size)
  *  attending Tk keys (with a cache, kv != 0: its length after the step):
- *  q, k, v, the key padding copy (with a cache), attend's context and work.
+ *  q, k, v, the key padding copy (with a cache) and attend's context.
  *  @return bytes. */
 double nz_attn_self_peak(double B, double T, double I, int kv, double Tk);
 
 /** nz_attn_cross of M query rows over a cache of kvB x S keys: q, the
- *  padding copy of the cache, attend's context and work. @return bytes. */
+ *  padding copy of the cache and attend's context. @return bytes. */
 double nz_attn_cross_peak(double M, double I, double kvB, double S);
 
 /** @return v bytes as an integer, saturated at UINT64_MAX (v >= 0). */

@@ -496,58 +496,59 @@ static float dot_fixed(const float *a, const float *b, size_t n) {
  * thus one fixed sequence of operations on its own visible keys: the same
  * bits whatever Tk (how far its batch is padded), the other batch rows or
  * the batch size. */
-void nz_attention(const nz_attn_args *a, float *work) {
+void nz_attention_pairs(const nz_attn_args *a, size_t p0, size_t p1, float *work) {
     const size_t H = a->H, dh = a->dh, Tq = a->Tq, Tk = a->Tk;
-    if (dh == 0) return;
-    for (size_t b = 0; b < a->B; b++) {
+    if (dh == 0 || H == 0) return;
+    for (size_t p = p0; p < p1 && p < a->B * H; p++) {
+        const size_t b = p / H, h = p % H;
         const size_t kvr = a->kv_map ? a->kv_map[b] : b;
         const uint8_t *pad = a->key_pad ? a->key_pad + kvr * Tk : NULL;
-        for (size_t h = 0; h < H; h++) {
-            const float *kb = a->k + kvr * a->kv_bstride + h * dh;
-            const float *vb = a->v + kvr * a->kv_bstride + h * dh;
-            const float *bias = a->bias ? a->bias + h * Tq * Tk : NULL;
-            for (size_t i = 0; i < Tq; i++) {
-                const float *qi = a->q + (b * Tq + i) * a->ldq + h * dh;
-                float *oi = a->out + (b * Tq + i) * a->ldo + h * dh;
-                /* keys j < nk are visible to the causal mask */
-                size_t nk = Tk;
-                if (a->causal) {
-                    int64_t lim = a->q0 + (int64_t)i + 1;
-                    nk = lim <= 0 ? 0 : (uint64_t)lim < Tk ? (size_t)lim : Tk;
-                }
-                float m = -INFINITY;
-                for (size_t j = 0; j < nk; j++) {
-                    if (pad && pad[j]) continue;
-                    float sj = dot_fixed(qi, kb + j * a->ldkv, dh) * a->scale;
-                    if (bias) sj += bias[i * Tk + j];
-                    work[j] = sj;
-                    if (sj > m) m = sj;
-                }
-                if (m == -INFINITY) { /* every key masked */
-                    memset(oi, 0, dh * sizeof *oi);
-                    continue;
-                }
-                float sum = 0.0f;
-                for (size_t j = 0; j < nk; j++) {
-                    if (pad && pad[j]) continue;
-                    work[j] = expf(work[j] - m);
-                    sum += work[j];
-                }
-                /* q is read: oi may now be written (even where out aliases q) */
-                memset(oi, 0, dh * sizeof *oi);
-                for (size_t j = 0; j < nk; j++) {
-                    if (pad && pad[j]) continue;
-                    const float pj = work[j];
-                    const float *restrict vj = vb + j * a->ldkv;
-                    float *restrict o = oi;
-                    for (size_t d = 0; d < dh; d++) {
-                        float t = pj * vj[d];
-                        o[d] += t;
-                    }
-                }
-                const float inv = 1.0f / sum;
-                for (size_t d = 0; d < dh; d++) oi[d] *= inv;
+        const float *kb = a->k + kvr * a->kv_bstride + h * dh;
+        const float *vb = a->v + kvr * a->kv_bstride + h * dh;
+        const float *bias = a->bias ? a->bias + h * Tq * Tk : NULL;
+        for (size_t i = 0; i < Tq; i++) {
+            const float *qi = a->q + (b * Tq + i) * a->ldq + h * dh;
+            float *oi = a->out + (b * Tq + i) * a->ldo + h * dh;
+            /* keys j < nk are visible to the causal mask */
+            size_t nk = Tk;
+            if (a->causal) {
+                int64_t lim = a->q0 + (int64_t)i + 1;
+                nk = lim <= 0 ? 0 : (uint64_t)lim < Tk ? (size_t)lim : Tk;
             }
+            float m = -INFINITY;
+            for (size_t j = 0; j < nk; j++) {
+                if (pad && pad[j]) continue;
+                float sj = dot_fixed(qi, kb + j * a->ldkv, dh) * a->scale;
+                if (bias) sj += bias[i * Tk + j];
+                work[j] = sj;
+                if (sj > m) m = sj;
+            }
+            if (m == -INFINITY) { /* every key masked */
+                memset(oi, 0, dh * sizeof *oi);
+                continue;
+            }
+            float sum = 0.0f;
+            for (size_t j = 0; j < nk; j++) {
+                if (pad && pad[j]) continue;
+                work[j] = expf(work[j] - m);
+                sum += work[j];
+            }
+            /* q is read: oi may now be written (even where out aliases q) */
+            memset(oi, 0, dh * sizeof *oi);
+            for (size_t j = 0; j < nk; j++) {
+                if (pad && pad[j]) continue;
+                const float pj = work[j];
+                const float *restrict vj = vb + j * a->ldkv;
+                float *restrict o = oi;
+                for (size_t d = 0; d < dh; d++) {
+                    float t = pj * vj[d];
+                    o[d] += t;
+                }
+            }
+            const float inv = 1.0f / sum;
+            for (size_t d = 0; d < dh; d++) oi[d] *= inv;
         }
     }
 }
+
+void nz_attention(const nz_attn_args *a, float *work) { nz_attention_pairs(a, 0, a->B * a->H, work); }

@@ -185,6 +185,12 @@ typedef struct nz_attn_args {
 /** Run the attention of a (see nz_attn_args). work: nz_attention_work_floats(a->Tk). */
 void nz_attention(const nz_attn_args *a, float *work);
 
+/** The part of nz_attention for (batch row, head) pairs p in [p0, p1),
+ *  p = b * H + h (pairs past B * H are ignored): pairs write disjoint parts of
+ *  out, so threads may run disjoint ranges at once, each with its own work
+ *  (nz_attention_work_floats(a->Tk)), with the same bits as one call. */
+void nz_attention_pairs(const nz_attn_args *a, size_t p0, size_t p1, float *work);
+
 /** @return floats of work nz_attention needs for Tk keys. */
 size_t nz_attention_work_floats(size_t Tk);
 

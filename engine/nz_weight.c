@@ -148,6 +148,8 @@ typedef struct {
     nz_dctx *dc;
     float *scratch; /* [cap] */
     uint64_t cap;
+    float *work; /* [work_cap] nz_matmul_ctx_run's per-thread floats */
+    size_t work_cap;
     nz_error err; /* this thread's first error */
     int rc;
 } thread_res;
@@ -205,6 +207,7 @@ void nz_matmul_ctx_free(nz_matmul_ctx *c) {
     for (int i = 0; c->t && i < c->nthreads; i++) {
         nz_dctx_free(c->t[i].dc);
         nz_free(c->t[i].scratch);
+        nz_free(c->t[i].work);
     }
     nz_free(c->t);
     nz_free(c);
@@ -254,6 +257,41 @@ int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M,
             if (err) *err = c->t[i].err;
             return c->t[i].rc;
         }
+    return NZ_OK;
+}
+
+/* nz_matmul_ctx_run's job, read by its tasks */
+typedef struct {
+    nz_matmul_ctx *c;
+    nz_ctx_task_fn fn;
+    void *ctx;
+    _Atomic int stopped;
+} run_job;
+
+static void run_task(void *arg, uint64_t task, int thread) {
+    run_job *j = arg;
+    if (atomic_load_explicit(&j->stopped, memory_order_relaxed)) return;
+    if (atomic_load_explicit(&j->c->cancelled, memory_order_relaxed)) {
+        atomic_store(&j->stopped, 1);
+        return;
+    }
+    j->fn(j->ctx, task, j->c->t[thread].work);
+}
+
+int nz_matmul_ctx_run(nz_matmul_ctx *c, uint64_t ntasks, size_t work_floats, nz_ctx_task_fn fn, void *ctx,
+                      nz_error *err) {
+    if (cancelled(c, err)) return NZ_E_CANCELLED;
+    for (int i = 0; i < c->nthreads; i++) {
+        thread_res *r = &c->t[i];
+        if (r->work_cap >= work_floats && r->work) continue;
+        nz_free(r->work);
+        r->work = nz_malloc((work_floats ? work_floats : 1) * sizeof(float), NZ_MEM_SCRATCH);
+        r->work_cap = r->work ? work_floats : 0;
+        if (!r->work) return nz_fail(err, NZ_E_NOMEM, "out of memory for %zu floats of work", work_floats);
+    }
+    run_job j = {.c = c, .fn = fn, .ctx = ctx};
+    nz_pool_run(c->pool, ntasks, run_task, &j);
+    if (atomic_load(&j.stopped)) return nz_fail(err, NZ_E_CANCELLED, "cancelled");
     return NZ_OK;
 }
 

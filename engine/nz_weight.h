@@ -97,6 +97,20 @@ int nz_matmul_mt(nz_matmul_ctx *c, const nz_weight *w, const float *x, size_t M,
  *  a client gone, shutdown). Async-safe: one atomic store. Accepts NULL. */
 void nz_matmul_ctx_cancel(nz_matmul_ctx *c, int on);
 
+/** Body of nz_matmul_ctx_run: task in [0, ntasks), work this thread's floats. */
+typedef void (*nz_ctx_task_fn)(void *ctx, uint64_t task, float *work);
+
+/** Run fn over tasks [0, ntasks) on c's threads (as nz_matmul_mt's tiles),
+ *  each call given its thread's work of at least work_floats floats (kept
+ *  with the context, counted as scratch). Cancellation (nz_matmul_ctx_cancel)
+ *  is checked before each task: the tasks not yet started are skipped, so a
+ *  cancelled loop (attention over a long batch) stops within one task. One
+ *  call at a time per context.
+ *  @return NZ_OK; NZ_E_CANCELLED when c was cancelled before every task ran
+ *  (what the tasks write is then incomplete); NZ_E_NOMEM. */
+int nz_matmul_ctx_run(nz_matmul_ctx *c, uint64_t ntasks, size_t work_floats, nz_ctx_task_fn fn, void *ctx,
+                      nz_error *err);
+
 /** Fetch tile t of w as fp32 on the calling thread, through the context's
  *  cache (or its first thread's scratch when not cached): for row lookups
  *  such as embeddings. Release with nz_matmul_ctx_release before the next

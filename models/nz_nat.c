@@ -368,9 +368,9 @@ static int stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_bloc
  * nz_nat_*_peak_bytes: the bytes a call holds at its peak in NZ_MEM_ACTIVATIONS + NZ_MEM_KV (+ its
  * NZ_MEM_OTHER results), counted as nz_malloc counts them, as the sum of the buffers alive together at the
  * worst point of the call. Each helper stands next to the code whose allocations it mirrors (the engine's
- * layers: engine/nz_layer.c, nz_attn_self_peak and nz_attn_cross_peak): a change to those allocations must change the helper
- * (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB). Sizes are doubles
- * (exact below 2^53 bytes), saturated on return. */
+ * layers: engine/nz_layer.c, nz_attn_self_peak and nz_attn_cross_peak): a change to those allocations must
+ * change the helper (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB).
+ * Sizes are doubles (exact below 2^53 bytes), saturated on return. */
 
 static double dmax(double a, double b) { return a > b ? a : b; }
 

@@ -159,17 +159,17 @@ typedef struct nz_nat_cand {
 } nz_nat_cand;
 
 typedef struct nz_nat_hyp {
-    int rc;           /* NZ_OK, or this sentence's error (message in err) */
-    nz_error err;     /* set when rc != NZ_OK */
-    int32_t *tokens;  /* [n] (see the conventions above), NZ_MEM_OTHER */
-    size_t n;         /* tokens */
-    float score;      /* mask-predict: mean positional score, or the AT score with rerank;
-                         AT greedy: mean log-prob of the n tokens;
-                         AT beam: sum of the n log-probs / n^lenpen */
-    float nat_score;  /* mask-predict: mean positional score (== score without rerank) */
-    int steps;        /* mask-predict: pass that finalized it (0-based); AT: tokens generated */
-    size_t length;    /* mask-predict: the chosen candidate's length (incl. bos/eos) */
-    size_t candidate; /* mask-predict: index of the chosen length candidate (0 .. length_beam-1) */
+    int rc;             /* NZ_OK, or this sentence's error (message in err) */
+    nz_error err;       /* set when rc != NZ_OK */
+    int32_t *tokens;    /* [n] (see the conventions above), NZ_MEM_OTHER */
+    size_t n;           /* tokens */
+    float score;        /* mask-predict: mean positional score, or the AT score with rerank;
+                           AT greedy: mean log-prob of the n tokens;
+                           AT beam: sum of the n log-probs / n^lenpen */
+    float nat_score;    /* mask-predict: mean positional score (== score without rerank) */
+    int steps;          /* mask-predict: pass that finalized it (0-based); AT: tokens generated */
+    size_t length;      /* mask-predict: the chosen candidate's length (incl. bos/eos) */
+    size_t candidate;   /* mask-predict: index of the chosen length candidate (0 .. length_beam-1) */
     nz_nat_cand *cands; /* [n_cands] every length candidate in candidate order (keep_candidates), else NULL */
     size_t n_cands;
 } nz_nat_hyp;

@@ -54,11 +54,12 @@ typedef enum {
  *  beam 5, no rerank; for the AT decoder beam 1 (greedy), lenpen 1). */
 typedef struct nz_tr_opts {
     nz_tr_decoder decoder;
-    nz_nat_opts nat;   /* mask-predict options (incl. its stop hook) */
-    nz_nat_at_opts at; /* AT options (incl. its stop hook) */
-    int at_beam;       /* AT beam size (NZ_TR_AT_BEAM; 1 with NZ_TR_AT_GREEDY) */
-    float lenpen;      /* AT beam length penalty */
-    int return_candidates; /* NZ_TR_NAT: every length candidate into nz_tr_result.cands (nat.keep_candidates) */
+    nz_nat_opts nat;       /* mask-predict options (incl. its stop hook) */
+    nz_nat_at_opts at;     /* AT options (incl. its stop hook) */
+    int at_beam;           /* AT beam size (NZ_TR_AT_BEAM; 1 with NZ_TR_AT_GREEDY) */
+    float lenpen;          /* AT beam length penalty */
+    int return_candidates; /* NZ_TR_NAT: every length candidate into nz_tr_result.cands (nat.keep_candidates)
+                            */
 } nz_tr_opts;
 
 /** Fill o with the defaults. */

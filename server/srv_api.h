@@ -104,14 +104,14 @@ typedef struct srv_translate_req {
     size_t n;
     int single; /* body used "text" (not "texts") */
     /* decoding options, -1 where the body left them out (the model's defaults apply) */
-    int iterations;    /* 0..100 */
-    int length_beam;   /* 1..32 */
-    int rerank_at;     /* rerank "at" (1) or "none" (0) */
-    int adaptive;      /* bool */
-    int use_at;        /* decoder "at" (1) or "nat" (0) */
-    int beam_size;     /* AT beam, 1 = greedy */
-    int max_length;    /* output tokens */
-    int return_tokens; /* bool */
+    int iterations;        /* 0..100 */
+    int length_beam;       /* 1..32 */
+    int rerank_at;         /* rerank "at" (1) or "none" (0) */
+    int adaptive;          /* bool */
+    int use_at;            /* decoder "at" (1) or "nat" (0) */
+    int beam_size;         /* AT beam, 1 = greedy */
+    int max_length;        /* output tokens */
+    int return_tokens;     /* bool */
     int return_candidates; /* bool: every mask-predict length candidate (decoder "nat" only) */
 } srv_translate_req;
 

@@ -194,8 +194,9 @@ int srv_job_failed(srv_model *m, const nz_error *e) {
     srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, m->cfg->name, "error", SRV_KV_STR, e->msg,
             NULL);
     if (!nz_model_faulted(model_container(m))) return 500;
-    if (lose_model(m, "its file %s changed under the server (truncated or rewritten in place); restart the "
-                      "server (replace model files by renaming a new file over the old one)",
+    if (lose_model(m,
+                   "its file %s changed under the server (truncated or rewritten in place); restart the "
+                   "server (replace model files by renaming a new file over the old one)",
                    m->cfg->path))
         srv_log(SRV_LOG_ERROR, "model_file_changed", "model", SRV_KV_STR, m->cfg->name, "path", SRV_KV_STR,
                 m->cfg->path, "action", SRV_KV_STR, "not served until the server restarts", NULL);

@@ -15,6 +15,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
@@ -497,6 +498,54 @@ static void test_matmul_cancel(void **state) {
     free(y);
 }
 
+/* nz_matmul_ctx_run: every task once with its thread's work of the asked size; a cancel stops the
+ * loop before the tasks not yet started and fails it with NZ_E_CANCELLED; re-armed, all run again. */
+typedef struct {
+    nz_matmul_ctx *mc;
+    size_t work_floats;
+    _Atomic int runs[64];
+    uint64_t cancel_at; /* a task that cancels mc (UINT64_MAX: none) */
+} run_probe;
+
+static void probe_task(void *ctx, uint64_t task, float *work) {
+    run_probe *p = ctx;
+    work[0] = work[p->work_floats - 1] = (float)task; /* the whole buffer is there (ASan, valgrind) */
+    atomic_fetch_add(&p->runs[task], 1);
+    if (task == p->cancel_at) nz_matmul_ctx_cancel(p->mc, 1);
+}
+
+static void test_ctx_run(void **state) {
+    (void)state;
+    nz_error e = {0};
+    for (int threads = 1; threads <= 2; threads++) {
+        nz_pool *pool = nz_pool_create(threads);
+        run_probe *p = calloc(1, sizeof *p);
+        p->mc = nz_matmul_ctx_create(pool, NULL);
+        for (size_t wf = 1; wf <= 4096; wf *= 64) {
+            p->work_floats = wf;
+            p->cancel_at = UINT64_MAX;
+            for (int i = 0; i < 64; i++) p->runs[i] = 0;
+            assert_int_equal(nz_matmul_ctx_run(p->mc, 64, wf, probe_task, p, &e), NZ_OK);
+            for (int i = 0; i < 64; i++) assert_int_equal(p->runs[i], 1);
+        }
+        for (int i = 0; i < 64; i++) p->runs[i] = 0;
+        p->cancel_at = 3;
+        assert_int_equal(nz_matmul_ctx_run(p->mc, 64, 16, probe_task, p, &e), NZ_E_CANCELLED);
+        assert_string_equal(e.msg, "cancelled");
+        int ran = 0;
+        for (int i = 0; i < 64; i++) ran += p->runs[i];
+        assert_true(ran >= 4 &&
+                    ran <= 4 + threads); /* tasks 0..3, and one already started per other thread */
+        assert_int_equal(nz_matmul_ctx_run(p->mc, 64, 16, probe_task, p, &e), NZ_E_CANCELLED); /* still */
+        nz_matmul_ctx_cancel(p->mc, 0);
+        p->cancel_at = UINT64_MAX;
+        assert_int_equal(nz_matmul_ctx_run(p->mc, 0, 16, probe_task, p, &e), NZ_OK); /* no tasks */
+        nz_matmul_ctx_free(p->mc);
+        free(p);
+        nz_pool_free(pool);
+    }
+}
+
 /* ---------------------------------------------------------- batch invariance */
 
 /* nz_gemm_f32 on random shapes (M, N edges of the 4 x 3 blocks, K tails,
@@ -770,10 +819,11 @@ static void test_matmul_batch_invariant(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_matmul_cancel),       cmocka_unit_test(test_matmul_all_modes),
-        cmocka_unit_test(test_matmul_damaged_tile), cmocka_unit_test(test_matmul_threads),
-        cmocka_unit_test(test_matmul_fused_gemv),   cmocka_unit_test(test_matmul_verify_once),
-        cmocka_unit_test(test_gemm_kernel),         cmocka_unit_test(test_matmul_batch_invariant),
+        cmocka_unit_test(test_matmul_cancel),          cmocka_unit_test(test_ctx_run),
+        cmocka_unit_test(test_matmul_all_modes),       cmocka_unit_test(test_matmul_damaged_tile),
+        cmocka_unit_test(test_matmul_threads),         cmocka_unit_test(test_matmul_fused_gemv),
+        cmocka_unit_test(test_matmul_verify_once),     cmocka_unit_test(test_gemm_kernel),
+        cmocka_unit_test(test_matmul_batch_invariant),
     };
     return cmocka_run_group_tests_name("matmul", tests, setup, teardown);
 }

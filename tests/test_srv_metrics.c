@@ -329,9 +329,9 @@ static void expect_all_families(const char *text) {
 /* ------------------------------------------------------------------ tests */
 
 static void test_routes(void **state) {
-    static const char *const want[SRV_ROUTE_COUNT] = {"/v1/translate", "/v1/dialogue", "/health",  "/ready",
-                                                      "/v1/models",    "/v1/memory",   "/metrics", "/ui",
-                                                      "other"};
+    static const char *const want[SRV_ROUTE_COUNT] = {"/v1/translate", "/v1/dialogue", "/health",
+                                                      "/ready",        "/v1/models",   "/v1/memory",
+                                                      "/metrics",      "/ui",          "other"};
     for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
         assert_string_equal(srv_route_label((srv_route)r), want[r]);
         if (r != SRV_ROUTE_OTHER) assert_int_equal(srv_route_from_path(want[r]), r);

@@ -84,11 +84,11 @@ static void add(nz_writer *w, const char *name, nz_dtype dt, const char *mode, n
         double best_ = 1e30;                                                                                 \
         for (int r_ = 0; r_ < 5; r_++) {                                                                     \
             int reps_ = 0;                                                                                   \
-            double t0_ = nz_now_s(), el_;                                                                       \
+            double t0_ = nz_now_s(), el_;                                                                    \
             do {                                                                                             \
                 stmt;                                                                                        \
                 reps_++;                                                                                     \
-                el_ = nz_now_s() - t0_;                                                                         \
+                el_ = nz_now_s() - t0_;                                                                      \
             } while (el_ < 0.04);                                                                            \
             if (el_ / reps_ < best_) best_ = el_ / reps_;                                                    \
         }                                                                                                    \
