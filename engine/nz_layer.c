@@ -307,44 +307,69 @@ static uint8_t *kv_pad_rows(const nz_kv *kv, size_t B) {
     return p;
 }
 
-int nz_attn_self(nz_matmul_ctx *mc, const nz_attn *a, const float *x, size_t B, size_t T,
-                 const uint8_t *key_pad, int causal, nz_kv *kv, const float *bias, float *out,
-                 nz_error *err) {
+/* The projected q, k, v [B x T x inner] of B sequences: k and v appended at kv->len of cache rows rows[b]
+ * (rows NULL: row b), then the queries attend over those rows' keys. */
+static int attend_cached(nz_matmul_ctx *mc, const nz_attn *a, const float *q, const float *k, const float *v,
+                         size_t B, size_t T, const uint8_t *key_pad, int causal, nz_kv *kv,
+                         const uint32_t *rows, const float *bias, float *out, nz_error *err) {
+    const size_t inner = a->H * a->dh;
+    for (size_t b = 0; b < B; b++) {
+        const size_t row = rows ? rows[b] : b;
+        size_t dst = (row * kv->cap + kv->len) * inner;
+        memcpy(kv->k + dst, k + b * T * inner, T * inner * sizeof(float));
+        memcpy(kv->v + dst, v + b * T * inner, T * inner * sizeof(float));
+        for (size_t t = 0; t < T; t++)
+            kv->pad[row * kv->cap + kv->len + t] = key_pad ? key_pad[b * T + t] != 0 : 0;
+    }
+    int64_t q0 = (int64_t)kv->len;
+    kv->len += T;
+    uint8_t *kp = kv_pad_rows(kv, rows ? kv->B : B);
+    int rc = kp ? attend(mc, a, q, B, T, kv->k, kv->v, kv->cap * inner, rows, kp, kv->len, causal, q0, bias,
+                         out, err)
+                : nz_fail(err, NZ_E_NOMEM, "out of memory for attention padding");
+    nz_free(kp);
+    return rc;
+}
+
+/* nz_attn_self and nz_attn_self_rows: rows NULL is the former. */
+static int attn_self(nz_matmul_ctx *mc, const nz_attn *a, const float *x, size_t B, size_t T,
+                     const uint8_t *key_pad, int causal, nz_kv *kv, const uint32_t *rows, const float *bias,
+                     float *out, nz_error *err) {
     const size_t inner = a->H * a->dh, M = B * T;
-    if (kv && (kv->B != B || kv->D != inner))
+    if (kv && (rows ? kv->B < B : kv->B != B || kv->D != inner))
         return nz_fail(err, NZ_E_INVALID_ARG, "KV cache is %zu x %zu, attention needs %zu x %zu", kv->B,
                        kv->D, B, inner);
+    if (kv && kv->D != inner)
+        return nz_fail(err, NZ_E_INVALID_ARG, "KV cache is %zu wide, attention needs %zu", kv->D, inner);
     if (kv && kv->len + T > kv->cap)
         return nz_fail(err, NZ_E_RANGE, "KV cache full: %zu + %zu positions > capacity %zu", kv->len, T,
                        kv->cap);
+    for (size_t b = 0; rows && b < B; b++)
+        if (rows[b] >= kv->B)
+            return nz_fail(err, NZ_E_RANGE, "sequence %zu maps to KV row %u of %zu", b, rows[b], kv->B);
     float *q = nz_malloc(3 * M * inner * sizeof(float), NZ_MEM_ACTIVATIONS);
     if (!q) return nz_fail(err, NZ_E_NOMEM, "out of memory for attention projections");
     float *k = q + M * inner, *v = k + M * inner;
     int rc = nz_linear_fwd(mc, &a->q, x, M, q, err);
     if (!rc) rc = nz_linear_fwd(mc, &a->k, x, M, k, err);
     if (!rc) rc = nz_linear_fwd(mc, &a->v, x, M, v, err);
-    if (!rc && !kv) {
+    if (!rc && !kv)
         rc = attend(mc, a, q, B, T, k, v, T * inner, NULL, key_pad, T, causal, 0, bias, out, err);
-    } else if (!rc) {
-        for (size_t b = 0; b < B; b++) {
-            size_t dst = (b * kv->cap + kv->len) * inner;
-            memcpy(kv->k + dst, k + b * T * inner, T * inner * sizeof(float));
-            memcpy(kv->v + dst, v + b * T * inner, T * inner * sizeof(float));
-            for (size_t t = 0; t < T; t++)
-                kv->pad[b * kv->cap + kv->len + t] = key_pad ? key_pad[b * T + t] != 0 : 0;
-        }
-        int64_t q0 = (int64_t)kv->len;
-        kv->len += T;
-        uint8_t *kp = kv_pad_rows(kv, B);
-        if (!kp)
-            rc = nz_fail(err, NZ_E_NOMEM, "out of memory for attention padding");
-        else
-            rc = attend(mc, a, q, B, T, kv->k, kv->v, kv->cap * inner, NULL, kp, kv->len, causal, q0, bias,
-                        out, err);
-        nz_free(kp);
-    }
+    else if (!rc)
+        rc = attend_cached(mc, a, q, k, v, B, T, key_pad, causal, kv, rows, bias, out, err);
     nz_free(q);
     return rc;
+}
+
+int nz_attn_self(nz_matmul_ctx *mc, const nz_attn *a, const float *x, size_t B, size_t T,
+                 const uint8_t *key_pad, int causal, nz_kv *kv, const float *bias, float *out,
+                 nz_error *err) {
+    return attn_self(mc, a, x, B, T, key_pad, causal, kv, NULL, bias, out, err);
+}
+
+int nz_attn_self_rows(nz_matmul_ctx *mc, const nz_attn *a, const float *x, size_t B, nz_kv *kv,
+                      const uint32_t *rows, const float *bias, float *out, nz_error *err) {
+    return attn_self(mc, a, x, B, 1, NULL, 1, kv, rows, bias, out, err);
 }
 
 int nz_attn_cross_kv(nz_matmul_ctx *mc, const nz_attn *a, const float *enc, size_t B, size_t S,

@@ -154,6 +154,20 @@ void nz_attn_free(nz_attn *a);
 int nz_attn_self(nz_matmul_ctx *mc, const nz_attn *a, const float *x, size_t B, size_t T,
                  const uint8_t *key_pad, int causal, nz_kv *kv, const float *bias, float *out, nz_error *err);
 
+/** nz_attn_self of one new position of B sequences kept in any rows of kv
+ *  (a continuously batched decoder step): x[B x d_model], sequence b's key
+ *  and value go to row rows[b] (distinct, < kv->B) at position kv->len,
+ *  which every row passes (kv->len + 1 <= kv->cap; the rows not named keep
+ *  their keys), and its query attends causally over that row's keys that
+ *  are not padding: a sequence that joined at position p has its keys
+ *  [0, p) marked as padding, and with a position bias that depends only on
+ *  key - query (T5) it gets the bits it gets alone. bias [H x 1 x
+ *  (kv->len + 1)] or NULL. out[B x d_model].
+ *  @return NZ_OK, NZ_E_RANGE (cache full, a row out of range) or a tile /
+ *  alloc error. */
+int nz_attn_self_rows(nz_matmul_ctx *mc, const nz_attn *a, const float *x, size_t B, nz_kv *kv,
+                      const uint32_t *rows, const float *bias, float *out, nz_error *err);
+
 /** Project encoder states enc[B x S x d_model] into kv (keys and values of
  *  cross-attention; kv->len = S, pad copied from enc_pad[B x S] or zeros).
  *  kv must have been created with at least B sequences and cap >= S.
