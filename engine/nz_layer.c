@@ -177,6 +177,24 @@ void nz_kv_reset(nz_kv *kv) {
 
 int nz_kv_reorder(nz_kv *kv, const uint32_t *src, nz_error *err) { return nz_kv_select(kv, src, kv->B, err); }
 
+int nz_kv_resize(nz_kv *kv, size_t B, size_t cap, nz_error *err) {
+    if (kv->len > cap)
+        return nz_fail(err, NZ_E_RANGE, "KV resize: %zu positions do not fit %zu", kv->len, cap);
+    nz_kv n;
+    int rc = nz_kv_init(&n, B, cap, kv->D, err);
+    if (rc) return rc;
+    const size_t keep = B < kv->B ? B : kv->B, D = kv->D;
+    for (size_t b = 0; b < keep; b++) {
+        memcpy(n.k + b * cap * D, kv->k + b * kv->cap * D, kv->len * D * sizeof(float));
+        memcpy(n.v + b * cap * D, kv->v + b * kv->cap * D, kv->len * D * sizeof(float));
+        memcpy(n.pad + b * cap, kv->pad + b * kv->cap, kv->len);
+    }
+    n.len = kv->len;
+    nz_kv_free(kv);
+    *kv = n;
+    return NZ_OK;
+}
+
 int nz_kv_select(nz_kv *kv, const uint32_t *src, size_t B, nz_error *err) {
     const size_t rows = kv->len * kv->D;
     if (B > kv->B) return nz_fail(err, NZ_E_RANGE, "KV select: %zu sequences from a cache of %zu", B, kv->B);

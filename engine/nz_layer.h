@@ -123,6 +123,13 @@ int nz_kv_reorder(nz_kv *kv, const uint32_t *src, nz_error *err);
  *  @return NZ_OK, NZ_E_RANGE or NZ_E_NOMEM (the cache is then unchanged). */
 int nz_kv_select(nz_kv *kv, const uint32_t *src, size_t B, nz_error *err);
 
+/** Resize kv to B sequences of cap positions (kv->len <= cap): sequences
+ *  below both sizes keep their positions [0, len); the rest is unset, its
+ *  padding marks 0 (NZ_MEM_KV; old and new are held together while copying).
+ *  @return NZ_OK, NZ_E_RANGE, NZ_E_INVALID_ARG (a zero size) or NZ_E_NOMEM
+ *  (kv is then unchanged). */
+int nz_kv_resize(nz_kv *kv, size_t B, size_t cap, nz_error *err);
+
 /* ------------------------------------------------------------ attention */
 
 /** Multi-head attention weights. q/k/v: [H*dh x d_model], o: [d_model x H*dh]. */

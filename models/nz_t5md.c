@@ -522,7 +522,7 @@ void nz_t5md_rank(const nz_t5md_result *res, size_t n, nz_t5md_rank_key key, siz
 
 /* ------------------------------------------------------------------ generate */
 
-static int check_opts(const nz_t5md *t, const nz_t5md_opts *o, nz_error *err) {
+int t5md_check_opts(const nz_t5md *t, const nz_t5md_opts *o, nz_error *err) {
     if (o->strategy != NZ_T5MD_GREEDY && o->strategy != NZ_T5MD_BEAM && o->strategy != NZ_T5MD_SAMPLE)
         return nz_fail(err, NZ_E_INVALID_ARG, "unknown decoding strategy %d", (int)o->strategy);
     if (o->max_new_tokens < 0 || o->max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS)
@@ -577,7 +577,7 @@ int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *
         res[i].context = i / (D * R);
         res[i].beam_score = NAN;
     }
-    NZ_TRY(check_opts(t, o, err));
+    NZ_TRY(t5md_check_opts(t, o, err));
     decs = nz_malloc(D * sizeof *decs + 1, NZ_MEM_ACTIVATIONS);
     valid = nz_malloc(B * sizeof *valid + 1, NZ_MEM_ACTIVATIONS);
     vsrc = nz_malloc(B * sizeof *vsrc + 1, NZ_MEM_ACTIVATIONS);
@@ -622,7 +622,7 @@ uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const
         o = &def;
     }
     nz_error e;
-    if (check_opts(t, o, &e)) return 0; /* refused before any allocation */
+    if (t5md_check_opts(t, o, &e)) return 0; /* refused before any allocation */
     const double D = (double)n_decoders(t, o), dB = (double)B;
     const double base = 4 * D + 1 + 3 * (8 * dB + 1); /* decs, valid, vsrc, vlen */
     /* the contexts that can pass nz_t5md_check_source: the encoder's batch and width */

@@ -273,6 +273,59 @@ int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *
  *  allocation). @return bytes. */
 uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const nz_t5md_opts *o);
 
+/* ------------------------------------------------------- continuous batching */
+
+/** A continuously batched decoder (greedy and sampling): groups (one source
+ *  with its options each) join at step boundaries and leave when done or
+ *  removed, and one nz_t5md_cb_step runs one decoder step for every row of
+ *  every group, so each weight tile decoded serves all of them. A group's
+ *  results are token-for-token and bit-for-bit those nz_t5md_generate gives
+ *  for its source alone with its options (seed: o->seed), whatever joins or
+ *  leaves around it. Memory (NZ_MEM_KV / ACTIVATIONS) grows with the rows
+ *  and positions in use and stays until nz_t5md_cb_free. One thread at a
+ *  time. */
+typedef struct nz_t5md_cb nz_t5md_cb;
+
+/** @return NZ_OK and an empty batch over t (t must outlive it), or NZ_E_NOMEM. */
+int nz_t5md_cb_create(const nz_t5md *t, nz_t5md_cb **out, nz_error *err);
+
+/** Free a batch and every group in it. Accepts NULL. */
+void nz_t5md_cb_free(nz_t5md_cb *cb);
+
+/** Add a group: source src[len] (copied), decoded with o (greedy or
+ *  sampling; its decoders are copied; o->on_token is called for each token
+ *  with context 0; o->seeds and o->stop are not used). It joins at the next
+ *  nz_t5md_cb_step (its encoder runs then). owner identifies it in
+ *  nz_t5md_cb_take and nz_t5md_cb_remove.
+ *  @return NZ_OK; NZ_E_UNSUPPORTED (beam search); NZ_E_INVALID_ARG /
+ *  NZ_E_RANGE (options, source); NZ_E_NOMEM. */
+int nz_t5md_cb_add(nz_t5md_cb *cb, const int32_t *src, size_t len, const nz_t5md_opts *o, void *owner,
+                   nz_error *err);
+
+/** One step: the groups added since the last step are encoded together and
+ *  join; then one decoder step runs over every row (hooks called, rows that
+ *  made eos or reached max_new_tokens leave; a group whose rows all left is
+ *  done). A group is done at once with max_new_tokens 0.
+ *  @return NZ_OK, or an error of the step (NZ_E_CANCELLED from mc, a tile
+ *  error, out of memory): every group is then done, each result without
+ *  tokens carrying the error, and the batch is empty of rows. */
+int nz_t5md_cb_step(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err);
+
+/** Take the oldest done group: its nz_t5md_result_count(t, o, 1) results
+ *  (res[j] for requested decoder j, context 0; free with
+ *  nz_t5md_results_free) and its owner. @return 1, or 0 when none is done. */
+int nz_t5md_cb_take(nz_t5md_cb *cb, void **owner, nz_t5md_result *res);
+
+/** Remove owner's group now (cancelled): its rows leave, its results are
+ *  freed. An unknown owner is ignored. */
+void nz_t5md_cb_remove(nz_t5md_cb *cb, void *owner);
+
+/** @return decoder rows generating now. */
+size_t nz_t5md_cb_rows(const nz_t5md_cb *cb);
+
+/** @return groups in the batch (waiting to join, generating, or done and not taken). */
+size_t nz_t5md_cb_groups(const nz_t5md_cb *cb);
+
 typedef enum nz_t5md_rank_key {
     NZ_T5MD_RANK_MEAN_LOGPROB = 0, /* EqHard-EM's perplexity ranking (greedy / sampled outputs) */
     NZ_T5MD_RANK_BEAM_SCORE = 1    /* beam outputs: HF sequences_scores */

@@ -14,6 +14,7 @@ void t5md_run_free(t5md_run *r) {
     nz_free(r->self);
     nz_free(r->src);
     nz_free(r->dj);
+    nz_free(r->slot);
     nz_free(r->x);
     nz_free(r->h);
     nz_free(r->y);
@@ -121,14 +122,18 @@ static int run_unit(nz_matmul_ctx *mc, t5md_run *r, const t5_stack *st, const in
     nz_t5_position_bias(r->bias, st->rel, H, 1, pos + 1, (int64_t)pos, 0, 0, c->num_buckets, c->max_distance);
     for (size_t l = 0; l < r->L; l++) {
         const nz_block *b = &st->blk[l];
-        /* this unit's rows of the layer's cache */
+        /* the layer's cache as this unit sees it (its length advances for the whole step in run_step) */
         nz_kv view = r->self[l];
-        view.k += s * view.cap * view.D;
-        view.v += s * view.cap * view.D;
-        view.pad += s * view.cap;
-        view.B = n;
         nz_norm_fwd(&b->self_norm, x, n, h);
-        rc = nz_attn_self(mc, &b->self, h, n, 1, NULL, 1, &view, r->bias, y, err);
+        if (r->slot) {
+            rc = nz_attn_self_rows(mc, &b->self, h, n, &view, r->slot + s, r->bias, y, err);
+        } else { /* rows [s, e) of the cache */
+            view.k += s * view.cap * view.D;
+            view.v += s * view.cap * view.D;
+            view.pad += s * view.cap;
+            view.B = n;
+            rc = nz_attn_self(mc, &b->self, h, n, 1, NULL, 1, &view, r->bias, y, err);
+        }
         if (!rc) rc = apply_adapters(mc, r, l, 0, r->y, s, e, err);
         if (rc) return rc;
         nz_add(x, y, n * d);
@@ -245,25 +250,26 @@ typedef struct ar_ctx {
     float *lp;           /* [N] its log-prob */
 } ar_ctx;
 
-/* t5md_ref._autoregress: unk and repeated n-grams masked, the pick (first
- * argmax or nz_sample) on the masked logits, the log-prob from their log_softmax */
+void t5md_pick(const nz_t5md_opts *o, float *lg, size_t V, const int32_t *gen, size_t n_gen, nz_rng *rng,
+               void *work, int32_t *tok, float *lp) {
+    if (o->ban_unk) lg[NZ_T5MD_UNK] = -INFINITY;
+    if (o->no_repeat_ngram) t5md_ban_ngrams(lg, gen, n_gen, o->no_repeat_ngram);
+    size_t t;
+    if (o->strategy == NZ_T5MD_SAMPLE) {
+        nz_sampler sp = {o->temperature, o->top_k, o->top_p};
+        t = nz_sample(lg, V, &sp, rng, work);
+    } else {
+        t = nz_argmax(lg, V);
+    }
+    nz_log_softmax(lg, 1, V);
+    *tok = (int32_t)t;
+    *lp = lg[t];
+}
+
 static void ar_row(void *ctx, size_t i, float *lg) {
     ar_ctx *a = ctx;
-    if (a->o->ban_unk) lg[NZ_T5MD_UNK] = -INFINITY;
-    if (a->o->no_repeat_ngram) {
-        const size_t w = a->orig[i];
-        t5md_ban_ngrams(lg, a->otok + w * a->cap, a->cnt[w], a->o->no_repeat_ngram);
-    }
-    size_t tok;
-    if (a->o->strategy == NZ_T5MD_SAMPLE) {
-        nz_sampler s = {a->o->temperature, a->o->top_k, a->o->top_p};
-        tok = nz_sample(lg, a->V, &s, &a->rng[a->orig[i]], a->work);
-    } else {
-        tok = nz_argmax(lg, a->V);
-    }
-    nz_log_softmax(lg, 1, a->V);
-    a->next[i] = (int32_t)tok;
-    a->lp[i] = lg[tok];
+    const size_t w = a->orig[i];
+    t5md_pick(a->o, lg, a->V, a->otok + w * a->cap, a->cnt[w], &a->rng[w], a->work, &a->next[i], &a->lp[i]);
 }
 
 /* Greedy or sampling over nv valid sources (valid[b]: the caller's context

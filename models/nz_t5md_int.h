@@ -67,7 +67,8 @@ typedef struct t5md_run {
     nz_kv *self;      /* [L] self-attention caches of the rows */
     size_t N;         /* rows now */
     uint32_t *src;    /* [N] source (encoder row) of each row */
-    uint32_t *dj;     /* [N] requested-decoder index of each row */
+    uint32_t *dj;     /* [N] requested-decoder index of each row (rows of one index contiguous) */
+    uint32_t *slot;   /* [N] self-attention cache row of each row (nz_t5md_cb), or NULL: row i */
     float *x, *h, *y; /* [N0 x d] hidden states, normed input, sublayer output */
     float *bias;      /* [H x (cap + 1)] one step's self-attention position bias */
 } t5md_run;
@@ -112,7 +113,17 @@ static inline int32_t t5md_seq_at(const int32_t *gen, size_t i) { return i ? gen
 /** HF NoRepeatNGramLogitsProcessor on one row's scores lg[V] (see nz_t5md_dec.c). */
 void t5md_ban_ngrams(float *lg, const int32_t *gen, size_t n_gen, int ngram);
 
+/** t5md_ref._autoregress's choice for one row from its logits lg[V] (modified): unk and repeated n-grams
+ *  of its tokens gen[n_gen] masked (o->ban_unk, o->no_repeat_ngram), then the first argmax or nz_sample
+ *  with rng (o->strategy; work: nz_sample_work_bytes(V)); *lp from the log_softmax of the masked logits. */
+void t5md_pick(const nz_t5md_opts *o, float *lg, size_t V, const int32_t *gen, size_t n_gen, nz_rng *rng,
+               void *work, int32_t *tok, float *lp);
+
 /* ------------------------------------------------------------------ searches */
+
+/** Check the options of a generation (strategy, lengths, decoders, beam and sampling settings).
+ *  @return NZ_OK, or NZ_E_INVALID_ARG / NZ_E_RANGE naming the option. */
+int t5md_check_opts(const nz_t5md *t, const nz_t5md_opts *o, nz_error *err);
 
 /** Fill result r from n tokens / log-probs (copies them; sums in float64). @return NZ_OK or NZ_E_NOMEM. */
 int t5md_set_result(nz_t5md_result *r, const int32_t *tok, const float *lp, size_t n, int fin, nz_error *err);

@@ -19,7 +19,7 @@
  * measured vs estimated bytes, asserting only the upper bound (the demo
  * translator predicts much shorter lengths than the longest it could). */
 #include "test_model.h"
-#include "test_pb.h"
+#include "test_randmodel.h"
 
 #include "nz_alloc.h"
 #include "nz_cache.h"
@@ -35,75 +35,6 @@
 #define SLACK  (256.0 * 1024)
 
 static double g_lo = 1e9, g_hi = 0; /* ratio range seen (shapes above the slack) */
-
-/* ------------------------------------------------------------ model writing */
-
-typedef struct mw {
-    nz_writer *w;
-    uint64_t seed;
-    char path[64];
-} mw;
-
-static void mw_open(mw *m, uint64_t seed) {
-    snprintf(m->path, sizeof m->path, "/tmp/nz_test_mem_XXXXXX");
-    int fd = mkstemp(m->path);
-    assert_true(fd >= 0);
-    close(fd);
-    nz_error e = {0};
-    assert_int_equal(nz_writer_create(m->path, &m->w, &e), NZ_OK);
-    m->seed = seed;
-}
-
-static void mw_finish(mw *m, json_t *config) {
-    nz_error e = {0};
-    assert_int_equal(nz_writer_set_config(m->w, config, &e), NZ_OK);
-    json_decref(config);
-    if (nz_writer_finish(m->w, &e)) fail_msg("writing the model: %s", e.msg);
-}
-
-/* bf16 matrix [rows x cols] from data (NULL: scale x N(0, 1)), lossless, esc exponents */
-static void w_mat(mw *m, const char *name, uint64_t rows, uint64_t cols, double scale, const float *data) {
-    uint16_t *bf = xmalloc(rows * cols * sizeof *bf);
-    for (uint64_t i = 0; i < rows * cols; i++)
-        bf[i] = nz_f32_to_bf16(data ? data[i] : (float)(scale * tu_gauss(&m->seed)));
-    tm_add_tensor(m->w, name, "BF16", NZ_DT_BF16, "lossless", NZ_CODER_ESC, rows, cols, 16, 2, bf);
-    free(bf);
-}
-
-/* f32 vector [n] = base + noise x N(0, 1), raw */
-static void w_vec(mw *m, const char *name, uint64_t n, float base, float noise) {
-    float *v = xmalloc(n * sizeof *v);
-    for (uint64_t i = 0; i < n; i++) v[i] = base + (float)(noise * tu_gauss(&m->seed));
-    tm_add_tensor(m->w, name, "F32", NZ_DT_F32, "raw", NZ_CODER_NONE, 1, n, 8, 1, v);
-    free(v);
-}
-
-/* ---------------------------------------------- in-memory SentencePiece models (as tests/test_tok.c) */
-
-#define U2581 "\xe2\x96\x81"
-
-/* A unigram ModelProto: pieces (type 1 normal, 2 unknown, 3 control), trainer_spec ids unk/bos/eos/pad. */
-static void spm_model(pb *m, const char *const *piece, const int *type, int n, int unk, int bos, int eos,
-                      int pad) {
-    m->n = 0;
-    for (int i = 0; i < n; i++) {
-        pb sp = {.n = 0};
-        pb_bytes(&sp, 1, piece[i], strlen(piece[i]));
-        pb_float(&sp, 2, type[i] == 1 ? -1.0f - (float)i : 0.0f);
-        pb_int(&sp, 3, type[i]);
-        pb_bytes(m, 1, sp.b, sp.n);
-    }
-    pb ts = {.n = 0};
-    pb_int(&ts, 3, 1); /* UNIGRAM */
-    pb_int(&ts, 40, unk);
-    pb_int(&ts, 41, bos);
-    pb_int(&ts, 42, eos);
-    pb_int(&ts, 43, pad);
-    pb_bytes(m, 2, ts.b, ts.n);
-    pb ns = {.n = 0};
-    pb_bytes(&ns, 1, "identity", 8);
-    pb_bytes(m, 3, ns.b, ns.n);
-}
 
 /* ------------------------------------------------------------ engine context */
 
@@ -418,116 +349,6 @@ static void test_translate(void **state) {
 }
 
 /* ------------------------------------------------------------ dialogue models */
-
-typedef struct t5_spec {
-    const char *name;
-    const char *variant;
-    size_t K, d, dkv, H, F, enc, dec, V, r;
-    int gated, tied;
-} t5_spec;
-
-static const t5_spec T5_A = {
-    "A (adapter, K=3, relu, tied)", "adapter", 3, 64, 16, 4, 128, 2, 2, 2000, 32, 0, 1};
-static const t5_spec T5_B = {"B (transformer, K=2, gated-gelu, lm_head, inner 64 > d 48)",
-                             "transformer",
-                             2,
-                             48,
-                             16,
-                             4,
-                             96,
-                             1,
-                             2,
-                             1500,
-                             0,
-                             1,
-                             0};
-
-static void t5_block(mw *m, const t5_spec *s, const char *stack, size_t i, int dec) {
-    static const char *const qkvo[] = {"q", "k", "v", "o"};
-    const size_t I = s->H * s->dkv;
-    char n[200];
-    const char *att[2] = {"SelfAttention", "EncDecAttention"};
-    for (int a = 0; a <= dec; a++) {
-        for (int p = 0; p < 4; p++) {
-            snprintf(n, sizeof n, "%sblock.%zu.layer.%d.%s.%s.weight", stack, i, a, att[a], qkvo[p]);
-            w_mat(m, n, p < 3 ? I : s->d, p < 3 ? s->d : I, 0.1, NULL);
-        }
-        snprintf(n, sizeof n, "%sblock.%zu.layer.%d.layer_norm.weight", stack, i, a);
-        w_vec(m, n, s->d, 1, 0.05f);
-    }
-    if (i == 0) {
-        snprintf(n, sizeof n, "%sblock.0.layer.0.SelfAttention.relative_attention_bias.weight", stack);
-        float *rel = xmalloc(32 * s->H * sizeof *rel);
-        for (size_t j = 0; j < 32 * s->H; j++) rel[j] = (float)(0.1 * tu_gauss(&m->seed));
-        tm_add_tensor(m->w, n, "F32", NZ_DT_F32, "raw", NZ_CODER_NONE, 32, s->H, 8, 2, rel);
-        free(rel);
-    }
-    const int f = dec ? 2 : 1;
-    if (s->gated) {
-        snprintf(n, sizeof n, "%sblock.%zu.layer.%d.DenseReluDense.wi_0.weight", stack, i, f);
-        w_mat(m, n, s->F, s->d, 0.1, NULL);
-        snprintf(n, sizeof n, "%sblock.%zu.layer.%d.DenseReluDense.wi_1.weight", stack, i, f);
-        w_mat(m, n, s->F, s->d, 0.1, NULL);
-    } else {
-        snprintf(n, sizeof n, "%sblock.%zu.layer.%d.DenseReluDense.wi.weight", stack, i, f);
-        w_mat(m, n, s->F, s->d, 0.1, NULL);
-    }
-    snprintf(n, sizeof n, "%sblock.%zu.layer.%d.DenseReluDense.wo.weight", stack, i, f);
-    w_mat(m, n, s->d, s->F, 0.1, NULL);
-    snprintf(n, sizeof n, "%sblock.%zu.layer.%d.layer_norm.weight", stack, i, f);
-    w_vec(m, n, s->d, 1, 0.05f);
-    if (dec && !strcmp(s->variant, "adapter"))
-        for (int sub = 0; sub < 3; sub++)
-            for (size_t k = 0; k < s->K; k++) {
-                snprintf(n, sizeof n, "%sblock.%zu.layer.%d.adapters.%zu.o2i.weight", stack, i, sub, k);
-                w_mat(m, n, s->r, s->d, 0.1, NULL);
-                snprintf(n, sizeof n, "%sblock.%zu.layer.%d.adapters.%zu.o2i.bias", stack, i, sub, k);
-                w_vec(m, n, s->r, 0, 0.02f);
-                snprintf(n, sizeof n, "%sblock.%zu.layer.%d.adapters.%zu.i2o.weight", stack, i, sub, k);
-                w_mat(m, n, s->d, s->r, 0.1, NULL);
-                snprintf(n, sizeof n, "%sblock.%zu.layer.%d.adapters.%zu.i2o.bias", stack, i, sub, k);
-                w_vec(m, n, s->d, 0, 0.02f);
-            }
-}
-
-static void t5_write(const t5_spec *s, uint64_t seed, char *path, size_t path_len) {
-    mw m;
-    mw_open(&m, seed);
-    char n[128];
-    w_mat(&m, "shared.weight", s->V, s->d, 0.5, NULL);
-    for (size_t i = 0; i < s->enc; i++) t5_block(&m, s, "encoder.", i, 0);
-    w_vec(&m, "encoder.final_layer_norm.weight", s->d, 1, 0.05f);
-    if (!s->tied) w_mat(&m, "lm_head.weight", s->V, s->d, 0.1, NULL);
-    const int tr = !strcmp(s->variant, "transformer");
-    for (size_t k = 0; k < (tr ? s->K : 1); k++) {
-        char p[32];
-        snprintf(p, sizeof p, tr ? "decoders.%zu." : "decoder.", k);
-        if (tr) {
-            snprintf(n, sizeof n, "%sembed_tokens.weight", p);
-            w_mat(&m, n, s->V, s->d, 0.5, NULL);
-        }
-        for (size_t i = 0; i < s->dec; i++) t5_block(&m, s, p, i, 1);
-        snprintf(n, sizeof n, "%sfinal_layer_norm.weight", p);
-        w_vec(&m, n, s->d, 1, 0.05f);
-    }
-    static const char *const pieces[] = {"<pad>", "</s>", "<unk>", U2581 "ab", U2581, "a", "b", "c"};
-    static const int types[] = {3, 3, 2, 1, 1, 1, 1, 1};
-    pb sp;
-    spm_model(&sp, pieces, types, 8, 2, -1, 1, 0);
-    nz_error e = {0};
-    assert_int_equal(nz_writer_add_blob(m.w, "spm.model", sp.b, sp.n, &e), NZ_OK);
-    json_t *c = json_pack(
-        "{s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:s, s:b}", "architecture",
-        "t5_multidecoder", "model_type", "t5", "multidecoder", s->variant, "num_modes", (json_int_t)s->K,
-        "adapter_hidden_size", (json_int_t)(s->r ? s->r : 1), "vocab_size", (json_int_t)s->V, "d_model",
-        (json_int_t)s->d, "d_kv", (json_int_t)s->dkv, "d_ff", (json_int_t)s->F, "num_heads", (json_int_t)s->H,
-        "num_layers", (json_int_t)s->enc, "num_decoder_layers", (json_int_t)s->dec,
-        "relative_attention_num_buckets", (json_int_t)32, "relative_attention_max_distance", (json_int_t)128,
-        "feed_forward_proj", s->gated ? "gated-gelu" : "relu", "tie_word_embeddings", s->tied);
-    assert_non_null(c);
-    mw_finish(&m, c);
-    snprintf(path, path_len, "%s", m.path);
-}
 
 typedef struct dlg_case {
     int strategy; /* nz_t5md_strategy */
