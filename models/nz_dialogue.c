@@ -179,6 +179,34 @@ typedef struct dlg_stream {
     size_t cap, max; /* tokens an item can hold; max_new_tokens */
 } dlg_stream;
 
+/* Streaming state for B contexts of D requested decoders (slot: decoder_slots'). @return NZ_OK or
+ * NZ_E_NOMEM. */
+static int stream_init(dlg_stream *st, const nz_dialogue *d, const nz_dlg_opts *o, const int *slot, size_t B,
+                       size_t D, nz_error *err) {
+    st->d = d;
+    st->o = o;
+    st->slot = slot;
+    st->B = B;
+    st->D = D;
+    st->max = (size_t)o->gen.max_new_tokens;
+    st->cap = st->max + 1;
+    st->tok = nz_malloc(B * D * st->cap * sizeof *st->tok, NZ_MEM_OTHER);
+    st->n = nz_calloc(B * D, sizeof *st->n, NZ_MEM_OTHER);
+    st->shown = nz_calloc(B * D, sizeof *st->shown, NZ_MEM_OTHER);
+    st->broken = nz_calloc(B * D, sizeof *st->broken, NZ_MEM_OTHER);
+    if (!st->tok || !st->n || !st->shown || !st->broken)
+        return nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+    return NZ_OK;
+}
+
+static void stream_free(dlg_stream *st) {
+    nz_free(st->tok);
+    nz_free(st->n);
+    nz_free(st->shown);
+    nz_free(st->broken);
+    memset(st, 0, sizeof *st);
+}
+
 static int ends_with_replacement(const char *s, size_t n) {
     return n >= 3 && (unsigned char)s[n - 3] == 0xEF && (unsigned char)s[n - 2] == 0xBF &&
            (unsigned char)s[n - 1] == 0xBD;
@@ -330,21 +358,7 @@ int nz_dialogue_run_batch(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t
     gen.on_token = NULL;
     gen.token_arg = NULL;
     if (o->on_token) {
-        st.d = d;
-        st.o = o;
-        st.slot = slot;
-        st.B = B;
-        st.D = D;
-        st.max = (size_t)gen.max_new_tokens;
-        st.cap = st.max + 1;
-        st.tok = nz_malloc(B * D * st.cap * sizeof *st.tok, NZ_MEM_OTHER);
-        st.n = nz_calloc(B * D, sizeof *st.n, NZ_MEM_OTHER);
-        st.shown = nz_calloc(B * D, sizeof *st.shown, NZ_MEM_OTHER);
-        st.broken = nz_calloc(B * D, sizeof *st.broken, NZ_MEM_OTHER);
-        if (!st.tok || !st.n || !st.shown || !st.broken) {
-            rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
-            goto done;
-        }
+        if ((rc = stream_init(&st, d, o, slot, B, D, err))) goto done;
         gen.on_token = stream_token;
         gen.token_arg = &st;
     }
@@ -378,10 +392,7 @@ done:
     nz_free(order);
     nz_free(gres);
     nz_free(slot);
-    nz_free(st.tok);
-    nz_free(st.n);
-    nz_free(st.shown);
-    nz_free(st.broken);
+    stream_free(&st);
     return rc;
 }
 
@@ -443,4 +454,165 @@ int nz_dialogue_run(nz_matmul_ctx *mc, const nz_dialogue *d, const char *const *
     if (!rc) rc = nz_dialogue_run_ids(mc, d, ids, n, o, res, err);
     nz_free(ids);
     return rc;
+}
+
+/* ------------------------------------------------------------------ continuous batching */
+
+/* One request of a nz_dlg_batch. */
+typedef struct dlg_member {
+    void *owner;
+    nz_dlg_opts o; /* its options, o.gen.decoders = decs */
+    int *decs;     /* [D] */
+    int *slot;     /* [K] decoder k -> its j, -1 */
+    size_t D;      /* requested decoders */
+    size_t input_tokens;
+    dlg_stream st; /* with o.on_token: its tokens' text */
+    struct dlg_member *next;
+} dlg_member;
+
+struct nz_dlg_batch {
+    const nz_dialogue *d;
+    nz_t5md_cb *cb;
+    dlg_member *members; /* newest first */
+    size_t n;
+};
+
+int nz_dlg_batch_joins(const nz_dlg_opts *o) {
+    return o->gen.strategy == NZ_T5MD_GREEDY || o->gen.strategy == NZ_T5MD_SAMPLE;
+}
+
+int nz_dlg_batch_create(const nz_dialogue *d, nz_dlg_batch **out, nz_error *err) {
+    *out = NULL;
+    nz_dlg_batch *b = nz_calloc(1, sizeof *b, NZ_MEM_OTHER);
+    if (!b) return nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+    b->d = d;
+    int rc = nz_t5md_cb_create(d->t5md, &b->cb, err);
+    if (rc) {
+        nz_free(b);
+        return rc;
+    }
+    *out = b;
+    return NZ_OK;
+}
+
+static void member_free(dlg_member *m) {
+    if (!m) return;
+    stream_free(&m->st);
+    nz_free(m->decs);
+    nz_free(m->slot);
+    nz_free(m);
+}
+
+void nz_dlg_batch_free(nz_dlg_batch *b) {
+    if (!b) return;
+    nz_t5md_cb_free(b->cb);
+    for (dlg_member *m = b->members, *nx; m; m = nx) {
+        nx = m->next;
+        member_free(m);
+    }
+    nz_free(b);
+}
+
+size_t nz_dlg_batch_size(const nz_dlg_batch *b) { return b->n; }
+
+int nz_dlg_batch_add(nz_dlg_batch *b, const int32_t *ids, size_t n_ids, const nz_dlg_opts *o, void *owner,
+                     nz_error *err) {
+    const size_t K = nz_t5md_get_config(b->d->t5md)->num_modes;
+    if (!nz_dlg_batch_joins(o))
+        return nz_fail(err, NZ_E_UNSUPPORTED, "dialogue: only greedy and sampling are continuously batched");
+    dlg_member *m = nz_calloc(1, sizeof *m, NZ_MEM_OTHER);
+    int rc = m && (m->slot = nz_malloc(K * sizeof *m->slot, NZ_MEM_OTHER))
+                 ? decoder_slots(b->d, o, m->slot, &m->D, err)
+                 : nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+    if (!rc && !(m->decs = nz_malloc(m->D * sizeof *m->decs, NZ_MEM_OTHER)))
+        rc = nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
+    if (rc) {
+        member_free(m);
+        return rc;
+    }
+    m->owner = owner;
+    m->o = *o;
+    m->input_tokens = n_ids;
+    for (size_t k = 0; k < K; k++)
+        if (m->slot[k] >= 0) m->decs[m->slot[k]] = (int)k;
+    m->o.gen.decoders = m->decs;
+    m->o.gen.n_decoders = m->D;
+    nz_t5md_opts gen = m->o.gen;
+    gen.num_return = 1;
+    gen.seeds = NULL;
+    gen.stop = NULL;
+    gen.on_token = NULL;
+    gen.token_arg = NULL;
+    if (o->on_token) {
+        rc = stream_init(&m->st, b->d, &m->o, m->slot, 1, m->D, err);
+        gen.on_token = stream_token;
+        gen.token_arg = &m->st;
+    }
+    if (!rc) rc = nz_t5md_cb_add(b->cb, ids, n_ids, &gen, m, err);
+    if (rc) {
+        nz_fail_prefix(err, "dialogue: ");
+        member_free(m);
+        return rc;
+    }
+    m->next = b->members;
+    b->members = m;
+    b->n++;
+    return NZ_OK;
+}
+
+int nz_dlg_batch_step(nz_matmul_ctx *mc, nz_dlg_batch *b, nz_error *err) {
+    return nz_t5md_cb_step(mc, b->cb, err);
+}
+
+/* Unlink m from b's members. */
+static void unlink_member(nz_dlg_batch *b, dlg_member *m) {
+    for (dlg_member **p = &b->members; *p; p = &(*p)->next)
+        if (*p == m) {
+            *p = m->next;
+            b->n--;
+            return;
+        }
+}
+
+int nz_dlg_batch_take(nz_dlg_batch *b, void **owner, nz_dlg_result *res) {
+    memset(res, 0, sizeof *res);
+    void *mp = NULL;
+    nz_t5md_result *g = NULL;
+    size_t D = 0;
+    for (dlg_member *m = b->members; m; m = m->next) D = m->D > D ? m->D : D;
+    if (!D || !(g = nz_calloc(D, sizeof *g, NZ_MEM_OTHER))) return 0;
+    if (!nz_t5md_cb_take(b->cb, &mp, g)) {
+        nz_free(g);
+        return 0;
+    }
+    dlg_member *m = mp;
+    *owner = m->owner;
+    res->input_tokens = m->input_tokens;
+    size_t *order = nz_calloc(m->D, sizeof *order, NZ_MEM_OTHER);
+    char **norm = nz_calloc(m->D, sizeof *norm, NZ_MEM_OTHER);
+    nz_error e = {0};
+    int rc = order && norm ? finish_context(b->d, &m->o, g, m->D, order, norm, res, &e)
+                           : nz_fail(&e, NZ_E_NOMEM, "dialogue: out of memory");
+    if (rc) {
+        nz_dlg_result_free(res);
+        res->rc = rc;
+        res->err = e;
+    }
+    nz_t5md_results_free(g, m->D);
+    nz_free(g);
+    nz_free(order);
+    nz_free(norm);
+    unlink_member(b, m);
+    member_free(m);
+    return 1;
+}
+
+void nz_dlg_batch_remove(nz_dlg_batch *b, void *owner) {
+    for (dlg_member *m = b->members; m; m = m->next)
+        if (m->owner == owner) {
+            nz_t5md_cb_remove(b->cb, m);
+            unlink_member(b, m);
+            member_free(m);
+            return;
+        }
 }

@@ -244,6 +244,49 @@ uint64_t nz_dialogue_peak_bytes(const nz_dialogue *d, size_t n_ids, const nz_dlg
 uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids, size_t B,
                                       const nz_dlg_opts *o);
 
+/* ------------------------------------------------------- continuous batching */
+
+/** Requests decoded together as they come and go (nz_t5md_cb underneath):
+ *  each joins at a step boundary with its own options and leaves when its
+ *  every decoder is done; its responses (ranking, text, distinct filter,
+ *  streamed text) are those nz_dialogue_run_ids gives it alone. One thread
+ *  at a time. */
+typedef struct nz_dlg_batch nz_dlg_batch;
+
+/** @return whether o can join a nz_dlg_batch (greedy or sampling). */
+int nz_dlg_batch_joins(const nz_dlg_opts *o);
+
+/** @return NZ_OK and an empty batch over d (d must outlive it), or NZ_E_NOMEM. */
+int nz_dlg_batch_create(const nz_dialogue *d, nz_dlg_batch **out, nz_error *err);
+
+/** Free a batch and every request in it. Accepts NULL. */
+void nz_dlg_batch_free(nz_dlg_batch *b);
+
+/** Add a request: context ids[n_ids] (copied), options o (greedy or
+ *  sampling, seed o->gen.seed; o->on_token is called with context 0 and
+ *  o->token_arg; o->gen.seeds and o->gen.stop are not used). It joins at the
+ *  next nz_dlg_batch_step.
+ *  @return NZ_OK; NZ_E_UNSUPPORTED (beam); NZ_E_INVALID_ARG / NZ_E_RANGE
+ *  (options, an id outside the vocabulary); NZ_E_NOMEM. */
+int nz_dlg_batch_add(nz_dlg_batch *b, const int32_t *ids, size_t n_ids, const nz_dlg_opts *o, void *owner,
+                     nz_error *err);
+
+/** One decoder step of every request (the new ones encoded first); see
+ *  nz_t5md_cb_step. @return NZ_OK, or the step's error: every request is
+ *  then done with it (nz_dlg_batch_take gives each its error). */
+int nz_dlg_batch_step(nz_matmul_ctx *mc, nz_dlg_batch *b, nz_error *err);
+
+/** Take the oldest finished request: its owner and its ranked responses
+ *  (res->rc set when it failed; free with nz_dlg_result_free).
+ *  @return 1, or 0 when none is finished. */
+int nz_dlg_batch_take(nz_dlg_batch *b, void **owner, nz_dlg_result *res);
+
+/** Remove owner's request now (cancelled). An unknown owner is ignored. */
+void nz_dlg_batch_remove(nz_dlg_batch *b, void *owner);
+
+/** @return requests in the batch (not yet taken). */
+size_t nz_dlg_batch_size(const nz_dlg_batch *b);
+
 #ifdef __cplusplus
 }
 #endif

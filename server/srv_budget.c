@@ -101,6 +101,15 @@ int srv_budget_reserve(srv_budget *b, uint64_t n, int (*stop)(void *arg), void *
     return rc;
 }
 
+int srv_budget_try_reserve(srv_budget *b, uint64_t n) {
+    pthread_mutex_lock(&b->mu);
+    const int ok = !b->head && b->reserved + n <= b->total;
+    if (ok) b->reserved += n;
+    if (b->reserved > b->peak) b->peak = b->reserved;
+    pthread_mutex_unlock(&b->mu);
+    return ok ? 0 : -1;
+}
+
 void srv_budget_release(srv_budget *b, uint64_t n) {
     pthread_mutex_lock(&b->mu);
     b->reserved = n < b->reserved ? b->reserved - n : 0;

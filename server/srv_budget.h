@@ -37,6 +37,10 @@ void srv_budget_set_total(srv_budget *b, uint64_t total);
  *          (nothing is then reserved). */
 int srv_budget_reserve(srv_budget *b, uint64_t n, int (*stop)(void *arg), void *arg);
 
+/** Reserve n bytes only if that needs no wait (nobody waits and they fit).
+ *  @return 0 when reserved, -1 when not (nothing is then reserved). */
+int srv_budget_try_reserve(srv_budget *b, uint64_t n);
+
 /** Return n bytes reserved before. */
 void srv_budget_release(srv_budget *b, uint64_t n);
 

@@ -81,6 +81,7 @@ static const setting SETTINGS[] = {
     S_BOOL(metrics),
     S_BOOL(ui),
     S_BOOL(verify_on_load),
+    S_BOOL(batching),
 };
 #define N_SETTINGS (sizeof SETTINGS / sizeof SETTINGS[0])
 
@@ -804,6 +805,7 @@ int srv_config_init(srv_config *c) {
     c->metrics = 1;
     c->ui = 1;
     c->verify_on_load = 1;
+    c->batching = 1;
     return c->host && c->api_key_file ? 0 : -1;
 }
 

@@ -68,6 +68,7 @@ typedef struct srv_config {
     int ui;             /* 0 or 1: the web playground at GET / */
     int verify_on_load; /* 0 or 1: every tile's checksum checked while loading (a damaged model is not ready)
                          */
+    int batching;       /* 0 or 1: requests decoded together (dialogue greedy / sampling continuously) */
     char *config_path;  /* the file that was read, or NULL */
     int health_check;   /* 1: --health-check was given (probe a running server; no model is required) */
 } srv_config;

@@ -9,12 +9,16 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Whether queued b can be generated in one batch with a: same model, the same decoding options (every
- * option that shapes generation, the decoders included; the seed may differ, and streamed and plain
- * requests mix). */
+/* Whether queued b can be decoded together with a: same model, and either both greedy or sampling
+ * (continuously batched, each with its own options) or the same decoding options (beam search: every
+ * option that shapes generation, the decoders included; streamed and plain requests mix). Never with
+ * the config's batching off. */
 static int batchable(const srv_req *a, const srv_req *b) {
-    return a->route == SRV_ROUTE_DIALOGUE && b->route == SRV_ROUTE_DIALOGUE && a->model == b->model &&
-           nz_dlg_opts_same(&a->dopts, &b->dopts);
+    if (!a->s->cfg->batching || a->route != SRV_ROUTE_DIALOGUE || b->route != SRV_ROUTE_DIALOGUE ||
+        a->model != b->model)
+        return 0;
+    const int ja = nz_dlg_batch_joins(&a->dopts), jb = nz_dlg_batch_joins(&b->dopts);
+    return ja || jb ? ja && jb : nz_dlg_opts_same(&a->dopts, &b->dopts);
 }
 
 /* The units of r counted against max_texts when batching: its decoder rows (requested decoders x beam
@@ -31,14 +35,8 @@ typedef struct dlg_chunk {
     size_t member[SRV_BATCH_MAX]; /* context c is b->m[member[c]] (NULL once released early) */
 } dlg_chunk;
 
-/* The streaming hook of a dialogue batch: one "token" event per generated token, on the event stream of
- * the context's request (nothing for a plain request or one released early). */
-static void dialogue_token(void *arg, size_t context, int decoder, size_t pos, int32_t token, float logprob,
-                           const char *text, size_t text_len) {
-    dlg_chunk *c = arg;
-    srv_req *r = c->b->m[c->member[context]];
-    (void)pos;
-    (void)logprob;
+/* One "token" event on r's event stream (nothing for a plain request). */
+static void push_token(srv_req *r, int decoder, int32_t token, const char *text, size_t text_len) {
     if (!r || !r->sse) return;
     json_t *j = json_pack("{s:i, s:i, s:o}", "decoder", decoder, "token", (int)token, "text",
                           srv_json_text(text, text_len));
@@ -46,6 +44,25 @@ static void dialogue_token(void *arg, size_t context, int decoder, size_t pos, i
     json_decref(j);
     if (d) srv_sse_push(r, "token", d, strlen(d));
     nz_free(d); /* jansson allocates through nz_alloc */
+}
+
+/* The streaming hook of a dialogue batch: the event goes to the stream of the context's request (none
+ * once released early). */
+static void dialogue_token(void *arg, size_t context, int decoder, size_t pos, int32_t token, float logprob,
+                           const char *text, size_t text_len) {
+    dlg_chunk *c = arg;
+    (void)pos;
+    (void)logprob;
+    push_token(c->b->m[c->member[context]], decoder, token, text, text_len);
+}
+
+/* The streaming hook of a request in a continuous batch (arg: the request). */
+static void request_token(void *arg, size_t context, int decoder, size_t pos, int32_t token, float logprob,
+                          const char *text, size_t text_len) {
+    (void)context;
+    (void)pos;
+    (void)logprob;
+    push_token(arg, decoder, token, text, text_len);
 }
 
 /* Build r's 200 response from its ranked responses. */
@@ -151,15 +168,127 @@ static int run_dialogue_chunk(srv_worker *w, srv_batch *b, const nz_dlg_opts *o,
     return 0;
 }
 
-/* Run the live members of b (same model and decoding options) as one generation, in chunks that fit the
- * request memory pool, and decide each one's response; members released early are answered at once and
- * their results ignored. */
+/* ------------------------------------------------------------------ continuous batching */
+
+/* A continuous batch: member i of b is in db once its memory is reserved (reserved[i] bytes). */
+typedef struct dlg_cont {
+    srv_worker *w;
+    srv_batch *b;
+    nz_dlg_batch *db;
+    uint64_t reserved[SRV_BATCH_MAX];
+    int in[SRV_BATCH_MAX];
+} dlg_cont;
+
+/* Member i leaves db (if in it) and gives its memory back. */
+static void cont_leave(dlg_cont *c, size_t i) {
+    if (!c->in[i]) return;
+    nz_dlg_batch_remove(c->db, c->b->m[i]);
+    srv_budget_release(c->w->s->budget, c->reserved[i]);
+    c->in[i] = 0;
+}
+
+/* Member i joins db when its memory estimate can be reserved: at once, or (db empty: nothing else would
+ * free memory for it here) waiting in line; a member that cannot join yet tries again next step. */
+static void cont_admit(dlg_cont *c, size_t i) {
+    srv_server *s = c->w->s;
+    srv_req *r = c->b->m[i];
+    const uint64_t est = nz_dialogue_peak_bytes(r->model->dlg, r->n_ids[0], &r->dopts);
+    if (srv_budget_try_reserve(s->budget, est)) {
+        if (nz_dlg_batch_size(c->db)) return;
+        if (srv_budget_reserve(s->budget, est, srv_req_stop_hook, r)) {
+            srv_release_member(c->b, i);
+            return;
+        }
+    }
+    nz_dlg_opts o = r->dopts;
+    o.gen.seed = (uint64_t)r->dr.seed;
+    o.on_token = r->sse ? request_token : NULL;
+    o.token_arg = r;
+    nz_error e = {0};
+    if (nz_dlg_batch_add(c->db, r->ids[0], r->n_ids[0], &o, r, &e)) {
+        srv_budget_release(s->budget, est);
+        respond_outcome(r, e.code ? e.code : NZ_E_INVALID_ARG, &e, 500, NULL);
+        srv_complete_member(c->b, i);
+        return;
+    }
+    c->reserved[i] = est;
+    c->in[i] = 1;
+}
+
+/* Decide the responses of the members db finished and hand them back. */
+static void cont_finish(dlg_cont *c) {
+    void *owner;
+    nz_dlg_result res;
+    while (nz_dlg_batch_take(c->db, &owner, &res)) {
+        size_t i = 0;
+        while (c->b->m[i] != owner) i++;
+        srv_req *r = owner;
+        r->batch_texts = nz_dlg_batch_size(c->db) + 1;
+        respond_outcome(r, res.rc, &res.err, job_error(res.rc) ? srv_job_failed(r->model, &res.err) : 500,
+                        &res);
+        nz_dlg_result_free(&res);
+        srv_budget_release(c->w->s->budget, c->reserved[i]);
+        c->in[i] = 0;
+        srv_complete_member(c->b, i);
+    }
+}
+
+/* Run b's members (greedy or sampling, same model) as one continuous batch: each decoder step serves
+ * every member; queued requests that can join do so between steps, finished ones are answered at once,
+ * stopped ones (deadline, client gone, shutdown) leave at once. */
+static void run_continuous(srv_worker *w, srv_batch *b) {
+    srv_server *s = w->s;
+    dlg_cont c = {w, b, NULL, {0}, {0}};
+    const srv_req *lead = NULL;
+    for (size_t i = 0; !lead; i++) lead = b->m[i];
+    srv_req any; /* stands for the batch when no member is left: a greedy request of the model */
+    memset(&any, 0, sizeof any);
+    any.s = s;
+    any.route = SRV_ROUTE_DIALOGUE;
+    any.model = lead->model;
+    any.dopts.gen.strategy = NZ_T5MD_GREEDY;
+    nz_error e = {0};
+    if (nz_dlg_batch_create(lead->model->dlg, &c.db, &e)) {
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i]) srv_respond_fail(b->m[i], 500, "dialogue failed: %s", e.msg);
+        return;
+    }
+    for (;;) {
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i] && srv_req_should_stop(b->m[i])) {
+                cont_leave(&c, i);
+                srv_release_member(b, i);
+            }
+        for (int t = 0; t < s->debug_step_delay_ms; t += 5) srv_sleep_ms(5);
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i] && !c.in[i]) cont_admit(&c, i);
+        if (nz_dlg_batch_size(c.db)) {
+            nz_dlg_batch_step(w->mc, c.db, &e); /* a failed step fails every member: taken below */
+            cont_finish(&c);
+        }
+        lead = NULL;
+        for (size_t i = 0; i < b->n && !lead; i++) lead = b->m[i];
+        size_t added[SRV_BATCH_MAX];
+        if (!srv_batch_join(w, b, lead ? lead : &any, added) && !lead) break;
+    }
+    nz_dlg_batch_free(c.db);
+}
+
+/* ------------------------------------------------------------------ the handler */
+
+/* Run the live members of b (same model; greedy or sampling: continuously, else with the same decoding
+ * options as one generation, in chunks that fit the request memory pool) and decide each one's response;
+ * members released early are answered at once and their results ignored. */
 static void run_dialogue(srv_worker *w, srv_batch *b) {
     for (size_t i = 0; i < b->n; i++)
         if (b->m[i] && srv_req_should_stop(b->m[i])) srv_release_member(b, i);
     if (!b->live) return;
     const srv_req *r0 = NULL;
     for (size_t i = 0; !r0; i++) r0 = b->m[i];
+    if (w->s->cfg->batching && nz_dlg_batch_joins(&r0->dopts)) {
+        run_continuous(w, b);
+        return;
+    }
     /* the shared options, with their decoders copied: r0 may be released (and freed) while they are used */
     int decoders[SRV_MAX_DECODERS];
     nz_dlg_opts o = r0->dopts;

@@ -268,6 +268,15 @@ int srv_refuse_oversized(srv_server *s, srv_req *r, uint64_t est, size_t i);
 /* Answer member i of b with its cancellation and hand it back now; the batch goes on without it. */
 void srv_release_member(srv_batch *b, size_t i);
 
+/* Hand member i of b back now with the response decided for it; the batch goes on without it. */
+void srv_complete_member(srv_batch *b, size_t i);
+
+/* Continuous batching: move the queued requests that can join lead's batch (the handler's batchable),
+ * from the head of the queue up to the first that cannot (first come, first served: a request of
+ * another kind is not overtaken), into free member slots of b. added receives
+ * their slots. @return how many joined. */
+size_t srv_batch_join(srv_worker *w, srv_batch *b, const srv_req *lead, size_t *added);
+
 /* Whether a running request should stop: cancelled, past its deadline, or its client left
  * (sets r->cancel to the reason). */
 int srv_req_should_stop(srv_req *r);

@@ -109,6 +109,38 @@ void srv_release_member(srv_batch *b, size_t i) {
     srv_finish(r);
 }
 
+void srv_complete_member(srv_batch *b, size_t i) {
+    srv_req *r = b->m[i];
+    stop_running(b->s, r);
+    b->m[i] = NULL;
+    b->live--;
+    srv_finish(r);
+}
+
+size_t srv_batch_join(srv_worker *w, srv_batch *b, const srv_req *lead, size_t *added) {
+    srv_server *s = w->s;
+    const srv_handler *h = srv_handler_for(lead->route);
+    size_t n = 0, slot = 0;
+    pthread_mutex_lock(&s->mu);
+    for (srv_req *r = s->qhead, *nx; r && !s->stop_workers; r = nx) {
+        nx = r->next;
+        if (r->route != lead->route || !h->batchable(lead, r)) break; /* first come, first served */
+        while (slot < SRV_BATCH_MAX && slot < b->n && b->m[slot]) slot++;
+        if (slot == SRV_BATCH_MAX) break;
+        r->worker = w;
+        start_running(s, r);
+        r->t_start = nz_now_s();
+        srv_metrics_queue_wait(s->metrics, r->t_start - r->t0);
+        b->m[slot] = r;
+        if (slot == b->n) b->n++;
+        b->live++;
+        added[n++] = slot;
+    }
+    if (n) nz_matmul_ctx_cancel(w->mc, 0); /* live members again: re-armed (the reaper cancels under s->mu) */
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
 void *srv_worker_main(void *arg) {
     srv_worker *w = arg;
     srv_server *s = w->s;

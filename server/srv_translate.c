@@ -10,8 +10,8 @@
 
 /* Whether b can be decoded in one batch with a (same model and options). */
 static int batchable(const srv_req *a, const srv_req *b) {
-    return a->route == SRV_ROUTE_TRANSLATE && b->route == SRV_ROUTE_TRANSLATE && a->model == b->model &&
-           nz_tr_opts_same(&a->topts, &b->topts);
+    return a->s->cfg->batching && a->route == SRV_ROUTE_TRANSLATE && b->route == SRV_ROUTE_TRANSLATE &&
+           a->model == b->model && nz_tr_opts_same(&a->topts, &b->topts);
 }
 
 /* Build r's 200 response from its results res[0..r->tr.n), or its error response. */

@@ -26,6 +26,14 @@ static void test_grant_and_refuse(void **state) {
     srv_budget_release(b, 40);
     srv_budget_get_stats(b, &st);
     assert_int_equal(st.reserved, 0);
+    /* try: granted only without waiting */
+    assert_int_equal(srv_budget_try_reserve(b, 70), 0);
+    assert_int_equal(srv_budget_try_reserve(b, 31), -1);
+    assert_int_equal(srv_budget_try_reserve(b, 30), 0);
+    srv_budget_get_stats(b, &st);
+    assert_int_equal(st.reserved, 100);
+    assert_int_equal(st.waits, 0);
+    srv_budget_release(b, 100);
     srv_budget_free(b);
     srv_budget_free(NULL);
 }

@@ -741,10 +741,11 @@ def streamed_done(r):
 
 
 class TestBatching:
-    """Queued requests with the same model and decoding options are generated together (one decoder pass per
-    step for all their rows): the access log's batch_texts counts the contexts, and every response (tokens,
-    texts, scores, usage; a stream's events) is the one the same request gets alone. One worker and a step
-    delay make requests queue behind a busy one (other options: a batch of its own)."""
+    """Greedy and sampled requests of a model are batched continuously: a request joins the running batch at
+    the next decoder step (each step's weight decode serves every member's rows) and leaves when its
+    decoders are done, each with its own options; beam-search requests with the same options queued
+    together are generated together. Either way every response (tokens, texts, scores, usage; a stream's
+    events) is the one the same request gets alone. One worker and a step delay make a batch run long."""
 
     @pytest.fixture(scope="class")
     def srv(self, dmodel):
@@ -757,22 +758,23 @@ class TestBatching:
     def dialogue_lines(srv):
         return [l for l in access_log(srv.log()) if l["path"] == "/v1/dialogue"]
 
-    def batched(self, srv, calls, started=None):
-        """Send calls (functions sending one request each) concurrently while the worker is busy, so they
-        queue and are taken together; started(): run once they are queued. @return their results and the
-        access-log lines of the busy request and theirs."""
-        n0 = len(self.dialogue_lines(srv))
+    def batched(self, srv, calls, joins=True):
+        """Send calls (functions sending one request each) concurrently while a slow greedy request runs:
+        with joins they join its batch (the access log's batch_texts, requests in the batch when one ends,
+        shows it), else they queue behind it and are taken together. @return their results."""
         busy = background(srv.dialogue, slow(60))  # ~1.5 s
         srv.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
         ths = [background(c) for c in calls]
-        srv.wait_metric("nzserve_queue_depth", lambda v: v == len(calls))
-        assert srv.metric("nzserve_requests_in_flight") == 1  # they queued behind the busy request
-        if started:
-            started()
+        if not joins:
+            srv.wait_metric("nzserve_queue_depth", lambda v: v == len(calls))
+            assert srv.metric("nzserve_requests_in_flight") == 1  # they queued behind the busy request
         out = [joined(*t) for t in ths]
         assert joined(*busy).status == 200
-        n = n0 + len(calls) + 1
-        return out, srv.wait_access(lambda ls: len([l for l in ls if l["path"] == "/v1/dialogue"]) >= n)
+        return out
+
+    def lines_after(self, srv, n0, n):
+        return srv.wait_access(lambda ls: len([l for l in ls if l["path"] == "/v1/dialogue"]) >= n0 + n) and \
+            self.dialogue_lines(srv)[n0:]
 
     @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
     def test_same_as_alone(self, srv, strategy):
@@ -781,13 +783,21 @@ class TestBatching:
         if strategy == "beam":
             base["beam_size"] = 3
         bodies = [dict(base, context=c) for c in CONTEXTS[:4]]
-        if strategy == "sample":  # a seed each; the same context with two seeds gives two answers
+        if strategy == "sample":  # a seed and a temperature each; the same context with two seeds differs
             bodies[2]["context"] = bodies[1]["context"]
             for i, b in enumerate(bodies):
                 b["seed"] = 1 + i
-        got, _ = self.batched(srv, [lambda b=b: srv.dialogue(b) for b in bodies])
-        lines = self.dialogue_lines(srv)[n0:]
-        assert sorted(int(l["batch_texts"]) for l in lines) == [1] + [len(bodies)] * len(bodies), lines
+                b["temperature"] = 0.7 + 0.1 * i
+        if strategy == "greedy":  # options differ from member to member
+            bodies[1]["no_repeat_ngram_size"] = 2
+            bodies[2]["decoders"] = [1, 0]
+            bodies[3]["max_new_tokens"] = MNT - 3
+        got = self.batched(srv, [lambda b=b: srv.dialogue(b) for b in bodies], joins=strategy != "beam")
+        lines = self.lines_after(srv, n0, len(bodies) + 1)
+        if strategy == "beam":
+            assert sorted(int(l["batch_texts"]) for l in lines) == [1] + [len(bodies)] * len(bodies), lines
+        else:  # each shared its batch with the busy request at least
+            assert sum(int(l["batch_texts"]) >= 2 for l in lines) >= len(bodies), lines
         for b, r in zip(bodies, got):
             assert r.status == 200, r
             alone = srv.dialogue(b)
@@ -799,15 +809,34 @@ class TestBatching:
             a, c = (got[i].json()["responses"] for i in (1, 2))
             assert {x["decoder"]: x["tokens"] for x in a} != {x["decoder"]: x["tokens"] for x in c}
 
+    def test_joins_a_running_batch(self, srv):
+        """A short request sent while a long one runs joins it at once and is answered long before the
+        long one ends (no waiting for the batch to finish): continuous batching."""
+        busy = background(srv.dialogue, slow(60))  # ~1.5 s of 25 ms steps
+        srv.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        t0 = time.monotonic()
+        r = srv.dialogue({"context": CONTEXTS[0], "max_new_tokens": 4})
+        dt = time.monotonic() - t0
+        assert r.status == 200, r
+        assert busy[0].is_alive(), "the long request ended first"
+        assert r.json()["timing_ms"]["queue"] < 100 and dt < 1.0, (r.json()["timing_ms"], dt)
+        assert joined(*busy).status == 200
+
+    def test_beam_waits_for_its_own_batch(self, srv):
+        """A beam request does not join a greedy batch: it queues and runs after it, as alone."""
+        body = {"context": CONTEXTS[1], "strategy": "beam", "beam_size": 2, "max_new_tokens": 5}
+        got = self.batched(srv, [lambda: srv.dialogue(body)], joins=False)
+        assert got[0].status == 200 and got[0].json()["responses"] == srv.dialogue(body).json()["responses"]
+
     def test_stream_and_plain_share_a_batch(self, srv):
         n0 = len(self.dialogue_lines(srv))
         bodies = [{"context": c, "max_new_tokens": MNT, "return_tokens": True} for c in CONTEXTS[:4]]
         calls = [(lambda b=b: srv.stream(dict(b, stream=True))) if i % 2 else (lambda b=b: srv.dialogue(b))
                  for i, b in enumerate(bodies)]
-        got, _ = self.batched(srv, calls)
-        lines = self.dialogue_lines(srv)[n0:]
-        assert sorted(int(l["batch_texts"]) for l in lines) == [1, 4, 4, 4, 4], lines
-        assert sorted(l["stream"] for l in lines if l["batch_texts"] == "4") == ["0", "0", "1", "1"], lines
+        got = self.batched(srv, calls)
+        lines = self.lines_after(srv, n0, 5)
+        assert sorted(l["stream"] for l in lines) == ["0", "0", "0", "1", "1"], lines
+        assert sum(int(l["batch_texts"]) >= 2 for l in lines) >= len(bodies), lines
         for i, (b, r) in enumerate(zip(bodies, got)):
             j = streamed_done(r) if i % 2 else r.json()
             alone = srv.dialogue(b).json()
@@ -822,19 +851,17 @@ class TestBatching:
                   for c in (SLOW_CONTEXT, CONTEXTS[1], CONTEXTS[3])]
         busy = background(srv.dialogue, slow(60))
         srv.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
-        sock, rd = open_stream(srv.port, bodies[0])  # the head comes at once, while it waits
+        sock, rd = open_stream(srv.port, bodies[0])
         ths = [background(srv.dialogue, b) for b in bodies[1:]]
-        srv.wait_metric("nzserve_queue_depth", lambda v: v == 3)
-        got = rd.read_until(lambda x: x.count(b"event: token") >= 3)  # its batch runs
+        srv.wait_metric("nzserve_requests_in_flight", lambda v: v >= 2)  # the stream joined the batch
+        got = rd.read_until(lambda x: x.count(b"event: token") >= 3)  # its rows run
         assert b"event: done" not in got
         sock.close()
         srv.wait_metric("nzserve_requests_total", lambda v: v == c499 + 1, route="/v1/dialogue", status="499")
         out = [joined(*t) for t in ths]
         assert joined(*busy).status == 200
-        srv.wait_access(lambda ls: len([l for l in ls if l["path"] == "/v1/dialogue"]) >= n0 + 4)
-        lines = self.dialogue_lines(srv)[n0:]
-        assert sorted((l["status"], int(l["batch_texts"])) for l in lines if l["status"] == "200") == \
-            [("200", 1), ("200", 3), ("200", 3)], lines
+        lines = self.lines_after(srv, n0, 4)
+        assert sorted(l["status"] for l in lines) == ["200", "200", "200", "499"], lines
         for b, r in zip(bodies[1:], out):
             assert r.status == 200, r
             assert r.json()["responses"] == srv.dialogue(b).json()["responses"], b
