@@ -8,7 +8,8 @@
 #   make bench-peers  batch-1 GEMV against fp32 BLAS and llama.cpp's ggml kernels (npm), with a plot
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
-#   make loadtest   60 s of mixed traffic at 64 connections against nzserve (wrk, loopback)
+#   make loadtest   60 s of mixed traffic at 64 connections against nzserve (wrk, loopback), then
+#                   batching against none: 32 dialogue / AT clients, 60 s each (tests/load/batching.py)
 #   make capacity   memory and requests/s per core for the capacity guide (config/k8s/README.md)
 #   make serve      start nzserve on the bundled demo model (config/nzserve.json)
 #   make demo       inspect, verify and try the demo model offline (nzp)
@@ -207,6 +208,7 @@ deps:
 # Bounded load test on loopback (wrk): LOAD_SECONDS, LOAD_CONNECTIONS, LOAD_MODEL (see the script).
 loadtest: $(NZSERVE)
 	NZSERVE=$(abspath $(NZSERVE)) bash tests/load/loadtest.sh
+	NZSERVE=$(abspath $(NZSERVE)) $(PYTHON) tests/load/batching.py
 
 # The capacity guide's numbers (config/k8s/README.md): memory per model, weight
 # mode and cache budget, and requests/s per core of each endpoint (wrk, loopback).

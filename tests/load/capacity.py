@@ -81,13 +81,13 @@ def proc_status(pid):
 
 
 class Server:
-    def __init__(self, args, models, cores, cache, workers=None):
+    def __init__(self, args, models, cores, cache, workers=None, extra=()):
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log = tempfile.TemporaryFile()
         cmd = [args.nzserve, "--host", "127.0.0.1", "--port", str(self.port), "--worker-threads", str(cores),
                "--max-concurrent-requests", str(workers or cores), "--tile-cache-bytes", str(cache),
-               "--queue-length", "256", "--request-timeout-ms", "120000", "--log-level", "warn"]
+               "--queue-length", "256", "--request-timeout-ms", "120000", "--log-level", "warn", *extra]
         for m in models:
             cmd += ["--model", m]
         if shutil.which("taskset"):
