@@ -24,31 +24,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from capacity import CONTEXTS, ROOT, SENTENCES, Server, http, log  # noqa: E402
+from capacity import CONTEXTS, ROOT, SENTENCES, Server, http, log, run_wrk  # noqa: E402
 
 SCENARIOS = {
     "dialogue": ("/v1/dialogue", "dialogue", [{"context": c, "strategy": "greedy"} for c in CONTEXTS]),
     "at": ("/v1/translate", "translate", [{"text": t, "decoder": "at"} for t in SENTENCES]),
 }
-
-
-def wrk(url, path, bodies, clients, seconds):
-    env = dict(os.environ, CAP_PATH=path, CAP_BODIES="\x1e".join(json.dumps(b) for b in bodies))
-    p = subprocess.run(["wrk", "-t2", "-c%d" % clients, "-d%ds" % seconds, "--timeout", "120s",
-                        "-s", os.path.join(ROOT, "tests", "load", "rotate.lua"), url],
-                       capture_output=True, text=True, env=env)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("CAPACITY ")]
-    if p.returncode != 0 or not line:
-        raise SystemExit("batching: wrk failed:\n" + p.stdout + p.stderr)
-    r = json.loads(line[0][len("CAPACITY "):])
-    if r["non_2xx"] or r["socket_errors"] or not r["2xx"]:
-        raise SystemExit("batching: bad responses %s" % r)
-    return r
 
 
 def run(args, name):
@@ -68,7 +53,7 @@ def run(args, name):
                     http(s.url + path, bodies[i % len(bodies)])
                     lone.append(time.monotonic() - t0)
                 out["lone_ms"] = statistics.median(lone) * 1e3
-            r = wrk(s.url, path, bodies, args.clients, args.seconds)
+            r = run_wrk(s.url, path, bodies, args.clients, args.seconds)
             key = "on" if batching else "off"
             out[key] = {"rps": r["2xx"] / r["duration_s"], "p50_ms": r["latency_ms"]["p50"],
                         "p99_ms": r["latency_ms"]["p99"], "rss_peak": s.status()["VmHWM"], "requests": r["2xx"]}

@@ -18,7 +18,7 @@ once every weight has been used).
 
 Throughput: for 1 and 2 cores (server pinned with taskset to that many cores,
 --worker-threads and --max-concurrent-requests = cores, tile cache 64 MiB),
-wrk (tests/load/single.lua, 1 thread, 2 x cores + 2 connections) sends one
+wrk (tests/load/rotate.lua, 1 thread, 2 x cores + 2 connections) sends one
 request shape for --seconds after a warm-up:
   translate-1   /v1/translate one sentence, default options (iter 10, beam 5)
   translate-8   /v1/translate 8 sentences in one request
@@ -135,6 +135,22 @@ def request_of(shape, i):
     raise ValueError(shape)
 
 
+def run_wrk(url, path, bodies, conns, seconds, threads=2):
+    """wrk with tests/load/rotate.lua: POST path with bodies in rotation over conns connections for seconds.
+    @return its CAPACITY result; exits on a failed run or any non-2xx response."""
+    env = dict(os.environ, CAP_PATH=path, CAP_BODIES="\x1e".join(json.dumps(b) for b in bodies))
+    p = subprocess.run(["wrk", "-t%d" % threads, "-c%d" % conns, "-d%ds" % seconds, "--timeout", "120s",
+                        "-s", os.path.join(ROOT, "tests", "load", "rotate.lua"), url],
+                       capture_output=True, text=True, env=env)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("CAPACITY ")]
+    if p.returncode != 0 or not line:
+        raise SystemExit("wrk failed:\n" + p.stdout + p.stderr)
+    r = json.loads(line[0][len("CAPACITY "):])
+    if r["non_2xx"] or r["socket_errors"] or not r["2xx"]:
+        raise SystemExit("%s: bad responses %s" % (path, r))
+    return r
+
+
 def derived_modes(args, work, path, name):
     """{mode: path}: the shipped (lossless) file and a lossy-3 repack of its weights."""
     out = {"lossless": path}
@@ -183,7 +199,6 @@ def throughput(args, models):
     shapes = [s for s in ("translate-1", "translate-8", "translate-at") if "translate" in models]
     shapes += [s for s in ("dialogue", "dialogue-beam") if "dialogue" in models]
     rows = []
-    env = dict(os.environ)
     for cores in (1, 2):
         s = Server(args, ["%s:%s:%s" % (t, t, p) for t, p in models.items()], cores, 64 << 20)
         try:
@@ -191,17 +206,8 @@ def throughput(args, models):
                 path, body = request_of(shape, 0)
                 for i in range(6):  # warm-up: tile cache and allocator
                     http(s.url + request_of(shape, i)[0], request_of(shape, i)[1])
-                env.update(CAP_PATH=path, CAP_BODY=json.dumps(body))
                 conns = 2 * cores + 2
-                p = subprocess.run(["wrk", "-t1", "-c%d" % conns, "-d%ds" % args.seconds, "--timeout", "60s",
-                                    "-s", os.path.join(ROOT, "tests", "load", "single.lua"), s.url],
-                                   capture_output=True, text=True, env=env)
-                line = [ln for ln in p.stdout.splitlines() if ln.startswith("CAPACITY ")]
-                if p.returncode != 0 or not line:
-                    raise SystemExit("capacity: wrk failed:\n" + p.stdout + p.stderr)
-                r = json.loads(line[0][len("CAPACITY "):])
-                if r["non_2xx"] or r["socket_errors"] or not r["2xx"]:
-                    raise SystemExit("capacity: %s: bad responses %s" % (shape, r))
+                r = run_wrk(s.url, path, [body], conns, args.seconds, threads=1)
                 rps = r["2xx"] / r["duration_s"]
                 row = {"shape": shape, "cores": cores, "connections": conns, "requests": r["2xx"], "rps": rps,
                        "rps_per_core": rps / cores, "p50_ms": r["latency_ms"]["p50"],

@@ -1,8 +1,8 @@
--- wrk script for tests/load/batching.py: POST CAP_PATH with the JSON bodies of
--- CAP_BODIES (separated by ASCII record separators, 0x1e) in rotation, one
--- rotation per connection offset so concurrent clients send different bodies.
--- Counts every response's status class per thread; done() prints totals and
--- latency percentiles as one JSON line (CAPACITY {...}), as single.lua does.
+-- wrk script for tests/load/capacity.py and batching.py: POST CAP_PATH with
+-- the JSON bodies of CAP_BODIES (separated by ASCII record separators, 0x1e)
+-- in rotation, each wrk thread from its own offset. Counts every response's
+-- status class per thread; done() prints totals and latency percentiles as
+-- one JSON line (CAPACITY {...}).
 local path = os.getenv("CAP_PATH") or "/v1/dialogue"
 local bodies = {}
 for b in string.gmatch(os.getenv("CAP_BODIES") or '{"context": ["Hello."]}', "[^\30]+") do
