@@ -13,6 +13,8 @@
  */
 #include "nz_t5md_int.h"
 
+#include "nz_kvslots.h"
+
 #include <math.h>
 #include <string.h>
 
@@ -37,7 +39,6 @@ typedef struct cb_row {
     size_t j;      /* index among the group's decoders */
     uint32_t k;    /* decoder */
     uint32_t slot; /* self-attention cache row */
-    size_t start;  /* cache position of its first token */
     int32_t *tok;  /* [cap] generated ids */
     float *lp;     /* [cap] their log-probs */
     size_t n, cap; /* generated, room (max_new_tokens) */
@@ -49,11 +50,10 @@ typedef struct cb_row {
 struct nz_t5md_cb {
     const nz_t5md *t;
     int *ident;         /* [K] 0..K-1: r.decs (rows carry their decoder k in r.dj) */
-    t5md_run r;         /* the caches and a step's buffers (r.src, dj, slot, x, h, y: [ncap]) */
-    size_t rcap, tcap;  /* self caches: rows (slots) x positions */
-    size_t ecap, scap;  /* cross caches: encoder slots x positions */
-    uint8_t *slot_used; /* [rcap] */
-    uint8_t *enc_used;  /* [ecap] */
+    nz_kvself self;     /* the rows' self-attention caches (r.self = self.kv) */
+    nz_kvenc cross;     /* the groups' cross-attention caches (r.cross = cross.kv) */
+    t5md_run r;         /* a step's buffers (r.src, dj, slot, x, h, y: [ncap]; r.bias: [H x (btcap + 1)]) */
+    size_t btcap;       /* positions r.bias has room for */
     cb_row **rows;      /* [ncap] running rows in step order */
     size_t nrows, ncap; /* rows, room in rows and the step buffers */
     int32_t *cur;       /* [ncap] a step's input tokens */
@@ -84,20 +84,23 @@ int nz_t5md_cb_create(const nz_t5md *t, nz_t5md_cb **out, nz_error *err) {
     nz_t5md_cb *cb = nz_calloc(1, sizeof *cb, NZ_MEM_ACTIVATIONS);
     if (!cb) return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
     cb->t = t;
+    const size_t ncross = c->kind == NZ_T5MD_TRANSFORMER ? c->num_modes * c->dec_layers : c->dec_layers;
+    int rc = nz_kvself_init(&cb->self, c->dec_layers, c->inner, 16, err); /* grows to the longest rows */
+    if (!rc) rc = nz_kvenc_init(&cb->cross, ncross, c->inner, err);
+    cb->ident = nz_malloc(c->num_modes * sizeof *cb->ident, NZ_MEM_ACTIVATIONS);
+    cb->work = nz_malloc(nz_sample_work_bytes(c->vocab), NZ_MEM_ACTIVATIONS);
+    if (!rc && (!cb->ident || !cb->work)) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
+    if (rc) {
+        nz_t5md_cb_free(cb);
+        return rc;
+    }
+    for (size_t k = 0; k < c->num_modes; k++) cb->ident[k] = (int)k;
     cb->r.t = t;
     cb->r.L = c->dec_layers;
     cb->r.D = c->num_modes;
-    cb->r.ncross = c->kind == NZ_T5MD_TRANSFORMER ? c->num_modes * c->dec_layers : c->dec_layers;
-    cb->ident = nz_malloc(c->num_modes * sizeof *cb->ident, NZ_MEM_ACTIVATIONS);
-    cb->r.cross = nz_calloc(cb->r.ncross, sizeof *cb->r.cross, NZ_MEM_KV);
-    cb->r.self = nz_calloc(cb->r.L, sizeof *cb->r.self, NZ_MEM_KV);
-    cb->work = nz_malloc(nz_sample_work_bytes(c->vocab), NZ_MEM_ACTIVATIONS);
-    if (!cb->ident || !cb->r.cross || !cb->r.self || !cb->work) {
-        nz_t5md_cb_free(cb);
-        return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
-    }
-    for (size_t k = 0; k < c->num_modes; k++) cb->ident[k] = (int)k;
     cb->r.decs = cb->ident;
+    cb->r.ncross = ncross;
+    cb->r.self = cb->self.kv; /* the arrays stay; their caches grow in place */
     *out = cb;
     return NZ_OK;
 }
@@ -125,10 +128,12 @@ void nz_t5md_cb_free(nz_t5md_cb *cb) {
         nx = g->next;
         group_free(g);
     }
+    cb->r.self = NULL; /* the slots' caches */
+    cb->r.cross = NULL;
     t5md_run_free(&cb->r);
+    nz_kvself_free(&cb->self);
+    nz_kvenc_free(&cb->cross);
     nz_free(cb->ident);
-    nz_free(cb->slot_used);
-    nz_free(cb->enc_used);
     nz_free(cb->rows);
     nz_free(cb->cur);
     nz_free(cb->work);
@@ -201,98 +206,29 @@ static int reserve_rows(nz_t5md_cb *cb, size_t n, nz_error *err) {
     return NZ_OK;
 }
 
-/* A free self-cache slot (the caches grow when none is). */
-static int take_slot(nz_t5md_cb *cb, uint32_t *slot, nz_error *err) {
-    for (size_t i = 0; i < cb->rcap; i++)
-        if (!cb->slot_used[i]) {
-            cb->slot_used[i] = 1;
-            *slot = (uint32_t)i;
-            return NZ_OK;
-        }
-    const size_t m = grow(cb->rcap, cb->rcap + 1);
-    if (resize(&cb->slot_used, m, 1)) return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder slots");
-    for (size_t l = 0; l < cb->r.L; l++) {
-        int rc = cb->rcap ? nz_kv_resize(&cb->r.self[l], m, cb->tcap, err)
-                          : nz_kv_init(&cb->r.self[l], m, cb->tcap, cb->t->c.inner, err);
-        if (rc) return rc;
+/* Room for one more step in the self caches and the position bias. */
+static int room_for_step(nz_t5md_cb *cb, nz_error *err) {
+    int rc = nz_kvself_room(&cb->self, err);
+    if (rc) return rc;
+    if (cb->btcap < cb->self.tcap) {
+        if (resize(&cb->r.bias, cb->t->c.num_heads * (cb->self.tcap + 1), sizeof *cb->r.bias))
+            return nz_fail(err, NZ_E_NOMEM, "out of memory for the position bias");
+        cb->btcap = cb->self.tcap;
     }
-    memset(cb->slot_used + cb->rcap, 0, m - cb->rcap);
-    cb->rcap = m;
-    return take_slot(cb, slot, err);
-}
-
-/* Positions for one more step: P + 1 <= tcap, by sliding every row left by the earliest start, or by
- * growing the caches (the first call sizes them for need positions). */
-static int room_for_step(nz_t5md_cb *cb, size_t need, nz_error *err) {
-    t5md_run *r = &cb->r;
-    const size_t P = cb->rcap ? r->self[0].len : 0, D = cb->t->c.inner;
-    if (cb->rcap && P + 1 <= cb->tcap) return NZ_OK;
-    size_t m = P;
-    for (size_t i = 0; i < cb->nrows; i++)
-        if (cb->rows[i]->start < m) m = cb->rows[i]->start;
-    if (cb->rcap && m > 0) { /* slide: positions [m, P) move to [0, P - m) */
-        for (size_t l = 0; l < r->L; l++) {
-            nz_kv *kv = &r->self[l];
-            for (size_t i = 0; i < cb->nrows; i++) {
-                const size_t s = cb->rows[i]->slot;
-                memmove(kv->k + s * kv->cap * D, kv->k + (s * kv->cap + m) * D, (P - m) * D * sizeof(float));
-                memmove(kv->v + s * kv->cap * D, kv->v + (s * kv->cap + m) * D, (P - m) * D * sizeof(float));
-                memmove(kv->pad + s * kv->cap, kv->pad + s * kv->cap + m, P - m);
-            }
-            kv->len = P - m;
-        }
-        for (size_t i = 0; i < cb->nrows; i++) cb->rows[i]->start -= m;
-        return NZ_OK;
-    }
-    const size_t cap = grow(cb->tcap, need > P + 1 ? need : P + 1);
-    for (size_t l = 0; cb->rcap && l < r->L; l++) {
-        int rc = nz_kv_resize(&r->self[l], cb->rcap, cap, err);
-        if (rc) return rc;
-    }
-    if (resize(&r->bias, cb->t->c.num_heads * (cap + 1), sizeof *r->bias))
-        return nz_fail(err, NZ_E_NOMEM, "out of memory for the position bias");
-    cb->tcap = cap;
-    return NZ_OK;
-}
-
-/* Room for encoder slots up to e (exclusive) of S positions in every cross cache (new positions of the
- * slots in use are padding). */
-static int reserve_enc(nz_t5md_cb *cb, size_t e, size_t S, nz_error *err) {
-    if (e <= cb->ecap && S <= cb->scap) return NZ_OK;
-    const size_t ne = e > cb->ecap ? grow(cb->ecap, e) : cb->ecap, ns = S > cb->scap ? S : cb->scap;
-    for (size_t i = 0; i < cb->r.ncross; i++) {
-        nz_kv *kv = &cb->r.cross[i];
-        int rc = cb->ecap ? nz_kv_resize(kv, ne, ns, err) : nz_kv_init(kv, ne, ns, cb->t->c.inner, err);
-        if (rc) return rc;
-        for (size_t b = 0; b < ne; b++) memset(kv->pad + b * ns + cb->scap, 1, ns - cb->scap);
-        kv->len = ns;
-    }
-    if (resize(&cb->enc_used, ne, 1)) return nz_fail(err, NZ_E_NOMEM, "out of memory for encoder slots");
-    memset(cb->enc_used + cb->ecap, 0, ne - cb->ecap);
-    cb->ecap = ne;
-    cb->scap = ns;
     return NZ_OK;
 }
 
 /* ------------------------------------------------------------------ joining */
 
 /* Cross-attention keys of enc's rows into their groups' encoder slots slots[B]: decoder body st's
- * cross attention of every block into the caches cross[0..L). */
-static int fill_cross(nz_matmul_ctx *mc, nz_t5md_cb *cb, const t5_stack *st, nz_kv *cross,
+ * cross attention of every block into the caches first..first + L of cb->cross. */
+static int fill_cross(nz_matmul_ctx *mc, nz_t5md_cb *cb, const t5_stack *st, size_t first,
                       const nz_t5md_enc *enc, const uint32_t *slots, nz_error *err) {
-    const size_t I = cb->t->c.inner;
     nz_kv tmp;
-    int rc = nz_kv_init(&tmp, enc->B, enc->S, I, err);
+    int rc = nz_kv_init(&tmp, enc->B, enc->S, cb->t->c.inner, err);
     for (size_t l = 0; !rc && l < cb->r.L; l++) {
         rc = nz_attn_cross_kv(mc, &st->blk[l].cross, enc->x, enc->B, enc->S, enc->pad, &tmp, err);
-        nz_kv *kv = &cross[l];
-        for (size_t b = 0; !rc && b < enc->B; b++) {
-            const size_t e = slots[b];
-            memcpy(kv->k + e * kv->cap * I, tmp.k + b * enc->S * I, enc->S * I * sizeof(float));
-            memcpy(kv->v + e * kv->cap * I, tmp.v + b * enc->S * I, enc->S * I * sizeof(float));
-            memcpy(kv->pad + e * kv->cap, tmp.pad + b * enc->S, enc->S);
-            memset(kv->pad + e * kv->cap + enc->S, 1, kv->cap - enc->S);
-        }
+        for (size_t b = 0; !rc && b < enc->B; b++) nz_kvenc_fill(&cb->cross, first + l, slots[b], &tmp, b);
     }
     nz_kv_free(&tmp);
     return rc;
@@ -309,7 +245,7 @@ static int add_row(nz_t5md_cb *cb, cb_group *g, size_t j, nz_error *err) {
     }
     int rc = w && w->tok && w->lp ? reserve_rows(cb, cb->nrows + 1, err)
                                   : nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder row");
-    if (!rc) rc = take_slot(cb, &w->slot, err);
+    if (!rc) rc = nz_kvself_take(&cb->self, &w->slot, err);
     if (rc) {
         row_free(w);
         return rc;
@@ -318,9 +254,7 @@ static int add_row(nz_t5md_cb *cb, cb_group *g, size_t j, nz_error *err) {
     w->j = j;
     w->k = (uint32_t)g->decs[j];
     w->cap = cap;
-    w->start = cb->r.self[0].len;
     nz_rng_seed(&w->rng, g->o.seed ^ ((uint64_t)w->k * STREAM_GOLDEN));
-    for (size_t l = 0; l < cb->r.L; l++) memset(cb->r.self[l].pad + w->slot * cb->tcap, 1, w->start);
     size_t at = cb->nrows;
     while (at > 0 && cb->rows[at - 1]->k > w->k) at--;
     memmove(cb->rows + at + 1, cb->rows + at, (cb->nrows - at) * sizeof *cb->rows);
@@ -344,39 +278,32 @@ static int admit(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err) {
     nz_t5md_enc enc;
     memset(&enc, 0, sizeof enc);
     if (!src || !len || !slots || !gs) NZ_FAIL(NZ_E_NOMEM, "out of memory admitting %zu contexts", B);
-    size_t b = B, need = 1;
+    size_t b = B;
     for (cb_group *g = cb->groups; g; g = g->next) /* oldest first: the list is newest first */
-        if (g->state == G_PENDING) {
-            gs[--b] = g;
-            if ((size_t)g->o.max_new_tokens > need) need = (size_t)g->o.max_new_tokens;
-        }
+        if (g->state == G_PENDING) gs[--b] = g;
     for (b = 0; b < B; b++) {
         src[b] = gs[b]->src;
         len[b] = gs[b]->len;
     }
     NZ_TRY(nz_t5md_encode(mc, t, src, len, B, &enc, err));
-    size_t e = 0;
-    for (b = 0; b < B; b++) { /* free encoder slots (enc_used grows with reserve_enc) */
-        while (e < cb->ecap && cb->enc_used[e]) e++;
-        slots[b] = (uint32_t)e++;
+    NZ_TRY(nz_kvenc_take(&cb->cross, B, enc.S, slots, err));
+    for (b = 0; b < B; b++) {
+        gs[b]->enc = slots[b];
+        gs[b]->state = G_RUNNING; /* its encoder slot is taken: given back when it is done */
     }
-    NZ_TRY(reserve_enc(cb, e, enc.S, err));
+    cb->r.cross = cb->cross.kv;
     if (t->c.kind == NZ_T5MD_TRANSFORMER) {
         for (size_t k = 0; k < t->c.num_modes; k++) {
             int used = 0;
             for (b = 0; b < B && !used; b++)
                 for (size_t j = 0; j < gs[b]->D && !used; j++) used = gs[b]->decs[j] == (int)k;
-            if (used) NZ_TRY(fill_cross(mc, cb, &t->dec[k], cb->r.cross + k * cb->r.L, &enc, slots, err));
+            if (used) NZ_TRY(fill_cross(mc, cb, &t->dec[k], k * cb->r.L, &enc, slots, err));
         }
     } else {
-        NZ_TRY(fill_cross(mc, cb, &t->dec[0], cb->r.cross, &enc, slots, err));
+        NZ_TRY(fill_cross(mc, cb, &t->dec[0], 0, &enc, slots, err));
     }
-    NZ_TRY(room_for_step(cb, need, err)); /* sizes the self caches before the first slot */
     for (b = 0; b < B; b++) {
         cb_group *g = gs[b];
-        g->enc = slots[b];
-        cb->enc_used[slots[b]] = 1;
-        g->state = G_RUNNING;
         nz_free(g->src);
         g->src = NULL;
         for (size_t j = 0; j < g->D; j++) NZ_TRY(add_row(cb, g, j, err));
@@ -395,7 +322,7 @@ done:
 /* Row i leaves (its slot is free again). */
 static void drop_row(nz_t5md_cb *cb, size_t i) {
     cb_row *w = cb->rows[i];
-    cb->slot_used[w->slot] = 0;
+    nz_kvself_give(&cb->self, w->slot);
     w->g->live--;
     row_free(w);
     memmove(cb->rows + i, cb->rows + i + 1, (cb->nrows - i - 1) * sizeof *cb->rows);
@@ -404,7 +331,7 @@ static void drop_row(nz_t5md_cb *cb, size_t i) {
 
 /* g is done: its encoder slot is free again. */
 static void group_done(nz_t5md_cb *cb, cb_group *g) {
-    if (g->state == G_RUNNING) cb->enc_used[g->enc] = 0;
+    if (g->state == G_RUNNING) nz_kvenc_give(&cb->cross, g->enc);
     g->state = G_DONE;
 }
 
@@ -467,7 +394,7 @@ static void cb_pick(void *ctx, size_t i, float *lg) {
 
 int nz_t5md_cb_step(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err) {
     int rc = admit(mc, cb, err);
-    if (!rc && cb->nrows) rc = room_for_step(cb, 1, err);
+    if (!rc && cb->nrows) rc = room_for_step(cb, err);
     if (rc) {
         fail_groups(cb, rc, err);
         return rc;

@@ -1,0 +1,159 @@
+/* nz_kvslots — slots of the attention caches of a continuously batched decoder (see nz_kvslots.h). */
+#include "nz_kvslots.h"
+
+#include "nz_alloc.h"
+
+#include <string.h>
+
+static size_t grow(size_t have, size_t need) {
+    size_t n = have ? have : 8;
+    while (n < need) n *= 2;
+    return n;
+}
+
+/* The array *p (NULL, or from here) resized to m elements of sz bytes, NZ_MEM_ACTIVATIONS.
+ * @return 0, or -1 when out of memory (*p unchanged). */
+static int resize(void *p, size_t m, size_t sz) {
+    void *o = *(void **)p;
+    void *n = o ? nz_realloc(o, m * sz + 1) : nz_malloc(m * sz + 1, NZ_MEM_ACTIVATIONS);
+    if (!n) return -1;
+    *(void **)p = n;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ self-attention */
+
+int nz_kvself_init(nz_kvself *s, size_t L, size_t D, size_t tcap, nz_error *err) {
+    memset(s, 0, sizeof *s);
+    s->kv = nz_calloc(L ? L : 1, sizeof *s->kv, NZ_MEM_KV);
+    if (!s->kv) return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder caches");
+    s->L = L;
+    s->D = D;
+    s->tcap = tcap ? tcap : 1;
+    return NZ_OK;
+}
+
+void nz_kvself_free(nz_kvself *s) {
+    if (!s) return;
+    for (size_t l = 0; s->kv && l < s->L; l++) nz_kv_free(&s->kv[l]);
+    nz_free(s->kv);
+    nz_free(s->used);
+    nz_free(s->start);
+    memset(s, 0, sizeof *s);
+}
+
+size_t nz_kvself_pos(const nz_kvself *s) { return s->rcap ? s->kv[0].len : 0; }
+
+size_t nz_kvself_start(const nz_kvself *s, uint32_t slot) { return s->start[slot]; }
+
+int nz_kvself_take(nz_kvself *s, uint32_t *slot, nz_error *err) {
+    size_t i = 0;
+    while (i < s->rcap && s->used[i]) i++;
+    if (i == s->rcap) { /* every slot is used: twice the slots */
+        const size_t m = grow(s->rcap, s->rcap + 1);
+        if (resize(&s->used, m, 1) || resize(&s->start, m, sizeof *s->start))
+            return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder slots");
+        for (size_t l = 0; l < s->L; l++) {
+            int rc = s->rcap ? nz_kv_resize(&s->kv[l], m, s->tcap, err)
+                             : nz_kv_init(&s->kv[l], m, s->tcap, s->D, err);
+            if (rc) return rc;
+        }
+        memset(s->used + s->rcap, 0, m - s->rcap);
+        s->rcap = m;
+    }
+    const size_t P = nz_kvself_pos(s);
+    for (size_t l = 0; l < s->L; l++) memset(s->kv[l].pad + i * s->tcap, 1, P);
+    s->used[i] = 1;
+    s->start[i] = P;
+    *slot = (uint32_t)i;
+    return NZ_OK;
+}
+
+void nz_kvself_give(nz_kvself *s, uint32_t slot) { s->used[slot] = 0; }
+
+int nz_kvself_room(nz_kvself *s, nz_error *err) {
+    const size_t P = nz_kvself_pos(s), D = s->D;
+    if (!s->rcap || P + 1 <= s->tcap) return NZ_OK;
+    size_t m = P;
+    for (size_t i = 0; i < s->rcap; i++)
+        if (s->used[i] && s->start[i] < m) m = s->start[i];
+    if (m > 0) { /* slide: positions [m, P) of the slots in use move to [0, P - m) */
+        for (size_t l = 0; l < s->L; l++) {
+            nz_kv *kv = &s->kv[l];
+            for (size_t i = 0; i < s->rcap; i++) {
+                if (!s->used[i]) continue;
+                memmove(kv->k + i * kv->cap * D, kv->k + (i * kv->cap + m) * D, (P - m) * D * sizeof(float));
+                memmove(kv->v + i * kv->cap * D, kv->v + (i * kv->cap + m) * D, (P - m) * D * sizeof(float));
+                memmove(kv->pad + i * kv->cap, kv->pad + i * kv->cap + m, P - m);
+            }
+            kv->len = P - m;
+        }
+        for (size_t i = 0; i < s->rcap; i++)
+            if (s->used[i]) s->start[i] -= m;
+        return NZ_OK;
+    }
+    const size_t cap = grow(s->tcap, P + 1);
+    for (size_t l = 0; l < s->L; l++) {
+        int rc = nz_kv_resize(&s->kv[l], s->rcap, cap, err);
+        if (rc) return rc;
+    }
+    s->tcap = cap;
+    return NZ_OK;
+}
+
+/* ------------------------------------------------------------------ cross-attention */
+
+int nz_kvenc_init(nz_kvenc *e, size_t n, size_t D, nz_error *err) {
+    memset(e, 0, sizeof *e);
+    e->kv = nz_calloc(n ? n : 1, sizeof *e->kv, NZ_MEM_KV);
+    if (!e->kv) return nz_fail(err, NZ_E_NOMEM, "out of memory for cross-attention caches");
+    e->n = n;
+    e->D = D;
+    return NZ_OK;
+}
+
+void nz_kvenc_free(nz_kvenc *e) {
+    if (!e) return;
+    for (size_t i = 0; e->kv && i < e->n; i++) nz_kv_free(&e->kv[i]);
+    nz_free(e->kv);
+    nz_free(e->used);
+    memset(e, 0, sizeof *e);
+}
+
+int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *err) {
+    size_t need = 0, free_ = 0;
+    for (size_t i = 0; i < e->ecap; i++) free_ += !e->used[i];
+    need = e->ecap + (B > free_ ? B - free_ : 0);
+    if (need > e->ecap || S > e->scap) {
+        const size_t ne = need > e->ecap ? grow(e->ecap, need) : e->ecap, ns = S > e->scap ? S : e->scap;
+        for (size_t i = 0; i < e->n; i++) {
+            nz_kv *kv = &e->kv[i];
+            int rc = e->ecap ? nz_kv_resize(kv, ne, ns, err) : nz_kv_init(kv, ne, ns, e->D, err);
+            if (rc) return rc;
+            for (size_t b = 0; b < ne; b++) memset(kv->pad + b * ns + e->scap, 1, ns - e->scap);
+            kv->len = ns;
+        }
+        if (resize(&e->used, ne, 1)) return nz_fail(err, NZ_E_NOMEM, "out of memory for encoder slots");
+        memset(e->used + e->ecap, 0, ne - e->ecap);
+        e->ecap = ne;
+        e->scap = ns;
+    }
+    size_t i = 0;
+    for (size_t b = 0; b < B; b++) {
+        while (e->used[i]) i++;
+        e->used[i] = 1;
+        slots[b] = (uint32_t)i;
+    }
+    return NZ_OK;
+}
+
+void nz_kvenc_give(nz_kvenc *e, uint32_t slot) { e->used[slot] = 0; }
+
+void nz_kvenc_fill(nz_kvenc *e, size_t i, uint32_t slot, const nz_kv *tmp, size_t b) {
+    nz_kv *kv = &e->kv[i];
+    const size_t D = e->D, S = tmp->len;
+    memcpy(kv->k + slot * kv->cap * D, tmp->k + b * tmp->cap * D, S * D * sizeof(float));
+    memcpy(kv->v + slot * kv->cap * D, tmp->v + b * tmp->cap * D, S * D * sizeof(float));
+    memcpy(kv->pad + slot * kv->cap, tmp->pad + b * tmp->cap, S);
+    memset(kv->pad + slot * kv->cap + S, 1, kv->cap - S);
+}
