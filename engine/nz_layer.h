@@ -258,6 +258,7 @@ typedef struct nz_block_io {
     const uint8_t *self_pad; /* [B x T] padding of x, or NULL */
     int causal;              /* causal self-attention */
     nz_kv *self_kv;          /* incremental self-attention cache, or NULL */
+    const uint32_t *self_rows; /* [B] the cache row of each sequence (T = 1: nz_attn_self_rows), or NULL */
     const float *self_bias;  /* [H x T x Tk] or NULL */
     const nz_kv *cross_kv;   /* encoder keys/values (has_cross) */
     const uint32_t *kv_map;  /* [B] encoder row per query row, or NULL */

@@ -11,7 +11,7 @@
  *   AT decoder   as fairseq's TransformerDecoder: layernorm_embedding applies,
  *                causal self-attention, incremental with a KV cache
  */
-#include "nz_nat.h"
+#include "nz_nat_int.h"
 
 #include "nz_alloc.h"
 #include "nz_mconfig.h"
@@ -20,35 +20,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* rows of the output projection computed per matmul (bounds the logits buffer) */
-#define PROJ_CHUNK 256
-/* pred_length_offset: length classes are centred on 128 (fairseq) */
-#define LENGTH_OFFSET 128
-
-typedef enum pos_kind { POS_NONE = 0, POS_LEARNED, POS_SINUSOIDAL } pos_kind;
-
-/* Embeddings and layers of the encoder or one decoder. */
-typedef struct nat_stack {
-    size_t nlayers;
-    nz_block *layers; /* [nlayers] */
-    pos_kind pos;
-    nz_weight pos_table; /* learned: [max_positions + 2 x D] (rows 0, 1 = below / padding) */
-    size_t pos_rows;     /* rows of pos_table */
-    int has_emb_norm;
-    nz_norm emb_norm; /* layernorm_embedding [D] */
-    int has_final_norm;
-    nz_norm final_norm; /* layer_norm [D] (normalize_before) */
-} nat_stack;
-
-struct nz_nat {
-    nz_nat_config c;
-    const nz_model *m;
-    nz_weight embed;    /* [V x D] encoder.embed_tokens.weight, shared by everything */
-    nz_linear out_proj; /* [V x D] the same matrix (tied output projection), no bias */
-    nz_linear length;   /* [length_classes x D] decoder.embed_length.weight, no bias */
-    nat_stack enc, dec, at;
-};
 
 /* ------------------------------------------------------------------ config */
 
@@ -315,8 +286,8 @@ void nz_nat_at_opts_default(nz_nat_at_opts *o) {
 
 /* out[B*T x D] = scale * E[tok] + pos(tok) [+ layernorm_embedding when emb_norm];
  * positions are fairseq's make_positions + start (incremental decoding). */
-static int stack_embed(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, const int32_t *tok, size_t B,
-                       size_t T, int64_t start, int emb_norm, float *out, nz_error *err) {
+int nat_stack_embed(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, const int32_t *tok, size_t B,
+                    size_t T, int64_t start, const int64_t *starts, int emb_norm, float *out, nz_error *err) {
     const size_t M = B * T, D = n->c.d_model;
     int rc = nz_embed(mc, &n->embed, tok, M, n->c.embed_scale, out, err);
     if (rc || s->pos == POS_NONE || !M) goto norm;
@@ -326,7 +297,8 @@ static int stack_embed(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, c
     if (!pos || !pe || !ids) {
         rc = nz_fail(err, NZ_E_NOMEM, "out of memory for positions");
     } else {
-        nz_fairseq_positions(pos, tok, B, T, NZ_NAT_PAD, start);
+        for (size_t b = 0; b < B; b++) /* each sequence's positions from its own start */
+            nz_fairseq_positions(pos + b * T, tok + b * T, 1, T, NZ_NAT_PAD, starts ? starts[b] : start);
         if (s->pos == POS_LEARNED) {
             for (size_t i = 0; i < M && !rc; i++) {
                 if (pos[i] < 0 || (uint64_t)pos[i] >= s->pos_rows)
@@ -351,7 +323,7 @@ norm:
 
 /* x[B x T x D] through the layers of s (io filled by the caller except the
  * per-layer caches), then the final layer norm. */
-static int stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_block_io *io, nz_kv *self_kv,
+int nat_stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_block_io *io, nz_kv *self_kv,
                         const nz_kv *cross_kv, nz_error *err) {
     for (size_t l = 0; l < s->nlayers; l++) {
         io->self_kv = self_kv ? &self_kv[l] : NULL;
@@ -441,7 +413,7 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
     }
     int any = 0;
     for (size_t i = 0; i < B * S; i++) any |= enc->pad[i] = src[i] == NZ_NAT_PAD;
-    NZ_TRY(stack_embed(mc, n, &n->enc, src, B, S, 0, 1, enc->x, err));
+    NZ_TRY(nat_stack_embed(mc, n, &n->enc, src, B, S, 0, NULL, 1, enc->x, err));
     for (size_t i = 0; i < B * S; i++)
         if (enc->pad[i]) memset(enc->x + i * D, 0, D * sizeof *enc->x);
     nz_block_io io;
@@ -449,7 +421,7 @@ int nz_nat_encode(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t
     io.B = B;
     io.T = S;
     io.self_pad = any ? enc->pad : NULL;
-    NZ_TRY(stack_layers(mc, &n->enc, enc->x, &io, NULL, NULL, err));
+    NZ_TRY(nat_stack_layers(mc, &n->enc, enc->x, &io, NULL, NULL, err));
 done:
     if (rc) nz_nat_enc_free(enc);
     return rc;
@@ -508,7 +480,7 @@ static int decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_
     if (!pad) return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder padding");
     int any = 0;
     for (size_t i = 0; i < A * W; i++) any |= pad[i] = tok[i] == NZ_NAT_PAD;
-    int rc = stack_embed(mc, n, s, tok, A, W, 0, !nat, h, err);
+    int rc = nat_stack_embed(mc, n, s, tok, A, W, 0, NULL, !nat, h, err);
     if (!rc) {
         nz_block_io io;
         memset(&io, 0, sizeof io);
@@ -517,7 +489,7 @@ static int decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_
         io.self_pad = any ? pad : NULL;
         io.causal = !nat;
         io.kv_map = kv_map;
-        rc = stack_layers(mc, s, h, &io, NULL, cross, err);
+        rc = nat_stack_layers(mc, s, h, &io, NULL, cross, err);
     }
     nz_free(pad);
     return rc;
@@ -534,10 +506,9 @@ static double decoder_fwd_peak(const nz_nat *n, int nat, double A, double W, dou
 
 /* Log-softmax of the output projection of the R rows h[rows[i]] (rows of
  * D floats): calls fn(ctx, i, lp[V]) for each, PROJ_CHUNK rows per matmul. */
-typedef void (*row_fn)(void *ctx, size_t i, const float *lp);
 
-static int project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, const size_t *rows, size_t R,
-                        row_fn fn, void *ctx, nz_error *err) {
+int nat_project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, const size_t *rows, size_t R,
+                        nat_row_fn fn, void *ctx, nz_error *err) {
     const size_t D = n->c.d_model, V = n->c.vocab, C = R < PROJ_CHUNK ? R : PROJ_CHUNK;
     if (!R) return NZ_OK;
     float *g = nz_malloc(C * D * sizeof *g, NZ_MEM_ACTIVATIONS);
@@ -557,7 +528,7 @@ static int project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, cons
     return rc;
 }
 
-/* project_rows' peak for R rows: g (C x D floats) and lp (C x V floats), C = min(R, PROJ_CHUNK). */
+/* nat_project_rows' peak for R rows: g (C x D floats) and lp (C x V floats), C = min(R, PROJ_CHUNK). */
 static double project_peak(const nz_nat *n, double R) {
     const double C = R < PROJ_CHUNK ? R : PROJ_CHUNK;
     return C > 0 ? 4 * C * (double)n->c.d_model + 4 * C * (double)n->c.vocab : 0;
@@ -606,7 +577,7 @@ static void fail_all(nz_nat_hyp *hyps, size_t B, const nz_error *err) {
     }
 }
 
-static int set_tokens(nz_nat_hyp *h, const int32_t *tok, size_t k, nz_error *err) {
+int nat_set_tokens(nz_nat_hyp *h, const int32_t *tok, size_t k, nz_error *err) {
     h->tokens = nz_malloc(k * sizeof *h->tokens + 1, NZ_MEM_OTHER);
     if (!h->tokens) return nz_fail(err, NZ_E_NOMEM, "out of memory for a result");
     if (k) memcpy(h->tokens, tok, k * sizeof *tok);
@@ -694,7 +665,7 @@ int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, c
     NZ_TRY(cross_kvs(mc, n, &n->at, enc, &cross, err));
     NZ_TRY(decoder_fwd(mc, n, 0, in, N, W, cross, sent, h, err));
     score_ctx sc = {target, acc, owner};
-    NZ_TRY(project_rows(mc, n, h, rows, R, score_row, &sc, err));
+    NZ_TRY(nat_project_rows(mc, n, h, rows, R, score_row, &sc, err));
     for (size_t i = 0; i < N; i++) scores[i] = (float)(acc[i] / (double)(len[i] - 1));
 done:
     kvs_free(cross, n->at.nlayers);
@@ -898,7 +869,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
         }
         NZ_TRY(decoder_fwd(mc, n, 1, bt, A, Wa, cross, kvmap, h, err));
         mp_ctx mp = {tok, sc, cell, n->c.vocab};
-        NZ_TRY(project_rows(mc, n, h, rows, R, mp_row, &mp, err));
+        NZ_TRY(nat_project_rows(mc, n, h, rows, R, mp_row, &mp, err));
         if (step < T) {
             /* re-mask the floor((L - 2) * p) lowest scores (fairseq _skeptical_unmasking) */
             const float p = (float)(1.0 - (double)(step + 1) / (double)(T + 1));
@@ -967,7 +938,7 @@ int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, 
         const float *score = (o->rerank_at ? ascore : fscore) + s * beam;
         const size_t j = first_best(score, beam), c = s * beam + j;
         nz_nat_hyp *hy = &hyps[vidx[s]];
-        NZ_TRY(set_tokens(hy, ftok + c * W, fn[c], err));
+        NZ_TRY(nat_set_tokens(hy, ftok + c * W, fn[c], err));
         hy->score = score[j];
         hy->nat_score = fscore[c];
         hy->steps = fsteps[c];
@@ -1063,7 +1034,7 @@ uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size
     /* rerank: hp + the AT decoder's teacher-forced pass over N candidates of <= L tokens (L - 1 rows) */
     const double hp = o->rerank_at ? 8 * N : 0;
     const double rerank = o->rerank_at ? hp + at_score_peak(n, N, W - 1, sumL - N, dB, dS) : 0;
-    const double hyps = dB * (4 * W + 1); /* set_tokens: every sentence's result (NZ_MEM_OTHER) */
+    const double hyps = dB * (4 * W + 1); /* nat_set_tokens: every sentence's result (NZ_MEM_OTHER) */
     const double decode = enc + L0 + cand + dmax(build, cross + dmax(dmax(pass, rerank), hp + hyps));
     return nz_mem_bytes(prep + dmax(dmax(encode_peak(n, dB, dS), enc + L0 + lenpred), decode));
 }
@@ -1072,7 +1043,7 @@ uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size
 
 /* Checks shared by the AT searches; *max_len = min(int(a * S + b),
  * max_target_positions - 1) (fairseq SequenceGenerator). */
-static int at_setup(const nz_nat *n, const nz_nat_at_opts *o, size_t S, size_t *max_len, nz_error *err) {
+int nat_at_setup(const nz_nat *n, const nz_nat_at_opts *o, size_t S, size_t *max_len, nz_error *err) {
     if (!n->c.at_layers)
         return nz_fail(err, NZ_E_UNSUPPORTED,
                        "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
@@ -1098,17 +1069,20 @@ typedef struct greedy_ctx {
     float *tmp;          /* [V] */
 } greedy_ctx;
 
-/* fairseq SequenceGenerator's bans, then the first argmax */
+int32_t nat_greedy_pick(const float *lp, size_t V, size_t step, size_t max_len, size_t min_len, float *tmp) {
+    memcpy(tmp, lp, V * sizeof *lp);
+    tmp[NZ_NAT_PAD] = -INFINITY;
+    if (step >= max_len)
+        for (size_t v = 0; v < V; v++)
+            if (v != NZ_NAT_EOS) tmp[v] = -INFINITY;
+    if (step < min_len) tmp[NZ_NAT_EOS] = -INFINITY;
+    return (int32_t)nz_argmax(tmp, V);
+}
+
 static void greedy_row(void *ctx, size_t i, const float *lp) {
     greedy_ctx *g = ctx;
-    memcpy(g->tmp, lp, g->V * sizeof *lp);
-    g->tmp[NZ_NAT_PAD] = -INFINITY;
-    if (g->step >= g->max_len)
-        for (size_t v = 0; v < g->V; v++)
-            if (v != NZ_NAT_EOS) g->tmp[v] = -INFINITY;
-    if (g->step < g->min_len) g->tmp[NZ_NAT_EOS] = -INFINITY;
-    size_t k = nz_argmax(g->tmp, g->V);
-    g->next[g->owner[i]] = (int32_t)k;
+    const int32_t k = nat_greedy_pick(lp, g->V, g->step, g->max_len, g->min_len, g->tmp);
+    g->next[g->owner[i]] = k;
     g->lpsum[g->owner[i]] += lp[k];
 }
 
@@ -1132,7 +1106,7 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
     size_t nv = 0;
     NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
     size_t max_len = 0;
-    NZ_TRY(at_setup(n, o, S, &max_len, err));
+    NZ_TRY(nat_at_setup(n, o, S, &max_len, err));
     if (!nv) goto done;
 
     NZ_TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
@@ -1159,19 +1133,19 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
         if (o->stop && o->stop(o->stop_arg))
             NZ_FAIL(NZ_E_CANCELLED, "AT greedy: cancelled before step %zu", step);
         for (size_t b = 0; b < nv; b++) pad[b] = cur[b] == NZ_NAT_PAD;
-        NZ_TRY(stack_embed(mc, n, &n->at, cur, nv, 1, (int64_t)step, 1, x, err));
+        NZ_TRY(nat_stack_embed(mc, n, &n->at, cur, nv, 1, (int64_t)step, NULL, 1, x, err));
         nz_block_io io;
         memset(&io, 0, sizeof io);
         io.B = nv;
         io.T = 1;
         io.self_pad = pad;
         io.causal = 1;
-        NZ_TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
+        NZ_TRY(nat_stack_layers(mc, &n->at, x, &io, self, cross, err));
         size_t R = 0;
         for (size_t b = 0; b < nv; b++)
             if (!fin[b]) rows[R++] = b;
         greedy_ctx g = {V, step, max_len, (size_t)o->min_len, rows, next, lpsum, tmp};
-        NZ_TRY(project_rows(mc, n, x, rows, R, greedy_row, &g, err));
+        NZ_TRY(nat_project_rows(mc, n, x, rows, R, greedy_row, &g, err));
         for (size_t b = 0; b < nv; b++) {
             if (fin[b]) {
                 cur[b] = NZ_NAT_PAD;
@@ -1192,7 +1166,7 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
                 nz_fail(&hy->err, NZ_E_RANGE, "no eos within max_len %zu (min_len %d)", max_len, o->min_len);
             continue;
         }
-        NZ_TRY(set_tokens(hy, obuf + b * cap, on[b], err));
+        NZ_TRY(nat_set_tokens(hy, obuf + b * cap, on[b], err));
         hy->score = (float)(lpsum[b] / (double)on[b]);
         hy->nat_score = NAN;
         hy->steps = (int)on[b];
@@ -1251,7 +1225,7 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
     const double prep = prepare_bytes(dB, dS); /* vsrc, vidx */
     nz_error e;
     size_t max_len = 0;
-    if (at_setup(n, o, S, &max_len, &e) || !B || !S) return nz_mem_bytes(prep);
+    if (nat_at_setup(n, o, S, &max_len, &e) || !B || !S) return nz_mem_bytes(prep);
     const double cap = (double)max_len + 1;
     double held, front = at_front(n, dB, dS, &held);
     const double bufs = 4 * dB + 4 * dB       /* cur, next */
@@ -1259,7 +1233,7 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
                         + 8 * dB + 8 * dB     /* on, rows */
                         + dB + dB + 8 * dB    /* pad, fin, lpsum */
                         + 4 * dB * D + 4 * V; /* x, tmp */
-    /* set_tokens: the results (NZ_MEM_OTHER), <= max_len + 1 tokens each */
+    /* nat_set_tokens: the results (NZ_MEM_OTHER), <= max_len + 1 tokens each */
     const double hyps = dB * (4 * cap + 1);
     const double search =
         held + at_self_bytes(n, dB, cap) + bufs + dmax(at_step_peak(n, dB, cap, dB, dS), hyps);
@@ -1333,7 +1307,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
     size_t nv = 0;
     NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
     size_t max_len = 0;
-    NZ_TRY(at_setup(n, o, S, &max_len, err));
+    NZ_TRY(nat_at_setup(n, o, S, &max_len, err));
     if (beam < 1 || beam > 4096 || !isfinite(lenpen))
         NZ_FAIL(NZ_E_INVALID_ARG, "AT beam search: beam %d (1..4096) or length penalty %g out of range", beam,
                 (double)lenpen);
@@ -1381,21 +1355,21 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         if (o->stop && o->stop(o->stop_arg))
             NZ_FAIL(NZ_E_CANCELLED, "AT beam: cancelled before step %zu", step);
         const size_t R = A * K;
-        NZ_TRY(stack_embed(mc, n, &n->at, cur, R, 1, (int64_t)step, 1, x, err));
+        NZ_TRY(nat_stack_embed(mc, n, &n->at, cur, R, 1, (int64_t)step, NULL, 1, x, err));
         nz_block_io io;
         memset(&io, 0, sizeof io);
         io.B = R;
         io.T = 1;
         io.causal = 1;
         io.kv_map = kvmap;
-        NZ_TRY(stack_layers(mc, &n->at, x, &io, self, cross, err));
+        NZ_TRY(nat_stack_layers(mc, &n->at, x, &io, self, cross, err));
         /* step 0: only row 0 of each sentence (fairseq's lprobs[:, ::beam_size]) */
         const size_t nr = step ? K : 1;
         size_t P = 0;
         for (size_t a = 0; a < A; a++)
             for (size_t j = 0; j < nr; j++) rows[P++] = a * K + j;
         beam_ctx bc = {V, step, max_len, (size_t)o->min_len, kk, rows, cum, tmp, ctok, cval};
-        NZ_TRY(project_rows(mc, n, x, rows, P, beam_row, &bc, err));
+        NZ_TRY(nat_project_rows(mc, n, x, rows, P, beam_row, &bc, err));
         const float norm = (float)pow((double)(step + 1), (double)lenpen);
         size_t A2 = 0;
         for (size_t a = 0; a < A; a++) {
@@ -1469,7 +1443,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         size_t best = s * K;
         for (size_t f = s * K + 1; f < s * K + fcnt[s]; f++)
             if (fsc[f] > fsc[best]) best = f;
-        NZ_TRY(set_tokens(hy, ftok + best * cap, fn[best], err));
+        NZ_TRY(nat_set_tokens(hy, ftok + best * cap, fn[best], err));
         hy->score = fsc[best];
         hy->nat_score = NAN;
         hy->steps = (int)fn[best];
@@ -1514,7 +1488,7 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
     const double prep = prepare_bytes(dB, dS); /* vsrc, vidx */
     nz_error e;
     size_t max_len = 0;
-    if (at_setup(n, o, S, &max_len, &e) || beam < 1 || beam > 4096 || !B || !S) return nz_mem_bytes(prep);
+    if (nat_at_setup(n, o, S, &max_len, &e) || beam < 1 || beam > 4096 || !B || !S) return nz_mem_bytes(prep);
     const size_t Kz = (size_t)beam < n->c.vocab - 1 ? (size_t)beam : n->c.vocab - 1;
     const double K = (double)Kz, N = dB * K, cap = (double)max_len + 1;
     const double kk = 2 * K < V ? 2 * K : V;
@@ -1532,7 +1506,7 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
     /* nz_kv_select's copies (engine/nz_layer.c, NZ_MEM_KV) when the caches are reordered after a step:
      * tmp (rows x len x D floats) and ptmp (rows x len bytes), len <= max_len */
     const double select = 4 * N * (double)max_len * D + N * (double)max_len;
-    const double hyps = dB * (4 * cap + 1); /* set_tokens: the results (NZ_MEM_OTHER) */
+    const double hyps = dB * (4 * cap + 1); /* nat_set_tokens: the results (NZ_MEM_OTHER) */
     const double step = dmax(at_step_peak(n, N, cap, dB, dS), select);
     const double search = held + at_self_bytes(n, N, cap) + bufs + dmax(step, hyps);
     return nz_mem_bytes(prep + dmax(front, search));

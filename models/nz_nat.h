@@ -269,6 +269,50 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
  *  @return bytes. */
 uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o, int beam);
 
+/* ------------------------------------------------------- continuous batching */
+
+/** A continuously batched AT greedy decoder: sentences join at step
+ *  boundaries and leave at their eos (or when removed), and one
+ *  nz_nat_cb_step runs one decoder step for every running sentence, so each
+ *  weight tile decoded serves all of them. A sentence's result is bit for
+ *  bit what nz_nat_at_greedy gives it alone (batch of one: max_len from its
+ *  own length), whatever joins or leaves around it. Memory (NZ_MEM_KV /
+ *  ACTIVATIONS) grows with the rows and positions in use and stays until
+ *  nz_nat_cb_free. One thread at a time. */
+typedef struct nz_nat_cb nz_nat_cb;
+
+/** @return NZ_OK and an empty batch over n (n must outlive it), NZ_E_UNSUPPORTED (no AT decoder) or
+ *  NZ_E_NOMEM. */
+int nz_nat_cb_create(const nz_nat *n, nz_nat_cb **out, nz_error *err);
+
+/** Free a batch and every sentence in it. Accepts NULL. */
+void nz_nat_cb_free(nz_nat_cb *cb);
+
+/** Add a sentence: src[len] (no padding; copied), AT greedy with o (o->stop unused). It joins at the
+ *  next nz_nat_cb_step. owner identifies it in nz_nat_cb_take and nz_nat_cb_remove.
+ *  @return NZ_OK, or the error nz_nat_at_greedy gives it (bad source or options), or NZ_E_NOMEM. */
+int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, void *owner,
+                  nz_error *err);
+
+/** One step: the sentences added since the last step are encoded together and join; then one decoder
+ *  step over every running sentence (a sentence that made eos is done).
+ *  @return NZ_OK, or the step's error (NZ_E_CANCELLED from mc, a tile error, out of memory): every
+ *  sentence is then done with it in its result. */
+int nz_nat_cb_step(nz_matmul_ctx *mc, nz_nat_cb *cb, nz_error *err);
+
+/** Take the oldest done sentence: its result (as nz_nat_at_greedy's; free with nz_nat_hyps_free) and its
+ *  owner. @return 1, or 0 when none is done. */
+int nz_nat_cb_take(nz_nat_cb *cb, void **owner, nz_nat_hyp *hyp);
+
+/** Remove owner's sentence now (cancelled). An unknown owner is ignored. */
+void nz_nat_cb_remove(nz_nat_cb *cb, void *owner);
+
+/** @return sentences decoding now. */
+size_t nz_nat_cb_rows(const nz_nat_cb *cb);
+
+/** @return sentences in the batch (waiting to join, decoding, or done and not taken). */
+size_t nz_nat_cb_size(const nz_nat_cb *cb);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,7 +1,7 @@
 /* test_randmodel.h — small random models written to temporary .nzp files, for the C tests that
  * need a whole model (tests/test_mem_estimate.c, tests/test_t5md_cb.c): a writer over nz_writer, bf16
  * matrices and f32 vectors from a seeded Gaussian, in-memory SentencePiece models, and multi-decoder T5
- * models of a given shape (t5_write). Header-only (static functions), for cmocka test files. */
+ * models of a given shape (t5_write), fairseq translators (nat_write). Header-only (static functions), for cmocka test files. */
 #ifndef TEST_RANDMODEL_H
 #define TEST_RANDMODEL_H
 
@@ -83,6 +83,131 @@ static void spm_model(pb *m, const char *const *piece, const int *type, int n, i
     pb_bytes(m, 3, ns.b, ns.n);
 }
 
+/* ------------------------------------------------------------ fairseq CMLM translators (+ AT decoder) */
+
+/* The random translators' length predictor picks its largest class (the last encoder layer norm's output
+ * is a positive constant, the class's embed_length row a positive vector): tests/test_mem_estimate.c. */
+typedef struct nat_spec {
+    const char *name;
+    size_t D, H, F, enc, dec, at, V, C, maxpos;
+    int pre_norm, learned, offset, emb_norm, gelu;
+} nat_spec;
+
+static const nat_spec NAT_A = {
+    "A (post-norm, learned pos, length offset)", 64, 4, 128, 2, 2, 2, 600, 136, 128, 0, 1, 1, 0, 0};
+static const nat_spec NAT_B = {"B (pre-norm, sinusoidal, no offset, gelu, layernorm_embedding)",
+                               48,
+                               4,
+                               96,
+                               1,
+                               2,
+                               1,
+                               400,
+                               48,
+                               96,
+                               1,
+                               0,
+                               0,
+                               1,
+                               1};
+
+static void nat_layer(mw *m, const nat_spec *s, const char *stack, size_t i, int cross, int last_enc_post) {
+    static const char *const proj[] = {"q_proj", "k_proj", "v_proj", "out_proj"};
+    char n[160];
+    const char *att[2] = {"self_attn", "encoder_attn"};
+    for (int a = 0; a <= cross; a++) {
+        for (int p = 0; p < 4; p++) {
+            snprintf(n, sizeof n, "%slayers.%zu.%s.%s.weight", stack, i, att[a], proj[p]);
+            w_mat(m, n, s->D, s->D, 0.15, NULL);
+            snprintf(n, sizeof n, "%slayers.%zu.%s.%s.bias", stack, i, att[a], proj[p]);
+            w_vec(m, n, s->D, 0, 0.02f);
+        }
+        snprintf(n, sizeof n, "%slayers.%zu.%s_layer_norm.weight", stack, i, att[a]);
+        w_vec(m, n, s->D, 1, 0.05f);
+        snprintf(n, sizeof n, "%slayers.%zu.%s_layer_norm.bias", stack, i, att[a]);
+        w_vec(m, n, s->D, 0, 0.05f);
+    }
+    snprintf(n, sizeof n, "%slayers.%zu.fc1.weight", stack, i);
+    w_mat(m, n, s->F, s->D, 0.15, NULL);
+    snprintf(n, sizeof n, "%slayers.%zu.fc1.bias", stack, i);
+    w_vec(m, n, s->F, 0, 0.02f);
+    snprintf(n, sizeof n, "%slayers.%zu.fc2.weight", stack, i);
+    w_mat(m, n, s->D, s->F, 0.15, NULL);
+    snprintf(n, sizeof n, "%slayers.%zu.fc2.bias", stack, i);
+    w_vec(m, n, s->D, 0, 0.02f);
+    /* the encoder's output (post-norm: the last layer's final norm) is ~1 everywhere: see the header */
+    snprintf(n, sizeof n, "%slayers.%zu.final_layer_norm.weight", stack, i);
+    w_vec(m, n, s->D, last_enc_post ? 0.01f : 1, last_enc_post ? 0 : 0.05f);
+    snprintf(n, sizeof n, "%slayers.%zu.final_layer_norm.bias", stack, i);
+    w_vec(m, n, s->D, last_enc_post ? 1 : 0, last_enc_post ? 0 : 0.05f);
+}
+
+static void nat_stack_w(mw *m, const nat_spec *s, const char *stack, size_t nl, int cross, int emb_norm,
+                        size_t maxpos, int enc) {
+    char n[160];
+    if (s->learned) {
+        snprintf(n, sizeof n, "%sembed_positions.weight", stack);
+        w_mat(m, n, maxpos + 2, s->D, 0.1, NULL);
+    }
+    if (emb_norm) {
+        snprintf(n, sizeof n, "%slayernorm_embedding.weight", stack);
+        w_vec(m, n, s->D, 1, 0.05f);
+        snprintf(n, sizeof n, "%slayernorm_embedding.bias", stack);
+        w_vec(m, n, s->D, 0, 0.05f);
+    }
+    for (size_t i = 0; i < nl; i++) nat_layer(m, s, stack, i, cross, enc && !s->pre_norm && i + 1 == nl);
+    if (s->pre_norm) {
+        snprintf(n, sizeof n, "%slayer_norm.weight", stack);
+        w_vec(m, n, s->D, enc ? 0.01f : 1, enc ? 0 : 0.05f);
+        snprintf(n, sizeof n, "%slayer_norm.bias", stack);
+        w_vec(m, n, s->D, enc ? 1 : 0, enc ? 0 : 0.05f);
+    }
+}
+
+/* Write a random translator of spec s (length predictor fixed on its last class); @return its path. */
+static inline void nat_write(const nat_spec *s, uint64_t seed, char *path, size_t path_len) {
+    mw m;
+    mw_open(&m, seed);
+    w_mat(&m, "encoder.embed_tokens.weight", s->V, s->D, 0.3, NULL);
+    const size_t maxsrc = 80;
+    nat_stack_w(&m, s, "encoder.", s->enc, 0, s->emb_norm, maxsrc, 1);
+    nat_stack_w(&m, s, "decoder.", s->dec, 1, 0, s->maxpos, 0);
+    if (s->at) nat_stack_w(&m, s, "at_decoder.", s->at, 1, s->emb_norm, s->maxpos, 0);
+    float *len = xmalloc(s->C * s->D * sizeof *len);
+    for (size_t i = 0; i < s->C * s->D; i++)
+        len[i] = i / s->D == s->C - 1 ? 1.0f : (float)(0.05 * tu_gauss(&m.seed));
+    w_mat(&m, "decoder.embed_length.weight", s->C, s->D, 0, len);
+    free(len);
+    /* tokenizer: a tiny SentencePiece model and a dict.txt of V - 4 symbols */
+    static const char *const pieces[] = {"<unk>", U2581 "a", U2581, "a", "b"};
+    static const int types[] = {2, 1, 1, 1, 1};
+    pb sp;
+    spm_model(&sp, pieces, types, 5, 0, -1, -1, -1);
+    size_t dl = 0, dcap = 16 * s->V;
+    char *dict = xmalloc(dcap);
+    for (size_t i = 4; i < s->V; i++) dl += (size_t)snprintf(dict + dl, dcap - dl, "w%zu 1\n", i);
+    nz_error e = {0};
+    assert_int_equal(nz_writer_add_blob(m.w, "spm.model", sp.b, sp.n, &e), NZ_OK);
+    assert_int_equal(nz_writer_add_blob(m.w, "dict.txt", dict, dl, &e), NZ_OK);
+    free(dict);
+    json_t *c = json_pack(
+        "{s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:b, s:b, s:b, s:b, "
+        "s:b, s:b, s:b, s:s, s:I, s:I}",
+        "architecture", "cmlm_transformer", "encoder_embed_dim", (json_int_t)s->D, "encoder_ffn_embed_dim",
+        (json_int_t)s->F, "encoder_layers", (json_int_t)s->enc, "encoder_attention_heads", (json_int_t)s->H,
+        "decoder_embed_dim", (json_int_t)s->D, "decoder_ffn_embed_dim", (json_int_t)s->F, "decoder_layers",
+        (json_int_t)s->dec, "decoder_attention_heads", (json_int_t)s->H, "at_decoder_layers",
+        (json_int_t)s->at, "max_source_positions", (json_int_t)maxsrc, "max_target_positions",
+        (json_int_t)s->maxpos, "encoder_normalize_before", s->pre_norm, "decoder_normalize_before",
+        s->pre_norm, "encoder_learned_pos", s->learned, "decoder_learned_pos", s->learned,
+        "layernorm_embedding", s->emb_norm, "pred_length_offset", s->offset, "share_all_embeddings", 1,
+        "activation_fn", s->gelu ? "gelu" : "relu", "vocab_size", (json_int_t)s->V, "length_classes",
+        (json_int_t)s->C);
+    assert_non_null(c);
+    mw_finish(&m, c);
+    snprintf(path, path_len, "%s", m.path);
+}
+
 /* ------------------------------------------------------------ multi-decoder T5 models */
 
 typedef struct t5_spec {
@@ -156,7 +281,7 @@ static void t5_block(mw *m, const t5_spec *s, const char *stack, size_t i, int d
             }
 }
 
-static void t5_write(const t5_spec *s, uint64_t seed, char *path, size_t path_len) {
+static inline void t5_write(const t5_spec *s, uint64_t seed, char *path, size_t path_len) {
     mw m;
     mw_open(&m, seed);
     char n[128];
