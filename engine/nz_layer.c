@@ -561,11 +561,12 @@ int nz_block_fwd(nz_matmul_ctx *mc, const nz_block *b, float *x, const nz_block_
     }
     if (io->self_rows)
         rc = io->T == 1 && io->self_kv
-                 ? nz_attn_self_rows(mc, &b->self, in, io->B, io->self_kv, io->self_rows, io->self_bias, y, err)
+                 ? nz_attn_self_rows(mc, &b->self, in, io->B, io->self_kv, io->self_rows, io->self_bias, y,
+                                     err)
                  : nz_fail(err, NZ_E_INVALID_ARG, "self_rows needs one position per sequence and a cache");
     else
-        rc = nz_attn_self(mc, &b->self, in, io->B, io->T, io->self_pad, io->causal, io->self_kv, io->self_bias,
-                          y, err);
+        rc = nz_attn_self(mc, &b->self, in, io->B, io->T, io->self_pad, io->causal, io->self_kv,
+                          io->self_bias, y, err);
     if (!rc) {
         nz_add(x, y, M * d);
         if (!b->pre_norm) nz_norm_fwd(&b->self_norm, x, M, x);

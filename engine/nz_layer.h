@@ -254,15 +254,15 @@ void nz_block_free(nz_block *b);
 
 /** Inputs of a block forward call besides x. */
 typedef struct nz_block_io {
-    size_t B, T;             /* x is [B x T x d_model] */
-    const uint8_t *self_pad; /* [B x T] padding of x, or NULL */
-    int causal;              /* causal self-attention */
-    nz_kv *self_kv;          /* incremental self-attention cache, or NULL */
+    size_t B, T;               /* x is [B x T x d_model] */
+    const uint8_t *self_pad;   /* [B x T] padding of x, or NULL */
+    int causal;                /* causal self-attention */
+    nz_kv *self_kv;            /* incremental self-attention cache, or NULL */
     const uint32_t *self_rows; /* [B] the cache row of each sequence (T = 1: nz_attn_self_rows), or NULL */
-    const float *self_bias;  /* [H x T x Tk] or NULL */
-    const nz_kv *cross_kv;   /* encoder keys/values (has_cross) */
-    const uint32_t *kv_map;  /* [B] encoder row per query row, or NULL */
-    const float *cross_bias; /* [H x T x S] or NULL */
+    const float *self_bias;    /* [H x T x Tk] or NULL */
+    const nz_kv *cross_kv;     /* encoder keys/values (has_cross) */
+    const uint32_t *kv_map;    /* [B] encoder row per query row, or NULL */
+    const float *cross_bias;   /* [H x T x S] or NULL */
     /* per-group adapters (several decoders batched in one call): sequences
      * [g * group_B, (g + 1) * group_B) use adapters[g] (NULL entry: none)
      * instead of b->adapter; adapters NULL: b->adapter for every row */

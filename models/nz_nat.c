@@ -324,7 +324,7 @@ norm:
 /* x[B x T x D] through the layers of s (io filled by the caller except the
  * per-layer caches), then the final layer norm. */
 int nat_stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_block_io *io, nz_kv *self_kv,
-                        const nz_kv *cross_kv, nz_error *err) {
+                     const nz_kv *cross_kv, nz_error *err) {
     for (size_t l = 0; l < s->nlayers; l++) {
         io->self_kv = self_kv ? &self_kv[l] : NULL;
         io->cross_kv = cross_kv ? &cross_kv[l] : NULL;
@@ -508,7 +508,7 @@ static double decoder_fwd_peak(const nz_nat *n, int nat, double A, double W, dou
  * D floats): calls fn(ctx, i, lp[V]) for each, PROJ_CHUNK rows per matmul. */
 
 int nat_project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, const size_t *rows, size_t R,
-                        nat_row_fn fn, void *ctx, nz_error *err) {
+                     nat_row_fn fn, void *ctx, nz_error *err) {
     const size_t D = n->c.d_model, V = n->c.vocab, C = R < PROJ_CHUNK ? R : PROJ_CHUNK;
     if (!R) return NZ_OK;
     float *g = nz_malloc(C * D * sizeof *g, NZ_MEM_ACTIVATIONS);

@@ -19,9 +19,9 @@ enum { S_PENDING = 0, S_RUNNING, S_DONE };
 
 typedef struct cb_seq {
     void *owner;
-    int32_t *src;       /* [len] its source until encoded */
-    size_t len;         /* source ids */
-    size_t max_len;     /* as decoded alone (nat_at_setup over max(2, len)) */
+    int32_t *src;   /* [len] its source until encoded */
+    size_t len;     /* source ids */
+    size_t max_len; /* as decoded alone (nat_at_setup over max(2, len)) */
     size_t min_len;
     uint32_t enc, slot; /* its cross and self cache slots (running) */
     int32_t *tok;       /* [max_len + 1] generated */
@@ -35,18 +35,18 @@ typedef struct cb_seq {
 
 struct nz_nat_cb {
     const nz_nat *n;
-    nz_kvself self;    /* the rows' self-attention caches */
-    nz_kvenc cross;    /* the sentences' cross-attention caches (one per AT layer) */
-    cb_seq **rows;     /* [ncap] running sentences in step order */
+    nz_kvself self; /* the rows' self-attention caches */
+    nz_kvenc cross; /* the sentences' cross-attention caches (one per AT layer) */
+    cb_seq **rows;  /* [ncap] running sentences in step order */
     size_t nrows, ncap;
-    int32_t *cur;      /* [ncap] a step's input tokens */
-    int64_t *starts;   /* [ncap] their position offsets: tokens generated so far */
-    uint32_t *slots;   /* [ncap] self cache slot of each row */
-    uint32_t *encs;    /* [ncap] cross cache slot of each row */
-    size_t *ident;     /* [ncap] 0..: the rows to project */
-    float *x;          /* [ncap x D] hidden states */
-    float *tmp;        /* [V] nat_greedy_pick's scratch */
-    cb_seq *seqs;      /* every sentence not taken, newest first */
+    int32_t *cur;    /* [ncap] a step's input tokens */
+    int64_t *starts; /* [ncap] their position offsets: tokens generated so far */
+    uint32_t *slots; /* [ncap] self cache slot of each row */
+    uint32_t *encs;  /* [ncap] cross cache slot of each row */
+    size_t *ident;   /* [ncap] 0..: the rows to project */
+    float *x;        /* [ncap x D] hidden states */
+    float *tmp;      /* [V] nat_greedy_pick's scratch */
+    cb_seq *seqs;    /* every sentence not taken, newest first */
     size_t nseqs;
 };
 
@@ -69,7 +69,8 @@ static int resize(void *p, size_t m, size_t sz) {
 int nz_nat_cb_create(const nz_nat *n, nz_nat_cb **out, nz_error *err) {
     *out = NULL;
     if (!n->c.at_layers)
-        return nz_fail(err, NZ_E_UNSUPPORTED, "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
+        return nz_fail(err, NZ_E_UNSUPPORTED,
+                       "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
     nz_nat_cb *cb = nz_calloc(1, sizeof *cb, NZ_MEM_ACTIVATIONS);
     if (!cb) return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
     cb->n = n;

@@ -375,3 +375,150 @@ int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *con
     nz_free(len);
     return rc;
 }
+
+/* ------------------------------------------------------------------ continuous batching */
+
+/* One text of a batched request: the nz_nat_cb owner of its sentence. */
+typedef struct tr_text {
+    struct tr_member *m;
+    size_t i; /* its index in the request */
+} tr_text;
+
+/* One request of a nz_tr_batch. */
+typedef struct tr_member {
+    void *owner;
+    size_t n, pending; /* texts, texts still decoding */
+    int detok;
+    tr_text *texts;    /* [n] */
+    nz_tr_result *res; /* [n] */
+    struct tr_member *next;
+} tr_member;
+
+struct nz_tr_batch {
+    const nz_translator *t;
+    nz_nat_cb *cb;
+    tr_member *members; /* newest first */
+    size_t size;
+};
+
+int nz_tr_batch_joins(const nz_tr_opts *o) { return o->decoder == NZ_TR_AT_GREEDY; }
+
+int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err) {
+    *out = NULL;
+    nz_tr_batch *b = nz_calloc(1, sizeof *b, NZ_MEM_OTHER);
+    if (!b) return nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
+    b->t = t;
+    int rc = nz_nat_cb_create(t->nat, &b->cb, err);
+    if (rc) {
+        nz_free(b);
+        return rc;
+    }
+    *out = b;
+    return NZ_OK;
+}
+
+static void member_free(tr_member *m) {
+    if (!m) return;
+    nz_tr_results_free(m->res, m->n);
+    nz_free(m->res);
+    nz_free(m->texts);
+    nz_free(m);
+}
+
+void nz_tr_batch_free(nz_tr_batch *b) {
+    if (!b) return;
+    nz_nat_cb_free(b->cb);
+    for (tr_member *m = b->members, *nx; m; m = nx) {
+        nx = m->next;
+        member_free(m);
+    }
+    nz_free(b);
+}
+
+size_t nz_tr_batch_size(const nz_tr_batch *b) { return b->size; }
+
+void nz_tr_batch_remove(nz_tr_batch *b, void *owner) {
+    for (tr_member **p = &b->members; *p; p = &(*p)->next) {
+        tr_member *m = *p;
+        if (m->owner != owner) continue;
+        for (size_t i = 0; i < m->n; i++) nz_nat_cb_remove(b->cb, &m->texts[i]);
+        *p = m->next;
+        b->size--;
+        member_free(m);
+        return;
+    }
+}
+
+int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *lens, size_t n,
+                    const nz_tr_opts *o, int detok, void *owner, nz_error *err) {
+    if (!nz_tr_batch_joins(o))
+        return nz_fail(err, NZ_E_UNSUPPORTED, "translate: only AT greedy decoding is continuously batched");
+    if (!n) return nz_fail(err, NZ_E_INVALID_ARG, "translate: no text");
+    for (size_t i = 0; i < n; i++)
+        if (!ids[i] || lens[i] < 2)
+            return nz_fail(err, NZ_E_INVALID_ARG, "translate: source %zu has %zu ids (at least bos and eos)",
+                           i, ids[i] ? lens[i] : 0);
+    tr_member *m = nz_calloc(1, sizeof *m, NZ_MEM_OTHER);
+    if (m) {
+        m->texts = nz_calloc(n, sizeof *m->texts, NZ_MEM_OTHER);
+        m->res = nz_calloc(n, sizeof *m->res, NZ_MEM_OTHER);
+    }
+    if (!m || !m->texts || !m->res) {
+        member_free(m);
+        return nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
+    }
+    m->owner = owner;
+    m->n = n;
+    m->detok = detok;
+    m->next = b->members;
+    b->members = m;
+    b->size++;
+    for (size_t i = 0; i < n; i++) {
+        m->texts[i] = (tr_text){m, i};
+        m->res[i].input_tokens = lens[i];
+        nz_error e = {0};
+        int rc = nz_nat_cb_add(b->cb, ids[i], lens[i], &o->at, &m->texts[i], &e);
+        if (rc == NZ_E_NOMEM) {
+            *err = e;
+            nz_tr_batch_remove(b, owner);
+            return rc;
+        }
+        if (rc) { /* this text's own error, as a batch of one would give it */
+            m->res[i].rc = rc;
+            m->res[i].err = e;
+        } else {
+            m->pending++;
+        }
+    }
+    return NZ_OK;
+}
+
+int nz_tr_batch_step(nz_matmul_ctx *mc, nz_tr_batch *b, nz_error *err) {
+    int rc = nz_nat_cb_step(mc, b->cb, err);
+    void *owner;
+    nz_nat_hyp h;
+    while (nz_nat_cb_take(b->cb, &owner, &h)) { /* a failed step's sentences come with its error */
+        tr_text *x = owner;
+        take_hyp(b->t, &h, x->m->detok, &x->m->res[x->i]);
+        nz_nat_hyps_free(&h, 1);
+        x->m->pending--;
+    }
+    return rc;
+}
+
+int nz_tr_batch_take(nz_tr_batch *b, void **owner, nz_tr_result **res, size_t *n) {
+    tr_member **done = NULL; /* the oldest finished request */
+    for (tr_member **p = &b->members; *p; p = &(*p)->next)
+        if (!(*p)->pending) done = p;
+    if (!done) return 0;
+    tr_member *m = *done;
+    *done = m->next;
+    b->size--;
+    *owner = m->owner;
+    *res = m->res;
+    *n = m->n;
+    m->res = NULL;
+    m->n = 0;
+    member_free(m);
+    return 1;
+}

@@ -194,6 +194,47 @@ int nz_translator_run_ids(nz_matmul_ctx *mc, const nz_translator *t, const int32
  *  4 x (ids + 2) bytes a text + 16 x n). @return the estimate in bytes. */
 uint64_t nz_translator_peak_bytes(const nz_translator *t, const size_t *lens, size_t n, const nz_tr_opts *o);
 
+/* ------------------------------------------------------- continuous batching */
+
+/** Requests translated together as they come and go (AT greedy, nz_nat_cb
+ *  underneath): each text of a request joins at a decoder step boundary and
+ *  leaves at its eos; a request is finished when its every text is. Each
+ *  text's result is the one nz_translator_run_ids gives it alone. One
+ *  thread at a time. */
+typedef struct nz_tr_batch nz_tr_batch;
+
+/** @return whether requests with o can join a nz_tr_batch (AT greedy). */
+int nz_tr_batch_joins(const nz_tr_opts *o);
+
+/** @return NZ_OK and an empty batch over t (t must outlive it), NZ_E_UNSUPPORTED (no AT decoder) or
+ *  NZ_E_NOMEM. */
+int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err);
+
+/** Free a batch and every request in it. Accepts NULL. */
+void nz_tr_batch_free(nz_tr_batch *b);
+
+/** Add a request of n texts ids[i][0..lens[i]) (copied; bos .. eos), options o (AT greedy; o->at.stop
+ *  unused), detokenized when detok; owner identifies it. Its texts join at the next nz_tr_batch_step.
+ *  A text refused on its own (e.g. too long) gets its error in its result.
+ *  @return NZ_OK; NZ_E_UNSUPPORTED (another decoder); NZ_E_INVALID_ARG (no text, fewer than 2 ids);
+ *  NZ_E_NOMEM (nothing added). */
+int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *lens, size_t n,
+                    const nz_tr_opts *o, int detok, void *owner, nz_error *err);
+
+/** One decoder step of every text (new ones encoded first).
+ *  @return NZ_OK, or the step's error: every text not finished then has it in its result. */
+int nz_tr_batch_step(nz_matmul_ctx *mc, nz_tr_batch *b, nz_error *err);
+
+/** Take the oldest finished request: its owner and its results *res[*n] (in text order; free with
+ *  nz_tr_results_free, then nz_free). @return 1, or 0 when none is finished. */
+int nz_tr_batch_take(nz_tr_batch *b, void **owner, nz_tr_result **res, size_t *n);
+
+/** Remove owner's request now (cancelled). An unknown owner is ignored. */
+void nz_tr_batch_remove(nz_tr_batch *b, void *owner);
+
+/** @return requests in the batch (not yet taken). */
+size_t nz_tr_batch_size(const nz_tr_batch *b);
+
 #ifdef __cplusplus
 }
 #endif

@@ -170,114 +170,58 @@ static int run_dialogue_chunk(srv_worker *w, srv_batch *b, const nz_dlg_opts *o,
 
 /* ------------------------------------------------------------------ continuous batching */
 
-/* A continuous batch: member i of b is in db once its memory is reserved (reserved[i] bytes). */
-typedef struct dlg_cont {
-    srv_worker *w;
-    srv_batch *b;
-    nz_dlg_batch *db;
-    uint64_t reserved[SRV_BATCH_MAX];
-    int in[SRV_BATCH_MAX];
-} dlg_cont;
+static int cont_joins(const srv_req *r) { return nz_dlg_batch_joins(&r->dopts); }
 
-/* Member i leaves db (if in it) and gives its memory back. */
-static void cont_leave(dlg_cont *c, size_t i) {
-    if (!c->in[i]) return;
-    nz_dlg_batch_remove(c->db, c->b->m[i]);
-    srv_budget_release(c->w->s->budget, c->reserved[i]);
-    c->in[i] = 0;
+static void *cont_create(const srv_req *lead, nz_error *e) {
+    nz_dlg_batch *db = NULL;
+    if (nz_dlg_batch_create(lead->model->dlg, &db, e)) nz_fail_prefix(e, "dialogue failed: ");
+    return db;
 }
 
-/* Member i joins db when its memory estimate can be reserved: at once, or (db empty: nothing else would
- * free memory for it here) waiting in line; a member that cannot join yet tries again next step. */
-static void cont_admit(dlg_cont *c, size_t i) {
-    srv_server *s = c->w->s;
-    srv_req *r = c->b->m[i];
-    const uint64_t est = nz_dialogue_peak_bytes(r->model->dlg, r->n_ids[0], &r->dopts);
-    if (srv_budget_try_reserve(s->budget, est)) {
-        if (nz_dlg_batch_size(c->db)) return;
-        if (srv_budget_reserve(s->budget, est, srv_req_stop_hook, r)) {
-            srv_release_member(c->b, i);
-            return;
-        }
-    }
+static void cont_free(void *c) { nz_dlg_batch_free(c); }
+
+static uint64_t cont_estimate(const srv_req *r) {
+    return nz_dialogue_peak_bytes(r->model->dlg, r->n_ids[0], &r->dopts);
+}
+
+static int cont_add(void *c, srv_req *r) {
     nz_dlg_opts o = r->dopts;
     o.gen.seed = (uint64_t)r->dr.seed;
     o.on_token = r->sse ? request_token : NULL;
     o.token_arg = r;
     nz_error e = {0};
-    if (nz_dlg_batch_add(c->db, r->ids[0], r->n_ids[0], &o, r, &e)) {
-        srv_budget_release(s->budget, est);
-        respond_outcome(r, e.code ? e.code : NZ_E_INVALID_ARG, &e, 500, NULL);
-        srv_complete_member(c->b, i);
-        return;
-    }
-    c->reserved[i] = est;
-    c->in[i] = 1;
+    int rc = nz_dlg_batch_add(c, r->ids[0], r->n_ids[0], &o, r, &e);
+    if (rc) respond_outcome(r, rc, &e, 500, NULL);
+    return rc;
 }
 
-/* Decide the responses of the members db finished and hand them back. */
-static void cont_finish(dlg_cont *c) {
+static void cont_step(void *c, nz_matmul_ctx *mc) {
+    nz_error e = {0};
+    nz_dlg_batch_step(mc, c, &e); /* a failed step fails every member: each result carries it */
+}
+
+static srv_req *cont_take(void *c) {
     void *owner;
     nz_dlg_result res;
-    while (nz_dlg_batch_take(c->db, &owner, &res)) {
-        size_t i = 0;
-        while (c->b->m[i] != owner) i++;
-        srv_req *r = owner;
-        r->batch_texts = nz_dlg_batch_size(c->db) + 1;
-        respond_outcome(r, res.rc, &res.err, job_error(res.rc) ? srv_job_failed(r->model, &res.err) : 500,
-                        &res);
-        nz_dlg_result_free(&res);
-        srv_budget_release(c->w->s->budget, c->reserved[i]);
-        c->in[i] = 0;
-        srv_complete_member(c->b, i);
-    }
+    if (!nz_dlg_batch_take(c, &owner, &res)) return NULL;
+    srv_req *r = owner;
+    respond_outcome(r, res.rc, &res.err, job_error(res.rc) ? srv_job_failed(r->model, &res.err) : 500, &res);
+    nz_dlg_result_free(&res);
+    return r;
 }
 
-/* Run b's members (greedy or sampling, same model) as one continuous batch: each decoder step serves
- * every member; queued requests that can join do so between steps, finished ones are answered at once,
- * stopped ones (deadline, client gone, shutdown) leave at once. */
-static void run_continuous(srv_worker *w, srv_batch *b) {
-    srv_server *s = w->s;
-    dlg_cont c = {w, b, NULL, {0}, {0}};
-    const srv_req *lead = NULL;
-    for (size_t i = 0; !lead; i++) lead = b->m[i];
-    srv_req any; /* stands for the batch when no member is left: a greedy request of the model */
-    memset(&any, 0, sizeof any);
-    any.s = s;
-    any.route = SRV_ROUTE_DIALOGUE;
-    any.model = lead->model;
-    any.dopts.gen.strategy = NZ_T5MD_GREEDY;
-    nz_error e = {0};
-    if (nz_dlg_batch_create(lead->model->dlg, &c.db, &e)) {
-        for (size_t i = 0; i < b->n; i++)
-            if (b->m[i]) srv_respond_fail(b->m[i], 500, "dialogue failed: %s", e.msg);
-        return;
-    }
-    for (;;) {
-        for (size_t i = 0; i < b->n; i++)
-            if (b->m[i] && srv_req_should_stop(b->m[i])) {
-                cont_leave(&c, i);
-                srv_release_member(b, i);
-            }
-        for (int t = 0; t < s->debug_step_delay_ms; t += 5) srv_sleep_ms(5);
-        for (size_t i = 0; i < b->n; i++)
-            if (b->m[i] && !c.in[i]) cont_admit(&c, i);
-        if (nz_dlg_batch_size(c.db)) {
-            nz_dlg_batch_step(w->mc, c.db, &e); /* a failed step fails every member: taken below */
-            cont_finish(&c);
-        }
-        lead = NULL;
-        for (size_t i = 0; i < b->n && !lead; i++) lead = b->m[i];
-        size_t added[SRV_BATCH_MAX];
-        if (!srv_batch_join(w, b, lead ? lead : &any, added) && !lead) break;
-    }
-    nz_dlg_batch_free(c.db);
-}
+static void cont_remove(void *c, srv_req *r) { nz_dlg_batch_remove(c, r); }
+
+static size_t cont_size(const void *c) { return nz_dlg_batch_size(c); }
+
+/* Greedy and sampled requests: continuously batched (srv_run_continuous). */
+static const srv_cont_ops CONT = {cont_joins, cont_create, cont_free,   cont_estimate, cont_add,
+                                  cont_step,  cont_take,   cont_remove, cont_size};
 
 /* ------------------------------------------------------------------ the handler */
 
-/* Run the live members of b (same model; greedy or sampling: continuously, else with the same decoding
- * options as one generation, in chunks that fit the request memory pool) and decide each one's response;
+/* Run the live members of b (same model and decoding options; beam search, or anything with batching
+ * off) as one generation, in chunks that fit the request memory pool, and decide each one's response;
  * members released early are answered at once and their results ignored. */
 static void run_dialogue(srv_worker *w, srv_batch *b) {
     for (size_t i = 0; i < b->n; i++)
@@ -285,10 +229,6 @@ static void run_dialogue(srv_worker *w, srv_batch *b) {
     if (!b->live) return;
     const srv_req *r0 = NULL;
     for (size_t i = 0; !r0; i++) r0 = b->m[i];
-    if (w->s->cfg->batching && nz_dlg_batch_joins(&r0->dopts)) {
-        run_continuous(w, b);
-        return;
-    }
     /* the shared options, with their decoders copied: r0 may be released (and freed) while they are used */
     int decoders[SRV_MAX_DECODERS];
     nz_dlg_opts o = r0->dopts;
@@ -380,4 +320,5 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
     return srv_enqueue(s, r);
 }
 
-const srv_handler SRV_DIALOGUE_HANDLER = {SRV_ROUTE_DIALOGUE, submit_dialogue, batchable, rows, run_dialogue};
+const srv_handler SRV_DIALOGUE_HANDLER = {
+    SRV_ROUTE_DIALOGUE, submit_dialogue, batchable, rows, run_dialogue, &CONT};

@@ -170,6 +170,30 @@ typedef struct srv_batch {
     size_t live; /* members not released */
 } srv_batch;
 
+/** Continuous batching of a task (srv_handler.cont): the scheduler's loop (srv_run_continuous) runs one
+ *  step of every member at a time, answering finished members and taking in queued requests that join
+ *  between steps. The state is the task's (nz_dlg_batch, nz_tr_batch). */
+typedef struct srv_cont_ops {
+    /** Whether r is served continuously. */
+    int (*joins)(const srv_req *r);
+    /** @return a new empty batch for lead's model, or NULL with e set. */
+    void *(*create)(const srv_req *lead, nz_error *e);
+    /** Free a batch (its remaining members are the caller's). Accepts NULL. */
+    void (*free)(void *c);
+    /** @return the memory r reserves while it is in a batch (its estimated share). */
+    uint64_t (*estimate)(const srv_req *r);
+    /** r joins at the next step. @return NZ_OK, or an error (r's response then decided). */
+    int (*add)(void *c, srv_req *r);
+    /** One step of every member (failures end up in the members' results). */
+    void (*step)(void *c, nz_matmul_ctx *mc);
+    /** @return a finished member with its response decided (it has left the batch), or NULL. */
+    srv_req *(*take)(void *c);
+    /** r leaves now (cancelled). */
+    void (*remove)(void *c, srv_req *r);
+    /** @return members in the batch. */
+    size_t (*size)(const void *c);
+} srv_cont_ops;
+
 /** A served task's request handler (srv_translate.c, srv_dialogue.c): the scheduler and the HTTP side
  *  know tasks only through it. */
 typedef struct srv_handler {
@@ -184,6 +208,9 @@ typedef struct srv_handler {
     /** Run the batch b (one member without batchable) and decide the response of every member still in
      *  it (members may be released early, srv_release_member). */
     void (*run)(srv_worker *w, srv_batch *b);
+    /** Continuous batching, or NULL: batches whose first member joins run through srv_run_continuous
+     *  (batchable must then group only such requests together). */
+    const srv_cont_ops *cont;
 } srv_handler;
 
 extern const srv_handler SRV_TRANSLATE_HANDLER; /* srv_translate.c */
@@ -271,11 +298,12 @@ void srv_release_member(srv_batch *b, size_t i);
 /* Hand member i of b back now with the response decided for it; the batch goes on without it. */
 void srv_complete_member(srv_batch *b, size_t i);
 
-/* Continuous batching: move the queued requests that can join lead's batch (the handler's batchable),
- * from the head of the queue up to the first that cannot (first come, first served: a request of
- * another kind is not overtaken), into free member slots of b. added receives
- * their slots. @return how many joined. */
-size_t srv_batch_join(srv_worker *w, srv_batch *b, const srv_req *lead, size_t *added);
+/* Run b (members of one model that h->cont->joins) as a continuous batch: each step serves every member;
+ * finished members are answered at once, stopped ones (deadline, client gone, shutdown) leave at once, and
+ * queued requests of the same route and model that join are taken in between, from the head of the queue
+ * up to the first that cannot (first come, first served: a request of another kind is not overtaken, so
+ * a long batch cannot starve it). Each member reserves its estimate while in the batch. */
+void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h);
 
 /* Whether a running request should stop: cancelled, past its deadline, or its client left
  * (sets r->cancel to the reason). */

@@ -117,14 +117,17 @@ void srv_complete_member(srv_batch *b, size_t i) {
     srv_finish(r);
 }
 
-size_t srv_batch_join(srv_worker *w, srv_batch *b, const srv_req *lead, size_t *added) {
+/* Move the queued requests of route and model that h->cont->joins, from the head of the queue up to the
+ * first that does not, into free member slots of b (their slots into added). @return how many. */
+static size_t join_queued(srv_worker *w, srv_batch *b, const srv_handler *h, const srv_model *model,
+                          size_t *added) {
     srv_server *s = w->s;
-    const srv_handler *h = srv_handler_for(lead->route);
     size_t n = 0, slot = 0;
     pthread_mutex_lock(&s->mu);
     for (srv_req *r = s->qhead, *nx; r && !s->stop_workers; r = nx) {
         nx = r->next;
-        if (r->route != lead->route || !h->batchable(lead, r)) break; /* first come, first served */
+        if (r->route != h->route || r->model != model || !h->cont->joins(r))
+            break; /* first come, first served */
         while (slot < SRV_BATCH_MAX && slot < b->n && b->m[slot]) slot++;
         if (slot == SRV_BATCH_MAX) break;
         r->worker = w;
@@ -139,6 +142,84 @@ size_t srv_batch_join(srv_worker *w, srv_batch *b, const srv_req *lead, size_t *
     if (n) nz_matmul_ctx_cancel(w->mc, 0); /* live members again: re-armed (the reaper cancels under s->mu) */
     pthread_mutex_unlock(&s->mu);
     return n;
+}
+
+/* A continuous batch: member i of b is in c once its memory is reserved (reserved[i] bytes). */
+typedef struct cont_run {
+    srv_worker *w;
+    srv_batch *b;
+    const srv_cont_ops *ops;
+    void *c;
+    uint64_t reserved[SRV_BATCH_MAX];
+    int in[SRV_BATCH_MAX];
+} cont_run;
+
+/* Member i joins the batch when its memory can be reserved: at once, or (the batch empty: nothing else
+ * would free memory for it here) waiting in line; a member that cannot join yet tries again next step. */
+static void cont_admit(cont_run *x, size_t i) {
+    srv_server *s = x->w->s;
+    srv_req *r = x->b->m[i];
+    const uint64_t est = x->ops->estimate(r);
+    if (srv_budget_try_reserve(s->budget, est)) {
+        if (x->ops->size(x->c)) return;
+        if (srv_budget_reserve(s->budget, est, srv_req_stop_hook, r)) {
+            srv_release_member(x->b, i);
+            return;
+        }
+    }
+    if (x->ops->add(x->c, r)) { /* refused: its response is decided */
+        srv_budget_release(s->budget, est);
+        srv_complete_member(x->b, i);
+        return;
+    }
+    x->reserved[i] = est;
+    x->in[i] = 1;
+}
+
+/* Member i leaves the batch (if in it) and gives its memory back. */
+static void cont_leave(cont_run *x, size_t i) {
+    if (!x->in[i]) return;
+    x->ops->remove(x->c, x->b->m[i]);
+    srv_budget_release(x->w->s->budget, x->reserved[i]);
+    x->in[i] = 0;
+}
+
+void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
+    srv_server *s = w->s;
+    cont_run x = {w, b, h->cont, NULL, {0}, {0}};
+    const srv_req *lead = NULL;
+    for (size_t i = 0; !lead; i++) lead = b->m[i];
+    srv_model *model = lead->model;
+    nz_error e = {0};
+    if (!(x.c = x.ops->create(lead, &e))) {
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i]) srv_respond_fail(b->m[i], 500, "%s", e.msg);
+        return;
+    }
+    for (;;) {
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i] && srv_req_should_stop(b->m[i])) {
+                cont_leave(&x, i);
+                srv_release_member(b, i);
+            }
+        for (int t = 0; t < s->debug_step_delay_ms; t += 5) srv_sleep_ms(5);
+        for (size_t i = 0; i < b->n; i++)
+            if (b->m[i] && !x.in[i]) cont_admit(&x, i);
+        if (x.ops->size(x.c)) {
+            x.ops->step(x.c, w->mc);
+            for (srv_req *r; (r = x.ops->take(x.c));) {
+                size_t i = 0;
+                while (b->m[i] != r) i++;
+                r->batch_texts = x.ops->size(x.c) + 1;
+                srv_budget_release(s->budget, x.reserved[i]);
+                x.in[i] = 0;
+                srv_complete_member(b, i);
+            }
+        }
+        size_t added[SRV_BATCH_MAX];
+        if (!join_queued(w, b, h, model, added) && !b->live) break;
+    }
+    x.ops->free(x.c);
 }
 
 void *srv_worker_main(void *arg) {
@@ -180,7 +261,10 @@ void *srv_worker_main(void *arg) {
             b.m[i]->t_start = t;
             srv_metrics_queue_wait(s->metrics, t - b.m[i]->t0);
         }
-        h->run(w, &b);
+        if (h->cont && s->cfg->batching && h->cont->joins(r0))
+            srv_run_continuous(w, &b, h);
+        else
+            h->run(w, &b);
         nz_mem_trim(SRV_TRIM_FREE_BYTES); /* before the responses go: what a client reads next is trimmed */
 
         for (size_t i = 0; i < b.n; i++) {

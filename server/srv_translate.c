@@ -10,10 +10,12 @@
 
 /* Whether b can be decoded in one batch with a (same model and options). */
 static int batchable(const srv_req *a, const srv_req *b) {
-    return a->s->cfg->batching && a->route == SRV_ROUTE_TRANSLATE && b->route == SRV_ROUTE_TRANSLATE &&
-           a->model == b->model && nz_tr_opts_same(&a->topts, &b->topts);
+    if (!a->s->cfg->batching || a->route != SRV_ROUTE_TRANSLATE || b->route != SRV_ROUTE_TRANSLATE ||
+        a->model != b->model)
+        return 0;
+    const int ja = nz_tr_batch_joins(&a->topts), jb = nz_tr_batch_joins(&b->topts);
+    return ja || jb ? ja && jb : nz_tr_opts_same(&a->topts, &b->topts);
 }
-
 /* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
 /* The length candidates of t: [{"text", "score", "nat_score", "length", "chosen"}] in candidate order
  * (length without bos/eos; a score that is not a number, an unscorable candidate under rerank, is null). */
@@ -168,6 +170,64 @@ out:
     nz_free(lens);
 }
 
+/* ------------------------------------------------------------------ continuous batching (AT greedy) */
+
+static int cont_joins(const srv_req *r) { return nz_tr_batch_joins(&r->topts); }
+
+static void *cont_create(const srv_req *lead, nz_error *e) {
+    nz_tr_batch *tb = NULL;
+    if (nz_tr_batch_create(lead->model->tr, &tb, e)) nz_fail_prefix(e, "translation failed: ");
+    return tb;
+}
+
+static void cont_free(void *c) { nz_tr_batch_free(c); }
+
+static uint64_t cont_estimate(const srv_req *r) {
+    return nz_translator_peak_bytes(r->model->tr, r->n_ids, r->tr.n, &r->topts);
+}
+
+static int cont_add(void *c, srv_req *r) {
+    nz_error e = {0};
+    int rc = nz_tr_batch_add(c, (const int32_t *const *)r->ids, r->n_ids, r->tr.n, &r->topts, 1, r, &e);
+    if (rc) srv_respond_fail(r, rc == NZ_E_NOMEM ? 500 : 422, "translation failed: %s", e.msg);
+    return rc;
+}
+
+static void cont_step(void *c, nz_matmul_ctx *mc) {
+    nz_error e = {0};
+    nz_tr_batch_step(mc, c, &e); /* a failed step fails every text: each result carries it */
+}
+
+static srv_req *cont_take(void *c) {
+    void *owner;
+    nz_tr_result *res;
+    size_t n;
+    if (!nz_tr_batch_take(c, &owner, &res, &n)) return NULL;
+    srv_req *r = owner;
+    const nz_tr_result *bad = NULL; /* a failure of the model or the machine, not of the text */
+    for (size_t i = 0; i < n && !bad; i++)
+        if (res[i].rc && res[i].rc != NZ_E_RANGE && res[i].rc != NZ_E_INVALID_ARG && res[i].rc != NZ_E_FORMAT)
+            bad = &res[i];
+    int reason = atomic_load(&r->cancel);
+    if (reason || (bad && bad->rc == NZ_E_CANCELLED))
+        srv_respond_cancelled(r, reason ? reason : CANCEL_SHUTDOWN);
+    else if (bad)
+        srv_respond_fail(r, srv_job_failed(r->model, &bad->err), "translation failed: %s", bad->err.msg);
+    else
+        respond_translations(r, res);
+    nz_tr_results_free(res, n);
+    nz_free(res);
+    return r;
+}
+
+static void cont_remove(void *c, srv_req *r) { nz_tr_batch_remove(c, r); }
+
+static size_t cont_size(const void *c) { return nz_tr_batch_size(c); }
+
+/* AT greedy requests: continuously batched (srv_run_continuous). */
+static const srv_cont_ops CONT = {cont_joins, cont_create, cont_free,   cont_estimate, cont_add,
+                                  cont_step,  cont_take,   cont_remove, cont_size};
+
 /* Validate a translate request against the model and the token limits and queue it.
  * @return 1 when queued (connection suspended), 0 when a response was decided. */
 /* r->topts = m's decoding defaults with r's choices applied (the output cap is max_new_tokens unless
@@ -249,5 +309,5 @@ static int submit_translate(srv_server *s, srv_req *r) {
 
 static size_t texts(const srv_req *r) { return r->tr.n; }
 
-const srv_handler SRV_TRANSLATE_HANDLER = {SRV_ROUTE_TRANSLATE, submit_translate, batchable, texts,
-                                           run_translate};
+const srv_handler SRV_TRANSLATE_HANDLER = {
+    SRV_ROUTE_TRANSLATE, submit_translate, batchable, texts, run_translate, &CONT};

@@ -114,7 +114,6 @@ static void test_window(void **state) {
 
 /* ------------------------------------------------------------ translators */
 
-
 /* n sources, the longest maxlen ids ([bos, x.., eos]), the others spread down to 5. */
 static void make_sources(uint64_t *seed, size_t V, size_t n, size_t maxlen, int32_t **ids, size_t *lens) {
     for (size_t i = 0; i < n; i++) {

@@ -63,7 +63,8 @@ static void run_model(const nat_spec *spec, uint64_t seed) {
     for (int step = 0; taken + removed < NS; step++) {
         assert_true(step < 300);
         for (size_t i = 0; i < NS; i++) {
-            if (q[i].join == step) assert_int_equal(nz_nat_cb_add(cb, q[i].src, q[i].len, &q[i].o, &q[i], &e), 0);
+            if (q[i].join == step)
+                assert_int_equal(nz_nat_cb_add(cb, q[i].src, q[i].len, &q[i].o, &q[i], &e), 0);
             if (q[i].remove_at == step && !q[i].taken) {
                 nz_nat_cb_remove(cb, &q[i]);
                 q[i].removed = 1;
@@ -89,8 +90,8 @@ static void run_model(const nat_spec *spec, uint64_t seed) {
         assert_int_equal(a->rc, NZ_OK);
         if (b->rc) fail_msg("%s sentence %zu: %s", spec->name, i, b->err.msg);
         if (a->n != b->n || a->steps != b->steps)
-            fail_msg("%s sentence %zu (join %d): %zu tokens batched, %zu alone", spec->name, i, q[i].join, b->n,
-                     a->n);
+            fail_msg("%s sentence %zu (join %d): %zu tokens batched, %zu alone", spec->name, i, q[i].join,
+                     b->n, a->n);
         assert_memory_equal(a->tokens, b->tokens, a->n * sizeof *a->tokens);
         if (memcmp(&a->score, &b->score, sizeof a->score))
             fail_msg("%s sentence %zu: score %.9g batched, %.9g alone", spec->name, i, (double)b->score,

@@ -1,7 +1,8 @@
 /* test_randmodel.h — small random models written to temporary .nzp files, for the C tests that
  * need a whole model (tests/test_mem_estimate.c, tests/test_t5md_cb.c): a writer over nz_writer, bf16
  * matrices and f32 vectors from a seeded Gaussian, in-memory SentencePiece models, and multi-decoder T5
- * models of a given shape (t5_write), fairseq translators (nat_write). Header-only (static functions), for cmocka test files. */
+ * models of a given shape (t5_write), fairseq translators (nat_write). Header-only (static functions), for
+ * cmocka test files. */
 #ifndef TEST_RANDMODEL_H
 #define TEST_RANDMODEL_H
 

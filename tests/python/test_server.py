@@ -783,7 +783,8 @@ def test_shutdown_grace_over_503(model_path):
     with Server(model_path, config={"max_concurrent_requests": 2, "queue_length": 4, "shutdown_grace_ms": 300},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
         s.wait_ready()
-        reqs = [background(s.translate, slow(40 + i)) for i in range(3)]  # ~4 s each: 2 running, 1 queued
+        # ~4 s each: 2 running, 1 queued (beam search: not batched continuously, so one waits its turn)
+        reqs = [background(s.translate, slow(40 + i, beam_size=2)) for i in range(3)]
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 2)
         s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
         t0 = time.monotonic()
@@ -830,19 +831,19 @@ def test_disconnect_cancels_running_and_queued(model_path):
 
 
 def test_batched_request_released_alone(model_path):
-    """Queued requests with the same options are decoded as one batch; a member
-    whose client leaves (or whose deadline passes) is answered and released at
-    once, and its batch mates still get their translations."""
+    """Queued requests with the same options are decoded as one batch (AT beam search: a static batch);
+    a member whose client leaves (or whose deadline passes) is answered and released at once, and its
+    batch mates still get their translations."""
     with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8, "request_timeout_ms": 3000},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
         s.wait_ready()
         busy = U.raw_connect(s.port)
-        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(5)).encode()))  # ~0.7 s
+        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(5, beam_size=2)).encode()))  # ~0.7 s
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
         # three requests with equal options queue up behind it and run as one batch
         socks = [U.raw_connect(s.port) for _ in range(3)]
         for k in socks:
-            k.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(12)).encode()))  # ~1.4 s
+            k.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(12, beam_size=2)).encode()))  # ~1.4 s
         s.wait_metric("nzserve_queue_depth", lambda v: v == 3)
         assert U.raw_read_response(busy).status == 200
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 3)
@@ -860,10 +861,10 @@ def test_batched_request_released_alone(model_path):
         assert max(int(l["batch_texts"]) for l in lines) == 3, lines
         # a batch member whose deadline passes gets its 504 on time, not when the batch ends
         busy = U.raw_connect(s.port)
-        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(20)).encode()))  # ~2.2 s
+        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(20, beam_size=2)).encode()))  # ~2.2 s
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
         late = U.raw_connect(s.port)
-        late.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(40)).encode()))  # ~4.2 s > 3 s
+        late.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(40, beam_size=2)).encode()))  # ~4.2 s > 3 s
         t0 = time.monotonic()
         r = U.raw_read_response(late, timeout=10)
         assert r.status == 504, r
@@ -872,6 +873,34 @@ def test_batched_request_released_alone(model_path):
         for k in socks + [busy, late]:
             k.close()
         assert s.stop() == 0
+
+
+def test_at_greedy_joins_a_running_batch(model_path):
+    """AT greedy translations are batched continuously: a short request sent while a long one runs joins
+    its batch at the next decoder step and is answered long before the long one ends, with the translation
+    it gets alone; a leaving member does not disturb the other."""
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 50}) as s:
+        s.wait_ready()
+        busy = background(s.translate, slow(80))  # ~4 s of 50 ms steps
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
+        gone = U.raw_connect(s.port)
+        gone.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(30)).encode()))
+        s.wait_metric("nzserve_requests_in_flight", lambda v: v == 2)
+        t0 = time.monotonic()
+        short = {"texts": LINES[:2], "decoder": "at", "max_length": 4, "return_tokens": True}
+        r = s.translate(short)
+        dt = time.monotonic() - t0
+        assert r.status == 200, r
+        assert busy[0].is_alive(), ("the long request ended first", r.json(), dt, joined(*busy).json())
+        assert r.json()["timing_ms"]["queue"] < 200 and dt < 1.5, (r.json()["timing_ms"], dt)
+        gone.close()
+        s.wait_metric("nzserve_rejected_total", lambda v: v == 1, timeout=5, reason="cancelled")
+        assert joined(*busy).status == 200
+        line = [l for l in access_log(s.log()) if l["path"] == "/v1/translate" and l["texts"] == "2"]
+        assert int(line[0]["batch_texts"]) >= 2, line
+        alone = s.translate(short)
+        assert r.json()["translations"] == alone.json()["translations"]
 
 
 # ------------------------------------------------------------------ startup failures
