@@ -419,8 +419,10 @@ void srv_server_shutdown(srv_server *s) {
         if (s->workers[i].started) pthread_join(s->workers[i].thread, NULL), s->workers[i].started = 0;
     if (s->reaper_started) pthread_join(s->reaper, NULL), s->reaper_started = 0;
     if (s->loader_started) pthread_join(s->loader, NULL), s->loader_started = 0;
-    /* let the resumed connections write their responses */
-    for (int i = 0; i < 200 && atomic_load(&s->live) > 0; i++) srv_sleep_ms(10);
+    /* let the resumed connections write their responses: libmicrohttpd refuses to stop (it aborts) while a
+     * connection is still suspended, and a resumed one waits for its event loop; under a heavy load that
+     * takes a while, so up to 5 s (nothing waits here once every request is retired) */
+    for (int i = 0; i < 500 && atomic_load(&s->live) > 0; i++) srv_sleep_ms(10);
     if (!s->mhd) return;
     MHD_stop_daemon(s->mhd);
     s->mhd = NULL;
