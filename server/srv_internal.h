@@ -112,6 +112,9 @@ typedef struct srv_worker {
     pthread_t thread;
     nz_matmul_ctx *mc;
     int started;
+    /* the continuous batch it runs (under s->mu): requests that join it are left in the queue for it */
+    const struct srv_model *cont_model;
+    srv_route cont_route;
 } srv_worker;
 
 struct srv_server {

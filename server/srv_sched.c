@@ -222,19 +222,36 @@ void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
     x.ops->free(x.c);
 }
 
+/* Whether queued r will join a continuous batch that a worker runs (that worker takes it between steps,
+ * so another worker must not start a second batch with it). Caller holds s->mu. */
+static int joins_running(const srv_server *s, const srv_req *r) {
+    const srv_handler *h = srv_handler_for(r->route);
+    if (!h->cont || !s->cfg->batching || !h->cont->joins(r)) return 0;
+    for (int i = 0; i < s->nworkers; i++)
+        if (s->workers[i].cont_model == r->model && s->workers[i].cont_route == r->route) return 1;
+    return 0;
+}
+
+/* The oldest queued request no running continuous batch will take, or NULL. Caller holds s->mu. */
+static srv_req *next_job(const srv_server *s) {
+    for (srv_req *r = s->qhead; r; r = r->next)
+        if (!joins_running(s, r)) return r;
+    return NULL;
+}
+
 void *srv_worker_main(void *arg) {
     srv_worker *w = arg;
     srv_server *s = w->s;
     srv_batch b = {s, {0}, 0, 0};
     for (;;) {
         pthread_mutex_lock(&s->mu);
-        while (!s->qhead && !s->stop_workers) pthread_cond_wait(&s->cv, &s->mu);
-        if (!s->qhead) {
+        srv_req *r0;
+        while (!(r0 = next_job(s)) && !s->stop_workers) pthread_cond_wait(&s->cv, &s->mu);
+        if (!r0) {
             pthread_mutex_unlock(&s->mu);
             break;
         }
         b.n = 0;
-        srv_req *r0 = s->qhead;
         nz_matmul_ctx_cancel(w->mc, 0); /* re-armed for this job (the reaper cancels under s->mu too) */
         r0->worker = w;
         start_running(s, r0);
@@ -242,6 +259,11 @@ void *srv_worker_main(void *arg) {
         const srv_handler *h = srv_handler_for(r0->route);
         size_t units = h->units(r0), scanned = 0;
         b.m[b.n++] = r0;
+        const int cont = h->cont && s->cfg->batching && h->cont->joins(r0);
+        if (cont) { /* this worker runs the model's continuous batch: the others leave its requests to it */
+            w->cont_model = r0->model;
+            w->cont_route = r0->route;
+        }
         for (srv_req *r = s->qhead, *nx; h->batchable && r && b.n < SRV_BATCH_MAX && scanned < SRV_BATCH_SCAN;
              r = nx, scanned++) {
             nx = r->next;
@@ -261,10 +283,15 @@ void *srv_worker_main(void *arg) {
             b.m[i]->t_start = t;
             srv_metrics_queue_wait(s->metrics, t - b.m[i]->t0);
         }
-        if (h->cont && s->cfg->batching && h->cont->joins(r0))
+        if (cont) {
             srv_run_continuous(w, &b, h);
-        else
+            pthread_mutex_lock(&s->mu); /* the batch ended: the other workers may take its requests again */
+            w->cont_model = NULL;
+            pthread_cond_broadcast(&s->cv);
+            pthread_mutex_unlock(&s->mu);
+        } else {
             h->run(w, &b);
+        }
         nz_mem_trim(SRV_TRIM_FREE_BYTES); /* before the responses go: what a client reads next is trimmed */
 
         for (size_t i = 0; i < b.n; i++) {

@@ -692,10 +692,11 @@ def test_queue_admits_up_to_queue_length(model_path):
     with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 2},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 50}) as s:
         s.wait_ready()
-        a = background(s.translate, slow(20))
+        # AT beam search: batched only when queued together, so these wait (AT greedy ones would join a)
+        a = background(s.translate, slow(20, beam_size=2))
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
-        b = background(s.translate, slow(2))
-        c = background(s.translate, slow(2))
+        b = background(s.translate, slow(2, beam_size=2))
+        c = background(s.translate, slow(2, beam_size=2))
         s.wait_metric("nzserve_queue_depth", lambda v: v == 2)
         assert_error(s.translate({"text": LINES[0]}), 429)
         for th, out in (a, b, c):
@@ -743,8 +744,8 @@ def test_graceful_shutdown_drains(model_path):
         s.wait_ready()
         keep = http.client.HTTPConnection(U.HOST, s.port, timeout=10)  # an idle keep-alive connection
         assert s.request("GET", "/health", conn=keep).status == 200
-        # 3 running + 1 queued, ~1 s each; different max_length: never decoded as one batch
-        reqs = [background(s.translate, slow(8 + i)) for i in range(4)]
+        # 3 running + 1 queued, ~1 s each; AT beam with different max_length: never decoded as one batch
+        reqs = [background(s.translate, slow(8 + i, beam_size=2)) for i in range(4)]
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 3)
         s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
         s.signal(signal.SIGTERM)
