@@ -100,6 +100,21 @@ void *nz_realloc(void *p, size_t n) {
     return q;
 }
 
+int nz_resize_array(void *p, size_t n, size_t sz, nz_mem_cat cat) {
+    void *o = *(void **)p;
+    if (n && sz > (SIZE_MAX - 1) / n) return -1;
+    void *q = o ? nz_realloc(o, n * sz + 1) : nz_malloc(n * sz + 1, cat);
+    if (!q) return -1;
+    *(void **)p = q;
+    return 0;
+}
+
+size_t nz_grow_cap(size_t have, size_t need) {
+    size_t n = have ? have : 8;
+    while (n < need && n <= SIZE_MAX / 2) n *= 2;
+    return n < need ? need : n;
+}
+
 char *nz_strdup(const char *s) {
     size_t n = strlen(s) + 1;
     char *d = nz_malloc(n, NZ_MEM_OTHER);

@@ -40,6 +40,16 @@ void *nz_calloc(size_t count, size_t size, nz_mem_cat cat);
  *  @return the new block, or NULL (the old block is then left untouched). */
 void *nz_realloc(void *p, size_t n);
 
+/** Resize the array *p (void ** in disguise: NULL, or a block from here) to
+ *  n elements of sz bytes; a new block is counted under cat, a resized one
+ *  keeps its category.
+ *  @return 0, or -1 when out of memory or n x sz overflows (*p unchanged). */
+int nz_resize_array(void *p, size_t n, size_t sz, nz_mem_cat cat);
+
+/** @return the capacity an array of have elements grows to for need: have
+ *  (8 when 0) doubled until it holds need. */
+size_t nz_grow_cap(size_t have, size_t need);
+
 /** Free a block from nz_malloc/nz_calloc/nz_realloc. Accepts NULL. */
 void nz_free(void *p);
 

@@ -5,22 +5,6 @@
 
 #include <string.h>
 
-static size_t grow(size_t have, size_t need) {
-    size_t n = have ? have : 8;
-    while (n < need) n *= 2;
-    return n;
-}
-
-/* The array *p (NULL, or from here) resized to m elements of sz bytes, NZ_MEM_ACTIVATIONS.
- * @return 0, or -1 when out of memory (*p unchanged). */
-static int resize(void *p, size_t m, size_t sz) {
-    void *o = *(void **)p;
-    void *n = o ? nz_realloc(o, m * sz + 1) : nz_malloc(m * sz + 1, NZ_MEM_ACTIVATIONS);
-    if (!n) return -1;
-    *(void **)p = n;
-    return 0;
-}
-
 /* ------------------------------------------------------------------ self-attention */
 
 int nz_kvself_init(nz_kvself *s, size_t L, size_t D, size_t tcap, nz_error *err) {
@@ -50,8 +34,9 @@ int nz_kvself_take(nz_kvself *s, uint32_t *slot, nz_error *err) {
     size_t i = 0;
     while (i < s->rcap && s->used[i]) i++;
     if (i == s->rcap) { /* every slot is used: twice the slots */
-        const size_t m = grow(s->rcap, s->rcap + 1);
-        if (resize(&s->used, m, 1) || resize(&s->start, m, sizeof *s->start))
+        const size_t m = nz_grow_cap(s->rcap, s->rcap + 1);
+        if (nz_resize_array(&s->used, m, 1, NZ_MEM_ACTIVATIONS) ||
+            nz_resize_array(&s->start, m, sizeof *s->start, NZ_MEM_ACTIVATIONS))
             return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder slots");
         for (size_t l = 0; l < s->L; l++) {
             int rc = s->rcap ? nz_kv_resize(&s->kv[l], m, s->tcap, err)
@@ -92,7 +77,7 @@ int nz_kvself_room(nz_kvself *s, nz_error *err) {
             if (s->used[i]) s->start[i] -= m;
         return NZ_OK;
     }
-    const size_t cap = grow(s->tcap, P + 1);
+    const size_t cap = nz_grow_cap(s->tcap, P + 1);
     for (size_t l = 0; l < s->L; l++) {
         int rc = nz_kv_resize(&s->kv[l], s->rcap, cap, err);
         if (rc) return rc;
@@ -125,7 +110,8 @@ int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *er
     for (size_t i = 0; i < e->ecap; i++) free_ += !e->used[i];
     need = e->ecap + (B > free_ ? B - free_ : 0);
     if (need > e->ecap || S > e->scap) {
-        const size_t ne = need > e->ecap ? grow(e->ecap, need) : e->ecap, ns = S > e->scap ? S : e->scap;
+        const size_t ne = need > e->ecap ? nz_grow_cap(e->ecap, need) : e->ecap,
+                     ns = S > e->scap ? S : e->scap;
         for (size_t i = 0; i < e->n; i++) {
             nz_kv *kv = &e->kv[i];
             int rc = e->ecap ? nz_kv_resize(kv, ne, ns, err) : nz_kv_init(kv, ne, ns, e->D, err);
@@ -133,7 +119,8 @@ int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *er
             for (size_t b = 0; b < ne; b++) memset(kv->pad + b * ns + e->scap, 1, ns - e->scap);
             kv->len = ns;
         }
-        if (resize(&e->used, ne, 1)) return nz_fail(err, NZ_E_NOMEM, "out of memory for encoder slots");
+        if (nz_resize_array(&e->used, ne, 1, NZ_MEM_ACTIVATIONS))
+            return nz_fail(err, NZ_E_NOMEM, "out of memory for encoder slots");
         memset(e->used + e->ecap, 0, ne - e->ecap);
         e->ecap = ne;
         e->scap = ns;

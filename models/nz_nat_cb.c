@@ -50,22 +50,6 @@ struct nz_nat_cb {
     size_t nseqs;
 };
 
-static size_t grow(size_t have, size_t need) {
-    size_t n = have ? have : 8;
-    while (n < need) n *= 2;
-    return n;
-}
-
-/* The array *p (NULL, or from here: NZ_MEM_ACTIVATIONS) resized to m elements of sz bytes.
- * @return 0, or -1 when out of memory (*p unchanged). */
-static int resize(void *p, size_t m, size_t sz) {
-    void *o = *(void **)p;
-    void *n = o ? nz_realloc(o, m * sz + 1) : nz_malloc(m * sz + 1, NZ_MEM_ACTIVATIONS);
-    if (!n) return -1;
-    *(void **)p = n;
-    return 0;
-}
-
 int nz_nat_cb_create(const nz_nat *n, nz_nat_cb **out, nz_error *err) {
     *out = NULL;
     if (!n->c.at_layers)
@@ -146,11 +130,14 @@ int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at
 /* Room for n running rows in rows and the step buffers. */
 static int reserve_rows(nz_nat_cb *cb, size_t n, nz_error *err) {
     if (n <= cb->ncap) return NZ_OK;
-    const size_t m = grow(cb->ncap, n), D = cb->n->c.d_model;
-    if (resize(&cb->rows, m, sizeof *cb->rows) || resize(&cb->cur, m, sizeof *cb->cur) ||
-        resize(&cb->starts, m, sizeof *cb->starts) || resize(&cb->slots, m, sizeof *cb->slots) ||
-        resize(&cb->encs, m, sizeof *cb->encs) || resize(&cb->ident, m, sizeof *cb->ident) ||
-        resize(&cb->x, m * D, sizeof *cb->x))
+    const size_t m = nz_grow_cap(cb->ncap, n), D = cb->n->c.d_model;
+    if (nz_resize_array(&cb->rows, m, sizeof *cb->rows, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->cur, m, sizeof *cb->cur, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->starts, m, sizeof *cb->starts, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->slots, m, sizeof *cb->slots, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->encs, m, sizeof *cb->encs, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->ident, m, sizeof *cb->ident, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->x, m * D, sizeof *cb->x, NZ_MEM_ACTIVATIONS))
         return nz_fail(err, NZ_E_NOMEM, "out of memory for %zu decoder rows", m);
     for (size_t i = cb->ncap; i < m; i++) cb->ident[i] = i;
     cb->ncap = m;

@@ -62,22 +62,6 @@ struct nz_t5md_cb {
     size_t ngroups;
 };
 
-static size_t grow(size_t have, size_t need) {
-    size_t n = have ? have : 8;
-    while (n < need) n *= 2;
-    return n;
-}
-
-/* The array *p (NULL, or from here: NZ_MEM_ACTIVATIONS) resized to m elements of sz bytes.
- * @return 0, or -1 when out of memory (*p unchanged). */
-static int resize(void *p, size_t m, size_t sz) {
-    void *o = *(void **)p;
-    void *n = o ? nz_realloc(o, m * sz + 1) : nz_malloc(m * sz + 1, NZ_MEM_ACTIVATIONS);
-    if (!n) return -1;
-    *(void **)p = n;
-    return 0;
-}
-
 int nz_t5md_cb_create(const nz_t5md *t, nz_t5md_cb **out, nz_error *err) {
     *out = NULL;
     const nz_t5md_config *c = &t->c;
@@ -195,12 +179,16 @@ int nz_t5md_cb_add(nz_t5md_cb *cb, const int32_t *src, size_t len, const nz_t5md
 /* Room for n running rows in rows and the step buffers. */
 static int reserve_rows(nz_t5md_cb *cb, size_t n, nz_error *err) {
     if (n <= cb->ncap) return NZ_OK;
-    const size_t m = grow(cb->ncap, n), d = cb->t->c.d_model;
+    const size_t m = nz_grow_cap(cb->ncap, n), d = cb->t->c.d_model;
     t5md_run *r = &cb->r;
-    if (resize(&cb->rows, m, sizeof *cb->rows) || resize(&cb->cur, m, sizeof *cb->cur) ||
-        resize(&r->src, m, sizeof *r->src) || resize(&r->dj, m, sizeof *r->dj) ||
-        resize(&r->slot, m, sizeof *r->slot) || resize(&r->x, m * d, sizeof *r->x) ||
-        resize(&r->h, m * d, sizeof *r->h) || resize(&r->y, m * d, sizeof *r->y))
+    if (nz_resize_array(&cb->rows, m, sizeof *cb->rows, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->cur, m, sizeof *cb->cur, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&r->src, m, sizeof *r->src, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&r->dj, m, sizeof *r->dj, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&r->slot, m, sizeof *r->slot, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&r->x, m * d, sizeof *r->x, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&r->h, m * d, sizeof *r->h, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&r->y, m * d, sizeof *r->y, NZ_MEM_ACTIVATIONS))
         return nz_fail(err, NZ_E_NOMEM, "out of memory for %zu decoder rows", m);
     cb->ncap = m;
     return NZ_OK;
@@ -211,7 +199,8 @@ static int room_for_step(nz_t5md_cb *cb, nz_error *err) {
     int rc = nz_kvself_room(&cb->self, err);
     if (rc) return rc;
     if (cb->btcap < cb->self.tcap) {
-        if (resize(&cb->r.bias, cb->t->c.num_heads * (cb->self.tcap + 1), sizeof *cb->r.bias))
+        if (nz_resize_array(&cb->r.bias, cb->t->c.num_heads * (cb->self.tcap + 1), sizeof *cb->r.bias,
+                            NZ_MEM_ACTIVATIONS))
             return nz_fail(err, NZ_E_NOMEM, "out of memory for the position bias");
         cb->btcap = cb->self.tcap;
     }
