@@ -9,8 +9,8 @@
  * key goes to position P, and attention over the slot sees only its own keys
  * (nz_attn_self_rows). When P reaches tcap, every slot in use slides left by
  * the earliest start (or, when a sequence started at 0 is still running, the
- * caches grow). With a position bias that depends only on key - query (T5)
- * or per-sequence positions (fairseq, counted by the caller), the results are
+ * caches grow). With a position bias that depends only on key - query, or
+ * positions the caller counts per sequence, the results are
  * those of the sequence alone.
  *
  * Cross-attention (nz_kvenc): caches (one per layer, or per decoder and
