@@ -56,6 +56,38 @@ int nz_kvself_take(nz_kvself *s, uint32_t *slot, nz_error *err) {
 
 void nz_kvself_give(nz_kvself *s, uint32_t slot) { s->used[slot] = 0; }
 
+int nz_kvself_permute(nz_kvself *s, const uint32_t *slots, const uint32_t *src, size_t B, nz_error *err) {
+    const size_t P = nz_kvself_pos(s), D = s->D, row = P * D;
+    if (!B || !P) return NZ_OK;
+    float *tmp = nz_malloc(B * row * sizeof(float), NZ_MEM_KV);
+    uint8_t *ptmp = nz_malloc(B * P, NZ_MEM_KV);
+    size_t *stmp = nz_malloc(B * sizeof *stmp, NZ_MEM_KV);
+    if (!tmp || !ptmp || !stmp) {
+        nz_free(tmp);
+        nz_free(ptmp);
+        nz_free(stmp);
+        return nz_fail(err, NZ_E_NOMEM, "out of memory reordering decoder slots");
+    }
+    for (size_t l = 0; l < s->L; l++) {
+        nz_kv *kv = &s->kv[l];
+        float *planes[2] = {kv->k, kv->v};
+        for (int p = 0; p < 2; p++) {
+            for (size_t b = 0; b < B; b++)
+                memcpy(tmp + b * row, planes[p] + slots[src[b]] * kv->cap * D, row * sizeof(float));
+            for (size_t b = 0; b < B; b++)
+                memcpy(planes[p] + slots[b] * kv->cap * D, tmp + b * row, row * sizeof(float));
+        }
+        for (size_t b = 0; b < B; b++) memcpy(ptmp + b * P, kv->pad + slots[src[b]] * kv->cap, P);
+        for (size_t b = 0; b < B; b++) memcpy(kv->pad + slots[b] * kv->cap, ptmp + b * P, P);
+    }
+    for (size_t b = 0; b < B; b++) stmp[b] = s->start[slots[src[b]]];
+    for (size_t b = 0; b < B; b++) s->start[slots[b]] = stmp[b];
+    nz_free(tmp);
+    nz_free(ptmp);
+    nz_free(stmp);
+    return NZ_OK;
+}
+
 int nz_kvself_room(nz_kvself *s, nz_error *err) {
     const size_t P = nz_kvself_pos(s), D = s->D;
     if (!s->rcap || P + 1 <= s->tcap) return NZ_OK;

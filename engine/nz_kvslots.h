@@ -60,6 +60,12 @@ void nz_kvself_give(nz_kvself *s, uint32_t slot);
 /** @return the position at which slot's sequence started. */
 size_t nz_kvself_start(const nz_kvself *s, uint32_t slot);
 
+/** Beam reorder inside B slots: slots[b] takes the keys, values, padding
+ *  and start of slots[src[b]] (src[B], each < B), as they were before the
+ *  call. Every slots[b] must be in use. @return NZ_OK or NZ_E_NOMEM (the
+ *  caches are then unchanged). */
+int nz_kvself_permute(nz_kvself *s, const uint32_t *slots, const uint32_t *src, size_t B, nz_error *err);
+
 /** Room for one more step: slides the slots in use left by the earliest
  *  start when the caches are full (or grows them).
  *  @return NZ_OK or NZ_E_NOMEM. */

@@ -6,6 +6,7 @@
 
 #include "nz_alloc.h"
 #include "nz_cache.h"
+#include "nz_kvslots.h"
 #include "nz_layer.h"
 #include "nz_pool.h"
 
@@ -258,6 +259,54 @@ static void test_kv(void **state) {
     assert_int_equal(nz_kv_select(&kv, keep, 2, &e), NZ_E_RANGE); /* old row 2 no longer exists */
     nz_kv_free(&kv);
     nz_kv_free(&kv); /* idempotent */
+    assert_int_equal(nz_mem_current(NZ_MEM_KV), 0);
+}
+
+/* Slots of a continuously batched decoder: a slot taken at P has [0, P) padded; a permutation of some
+ * slots copies keys, values, padding and start from the slots as they were; the slide keeps them. */
+static void test_kvself_slots(void **state) {
+    (void)state;
+    nz_error e = {0};
+    nz_kvself s = {0};
+    assert_int_equal(nz_kvself_init(&s, 2, 2, 4, &e), NZ_OK);
+    uint32_t a, b, c;
+    assert_int_equal(nz_kvself_take(&s, &a, &e), NZ_OK);
+    for (size_t l = 0; l < 2; l++) s.kv[l].len = 1; /* one step written */
+    assert_int_equal(nz_kvself_take(&s, &b, &e), NZ_OK);
+    assert_int_equal(nz_kvself_take(&s, &c, &e), NZ_OK);
+    assert_int_equal(nz_kvself_start(&s, a), 0);
+    assert_int_equal(nz_kvself_start(&s, b), 1);
+    for (size_t l = 0; l < 2; l++) {
+        nz_kv *kv = &s.kv[l];
+        kv->len = 2;
+        const uint32_t sl[3] = {a, b, c};
+        for (size_t i = 0; i < 3; i++)
+            for (size_t t = 0; t < 2 * 2; t++) {
+                kv->k[sl[i] * kv->cap * 2 + t] = (float)(100 * l + 10 * i + t);
+                kv->v[sl[i] * kv->cap * 2 + t] = -(float)(100 * l + 10 * i + t);
+            }
+        assert_int_equal(kv->pad[b * kv->cap + 0], 1);
+        assert_int_equal(kv->pad[a * kv->cap + 0], 0);
+    }
+    const uint32_t slots[3] = {a, b, c}, src[3] = {1, 0, 0}; /* a <- b, b <- a, c <- a */
+    assert_int_equal(nz_kvself_permute(&s, slots, src, 3, &e), NZ_OK);
+    const size_t from[3] = {1, 0, 0};
+    for (size_t l = 0; l < 2; l++) {
+        const nz_kv *kv = &s.kv[l];
+        for (size_t i = 0; i < 3; i++) {
+            for (size_t t = 0; t < 2 * 2; t++) {
+                assert_true(kv->k[slots[i] * kv->cap * 2 + t] == (float)(100 * l + 10 * from[i] + t));
+                assert_true(kv->v[slots[i] * kv->cap * 2 + t] == -(float)(100 * l + 10 * from[i] + t));
+            }
+            assert_int_equal(kv->pad[slots[i] * kv->cap], from[i] == 1);
+        }
+    }
+    assert_int_equal(nz_kvself_start(&s, a), 1);
+    assert_int_equal(nz_kvself_start(&s, b), 0);
+    assert_int_equal(nz_kvself_start(&s, c), 0);
+    assert_true(nz_mem_current(NZ_MEM_KV) > 0);
+    nz_kvself_free(&s);
+    nz_kvself_free(&s);
     assert_int_equal(nz_mem_current(NZ_MEM_KV), 0);
 }
 
@@ -517,6 +566,7 @@ int main(void) {
         cmocka_unit_test(test_bind_errors),
         cmocka_unit_test(test_embed),
         cmocka_unit_test(test_kv),
+        cmocka_unit_test(test_kvself_slots),
         cmocka_unit_test(test_incremental_matches_full),
         cmocka_unit_test(test_cross_kv_map),
         cmocka_unit_test(test_damaged_weight),
