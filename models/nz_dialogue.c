@@ -1,5 +1,6 @@
 /* nz_dialogue — see nz_dialogue.h. */
 #include "nz_dialogue.h"
+#include "nz_task.h"
 
 #include "nz_alloc.h"
 #include "nz_container.h"
@@ -616,3 +617,24 @@ void nz_dlg_batch_remove(nz_dlg_batch *b, void *owner) {
             return;
         }
 }
+
+/* ------------------------------------------------------------------ the served task */
+
+static int task_open(const char *path, void **out, nz_error *err) {
+    return nz_dialogue_open(path, (nz_dialogue **)out, err);
+}
+
+static void task_free(void *m) { nz_dialogue_free(m); }
+
+static const nz_model *task_model(const void *m) { return nz_dialogue_model(m); }
+
+static json_t *task_describe(const void *m) {
+    const nz_t5md_config *c = nz_dialogue_config(m);
+    const char *variant = c->plain ? "none" : c->kind == NZ_T5MD_TRANSFORMER ? "transformer" : "adapter";
+    return json_pack("{s:o, s:I, s:s, s:I, s:I}", "generation", nz_dlg_opts_to_json(nz_dialogue_defaults(m)),
+                     "num_modes", (json_int_t)c->num_modes, "variant", variant, "max_context_turns",
+                     (json_int_t)c->max_context_turns, "max_source_length", (json_int_t)c->max_source_length);
+}
+
+const nz_task NZ_TASK_DIALOGUE = {"dialogue", "dialogue", "t5_multidecoder", task_open,
+                                  task_free,  task_model, task_describe};

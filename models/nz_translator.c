@@ -1,5 +1,6 @@
 /* nz_translator — see nz_translator.h. */
 #include "nz_translator.h"
+#include "nz_task.h"
 
 #include "nz_alloc.h"
 #include "nz_container.h"
@@ -522,3 +523,23 @@ int nz_tr_batch_take(nz_tr_batch *b, void **owner, nz_tr_result **res, size_t *n
     member_free(m);
     return 1;
 }
+
+/* ------------------------------------------------------------------ the served task */
+
+static int task_open(const char *path, void **out, nz_error *err) {
+    return nz_translator_open(path, (nz_translator **)out, err);
+}
+
+static void task_free(void *m) { nz_translator_free(m); }
+
+static const nz_model *task_model(const void *m) { return nz_translator_model(m); }
+
+static json_t *task_describe(const void *m) {
+    const nz_nat_config *c = nz_nat_get_config(nz_translator_nat(m));
+    return json_pack("{s:o, s:b, s:I}", "generation", nz_tr_opts_to_json(nz_translator_defaults(m)),
+                     "at_decoder", c->at_layers > 0, "max_source_positions",
+                     (json_int_t)c->max_source_positions);
+}
+
+const nz_task NZ_TASK_TRANSLATE = {"translate", "translation", "cmlm_transformer", task_open,
+                                   task_free,   task_model,    task_describe};

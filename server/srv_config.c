@@ -372,8 +372,9 @@ int srv_config_validate(const srv_config *c, char *err, size_t errlen) {
         const srv_model_cfg *m = &c->models[i];
         if (!m->name || !cfg_name_ok(m->name, strlen(m->name)))
             return fail(err, errlen, "models[%zu].name: " MSG_NAME, i);
-        if (m->task != SRV_TASK_TRANSLATE && m->task != SRV_TASK_DIALOGUE)
-            return fail(err, errlen, "models[%zu].task: " MSG_TASK, i);
+        char names[128];
+        if (!m->task || nz_task_find(m->task->name, strlen(m->task->name)) != m->task)
+            return fail(err, errlen, "models[%zu].task: must be %s", i, nz_task_names(names, sizeof names));
         if (!m->path || !*m->path) return fail(err, errlen, "models[%zu].path: must not be empty", i);
         for (size_t j = 0; j < i; j++)
             if (!strcmp(c->models[j].name, m->name))

@@ -27,6 +27,7 @@
 
 #include <jansson.h>
 
+#include "nz_task.h"
 #include "srv_log.h" /* srv_log_level, srv_log_format */
 
 #ifdef __cplusplus
@@ -34,7 +35,7 @@ extern "C" {
 #endif
 
 /** What a model serves. */
-typedef enum { SRV_TASK_TRANSLATE = 1, SRV_TASK_DIALOGUE = 2 } srv_task;
+typedef const nz_task *srv_task; /* NZ_TASK_TRANSLATE, NZ_TASK_DIALOGUE, ... (models/nz_task.h) */
 
 /** One model to load: a unique name (1..63 chars of [A-Za-z0-9._-]), the
  *  .nzp file and its task. */
@@ -110,7 +111,7 @@ json_t *srv_config_to_json(const srv_config *c);
 /** @return the usage text (every flag, its default and its environment variable), a static string. */
 const char *srv_config_usage(void);
 
-/** @return "translate", "dialogue", or "unknown" for any other value. */
+/** @return the task's name ("translate", "dialogue"), or "unknown" for NULL. */
 const char *srv_task_name(srv_task t);
 
 /* ------------------------------------------------------------- helpers */
@@ -125,7 +126,7 @@ int srv_config_init(srv_config *c);
  *  @return 0 and *out, or -1 (malformed or above 2^64-1). */
 int srv_config_parse_size(const char *s, uint64_t *out);
 
-/** Parse a task name ("translate", "dialogue").
+/** Parse a task name (one of nz_task_find's: "translate", "dialogue").
  *  @return 0 and *t, or -1. */
 int srv_task_parse(const char *s, srv_task *t);
 

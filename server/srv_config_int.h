@@ -54,7 +54,6 @@ extern const char *const LEVEL_NAMES[4];
 extern const char *const FORMAT_NAMES[2];
 
 #define MSG_NAME "must be 1..63 characters of [A-Za-z0-9._-]"
-#define MSG_TASK "must be \"translate\" or \"dialogue\""
 #define MSG_KEY  "must be 8..256 printable ASCII characters without spaces"
 
 static inline int *int_at(srv_config *c, const setting *s) { return (int *)(void *)((char *)c + s->off); }

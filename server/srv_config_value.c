@@ -52,22 +52,15 @@ int cfg_key_ok(const char *s, size_t n) {
 int cfg_host_ok(const char *s) { return s && *s && strlen(s) <= HOST_MAX; }
 
 static int task_parse_n(const char *s, size_t n, srv_task *t) {
-    if (n == 9 && !memcmp(s, "translate", 9)) {
-        *t = SRV_TASK_TRANSLATE;
-        return 0;
-    }
-    if (n == 8 && !memcmp(s, "dialogue", 8)) {
-        *t = SRV_TASK_DIALOGUE;
-        return 0;
-    }
-    return -1;
+    const nz_task *k = nz_task_find(s, n);
+    if (!k) return -1;
+    *t = k;
+    return 0;
 }
 
 int srv_task_parse(const char *s, srv_task *t) { return s ? task_parse_n(s, strlen(s), t) : -1; }
 
-const char *srv_task_name(srv_task t) {
-    return t == SRV_TASK_TRANSLATE ? "translate" : t == SRV_TASK_DIALOGUE ? "dialogue" : "unknown";
-}
+const char *srv_task_name(srv_task t) { return t ? t->name : "unknown"; }
 
 static int level_parse(const char *s, srv_log_level *l) {
     for (int i = 0; i < 4; i++)
@@ -231,7 +224,9 @@ int cfg_model_from_spec(ctx *x, const char *where, const char *s, size_t n, srv_
     if (!c2) return XFAIL(x, "%s: must be name:task:path, got '%.*s'", where, (int)(n > 200 ? 200 : n), s);
     srv_task t;
     if (!cfg_name_ok(s, (size_t)(c1 - s))) return XFAIL(x, "%s.name: " MSG_NAME, where);
-    if (task_parse_n(c1 + 1, (size_t)(c2 - c1 - 1), &t)) return XFAIL(x, "%s.task: " MSG_TASK, where);
+    char names[128];
+    if (task_parse_n(c1 + 1, (size_t)(c2 - c1 - 1), &t))
+        return XFAIL(x, "%s.task: must be %s", where, nz_task_names(names, sizeof names));
     if (c2 + 1 == s + n) return XFAIL(x, "%s.path: must not be empty", where);
     out->name = cfg_dupn(s, (size_t)(c1 - s));
     out->path = cfg_dupn(c2 + 1, n - (size_t)(c2 + 1 - s));
@@ -362,8 +357,9 @@ static int model_from_json(ctx *x, const char *elem, json_t *o, const char *dir,
         return XFAIL(x, "%s.name: " MSG_NAME, elem);
     srv_task t;
     if (!task) return XFAIL(x, "%s.task: missing", elem);
+    char names[128];
     if (!json_is_string(task) || srv_task_parse(json_string_value(task), &t))
-        return XFAIL(x, "%s.task: " MSG_TASK, elem);
+        return XFAIL(x, "%s.task: must be %s", elem, nz_task_names(names, sizeof names));
     if (!path) return XFAIL(x, "%s.path: missing", elem);
     if (!json_is_string(path) || !json_string_length(path) ||
         strlen(json_string_value(path)) != json_string_length(path))

@@ -4,28 +4,38 @@
 #include "srv_internal.h"
 
 #include "nz_alloc.h"
+#include "nz_dialogue.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+
+/* A dialogue request's own state (srv_req.task). */
+typedef struct dlg_state {
+    srv_dialogue_req q; /* the parsed request */
+    nz_dlg_opts o;      /* the model's defaults with the request's choices applied */
+} dlg_state;
+
+static dlg_state *DL(const srv_req *r) { return r->task; }
+
+/* The K decoders of model m. */
+static size_t num_modes(const srv_model *m) { return nz_dialogue_config(m->impl)->num_modes; }
 
 /* Whether queued b can be decoded together with a: same model, and either both greedy or sampling
  * (continuously batched, each with its own options) or the same decoding options (beam search: every
  * option that shapes generation, the decoders included; streamed and plain requests mix). Never with
  * the config's batching off. */
 static int batchable(const srv_req *a, const srv_req *b) {
-    if (!a->s->cfg->batching || a->route != SRV_ROUTE_DIALOGUE || b->route != SRV_ROUTE_DIALOGUE ||
-        a->model != b->model)
-        return 0;
-    const int ja = nz_dlg_batch_joins(&a->dopts), jb = nz_dlg_batch_joins(&b->dopts);
-    return ja || jb ? ja && jb : nz_dlg_opts_same(&a->dopts, &b->dopts);
+    if (!a->s->cfg->batching || a->h != b->h || a->model != b->model) return 0;
+    const int ja = nz_dlg_batch_joins(&DL(a)->o), jb = nz_dlg_batch_joins(&DL(b)->o);
+    return ja || jb ? ja && jb : nz_dlg_opts_same(&DL(a)->o, &DL(b)->o);
 }
 
 /* The units of r counted against max_texts when batching: its decoder rows (requested decoders x beam
  * size for beam search, else the decoders), so max_texts bounds the rows a batched decoder step runs. */
 static size_t rows(const srv_req *r) {
-    const nz_t5md_opts *g = &r->dopts.gen;
-    const size_t D = g->n_decoders ? g->n_decoders : r->model->num_modes;
+    const nz_t5md_opts *g = &DL(r)->o.gen;
+    const size_t D = g->n_decoders ? g->n_decoders : num_modes(r->model);
     return D * (g->strategy == NZ_T5MD_BEAM ? (size_t)g->beam_size : 1);
 }
 
@@ -73,7 +83,7 @@ static void respond_dialogue(srv_req *r, const nz_dlg_result *res) {
         json_t *o1 =
             json_pack("{s:i, s:o, s:o}", "decoder", p->decoder, "text", srv_json_text(p->text, p->text_len),
                       "score", isfinite(p->score) ? json_real(p->score) : json_null());
-        if (o1 && r->dr.return_tokens) {
+        if (o1 && DL(r)->q.return_tokens) {
             json_t *ids = json_array();
             for (size_t k = 0; k < p->n_tokens; k++) json_array_append_new(ids, json_integer(p->tokens[k]));
             json_object_set_new(o1, "tokens", ids);
@@ -134,11 +144,11 @@ static int run_dialogue_chunk(srv_worker *w, srv_batch *b, const nz_dlg_opts *o,
         const srv_req *r = b->m[i];
         if (!r) continue; /* released early */
         lens[B] = r->n_ids[0];
-        const uint64_t more = nz_dialogue_batch_peak_bytes(r->model->dlg, lens, B + 1, &co);
+        const uint64_t more = nz_dialogue_batch_peak_bytes(r->model->impl, lens, B + 1, &co);
         if (B && more > bs.total) break;
         est = more;
         ids[B] = r->ids[0];
-        seeds[B] = (uint64_t)r->dr.seed;
+        seeds[B] = (uint64_t)DL(r)->q.seed;
         c.member[B++] = i;
         model = r->model;
     }
@@ -150,7 +160,7 @@ static int run_dialogue_chunk(srv_worker *w, srv_batch *b, const nz_dlg_opts *o,
     co.gen.stop_arg = b;
     nz_dlg_result res[SRV_BATCH_MAX];
     nz_error e = {0};
-    int rc = nz_dialogue_run_batch(w->mc, model->dlg, ids, lens, B, &co, res, &e);
+    int rc = nz_dialogue_run_batch(w->mc, model->impl, ids, lens, B, &co, res, &e);
     srv_budget_release(s->budget, est);
     const int status = job_error(rc) ? srv_job_failed(model, &e) : 500;
     for (size_t k = 0; k < B; k++) {
@@ -170,23 +180,23 @@ static int run_dialogue_chunk(srv_worker *w, srv_batch *b, const nz_dlg_opts *o,
 
 /* ------------------------------------------------------------------ continuous batching */
 
-static int cont_joins(const srv_req *r) { return nz_dlg_batch_joins(&r->dopts); }
+static int cont_joins(const srv_req *r) { return nz_dlg_batch_joins(&DL(r)->o); }
 
 static void *cont_create(const srv_req *lead, nz_error *e) {
     nz_dlg_batch *db = NULL;
-    if (nz_dlg_batch_create(lead->model->dlg, &db, e)) nz_fail_prefix(e, "dialogue failed: ");
+    if (nz_dlg_batch_create(lead->model->impl, &db, e)) nz_fail_prefix(e, "dialogue failed: ");
     return db;
 }
 
 static void cont_free(void *c) { nz_dlg_batch_free(c); }
 
 static uint64_t cont_estimate(const srv_req *r) {
-    return nz_dialogue_peak_bytes(r->model->dlg, r->n_ids[0], &r->dopts);
+    return nz_dialogue_peak_bytes(r->model->impl, r->n_ids[0], &DL(r)->o);
 }
 
 static int cont_add(void *c, srv_req *r) {
-    nz_dlg_opts o = r->dopts;
-    o.gen.seed = (uint64_t)r->dr.seed;
+    nz_dlg_opts o = DL(r)->o;
+    o.gen.seed = (uint64_t)DL(r)->q.seed;
     o.on_token = r->sse ? request_token : NULL;
     o.token_arg = r;
     nz_error e = {0};
@@ -231,7 +241,7 @@ static void run_dialogue(srv_worker *w, srv_batch *b) {
     for (size_t i = 0; !r0; i++) r0 = b->m[i];
     /* the shared options, with their decoders copied: r0 may be released (and freed) while they are used */
     int decoders[SRV_MAX_DECODERS];
-    nz_dlg_opts o = r0->dopts;
+    nz_dlg_opts o = DL(r0)->o;
     if (o.gen.n_decoders) {
         memcpy(decoders, o.gen.decoders, o.gen.n_decoders * sizeof *decoders);
         o.gen.decoders = decoders;
@@ -242,12 +252,12 @@ static void run_dialogue(srv_worker *w, srv_batch *b) {
     }
 }
 
-/* r->dopts = m's decoding defaults with r's choices applied (max_new_tokens: the request's, else the
+/* DL(r)->o = m's decoding defaults with r's choices applied (max_new_tokens: the request's, else the
  * model's capped by the server's limit); a strategy option is checked against the strategy in effect.
  * @return 0, or -1 with r's error response decided. */
 static int resolve_dialogue_opts(srv_req *r, const srv_model *m, int max_new_tokens) {
-    const srv_dialogue_req *q = &r->dr;
-    r->dopts = *nz_dialogue_defaults(m->dlg);
+    const srv_dialogue_req *q = &DL(r)->q;
+    DL(r)->o = *nz_dialogue_defaults(m->impl);
     nz_dlg_choice c;
     nz_dlg_choice_init(&c);
     c.strategy = q->strategy;
@@ -257,22 +267,22 @@ static int resolve_dialogue_opts(srv_req *r, const srv_model *m, int max_new_tok
     c.top_p = (float)q->top_p;
     c.no_repeat_ngram = q->no_repeat_ngram;
     c.distinct = q->distinct;
-    int model_cap = r->dopts.gen.max_new_tokens;
+    int model_cap = DL(r)->o.gen.max_new_tokens;
     c.max_new_tokens = q->max_new_tokens > 0        ? q->max_new_tokens
                        : model_cap < max_new_tokens ? model_cap
                                                     : max_new_tokens;
     srv_error se = {0};
-    if (srv_dialogue_check_strategy(q, c.strategy >= 0 ? c.strategy : (int)r->dopts.gen.strategy, &se)) {
+    if (srv_dialogue_check_strategy(q, c.strategy >= 0 ? c.strategy : (int)DL(r)->o.gen.strategy, &se)) {
         srv_respond_error(r, &se);
         return -1;
     }
     nz_error e = {0};
-    if (nz_dlg_choice_apply(&c, &r->dopts, &e)) {
+    if (nz_dlg_choice_apply(&c, &DL(r)->o, &e)) {
         srv_respond_fail(r, 422, "%s", e.msg);
         return -1;
     }
-    r->dopts.gen.decoders = q->n_decoders ? q->decoders : NULL; /* r's own array: valid while r lives */
-    r->dopts.gen.n_decoders = q->n_decoders;
+    DL(r)->o.gen.decoders = q->n_decoders ? q->decoders : NULL; /* r's own array: valid while r lives */
+    DL(r)->o.gen.n_decoders = q->n_decoders;
     return 0;
 }
 
@@ -282,24 +292,28 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
     const srv_config *cfg = s->cfg;
     srv_error e = {0};
     srv_limits lim = {cfg->max_texts, cfg->max_new_tokens};
-    if (srv_parse_dialogue(r->body, r->body_len, &lim, &r->dr, &e)) {
+    if (!(r->task = nz_calloc(1, sizeof(dlg_state), NZ_MEM_OTHER))) {
+        srv_respond_fail(r, 500, "out of memory");
+        return 0;
+    }
+    if (srv_parse_dialogue(r->body, r->body_len, &lim, &DL(r)->q, &e)) {
         srv_respond_error(r, &e);
         return 0;
     }
-    const srv_dialogue_req *q = &r->dr;
-    srv_model *m = srv_resolve_model(s, r, q->model, SRV_TASK_DIALOGUE);
+    const srv_dialogue_req *q = &DL(r)->q;
+    srv_model *m = srv_resolve_model(s, r, q->model);
     if (!m) return 0;
     r->model = m;
     if (resolve_dialogue_opts(r, m, cfg->max_new_tokens)) return 0;
     for (size_t j = 0; j < q->n_decoders; j++)
-        if ((size_t)q->decoders[j] >= m->num_modes) {
+        if ((size_t)q->decoders[j] >= num_modes(m)) {
             srv_respond_fail(r, 422, "'decoders'[%zu]: model '%s' has no decoder %d (it has %zu: 0..%zu)", j,
-                             m->cfg->name, q->decoders[j], m->num_modes, m->num_modes - 1);
+                             m->cfg->name, q->decoders[j], num_modes(m), num_modes(m) - 1);
             return 0;
         }
     nz_error ne = {0};
     if (srv_alloc_ids(r, 1)) return 0;
-    if (nz_dialogue_encode(m->dlg, q->turns, q->n_turns, &r->ids[0], &r->n_ids[0], &ne)) {
+    if (nz_dialogue_encode(m->impl, q->turns, q->n_turns, &r->ids[0], &r->n_ids[0], &ne)) {
         srv_respond_fail(r, 422, "'context': cannot tokenize: %s", ne.msg);
         return 0;
     }
@@ -308,7 +322,7 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
         srv_respond_fail(r, 422, "'context' has %zu tokens; the limit is %d", n - 1, cfg->max_input_tokens);
         return 0;
     }
-    if (srv_refuse_oversized(s, r, nz_dialogue_peak_bytes(m->dlg, n, &r->dopts), 0)) return 0;
+    if (srv_refuse_oversized(s, r, nz_dialogue_peak_bytes(m->impl, n, &DL(r)->o), 0)) return 0;
     if (q->stream) {
         if (pthread_mutex_init(&r->smu, NULL)) {
             srv_respond_fail(r, 500, "cannot create the event stream");
@@ -320,5 +334,31 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
     return srv_enqueue(s, r);
 }
 
+static size_t turns(const srv_req *r) { return DL(r)->q.n_turns; }
+
+static void label(const srv_req *r, size_t i, char *buf, size_t n) {
+    (void)r;
+    (void)i;
+    snprintf(buf, n, "the context");
+}
+
+static void free_req(srv_req *r) {
+    dlg_state *d = r->task;
+    if (!d) return;
+    srv_dialogue_req_free(&d->q);
+    nz_free(d);
+    r->task = NULL;
+}
+
 const srv_handler SRV_DIALOGUE_HANDLER = {
-    SRV_ROUTE_DIALOGUE, submit_dialogue, batchable, rows, run_dialogue, &CONT};
+    .path = "/v1/dialogue",
+    .task = &NZ_TASK_DIALOGUE,
+    .submit = submit_dialogue,
+    .batchable = batchable,
+    .units = rows,
+    .texts = turns,
+    .label = label,
+    .run = run_dialogue,
+    .cont = &CONT,
+    .free_req = free_req,
+};

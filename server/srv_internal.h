@@ -7,8 +7,12 @@
  *   srv_respond.c    responses, errors, server-sent events
  *   srv_sched.c      queue, workers, batching, deadlines and cancellation, memory reservations
  *   srv_models.c     model loading, readiness, lookup, /v1/models, /v1/memory, /metrics
+ *   srv_handlers.c   the served tasks' request handlers (the list a new task joins)
  *   srv_translate.c  the /v1/translate handler
  *   srv_dialogue.c   the /v1/dialogue handler
+ *
+ * The scheduler, the HTTP side and the model views know a task only through its srv_handler (and the
+ * models' nz_task descriptor, models/nz_task.h); only a task's handler file calls its model family's API.
  */
 #ifndef SRV_INTERNAL_H
 #define SRV_INTERNAL_H
@@ -23,8 +27,9 @@
 #include "srv_text.h"
 #include "srv_ui.h"
 
-#include "nz_dialogue.h"
-#include "nz_translator.h"
+#include "nz_pool.h"
+#include "nz_task.h"
+#include "nz_weight.h"
 
 #include <jansson.h>
 #include <microhttpd.h>
@@ -35,21 +40,11 @@
 
 /** One configured model and what the server knows about it. */
 typedef struct srv_model {
-    const srv_model_cfg *cfg;    /* name, path, task (borrowed from the config) */
-    nz_translator *tr;           /* translate task, set once loaded */
-    nz_dialogue *dlg;            /* dialogue task, set once loaded */
-    uint64_t params;             /* float weights, elements */
-    uint64_t compressed_bytes;   /* stored tile bytes of every tensor */
-    uint64_t source_bytes;       /* the tensors as they were packed (bf16/fp32 bytes) */
-    uint64_t decoded_bytes;      /* every float tensor decoded to fp32 */
-    char mode[32];               /* weight mode of the largest share of the weights */
-    char architecture[64];       /* config.json "architecture" */
-    int has_at;                  /* translate: an AT decoder is present */
-    size_t max_source_positions; /* translate: longest source incl. bos/eos */
-    size_t num_modes;            /* dialogue: K decoders */
-    const char *variant;         /* dialogue: "adapter", "transformer" or "none" (plain T5) */
-    atomic_int lost;             /* not served: it failed to load, or its file changed under the server */
-    char why[400];               /* why it is lost (written before lost is set) */
+    const srv_model_cfg *cfg; /* name, path, task (borrowed from the config) */
+    void *impl;        /* the loaded model (cfg->task's: nz_translator, nz_dialogue), set once loaded */
+    nz_task_info info; /* its sizes, weight mode and architecture (set with impl) */
+    atomic_int lost;   /* not served: it failed to load, or its file changed under the server */
+    char why[400];     /* why it is lost (written before lost is set) */
 } srv_model;
 
 enum { RQ_READ = 0, RQ_QUEUED, RQ_RUNNING, RQ_DONE };
@@ -61,6 +56,7 @@ typedef struct srv_req {
     srv_server *s;
     struct MHD_Connection *conn;
     srv_route route;
+    const struct srv_handler *h; /* an inference route's handler, else NULL */
     char method[12];
     char path[96];
     double t0;       /* arrival (monotonic seconds) */
@@ -78,13 +74,10 @@ typedef struct srv_req {
     const srv_ui_asset *asset; /* a playground file to answer with (static, instead of resp) */
     int retry_after;           /* seconds, 0: no header */
     int close;                 /* Connection: close */
-    srv_translate_req tr;
-    int32_t **ids;      /* [tr.n] translate: each text's ids, tokenized once when validated (NZ_MEM_OTHER) */
-    size_t *n_ids;      /* [tr.n] their lengths; dialogue: ids[0] / n_ids[0] are the encoded context */
+    void *task;         /* the handler's own state of the request (parsed body, options; h->free_req) */
+    int32_t **ids;      /* [n_ids_alloc] the inputs, tokenized once when validated (NZ_MEM_OTHER) */
+    size_t *n_ids;      /* [n_ids_alloc] their lengths */
     size_t n_ids_alloc; /* entries of ids / n_ids */
-    nz_tr_opts topts;   /* translate: the model's defaults with the request's choices applied */
-    srv_dialogue_req dr;
-    nz_dlg_opts dopts; /* dialogue: the model's defaults with the request's choices applied */
     srv_model *model;
     atomic_int fd;     /* the client socket, for disconnect checks (-1 once the connection ended) */
     atomic_int cancel; /* CANCEL_* */
@@ -114,7 +107,7 @@ typedef struct srv_worker {
     int started;
     /* the continuous batch it runs (under s->mu): requests that join it are left in the queue for it */
     const struct srv_model *cont_model;
-    srv_route cont_route;
+    const struct srv_handler *cont_h;
 } srv_worker;
 
 struct srv_server {
@@ -198,33 +191,44 @@ typedef struct srv_cont_ops {
 } srv_cont_ops;
 
 /** A served task's request handler (srv_translate.c, srv_dialogue.c): the scheduler and the HTTP side
- *  know tasks only through it. */
+ *  know tasks only through it. Adding a task: its model family and nz_task descriptor in models/, one
+ *  handler file here, and its handler in the list in srv_handlers.c. */
 typedef struct srv_handler {
-    srv_route route;
-    /** Parse and validate r's body, resolve its model and options, tokenize, check limits and memory,
-     *  then queue it (srv_enqueue). @return 1 when queued, 0 when a response was decided. */
+    const char *path;    /* its route, e.g. "/v1/translate" (POST) */
+    const nz_task *task; /* the models it serves (a model's configured task) */
+    /** Parse and validate r's body (its state in r->task), resolve its model (srv_resolve_model) and
+     *  options, tokenize (srv_alloc_ids), check limits and memory (srv_refuse_oversized), then queue it
+     *  (srv_enqueue). @return 1 when queued, 0 when a response was decided. */
     int (*submit)(srv_server *s, srv_req *r);
     /** NULL: every request is a job of its own. Else whether queued b can join a batch led by a. */
     int (*batchable)(const srv_req *a, const srv_req *b);
     /** The units of r counted against max_texts when batching. */
     size_t (*units)(const srv_req *r);
+    /** The inputs of r (texts, turns) for the access log. */
+    size_t (*texts)(const srv_req *r);
+    /** Name input i of r in a message, e.g. "'texts'[2]", into buf[n]. */
+    void (*label)(const srv_req *r, size_t i, char *buf, size_t n);
     /** Run the batch b (one member without batchable) and decide the response of every member still in
      *  it (members may be released early, srv_release_member). */
     void (*run)(srv_worker *w, srv_batch *b);
     /** Continuous batching, or NULL: batches whose first member joins run through srv_run_continuous
      *  (batchable must then group only such requests together). */
     const srv_cont_ops *cont;
+    /** Free r->task (set or not). */
+    void (*free_req)(srv_req *r);
 } srv_handler;
 
-extern const srv_handler SRV_TRANSLATE_HANDLER; /* srv_translate.c */
-extern const srv_handler SRV_DIALOGUE_HANDLER;  /* srv_dialogue.c */
+/* srv_handlers.c */
+
+/** The served tasks' handlers: handler i answers route SRV_ROUTE_TASK + i. */
+extern const srv_handler *const SRV_HANDLERS[];
+extern const size_t SRV_N_HANDLERS;
 
 /** @return the handler of an inference route, or NULL for other routes. */
-static inline const srv_handler *srv_handler_for(srv_route r) {
-    return r == SRV_ROUTE_TRANSLATE  ? &SRV_TRANSLATE_HANDLER
-           : r == SRV_ROUTE_DIALOGUE ? &SRV_DIALOGUE_HANDLER
-                                     : NULL;
-}
+const srv_handler *srv_handler_for(srv_route r);
+
+/** @return the handler serving task t, or NULL. */
+const srv_handler *srv_handler_of_task(const nz_task *t);
 
 /* srv_respond.c */
 
@@ -291,8 +295,8 @@ void srv_list_remove(srv_req **head, srv_req **tail, srv_req *r);
  * request did (cancel_stopped_jobs). */
 void *srv_reaper_main(void *arg);
 
-/* A job estimated to need est bytes at its peak (text i of a translate request) can never run when est
- * exceeds the request pool: answer 413 naming the limit. @return 1 when refused. */
+/* A job estimated to need est bytes at its peak (input i of r) can never run when est exceeds the request
+ * pool: answer 413 naming the limit. @return 1 when refused. */
 int srv_refuse_oversized(srv_server *s, srv_req *r, uint64_t est, size_t i);
 
 /* Answer member i of b with its cancellation and hand it back now; the batch goes on without it. */
@@ -337,9 +341,9 @@ json_t *srv_memory_json(srv_server *s);
 
 json_t *srv_models_json(srv_server *s);
 
-/* The model a request names (or the first of its task): NULL after answering 404 (none), 422 (another
- * task) or 503 (its file changed under the server). */
-srv_model *srv_resolve_model(srv_server *s, srv_req *r, const char *name, srv_task task);
+/* The model a request names (or the first of its handler's task): NULL after answering 404 (none), 422
+ * (another task) or 503 (its file changed under the server). */
+srv_model *srv_resolve_model(srv_server *s, srv_req *r, const char *name);
 
 void srv_respond_metrics(srv_server *s, srv_req *r);
 

@@ -22,9 +22,8 @@
 static const double BUCKETS[N_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                           0.25,  0.5,    1,     2.5,  5,     10,   30};
 
-static const char *const ROUTE_LABELS[SRV_ROUTE_COUNT] = {"/v1/translate", "/v1/dialogue", "/health",
-                                                          "/ready",        "/v1/models",   "/v1/memory",
-                                                          "/metrics",      "/ui",          "other"};
+static const char *const FIXED_LABELS[SRV_ROUTE_TASK] = {"/health",  "/ready", "/v1/models", "/v1/memory",
+                                                         "/metrics", "/ui",    "other"};
 
 static const char *const REASONS[] = {"queue_full",   "body_too_large", "unauthorized", "deadline",
                                       "cancelled",    "shutdown",       "not_ready",    "bad_request",
@@ -47,27 +46,35 @@ typedef struct mdata {
 } mdata;
 
 struct srv_metrics {
+    const char *labels[SRV_ROUTE_COUNT]; /* [nroutes] each route's label */
+    int nroutes;
     pthread_mutex_t mu; /* guards d */
     atomic_int queue_depth, inflight;
     mdata d;
 };
 
-const char *srv_route_label(srv_route r) {
-    return (unsigned)r < SRV_ROUTE_COUNT ? ROUTE_LABELS[r] : ROUTE_LABELS[SRV_ROUTE_OTHER];
+int srv_metrics_routes(const srv_metrics *m) { return m->nroutes; }
+
+const char *srv_metrics_route_label(const srv_metrics *m, srv_route r) {
+    return r >= 0 && r < m->nroutes ? m->labels[r] : m->labels[SRV_ROUTE_OTHER];
 }
 
-srv_route srv_route_from_path(const char *path) {
+srv_route srv_metrics_route(const srv_metrics *m, const char *path) {
     if (!path) return SRV_ROUTE_OTHER;
     size_t n = strcspn(path, "?");
     if ((n == 1 && path[0] == '/') || !strncmp(path, "/ui/", 4)) return SRV_ROUTE_UI;
-    for (int r = 0; r < SRV_ROUTE_OTHER; r++)
-        if (strlen(ROUTE_LABELS[r]) == n && !memcmp(path, ROUTE_LABELS[r], n)) return (srv_route)r;
+    for (int r = 0; r < m->nroutes; r++)
+        if (r != SRV_ROUTE_OTHER && strlen(m->labels[r]) == n && !memcmp(path, m->labels[r], n)) return r;
     return SRV_ROUTE_OTHER;
 }
 
-srv_metrics *srv_metrics_create(void) {
+srv_metrics *srv_metrics_create(const char *const *task_paths, size_t n_tasks) {
+    if (n_tasks > SRV_ROUTE_MAX_TASKS) return NULL;
     srv_metrics *m = calloc(1, sizeof *m);
     if (!m) return NULL;
+    for (int r = 0; r < SRV_ROUTE_TASK; r++) m->labels[r] = FIXED_LABELS[r];
+    for (size_t i = 0; i < n_tasks; i++) m->labels[SRV_ROUTE_TASK + i] = task_paths[i];
+    m->nroutes = SRV_ROUTE_TASK + (int)n_tasks;
     if (pthread_mutex_init(&m->mu, NULL)) {
         free(m);
         return NULL;
@@ -96,7 +103,7 @@ static void hist_add(hist *h, double v) {
 void srv_metrics_observe(srv_metrics *m, srv_route r, int status, double seconds, uint64_t tokens_in,
                          uint64_t tokens_out) {
     if (!m) return;
-    unsigned ri = (unsigned)r < SRV_ROUTE_COUNT ? (unsigned)r : SRV_ROUTE_OTHER;
+    unsigned ri = r >= 0 && r < m->nroutes ? (unsigned)r : SRV_ROUTE_OTHER;
     size_t si = status >= 100 && status <= 599 ? (size_t)(status - 100) : STATUS_OTHER;
     double s = clean_seconds(seconds);
     pthread_mutex_lock(&m->mu);
@@ -304,11 +311,11 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
 
     family(&b, "nzserve_requests_total", "counter",
            "Answered HTTP requests by route and status code (counted as the response is queued).");
-    for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
+    for (int r = 0; r < m->nroutes; r++) {
         for (size_t s = 0; s < N_STATUS; s++) {
             if (!d->requests[r][s]) continue;
             ob_puts(&b, "nzserve_requests_total{route=\"");
-            ob_label_value(&b, ROUTE_LABELS[r]);
+            ob_label_value(&b, m->labels[r]);
             if (s == STATUS_OTHER)
                 ob_printf(&b, "\",status=\"other\"} %llu\n", (unsigned long long)d->requests[r][s]);
             else
@@ -319,18 +326,18 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
 
     family(&b, "nzserve_request_duration_seconds", "histogram",
            "Seconds from request arrival to response queued, by route.");
-    for (int r = 0; r < SRV_ROUTE_COUNT; r++)
+    for (int r = 0; r < m->nroutes; r++)
         if (d->duration[r].count)
-            hist_lines(&b, "nzserve_request_duration_seconds", "route", ROUTE_LABELS[r], &d->duration[r]);
+            hist_lines(&b, "nzserve_request_duration_seconds", "route", m->labels[r], &d->duration[r]);
 
     family(&b, "nzserve_input_tokens_total", "counter", "Input tokens of answered requests, by route.");
-    for (int r = 0; r < SRV_ROUTE_COUNT; r++)
+    for (int r = 0; r < m->nroutes; r++)
         if (d->duration[r].count)
-            sample_u64(&b, "nzserve_input_tokens_total", "route", ROUTE_LABELS[r], d->tokens_in[r]);
+            sample_u64(&b, "nzserve_input_tokens_total", "route", m->labels[r], d->tokens_in[r]);
     family(&b, "nzserve_output_tokens_total", "counter", "Output tokens of answered requests, by route.");
-    for (int r = 0; r < SRV_ROUTE_COUNT; r++)
+    for (int r = 0; r < m->nroutes; r++)
         if (d->duration[r].count)
-            sample_u64(&b, "nzserve_output_tokens_total", "route", ROUTE_LABELS[r], d->tokens_out[r]);
+            sample_u64(&b, "nzserve_output_tokens_total", "route", m->labels[r], d->tokens_out[r]);
 
     family(&b, "nzserve_queue_wait_seconds", "histogram",
            "Seconds requests spent queued before a worker took them.");

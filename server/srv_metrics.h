@@ -37,35 +37,42 @@
 extern "C" {
 #endif
 
-/** The route label of a request. */
-typedef enum {
-    SRV_ROUTE_TRANSLATE = 0,
-    SRV_ROUTE_DIALOGUE,
-    SRV_ROUTE_HEALTH,
+/** The route label of a request: the fixed routes, then one per served task (SRV_ROUTE_TASK + i is
+ *  the route of the i-th task path given to srv_metrics_create). */
+enum {
+    SRV_ROUTE_HEALTH = 0,
     SRV_ROUTE_READY,
     SRV_ROUTE_MODELS,
     SRV_ROUTE_MEMORY,
     SRV_ROUTE_METRICS,
     SRV_ROUTE_UI,
     SRV_ROUTE_OTHER,
-    SRV_ROUTE_COUNT
-} srv_route;
+    SRV_ROUTE_TASK /* the first task's route */
+};
+typedef int srv_route;
 
-/** @return the route's label: "/v1/translate", "/v1/dialogue", "/health",
- *  "/ready", "/v1/models", "/v1/memory", "/metrics", "/ui" (the playground:
- *  "/" and every path under "/ui/"), or "other" (also for out-of-range
- *  values). */
-const char *srv_route_label(srv_route r);
+#define SRV_ROUTE_MAX_TASKS 8                                      /* task routes a registry can hold */
+#define SRV_ROUTE_COUNT     (SRV_ROUTE_TASK + SRV_ROUTE_MAX_TASKS) /* routes at most */
+
+typedef struct srv_metrics srv_metrics;
+
+/** @return a new, zeroed metrics registry whose task routes are task_paths[0..n_tasks) (e.g.
+ *  "/v1/translate"; borrowed: they must outlive it), or NULL when out of memory or n_tasks exceeds
+ *  SRV_ROUTE_MAX_TASKS. */
+srv_metrics *srv_metrics_create(const char *const *task_paths, size_t n_tasks);
+
+/** @return the routes m labels: SRV_ROUTE_TASK + its task paths. */
+int srv_metrics_routes(const srv_metrics *m);
+
+/** @return the route's label: "/health", "/ready", "/v1/models", "/v1/memory", "/metrics", "/ui" (the
+ *  playground: "/" and every path under "/ui/"), "other", or a task's path; "other" for out-of-range
+ *  values. */
+const char *srv_metrics_route_label(const srv_metrics *m, srv_route r);
 
 /** Map a request path (a query string after '?' is ignored) to its route.
  *  @return the route whose label equals the path, SRV_ROUTE_UI for "/" and
  *  "/ui/...", else SRV_ROUTE_OTHER. */
-srv_route srv_route_from_path(const char *path);
-
-typedef struct srv_metrics srv_metrics;
-
-/** @return a new, zeroed metrics registry, or NULL when out of memory. */
-srv_metrics *srv_metrics_create(void);
+srv_route srv_metrics_route(const srv_metrics *m, const char *path);
 
 /** Free the registry. Accepts NULL.
  *  @return nothing. */

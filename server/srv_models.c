@@ -4,8 +4,6 @@
 
 #include "nz_alloc.h"
 #include "nz_cache.h"
-#include "nz_codec.h"
-#include "nz_container.h"
 #include "nz_weight.h"
 
 #include <math.h>
@@ -13,66 +11,14 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Sizes and the dominant weight mode of an opened model. */
-static void model_stats(srv_model *sm, const nz_model *m) {
-    uint64_t by_mode[8] = {0};
-    char names[8][32] = {{0}};
-    sm->params = sm->compressed_bytes = sm->source_bytes = sm->decoded_bytes = 0;
-    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
-        const nz_tensor *t = nz_model_tensor(m, i);
-        uint64_t n = 1;
-        for (int d = 0; d < t->ndim; d++) n *= (uint64_t)t->shape[d];
-        sm->compressed_bytes += t->stored_bytes;
-        sm->source_bytes += n * t->desc.elem_size;
-        if (t->desc.dtype == NZ_DT_OTHER) {
-            sm->decoded_bytes += n * t->desc.elem_size;
-            continue;
-        }
-        sm->params += n;
-        sm->decoded_bytes += n * 4;
-        char name[32];
-        nz_mode_name(&t->desc.mode, name, sizeof name);
-        for (int k = 0; k < 8; k++)
-            if (!names[k][0] || !strcmp(names[k], name)) {
-                snprintf(names[k], sizeof names[k], "%s", name);
-                by_mode[k] += n;
-                break;
-            }
-    }
-    int best = 0;
-    for (int k = 1; k < 8; k++)
-        if (by_mode[k] > by_mode[best]) best = k;
-    snprintf(sm->mode, sizeof sm->mode, "%s", names[best][0] ? names[best] : "none");
-    const json_t *arch = json_object_get(nz_model_config(m), "architecture");
-    snprintf(sm->architecture, sizeof sm->architecture, "%s",
-             json_is_string(arch) ? json_string_value(arch) : "?");
-}
-
 int srv_server_check_models(const srv_config *cfg, char *err, size_t errlen) {
     for (size_t i = 0; i < cfg->n_models; i++) {
         const srv_model_cfg *mc = &cfg->models[i];
-        nz_model *m = NULL;
         nz_error e = {0};
-        if (nz_model_open(mc->path, &m, &e)) {
+        if (nz_task_check_file(mc->task, mc->path, &e)) {
             snprintf(err, errlen, "model '%s': %s", mc->name, e.msg);
             return -1;
         }
-        const json_t *arch = json_object_get(nz_model_config(m), "architecture");
-        const char *a = json_is_string(arch) ? json_string_value(arch) : NULL;
-        int ok = 1;
-        if (mc->task == SRV_TASK_TRANSLATE && (!a || strcmp(a, "cmlm_transformer"))) {
-            snprintf(err, errlen,
-                     "model '%s': %s: task translate needs architecture \"cmlm_transformer\", found %s%s%s",
-                     mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
-            ok = 0;
-        } else if (mc->task == SRV_TASK_DIALOGUE && (!a || strcmp(a, "t5_multidecoder"))) {
-            snprintf(err, errlen,
-                     "model '%s': %s: task dialogue needs architecture \"t5_multidecoder\", found %s%s%s",
-                     mc->name, mc->path, a ? "\"" : "", a ? a : "none", a ? "\"" : "");
-            ok = 0;
-        }
-        nz_model_free(m);
-        if (!ok) return -1;
     }
     return 0;
 }
@@ -131,36 +77,21 @@ void *srv_loader_main(void *arg) {
         srv_model *sm = &s->models[i];
         double t0 = nz_now_s();
         nz_error e = {0};
-        int rc = sm->cfg->task == SRV_TASK_DIALOGUE ? nz_dialogue_open(sm->cfg->path, &sm->dlg, &e)
-                                                    : nz_translator_open(sm->cfg->path, &sm->tr, &e);
-        if (!rc && s->cfg->verify_on_load)
-            rc =
-                nz_model_verify_tiles(sm->dlg ? nz_dialogue_model(sm->dlg) : nz_translator_model(sm->tr), &e);
-        if (rc) { /* this model is not served; the others are */
-            nz_translator_free(sm->tr);
-            nz_dialogue_free(sm->dlg);
-            sm->tr = NULL;
-            sm->dlg = NULL;
+        nz_task_info info;
+        void *impl = NULL;
+        if (nz_task_open(sm->cfg->task, sm->cfg->path, s->cfg->verify_on_load, &impl, &info, &e)) {
+            /* this model is not served; the others are */
             lose_model(sm, "failed to load: %s", e.msg);
             srv_log(SRV_LOG_ERROR, "load_failed", "model", SRV_KV_STR, sm->cfg->name, "path", SRV_KV_STR,
                     sm->cfg->path, "error", SRV_KV_STR, e.msg, NULL);
             continue;
         }
-        if (sm->dlg) {
-            model_stats(sm, nz_dialogue_model(sm->dlg));
-            const nz_t5md_config *dc = nz_dialogue_config(sm->dlg);
-            sm->num_modes = dc->num_modes;
-            sm->variant = dc->plain ? "none" : dc->kind == NZ_T5MD_TRANSFORMER ? "transformer" : "adapter";
-        } else {
-            model_stats(sm, nz_translator_model(sm->tr));
-            const nz_nat_config *nc = nz_nat_get_config(nz_translator_nat(sm->tr));
-            sm->has_at = nc->at_layers > 0;
-            sm->max_source_positions = nc->max_source_positions;
-        }
+        sm->info = info;
+        sm->impl = impl;
         srv_log(SRV_LOG_INFO, "model_loaded", "model", SRV_KV_STR, sm->cfg->name, "path", SRV_KV_STR,
-                sm->cfg->path, "architecture", SRV_KV_STR, sm->architecture, "weight_mode", SRV_KV_STR,
-                sm->mode, "compressed_bytes", SRV_KV_UINT, (unsigned long long)sm->compressed_bytes,
-                "decoded_equivalent_bytes", SRV_KV_UINT, (unsigned long long)sm->decoded_bytes, "load_ms",
+                sm->cfg->path, "architecture", SRV_KV_STR, info.architecture, "weight_mode", SRV_KV_STR,
+                info.mode, "compressed_bytes", SRV_KV_UINT, (unsigned long long)info.compressed_bytes,
+                "decoded_equivalent_bytes", SRV_KV_UINT, (unsigned long long)info.decoded_bytes, "load_ms",
                 SRV_KV_DBL, (nz_now_s() - t0) * 1e3, NULL);
     }
     if (!atomic_load(&s->draining) && size_request_pool(s)) {
@@ -175,16 +106,11 @@ void *srv_loader_main(void *arg) {
     return NULL;
 }
 
-static srv_model *find_model(srv_server *s, const char *name, srv_task task) {
+static srv_model *find_model(srv_server *s, const char *name, const nz_task *task) {
     for (size_t i = 0; i < s->n_models; i++)
         if (name ? !strcmp(s->models[i].cfg->name, name) : s->models[i].cfg->task == task)
             return &s->models[i];
     return NULL;
-}
-
-/* The container of a loaded model. */
-static const nz_model *model_container(const srv_model *m) {
-    return m->tr ? nz_translator_model(m->tr) : m->dlg ? nz_dialogue_model(m->dlg) : NULL;
 }
 
 /* A job of model m failed with e: log it; when a read of its file faulted (the file was truncated or
@@ -193,7 +119,7 @@ static const nz_model *model_container(const srv_model *m) {
 int srv_job_failed(srv_model *m, const nz_error *e) {
     srv_log(SRV_LOG_ERROR, "inference_failed", "model", SRV_KV_STR, m->cfg->name, "error", SRV_KV_STR, e->msg,
             NULL);
-    if (!nz_model_faulted(model_container(m))) return 500;
+    if (!nz_task_faulted(m->cfg->task, m->impl)) return 500;
     if (lose_model(m,
                    "its file %s changed under the server (truncated or rewritten in place); restart the "
                    "server (replace model files by renaming a new file over the old one)",
@@ -205,14 +131,14 @@ int srv_job_failed(srv_model *m, const nz_error *e) {
 
 /* The model a request names (or the first of its task): NULL after answering 404 (none), 422 (another
  * task) or 503 (its file changed under the server). */
-srv_model *srv_resolve_model(srv_server *s, srv_req *r, const char *name, srv_task task) {
+srv_model *srv_resolve_model(srv_server *s, srv_req *r, const char *name) {
+    const nz_task *task = r->h->task;
     srv_model *m = find_model(s, name, task);
     if (!m) {
         if (name)
             srv_respond_fail(r, 404, "model '%.100s' not found", name);
         else
-            srv_respond_fail(r, 404, "no %s model is configured",
-                             task == SRV_TASK_DIALOGUE ? "dialogue" : "translation");
+            srv_respond_fail(r, 404, "no %s model is configured", task->noun);
         return NULL;
     }
     if (m->cfg->task != task) {
@@ -241,38 +167,29 @@ json_t *srv_models_json(srv_server *s) {
     int ready = atomic_load(&s->ready) == 1;
     for (size_t i = 0; i < s->n_models; i++) {
         srv_model *m = &s->models[i];
-        int loaded = ready || m->tr || m->dlg; /* the loader fills models in order */
+        int loaded = ready || m->impl; /* the loader fills models in order */
         const int lost = atomic_load(&m->lost);
         json_t *o = json_pack("{s:s, s:s, s:s, s:b, s:b}", "name", m->cfg->name, "task",
                               srv_task_name(m->cfg->task), "path", m->cfg->path, "loaded",
-                              loaded && ready && (m->tr || m->dlg), "available", loaded && ready && !lost);
+                              loaded && ready && m->impl, "available", loaded && ready && !lost);
         if (lost) json_object_set_new(o, "error", json_string(m->why));
-        if (ready && (m->tr || m->dlg)) {
-            json_object_set_new(o, "architecture", json_string(m->architecture));
-            json_object_set_new(o, "weight_mode", json_string(m->mode));
-            json_object_set_new(o, "parameters", json_integer((json_int_t)m->params));
-            json_object_set_new(o, "compressed_bytes", json_integer((json_int_t)m->compressed_bytes));
-            json_object_set_new(o, "source_bytes", json_integer((json_int_t)m->source_bytes));
-            json_object_set_new(o, "decoded_equivalent_bytes", json_integer((json_int_t)m->decoded_bytes));
+        if (ready && m->impl) {
+            const nz_task_info *in = &m->info;
+            json_object_set_new(o, "architecture", json_string(in->architecture));
+            json_object_set_new(o, "weight_mode", json_string(in->mode));
+            json_object_set_new(o, "parameters", json_integer((json_int_t)in->params));
+            json_object_set_new(o, "compressed_bytes", json_integer((json_int_t)in->compressed_bytes));
+            json_object_set_new(o, "source_bytes", json_integer((json_int_t)in->source_bytes));
+            json_object_set_new(o, "decoded_equivalent_bytes", json_integer((json_int_t)in->decoded_bytes));
             json_object_set_new(
                 o, "ratio",
-                json_real(m->source_bytes ? (double)m->compressed_bytes / (double)m->source_bytes : 0.0));
+                json_real(in->source_bytes ? (double)in->compressed_bytes / (double)in->source_bytes : 0.0));
             json_object_set_new(
                 o, "bits_per_weight",
-                json_real(m->params ? 8.0 * (double)m->compressed_bytes / (double)m->params : 0.0));
-            if (m->cfg->task == SRV_TASK_TRANSLATE) {
-                json_object_set_new(o, "generation", nz_tr_opts_to_json(nz_translator_defaults(m->tr)));
-                json_object_set_new(o, "at_decoder", json_boolean(m->has_at));
-                json_object_set_new(o, "max_source_positions",
-                                    json_integer((json_int_t)m->max_source_positions));
-            } else if (m->dlg) {
-                const nz_t5md_config *dc = nz_dialogue_config(m->dlg);
-                json_object_set_new(o, "generation", nz_dlg_opts_to_json(nz_dialogue_defaults(m->dlg)));
-                json_object_set_new(o, "num_modes", json_integer((json_int_t)m->num_modes));
-                json_object_set_new(o, "variant", json_string(m->variant));
-                json_object_set_new(o, "max_context_turns", json_integer((json_int_t)dc->max_context_turns));
-                json_object_set_new(o, "max_source_length", json_integer((json_int_t)dc->max_source_length));
-            }
+                json_real(in->params ? 8.0 * (double)in->compressed_bytes / (double)in->params : 0.0));
+            json_t *facts = m->cfg->task->describe(m->impl); /* the task's own: generation defaults, limits */
+            if (facts) json_object_update(o, facts);
+            json_decref(facts);
         }
         json_array_append_new(arr, o);
     }
@@ -307,12 +224,14 @@ json_t *srv_memory_json(srv_server *s) {
     int ready = x.ready;
     for (size_t i = 0; ready && i < s->n_models; i++) {
         srv_model *m = &s->models[i];
-        json_array_append_new(
-            models,
-            json_pack("{s:s, s:s, s:I, s:I, s:f}", "name", m->cfg->name, "weight_mode", m->mode,
-                      "compressed_bytes", (json_int_t)m->compressed_bytes, "decoded_equivalent_bytes",
-                      (json_int_t)m->decoded_bytes, "decoded_over_compressed",
-                      m->compressed_bytes ? (double)m->decoded_bytes / (double)m->compressed_bytes : 0.0));
+        json_array_append_new(models,
+                              json_pack("{s:s, s:s, s:I, s:I, s:f}", "name", m->cfg->name, "weight_mode",
+                                        m->info.mode, "compressed_bytes",
+                                        (json_int_t)m->info.compressed_bytes, "decoded_equivalent_bytes",
+                                        (json_int_t)m->info.decoded_bytes, "decoded_over_compressed",
+                                        m->info.compressed_bytes
+                                            ? (double)m->info.decoded_bytes / (double)m->info.compressed_bytes
+                                            : 0.0));
     }
     json_t *j = nz_mem_report_json(&r);
     if (!j) {
@@ -347,8 +266,8 @@ void srv_respond_metrics(srv_server *s, srv_req *r) {
     srv_model_gauges mg[s->n_models ? s->n_models : 1];
     size_t nm = 0;
     for (size_t i = 0; ready && i < s->n_models; i++)
-        mg[nm++] = (srv_model_gauges){s->models[i].cfg->name, s->models[i].compressed_bytes,
-                                      s->models[i].decoded_bytes};
+        mg[nm++] = (srv_model_gauges){s->models[i].cfg->name, s->models[i].info.compressed_bytes,
+                                      s->models[i].info.decoded_bytes};
     srv_gauges g = {0};
     g.models = mg;
     g.n_models = nm;

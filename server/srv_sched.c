@@ -126,8 +126,7 @@ static size_t join_queued(srv_worker *w, srv_batch *b, const srv_handler *h, con
     pthread_mutex_lock(&s->mu);
     for (srv_req *r = s->qhead, *nx; r && !s->stop_workers; r = nx) {
         nx = r->next;
-        if (r->route != h->route || r->model != model || !h->cont->joins(r))
-            break; /* first come, first served */
+        if (r->h != h || r->model != model || !h->cont->joins(r)) break; /* first come, first served */
         while (slot < SRV_BATCH_MAX && slot < b->n && b->m[slot]) slot++;
         if (slot == SRV_BATCH_MAX) break;
         r->worker = w;
@@ -225,10 +224,10 @@ void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
 /* Whether queued r will join a continuous batch that a worker runs (that worker takes it between steps,
  * so another worker must not start a second batch with it). Caller holds s->mu. */
 static int joins_running(const srv_server *s, const srv_req *r) {
-    const srv_handler *h = srv_handler_for(r->route);
+    const srv_handler *h = r->h;
     if (!h->cont || !s->cfg->batching || !h->cont->joins(r)) return 0;
     for (int i = 0; i < s->nworkers; i++)
-        if (s->workers[i].cont_model == r->model && s->workers[i].cont_route == r->route) return 1;
+        if (s->workers[i].cont_model == r->model && s->workers[i].cont_h == h) return 1;
     return 0;
 }
 
@@ -256,19 +255,18 @@ void *srv_worker_main(void *arg) {
         r0->worker = w;
         start_running(s, r0);
         /* the oldest request, and queued requests its handler can decode with it (up to max_texts units) */
-        const srv_handler *h = srv_handler_for(r0->route);
+        const srv_handler *h = r0->h;
         size_t units = h->units(r0), scanned = 0;
         b.m[b.n++] = r0;
         const int cont = h->cont && s->cfg->batching && h->cont->joins(r0);
         if (cont) { /* this worker runs the model's continuous batch: the others leave its requests to it */
             w->cont_model = r0->model;
-            w->cont_route = r0->route;
+            w->cont_h = h;
         }
         for (srv_req *r = s->qhead, *nx; h->batchable && r && b.n < SRV_BATCH_MAX && scanned < SRV_BATCH_SCAN;
              r = nx, scanned++) {
             nx = r->next;
-            if (r->route != r0->route || !h->batchable(r0, r) ||
-                units + h->units(r) > (size_t)s->cfg->max_texts)
+            if (r->h != h || !h->batchable(r0, r) || units + h->units(r) > (size_t)s->cfg->max_texts)
                 continue;
             r->worker = w;
             start_running(s, r);
@@ -400,9 +398,8 @@ int srv_refuse_oversized(srv_server *s, srv_req *r, uint64_t est, size_t i) {
     srv_budget_stats bs;
     srv_budget_get_stats(s->budget, &bs);
     if (est <= bs.total) return 0;
-    char what[48] = "the context";
-    if (r->route == SRV_ROUTE_TRANSLATE)
-        snprintf(what, sizeof what, r->tr.single ? "'text'" : "'texts'[%zu]", i);
+    char what[48];
+    r->h->label(r, i, what, sizeof what);
     srv_metrics_rejected(s->metrics, "memory");
     srv_respond_fail(
         r, 413,

@@ -15,8 +15,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-static int is_inference(srv_route r) { return srv_handler_for(r) != NULL; }
-
 /* Decisions possible before the body is read: method, route, auth, body size, draining. */
 static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, const char *method) {
     const srv_config *cfg = s->cfg;
@@ -32,8 +30,8 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
         srv_respond_fail(r, 404, "no route %.80s %.80s", method, r->path);
         return;
     }
-    if (is_inference(r->route) ? !post : !get) {
-        r->allow = is_inference(r->route) ? "POST" : "GET, HEAD";
+    if (r->h ? !post : !get) {
+        r->allow = r->h ? "POST" : "GET, HEAD";
         srv_respond_fail(r, 405, "%s does not accept %.20s (allowed: %s)", r->path, method, r->allow);
         return;
     }
@@ -53,15 +51,13 @@ static void first_call(srv_server *s, srv_req *r, struct MHD_Connection *c, cons
             return;
         }
     }
-    if (!is_inference(r->route)) return;
-    if (r->route == SRV_ROUTE_DIALOGUE) {
-        size_t i = 0;
-        while (i < cfg->n_models && cfg->models[i].task != SRV_TASK_DIALOGUE) i++;
-        if (i == cfg->n_models) {
-            srv_respond_fail(
-                r, 404, "no dialogue model is configured (/v1/dialogue needs a model with task dialogue)");
-            return;
-        }
+    if (!r->h) return;
+    size_t i = 0;
+    while (i < cfg->n_models && cfg->models[i].task != r->h->task) i++;
+    if (i == cfg->n_models) {
+        srv_respond_fail(r, 404, "no %s model is configured (%s needs a model with task %s)",
+                         r->h->task->noun, r->h->path, r->h->task->name);
+        return;
     }
     const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
     if (cl) {
@@ -126,7 +122,7 @@ static void final_call(srv_server *s, srv_req *r) {
                          ready < 0 ? "not loaded" : "loading");
         return;
     }
-    srv_handler_for(r->route)->submit(s, r); /* queued: suspended, or streamed */
+    r->h->submit(s, r); /* queued: suspended, or streamed */
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
@@ -143,7 +139,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         r->conn = c;
         r->t0 = nz_now_s();
         r->deadline = r->t0 + s->cfg->request_timeout_ms * 1e-3;
-        r->route = srv_route_from_path(url);
+        r->route = srv_metrics_route(s->metrics, url);
+        r->h = srv_handler_for(r->route);
         r->fd = -1;
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->path, sizeof r->path, "%s", url);
@@ -216,17 +213,16 @@ void srv_retire(srv_req *r, int term_ok) {
                 SRV_KV_INT, (long long)status, "latency_ms", SRV_KV_DBL, (t - r->t0) * 1e3, "queue_ms",
                 SRV_KV_DBL, r->t_start > 0 ? (r->t_start - r->t0) * 1e3 : 0.0, "model", SRV_KV_STR,
                 r->model ? r->model->cfg->name : NULL, "texts", SRV_KV_UINT,
-                (unsigned long long)(r->route == SRV_ROUTE_DIALOGUE ? r->dr.n_turns : r->tr.n), "batch_texts",
-                SRV_KV_UINT, (unsigned long long)r->batch_texts, "stream", SRV_KV_INT, (long long)r->sse,
-                "tokens_in", SRV_KV_UINT, (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
+                (unsigned long long)(r->h && r->task ? r->h->texts(r) : 0), "batch_texts", SRV_KV_UINT,
+                (unsigned long long)r->batch_texts, "stream", SRV_KV_INT, (long long)r->sse, "tokens_in",
+                SRV_KV_UINT, (unsigned long long)r->tokens_in, "tokens_out", SRV_KV_UINT,
                 (unsigned long long)r->tokens_out, NULL);
     /* after the log line: whoever sees the count (a 499) finds the line */
     srv_count_request(r, status); /* no-op when the response was counted as it was queued */
     for (size_t i = 0; i < r->n_ids_alloc; i++) nz_free(r->ids[i]);
     nz_free(r->ids);
     nz_free(r->n_ids);
-    srv_translate_req_free(&r->tr);
-    srv_dialogue_req_free(&r->dr);
+    if (r->h) r->h->free_req(r);
     nz_free(r->body);
     nz_free(r->resp);
     nz_free(r->sbuf);
@@ -308,7 +304,9 @@ int srv_server_start(const srv_config *cfg, srv_server **out, char *err, size_t 
     pthread_cond_init(&s->cv, NULL);
     s->n_models = cfg->n_models;
     s->models = nz_calloc(cfg->n_models ? cfg->n_models : 1, sizeof *s->models, NZ_MEM_OTHER);
-    s->metrics = srv_metrics_create();
+    const char *paths[SRV_ROUTE_MAX_TASKS];
+    for (size_t i = 0; i < SRV_N_HANDLERS && i < SRV_ROUTE_MAX_TASKS; i++) paths[i] = SRV_HANDLERS[i]->path;
+    s->metrics = srv_metrics_create(paths, SRV_N_HANDLERS);
     s->cache = nz_cache_create(cfg->tile_cache_bytes);
     s->pool = nz_pool_create(cfg->worker_threads);
     s->nworkers = cfg->max_concurrent_requests;
@@ -435,14 +433,8 @@ void srv_server_free(srv_server *s) {
     srv_server_shutdown(s);
     for (int i = 0; s->workers && i < s->nworkers; i++) nz_matmul_ctx_free(s->workers[i].mc);
     nz_free(s->workers);
-    for (size_t i = 0; s->models && i < s->n_models; i++) {
-        if (s->models[i].tr && s->cache)
-            nz_cache_forget_model(s->cache, nz_translator_model(s->models[i].tr));
-        if (s->models[i].dlg && s->cache)
-            nz_cache_forget_model(s->cache, nz_dialogue_model(s->models[i].dlg));
-        nz_translator_free(s->models[i].tr);
-        nz_dialogue_free(s->models[i].dlg);
-    }
+    for (size_t i = 0; s->models && i < s->n_models; i++)
+        nz_task_close(s->models[i].cfg->task, s->models[i].impl, s->cache);
     nz_free(s->models);
     nz_pool_free(s->pool);
     nz_cache_free(s->cache);

@@ -3,20 +3,32 @@
 #include "srv_internal.h"
 
 #include "nz_alloc.h"
+#include "nz_translator.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
 
+/* A translate request's own state (srv_req.task). */
+typedef struct tr_state {
+    srv_translate_req q; /* the parsed request */
+    nz_tr_opts o;        /* the model's defaults with the request's choices applied */
+} tr_state;
+
+static tr_state *TR(const srv_req *r) { return r->task; }
+
+/* The fixed facts of model m's translator. */
+static const nz_nat_config *nat_config(const srv_model *m) {
+    return nz_nat_get_config(nz_translator_nat(m->impl));
+}
+
 /* Whether b can be decoded in one batch with a (same model and options). */
 static int batchable(const srv_req *a, const srv_req *b) {
-    if (!a->s->cfg->batching || a->route != SRV_ROUTE_TRANSLATE || b->route != SRV_ROUTE_TRANSLATE ||
-        a->model != b->model)
-        return 0;
-    const int ja = nz_tr_batch_joins(&a->topts), jb = nz_tr_batch_joins(&b->topts);
-    return ja || jb ? ja && jb : nz_tr_opts_same(&a->topts, &b->topts);
+    if (!a->s->cfg->batching || a->h != b->h || a->model != b->model) return 0;
+    const int ja = nz_tr_batch_joins(&TR(a)->o), jb = nz_tr_batch_joins(&TR(b)->o);
+    return ja || jb ? ja && jb : nz_tr_opts_same(&TR(a)->o, &TR(b)->o);
 }
-/* Build r's 200 response from its results res[0..r->tr.n), or its error response. */
+/* Build r's 200 response from its results res[0..TR(r)->q.n), or its error response. */
 /* The length candidates of t: [{"text", "score", "nat_score", "length", "chosen"}] in candidate order
  * (length without bos/eos; a score that is not a number, an unscorable candidate under rerank, is null). */
 static json_t *candidates_json(const nz_tr_result *t) {
@@ -33,7 +45,7 @@ static json_t *candidates_json(const nz_tr_result *t) {
 }
 
 static void respond_translations(srv_req *r, const nz_tr_result *res) {
-    const srv_translate_req *q = &r->tr;
+    const srv_translate_req *q = &TR(r)->q;
     json_t *arr = json_array();
     uint64_t tin = 0, tout = 0;
     for (size_t i = 0; i < q->n; i++) {
@@ -102,20 +114,20 @@ static int run_translate_chunks(srv_worker *w, srv_model *model, const int32_t *
     int rc = NZ_OK;
     for (size_t k0 = 0; k0 < n && !rc;) {
         size_t k1 = k0 + 1;
-        uint64_t est = nz_translator_peak_bytes(model->tr, lens + k0, 1, o);
+        uint64_t est = nz_translator_peak_bytes(model->impl, lens + k0, 1, o);
         while (k1 < n) {
-            uint64_t more = nz_translator_peak_bytes(model->tr, lens + k0, k1 + 1 - k0, o);
+            uint64_t more = nz_translator_peak_bytes(model->impl, lens + k0, k1 + 1 - k0, o);
             if (more > bs.total) break;
             est = more;
             k1++;
         }
         if (srv_budget_reserve(s->budget, est, srv_batch_all_stopped, b))
             return nz_fail(e, NZ_E_CANCELLED, "stopped while waiting for memory");
-        chunk_mem cm = {s->budget, model->tr, lens + k0, k1 - k0, o, est};
+        chunk_mem cm = {s->budget, model->impl, lens + k0, k1 - k0, o, est};
         nz_tr_opts co = *o;
         co.nat.on_width = chunk_width;
         co.nat.width_arg = &cm;
-        rc = nz_translator_run_ids(w->mc, model->tr, ids + k0, lens + k0, k1 - k0, &co, 1, res + k0, e);
+        rc = nz_translator_run_ids(w->mc, model->impl, ids + k0, lens + k0, k1 - k0, &co, 1, res + k0, e);
         srv_budget_release(s->budget, cm.reserved);
         if (k1 < n) nz_mem_trim(SRV_TRIM_FREE_BYTES); /* the next chunk reuses the memory */
         k0 = k1;
@@ -128,12 +140,12 @@ static void run_translate(srv_worker *w, srv_batch *b) {
     size_t cnt[SRV_BATCH_MAX], total = 0; /* texts of each member, as laid out in the batch */
     for (size_t i = 0; i < b->n; i++)
         if (b->m[i] && srv_req_should_stop(b->m[i])) srv_release_member(b, i);
-    for (size_t i = 0; i < b->n; i++) total += cnt[i] = b->m[i] ? b->m[i]->tr.n : 0;
+    for (size_t i = 0; i < b->n; i++) total += cnt[i] = b->m[i] ? TR(b->m[i])->q.n : 0;
     if (!b->live) return;
     const srv_req *r0 = NULL;
     for (size_t i = 0; !r0; i++) r0 = b->m[i];
     srv_model *model = r0->model;
-    nz_tr_opts o = r0->topts;
+    nz_tr_opts o = TR(r0)->o;
     nz_tr_opts_set_stop(&o, srv_batch_should_stop, b);
     nz_tr_result *res = nz_calloc(total, sizeof *res, NZ_MEM_OTHER);
     const int32_t **ids = nz_calloc(total, sizeof *ids, NZ_MEM_OTHER);
@@ -172,23 +184,23 @@ out:
 
 /* ------------------------------------------------------------------ continuous batching (AT greedy) */
 
-static int cont_joins(const srv_req *r) { return nz_tr_batch_joins(&r->topts); }
+static int cont_joins(const srv_req *r) { return nz_tr_batch_joins(&TR(r)->o); }
 
 static void *cont_create(const srv_req *lead, nz_error *e) {
     nz_tr_batch *tb = NULL;
-    if (nz_tr_batch_create(lead->model->tr, &tb, e)) nz_fail_prefix(e, "translation failed: ");
+    if (nz_tr_batch_create(lead->model->impl, &tb, e)) nz_fail_prefix(e, "translation failed: ");
     return tb;
 }
 
 static void cont_free(void *c) { nz_tr_batch_free(c); }
 
 static uint64_t cont_estimate(const srv_req *r) {
-    return nz_translator_peak_bytes(r->model->tr, r->n_ids, r->tr.n, &r->topts);
+    return nz_translator_peak_bytes(r->model->impl, r->n_ids, TR(r)->q.n, &TR(r)->o);
 }
 
 static int cont_add(void *c, srv_req *r) {
     nz_error e = {0};
-    int rc = nz_tr_batch_add(c, (const int32_t *const *)r->ids, r->n_ids, r->tr.n, &r->topts, 1, r, &e);
+    int rc = nz_tr_batch_add(c, (const int32_t *const *)r->ids, r->n_ids, TR(r)->q.n, &TR(r)->o, 1, r, &e);
     if (rc) srv_respond_fail(r, rc == NZ_E_NOMEM ? 500 : 422, "translation failed: %s", e.msg);
     return rc;
 }
@@ -230,10 +242,10 @@ static const srv_cont_ops CONT = {cont_joins, cont_create, cont_free,   cont_est
 
 /* Validate a translate request against the model and the token limits and queue it.
  * @return 1 when queued (connection suspended), 0 when a response was decided. */
-/* r->topts = m's decoding defaults with r's choices applied (the output cap is max_new_tokens unless
+/* TR(r)->o = m's decoding defaults with r's choices applied (the output cap is max_new_tokens unless
  * the request or the model asks for less). @return 0, or -1 with r's error response decided. */
 static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_tokens) {
-    const srv_translate_req *q = &r->tr;
+    const srv_translate_req *q = &TR(r)->q;
     nz_tr_choice c;
     nz_tr_choice_init(&c);
     c.decoder = q->use_at;
@@ -242,30 +254,30 @@ static int resolve_translate_opts(srv_req *r, const srv_model *m, int max_new_to
     c.rerank = q->rerank_at;
     c.adaptive = q->adaptive;
     c.beam_size = q->beam_size;
-    r->topts = *nz_translator_defaults(m->tr);
-    int model_cap = r->topts.nat.max_len > 2 ? r->topts.nat.max_len - 2 : max_new_tokens;
+    TR(r)->o = *nz_translator_defaults(m->impl);
+    int model_cap = TR(r)->o.nat.max_len > 2 ? TR(r)->o.nat.max_len - 2 : max_new_tokens;
     c.max_length = q->max_length > 0            ? q->max_length
                    : model_cap < max_new_tokens ? model_cap
                                                 : max_new_tokens;
     nz_error e = {0};
-    if (nz_tr_choice_apply(&c, &r->topts, &e)) {
+    if (nz_tr_choice_apply(&c, &TR(r)->o, &e)) {
         srv_respond_fail(r, 422, "%s", e.msg);
         return -1;
     }
-    int at = r->topts.decoder != NZ_TR_NAT;
-    if ((at || r->topts.nat.rerank_at) && !m->has_at) {
+    int at = TR(r)->o.decoder != NZ_TR_NAT;
+    if ((at || TR(r)->o.nat.rerank_at) && !nat_config(m)->at_layers) {
         srv_respond_fail(r, 422, "model '%s' has no autoregressive decoder (needed by %s)", m->cfg->name,
                          at ? "decoder \"at\"" : "rerank \"at\"");
         return -1;
     }
-    if (q->return_candidates && r->topts.decoder != NZ_TR_NAT) {
+    if (q->return_candidates && TR(r)->o.decoder != NZ_TR_NAT) {
         srv_respond_fail(r, 422,
                          "'return_candidates' needs mask-predict: model '%s' decodes with its AT decoder by "
                          "default; add \"decoder\": \"nat\"",
                          m->cfg->name);
         return -1;
     }
-    r->topts.return_candidates = q->return_candidates;
+    TR(r)->o.return_candidates = q->return_candidates;
     return 0;
 }
 
@@ -273,41 +285,68 @@ static int submit_translate(srv_server *s, srv_req *r) {
     const srv_config *cfg = s->cfg;
     srv_error e = {0};
     srv_limits lim = {cfg->max_texts, cfg->max_new_tokens};
-    if (srv_parse_translate(r->body, r->body_len, &lim, &r->tr, &e)) {
+    if (!(r->task = nz_calloc(1, sizeof(tr_state), NZ_MEM_OTHER))) {
+        srv_respond_fail(r, 500, "out of memory");
+        return 0;
+    }
+    if (srv_parse_translate(r->body, r->body_len, &lim, &TR(r)->q, &e)) {
         srv_respond_error(r, &e);
         return 0;
     }
-    srv_model *m = srv_resolve_model(s, r, r->tr.model, SRV_TASK_TRANSLATE);
+    srv_model *m = srv_resolve_model(s, r, TR(r)->q.model);
     if (!m) return 0;
     if (resolve_translate_opts(r, m, cfg->max_new_tokens)) return 0;
     r->model = m;
     size_t limit = (size_t)cfg->max_input_tokens;
-    if (m->max_source_positions >= 2 && m->max_source_positions - 2 < limit)
-        limit = m->max_source_positions - 2;
-    if (srv_alloc_ids(r, r->tr.n)) return 0;
-    for (size_t i = 0; i < r->tr.n; i++) {
+    const size_t positions = nat_config(m)->max_source_positions;
+    if (positions >= 2 && positions - 2 < limit) limit = positions - 2;
+    if (srv_alloc_ids(r, TR(r)->q.n)) return 0;
+    for (size_t i = 0; i < TR(r)->q.n; i++) {
         nz_error ne = {0};
-        if (nz_translator_encode(m->tr, r->tr.texts[i], r->tr.lens[i], &r->ids[i], &r->n_ids[i], &ne)) {
-            srv_respond_fail(r, 422, "%s%zu%s: cannot tokenize: %s", r->tr.single ? "text" : "texts[", i,
-                             r->tr.single ? "" : "]", ne.msg);
+        if (nz_translator_encode(m->impl, TR(r)->q.texts[i], TR(r)->q.lens[i], &r->ids[i], &r->n_ids[i],
+                                 &ne)) {
+            srv_respond_fail(r, 422, "%s%zu%s: cannot tokenize: %s", TR(r)->q.single ? "text" : "texts[", i,
+                             TR(r)->q.single ? "" : "]", ne.msg);
             return 0;
         }
         size_t n = r->n_ids[i];
         if (n - 2 > limit) {
-            if (r->tr.single)
+            if (TR(r)->q.single)
                 srv_respond_fail(r, 422, "'text' has %zu tokens; the limit is %zu", n - 2, limit);
             else
                 srv_respond_fail(r, 422, "'texts'[%zu] has %zu tokens; the limit is %zu", i, n - 2, limit);
             return 0;
         }
         /* a batch is split into chunks that fit the request pool; a single text must fit on its own */
-        if (srv_refuse_oversized(s, r, nz_translator_peak_bytes(m->tr, &r->n_ids[i], 1, &r->topts), i))
+        if (srv_refuse_oversized(s, r, nz_translator_peak_bytes(m->impl, &r->n_ids[i], 1, &TR(r)->o), i))
             return 0;
     }
     return srv_enqueue(s, r);
 }
 
-static size_t texts(const srv_req *r) { return r->tr.n; }
+static size_t texts(const srv_req *r) { return TR(r)->q.n; }
+
+static void label(const srv_req *r, size_t i, char *buf, size_t n) {
+    snprintf(buf, n, TR(r)->q.single ? "'text'" : "'texts'[%zu]", i);
+}
+
+static void free_req(srv_req *r) {
+    tr_state *t = r->task;
+    if (!t) return;
+    srv_translate_req_free(&t->q);
+    nz_free(t);
+    r->task = NULL;
+}
 
 const srv_handler SRV_TRANSLATE_HANDLER = {
-    SRV_ROUTE_TRANSLATE, submit_translate, batchable, texts, run_translate, &CONT};
+    .path = "/v1/translate",
+    .task = &NZ_TASK_TRANSLATE,
+    .submit = submit_translate,
+    .batchable = batchable,
+    .units = texts,
+    .texts = texts,
+    .label = label,
+    .run = run_translate,
+    .cont = &CONT,
+    .free_req = free_req,
+};

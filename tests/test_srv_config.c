@@ -117,7 +117,7 @@ static void assert_defaults(const srv_config *c) {
 static void assert_model(const srv_config *c, size_t i, const char *name, srv_task task, const char *path) {
     assert_true(i < c->n_models);
     assert_string_equal(c->models[i].name, name);
-    assert_int_equal(c->models[i].task, task);
+    assert_ptr_equal(c->models[i].task, task);
     assert_string_equal(c->models[i].path, path);
 }
 
@@ -150,7 +150,7 @@ static void test_defaults(void **state) {
     assert_defaults(&c);
     assert_null(c.config_path);
     assert_int_equal(c.n_models, 1);
-    assert_model(&c, 0, "m", SRV_TASK_TRANSLATE, "m.nzp");
+    assert_model(&c, 0, "m", &NZ_TASK_TRANSLATE, "m.nzp");
     assert_int_equal(c.n_api_keys, 0);
     assert_string_equal(c.api_key_file, "");
     srv_config_free(&c);
@@ -194,8 +194,8 @@ static void test_file_values(void **state) {
     assert_int_equal(c.worker_threads, 4);
     assert_int_equal(c.http_threads, 3);
     assert_int_equal(c.n_models, 2);
-    assert_model(&c, 0, "de-en_1.0", SRV_TASK_TRANSLATE, "/abs/de.nzp");
-    assert_model(&c, 1, "chat", SRV_TASK_DIALOGUE, "/abs/chat.nzp");
+    assert_model(&c, 0, "de-en_1.0", &NZ_TASK_TRANSLATE, "/abs/de.nzp");
+    assert_model(&c, 1, "chat", &NZ_TASK_DIALOGUE, "/abs/chat.nzp");
     assert_int_equal(c.tile_cache_bytes, 123456);
     assert_int_equal(c.max_body_bytes, 2 << 20);
     assert_int_equal(c.max_input_tokens, 100);
@@ -285,7 +285,7 @@ static void test_flag_equals(void **state) {
                  "--metrics=false", "--log-format=json", "--tile-cache-bytes=3MiB", "--api-keys=", "--port",
                  "-0"));
     assert_int_equal(c.port, 0); /* the later "--port -0" */
-    assert_model(&c, 0, "x", SRV_TASK_DIALOGUE, "d/x.nzp");
+    assert_model(&c, 0, "x", &NZ_TASK_DIALOGUE, "d/x.nzp");
     assert_int_equal(c.n_api_keys, 0); /* "--api-keys=" empties the list */
     assert_string_equal(c.host, "localhost");
     assert_int_equal(c.metrics, 0);
@@ -772,10 +772,10 @@ static void test_relative_model_path(void **state) {
     load_ok(&c, cfg, NOENV, NOARGS);
     assert_int_equal(c.n_models, 3);
     snprintf(want, sizeof want, "%s/a.nzp", g_sub);
-    assert_model(&c, 0, "a", SRV_TASK_TRANSLATE, want);
+    assert_model(&c, 0, "a", &NZ_TASK_TRANSLATE, want);
     snprintf(want, sizeof want, "%s/../models/b.nzp", g_sub);
-    assert_model(&c, 1, "b", SRV_TASK_DIALOGUE, want);
-    assert_model(&c, 2, "c", SRV_TASK_DIALOGUE, "/abs/c.nzp");
+    assert_model(&c, 1, "b", &NZ_TASK_DIALOGUE, want);
+    assert_model(&c, 2, "c", &NZ_TASK_DIALOGUE, "/abs/c.nzp");
     srv_config_free(&c);
 
     /* a config file named without a directory: paths stay relative to the cwd (= its directory) */
@@ -787,16 +787,16 @@ static void test_relative_model_path(void **state) {
     assert_int_equal(chdir(cwd), 0);
     assert_int_equal(rc, SRV_CFG_OK);
     assert_string_equal(c.config_path, "rel.json");
-    assert_model(&c, 0, "a", SRV_TASK_TRANSLATE, "a.nzp");
-    assert_model(&c, 1, "b", SRV_TASK_DIALOGUE, "../models/b.nzp");
+    assert_model(&c, 0, "a", &NZ_TASK_TRANSLATE, "a.nzp");
+    assert_model(&c, 1, "b", &NZ_TASK_DIALOGUE, "../models/b.nzp");
     srv_config_free(&c);
 
     /* paths from the environment and flags are kept as given */
     load_ok(&c, cfg, ENV("NZSERVE_MODELS=e:translate:rel/e.nzp"), NOARGS);
-    assert_model(&c, 0, "e", SRV_TASK_TRANSLATE, "rel/e.nzp");
+    assert_model(&c, 0, "e", &NZ_TASK_TRANSLATE, "rel/e.nzp");
     srv_config_free(&c);
     load_ok(&c, cfg, NOENV, ARGS("--models", "f:dialogue:rel/f.nzp"));
-    assert_model(&c, 0, "f", SRV_TASK_DIALOGUE, "rel/f.nzp");
+    assert_model(&c, 0, "f", &NZ_TASK_DIALOGUE, "rel/f.nzp");
     srv_config_free(&c);
 }
 
@@ -856,13 +856,13 @@ static void test_models_env(void **state) {
             ENV("NZSERVE_MODELS=a:translate:/m/a.nzp,b.2:dialogue:rel/b.nzp,c-3:translate:C:/x:y.nzp"),
             NOARGS);
     assert_int_equal(c.n_models, 3);
-    assert_model(&c, 0, "a", SRV_TASK_TRANSLATE, "/m/a.nzp");
-    assert_model(&c, 1, "b.2", SRV_TASK_DIALOGUE, "rel/b.nzp");
-    assert_model(&c, 2, "c-3", SRV_TASK_TRANSLATE, "C:/x:y.nzp"); /* the path keeps its colons */
+    assert_model(&c, 0, "a", &NZ_TASK_TRANSLATE, "/m/a.nzp");
+    assert_model(&c, 1, "b.2", &NZ_TASK_DIALOGUE, "rel/b.nzp");
+    assert_model(&c, 2, "c-3", &NZ_TASK_TRANSLATE, "C:/x:y.nzp"); /* the path keeps its colons */
     srv_config_free(&c);
     load_ok(&c, path, ENV("NZSERVE_MODELS=solo:dialogue:s.nzp"), NOARGS);
     assert_int_equal(c.n_models, 1);
-    assert_model(&c, 0, "solo", SRV_TASK_DIALOGUE, "s.nzp");
+    assert_model(&c, 0, "solo", &NZ_TASK_DIALOGUE, "s.nzp");
     srv_config_free(&c);
 
     load_err(path, ENV("NZSERVE_MODELS=a:translate"), NOARGS,
@@ -885,36 +885,36 @@ static void test_model_flag_repeat(void **state) {
     /* the first --model replaces the file's list */
     load_ok(&c, path, NOENV, ARGS("--model", "a:translate:/a"));
     assert_int_equal(c.n_models, 1);
-    assert_model(&c, 0, "a", SRV_TASK_TRANSLATE, "/a");
+    assert_model(&c, 0, "a", &NZ_TASK_TRANSLATE, "/a");
     srv_config_free(&c);
     /* later uses append */
     load_ok(&c, path, NOENV,
             ARGS("--model", "a:translate:/a", "--port", "1", "--model=b:dialogue:/b", "--model",
                  "c:translate:/c"));
     assert_int_equal(c.n_models, 3);
-    assert_model(&c, 0, "a", SRV_TASK_TRANSLATE, "/a");
-    assert_model(&c, 1, "b", SRV_TASK_DIALOGUE, "/b");
-    assert_model(&c, 2, "c", SRV_TASK_TRANSLATE, "/c");
+    assert_model(&c, 0, "a", &NZ_TASK_TRANSLATE, "/a");
+    assert_model(&c, 1, "b", &NZ_TASK_DIALOGUE, "/b");
+    assert_model(&c, 2, "c", &NZ_TASK_TRANSLATE, "/c");
     srv_config_free(&c);
     /* ... and replaces the environment's list too */
     load_ok(&c, path, ENV("NZSERVE_MODELS=e1:translate:/e1,e2:translate:/e2"),
             ARGS("--model", "a:translate:/a"));
     assert_int_equal(c.n_models, 1);
-    assert_model(&c, 0, "a", SRV_TASK_TRANSLATE, "/a");
+    assert_model(&c, 0, "a", &NZ_TASK_TRANSLATE, "/a");
     srv_config_free(&c);
     /* flags in order: --models replaces, a later --model appends to it */
     load_ok(&c, path, NOENV, ARGS("--models", "x:translate:/x,y:translate:/y", "--model", "z:dialogue:/z"));
     assert_int_equal(c.n_models, 3);
-    assert_model(&c, 2, "z", SRV_TASK_DIALOGUE, "/z");
+    assert_model(&c, 2, "z", &NZ_TASK_DIALOGUE, "/z");
     srv_config_free(&c);
     load_ok(&c, path, NOENV, ARGS("--model", "z:dialogue:/z", "--models", "x:translate:/x"));
     assert_int_equal(c.n_models, 1);
-    assert_model(&c, 0, "x", SRV_TASK_TRANSLATE, "/x");
+    assert_model(&c, 0, "x", &NZ_TASK_TRANSLATE, "/x");
     srv_config_free(&c);
     /* no --model: the file's list */
     load_ok(&c, path, NOENV, NOARGS);
     assert_int_equal(c.n_models, 2);
-    assert_model(&c, 1, "f2", SRV_TASK_TRANSLATE, "/f2");
+    assert_model(&c, 1, "f2", &NZ_TASK_TRANSLATE, "/f2");
     srv_config_free(&c);
 }
 
@@ -923,8 +923,8 @@ static void test_shipped_config(void **state) {
     load_ok(&c, "config/nzserve.json", NOENV, NOARGS);
     assert_string_equal(c.config_path, "config/nzserve.json");
     assert_int_equal(c.n_models, 2); /* both demo models */
-    assert_model(&c, 0, "nat-ende", SRV_TASK_TRANSLATE, "config/../models/demo/nat-ende.nzp");
-    assert_model(&c, 1, "dialogue", SRV_TASK_DIALOGUE, "config/../models/demo/dialogue.nzp");
+    assert_model(&c, 0, "nat-ende", &NZ_TASK_TRANSLATE, "config/../models/demo/nat-ende.nzp");
+    assert_model(&c, 1, "dialogue", &NZ_TASK_DIALOGUE, "config/../models/demo/dialogue.nzp");
     assert_int_equal(c.tile_cache_bytes, 64 << 20);
     c.tile_cache_bytes = 0;
     assert_defaults(&c);
@@ -1098,7 +1098,7 @@ static void test_validate(void **state) {
     assert_int_equal(srv_config_init(&c), 0);
     assert_int_equal(srv_config_validate(&c, err, sizeof err), -1);
     assert_non_null(strstr(err, "models: at least one model is required"));
-    srv_model_cfg m[2] = {{"a", "/a", SRV_TASK_TRANSLATE}, {"b", "/b", SRV_TASK_DIALOGUE}};
+    srv_model_cfg m[2] = {{"a", "/a", &NZ_TASK_TRANSLATE}, {"b", "/b", &NZ_TASK_DIALOGUE}};
     c.models = m;
     c.n_models = 2;
     assert_int_equal(srv_config_validate(&c, err, sizeof err), 0);
@@ -1112,10 +1112,10 @@ static void test_validate(void **state) {
     assert_int_equal(srv_config_validate(&c, err, sizeof err), -1);
     assert_non_null(strstr(err, "max_body_bytes: must be a size in 1..1073741824"));
     c.max_body_bytes = 1;
-    m[1].task = (srv_task)7;
+    m[1].task = NULL;
     assert_int_equal(srv_config_validate(&c, err, sizeof err), -1);
     assert_string_equal(err, "models[1].task: must be \"translate\" or \"dialogue\"");
-    m[1].task = SRV_TASK_DIALOGUE;
+    m[1].task = &NZ_TASK_DIALOGUE;
     m[1].name = "a";
     assert_int_equal(srv_config_validate(&c, err, sizeof err), -1);
     assert_string_equal(err, "models[1].name: duplicate model name 'a' (also models[0])");
@@ -1140,12 +1140,12 @@ static void test_validate(void **state) {
     c.api_keys = NULL;
     srv_config_free(&c);
 
-    assert_string_equal(srv_task_name(SRV_TASK_TRANSLATE), "translate");
-    assert_string_equal(srv_task_name(SRV_TASK_DIALOGUE), "dialogue");
-    assert_string_equal(srv_task_name((srv_task)0), "unknown");
-    srv_task t = SRV_TASK_TRANSLATE;
+    assert_string_equal(srv_task_name(&NZ_TASK_TRANSLATE), "translate");
+    assert_string_equal(srv_task_name(&NZ_TASK_DIALOGUE), "dialogue");
+    assert_string_equal(srv_task_name(NULL), "unknown");
+    srv_task t = &NZ_TASK_TRANSLATE;
     assert_int_equal(srv_task_parse("dialogue", &t), 0);
-    assert_int_equal(t, SRV_TASK_DIALOGUE);
+    assert_ptr_equal(t, &NZ_TASK_DIALOGUE);
     assert_int_equal(srv_task_parse("chat", &t), -1);
     assert_int_equal(srv_task_parse(NULL, &t), -1);
 

@@ -328,32 +328,49 @@ static void expect_all_families(const char *text) {
 
 /* ------------------------------------------------------------------ tests */
 
+static const char *const TASK_PATHS[] = {"/v1/translate", "/v1/dialogue"};
+#define SRV_ROUTE_TRANSLATE SRV_ROUTE_TASK
+#define SRV_ROUTE_DIALOGUE  (SRV_ROUTE_TASK + 1)
+#define N_ROUTES            (SRV_ROUTE_TASK + 2) /* the routes of a registry over TASK_PATHS */
+
+static srv_metrics *metrics_create(void) { return srv_metrics_create(TASK_PATHS, 2); }
+
 static void test_routes(void **state) {
-    static const char *const want[SRV_ROUTE_COUNT] = {"/v1/translate", "/v1/dialogue", "/health",
-                                                      "/ready",        "/v1/models",   "/v1/memory",
-                                                      "/metrics",      "/ui",          "other"};
-    for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
-        assert_string_equal(srv_route_label((srv_route)r), want[r]);
-        if (r != SRV_ROUTE_OTHER) assert_int_equal(srv_route_from_path(want[r]), r);
+    static const char *const want[N_ROUTES] = {"/health",    "/ready",        "/v1/models",
+                                               "/v1/memory", "/metrics",      "/ui",
+                                               "other",      "/v1/translate", "/v1/dialogue"};
+    srv_metrics *m = metrics_create();
+    assert_int_equal(srv_metrics_routes(m), N_ROUTES);
+    for (int r = 0; r < N_ROUTES; r++) {
+        assert_string_equal(srv_metrics_route_label(m, r), want[r]);
+        if (r != SRV_ROUTE_OTHER) assert_int_equal(srv_metrics_route(m, want[r]), r);
     }
-    assert_string_equal(srv_route_label(SRV_ROUTE_COUNT), "other");
-    assert_string_equal(srv_route_label((srv_route)-1), "other");
-    assert_int_equal(srv_route_from_path("/v1/translate?x=1"), SRV_ROUTE_TRANSLATE);
-    assert_int_equal(srv_route_from_path("/v1/translatex"), SRV_ROUTE_OTHER);
-    assert_int_equal(srv_route_from_path("/v1"), SRV_ROUTE_OTHER);
-    assert_int_equal(srv_route_from_path("other"), SRV_ROUTE_OTHER);
-    assert_int_equal(srv_route_from_path(""), SRV_ROUTE_OTHER);
-    assert_int_equal(srv_route_from_path(NULL), SRV_ROUTE_OTHER);
+    assert_string_equal(srv_metrics_route_label(m, N_ROUTES), "other");
+    assert_string_equal(srv_metrics_route_label(m, -1), "other");
+    assert_int_equal(srv_metrics_route(m, "/v1/translate?x=1"), SRV_ROUTE_TRANSLATE);
+    assert_int_equal(srv_metrics_route(m, "/v1/translatex"), SRV_ROUTE_OTHER);
+    assert_int_equal(srv_metrics_route(m, "/v1"), SRV_ROUTE_OTHER);
+    assert_int_equal(srv_metrics_route(m, "other"), SRV_ROUTE_OTHER);
+    assert_int_equal(srv_metrics_route(m, ""), SRV_ROUTE_OTHER);
+    assert_int_equal(srv_metrics_route(m, NULL), SRV_ROUTE_OTHER);
     /* the playground: "/" and everything under "/ui/" */
-    assert_int_equal(srv_route_from_path("/"), SRV_ROUTE_UI);
-    assert_int_equal(srv_route_from_path("/?tab=chat"), SRV_ROUTE_UI);
-    assert_int_equal(srv_route_from_path("/ui/app.js"), SRV_ROUTE_UI);
-    assert_int_equal(srv_route_from_path("/uix"), SRV_ROUTE_OTHER);
+    assert_int_equal(srv_metrics_route(m, "/"), SRV_ROUTE_UI);
+    assert_int_equal(srv_metrics_route(m, "/?tab=chat"), SRV_ROUTE_UI);
+    assert_int_equal(srv_metrics_route(m, "/ui/app.js"), SRV_ROUTE_UI);
+    assert_int_equal(srv_metrics_route(m, "/uix"), SRV_ROUTE_OTHER);
+    srv_metrics_free(m);
+    /* no task: only the fixed routes; more tasks than a registry holds: refused */
+    m = srv_metrics_create(NULL, 0);
+    assert_int_equal(srv_metrics_routes(m), SRV_ROUTE_TASK);
+    assert_int_equal(srv_metrics_route(m, "/v1/translate"), SRV_ROUTE_OTHER);
+    srv_metrics_free(m);
+    const char *many[SRV_ROUTE_MAX_TASKS + 1] = {0};
+    assert_null(srv_metrics_create(many, SRV_ROUTE_MAX_TASKS + 1));
 }
 
 static void test_empty(void **state) {
     srv_metrics_free(NULL);
-    srv_metrics *m = srv_metrics_create();
+    srv_metrics *m = metrics_create();
     assert_non_null(m);
     assert_int_equal(srv_metrics_queue_depth(m), 0);
     assert_int_equal(srv_metrics_inflight(m), 0);
@@ -384,7 +401,7 @@ static void test_empty(void **state) {
 }
 
 static void test_known(void **state) {
-    srv_metrics *m = srv_metrics_create();
+    srv_metrics *m = metrics_create();
     assert_non_null(m);
     /* translate: 2^-8 s (le 0.005), 0.5 s (exactly on a bound), 40 s (+Inf) */
     srv_metrics_observe(m, SRV_ROUTE_TRANSLATE, 200, 0.00390625, 10, 20);
@@ -425,17 +442,17 @@ static void test_known(void **state) {
     char *t = render(m, NULL);
     expect_all_families(t);
 
-    /* requests_total: only the label sets seen, in route then status order */
+    /* requests_total: only the label sets seen, in route (fixed routes, then the tasks') then status order */
     const char *req = strstr(t, "# TYPE nzserve_requests_total counter\n");
     assert_non_null(req);
     req += strlen("# TYPE nzserve_requests_total counter\n");
-    static const char want_req[] = "nzserve_requests_total{route=\"/v1/translate\",status=\"200\"} 2\n"
-                                   "nzserve_requests_total{route=\"/v1/translate\",status=\"503\"} 1\n"
-                                   "nzserve_requests_total{route=\"/health\",status=\"200\"} 3\n"
+    static const char want_req[] = "nzserve_requests_total{route=\"/health\",status=\"200\"} 3\n"
                                    "nzserve_requests_total{route=\"/metrics\",status=\"100\"} 1\n"
                                    "nzserve_requests_total{route=\"/metrics\",status=\"599\"} 1\n"
                                    "nzserve_requests_total{route=\"/metrics\",status=\"other\"} 2\n"
                                    "nzserve_requests_total{route=\"other\",status=\"404\"} 2\n"
+                                   "nzserve_requests_total{route=\"/v1/translate\",status=\"200\"} 2\n"
+                                   "nzserve_requests_total{route=\"/v1/translate\",status=\"503\"} 1\n"
                                    "# HELP nzserve_request_duration_seconds ";
     assert_memory_equal(req, want_req, strlen(want_req));
     assert_int_equal(count_prefix(t, "nzserve_requests_total{"), 7);
@@ -480,7 +497,7 @@ static void test_known(void **state) {
 }
 
 static void test_gauges(void **state) {
-    srv_metrics *m = srv_metrics_create();
+    srv_metrics *m = metrics_create();
     assert_non_null(m);
     const srv_model_gauges models[] = {
         {"opus-mt-en-de", 123456789, 987654321},
@@ -575,7 +592,7 @@ static void *observe_thread(void *arg) {
         srv_metrics_queue_wait(w->m, 0.125);
         srv_metrics_queue_add(w->m, -1);
         srv_metrics_inflight_add(w->m, 1);
-        srv_route r = (srv_route)((w->id + i) % SRV_ROUTE_COUNT);
+        srv_route r = (srv_route)((w->id + i) % N_ROUTES);
         srv_metrics_observe(w->m, r, 200 + (i % 3) * 100, (i % 4) * 0.25, 3, (uint64_t)(i % 5));
         srv_metrics_inflight_add(w->m, -1);
         if (i % 10 == 0) srv_metrics_rejected(w->m, REASONS[(i / 10) % 3]);
@@ -601,7 +618,7 @@ static void *scrape_thread(void *arg) {
 
 static void test_threads(void **state) {
     int n = tu_quick() ? 2000 : 10000;
-    srv_metrics *m = srv_metrics_create();
+    srv_metrics *m = metrics_create();
     assert_non_null(m);
     pthread_t th[N_THREADS], sc;
     worker w[N_THREADS];
@@ -620,13 +637,12 @@ static void test_threads(void **state) {
     assert_int_equal(srv_metrics_inflight(m), 0);
 
     /* the expected totals, replayed */
-    uint64_t req[SRV_ROUTE_COUNT][3] = {{0}}, cnt[SRV_ROUTE_COUNT] = {0}, le025[SRV_ROUTE_COUNT] = {0},
-             le05[SRV_ROUTE_COUNT] = {0}, zero[SRV_ROUTE_COUNT] = {0}, tin[SRV_ROUTE_COUNT] = {0},
-             tout[SRV_ROUTE_COUNT] = {0}, rej[3] = {0};
-    double sum[SRV_ROUTE_COUNT] = {0};
+    uint64_t req[N_ROUTES][3] = {{0}}, cnt[N_ROUTES] = {0}, le025[N_ROUTES] = {0}, le05[N_ROUTES] = {0},
+             zero[N_ROUTES] = {0}, tin[N_ROUTES] = {0}, tout[N_ROUTES] = {0}, rej[3] = {0};
+    double sum[N_ROUTES] = {0};
     for (int t = 0; t < N_THREADS; t++) {
         for (int i = 0; i < n; i++) {
-            int r = (t + i) % SRV_ROUTE_COUNT;
+            int r = (t + i) % N_ROUTES;
             double sec = (i % 4) * 0.25;
             req[r][i % 3]++;
             cnt[r]++;
@@ -643,8 +659,8 @@ static void test_threads(void **state) {
     char *txt = render(m, NULL);
     char series[256];
     uint64_t total = 0;
-    for (int r = 0; r < SRV_ROUTE_COUNT; r++) {
-        const char *route = srv_route_label((srv_route)r);
+    for (int r = 0; r < N_ROUTES; r++) {
+        const char *route = srv_metrics_route_label(m, r);
         for (int k = 0; k < 3; k++) {
             snprintf(series, sizeof series, "nzserve_requests_total{route=\"%s\",status=\"%d\"}", route,
                      200 + k * 100);
@@ -666,7 +682,7 @@ static void test_threads(void **state) {
         assert_true(value_of(txt, series) == (double)tout[r]);
     }
     assert_int_equal(total, (uint64_t)N_THREADS * n);
-    assert_int_equal(count_prefix(txt, "nzserve_requests_total{"), SRV_ROUTE_COUNT * 3);
+    assert_int_equal(count_prefix(txt, "nzserve_requests_total{"), N_ROUTES * 3);
 
     uint64_t qw[N_LE];
     for (int i = 0; i < N_LE; i++) qw[i] = i < 7 ? 0 : (uint64_t)N_THREADS * n; /* 0.125 s: le 0.25 on */
