@@ -4,7 +4,7 @@ Server: a context manager that writes its own config file (so the shipped
 config/nzserve.json never matters), starts $NZSERVE (default build/nzserve)
 on 127.0.0.1 with a free port, captures stderr to a file, waits for the
 `event=listening` line and always kills the process on exit. A watchdog
-kills any server that lives longer than `lifetime` seconds (60 by default),
+kills any server that lives longer than `lifetime` seconds (300 by default),
 and every wait and every HTTP call has a timeout, so no test can hang.
 
 Also: a small HTTP client on http.client (exact status, headers and body,
@@ -275,7 +275,7 @@ class Server:
     defaults). models: the config's "models" list instead of the single model.
     """
 
-    def __init__(self, model=None, config=None, flags=(), env=None, models=None, lifetime=60, start_timeout=15,
+    def __init__(self, model=None, config=None, flags=(), env=None, models=None, lifetime=300, start_timeout=15,
                  wait_listening=True, task="translate"):
         self.dir = tempfile.mkdtemp(prefix="nzserve-test-")
         cfg = {"host": HOST, "port": 0, "worker_threads": 1, "http_threads": 4, "connection_timeout_s": 10,
