@@ -835,7 +835,7 @@ def test_batched_request_released_alone(model_path):
     """Queued requests with the same options are decoded as one batch (AT beam search: a static batch);
     a member whose client leaves (or whose deadline passes) is answered and released at once, and its
     batch mates still get their translations."""
-    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8, "request_timeout_ms": 3000},
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8, "request_timeout_ms": 30000},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
         s.wait_ready()
         busy = U.raw_connect(s.port)
@@ -851,7 +851,7 @@ def test_batched_request_released_alone(model_path):
         t0 = time.monotonic()
         socks[1].close()  # leaves while its batch runs: released at the next pass
         s.wait_metric("nzserve_rejected_total", lambda v: v == 1, timeout=5, reason="cancelled")
-        assert time.monotonic() - t0 < 0.6
+        assert time.monotonic() - t0 < 1.5  # a pass (0.1 s + its work), not the batch (~1.4 s more)
         assert s.metric("nzserve_requests_in_flight") == 2
         for k in (socks[0], socks[2]):
             r = U.raw_read_response(k)
