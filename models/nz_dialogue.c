@@ -479,7 +479,8 @@ struct nz_dlg_batch {
 };
 
 int nz_dlg_batch_joins(const nz_dlg_opts *o) {
-    return o->gen.strategy == NZ_T5MD_GREEDY || o->gen.strategy == NZ_T5MD_SAMPLE;
+    return o->gen.strategy == NZ_T5MD_GREEDY || o->gen.strategy == NZ_T5MD_SAMPLE ||
+           o->gen.strategy == NZ_T5MD_BEAM;
 }
 
 int nz_dlg_batch_create(const nz_dialogue *d, nz_dlg_batch **out, nz_error *err) {
@@ -520,7 +521,8 @@ int nz_dlg_batch_add(nz_dlg_batch *b, const int32_t *ids, size_t n_ids, const nz
                      nz_error *err) {
     const size_t K = nz_t5md_get_config(b->d->t5md)->num_modes;
     if (!nz_dlg_batch_joins(o))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "dialogue: only greedy and sampling are continuously batched");
+        return nz_fail(err, NZ_E_UNSUPPORTED, "dialogue: strategy %d is not continuously batched",
+                       (int)o->gen.strategy);
     dlg_member *m = nz_calloc(1, sizeof *m, NZ_MEM_OTHER);
     int rc = m && (m->slot = nz_malloc(K * sizeof *m->slot, NZ_MEM_OTHER))
                  ? decoder_slots(b->d, o, m->slot, &m->D, err)

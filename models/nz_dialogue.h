@@ -253,7 +253,7 @@ uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids,
  *  at a time. */
 typedef struct nz_dlg_batch nz_dlg_batch;
 
-/** @return whether o can join a nz_dlg_batch (greedy or sampling). */
+/** @return whether o can join a nz_dlg_batch (greedy, sampling or beam search: every strategy). */
 int nz_dlg_batch_joins(const nz_dlg_opts *o);
 
 /** @return NZ_OK and an empty batch over d (d must outlive it), or NZ_E_NOMEM. */
@@ -262,11 +262,11 @@ int nz_dlg_batch_create(const nz_dialogue *d, nz_dlg_batch **out, nz_error *err)
 /** Free a batch and every request in it. Accepts NULL. */
 void nz_dlg_batch_free(nz_dlg_batch *b);
 
-/** Add a request: context ids[n_ids] (copied), options o (greedy or
- *  sampling, seed o->gen.seed; o->on_token is called with context 0 and
- *  o->token_arg; o->gen.seeds and o->gen.stop are not used). It joins at the
- *  next nz_dlg_batch_step.
- *  @return NZ_OK; NZ_E_UNSUPPORTED (beam); NZ_E_INVALID_ARG / NZ_E_RANGE
+/** Add a request: context ids[n_ids] (copied), options o (greedy,
+ *  sampling with seed o->gen.seed, or beam search; o->on_token is called
+ *  with context 0 and o->token_arg; o->gen.seeds and o->gen.stop are not
+ *  used). It joins at the next nz_dlg_batch_step.
+ *  @return NZ_OK; NZ_E_UNSUPPORTED (another strategy); NZ_E_INVALID_ARG / NZ_E_RANGE
  *  (options, an id outside the vocabulary); NZ_E_NOMEM. */
 int nz_dlg_batch_add(nz_dlg_batch *b, const int32_t *ids, size_t n_ids, const nz_dlg_opts *o, void *owner,
                      nz_error *err);

@@ -1251,39 +1251,128 @@ typedef struct beam_ctx {
     float *cval;        /* [N x kk] and cumulative score */
 } beam_ctx;
 
+int nat_beam_setup(const nz_nat *n, int beam, float lenpen, size_t *K, size_t *kk, nz_error *err) {
+    if (beam < 1 || beam > 4096 || !isfinite(lenpen))
+        return nz_fail(err, NZ_E_INVALID_ARG,
+                       "AT beam search: beam %d (1..4096) or length penalty %g out of range", beam,
+                       (double)lenpen);
+    /* fairseq: beam_size = min(beam, vocab - 1); 2 * beam candidates a step */
+    const size_t V = n->c.vocab;
+    *K = (size_t)beam < V - 1 ? (size_t)beam : V - 1;
+    *kk = 2 * *K < V ? 2 * *K : V;
+    return NZ_OK;
+}
+
 /* fairseq SequenceGenerator's bans on lprobs, plus the row's cumulative score
  * (BeamSearch.step, t > 0), then the row's kk best (row-local topk: the
  * sentence's best 2 * beam are among its rows' best 2 * beam each) */
-static void beam_row(void *ctx, size_t i, const float *lp) {
-    beam_ctx *b = ctx;
-    const size_t r = b->rows[i], V = b->V;
-    float *t = b->tmp;
-    memcpy(t, lp, V * sizeof *lp);
-    t[NZ_NAT_PAD] = -INFINITY;
-    if (b->step >= b->max_len)
+void nat_beam_row(const float *lp, size_t V, size_t step, size_t max_len, size_t min_len, float cum,
+                  size_t kk, float *tmp, uint32_t *ctok, float *cval) {
+    memcpy(tmp, lp, V * sizeof *lp);
+    tmp[NZ_NAT_PAD] = -INFINITY;
+    if (step >= max_len)
         for (size_t v = 0; v < V; v++)
-            if (v != NZ_NAT_EOS) t[v] = -INFINITY;
-    if (b->step < b->min_len) t[NZ_NAT_EOS] = -INFINITY;
-    if (b->step) {
-        const float c = b->cum[r];
-        for (size_t v = 0; v < V; v++) t[v] += c;
-    }
-    nz_topk(t, V, b->kk, b->ctok + r * b->kk, b->cval + r * b->kk);
+            if (v != NZ_NAT_EOS) tmp[v] = -INFINITY;
+    if (step < min_len) tmp[NZ_NAT_EOS] = -INFINITY;
+    if (step)
+        for (size_t v = 0; v < V; v++) tmp[v] += cum;
+    nz_topk(tmp, V, kk, ctok, cval);
 }
 
-typedef struct beam_cand {
-    float s;
-    uint32_t flat; /* beam row j of the sentence x V + token */
-} beam_cand;
+static void beam_row(void *ctx, size_t i, const float *lp) {
+    beam_ctx *b = ctx;
+    const size_t r = b->rows[i];
+    nat_beam_row(lp, b->V, b->step, b->max_len, b->min_len, b->cum[r], b->kk, b->tmp, b->ctok + r * b->kk,
+                 b->cval + r * b->kk);
+}
 
 /* nz_topk's order: descending scores, ties to the lower flat index, NaN last */
 static int cand_cmp(const void *pa, const void *pb) {
-    const beam_cand *a = pa, *b = pb;
+    const nat_beam_cand *a = pa, *b = pb;
     int na = isnan(a->s), nb = isnan(b->s);
     if (na != nb) return na - nb;
     if (!na && a->s > b->s) return -1;
     if (!na && a->s < b->s) return 1;
     return (a->flat > b->flat) - (a->flat < b->flat);
+}
+
+/* The first K candidates of b's sentence at step (pool[k], sorted; em[k] the finalizable eos) are
+ * finalized while it has fewer than K. @return whether one was finalizable. */
+static int beam_finalize(const nat_beam *b, size_t step, const nat_beam_cand *pool, const uint8_t *em,
+                         size_t k) {
+    const size_t K = b->K, V = b->V, cap = b->cap;
+    const float norm = (float)pow((double)(step + 1), (double)b->lenpen);
+    int seen = 0;
+    for (size_t c = 0; c < K && c < k; c++) {
+        if (!em[c]) continue;
+        seen = 1;
+        if (*b->fcnt == K) continue;
+        const size_t parent = pool[c].flat / V, f = (*b->fcnt)++;
+        memcpy(b->ftok + f * cap, b->hist + parent * cap, step * sizeof *b->ftok);
+        b->ftok[f * cap + step] = NZ_NAT_EOS;
+        b->fn[f] = step + 1;
+        b->fsc[f] = pool[c].s / norm;
+    }
+    return seen;
+}
+
+int nat_beam_select(const nat_beam *b, size_t step, int32_t *hist2, int32_t *cur, float *cum2,
+                    uint32_t *order) {
+    const size_t K = b->K, V = b->V, cap = b->cap, kk = b->kk;
+    /* step 0: only row 0 (fairseq's lprobs[:, ::beam_size]) */
+    const size_t nr = step ? K : 1, cand = 2 * K;
+    nat_beam_cand *pool = b->pool;
+    uint8_t *em = b->em;
+    size_t np = 0;
+    for (size_t j = 0; j < nr; j++)
+        for (size_t q = 0; q < kk; q++)
+            pool[np++] = (nat_beam_cand){b->cval[j * kk + q], (uint32_t)(j * V + b->ctok[j * kk + q])};
+    qsort(pool, np, sizeof *pool, cand_cmp);
+    size_t k = nr * V - 1 < cand ? nr * V - 1 : cand;
+    if (k > np) k = np;
+    /* eos candidates with a finite score among the first K, not ignored, are finalized */
+    for (size_t c = 0; c < k; c++) {
+        em[c] = pool[c].flat % V == NZ_NAT_EOS && pool[c].s != -INFINITY;
+        if (c < K && b->ignore[c]) em[c] = 0;
+    }
+    const int seen = beam_finalize(b, step, pool, em, k);
+    if (seen && (*b->fcnt == K || step == b->max_len)) return 1; /* sentence finished */
+    /* go on with the first K candidates, finalizable eos and ignored positions last */
+    for (size_t c = 0; c < K && c < k; c++) em[c] |= b->ignore[c];
+    size_t j = 0;
+    for (int back = 0; back < 2; back++)
+        for (size_t c = 0; c < k && j < K; c++) {
+            if (em[c] != back) continue;
+            const size_t parent = pool[c].flat / V;
+            const int32_t t = (int32_t)(pool[c].flat % V);
+            order[j] = (uint32_t)parent;
+            memcpy(hist2 + j * cap, b->hist + parent * cap, step * sizeof *hist2);
+            hist2[j * cap + step] = t;
+            cur[j] = t;
+            cum2[j] = pool[c].s;
+            b->ignore[j] = (uint8_t)back;
+            j++;
+        }
+    return 0;
+}
+
+int nat_beam_result(nz_nat_hyp *hy, const nat_beam *b, int min_len, nz_error *err) {
+    const size_t fcnt = *b->fcnt;
+    if (!fcnt) {
+        hy->rc = nz_fail(&hy->err, NZ_E_RANGE, "no hypothesis ended with eos within max_len %zu (min_len %d)",
+                         b->max_len, min_len);
+        return NZ_OK;
+    }
+    /* best normalized score, the first finalized on ties (a stable sort) */
+    size_t best = 0;
+    for (size_t f = 1; f < fcnt; f++)
+        if (b->fsc[f] > b->fsc[best]) best = f;
+    int rc = nat_set_tokens(hy, b->ftok + best * b->cap, b->fn[best], err);
+    if (rc) return rc;
+    hy->score = b->fsc[best];
+    hy->nat_score = NAN;
+    hy->steps = (int)b->fn[best];
+    return NZ_OK;
 }
 
 int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
@@ -1300,7 +1389,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
     uint32_t *kvmap = NULL, *ctok = NULL, *order = NULL;
     uint8_t *ignore = NULL, *em = NULL;
     float *cum = NULL, *cum2 = NULL, *cval = NULL, *fsc = NULL, *x = NULL, *tmp = NULL;
-    beam_cand *pool = NULL;
+    nat_beam_cand *pool = NULL;
     nz_kv *cross = NULL, *self = NULL;
     nz_nat_enc enc;
     memset(&enc, 0, sizeof enc);
@@ -1308,14 +1397,11 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
     NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
     size_t max_len = 0;
     NZ_TRY(nat_at_setup(n, o, S, &max_len, err));
-    if (beam < 1 || beam > 4096 || !isfinite(lenpen))
-        NZ_FAIL(NZ_E_INVALID_ARG, "AT beam search: beam %d (1..4096) or length penalty %g out of range", beam,
-                (double)lenpen);
+    size_t K = 0, kk = 0;
+    NZ_TRY(nat_beam_setup(n, beam, lenpen, &K, &kk, err));
     if (!nv) goto done;
 
-    /* fairseq: beam_size = min(beam, vocab - 1); 2 * beam candidates a step */
-    const size_t K = (size_t)beam < V - 1 ? (size_t)beam : V - 1, N = nv * K, cap = max_len + 1;
-    const size_t cand = 2 * K, kk = cand < V ? cand : V, nl = n->at.nlayers;
+    const size_t N = nv * K, cap = max_len + 1, cand = 2 * K, nl = n->at.nlayers;
     NZ_TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
     NZ_TRY(cross_kvs(mc, n, &n->at, &enc, &cross, err));
     self = nz_calloc(nl, sizeof *self, NZ_MEM_KV);
@@ -1370,53 +1456,28 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
             for (size_t j = 0; j < nr; j++) rows[P++] = a * K + j;
         beam_ctx bc = {V, step, max_len, (size_t)o->min_len, kk, rows, cum, tmp, ctok, cval};
         NZ_TRY(nat_project_rows(mc, n, x, rows, P, beam_row, &bc, err));
-        const float norm = (float)pow((double)(step + 1), (double)lenpen);
         size_t A2 = 0;
         for (size_t a = 0; a < A; a++) {
-            const size_t s = asent[a];
-            size_t np = 0;
-            for (size_t j = 0; j < nr; j++)
-                for (size_t q = 0; q < kk; q++) {
-                    const size_t r = a * K + j;
-                    pool[np++] = (beam_cand){cval[r * kk + q], (uint32_t)(j * V + ctok[r * kk + q])};
-                }
-            qsort(pool, np, sizeof *pool, cand_cmp);
-            size_t k = nr * V - 1 < cand ? nr * V - 1 : cand;
-            if (k > np) k = np;
-            /* eos candidates with a finite score among the first K, not ignored, are finalized */
-            int seen = 0;
-            for (size_t c = 0; c < k; c++) {
-                em[c] = pool[c].flat % V == NZ_NAT_EOS && pool[c].s != -INFINITY;
-                if (c < K && ignore[s * K + c]) em[c] = 0;
-            }
-            for (size_t c = 0; c < K && c < k; c++) {
-                if (!em[c]) continue;
-                seen = 1;
-                if (fcnt[s] == K) continue;
-                const size_t parent = a * K + pool[c].flat / V, f = s * K + fcnt[s]++;
-                memcpy(ftok + f * cap, hist + parent * cap, step * sizeof *ftok);
-                ftok[f * cap + step] = NZ_NAT_EOS;
-                fn[f] = step + 1;
-                fsc[f] = pool[c].s / norm;
-            }
-            if (seen && (fcnt[s] == K || step == max_len)) continue; /* sentence finished */
-            /* go on with the first K candidates, finalizable eos and ignored positions last */
-            for (size_t c = 0; c < K && c < k; c++) em[c] |= ignore[s * K + c];
-            size_t j = 0;
-            for (int back = 0; back < 2; back++)
-                for (size_t c = 0; c < k && j < K; c++) {
-                    if (em[c] != back) continue;
-                    const size_t parent = a * K + pool[c].flat / V, r2 = A2 * K + j;
-                    const int32_t t = (int32_t)(pool[c].flat % V);
-                    order[r2] = (uint32_t)parent;
-                    memcpy(hist2 + r2 * cap, hist + parent * cap, step * sizeof *hist2);
-                    hist2[r2 * cap + step] = t;
-                    cur[r2] = t;
-                    cum2[r2] = pool[c].s;
-                    ignore[s * K + j] = (uint8_t)back;
-                    j++;
-                }
-            asent[A2++] = s; /* A2 <= a: in place */
+            const size_t s = asent[a], r2 = A2 * K;
+            const nat_beam bm = {.K = K,
+                                 .kk = kk,
+                                 .V = V,
+                                 .cap = cap,
+                                 .max_len = max_len,
+                                 .lenpen = lenpen,
+                                 .ctok = ctok + a * K * kk,
+                                 .cval = cval + a * K * kk,
+                                 .hist = hist + a * K * cap,
+                                 .ignore = ignore + s * K,
+                                 .ftok = ftok + s * K * cap,
+                                 .fn = fn + s * K,
+                                 .fsc = fsc + s * K,
+                                 .fcnt = &fcnt[s],
+                                 .pool = pool,
+                                 .em = em};
+            if (nat_beam_select(&bm, step, hist2 + r2 * cap, cur + r2, cum2 + r2, order + r2)) continue;
+            for (size_t j = 0; j < K; j++) order[r2 + j] += (uint32_t)(a * K); /* the sentence's rows */
+            asent[A2++] = s;                                                   /* A2 <= a: in place */
         }
         if (step == max_len || !A2) break;
         /* beam reorder of the self-attention caches, finished sentences' rows
@@ -1432,21 +1493,15 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         A = A2;
     }
     for (size_t s = 0; s < nv; s++) {
-        nz_nat_hyp *hy = &hyps[vidx[s]];
-        if (!fcnt[s]) {
-            hy->rc =
-                nz_fail(&hy->err, NZ_E_RANGE, "no hypothesis ended with eos within max_len %zu (min_len %d)",
-                        max_len, o->min_len);
-            continue;
-        }
-        /* best normalized score, the first finalized on ties (a stable sort) */
-        size_t best = s * K;
-        for (size_t f = s * K + 1; f < s * K + fcnt[s]; f++)
-            if (fsc[f] > fsc[best]) best = f;
-        NZ_TRY(nat_set_tokens(hy, ftok + best * cap, fn[best], err));
-        hy->score = fsc[best];
-        hy->nat_score = NAN;
-        hy->steps = (int)fn[best];
+        const nat_beam bm = {.K = K,
+                             .V = V,
+                             .cap = cap,
+                             .max_len = max_len,
+                             .ftok = ftok + s * K * cap,
+                             .fn = fn + s * K,
+                             .fsc = fsc + s * K,
+                             .fcnt = &fcnt[s]};
+        NZ_TRY(nat_beam_result(&hyps[vidx[s]], &bm, o->min_len, err));
     }
 done:
     if (rc) fail_all(hyps, B, err);
@@ -1493,16 +1548,16 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
     const double K = (double)Kz, N = dB * K, cap = (double)max_len + 1;
     const double kk = 2 * K < V ? 2 * K : V;
     double held, front = at_front(n, dB, dS, &held);
-    const double bufs = 4 * N                         /* cur */
-                        + 3 * (4 * N * cap)           /* hist, hist2, ftok */
-                        + 8 * N + 8 * dB              /* rows, asent */
-                        + 8 * N + 8 * dB              /* fn, fcnt */
-                        + 4 * N + 4 * N               /* kvmap, order */
-                        + 4 * N * kk + 4 * N * kk     /* ctok, cval */
-                        + N + 2 * K                   /* ignore, em */
-                        + 4 * N + 4 * N + 4 * N       /* cum, cum2, fsc */
-                        + 4 * N * D + 4 * V           /* x, tmp */
-                        + sizeof(beam_cand) * K * kk; /* pool */
+    const double bufs = 4 * N                             /* cur */
+                        + 3 * (4 * N * cap)               /* hist, hist2, ftok */
+                        + 8 * N + 8 * dB                  /* rows, asent */
+                        + 8 * N + 8 * dB                  /* fn, fcnt */
+                        + 4 * N + 4 * N                   /* kvmap, order */
+                        + 4 * N * kk + 4 * N * kk         /* ctok, cval */
+                        + N + 2 * K                       /* ignore, em */
+                        + 4 * N + 4 * N + 4 * N           /* cum, cum2, fsc */
+                        + 4 * N * D + 4 * V               /* x, tmp */
+                        + sizeof(nat_beam_cand) * K * kk; /* pool */
     /* nz_kv_select's copies (engine/nz_layer.c, NZ_MEM_KV) when the caches are reordered after a step:
      * tmp (rows x len x D floats) and ptmp (rows x len bytes), len <= max_len */
     const double select = 4 * N * (double)max_len * D + N * (double)max_len;

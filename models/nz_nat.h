@@ -265,20 +265,28 @@ uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size
 uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o);
 
 /** Peak of nz_nat_at_beam(mc, n, src, B, S, o, beam, ...): as nz_nat_at_greedy_peak_bytes for B x beam
- *  rows, plus the search's buffers and the caches' reorder copies (at max_len positions).
- *  @return bytes. */
+ *  rows, plus the search's buffers and the caches' reorder copies (at max_len positions). With B = 1 and
+ *  S = max(2, len) it is also what a beam sentence of nz_nat_cb_add_beam adds to a continuous batch, as
+ *  nz_nat_at_greedy_peak_bytes is for nz_nat_cb_add (the batch's own rounding of its caches' rows and
+ *  positions aside). @return bytes. */
 uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o, int beam);
 
 /* ------------------------------------------------------- continuous batching */
 
-/** A continuously batched AT greedy decoder: sentences join at step
- *  boundaries and leave at their eos (or when removed), and one
+/** A continuously batched AT decoder, greedy and beam search mixed:
+ *  sentences join at step boundaries and leave when done (greedy: at their
+ *  eos; beam: when their search is finished) or when removed, and one
  *  nz_nat_cb_step runs one decoder step for every running sentence, so each
- *  weight tile decoded serves all of them. A sentence's result is bit for
- *  bit what nz_nat_at_greedy gives it alone (batch of one: max_len from its
- *  own length), whatever joins or leaves around it. Memory (NZ_MEM_KV /
- *  ACTIVATIONS) grows with the rows and positions in use and stays until
- *  nz_nat_cb_free. One thread at a time. */
+ *  weight tile decoded serves all of them. A greedy sentence is one decoder
+ *  row, a beam sentence min(beam, vocab - 1) rows (its beam, reordered
+ *  after each step as nz_nat_at_beam reorders it) until it is done. A
+ *  sentence's result is bit for bit what nz_nat_at_greedy / nz_nat_at_beam
+ *  gives it alone (batch of one: max_len from its own length), whatever
+ *  joins or leaves around it. Memory (NZ_MEM_KV / ACTIVATIONS) grows with
+ *  the rows and positions in use and stays until nz_nat_cb_free (a beam
+ *  sentence also holds its search's buffers, as nz_nat_at_beam's for one
+ *  sentence, from nz_nat_cb_add_beam until it is taken or removed). One
+ *  thread at a time. */
 typedef struct nz_nat_cb nz_nat_cb;
 
 /** @return NZ_OK and an empty batch over n (n must outlive it), NZ_E_UNSUPPORTED (no AT decoder) or
@@ -294,14 +302,24 @@ void nz_nat_cb_free(nz_nat_cb *cb);
 int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, void *owner,
                   nz_error *err);
 
+/** Add a sentence decoded by beam search: as nz_nat_cb_add, with nz_nat_at_beam's beam and lenpen (o
+ *  as there: min_len, max_len_a / max_len_b over its own length). It takes min(beam, vocab - 1) decoder
+ *  rows while it runs; its result is nz_nat_at_beam's for it alone (beam 1 included: a beam search of
+ *  one, scored as nz_nat_at_beam scores it, not nz_nat_cb_add's greedy score).
+ *  @return NZ_OK, or the error nz_nat_at_beam gives it (bad source, options, beam outside 1..4096, lenpen
+ *  not finite), or NZ_E_NOMEM. */
+int nz_nat_cb_add_beam(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, int beam,
+                       float lenpen, void *owner, nz_error *err);
+
 /** One step: the sentences added since the last step are encoded together and join; then one decoder
- *  step over every running sentence (a sentence that made eos is done).
+ *  step over every running sentence (a greedy sentence that made eos, or went max_len steps without, is
+ *  done; a beam sentence is done when nz_nat_at_beam's search of it ends).
  *  @return NZ_OK, or the step's error (NZ_E_CANCELLED from mc, a tile error, out of memory): every
  *  sentence is then done with it in its result. */
 int nz_nat_cb_step(nz_matmul_ctx *mc, nz_nat_cb *cb, nz_error *err);
 
-/** Take the oldest done sentence: its result (as nz_nat_at_greedy's; free with nz_nat_hyps_free) and its
- *  owner. @return 1, or 0 when none is done. */
+/** Take the oldest done sentence: its result (as nz_nat_at_greedy's or nz_nat_at_beam's, an NZ_E_RANGE
+ *  in it included; free with nz_nat_hyps_free) and its owner. @return 1, or 0 when none is done. */
 int nz_nat_cb_take(nz_nat_cb *cb, void **owner, nz_nat_hyp *hyp);
 
 /** Remove owner's sentence now (cancelled). An unknown owner is ignored. */
@@ -309,6 +327,10 @@ void nz_nat_cb_remove(nz_nat_cb *cb, void *owner);
 
 /** @return sentences decoding now. */
 size_t nz_nat_cb_rows(const nz_nat_cb *cb);
+
+/** @return their decoder rows (self-attention cache slots in use): 1 per greedy sentence, min(beam,
+ *  vocab - 1) per beam sentence. */
+size_t nz_nat_cb_decoder_rows(const nz_nat_cb *cb);
 
 /** @return sentences in the batch (waiting to join, decoding, or done and not taken). */
 size_t nz_nat_cb_size(const nz_nat_cb *cb);

@@ -1,12 +1,18 @@
 /*
- * nz_nat_cb.c — continuous batching of AT greedy decoding (see nz_nat.h, nz_nat_cb_*).
+ * nz_nat_cb.c — continuous batching of AT greedy and beam decoding (see nz_nat.h, nz_nat_cb_*).
  *
- * Each sentence is one decoder row in a slot of the self-attention caches (nz_kvself): a sentence that
- * joins when the caches hold P positions writes its keys from P on, its positions [0, P) are padding,
- * and its token positions (fairseq make_positions) count from its own first step, so its keys, queries
- * and log-probs are those it has alone (attention skips padded keys, the GEMMs are row-invariant). Its
- * encoder states live in a slot of the cross-attention caches (nz_kvenc). Sentences added between
- * steps are encoded together at the next step; a sentence leaves at its eos.
+ * Each greedy sentence is one decoder row in a slot of the self-attention caches (nz_kvself), each beam
+ * sentence K rows in K slots: a sentence that joins when the caches hold P positions writes its keys
+ * from P on, its positions [0, P) are padding, and its token positions (fairseq make_positions) count
+ * from its own first step, so its keys, queries and log-probs are those it has alone (attention skips
+ * padded keys, the GEMMs are row-invariant). Its encoder states live in a slot of the cross-attention
+ * caches (nz_kvenc). Sentences added between steps are encoded together at the next step; a sentence
+ * leaves at its eos (greedy) or when its search is finished (beam), giving its slots back.
+ *
+ * A beam sentence runs nz_nat_at_beam's bookkeeping (nat_beam_row, nat_beam_select, nat_beam_result in
+ * nz_nat.c) on its own rows: after each step its K rows take their parents' caches (nz_kvself_permute,
+ * where nz_nat_at_beam uses nz_kv_select) and tokens. Its rows stay K until it is done, as in
+ * nz_nat_at_beam (a sentence's live beam never shrinks there: it keeps K rows until it finishes).
  */
 #include "nz_nat_int.h"
 
@@ -17,35 +23,63 @@
 
 enum { S_PENDING = 0, S_RUNNING, S_DONE };
 
+/* A beam sentence's search: the buffers of its nat_beam (K rows, kk candidates per row, cap =
+ * max_len + 1 tokens per row). */
+typedef struct cb_beam {
+    size_t kk;             /* candidates kept per row */
+    float lenpen;          /* length penalty */
+    size_t fcnt;           /* hypotheses finalized */
+    int32_t *hist, *hist2; /* [K x cap] the rows' tokens: before this step, after it */
+    int32_t *ftok;         /* [K x cap] the finalized hypotheses' tokens */
+    size_t *fn;            /* [K] their token counts */
+    float *fsc;            /* [K] their normalized scores */
+    float *cum, *cum2;     /* [K] the rows' cumulative scores: before this step, after it */
+    int32_t *cur;          /* [K] the rows' next input tokens */
+    uint32_t *order;       /* [K] each row's parent row after a step */
+    uint32_t *ctok;        /* [K x kk] a step's candidates of each row: tokens */
+    float *cval;           /* [K x kk] and cumulative scores */
+    nat_beam_cand *pool;   /* [K x kk] nat_beam_select's scratch */
+    uint8_t *ignore;       /* [K] fairseq's cands_to_ignore */
+    uint8_t *em;           /* [2 K] nat_beam_select's scratch */
+} cb_beam;
+
 typedef struct cb_seq {
     void *owner;
     int32_t *src;   /* [len] its source until encoded */
     size_t len;     /* source ids */
     size_t max_len; /* as decoded alone (nat_at_setup over max(2, len)) */
     size_t min_len;
-    uint32_t enc, slot; /* its cross and self cache slots (running) */
-    int32_t *tok;       /* [max_len + 1] generated */
-    size_t n;           /* generated so far */
-    double lpsum;       /* their log-probs, summed */
-    int32_t next;       /* this step's pick */
-    int state;          /* S_* */
-    nz_nat_hyp hyp;     /* its result once done */
+    size_t K;        /* decoder rows: 1 (greedy) or its beam (nat_beam_setup) */
+    uint32_t enc;    /* its cross cache slot (running) */
+    uint32_t *slots; /* [K] its self cache slots (running), nslots of them taken */
+    size_t nslots;
+    int32_t *tok;   /* greedy: [max_len + 1] generated */
+    size_t n;       /* steps run: tokens generated so far */
+    double lpsum;   /* greedy: their log-probs, summed */
+    int32_t next;   /* greedy: this step's pick */
+    cb_beam *bm;    /* beam: its search, else NULL */
+    int state;      /* S_* */
+    nz_nat_hyp hyp; /* its result once done */
     struct cb_seq *link;
 } cb_seq;
 
 struct nz_nat_cb {
     const nz_nat *n;
-    nz_kvself self; /* the rows' self-attention caches */
-    nz_kvenc cross; /* the sentences' cross-attention caches (one per AT layer) */
-    cb_seq **rows;  /* [ncap] running sentences in step order */
-    size_t nrows, ncap;
+    nz_kvself self;  /* the rows' self-attention caches */
+    nz_kvenc cross;  /* the sentences' cross-attention caches (one per AT layer) */
+    cb_seq **rows;   /* [ncap] running sentences in step order (nrows) */
+    size_t nrows;    /* running sentences */
+    size_t ndec;     /* their decoder rows (sum of K) */
+    size_t ncap;     /* room of the per-row arrays (>= ndec) */
     int32_t *cur;    /* [ncap] a step's input tokens */
     int64_t *starts; /* [ncap] their position offsets: tokens generated so far */
     uint32_t *slots; /* [ncap] self cache slot of each row */
     uint32_t *encs;  /* [ncap] cross cache slot of each row */
-    size_t *ident;   /* [ncap] 0..: the rows to project */
+    cb_seq **rseq;   /* [ncap] sentence of each row */
+    uint32_t *rj;    /* [ncap] and its row in the sentence (0..K-1) */
+    size_t *prow;    /* [ncap] the rows to project */
     float *x;        /* [ncap x D] hidden states */
-    float *tmp;      /* [V] nat_greedy_pick's scratch */
+    float *tmp;      /* [V] scratch of nat_greedy_pick / nat_beam_row */
     cb_seq *seqs;    /* every sentence not taken, newest first */
     size_t nseqs;
 };
@@ -70,11 +104,81 @@ int nz_nat_cb_create(const nz_nat *n, nz_nat_cb **out, nz_error *err) {
     return NZ_OK;
 }
 
+static void beam_free(cb_beam *b) {
+    if (!b) return;
+    nz_free(b->hist);
+    nz_free(b->hist2);
+    nz_free(b->ftok);
+    nz_free(b->fn);
+    nz_free(b->fsc);
+    nz_free(b->cum);
+    nz_free(b->cum2);
+    nz_free(b->cur);
+    nz_free(b->order);
+    nz_free(b->ctok);
+    nz_free(b->cval);
+    nz_free(b->pool);
+    nz_free(b->ignore);
+    nz_free(b->em);
+    nz_free(b);
+}
+
+/* A beam search of K rows, kk candidates each, cap tokens per row. @return it, or NULL (out of memory). */
+static cb_beam *beam_new(size_t K, size_t kk, size_t cap, float lenpen) {
+    cb_beam *b = nz_calloc(1, sizeof *b, NZ_MEM_ACTIVATIONS);
+    if (!b) return NULL;
+    b->kk = kk;
+    b->lenpen = lenpen;
+    b->hist = nz_malloc(K * cap * sizeof *b->hist, NZ_MEM_ACTIVATIONS);
+    b->hist2 = nz_malloc(K * cap * sizeof *b->hist2, NZ_MEM_ACTIVATIONS);
+    b->ftok = nz_malloc(K * cap * sizeof *b->ftok, NZ_MEM_ACTIVATIONS);
+    b->fn = nz_calloc(K, sizeof *b->fn, NZ_MEM_ACTIVATIONS);
+    b->fsc = nz_calloc(K, sizeof *b->fsc, NZ_MEM_ACTIVATIONS);
+    b->cum = nz_calloc(K, sizeof *b->cum, NZ_MEM_ACTIVATIONS);
+    b->cum2 = nz_calloc(K, sizeof *b->cum2, NZ_MEM_ACTIVATIONS);
+    b->cur = nz_malloc(K * sizeof *b->cur, NZ_MEM_ACTIVATIONS);
+    b->order = nz_malloc(K * sizeof *b->order, NZ_MEM_ACTIVATIONS);
+    b->ctok = nz_malloc(K * kk * sizeof *b->ctok, NZ_MEM_ACTIVATIONS);
+    b->cval = nz_malloc(K * kk * sizeof *b->cval, NZ_MEM_ACTIVATIONS);
+    b->pool = nz_malloc(K * kk * sizeof *b->pool, NZ_MEM_ACTIVATIONS);
+    b->ignore = nz_calloc(K, 1, NZ_MEM_ACTIVATIONS);
+    b->em = nz_malloc(2 * K, NZ_MEM_ACTIVATIONS);
+    if (!b->hist || !b->hist2 || !b->ftok || !b->fn || !b->fsc || !b->cum || !b->cum2 || !b->cur ||
+        !b->order || !b->ctok || !b->cval || !b->pool || !b->ignore || !b->em) {
+        beam_free(b);
+        return NULL;
+    }
+    return b;
+}
+
+/* q's search as nat_beam sees it. */
+static nat_beam beam_view(const cb_seq *q, size_t V) {
+    cb_beam *b = q->bm;
+    return (nat_beam){.K = q->K,
+                      .kk = b->kk,
+                      .V = V,
+                      .cap = q->max_len + 1,
+                      .max_len = q->max_len,
+                      .lenpen = b->lenpen,
+                      .ctok = b->ctok,
+                      .cval = b->cval,
+                      .hist = b->hist,
+                      .ignore = b->ignore,
+                      .ftok = b->ftok,
+                      .fn = b->fn,
+                      .fsc = b->fsc,
+                      .fcnt = &b->fcnt,
+                      .pool = b->pool,
+                      .em = b->em};
+}
+
 static void seq_free(cb_seq *q) {
     if (!q) return;
     nz_nat_hyps_free(&q->hyp, 1);
     nz_free(q->src);
+    nz_free(q->slots);
     nz_free(q->tok);
+    beam_free(q->bm);
     nz_free(q);
 }
 
@@ -91,7 +195,9 @@ void nz_nat_cb_free(nz_nat_cb *cb) {
     nz_free(cb->starts);
     nz_free(cb->slots);
     nz_free(cb->encs);
-    nz_free(cb->ident);
+    nz_free(cb->rseq);
+    nz_free(cb->rj);
+    nz_free(cb->prow);
     nz_free(cb->x);
     nz_free(cb->tmp);
     nz_free(cb);
@@ -99,20 +205,28 @@ void nz_nat_cb_free(nz_nat_cb *cb) {
 
 size_t nz_nat_cb_rows(const nz_nat_cb *cb) { return cb->nrows; }
 
+size_t nz_nat_cb_decoder_rows(const nz_nat_cb *cb) { return cb->ndec; }
+
 size_t nz_nat_cb_size(const nz_nat_cb *cb) { return cb->nseqs; }
 
-int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, void *owner,
-                  nz_error *err) {
-    size_t max_len = 0;
+/* Add a sentence: greedy, or (is_beam) a beam search of beam, lenpen. */
+static int add_seq(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, int is_beam,
+                   int beam, float lenpen, void *owner, nz_error *err) {
+    size_t max_len = 0, K = 1, kk = 0;
     int rc = nat_at_setup(cb->n, o, len > 2 ? len : 2, &max_len, err); /* the width it has alone */
+    if (!rc && is_beam) rc = nat_beam_setup(cb->n, beam, lenpen, &K, &kk, err);
     if (!rc) rc = nz_nat_check_source(cb->n, src, len, NULL, err);
     if (rc) return rc;
     cb_seq *q = nz_calloc(1, sizeof *q, NZ_MEM_ACTIVATIONS);
     if (q) {
         q->src = nz_malloc(len * sizeof *src + 1, NZ_MEM_ACTIVATIONS);
-        q->tok = nz_malloc((max_len + 1) * sizeof *q->tok, NZ_MEM_ACTIVATIONS);
+        q->slots = nz_malloc(K * sizeof *q->slots, NZ_MEM_ACTIVATIONS);
+        if (is_beam)
+            q->bm = beam_new(K, kk, max_len + 1, lenpen);
+        else
+            q->tok = nz_malloc((max_len + 1) * sizeof *q->tok, NZ_MEM_ACTIVATIONS);
     }
-    if (!q || !q->src || !q->tok) {
+    if (!q || !q->src || !q->slots || !(is_beam ? (void *)q->bm : (void *)q->tok)) {
         seq_free(q);
         return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch member");
     }
@@ -120,6 +234,7 @@ int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at
     q->len = len;
     q->max_len = max_len;
     q->min_len = (size_t)o->min_len;
+    q->K = K;
     q->owner = owner;
     q->link = cb->seqs;
     cb->seqs = q;
@@ -127,7 +242,17 @@ int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at
     return NZ_OK;
 }
 
-/* Room for n running rows in rows and the step buffers. */
+int nz_nat_cb_add(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, void *owner,
+                  nz_error *err) {
+    return add_seq(cb, src, len, o, 0, 1, 0.0f, owner, err);
+}
+
+int nz_nat_cb_add_beam(nz_nat_cb *cb, const int32_t *src, size_t len, const nz_nat_at_opts *o, int beam,
+                       float lenpen, void *owner, nz_error *err) {
+    return add_seq(cb, src, len, o, 1, beam, lenpen, owner, err);
+}
+
+/* Room for n decoder rows in rows and the step buffers. */
 static int reserve_rows(nz_nat_cb *cb, size_t n, nz_error *err) {
     if (n <= cb->ncap) return NZ_OK;
     const size_t m = nz_grow_cap(cb->ncap, n), D = cb->n->c.d_model;
@@ -136,12 +261,42 @@ static int reserve_rows(nz_nat_cb *cb, size_t n, nz_error *err) {
         nz_resize_array(&cb->starts, m, sizeof *cb->starts, NZ_MEM_ACTIVATIONS) ||
         nz_resize_array(&cb->slots, m, sizeof *cb->slots, NZ_MEM_ACTIVATIONS) ||
         nz_resize_array(&cb->encs, m, sizeof *cb->encs, NZ_MEM_ACTIVATIONS) ||
-        nz_resize_array(&cb->ident, m, sizeof *cb->ident, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->rseq, m, sizeof *cb->rseq, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->rj, m, sizeof *cb->rj, NZ_MEM_ACTIVATIONS) ||
+        nz_resize_array(&cb->prow, m, sizeof *cb->prow, NZ_MEM_ACTIVATIONS) ||
         nz_resize_array(&cb->x, m * D, sizeof *cb->x, NZ_MEM_ACTIVATIONS))
         return nz_fail(err, NZ_E_NOMEM, "out of memory for %zu decoder rows", m);
-    for (size_t i = cb->ncap; i < m; i++) cb->ident[i] = i;
     cb->ncap = m;
     return NZ_OK;
+}
+
+/* q's cache slots (those taken) are free again. */
+static void seq_release(nz_nat_cb *cb, cb_seq *q) {
+    if (q->state != S_RUNNING) return;
+    for (size_t j = 0; j < q->nslots; j++) nz_kvself_give(&cb->self, q->slots[j]);
+    q->nslots = 0;
+    nz_kvenc_give(&cb->cross, q->enc);
+}
+
+/* The B pending sentences qs[B] (encoded, their cross slots taken) take their self cache slots and join
+ * the running rows. */
+static int join_rows(nz_nat_cb *cb, cb_seq **qs, size_t B, nz_error *err) {
+    size_t rows = 0;
+    for (size_t b = 0; b < B; b++) rows += qs[b]->K;
+    int rc = reserve_rows(cb, cb->ndec + rows, err);
+    for (size_t b = 0; b < B && !rc; b++) {
+        cb_seq *q = qs[b];
+        while (q->nslots < q->K && !rc) {
+            rc = nz_kvself_take(&cb->self, &q->slots[q->nslots], err);
+            if (!rc) q->nslots++;
+        }
+        if (rc) break;
+        nz_free(q->src);
+        q->src = NULL;
+        cb->rows[cb->nrows++] = q;
+        cb->ndec += q->K;
+    }
+    return rc;
 }
 
 /* Encode the pending sentences together, fill their cross caches and add their rows. */
@@ -172,20 +327,14 @@ static int admit(nz_matmul_ctx *mc, nz_nat_cb *cb, nz_error *err) {
     NZ_TRY(nz_kvenc_take(&cb->cross, B, S, slots, err));
     for (b = 0; b < B; b++) {
         qs[b]->enc = slots[b];
-        qs[b]->state = S_RUNNING; /* its encoder slot is taken: given back when it is done */
+        qs[b]->state = S_RUNNING; /* its slots are taken: given back when it is done (seq_release) */
     }
     NZ_TRY(nz_kv_init(&tmp, B, S, n->c.d_model, err));
     for (size_t l = 0; l < n->at.nlayers; l++) {
         NZ_TRY(nz_attn_cross_kv(mc, &n->at.layers[l].cross, enc.x, B, S, enc.pad, &tmp, err));
         for (b = 0; b < B; b++) nz_kvenc_fill(&cb->cross, l, slots[b], &tmp, b);
     }
-    NZ_TRY(reserve_rows(cb, cb->nrows + B, err));
-    for (b = 0; b < B; b++) {
-        NZ_TRY(nz_kvself_take(&cb->self, &qs[b]->slot, err));
-        nz_free(qs[b]->src);
-        qs[b]->src = NULL;
-        cb->rows[cb->nrows++] = qs[b];
-    }
+    NZ_TRY(join_rows(cb, qs, B, err));
 done:
     nz_kv_free(&tmp);
     nz_nat_enc_free(&enc);
@@ -195,75 +344,169 @@ done:
     return rc;
 }
 
-/* Row i leaves: its slots are free again, it is done. */
+/* Running sentence i leaves: its slots are free again, it is done. */
 static void leave(nz_nat_cb *cb, size_t i) {
     cb_seq *q = cb->rows[i];
-    nz_kvself_give(&cb->self, q->slot);
-    nz_kvenc_give(&cb->cross, q->enc);
+    seq_release(cb, q);
     q->state = S_DONE;
+    cb->ndec -= q->K;
     memmove(cb->rows + i, cb->rows + i + 1, (cb->nrows - i - 1) * sizeof *cb->rows);
     cb->nrows--;
 }
 
 /* A failed step: every sentence not done is, with the error. */
 static void fail_all_seqs(nz_nat_cb *cb, int rc, const nz_error *err) {
-    while (cb->nrows) leave(cb, cb->nrows - 1);
     for (cb_seq *q = cb->seqs; q; q = q->link)
         if (q->state != S_DONE) {
-            q->state = S_DONE;
             q->hyp.rc = rc;
             q->hyp.err = *err;
         }
+    while (cb->nrows) leave(cb, cb->nrows - 1);
+    for (cb_seq *q = cb->seqs; q; q = q->link) {
+        seq_release(cb, q); /* one that failed to join */
+        q->state = S_DONE;
+    }
+}
+
+/* The step's decoder rows, each running sentence's K in turn: inputs, positions, slots; *P receives the
+ * rows to project (a beam sentence's row 0 only at its first step, as nz_nat_at_beam). @return the rows. */
+static size_t gather_rows(nz_nat_cb *cb, size_t *P) {
+    size_t r = 0, p = 0;
+    for (size_t i = 0; i < cb->nrows; i++) {
+        cb_seq *q = cb->rows[i];
+        const size_t proj = q->bm && !q->n ? 1 : q->K;
+        for (size_t j = 0; j < q->K; j++, r++) {
+            /* fairseq starts from eos */
+            cb->cur[r] = !q->n ? NZ_NAT_EOS : q->bm ? q->bm->cur[j] : q->tok[q->n - 1];
+            cb->starts[r] = (int64_t)q->n;
+            cb->slots[r] = q->slots[j];
+            cb->encs[r] = q->enc;
+            cb->rseq[r] = q;
+            cb->rj[r] = (uint32_t)j;
+            if (j < proj) cb->prow[p++] = r;
+        }
+    }
+    *P = p;
+    return r;
 }
 
 static void pick_row(void *ctx, size_t i, const float *lp) {
     nz_nat_cb *cb = ctx;
-    cb_seq *q = cb->rows[i];
-    q->next = nat_greedy_pick(lp, cb->n->c.vocab, q->n, q->max_len, q->min_len, cb->tmp);
+    const size_t r = cb->prow[i], V = cb->n->c.vocab;
+    cb_seq *q = cb->rseq[r];
+    if (q->bm) {
+        cb_beam *b = q->bm;
+        const size_t j = cb->rj[r];
+        nat_beam_row(lp, V, q->n, q->max_len, q->min_len, b->cum[j], b->kk, cb->tmp, b->ctok + j * b->kk,
+                     b->cval + j * b->kk);
+        return;
+    }
+    q->next = nat_greedy_pick(lp, V, q->n, q->max_len, q->min_len, cb->tmp);
     q->lpsum += lp[q->next];
 }
 
-int nz_nat_cb_step(nz_matmul_ctx *mc, nz_nat_cb *cb, nz_error *err) {
+/* One decoder step over the N rows gathered, the P listed in prow projected into the sentences' picks. */
+static int decode(nz_matmul_ctx *mc, nz_nat_cb *cb, size_t N, size_t P, nz_error *err) {
     const nz_nat *n = cb->n;
-    int rc = admit(mc, cb, err);
-    if (!rc && cb->nrows) rc = nz_kvself_room(&cb->self, err);
-    const size_t N = cb->nrows;
-    for (size_t i = 0; i < N; i++) {
-        const cb_seq *q = cb->rows[i];
-        cb->cur[i] = q->n ? q->tok[q->n - 1] : NZ_NAT_EOS; /* fairseq starts from eos */
-        cb->starts[i] = (int64_t)q->n;
-        cb->slots[i] = q->slot;
-        cb->encs[i] = q->enc;
+    int rc = nat_stack_embed(mc, n, &n->at, cb->cur, N, 1, 0, cb->starts, 1, cb->x, err);
+    if (rc) return rc;
+    nz_block_io io;
+    memset(&io, 0, sizeof io);
+    io.B = N;
+    io.T = 1;
+    io.causal = 1;
+    io.self_rows = cb->slots;
+    io.kv_map = cb->encs;
+    rc = nat_stack_layers(mc, &n->at, cb->x, &io, cb->self.kv, cb->cross.kv, err);
+    if (rc) return rc;
+    return nat_project_rows(mc, n, cb->x, cb->prow, P, pick_row, cb, err);
+}
+
+/* A greedy sentence takes its pick. @return whether it is done (eos, or no eos within max_len). */
+static int greedy_next(cb_seq *q) {
+    q->tok[q->n++] = q->next;
+    if (q->next != NZ_NAT_EOS) {
+        if (q->n <= q->max_len) return 0;
+        /* step max_len made no eos (min_len > max_len): as nz_nat_at_greedy */
+        q->hyp.rc = nz_fail(&q->hyp.err, NZ_E_RANGE, "no eos within max_len %zu (min_len %d)", q->max_len,
+                            (int)q->min_len);
+        return 1;
     }
-    if (!rc && N) rc = nat_stack_embed(mc, n, &n->at, cb->cur, N, 1, 0, cb->starts, 1, cb->x, err);
-    if (!rc && N) {
-        nz_block_io io;
-        memset(&io, 0, sizeof io);
-        io.B = N;
-        io.T = 1;
-        io.causal = 1;
-        io.self_rows = cb->slots;
-        io.kv_map = cb->encs;
-        rc = nat_stack_layers(mc, &n->at, cb->x, &io, cb->self.kv, cb->cross.kv, err);
+    nz_error e = {0};
+    if (nat_set_tokens(&q->hyp, q->tok, q->n, &e)) {
+        q->hyp.rc = e.code;
+        q->hyp.err = e;
     }
-    if (!rc && N) rc = nat_project_rows(mc, n, cb->x, cb->ident, N, pick_row, cb, err);
-    if (rc) {
-        fail_all_seqs(cb, rc, err);
-        return rc;
-    }
-    for (size_t i = N; i-- > 0;) { /* backwards: rows leave */
-        cb_seq *q = cb->rows[i];
-        q->tok[q->n++] = q->next;
-        if (q->next != NZ_NAT_EOS) continue;
+    q->hyp.score = (float)(q->lpsum / (double)q->n);
+    q->hyp.nat_score = NAN;
+    q->hyp.steps = (int)q->n;
+    return 1;
+}
+
+/* Whether order[K] is 0..K-1. */
+static int is_identity(const uint32_t *order, size_t K) {
+    for (size_t j = 0; j < K; j++)
+        if (order[j] != j) return 0;
+    return 1;
+}
+
+/* A beam sentence's selection after its step: done (its result set), or its rows take their parents'
+ * caches and tokens. @return NZ_OK or the reorder's error. */
+static int beam_next(nz_nat_cb *cb, cb_seq *q, int *done, nz_error *err) {
+    cb_beam *b = q->bm;
+    const nat_beam v = beam_view(q, cb->n->c.vocab);
+    *done = nat_beam_select(&v, q->n, b->hist2, b->cur, b->cum2, b->order) || q->n == q->max_len;
+    if (*done) {
         nz_error e = {0};
-        if (nat_set_tokens(&q->hyp, q->tok, q->n, &e)) {
+        if (nat_beam_result(&q->hyp, &v, (int)q->min_len, &e)) {
             q->hyp.rc = e.code;
             q->hyp.err = e;
         }
-        q->hyp.score = (float)(q->lpsum / (double)q->n);
-        q->hyp.nat_score = NAN;
-        q->hyp.steps = (int)q->n;
-        leave(cb, i);
+        return NZ_OK;
+    }
+    /* beam reorder of the self-attention caches: row j takes its parent order[j]'s */
+    if (!is_identity(b->order, q->K)) {
+        int rc = nz_kvself_permute(&cb->self, q->slots, b->order, q->K, err);
+        if (rc) return rc;
+    }
+    int32_t *th = b->hist;
+    b->hist = b->hist2;
+    b->hist2 = th;
+    float *tc = b->cum;
+    b->cum = b->cum2;
+    b->cum2 = tc;
+    q->n++;
+    return NZ_OK;
+}
+
+/* After a step: each running sentence takes its pick(s); those done leave. @return NZ_OK or an error. */
+static int advance(nz_nat_cb *cb, nz_error *err) {
+    for (size_t i = cb->nrows; i-- > 0;) { /* backwards: rows leave */
+        cb_seq *q = cb->rows[i];
+        int done = 0;
+        if (q->bm) {
+            int rc = beam_next(cb, q, &done, err);
+            if (rc) return rc;
+        } else {
+            done = greedy_next(q);
+        }
+        if (done) leave(cb, i);
+    }
+    return NZ_OK;
+}
+
+int nz_nat_cb_step(nz_matmul_ctx *mc, nz_nat_cb *cb, nz_error *err) {
+    int rc = admit(mc, cb, err);
+    if (!rc && cb->nrows) rc = nz_kvself_room(&cb->self, err);
+    if (!rc && cb->nrows) {
+        size_t P = 0;
+        const size_t N = gather_rows(cb, &P);
+        rc = decode(mc, cb, N, P, err);
+    }
+    if (!rc) rc = advance(cb, err);
+    if (rc) {
+        fail_all_seqs(cb, rc, err);
+        return rc;
     }
     return NZ_OK;
 }

@@ -4,7 +4,7 @@
  * the continuous batch (nz_nat_cb.c) runs.
  *
  *   nz_nat.c     config, binding, encoder, mask-predict, AT greedy and beam, memory estimates
- *   nz_nat_cb.c  continuous batching of AT greedy decoding
+ *   nz_nat_cb.c  continuous batching of AT greedy and beam decoding
  */
 #ifndef NZ_NAT_INT_H
 #define NZ_NAT_INT_H
@@ -69,5 +69,56 @@ int nat_set_tokens(nz_nat_hyp *h, const int32_t *tok, size_t k, nz_error *err);
 /** fairseq SequenceGenerator's greedy choice at step (0-based) from log-probs lp[V]: pad banned, only eos
  *  from max_len on, eos banned before min_len, then the first argmax (tmp: V floats of scratch). */
 int32_t nat_greedy_pick(const float *lp, size_t V, size_t step, size_t max_len, size_t min_len, float *tmp);
+
+/* AT beam search (fairseq SequenceGenerator + search.BeamSearch): the bookkeeping of one sentence, run
+ * by nz_nat_at_beam for each sentence of its batch and by the continuous batch for each beam member, so
+ * both choose the same parents, finalize the same hypotheses and return the same result. */
+
+/** A beam candidate: cumulative score s, and flat = beam row j of the sentence x V + token. */
+typedef struct nat_beam_cand {
+    float s;
+    uint32_t flat;
+} nat_beam_cand;
+
+/** Check the beam options as nz_nat_at_beam does (beam 1..4096, lenpen finite): *K = min(beam, vocab - 1)
+ *  rows per sentence, *kk = min(2 K, vocab) candidates kept per row. @return NZ_OK or NZ_E_INVALID_ARG. */
+int nat_beam_setup(const nz_nat *n, int beam, float lenpen, size_t *K, size_t *kk, nz_error *err);
+
+/** One row's candidates at step (0-based) from its log-probs lp[V]: the bans of nat_greedy_pick, plus its
+ *  cumulative score cum (step > 0), then its kk best into ctok[kk] (tokens) and cval[kk] (scores), as
+ *  nz_topk orders them (tmp: V floats of scratch). */
+void nat_beam_row(const float *lp, size_t V, size_t step, size_t max_len, size_t min_len, float cum,
+                  size_t kk, float *tmp, uint32_t *ctok, float *cval);
+
+/** One sentence's beam search: its sizes and (borrowed) buffers. */
+typedef struct nat_beam {
+    size_t K, kk, V;      /* rows, candidates per row (nat_beam_setup), vocabulary */
+    size_t cap, max_len;  /* row stride of hist / ftok (max_len + 1), max_len (nat_at_setup) */
+    float lenpen;         /* length penalty */
+    const uint32_t *ctok; /* [K x kk] this step's candidates of each row (nat_beam_row): tokens */
+    const float *cval;    /* [K x kk] and their cumulative scores */
+    const int32_t *hist;  /* [K x cap] each row's tokens before this step */
+    uint8_t *ignore;      /* [K] fairseq's cands_to_ignore (zero at step 0), updated */
+    int32_t *ftok;        /* [K x cap] the finalized hypotheses' tokens [y.., eos] */
+    size_t *fn;           /* [K] their token counts */
+    float *fsc;           /* [K] their normalized scores */
+    size_t *fcnt;         /* hypotheses finalized so far (zero at step 0) */
+    nat_beam_cand *pool;  /* [K x kk] scratch */
+    uint8_t *em;          /* [2 K] scratch */
+} nat_beam;
+
+/** The sentence's selection after step (0-based; at step 0 only row 0's candidates count): its 2 K best
+ *  candidates; finite eos among the first K (not ignored) finalized while it has fewer than K.
+ *  @return 1 when the sentence is finished (one was finalizable and it has K, or step = max_len), else 0
+ *  and the K rows going on: order[K] each one's parent row (0..K-1), hist2[K x cap] its tokens (step + 1
+ *  of them), cur[K] its last token, cum2[K] its cumulative score (at step = max_len a sentence that
+ *  finalized nothing then still gets rows: its search ends there all the same). */
+int nat_beam_select(const nat_beam *b, size_t step, int32_t *hist2, int32_t *cur, float *cum2,
+                    uint32_t *order);
+
+/** The sentence's result into hy (fields K, cap, max_len, ftok, fn, fsc, fcnt of b are read): the
+ *  finalized hypothesis with the best normalized score (the first on ties), or NZ_E_RANGE in hy->rc when
+ *  none was (naming max_len and min_len). @return NZ_OK, or NZ_E_NOMEM for its tokens. */
+int nat_beam_result(nz_nat_hyp *hy, const nat_beam *b, int min_len, nz_error *err);
 
 #endif /* NZ_NAT_INT_H */

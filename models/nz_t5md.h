@@ -275,15 +275,19 @@ uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const
 
 /* ------------------------------------------------------- continuous batching */
 
-/** A continuously batched decoder (greedy and sampling): groups (one source
- *  with its options each) join at step boundaries and leave when done or
- *  removed, and one nz_t5md_cb_step runs one decoder step for every row of
- *  every group, so each weight tile decoded serves all of them. A group's
- *  results are token-for-token and bit-for-bit those nz_t5md_generate gives
- *  for its source alone with its options (seed: o->seed), whatever joins or
- *  leaves around it. Memory (NZ_MEM_KV / ACTIVATIONS) grows with the rows
- *  and positions in use and stays until nz_t5md_cb_free. One thread at a
- *  time. */
+/** A continuously batched decoder (greedy, sampling and beam search, mixed):
+ *  groups (one source with its options each) join at step boundaries and
+ *  leave when done or removed, and one nz_t5md_cb_step runs one decoder step
+ *  for every row of every group, so each weight tile decoded serves all of
+ *  them. A greedy / sampled group has one row per requested decoder; a beam
+ *  group has beam_size rows per requested decoder (its items) while that
+ *  item is live: after each step its beams are chosen as nz_t5md_generate
+ *  chooses them and its rows' caches reordered; a done item's rows leave. A
+ *  group's results (and streamed tokens) are token-for-token and bit-for-bit
+ *  those nz_t5md_generate gives for its source alone with its options
+ *  (seed: o->seed), whatever joins or leaves around it. Memory (NZ_MEM_KV /
+ *  ACTIVATIONS) grows with the rows and positions in use and stays until
+ *  nz_t5md_cb_free. One thread at a time. */
 typedef struct nz_t5md_cb nz_t5md_cb;
 
 /** @return NZ_OK and an empty batch over t (t must outlive it), or NZ_E_NOMEM. */
@@ -292,35 +296,44 @@ int nz_t5md_cb_create(const nz_t5md *t, nz_t5md_cb **out, nz_error *err);
 /** Free a batch and every group in it. Accepts NULL. */
 void nz_t5md_cb_free(nz_t5md_cb *cb);
 
-/** Add a group: source src[len] (copied), decoded with o (greedy or
- *  sampling; its decoders are copied; o->on_token is called for each token
- *  with context 0; o->seeds and o->stop are not used). It joins at the next
- *  nz_t5md_cb_step (its encoder runs then). owner identifies it in
- *  nz_t5md_cb_take and nz_t5md_cb_remove.
- *  @return NZ_OK; NZ_E_UNSUPPORTED (beam search); NZ_E_INVALID_ARG /
- *  NZ_E_RANGE (options, source); NZ_E_NOMEM. */
+/** Add a group: source src[len] (copied), decoded with o (greedy, sampling
+ *  or beam search with every beam option nz_t5md_generate takes; its
+ *  decoders are copied; o->on_token is called as nz_t5md_generate calls it,
+ *  with context 0: greedy / sampling after each step, beam an item's best
+ *  hypothesis once the item is settled; o->seeds and o->stop are not used).
+ *  It joins at the next nz_t5md_cb_step (its encoder runs then). owner
+ *  identifies it in nz_t5md_cb_take and nz_t5md_cb_remove.
+ *  @return NZ_OK; NZ_E_INVALID_ARG / NZ_E_RANGE (options, source);
+ *  NZ_E_NOMEM. */
 int nz_t5md_cb_add(nz_t5md_cb *cb, const int32_t *src, size_t len, const nz_t5md_opts *o, void *owner,
                    nz_error *err);
 
 /** One step: the groups added since the last step are encoded together and
  *  join; then one decoder step runs over every row (hooks called, rows that
- *  made eos or reached max_new_tokens leave; a group whose rows all left is
- *  done). A group is done at once with max_new_tokens 0.
+ *  made eos or reached max_new_tokens leave; beam groups choose their next
+ *  beams, reorder their rows' caches, and their done items leave; a group
+ *  whose rows all left, or whose beam search ended, is done). A greedy /
+ *  sampled group is done at once with max_new_tokens 0 (a beam group takes
+ *  one step, as alone). A beam search error of a group's own (too few
+ *  candidates that are not eos) fails that group alone, each of its results
+ *  carrying the error nz_t5md_generate gives it alone.
  *  @return NZ_OK, or an error of the step (NZ_E_CANCELLED from mc, a tile
  *  error, out of memory): every group is then done, each result without
  *  tokens carrying the error, and the batch is empty of rows. */
 int nz_t5md_cb_step(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err);
 
 /** Take the oldest done group: its nz_t5md_result_count(t, o, 1) results
- *  (res[j] for requested decoder j, context 0; free with
- *  nz_t5md_results_free) and its owner. @return 1, or 0 when none is done. */
+ *  laid out as nz_t5md_generate's for one context (res[j * R + r] for
+ *  requested decoder j and beam return r, R = o->num_return for beam, else
+ *  1; context 0; free with nz_t5md_results_free) and its owner.
+ *  @return 1, or 0 when none is done. */
 int nz_t5md_cb_take(nz_t5md_cb *cb, void **owner, nz_t5md_result *res);
 
 /** Remove owner's group now (cancelled): its rows leave, its results are
  *  freed. An unknown owner is ignored. */
 void nz_t5md_cb_remove(nz_t5md_cb *cb, void *owner);
 
-/** @return decoder rows generating now. */
+/** @return decoder rows generating now (a live beam item counts beam_size). */
 size_t nz_t5md_cb_rows(const nz_t5md_cb *cb);
 
 /** @return groups in the batch (waiting to join, generating, or done and not taken). */

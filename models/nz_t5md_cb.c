@@ -1,15 +1,21 @@
 /*
- * nz_t5md_cb.c — continuous batching of greedy and sampled decoding (see nz_t5md.h, nz_t5md_cb_*).
+ * nz_t5md_cb.c — continuous batching of greedy, sampled and beam search decoding (see nz_t5md.h,
+ * nz_t5md_cb_*).
  *
- * Rows are (group, requested decoder) pairs; a group is one source with its options. Every row lives in
- * a slot: a row of the self-attention caches, which all hold positions [0, P) (P = the caches' len). A
- * row that joins at P starts there: its slots [0, P) are padding, never attended; T5's decoder has no
+ * Rows are (group, requested decoder[, beam]) triples; a group is one source with its options. Every row
+ * lives in a slot: a row of the self-attention caches, which all hold positions [0, P) (P = the caches' len).
+ * A row that joins at P starts there: its slots [0, P) are padding, never attended; T5's decoder has no
  * absolute positions and its self-attention bias depends only on key - query, so the row's keys, queries
  * and outputs are those it has alone (the attention skips padded keys, the GEMMs are row-invariant).
  * When P reaches the caches' capacity the rows slide left by the earliest start (or the caches grow).
  * The encoder rows of the groups live in slots of the cross-attention caches, of a common width with
  * padding. Each step runs one decoder step over every row, in decoder-major order (the adapters and the
  * transformer variant's decoders see contiguous groups), with t5md_run's code and a slot map.
+ *
+ * A beam group's (group, decoder) items are t5md_beam's items (nz_t5md_beam.c: the bookkeeping
+ * t5md_beam_search runs for the source alone, on the same log-probs): an item holds nb rows in nb slots
+ * while it is live; after each step its beams are reordered and so are its slots' caches
+ * (nz_kvself_permute: slot of beam m takes its parent's); a done item's slots are given back.
  */
 #include "nz_t5md_int.h"
 
@@ -29,18 +35,23 @@ typedef struct cb_group {
     size_t len;          /* source ids */
     uint32_t enc;        /* its encoder slot (running) */
     size_t live;         /* rows still generating */
-    nz_t5md_result *res; /* [D] */
+    size_t R;            /* results per decoder (beam: num_return, else 1) */
+    nz_t5md_result *res; /* [D x R] */
+    t5md_beam *bm;       /* beam search: its items (its D decoders), else NULL */
+    uint32_t *bslot;     /* beam: [D x nb] the slot of beam m of item j */
+    uint32_t *parent;    /* beam: [nb] an item's reorder */
     int state;           /* G_* */
     struct cb_group *next;
 } cb_group;
 
 typedef struct cb_row {
     cb_group *g;
-    size_t j;      /* index among the group's decoders */
+    size_t j;      /* index among the group's decoders (beam: its item) */
+    size_t m;      /* beam: the item's beam */
     uint32_t k;    /* decoder */
     uint32_t slot; /* self-attention cache row */
-    int32_t *tok;  /* [cap] generated ids */
-    float *lp;     /* [cap] their log-probs */
+    int32_t *tok;  /* [cap] generated ids (not beam) */
+    float *lp;     /* [cap] their log-probs (not beam) */
     size_t n, cap; /* generated, room (max_new_tokens) */
     nz_rng rng;
     int32_t next; /* this step's pick */
@@ -58,6 +69,7 @@ struct nz_t5md_cb {
     size_t nrows, ncap; /* rows, room in rows and the step buffers */
     int32_t *cur;       /* [ncap] a step's input tokens */
     void *work;         /* nz_sample's work */
+    float *tmp;         /* [V] t5md_beam_row's scratch */
     cb_group *groups;   /* every group not taken, newest first */
     size_t ngroups;
 };
@@ -73,7 +85,9 @@ int nz_t5md_cb_create(const nz_t5md *t, nz_t5md_cb **out, nz_error *err) {
     if (!rc) rc = nz_kvenc_init(&cb->cross, ncross, c->inner, err);
     cb->ident = nz_malloc(c->num_modes * sizeof *cb->ident, NZ_MEM_ACTIVATIONS);
     cb->work = nz_malloc(nz_sample_work_bytes(c->vocab), NZ_MEM_ACTIVATIONS);
-    if (!rc && (!cb->ident || !cb->work)) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
+    cb->tmp = nz_malloc(c->vocab * sizeof *cb->tmp, NZ_MEM_ACTIVATIONS);
+    if (!rc && (!cb->ident || !cb->work || !cb->tmp))
+        rc = nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
     if (rc) {
         nz_t5md_cb_free(cb);
         return rc;
@@ -98,8 +112,12 @@ static void row_free(cb_row *w) {
 
 static void group_free(cb_group *g) {
     if (!g) return;
-    nz_t5md_results_free(g->res, g->D);
+    nz_t5md_results_free(g->res, g->D * g->R);
     nz_free(g->res);
+    if (g->bm) t5md_beam_free(g->bm);
+    nz_free(g->bm);
+    nz_free(g->bslot);
+    nz_free(g->parent);
     nz_free(g->decs);
     nz_free(g->src);
     nz_free(g);
@@ -121,6 +139,7 @@ void nz_t5md_cb_free(nz_t5md_cb *cb) {
     nz_free(cb->rows);
     nz_free(cb->cur);
     nz_free(cb->work);
+    nz_free(cb->tmp);
     nz_free(cb);
 }
 
@@ -128,39 +147,60 @@ size_t nz_t5md_cb_rows(const nz_t5md_cb *cb) { return cb->nrows; }
 
 size_t nz_t5md_cb_groups(const nz_t5md_cb *cb) { return cb->ngroups; }
 
+/* A new group's buffers for o (checked) and D decoders; beam: its search's bookkeeping. */
+static int group_alloc(const nz_t5md *t, const nz_t5md_opts *o, size_t D, size_t len, cb_group **out,
+                       nz_error *err) {
+    const int beam = o->strategy == NZ_T5MD_BEAM;
+    const size_t R = beam ? (size_t)o->num_return : 1, nb = beam ? (size_t)o->beam_size : 0;
+    cb_group *g = nz_calloc(1, sizeof *g, NZ_MEM_ACTIVATIONS);
+    int rc = NZ_OK;
+    if (g) {
+        g->R = R;
+        g->decs = nz_malloc(D * sizeof *g->decs, NZ_MEM_ACTIVATIONS);
+        g->res = nz_calloc(D * R, sizeof *g->res, NZ_MEM_OTHER);
+        g->src = nz_malloc(len * sizeof *g->src, NZ_MEM_ACTIVATIONS);
+        if (beam) {
+            g->bm = nz_calloc(1, sizeof *g->bm, NZ_MEM_ACTIVATIONS);
+            g->bslot = nz_malloc(D * nb * sizeof *g->bslot, NZ_MEM_ACTIVATIONS);
+            g->parent = nz_malloc(nb * sizeof *g->parent, NZ_MEM_ACTIVATIONS);
+        }
+    }
+    if (!g || !g->decs || !g->res || !g->src || (beam && (!g->bm || !g->bslot || !g->parent)))
+        rc = nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch member");
+    else if (beam)
+        rc = t5md_beam_init(g->bm, t, o, D, err);
+    if (rc) {
+        group_free(g);
+        return rc;
+    }
+    *out = g;
+    return NZ_OK;
+}
+
 int nz_t5md_cb_add(nz_t5md_cb *cb, const int32_t *src, size_t len, const nz_t5md_opts *o, void *owner,
                    nz_error *err) {
     const nz_t5md *t = cb->t;
-    if (o->strategy == NZ_T5MD_BEAM)
-        return nz_fail(err, NZ_E_UNSUPPORTED, "beam search is not continuously batched");
     int rc = t5md_check_opts(t, o, err);
     if (!rc) rc = nz_t5md_check_source(t, src, len, err);
     if (rc) return rc;
     const size_t D = o->n_decoders ? o->n_decoders : t->c.num_modes;
-    cb_group *g = nz_calloc(1, sizeof *g, NZ_MEM_ACTIVATIONS);
-    if (g) {
-        g->decs = nz_malloc(D * sizeof *g->decs, NZ_MEM_ACTIVATIONS);
-        g->res = nz_calloc(D, sizeof *g->res, NZ_MEM_OTHER);
-        g->src = nz_malloc(len * sizeof *g->src, NZ_MEM_ACTIVATIONS);
-    }
-    if (!g || !g->decs || !g->res || !g->src) {
-        group_free(g);
-        return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch member");
-    }
+    cb_group *g = NULL;
+    rc = group_alloc(t, o, D, len, &g, err);
+    if (rc) return rc;
     g->owner = owner;
     g->o = *o;
     g->D = D;
-    for (size_t j = 0; j < D; j++) {
-        g->decs[j] = o->n_decoders ? o->decoders[j] : (int)j;
-        g->res[j].decoder = g->decs[j];
-        g->res[j].beam_score = NAN;
+    for (size_t j = 0; j < D; j++) g->decs[j] = o->n_decoders ? o->decoders[j] : (int)j;
+    for (size_t i = 0; i < D * g->R; i++) {
+        g->res[i].decoder = g->decs[i / g->R];
+        g->res[i].beam_score = NAN;
     }
     g->o.decoders = g->decs;
     g->o.n_decoders = D;
     memcpy(g->src, src, len * sizeof *src);
     g->len = len;
     g->state = G_PENDING;
-    if (!o->max_new_tokens) { /* greedy / sampling take no step for 0 tokens */
+    if (!o->max_new_tokens && !g->bm) { /* greedy / sampling take no step for 0 tokens (beam takes one) */
         for (size_t j = 0; j < D && !rc; j++) rc = t5md_set_result(&g->res[j], NULL, NULL, 0, 0, err);
         if (rc) {
             group_free(g);
@@ -223,17 +263,17 @@ static int fill_cross(nz_matmul_ctx *mc, nz_t5md_cb *cb, const t5_stack *st, siz
     return rc;
 }
 
-/* A row of decoder j of g joining at the current position, placed after the rows of decoders <= its own
- * (the rows stay decoder-major, in joining order). */
-static int add_row(nz_t5md_cb *cb, cb_group *g, size_t j, nz_error *err) {
+/* A row of decoder j of g (beam: beam m of item j) joining at the current position, placed after the
+ * rows of decoders <= its own (the rows stay decoder-major, in joining order). */
+static int add_row(nz_t5md_cb *cb, cb_group *g, size_t j, size_t m, nz_error *err) {
     cb_row *w = nz_calloc(1, sizeof *w, NZ_MEM_ACTIVATIONS);
     const size_t cap = (size_t)g->o.max_new_tokens;
-    if (w) {
+    if (w && !g->bm) {
         w->tok = nz_malloc(cap * sizeof *w->tok, NZ_MEM_ACTIVATIONS);
         w->lp = nz_malloc(cap * sizeof *w->lp, NZ_MEM_ACTIVATIONS);
     }
-    int rc = w && w->tok && w->lp ? reserve_rows(cb, cb->nrows + 1, err)
-                                  : nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder row");
+    int rc = w && (g->bm || (w->tok && w->lp)) ? reserve_rows(cb, cb->nrows + 1, err)
+                                               : nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder row");
     if (!rc) rc = nz_kvself_take(&cb->self, &w->slot, err);
     if (rc) {
         row_free(w);
@@ -241,6 +281,8 @@ static int add_row(nz_t5md_cb *cb, cb_group *g, size_t j, nz_error *err) {
     }
     w->g = g;
     w->j = j;
+    w->m = m;
+    if (g->bm) g->bslot[j * g->bm->nb + m] = w->slot;
     w->k = (uint32_t)g->decs[j];
     w->cap = cap;
     nz_rng_seed(&w->rng, g->o.seed ^ ((uint64_t)w->k * STREAM_GOLDEN));
@@ -295,7 +337,8 @@ static int admit(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err) {
         cb_group *g = gs[b];
         nz_free(g->src);
         g->src = NULL;
-        for (size_t j = 0; j < g->D; j++) NZ_TRY(add_row(cb, g, j, err));
+        for (size_t j = 0; j < g->D; j++)
+            for (size_t m = 0; m < (g->bm ? g->bm->nb : 1); m++) NZ_TRY(add_row(cb, g, j, m, err));
     }
 done:
     nz_t5md_enc_free(&enc);
@@ -352,25 +395,29 @@ int nz_t5md_cb_take(nz_t5md_cb *cb, void **owner, nz_t5md_result *res) {
         if (g->state == G_DONE) last = g;
     if (!last) return 0;
     *owner = last->owner;
-    memcpy(res, last->res, last->D * sizeof *res);
-    memset(last->res, 0, last->D * sizeof *last->res);
+    memcpy(res, last->res, last->D * last->R * sizeof *res);
+    memset(last->res, 0, last->D * last->R * sizeof *last->res);
     unlink_group(cb, last);
     group_free(last);
     return 1;
 }
 
+/* g failed: its rows leave, it is done with the error in each result it has not finished. */
+static void group_fail(nz_t5md_cb *cb, cb_group *g, int rc, const nz_error *err) {
+    for (size_t i = cb->nrows; i-- > 0;)
+        if (cb->rows[i]->g == g) drop_row(cb, i);
+    for (size_t q = 0; q < g->D * g->R; q++)
+        if (!g->res[q].tokens) {
+            g->res[q].rc = rc;
+            g->res[q].err = *err;
+        }
+    group_done(cb, g);
+}
+
 /* A failed step: every group is done with the error in each result it has not finished. */
 static void fail_groups(nz_t5md_cb *cb, int rc, const nz_error *err) {
-    while (cb->nrows) drop_row(cb, cb->nrows - 1);
-    for (cb_group *g = cb->groups; g; g = g->next) {
-        if (g->state == G_DONE) continue;
-        for (size_t j = 0; j < g->D; j++)
-            if (!g->res[j].tokens) {
-                g->res[j].rc = rc;
-                g->res[j].err = *err;
-            }
-        group_done(cb, g);
-    }
+    for (cb_group *g = cb->groups; g; g = g->next)
+        if (g->state != G_DONE) group_fail(cb, g, rc, err);
 }
 
 /* ------------------------------------------------------------------ a step */
@@ -378,7 +425,98 @@ static void fail_groups(nz_t5md_cb *cb, int rc, const nz_error *err) {
 static void cb_pick(void *ctx, size_t i, float *lg) {
     nz_t5md_cb *cb = ctx;
     cb_row *w = cb->rows[i];
-    t5md_pick(&w->g->o, lg, cb->t->c.vocab, w->tok, w->n, &w->rng, cb->work, &w->next, &w->next_lp);
+    if (w->g->bm)
+        t5md_beam_row(w->g->bm, w->j, w->m, lg, cb->tmp);
+    else
+        t5md_pick(&w->g->o, lg, cb->t->c.vocab, w->tok, w->n, &w->rng, cb->work, &w->next, &w->next_lp);
+}
+
+/* The greedy / sampled rows take their picks; those that ended leave (a group whose rows all left is
+ * done). */
+static void rows_advance(nz_t5md_cb *cb) {
+    for (size_t i = 0; i < cb->nrows; i++) {
+        cb_row *w = cb->rows[i];
+        if (w->g->bm) continue;
+        w->tok[w->n] = w->next;
+        w->lp[w->n] = w->next_lp;
+        w->n++;
+        if (w->g->o.on_token)
+            w->g->o.on_token(w->g->o.token_arg, 0, (int)w->k, w->n - 1, w->next, w->next_lp);
+    }
+    for (size_t i = cb->nrows; i-- > 0;) { /* the rows that ended leave (backwards: the order stays) */
+        cb_row *w = cb->rows[i];
+        cb_group *g = w->g;
+        if (g->bm) continue;
+        const int fin = w->tok[w->n - 1] == NZ_T5MD_EOS;
+        if (!fin && w->n < w->cap) continue;
+        nz_error e = {0};
+        if (t5md_set_result(&g->res[w->j], w->tok, w->lp, w->n, fin, &e)) {
+            g->res[w->j].rc = NZ_E_NOMEM;
+            g->res[w->j].err = e;
+        }
+        drop_row(cb, i);
+        if (!g->live) group_done(cb, g);
+    }
+}
+
+/* Item j of beam group g leaves: its rows' slots are free again. */
+static void drop_item(nz_t5md_cb *cb, cb_group *g, size_t j) {
+    for (size_t i = cb->nrows; i-- > 0;)
+        if (cb->rows[i]->g == g && cb->rows[i]->j == j) drop_row(cb, i);
+}
+
+/* Beam group g's search ended (t5md_beam_search's end): the items not done offer their live beams, every
+ * item's returns become its results, its rows leave. */
+static void beam_finish(nz_t5md_cb *cb, cb_group *g) {
+    t5md_beam *bm = g->bm;
+    for (size_t j = 0; j < g->D; j++) {
+        if (bm->done[j]) continue;
+        t5md_beam_end(bm, j);
+        t5md_beam_emit(bm, &g->o, j, 0, g->decs[j]);
+    }
+    for (size_t j = 0; j < g->D; j++) {
+        nz_error e = {0};
+        if (!t5md_beam_results(bm, j, &g->res[j * g->R], g->R, &e)) continue;
+        for (size_t q = j * g->R; q < (j + 1) * g->R; q++)
+            if (!g->res[q].tokens && !g->res[q].rc) {
+                g->res[q].rc = e.code ? e.code : NZ_E_NOMEM;
+                g->res[q].err = e;
+            }
+    }
+    for (size_t i = cb->nrows; i-- > 0;)
+        if (cb->rows[i]->g == g) drop_row(cb, i);
+    group_done(cb, g);
+}
+
+/* Beam group g after its rows were scored (t5md_beam_row): each live item's step (t5md_beam_item, in item
+ * order, as alone); a done item is streamed and leaves; a live one's slots take their beams' parents'
+ * caches. The group ends when no item is live or the search reached max_length. A search error (too
+ * few candidates) fails g alone, as it fails the call alone. @return NZ_OK or a reorder's error. */
+static int beam_advance(nz_t5md_cb *cb, cb_group *g, nz_error *err) {
+    t5md_beam *bm = g->bm;
+    const size_t nb = bm->nb;
+    size_t live = 0;
+    for (size_t j = 0; j < g->D; j++) {
+        if (bm->done[j]) continue;
+        nz_error e = {0};
+        int rc = t5md_beam_item(bm, j, g->parent, &e);
+        if (rc) {
+            group_fail(cb, g, rc, &e);
+            return NZ_OK;
+        }
+        if (bm->done[j]) {
+            t5md_beam_emit(bm, &g->o, j, 0, g->decs[j]);
+            drop_item(cb, g, j);
+            continue;
+        }
+        live++;
+        size_t m = 0;
+        while (m < nb && g->parent[m] == m) m++;
+        if (m < nb && (rc = nz_kvself_permute(&cb->self, g->bslot + j * nb, g->parent, nb, err))) return rc;
+    }
+    bm->cur_len++;
+    if (!live || bm->cur_len >= bm->max_length) beam_finish(cb, g);
+    return NZ_OK;
 }
 
 int nz_t5md_cb_step(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err) {
@@ -395,35 +533,17 @@ int nz_t5md_cb_step(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err) {
         r->src[i] = w->g->enc;
         r->dj[i] = w->k;
         r->slot[i] = w->slot;
-        cb->cur[i] = w->n ? w->tok[w->n - 1] : NZ_T5MD_START;
+        if (w->g->bm)
+            cb->cur[i] = t5md_beam_input(w->g->bm, w->j, w->m);
+        else
+            cb->cur[i] = w->n ? w->tok[w->n - 1] : NZ_T5MD_START;
     }
     r->N = cb->nrows;
     rc = t5md_run_step(mc, r, cb->cur, err);
     if (!rc) rc = t5md_project(mc, cb->t, r->x, r->N, cb_pick, cb, err);
-    if (rc) {
-        fail_groups(cb, rc, err);
-        return rc;
-    }
-    for (size_t i = 0; i < cb->nrows; i++) {
-        cb_row *w = cb->rows[i];
-        w->tok[w->n] = w->next;
-        w->lp[w->n] = w->next_lp;
-        w->n++;
-        if (w->g->o.on_token)
-            w->g->o.on_token(w->g->o.token_arg, 0, (int)w->k, w->n - 1, w->next, w->next_lp);
-    }
-    for (size_t i = cb->nrows; i-- > 0;) { /* the rows that ended leave (backwards: the order stays) */
-        cb_row *w = cb->rows[i];
-        cb_group *g = w->g;
-        const int fin = w->tok[w->n - 1] == NZ_T5MD_EOS;
-        if (!fin && w->n < w->cap) continue;
-        nz_error e = {0};
-        if (t5md_set_result(&g->res[w->j], w->tok, w->lp, w->n, fin, &e)) {
-            g->res[w->j].rc = NZ_E_NOMEM;
-            g->res[w->j].err = e;
-        }
-        drop_row(cb, i);
-        if (!g->live) group_done(cb, g);
-    }
-    return NZ_OK;
+    if (!rc) rows_advance(cb);
+    for (cb_group *g = cb->groups; g && !rc; g = g->next)
+        if (g->bm && g->state == G_RUNNING) rc = beam_advance(cb, g, err);
+    if (rc) fail_groups(cb, rc, err);
+    return rc;
 }

@@ -5,7 +5,8 @@
  *
  *   nz_t5md.c       config, binding, encoder, results, nz_t5md_generate, memory estimates
  *   nz_t5md_dec.c   decoder rows and steps, the output projection, greedy / sampling
- *   nz_t5md_beam.c  beam search
+ *   nz_t5md_beam.c  beam search (its bookkeeping also serves nz_t5md_cb's beam groups)
+ *   nz_t5md_cb.c    continuous batching
  *   nz_t5md_tok.c   the dialogue tokenizer
  */
 #ifndef NZ_T5MD_INT_H
@@ -135,6 +136,92 @@ int t5md_autoregress(nz_matmul_ctx *mc, const nz_t5md *t, const nz_t5md_enc *enc
 
 /** t5md_autoregress's peak over B encoder rows of S and D decoders. */
 double t5md_autoregress_peak(const nz_t5md *t, double B, double S, double D, const nz_t5md_opts *o);
+
+/* ------------------------------------------------------------------ beam search (nz_t5md_beam.c) */
+
+/* A kept hypothesis of an item (HF BeamHypotheses entry). */
+typedef struct t5md_bhyp {
+    double score; /* sum / len^length_penalty */
+    size_t slot;  /* storage slot of its tokens */
+    size_t n;     /* tokens */
+    int fin;      /* ended with eos */
+} t5md_bhyp;
+
+/* A candidate of one step. */
+typedef struct t5md_bcand {
+    float s;       /* cumulative score */
+    uint32_t flat; /* beam x V + token */
+    float lp;      /* the token's log-prob */
+} t5md_bcand;
+
+/* The beam search of `items` (context, decoder) items of nb beams each (HF beam_search with
+ * BeamSearchScorer), whoever runs their decoder rows: t5md_beam_search (the rows of a call, compacted
+ * as items finish) or nz_t5md_cb (a beam group's rows in slots of a continuous batch). Beam m of item
+ * it is row it x nb + m of the arrays below, wherever its decoder row is. All items take their steps
+ * together (one cur_len). A step: t5md_beam_row for every live beam (from its logits), then
+ * t5md_beam_item for every live item (in item order), then cur_len++; an item that is not done when the
+ * search ends (cur_len >= max_length) gets t5md_beam_end; t5md_beam_results gives an item's returns. */
+typedef struct t5md_beam {
+    size_t items, nb, V, kk; /* items, beams per item, vocabulary, candidates per row (min(2 nb, V)) */
+    size_t cap;              /* tokens a live beam holds: max(max_new_tokens, 1) */
+    size_t max_length;       /* 1 + max_new_tokens: the search ends when cur_len reaches it */
+    size_t cur_len;          /* HF cur_len: 1 + the tokens of every live beam */
+    double lenpen;           /* length_penalty */
+    int early, ban_unk, ngram;
+    /* hypotheses: per item nb + 1 storage slots of cap + 1 tokens */
+    t5md_bhyp *hy;          /* [items x (nb + 1)] kept hypotheses in insertion order */
+    size_t *hcnt;           /* [items] how many */
+    double *worst;          /* [items] the worst kept score (1e9 while none) */
+    uint8_t *slot_use;      /* [items x (nb + 1)] */
+    int32_t *htok;          /* [items x (nb + 1) x (cap + 1)] their tokens */
+    float *hlp;             /* [items x (nb + 1) x (cap + 1)] their log-probs */
+    uint8_t *done;          /* [items] HF is_done */
+    int32_t *seq;           /* [items x nb x cap] the live beams' tokens */
+    float *seqlp;           /* [items x nb x cap] their log-probs */
+    float *bscore;          /* [items x nb] the live beams' scores (start [0, -1e9, ...]) */
+    int32_t *stok;          /* [nb x cap] one item's beams while reordered */
+    float *slp;             /* [nb x cap] */
+    uint32_t *ctok;         /* [items x nb x kk] a step's candidates per row: tokens */
+    float *cval, *clp;      /* [items x nb x kk] cumulative scores, log-probs */
+    t5md_bcand *pool, *nxt; /* [nb x kk] one item's candidates, [nb] its next beams */
+    uint8_t *taken;         /* [nb + 1] t5md_beam_results' scratch */
+} t5md_beam;
+
+/** Set up bm for items items with o's beam settings (o checked by t5md_check_opts).
+ *  @return NZ_OK or NZ_E_NOMEM (bm then holds what was allocated: t5md_beam_free it). */
+int t5md_beam_init(t5md_beam *bm, const nz_t5md *t, const nz_t5md_opts *o, size_t items, nz_error *err);
+
+/** Free what bm holds and zero it. Accepts a zeroed struct. */
+void t5md_beam_free(t5md_beam *bm);
+
+/** The bytes t5md_beam_init allocates. */
+double t5md_beam_bytes(const nz_t5md *t, double items, const nz_t5md_opts *o);
+
+/* The decoder input of beam m of item it for the next step (its last token, or the start token). */
+static inline int32_t t5md_beam_input(const t5md_beam *bm, size_t it, size_t m) {
+    const size_t n = bm->cur_len - 1;
+    return n ? bm->seq[(it * bm->nb + m) * bm->cap + n - 1] : NZ_T5MD_START;
+}
+
+/** Score beam m of item it from its logits lg[V] (modified): log_softmax (fp32), unk and the beam's
+ *  repeated n-grams -> -inf, + the beam's score; its kk best candidates (tmp: [V] scratch). */
+void t5md_beam_row(t5md_beam *bm, size_t it, size_t m, float *lg, float *tmp);
+
+/** The step of item it once all its beams are scored: its best 2 nb candidates in order (eos ones
+ *  ranked < nb become hypotheses, the others the next beams), the done test (bm->done[it]); when not
+ *  done the beams are reordered: beam m continues beam parent[m] (parent[nb]) with a new token.
+ *  @return NZ_OK, or NZ_E_RANGE when fewer than nb candidates are not eos. */
+int t5md_beam_item(t5md_beam *bm, size_t it, uint32_t *parent, nz_error *err);
+
+/** The search ended with item it not done: its live beams are offered as hypotheses (no eos). */
+void t5md_beam_end(t5md_beam *bm, size_t it);
+
+/** Deliver the best hypothesis of item it to o->on_token (context, decoder k), token by token. */
+void t5md_beam_emit(const t5md_beam *bm, const nz_t5md_opts *o, size_t it, size_t context, int k);
+
+/** The best R hypotheses of item it into res[0..R), best first (ties: the later added); a missing one
+ *  gets NZ_E_RANGE in its result. @return NZ_OK or NZ_E_NOMEM. */
+int t5md_beam_results(t5md_beam *bm, size_t it, nz_t5md_result *res, size_t R, nz_error *err);
 
 /** Beam search over enc's rows (as t5md_autoregress; R = num_return results per (context, decoder)).
  *  @return NZ_OK or a batch-wide error. */

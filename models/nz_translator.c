@@ -402,7 +402,9 @@ struct nz_tr_batch {
     size_t size;
 };
 
-int nz_tr_batch_joins(const nz_tr_opts *o) { return o->decoder == NZ_TR_AT_GREEDY; }
+int nz_tr_batch_joins(const nz_tr_opts *o) {
+    return o->decoder == NZ_TR_AT_GREEDY || o->decoder == NZ_TR_AT_BEAM;
+}
 
 int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err) {
     *out = NULL;
@@ -453,7 +455,7 @@ void nz_tr_batch_remove(nz_tr_batch *b, void *owner) {
 int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *lens, size_t n,
                     const nz_tr_opts *o, int detok, void *owner, nz_error *err) {
     if (!nz_tr_batch_joins(o))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "translate: only AT greedy decoding is continuously batched");
+        return nz_fail(err, NZ_E_UNSUPPORTED, "translate: only AT decoding is continuously batched");
     if (!n) return nz_fail(err, NZ_E_INVALID_ARG, "translate: no text");
     for (size_t i = 0; i < n; i++)
         if (!ids[i] || lens[i] < 2)
@@ -478,7 +480,10 @@ int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *len
         m->texts[i] = (tr_text){m, i};
         m->res[i].input_tokens = lens[i];
         nz_error e = {0};
-        int rc = nz_nat_cb_add(b->cb, ids[i], lens[i], &o->at, &m->texts[i], &e);
+        int rc =
+            o->decoder == NZ_TR_AT_BEAM
+                ? nz_nat_cb_add_beam(b->cb, ids[i], lens[i], &o->at, o->at_beam, o->lenpen, &m->texts[i], &e)
+                : nz_nat_cb_add(b->cb, ids[i], lens[i], &o->at, &m->texts[i], &e);
         if (rc == NZ_E_NOMEM) {
             *err = e;
             nz_tr_batch_remove(b, owner);

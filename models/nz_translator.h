@@ -196,14 +196,15 @@ uint64_t nz_translator_peak_bytes(const nz_translator *t, const size_t *lens, si
 
 /* ------------------------------------------------------- continuous batching */
 
-/** Requests translated together as they come and go (AT greedy, nz_nat_cb
- *  underneath): each text of a request joins at a decoder step boundary and
- *  leaves at its eos; a request is finished when its every text is. Each
- *  text's result is the one nz_translator_run_ids gives it alone. One
- *  thread at a time. */
+/** Requests translated together as they come and go (AT greedy and AT beam
+ *  search, each request with its own options; nz_nat_cb underneath): each
+ *  text of a request joins at a decoder step boundary and leaves when its
+ *  search ends; a request is finished when its every text is. Each text's
+ *  result is the one nz_translator_run_ids gives it alone (as a batch of
+ *  one). One thread at a time. */
 typedef struct nz_tr_batch nz_tr_batch;
 
-/** @return whether requests with o can join a nz_tr_batch (AT greedy). */
+/** @return whether requests with o can join a nz_tr_batch (the AT decoder, greedy or beam). */
 int nz_tr_batch_joins(const nz_tr_opts *o);
 
 /** @return NZ_OK and an empty batch over t (t must outlive it), NZ_E_UNSUPPORTED (no AT decoder) or
@@ -213,7 +214,7 @@ int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err)
 /** Free a batch and every request in it. Accepts NULL. */
 void nz_tr_batch_free(nz_tr_batch *b);
 
-/** Add a request of n texts ids[i][0..lens[i]) (copied; bos .. eos), options o (AT greedy; o->at.stop
+/** Add a request of n texts ids[i][0..lens[i]) (copied; bos .. eos), options o (AT greedy or beam; o->at.stop
  *  unused), detokenized when detok; owner identifies it. Its texts join at the next nz_tr_batch_step.
  *  A text refused on its own (e.g. too long) gets its error in its result.
  *  @return NZ_OK; NZ_E_UNSUPPORTED (another decoder); NZ_E_INVALID_ARG (no text, fewer than 2 ids);

@@ -21,10 +21,10 @@ static dlg_state *DL(const srv_req *r) { return r->task; }
 /* The K decoders of model m. */
 static size_t num_modes(const srv_model *m) { return nz_dialogue_config(m->impl)->num_modes; }
 
-/* Whether queued b can be decoded together with a: same model, and either both greedy or sampling
- * (continuously batched, each with its own options) or the same decoding options (beam search: every
- * option that shapes generation, the decoders included; streamed and plain requests mix). Never with
- * the config's batching off. */
+/* Whether queued b can be decoded together with a: same model, and either both continuously batched
+ * (every strategy today: greedy, sampling, beam search; each with its own options) or the same decoding
+ * options (a static batch, for a strategy that does not join; streamed and plain requests mix). Never
+ * with the config's batching off. */
 static int batchable(const srv_req *a, const srv_req *b) {
     if (!a->s->cfg->batching || a->h != b->h || a->model != b->model) return 0;
     const int ja = nz_dlg_batch_joins(&DL(a)->o), jb = nz_dlg_batch_joins(&DL(b)->o);

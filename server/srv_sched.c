@@ -162,7 +162,12 @@ static void cont_admit(cont_run *x, size_t i) {
     if (srv_budget_try_reserve(s->budget, est)) {
         if (x->ops->size(x->c)) return;
         if (srv_budget_reserve(s->budget, est, srv_req_stop_hook, r)) {
-            srv_release_member(x->b, i);
+            if (atomic_load(&r->cancel)) {
+                srv_release_member(x->b, i);
+            } else { /* larger than the pool (handlers let only requests that fit join) */
+                srv_refuse_oversized(s, r, est, 0);
+                srv_complete_member(x->b, i);
+            }
             return;
         }
     }

@@ -13,6 +13,7 @@
 typedef struct tr_state {
     srv_translate_req q; /* the parsed request */
     nz_tr_opts o;        /* the model's defaults with the request's choices applied */
+    int joins;           /* continuously batched: an AT request whose texts fit the request pool together */
 } tr_state;
 
 static tr_state *TR(const srv_req *r) { return r->task; }
@@ -182,9 +183,10 @@ out:
     nz_free(lens);
 }
 
-/* ------------------------------------------------------------------ continuous batching (AT greedy) */
+/* ------------------------------------------------------------------ continuous batching (AT greedy and beam)
+ */
 
-static int cont_joins(const srv_req *r) { return nz_tr_batch_joins(&TR(r)->o); }
+static int cont_joins(const srv_req *r) { return TR(r)->joins; }
 
 static void *cont_create(const srv_req *lead, nz_error *e) {
     nz_tr_batch *tb = NULL;
@@ -236,7 +238,7 @@ static void cont_remove(void *c, srv_req *r) { nz_tr_batch_remove(c, r); }
 
 static size_t cont_size(const void *c) { return nz_tr_batch_size(c); }
 
-/* AT greedy requests: continuously batched (srv_run_continuous). */
+/* AT requests (greedy and beam search): continuously batched (srv_run_continuous). */
 static const srv_cont_ops CONT = {cont_joins, cont_create, cont_free,   cont_estimate, cont_add,
                                   cont_step,  cont_take,   cont_remove, cont_size};
 
@@ -321,6 +323,12 @@ static int submit_translate(srv_server *s, srv_req *r) {
         if (srv_refuse_oversized(s, r, nz_translator_peak_bytes(m->impl, &r->n_ids[i], 1, &TR(r)->o), i))
             return 0;
     }
+    /* a request joins a continuous batch with its whole estimate; one too large for the pool runs alone, in
+     * chunks that fit */
+    srv_budget_stats bs;
+    srv_budget_get_stats(s->budget, &bs);
+    TR(r)->joins = nz_tr_batch_joins(&TR(r)->o) &&
+                   nz_translator_peak_bytes(m->impl, r->n_ids, TR(r)->q.n, &TR(r)->o) <= bs.total;
     return srv_enqueue(s, r);
 }
 

@@ -367,7 +367,10 @@ class Server:
         """SIGTERM, wait. @return the exit status."""
         if self.proc.poll() is None:
             self.signal(signal.SIGTERM)
-        return self.wait(timeout)
+        rc = self.wait(timeout)
+        if rc:  # shown by pytest with the failing assertion
+            print(f"nzserve exited with {rc}; its log ends:\n{self.log()[-4000:]}")
+        return rc
 
     def alive(self):
         return self.proc.poll() is None

@@ -788,16 +788,16 @@ class TestBatching:
             for i, b in enumerate(bodies):
                 b["seed"] = 1 + i
                 b["temperature"] = 0.7 + 0.1 * i
-        if strategy == "greedy":  # options differ from member to member
+        if strategy != "sample":  # options differ from member to member
             bodies[1]["no_repeat_ngram_size"] = 2
             bodies[2]["decoders"] = [1, 0]
             bodies[3]["max_new_tokens"] = MNT - 3
-        got = self.batched(srv, [lambda b=b: srv.dialogue(b) for b in bodies], joins=strategy != "beam")
-        lines = self.lines_after(srv, n0, len(bodies) + 1)
         if strategy == "beam":
-            assert sorted(int(l["batch_texts"]) for l in lines) == [1] + [len(bodies)] * len(bodies), lines
-        else:  # each shared its batch with the busy request at least
-            assert sum(int(l["batch_texts"]) >= 2 for l in lines) >= len(bodies), lines
+            bodies[0]["beam_size"] = 2
+        got = self.batched(srv, [lambda b=b: srv.dialogue(b) for b in bodies], joins=True)
+        lines = self.lines_after(srv, n0, len(bodies) + 1)
+        # every strategy is batched continuously: each shared its batch with the busy request at least
+        assert sum(int(l["batch_texts"]) >= 2 for l in lines) >= len(bodies), lines
         for b, r in zip(bodies, got):
             assert r.status == 200, r
             alone = srv.dialogue(b)
@@ -822,10 +822,14 @@ class TestBatching:
         assert r.json()["timing_ms"]["queue"] < 100 and dt < 1.0, (r.json()["timing_ms"], dt)
         assert joined(*busy).status == 200
 
-    def test_beam_waits_for_its_own_batch(self, srv):
-        """A beam request does not join a greedy batch: it queues and runs after it, as alone."""
+    def test_beam_joins_a_greedy_batch(self, srv):
+        """A beam request joins a running greedy batch (its beams take rows next to the greedy ones) and
+        gets what it gets alone."""
+        n0 = len(self.dialogue_lines(srv))
         body = {"context": CONTEXTS[1], "strategy": "beam", "beam_size": 2, "max_new_tokens": 5}
-        got = self.batched(srv, [lambda: srv.dialogue(body)], joins=False)
+        got = self.batched(srv, [lambda: srv.dialogue(body)])
+        lines = self.lines_after(srv, n0, 2)
+        assert all(int(l["batch_texts"]) >= 2 for l in lines[:1]), lines  # it ended in the busy one's batch
         assert got[0].status == 200 and got[0].json()["responses"] == srv.dialogue(body).json()["responses"]
 
     def test_stream_and_plain_share_a_batch(self, srv):

@@ -67,6 +67,13 @@ def slow(max_length, **kw):
     return {"text": SLOW_TEXT, "decoder": "at", "max_length": max_length, **kw}
 
 
+def slow_nat(iterations, **kw):
+    """A mask-predict request of about (iterations + 2) * step delay (non-adaptive: every pass runs). It is
+    never continuously batched, and batched with queued requests only when their options are equal (AT
+    requests, greedy and beam, join a running batch instead of waiting in the queue)."""
+    return {"text": SLOW_TEXT, "decoder": "nat", "iterations": iterations, "adaptive": False, **kw}
+
+
 def assert_error(r, status, type_=None):
     """r is an error response of this status with the JSON error shape."""
     assert r.status == status, r
@@ -692,11 +699,11 @@ def test_queue_admits_up_to_queue_length(model_path):
     with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 2},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 50}) as s:
         s.wait_ready()
-        # AT beam search: batched only when queued together, so these wait (AT greedy ones would join a)
-        a = background(s.translate, slow(20, beam_size=2))
+        # mask-predict: batched only when queued together, so these wait (AT ones would join a)
+        a = background(s.translate, slow_nat(20))
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
-        b = background(s.translate, slow(2, beam_size=2))
-        c = background(s.translate, slow(2, beam_size=2))
+        b = background(s.translate, slow_nat(2))
+        c = background(s.translate, slow_nat(2))
         s.wait_metric("nzserve_queue_depth", lambda v: v == 2)
         assert_error(s.translate({"text": LINES[0]}), 429)
         for th, out in (a, b, c):
@@ -744,8 +751,8 @@ def test_graceful_shutdown_drains(model_path):
         s.wait_ready()
         keep = http.client.HTTPConnection(U.HOST, s.port, timeout=10)  # an idle keep-alive connection
         assert s.request("GET", "/health", conn=keep).status == 200
-        # 3 running + 1 queued, ~1 s each; AT beam with different max_length: never decoded as one batch
-        reqs = [background(s.translate, slow(8 + i, beam_size=2)) for i in range(4)]
+        # 3 running + 1 queued, ~1 s each; mask-predict with different iterations: never decoded as one batch
+        reqs = [background(s.translate, slow_nat(8 + i)) for i in range(4)]
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 3)
         s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
         s.signal(signal.SIGTERM)
@@ -784,8 +791,8 @@ def test_shutdown_grace_over_503(model_path):
     with Server(model_path, config={"max_concurrent_requests": 2, "queue_length": 4, "shutdown_grace_ms": 300},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
         s.wait_ready()
-        # ~4 s each: 2 running, 1 queued (beam search: not batched continuously, so one waits its turn)
-        reqs = [background(s.translate, slow(40 + i, beam_size=2)) for i in range(3)]
+        # ~4 s each: 2 running, 1 queued (mask-predict: not batched continuously, so one waits its turn)
+        reqs = [background(s.translate, slow_nat(40 + i)) for i in range(3)]
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 2)
         s.wait_metric("nzserve_queue_depth", lambda v: v == 1)
         t0 = time.monotonic()
@@ -832,19 +839,19 @@ def test_disconnect_cancels_running_and_queued(model_path):
 
 
 def test_batched_request_released_alone(model_path):
-    """Queued requests with the same options are decoded as one batch (AT beam search: a static batch);
+    """Queued requests with the same options are decoded as one batch (mask-predict: a static batch);
     a member whose client leaves (or whose deadline passes) is answered and released at once, and its
     batch mates still get their translations."""
     with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8, "request_timeout_ms": 30000},
                 env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
         s.wait_ready()
         busy = U.raw_connect(s.port)
-        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(5, beam_size=2)).encode()))  # ~0.7 s
+        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow_nat(5)).encode()))  # ~0.7 s
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
         # three requests with equal options queue up behind it and run as one batch
         socks = [U.raw_connect(s.port) for _ in range(3)]
         for k in socks:
-            k.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(12, beam_size=2)).encode()))  # ~1.4 s
+            k.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow_nat(12)).encode()))  # ~1.4 s
         s.wait_metric("nzserve_queue_depth", lambda v: v == 3)
         assert U.raw_read_response(busy).status == 200
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 3)
@@ -860,12 +867,15 @@ def test_batched_request_released_alone(model_path):
         ok = lambda ls: [l for l in ls if l["path"] == "/v1/translate" and l["status"] == "200"]
         lines = ok(s.wait_access(lambda ls: len(ok(ls)) >= 2))
         assert max(int(l["batch_texts"]) for l in lines) == 3, lines
-        # a batch member whose deadline passes gets its 504 on time, not when the batch ends
+    # a request whose deadline passes while it waits gets its 504 on time, not when the batch before it ends
+    with Server(model_path, config={"max_concurrent_requests": 1, "queue_length": 8, "request_timeout_ms": 3000},
+                env={"NZSERVE_DEBUG_STEP_DELAY_MS": 100}) as s:
+        s.wait_ready()
         busy = U.raw_connect(s.port)
-        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(20, beam_size=2)).encode()))  # ~2.2 s
+        busy.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow_nat(20)).encode()))  # ~2.2 s
         s.wait_metric("nzserve_requests_in_flight", lambda v: v == 1)
         late = U.raw_connect(s.port)
-        late.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow(40, beam_size=2)).encode()))  # ~4.2 s > 3 s
+        late.sendall(U.post_request_bytes("/v1/translate", json.dumps(slow_nat(40)).encode()))  # ~4.2 s > 3 s
         t0 = time.monotonic()
         r = U.raw_read_response(late, timeout=10)
         assert r.status == 504, r
