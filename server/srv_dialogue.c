@@ -225,8 +225,17 @@ static void cont_remove(void *c, srv_req *r) { nz_dlg_batch_remove(c, r); }
 static size_t cont_size(const void *c) { return nz_dlg_batch_size(c); }
 
 /* Greedy and sampled requests: continuously batched (srv_run_continuous). */
-static const srv_cont_ops CONT = {cont_joins, cont_create, cont_free,   cont_estimate, cont_add,
-                                  cont_step,  cont_take,   cont_remove, cont_size};
+static const srv_cont_ops CONT = {
+    .joins = cont_joins,
+    .create = cont_create,
+    .free = cont_free,
+    .estimate = cont_estimate,
+    .add = cont_add,
+    .step = cont_step,
+    .take = cont_take,
+    .remove = cont_remove,
+    .size = cont_size,
+};
 
 /* ------------------------------------------------------------------ the handler */
 

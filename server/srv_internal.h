@@ -178,6 +178,9 @@ typedef struct srv_cont_ops {
     void (*free)(void *c);
     /** @return the memory r reserves while it is in a batch (its estimated share). */
     uint64_t (*estimate)(const srv_req *r);
+    /** NULL, or r's estimate now that it is in batch c (after a step: e.g. once its output lengths are
+     *  known); the scheduler gives back what r reserved beyond it. */
+    uint64_t (*estimate_now)(const void *c, const srv_req *r);
     /** r joins at the next step. @return NZ_OK, or an error (r's response then decided). */
     int (*add)(void *c, srv_req *r);
     /** One step of every member (failures end up in the members' results). */

@@ -180,6 +180,18 @@ static void cont_admit(cont_run *x, size_t i) {
     x->in[i] = 1;
 }
 
+/* Give back what the members in the batch reserved beyond their estimates now (ops->estimate_now). */
+static void cont_shrink(cont_run *x) {
+    if (!x->ops->estimate_now) return;
+    for (size_t i = 0; i < x->b->n; i++) {
+        if (!x->b->m[i] || !x->in[i]) continue;
+        const uint64_t now = x->ops->estimate_now(x->c, x->b->m[i]);
+        if (now >= x->reserved[i]) continue;
+        srv_budget_release(x->w->s->budget, x->reserved[i] - now);
+        x->reserved[i] = now;
+    }
+}
+
 /* Member i leaves the batch (if in it) and gives its memory back. */
 static void cont_leave(cont_run *x, size_t i) {
     if (!x->in[i]) return;
@@ -219,6 +231,7 @@ void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
                 x.in[i] = 0;
                 srv_complete_member(b, i);
             }
+            cont_shrink(&x);
         }
         size_t added[SRV_BATCH_MAX];
         if (!join_queued(w, b, h, model, added) && !b->live) break;

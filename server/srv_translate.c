@@ -239,8 +239,17 @@ static void cont_remove(void *c, srv_req *r) { nz_tr_batch_remove(c, r); }
 static size_t cont_size(const void *c) { return nz_tr_batch_size(c); }
 
 /* AT requests (greedy and beam search): continuously batched (srv_run_continuous). */
-static const srv_cont_ops CONT = {cont_joins, cont_create, cont_free,   cont_estimate, cont_add,
-                                  cont_step,  cont_take,   cont_remove, cont_size};
+static const srv_cont_ops CONT = {
+    .joins = cont_joins,
+    .create = cont_create,
+    .free = cont_free,
+    .estimate = cont_estimate,
+    .add = cont_add,
+    .step = cont_step,
+    .take = cont_take,
+    .remove = cont_remove,
+    .size = cont_size,
+};
 
 /* Validate a translate request against the model and the token limits and queue it.
  * @return 1 when queued (connection suspended), 0 when a response was decided. */
