@@ -9,7 +9,7 @@
 #   make fuzz       libFuzzer targets, FUZZ_SECONDS each (clang)
 #   make deps       install every Debian package the build and tests need
 #   make loadtest   60 s of mixed traffic at 64 connections against nzserve (wrk, loopback), then
-#                   batching against none: 32 dialogue / AT clients, 60 s each (tests/load/batching.py)
+#                   batching against none: 32 dialogue / AT greedy / AT beam clients, 60 s each (tests/load/batching.py)
 #   make capacity   memory and requests/s per core for the capacity guide (config/k8s/README.md)
 #   make serve      start nzserve on the bundled demo model (config/nzserve.json)
 #   make demo       inspect, verify and try the demo model offline (nzp)
