@@ -265,6 +265,7 @@ void nz_nat_free(nz_nat *n) {
 const nz_nat_config *nz_nat_get_config(const nz_nat *n) { return &n->c; }
 
 void nz_nat_opts_default(nz_nat_opts *o) {
+    memset(o, 0, sizeof *o); /* keep_candidates, on_width and the hook arguments too */
     o->max_iter = 10;
     o->length_beam = 1;
     o->adaptive = 0;
@@ -344,26 +345,26 @@ int nat_stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_block_i
  * change the helper (tests/test_mem_estimate.c checks measured <= estimate <= 1.3 x measured + 256 KiB).
  * Sizes are doubles (exact below 2^53 bytes), saturated on return. */
 
-static double dmax(double a, double b) { return a > b ? a : b; }
+double nat_dmax(double a, double b) { return a > b ? a : b; }
 
 /* nz_block_fwd over B x T rows of width D, no adapter: h and y (2 M D floats + 1) plus the largest
  * sub-layer: self attention (stateless: over the T positions; kv: over Tk, the cache length after the
  * step), cross attention (when cross: over a kvB x S cache), the FFN's hidden layer (M F floats + 1). */
-static double block_peak(double B, double T, double D, double F, int kv, double Tk, int cross, double kvB,
-                         double S) {
+double nat_block_peak(double B, double T, double D, double F, int kv, double Tk, int cross, double kvB,
+                      double S) {
     const double M = B * T;
     double sub = nz_attn_self_peak(B, T, D, kv, kv ? Tk : T);
-    if (cross) sub = dmax(sub, nz_attn_cross_peak(M, D, kvB, S));
-    sub = dmax(sub, 4 * M * F + 1);
+    if (cross) sub = nat_dmax(sub, nz_attn_cross_peak(M, D, kvB, S));
+    sub = nat_dmax(sub, 4 * M * F + 1);
     return 8 * M * D + 1 + sub;
 }
 
 /* stack_embed over M rows: nz_embed's done flags (M bytes, freed before the positions), then pos (M int64),
  * pe (M x D floats) and ids (M int32); the embedding norm runs in place. */
-static double embed_peak(const nat_stack *s, double M, double D) {
-    const double done = dmax(M, 1);
+static double nat_embed_peak(const nat_stack *s, double M, double D) {
+    const double done = nat_dmax(M, 1);
     if (s->pos == POS_NONE || !M) return done;
-    return dmax(done, 8 * M + 4 * M * D + 4 * M);
+    return nat_dmax(done, 8 * M + 4 * M * D + 4 * M);
 }
 
 int nz_nat_check_source(const nz_nat *n, const int32_t *src, size_t S, size_t *len, nz_error *err) {
@@ -427,14 +428,44 @@ done:
     return rc;
 }
 
+/* Length prediction (mask-predict): L0[b] for every encoder row (clamped >= 2, not above). */
+int nat_predict_lengths(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, long *L0, nz_error *err) {
+    const size_t B = enc->B, S = enc->S, D = enc->D, C = n->c.length_classes;
+    float *pooled = nz_calloc(B * D, sizeof *pooled, NZ_MEM_ACTIVATIONS);
+    float *lo = nz_malloc(B * C * sizeof *lo, NZ_MEM_ACTIVATIONS);
+    int rc = NZ_OK;
+    if (!pooled || !lo) NZ_FAIL(NZ_E_NOMEM, "out of memory for length prediction");
+    /* fairseq _mean_pooling: sum over positions of (x / count) * mask */
+    for (size_t b = 0; b < B; b++) {
+        const float cnt = (float)enc->len[b];
+        float *p = pooled + b * D;
+        for (size_t t = 0; t < S; t++) {
+            if (enc->pad[b * S + t]) continue;
+            const float *x = enc->x + (b * S + t) * D;
+            for (size_t d = 0; d < D; d++) p[d] += x[d] / cnt;
+        }
+    }
+    NZ_TRY(nz_linear_fwd(mc, &n->length, pooled, B, lo, err));
+    nz_log_softmax(lo, B, C);
+    for (size_t b = 0; b < B; b++) {
+        long L = (long)nz_argmax(lo + b * C, C);
+        if (n->c.pred_length_offset) L = L - LENGTH_OFFSET + (long)enc->len[b];
+        L0[b] = L < 2 ? 2 : L;
+    }
+done:
+    nz_free(pooled);
+    nz_free(lo);
+    return rc;
+}
+
 /* nz_nat_encode's output for B x S: x (B S D floats), pad (B S bytes), len (B size_t). */
-static double enc_bytes(double B, double S, double D) { return 4 * B * S * D + B * S + 8 * B; }
+double nat_enc_bytes(double B, double S, double D) { return 4 * B * S * D + B * S + 8 * B; }
 
 /* nz_nat_encode's peak: its output + the larger of the embedding and one (stateless) layer. */
-static double encode_peak(const nz_nat *n, double B, double S) {
+double nat_encode_peak(const nz_nat *n, double B, double S) {
     const double D = (double)n->c.d_model;
-    return enc_bytes(B, S, D) +
-           dmax(embed_peak(&n->enc, B * S, D), block_peak(B, S, D, (double)n->c.enc_ffn, 0, 0, 0, 0, 0));
+    return nat_enc_bytes(B, S, D) + nat_dmax(nat_embed_peak(&n->enc, B * S, D),
+                                             nat_block_peak(B, S, D, (double)n->c.enc_ffn, 0, 0, 0, 0, 0));
 }
 
 static void kvs_free(nz_kv *kv, size_t nl) {
@@ -464,7 +495,7 @@ static int cross_kvs(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, con
 /* cross_kvs of stack s over B x S encoder rows: the nz_kv array and per layer k, v (B S D floats each) and
  * pad (B S bytes). *build: the peak while they are built (+ the last layer's nz_attn_cross_kv projections,
  * 2 B S D floats + 1). @return the bytes held once built. */
-static double cross_kvs_bytes(const nz_nat *n, const nat_stack *s, double B, double S, double *build) {
+static double nat_cross_kvs_bytes(const nz_nat *n, const nat_stack *s, double B, double S, double *build) {
     const double D = (double)n->c.d_model, nl = (double)s->nlayers;
     const double held = nl * sizeof(nz_kv) + nl * (8 * B * S * D + B * S);
     *build = held + (nl ? 8 * B * S * D + 1 : 0);
@@ -473,8 +504,8 @@ static double cross_kvs_bytes(const nz_nat *n, const nat_stack *s, double B, dou
 
 /* Decoder features h[A x W x D] of tok[A x W] (nat: CMLM decoder, else AT
  * decoder, full sequence, causal); row a reads encoder row kv_map[a]. */
-static int decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_t *tok, size_t A, size_t W,
-                       const nz_kv *cross, const uint32_t *kv_map, float *h, nz_error *err) {
+int nat_decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_t *tok, size_t A, size_t W,
+                    const nz_kv *cross, const uint32_t *kv_map, float *h, nz_error *err) {
     const nat_stack *s = nat ? &n->dec : &n->at;
     uint8_t *pad = nz_malloc(A * W + 1, NZ_MEM_ACTIVATIONS);
     if (!pad) return nz_fail(err, NZ_E_NOMEM, "out of memory for decoder padding");
@@ -497,11 +528,12 @@ static int decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_
 
 /* decoder_fwd's peak over A x W tokens whose rows read cross caches of encB x S: pad (A W bytes + 1) + the
  * larger of the embedding and one layer (stateless self attention, cross attention, FFN). */
-static double decoder_fwd_peak(const nz_nat *n, int nat, double A, double W, double encB, double S) {
+double nat_decoder_fwd_peak(const nz_nat *n, int nat, double A, double W, double encB, double S) {
     const nat_stack *s = nat ? &n->dec : &n->at;
     const double D = (double)n->c.d_model;
     return A * W + 1 +
-           dmax(embed_peak(s, A * W, D), block_peak(A, W, D, (double)n->c.dec_ffn, 0, 0, 1, encB, S));
+           nat_dmax(nat_embed_peak(s, A * W, D),
+                    nat_block_peak(A, W, D, (double)n->c.dec_ffn, 0, 0, 1, encB, S));
 }
 
 /* Log-softmax of the output projection of the R rows h[rows[i]] (rows of
@@ -529,7 +561,7 @@ int nat_project_rows(nz_matmul_ctx *mc, const nz_nat *n, const float *h, const s
 }
 
 /* nat_project_rows' peak for R rows: g (C x D floats) and lp (C x V floats), C = min(R, PROJ_CHUNK). */
-static double project_peak(const nz_nat *n, double R) {
+double nat_project_peak(const nz_nat *n, double R) {
     const double C = R < PROJ_CHUNK ? R : PROJ_CHUNK;
     return C > 0 ? 4 * C * (double)n->c.d_model + 4 * C * (double)n->c.vocab : 0;
 }
@@ -569,7 +601,7 @@ static int prepare(const nz_nat *n, const int32_t *src, size_t B, size_t S, nz_n
 static double prepare_bytes(double B, double S) { return 4 * B * S + 1 + 8 * B + 1; }
 
 /* A batch-wide failure: every sentence without a result gets it. */
-static void fail_all(nz_nat_hyp *hyps, size_t B, const nz_error *err) {
+void nat_fail_all(nz_nat_hyp *hyps, size_t B, const nz_error *err) {
     for (size_t b = 0; b < B; b++) {
         if (hyps[b].rc || hyps[b].tokens) continue;
         hyps[b].rc = err->code ? err->code : NZ_E_INVALID_ARG;
@@ -582,26 +614,6 @@ int nat_set_tokens(nz_nat_hyp *h, const int32_t *tok, size_t k, nz_error *err) {
     if (!h->tokens) return nz_fail(err, NZ_E_NOMEM, "out of memory for a result");
     if (k) memcpy(h->tokens, tok, k * sizeof *tok);
     h->n = k;
-    return NZ_OK;
-}
-
-/* Copy the beam candidates of one sentence into h->cands: candidate j has fn[j] tokens at tok + j * W,
- * ranking score score[j], positional score nat[j] and length len[j]. */
-static int keep_candidates(nz_nat_hyp *h, const int32_t *tok, size_t W, const size_t *fn, const float *score,
-                           const float *nat, const size_t *len, size_t beam, nz_error *err) {
-    h->cands = nz_calloc(beam, sizeof *h->cands, NZ_MEM_OTHER);
-    if (!h->cands) return nz_fail(err, NZ_E_NOMEM, "out of memory for the length candidates");
-    h->n_cands = beam;
-    for (size_t j = 0; j < beam; j++) {
-        nz_nat_cand *c = &h->cands[j];
-        c->tokens = nz_malloc(fn[j] * sizeof *c->tokens + 1, NZ_MEM_OTHER);
-        if (!c->tokens) return nz_fail(err, NZ_E_NOMEM, "out of memory for the length candidates");
-        if (fn[j]) memcpy(c->tokens, tok + j * W, fn[j] * sizeof *tok);
-        c->n = fn[j];
-        c->score = score[j];
-        c->nat_score = nat[j];
-        c->length = len[j];
-    }
     return NZ_OK;
 }
 
@@ -663,7 +675,7 @@ int nz_nat_at_score(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, c
         }
     }
     NZ_TRY(cross_kvs(mc, n, &n->at, enc, &cross, err));
-    NZ_TRY(decoder_fwd(mc, n, 0, in, N, W, cross, sent, h, err));
+    NZ_TRY(nat_decoder_fwd(mc, n, 0, in, N, W, cross, sent, h, err));
     score_ctx sc = {target, acc, owner};
     NZ_TRY(nat_project_rows(mc, n, h, rows, R, score_row, &sc, err));
     for (size_t i = 0; i < N; i++) scores[i] = (float)(acc[i] / (double)(len[i] - 1));
@@ -681,362 +693,12 @@ done:
 /* nz_nat_at_score's peak for N hypotheses (inputs at most W wide), R scored rows, over an encoder of B x S:
  * in (N W int32), target (R int32), rows and owner (R size_t each), acc (N double), h (N W D floats), then
  * the AT decoder's cross caches (while built; or held, with the forward pass or the projection). */
-static double at_score_peak(const nz_nat *n, double N, double W, double R, double B, double S) {
+double nat_at_score_peak(const nz_nat *n, double N, double W, double R, double B, double S) {
     const double D = (double)n->c.d_model;
     const double bufs = 4 * N * W + 4 * R + 8 * R + 8 * R + 8 * N + 4 * N * W * D;
-    double build, held = cross_kvs_bytes(n, &n->at, B, S, &build);
-    return bufs + dmax(build, held + dmax(decoder_fwd_peak(n, 0, N, W, B, S), project_peak(n, R)));
-}
-
-/* ------------------------------------------------------------------ mask-predict */
-
-/* Length prediction: L0[b] for every encoder row (clamped >= 2, not above). */
-static int predict_lengths(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, long *L0,
-                           nz_error *err) {
-    const size_t B = enc->B, S = enc->S, D = enc->D, C = n->c.length_classes;
-    float *pooled = nz_calloc(B * D, sizeof *pooled, NZ_MEM_ACTIVATIONS);
-    float *lo = nz_malloc(B * C * sizeof *lo, NZ_MEM_ACTIVATIONS);
-    int rc = NZ_OK;
-    if (!pooled || !lo) {
-        rc = nz_fail(err, NZ_E_NOMEM, "out of memory for length prediction");
-        goto done;
-    }
-    /* fairseq _mean_pooling: sum over positions of (x / count) * mask */
-    for (size_t b = 0; b < B; b++) {
-        const float cnt = (float)enc->len[b];
-        float *p = pooled + b * D;
-        for (size_t t = 0; t < S; t++) {
-            if (enc->pad[b * S + t]) continue;
-            const float *x = enc->x + (b * S + t) * D;
-            for (size_t d = 0; d < D; d++) p[d] += x[d] / cnt;
-        }
-    }
-    NZ_TRY(nz_linear_fwd(mc, &n->length, pooled, B, lo, err));
-    nz_log_softmax(lo, B, C);
-    for (size_t b = 0; b < B; b++) {
-        long L = (long)nz_argmax(lo + b * C, C);
-        if (n->c.pred_length_offset) L = L - LENGTH_OFFSET + (long)enc->len[b];
-        L0[b] = L < 2 ? 2 : L;
-    }
-done:
-    nz_free(pooled);
-    nz_free(lo);
-    return rc;
-}
-
-typedef struct mp_ctx {
-    int32_t *tok;       /* [N x W] current tokens of every candidate */
-    float *sc;          /* [N x W] positional scores */
-    const size_t *cell; /* [R] index into tok / sc of each projected row */
-    size_t V;
-} mp_ctx;
-
-/* fairseq CMLM forward_decoder: a masked position takes the argmax token
- * and its log-prob */
-static void mp_row(void *ctx, size_t i, const float *lp) {
-    mp_ctx *c = ctx;
-    size_t k = nz_argmax(lp, c->V);
-    c->tok[c->cell[i]] = (int32_t)k;
-    c->sc[c->cell[i]] = lp[k];
-}
-
-typedef struct sort_key {
-    float s;
-    uint32_t i;
-} sort_key;
-
-/* ascending scores, ties by position (a stable sort); NaN last as torch.sort */
-static int key_cmp(const void *pa, const void *pb) {
-    const sort_key *a = pa, *b = pb;
-    int na = isnan(a->s), nb = isnan(b->s);
-    if (na != nb) return na - nb;
-    if (!na && a->s < b->s) return -1;
-    if (!na && a->s > b->s) return 1;
-    return (a->i > b->i) - (a->i < b->i);
-}
-
-/* np.argmax over s[0..k): the first maximum; a NaN wins (first NaN). */
-static size_t first_best(const float *s, size_t k) {
-    size_t best = 0;
-    for (size_t j = 1; j < k && !isnan(s[best]); j++)
-        if (isnan(s[j]) || s[j] > s[best]) best = j;
-    return best;
-}
-
-int nz_nat_mask_predict(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_t B, size_t S,
-                        const nz_nat_opts *o, nz_nat_hyp *hyps, nz_error *err) {
-    int rc = NZ_OK;
-    nz_nat_opts def;
-    if (!o) {
-        nz_nat_opts_default(&def);
-        o = &def;
-    }
-    const size_t D = n->c.d_model;
-    int32_t *vsrc = NULL, *tok = NULL, *prev = NULL, *bt = NULL, *ftok = NULL;
-    size_t *vidx = NULL, *clen = NULL, *act = NULL, *rows = NULL, *cell = NULL, *fn = NULL;
-    uint32_t *csent = NULL, *kvmap = NULL;
-    long *L0 = NULL;
-    float *sc = NULL, *h = NULL, *fscore = NULL, *ascore = NULL;
-    int *fsteps = NULL;
-    sort_key *keys = NULL;
-    const int32_t **hp = NULL;
-    nz_kv *cross = NULL;
-    nz_nat_enc enc;
-    memset(&enc, 0, sizeof enc);
-    size_t nv = 0;
-    NZ_TRY(prepare(n, src, B, S, hyps, &vsrc, &vidx, &nv, err));
-    if (o->max_len < 0 || o->max_len == 1)
-        NZ_FAIL(NZ_E_INVALID_ARG, "mask-predict: max_len %d must be 0 (no cap) or >= 2 (bos and eos)",
-                o->max_len);
-    if (o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 || o->length_beam > 4096)
-        NZ_FAIL(NZ_E_INVALID_ARG, "mask-predict: max_iter %d (>= 0) or length_beam %d (1..4096) out of range",
-                o->max_iter, o->length_beam);
-    if (o->rerank_at && !n->c.at_layers)
-        NZ_FAIL(NZ_E_UNSUPPORTED, "AT rerank needs an AT decoder (config.json has no at_decoder_layers)");
-    if (o->rerank_at && n->c.at_prepend_bos)
-        NZ_FAIL(NZ_E_UNSUPPORTED,
-                "AT rerank: at_prepend_bos (multi-task-nat's [eos, bos, y..] AT input) is not supported");
-    if (!nv) goto done;
-
-    NZ_TRY(nz_nat_encode(mc, n, vsrc, nv, S, &enc, err));
-    L0 = nz_malloc(nv * sizeof *L0, NZ_MEM_ACTIVATIONS);
-    if (!L0) NZ_FAIL(NZ_E_NOMEM, "out of memory for lengths");
-    NZ_TRY(predict_lengths(mc, n, &enc, L0, err));
-
-    /* length-beam candidates, all sentences' together */
-    const size_t beam = (size_t)o->length_beam, N = nv * beam, T = (size_t)o->max_iter;
-    long maxL = (long)n->c.max_target_positions;
-    if (o->max_len >= 2 && o->max_len < maxL) maxL = o->max_len;
-    clen = nz_malloc(N * sizeof *clen, NZ_MEM_ACTIVATIONS);
-    csent = nz_malloc(N * sizeof *csent, NZ_MEM_ACTIVATIONS);
-    if (!clen || !csent) NZ_FAIL(NZ_E_NOMEM, "out of memory for candidates");
-    size_t W = 2;
-    for (size_t s = 0; s < nv; s++)
-        for (size_t j = 0; j < beam; j++) {
-            long L = L0[s] + (long)j - (long)(beam / 2);
-            L = L < 2 ? 2 : L > maxL ? maxL : L;
-            clen[s * beam + j] = (size_t)L;
-            csent[s * beam + j] = (uint32_t)s;
-            if ((size_t)L > W) W = (size_t)L;
-        }
-    if (o->on_width) o->on_width(o->width_arg, W);
-    tok = nz_malloc(N * W * sizeof *tok, NZ_MEM_ACTIVATIONS);
-    prev = nz_malloc(N * W * sizeof *prev, NZ_MEM_ACTIVATIONS);
-    bt = nz_malloc(N * W * sizeof *bt, NZ_MEM_ACTIVATIONS);
-    ftok = nz_malloc(N * W * sizeof *ftok, NZ_MEM_ACTIVATIONS);
-    sc = nz_calloc(N * W, sizeof *sc, NZ_MEM_ACTIVATIONS);
-    h = nz_malloc(N * W * D * sizeof *h, NZ_MEM_ACTIVATIONS);
-    act = nz_malloc(N * sizeof *act, NZ_MEM_ACTIVATIONS);
-    kvmap = nz_malloc(N * sizeof *kvmap, NZ_MEM_ACTIVATIONS);
-    rows = nz_malloc(N * W * sizeof *rows, NZ_MEM_ACTIVATIONS);
-    cell = nz_malloc(N * W * sizeof *cell, NZ_MEM_ACTIVATIONS);
-    fn = nz_calloc(N, sizeof *fn, NZ_MEM_ACTIVATIONS);
-    fscore = nz_malloc(N * sizeof *fscore, NZ_MEM_ACTIVATIONS);
-    ascore = nz_malloc(N * sizeof *ascore, NZ_MEM_ACTIVATIONS);
-    fsteps = nz_malloc(N * sizeof *fsteps, NZ_MEM_ACTIVATIONS);
-    keys = nz_malloc(W * sizeof *keys, NZ_MEM_ACTIVATIONS);
-    if (!tok || !prev || !bt || !ftok || !sc || !h || !act || !kvmap || !rows || !cell || !fn || !fscore ||
-        !ascore || !fsteps || !keys)
-        NZ_FAIL(NZ_E_NOMEM, "out of memory for %zu candidates of up to %zu tokens", N, W);
-    /* [bos, unk x (L-2), eos, pad..] */
-    for (size_t c = 0; c < N; c++) {
-        int32_t *r = tok + c * W;
-        for (size_t t = 0; t < W; t++) r[t] = t < clen[c] ? NZ_NAT_MASK : NZ_NAT_PAD;
-        r[0] = NZ_NAT_BOS;
-        r[clen[c] - 1] = NZ_NAT_EOS;
-        act[c] = c;
-    }
-    NZ_TRY(cross_kvs(mc, n, &n->dec, &enc, &cross, err));
-
-    size_t A = N;
-    for (size_t step = 0; step <= T && A; step++) {
-        if (o->stop && o->stop(o->stop_arg))
-            NZ_FAIL(NZ_E_CANCELLED, "mask-predict: cancelled before pass %zu", step);
-        size_t Wa = 0; /* the active candidates' width: trailing pads change nothing */
-        for (size_t a = 0; a < A; a++)
-            if (clen[act[a]] > Wa) Wa = clen[act[a]];
-        size_t R = 0;
-        for (size_t a = 0; a < A; a++) {
-            const size_t c = act[a];
-            kvmap[a] = csent[c];
-            memcpy(bt + a * Wa, tok + c * W, Wa * sizeof *bt);
-            memcpy(prev + c * W, tok + c * W, W * sizeof *prev);
-            for (size_t t = 0; t < Wa; t++)
-                if (bt[a * Wa + t] == NZ_NAT_MASK) {
-                    rows[R] = a * Wa + t;
-                    cell[R++] = c * W + t;
-                }
-        }
-        NZ_TRY(decoder_fwd(mc, n, 1, bt, A, Wa, cross, kvmap, h, err));
-        mp_ctx mp = {tok, sc, cell, n->c.vocab};
-        NZ_TRY(nat_project_rows(mc, n, h, rows, R, mp_row, &mp, err));
-        if (step < T) {
-            /* re-mask the floor((L - 2) * p) lowest scores (fairseq _skeptical_unmasking) */
-            const float p = (float)(1.0 - (double)(step + 1) / (double)(T + 1));
-            for (size_t a = 0; a < A; a++) {
-                const size_t c = act[a];
-                int32_t *r = tok + c * W;
-                float *s = sc + c * W;
-                long L = 0;
-                for (size_t t = 0; t < clen[c]; t++) L += r[t] != NZ_NAT_PAD;
-                const float prod = (float)(L - 2) * p;
-                const long bound = (long)prod; /* .long(): truncation toward zero */
-                if (bound <= 0) continue;
-                /* positions >= clen are pads scoring 0 behind every in-length
-                 * position (all scores <= 0): sorting [0, clen) is enough */
-                for (size_t t = 0; t < clen[c]; t++) keys[t] = (sort_key){s[t], (uint32_t)t};
-                qsort(keys, clen[c], sizeof *keys, key_cmp);
-                for (long k = 0; k < bound && (size_t)k < clen[c]; k++) {
-                    r[keys[k].i] = NZ_NAT_MASK;
-                    s[keys[k].i] = 0.0f;
-                }
-            }
-        }
-        size_t A2 = 0;
-        for (size_t a = 0; a < A; a++) {
-            const size_t c = act[a];
-            int term = step == T || (o->adaptive && !memcmp(prev + c * W, tok + c * W, W * sizeof *tok));
-            if (!term) {
-                act[A2++] = c;
-                continue;
-            }
-            size_t k = 0;
-            double sum = 0;
-            for (size_t t = 0; t < W; t++)
-                if (tok[c * W + t] != NZ_NAT_PAD) {
-                    ftok[c * W + k++] = tok[c * W + t];
-                    sum += sc[c * W + t];
-                }
-            fn[c] = k;
-            fscore[c] = k ? (float)(sum / (double)k) : NAN;
-            fsteps[c] = (int)step;
-        }
-        A = A2;
-    }
-
-    if (o->rerank_at) {
-        /* fairseq rerank: the AT decoder's teacher-forced mean log-prob */
-        hp = nz_malloc(N * sizeof *hp, NZ_MEM_ACTIVATIONS);
-        if (!hp) NZ_FAIL(NZ_E_NOMEM, "out of memory for reranking");
-        /* the scorable candidates (>= 2 tokens; others keep NaN), compacted;
-         * rows / kvmap / sc are free now */
-        size_t M = 0, *ml = rows;
-        uint32_t *ms = kvmap;
-        for (size_t c = 0; c < N; c++) {
-            ascore[c] = NAN;
-            if (fn[c] < 2) continue;
-            hp[M] = ftok + c * W;
-            ml[M] = fn[c];
-            ms[M++] = csent[c];
-        }
-        NZ_TRY(nz_nat_at_score(mc, n, &enc, hp, ml, ms, M, sc, err));
-        for (size_t c = 0, m = 0; c < N; c++)
-            if (fn[c] >= 2) ascore[c] = sc[m++];
-    }
-
-    for (size_t s = 0; s < nv; s++) {
-        const float *score = (o->rerank_at ? ascore : fscore) + s * beam;
-        const size_t j = first_best(score, beam), c = s * beam + j;
-        nz_nat_hyp *hy = &hyps[vidx[s]];
-        NZ_TRY(nat_set_tokens(hy, ftok + c * W, fn[c], err));
-        hy->score = score[j];
-        hy->nat_score = fscore[c];
-        hy->steps = fsteps[c];
-        hy->length = clen[c];
-        hy->candidate = j;
-        if (o->keep_candidates)
-            NZ_TRY(keep_candidates(hy, ftok + s * beam * W, W, fn + s * beam, score, fscore + s * beam,
-                                   clen + s * beam, beam, err));
-    }
-done:
-    if (rc) fail_all(hyps, B, err);
-    kvs_free(cross, n->dec.nlayers);
-    nz_nat_enc_free(&enc);
-    nz_free(vsrc);
-    nz_free(vidx);
-    nz_free(L0);
-    nz_free(clen);
-    nz_free(csent);
-    nz_free(tok);
-    nz_free(prev);
-    nz_free(bt);
-    nz_free(ftok);
-    nz_free(sc);
-    nz_free(h);
-    nz_free(act);
-    nz_free(kvmap);
-    nz_free(rows);
-    nz_free(cell);
-    nz_free(fn);
-    nz_free(fscore);
-    nz_free(ascore);
-    nz_free(fsteps);
-    nz_free(keys);
-    nz_free(hp);
-    return rc;
-}
-
-/* The longest candidates mask-predict can make for sources of len[0..B) non-pad tokens: the length
- * predictor's largest class (length_classes - 1; with pred_length_offset that - 128 + the source length;
- * at least 2) is L0, candidate j is L0 + j - beam / 2 within [2, maxL] (as in nz_nat_mask_predict; the
- * prediction itself is only known after the encoder ran). *sum receives the sum of the candidates'
- * lengths. @return the widest (>= 2). */
-static size_t mp_max_width(const nz_nat *n, const size_t *len, size_t B, const nz_nat_opts *o, double *sum) {
-    const long beam = o->length_beam;
-    long maxL = (long)n->c.max_target_positions, W = 2;
-    if (o->max_len >= 2 && o->max_len < maxL) maxL = o->max_len;
-    *sum = 0;
-    for (size_t b = 0; b < B; b++) {
-        long L0 = (long)n->c.length_classes - 1;
-        if (n->c.pred_length_offset) L0 = L0 - LENGTH_OFFSET + (long)(len ? len[b] : 0);
-        L0 = L0 < 2 ? 2 : L0;
-        for (long j = 0; j < beam; j++) {
-            long L = L0 + j - beam / 2;
-            L = L < 2 ? 2 : L > maxL ? maxL : L;
-            *sum += (double)L;
-            if (L > W) W = L;
-        }
-    }
-    return (size_t)W;
-}
-
-uint64_t nz_nat_mask_predict_peak_bytes(const nz_nat *n, const size_t *len, size_t B, size_t S,
-                                        const nz_nat_opts *o) {
-    nz_nat_opts def;
-    if (!o) {
-        nz_nat_opts_default(&def);
-        o = &def;
-    }
-    const double prep = prepare_bytes((double)B, (double)S); /* vsrc, vidx */
-    /* nz_nat_mask_predict's option checks: refused before anything else is allocated */
-    if (o->max_len < 0 || o->max_len == 1 || o->max_iter < 0 || o->max_iter > 1000000 || o->length_beam < 1 ||
-        o->length_beam > 4096 || (o->rerank_at && (!n->c.at_layers || n->c.at_prepend_bos)) || !B || !S)
-        return nz_mem_bytes(prep);
-    const double D = (double)n->c.d_model, dB = (double)B, dS = (double)S;
-    double sumL; /* the candidates' lengths, summed */
-    const double N = dB * o->length_beam, W = (double)mp_max_width(n, len, B, o, &sumL);
-    const double enc = enc_bytes(dB, dS, D);                                  /* enc */
-    const double L0 = 8 * dB;                                                 /* L0 */
-    const double lenpred = 4 * dB * D + 4 * dB * (double)n->c.length_classes; /* pooled, lo */
-
-    const double cand = 8 * N + 4 * N                                  /* clen, csent */
-                        + 4 * (4 * N * W)                              /* tok, prev, bt, ftok */
-                        + 4 * N * W                                    /* sc */
-                        + 4 * N * W * D                                /* h */
-                        + 8 * N + 4 * N                                /* act, kvmap */
-                        + 8 * N * W + 8 * N * W                        /* rows, cell */
-                        + 8 * N + 4 * N * 3                            /* fn, fscore, ascore, fsteps */
-                        + sizeof(sort_key) * W;                        /* keys */
-    double build, cross = cross_kvs_bytes(n, &n->dec, dB, dS, &build); /* the CMLM decoder's cross caches */
-    /* a pass: every candidate active at the full width (fixed iterations), then the projection of the
-     * masked cells (all L - 2 inner cells in the first pass, the most of any pass) */
-    const double pass = dmax(decoder_fwd_peak(n, 1, N, W, dB, dS), project_peak(n, sumL - 2 * N));
-    /* rerank: hp + the AT decoder's teacher-forced pass over N candidates of <= L tokens (L - 1 rows) */
-    const double hp = o->rerank_at ? 8 * N : 0;
-    const double rerank = o->rerank_at ? hp + at_score_peak(n, N, W - 1, sumL - N, dB, dS) : 0;
-    const double hyps = dB * (4 * W + 1); /* nat_set_tokens: every sentence's result (NZ_MEM_OTHER) */
-    const double decode = enc + L0 + cand + dmax(build, cross + dmax(dmax(pass, rerank), hp + hyps));
-    return nz_mem_bytes(prep + dmax(dmax(encode_peak(n, dB, dS), enc + L0 + lenpred), decode));
+    double build, held = nat_cross_kvs_bytes(n, &n->at, B, S, &build);
+    return bufs +
+           nat_dmax(build, held + nat_dmax(nat_decoder_fwd_peak(n, 0, N, W, B, S), nat_project_peak(n, R)));
 }
 
 /* ------------------------------------------------------------------ AT greedy */
@@ -1172,7 +834,7 @@ int nz_nat_at_greedy(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, siz
         hy->steps = (int)on[b];
     }
 done:
-    if (rc) fail_all(hyps, B, err);
+    if (rc) nat_fail_all(hyps, B, err);
     kvs_free(cross, n->at.nlayers);
     kvs_free(self, n->at.nlayers);
     nz_nat_enc_free(&enc);
@@ -1194,18 +856,18 @@ done:
 /* The AT searches' common part: the encoder, then (held through the search) its output and the AT
  * decoder's cross caches over B x S. *held receives those; @return the peak until the search starts. */
 static double at_front(const nz_nat *n, double B, double S, double *held) {
-    double build, cross = cross_kvs_bytes(n, &n->at, B, S, &build);
-    const double enc = enc_bytes(B, S, (double)n->c.d_model);
+    double build, cross = nat_cross_kvs_bytes(n, &n->at, B, S, &build);
+    const double enc = nat_enc_bytes(B, S, (double)n->c.d_model);
     *held = enc + cross;
-    return dmax(encode_peak(n, B, S), enc + build);
+    return nat_dmax(nat_encode_peak(n, B, S), enc + build);
 }
 
 /* One AT step of R rows (T = 1) with self-attention caches of cap positions: the larger of the
  * embedding, a layer (cached self attention, cross attention over B x S) and the projection. */
 static double at_step_peak(const nz_nat *n, double R, double cap, double B, double S) {
     const double D = (double)n->c.d_model;
-    const double layer = block_peak(R, 1, D, (double)n->c.dec_ffn, 1, cap, 1, B, S);
-    return dmax(dmax(embed_peak(&n->at, R, D), layer), project_peak(n, R));
+    const double layer = nat_block_peak(R, 1, D, (double)n->c.dec_ffn, 1, cap, 1, B, S);
+    return nat_dmax(nat_dmax(nat_embed_peak(&n->at, R, D), layer), nat_project_peak(n, R));
 }
 
 /* The self-attention caches of R rows x cap positions: the nz_kv array and per AT layer k, v (R cap D
@@ -1236,8 +898,8 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
     /* nat_set_tokens: the results (NZ_MEM_OTHER), <= max_len + 1 tokens each */
     const double hyps = dB * (4 * cap + 1);
     const double search =
-        held + at_self_bytes(n, dB, cap) + bufs + dmax(at_step_peak(n, dB, cap, dB, dS), hyps);
-    return nz_mem_bytes(prep + dmax(front, search));
+        held + at_self_bytes(n, dB, cap) + bufs + nat_dmax(at_step_peak(n, dB, cap, dB, dS), hyps);
+    return nz_mem_bytes(prep + nat_dmax(front, search));
 }
 
 /* ------------------------------------------------------------------ AT beam search */
@@ -1504,7 +1166,7 @@ int nz_nat_at_beam(nz_matmul_ctx *mc, const nz_nat *n, const int32_t *src, size_
         NZ_TRY(nat_beam_result(&hyps[vidx[s]], &bm, o->min_len, err));
     }
 done:
-    if (rc) fail_all(hyps, B, err);
+    if (rc) nat_fail_all(hyps, B, err);
     kvs_free(cross, n->at.nlayers);
     kvs_free(self, n->at.nlayers);
     nz_nat_enc_free(&enc);
@@ -1562,7 +1224,7 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
      * tmp (rows x len x D floats) and ptmp (rows x len bytes), len <= max_len */
     const double select = 4 * N * (double)max_len * D + N * (double)max_len;
     const double hyps = dB * (4 * cap + 1); /* nat_set_tokens: the results (NZ_MEM_OTHER) */
-    const double step = dmax(at_step_peak(n, N, cap, dB, dS), select);
-    const double search = held + at_self_bytes(n, N, cap) + bufs + dmax(step, hyps);
-    return nz_mem_bytes(prep + dmax(front, search));
+    const double step = nat_dmax(at_step_peak(n, N, cap, dB, dS), select);
+    const double search = held + at_self_bytes(n, N, cap) + bufs + nat_dmax(step, hyps);
+    return nz_mem_bytes(prep + nat_dmax(front, search));
 }

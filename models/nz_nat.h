@@ -177,8 +177,9 @@ typedef struct nz_nat_hyp {
 /** Free the tokens of hyps[0..B) and zero them. Accepts NULL. */
 void nz_nat_hyps_free(nz_nat_hyp *hyps, size_t B);
 
-/** Mask-predict decoding of src[B x S] (nat_ref.mask_predict): encoder once
- *  per sentence; length = argmax of log-softmax(mean-pooled encoder output x
+/** Mask-predict decoding of src[B x S] (nat_ref.mask_predict), run as a
+ *  nz_nat_mpb batch of its own (every sentence joins at its first step):
+ *  encoder once per sentence; length = argmax of log-softmax(mean-pooled encoder output x
  *  embed_length^T) (minus 128 plus the source length with
  *  pred_length_offset), clamped to >= 2; length-beam candidates L0 - b/2 + j
  *  clamped to [2, max_target_positions] (the upper clamp is ours: fairseq
@@ -189,7 +190,8 @@ void nz_nat_hyps_free(nz_nat_hyp *hyps, size_t B);
  *  (t+1)/(T+1)), stable ascending sort: ties lower position first); a
  *  candidate stops when its tokens did not change (adaptive) or after pass
  *  T; candidate score = mean positional score; the first best candidate
- *  wins (after the AT rerank when asked).
+ *  wins (after the AT rerank when asked). o->stop is checked before every
+ *  pass, o->on_width called once, after the encoder and length prediction.
  *  hyps[B] receives every sentence's result or error (free with
  *  nz_nat_hyps_free, also after an error return).
  *  @return NZ_OK when the batch ran (sentence errors are in hyps), or a
@@ -334,6 +336,65 @@ size_t nz_nat_cb_decoder_rows(const nz_nat_cb *cb);
 
 /** @return sentences in the batch (waiting to join, decoding, or done and not taken). */
 size_t nz_nat_cb_size(const nz_nat_cb *cb);
+
+/** Continuously batched mask-predict: sentences join at pass boundaries and leave when done or removed.
+ *  A step encodes the sentences added since the last one together, predicts their lengths and lays out
+ *  their length-beam candidates ([bos, mask.., eos]), then runs one CMLM decoder pass over every active
+ *  candidate of every sentence (padded to the widest; each reads its sentence's encoder slot), then per
+ *  candidate the re-masking and termination with its own sentence's options and pass count (max_iter,
+ *  adaptive, max_len, length_beam). A sentence whose every candidate ended is done: its hypothesis is
+ *  chosen as nz_nat_mask_predict chooses it (first best nat score, or with rerank_at the AT decoder's
+ *  score, over its kept encoder rows; keep_candidates as there). A sentence's result is bit for bit
+ *  nz_nat_mask_predict's for it alone (a batch of one), whatever joins or leaves around it
+ *  (nz_nat_mask_predict runs through this batch). Memory: NZ_MEM_ACTIVATIONS and NZ_MEM_KV; a sentence
+ *  holds its source until it joins, its candidates, its cross cache slot (and with rerank_at its encoder
+ *  rows) until it is done, then its result until taken; a step allocates its pass's buffers and frees
+ *  them (nz_nat_mpb_member_bytes). The cross caches keep their slots until nz_nat_mpb_free. One thread at
+ *  a time. */
+typedef struct nz_nat_mpb nz_nat_mpb;
+
+/** @return NZ_OK and an empty batch over n (n must outlive it), or NZ_E_NOMEM. */
+int nz_nat_mpb_create(const nz_nat *n, nz_nat_mpb **out, nz_error *err);
+
+/** Free a batch and every sentence in it. Accepts NULL. */
+void nz_nat_mpb_free(nz_nat_mpb *b);
+
+/** Add a sentence: src[len] (pad = 1 anywhere; copied), mask-predict with o (NULL: the defaults; o->stop
+ *  and o->on_width unused: cancel through mc, read the widths through nz_nat_mpb_member_bytes). It joins
+ *  at the next nz_nat_mpb_step; owner identifies it in nz_nat_mpb_take, _remove and _member_bytes.
+ *  @return NZ_OK, or the error nz_nat_mask_predict gives it (bad options: NZ_E_INVALID_ARG,
+ *  NZ_E_UNSUPPORTED for rerank_at without an AT decoder; bad source: NZ_E_RANGE, NZ_E_INVALID_ARG), or
+ *  NZ_E_NOMEM; nothing is added then. */
+int nz_nat_mpb_add(nz_nat_mpb *b, const int32_t *src, size_t len, const nz_nat_opts *o, void *owner,
+                   nz_error *err);
+
+/** One step: the sentences added since the last step join (encoded together); one decoder pass over
+ *  every active candidate; the sentences whose candidates all ended are done (reranked together).
+ *  @return NZ_OK, or the step's error (NZ_E_CANCELLED from mc, a tile error, out of memory): every
+ *  sentence not done is then done with it in its result. */
+int nz_nat_mpb_step(nz_matmul_ctx *mc, nz_nat_mpb *b, nz_error *err);
+
+/** Take the oldest done sentence: its result (as nz_nat_mask_predict's; free with nz_nat_hyps_free) and
+ *  its owner. @return 1, or 0 when none is done. */
+int nz_nat_mpb_take(nz_nat_mpb *b, void **owner, nz_nat_hyp *hyp);
+
+/** Remove owner's sentence now (cancelled), at any step. An unknown owner is ignored. */
+void nz_nat_mpb_remove(nz_nat_mpb *b, void *owner);
+
+/** @return sentences in the batch (waiting to join, decoding, or done and not taken). */
+size_t nz_nat_mpb_size(const nz_nat_mpb *b);
+
+/** @return the candidates still refining (the rows of the next pass, before joiners). */
+size_t nz_nat_mpb_candidates(const nz_nat_mpb *b);
+
+/** Owner's memory in the batch given what is known now (0 for an unknown owner): waiting to join, as
+ *  nz_nat_mask_predict_peak_bytes for it alone (its candidates at the longest length the predictor can
+ *  give) with the batch's cross cache width; decoding, with its candidates' actual lengths, its pass
+ *  rows padded to the batch's widest active candidate (its share of a pass: the pass's buffers, the
+ *  decoder and the projection chunk), its rerank and its result; done, its result. It only shrinks
+ *  while the sentence runs, except when a wider candidate joins (its pass rows are padded to it). The
+ *  batch's own rounding of its cross cache slots (nz_kvenc's doubling) is not included. @return bytes. */
+uint64_t nz_nat_mpb_member_bytes(const nz_nat_mpb *b, const void *owner);
 
 #ifdef __cplusplus
 }

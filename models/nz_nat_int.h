@@ -3,8 +3,9 @@
  * API; nz_nat.h is): the model struct and the pieces of the AT decoder that
  * the continuous batch (nz_nat_cb.c) runs.
  *
- *   nz_nat.c     config, binding, encoder, mask-predict, AT greedy and beam, memory estimates
+ *   nz_nat.c     config, binding, encoder, AT greedy and beam, AT score, their memory estimates
  *   nz_nat_cb.c  continuous batching of AT greedy and beam decoding
+ *   nz_nat_mp.c  mask-predict: its continuous batch, nz_nat_mask_predict through it, its memory estimates
  */
 #ifndef NZ_NAT_INT_H
 #define NZ_NAT_INT_H
@@ -52,6 +53,20 @@ int nat_stack_embed(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, cons
  *  cross_kv[l]), then the final layer norm. @return NZ_OK or an error. */
 int nat_stack_layers(nz_matmul_ctx *mc, const nat_stack *s, float *x, nz_block_io *io, nz_kv *self_kv,
                      const nz_kv *cross_kv, nz_error *err);
+
+/** Decoder features h[A x W x D] of tok[A x W] (nat: the CMLM decoder, key padding, not causal; else the
+ *  AT decoder over the full sequence, causal); row a reads encoder row kv_map[a] of the caches cross[l].
+ *  @return NZ_OK or an error. */
+int nat_decoder_fwd(nz_matmul_ctx *mc, const nz_nat *n, int nat, const int32_t *tok, size_t A, size_t W,
+                    const nz_kv *cross, const uint32_t *kv_map, float *h, nz_error *err);
+
+/** Length prediction of mask-predict: L0[b] = the argmax class of log-softmax(mean-pooled encoder row b x
+ *  embed_length^T) (minus 128 plus the source length with pred_length_offset), clamped to >= 2.
+ *  @return NZ_OK or an error. */
+int nat_predict_lengths(nz_matmul_ctx *mc, const nz_nat *n, const nz_nat_enc *enc, long *L0, nz_error *err);
+
+/** A batch-wide failure: every hyps[0..B) without a result (no rc, no tokens) gets err. */
+void nat_fail_all(nz_nat_hyp *hyps, size_t B, const nz_error *err);
 
 typedef void (*nat_row_fn)(void *ctx, size_t i, const float *lp);
 
@@ -120,5 +135,32 @@ int nat_beam_select(const nat_beam *b, size_t step, int32_t *hist2, int32_t *cur
  *  finalized hypothesis with the best normalized score (the first on ties), or NZ_E_RANGE in hy->rc when
  *  none was (naming max_len and min_len). @return NZ_OK, or NZ_E_NOMEM for its tokens. */
 int nat_beam_result(nz_nat_hyp *hy, const nat_beam *b, int min_len, nz_error *err);
+
+/* Peak memory pieces (bytes as doubles, counted as nz_malloc counts them; nz_nat.c, next to the code whose
+ * allocations they mirror). */
+
+/** @return the larger of a and b. */
+double nat_dmax(double a, double b);
+
+/** nz_block_fwd over B x T rows of width D (FFN F), self attention stateless or (kv) over a cache of Tk,
+ *  cross attention (cross) over kvB x S. @return bytes. */
+double nat_block_peak(double B, double T, double D, double F, int kv, double Tk, int cross, double kvB,
+                      double S);
+
+/** nz_nat_encode's output for B x S of width D: x, pad, len. @return bytes. */
+double nat_enc_bytes(double B, double S, double D);
+
+/** nz_nat_encode's peak over B x S. @return bytes. */
+double nat_encode_peak(const nz_nat *n, double B, double S);
+
+/** nat_decoder_fwd's peak over A x W tokens whose rows read cross caches of encB x S. @return bytes. */
+double nat_decoder_fwd_peak(const nz_nat *n, int nat, double A, double W, double encB, double S);
+
+/** nat_project_rows' peak for R rows. @return bytes. */
+double nat_project_peak(const nz_nat *n, double R);
+
+/** nz_nat_at_score's peak for N hypotheses (inputs at most W wide), R scored rows, over an encoder of
+ *  B x S. @return bytes. */
+double nat_at_score_peak(const nz_nat *n, double N, double W, double R, double B, double S);
 
 #endif /* NZ_NAT_INT_H */

@@ -379,7 +379,7 @@ int nz_translator_run(nz_matmul_ctx *mc, const nz_translator *t, const char *con
 
 /* ------------------------------------------------------------------ continuous batching */
 
-/* One text of a batched request: the nz_nat_cb owner of its sentence. */
+/* One text of a batched request: the nz_nat_cb / nz_nat_mpb owner of its sentence. */
 typedef struct tr_text {
     struct tr_member *m;
     size_t i; /* its index in the request */
@@ -390,6 +390,8 @@ typedef struct tr_member {
     void *owner;
     size_t n, pending; /* texts, texts still decoding */
     int detok;
+    nz_tr_opts o;      /* its options (stop hooks unused) */
+    size_t *lens;      /* [n] its texts' ids */
     tr_text *texts;    /* [n] */
     nz_tr_result *res; /* [n] */
     struct tr_member *next;
@@ -397,13 +399,14 @@ typedef struct tr_member {
 
 struct nz_tr_batch {
     const nz_translator *t;
-    nz_nat_cb *cb;
+    nz_nat_cb *cb;      /* AT greedy and beam texts (NULL: the model has no AT decoder) */
+    nz_nat_mpb *mpb;    /* mask-predict texts */
     tr_member *members; /* newest first */
     size_t size;
 };
 
 int nz_tr_batch_joins(const nz_tr_opts *o) {
-    return o->decoder == NZ_TR_AT_GREEDY || o->decoder == NZ_TR_AT_BEAM;
+    return o->decoder == NZ_TR_NAT || o->decoder == NZ_TR_AT_GREEDY || o->decoder == NZ_TR_AT_BEAM;
 }
 
 int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err) {
@@ -411,9 +414,10 @@ int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err)
     nz_tr_batch *b = nz_calloc(1, sizeof *b, NZ_MEM_OTHER);
     if (!b) return nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
     b->t = t;
-    int rc = nz_nat_cb_create(t->nat, &b->cb, err);
+    int rc = nz_nat_mpb_create(t->nat, &b->mpb, err);
+    if (!rc && nz_nat_get_config(t->nat)->at_layers) rc = nz_nat_cb_create(t->nat, &b->cb, err);
     if (rc) {
-        nz_free(b);
+        nz_tr_batch_free(b);
         return rc;
     }
     *out = b;
@@ -425,12 +429,14 @@ static void member_free(tr_member *m) {
     nz_tr_results_free(m->res, m->n);
     nz_free(m->res);
     nz_free(m->texts);
+    nz_free(m->lens);
     nz_free(m);
 }
 
 void nz_tr_batch_free(nz_tr_batch *b) {
     if (!b) return;
     nz_nat_cb_free(b->cb);
+    nz_nat_mpb_free(b->mpb);
     for (tr_member *m = b->members, *nx; m; m = nx) {
         nx = m->next;
         member_free(m);
@@ -444,7 +450,10 @@ void nz_tr_batch_remove(nz_tr_batch *b, void *owner) {
     for (tr_member **p = &b->members; *p; p = &(*p)->next) {
         tr_member *m = *p;
         if (m->owner != owner) continue;
-        for (size_t i = 0; i < m->n; i++) nz_nat_cb_remove(b->cb, &m->texts[i]);
+        for (size_t i = 0; i < m->n; i++) {
+            if (b->cb) nz_nat_cb_remove(b->cb, &m->texts[i]);
+            nz_nat_mpb_remove(b->mpb, &m->texts[i]);
+        }
         *p = m->next;
         b->size--;
         member_free(m);
@@ -452,10 +461,27 @@ void nz_tr_batch_remove(nz_tr_batch *b, void *owner) {
     }
 }
 
+/* Add one text to the decoder batch of its options o (the AT ones need an AT decoder, as alone).
+ * @return as nz_nat_cb_add / nz_nat_mpb_add. */
+static int add_text(nz_tr_batch *b, const int32_t *ids, size_t len, const nz_tr_opts *o, void *owner,
+                    nz_error *e) {
+    if (o->decoder == NZ_TR_NAT) {
+        nz_nat_opts no = o->nat;
+        no.keep_candidates = o->return_candidates;
+        return nz_nat_mpb_add(b->mpb, ids, len, &no, owner, e);
+    }
+    if (!b->cb)
+        return nz_fail(e, NZ_E_UNSUPPORTED,
+                       "AT decoding needs an AT decoder (config.json has no at_decoder_layers)");
+    if (o->decoder == NZ_TR_AT_BEAM)
+        return nz_nat_cb_add_beam(b->cb, ids, len, &o->at, o->at_beam, o->lenpen, owner, e);
+    return nz_nat_cb_add(b->cb, ids, len, &o->at, owner, e);
+}
+
 int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *lens, size_t n,
                     const nz_tr_opts *o, int detok, void *owner, nz_error *err) {
     if (!nz_tr_batch_joins(o))
-        return nz_fail(err, NZ_E_UNSUPPORTED, "translate: only AT decoding is continuously batched");
+        return nz_fail(err, NZ_E_UNSUPPORTED, "translate: unknown decoder %d", (int)o->decoder);
     if (!n) return nz_fail(err, NZ_E_INVALID_ARG, "translate: no text");
     for (size_t i = 0; i < n; i++)
         if (!ids[i] || lens[i] < 2)
@@ -465,14 +491,19 @@ int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *len
     if (m) {
         m->texts = nz_calloc(n, sizeof *m->texts, NZ_MEM_OTHER);
         m->res = nz_calloc(n, sizeof *m->res, NZ_MEM_OTHER);
+        m->lens = nz_malloc(n * sizeof *m->lens, NZ_MEM_OTHER);
     }
-    if (!m || !m->texts || !m->res) {
+    if (!m || !m->texts || !m->res || !m->lens) {
         member_free(m);
         return nz_fail(err, NZ_E_NOMEM, "translate: out of memory");
     }
     m->owner = owner;
     m->n = n;
     m->detok = detok;
+    m->o = *o;
+    nz_tr_opts_set_stop(&m->o, NULL, NULL);
+    m->o.nat.on_width = NULL;
+    memcpy(m->lens, lens, n * sizeof *lens);
     m->next = b->members;
     b->members = m;
     b->size++;
@@ -480,10 +511,7 @@ int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *len
         m->texts[i] = (tr_text){m, i};
         m->res[i].input_tokens = lens[i];
         nz_error e = {0};
-        int rc =
-            o->decoder == NZ_TR_AT_BEAM
-                ? nz_nat_cb_add_beam(b->cb, ids[i], lens[i], &o->at, o->at_beam, o->lenpen, &m->texts[i], &e)
-                : nz_nat_cb_add(b->cb, ids[i], lens[i], &o->at, &m->texts[i], &e);
+        int rc = add_text(b, ids[i], lens[i], &m->o, &m->texts[i], &e);
         if (rc == NZ_E_NOMEM) {
             *err = e;
             nz_tr_batch_remove(b, owner);
@@ -499,17 +527,61 @@ int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *len
     return NZ_OK;
 }
 
+/* A text's result h (taken from a decoder batch) into its request. */
+static void text_done(const nz_translator *t, tr_text *x, nz_nat_hyp *h) {
+    take_hyp(t, h, x->m->detok, &x->m->res[x->i]);
+    nz_nat_hyps_free(h, 1);
+    x->m->pending--;
+}
+
 int nz_tr_batch_step(nz_matmul_ctx *mc, nz_tr_batch *b, nz_error *err) {
-    int rc = nz_nat_cb_step(mc, b->cb, err);
+    nz_error e2 = {0};
+    int rc = b->cb && nz_nat_cb_size(b->cb) ? nz_nat_cb_step(mc, b->cb, err) : NZ_OK;
+    int rc2 = nz_nat_mpb_size(b->mpb) ? nz_nat_mpb_step(mc, b->mpb, &e2) : NZ_OK;
+    if (!rc && rc2) {
+        rc = rc2;
+        if (err) *err = e2;
+    }
     void *owner;
     nz_nat_hyp h;
-    while (nz_nat_cb_take(b->cb, &owner, &h)) { /* a failed step's sentences come with its error */
-        tr_text *x = owner;
-        take_hyp(b->t, &h, x->m->detok, &x->m->res[x->i]);
-        nz_nat_hyps_free(&h, 1);
-        x->m->pending--;
-    }
+    while (b->cb && nz_nat_cb_take(b->cb, &owner, &h)) text_done(b->t, owner, &h); /* a failed step's */
+    while (nz_nat_mpb_take(b->mpb, &owner, &h)) text_done(b->t, owner, &h);        /* come with its error */
     return rc;
+}
+
+/* The bytes result r holds (tokens, text, candidates). */
+static uint64_t result_bytes(const nz_tr_result *r) {
+    uint64_t k = r->n_tokens * sizeof(int32_t) + 1 + (r->text ? r->text_len + 1 : 0);
+    for (size_t j = 0; j < r->n_cands; j++)
+        k += sizeof(nz_tr_cand) + (r->cands[j].text ? r->cands[j].text_len + 1 : 0);
+    return k;
+}
+
+uint64_t nz_tr_batch_member_bytes(const nz_tr_batch *b, const void *owner) {
+    const tr_member *m = b->members;
+    while (m && m->owner != owner) m = m->next;
+    if (!m) return 0;
+    const nz_nat_config *c = nz_nat_get_config(b->t->nat);
+    uint64_t k = 0;
+    if (m->o.decoder != NZ_TR_NAT) {
+        /* the AT texts: the request's estimate while one decodes (nz_nat_cb keeps no per-text account) */
+        if (m->pending) return nz_translator_peak_bytes(b->t, m->lens, m->n, &m->o);
+    }
+    for (size_t i = 0; i < m->n; i++) {
+        const nz_tr_result *r = &m->res[i];
+        if (m->o.decoder != NZ_TR_NAT || r->rc || r->tokens) { /* a result: what it holds */
+            k += result_bytes(r);
+            continue;
+        }
+        /* decoding: its share of the batch, then its result and text (as nz_translator_peak_bytes) */
+        const uint64_t out = c->max_target_positions;
+        uint64_t cand = m->o.return_candidates
+                            ? (uint64_t)m->o.nat.length_beam * (sizeof(nz_tr_cand) + out * b->t->max_sym + 1)
+                            : 0;
+        k += nz_nat_mpb_member_bytes(b->mpb, &m->texts[i]) + out * sizeof(int32_t) + 1 + out * b->t->max_sym +
+             1 + cand;
+    }
+    return k + m->n * (sizeof(tr_text) + sizeof(nz_tr_result) + sizeof(size_t));
 }
 
 int nz_tr_batch_take(nz_tr_batch *b, void **owner, nz_tr_result **res, size_t *n) {

@@ -196,33 +196,39 @@ uint64_t nz_translator_peak_bytes(const nz_translator *t, const size_t *lens, si
 
 /* ------------------------------------------------------- continuous batching */
 
-/** Requests translated together as they come and go (AT greedy and AT beam
- *  search, each request with its own options; nz_nat_cb underneath): each
- *  text of a request joins at a decoder step boundary and leaves when its
- *  search ends; a request is finished when its every text is. Each text's
- *  result is the one nz_translator_run_ids gives it alone (as a batch of
- *  one). One thread at a time. */
+/** Requests translated together as they come and go (mask-predict, AT greedy
+ *  and AT beam search mixed, each request with its own options; nz_nat_mpb and
+ *  nz_nat_cb underneath, one pass of the first and one step of the second
+ *  per nz_tr_batch_step): each text of a request joins at a pass or decoder
+ *  step boundary and leaves when its decoding ends; a request is finished
+ *  when its every text is. Each text's result is the one
+ *  nz_translator_run_ids gives it alone (as a batch of one: detokenized
+ *  text, score, length candidates with return_candidates). One thread at a
+ *  time. */
 typedef struct nz_tr_batch nz_tr_batch;
 
-/** @return whether requests with o can join a nz_tr_batch (the AT decoder, greedy or beam). */
+/** @return whether requests with o can join a nz_tr_batch (every decoder: mask-predict with any of its
+ *  options, the AT decoder greedy or beam). */
 int nz_tr_batch_joins(const nz_tr_opts *o);
 
-/** @return NZ_OK and an empty batch over t (t must outlive it), NZ_E_UNSUPPORTED (no AT decoder) or
- *  NZ_E_NOMEM. */
+/** @return NZ_OK and an empty batch over t (t must outlive it; without an AT decoder its AT texts get
+ *  NZ_E_UNSUPPORTED, as alone), or NZ_E_NOMEM. */
 int nz_tr_batch_create(const nz_translator *t, nz_tr_batch **out, nz_error *err);
 
 /** Free a batch and every request in it. Accepts NULL. */
 void nz_tr_batch_free(nz_tr_batch *b);
 
-/** Add a request of n texts ids[i][0..lens[i]) (copied; bos .. eos), options o (AT greedy or beam; o->at.stop
- *  unused), detokenized when detok; owner identifies it. Its texts join at the next nz_tr_batch_step.
- *  A text refused on its own (e.g. too long) gets its error in its result.
- *  @return NZ_OK; NZ_E_UNSUPPORTED (another decoder); NZ_E_INVALID_ARG (no text, fewer than 2 ids);
+/** Add a request of n texts ids[i][0..lens[i]) (copied; bos .. eos), options o (the stop hooks and
+ *  o->nat.on_width unused), detokenized when detok; owner identifies it. Its texts join at the next
+ *  nz_tr_batch_step. A text refused on its own (e.g. too long, options its decoder refuses, an AT
+ *  decoder choice on a model without one) gets its error in its result, as alone.
+ *  @return NZ_OK; NZ_E_UNSUPPORTED (an unknown decoder); NZ_E_INVALID_ARG (no text, fewer than 2 ids);
  *  NZ_E_NOMEM (nothing added). */
 int nz_tr_batch_add(nz_tr_batch *b, const int32_t *const *ids, const size_t *lens, size_t n,
                     const nz_tr_opts *o, int detok, void *owner, nz_error *err);
 
-/** One decoder step of every text (new ones encoded first).
+/** One decoder step of every AT text and one mask-predict pass of every NAT text (new ones encoded
+ *  first).
  *  @return NZ_OK, or the step's error: every text not finished then has it in its result. */
 int nz_tr_batch_step(nz_matmul_ctx *mc, nz_tr_batch *b, nz_error *err);
 
@@ -235,6 +241,16 @@ void nz_tr_batch_remove(nz_tr_batch *b, void *owner);
 
 /** @return requests in the batch (not yet taken). */
 size_t nz_tr_batch_size(const nz_tr_batch *b);
+
+/** Owner's memory in the batch given what is known now (0 for an unknown owner), to reserve while it is
+ *  in the batch and to call again after each nz_tr_batch_step, giving back what it no longer needs. A
+ *  mask-predict request: per text, before it joins, as nz_translator_peak_bytes for it alone (the longest
+ *  candidates the length predictor can give); once its lengths are predicted, nz_nat_mpb_member_bytes
+ *  (its actual candidates, padded to the batch's widest active one) plus its result bound; once done,
+ *  what its result holds. An AT request: nz_translator_peak_bytes of the whole request while a text
+ *  decodes (nz_nat_cb keeps no per-text account), then what its results hold. The batches' shared
+ *  rounding of their caches is not included. @return bytes. */
+uint64_t nz_tr_batch_member_bytes(const nz_tr_batch *b, const void *owner);
 
 #ifdef __cplusplus
 }

@@ -200,18 +200,54 @@ static void cont_leave(cont_run *x, size_t i) {
     x->in[i] = 0;
 }
 
+/* The batch of x exists (created for the first member not in it yet when none does). @return 0, or -1 when
+ * it cannot be created: every member not in it is then answered (500) and released. */
+static int cont_ensure(cont_run *x) {
+    if (x->c) return 0;
+    const srv_req *lead = NULL;
+    for (size_t i = 0; i < x->b->n && !lead; i++)
+        if (x->b->m[i]) lead = x->b->m[i];
+    if (!lead) return 0;
+    nz_error e = {0};
+    if ((x->c = x->ops->create(lead, &e))) return 0;
+    for (size_t i = 0; i < x->b->n; i++)
+        if (x->b->m[i]) {
+            srv_respond_fail(x->b->m[i], 500, "%s", e.msg);
+            srv_complete_member(x->b, i);
+        }
+    return -1;
+}
+
+/* One step of x's batch; the members that finished are answered. When none is left in the batch, its
+ * memory (caches, buffers) is freed and trimmed before their responses go, so whatever a client reads
+ * next sees it back (the batch is created again for the next joiner). */
+static void cont_step(cont_run *x) {
+    srv_batch *b = x->b;
+    size_t done[SRV_BATCH_MAX], nd = 0;
+    x->ops->step(x->c, x->w->mc);
+    for (srv_req *r; (r = x->ops->take(x->c));) {
+        size_t i = 0;
+        while (b->m[i] != r) i++;
+        r->batch_texts = x->ops->size(x->c) + 1;
+        srv_budget_release(x->w->s->budget, x->reserved[i]);
+        x->in[i] = 0;
+        done[nd++] = i;
+    }
+    cont_shrink(x);
+    if (!x->ops->size(x->c)) {
+        x->ops->free(x->c);
+        x->c = NULL;
+        nz_mem_trim(SRV_TRIM_FREE_BYTES);
+    }
+    for (size_t k = 0; k < nd; k++) srv_complete_member(b, done[k]);
+}
+
 void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
     srv_server *s = w->s;
     cont_run x = {w, b, h->cont, NULL, {0}, {0}};
     const srv_req *lead = NULL;
     for (size_t i = 0; !lead; i++) lead = b->m[i];
     srv_model *model = lead->model;
-    nz_error e = {0};
-    if (!(x.c = x.ops->create(lead, &e))) {
-        for (size_t i = 0; i < b->n; i++)
-            if (b->m[i]) srv_respond_fail(b->m[i], 500, "%s", e.msg);
-        return;
-    }
     for (;;) {
         for (size_t i = 0; i < b->n; i++)
             if (b->m[i] && srv_req_should_stop(b->m[i])) {
@@ -219,20 +255,10 @@ void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
                 srv_release_member(b, i);
             }
         for (int t = 0; t < s->debug_step_delay_ms; t += 5) srv_sleep_ms(5);
-        for (size_t i = 0; i < b->n; i++)
-            if (b->m[i] && !x.in[i]) cont_admit(&x, i);
-        if (x.ops->size(x.c)) {
-            x.ops->step(x.c, w->mc);
-            for (srv_req *r; (r = x.ops->take(x.c));) {
-                size_t i = 0;
-                while (b->m[i] != r) i++;
-                r->batch_texts = x.ops->size(x.c) + 1;
-                srv_budget_release(s->budget, x.reserved[i]);
-                x.in[i] = 0;
-                srv_complete_member(b, i);
-            }
-            cont_shrink(&x);
-        }
+        if (!cont_ensure(&x))
+            for (size_t i = 0; i < b->n; i++)
+                if (b->m[i] && !x.in[i]) cont_admit(&x, i);
+        if (x.c && x.ops->size(x.c)) cont_step(&x);
         size_t added[SRV_BATCH_MAX];
         if (!join_queued(w, b, h, model, added) && !b->live) break;
     }

@@ -23,10 +23,12 @@ static const nz_nat_config *nat_config(const srv_model *m) {
     return nz_nat_get_config(nz_translator_nat(m->impl));
 }
 
-/* Whether b can be decoded in one batch with a (same model and options). */
+/* Whether b can be decoded in one batch with a: same model, and either both continuously batched (each
+ * with its own options) or the same options (a static batch: requests too large for the request pool to
+ * join, run in chunks). */
 static int batchable(const srv_req *a, const srv_req *b) {
     if (!a->s->cfg->batching || a->h != b->h || a->model != b->model) return 0;
-    const int ja = nz_tr_batch_joins(&TR(a)->o), jb = nz_tr_batch_joins(&TR(b)->o);
+    const int ja = TR(a)->joins, jb = TR(b)->joins;
     return ja || jb ? ja && jb : nz_tr_opts_same(&TR(a)->o, &TR(b)->o);
 }
 /* Build r's 200 response from its results res[0..TR(r)->q.n), or its error response. */
@@ -200,6 +202,9 @@ static uint64_t cont_estimate(const srv_req *r) {
     return nz_translator_peak_bytes(r->model->impl, r->n_ids, TR(r)->q.n, &TR(r)->o);
 }
 
+/* Once its lengths are predicted, a mask-predict request needs only its actual candidates' width. */
+static uint64_t cont_estimate_now(const void *c, const srv_req *r) { return nz_tr_batch_member_bytes(c, r); }
+
 static int cont_add(void *c, srv_req *r) {
     nz_error e = {0};
     int rc = nz_tr_batch_add(c, (const int32_t *const *)r->ids, r->n_ids, TR(r)->q.n, &TR(r)->o, 1, r, &e);
@@ -238,12 +243,13 @@ static void cont_remove(void *c, srv_req *r) { nz_tr_batch_remove(c, r); }
 
 static size_t cont_size(const void *c) { return nz_tr_batch_size(c); }
 
-/* AT requests (greedy and beam search): continuously batched (srv_run_continuous). */
+/* Every decoder (AT greedy and beam search, mask-predict): continuously batched (srv_run_continuous). */
 static const srv_cont_ops CONT = {
     .joins = cont_joins,
     .create = cont_create,
     .free = cont_free,
     .estimate = cont_estimate,
+    .estimate_now = cont_estimate_now,
     .add = cont_add,
     .step = cont_step,
     .take = cont_take,
