@@ -142,7 +142,9 @@ int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *er
     for (size_t i = 0; i < e->ecap; i++) free_ += !e->used[i];
     need = e->ecap + (B > free_ ? B - free_ : 0);
     if (need > e->ecap || S > e->scap) {
-        const size_t ne = need > e->ecap ? nz_grow_cap(e->ecap, need) : e->ecap,
+        /* the first take gets exactly its slots (a batch of one holds one source's caches), later ones
+         * grow geometrically */
+        const size_t ne = need > e->ecap ? (e->ecap ? nz_grow_cap(e->ecap, need) : need) : e->ecap,
                      ns = S > e->scap ? S : e->scap;
         for (size_t i = 0; i < e->n; i++) {
             nz_kv *kv = &e->kv[i];

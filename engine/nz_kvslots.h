@@ -87,7 +87,8 @@ int nz_kvenc_init(nz_kvenc *e, size_t n, size_t D, nz_error *err);
 void nz_kvenc_free(nz_kvenc *e);
 
 /** Take B free slots into slots[B] with room for S positions each (the
- *  caches grow as needed; the new positions of slots in use are padding).
+ *  caches grow as needed: to exactly B slots the first time, geometrically
+ *  after; the new positions of slots in use are padding).
  *  @return NZ_OK or NZ_E_NOMEM (nothing taken). */
 int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *err);
 

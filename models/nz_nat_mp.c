@@ -233,30 +233,6 @@ static int seq_layout(mp_seq *q, const nz_nat_enc *enc, size_t b, nz_error *err)
     return NZ_OK;
 }
 
-/* Take B cross cache slots of S positions. The first joiners of a batch get exactly B slots
- * (nz_kvenc_take would round them up to 8: a batch of one would hold 8 sentences' caches); the caches
- * are set up as nz_kvenc_take sets them up. @return NZ_OK or NZ_E_NOMEM. */
-static int take_slots(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *err) {
-    if (!e->ecap) {
-        for (size_t i = 0; i < e->n; i++) {
-            int rc = nz_kv_init(&e->kv[i], B, S, e->D, err);
-            if (rc) {
-                for (size_t k = 0; k <= i; k++) nz_kv_free(&e->kv[k]);
-                memset(e->kv, 0, e->n * sizeof *e->kv);
-                return rc;
-            }
-            memset(e->kv[i].pad, 1, B * S);
-            e->kv[i].len = S;
-        }
-        if (nz_resize_array(&e->used, B, 1, NZ_MEM_ACTIVATIONS))
-            return nz_fail(err, NZ_E_NOMEM, "out of memory for encoder slots");
-        memset(e->used, 0, B);
-        e->ecap = B;
-        e->scap = S;
-    }
-    return nz_kvenc_take(e, B, S, slots, err);
-}
-
 /* The joiners qs[B] (pending, oldest first) encoded as src[B x S]: lengths predicted, candidates laid
  * out, cross slots taken and filled; they run from now on. @return NZ_OK or an error. */
 static int join(nz_matmul_ctx *mc, nz_nat_mpb *b, mp_seq **qs, size_t B, const int32_t *src, size_t S,
@@ -279,7 +255,7 @@ static int join(nz_matmul_ctx *mc, nz_nat_mpb *b, mp_seq **qs, size_t B, const i
     }
     if (b->on_width) b->on_width(b->width_arg, W); /* before the candidates allocate */
     for (size_t k = 0; k < B; k++) NZ_TRY(seq_layout(qs[k], &enc, k, err));
-    NZ_TRY(take_slots(&b->cross, B, S, slots, err));
+    NZ_TRY(nz_kvenc_take(&b->cross, B, S, slots, err));
     for (size_t k = 0; k < B; k++) {
         qs[k]->enc = slots[k];
         qs[k]->state = M_RUNNING; /* its slot is taken: given back when it leaves */
