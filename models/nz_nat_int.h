@@ -3,7 +3,8 @@
  * API; nz_nat.h is): the model struct and the pieces of the AT decoder that
  * the continuous batch (nz_nat_cb.c) runs.
  *
- *   nz_nat.c     config, binding, encoder, AT greedy and beam, AT score, their memory estimates
+ *   nz_nat.c     config, binding, encoder, decoder forward pieces, their memory estimates
+ *   nz_nat_at.c  the AT decoder: score (rerank), greedy and beam search, their memory estimates
  *   nz_nat_cb.c  continuous batching of AT greedy and beam decoding
  *   nz_nat_mp.c  mask-predict: its continuous batch, nz_nat_mask_predict through it, its memory estimates
  */
@@ -162,5 +163,28 @@ double nat_project_peak(const nz_nat *n, double R);
 /** nz_nat_at_score's peak for N hypotheses (inputs at most W wide), R scored rows, over an encoder of
  *  B x S. @return bytes. */
 double nat_at_score_peak(const nz_nat *n, double N, double W, double R, double B, double S);
+
+/* Free nl caches kv[nl] (NULL: nothing). */
+void nat_kvs_free(nz_kv *kv, size_t nl);
+
+/* Cross-attention keys/values of every layer of decoder s over enc into *out (nat_kvs_free).
+ * @return NZ_OK or an error. */
+int nat_cross_kvs(nz_matmul_ctx *mc, const nz_nat *n, const nat_stack *s, const nz_nat_enc *enc, nz_kv **out,
+                  nz_error *err);
+
+/* nat_cross_kvs of stack s over B x S encoder rows: the bytes held once built; *build: the peak while
+ * they are built. */
+double nat_cross_kvs_bytes(const nz_nat *n, const nat_stack *s, double B, double S, double *build);
+
+/* Zero hyps[B], check every sentence of src[B x S]; the valid ones are copied into *vsrc [*nv x S]
+ * and listed in *vidx (both nz_free). @return NZ_OK or NZ_E_NOMEM. */
+int nat_prepare(const nz_nat *n, const int32_t *src, size_t B, size_t S, nz_nat_hyp *hyps, int32_t **vsrc,
+                size_t **vidx, size_t *nv, nz_error *err);
+
+/* nat_prepare's buffers for B sources of width S. */
+double nat_prepare_bytes(double B, double S);
+
+/* nat_stack_embed's peak over M rows of width D. */
+double nat_embed_peak(const nat_stack *s, double M, double D);
 
 #endif /* NZ_NAT_INT_H */
