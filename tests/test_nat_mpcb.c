@@ -16,7 +16,8 @@
 #include "nz_pool.h"
 #include "nz_translator.h"
 
-#define NS 24 /* sentences per run */
+#define NS_MAX 24 /* sentences per run */
+#define NS     (tu_quick() ? 12 : NS_MAX) /* quick: a valgrind run */
 
 typedef struct sent {
     int32_t src[32];
@@ -36,8 +37,8 @@ static void make_sents(sent *q, size_t V, uint64_t seed) {
         q[i].src[q[i].len - 1] = 2;                                /* eos */
         if (q[i].len > 4 && tu_rand(&s) % 5 == 0) q[i].src[1] = 1; /* a pad inside */
         nz_nat_opts_default(&q[i].o);
-        q[i].o.max_iter = (int)(tu_rand(&s) % 11);
-        q[i].o.length_beam = 1 + (int)(tu_rand(&s) % 5);
+        q[i].o.max_iter = (int)(tu_rand(&s) % (tu_quick() ? 5 : 11)); /* quick: a valgrind run */
+        q[i].o.length_beam = 1 + (int)(tu_rand(&s) % (tu_quick() ? 3 : 5));
         q[i].o.adaptive = tu_rand(&s) % 3 == 0;
         q[i].o.max_len = tu_rand(&s) % 2 ? 2 + (int)(tu_rand(&s) % 40) : 0;
         q[i].o.rerank_at = tu_rand(&s) % 3 == 0;
@@ -285,7 +286,8 @@ static void test_hooks(void **state) {
 
 /* ------------------------------------------------------------ nz_tr_batch, decoders mixed */
 
-#define NR 12 /* requests */
+#define NR_MAX 12 /* requests */
+#define NR     (tu_quick() ? 8 : NR_MAX)
 
 typedef struct req {
     nz_tr_opts o;
@@ -302,8 +304,8 @@ static void make_req(req *r, size_t i, size_t V, uint64_t *s) {
     r->o.decoder = (nz_tr_decoder)(i % 3);
     r->o.at_beam = r->o.decoder == NZ_TR_AT_BEAM ? 2 + (int)(tu_rand(s) % 3) : 1;
     r->o.at.max_len_b = 4 + (int)(tu_rand(s) % 12);
-    r->o.nat.max_iter = (int)(tu_rand(s) % 11);
-    r->o.nat.length_beam = 1 + (int)(tu_rand(s) % 5);
+    r->o.nat.max_iter = (int)(tu_rand(s) % (tu_quick() ? 5 : 11));
+    r->o.nat.length_beam = 1 + (int)(tu_rand(s) % (tu_quick() ? 3 : 5));
     r->o.nat.adaptive = tu_rand(s) % 2;
     r->o.nat.rerank_at = tu_rand(s) % 2;
     r->o.nat.max_len = tu_rand(s) % 2 ? 2 + (int)(tu_rand(s) % 30) : 0;
@@ -357,7 +359,7 @@ static void tr_step(env *v, nz_tr_batch *tb, req *rq, int step, size_t *done, ui
             (*done)++;
         }
     }
-    uint64_t before[NR];
+    uint64_t before[NR_MAX];
     for (size_t i = 0; i < NR; i++) before[i] = nz_tr_batch_member_bytes(tb, &rq[i]);
     if (nz_tr_batch_step(v->mc, tb, &e)) fail_msg("step %d: %s", step, e.msg);
     for (size_t i = 0; i < NR; i++) {
@@ -383,7 +385,7 @@ static void test_translator_mixed(void **state) {
     (void)state;
     env v;
     env_open(&v, &NAT_A, 9);
-    req rq[NR];
+    req rq[NR_MAX];
     uint64_t s = 99;
     nz_error e = {0};
     for (size_t i = 0; i < NR; i++) {
