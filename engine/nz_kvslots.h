@@ -71,6 +71,15 @@ int nz_kvself_permute(nz_kvself *s, const uint32_t *slots, const uint32_t *src, 
  *  @return NZ_OK or NZ_E_NOMEM. */
 int nz_kvself_room(nz_kvself *s, nz_error *err);
 
+/** The bytes s can hold (NZ_MEM_KV + NZ_MEM_ACTIVATIONS, as nz_malloc counts them) while it grows from its
+ *  state now to serve at most `rows` slots in use at once and sequences of at most `positions` positions,
+ *  with nz_kvself_permute calls over at most `permute` slots: the caches at their grown capacities, one
+ *  cache's old copy while it is resized, the slot arrays (old and new while resized) and a permute's
+ *  copies. *rcap and *tcap (either may be NULL) get those capacities. A bound: the caches never shrink
+ *  before nz_kvself_free, so it holds for the rest of s's life if no more rows or positions are needed. */
+double nz_kvself_bound(const nz_kvself *s, size_t rows, size_t positions, size_t permute, size_t *rcap,
+                       size_t *tcap);
+
 /** Cross-attention caches with encoder slots. Zero-initialise, then use. */
 typedef struct nz_kvenc {
     nz_kv *kv;     /* [n] caches of ecap slots x scap positions, width D (len = scap) */
@@ -94,6 +103,13 @@ int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *er
 
 /** Give slot back. */
 void nz_kvenc_give(nz_kvenc *e, uint32_t slot);
+
+/** The bytes e can hold (NZ_MEM_KV + NZ_MEM_ACTIVATIONS) while it grows from its state now to hold at
+ *  most `slots` slots in use at once, of sources of at most S positions, if the slots it does not hold
+ *  yet are taken by one nz_kvenc_take (several takes may grow it further: call again before each): the
+ *  caches at their grown capacity, one cache's old copy while it is resized, the slot flags (old and new).
+ *  *ecap (may be NULL) gets that capacity. */
+double nz_kvenc_bound(const nz_kvenc *e, size_t slots, size_t S, size_t *ecap);
 
 /** Copy sequence b of tmp (keys of B x S, from nz_attn_cross_kv) into slot of
  *  cache i, padding after its S positions. */

@@ -408,6 +408,25 @@ int nz_dialogue_run_ids(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t *
     return rc;
 }
 
+/* The streaming state of nres items of up to mnt new tokens (stream_init: tok, n, shown, broken). */
+static uint64_t stream_bytes(uint64_t nres, uint64_t mnt) {
+    return nres * ((mnt + 1) * sizeof(int32_t) + 2 * sizeof(size_t) + sizeof(int));
+}
+
+/* One stream_token's temporaries (called while the decoder's buffers are held): nz_t5md_decode_text of
+ * the <= mnt + 1 tokens so far (pieces and plen: 8 bytes a token + 1 each; the text + 1). */
+static uint64_t hook_bytes(const nz_dialogue *d, uint64_t mnt) {
+    return 2 * (8 * (mnt + 1) + 1) + nz_t5md_decode_text_bound(d->tok, mnt + 1) + 1;
+}
+
+/* finish_context of D results of up to mnt new tokens, without their tokens and logprobs (moved, not
+ * copied): the responses, each one's text (+ 1) and with distinct its normalised copy (+ 1); one
+ * nz_t5md_decode_text's pieces and plen. */
+static uint64_t finish_bytes(const nz_dialogue *d, const nz_dlg_opts *o, uint64_t D, uint64_t mnt) {
+    const uint64_t tmax = (mnt ? mnt : 1) + 1, text = nz_t5md_decode_text_bound(d->tok, tmax) + 1;
+    return D * (sizeof(nz_dlg_response) + text) + (o->distinct ? D * text : 0) + 2 * (8 * tmax + 1);
+}
+
 uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids, size_t B,
                                       const nz_dlg_opts *o) {
     if (!o) o = &d->defaults;
@@ -424,14 +443,8 @@ uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids,
     /* slot, gres, the responses of every context; order and norm (D each, reused per context) */
     const uint64_t arrays = K * sizeof(int) + nres * (sizeof(nz_t5md_result) + sizeof(nz_dlg_response)) +
                             D * (sizeof(size_t) + sizeof(char *));
-    uint64_t stream = 0, hook = 0;
-    if (o->on_token) {
-        /* st.tok, st.n, st.shown, st.broken; and during every token (stream_token, called while the
-         * decoder's buffers are held): nz_t5md_decode_text of the <= mnt + 1 tokens so far (pieces and
-         * plen: 8 bytes a token + 1 each; the text + 1) */
-        stream = nres * ((mnt + 1) * sizeof(int32_t) + 2 * sizeof(size_t) + sizeof(int));
-        hook = 2 * (8 * (mnt + 1) + 1) + nz_t5md_decode_text_bound(d->tok, mnt + 1) + 1;
-    }
+    const uint64_t stream = o->on_token ? stream_bytes(nres, mnt) : 0,
+                   hook = o->on_token ? hook_bytes(d, mnt) : 0;
     const uint64_t gen_peak = nz_t5md_peak_bytes(d->t5md, n_ids, B, &gen);
     /* after generating: every result's tokens and logprobs (<= cap + 1 each, + 1 byte) and its text (+ 1),
      * with distinct one context's normalised copies (+ 1); one nz_t5md_decode_text's pieces and plen */
@@ -608,6 +621,52 @@ int nz_dlg_batch_take(nz_dlg_batch *b, void **owner, nz_dlg_result *res) {
     unlink_member(b, m);
     member_free(m);
     return 1;
+}
+
+/* What member m (options o, D decoders) holds in the batch: dlg_member, slot (K), decs (D), streaming. */
+static uint64_t member_bytes(const nz_dlg_opts *o, uint64_t K, uint64_t D) {
+    return sizeof(dlg_member) + K * sizeof(int) + D * sizeof(int) +
+           (o->on_token ? stream_bytes(D, (uint64_t)o->gen.max_new_tokens) : 0);
+}
+
+/* A batch's bound beyond its decoder batch: the members' own state, the largest take and streaming hook. */
+typedef struct dlg_bound {
+    uint64_t held, take, hook, Dmax;
+} dlg_bound;
+
+/* Count a member with options o (o->gen.n_decoders: its decoder count) in bd. */
+static void bound_member(const nz_dialogue *d, const nz_dlg_opts *o, uint64_t K, dlg_bound *bd) {
+    const uint64_t D = o->gen.n_decoders, mnt = (uint64_t)o->gen.max_new_tokens;
+    const uint64_t take =
+        D * (sizeof(size_t) + sizeof(char *)) + finish_bytes(d, o, D, mnt); /* order, norm */
+    bd->held += member_bytes(o, K, D);
+    if (take > bd->take) bd->take = take;
+    if (o->on_token && hook_bytes(d, mnt) > bd->hook) bd->hook = hook_bytes(d, mnt);
+    if (D > bd->Dmax) bd->Dmax = D;
+}
+
+uint64_t nz_dlg_batch_bound(const nz_dialogue *d, const nz_dlg_batch *b, size_t n_ids, const nz_dlg_opts *o) {
+    if (b) d = b->d;
+    if (!d || (!b && !o)) return 0;
+    const uint64_t K = nz_t5md_get_config(d->t5md)->num_modes;
+    dlg_bound bd = {sizeof(nz_dlg_batch), 0, 0, 0};
+    for (const dlg_member *m = b ? b->members : NULL; m; m = m->next) bound_member(d, &m->o, K, &bd);
+    const int join = o && nz_dlg_batch_joins(o) && o->gen.max_new_tokens >= 0 &&
+                     o->gen.max_new_tokens <= NZ_T5MD_MAX_NEW_TOKENS;
+    nz_t5md_opts gen; /* as nz_dlg_batch_add passes it on */
+    if (join) {
+        const int all = !o->gen.decoders || !o->gen.n_decoders;
+        nz_dlg_opts jo = *o;
+        jo.gen.n_decoders = all ? K : o->gen.n_decoders;
+        bound_member(d, &jo, K, &bd);
+        gen = o->gen;
+        gen.decoders = all ? NULL : o->gen.decoders;
+        gen.n_decoders = all ? 0 : o->gen.n_decoders;
+        gen.num_return = 1;
+        gen.on_token = NULL;
+    }
+    const uint64_t take = bd.take + bd.Dmax * sizeof(nz_t5md_result); /* nz_dlg_batch_take's g */
+    return bd.held + take + bd.hook + nz_t5md_cb_bound(d->t5md, b ? b->cb : NULL, n_ids, join ? &gen : NULL);
 }
 
 void nz_dlg_batch_remove(nz_dlg_batch *b, void *owner) {

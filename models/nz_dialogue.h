@@ -284,6 +284,13 @@ int nz_dlg_batch_take(nz_dlg_batch *b, void **owner, nz_dlg_result *res);
 /** Remove owner's request now (cancelled). An unknown owner is ignored. */
 void nz_dlg_batch_remove(nz_dlg_batch *b, void *owner);
 
+/** @return the most bytes (NZ_MEM_ACTIVATIONS + NZ_MEM_KV + NZ_MEM_OTHER) b (NULL: a batch of d not created
+ *  yet) can hold from now until its members are done and taken, if no other joins, with a request of
+ *  n_ids ids and options o joining now unless o is NULL (options the batch would refuse add nothing):
+ *  nz_t5md_cb_bound of its decoder batch plus the members' own state and one take's texts. The caches
+ *  never shrink before nz_dlg_batch_free, so members leaving lower it only by their own share. */
+uint64_t nz_dlg_batch_bound(const nz_dialogue *d, const nz_dlg_batch *b, size_t n_ids, const nz_dlg_opts *o);
+
 /** @return requests in the batch (not yet taken). */
 size_t nz_dlg_batch_size(const nz_dlg_batch *b);
 

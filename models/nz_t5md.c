@@ -411,17 +411,18 @@ done:
  * Sizes are doubles (exact below 2^53 bytes), saturated on return. */
 
 /* nz_t5md_encode's output for B x S: x (B S d floats), pad (B S bytes), len (B size_t). */
-static double enc_bytes(const nz_t5md_config *c, double B, double S) {
+double t5md_enc_bytes(const nz_t5md_config *c, double B, double S) {
     return 4 * B * S * (double)c->d_model + B * S + 8 * B;
 }
 
 /* nz_t5md_encode's peak: its output, ids (B S int32), the position bias (H S S floats), and the larger of
  * nz_embed's flags (B S bytes) and one nz_block_fwd (h, y: 2 M d floats + 1; then stateless self attention
  * or the FFN; no cross attention, no adapter). */
-static double encode_peak(const nz_t5md_config *c, double B, double S) {
+double t5md_encode_peak(const nz_t5md_config *c, double B, double S) {
     const double M = B * S, d = (double)c->d_model, I = (double)c->inner;
     const double block = 8 * M * d + 1 + t5md_dmax(nz_attn_self_peak(B, S, I, 0, S), t5md_ffn_peak(c, M));
-    return enc_bytes(c, B, S) + 4 * M + 4 * (double)c->num_heads * S * S + t5md_dmax(t5md_dmax(M, 1), block);
+    return t5md_enc_bytes(c, B, S) + 4 * M + 4 * (double)c->num_heads * S * S +
+           t5md_dmax(t5md_dmax(M, 1), block);
 }
 
 /* ------------------------------------------------------------------ results */
@@ -636,5 +637,6 @@ uint64_t nz_t5md_peak_bytes(const nz_t5md *t, const size_t *len, size_t B, const
     const double dBv = (double)Bv, dS = (double)S;
     const double gen = o->strategy == NZ_T5MD_BEAM ? t5md_beam_search_peak(t, dBv, dS, D, o)
                                                    : t5md_autoregress_peak(t, dBv, dS, D, o);
-    return nz_mem_bytes(base + t5md_dmax(encode_peak(&t->c, dBv, dS), enc_bytes(&t->c, dBv, dS) + gen));
+    return nz_mem_bytes(base +
+                        t5md_dmax(t5md_encode_peak(&t->c, dBv, dS), t5md_enc_bytes(&t->c, dBv, dS) + gen));
 }

@@ -333,6 +333,15 @@ int nz_t5md_cb_take(nz_t5md_cb *cb, void **owner, nz_t5md_result *res);
  *  freed. An unknown owner is ignored. */
 void nz_t5md_cb_remove(nz_t5md_cb *cb, void *owner);
 
+/** @return the most bytes (NZ_MEM_ACTIVATIONS + NZ_MEM_KV + NZ_MEM_OTHER, as nz_malloc counts them) cb
+ *  (NULL: a batch not created yet, counted from its nz_t5md_cb_create) can hold from now until every
+ *  source in it is done and taken, if no other joins: its caches at the capacities they can grow to (they
+ *  never shrink before nz_t5md_cb_free) with a resize's old copy, the step buffers, the encoder pass of
+ *  the sources not yet encoded, the groups' bookkeeping and results; with a source of len ids and
+ *  options o joining now (before the next step) unless o is NULL. An upper bound (tests/test_t5md_cb.c
+ *  checks it against the allocator's peak); options cb would refuse add nothing. */
+uint64_t nz_t5md_cb_bound(const nz_t5md *t, const nz_t5md_cb *cb, size_t len, const nz_t5md_opts *o);
+
 /** @return decoder rows generating now (a live beam item counts beam_size). */
 size_t nz_t5md_cb_rows(const nz_t5md_cb *cb);
 

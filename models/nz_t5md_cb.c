@@ -26,6 +26,8 @@
 
 enum { G_PENDING = 0, G_RUNNING, G_DONE };
 
+enum { CB_TCAP0 = 16 }; /* self-attention positions a new batch starts with */
+
 typedef struct cb_group {
     void *owner;
     nz_t5md_opts o;      /* its options; o.decoders = decs */
@@ -81,7 +83,8 @@ int nz_t5md_cb_create(const nz_t5md *t, nz_t5md_cb **out, nz_error *err) {
     if (!cb) return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
     cb->t = t;
     const size_t ncross = c->kind == NZ_T5MD_TRANSFORMER ? c->num_modes * c->dec_layers : c->dec_layers;
-    int rc = nz_kvself_init(&cb->self, c->dec_layers, c->inner, 16, err); /* grows to the longest rows */
+    int rc =
+        nz_kvself_init(&cb->self, c->dec_layers, c->inner, CB_TCAP0, err); /* grows to the longest rows */
     if (!rc) rc = nz_kvenc_init(&cb->cross, ncross, c->inner, err);
     cb->ident = nz_malloc(c->num_modes * sizeof *cb->ident, NZ_MEM_ACTIVATIONS);
     cb->work = nz_malloc(nz_sample_work_bytes(c->vocab), NZ_MEM_ACTIVATIONS);
@@ -546,4 +549,90 @@ int nz_t5md_cb_step(nz_matmul_ctx *mc, nz_t5md_cb *cb, nz_error *err) {
         if (g->bm && g->state == G_RUNNING) rc = beam_advance(cb, g, err);
     if (rc) fail_groups(cb, rc, err);
     return rc;
+}
+
+/* ------------------------------------------------------------------ memory bound */
+
+/* What a group of D decoders with options o (len source ids) holds at most until taken: group_alloc's
+ * buffers (the beam bookkeeping of t5md_beam_init), its rows (cb_row; tok and lp of max_new_tokens each
+ * unless beam) and its results (tokens and logprobs of up to max_new_tokens + 1 each, + 1 byte). */
+static double group_bytes(const nz_t5md *t, const nz_t5md_opts *o, double D, double len) {
+    const int beam = o->strategy == NZ_T5MD_BEAM;
+    const double R = beam ? (double)o->num_return : 1, nb = beam ? (double)o->beam_size : 1;
+    const double cap = (double)o->max_new_tokens;
+    double b = sizeof(cb_group) + 4 * D + D * R * sizeof(nz_t5md_result) + 4 * len;
+    if (beam) b += sizeof(t5md_beam) + 4 * D * nb + 4 * nb + t5md_beam_bytes(t, D, o);
+    b += D * nb * (sizeof(cb_row) + (beam ? 0 : 8 * cap));
+    return b + D * R * 2 * (4 * (cap + 1) + 1);
+}
+
+/* The demand of cb's groups (and a joiner) on the shared buffers. */
+typedef struct cb_need {
+    double groups;          /* group_bytes of every group */
+    size_t rows;            /* rows in use at once: running + to be admitted */
+    size_t enc;             /* encoder slots in use at once */
+    size_t Bp, Sp;          /* sources to encode at the next step, the longest */
+    size_t positions, perm; /* the longest a row runs; the largest beam */
+} cb_need;
+
+static void need_group(const nz_t5md *t, cb_need *n, const nz_t5md_opts *o, size_t D, size_t len, int state,
+                       int beam) {
+    n->groups += group_bytes(t, o, (double)D, (double)len);
+    if (state == G_DONE) return;
+    const size_t nb = beam ? (size_t)o->beam_size : 1, run = (size_t)o->max_new_tokens + 1;
+    n->enc++;
+    if (state == G_PENDING) {
+        n->rows += D * nb;
+        n->Bp++;
+        if (len > n->Sp) n->Sp = len;
+    }
+    if (run > n->positions) n->positions = run;
+    if (beam && nb > n->perm) n->perm = nb;
+}
+
+uint64_t nz_t5md_cb_bound(const nz_t5md *t, const nz_t5md_cb *cb, size_t len, const nz_t5md_opts *o) {
+    const nz_t5md_config *c = &t->c;
+    nz_t5md_cb fresh; /* cb as nz_t5md_cb_create leaves it */
+    if (!cb) {
+        memset(&fresh, 0, sizeof fresh);
+        fresh.self.L = c->dec_layers;
+        fresh.self.D = c->inner;
+        fresh.self.tcap = CB_TCAP0;
+        fresh.cross.n = c->kind == NZ_T5MD_TRANSFORMER ? c->num_modes * c->dec_layers : c->dec_layers;
+        fresh.cross.D = c->inner;
+        cb = &fresh;
+    }
+    cb_need n = {0};
+    n.rows = cb->nrows;
+    for (const cb_group *g = cb->groups; g; g = g->next)
+        need_group(t, &n, &g->o, g->D, g->len, g->state, !!g->bm);
+    nz_error e;
+    if (o && !t5md_check_opts(t, o, &e) && len >= 1 && len <= NZ_T5MD_MAX_SOURCE)
+        need_group(t, &n, o, o->n_decoders ? o->n_decoders : c->num_modes, len, G_PENDING,
+                   o->strategy == NZ_T5MD_BEAM);
+    const double d = (double)c->d_model, I = (double)c->inner, V = (double)c->vocab;
+    const double fixed = sizeof(nz_t5md_cb) + 4 * (double)c->num_modes +
+                         (double)nz_sample_work_bytes(c->vocab) + 4 * V; /* the batch, ident, work, tmp */
+    size_t R, T, E;
+    const double self = nz_kvself_bound(&cb->self, n.rows, n.positions, n.perm, &R, &T);
+    const double cross = nz_kvenc_bound(&cb->cross, n.enc, n.Sp, &E);
+    const double S = (double)(n.Sp > cb->cross.scap ? n.Sp : cb->cross.scap), dR = (double)n.rows;
+    /* reserve_rows' arrays (rows, cur, src, dj, slot; x, h, y) and the position bias (room_for_step),
+     * old and new while they grow */
+    const double ncap = (double)(n.rows <= cb->ncap ? cb->ncap : nz_grow_cap(cb->ncap, n.rows));
+    const double arrays = 2 * ncap * (sizeof(cb_row *) + 4 * sizeof(int32_t) + 3 * 4 * d) +
+                          2 * 4 * (double)c->num_heads * ((double)T + 1);
+    /* admit: its arrays, the encoder, then its output with fill_cross' tmp cache and projections */
+    const double dB = (double)n.Bp, dS = (double)n.Sp;
+    const double admit =
+        n.Bp ? dB * (2 * sizeof(void *) + sizeof(size_t) + 4) +
+                   t5md_dmax(t5md_encode_peak(c, dB, dS),
+                             t5md_enc_bytes(c, dB, dS) + dB * dS * (8 * I + 1) + 8 * dB * dS * I + 1)
+             : 0;
+    /* a step over every row (the self attention's padding copy covers all R slots), or the projection */
+    const double step =
+        n.rows ? t5md_dmax(t5md_step_peak(t, dR, dR, (double)E, S, (double)T) + (double)R * (double)T,
+                           t5md_project_peak(t, dR))
+               : 0;
+    return nz_mem_bytes(fixed + n.groups + self + cross + arrays + t5md_dmax(admit, step));
 }

@@ -98,6 +98,10 @@ int t5md_run_step(nz_matmul_ctx *mc, t5md_run *r, const int32_t *tok, nz_error *
 /** t5md_run_step's largest temporary (n rows per unit, g per adapter group, B x S encoder rows, cap). */
 double t5md_step_peak(const nz_t5md *t, double n, double g, double B, double S, double cap);
 
+/** nz_t5md_encode's output for B x S (x, pad, len) and its peak (nz_t5md.c). */
+double t5md_enc_bytes(const nz_t5md_config *c, double B, double S);
+double t5md_encode_peak(const nz_t5md_config *c, double B, double S);
+
 typedef void (*t5md_row_fn)(void *ctx, size_t row, float *logits);
 
 /** Logits of rows x[0..N) (rows of d floats), PROJ_CHUNK rows per matmul: fn(ctx, row, logits[V]) for each.

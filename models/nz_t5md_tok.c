@@ -141,7 +141,7 @@ int nz_t5md_encode_context(const nz_t5md_tok *tk, const char *const *turns, cons
         /* " ".join(stripped turns), encoded once */
         size_t total = 1;
         for (size_t i = first; i < n_turns; i++) total += (lens ? lens[i] : strlen(turns[i])) + 1;
-        joined = nz_malloc(total, NZ_MEM_ACTIVATIONS);
+        joined = nz_malloc(total, NZ_MEM_OTHER); /* a string, on the HTTP side before any reservation */
         if (!joined) NZ_FAIL(NZ_E_NOMEM, "out of memory encoding a context");
         size_t jl = 0;
         for (size_t i = first; i < n_turns; i++) {

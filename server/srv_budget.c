@@ -17,6 +17,7 @@ struct srv_budget {
     uint64_t total, reserved, peak;
     waiter *head, *tail; /* reservations waiting, in arrival order */
     uint64_t waiting, waits;
+    uint64_t overrun;
 };
 
 srv_budget *srv_budget_create(uint64_t total) {
@@ -117,6 +118,13 @@ void srv_budget_release(srv_budget *b, uint64_t n) {
     pthread_mutex_unlock(&b->mu);
 }
 
+void srv_budget_check(srv_budget *b, uint64_t (*used)(void *arg), void *arg) {
+    pthread_mutex_lock(&b->mu);
+    const uint64_t u = used(arg);
+    if (u > b->reserved && u - b->reserved > b->overrun) b->overrun = u - b->reserved;
+    pthread_mutex_unlock(&b->mu);
+}
+
 void srv_budget_get_stats(srv_budget *b, srv_budget_stats *st) {
     pthread_mutex_lock(&b->mu);
     st->total = b->total;
@@ -124,5 +132,6 @@ void srv_budget_get_stats(srv_budget *b, srv_budget_stats *st) {
     st->peak = b->peak;
     st->waiting = b->waiting;
     st->waits = b->waits;
+    st->overrun = b->overrun;
     pthread_mutex_unlock(&b->mu);
 }

@@ -44,6 +44,12 @@ int srv_budget_try_reserve(srv_budget *b, uint64_t n);
 /** Return n bytes reserved before. */
 void srv_budget_release(srv_budget *b, uint64_t n);
 
+/** Check what running requests use against what they reserved: used(arg) (bytes of their activations and
+ *  caches now) is read under the budget's lock, when no reservation can be given back and every
+ *  allocation follows its reservation, so a use above the reservations means an estimate fell short;
+ *  the largest excess seen is kept (srv_budget_stats.overrun). */
+void srv_budget_check(srv_budget *b, uint64_t (*used)(void *arg), void *arg);
+
 /** The pool's state. */
 typedef struct srv_budget_stats {
     uint64_t total;    /* bytes requests may reserve */
@@ -51,6 +57,7 @@ typedef struct srv_budget_stats {
     uint64_t peak;     /* most reserved at once */
     uint64_t waiting;  /* reservations waiting now */
     uint64_t waits;    /* reservations that had to wait, in all */
+    uint64_t overrun;  /* most bytes seen in use beyond the reservations (srv_budget_check; 0: none) */
 } srv_budget_stats;
 
 /** Fill st with b's state. */

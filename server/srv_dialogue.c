@@ -194,11 +194,23 @@ static uint64_t cont_estimate(const srv_req *r) {
     return nz_dialogue_peak_bytes(r->model->impl, r->n_ids[0], &DL(r)->o);
 }
 
-static int cont_add(void *c, srv_req *r) {
+/* The options r generates with (streamed: with its token hook). */
+static nz_dlg_opts run_opts(srv_req *r, int stream) {
     nz_dlg_opts o = DL(r)->o;
     o.gen.seed = (uint64_t)DL(r)->q.seed;
-    o.on_token = r->sse ? request_token : NULL;
+    o.on_token = stream ? request_token : NULL;
     o.token_arg = r;
+    return o;
+}
+
+static uint64_t cont_bound(const void *c, const srv_req *join) {
+    if (!join) return nz_dlg_batch_bound(NULL, c, 0, NULL);
+    const nz_dlg_opts o = run_opts((srv_req *)join, join->sse);
+    return nz_dlg_batch_bound(join->model->impl, c, join->n_ids[0], &o);
+}
+
+static int cont_add(void *c, srv_req *r) {
+    const nz_dlg_opts o = run_opts(r, r->sse);
     nz_error e = {0};
     int rc = nz_dlg_batch_add(c, r->ids[0], r->n_ids[0], &o, r, &e);
     if (rc) respond_outcome(r, rc, &e, 500, NULL);
@@ -230,6 +242,7 @@ static const srv_cont_ops CONT = {
     .create = cont_create,
     .free = cont_free,
     .estimate = cont_estimate,
+    .bound = cont_bound,
     .add = cont_add,
     .step = cont_step,
     .take = cont_take,
@@ -331,7 +344,13 @@ static int submit_dialogue(srv_server *s, srv_req *r) {
         srv_respond_fail(r, 422, "'context' has %zu tokens; the limit is %d", n - 1, cfg->max_input_tokens);
         return 0;
     }
-    if (srv_refuse_oversized(s, r, nz_dialogue_peak_bytes(m->impl, n, &DL(r)->o), 0)) return 0;
+    uint64_t est = nz_dialogue_peak_bytes(m->impl, n, &DL(r)->o);
+    if (s->cfg->batching && cont_joins(r)) { /* it runs in a continuous batch: one of its own at least */
+        const nz_dlg_opts o = run_opts(r, q->stream);
+        const uint64_t fresh = nz_dlg_batch_bound(m->impl, NULL, n, &o);
+        est = fresh > est ? fresh : est;
+    }
+    if (srv_refuse_oversized(s, r, est, 0)) return 0;
     if (q->stream) {
         if (pthread_mutex_init(&r->smu, NULL)) {
             srv_respond_fail(r, 500, "cannot create the event stream");

@@ -118,9 +118,10 @@ struct srv_server {
     nz_tile_cache *cache; /* shared by every model */
     nz_pool *pool;        /* compute threads, shared by the workers */
     struct MHD_Daemon *mhd;
-    srv_conns *conns;       /* read deadlines of the open connections */
-    srv_budget *budget;     /* memory that running requests reserve (sized once the models are loaded) */
-    uint64_t memory_budget; /* the process's budget in bytes (config, or 80 % of the machine / cgroup) */
+    srv_conns *conns;            /* read deadlines of the open connections */
+    srv_budget *budget;          /* memory that running requests reserve (sized once the models are loaded) */
+    uint64_t memory_budget;      /* the process's budget in bytes (config, or 80 % of the machine / cgroup) */
+    uint64_t idle_request_bytes; /* activations + KV caches held when the pool was sized (no request yet) */
     int port;
     double t_start;
 
@@ -178,6 +179,11 @@ typedef struct srv_cont_ops {
     void (*free)(void *c);
     /** @return the memory r reserves while it is in a batch (its estimated share). */
     uint64_t (*estimate)(const srv_req *r);
+    /** NULL, or the most memory batch c (NULL: a batch not created yet) can hold from now until its
+     *  members are done if nobody else joins, with join (NULL: nobody) joining now: its shared caches at
+     *  the capacities they can grow to (they never shrink before free) and its steps' buffers. The
+     *  scheduler keeps the larger of this and the members' estimates reserved. */
+    uint64_t (*bound)(const void *c, const srv_req *join);
     /** NULL, or r's estimate now that it is in batch c (after a step: e.g. once its output lengths are
      *  known); the scheduler gives back what r reserved beyond it. */
     uint64_t (*estimate_now)(const void *c, const srv_req *r);

@@ -391,6 +391,11 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
               g->request_memory_pool_bytes);
     gauge_u64(&b, "nzserve_request_memory_reserved_bytes", "gauge",
               "Bytes reserved now by running requests (estimated peaks).", g->request_memory_reserved_bytes);
+    gauge_u64(
+        &b, "nzserve_request_memory_overrun_bytes", "gauge",
+        "Most bytes of activations and KV caches seen in use beyond the requests' reservations (0 while "
+        "the estimates hold).",
+        g->request_memory_overrun_bytes);
     gauge_u64(&b, "nzserve_request_memory_waits_total", "counter",
               "Requests (or batch chunks) that waited for memory before running.",
               g->request_memory_waits_total);

@@ -129,9 +129,9 @@ typedef struct srv_gauges {
     uint64_t tiles_decoded_total, tile_cache_hits_total, tile_cache_misses_total, tile_cache_evictions_total;
     double tile_decode_seconds_total;
     /* memory admission (srv_budget.h): the process budget, the part requests may reserve, reserved now,
-     * reservations that waited */
+     * reservations that waited, most bytes seen in use beyond the reservations */
     uint64_t memory_budget_bytes, request_memory_pool_bytes, request_memory_reserved_bytes,
-        request_memory_waits_total;
+        request_memory_waits_total, request_memory_overrun_bytes;
     int ready; /* nonzero: nzserve_ready 1 */
     double uptime_seconds;
 } srv_gauges;

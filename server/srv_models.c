@@ -41,6 +41,7 @@ static int size_request_pool(srv_server *s) {
         return -1;
     }
     srv_budget_set_total(s->budget, s->memory_budget - held);
+    s->idle_request_bytes = r.current[NZ_MEM_ACTIVATIONS] + r.current[NZ_MEM_KV];
     srv_log(SRV_LOG_INFO, "memory_budget", "budget_bytes", SRV_KV_UINT, (unsigned long long)s->memory_budget,
             "resident_bytes", SRV_KV_UINT, (unsigned long long)r.rss, "tile_cache_bytes", SRV_KV_UINT,
             (unsigned long long)s->cfg->tile_cache_bytes, "request_pool_bytes", SRV_KV_UINT,
@@ -248,11 +249,11 @@ json_t *srv_memory_json(srv_server *s) {
                                   "decode_seconds", (double)(cs.decode_ns + uns) * 1e-9));
     const srv_budget_stats bs = x.budget;
     json_object_set_new(j, "requests",
-                        json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "budget_bytes",
+                        json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "budget_bytes",
                                   (json_int_t)s->memory_budget, "pool_bytes", (json_int_t)bs.total,
                                   "reserved_bytes", (json_int_t)bs.reserved, "peak_reserved_bytes",
                                   (json_int_t)bs.peak, "waiting", (json_int_t)bs.waiting, "waits",
-                                  (json_int_t)bs.waits));
+                                  (json_int_t)bs.waits, "overrun_bytes", (json_int_t)bs.overrun));
     return j;
 }
 
@@ -291,6 +292,7 @@ void srv_respond_metrics(srv_server *s, srv_req *r) {
     g.request_memory_pool_bytes = bs.total;
     g.request_memory_reserved_bytes = bs.reserved;
     g.request_memory_waits_total = bs.waits;
+    g.request_memory_overrun_bytes = bs.overrun;
     g.ready = ready;
     g.uptime_seconds = nz_now_s() - s->t_start;
     char *text = NULL;

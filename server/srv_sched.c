@@ -143,7 +143,9 @@ static size_t join_queued(srv_worker *w, srv_batch *b, const srv_handler *h, con
     return n;
 }
 
-/* A continuous batch: member i of b is in c once its memory is reserved (reserved[i] bytes). */
+/* A continuous batch: member i of b is in c once its memory is reserved (reserved[i] bytes, its estimate).
+ * The batch holds held bytes of the pool in all: the larger of its members' estimates (sum) and its bound
+ * (srv_cont_ops.bound: shared caches rounded up, and kept until the batch is freed). */
 typedef struct cont_run {
     srv_worker *w;
     srv_batch *b;
@@ -151,53 +153,92 @@ typedef struct cont_run {
     void *c;
     uint64_t reserved[SRV_BATCH_MAX];
     int in[SRV_BATCH_MAX];
+    uint64_t sum;  /* reserved[i] of the members in c */
+    uint64_t held; /* reserved for c in all, >= sum */
 } cont_run;
 
-/* Member i joins the batch when its memory can be reserved: at once, or (the batch empty: nothing else
- * would free memory for it here) waiting in line; a member that cannot join yet tries again next step. */
+/* The bytes x must hold with its members, plus join (estimate est) when not NULL. */
+static uint64_t cont_need(const cont_run *x, const srv_req *join, uint64_t est) {
+    const uint64_t sum = x->sum + est, bound = x->ops->bound ? x->ops->bound(x->c, join) : 0;
+    return bound > sum ? bound : sum;
+}
+
+/* Give back what x holds beyond what its members need now (all of it once the batch is freed). */
+static void cont_settle(cont_run *x) {
+    const uint64_t need = x->c ? cont_need(x, NULL, 0) : 0;
+    if (need >= x->held) return; /* a bound never grows without a joiner */
+    srv_budget_release(x->w->s->budget, x->held - need);
+    x->held = need;
+}
+
+/* An empty batch is freed and its memory trimmed and given back, so that whatever a client reads next sees
+ * it back (the batch is created again for the next joiner). */
+static void cont_close_if_empty(cont_run *x) {
+    if (!x->c || x->ops->size(x->c)) return;
+    x->ops->free(x->c);
+    x->c = NULL;
+    nz_mem_trim(SRV_TRIM_FREE_BYTES);
+    cont_settle(x);
+}
+
+/* Member i joins the batch when its memory can be reserved (what the batch's need grows by): at once, or
+ * (the batch empty: nothing else would free memory for it here) waiting in line; a member that cannot
+ * join yet tries again next step. */
 static void cont_admit(cont_run *x, size_t i) {
     srv_server *s = x->w->s;
     srv_req *r = x->b->m[i];
-    const uint64_t est = x->ops->estimate(r);
-    if (srv_budget_try_reserve(s->budget, est)) {
+    const uint64_t est = x->ops->estimate(r), need = cont_need(x, r, est);
+    const uint64_t more = need > x->held ? need - x->held : 0;
+    if (srv_budget_try_reserve(s->budget, more)) {
         if (x->ops->size(x->c)) return;
-        if (srv_budget_reserve(s->budget, est, srv_req_stop_hook, r)) {
+        if (srv_budget_reserve(s->budget, more, srv_req_stop_hook, r)) {
             if (atomic_load(&r->cancel)) {
                 srv_release_member(x->b, i);
             } else { /* larger than the pool (handlers let only requests that fit join) */
-                srv_refuse_oversized(s, r, est, 0);
+                srv_refuse_oversized(s, r, need, 0);
                 srv_complete_member(x->b, i);
             }
             return;
         }
     }
+    x->held += more;
     if (x->ops->add(x->c, r)) { /* refused: its response is decided */
-        srv_budget_release(s->budget, est);
+        cont_settle(x);
         srv_complete_member(x->b, i);
         return;
     }
     x->reserved[i] = est;
+    x->sum += est;
     x->in[i] = 1;
 }
 
-/* Give back what the members in the batch reserved beyond their estimates now (ops->estimate_now). */
+/* Members' estimates now (ops->estimate_now) replace what they reserved; what the batch no longer needs
+ * goes back. */
 static void cont_shrink(cont_run *x) {
-    if (!x->ops->estimate_now) return;
-    for (size_t i = 0; i < x->b->n; i++) {
+    for (size_t i = 0; x->ops->estimate_now && i < x->b->n; i++) {
         if (!x->b->m[i] || !x->in[i]) continue;
         const uint64_t now = x->ops->estimate_now(x->c, x->b->m[i]);
         if (now >= x->reserved[i]) continue;
-        srv_budget_release(x->w->s->budget, x->reserved[i] - now);
+        x->sum -= x->reserved[i] - now;
         x->reserved[i] = now;
     }
+    cont_settle(x);
 }
 
-/* Member i leaves the batch (if in it) and gives its memory back. */
+/* Member i is out of the batch: its estimate leaves the sum. */
+static void cont_out(cont_run *x, size_t i) {
+    x->sum -= x->reserved[i];
+    x->reserved[i] = 0;
+    x->in[i] = 0;
+}
+
+/* Member i leaves the batch (if in it); what the batch no longer needs goes back. */
 static void cont_leave(cont_run *x, size_t i) {
     if (!x->in[i]) return;
     x->ops->remove(x->c, x->b->m[i]);
-    srv_budget_release(x->w->s->budget, x->reserved[i]);
-    x->in[i] = 0;
+    cont_out(x, i);
+    cont_settle(x);
+    cont_close_if_empty(x);
 }
 
 /* The batch of x exists (created for the first member not in it yet when none does). @return 0, or -1 when
@@ -218,6 +259,13 @@ static int cont_ensure(cont_run *x) {
     return -1;
 }
 
+/* Bytes of the requests' activations and caches now (srv_budget_check). */
+static uint64_t request_bytes(void *arg) {
+    const srv_server *s = arg;
+    const uint64_t now = nz_mem_current(NZ_MEM_ACTIVATIONS) + nz_mem_current(NZ_MEM_KV);
+    return now > s->idle_request_bytes ? now - s->idle_request_bytes : 0;
+}
+
 /* One step of x's batch; the members that finished are answered. When none is left in the batch, its
  * memory (caches, buffers) is freed and trimmed before their responses go, so whatever a client reads
  * next sees it back (the batch is created again for the next joiner). */
@@ -225,26 +273,22 @@ static void cont_step(cont_run *x) {
     srv_batch *b = x->b;
     size_t done[SRV_BATCH_MAX], nd = 0;
     x->ops->step(x->c, x->w->mc);
+    srv_budget_check(x->w->s->budget, request_bytes, x->w->s);
     for (srv_req *r; (r = x->ops->take(x->c));) {
         size_t i = 0;
         while (b->m[i] != r) i++;
         r->batch_texts = x->ops->size(x->c) + 1;
-        srv_budget_release(x->w->s->budget, x->reserved[i]);
-        x->in[i] = 0;
+        cont_out(x, i);
         done[nd++] = i;
     }
     cont_shrink(x);
-    if (!x->ops->size(x->c)) {
-        x->ops->free(x->c);
-        x->c = NULL;
-        nz_mem_trim(SRV_TRIM_FREE_BYTES);
-    }
+    cont_close_if_empty(x);
     for (size_t k = 0; k < nd; k++) srv_complete_member(b, done[k]);
 }
 
 void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
     srv_server *s = w->s;
-    cont_run x = {w, b, h->cont, NULL, {0}, {0}};
+    cont_run x = {.w = w, .b = b, .ops = h->cont};
     const srv_req *lead = NULL;
     for (size_t i = 0; !lead; i++) lead = b->m[i];
     srv_model *model = lead->model;
@@ -263,6 +307,8 @@ void srv_run_continuous(srv_worker *w, srv_batch *b, const srv_handler *h) {
         if (!join_queued(w, b, h, model, added) && !b->live) break;
     }
     x.ops->free(x.c);
+    x.c = NULL;
+    cont_settle(&x);
 }
 
 /* Whether queued r will join a continuous batch that a worker runs (that worker takes it between steps,

@@ -310,6 +310,57 @@ static void test_kvself_slots(void **state) {
     assert_int_equal(nz_mem_current(NZ_MEM_KV), 0);
 }
 
+/* nz_kvself_bound / nz_kvenc_bound: computed before the caches grow, they hold the peak of the growth
+ * (slots doubling, positions doubling, a permute) and give the capacities reached. */
+static void test_kvslots_bound(void **state) {
+    (void)state;
+    nz_error e = {0};
+    nz_kvself s = {0};
+    assert_int_equal(nz_kvself_init(&s, 3, 4, 4, &e), NZ_OK);
+    size_t rcap, tcap;
+    const double bound = nz_kvself_bound(&s, 20, 37, 3, &rcap, &tcap);
+    assert_int_equal(rcap, 32);
+    assert_int_equal(tcap, 64);
+    const size_t base = nz_mem_current(NZ_MEM_KV) + nz_mem_current(NZ_MEM_ACTIVATIONS);
+    nz_mem_window_begin(NZ_MEM_MASK(NZ_MEM_ACTIVATIONS) | NZ_MEM_MASK(NZ_MEM_KV));
+    uint32_t slot[20];
+    for (size_t p = 0; p < 37; p++) { /* slot 0 runs all 37 positions: the caches grow instead of sliding */
+        if (p < 20) assert_int_equal(nz_kvself_take(&s, &slot[p], &e), NZ_OK);
+        assert_int_equal(nz_kvself_room(&s, &e), NZ_OK);
+        for (size_t l = 0; l < 3; l++) s.kv[l].len++;
+    }
+    const uint32_t src[3] = {2, 0, 1};
+    assert_int_equal(nz_kvself_permute(&s, slot, src, 3, &e), NZ_OK);
+    assert_int_equal(s.rcap, rcap);
+    assert_int_equal(s.tcap, tcap);
+    const double peak = (double)base + (double)nz_mem_window_peak();
+    assert_true(peak <= bound);
+    assert_true(bound <= 1.2 * peak);
+    nz_mem_window_end();
+    assert_true(nz_kvself_bound(&s, 20, 37, 3, NULL, NULL) == bound); /* nothing more to grow */
+    nz_kvself_free(&s);
+
+    nz_kvenc c = {0};
+    assert_int_equal(nz_kvenc_init(&c, 2, 4, &e), NZ_OK);
+    uint32_t es[7];
+    size_t ecap;
+    const double b1 = nz_kvenc_bound(&c, 3, 5, &ecap);
+    assert_int_equal(ecap, 3); /* the first take: exactly its slots */
+    assert_int_equal(nz_kvenc_take(&c, 3, 5, es, &e), NZ_OK);
+    nz_kvenc_give(&c, es[1]);
+    const double b2 = nz_kvenc_bound(&c, 6, 9, &ecap); /* 2 in use + 4 more */
+    assert_int_equal(ecap, 6);
+    const size_t base2 = nz_mem_current(NZ_MEM_KV) + nz_mem_current(NZ_MEM_ACTIVATIONS);
+    assert_true((double)base2 <= b1);
+    nz_mem_window_begin(NZ_MEM_MASK(NZ_MEM_ACTIVATIONS) | NZ_MEM_MASK(NZ_MEM_KV));
+    assert_int_equal(nz_kvenc_take(&c, 4, 9, es + 3, &e), NZ_OK);
+    assert_int_equal(c.ecap, 6);
+    assert_true((double)base2 + (double)nz_mem_window_peak() <= b2);
+    nz_mem_window_end();
+    nz_kvenc_free(&c);
+    assert_int_equal(nz_mem_current(NZ_MEM_KV), 0);
+}
+
 /* A causal decoder block run one position at a time with KV caches gives
  * the same output as the full causal block (fp32, 1e-5), pre- and
  * post-norm, 1 and 2 threads, cache 0 and full; a full cache is refused. */
@@ -567,6 +618,7 @@ int main(void) {
         cmocka_unit_test(test_embed),
         cmocka_unit_test(test_kv),
         cmocka_unit_test(test_kvself_slots),
+        cmocka_unit_test(test_kvslots_bound),
         cmocka_unit_test(test_incremental_matches_full),
         cmocka_unit_test(test_cross_kv_map),
         cmocka_unit_test(test_damaged_weight),

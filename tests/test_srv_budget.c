@@ -1,6 +1,6 @@
 /* The request memory pool: immediate grants, waiting in arrival order (a
  * large reservation is not overtaken), stop while waiting, reservations
- * larger than the pool refused, statistics. */
+ * larger than the pool refused, statistics, the overrun check. */
 #include "test_util.h"
 
 #include "srv_budget.h"
@@ -67,6 +67,28 @@ static void wait_waiting(srv_budget *b, uint64_t n) {
 }
 
 /* 90 of 100 held; a reservation of 50 waits, then one of 5 (which would fit) must not overtake it. */
+static uint64_t fixed_use(void *arg) { return *(const uint64_t *)arg; }
+
+/* srv_budget_check keeps the largest use seen beyond the reservations. */
+static void test_overrun(void **state) {
+    (void)state;
+    srv_budget *b = srv_budget_create(100);
+    uint64_t used = 30;
+    assert_int_equal(srv_budget_reserve(b, 40, NULL, NULL), 0);
+    srv_budget_check(b, fixed_use, &used);
+    srv_budget_stats st;
+    srv_budget_get_stats(b, &st);
+    assert_int_equal(st.overrun, 0);
+    used = 55;
+    srv_budget_check(b, fixed_use, &used);
+    used = 45;
+    srv_budget_check(b, fixed_use, &used);
+    srv_budget_get_stats(b, &st);
+    assert_int_equal(st.overrun, 15);
+    srv_budget_release(b, 40);
+    srv_budget_free(b);
+}
+
 static void test_fifo(void **state) {
     (void)state;
     srv_budget *b = srv_budget_create(100);
@@ -130,6 +152,7 @@ static void test_stop_while_waiting(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_grant_and_refuse),
+        cmocka_unit_test(test_overrun),
         cmocka_unit_test(test_fifo),
         cmocka_unit_test(test_stop_while_waiting),
     };

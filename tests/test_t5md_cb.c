@@ -160,6 +160,18 @@ static void check_group(const grp *g, size_t i, const char *model) {
         }
 }
 
+#define MEM_ALL (NZ_MEM_MASK(NZ_MEM_ACTIVATIONS) | NZ_MEM_MASK(NZ_MEM_KV) | NZ_MEM_MASK(NZ_MEM_OTHER))
+
+/* Bytes counted in the categories a batch allocates from. */
+static size_t mem_now(void) {
+    return nz_mem_current(NZ_MEM_ACTIVATIONS) + nz_mem_current(NZ_MEM_KV) + nz_mem_current(NZ_MEM_OTHER);
+}
+
+/* What a taken result holds (t5md_set_result: tokens and logprobs of n + 1 byte each). */
+static size_t result_bytes(const nz_t5md_result *r) {
+    return (r->tokens ? 4 * r->n + 1 : 0) + (r->logprobs ? 4 * r->n + 1 : 0);
+}
+
 static void run_model(const t5_spec *spec, uint64_t seed, int many_beams) {
     char path[64];
     t5_write(spec, seed, path, sizeof path);
@@ -179,20 +191,38 @@ static void run_model(const t5_spec *spec, uint64_t seed, int many_beams) {
         if (nz_t5md_generate(mc, t, &src, &g[i].len, 1, &g[i].o, g[i].ref, &e)) fail_msg("%s", e.msg);
         g[i].batched = 1;
     }
+    /* the memory bound: the batch's bytes (all counted categories, less the results the test took) never
+     * exceed nz_t5md_cb_bound computed before (with a joiner before its add), and it never grows without
+     * one */
+    const size_t base = mem_now();
+    size_t kept = 0, first = 0;
+    while (g[first].join) first++;
+    double tight = 0;
     nz_t5md_cb *cb = NULL;
     assert_int_equal(nz_t5md_cb_create(t, &cb, &e), NZ_OK);
     size_t taken = 0, removed = 0, beams = 0;
     for (int step = 0; taken + removed < NG; step++) {
         assert_true(step < 200);
         for (size_t i = 0; i < NG; i++) {
-            if (g[i].join == step)
+            if (g[i].join == step) {
+                const uint64_t bj = nz_t5md_cb_bound(t, cb, g[i].len, &g[i].o);
+                if (!step && i == first) /* as created: the fresh batch's bound */
+                    assert_true(nz_t5md_cb_bound(t, NULL, g[i].len, &g[i].o) == bj);
                 assert_int_equal(nz_t5md_cb_add(cb, g[i].src, g[i].len, &g[i].o, &g[i], &e), 0);
+                assert_true(nz_t5md_cb_bound(t, cb, 0, NULL) <= bj);
+            }
             if (g[i].remove_at == step && !g[i].taken) {
+                const uint64_t b0 = nz_t5md_cb_bound(t, cb, 0, NULL);
                 nz_t5md_cb_remove(cb, &g[i]);
+                assert_true(nz_t5md_cb_bound(t, cb, 0, NULL) <= b0);
                 g[i].removed = 1;
                 removed++;
             }
         }
+        const uint64_t b0 = nz_t5md_cb_bound(t, cb, 0, NULL);
+        const size_t at = mem_now() - base - kept;
+        assert_true(at <= b0);
+        nz_mem_window_begin(MEM_ALL);
         if (nz_t5md_cb_step(mc, cb, &e)) fail_msg("step %d: %s", step, e.msg);
         void *owner;
         grp tmp;
@@ -201,10 +231,20 @@ static void run_model(const t5_spec *spec, uint64_t seed, int many_beams) {
             assert_false(w->taken);
             assert_false(w->removed);
             memcpy(w->got, tmp.got, w->nres * sizeof *w->got);
+            for (size_t q = 0; q < w->nres; q++) kept += result_bytes(&w->got[q]);
             w->taken = 1;
             taken++;
         }
+        const size_t peak = at + nz_mem_window_peak();
+        nz_mem_window_end();
+        if (peak > b0)
+            fail_msg("%s step %d: the batch held %zu bytes, bound %llu", spec->name, step, peak,
+                     (unsigned long long)b0);
+        if ((double)peak / (double)b0 > tight) tight = (double)peak / (double)b0;
+        assert_true(nz_t5md_cb_bound(t, cb, 0, NULL) <= b0);
     }
+    printf("%s: the batch's peak reached %.0f %% of its bound at most\n", spec->name, 100 * tight);
+    assert_true(tight > 0.4); /* not a loose bound */
     assert_int_equal(nz_t5md_cb_groups(cb), 0);
     assert_int_equal(nz_t5md_cb_rows(cb), 0);
     for (size_t i = 0; i < NG; i++)
