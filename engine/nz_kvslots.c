@@ -123,16 +123,22 @@ static double kv_bytes(double B, double cap, double D) { return B * cap * (8 * D
 
 double nz_kvself_bound(const nz_kvself *s, size_t rows, size_t positions, size_t permute, size_t *rcap,
                        size_t *tcap) {
-    /* nz_kvself_take doubles the slots when every one is used; nz_kvself_room doubles the positions when
-     * a sequence started at position 0 still runs at the capacity (else it slides) */
+    /* nz_kvself_take doubles the slots when every one is used (the first take allocates 8); nz_kvself_room
+     * doubles the positions when a sequence started at position 0 still runs at the capacity (else it
+     * slides). A resize holds one layer's old copy with the new caches: at most the last doubling's. */
     const size_t R = rows <= s->rcap ? s->rcap : nz_grow_cap(s->rcap, rows);
     const size_t T = positions <= s->tcap ? s->tcap : nz_grow_cap(s->tcap, positions);
     if (rcap) *rcap = R;
     if (tcap) *tcap = T;
+    const size_t first = s->rcap ? s->rcap : nz_grow_cap(0, 1);
+    const double oldR = R > s->rcap && R / 2 >= first ? (double)(R / 2) : 0,
+                 oldT = T > s->tcap ? (double)(T / 2) : 0;
     const double L = (double)s->L, D = (double)s->D, dR = (double)R, dT = (double)T, B = (double)permute;
     const double arrays = (L ? L : 1) * sizeof(nz_kv) + 2 * dR * (1 + sizeof(size_t)); /* kv; used, start */
-    const double perm = B ? 4 * B * dT * D + B * dT + B * sizeof(size_t) : 0;          /* tmp, ptmp, stmp */
-    return arrays + (L + (R ? 1 : 0)) * kv_bytes(dR, dT, D) + perm;
+    const double old =
+        kv_bytes(oldR, dT, D) > kv_bytes(dR, oldT, D) ? kv_bytes(oldR, dT, D) : kv_bytes(dR, oldT, D);
+    const double perm = B ? 4 * B * dT * D + B * dT + B * sizeof(size_t) : 0; /* tmp, ptmp, stmp */
+    return arrays + L * kv_bytes(dR, dT, D) + old + perm;
 }
 
 /* ------------------------------------------------------------------ cross-attention */
@@ -188,12 +194,14 @@ int nz_kvenc_take(nz_kvenc *e, size_t B, size_t S, uint32_t *slots, nz_error *er
 void nz_kvenc_give(nz_kvenc *e, uint32_t slot) { e->used[slot] = 0; }
 
 double nz_kvenc_bound(const nz_kvenc *e, size_t slots, size_t S, size_t *ecap) {
-    /* nz_kvenc_take: exactly the slots the first time, then geometrically; positions: the widest source */
+    /* nz_kvenc_take: exactly the slots the first time, then geometrically; positions: the widest source; one
+     * resize, holding one cache's old copy with the new caches */
     const size_t E = slots <= e->ecap ? e->ecap : e->ecap ? nz_grow_cap(e->ecap, slots) : slots;
     const size_t W = S > e->scap ? S : e->scap;
     if (ecap) *ecap = E;
-    const double n = (double)(e->n ? e->n : 1), dE = (double)E;
-    return n * sizeof(nz_kv) + 2 * dE + ((double)e->n + 1) * kv_bytes(dE, (double)W, (double)e->D);
+    const double n = (double)(e->n ? e->n : 1), dE = (double)E, D = (double)e->D;
+    const double old = (E > e->ecap || W > e->scap) ? kv_bytes((double)e->ecap, (double)e->scap, D) : 0;
+    return n * sizeof(nz_kv) + 2 * dE + (double)e->n * kv_bytes(dE, (double)W, D) + old;
 }
 
 void nz_kvenc_fill(nz_kvenc *e, size_t i, uint32_t slot, const nz_kv *tmp, size_t b) {

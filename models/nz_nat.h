@@ -337,6 +337,28 @@ size_t nz_nat_cb_decoder_rows(const nz_nat_cb *cb);
 /** @return sentences in the batch (waiting to join, decoding, or done and not taken). */
 size_t nz_nat_cb_size(const nz_nat_cb *cb);
 
+/** The memory bound of a continuous batch (nz_nat_cb_bound, nz_nat_mpb_bound), bytes in
+ *  NZ_MEM_ACTIVATIONS + NZ_MEM_KV + NZ_MEM_OTHER counted as nz_malloc counts them, from now until every
+ *  sentence in it is done and taken if no other sentence joins: held, the most it holds between steps
+ *  and through them (its caches at the capacities they can grow to with a resize's old copy, its step
+ *  buffers, every sentence's own buffers and its result with the caller's text); step, the most one step
+ *  adds on top while it runs (the joiners' encoder pass, a decoder step or pass with its projection, a
+ *  rerank). A bound: the batch's memory never exceeds held + step, and neither grows across a step, a
+ *  take or a removal. */
+typedef struct nz_nat_bound {
+    uint64_t held; /* bytes held, at most */
+    uint64_t step; /* the largest transient of one step */
+} nz_nat_bound;
+
+/** The bound of cb (NULL: a batch not created yet, nz_nat_cb_create's allocations included) with nj
+ *  sentences of lens[i] ids joining now (before the next nz_nat_cb_step) with o, greedy (beam 0, as
+ *  nz_nat_cb_add) or beam search of beam (nz_nat_cb_add_beam); lens and o ignored when nj is 0; a joiner
+ *  its options refuse adds nothing. out: the bytes a token the caller adds to each result it takes (its
+ *  detokenized text: the longest symbol; 0: none), counted with one more byte for every sentence's
+ *  result. Cheap (no allocation). */
+void nz_nat_cb_bound(const nz_nat *n, const nz_nat_cb *cb, const size_t *lens, size_t nj,
+                     const nz_nat_at_opts *o, int beam, size_t out, nz_nat_bound *r);
+
 /** Continuously batched mask-predict: sentences join at pass boundaries and leave when done or removed.
  *  A step encodes the sentences added since the last one together, predicts their lengths and lays out
  *  their length-beam candidates ([bos, mask.., eos]), then runs one CMLM decoder pass over every active
@@ -395,6 +417,15 @@ size_t nz_nat_mpb_candidates(const nz_nat_mpb *b);
  *  while the sentence runs, except when a wider candidate joins (its pass rows are padded to it). The
  *  batch's own rounding of its cross cache slots (nz_kvenc's doubling) is not included. @return bytes. */
 uint64_t nz_nat_mpb_member_bytes(const nz_nat_mpb *b, const void *owner);
+
+/** The bound of b (NULL: a batch not created yet, nz_nat_mpb_create's allocations included) with nj
+ *  sentences of lens[i] ids joining now (before the next nz_nat_mpb_step) with o (NULL: the defaults;
+ *  o->keep_candidates as nz_nat_mpb_add takes it); lens and o ignored when nj is 0; joiners their
+ *  options refuse add nothing. A sentence's candidates are taken at the longest the length predictor can
+ *  give until its lengths are predicted, then at their lengths: the bound shrinks then. out: as
+ *  nz_nat_cb_bound, for every result and every kept candidate. Cheap (no allocation). */
+void nz_nat_mpb_bound(const nz_nat *n, const nz_nat_mpb *b, const size_t *lens, size_t nj,
+                      const nz_nat_opts *o, size_t out, nz_nat_bound *r);
 
 #ifdef __cplusplus
 }

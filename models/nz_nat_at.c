@@ -259,7 +259,7 @@ static double at_front(const nz_nat *n, double B, double S, double *held) {
 
 /* One AT step of R rows (T = 1) with self-attention caches of cap positions: the larger of the
  * embedding, a layer (cached self attention, cross attention over B x S) and the projection. */
-static double at_step_peak(const nz_nat *n, double R, double cap, double B, double S) {
+double nat_at_step_peak(const nz_nat *n, double R, double cap, double B, double S) {
     const double D = (double)n->c.d_model;
     const double layer = nat_block_peak(R, 1, D, (double)n->c.dec_ffn, 1, cap, 1, B, S);
     return nat_dmax(nat_dmax(nat_embed_peak(&n->at, R, D), layer), nat_project_peak(n, R));
@@ -293,7 +293,7 @@ uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const 
     /* nat_set_tokens: the results (NZ_MEM_OTHER), <= max_len + 1 tokens each */
     const double hyps = dB * (4 * cap + 1);
     const double search =
-        held + at_self_bytes(n, dB, cap) + bufs + nat_dmax(at_step_peak(n, dB, cap, dB, dS), hyps);
+        held + at_self_bytes(n, dB, cap) + bufs + nat_dmax(nat_at_step_peak(n, dB, cap, dB, dS), hyps);
     return nz_mem_bytes(prep + nat_dmax(front, search));
 }
 
@@ -619,7 +619,7 @@ uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz
      * tmp (rows x len x D floats) and ptmp (rows x len bytes), len <= max_len */
     const double select = 4 * N * (double)max_len * D + N * (double)max_len;
     const double hyps = dB * (4 * cap + 1); /* nat_set_tokens: the results (NZ_MEM_OTHER) */
-    const double step = nat_dmax(at_step_peak(n, N, cap, dB, dS), select);
+    const double step = nat_dmax(nat_at_step_peak(n, N, cap, dB, dS), select);
     const double search = held + at_self_bytes(n, N, cap) + bufs + nat_dmax(step, hyps);
     return nz_mem_bytes(prep + nat_dmax(front, search));
 }

@@ -23,6 +23,8 @@
 
 enum { S_PENDING = 0, S_RUNNING, S_DONE };
 
+enum { CB_TCAP0 = 16 }; /* self-attention positions a new batch starts with */
+
 /* A beam sentence's search: the buffers of its nat_beam (K rows, kk candidates per row, cap =
  * max_len + 1 tokens per row). */
 typedef struct cb_beam {
@@ -92,7 +94,7 @@ int nz_nat_cb_create(const nz_nat *n, nz_nat_cb **out, nz_error *err) {
     nz_nat_cb *cb = nz_calloc(1, sizeof *cb, NZ_MEM_ACTIVATIONS);
     if (!cb) return nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
     cb->n = n;
-    int rc = nz_kvself_init(&cb->self, n->at.nlayers, n->c.d_model, 16, err);
+    int rc = nz_kvself_init(&cb->self, n->at.nlayers, n->c.d_model, CB_TCAP0, err);
     if (!rc) rc = nz_kvenc_init(&cb->cross, n->at.nlayers, n->c.d_model, err);
     cb->tmp = nz_malloc(n->c.vocab * sizeof *cb->tmp, NZ_MEM_ACTIVATIONS);
     if (!rc && !cb->tmp) rc = nz_fail(err, NZ_E_NOMEM, "out of memory for a decoder batch");
@@ -546,4 +548,105 @@ void nz_nat_cb_remove(nz_nat_cb *cb, void *owner) {
         seq_free(q);
         return;
     }
+}
+
+/* ------------------------------------------------------------------ memory bound */
+
+/* What a sentence holds from nz_nat_cb_add(_beam) until it is taken (every buffer allocated whole when it
+ * is added), counted as nz_malloc counts it: its struct, its source until it joins (pending), its slots
+ * (K), greedy its tokens (max_len + 1), beam its search (beam_new: cb_beam; hist, hist2, ftok of K x cap
+ * int32; fn (K size_t); fsc, cum, cum2, cur, order (K x 4 each); ctok, cval (K x kk x 4 each); pool (K x
+ * kk); ignore (K); em (2 K)); then its result (nat_set_tokens: <= cap tokens + 1, NZ_MEM_OTHER) and the out
+ * bytes a token (+ 1) its caller adds when it takes it. */
+static double cb_seq_bytes(double len, int pending, int beam, double K, double kk, double max_len,
+                           double out) {
+    const double cap = max_len + 1;
+    double b = sizeof(cb_seq) + (pending ? 4 * len + 1 : 0) + 4 * K;
+    if (beam)
+        b += sizeof(cb_beam) + 3 * (4 * K * cap) + 8 * K + 5 * (4 * K) + 2 * (4 * K * kk) +
+             sizeof(nat_beam_cand) * K * kk + K + 2 * K;
+    else
+        b += 4 * cap;
+    return b + 4 * cap + 1 + out * cap + 1;
+}
+
+/* The demand of a batch's sentences (and joiners) on its shared buffers. */
+typedef struct cb_need {
+    double seqs;    /* cb_seq_bytes of every sentence */
+    size_t rows;    /* decoder rows in use at once (self cache slots): running + to be admitted */
+    size_t enc;     /* sentences not done (cross cache slots) */
+    size_t Bp, Sp;  /* sentences admitted at the next step, their source width (admit: >= 2) */
+    size_t pos;     /* the most positions a sentence runs (max_len + 1) */
+    size_t permute; /* the widest beam (nz_kvself_permute) */
+} cb_need;
+
+static void need_seq(cb_need *u, int state, size_t len, int beam, size_t K, size_t kk, size_t max_len,
+                     double out) {
+    u->seqs +=
+        cb_seq_bytes((double)len, state == S_PENDING, beam, (double)K, (double)kk, (double)max_len, out);
+    if (state == S_DONE) return; /* its slots are given back */
+    u->rows += K;
+    u->enc++;
+    if (max_len + 1 > u->pos) u->pos = max_len + 1;
+    if (beam && K > u->permute) u->permute = K;
+    if (state == S_PENDING) {
+        u->Bp++;
+        if (len > u->Sp) u->Sp = len;
+    }
+}
+
+void nz_nat_cb_bound(const nz_nat *n, const nz_nat_cb *cb, const size_t *lens, size_t nj,
+                     const nz_nat_at_opts *o, int beam, size_t out, nz_nat_bound *r) {
+    nz_nat_cb fresh; /* cb as nz_nat_cb_create leaves it */
+    if (!cb) {
+        memset(&fresh, 0, sizeof fresh);
+        fresh.self.L = n->at.nlayers;
+        fresh.self.D = n->c.d_model;
+        fresh.self.tcap = CB_TCAP0;
+        fresh.cross.n = n->at.nlayers;
+        fresh.cross.D = n->c.d_model;
+        cb = &fresh;
+    }
+    nz_nat_at_opts def;
+    if (nj && !o) {
+        nz_nat_at_opts_default(&def);
+        o = &def;
+    }
+    cb_need u = {.Sp = 2};
+    for (const cb_seq *q = cb->seqs; q; q = q->link)
+        need_seq(&u, q->state, q->len, !!q->bm, q->K, q->bm ? q->bm->kk : 0, q->max_len, (double)out);
+    for (size_t i = 0; i < nj; i++) { /* as add_seq sets them up (a joiner it refuses holds nothing) */
+        size_t max_len = 0, K = 1, kk = 0;
+        nz_error e;
+        if (nat_at_setup(n, o, lens[i] > 2 ? lens[i] : 2, &max_len, &e) ||
+            (beam && nat_beam_setup(n, beam, 0.0f, &K, &kk, &e)))
+            continue;
+        need_seq(&u, S_PENDING, lens[i], beam > 0, K, kk, max_len, (double)out);
+    }
+    const double D = (double)n->c.d_model, V = (double)n->c.vocab;
+    size_t R, T, E;
+    const double self = nz_kvself_bound(&cb->self, u.rows, u.pos, u.permute, &R, &T);
+    const double cross = nz_kvenc_bound(&cb->cross, u.enc, u.Bp ? u.Sp : 0, &E);
+    const double W = (double)(u.Bp && u.Sp > cb->cross.scap ? u.Sp : cb->cross.scap);
+    /* reserve_rows' arrays (rows, cur, starts, slots, encs, rseq, rj, prow; x of D floats a row), + 1 byte
+     * each; while they grow, the new ones and the old x (the largest) */
+    const size_t nc = u.rows <= cb->ncap ? cb->ncap : nz_grow_cap(cb->ncap, u.rows);
+    const double row = 2 * sizeof(cb_seq *) + sizeof(int32_t) + sizeof(int64_t) + 3 * sizeof(uint32_t) +
+                       sizeof(size_t) + 4 * D;
+    const double arrays =
+        (nc ? (double)nc * row + 9 : 0) + (nc > cb->ncap && cb->ncap ? 4 * (double)cb->ncap * D + 1 : 0);
+    const double held = sizeof(nz_nat_cb) + 4 * V + self + cross + arrays + u.seqs; /* the batch, tmp */
+    /* admit: src, slots, qs; the encoder, then its output with the tmp cache and nz_attn_cross_kv's
+     * projections (the cross and self caches and the arrays grow meanwhile: in held) */
+    const double B = (double)u.Bp, S = (double)u.Sp;
+    const double admit = u.Bp ? 4 * B * S + 4 * B + 8 * B +
+                                    nat_dmax(nat_encode_peak(n, B, S),
+                                             nat_enc_bytes(B, S, D) + B * S * (8 * D + 1) + 8 * B * S * D + 1)
+                              : 0;
+    /* a decoder step over every row: the self attention's padding copy spans all R x T slots' positions
+     * (kv_pad_rows over the whole cache), the cross attention's all E x W; nz_kvself_permute: in self */
+    const double N = (double)u.rows;
+    const double step = u.rows ? nat_at_step_peak(n, N, 0, (double)E, W) + (double)R * (double)T : 0;
+    r->held = nz_mem_bytes(held);
+    r->step = nz_mem_bytes(nat_dmax(admit, step));
 }

@@ -164,6 +164,10 @@ double nat_project_peak(const nz_nat *n, double R);
  *  B x S. @return bytes. */
 double nat_at_score_peak(const nz_nat *n, double N, double W, double R, double B, double S);
 
+/** One AT decoder step of R rows (T = 1) over self-attention caches of R x cap positions, cross
+ *  attention over caches of B x S (nz_nat_at.c). @return bytes. */
+double nat_at_step_peak(const nz_nat *n, double R, double cap, double B, double S);
+
 /* Free nl caches kv[nl] (NULL: nothing). */
 void nat_kvs_free(nz_kv *kv, size_t nl);
 

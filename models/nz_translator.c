@@ -584,6 +584,62 @@ uint64_t nz_tr_batch_member_bytes(const nz_tr_batch *b, const void *owner) {
     return k + m->n * (sizeof(tr_text) + sizeof(nz_tr_result) + sizeof(size_t));
 }
 
+/* What result r holds once taken (take_hyp): its tokens (+ 1), its text (decode_fairseq allocates every
+ * symbol's bytes + 1 before it drops their spaces: at most max_sym a token, more than text_len), and its
+ * candidates (nz_tr_cand, each one's text: at most its length's symbols + 1). */
+static double result_held(const nz_translator *t, const nz_tr_result *r) {
+    const double sym = (double)t->max_sym;
+    double k = 4 * (double)r->n_tokens + 1 + (r->text ? sym * (double)r->n_tokens + 1 : 0);
+    for (size_t j = 0; j < r->n_cands; j++)
+        k += sizeof(nz_tr_cand) + (r->cands[j].text ? sym * (double)r->cands[j].length + 1 : 0);
+    return k;
+}
+
+/* A request of n texts: nz_tr_batch_add's tr_member, texts, res and lens. */
+static double member_held(size_t n) {
+    return sizeof(tr_member) + (double)n * (sizeof(tr_text) + sizeof(nz_tr_result) + sizeof(size_t));
+}
+
+/* What a text decoding with o adds when it is taken beyond what its decoder batch counts (its result's
+ * tokens and texts): take_cands' array. */
+static double text_held(const nz_tr_opts *o) {
+    return o->decoder == NZ_TR_NAT && o->return_candidates ? (double)o->nat.length_beam * sizeof(nz_tr_cand)
+                                                           : 0;
+}
+
+uint64_t nz_tr_batch_bound(const nz_translator *t, const nz_tr_batch *b, const size_t *lens, size_t n,
+                           const nz_tr_opts *o) {
+    if (b) t = b->t;
+    const nz_nat *nat = t->nat;
+    if (n && !o) o = &t->defaults;
+    int join = n && nz_tr_batch_joins(o); /* as nz_tr_batch_add checks the request */
+    for (size_t i = 0; join && i < n; i++) join = lens[i] >= 2;
+    double held = sizeof(nz_tr_batch);
+    for (const tr_member *m = b ? b->members : NULL; m; m = m->next) {
+        held += member_held(m->n);
+        for (size_t i = 0; i < m->n; i++) { /* a result: what it holds (its decoder batch forgot it) */
+            const nz_tr_result *r = &m->res[i];
+            held += r->rc || r->tokens ? result_held(t, r) : text_held(&m->o);
+        }
+    }
+    if (join) held += member_held(n) + (double)n * text_held(o);
+    /* the decoder batches, the texts of their results counted with them (max_sym a token) */
+    const int mp_join = join && o->decoder == NZ_TR_NAT, at_join = join && !mp_join;
+    nz_nat_opts no;
+    if (mp_join) { /* as add_text passes it on */
+        no = o->nat;
+        no.keep_candidates = o->return_candidates;
+    }
+    nz_nat_bound mp, cb = {0, 0};
+    nz_nat_mpb_bound(nat, b ? b->mpb : NULL, lens, mp_join ? n : 0, mp_join ? &no : NULL, t->max_sym, &mp);
+    if (nz_nat_get_config(nat)->at_layers)
+        nz_nat_cb_bound(nat, b ? b->cb : NULL, lens, at_join ? n : 0, at_join ? &o->at : NULL,
+                        at_join && o->decoder == NZ_TR_AT_BEAM ? o->at_beam : 0, t->max_sym, &cb);
+    /* the AT step runs before the mask-predict one: the larger of their transients */
+    const double step = (double)(cb.step > mp.step ? cb.step : mp.step);
+    return nz_mem_bytes(held + (double)cb.held + (double)mp.held + step);
+}
+
 int nz_tr_batch_take(nz_tr_batch *b, void **owner, nz_tr_result **res, size_t *n) {
     tr_member **done = NULL; /* the oldest finished request */
     for (tr_member **p = &b->members; *p; p = &(*p)->next)

@@ -248,9 +248,29 @@ size_t nz_tr_batch_size(const nz_tr_batch *b);
  *  candidates the length predictor can give); once its lengths are predicted, nz_nat_mpb_member_bytes
  *  (its actual candidates, padded to the batch's widest active one) plus its result bound; once done,
  *  what its result holds. An AT request: nz_translator_peak_bytes of the whole request while a text
- *  decodes (nz_nat_cb keeps no per-text account), then what its results hold. The batches' shared
- *  rounding of their caches is not included. @return bytes. */
+ *  decodes (nz_nat_cb keeps no per-text account), then what its results hold. The batch's shared
+ *  footprint (its caches rounded up and kept until it is freed, resize copies) can exceed the sum of its
+ *  members': nz_tr_batch_bound bounds it. @return bytes. */
 uint64_t nz_tr_batch_member_bytes(const nz_tr_batch *b, const void *owner);
+
+/** The most bytes (NZ_MEM_ACTIVATIONS + NZ_MEM_KV + NZ_MEM_OTHER, as nz_malloc counts them) b can hold
+ *  from now until every request in it is done and taken, if no other request joins: its caches at the
+ *  capacities they can grow to (they never shrink before nz_tr_batch_free) with a resize's old copy, the
+ *  buffers of its steps and passes, the encoder pass of texts not yet admitted, and the results it holds
+ *  (their detokenized texts at the longest symbol a token); with a request of n texts of lens[i] ids and
+ *  options o (NULL: the model's defaults) joining now (before the next nz_tr_batch_step) when n > 0
+ *  (lens and o ignored when n is 0; a request or text nz_tr_batch_add would refuse for its options adds
+ *  little or nothing). b may be NULL (a batch over t not created yet: then the bound of a fresh batch
+ *  with that request alone, nz_tr_batch_create's allocations included); else t is b's translator. The
+ *  sum of nz_nat_cb_bound and nz_nat_mpb_bound (the larger of their steps: they run one after the other)
+ *  and the requests' own state. It never grows across a step, a take or a removal (a mask-predict text's
+ *  candidates count at the longest the length predictor can give until its lengths are predicted, then
+ *  at those). It can exceed the sum of the members' estimates by far: an AT batch's self-attention caches
+ *  are rectangular (every slot has the positions of the longest text, each text's max_len + 1 counted in
+ *  full, however soon it ends). Cheap (no allocation). @return bytes (an upper bound: tests/test_nat_cb.c
+ *  and test_nat_mpcb.c check measured peak <= bound). */
+uint64_t nz_tr_batch_bound(const nz_translator *t, const nz_tr_batch *b, const size_t *lens, size_t n,
+                           const nz_tr_opts *o);
 
 #ifdef __cplusplus
 }

@@ -202,6 +202,11 @@ static uint64_t cont_estimate(const srv_req *r) {
     return nz_translator_peak_bytes(r->model->impl, r->n_ids, TR(r)->q.n, &TR(r)->o);
 }
 
+static uint64_t cont_bound(const void *c, const srv_req *join) {
+    if (!join) return c ? nz_tr_batch_bound(NULL, c, NULL, 0, NULL) : 0;
+    return nz_tr_batch_bound(join->model->impl, c, join->n_ids, TR(join)->q.n, &TR(join)->o);
+}
+
 /* Once its lengths are predicted, a mask-predict request needs only its actual candidates' width. */
 static uint64_t cont_estimate_now(const void *c, const srv_req *r) { return nz_tr_batch_member_bytes(c, r); }
 
@@ -249,6 +254,7 @@ static const srv_cont_ops CONT = {
     .create = cont_create,
     .free = cont_free,
     .estimate = cont_estimate,
+    .bound = cont_bound,
     .estimate_now = cont_estimate_now,
     .add = cont_add,
     .step = cont_step,
@@ -338,12 +344,13 @@ static int submit_translate(srv_server *s, srv_req *r) {
         if (srv_refuse_oversized(s, r, nz_translator_peak_bytes(m->impl, &r->n_ids[i], 1, &TR(r)->o), i))
             return 0;
     }
-    /* a request joins a continuous batch with its whole estimate; one too large for the pool runs alone, in
-     * chunks that fit */
+    /* a request joins a continuous batch when it fits the pool in a batch of its own (its whole estimate
+     * and that batch's bound); one too large runs alone, in chunks that fit */
     srv_budget_stats bs;
     srv_budget_get_stats(s->budget, &bs);
     TR(r)->joins = nz_tr_batch_joins(&TR(r)->o) &&
-                   nz_translator_peak_bytes(m->impl, r->n_ids, TR(r)->q.n, &TR(r)->o) <= bs.total;
+                   nz_translator_peak_bytes(m->impl, r->n_ids, TR(r)->q.n, &TR(r)->o) <= bs.total &&
+                   nz_tr_batch_bound(m->impl, NULL, r->n_ids, TR(r)->q.n, &TR(r)->o) <= bs.total;
     return srv_enqueue(s, r);
 }
 

@@ -337,7 +337,7 @@ static void test_kvslots_bound(void **state) {
     assert_true(peak <= bound);
     assert_true(bound <= 1.2 * peak);
     nz_mem_window_end();
-    assert_true(nz_kvself_bound(&s, 20, 37, 3, NULL, NULL) == bound); /* nothing more to grow */
+    assert_true(nz_kvself_bound(&s, 20, 37, 3, NULL, NULL) <= bound); /* grown: no resize left */
     nz_kvself_free(&s);
 
     nz_kvenc c = {0};

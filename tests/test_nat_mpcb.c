@@ -7,7 +7,9 @@
  * candidate, every kept candidate. Also: a cancelled step fails every sentence with NZ_E_CANCELLED and
  * leaves the batch usable; a bad source or bad options are refused; nz_nat_mask_predict's stop and
  * on_width hooks; nz_tr_batch with AT greedy, AT beam and mask-predict requests mixed gives each text what
- * nz_translator_run_ids gives it alone, and its member estimates. */
+ * nz_translator_run_ids gives it alone, and its member estimates; its memory stays within
+ * nz_tr_batch_bound (test_randmodel.h: tb_step, every step, there and over mask-predict requests of every
+ * option joining at staggered steps and all at once). */
 #include "test_randmodel.h"
 
 #include "nz_alloc.h"
@@ -298,10 +300,11 @@ typedef struct req {
     nz_tr_result ref[3];
 } req;
 
-static void make_req(req *r, size_t i, size_t V, uint64_t *s) {
+/* Request i: AT greedy, AT beam and mask-predict in turn (nat: mask-predict only). */
+static void make_req(req *r, size_t i, size_t V, uint64_t *s, int nat) {
     memset(r, 0, sizeof *r);
     nz_tr_opts_default(&r->o);
-    r->o.decoder = (nz_tr_decoder)(i % 3);
+    r->o.decoder = nat ? NZ_TR_NAT : (nz_tr_decoder)(i % 3);
     r->o.at_beam = r->o.decoder == NZ_TR_AT_BEAM ? 2 + (int)(tu_rand(s) % 3) : 1;
     r->o.at.max_len_b = 4 + (int)(tu_rand(s) % 12);
     r->o.nat.max_iter = (int)(tu_rand(s) % (tu_quick() ? 5 : 11));
@@ -344,41 +347,77 @@ static void same_result(const nz_tr_result *a, const nz_tr_result *b) {
     }
 }
 
-/* One step of tb for the requests rq[NR]: joins and removals, then the finished requests checked. */
-static void tr_step(env *v, nz_tr_batch *tb, req *rq, int step, size_t *done, uint64_t *shrunk) {
+/* One step of the requests rq[NR] through *tb (created for a joiner when NULL, freed once empty, as the
+ * server does), measured against nz_tr_batch_bound (m): joins and removals, the step, then the finished
+ * requests checked (check: against their ref results). */
+static void tr_step(env *v, tb_meter *m, nz_tr_batch **tb, req *rq, int step, size_t *done, uint64_t *shrunk,
+                    int check) {
     nz_error e = {0};
     for (size_t i = 0; i < NR; i++) {
-        if (rq[i].join == step)
-            assert_int_equal(nz_tr_batch_add(tb, (const int32_t *const *)rq[i].ids, rq[i].lens, rq[i].n,
+        if (rq[i].join == step) {
+            const uint64_t join = tb_join(m, *tb, rq[i].lens, rq[i].n, &rq[i].o);
+            if (!*tb) assert_int_equal(nz_tr_batch_create(v->tr, tb, &e), NZ_OK);
+            assert_int_equal(nz_tr_batch_add(*tb, (const int32_t *const *)rq[i].ids, rq[i].lens, rq[i].n,
                                              &rq[i].o, 1, &rq[i], &e),
                              NZ_OK);
+            tb_joined(m, *tb, join);
+        }
         if (rq[i].remove_at == step && !rq[i].taken) {
-            nz_tr_batch_remove(tb, &rq[i]);
-            assert_int_equal(nz_tr_batch_member_bytes(tb, &rq[i]), 0);
+            nz_tr_batch_remove(*tb, &rq[i]);
+            assert_int_equal(nz_tr_batch_member_bytes(*tb, &rq[i]), 0);
+            tb_left(m, *tb, "removal");
             rq[i].removed = 1;
             (*done)++;
         }
     }
+    if (!*tb) return;
     uint64_t before[NR_MAX];
-    for (size_t i = 0; i < NR; i++) before[i] = nz_tr_batch_member_bytes(tb, &rq[i]);
-    if (nz_tr_batch_step(v->mc, tb, &e)) fail_msg("step %d: %s", step, e.msg);
+    for (size_t i = 0; i < NR; i++) before[i] = nz_tr_batch_member_bytes(*tb, &rq[i]);
+    if (nz_tr_batch_size(*tb) && tb_step(m, v->mc, *tb, &e)) fail_msg("step %d: %s", step, e.msg);
     for (size_t i = 0; i < NR; i++) {
-        const uint64_t now = nz_tr_batch_member_bytes(tb, &rq[i]);
+        const uint64_t now = nz_tr_batch_member_bytes(*tb, &rq[i]);
         if (rq[i].o.decoder == NZ_TR_NAT && before[i] && now < before[i]) *shrunk += before[i] - now;
     }
     void *owner;
     nz_tr_result *res;
     size_t n;
-    while (nz_tr_batch_take(tb, &owner, &res, &n)) {
+    while (nz_tr_batch_take(*tb, &owner, &res, &n)) {
         req *r = owner;
         assert_false(r->taken || r->removed);
         assert_int_equal(n, r->n);
-        for (size_t k = 0; k < n; k++) same_result(&r->ref[k], &res[k]);
+        for (size_t k = 0; check && k < n; k++) same_result(&r->ref[k], &res[k]);
         nz_tr_results_free(res, n);
         nz_free(res);
+        tb_left(m, *tb, "take");
         r->taken = 1;
         (*done)++;
     }
+    if (!nz_tr_batch_size(*tb)) {
+        nz_tr_batch_free(*tb);
+        *tb = NULL;
+        tb_left(m, NULL, "free");
+    }
+}
+
+/* The requests rq[NR] through batches of v, every step measured against nz_tr_batch_bound; check: their
+ * results against ref (each text alone). */
+static void tr_run(env *v, req *rq, const char *label, int check) {
+    tb_meter *m = calloc(1, sizeof *m);
+    tb_open(m, v->tr);
+    nz_tr_batch *tb = NULL;
+    size_t done = 0, taken = 0;
+    uint64_t shrunk = 0;
+    for (int step = 0; done < NR; step++) {
+        assert_true(step < 300);
+        tr_step(v, m, &tb, rq, step, &done, &shrunk, check);
+    }
+    assert_null(tb);
+    for (size_t i = 0; i < NR; i++) taken += rq[i].taken;
+    printf("%s: %zu of %d requests%s; estimates gave back %llu bytes\n", label, taken, NR,
+           check ? " as alone" : "", (unsigned long long)shrunk);
+    assert_true(taken >= NR / 2);
+    tb_report(m, label, 1);
+    free(m);
 }
 
 static void test_translator_mixed(void **state) {
@@ -389,29 +428,14 @@ static void test_translator_mixed(void **state) {
     uint64_t s = 99;
     nz_error e = {0};
     for (size_t i = 0; i < NR; i++) {
-        make_req(&rq[i], i, NAT_A.V, &s);
+        make_req(&rq[i], i, NAT_A.V, &s, 0);
         assert_true(nz_tr_batch_joins(&rq[i].o));
         for (size_t k = 0; k < rq[i].n; k++) /* each text alone */
             assert_int_equal(nz_translator_run_ids(v.mc, v.tr, (const int32_t *const *)&rq[i].ids[k],
                                                    &rq[i].lens[k], 1, &rq[i].o, 1, &rq[i].ref[k], &e),
                              NZ_OK);
     }
-    nz_tr_batch *tb = NULL;
-    assert_int_equal(nz_tr_batch_create(v.tr, &tb, &e), NZ_OK);
-    size_t done = 0, taken = 0;
-    uint64_t shrunk = 0;
-    for (int step = 0; done < NR; step++) {
-        assert_true(step < 300);
-        tr_step(&v, tb, rq, step, &done, &shrunk);
-    }
-    assert_int_equal(nz_tr_batch_size(tb), 0);
-    for (size_t i = 0; i < NR; i++) taken += rq[i].taken;
-    printf("translator: %zu of %d requests (AT greedy, AT beam, mask-predict) as alone; estimates gave back "
-           "%llu "
-           "bytes\n",
-           taken, NR, (unsigned long long)shrunk);
-    assert_true(taken >= NR / 2);
-    nz_tr_batch_free(tb);
+    tr_run(&v, rq, "translator (AT greedy, AT beam, mask-predict)", 1);
     for (size_t i = 0; i < NR; i++) {
         nz_tr_results_free(rq[i].ref, rq[i].n);
         for (size_t k = 0; k < rq[i].n; k++) free(rq[i].ids[k]);
@@ -419,9 +443,37 @@ static void test_translator_mixed(void **state) {
     env_close(&v);
 }
 
+/* nz_tr_batch_bound over mask-predict requests (length beams 1..5, iterations, adaptive, rerank,
+ * candidates, max_len caps, 1..3 texts) joining at staggered steps, then all at once. */
+static void test_translator_bound_nat(void **state) {
+    (void)state;
+    const nat_spec *specs[2] = {&NAT_A, &NAT_B};
+    for (int k = 0; k < (tu_quick() ? 1 : 2); k++) {
+        env v;
+        env_open(&v, specs[k], 30 + (uint64_t)k);
+        req rq[NR_MAX];
+        uint64_t s = 7 + (uint64_t)k;
+        for (size_t i = 0; i < NR; i++) make_req(&rq[i], i, specs[k]->V, &s, 1);
+        char label[96];
+        snprintf(label, sizeof label, "mask-predict bound, %.1s, staggered", specs[k]->name);
+        tr_run(&v, rq, label, 0);
+        for (size_t i = 0; !tu_quick() && i < NR; i++) { /* all at once, none removed */
+            rq[i].join = 0;
+            rq[i].remove_at = -1;
+            rq[i].taken = rq[i].removed = 0;
+        }
+        snprintf(label, sizeof label, "mask-predict bound, %.1s, at once", specs[k]->name);
+        if (!tu_quick()) tr_run(&v, rq, label, 0);
+        for (size_t i = 0; i < NR; i++)
+            for (size_t j = 0; j < rq[i].n; j++) free(rq[i].ids[j]);
+        env_close(&v);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_post_norm_learned),
                                        cmocka_unit_test(test_pre_norm_sinusoidal),
-                                       cmocka_unit_test(test_hooks), cmocka_unit_test(test_translator_mixed)};
+                                       cmocka_unit_test(test_hooks), cmocka_unit_test(test_translator_mixed),
+                                       cmocka_unit_test(test_translator_bound_nat)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

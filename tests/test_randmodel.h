@@ -9,6 +9,9 @@
 #include "test_model.h"
 #include "test_pb.h"
 
+#include "nz_alloc.h"
+#include "nz_translator.h"
+
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -319,6 +322,124 @@ static inline void t5_write(const t5_spec *s, uint64_t seed, char *path, size_t 
     assert_non_null(c);
     mw_finish(&m, c);
     snprintf(path, path_len, "%s", m.path);
+}
+
+/* ------------------------------------------------------------ a translation batch's memory bound */
+
+/* nz_tr_batch_bound against the allocator (tests/test_nat_cb.c, tests/test_nat_mpcb.c): the batch's bytes
+ * at a step's start (activations + KV + other now, less what they were before it was created) plus the
+ * allocator window's peak during the step stay <= the bound computed before the step; the bound with a
+ * joiner covers the state the join leads to (b NULL: the batch created for it); without a joiner it never
+ * grows across a step, a take or a removal. tb_report prints how tight it was. */
+#define TB_WINDOW (NZ_MEM_MASK(NZ_MEM_ACTIVATIONS) | NZ_MEM_MASK(NZ_MEM_KV) | NZ_MEM_MASK(NZ_MEM_OTHER))
+#define TB_STEPS  512
+#define TB_FACTOR 2.0 /* the largest bound of a run <= TB_FACTOR x its largest peak + TB_SLACK */
+#define TB_SLACK  (1024.0 * 1024)
+
+typedef struct tb_meter {
+    const nz_translator *tr;
+    int64_t base;            /* the categories' bytes before the batch was created */
+    uint64_t bound;          /* the bound now */
+    size_t n;                /* steps measured */
+    uint64_t pre[TB_STEPS];  /* the bound before step i */
+    uint64_t peak[TB_STEPS]; /* the batch's peak during step i */
+    int join[TB_STEPS];      /* a request joined before step i (after step i - 1) */
+    int joined;              /* one did since the last step */
+} tb_meter;
+
+static inline int64_t tb_now(void) {
+    return (int64_t)(nz_mem_current(NZ_MEM_ACTIVATIONS) + nz_mem_current(NZ_MEM_KV) +
+                     nz_mem_current(NZ_MEM_OTHER));
+}
+
+/* Start measuring: nothing of the batch exists yet. */
+static inline void tb_open(tb_meter *m, const nz_translator *tr) {
+    memset(m, 0, sizeof *m);
+    m->tr = tr;
+    m->base = tb_now();
+}
+
+/* @return the bound of b (NULL: not created yet) with a request joining, before it is added. */
+static inline uint64_t tb_join(const tb_meter *m, const nz_tr_batch *b, const size_t *lens, size_t n,
+                               const nz_tr_opts *o) {
+    return nz_tr_batch_bound(m->tr, b, lens, n, o);
+}
+
+/* After the request joined b (or failed to): the bound covers the state it led to. */
+static inline void tb_joined(tb_meter *m, const nz_tr_batch *b, uint64_t join) {
+    const uint64_t now = nz_tr_batch_bound(m->tr, b, NULL, 0, NULL);
+    if (now > join)
+        fail_msg("bound after a join %llu > its bound before it %llu", (unsigned long long)now,
+                 (unsigned long long)join);
+    m->bound = now;
+    m->joined = 1;
+}
+
+/* After a take or a removal (b NULL: freed): the bound did not grow. */
+static inline void tb_left(tb_meter *m, const nz_tr_batch *b, const char *what) {
+    const uint64_t now = b ? nz_tr_batch_bound(m->tr, b, NULL, 0, NULL) : 0;
+    if (now > m->bound)
+        fail_msg("bound grew after a %s: %llu > %llu", what, (unsigned long long)now,
+                 (unsigned long long)m->bound);
+    m->bound = now;
+    if (!b && tb_now() > m->base) /* (it may be lower: a pool's worker frees its start argument) */
+        fail_msg("a freed batch left %lld bytes", (long long)(tb_now() - m->base));
+}
+
+/* One step of b measured. @return its rc. */
+static inline int tb_step(tb_meter *m, nz_matmul_ctx *mc, nz_tr_batch *b, nz_error *e) {
+    const uint64_t pre = nz_tr_batch_bound(m->tr, b, NULL, 0, NULL);
+    if (pre > m->bound)
+        fail_msg("bound grew before step %zu: %llu > %llu", m->n, (unsigned long long)pre,
+                 (unsigned long long)m->bound);
+    const int64_t held = tb_now() - m->base;
+    nz_mem_window_begin(TB_WINDOW);
+    const int rc = nz_tr_batch_step(mc, b, e);
+    const uint64_t peak = (uint64_t)(held > 0 ? held : 0) + nz_mem_window_peak();
+    nz_mem_window_end();
+    if (peak > pre)
+        fail_msg("step %zu: the batch's peak %llu > its bound %llu (held %lld at the start)", m->n,
+                 (unsigned long long)peak, (unsigned long long)pre, (long long)held);
+    assert_true(m->n < TB_STEPS);
+    m->pre[m->n] = pre;
+    m->peak[m->n] = peak;
+    m->join[m->n++] = m->joined;
+    m->joined = 0;
+    m->bound = nz_tr_batch_bound(m->tr, b, NULL, 0, NULL);
+    if (m->bound > pre)
+        fail_msg("bound grew across step %zu: %llu > %llu", m->n - 1, (unsigned long long)m->bound,
+                 (unsigned long long)pre);
+    return rc;
+}
+
+/* Print how tight the bound was: before each step against the largest peak of the steps it covers (to
+ * the next join: a join ends what it covers, though growth it foresaw may come after), the mean and the
+ * worst ratio; and the largest bound against the largest peak of the run, which must stay under
+ * TB_FACTOR x it + TB_SLACK when strict (a run whose sentences go on to their max_len: the bound must
+ * allow for that, however soon they end). TB_DEBUG=1 prints every step. */
+static inline void tb_report(const tb_meter *m, const char *label, int strict) {
+    double worst = 0, sum = 0, most_b = 0, most_p = 0;
+    uint64_t cover = 0;
+    for (size_t i = m->n; i-- > 0;) { /* backwards: cover = the largest peak from step i to the next join */
+        if (i + 1 < m->n && m->join[i + 1]) cover = 0;
+        if (m->peak[i] > cover) cover = m->peak[i];
+        const double r = (double)m->pre[i] / (double)cover;
+        if (getenv("TB_DEBUG"))
+            printf("  step %3zu%s bound %10llu peak %10llu cover %10llu  %.2f\n", i, m->join[i] ? " +" : "  ",
+                   (unsigned long long)m->pre[i], (unsigned long long)m->peak[i], (unsigned long long)cover,
+                   r);
+        worst = r > worst ? r : worst;
+        sum += r;
+        most_b = (double)m->pre[i] > most_b ? (double)m->pre[i] : most_b;
+        most_p = (double)m->peak[i] > most_p ? (double)m->peak[i] : most_p;
+    }
+    printf("%s: %zu steps, bound / the peak it covers: mean %.2f, worst %.2f; largest bound %.0f KiB / "
+           "largest peak %.0f KiB = %.2f\n",
+           label, m->n, m->n ? sum / (double)m->n : 0, worst, most_b / 1024, most_p / 1024,
+           most_p ? most_b / most_p : 0);
+    if (strict && most_b > TB_FACTOR * most_p + TB_SLACK)
+        fail_msg("%s: the largest bound %.0f > %.1f x the largest peak %.0f + 1 MiB", label, most_b,
+                 TB_FACTOR, most_p);
 }
 
 #endif /* TEST_RANDMODEL_H */

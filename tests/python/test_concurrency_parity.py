@@ -96,6 +96,8 @@ def test_fifty_mixed_concurrent_requests_as_alone():
         assert not errors, errors
         lines = [l for l in U.access_log(s.log()) if l["path"] in ("/v1/dialogue", "/v1/translate")]
         assert max(int(l["batch_texts"]) for l in lines) >= 4, "nothing was batched"
+        # the batches never held more memory than their members had reserved (their bounds held)
+        assert s.get("/v1/memory").json()["requests"]["overrun_bytes"] == 0
         for i, (route, body) in enumerate(reqs):
             alone = answer(s, route, body)
             assert got[i] == alone, (i, body, got[i], alone)
