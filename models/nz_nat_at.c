@@ -272,17 +272,26 @@ static double at_self_bytes(const nz_nat *n, double R, double cap) {
     return nl * sizeof(nz_kv) + nl * (8 * R * cap * D + R * cap);
 }
 
-uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o) {
+/* What both AT estimates start from for B sources of S ids with o (NULL: the defaults): *prep, nat_prepare's
+ * vsrc and vidx, and *max_len. @return 0, or 1 when nothing decodes (the estimate is then *prep). */
+static int at_peak_setup(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o, double *prep,
+                         size_t *max_len) {
     nz_nat_at_opts def;
     if (!o) {
         nz_nat_at_opts_default(&def);
         o = &def;
     }
-    const double dB = (double)B, dS = (double)S, D = (double)n->c.d_model, V = (double)n->c.vocab;
-    const double prep = nat_prepare_bytes(dB, dS); /* vsrc, vidx */
+    *prep = nat_prepare_bytes((double)B, (double)S);
+    *max_len = 0;
     nz_error e;
-    size_t max_len = 0;
-    if (nat_at_setup(n, o, S, &max_len, &e) || !B || !S) return nz_mem_bytes(prep);
+    return nat_at_setup(n, o, S, max_len, &e) || !B || !S;
+}
+
+uint64_t nz_nat_at_greedy_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o) {
+    const double dB = (double)B, dS = (double)S, D = (double)n->c.d_model, V = (double)n->c.vocab;
+    double prep;
+    size_t max_len;
+    if (at_peak_setup(n, B, S, o, &prep, &max_len)) return nz_mem_bytes(prep);
     const double cap = (double)max_len + 1;
     double held, front = at_front(n, dB, dS, &held);
     const double bufs = 4 * dB + 4 * dB       /* cur, next */
@@ -591,16 +600,10 @@ done:
 }
 
 uint64_t nz_nat_at_beam_peak_bytes(const nz_nat *n, size_t B, size_t S, const nz_nat_at_opts *o, int beam) {
-    nz_nat_at_opts def;
-    if (!o) {
-        nz_nat_at_opts_default(&def);
-        o = &def;
-    }
     const double dB = (double)B, dS = (double)S, D = (double)n->c.d_model, V = (double)n->c.vocab;
-    const double prep = nat_prepare_bytes(dB, dS); /* vsrc, vidx */
-    nz_error e;
-    size_t max_len = 0;
-    if (nat_at_setup(n, o, S, &max_len, &e) || beam < 1 || beam > 4096 || !B || !S) return nz_mem_bytes(prep);
+    double prep;
+    size_t max_len;
+    if (at_peak_setup(n, B, S, o, &prep, &max_len) || beam < 1 || beam > 4096) return nz_mem_bytes(prep);
     const size_t Kz = (size_t)beam < n->c.vocab - 1 ? (size_t)beam : n->c.vocab - 1;
     const double K = (double)Kz, N = dB * K, cap = (double)max_len + 1;
     const double kk = 2 * K < V ? 2 * K : V;
