@@ -35,6 +35,7 @@ static const char *const FAMILIES[][2] = {
     {"nzserve_memory_budget_bytes", "gauge"},
     {"nzserve_request_memory_pool_bytes", "gauge"},
     {"nzserve_request_memory_reserved_bytes", "gauge"},
+    {"nzserve_request_memory_overrun_bytes", "gauge"},
     {"nzserve_request_memory_waits_total", "counter"},
     {"nzserve_tiles_decoded_total", "counter"},
     {"nzserve_tile_cache_hits_total", "counter"},
