@@ -106,3 +106,21 @@ def test_quality_floor(t5md_runner, demo):
             seq = [0] + e["tokens"]
             grams = [tuple(seq[j:j + 3]) for j in range(len(seq) - 2)]
             assert len(grams) == len(set(grams)), e
+
+
+def test_context_use_tool(nzp, tmp_path):
+    """models/eval/context_use.py scores the demo model's sample responses under their own, another and an
+    empty context (finite perplexities, one line each)."""
+    P.require_torch()
+    d = tmp_path / "model"
+    P.run([nzp, "unpack", "--model-dir", DEMO, d])
+    out = subprocess.run(["/usr/bin/python3", os.path.join(REPO, "models", "eval", "context_use.py"), "--model-dir",
+                          str(d), "--test", SAMPLE, "--limit", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [l.split("perplexity")[0].strip() for l in lines] == ["true context", "another pair's context",
+                                                                  "empty context"]
+    for l in lines:
+        ppl = float(l.split("perplexity")[1].split()[0])
+        assert 1 < ppl < 1e6 and "(3 pairs," in l
+
