@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """How much a dialogue model (t5_multidecoder model directory) uses its context: the perplexity of the
-held-out responses (teacher forcing, models/train/t5md_ref.py, every decoder averaged) given their own
+held-out responses (teacher forcing, models/train/t5md_ref.py, unk not banned, every decoder averaged) given their own
 context, another test pair's context (a fixed shuffle), and an empty one. A model that has learned to
 answer its context scores the true context far better than a shuffled one; one that only models
 responses (a language model of the replies) scores them alike.
@@ -51,7 +51,7 @@ def main(argv=None):
         nll, ntok = 0.0, 0
         for i, d in enumerate(data):
             resp = tok.encode_response(d["response"])
-            rows = R.score_responses(model, tok.encode_context(ctx(i)), [resp])[0]
+            rows = R.score_responses(model, tok.encode_context(ctx(i)), [resp], ban_unk=False)[0]
             nll -= sum(sum(r["token_logprobs"]) for r in rows) / len(rows)
             ntok += len(resp)
         print("%-24s perplexity %8.2f  (%d pairs, %d tokens)" % (name, math.exp(nll / ntok), len(data), ntok))

@@ -32,6 +32,11 @@ Rules (deterministic: the output is a function of the inputs and the options):
    the fractional part by a hash of the pair), so the booking assistant (86 % of the pairs)
    does not drown Shakespeare and Austen.
 5. Each split file is sorted by the SHA-256 of its line (plus the copy number): a fixed shuffle.
+6. ``--assistant-sources`` (v3: ``sgd,woz,camrest``): in those task-oriented sources only the pairs whose
+   response is the assistant's are kept, in every split (both sides appear as responses in the files; a
+   model trained on both answers half the time as the user: "I'd like to find a hotel."). The speaker
+   follows from the turn count (conversations open with the user; ``assistant_responses``); pairs whose
+   speaker cannot be told are dropped and counted.
 
 Output (``--out``): ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` (``{"context", "response",
 "source"}``), ``stats.json`` (pairs per source and split, before and after the cap and balancing,
@@ -94,6 +99,32 @@ def clean(pair: dict, source: str, max_turns: int) -> dict | None:
     if not ctx or not resp:
         return None
     return {"context": ctx, "response": resp, "source": source}
+
+
+def assistant_responses(raw: list[dict]) -> list[bool | None]:
+    """Per pair of a task-oriented file (in file order): True when its response is the assistant's, False
+    when the user's, None when it cannot be told. Conversations open with the user and turns alternate
+    (one speaker's consecutive lines are one turn), so with fewer turns of context than the file's longest
+    (the whole conversation so far) the response is the assistant's when they are odd in number; a full
+    context takes the opposite of the pair before it when it continues that pair's conversation
+    (context == (its context + [its response])[-n:])."""
+    full = max((len(p.get("context") or []) for p in raw), default=0)
+    out: list[bool | None] = []
+    prev, prev_role = None, None
+    for p in raw:
+        ctx = p.get("context") or []
+        if isinstance(ctx, str):
+            ctx = [ctx]
+        n = len(ctx)
+        if n < full:
+            role = n % 2 == 1
+        elif prev is not None and prev_role is not None and ctx == (prev[0] + [prev[1]])[-n:]:
+            role = not prev_role
+        else:
+            role = None
+        out.append(role)
+        prev, prev_role = (list(ctx), p.get("response")), role
+    return out
 
 
 def split_blocks(pairs: list[dict], frac: float) -> tuple[list, list, list]:
@@ -162,7 +193,11 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=40)
     ap.add_argument("--alpha", type=float, default=0.6)
     ap.add_argument("--max-repeat", type=float, default=5.0)
+    ap.add_argument("--assistant-sources", default="",
+                    help="comma-separated task-oriented sources whose pairs are kept only when the assistant "
+                         "answers (user turns as responses dropped), e.g. sgd,woz,camrest")
     a = ap.parse_args()
+    assistant_sources = {x.strip() for x in a.assistant_sources.split(",") if x.strip()}
     if not 0 < a.held_fraction < 0.5:
         sys.exit("error: --held-fraction must be in (0, 0.5)")
 
@@ -174,14 +209,20 @@ def main() -> None:
     for path in track(files, "sources", unit="files"):
         src = path.name[: -len(".jsonl.zst")]
         raw = read_zst_jsonl(path)
-        pairs = [c for c in (clean(p, src, a.max_turns) for p in raw) if c]
+        cleaned = [clean(p, src, a.max_turns) for p in raw]
+        if src in assistant_sources:  # the assistant's side only: a server answers as the assistant
+            roles = assistant_responses(raw)
+            stats["sources"].setdefault(src, {})["user_responses_dropped"] = sum(r is False for r in roles)
+            stats["sources"][src]["unknown_speaker_dropped"] = sum(r is None for r in roles)
+            cleaned = [c if r else None for c, r in zip(cleaned, roles)]
+        pairs = [c for c in cleaned if c]
         tr, va, te = split_blocks(pairs, a.held_fraction)
         held = {(tuple(p["context"]), p["response"]) for p in va + te}
         tr = [p for p in tr if (tuple(p["context"]), p["response"]) not in held]
         splits["train"][src] = tr
         splits["valid"] += va
         splits["test"] += te
-        stats["sources"][src] = {"file_pairs": len(raw), "train": len(tr), "valid": len(va), "test": len(te)}
+        stats["sources"].setdefault(src, {}).update(file_pairs=len(raw), train=len(tr), valid=len(va), test=len(te))
     if a.v1:
         for split in ("train", "valid", "test"):
             path = Path(a.v1) / f"{split}.jsonl"
