@@ -6,7 +6,8 @@
  *   nz_nat.c     config, binding, encoder, decoder forward pieces, their memory estimates
  *   nz_nat_at.c  the AT decoder: score (rerank), greedy and beam search, their memory estimates
  *   nz_nat_cb.c  continuous batching of AT greedy and beam decoding
- *   nz_nat_mp.c  mask-predict: its continuous batch, nz_nat_mask_predict through it, its memory estimates
+ *   nz_nat_mp.c  mask-predict: its continuous batch and nz_nat_mask_predict through it
+ *   nz_nat_mp_mem.c  mask-predict's memory estimates and batch bound (nz_nat_mp_int.h: their shared structs)
  */
 #ifndef NZ_NAT_INT_H
 #define NZ_NAT_INT_H
