@@ -39,6 +39,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -123,6 +125,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
+    p.add_argument("--init-model", metavar="DIR",
+                   help="start from a model directory instead (e.g. `nzp unpack --model-dir` of a snapshot "
+                        "from snapshot_dialogue.py): its weights, spm.model and config \"training\" state "
+                        "(phase 1 update count and data position); the optimizer starts afresh")
+    p.add_argument("--rewarm-updates", type=int, default=200,
+                   help="with --init-model: the learning rate ramps up linearly over this many updates "
+                        "(Adam's moments start from zero)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this wall time")
     p.add_argument("--interrupt-at", type=int, default=0,
                    help="stop (with a checkpoint) after this many updates of both phases (testing --resume)")
@@ -136,6 +145,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if not (a.corpus or a.train):
         p.error("--corpus or --train is required")
+    if a.init_model and a.resume:
+        p.error("--init-model starts a run; --resume continues one: give one of them")
     return a
 
 
@@ -394,6 +405,7 @@ def save_checkpoint(path, a, model, opt, state):
         "nzserve": {
             "phase": state["phase"], "updates": state["updates"], "iters": state["iters"],
             "source": state["source"], "best": state.get("best"), "wall_seconds": state["wall"],
+            "rewarm_from": state.get("rewarm_from"),
             "steps_trained_per_mode": state.get("per_mode"),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -429,11 +441,43 @@ def make_optimizer(model, a, phase):
     return torch.optim.AdamW(model.parameters(), lr=a.phase2_lr, weight_decay=a.phase2_weight_decay)
 
 
-def lr_at(a, u):
-    """inverse sqrt with linear warm-up (phase 1)."""
+def lr_at(a, u, rewarm_from=None):
+    """inverse sqrt with linear warm-up (phase 1); after --init-model at update rewarm_from, also a
+    linear ramp over --rewarm-updates (fresh Adam moments)."""
     if a.warmup_updates > 0 and u < a.warmup_updates:
-        return a.lr * (u + 1) / a.warmup_updates
-    return a.lr * math.sqrt(max(a.warmup_updates, 1)) / math.sqrt(max(u + 1, 1))
+        lr = a.lr * (u + 1) / a.warmup_updates
+    else:
+        lr = a.lr * math.sqrt(max(a.warmup_updates, 1)) / math.sqrt(max(u + 1, 1))
+    if rewarm_from is not None and a.rewarm_updates > 0 and u - rewarm_from < a.rewarm_updates:
+        lr *= (u - rewarm_from + 1) / a.rewarm_updates
+    return lr
+
+
+# ------------------------------------------------------------------ snapshots (--init-model)
+
+def read_init_model(a):
+    """(config, state dict, training state) of --init-model DIR; copies its spm.model into OUT
+    (so the corpus is encoded with the same ids). A phase-1 snapshot: K = 1, adapters dropped."""
+    d = a.init_model
+    with open(os.path.join(d, "config.json")) as f:
+        conf = json.load(f)
+    tr = conf.get("training")
+    if not isinstance(tr, dict) or tr.get("phase") != 1:
+        raise SystemExit("%s: config.json has no phase-1 \"training\" state (a snapshot_dialogue.py "
+                         "snapshot has one)" % d)
+    os.makedirs(a.out, exist_ok=True)
+    dst = os.path.join(a.out, "spm.model")
+    if os.path.exists(dst):
+        with open(dst, "rb") as f1, open(os.path.join(d, "spm.model"), "rb") as f2:
+            if f1.read() != f2.read():
+                raise SystemExit("%s: spm.model differs from %s/spm.model: use a fresh --out" % (a.out, d))
+    else:
+        shutil.copyfile(os.path.join(d, "spm.model"), dst)
+    sd = {k: v.float() for k, v in R.read_safetensors(os.path.join(d, "model.safetensors")).items()
+          if ".adapters." not in k}
+    conf = {k: v for k, v in conf.items() if k not in ("training", "architecture", "generation")}
+    conf.update(multidecoder="none", num_modes=1)
+    return R.make_config(conf, dropout_rate=a.dropout), sd, tr
 
 
 # ------------------------------------------------------------------ validation / demo
@@ -514,6 +558,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
+    init = read_init_model(a) if a.init_model else None  # before prepare(): its spm.model
     data = prepare(a)
     spm_path = os.path.join(a.out, "spm.model")
     tok = R.Tokenizer(spm_path, R.SEP_PIECE, a.max_context_turns, a.max_source_length, a.max_target_length)
@@ -534,14 +579,30 @@ def main(argv=None):
         ns = ck["nzserve"]
         state.update(phase=ns["phase"], updates=ns["updates"], iters=ns["iters"], source=ns["source"],
                      best=ns["best"], wall=ns["wall_seconds"], per_mode=ns.get("steps_trained_per_mode"),
+                     rewarm_from=ns.get("rewarm_from"),
                      training_steps=ck["training_steps"], global_step=ck["global_step"])
         state["noise_rs"].set_state(ns["noise_rng"])
         cfg = ck["config"]
+    elif init is not None:
+        cfg, tr = init[0], init[2]
+        if cfg["vocab_size"] != data["vocab_size"]:
+            raise SystemExit("--init-model: vocabulary %d, but OUT's encoded corpus has %d (a stale "
+                             "OUT/data.pt?)" % (cfg["vocab_size"], data["vocab_size"]))
+        state.update(updates=int(tr["updates"]), training_steps=int(tr["updates"]),
+                     global_step=int(tr["updates"]), wall=float(tr.get("wall_seconds", 0.0)),
+                     iters={**state["iters"], **{k: list(v) for k, v in tr.get("iters", {}).items()}})
+        state["rewarm_from"] = state["updates"]
     else:
         cfg = cfg1
     torch.manual_seed(a.seed)
     model = build_model(cfg, device)
-    if ck is None:
+    if init is not None:
+        model.load_state_dict(init[1], strict=True)
+        log("initialised from %s: phase 1 update %d (dialogue epoch %d batch %d); fresh AdamW, learning "
+            "rate ramped over %d updates" % (a.init_model, state["updates"], *state["iters"]["dialogue"],
+                                             a.rewarm_updates))
+        init = None
+    elif ck is None:
         R.init_weights(model, a.seed)
     else:
         model.load_state_dict(from_eqhard_state_dict(ck["model"], model))
@@ -604,11 +665,18 @@ def main(argv=None):
             log("saved %s (phase %d update %d)" % (last, state["phase"], u))
 
     def must_stop():
+        if signalled:
+            return "signal %d" % signalled[0]
         if a.max_minutes and (time.time() - t_start) > a.max_minutes * 60:
             return "--max-minutes"
         if a.interrupt_at and state["global_step"] >= a.interrupt_at:
             return "--interrupt-at"
         return ""
+
+    # SIGTERM / SIGINT: stop after the current update, with a checkpoint (as --max-minutes does)
+    signalled = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda num, frame: signalled.append(num))
 
     stopped = False
     # ---------------- phase 1: denoising pre-training, then seq2seq
@@ -627,7 +695,7 @@ def main(argv=None):
         else:
             b = next_batch("dialogue", len(train["src"]), a.batch_size, 2)
             s, sp, di, lb = collate([train["src"][i] for i in b], [train["tgt"][i] for i in b], device)
-        lr = lr_at(a, u)
+        lr = lr_at(a, u, state.get("rewarm_from"))
         for g in opt.param_groups:
             g["lr"] = lr
         loss = token_loss(model(s, sp, di, 0), lb)

@@ -556,6 +556,54 @@ def test_resume_is_exact(corpus, tmp_path, extra):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_snapshot_continues_phase_1(corpus, tmp_path, nzp):
+    """snapshot_dialogue.py -> .nzp -> nzp unpack --model-dir -> --init-model: the run goes on at the
+    snapshot's update and data position, from its weights rounded to bf16, with a fresh AdamW whose
+    learning rate ramps up over --rewarm-updates."""
+    import snapshot_dialogue
+    import train_dialogue as T
+    a = tmp_path / "a"
+    args = ["--phase1-steps", "6", "--phase2-steps", "0", "--dropout", "0.0"]
+    _train(corpus, a, *args, "--interrupt-at", "3")
+    ck = torch.load(a / "checkpoint_last.pt", map_location="cpu")
+    assert (ck["nzserve"]["phase"], ck["nzserve"]["updates"]) == (1, 3)
+    snap = tmp_path / "snap.nzp"
+    assert snapshot_dialogue.main([str(a / "checkpoint_last.pt"), str(snap), "--nzp", nzp]) == 0
+    d = tmp_path / "unpacked"
+    subprocess.run([nzp, "unpack", "--model-dir", str(snap), str(d)], check=True)
+    with open(d / "config.json") as f:
+        tr = json.load(f)["training"]
+    assert tr["phase"] == 1 and tr["updates"] == 3 and tr["iters"] == ck["nzserve"]["iters"]
+    # the snapshot is a servable K = 1 model: the engine's own tool answers with it
+    out = subprocess.run([nzp, "chat", str(snap), "--max-new-tokens", "4"], input="is the sky nice ?\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    b = tmp_path / "b"
+    _train(corpus, b, *args, "--init-model", str(d), "--rewarm-updates", "2", "--phase1-steps", "3")
+    cb = torch.load(b / "checkpoint_last.pt", map_location="cpu")
+    assert (cb["nzserve"]["phase"], cb["nzserve"]["updates"]) == (1, 3)  # nothing to train: 3 of 3
+    assert cb["nzserve"]["iters"] == ck["nzserve"]["iters"] and cb["nzserve"]["rewarm_from"] == 3
+    snap_sd = R.read_safetensors(str(d / "model.safetensors"))
+    for k, v in T.from_eqhard_state_dict(ck["model"], types.SimpleNamespace(config={"tie_word_embeddings": True})).items():
+        assert torch.equal(cb["model"][k], snap_sd[k]), k  # the weights as the engine decodes them
+        assert torch.allclose(snap_sd[k], v, rtol=2 ** -8, atol=0), k  # = bf16 rounding (or exact)
+    with open(a / "spm.model", "rb") as x, open(b / "spm.model", "rb") as y:
+        assert x.read() == y.read()
+    _train(corpus, b, *args, "--resume")
+    cb = torch.load(b / "checkpoint_last.pt", map_location="cpu")
+    assert (cb["nzserve"]["phase"], cb["nzserve"]["updates"]) == (1, 6)
+    ns = types.SimpleNamespace(lr=1e-3, warmup_updates=2, rewarm_updates=2)
+    assert T.lr_at(ns, 3, 3) == pytest.approx(0.5 * T.lr_at(ns, 3)) and T.lr_at(ns, 5, 3) == T.lr_at(ns, 5)
+    # a directory without the training state is refused with a message
+    with open(d / "config.json") as f:
+        conf = json.load(f)
+    del conf["training"]
+    with open(d / "config.json", "w") as f:
+        json.dump(conf, f)
+    with pytest.raises(SystemExit, match="training"):
+        _train(corpus, tmp_path / "c", *args, "--init-model", str(d))
+
+
 def test_converter_reads_a_pickled_eqhard_module(tmp_path):
     """torch.save(model) of EqHard-EM's MultiAdapterT5 needs transformers and their
     classes to unpickle; the converter uses stand-ins. Simulated with classes that
