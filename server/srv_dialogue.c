@@ -205,7 +205,8 @@ static nz_dlg_opts run_opts(srv_req *r, int stream) {
 
 static uint64_t cont_bound(const void *c, const srv_req *join) {
     if (!join) return nz_dlg_batch_bound(NULL, c, 0, NULL);
-    const nz_dlg_opts o = run_opts((srv_req *)join, join->sse);
+    nz_dlg_opts o = DL(join)->o; /* as run_opts gives them; the bound reads only whether it streams */
+    o.on_token = join->sse ? request_token : NULL;
     return nz_dlg_batch_bound(join->model->impl, c, join->n_ids[0], &o);
 }
 
