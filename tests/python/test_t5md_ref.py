@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -602,6 +603,26 @@ def test_snapshot_continues_phase_1(corpus, tmp_path, nzp):
         json.dump(conf, f)
     with pytest.raises(SystemExit, match="training"):
         _train(corpus, tmp_path / "c", *args, "--init-model", str(d))
+
+
+def test_sigterm_stops_with_a_checkpoint(corpus, tmp_path):
+    """SIGTERM: the run stops after the current update and leaves a checkpoint it resumes from."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "models", "train", "train_dialogue.py"), "--corpus", str(corpus),
+           "--out", str(out), *TRAIN_ARGS, "--phase1-steps", "1000000", "--phase2-steps", "0"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:
+            if " update 2 phase 1" in line:
+                p.send_signal(signal.SIGTERM)
+                break
+        rest = p.communicate(timeout=120)[0]
+    finally:
+        p.kill()
+    assert p.returncode == 0, rest
+    assert "stopping: signal %d reached" % signal.SIGTERM in rest
+    ck = torch.load(out / "checkpoint_last.pt", map_location="cpu")
+    assert ck["nzserve"]["phase"] == 1 and 2 <= ck["nzserve"]["updates"] < 1000000
 
 
 def test_converter_reads_a_pickled_eqhard_module(tmp_path):
