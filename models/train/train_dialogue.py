@@ -543,7 +543,21 @@ def final_decode(model, a, data, tok):
 # ------------------------------------------------------------------ main
 
 def main(argv=None):
+    """Parse argv and train; SIGTERM / SIGINT stop the run after the current update, with a checkpoint
+    (as --max-minutes does). The previous handlers are back when it returns."""
     a = parse_args(argv)
+    signalled = []
+    old = {sig: signal.signal(sig, lambda num, frame: signalled.append(num))
+           for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return train(a, signalled)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def train(a, signalled):
+    """The run of parsed arguments a; signalled: the signals received so far (stop when not empty)."""
     torch.set_num_threads(a.threads)
     if torch.get_num_interop_threads() != 1:  # a second call aborts the process (in-process reruns)
         try:
@@ -672,11 +686,6 @@ def main(argv=None):
         if a.interrupt_at and state["global_step"] >= a.interrupt_at:
             return "--interrupt-at"
         return ""
-
-    # SIGTERM / SIGINT: stop after the current update, with a checkpoint (as --max-minutes does)
-    signalled = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda num, frame: signalled.append(num))
 
     stopped = False
     # ---------------- phase 1: denoising pre-training, then seq2seq

@@ -623,6 +623,10 @@ def test_sigterm_stops_with_a_checkpoint(corpus, tmp_path):
     assert "stopping: signal %d reached" % signal.SIGTERM in rest
     ck = torch.load(out / "checkpoint_last.pt", map_location="cpu")
     assert ck["nzserve"]["phase"] == 1 and 2 <= ck["nzserve"]["updates"] < 1000000
+    # in-process runs (as the other tests) give the previous handlers back
+    before = signal.getsignal(signal.SIGINT)
+    _train(corpus, tmp_path / "inproc", "--phase1-steps", "1", "--phase2-steps", "0")
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_converter_reads_a_pickled_eqhard_module(tmp_path):
