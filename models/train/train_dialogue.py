@@ -94,7 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--max-distance", type=int, default=128, help="relative_attention_max_distance")
     p.add_argument("--feed-forward-proj", default="relu", choices=["relu", "gated-gelu"])
     p.add_argument("--untie", action="store_true", help="tie_word_embeddings false (separate lm_head)")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout rate (default 0.1 for a new run; with --resume or --init-model it overrides "
+                        "the run's own rate)")
     # multi-decoder
     p.add_argument("--num-modes", type=int, default=5, help="K decoders")
     p.add_argument("--decoder", default="adapter", choices=["adapter", "transformer"])
@@ -596,7 +598,9 @@ def train(a, signalled):
                      rewarm_from=ns.get("rewarm_from"),
                      training_steps=ck["training_steps"], global_step=ck["global_step"])
         state["noise_rs"].set_state(ns["noise_rng"])
-        cfg = ck["config"]
+        cfg = R.make_config(ck["config"], dropout_rate=a.dropout)
+        if a.dropout is not None and a.dropout != ck["config"].get("dropout_rate"):
+            log("dropout %s -> %s from this update on" % (ck["config"].get("dropout_rate"), a.dropout))
     elif init is not None:
         cfg, tr = init[0], init[2]
         if cfg["vocab_size"] != data["vocab_size"]:

@@ -590,9 +590,11 @@ def test_snapshot_continues_phase_1(corpus, tmp_path, nzp):
         assert torch.allclose(snap_sd[k], v, rtol=2 ** -8, atol=0), k  # = bf16 rounding (or exact)
     with open(a / "spm.model", "rb") as x, open(b / "spm.model", "rb") as y:
         assert x.read() == y.read()
-    _train(corpus, b, *args, "--resume")
+    assert cb["config"]["dropout_rate"] == 0.0
+    _train(corpus, b, *args, "--resume", "--dropout", "0.25")  # --dropout on --resume overrides the run's
     cb = torch.load(b / "checkpoint_last.pt", map_location="cpu")
     assert (cb["nzserve"]["phase"], cb["nzserve"]["updates"]) == (1, 6)
+    assert cb["config"]["dropout_rate"] == 0.25
     ns = types.SimpleNamespace(lr=1e-3, warmup_updates=2, rewarm_updates=2)
     assert T.lr_at(ns, 3, 3) == pytest.approx(0.5 * T.lr_at(ns, 3)) and T.lr_at(ns, 5, 3) == T.lr_at(ns, 5)
     # a directory without the training state is refused with a message
