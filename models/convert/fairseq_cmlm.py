@@ -29,11 +29,13 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
+from safetensors_io import f32_to_bf16_bits, write_safetensors  # noqa: E402
 
 ARCH_KEYS = [
     "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
@@ -133,33 +135,6 @@ def split_state(sd, arch):
         die("unrecognised state dict (no encoder.* / nat_model.* keys)")
     at = sub("at_decoder.")
     return sub("encoder."), sub("decoder."), (at or None)
-
-
-def f32_to_bf16_bits(x):
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    r = np.where(np.isnan(x), (u >> 16) | 0x40, r)
-    return r.astype(np.uint16)
-
-
-def write_safetensors(path, tensors, metadata):
-    """tensors: list of (name, np.ndarray f32 or uint16-bf16-bits, dtype str)."""
-    header = {"__metadata__": metadata}
-    off = 0
-    blobs = []
-    for name, arr, dt in tensors:
-        b = np.ascontiguousarray(arr).astype("<f4" if dt == "F32" else "<u2").tobytes()
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
-        off += len(b)
-        blobs.append(b)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - (8 + len(h)) % 8) % 8)
-    with open(path + ".tmp", "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):

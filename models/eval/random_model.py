@@ -24,8 +24,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "convert"))
-from fairseq_cmlm import f32_to_bf16_bits, write_safetensors  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "train"))
+from safetensors_io import f32_to_bf16_bits, write_safetensors  # noqa: E402
 
 
 def bf16_round(a):

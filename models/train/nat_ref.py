@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors_io import read_safetensors  # noqa: F401 (re-exported)
+
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 MASK = UNK  # CMLM masks with <unk>
 LN_EPS = 1e-5
@@ -719,24 +721,6 @@ def pad_batch(seqs, pad=PAD):
 
 
 # ------------------------------------------------------------------ model directory
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        hdr = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for k, v in hdr.items():
-        if k == "__metadata__":
-            continue
-        b, e = v["data_offsets"]
-        raw = np.frombuffer(data[b:e], dtype={"F32": "<f4", "BF16": "<u2", "F16": "<f2",
-                                              "I64": "<i8"}[v["dtype"]])
-        if v["dtype"] == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[k] = torch.from_numpy(raw.astype(np.float32).reshape(v["shape"]).copy())
-    return out
-
 
 def load_model_dir(path):
     """Build NATModel from a converter output directory (config.json + model.safetensors)."""

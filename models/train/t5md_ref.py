@@ -47,12 +47,13 @@ import json
 import math
 import os
 import shutil
-import struct
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from safetensors_io import read_safetensors, write_safetensors  # noqa: F401 (re-exported: R.read_safetensors)
 
 PAD, EOS, UNK = 0, 1, 2
 DECODER_START = PAD
@@ -1215,61 +1216,6 @@ def score_responses(model, src, responses, decoders=None, ban_unk=True):
 
 
 # ------------------------------------------------------------------ model directory
-
-def _st_dtype(t):
-    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype]
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """Minimal safetensors writer (tests/python/st_util.py layout: compact JSON,
-    __metadata__ first, tensors in the given order, header padded with spaces to a
-    multiple of 8). tensors: name -> float tensor (F32; BF16/F16 kept as is)."""
-    header = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs, off = [], 0
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        dt = _st_dtype(t)
-        raw = t.view(torch.int16).numpy().astype("<i2").tobytes() if dt != "F32" else \
-            t.numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * ((8 - len(text) % 8) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for b in blobs:
-            f.write(b)
-    os.replace(tmp, path)
-
-
-def read_safetensors(path):
-    """name -> float32 tensor (F32, BF16, F16)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        hdr = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for k, v in hdr.items():
-        if k == "__metadata__":
-            continue
-        b, e = v["data_offsets"]
-        dt = v["dtype"]
-        if dt == "F32":
-            a = np.frombuffer(data[b:e], dtype="<f4").astype(np.float32)
-        elif dt == "BF16":
-            a = (np.frombuffer(data[b:e], dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif dt == "F16":
-            a = np.frombuffer(data[b:e], dtype="<f2").astype(np.float32)
-        else:
-            raise ValueError("%s: tensor %s has unsupported dtype %s" % (path, k, dt))
-        out[k] = torch.from_numpy(a.reshape(v["shape"]).copy())
-    return out
-
 
 CONFIG_KEYS = [
     "architecture", "model_type", "multidecoder", "num_modes", "adapter_hidden_size",
