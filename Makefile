@@ -79,7 +79,7 @@ $(BUILD)/engine/nz_gemm_avx2.o: CFLAGS += -mavx2 -mfma
 # take hours; make valgrind and their own unit tests cover their memory accesses
 KERNEL_OBJ := $(BUILD)/engine/nz_gemm.o $(BUILD)/engine/nz_gemm_avx2.o $(BUILD)/engine/nz_esc_avx2.o
 $(KERNEL_OBJ): CFLAGS += -O2 $(if $(SAN),-fno-sanitize=all)
-# joins of the generic layouts (binary16), dispatched at run time in engine/nz_codec.c
+# joins of the generic layouts (binary16), dispatched at run time in engine/nz_codec_dec.c
 $(BUILD)/engine/nz_join_avx2.o: CFLAGS += -mavx2 -mf16c
 
 $(BUILD)/%.o: %.cc $(wildcard engine/*.h models/*.h)

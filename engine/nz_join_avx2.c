@@ -1,6 +1,6 @@
 /* Joins of decoded planes into fp32 for the layouts without a fused kernel,
  * AVX2 + F16C (the Makefile adds -mavx2 -mf16c; without them this file
- * builds a stub and nz_codec.c's portable loop runs). See nz_codec.h. */
+ * builds a stub and nz_codec_dec.c's portable loop runs). See nz_codec.h. */
 #include "nz_codec.h"
 
 #if defined(__AVX2__) && defined(__F16C__)
