@@ -63,6 +63,8 @@
 extern "C" {
 #endif
 
+/* the prefix's first 8 bytes (a string literal: compare or copy 8 bytes, not its NUL) */
+#define NZ_CONTAINER_MAGIC   "\x89NZP\r\n\x1a\n"
 #define NZ_CONTAINER_VERSION 1
 #define NZ_CONTAINER_ALIGN   64
 #define NZ_CONTAINER_PREFIX  64
