@@ -1,4 +1,4 @@
-/* Unit tests for engine/nz_codec.c: float conversions against independent
+/* Unit tests for engine/nz_codec.c and nz_codec_dec.c: float conversions against independent
  * reference implementations, lossless round trips (bf16, f16, f32; coders
  * rans, zstd, const) over edge values and odd shapes, the lossy-k rounding
  * rule, mode bf16, block normalisers, raw tiles, descriptor validation, mode
