@@ -41,6 +41,12 @@ def clear_line():
         _drawn.clear()
 
 
+def log(*parts):
+    """One timestamped line on stdout ("HH:MM:SS parts..."), never on the row of a progress line."""
+    clear_line()
+    print(time.strftime("%H:%M:%S"), *parts, flush=True)
+
+
 def fmt_time(s):
     """Seconds as m:ss or h:mm:ss ("--" when unknown)."""
     if s is None or not 0 <= s < 360000:

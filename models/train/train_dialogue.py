@@ -50,16 +50,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import t5md_ref as R  # noqa: E402
-from progress import Progress, clear_line  # noqa: E402
-from t5md_ref import EOS, PAD  # noqa: E402
-
-IGNORE = -100
-
-
-def log(*a):
-    clear_line()  # not on the row of a progress line
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
-
+from dialogue_data import IGNORE, collate, infill_noise, make_batches, prepare  # noqa: E402
+from progress import Progress, log  # noqa: E402
 
 # ------------------------------------------------------------------ arguments
 
@@ -161,191 +153,6 @@ def model_config(a, vocab_size):
         multidecoder="none", num_modes=1, adapter_hidden_size=max(1, int(a.d_model * a.proj_ratio)),
         turn_separator=R.SEP_PIECE, max_context_turns=a.max_context_turns,
         max_source_length=a.max_source_length, max_target_length=a.max_target_length)
-
-
-# ------------------------------------------------------------------ data
-
-def read_jsonl(path, limit=0):
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            d = json.loads(line)
-            ctx, resp = d.get("context"), d.get("response")
-            if ctx is None or not isinstance(resp, str) or not resp.strip():
-                continue
-            if isinstance(ctx, str):
-                ctx = [ctx]
-            out.append(([str(t) for t in ctx], resp))
-            if limit and len(out) >= limit:
-                break
-    return out
-
-
-def corpus_files(a):
-    if a.train:
-        return a.train, a.valid
-    if os.path.isdir(a.corpus):
-        tr = os.path.join(a.corpus, "train.jsonl")
-        va = None
-        for n in ("valid.jsonl", "dev.jsonl", "validation.jsonl"):
-            if os.path.exists(os.path.join(a.corpus, n)):
-                va = os.path.join(a.corpus, n)
-                break
-        return tr, (a.valid or va)
-    return a.corpus, a.valid
-
-
-def load_corpus(a):
-    tr, va = corpus_files(a)
-    train = read_jsonl(tr, a.train_limit)
-    if va:
-        valid = read_jsonl(va, a.valid_limit)
-    else:
-        n = max(1, int(len(train) * a.valid_fraction)) if len(train) > 1 else 0
-        n = min(n, a.valid_limit) if a.valid_limit else n
-        train, valid = train[:len(train) - n], train[len(train) - n:]
-    if not train:
-        raise SystemExit("no training pairs in %s" % tr)
-    return train, valid
-
-
-def read_lines(path, limit=0):
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for l in f:
-            l = l.strip()
-            if l:
-                out.append(l)
-                if limit and len(out) >= limit:
-                    break
-    return out
-
-
-def train_spm(a, spm_prefix, train, pre_lines):
-    import sentencepiece as spm
-    texts = set()
-    for ctx, resp in train:
-        for t in ctx:
-            if t.strip():
-                texts.add(t.strip())
-        texts.add(resp.strip())
-    texts = sorted(texts) + list(pre_lines)
-    if a.spm_input_limit and len(texts) > a.spm_input_limit:
-        sel = np.random.RandomState(a.seed).choice(len(texts), a.spm_input_limit, replace=False)
-        texts = [texts[i] for i in sorted(sel)]
-    inp = spm_prefix + ".input.txt"
-    with open(inp, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(t.replace("\n", " ") + "\n")
-    spm.SentencePieceTrainer.train(
-        input=inp, model_prefix=spm_prefix, vocab_size=a.spm_vocab, model_type=a.spm_type,
-        character_coverage=a.spm_coverage, input_sentence_size=0, shuffle_input_sentence=False,
-        num_threads=1, hard_vocab_limit=False, pad_id=PAD, eos_id=EOS, unk_id=R.UNK, bos_id=-1,
-        control_symbols=[R.SEP_PIECE, R.MASK_PIECE], minloglevel=2)
-    os.remove(inp)
-
-
-def prepare(a):
-    os.makedirs(a.out, exist_ok=True)
-    spm_prefix = os.path.join(a.out, "spm")
-    data_path = os.path.join(a.out, "data.pt")
-    if os.path.exists(data_path) and os.path.exists(spm_prefix + ".model"):
-        return torch.load(data_path)
-    t = time.time()
-    train, valid = load_corpus(a)
-    pre = read_lines(a.pretrain_text, a.pretrain_limit) if a.pretrain_text else []
-    log("corpus: %d train / %d valid pairs, %d pre-training lines (%.0fs)" % (
-        len(train), len(valid), len(pre), time.time() - t))
-    if not os.path.exists(spm_prefix + ".model"):
-        t = time.time()
-        train_spm(a, spm_prefix, train, pre)
-        log("sentencepiece %s vocab %d trained in %.0fs" % (a.spm_type, a.spm_vocab, time.time() - t))
-    tok = R.Tokenizer(spm_prefix + ".model", R.SEP_PIECE, a.max_context_turns, a.max_source_length,
-                      a.max_target_length)
-    t = time.time()
-    cache = {}
-    plain_encode = tok.encode
-
-    def enc_turn(s):
-        v = cache.get(s)
-        if v is None:
-            v = cache[s] = plain_encode(s)
-        return v
-    tok.encode = enc_turn  # same ids, memoised (contexts repeat turns)
-    data = {"vocab_size": len(tok)}
-    for name, pairs in (("train", train), ("valid", valid)):
-        src = [np.array(R.join_context(c, tok), np.int32) for c, _ in pairs]
-        tgt = [np.array(tok.encode_response(r), np.int32) for _, r in pairs]
-        data[name] = {"src": src, "tgt": tgt}
-        log("%s: %d pairs, %d src / %d tgt tokens" % (name, len(src), sum(len(x) for x in src),
-                                                      sum(len(x) for x in tgt)))
-    lim = a.max_source_length - 1 if a.max_source_length > 0 else 10 ** 9
-    pre_ids = [np.array(x[:lim], np.int32) for x in tok.sp.encode(pre)] if pre else []
-    data["pretrain"] = [x for x in pre_ids if len(x) >= 2]
-    torch.save(data, data_path)
-    log("encoded in %.0fs (%d pre-training lines kept)" % (time.time() - t, len(data["pretrain"])))
-    return data
-
-
-def make_batches(n, size, seed, epoch, salt, lengths=None, pool=64):
-    """Shuffled consecutive chunks of `size` sample indices (the last may be smaller). With lengths
-    (--length-buckets: (src_lens, tgt_lens) arrays), the shuffled indices are cut into pools of
-    pool * size samples, each pool is sorted by target length (in steps of 4) then source length and
-    cut into batches, and the batches are shuffled: a batch holds samples of similar lengths, so
-    little of it is padding, while its samples stay a random draw of the epoch."""
-    rs = np.random.RandomState((seed * 1000003 + epoch * 7919 + salt) % (2 ** 32))
-    idx = rs.permutation(n)
-    if lengths is None:
-        return [idx[i:i + size].tolist() for i in range(0, n, size)]
-    src_len, tgt_len = lengths
-    out = []
-    for p in range(0, n, pool * size):
-        chunk = idx[p:p + pool * size]
-        chunk = chunk[np.lexsort((src_len[chunk], tgt_len[chunk] // 4))]
-        out += [chunk[i:i + size].tolist() for i in range(0, len(chunk), size)]
-    return [out[i] for i in rs.permutation(len(out))]
-
-
-def collate(src, tgt, device):
-    """(src [B,S], src_pad [B,S], dec_in [B,T], labels [B,T] with -100 on padding)."""
-    s, sp = R.pad_batch([x.tolist() for x in src])
-    T = max(len(y) for y in tgt)
-    labels = torch.full((len(tgt), T), IGNORE, dtype=torch.long)
-    dec_in = torch.full((len(tgt), T), PAD, dtype=torch.long)
-    for i, y in enumerate(tgt):
-        y = torch.as_tensor(y.astype(np.int64))
-        labels[i, :len(y)] = y
-        dec_in[i, 0] = R.DECODER_START  # HF _shift_right
-        dec_in[i, 1:len(y)] = y[:-1]
-    return s.to(device), sp.to(device), dec_in.to(device), labels.to(device)
-
-
-def infill_noise(ids, mask_id, ratio, mean_span, rs):
-    """BART text infilling: ~ratio of the tokens, in spans of Poisson(mean_span)
-    length (>= 1), each span replaced by one <mask>; returns (input, target)."""
-    n = len(ids)
-    n_mask = max(1, int(round(n * ratio)))
-    masked = np.zeros(n, bool)
-    guard = 0
-    while masked.sum() < n_mask and guard < 100:
-        guard += 1
-        ln = max(1, int(rs.poisson(mean_span)))
-        st = int(rs.randint(0, n))
-        masked[st:st + ln] = True
-    out = []
-    prev = False
-    for i in range(n):
-        if masked[i]:
-            if not prev:
-                out.append(mask_id)
-            prev = True
-        else:
-            out.append(int(ids[i]))
-            prev = False
-    return np.array(out + [EOS], np.int32), np.array(list(ids) + [EOS], np.int32)
 
 
 # ------------------------------------------------------------------ losses
@@ -558,8 +365,8 @@ def main(argv=None):
             signal.signal(sig, handler)
 
 
-def train(a, signalled):
-    """The run of parsed arguments a; signalled: the signals received so far (stop when not empty)."""
+def setup_torch(a):
+    """Threads and the device (deterministic cuBLAS on a GPU). @return the torch.device."""
     torch.set_num_threads(a.threads)
     if torch.get_num_interop_threads() != 1:  # a second call aborts the process (in-process reruns)
         try:
@@ -567,207 +374,254 @@ def train(a, signalled):
         except RuntimeError:
             pass
     dev_name = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(dev_name)
     if dev_name == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    return torch.device(dev_name)
 
-    init = read_init_model(a) if a.init_model else None  # before prepare(): its spm.model
-    data = prepare(a)
-    spm_path = os.path.join(a.out, "spm.model")
-    tok = R.Tokenizer(spm_path, R.SEP_PIECE, a.max_context_turns, a.max_source_length, a.max_target_length)
-    with open(os.path.join(a.out, "train_args.json"), "w") as f:
-        json.dump(vars(a), f, indent=1, sort_keys=True)
-    train, valid = data["train"], data["valid"]
-    if a.pretrain_steps and not data["pretrain"]:
-        raise SystemExit("--pretrain-steps needs --pretrain-text (and a fresh OUT/data.pt)")
 
-    cfg1 = model_config(a, data["vocab_size"])
-    state = {"phase": 1, "updates": 0, "training_steps": 0, "global_step": 0, "best": None, "wall": 0.0,
-             "iters": {"pretrain": [1, 0], "dialogue": [1, 0], "eqhard": [1, 0]}, "source": "dialogue",
-             "noise_rs": np.random.RandomState(a.seed + 17), "per_mode": None}
-    last = os.path.join(a.out, "checkpoint_last.pt")
-    ck = None
-    if a.resume:
-        ck = torch.load(last, map_location="cpu")
-        ns = ck["nzserve"]
-        state.update(phase=ns["phase"], updates=ns["updates"], iters=ns["iters"], source=ns["source"],
-                     best=ns["best"], wall=ns["wall_seconds"], per_mode=ns.get("steps_trained_per_mode"),
-                     rewarm_from=ns.get("rewarm_from"),
-                     training_steps=ck["training_steps"], global_step=ck["global_step"])
-        state["noise_rs"].set_state(ns["noise_rng"])
-        cfg = R.make_config(ck["config"], dropout_rate=a.dropout)
-        if a.dropout is not None and a.dropout != ck["config"].get("dropout_rate"):
-            log("dropout %s -> %s from this update on" % (ck["config"].get("dropout_rate"), a.dropout))
-    elif init is not None:
-        cfg, tr = init[0], init[2]
-        if cfg["vocab_size"] != data["vocab_size"]:
-            raise SystemExit("--init-model: vocabulary %d, but OUT's encoded corpus has %d (a stale "
-                             "OUT/data.pt?)" % (cfg["vocab_size"], data["vocab_size"]))
-        state.update(updates=int(tr["updates"]), training_steps=int(tr["updates"]),
-                     global_step=int(tr["updates"]), wall=float(tr.get("wall_seconds", 0.0)),
-                     iters={**state["iters"], **{k: list(v) for k, v in tr.get("iters", {}).items()}})
-        state["rewarm_from"] = state["updates"]
-    else:
-        cfg = cfg1
-    torch.manual_seed(a.seed)
-    model = build_model(cfg, device)
-    if init is not None:
-        model.load_state_dict(init[1], strict=True)
-        log("initialised from %s: phase 1 update %d (dialogue epoch %d batch %d); fresh AdamW, learning "
-            "rate ramped over %d updates" % (a.init_model, state["updates"], *state["iters"]["dialogue"],
-                                             a.rewarm_updates))
-        init = None
-    elif ck is None:
-        R.init_weights(model, a.seed)
-    else:
-        model.load_state_dict(from_eqhard_state_dict(ck["model"], model))
-    set_trainable(model, a) if state["phase"] == 2 else None
-    opt = make_optimizer(model, a, state["phase"])
-    if ck is not None:
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["nzserve"]["torch_rng"])
-        if ck["nzserve"]["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["nzserve"]["cuda_rng"])
-        log("resumed: phase %d update %d (%s epoch %d batch %d)" % (
-            state["phase"], state["updates"], state["source"], *state["iters"][state["source"]]))
-        del ck
-    nparam = sum(p.numel() for p in model.parameters())
-    log("model: %d parameters (%.2fM); vocab %d; phase %d (%s, K=%d); device %s" % (
-        nparam, nparam / 1e6, cfg["vocab_size"], state["phase"], model.kind, model.num_modes, dev_name))
+def new_state(a):
+    """The run's state as a checkpoint keeps it ("nzserve"), at update 0 of phase 1."""
+    return {"phase": 1, "updates": 0, "training_steps": 0, "global_step": 0, "best": None, "wall": 0.0,
+            "iters": {"pretrain": [1, 0], "dialogue": [1, 0], "eqhard": [1, 0]}, "source": "dialogue",
+            "noise_rs": np.random.RandomState(a.seed + 17), "per_mode": None}
 
-    phase1_total = a.pretrain_steps + a.phase1_steps
-    t_start = time.time()
-    wall0 = state["wall"]
-    last_save = time.time()
-    acc = {}
-    acc_n, ntok, t_log = 0, 0, time.time()
-    batches_cache = {}
 
-    # --length-buckets: batches of similar lengths (the dialogue pairs; pre-training noise changes lengths)
-    train_lengths = (np.array([len(x) for x in train["src"]]), np.array([len(y) for y in train["tgt"]])) \
-        if a.length_buckets else None
+class Run:
+    """One training run: the encoded data, the model and its optimizer, the state a checkpoint keeps,
+    and the bookkeeping of logging, validation, saving and stopping. train() drives it through
+    phase 1 (Run.phase1), the switch to K decoders (Run.to_phase2) and EqHard-EM (Run.phase2)."""
 
-    def next_batch(source, n_items, size, salt):
+    def __init__(self, a, signalled):
+        """Set up from parsed arguments a (new, --resume or --init-model); signalled: the signals
+        received so far (the run stops after the current update when it is not empty)."""
+        self.a, self.signalled = a, signalled
+        self.device = setup_torch(a)
+        init = read_init_model(a) if a.init_model else None  # before prepare(): its spm.model
+        self.data = prepare(a)
+        self.spm_path = os.path.join(a.out, "spm.model")
+        self.tok = R.Tokenizer(self.spm_path, R.SEP_PIECE, a.max_context_turns, a.max_source_length,
+                               a.max_target_length)
+        with open(os.path.join(a.out, "train_args.json"), "w") as f:
+            json.dump(vars(a), f, indent=1, sort_keys=True)
+        self.train, self.valid = self.data["train"], self.data["valid"]
+        if a.pretrain_steps and not self.data["pretrain"]:
+            raise SystemExit("--pretrain-steps needs --pretrain-text (and a fresh OUT/data.pt)")
+        self.last = os.path.join(a.out, "checkpoint_last.pt")
+        self.state = new_state(a)
+        self._open_model(init)
+        self.phase1_total = a.pretrain_steps + a.phase1_steps
+        self.t_start = self.last_save = self.t_log = time.time()
+        self.wall0 = self.state["wall"]
+        self.acc, self.acc_n, self.ntok = {}, 0, 0
+        self.batches = {}  # (source, epoch) -> that epoch's batches (one epoch kept)
+        # --length-buckets: batches of similar lengths (the dialogue pairs; pre-training noise changes lengths)
+        self.lengths = (np.array([len(x) for x in self.train["src"]]),
+                        np.array([len(y) for y in self.train["tgt"]])) if a.length_buckets else None
+        self.stopped = False
+
+    def _open_model(self, init):
+        """The model and optimizer: from OUT/checkpoint_last.pt (--resume: weights, optimizer, RNGs and
+        state exactly), from a snapshot directory (--init-model: weights and data position, a fresh
+        AdamW), or new (initialised from --seed)."""
+        a, state = self.a, self.state
+        ck = None
+        if a.resume:
+            ck = torch.load(self.last, map_location="cpu")
+            ns = ck["nzserve"]
+            state.update(phase=ns["phase"], updates=ns["updates"], iters=ns["iters"], source=ns["source"],
+                         best=ns["best"], wall=ns["wall_seconds"], per_mode=ns.get("steps_trained_per_mode"),
+                         rewarm_from=ns.get("rewarm_from"),
+                         training_steps=ck["training_steps"], global_step=ck["global_step"])
+            state["noise_rs"].set_state(ns["noise_rng"])
+            cfg = R.make_config(ck["config"], dropout_rate=a.dropout)
+            if a.dropout is not None and a.dropout != ck["config"].get("dropout_rate"):
+                log("dropout %s -> %s from this update on" % (ck["config"].get("dropout_rate"), a.dropout))
+        elif init is not None:
+            cfg, tr = init[0], init[2]
+            if cfg["vocab_size"] != self.data["vocab_size"]:
+                raise SystemExit("--init-model: vocabulary %d, but OUT's encoded corpus has %d (a stale "
+                                 "OUT/data.pt?)" % (cfg["vocab_size"], self.data["vocab_size"]))
+            state.update(updates=int(tr["updates"]), training_steps=int(tr["updates"]),
+                         global_step=int(tr["updates"]), wall=float(tr.get("wall_seconds", 0.0)),
+                         iters={**state["iters"], **{k: list(v) for k, v in tr.get("iters", {}).items()}})
+            state["rewarm_from"] = state["updates"]
+        else:
+            cfg = model_config(a, self.data["vocab_size"])
+        torch.manual_seed(a.seed)
+        self.model = model = build_model(cfg, self.device)
+        if init is not None:
+            model.load_state_dict(init[1], strict=True)
+            log("initialised from %s: phase 1 update %d (dialogue epoch %d batch %d); fresh AdamW, learning "
+                "rate ramped over %d updates" % (a.init_model, state["updates"], *state["iters"]["dialogue"],
+                                                 a.rewarm_updates))
+        elif ck is None:
+            R.init_weights(model, a.seed)
+        else:
+            model.load_state_dict(from_eqhard_state_dict(ck["model"], model))
+        set_trainable(model, a) if state["phase"] == 2 else None
+        self.opt = make_optimizer(model, a, state["phase"])
+        if ck is not None:
+            self.opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["nzserve"]["torch_rng"])
+            if ck["nzserve"]["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ck["nzserve"]["cuda_rng"])
+            log("resumed: phase %d update %d (%s epoch %d batch %d)" % (
+                state["phase"], state["updates"], state["source"], *state["iters"][state["source"]]))
+        nparam = sum(p.numel() for p in model.parameters())
+        log("model: %d parameters (%.2fM); vocab %d; phase %d (%s, K=%d); device %s" % (
+            nparam, nparam / 1e6, cfg["vocab_size"], state["phase"], model.kind, model.num_modes,
+            self.device.type))
+
+    def next_batch(self, source, n_items, size, salt):
+        """The sample indices of `source`'s next batch (a new epoch's batches when one runs out)."""
+        a, state = self.a, self.state
         ep, bi = state["iters"][source]
-        key = (source, ep)
-        lengths = train_lengths if source != "pretrain" else None
-        if key not in batches_cache:
-            batches_cache.clear()
-            batches_cache[key] = make_batches(n_items, size, a.seed, ep, salt, lengths)
-        bl = batches_cache[key]
+        lengths = self.lengths if source != "pretrain" else None
+        if (source, ep) not in self.batches:
+            self.batches.clear()
+            self.batches[(source, ep)] = make_batches(n_items, size, a.seed, ep, salt, lengths)
+        bl = self.batches[(source, ep)]
         if bi >= len(bl):
             ep, bi = ep + 1, 0
-            batches_cache.clear()
-            batches_cache[(source, ep)] = bl = make_batches(n_items, size, a.seed, ep, salt, lengths)
+            self.batches.clear()
+            self.batches[(source, ep)] = bl = make_batches(n_items, size, a.seed, ep, salt, lengths)
             log("%s epoch %d: %d batches" % (source, ep, len(bl)))
         state["iters"][source] = [ep, bi + 1]
         return bl[bi]
 
-    def do_validate_and_save(finished):
-        nonlocal last_save
+    def batch_tensors(self, idx):
+        """collate() of the training pairs idx."""
+        return collate([self.train["src"][i] for i in idx], [self.train["tgt"][i] for i in idx], self.device)
+
+    def must_stop(self):
+        """Why the run stops after this update ("" to go on)."""
+        a = self.a
+        if self.signalled:
+            return "signal %d" % self.signalled[0]
+        if a.max_minutes and (time.time() - self.t_start) > a.max_minutes * 60:
+            return "--max-minutes"
+        if a.interrupt_at and self.state["global_step"] >= a.interrupt_at:
+            return "--interrupt-at"
+        return ""
+
+    def end_update(self, phase_total):
+        """After an update: validate and save when due (and at the end of the phase or run).
+        @return True when the run stops here."""
+        a, state = self.a, self.state
+        state["wall"] = self.wall0 + time.time() - self.t_start
+        why = self.must_stop()
         u = state["updates"]
+        finished = u >= phase_total or bool(why)
         if u % a.validate_interval_updates == 0 or finished:
-            v = validate(model, a, valid, device)
+            v = validate(self.model, a, self.valid, self.device)
             if v:
                 log("valid phase %d update %d | %s" % (state["phase"], u, " ".join(
                     "%s %.4f" % kv for kv in sorted(v.items()))))
                 if state["best"] is None or v["select"] < state["best"]:
                     state["best"] = v["select"]
-                    save_checkpoint(os.path.join(a.out, "checkpoint_best.pt"), a, model, opt, state)
-        if u % a.save_interval_updates == 0 or finished or time.time() - last_save > a.save_interval_minutes * 60:
-            save_checkpoint(last, a, model, opt, state)
-            last_save = time.time()
-            log("saved %s (phase %d update %d)" % (last, state["phase"], u))
+                    save_checkpoint(os.path.join(a.out, "checkpoint_best.pt"), a, self.model, self.opt, state)
+        if u % a.save_interval_updates == 0 or finished or \
+                time.time() - self.last_save > a.save_interval_minutes * 60:
+            save_checkpoint(self.last, a, self.model, self.opt, state)
+            self.last_save = time.time()
+            log("saved %s (phase %d update %d)" % (self.last, state["phase"], u))
+        if why:
+            log("stopping: %s reached" % why)
+            self.stopped = True
+        return self.stopped
 
-    def must_stop():
-        if signalled:
-            return "signal %d" % signalled[0]
-        if a.max_minutes and (time.time() - t_start) > a.max_minutes * 60:
-            return "--max-minutes"
-        if a.interrupt_at and state["global_step"] >= a.interrupt_at:
-            return "--interrupt-at"
-        return ""
+    def take_log(self):
+        """The mean of each accumulated value since the last log line, and the tokens per second;
+        starts the next interval."""
+        means = {k: v / self.acc_n for k, v in self.acc.items()}
+        rate = self.ntok / (time.time() - self.t_log)
+        self.acc, self.acc_n, self.ntok, self.t_log = {}, 0, 0, time.time()
+        return means, rate
 
-    stopped = False
+    def add(self, key, value):
+        self.acc[key] = self.acc.get(key, 0.0) + value
+
     # ---------------- phase 1: denoising pre-training, then seq2seq
-    model.train()
-    progress = Progress(phase1_total, "phase 1", unit="updates", done=state["updates"]) \
-        if state["phase"] == 1 else None
-    while state["phase"] == 1 and state["updates"] < phase1_total:
+
+    def phase1_update(self):
+        """One update of phase 1 (a denoising batch while u < --pretrain-steps, else a dialogue batch)."""
+        a, state = self.a, self.state
         u = state["updates"]
         pre = u < a.pretrain_steps
         state["source"] = "pretrain" if pre else "dialogue"
         if pre:
-            b = next_batch("pretrain", len(data["pretrain"]), a.batch_size, 1)
-            pairs = [infill_noise(data["pretrain"][i], tok.sp.piece_to_id(R.MASK_PIECE), a.mask_ratio,
-                                  a.mask_span, state["noise_rs"]) for i in b]
-            s, sp, di, lb = collate([x for x, _ in pairs], [y for _, y in pairs], device)
+            b = self.next_batch("pretrain", len(self.data["pretrain"]), a.batch_size, 1)
+            mask_id = self.tok.sp.piece_to_id(R.MASK_PIECE)
+            pairs = [infill_noise(self.data["pretrain"][i], mask_id, a.mask_ratio, a.mask_span, state["noise_rs"])
+                     for i in b]
+            s, sp, di, lb = collate([x for x, _ in pairs], [y for _, y in pairs], self.device)
         else:
-            b = next_batch("dialogue", len(train["src"]), a.batch_size, 2)
-            s, sp, di, lb = collate([train["src"][i] for i in b], [train["tgt"][i] for i in b], device)
+            s, sp, di, lb = self.batch_tensors(self.next_batch("dialogue", len(self.train["src"]), a.batch_size, 2))
         lr = lr_at(a, u, state.get("rewarm_from"))
-        for g in opt.param_groups:
+        for g in self.opt.param_groups:
             g["lr"] = lr
-        loss = token_loss(model(s, sp, di, 0), lb)
-        opt.zero_grad(set_to_none=True)
+        loss = token_loss(self.model(s, sp, di, 0), lb)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_norm if a.clip_norm > 0 else float("inf"))
-        opt.step()
-        state["updates"] += 1
-        state["training_steps"] += 1
-        state["global_step"] += 1
-        u = state["updates"]
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                            a.clip_norm if a.clip_norm > 0 else float("inf"))
+        self.opt.step()
+        for k in ("updates", "training_steps", "global_step"):
+            state[k] += 1
         k = "denoise" if pre else "loss"
-        acc[k] = acc.get(k, 0.0) + float(loss)
-        acc["gnorm"] = acc.get("gnorm", 0.0) + float(gn)
-        acc_n += 1
-        ntok += int(lb.ne(IGNORE).sum()) + int((~sp).sum())
-        progress.update(u, note="%s %.3f" % (k, acc[k] / acc_n))
-        if u % a.log_interval == 0 or u == phase1_total:
-            dt = time.time() - t_log
+        self.add(k, float(loss))
+        self.add("gnorm", float(gn))
+        self.acc_n += 1
+        self.ntok += int(lb.ne(IGNORE).sum()) + int((~sp).sum())
+        self.progress.update(state["updates"], note="%s %.3f" % (k, self.acc[k] / self.acc_n))
+        if state["updates"] % a.log_interval == 0 or state["updates"] == self.phase1_total:
+            means, rate = self.take_log()
             log("update %d phase 1 (%s) epoch %d lr %.3g | %s | %.0f tok/s" % (
-                u, state["source"], state["iters"][state["source"]][0], lr,
-                " ".join("%s %.4f" % (kk, vv / acc_n) for kk, vv in sorted(acc.items())), ntok / dt))
-            acc, acc_n, ntok, t_log = {}, 0, 0, time.time()
-        state["wall"] = wall0 + time.time() - t_start
-        out_of_time = must_stop()
-        do_validate_and_save(u >= phase1_total or out_of_time)
-        if out_of_time:
-            log("stopping: %s reached" % out_of_time)
-            stopped = True
-            break
-    if progress:
-        progress.close()
+                state["updates"], state["source"], state["iters"][state["source"]][0], lr,
+                " ".join("%s %.4f" % kv for kv in sorted(means.items())), rate))
 
-    # ---------------- phase 1 -> phase 2
-    if not stopped and state["phase"] == 1:
-        torch.save({"model": to_eqhard_state_dict(model), "config": dict(model.config)},
+    def phase1(self):
+        if self.state["phase"] != 1:
+            return
+        self.model.train()
+        self.progress = Progress(self.phase1_total, "phase 1", unit="updates", done=self.state["updates"])
+        while self.state["updates"] < self.phase1_total:
+            self.phase1_update()
+            if self.end_update(self.phase1_total):
+                break
+        self.progress.close()
+
+    def to_phase2(self):
+        """Phase 1 done: OUT/phase1.pt, then K decoders on the phase-1 model (--phase2-steps > 0)."""
+        a, state = self.a, self.state
+        if self.stopped or state["phase"] != 1:
+            return
+        torch.save({"model": to_eqhard_state_dict(self.model), "config": dict(self.model.config)},
                    os.path.join(a.out, "phase1.pt"))
         log("phase 1 done (%d updates): %s" % (state["updates"], os.path.join(a.out, "phase1.pt")))
-        if a.phase2_steps > 0:
-            model = R.multi_from_single(model.cpu(), a.num_modes, a.decoder,
-                                        max(1, int(a.d_model * a.proj_ratio)), seed=a.seed + 2).to(device)
-            set_trainable(model, a)
-            opt = make_optimizer(model, a, 2)
-            state.update(phase=2, updates=0, best=None, source="eqhard", per_mode=[0] * a.num_modes)
-            ntrain = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            log("phase 2: EqHard-EM, %s decoders K=%d, %d trainable parameters, loader batch %d" % (
-                a.decoder, a.num_modes, ntrain, a.num_modes * a.eq_batch_size))
+        if a.phase2_steps <= 0:
+            return
+        self.model = R.multi_from_single(self.model.cpu(), a.num_modes, a.decoder,
+                                         max(1, int(a.d_model * a.proj_ratio)), seed=a.seed + 2).to(self.device)
+        set_trainable(self.model, a)
+        self.opt = make_optimizer(self.model, a, 2)
+        state.update(phase=2, updates=0, best=None, source="eqhard", per_mode=[0] * a.num_modes)
+        ntrain = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log("phase 2: EqHard-EM, %s decoders K=%d, %d trainable parameters, loader batch %d" % (
+            a.decoder, a.num_modes, ntrain, a.num_modes * a.eq_batch_size))
 
     # ---------------- phase 2: EqHard-EM
-    if state["phase"] == 2:
-        model.train()
-        K = model.num_modes
-        bs = a.eq_batch_size
-        if state["per_mode"] is None:
-            state["per_mode"] = [0] * K
-        progress = Progress(a.phase2_steps, "phase 2", unit="updates", done=state["updates"])
-    while not stopped and state["phase"] == 2 and state["updates"] < a.phase2_steps:
-        b = next_batch("eqhard", len(train["src"]), K * bs, 3)
-        s, sp, di, lb = collate([train["src"][i] for i in b], [train["tgt"][i] for i in b], device)
+
+    def phase2_round(self):
+        """One EqHard-EM round: a loader batch of K * --eq-batch-size pairs, every decoder's per-sample
+        losses, the equal-size assignment, then one optimizer step per decoder on its samples."""
+        a, state, model = self.a, self.state, self.model
+        K, bs = model.num_modes, a.eq_batch_size
+        b = self.next_batch("eqhard", len(self.train["src"]), K * bs, 3)
+        s, sp, di, lb = self.batch_tensors(b)
         if a.assign_eval:
             model.eval()
         L = per_sample_losses(model, s, sp, di, lb)
@@ -777,60 +631,80 @@ def train(a, signalled):
             idx = np.nonzero(assign == i)[0][:bs]
             if len(idx) == 0:
                 continue
-            ii = torch.as_tensor(idx, device=device)
+            ii = torch.as_tensor(idx, device=self.device)
             sub_lb = lb[ii]
             T = int(sub_lb.ne(IGNORE).sum(1).max())
             loss = token_loss(model(s[ii], sp[ii], di[ii][:, :T], i), sub_lb[:, :T])
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if a.phase2_clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.phase2_clip_norm)
-            opt.step()
+            self.opt.step()
             state["training_steps"] += 1
             state["per_mode"][i] += 1
-            acc["loss_%d" % i] = acc.get("loss_%d" % i, 0.0) + float(loss)
-            acc["n_%d" % i] = acc.get("n_%d" % i, 0.0) + len(idx)
-        acc["assigned_loss"] = acc.get("assigned_loss", 0.0) + float(L[np.arange(len(b)), assign].mean())
-        acc["min_loss"] = acc.get("min_loss", 0.0) + float(L.min(1).values.mean())
-        acc_n += 1
-        ntok += int(lb.ne(IGNORE).sum()) * (K + 1) + int((~sp).sum()) * (K + 1)
+            self.add("loss_%d" % i, float(loss))
+            self.add("n_%d" % i, len(idx))
+        self.add("assigned_loss", float(L[np.arange(len(b)), assign].mean()))
+        self.add("min_loss", float(L.min(1).values.mean()))
+        self.acc_n += 1
+        self.ntok += int(lb.ne(IGNORE).sum()) * (K + 1) + int((~sp).sum()) * (K + 1)
         state["updates"] += 1
         state["global_step"] += 1
         u = state["updates"]
-        progress.update(u, note="assigned_loss %.3f" % (acc["assigned_loss"] / acc_n))
+        self.progress.update(u, note="assigned_loss %.3f" % (self.acc["assigned_loss"] / self.acc_n))
         if u % a.log_interval == 0 or u == a.phase2_steps:
-            dt = time.time() - t_log
-            parts = ["loss %s" % ",".join("%.3f" % (acc.get("loss_%d" % i, 0.0) / acc_n) for i in range(K)),
-                     "assigned %s" % ",".join("%d" % acc.get("n_%d" % i, 0) for i in range(K)),
-                     "assigned_loss %.4f" % (acc["assigned_loss"] / acc_n), "min_loss %.4f" % (acc["min_loss"] / acc_n)]
-            log("update %d phase 2 epoch %d | %s | %.0f tok/s" % (u, state["iters"]["eqhard"][0], " | ".join(parts),
-                                                                  ntok / dt))
+            n = {i: self.acc.get("n_%d" % i, 0) for i in range(K)}
+            means, rate = self.take_log()
+            parts = ["loss %s" % ",".join("%.3f" % means.get("loss_%d" % i, 0.0) for i in range(K)),
+                     "assigned %s" % ",".join("%d" % n[i] for i in range(K)),
+                     "assigned_loss %.4f" % means["assigned_loss"], "min_loss %.4f" % means["min_loss"]]
+            log("update %d phase 2 epoch %d | %s | %.0f tok/s" % (u, state["iters"]["eqhard"][0],
+                                                                  " | ".join(parts), rate))
             tot = sum(state["per_mode"]) or 1
             log("percent trained: %s" % " ".join("%d:%.1f%%" % (i, 100.0 * c / tot)
                                                  for i, c in enumerate(state["per_mode"])))
-            acc, acc_n, ntok, t_log = {}, 0, 0, time.time()
-        state["wall"] = wall0 + time.time() - t_start
-        out_of_time = must_stop()
-        do_validate_and_save(u >= a.phase2_steps or out_of_time)
-        if out_of_time:
-            log("stopping: %s reached" % out_of_time)
-            stopped = True
-    if state["phase"] == 2:
-        progress.close()
 
-    finished = (state["phase"] == 2 and state["updates"] >= a.phase2_steps) or \
-               (state["phase"] == 1 and state["updates"] >= phase1_total and a.phase2_steps == 0)
-    if not stopped and not os.path.exists(last):
-        save_checkpoint(last, a, model, opt, state)
-    model.eval()
-    if finished and not a.no_final_decode:
-        final_decode(model, a, data, tok)
-    if a.export:
-        conf = R.save_model_dir(model.cpu(), a.export, spm_path)
-        log("exported %s (%s, K=%d)" % (a.export, conf["multidecoder"], conf["num_modes"]))
-    log("done: phase %d update %d, %.1f min this run" % (state["phase"], state["updates"],
-                                                          (time.time() - t_start) / 60))
-    return 0
+    def phase2(self):
+        state = self.state
+        if self.stopped or state["phase"] != 2:
+            return
+        self.model.train()
+        if state["per_mode"] is None:
+            state["per_mode"] = [0] * self.model.num_modes
+        self.progress = Progress(self.a.phase2_steps, "phase 2", unit="updates", done=state["updates"])
+        while state["updates"] < self.a.phase2_steps:
+            self.phase2_round()
+            if self.end_update(self.a.phase2_steps):
+                break
+        self.progress.close()
+
+    def finish(self):
+        """The end of the run: a checkpoint if none exists, the demo decode (a finished run) and --export.
+        @return 0."""
+        a, state = self.a, self.state
+        finished = (state["phase"] == 2 and state["updates"] >= a.phase2_steps) or \
+                   (state["phase"] == 1 and state["updates"] >= self.phase1_total and a.phase2_steps == 0)
+        if not self.stopped and not os.path.exists(self.last):
+            save_checkpoint(self.last, a, self.model, self.opt, state)
+        self.model.eval()
+        if finished and not a.no_final_decode:
+            final_decode(self.model, a, self.data, self.tok)
+        if a.export:
+            conf = R.save_model_dir(self.model.cpu(), a.export, self.spm_path)
+            log("exported %s (%s, K=%d)" % (a.export, conf["multidecoder"], conf["num_modes"]))
+        log("done: phase %d update %d, %.1f min this run" % (state["phase"], state["updates"],
+                                                              (time.time() - self.t_start) / 60))
+        return 0
+
+
+def train(a, signalled):
+    """The run of parsed arguments a; signalled: the signals received so far (stop when not empty).
+    @return 0 (errors raise SystemExit with a message)."""
+    run = Run(a, signalled)
+    run.phase1()
+    run.to_phase2()
+    run.phase2()
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -37,14 +37,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nat_ref  # noqa: E402
 from nat_ref import BOS, EOS, PAD, UNK  # noqa: E402
-from progress import Progress, clear_line  # noqa: E402
+from progress import Progress, log  # noqa: E402
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
-
-
-def log(*a):
-    clear_line()  # not on the row of a progress line
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
 # ------------------------------------------------------------------ arguments

@@ -724,8 +724,8 @@ def test_eqhard_assignment_is_optimal_and_equal_size():
 
 def test_length_buckets():
     """--length-buckets: every sample once per epoch, deterministic, batches of similar lengths."""
+    import dialogue_data as T
     import numpy as np
-    import train_dialogue as T
     rs = np.random.RandomState(0)
     n, size = 1000, 8
     src, tgt = rs.randint(2, 65, n), rs.randint(2, 65, n)
