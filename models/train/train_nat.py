@@ -478,27 +478,25 @@ def final_decode(model, a, valid, symbols, out_dir):
 
 # ------------------------------------------------------------------ main
 
-def main(argv=None):
-    a = parse_args(argv)
+def setup_torch(a):
+    """Threads and the device (deterministic cuBLAS on a GPU). @return the torch.device."""
     torch.set_num_threads(a.threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    device = torch.device(a.device)
     if a.device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device(a.device)
 
-    data, symbols = prepare(a)
-    train, valid = data["train"], data["valid"]
-    V = len(symbols)
-    fargs = fairseq_args(a, V)
-    with open(os.path.join(a.out, "train_args.json"), "w") as f:
-        json.dump(vars(a), f, indent=1, sort_keys=True)
 
+def open_model(a, fargs, V, device):
+    """The model, its optimizer and the run's state: new (from --seed, or --init-from a model
+    directory) or, with --resume, exactly as OUT/checkpoint_last.pt left them.
+    @return (model, opt, state, init_updates)."""
     torch.manual_seed(a.seed)
     model = nat_ref.NATModel(fargs, V)
     if fargs.apply_bert_init:
@@ -517,9 +515,8 @@ def main(argv=None):
     mask_gen = torch.Generator().manual_seed(a.seed + 1)
     state = {"num_updates": init_updates, "epoch": 1, "batch_i": 0, "best": None, "val_loss": None,
              "mask_gen": mask_gen, "wall": 0.0}
-    last = os.path.join(a.out, "checkpoint_last.pt")
     if a.resume:
-        ck = torch.load(last, map_location="cpu")
+        ck = torch.load(os.path.join(a.out, "checkpoint_last.pt"), map_location="cpu")
         model.load_state_dict(from_checkpoint_names(ck["model"]))
         opt.load_state_dict(ck["last_optimizer_state"])
         ex = ck["extra_state"]
@@ -534,51 +531,81 @@ def main(argv=None):
         mask_gen.set_state(ex["nzserve"]["mask_rng"])
         log("resumed at update %d (epoch %d, batch %d)" % (
             state["num_updates"], state["epoch"], state["batch_i"]))
+    return model, opt, state, init_updates
+
+
+def train_update(a, model, opt, state, batch, init_updates):
+    """One update on a collated batch (src, tgt, nat_tgt): the multi-task loss (NAT + weighted AT),
+    clipped AdamW step. @return (the values to log: nat, at, loss, gnorm, ...; lr; at weight)."""
+    s, t, nt = batch
+    u = state["num_updates"]
+    lr = lr_at(a, u, init_updates)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    at_w, nat_w = task_weights(a, u)
+    o = compute_loss(model, s, t, state["mask_gen"], a.label_smoothing, nt)
+    loss = nat_w * o["nat"] + (at_w * o["at"] if "at" in o else 0.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_norm if a.clip_norm > 0 else float("inf"))
+    opt.step()
+    state["num_updates"] += 1
+    state["batch_i"] += 1
+    o["loss"] = loss.detach()
+    o["gnorm"] = gnorm
+    return o, lr, at_w
+
+
+def validate_and_keep_best(a, fargs, model, opt, state, valid, device):
+    """Validate; a new best NAT loss is saved as OUT/checkpoint_best.pt."""
+    v = validate(model, a, valid, device)
+    state["val_loss"] = v["nat"]
+    log("valid update %d | %s" % (state["num_updates"], " ".join("%s %.4f" % kv for kv in sorted(v.items()))))
+    if state["best"] is None or v["nat"] < state["best"]:
+        state["best"] = v["nat"]
+        save_checkpoint(os.path.join(a.out, "checkpoint_best.pt"), a, fargs, model, opt, state)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = setup_torch(a)
+    data, symbols = prepare(a)
+    train, valid = data["train"], data["valid"]
+    V = len(symbols)
+    fargs = fairseq_args(a, V)
+    with open(os.path.join(a.out, "train_args.json"), "w") as f:
+        json.dump(vars(a), f, indent=1, sort_keys=True)
+    model, opt, state, init_updates = open_model(a, fargs, V, device)
+    last = os.path.join(a.out, "checkpoint_last.pt")
 
     model.train()
-    t_start = time.time()
+    t_start = last_save = time.time()
     wall0 = state["wall"]
-    last_save = time.time()
     acc, acc_n, tok_src, tok_tgt, t_log = {}, 0, 0, 0, time.time()
-    stop = a.interrupt_at if a.interrupt_at else a.steps
-    epoch_batches = lambda e: make_batches(train["src"], train["tgt"], a.max_tokens, a.seed, e,  # noqa: E731
-                                           nat_tgt=train.get("nat_tgt"))
+    stop = min(a.interrupt_at if a.interrupt_at else a.steps, a.steps)
+    log_stop = a.interrupt_at if a.interrupt_at else a.steps  # a log line there even off --log-interval
+
+    def epoch_batches(e):
+        bl = make_batches(train["src"], train["tgt"], a.max_tokens, a.seed, e, nat_tgt=train.get("nat_tgt"))
+        log("epoch %d: %d batches" % (e, len(bl)))
+        return bl
     batches = epoch_batches(state["epoch"])
-    log("epoch %d: %d batches" % (state["epoch"], len(batches)))
-    done = False
-    progress = Progress(min(stop, a.steps), "train", unit="updates", done=state["num_updates"])
-    while not done and state["num_updates"] < min(stop, a.steps):
+    progress = Progress(stop, "train", unit="updates", done=state["num_updates"])
+    while state["num_updates"] < stop:
         if state["batch_i"] >= len(batches):
             state["epoch"] += 1
             state["batch_i"] = 0
             batches = epoch_batches(state["epoch"])
-            log("epoch %d: %d batches" % (state["epoch"], len(batches)))
-        b = batches[state["batch_i"]]
-        s, t, nt = collate(train, b, device)
+        batch = collate(train, batches[state["batch_i"]], device)
+        o, lr, at_w = train_update(a, model, opt, state, batch, init_updates)
         u = state["num_updates"]
-        lr = lr_at(a, u, init_updates)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        at_w, nat_w = task_weights(a, u)
-        o = compute_loss(model, s, t, mask_gen, a.label_smoothing, nt)
-        loss = nat_w * o["nat"] + (at_w * o["at"] if "at" in o else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                               a.clip_norm if a.clip_norm > 0 else float("inf"))
-        opt.step()
-        state["num_updates"] += 1
-        state["batch_i"] += 1
-        u = state["num_updates"]
-        o["loss"] = loss.detach()
-        o["gnorm"] = gnorm
         for k, v in o.items():
             acc[k] = acc.get(k, 0.0) + float(v)
         acc_n += 1
-        tok_src += int(s.ne(PAD).sum())
-        tok_tgt += int(t.ne(PAD).sum())
+        tok_src += int(batch[0].ne(PAD).sum())
+        tok_tgt += int(batch[1].ne(PAD).sum())
         progress.update(u, note="loss %.3f" % (acc["loss"] / acc_n))
-        if u % a.log_interval == 0 or u == stop:
+        if u % a.log_interval == 0 or u == log_stop:
             dt = time.time() - t_log
             msg = " ".join("%s %.4f" % (k, v / acc_n) for k, v in sorted(acc.items()))
             log("update %d epoch %d lr %.3g at_w %.3f | %s | %.0f tgt tok/s %.0f src+tgt tok/s" % (
@@ -586,22 +613,16 @@ def main(argv=None):
             acc, acc_n, tok_src, tok_tgt, t_log = {}, 0, 0, 0, time.time()
         state["wall"] = wall0 + time.time() - t_start
         out_of_time = a.max_minutes and (time.time() - t_start) > a.max_minutes * 60
-        finished = u >= min(stop, a.steps) or out_of_time
+        finished = u >= stop or out_of_time
         if u % a.validate_interval_updates == 0 or (finished and u >= a.steps):
-            v = validate(model, a, valid, device)
-            state["val_loss"] = v["nat"]
-            log("valid update %d | %s" % (u, " ".join("%s %.4f" % kv for kv in sorted(v.items()))))
-            if state["best"] is None or v["nat"] < state["best"]:
-                state["best"] = v["nat"]
-                save_checkpoint(os.path.join(a.out, "checkpoint_best.pt"), a, fargs, model, opt, state)
-        if (u % a.save_interval_updates == 0 or finished
-                or time.time() - last_save > a.save_interval_minutes * 60):
+            validate_and_keep_best(a, fargs, model, opt, state, valid, device)
+        if u % a.save_interval_updates == 0 or finished or time.time() - last_save > a.save_interval_minutes * 60:
             save_checkpoint(last, a, fargs, model, opt, state)
             last_save = time.time()
             log("saved %s (update %d)" % (last, u))
         if out_of_time:
             log("stopping: --max-minutes reached")
-            done = True
+            break
     progress.close()
     if state["num_updates"] >= a.steps and not a.no_final_decode:
         final_decode(model, a, valid, symbols, a.out)
