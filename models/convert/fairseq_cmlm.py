@@ -136,7 +136,7 @@ def split_state(sd, arch):
     return sub("encoder."), sub("decoder."), (at or None)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
@@ -145,12 +145,11 @@ def main(argv=None):
     p.add_argument("outdir")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--no-at", action="store_true", help="drop the AT decoder")
-    o = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    ck = load_checkpoint(o.checkpoint)
-    a = checkpoint_args(ck)
-    arch = a.get("arch", "cmlm_transformer")
-    c = arch_config(a)
+
+def check_supported(a, c):
+    """die() on checkpoint options the engine does not implement (a: checkpoint args, c: arch_config)."""
     for k in ("src_embedding_copy", "no_token_positional_embeddings"):
         if c[k]:
             die("%s is not supported" % k)
@@ -160,73 +159,57 @@ def main(argv=None):
         die("encoder_embed_dim != decoder_embed_dim is not supported")
     if a.get("share_decoder", False):
         die("mt_transformer --share-decoder is not supported")
-    sd = ck["model"]
-    enc, dec, at = split_state(sd, arch)
-    if o.no_at:
-        at = None
 
-    emb = enc["embed_tokens.weight"]
-    V, D = emb.shape
-    tensors = []
 
-    def add(name, t):
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            die("%s: unexpected dtype %s" % (name, t.dtype))
-        tensors.append((name, t.detach().float().cpu().numpy()))
-
-    def add_part(prefix, part, is_decoder):
-        for k, v in part.items():
-            if dropped(k):
+def part_tensors(prefix, part, is_decoder, c, emb, dec):
+    """The (name, float32 array) pairs of one state-dict part (encoder / decoder / AT decoder) under
+    the model directory's names: tied embeddings and output projections are checked and left out,
+    fairseq's embed_out becomes output_projection.weight."""
+    out = []
+    for k, v in part.items():
+        if dropped(k):
+            continue
+        if is_decoder and k == "embed_tokens.weight":
+            if c["share_all_embeddings"]:
+                if not torch.equal(v, emb):
+                    die("share_all_embeddings but %sembed_tokens differs from the encoder's" % prefix)
                 continue
-            if is_decoder and k == "embed_tokens.weight":
-                if c["share_all_embeddings"]:
-                    if not torch.equal(v, emb):
-                        die("share_all_embeddings but %sembed_tokens differs from the encoder's" % prefix)
-                    continue
-                if prefix == "at_decoder." and torch.equal(v, dec["embed_tokens.weight"]):
-                    continue  # mt_transformer: AT and NAT decoders share decoder_embed_tokens
-            if is_decoder and k in ("output_projection.weight", "embed_out"):
-                if c["share_decoder_input_output_embed"]:
-                    ref = dec.get("embed_tokens.weight", emb) if prefix == "at_decoder." else \
-                        part.get("embed_tokens.weight", emb)
-                    if not torch.equal(v, ref):
-                        die("%s%s is not tied to the embeddings" % (prefix, k))
-                    continue
-                k = "output_projection.weight"
-            if k.startswith(("project_in_dim", "project_out_dim", "adaptive_softmax")):
-                die("%s%s is not supported" % (prefix, k))
-            add(prefix + k, v)
+            if prefix == "at_decoder." and torch.equal(v, dec["embed_tokens.weight"]):
+                continue  # mt_transformer: AT and NAT decoders share decoder_embed_tokens
+        if is_decoder and k in ("output_projection.weight", "embed_out"):
+            if c["share_decoder_input_output_embed"]:
+                ref = dec.get("embed_tokens.weight", emb) if prefix == "at_decoder." else \
+                    part.get("embed_tokens.weight", emb)
+                if not torch.equal(v, ref):
+                    die("%s%s is not tied to the embeddings" % (prefix, k))
+                continue
+            k = "output_projection.weight"
+        if k.startswith(("project_in_dim", "project_out_dim", "adaptive_softmax")):
+            die("%s%s is not supported" % (prefix, k))
+        if v.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            die("%s: unexpected dtype %s" % (prefix + k, v.dtype))
+        out.append((prefix + k, v.detach().float().cpu().numpy()))
+    return out
 
-    add_part("encoder.", enc, False)
-    add_part("decoder.", dec, True)
-    if "embed_length.weight" not in dec:
-        die("decoder.embed_length.weight missing: not a CMLM/NAT checkpoint")
-    n_at = 0
-    if at is not None:
-        add_part("at_decoder.", at, True)
-        n_at = len({k.split(".")[1] for k in at if k.startswith("layers.")})
-    n_enc = len({k.split(".")[1] for k in enc if k.startswith("layers.")})
-    n_dec = len({k.split(".")[1] for k in dec if k.startswith("layers.")})
-    if n_enc != c["encoder_layers"] or n_dec != c["decoder_layers"]:
+
+def n_layers(part):
+    return len({k.split(".")[1] for k in part if k.startswith("layers.")})
+
+
+def check_layers(c, enc, dec, tensors):
+    """die() when the state dict's layers or position embeddings disagree with the args."""
+    if n_layers(enc) != c["encoder_layers"] or n_layers(dec) != c["decoder_layers"]:
         die("layer counts in the state dict (%d/%d) differ from args (%d/%d)" % (
-            n_enc, n_dec, c["encoder_layers"], c["decoder_layers"]))
+            n_layers(enc), n_layers(dec), c["encoder_layers"], c["decoder_layers"]))
     for side in ("encoder", "decoder"):
         learned = any(n.startswith(side + ".embed_positions.") for n, _ in tensors)
         if learned != bool(c[side + "_learned_pos"]):
             die("%s_learned_pos=%s but embed_positions weights %s" % (
                 side, c[side + "_learned_pos"], "present" if learned else "absent"))
 
-    # dictionary / tokenizer
-    with open(o.dict_txt, encoding="utf-8") as f:
-        ndict = sum(1 for l in f if l.strip())
-    if ndict + 4 != V:
-        die("dict.txt has %d entries + 4 specials != embedding rows %d" % (ndict, V))
 
-    os.makedirs(o.outdir, exist_ok=True)
-    dt = "F32" if o.dtype == "fp32" else "BF16"
-    out = [(n, t if dt == "F32" else f32_to_bf16_bits(t), dt) for n, t in tensors]
-    write_safetensors(os.path.join(o.outdir, "model.safetensors"), out, {"format": "pt"})
-
+def model_config(o, a, c, arch, ck, V, dec, n_at, dt):
+    """config.json of the model directory."""
     hist = ck.get("optimizer_history") or [{}]
     cfg = {"architecture": "cmlm_transformer"}
     cfg.update(c)
@@ -248,8 +231,40 @@ def main(argv=None):
         "converted_from": {"arch": arch, "checkpoint": os.path.basename(o.checkpoint),
                            "num_updates": hist[-1].get("num_updates")},
     })
+    return cfg
+
+
+def main(argv=None):
+    o = parse_args(argv)
+    ck = load_checkpoint(o.checkpoint)
+    a = checkpoint_args(ck)
+    arch = a.get("arch", "cmlm_transformer")
+    c = arch_config(a)
+    check_supported(a, c)
+    enc, dec, at = split_state(ck["model"], arch)
+    if o.no_at:
+        at = None
+    emb = enc["embed_tokens.weight"]
+    V = emb.shape[0]
+    tensors = part_tensors("encoder.", enc, False, c, emb, dec) + part_tensors("decoder.", dec, True, c, emb, dec)
+    if "embed_length.weight" not in dec:
+        die("decoder.embed_length.weight missing: not a CMLM/NAT checkpoint")
+    n_at = 0
+    if at is not None:
+        tensors += part_tensors("at_decoder.", at, True, c, emb, dec)
+        n_at = n_layers(at)
+    check_layers(c, enc, dec, tensors)
+    with open(o.dict_txt, encoding="utf-8") as f:
+        ndict = sum(1 for l in f if l.strip())
+    if ndict + 4 != V:
+        die("dict.txt has %d entries + 4 specials != embedding rows %d" % (ndict, V))
+
+    os.makedirs(o.outdir, exist_ok=True)
+    dt = "F32" if o.dtype == "fp32" else "BF16"
+    out = [(n, t if dt == "F32" else f32_to_bf16_bits(t), dt) for n, t in tensors]
+    write_safetensors(os.path.join(o.outdir, "model.safetensors"), out, {"format": "pt"})
     with open(os.path.join(o.outdir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+        json.dump(model_config(o, a, c, arch, ck, V, dec, n_at, dt), f, indent=2)
         f.write("\n")
     shutil.copyfile(o.dict_txt, os.path.join(o.outdir, "dict.txt"))
     shutil.copyfile(o.spm_model, os.path.join(o.outdir, "spm.model"))
