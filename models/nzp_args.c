@@ -29,3 +29,24 @@ int nzp_parse_float(const char *s, double lo, double hi, float *v) {
     *v = (float)x;
     return 0;
 }
+
+ssize_t nzp_read_line(char **buf, size_t *cap, FILE *f) {
+    ssize_t got = getline(buf, cap, f);
+    if (got > 0 && (*buf)[got - 1] == '\n') (*buf)[--got] = 0;
+    if (got > 0 && (*buf)[got - 1] == '\r') (*buf)[--got] = 0;
+    return got;
+}
+
+int nzp_engine_open(nzp_engine *e, size_t cache_bytes, int threads) {
+    e->cache = cache_bytes ? nz_cache_create(cache_bytes) : NULL;
+    e->pool = nz_pool_create(threads);
+    e->mc = nz_matmul_ctx_create(e->pool, e->cache);
+    return (cache_bytes && !e->cache) || !e->pool || !e->mc ? -1 : 0;
+}
+
+void nzp_engine_close(nzp_engine *e, const nz_model *m) {
+    nz_matmul_ctx_free(e->mc);
+    nz_pool_free(e->pool);
+    if (e->cache && m) nz_cache_forget_model(e->cache, m);
+    nz_cache_free(e->cache);
+}

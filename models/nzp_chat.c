@@ -19,9 +19,7 @@
 
 #include "nz_alloc.h"
 #include "nzp_args.h"
-#include "nz_cache.h"
 #include "nz_dialogue.h"
-#include "nz_pool.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -109,145 +107,215 @@ static int is_blank(const char *s) {
     return 1;
 }
 
-int nzp_chat(int argc, char **argv) {
-    nz_dlg_opts o;
-    nz_dlg_choice ch; /* what the flags chose; the model's defaults ("generation") fill the rest */
-    nz_dlg_choice_init(&ch);
-    size_t n_decs = 0;
-    uint64_t seed = 0;
-    int strategy = -1, implied = -1, threads = 0, all = 0, history_n = 0;
+/* What the command line asked for; the model's defaults ("generation") fill the rest. */
+typedef struct chat_args {
+    const char *path;
+    nz_dlg_choice ch; /* ch.strategy: -1 for the model's default */
+    int decs[CHAT_MAX_DECODERS];
+    size_t n_decs, cache_bytes;
+    uint64_t seed;
+    int all, history_n, threads;
+} chat_args;
+
+/* One option o into a (v: the argument after it, NULL at the end); *strategy: --strategy's choice;
+ * *imp: the strategy the option implies, else -1.
+ * @return how many arguments it took (1, or 2 with v), 0 for -h/--help, or -1 when it is bad or
+ *         incomplete. */
+static int parse_option(chat_args *a, const char *o, const char *v, int *strategy, int *imp) {
+    *imp = -1;
+    if (!strcmp(o, "-h") || !strcmp(o, "--help")) return 0;
+    if (!strcmp(o, "--all")) {
+        a->all = 1;
+        return 1;
+    }
+    if (!strcmp(o, "--distinct")) {
+        a->ch.distinct = 1;
+        return 1;
+    }
+    if (o[0] != '-' && !a->path) {
+        a->path = o;
+        return 1;
+    }
+    if (!v) return -1; /* the options left take a value */
+    int bad;
+    if (!strcmp(o, "--strategy")) {
+        *strategy = !strcmp(v, "greedy")   ? NZ_T5MD_GREEDY
+                    : !strcmp(v, "beam")   ? NZ_T5MD_BEAM
+                    : !strcmp(v, "sample") ? NZ_T5MD_SAMPLE
+                                           : -1;
+        bad = *strategy < 0;
+    } else if (!strcmp(o, "--beam")) {
+        bad = nzp_parse_int(v, 1, 64, &a->ch.beam_size);
+        *imp = NZ_T5MD_BEAM;
+    } else if (!strcmp(o, "--temperature")) {
+        bad = nzp_parse_float(v, 0, 100, &a->ch.temperature);
+        *imp = NZ_T5MD_SAMPLE;
+    } else if (!strcmp(o, "--top-k")) {
+        bad = nzp_parse_int(v, 0, 1000000, &a->ch.top_k);
+        *imp = NZ_T5MD_SAMPLE;
+    } else if (!strcmp(o, "--top-p")) {
+        bad = nzp_parse_float(v, 0, 1, &a->ch.top_p) || !(a->ch.top_p > 0);
+        *imp = NZ_T5MD_SAMPLE;
+    } else if (!strcmp(o, "--seed")) {
+        size_t s = 0;
+        bad = nzp_parse_size(v, &s);
+        a->seed = (uint64_t)s;
+        *imp = NZ_T5MD_SAMPLE;
+    } else if (!strcmp(o, "--decoders")) {
+        bad = parse_decoders(v, a->decs, &a->n_decs);
+    } else if (!strcmp(o, "--max-new-tokens")) {
+        bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &a->ch.max_new_tokens);
+    } else if (!strcmp(o, "--no-repeat-ngram")) {
+        bad = nzp_parse_int(v, 0, NZ_T5MD_MAX_NEW_TOKENS, &a->ch.no_repeat_ngram);
+    } else if (!strcmp(o, "--history")) {
+        bad = nzp_parse_int(v, 0, INT_MAX, &a->history_n);
+    } else if (!strcmp(o, "--cache")) {
+        bad = nzp_parse_size(v, &a->cache_bytes);
+    } else if (!strcmp(o, "--threads")) {
+        bad = nzp_parse_int(v, 1, 64, &a->threads);
+    } else {
+        return -1;
+    }
+    return bad ? -1 : 2;
+}
+
+static const char *strategy_name(int strategy) {
+    return strategy == NZ_T5MD_GREEDY ? "greedy" : strategy == NZ_T5MD_BEAM ? "beam" : "sample";
+}
+
+/* The command line into a; --strategy and the options that imply one must agree.
+ * @return -1 to go on, or the exit status to return now: 0 after --help, 2 for a usage error (message
+ *         on stderr). */
+static int parse_args(int argc, char **argv, chat_args *a) {
+    memset(a, 0, sizeof *a);
+    nz_dlg_choice_init(&a->ch);
+    int strategy = -1, implied = -1;
     const char *implied_by = NULL;
-    size_t cache_bytes = 0;
-    static int decs[CHAT_MAX_DECODERS];
-    const char *path = NULL;
     for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int bad = 0, imp = -1;
-        if (!strcmp(a, "--strategy") && v) {
-            i++;
-            strategy = !strcmp(v, "greedy")   ? NZ_T5MD_GREEDY
-                       : !strcmp(v, "beam")   ? NZ_T5MD_BEAM
-                       : !strcmp(v, "sample") ? NZ_T5MD_SAMPLE
-                                              : -1;
-            bad = strategy < 0;
-        } else if (!strcmp(a, "--beam") && v) {
-            bad = nzp_parse_int(v, 1, 64, &ch.beam_size), i++;
-            imp = NZ_T5MD_BEAM;
-        } else if (!strcmp(a, "--temperature") && v) {
-            bad = nzp_parse_float(v, 0, 100, &ch.temperature), i++;
-            imp = NZ_T5MD_SAMPLE;
-        } else if (!strcmp(a, "--top-k") && v) {
-            bad = nzp_parse_int(v, 0, 1000000, &ch.top_k), i++;
-            imp = NZ_T5MD_SAMPLE;
-        } else if (!strcmp(a, "--top-p") && v) {
-            bad = nzp_parse_float(v, 0, 1, &ch.top_p) || !(ch.top_p > 0), i++;
-            imp = NZ_T5MD_SAMPLE;
-        } else if (!strcmp(a, "--seed") && v) {
-            size_t s = 0;
-            bad = nzp_parse_size(v, &s), i++;
-            seed = (uint64_t)s;
-            imp = NZ_T5MD_SAMPLE;
-        } else if (!strcmp(a, "--decoders") && v) {
-            bad = parse_decoders(v, decs, &n_decs), i++;
-        } else if (!strcmp(a, "--max-new-tokens") && v) {
-            bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &ch.max_new_tokens), i++;
-        } else if (!strcmp(a, "--no-repeat-ngram") && v) {
-            bad = nzp_parse_int(v, 0, NZ_T5MD_MAX_NEW_TOKENS, &ch.no_repeat_ngram), i++;
-        } else if (!strcmp(a, "--history") && v) {
-            bad = nzp_parse_int(v, 0, INT_MAX, &history_n), i++;
-        } else if (!strcmp(a, "--cache") && v) {
-            bad = nzp_parse_size(v, &cache_bytes), i++;
-        } else if (!strcmp(a, "--threads") && v) {
-            bad = nzp_parse_int(v, 1, 64, &threads), i++;
-        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        int imp, took = parse_option(a, argv[i], i + 1 < argc ? argv[i + 1] : NULL, &strategy, &imp);
+        if (took == 0) {
             fputs(CHAT_USAGE, stdout);
             return 0;
-        } else if (!strcmp(a, "--all")) {
-            all = 1;
-        } else if (!strcmp(a, "--distinct")) {
-            ch.distinct = 1;
-        } else if (a[0] != '-' && !path) {
-            path = a;
-        } else {
-            bad = 1;
         }
-        if (bad) {
-            fprintf(stderr, "nzp chat: bad or incomplete option '%s'\n%s", a, CHAT_USAGE);
+        if (took < 0) {
+            fprintf(stderr, "nzp chat: bad or incomplete option '%s'\n%s", argv[i], CHAT_USAGE);
             return 2;
         }
         if (imp >= 0) {
             if (implied >= 0 && implied != imp) {
-                fprintf(stderr, "nzp chat: %s and %s ask for different strategies\n%s", implied_by, a,
+                fprintf(stderr, "nzp chat: %s and %s ask for different strategies\n%s", implied_by, argv[i],
                         CHAT_USAGE);
                 return 2;
             }
             implied = imp;
-            implied_by = a;
+            implied_by = argv[i];
         }
+        i += took - 1;
     }
-    if (!path) {
+    if (!a->path) {
         fprintf(stderr, "nzp chat: no model given\n%s", CHAT_USAGE);
         return 2;
     }
     if (strategy >= 0 && implied >= 0 && strategy != implied) {
         fprintf(stderr, "nzp chat: %s does not apply to --strategy %s\n%s", implied_by,
-                strategy == NZ_T5MD_GREEDY ? "greedy"
-                : strategy == NZ_T5MD_BEAM ? "beam"
-                                           : "sample",
-                CHAT_USAGE);
+                strategy_name(strategy), CHAT_USAGE);
         return 2;
     }
-    ch.strategy = strategy >= 0 ? strategy : implied; /* -1: the model's default */
+    a->ch.strategy = strategy >= 0 ? strategy : implied; /* -1: the model's default */
+    return -1;
+}
 
-    nz_error e = {0};
-    nz_dialogue *d = NULL;
-    nz_tile_cache *cache = NULL;
-    nz_pool *pool = NULL;
-    nz_matmul_ctx *mc = NULL;
+/* The model, the engine it runs on and the decoding options of the session. */
+typedef struct chat_session {
+    nz_dialogue *d;
+    nzp_engine eng;
+    nz_dlg_opts o;
+    nz_error e; /* the last error: opening the model, then each turn's */
+} chat_session;
+
+/* Open a's model with a's options applied to its defaults, then the engine.
+ * @return 0, or the exit status (message on stderr): 1 the model or memory failed, 2 options the
+ *         model refuses. */
+static int session_open(chat_session *s, const chat_args *a) {
+    if (nz_dialogue_open(a->path, &s->d, &s->e)) {
+        fprintf(stderr, "nzp chat: %s\n", s->e.msg);
+        return 1;
+    }
+    s->o = *nz_dialogue_defaults(s->d);
+    if (nz_dlg_choice_apply(&a->ch, &s->o, &s->e)) {
+        fprintf(stderr, "nzp chat: %s\n", s->e.msg);
+        return 2;
+    }
+    s->o.gen.decoders = a->n_decs ? a->decs : NULL;
+    s->o.gen.n_decoders = a->n_decs;
+    s->o.gen.seed = a->seed;
+    const nz_t5md_config *c = nz_dialogue_config(s->d);
+    for (size_t j = 0; j < s->o.gen.n_decoders; j++)
+        if ((size_t)a->decs[j] >= c->num_modes) {
+            fprintf(stderr, "nzp chat: --decoders: decoder %d is out of range (the model has %zu)\n",
+                    a->decs[j], c->num_modes);
+            return 2;
+        }
+    if (nzp_engine_open(&s->eng, a->cache_bytes, a->threads)) {
+        fprintf(stderr, "nzp chat: out of memory\n");
+        return 1;
+    }
+    return 0;
+}
+
+static void session_close(chat_session *s) {
+    nzp_engine_close(&s->eng, s->d ? nz_dialogue_model(s->d) : NULL);
+    nz_dialogue_free(s->d);
+}
+
+/* Answer the last turn of h (read at line lineno): print the reply (all: every response, then an
+ * empty line) and add the best one to h; when the model fails, the error on stderr, an empty line and
+ * the turn dropped from h.
+ * @return 0 answered, 1 the turn failed, -1 out of memory: the session ends. */
+static int answer_turn(const chat_args *a, chat_session *s, history *h, size_t lineno) {
+    size_t first = a->history_n > 0 && h->n > (size_t)a->history_n ? h->n - (size_t)a->history_n : 0;
+    nz_dlg_result r;
+    int rc = nz_dialogue_run(s->eng.mc, s->d, (const char *const *)h->turns + first, h->n - first, &s->o, &r,
+                             &s->e);
+    int failed = 0;
+    if (rc || !r.n) {
+        fprintf(stderr, "nzp chat: line %zu: %s\n", lineno, rc ? s->e.msg : "no response");
+        if (!a->all) putchar('\n');
+        nz_free(h->turns[--h->n]); /* the failed turn stays out of the conversation */
+        failed = 1;
+    } else {
+        if (a->all)
+            for (size_t i = 0; i < r.n; i++)
+                printf("%d\t%.6f\t%s\n", r.responses[i].decoder, r.responses[i].score, r.responses[i].text);
+        else
+            printf("%s\n", r.responses[0].text);
+        if (history_add(h, r.responses[0].text)) {
+            fprintf(stderr, "nzp chat: out of memory\n");
+            nz_dlg_result_free(&r);
+            return -1;
+        }
+    }
+    if (a->all) putchar('\n');
+    nz_dlg_result_free(&r);
+    fflush(stdout);
+    return rc == NZ_E_NOMEM ? -1 : failed;
+}
+
+/* The conversation: a turn per line of stdin until it ends (see the top of the file).
+ * @return the exit status: 0, or 1 when a turn failed or the output could not be written. */
+static int chat_loop(const chat_args *a, chat_session *s) {
+    const int tty = isatty(0);
     history h = {0};
     char *buf = NULL;
-    int status = 1;
-    if (nz_dialogue_open(path, &d, &e)) {
-        fprintf(stderr, "nzp chat: %s\n", e.msg);
-        goto out;
-    }
-    o = *nz_dialogue_defaults(d);
-    if (nz_dlg_choice_apply(&ch, &o, &e)) {
-        fprintf(stderr, "nzp chat: %s\n", e.msg);
-        status = 2;
-        goto out;
-    }
-    o.gen.decoders = n_decs ? decs : NULL;
-    o.gen.n_decoders = n_decs;
-    o.gen.seed = seed;
-    const nz_t5md_config *c = nz_dialogue_config(d);
-    for (size_t j = 0; j < o.gen.n_decoders; j++)
-        if ((size_t)decs[j] >= c->num_modes) {
-            fprintf(stderr, "nzp chat: --decoders: decoder %d is out of range (the model has %zu)\n", decs[j],
-                    c->num_modes);
-            status = 2;
-            goto out;
-        }
-    cache = cache_bytes ? nz_cache_create(cache_bytes) : NULL;
-    pool = nz_pool_create(threads);
-    mc = nz_matmul_ctx_create(pool, cache);
-    if ((cache_bytes && !cache) || !pool || !mc) {
-        fprintf(stderr, "nzp chat: out of memory\n");
-        goto out;
-    }
-    const int tty = isatty(0);
     size_t cap = 0, lineno = 0;
-    ssize_t got;
-    status = 0;
+    int status = 0;
     for (;;) {
         if (tty) {
             fputs("> ", stderr);
             fflush(stderr);
         }
-        if ((got = getline(&buf, &cap, stdin)) < 0) break;
+        if (nzp_read_line(&buf, &cap, stdin) < 0) break;
         lineno++;
-        if (got > 0 && buf[got - 1] == '\n') buf[--got] = 0;
-        if (got > 0 && buf[got - 1] == '\r') buf[--got] = 0;
         if (is_blank(buf)) continue;
         if (!strcmp(buf, "/reset")) {
             history_clear(&h);
@@ -258,46 +326,28 @@ int nzp_chat(int argc, char **argv) {
             status = 1;
             break;
         }
-        size_t first = history_n > 0 && h.n > (size_t)history_n ? h.n - (size_t)history_n : 0;
-        nz_dlg_result r;
-        int rc = nz_dialogue_run(mc, d, (const char *const *)h.turns + first, h.n - first, &o, &r, &e);
-        if (rc || !r.n) {
-            fprintf(stderr, "nzp chat: line %zu: %s\n", lineno, rc ? e.msg : "no response");
-            if (!all) putchar('\n');
-            nz_free(h.turns[--h.n]); /* the failed turn stays out of the conversation */
-            status = 1;
-        } else {
-            if (all)
-                for (size_t i = 0; i < r.n; i++)
-                    printf("%d\t%.6f\t%s\n", r.responses[i].decoder, r.responses[i].score,
-                           r.responses[i].text);
-            else
-                printf("%s\n", r.responses[0].text);
-            if (history_add(&h, r.responses[0].text)) {
-                fprintf(stderr, "nzp chat: out of memory\n");
-                status = 1;
-                nz_dlg_result_free(&r);
-                break;
-            }
-        }
-        if (all) putchar('\n');
-        nz_dlg_result_free(&r);
-        fflush(stdout);
-        if (rc == NZ_E_NOMEM) break;
+        int rc = answer_turn(a, s, &h, lineno);
+        if (rc) status = 1;
+        if (rc < 0) break;
     }
     if (tty) fputc('\n', stderr);
     if (fflush(stdout) || ferror(stdout)) {
         fprintf(stderr, "nzp chat: writing the output failed\n");
         status = 1;
     }
-out:
     free(buf);
     history_clear(&h);
     nz_free(h.turns);
-    nz_matmul_ctx_free(mc);
-    nz_pool_free(pool);
-    if (cache && d) nz_cache_forget_model(cache, nz_dialogue_model(d));
-    nz_cache_free(cache);
-    nz_dialogue_free(d);
+    return status;
+}
+
+int nzp_chat(int argc, char **argv) {
+    chat_args a;
+    int status = parse_args(argc, argv, &a);
+    if (status >= 0) return status;
+    chat_session s = {0};
+    status = session_open(&s, &a);
+    if (!status) status = chat_loop(&a, &s);
+    session_close(&s);
     return status;
 }

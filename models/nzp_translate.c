@@ -14,9 +14,7 @@
 
 #include "nz_alloc.h"
 #include "nzp_args.h"
-#include "nz_cache.h"
 #include "nz_container.h"
-#include "nz_pool.h"
 #include "nz_translator.h"
 #include "nz_weight.h"
 
@@ -95,13 +93,14 @@ static long run_batch(nz_matmul_ctx *mc, const nz_translator *t, const opts *o, 
     return failed;
 }
 
-int nzp_translate(int argc, char **argv) {
-    opts o;
-    memset(&o, 0, sizeof o);
-    nz_tr_choice ch;
-    nz_tr_choice_init(&ch);
-    o.batch = 16;
-    const char *path = NULL;
+/* The command line into o (its batch, cache, threads and tokens), *ch (the decoding choices) and *path.
+ * @return -1 to go on, or the exit status to return now: 0 after --help, 2 for a usage error (message
+ *         on stderr). */
+static int parse_args(int argc, char **argv, opts *o, nz_tr_choice *ch, const char **path) {
+    memset(o, 0, sizeof *o);
+    nz_tr_choice_init(ch);
+    o->batch = 16;
+    *path = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int bad = 0;
@@ -109,33 +108,33 @@ int nzp_translate(int argc, char **argv) {
             fputs(TRANSLATE_USAGE, stdout);
             return 0;
         } else if (!strcmp(a, "--iter") && v)
-            bad = nzp_parse_int(v, 0, 1000, &ch.iterations), i++;
+            bad = nzp_parse_int(v, 0, 1000, &ch->iterations), i++;
         else if (!strcmp(a, "--beam") && v)
-            bad = nzp_parse_int(v, 1, 100, &ch.length_beam), i++;
+            bad = nzp_parse_int(v, 1, 100, &ch->length_beam), i++;
         else if (!strcmp(a, "--max-len") && v)
-            bad = nzp_parse_int(v, 1, 65535, &ch.max_length), i++;
+            bad = nzp_parse_int(v, 1, 65535, &ch->max_length), i++;
         else if (!strcmp(a, "--batch") && v)
-            bad = nzp_parse_size(v, &o.batch) || !o.batch || o.batch > 4096, i++;
+            bad = nzp_parse_size(v, &o->batch) || !o->batch || o->batch > 4096, i++;
         else if (!strcmp(a, "--cache") && v)
-            bad = nzp_parse_size(v, &o.cache), i++;
+            bad = nzp_parse_size(v, &o->cache), i++;
         else if (!strcmp(a, "--threads") && v)
-            bad = nzp_parse_int(v, 1, 64, &o.threads), i++;
+            bad = nzp_parse_int(v, 1, 64, &o->threads), i++;
         else if (!strcmp(a, "--rerank") || !strcmp(a, "--no-rerank"))
-            ch.rerank = !strcmp(a, "--rerank");
+            ch->rerank = !strcmp(a, "--rerank");
         else if (!strcmp(a, "--adaptive") || !strcmp(a, "--fixed"))
-            ch.adaptive = !strcmp(a, "--adaptive");
+            ch->adaptive = !strcmp(a, "--adaptive");
         else if (!strcmp(a, "--nat"))
-            ch.decoder = 0;
+            ch->decoder = 0;
         else if (!strcmp(a, "--at"))
-            ch.decoder = 1, ch.beam_size = 1;
+            ch->decoder = 1, ch->beam_size = 1;
         else if (!strcmp(a, "--at-beam") && v)
-            bad = nzp_parse_int(v, 1, 100, &ch.beam_size), ch.decoder = 1, i++;
+            bad = nzp_parse_int(v, 1, 100, &ch->beam_size), ch->decoder = 1, i++;
         else if (!strcmp(a, "--lenpen") && v)
-            bad = nzp_parse_float(v, -100, 100, &ch.lenpen), i++;
+            bad = nzp_parse_float(v, -100, 100, &ch->lenpen), i++;
         else if (!strcmp(a, "--tokens"))
-            o.tokens = 1;
-        else if (a[0] != '-' && !path)
-            path = a;
+            o->tokens = 1;
+        else if (a[0] != '-' && !*path)
+            *path = a;
         else
             bad = 1;
         if (bad) {
@@ -143,50 +142,44 @@ int nzp_translate(int argc, char **argv) {
             return 2;
         }
     }
-    if (!path) {
+    if (!*path) {
         fprintf(stderr, "nzp translate: no model given\n%s", TRANSLATE_USAGE);
         return 2;
     }
+    return -1;
+}
 
+/* Open the model at path into *tr, with ch applied to its defaults in o->tr.
+ * @return 0, or -1 (message on stderr). */
+static int open_translator(const char *path, const nz_tr_choice *ch, opts *o, nz_translator **tr) {
     nz_error e = {0};
-    nz_translator *tr = NULL;
-    nz_tile_cache *cache = NULL;
-    nz_pool *pool = NULL;
-    nz_matmul_ctx *mc = NULL;
-    char **lines = NULL;
-    int status = 1;
-    if (nz_translator_open(path, &tr, &e)) {
+    if (nz_translator_open(path, tr, &e)) {
         fprintf(stderr, "nzp translate: %s\n", e.msg);
-        goto out;
+        return -1;
     }
-    o.tr = *nz_translator_defaults(tr);
-    if (nz_tr_choice_apply(&ch, &o.tr, &e)) {
+    o->tr = *nz_translator_defaults(*tr);
+    if (nz_tr_choice_apply(ch, &o->tr, &e)) {
         fprintf(stderr, "nzp translate: %s\n", e.msg);
-        goto out;
+        return -1;
     }
-    cache = o.cache ? nz_cache_create(o.cache) : NULL;
-    pool = nz_pool_create(o.threads);
-    mc = nz_matmul_ctx_create(pool, cache);
-    lines = nz_calloc(o.batch, sizeof *lines, NZ_MEM_OTHER);
-    if ((o.cache && !cache) || !pool || !mc || !lines) {
-        fprintf(stderr, "nzp translate: out of memory\n");
-        goto out;
-    }
+    return 0;
+}
+
+/* Translate stdin to stdout in batches of o->batch lines (lines: room for a batch).
+ * @return the exit status: 0, or 1 when a line or a batch failed or the output could not be written. */
+static int translate_lines(nz_matmul_ctx *mc, const nz_translator *tr, const opts *o, char **lines) {
     size_t n = 0, lineno = 0, cap = 0;
     long failed = 0;
     char *buf = NULL;
-    ssize_t got;
-    status = 0;
-    while ((got = getline(&buf, &cap, stdin)) >= 0) {
-        if (got > 0 && buf[got - 1] == '\n') buf[--got] = 0;
-        if (got > 0 && buf[got - 1] == '\r') buf[--got] = 0;
+    int status = 0;
+    while (nzp_read_line(&buf, &cap, stdin) >= 0) {
         lineno++;
         if (!(lines[n] = nz_strdup(buf))) {
             status = 1;
             break;
         }
-        if (++n == o.batch) {
-            long f = run_batch(mc, tr, &o, lines, n, lineno - n + 1);
+        if (++n == o->batch) {
+            long f = run_batch(mc, tr, o, lines, n, lineno - n + 1);
             for (size_t i = 0; i < n; i++) nz_free(lines[i]);
             n = 0;
             if (f < 0) {
@@ -198,7 +191,7 @@ int nzp_translate(int argc, char **argv) {
     }
     free(buf);
     if (status == 0 && n) {
-        long f = run_batch(mc, tr, &o, lines, n, lineno - n + 1);
+        long f = run_batch(mc, tr, o, lines, n, lineno - n + 1);
         if (f < 0) status = 1;
         failed += f > 0 ? f : 0;
     }
@@ -208,12 +201,29 @@ int nzp_translate(int argc, char **argv) {
         fprintf(stderr, "nzp translate: writing the output failed\n");
         status = 1;
     }
-out:
+    return status;
+}
+
+int nzp_translate(int argc, char **argv) {
+    opts o;
+    nz_tr_choice ch;
+    const char *path;
+    int status = parse_args(argc, argv, &o, &ch, &path);
+    if (status >= 0) return status;
+    nz_translator *tr = NULL;
+    nzp_engine eng = {0};
+    char **lines = NULL;
+    status = 1;
+    if (!open_translator(path, &ch, &o, &tr)) {
+        int engine_failed = nzp_engine_open(&eng, o.cache, o.threads);
+        lines = nz_calloc(o.batch, sizeof *lines, NZ_MEM_OTHER);
+        if (engine_failed || !lines)
+            fprintf(stderr, "nzp translate: out of memory\n");
+        else
+            status = translate_lines(eng.mc, tr, &o, lines);
+    }
     nz_free(lines);
-    nz_matmul_ctx_free(mc);
-    nz_pool_free(pool);
-    if (cache && tr) nz_cache_forget_model(cache, nz_translator_model(tr));
-    nz_cache_free(cache);
+    nzp_engine_close(&eng, tr ? nz_translator_model(tr) : NULL);
     nz_translator_free(tr);
     return status;
 }
