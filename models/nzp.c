@@ -154,55 +154,53 @@ static int check_generation(const nz_model *m, nz_error *e) {
     return NZ_OK;
 }
 
-/* nzp pack; *patch collects the --set keys (freed by the caller, whatever the outcome). */
-static int pack_with(int argc, char **argv, json_t **patch) {
-    nz_pack_opts o;
-    nz_pack_opts_default(&o);
+/* pack's command line into o (*patch collects the --set keys), pos (SRC and OUT) and *quiet.
+ * @return 0, or 2 after a usage error (message on stderr). */
+static int pack_args(int argc, char **argv, nz_pack_opts *o, json_t **patch, const char *pos[2], int *quiet) {
     nz_error e = {0};
-    const char *pos[2];
-    int npos = 0, quiet = 0;
+    int npos = 0;
     uint64_t v;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--mode") && val) {
-            uint32_t nb = o.mode.norm_block;
-            if (nz_mode_parse(val, &o.mode, &e)) return usage_of("pack", e.msg);
-            o.mode.norm_block = nb;
+            uint32_t nb = o->mode.norm_block;
+            if (nz_mode_parse(val, &o->mode, &e)) return usage_of("pack", e.msg);
+            o->mode.norm_block = nb;
             i++;
         } else if (!strcmp(a, "--coder") && val) {
-            if (nz_coder_parse(val, &o.coder, &e) ||
-                (o.coder != NZ_CODER_ESC && o.coder != NZ_CODER_RANS && o.coder != NZ_CODER_ZSTD))
+            if (nz_coder_parse(val, &o->coder, &e) ||
+                (o->coder != NZ_CODER_ESC && o->coder != NZ_CODER_RANS && o->coder != NZ_CODER_ZSTD))
                 return usage_of("pack", "--coder must be esc, rans or zstd");
             i++;
         } else if (!strcmp(a, "--tile-rows") && val) {
             if (parse_u64(val, &v) || v == 0 || v > UINT32_MAX)
                 return usage_of("pack", "--tile-rows needs an integer >= 1");
-            o.tile_rows = (uint32_t)v;
+            o->tile_rows = (uint32_t)v;
             i++;
         } else if (!strcmp(a, "--norm-block") && val) {
             if (parse_u64(val, &v) || v > (1u << 30))
                 return usage_of("pack", "--norm-block needs an integer 0..2^30");
-            o.mode.norm_block = (uint32_t)v;
+            o->mode.norm_block = (uint32_t)v;
             i++;
         } else if (!strcmp(a, "--raw-below") && val) {
             if (parse_u64(val, &v)) return usage_of("pack", "--raw-below needs an integer");
-            o.raw_below = v;
+            o->raw_below = v;
             i++;
         } else if (!strcmp(a, "--zstd-level") && val) {
             if (parse_u64(val, &v) || v < 1 || v > 22) return usage_of("pack", "--zstd-level needs 1..22");
-            o.zstd_level = (int)v;
+            o->zstd_level = (int)v;
             i++;
         } else if (!strcmp(a, "--exclude") && val) {
-            o.exclude = val;
+            o->exclude = val;
             i++;
         } else if (!strcmp(a, "--set") && val) {
             if ((!*patch && !(*patch = json_object())) || add_set(*patch, val))
                 return usage_of("pack", "--set needs KEY=VALUE (e.g. generation.iterations=4)");
-            o.config_patch = *patch;
+            o->config_patch = *patch;
             i++;
         } else if (!strcmp(a, "--quiet")) {
-            quiet = 1;
+            *quiet = 1;
         } else if (a[0] == '-' && a[1]) {
             return usage_of("pack", "unknown or incomplete option for pack");
         } else if (npos < 2) {
@@ -212,22 +210,20 @@ static int pack_with(int argc, char **argv, json_t **patch) {
         }
     }
     if (npos != 2) return usage_of("pack", "pack takes SRC and OUT");
-    if (o.mode.norm_block && o.mode.kind != NZ_MODE_LOSSY)
+    if (o->mode.norm_block && o->mode.kind != NZ_MODE_LOSSY)
         return usage_of("pack", "--norm-block needs --mode lossy-K");
-    nzp_progress pr;
-    nzp_progress_start(&pr, "pack", "tensors", quiet);
-    o.progress = nzp_progress_engine;
-    o.progress_ud = &pr;
-    double t0 = nz_now_s();
-    int rc = nz_pack(pos[0], pos[1], &o, &e);
-    nzp_progress_end(&pr);
-    if (rc) return fail(&e);
+    return 0;
+}
+
+/* The packed file at path must open with readable decoding defaults (else it is removed); then what
+ * packing did, on stdout (t0: when it began). @return the exit status: 0, or 1 (message in e, on stderr). */
+static int check_packed(const char *path, double t0, nz_error *e) {
     nz_model *m;
-    if (nz_model_open(pos[1], &m, &e)) return fail(&e);
-    if (check_generation(m, &e)) { /* a model that would be refused at open is not kept */
+    if (nz_model_open(path, &m, e)) return fail(e);
+    if (check_generation(m, e)) { /* a model that would be refused at open is not kept */
         nz_model_free(m);
-        unlink(pos[1]);
-        return fail(&e);
+        unlink(path);
+        return fail(e);
     }
     uint64_t src = 0, stored = 0;
     for (size_t i = 0; i < nz_model_ntensors(m); i++) {
@@ -241,6 +237,26 @@ static int pack_with(int argc, char **argv, json_t **patch) {
            nz_model_file_size(m), nz_now_s() - t0);
     nz_model_free(m);
     return 0;
+}
+
+/* nzp pack; *patch collects the --set keys (freed by the caller, whatever the outcome). */
+static int pack_with(int argc, char **argv, json_t **patch) {
+    nz_pack_opts o;
+    nz_pack_opts_default(&o);
+    const char *pos[2];
+    int quiet = 0;
+    int rc = pack_args(argc, argv, &o, patch, pos, &quiet);
+    if (rc) return rc;
+    nz_error e = {0};
+    nzp_progress pr;
+    nzp_progress_start(&pr, "pack", "tensors", quiet);
+    o.progress = nzp_progress_engine;
+    o.progress_ud = &pr;
+    double t0 = nz_now_s();
+    rc = nz_pack(pos[0], pos[1], &o, &e);
+    nzp_progress_end(&pr);
+    if (rc) return fail(&e);
+    return check_packed(pos[1], t0, &e);
 }
 
 static int cmd_pack(int argc, char **argv) {
@@ -303,96 +319,137 @@ static void print_memory(uint64_t stored, uint64_t decoded) {
            r.rss_peak);
 }
 
-static int cmd_info(int argc, char **argv) {
-    int json = 0, memory = 0;
-    const char *path = NULL;
+/* info's command line. @return 0, or 2 after a usage error (message on stderr). */
+static int info_args(int argc, char **argv, int *json, int *memory, const char **path) {
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--json"))
-            json = 1;
+            *json = 1;
         else if (!strcmp(argv[i], "--memory"))
-            memory = 1;
+            *memory = 1;
         else if (argv[i][0] == '-' && argv[i][1])
             return usage_of("info", "unknown option for info");
-        else if (!path)
-            path = argv[i];
+        else if (!*path)
+            *path = argv[i];
         else
             return usage_of("info", "info takes one file");
     }
-    if (!path) return usage_of("info", "info takes one file");
+    if (!*path) return usage_of("info", "info takes one file");
+    return 0;
+}
+
+/* Sums over a model's tensors. */
+typedef struct {
+    uint64_t elems, src_bytes, stored_bytes, decoded_bytes; /* decoded: as fp32 */
+    double bound_bits;                                      /* entropy bound x elements */
+} info_totals;
+
+/* One tensor's line of info. */
+typedef struct {
+    tstats s;
+    char shape[128], mode[32];
+    double ratio; /* stored / source bytes */
+} info_row;
+
+/* t's line of info, its numbers added to *tot. */
+static void info_row_of(const nz_tensor *t, info_row *r, info_totals *tot) {
+    r->s = tensor_stats(t);
+    shape_str(t, r->shape, sizeof r->shape);
+    nz_mode_name(&t->desc.mode, r->mode, sizeof r->mode);
+    r->ratio = r->s.src_bytes ? (double)r->s.stored_bytes / (double)r->s.src_bytes : 0;
+    tot->elems += r->s.nelem;
+    tot->src_bytes += r->s.src_bytes;
+    tot->stored_bytes += r->s.stored_bytes;
+    if (t->desc.dtype != NZ_DT_OTHER) tot->decoded_bytes += r->s.nelem * 4;
+    tot->bound_bits += r->s.bound * (double)r->s.nelem;
+}
+
+/* nzp info --json: the model's tensors, totals, blobs, config (and memory) as one JSON object. */
+static void info_json(const nz_model *m, int memory) {
+    info_totals tot = {0};
+    json_t *out = json_object(), *arr = json_array();
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        info_row r;
+        info_row_of(t, &r, &tot);
+        json_array_append_new(
+            arr,
+            json_pack("{s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name", t->name,
+                      "dtype", t->st_dtype, "shape", r.shape, "mode", r.mode, "norm_block",
+                      (json_int_t)t->desc.mode.norm_block, "coder", nz_coder_name(t->desc.coder), "elements",
+                      (json_int_t)r.s.nelem, "source_bytes", (json_int_t)r.s.src_bytes, "stored_bytes",
+                      (json_int_t)r.s.stored_bytes, "bits_per_weight", r.s.bits, "entropy_bound_bits",
+                      r.s.bound, "ratio", r.ratio, "tiles", (json_int_t)t->ntiles));
+    }
+    uint64_t tn = tot.elems, tst = tot.stored_bytes;
+    json_object_set_new(out, "tensors", arr);
+    json_object_set_new(out, "total",
+                        json_pack("{s:I, s:I, s:I, s:I, s:f, s:f, s:f}", "elements", (json_int_t)tn,
+                                  "source_bytes", (json_int_t)tot.src_bytes, "stored_bytes", (json_int_t)tst,
+                                  "file_bytes", (json_int_t)nz_model_file_size(m), "ratio",
+                                  tot.src_bytes ? (double)tst / (double)tot.src_bytes : 0, "bits_per_weight",
+                                  tn ? 8.0 * (double)tst / (double)tn : 0.0, "entropy_bound_bits",
+                                  tn ? tot.bound_bits / (double)tn : 0.0));
+    json_t *blobs = json_array();
+    for (size_t i = 0; i < nz_model_nblobs(m); i++)
+        json_array_append_new(blobs, json_string(nz_model_blob_name(m, i)));
+    json_object_set_new(out, "blobs", blobs);
+    if (nz_model_config(m)) json_object_set(out, "config", (json_t *)nz_model_config(m));
+    if (memory) json_object_set_new(out, "memory", memory_json(tst, tot.decoded_bytes));
+    char *s = json_dumps(out, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
+    if (s) puts(s);
+    nz_free(s);
+    json_decref(out);
+}
+
+/* The embedded config's architecture and decoding defaults ("generation"), as info prints them. */
+static void print_config(const json_t *config) {
+    const json_t *arch = json_object_get(config, "architecture");
+    printf("config: %s\n", json_is_string(arch) ? json_string_value(arch) : "(present)");
+    /* the model's recommended decoding options (config "generation"), as embedded */
+    const json_t *gen = json_object_get(config, "generation");
+    char *g = gen ? json_dumps(gen, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    if (g) printf("generation: %s\n", g);
+    nz_free(g);
+}
+
+/* nzp info: a table of the model's tensors, totals, blobs, config (and memory). */
+static void info_text(const nz_model *m, int memory) {
+    info_totals tot = {0};
+    printf("%-48s %-5s %-16s %-9s %-5s %8s %8s %8s\n", "tensor", "dtype", "shape", "mode", "coder", "bits/w",
+           "bound", "ratio");
+    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
+        const nz_tensor *t = nz_model_tensor(m, i);
+        info_row r;
+        info_row_of(t, &r, &tot);
+        if (t->desc.mode.norm_block) /* lossy with normalisers: "lossy-3/64" */
+            snprintf(r.mode + strlen(r.mode), sizeof r.mode - strlen(r.mode), "/%u", t->desc.mode.norm_block);
+        printf("%-48.48s %-5s %-16.16s %-9s %-5s %8.3f %8.3f %7.2f%%\n", t->name, t->st_dtype, r.shape,
+               r.mode, nz_coder_name(t->desc.coder), r.s.bits, r.s.bound, 100 * r.ratio);
+    }
+    uint64_t tn = tot.elems, ts = tot.src_bytes, tst = tot.stored_bytes;
+    printf("total: %zu tensors, %" PRIu64 " elements, source %" PRIu64 " bytes, stored %" PRIu64
+           " bytes (%.2f%%), %.3f bits/weight (bound %.3f), file %" PRIu64 " bytes, header %" PRIu64
+           " bytes\n",
+           nz_model_ntensors(m), tn, ts, tst, 100 * (ts ? (double)tst / (double)ts : 0),
+           tn ? 8.0 * (double)tst / (double)tn : 0, tn ? tot.bound_bits / (double)tn : 0,
+           nz_model_file_size(m), nz_model_header_size(m));
+    for (size_t i = 0; i < nz_model_nblobs(m); i++) printf("embedded: %s\n", nz_model_blob_name(m, i));
+    if (nz_model_config(m)) print_config(nz_model_config(m));
+    if (memory) print_memory(tst, tot.decoded_bytes);
+}
+
+static int cmd_info(int argc, char **argv) {
+    int json = 0, memory = 0;
+    const char *path = NULL;
+    int rc = info_args(argc, argv, &json, &memory, &path);
+    if (rc) return rc;
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
-    uint64_t tn = 0, ts = 0, tst = 0, tdec = 0;
-    double tb = 0;
-    json_t *out = json ? json_object() : NULL, *arr = json ? json_array() : NULL;
-    if (!json)
-        printf("%-48s %-5s %-16s %-9s %-5s %8s %8s %8s\n", "tensor", "dtype", "shape", "mode", "coder",
-               "bits/w", "bound", "ratio");
-    for (size_t i = 0; i < nz_model_ntensors(m); i++) {
-        const nz_tensor *t = nz_model_tensor(m, i);
-        tstats s = tensor_stats(t);
-        char shape[128], mode[32];
-        shape_str(t, shape, sizeof shape);
-        nz_mode_name(&t->desc.mode, mode, sizeof mode);
-        double ratio = s.src_bytes ? (double)s.stored_bytes / (double)s.src_bytes : 0;
-        tn += s.nelem;
-        ts += s.src_bytes;
-        tst += s.stored_bytes;
-        if (t->desc.dtype != NZ_DT_OTHER) tdec += s.nelem * 4;
-        tb += s.bound * (double)s.nelem;
-        if (json) {
-            json_array_append_new(
-                arr,
-                json_pack("{s:s, s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:I}", "name",
-                          t->name, "dtype", t->st_dtype, "shape", shape, "mode", mode, "norm_block",
-                          (json_int_t)t->desc.mode.norm_block, "coder", nz_coder_name(t->desc.coder),
-                          "elements", (json_int_t)s.nelem, "source_bytes", (json_int_t)s.src_bytes,
-                          "stored_bytes", (json_int_t)s.stored_bytes, "bits_per_weight", s.bits,
-                          "entropy_bound_bits", s.bound, "ratio", ratio, "tiles", (json_int_t)t->ntiles));
-        } else {
-            if (t->desc.mode.norm_block) /* lossy with normalisers: "lossy-3/64" */
-                snprintf(mode + strlen(mode), sizeof mode - strlen(mode), "/%u", t->desc.mode.norm_block);
-            printf("%-48.48s %-5s %-16.16s %-9s %-5s %8.3f %8.3f %7.2f%%\n", t->name, t->st_dtype, shape,
-                   mode, nz_coder_name(t->desc.coder), s.bits, s.bound, 100 * ratio);
-        }
-    }
-    double ratio = ts ? (double)tst / (double)ts : 0;
-    if (json) {
-        json_object_set_new(out, "tensors", arr);
-        json_object_set_new(out, "total",
-                            json_pack("{s:I, s:I, s:I, s:I, s:f, s:f, s:f}", "elements", (json_int_t)tn,
-                                      "source_bytes", (json_int_t)ts, "stored_bytes", (json_int_t)tst,
-                                      "file_bytes", (json_int_t)nz_model_file_size(m), "ratio", ratio,
-                                      "bits_per_weight", tn ? 8.0 * (double)tst / (double)tn : 0.0,
-                                      "entropy_bound_bits", tn ? tb / (double)tn : 0.0));
-        json_t *blobs = json_array();
-        for (size_t i = 0; i < nz_model_nblobs(m); i++)
-            json_array_append_new(blobs, json_string(nz_model_blob_name(m, i)));
-        json_object_set_new(out, "blobs", blobs);
-        if (nz_model_config(m)) json_object_set(out, "config", (json_t *)nz_model_config(m));
-        if (memory) json_object_set_new(out, "memory", memory_json(tst, tdec));
-        char *s = json_dumps(out, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
-        if (s) puts(s);
-        nz_free(s);
-        json_decref(out);
-    } else {
-        printf("total: %zu tensors, %" PRIu64 " elements, source %" PRIu64 " bytes, stored %" PRIu64
-               " bytes (%.2f%%), %.3f bits/weight (bound %.3f), file %" PRIu64 " bytes, header %" PRIu64
-               " bytes\n",
-               nz_model_ntensors(m), tn, ts, tst, 100 * ratio, tn ? 8.0 * (double)tst / (double)tn : 0,
-               tn ? tb / (double)tn : 0, nz_model_file_size(m), nz_model_header_size(m));
-        for (size_t i = 0; i < nz_model_nblobs(m); i++) printf("embedded: %s\n", nz_model_blob_name(m, i));
-        if (nz_model_config(m)) {
-            const json_t *arch = json_object_get(nz_model_config(m), "architecture");
-            printf("config: %s\n", json_is_string(arch) ? json_string_value(arch) : "(present)");
-            /* the model's recommended decoding options (config "generation"), as embedded */
-            const json_t *gen = json_object_get(nz_model_config(m), "generation");
-            char *g = gen ? json_dumps(gen, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
-            if (g) printf("generation: %s\n", g);
-            nz_free(g);
-        }
-        if (memory) print_memory(tst, tdec);
-    }
+    if (json)
+        info_json(m, memory);
+    else
+        info_text(m, memory);
     nz_model_free(m);
     return 0;
 }
@@ -553,38 +610,132 @@ static double time_tiles(nz_dctx *dc, const encoded *x, int exps_only, float *ou
     return el / (double)reps;
 }
 
+/* The coders bench re-encodes with, and the decoders it times: a coder with one of its kernels. */
+enum { BENCH_NV = 6, BENCH_NC = 3 };
+static const nz_coder BENCH_CODERS[BENCH_NC] = {NZ_CODER_ESC, NZ_CODER_RANS, NZ_CODER_ZSTD};
+static const struct {
+    const char *name;
+    int c; /* index in BENCH_CODERS */
+    nz_rans_kernel kernel;
+} BENCH_VARIANTS[BENCH_NV] = {{"esc avx2", 0, NZ_RANS_AVX2},      {"esc scalar", 0, NZ_RANS_SCALAR},
+                              {"rans avx512", 1, NZ_RANS_AVX512}, {"rans avx2", 1, NZ_RANS_AVX2},
+                              {"rans scalar", 1, NZ_RANS_SCALAR}, {"zstd", 2, NZ_RANS_AUTO}};
+
+/* What bench measured, summed over the tensors. */
+typedef struct {
+    int ok[BENCH_NV]; /* the CPU runs the variant's kernel */
+    double weights, secs[BENCH_NV], exps_secs[BENCH_NV], stored_secs;
+    uint64_t bytes[BENCH_NV];
+} bench_sums;
+
+/* bench's command line. @return 0, or 2 after a usage error (message on stderr). */
+static int bench_args(int argc, char **argv, double *seconds, const char **path, int *quiet) {
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
+            *seconds = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--quiet"))
+            *quiet = 1;
+        else if (argv[i][0] == '-')
+            return usage_of("bench", "unknown option for bench");
+        else
+            *path = argv[i];
+    }
+    if (!*path || *seconds <= 0) return usage_of("bench", "bench takes one file");
+    return 0;
+}
+
+/* Time every variant on x (the tensor re-encoded with each coder), at least per seconds each way (the
+ * last variant's kernel stays set); out and ex: a tile's room. @return NZ_OK or the error (in e). */
+static int time_variants(nz_dctx *dc, const encoded x[BENCH_NC], float *out, uint8_t *ex, double per,
+                         bench_sums *b, nz_error *e) {
+    int rc = NZ_OK;
+    for (int v = 0; v < BENCH_NV && !rc; v++) {
+        if (!b->ok[v]) continue;
+        const encoded *xv = &x[BENCH_VARIANTS[v].c];
+        nz_rans_set_kernel(BENCH_VARIANTS[v].kernel);
+        for (uint64_t j = 0; j < nz_desc_ntiles(&xv->d); j++) b->bytes[v] += xv->len[j];
+        double ta = time_tiles(dc, xv, 0, out, ex, per, e), tb = time_tiles(dc, xv, 1, out, ex, per, e);
+        if (ta < 0 || tb < 0) rc = e->code ? e->code : NZ_E_CORRUPT;
+        b->secs[v] += ta;
+        b->exps_secs[v] += tb;
+    }
+    return rc;
+}
+
+/* Bench tensor i of m (coded): decoding as stored, then re-encoded with each coder, at least per
+ * seconds a measurement. @return NZ_OK or the error (in e). */
+static int bench_tensor(const nz_model *m, nz_dctx *dc, size_t i, double per, bench_sums *b, nz_error *e) {
+    const nz_tensor *t = nz_model_tensor(m, i);
+    nz_dtype nd = nz_desc_native_dtype(&t->desc);
+    uint64_t n = t->desc.rows * t->desc.cols, tile_n = nz_desc_tile_nrows(&t->desc, 0) * t->desc.cols;
+    uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
+    float *out = nz_malloc(tile_n * sizeof(float), NZ_MEM_SCRATCH);
+    uint8_t *ex = nz_malloc(tile_n, NZ_MEM_SCRATCH);
+    encoded x[BENCH_NC] = {0};
+    int rc = NZ_OK;
+    if (!native || !out || !ex) rc = nz_fail(e, NZ_E_NOMEM, "out of memory");
+    /* as stored and served: checksum + decode of the file's own tiles */
+    double t0 = nz_now_s(), el;
+    uint64_t reps = 0;
+    do {
+        for (uint64_t j = 0; j < t->ntiles && !rc; j++) rc = nz_model_decode_f32(m, dc, i, j, out, e);
+        reps++;
+        el = nz_now_s() - t0;
+    } while (!rc && el < per);
+    b->stored_secs += el / (double)reps;
+    for (uint64_t j = 0; j < t->ntiles && !rc; j++)
+        rc = nz_model_decode_native(m, dc, i, j, native + j * tile_n * nz_dtype_size(nd), e);
+    for (int c = 0; c < BENCH_NC && !rc; c++) rc = reencode(t, native, BENCH_CODERS[c], &x[c], e);
+    if (!rc) rc = time_variants(dc, x, out, ex, per, b, e);
+    nz_rans_set_kernel(NZ_RANS_AUTO);
+    b->weights += (double)n;
+    for (int c = 0; c < BENCH_NC; c++) encoded_free(&x[c]);
+    nz_free(native);
+    nz_free(out);
+    nz_free(ex);
+    return rc;
+}
+
+/* bench's table: bits per weight and decode rates of each variant, then esc against the others. */
+static void bench_print(const char *path, uint64_t ncoded, const bench_sums *b) {
+    double weights = b->weights;
+    printf("decode throughput, one core, the %" PRIu64 " coded tensors of %s (%.0f weights)\n", ncoded, path,
+           weights);
+    printf("%-26s %12s %16s %18s\n", "coder", "bits/weight", "to fp32 (Gw/s)", "exponents (Gs/s)");
+    if (b->stored_secs > 0)
+        printf("%-26s %12s %16.3f %18s\n", "as stored (with checksum)", "-", weights / b->stored_secs / 1e9,
+               "-");
+    for (int v = 0; v < BENCH_NV; v++) {
+        if (!b->ok[v]) {
+            printf("%-26s %12s\n", BENCH_VARIANTS[v].name, "(not supported by this CPU)");
+            continue;
+        }
+        printf("%-26s %12.3f %16.3f %18.3f\n", BENCH_VARIANTS[v].name,
+               weights ? 8.0 * (double)b->bytes[v] / weights : 0,
+               b->secs[v] > 0 ? weights / b->secs[v] / 1e9 : 0,
+               b->exps_secs[v] > 0 ? weights / b->exps_secs[v] / 1e9 : 0);
+    }
+    int esc = b->ok[0] ? 0 : 1, rans = b->ok[2] ? 2 : b->ok[3] ? 3 : 4, vs[2] = {rans, BENCH_NV - 1};
+    for (int k = 0; k < 2; k++)
+        if (b->secs[vs[k]] > 0 && b->secs[esc] > 0)
+            printf("ratio %s / %s: to fp32 %.2fx, exponents %.2fx\n", BENCH_VARIANTS[esc].name,
+                   BENCH_VARIANTS[vs[k]].name, b->secs[vs[k]] / b->secs[esc],
+                   b->exps_secs[vs[k]] / b->exps_secs[esc]);
+}
+
 static int cmd_bench(int argc, char **argv) {
     double seconds = 0.5;
     const char *path = NULL;
     int quiet = 0;
-    for (int i = 0; i < argc; i++) {
-        if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
-            seconds = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--quiet"))
-            quiet = 1;
-        else if (argv[i][0] == '-')
-            return usage_of("bench", "unknown option for bench");
-        else
-            path = argv[i];
-    }
-    if (!path || seconds <= 0) return usage_of("bench", "bench takes one file");
+    int rc = bench_args(argc, argv, &seconds, &path, &quiet);
+    if (rc) return rc;
     nz_model *m;
     nz_error e = {0};
     if (nz_model_open(path, &m, &e)) return fail(&e);
-    enum { NV = 6, NC = 3 };
-    static const nz_coder C[NC] = {NZ_CODER_ESC, NZ_CODER_RANS, NZ_CODER_ZSTD};
-    static const struct {
-        const char *name;
-        int c; /* index in C */
-        nz_rans_kernel kernel;
-    } V[NV] = {{"esc avx2", 0, NZ_RANS_AVX2},      {"esc scalar", 0, NZ_RANS_SCALAR},
-               {"rans avx512", 1, NZ_RANS_AVX512}, {"rans avx2", 1, NZ_RANS_AVX2},
-               {"rans scalar", 1, NZ_RANS_SCALAR}, {"zstd", 2, NZ_RANS_AUTO}};
-    double weights = 0, secs[NV] = {0}, exps_secs[NV] = {0}, stored_secs = 0;
-    uint64_t bytes[NV] = {0}, ncoded = 0, done = 0, src_total = 0, src_done = 0;
-    int ok[NV], rc = 0;
-    for (int v = 0; v < NV; v++) ok[v] = nz_rans_set_kernel(V[v].kernel) == NZ_OK;
+    bench_sums b = {0};
+    for (int v = 0; v < BENCH_NV; v++) b.ok[v] = nz_rans_set_kernel(BENCH_VARIANTS[v].kernel) == NZ_OK;
     nz_rans_set_kernel(NZ_RANS_AUTO);
+    uint64_t ncoded = 0, done = 0, src_total = 0, src_done = 0;
     for (size_t i = 0; i < nz_model_ntensors(m); i++) {
         const nz_tensor *t = nz_model_tensor(m, i);
         if (t->desc.coder == NZ_CODER_NONE) continue;
@@ -593,49 +744,15 @@ static int cmd_bench(int argc, char **argv) {
     }
     nzp_progress pr;
     nzp_progress_start(&pr, "bench", "tensors", quiet);
-    double per = seconds / (double)(ncoded ? ncoded : 1) / (2 * NV + 1);
+    double per = seconds / (double)(ncoded ? ncoded : 1) / (2 * BENCH_NV + 1);
     nz_dctx *dc = nz_dctx_create();
     for (size_t i = 0; i < nz_model_ntensors(m) && !rc && dc; i++) {
         const nz_tensor *t = nz_model_tensor(m, i);
         if (t->desc.coder == NZ_CODER_NONE) continue;
         nzp_progress_update(&pr, done, ncoded, src_done, src_total, t->name);
-        nz_dtype nd = nz_desc_native_dtype(&t->desc);
-        uint64_t n = t->desc.rows * t->desc.cols, tile_n = nz_desc_tile_nrows(&t->desc, 0) * t->desc.cols;
-        uint8_t *native = nz_malloc(n * nz_dtype_size(nd), NZ_MEM_SCRATCH);
-        float *out = nz_malloc(tile_n * sizeof(float), NZ_MEM_SCRATCH);
-        uint8_t *ex = nz_malloc(tile_n, NZ_MEM_SCRATCH);
-        encoded x[NC] = {0};
-        if (!native || !out || !ex) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
-        /* as stored and served: checksum + decode of the file's own tiles */
-        double t0 = nz_now_s(), el;
-        uint64_t reps = 0;
-        do {
-            for (uint64_t j = 0; j < t->ntiles && !rc; j++) rc = nz_model_decode_f32(m, dc, i, j, out, &e);
-            reps++;
-            el = nz_now_s() - t0;
-        } while (!rc && el < per);
-        stored_secs += el / (double)reps;
-        for (uint64_t j = 0; j < t->ntiles && !rc; j++)
-            rc = nz_model_decode_native(m, dc, i, j, native + j * tile_n * nz_dtype_size(nd), &e);
-        for (int c = 0; c < NC && !rc; c++) rc = reencode(t, native, C[c], &x[c], &e);
-        for (int v = 0; v < NV && !rc; v++) {
-            if (!ok[v]) continue;
-            const encoded *xv = &x[V[v].c];
-            nz_rans_set_kernel(V[v].kernel);
-            for (uint64_t j = 0; j < nz_desc_ntiles(&xv->d); j++) bytes[v] += xv->len[j];
-            double a = time_tiles(dc, xv, 0, out, ex, per, &e), b = time_tiles(dc, xv, 1, out, ex, per, &e);
-            if (a < 0 || b < 0) rc = e.code ? e.code : NZ_E_CORRUPT;
-            secs[v] += a;
-            exps_secs[v] += b;
-        }
-        nz_rans_set_kernel(NZ_RANS_AUTO);
-        weights += (double)n;
+        rc = bench_tensor(m, dc, i, per, &b, &e);
         done++;
         src_done += t->desc.rows * t->desc.cols * t->desc.elem_size;
-        for (int c = 0; c < NC; c++) encoded_free(&x[c]);
-        nz_free(native);
-        nz_free(out);
-        nz_free(ex);
     }
     if (!dc) rc = nz_fail(&e, NZ_E_NOMEM, "out of memory");
     if (!rc) nzp_progress_update(&pr, done, ncoded, src_done, src_total, NULL);
@@ -643,26 +760,7 @@ static int cmd_bench(int argc, char **argv) {
     nz_dctx_free(dc);
     nz_model_free(m);
     if (rc) return fail(&e);
-    printf("decode throughput, one core, the %" PRIu64 " coded tensors of %s (%.0f weights)\n", ncoded, path,
-           weights);
-    printf("%-26s %12s %16s %18s\n", "coder", "bits/weight", "to fp32 (Gw/s)", "exponents (Gs/s)");
-    if (stored_secs > 0)
-        printf("%-26s %12s %16.3f %18s\n", "as stored (with checksum)", "-", weights / stored_secs / 1e9,
-               "-");
-    for (int v = 0; v < NV; v++) {
-        if (!ok[v]) {
-            printf("%-26s %12s\n", V[v].name, "(not supported by this CPU)");
-            continue;
-        }
-        printf("%-26s %12.3f %16.3f %18.3f\n", V[v].name, weights ? 8.0 * (double)bytes[v] / weights : 0,
-               secs[v] > 0 ? weights / secs[v] / 1e9 : 0,
-               exps_secs[v] > 0 ? weights / exps_secs[v] / 1e9 : 0);
-    }
-    int esc = ok[0] ? 0 : 1, rans = ok[2] ? 2 : ok[3] ? 3 : 4, vs[2] = {rans, NV - 1};
-    for (int k = 0; k < 2; k++)
-        if (secs[vs[k]] > 0 && secs[esc] > 0)
-            printf("ratio %s / %s: to fp32 %.2fx, exponents %.2fx\n", V[esc].name, V[vs[k]].name,
-                   secs[vs[k]] / secs[esc], exps_secs[vs[k]] / exps_secs[esc]);
+    bench_print(path, ncoded, &b);
     return 0;
 }
 
