@@ -104,46 +104,45 @@ static int parse_pairs(const json_t *arr, uint64_t out[256], uint64_t max_val, c
     return NZ_OK;
 }
 
-static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t, nz_error *err) {
-    char ctx[200];
-    snprintf(ctx, sizeof ctx, "tensor #%zu", idx);
-    if (!json_is_object(jt)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
-    int rc = get_str(jt, "name", &t->name, ctx, err);
-    if (rc) return rc;
-    if (!*t->name) return nz_fail(err, NZ_E_FORMAT, "%s: empty name", ctx);
-    snprintf(ctx, sizeof ctx, "tensor '%.160s'", t->name);
-
-    const char *dts, *sts, *modes, *coders;
-    if ((rc = get_str(jt, "dtype", &dts, ctx, err)) || (rc = get_str(jt, "st_dtype", &sts, ctx, err)) ||
-        (rc = get_str(jt, "mode", &modes, ctx, err)) || (rc = get_str(jt, "coder", &coders, ctx, err)))
-        return rc;
+/* A tensor entry's string fields and the 2-D view of its shape, as parse_tensor reads them. */
+typedef struct {
+    const char *dts, *sts, *modes, *coders; /* "dtype", "st_dtype", "mode", "coder" */
     nz_dtype dt;
-    if (!strcmp(dts, "bf16"))
-        dt = NZ_DT_BF16;
-    else if (!strcmp(dts, "f16"))
-        dt = NZ_DT_F16;
-    else if (!strcmp(dts, "f32"))
-        dt = NZ_DT_F32;
-    else if (!strcmp(dts, "other"))
-        dt = NZ_DT_OTHER;
-    else
-        return nz_fail(err, NZ_E_FORMAT, "%s: unknown dtype \"%.32s\"", ctx, dts);
-    size_t esz = nz_st_dtype_size(sts);
-    if (!esz || strlen(sts) >= sizeof t->st_dtype)
-        return nz_fail(err, NZ_E_FORMAT, "%s: unknown st_dtype \"%.32s\"", ctx, sts);
-    nz_dtype expect = !strcmp(sts, "BF16")  ? NZ_DT_BF16
-                      : !strcmp(sts, "F16") ? NZ_DT_F16
-                      : !strcmp(sts, "F32") ? NZ_DT_F32
-                                            : NZ_DT_OTHER;
-    if (expect != dt)
-        return nz_fail(err, NZ_E_FORMAT, "%s: dtype %s does not match st_dtype %s", ctx, dts, sts);
-    strcpy(t->st_dtype, sts);
+    size_t esz;            /* bytes per element (st_dtype) */
+    uint64_t erows, ecols; /* rows = shape[0], cols = product of the rest (1-D/0-D: 1 x n) */
+} tensor_fields;
 
+/* f's dtype and st_dtype, which must agree; t->st_dtype set. */
+static int parse_dtype(tensor_fields *f, nz_tensor *t, const char *ctx, nz_error *err) {
+    if (!strcmp(f->dts, "bf16"))
+        f->dt = NZ_DT_BF16;
+    else if (!strcmp(f->dts, "f16"))
+        f->dt = NZ_DT_F16;
+    else if (!strcmp(f->dts, "f32"))
+        f->dt = NZ_DT_F32;
+    else if (!strcmp(f->dts, "other"))
+        f->dt = NZ_DT_OTHER;
+    else
+        return nz_fail(err, NZ_E_FORMAT, "%s: unknown dtype \"%.32s\"", ctx, f->dts);
+    f->esz = nz_st_dtype_size(f->sts);
+    if (!f->esz || strlen(f->sts) >= sizeof t->st_dtype)
+        return nz_fail(err, NZ_E_FORMAT, "%s: unknown st_dtype \"%.32s\"", ctx, f->sts);
+    nz_dtype expect = !strcmp(f->sts, "BF16")  ? NZ_DT_BF16
+                      : !strcmp(f->sts, "F16") ? NZ_DT_F16
+                      : !strcmp(f->sts, "F32") ? NZ_DT_F32
+                                               : NZ_DT_OTHER;
+    if (expect != f->dt)
+        return nz_fail(err, NZ_E_FORMAT, "%s: dtype %s does not match st_dtype %s", ctx, f->dts, f->sts);
+    strcpy(t->st_dtype, f->sts);
+    return NZ_OK;
+}
+
+/* "shape" into t->ndim and t->shape, and its 2-D view into f (no overflow even in bytes). */
+static int parse_shape(const json_t *jt, tensor_fields *f, nz_tensor *t, const char *ctx, nz_error *err) {
     const json_t *shape = json_object_get(jt, "shape");
     if (!json_is_array(shape) || json_array_size(shape) > NZ_MAX_DIMS_C)
         return nz_fail(err, NZ_E_FORMAT, "%s: shape must be an array of at most %d dims", ctx, NZ_MAX_DIMS_C);
     t->ndim = (int)json_array_size(shape);
-    /* 2-D view: rows = shape[0], cols = product of the rest (1-D/0-D: 1 x n) */
     uint64_t erows = 1, ecols = 1;
     for (int i = 0; i < t->ndim; i++) {
         const json_t *d = json_array_get(shape, (size_t)i);
@@ -155,19 +154,28 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
             erows = v;
             continue;
         }
-        if (v && ecols > UINT64_MAX / v / esz) return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
+        if (v && ecols > UINT64_MAX / v / f->esz)
+            return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
         ecols *= v;
     }
-    if (ecols && erows > UINT64_MAX / ecols / esz)
+    if (ecols && erows > UINT64_MAX / ecols / f->esz)
         return nz_fail(err, NZ_E_FORMAT, "%s: shape overflows", ctx);
-    uint64_t nelem = erows * ecols;
-    uint64_t rows, cols, tile_rows, norm_block = 0;
+    f->erows = erows;
+    f->ecols = ecols;
+    return NZ_OK;
+}
+
+/* rows, cols, tile_rows, norm_block, mode and coder into t->desc: they must fit the shape. */
+static int parse_desc(const json_t *jt, const tensor_fields *f, nz_tensor *t, const char *ctx,
+                      nz_error *err) {
+    uint64_t rows, cols, tile_rows, norm_block = 0, nelem = f->erows * f->ecols;
+    int rc;
     if ((rc = get_u64(jt, "rows", &rows, ctx, err)) || (rc = get_u64(jt, "cols", &cols, ctx, err)) ||
         (rc = get_u64(jt, "tile_rows", &tile_rows, ctx, err)))
         return rc;
     if (json_object_get(jt, "norm_block") && (rc = get_u64(jt, "norm_block", &norm_block, ctx, err)))
         return rc;
-    if (rows != erows || cols != ecols)
+    if (rows != f->erows || cols != f->ecols)
         return nz_fail(err, NZ_E_FORMAT, "%s: rows x cols %" PRIu64 " x %" PRIu64 " do not match the shape",
                        ctx, rows, cols);
     if (tile_rows == 0 || tile_rows > UINT32_MAX)
@@ -180,23 +188,30 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
                        cols, tile_rows);
     nz_mode mode;
     nz_coder coder;
-    if ((rc = nz_mode_parse(modes, &mode, err)) || (rc = nz_coder_parse(coders, &coder, err))) {
-        nz_fail(err, NZ_E_FORMAT, "%s: bad mode or coder (\"%.20s\", \"%.20s\")", ctx, modes, coders);
+    if ((rc = nz_mode_parse(f->modes, &mode, err)) || (rc = nz_coder_parse(f->coders, &coder, err))) {
+        nz_fail(err, NZ_E_FORMAT, "%s: bad mode or coder (\"%.20s\", \"%.20s\")", ctx, f->modes, f->coders);
         return NZ_E_FORMAT;
     }
     if (norm_block > (1u << 30))
         return nz_fail(err, NZ_E_FORMAT, "%s: norm_block %" PRIu64 " out of range", ctx, norm_block);
     mode.norm_block = (uint32_t)norm_block;
-    rc = nz_desc_init(&t->desc, dt, esz, &mode, coder, rows, cols, (uint32_t)tile_rows, err);
+    rc = nz_desc_init(&t->desc, f->dt, f->esz, &mode, coder, rows, cols, (uint32_t)tile_rows, err);
     if (rc) {
         nz_fail_prefix(err, "%s", ctx);
         if (err) err->code = NZ_E_FORMAT;
         return NZ_E_FORMAT;
     }
     if (t->desc.mode.kind != mode.kind || t->desc.mode.norm_block != mode.norm_block)
-        return nz_fail(err, NZ_E_FORMAT, "%s: mode \"%s\" is not valid for this tensor", ctx, modes);
+        return nz_fail(err, NZ_E_FORMAT, "%s: mode \"%s\" is not valid for this tensor", ctx, f->modes);
     t->desc.coder = coder;
+    return NZ_OK;
+}
+
+/* "freq" into t->desc (then checked whole) and "counts" into t->counts: a coded tensor's exponent
+ * counts must add up to its nelem elements. */
+static int parse_freq_counts(const json_t *jt, nz_tensor *t, uint64_t nelem, const char *ctx, nz_error *err) {
     uint64_t fq[256];
+    int rc;
     if ((rc = parse_pairs(json_object_get(jt, "freq"), fq, 1u << 12, ctx, "freq", err)) ||
         (rc = parse_pairs(json_object_get(jt, "counts"), t->counts, UINT64_MAX, ctx, "counts", err)))
         return rc;
@@ -205,7 +220,7 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
         nz_fail_prefix(err, "%s", ctx); /* its return value is INVALID_ARG when err is NULL */
         return rc;
     }
-    if (coder != NZ_CODER_NONE && json_object_get(jt, "counts")) {
+    if (t->desc.coder != NZ_CODER_NONE && json_object_get(jt, "counts")) {
         uint64_t sum = 0;
         for (int s = 0; s < 256; s++) {
             if (t->counts[s] > nelem - sum)
@@ -216,7 +231,11 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
             return nz_fail(err, NZ_E_FORMAT, "%s: exponent counts add up to %" PRIu64 ", not %" PRIu64, ctx,
                            sum, nelem);
     }
+    return NZ_OK;
+}
 
+/* "tiles" into t->tiles ([offset, size, hash] each, inside m's data section) and t->stored_bytes. */
+static int parse_tiles(const nz_model *m, const json_t *jt, nz_tensor *t, const char *ctx, nz_error *err) {
     const json_t *tiles = json_object_get(jt, "tiles");
     t->ntiles = nz_desc_ntiles(&t->desc);
     if (!json_is_array(tiles) || json_array_size(tiles) != t->ntiles)
@@ -243,13 +262,33 @@ static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t,
                            "-byte data section",
                            ctx, i, r->offset, r->size, m->data_size);
         uint64_t fixed = nz_desc_tile_fixed_bytes(&t->desc, i);
-        if (coder == NZ_CODER_NONE ? r->size != fixed : r->size < 8 + fixed)
+        if (t->desc.coder == NZ_CODER_NONE ? r->size != fixed : r->size < 8 + fixed)
             return nz_fail(err, NZ_E_FORMAT,
                            "%s tile %" PRIu64 ": size %" PRIu64 " cannot hold its %" PRIu64 " fixed bytes",
                            ctx, i, r->size, fixed);
         t->stored_bytes += r->size;
     }
     return NZ_OK;
+}
+
+static int parse_tensor(nz_model *m, const json_t *jt, size_t idx, nz_tensor *t, nz_error *err) {
+    char ctx[200];
+    snprintf(ctx, sizeof ctx, "tensor #%zu", idx);
+    if (!json_is_object(jt)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
+    int rc = get_str(jt, "name", &t->name, ctx, err);
+    if (rc) return rc;
+    if (!*t->name) return nz_fail(err, NZ_E_FORMAT, "%s: empty name", ctx);
+    snprintf(ctx, sizeof ctx, "tensor '%.160s'", t->name);
+
+    tensor_fields f;
+    if ((rc = get_str(jt, "dtype", &f.dts, ctx, err)) || (rc = get_str(jt, "st_dtype", &f.sts, ctx, err)) ||
+        (rc = get_str(jt, "mode", &f.modes, ctx, err)) || (rc = get_str(jt, "coder", &f.coders, ctx, err)))
+        return rc;
+    if ((rc = parse_dtype(&f, t, ctx, err)) || (rc = parse_shape(jt, &f, t, ctx, err)) ||
+        (rc = parse_desc(jt, &f, t, ctx, err)) ||
+        (rc = parse_freq_counts(jt, t, f.erows * f.ecols, ctx, err)))
+        return rc;
+    return parse_tiles(m, jt, t, ctx, err);
 }
 
 /* All blobs and tiles sorted by offset, in a new NZ_MEM_OTHER array. */
@@ -293,9 +332,8 @@ static int check_overlaps(nz_model *m, nz_error *err) {
     return rc;
 }
 
-static int load(nz_model *m, nz_error *err) {
-    const uint8_t *b = m->base;
-    uint64_t len = m->len;
+/* The magic at the start of the image (with a hint for a .safetensors file). */
+static int check_magic(const uint8_t *b, uint64_t len, nz_error *err) {
     if (len == 0) return nz_fail(err, NZ_E_TRUNCATED, "empty file");
     if (len < 8 || memcmp(b, NZ_CONTAINER_MAGIC, 8)) {
         if (len >= 8 && nz_rd64le(b) < len && len > 9 && b[8] == '{')
@@ -304,6 +342,15 @@ static int load(nz_model *m, nz_error *err) {
                            "(pack it with `nzp pack`)");
         return nz_fail(err, len < 8 ? NZ_E_TRUNCATED : NZ_E_FORMAT, "bad magic (not an .nzp file)");
     }
+    return NZ_OK;
+}
+
+/* The fixed prefix after the magic: version, flags, the header and data section it declares (which
+ * must fill the image exactly), the header's checksum and zero padding. Sets m->header_len, m->data
+ * and m->data_size. */
+static int read_prefix(nz_model *m, nz_error *err) {
+    const uint8_t *b = m->base;
+    uint64_t len = m->len;
     if (len < NZ_CONTAINER_PREFIX)
         return nz_fail(err, NZ_E_TRUNCATED, "truncated: %" PRIu64 " bytes, shorter than the %d-byte prefix",
                        len, NZ_CONTAINER_PREFIX);
@@ -335,10 +382,15 @@ static int load(nz_model *m, nz_error *err) {
     m->header_len = hlen;
     m->data = b + doff;
     m->data_size = dsize;
+    return NZ_OK;
+}
 
+/* The header JSON into m->root, with its optional "config" and "metadata" objects. */
+static int parse_header(nz_model *m, nz_error *err) {
     nz_alloc_hook_json();
     json_error_t je;
-    m->root = json_loadb((const char *)b + NZ_CONTAINER_PREFIX, hlen, JSON_REJECT_DUPLICATES, &je);
+    m->root =
+        json_loadb((const char *)m->base + NZ_CONTAINER_PREFIX, m->header_len, JSON_REJECT_DUPLICATES, &je);
     if (!m->root)
         return nz_fail(err, NZ_E_FORMAT, "header JSON: %s (line %d column %d)", je.text, je.line, je.column);
     if (!json_is_object(m->root)) return nz_fail(err, NZ_E_FORMAT, "header JSON is not an object");
@@ -348,35 +400,64 @@ static int load(nz_model *m, nz_error *err) {
     m->metadata = json_object_get(m->root, "metadata");
     if (m->metadata && !json_is_object(m->metadata))
         return nz_fail(err, NZ_E_FORMAT, "header: \"metadata\" must be an object");
+    return NZ_OK;
+}
 
+/* Blob key's entry jb into r: offset, size and xxh3, inside a data section of dsize bytes. */
+static int parse_blob(const char *key, const json_t *jb, blob_ref *r, uint64_t dsize, nz_error *err) {
+    char ctx[200];
+    snprintf(ctx, sizeof ctx, "blob '%.160s'", key);
+    r->name = key;
+    int rc;
+    if (!json_is_object(jb)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
+    if ((rc = get_u64(jb, "offset", &r->offset, ctx, err)) || (rc = get_u64(jb, "size", &r->size, ctx, err)))
+        return rc;
+    if (parse_hash(json_object_get(jb, "xxh3"), &r->hash))
+        return nz_fail(err, NZ_E_FORMAT, "%s: \"xxh3\" must be 16 hex digits", ctx);
+    if (r->offset % NZ_CONTAINER_ALIGN || r->offset > dsize || r->size > dsize - r->offset)
+        return nz_fail(err, NZ_E_FORMAT,
+                       "%s: bytes [%" PRIu64 ", +%" PRIu64 ") misaligned or outside "
+                       "the data section",
+                       ctx, r->offset, r->size);
+    return NZ_OK;
+}
+
+/* The header's optional "blobs" object into m->b and m->nb. */
+static int parse_blobs(nz_model *m, nz_error *err) {
     const json_t *blobs = json_object_get(m->root, "blobs");
     if (blobs && !json_is_object(blobs))
         return nz_fail(err, NZ_E_FORMAT, "header: \"blobs\" must be an object");
     m->nb = blobs ? json_object_size(blobs) : 0;
     m->b = nz_calloc(m->nb ? m->nb : 1, sizeof *m->b, NZ_MEM_OTHER);
     if (!m->b) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    if (!blobs) return NZ_OK;
     const char *key;
     const json_t *jb;
     size_t bi = 0;
-    if (blobs) json_object_foreach((json_t *)blobs, key, jb) {
-            char ctx[200];
-            snprintf(ctx, sizeof ctx, "blob '%.160s'", key);
-            blob_ref *r = &m->b[bi++];
-            r->name = key;
-            int rc;
-            if (!json_is_object(jb)) return nz_fail(err, NZ_E_FORMAT, "%s: not an object", ctx);
-            if ((rc = get_u64(jb, "offset", &r->offset, ctx, err)) ||
-                (rc = get_u64(jb, "size", &r->size, ctx, err)))
-                return rc;
-            if (parse_hash(json_object_get(jb, "xxh3"), &r->hash))
-                return nz_fail(err, NZ_E_FORMAT, "%s: \"xxh3\" must be 16 hex digits", ctx);
-            if (r->offset % NZ_CONTAINER_ALIGN || r->offset > dsize || r->size > dsize - r->offset)
-                return nz_fail(err, NZ_E_FORMAT,
-                               "%s: bytes [%" PRIu64 ", +%" PRIu64 ") misaligned or outside "
-                               "the data section",
-                               ctx, r->offset, r->size);
-        }
+    json_object_foreach((json_t *)blobs, key, jb) {
+        int rc = parse_blob(key, jb, &m->b[bi++], m->data_size, err);
+        if (rc) return rc;
+    }
+    return NZ_OK;
+}
 
+/* No two of m's tensors have the same name. */
+static int check_unique_names(const nz_model *m, nz_error *err) {
+    if (m->nt < 2) return NZ_OK;
+    const char **names = nz_malloc(m->nt * sizeof *names, NZ_MEM_OTHER);
+    if (!names) return nz_fail(err, NZ_E_NOMEM, "out of memory");
+    for (size_t i = 0; i < m->nt; i++) names[i] = m->t[i].name;
+    qsort(names, m->nt, sizeof *names, name_cmp);
+    int rc = NZ_OK;
+    for (size_t i = 1; i < m->nt && !rc; i++)
+        if (!strcmp(names[i - 1], names[i]))
+            rc = nz_fail(err, NZ_E_FORMAT, "duplicate tensor name '%.200s'", names[i]);
+    nz_free(names);
+    return rc;
+}
+
+/* The header's "tensors" array into m->t and m->nt, names unique. */
+static int parse_tensors(nz_model *m, nz_error *err) {
     const json_t *tensors = json_object_get(m->root, "tensors");
     if (!json_is_array(tensors)) return nz_fail(err, NZ_E_FORMAT, "header: \"tensors\" must be an array");
     m->nt = json_array_size(tensors);
@@ -386,18 +467,14 @@ static int load(nz_model *m, nz_error *err) {
         int rc = parse_tensor(m, json_array_get(tensors, i), i, &m->t[i], err);
         if (rc) return rc;
     }
-    if (m->nt > 1) { /* unique names */
-        const char **names = nz_malloc(m->nt * sizeof *names, NZ_MEM_OTHER);
-        if (!names) return nz_fail(err, NZ_E_NOMEM, "out of memory");
-        for (size_t i = 0; i < m->nt; i++) names[i] = m->t[i].name;
-        qsort(names, m->nt, sizeof *names, name_cmp);
-        int rc = NZ_OK;
-        for (size_t i = 1; i < m->nt && !rc; i++)
-            if (!strcmp(names[i - 1], names[i]))
-                rc = nz_fail(err, NZ_E_FORMAT, "duplicate tensor name '%.200s'", names[i]);
-        nz_free(names);
-        if (rc) return rc;
-    }
+    return check_unique_names(m, err);
+}
+
+static int load(nz_model *m, nz_error *err) {
+    int rc;
+    if ((rc = check_magic(m->base, m->len, err)) || (rc = read_prefix(m, err)) ||
+        (rc = parse_header(m, err)) || (rc = parse_blobs(m, err)) || (rc = parse_tensors(m, err)))
+        return rc;
     return check_overlaps(m, err);
 }
 
