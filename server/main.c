@@ -64,6 +64,45 @@ static int health_check(const srv_config *cfg) {
     return 1;
 }
 
+/* The "starting" log line: where the settings came from and all of them, as JSON. */
+static void log_config(const srv_config *cfg) {
+    json_t *cj = srv_config_to_json(cfg);
+    char *cs = cj ? json_dumps(cj, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    srv_log(SRV_LOG_INFO, "starting", "config_file", SRV_KV_STR,
+            cfg->config_path ? cfg->config_path : "(defaults)", "config", SRV_KV_STR, cs, NULL);
+    nz_free(cs); /* jansson allocates through nz_alloc (nz_alloc_hook_json) */
+    json_decref(cj);
+}
+
+/* Block SIGTERM and SIGINT (set: them) for this thread and every thread it starts, and ignore SIGPIPE. */
+static void block_signals(sigset_t *set) {
+    sigemptyset(set);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+/* Serve until a signal of set arrives, checking s's model loading every 100 ms.
+ * @return the exit status: 0 after SIGTERM or SIGINT, 1 when loading a model failed (logged, on stderr). */
+static int serve_until_signal(srv_server *s, const sigset_t *set) {
+    char err[1024] = {0};
+    for (;;) {
+        struct timespec tick = {0, 100 * 1000000L};
+        int sig = sigtimedwait(set, NULL, &tick);
+        if (sig == SIGTERM || sig == SIGINT) {
+            srv_log(SRV_LOG_INFO, "signal", "signal", SRV_KV_STR, sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                    NULL);
+            return 0;
+        }
+        if (srv_server_load_state(s, err, sizeof err) < 0) {
+            srv_log(SRV_LOG_ERROR, "load_failed", "error", SRV_KV_STR, err, NULL);
+            fprintf(stderr, "nzserve: %s\n", err);
+            return 1;
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     /* one malloc arena for every thread: glibc's per-thread arenas keep a large job's freed memory in their
        top chunks, which malloc_trim does not return; with one arena nz_mem_trim after each large job
@@ -95,12 +134,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     srv_log_setup(cfg.log_level, cfg.log_format, stderr);
-    json_t *cj = srv_config_to_json(&cfg);
-    char *cs = cj ? json_dumps(cj, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
-    srv_log(SRV_LOG_INFO, "starting", "config_file", SRV_KV_STR,
-            cfg.config_path ? cfg.config_path : "(defaults)", "config", SRV_KV_STR, cs, NULL);
-    nz_free(cs); /* jansson allocates through nz_alloc (nz_alloc_hook_json) */
-    json_decref(cj);
+    log_config(&cfg);
 
     if (srv_server_check_models(&cfg, err, sizeof err)) {
         srv_log(SRV_LOG_ERROR, "bad_model", "error", SRV_KV_STR, err, NULL);
@@ -111,12 +145,7 @@ int main(int argc, char **argv) {
 
     /* signals are taken synchronously by this thread; every other thread inherits the mask */
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
-
+    block_signals(&set);
     srv_server *s = NULL;
     if (srv_server_start(&cfg, &s, err, sizeof err)) {
         srv_log(SRV_LOG_ERROR, "start_failed", "error", SRV_KV_STR, err, NULL);
@@ -127,22 +156,7 @@ int main(int argc, char **argv) {
     srv_log(SRV_LOG_INFO, "listening", "host", SRV_KV_STR, cfg.host, "port", SRV_KV_INT,
             (long long)srv_server_port(s), NULL);
 
-    int status = 0;
-    for (;;) {
-        struct timespec tick = {0, 100 * 1000000L};
-        int sig = sigtimedwait(&set, NULL, &tick);
-        if (sig == SIGTERM || sig == SIGINT) {
-            srv_log(SRV_LOG_INFO, "signal", "signal", SRV_KV_STR, sig == SIGTERM ? "SIGTERM" : "SIGINT",
-                    NULL);
-            break;
-        }
-        if (srv_server_load_state(s, err, sizeof err) < 0) {
-            srv_log(SRV_LOG_ERROR, "load_failed", "error", SRV_KV_STR, err, NULL);
-            fprintf(stderr, "nzserve: %s\n", err);
-            status = 1;
-            break;
-        }
-    }
+    int status = serve_until_signal(s, &set);
     srv_server_free(s);
     srv_config_free(&cfg);
     return status;

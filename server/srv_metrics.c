@@ -291,6 +291,123 @@ static void hist_lines(obuf *b, const char *name, const char *lname, const char 
     ob_printf(b, " %llu\n", (unsigned long long)h->count);
 }
 
+/* Requests answered, by route and status; their durations and tokens, by route. */
+static void render_requests(obuf *b, const srv_metrics *m, const mdata *d) {
+    family(b, "nzserve_requests_total", "counter",
+           "Answered HTTP requests by route and status code (counted as the response is queued).");
+    for (int r = 0; r < m->nroutes; r++) {
+        for (size_t s = 0; s < N_STATUS; s++) {
+            if (!d->requests[r][s]) continue;
+            ob_puts(b, "nzserve_requests_total{route=\"");
+            ob_label_value(b, m->labels[r]);
+            if (s == STATUS_OTHER)
+                ob_printf(b, "\",status=\"other\"} %llu\n", (unsigned long long)d->requests[r][s]);
+            else
+                ob_printf(b, "\",status=\"%d\"} %llu\n", (int)s + 100, (unsigned long long)d->requests[r][s]);
+        }
+    }
+
+    family(b, "nzserve_request_duration_seconds", "histogram",
+           "Seconds from request arrival to response queued, by route.");
+    for (int r = 0; r < m->nroutes; r++)
+        if (d->duration[r].count)
+            hist_lines(b, "nzserve_request_duration_seconds", "route", m->labels[r], &d->duration[r]);
+
+    family(b, "nzserve_input_tokens_total", "counter", "Input tokens of answered requests, by route.");
+    for (int r = 0; r < m->nroutes; r++)
+        if (d->duration[r].count)
+            sample_u64(b, "nzserve_input_tokens_total", "route", m->labels[r], d->tokens_in[r]);
+    family(b, "nzserve_output_tokens_total", "counter", "Output tokens of answered requests, by route.");
+    for (int r = 0; r < m->nroutes; r++)
+        if (d->duration[r].count)
+            sample_u64(b, "nzserve_output_tokens_total", "route", m->labels[r], d->tokens_out[r]);
+}
+
+/* The queue: waits, depth, requests in flight, rejections by reason. */
+static void render_queue(obuf *b, const mdata *d, int queue, int inflight) {
+    family(b, "nzserve_queue_wait_seconds", "histogram",
+           "Seconds requests spent queued before a worker took them.");
+    hist_lines(b, "nzserve_queue_wait_seconds", NULL, NULL, &d->queue_wait);
+
+    family(b, "nzserve_queue_depth", "gauge", "Requests waiting for a worker.");
+    ob_printf(b, "nzserve_queue_depth %d\n", queue);
+    family(b, "nzserve_requests_in_flight", "gauge", "Requests being executed by workers.");
+    ob_printf(b, "nzserve_requests_in_flight %d\n", inflight);
+
+    family(b, "nzserve_rejected_total", "counter",
+           "Requests rejected before or during execution, by reason.");
+    for (size_t i = 0; i < N_REASONS; i++)
+        sample_u64(b, "nzserve_rejected_total", "reason", REASONS[i], d->rejected[i]);
+}
+
+/* Memory: each model's weights, the caches and buffers, the process, the request memory budget. */
+static void render_memory(obuf *b, const srv_gauges *g) {
+    family(b, "nzserve_weights_compressed_bytes", "gauge", "Bytes of a model's compressed weights.");
+    for (size_t i = 0; g->models && i < g->n_models; i++)
+        sample_u64(b, "nzserve_weights_compressed_bytes", "model", g->models[i].name,
+                   g->models[i].compressed_bytes);
+    family(b, "nzserve_weights_decoded_equivalent_bytes", "gauge",
+           "Bytes a model's weights would take fully decoded.");
+    for (size_t i = 0; g->models && i < g->n_models; i++)
+        sample_u64(b, "nzserve_weights_decoded_equivalent_bytes", "model", g->models[i].name,
+                   g->models[i].decoded_equivalent_bytes);
+
+    gauge_u64(b, "nzserve_tile_cache_bytes", "gauge", "Bytes of decoded tiles held by the tile cache.",
+              g->tile_cache_bytes);
+    gauge_u64(b, "nzserve_tile_cache_limit_bytes", "gauge", "Byte budget of the tile cache.",
+              g->tile_cache_limit_bytes);
+    gauge_u64(b, "nzserve_kv_cache_bytes", "gauge", "Bytes of attention key/value caches.",
+              g->kv_cache_bytes);
+    gauge_u64(b, "nzserve_scratch_bytes", "gauge", "Bytes of worker scratch buffers.", g->scratch_bytes);
+    gauge_u64(b, "nzserve_activations_bytes", "gauge", "Bytes of activation buffers.", g->activations_bytes);
+    gauge_u64(b, "nzserve_resident_memory_bytes", "gauge", "Resident set size of the process in bytes.",
+              g->resident_bytes);
+    gauge_u64(b, "nzserve_resident_memory_peak_bytes", "gauge",
+              "Peak resident set size of the process in bytes.", g->resident_peak_bytes);
+    gauge_u64(b, "nzserve_mapped_resident_bytes", "gauge", "Resident bytes of memory-mapped model files.",
+              g->mapped_resident_bytes);
+    gauge_u64(b, "nzserve_allocator_free_bytes", "gauge",
+              "Bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
+              g->allocator_free_bytes);
+    gauge_u64(b, "nzserve_code_resident_bytes", "gauge",
+              "Resident bytes of the executable and shared libraries (file-backed, not the models).",
+              g->code_resident_bytes);
+    gauge_u64(b, "nzserve_memory_budget_bytes", "gauge", "Memory the process may use (memory_budget_bytes).",
+              g->memory_budget_bytes);
+    gauge_u64(b, "nzserve_request_memory_pool_bytes", "gauge",
+              "Bytes requests may reserve for their estimated peak (the budget less the loaded process and "
+              "the tile cache).",
+              g->request_memory_pool_bytes);
+    gauge_u64(b, "nzserve_request_memory_reserved_bytes", "gauge",
+              "Bytes reserved now by running requests (estimated peaks).", g->request_memory_reserved_bytes);
+    gauge_u64(
+        b, "nzserve_request_memory_overrun_bytes", "gauge",
+        "Most bytes of activations and KV caches seen in use beyond the requests' reservations (0 while "
+        "the estimates hold).",
+        g->request_memory_overrun_bytes);
+    gauge_u64(b, "nzserve_request_memory_waits_total", "counter",
+              "Requests (or batch chunks) that waited for memory before running.",
+              g->request_memory_waits_total);
+}
+
+/* Tile decoding and the tile cache's traffic; then whether the server is ready, and its uptime. */
+static void render_tiles_and_state(obuf *b, const srv_gauges *g) {
+    gauge_u64(b, "nzserve_tiles_decoded_total", "counter", "Weight tiles decoded.", g->tiles_decoded_total);
+    gauge_u64(b, "nzserve_tile_cache_hits_total", "counter", "Tile cache lookups served from the cache.",
+              g->tile_cache_hits_total);
+    gauge_u64(b, "nzserve_tile_cache_misses_total", "counter", "Tile cache lookups that decoded.",
+              g->tile_cache_misses_total);
+    gauge_u64(b, "nzserve_tile_cache_evictions_total", "counter", "Tiles evicted from the tile cache.",
+              g->tile_cache_evictions_total);
+    family(b, "nzserve_tile_decode_seconds_total", "counter", "Seconds spent decoding weight tiles.");
+    sample_dbl(b, "nzserve_tile_decode_seconds_total", NULL, NULL, g->tile_decode_seconds_total);
+
+    gauge_u64(b, "nzserve_ready", "gauge", "1 when the server is ready to take requests, else 0.",
+              g->ready != 0);
+    family(b, "nzserve_uptime_seconds", "gauge", "Seconds since the server started.");
+    sample_dbl(b, "nzserve_uptime_seconds", NULL, NULL, g->uptime_seconds);
+}
+
 int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, size_t *len) {
     static const srv_gauges zero;
     if (out) *out = NULL;
@@ -308,112 +425,10 @@ int srv_metrics_render(const srv_metrics *m, const srv_gauges *g, char **out, si
 
     obuf b = {0};
     ob_reserve(&b, 16384);
-
-    family(&b, "nzserve_requests_total", "counter",
-           "Answered HTTP requests by route and status code (counted as the response is queued).");
-    for (int r = 0; r < m->nroutes; r++) {
-        for (size_t s = 0; s < N_STATUS; s++) {
-            if (!d->requests[r][s]) continue;
-            ob_puts(&b, "nzserve_requests_total{route=\"");
-            ob_label_value(&b, m->labels[r]);
-            if (s == STATUS_OTHER)
-                ob_printf(&b, "\",status=\"other\"} %llu\n", (unsigned long long)d->requests[r][s]);
-            else
-                ob_printf(&b, "\",status=\"%d\"} %llu\n", (int)s + 100,
-                          (unsigned long long)d->requests[r][s]);
-        }
-    }
-
-    family(&b, "nzserve_request_duration_seconds", "histogram",
-           "Seconds from request arrival to response queued, by route.");
-    for (int r = 0; r < m->nroutes; r++)
-        if (d->duration[r].count)
-            hist_lines(&b, "nzserve_request_duration_seconds", "route", m->labels[r], &d->duration[r]);
-
-    family(&b, "nzserve_input_tokens_total", "counter", "Input tokens of answered requests, by route.");
-    for (int r = 0; r < m->nroutes; r++)
-        if (d->duration[r].count)
-            sample_u64(&b, "nzserve_input_tokens_total", "route", m->labels[r], d->tokens_in[r]);
-    family(&b, "nzserve_output_tokens_total", "counter", "Output tokens of answered requests, by route.");
-    for (int r = 0; r < m->nroutes; r++)
-        if (d->duration[r].count)
-            sample_u64(&b, "nzserve_output_tokens_total", "route", m->labels[r], d->tokens_out[r]);
-
-    family(&b, "nzserve_queue_wait_seconds", "histogram",
-           "Seconds requests spent queued before a worker took them.");
-    hist_lines(&b, "nzserve_queue_wait_seconds", NULL, NULL, &d->queue_wait);
-
-    family(&b, "nzserve_queue_depth", "gauge", "Requests waiting for a worker.");
-    ob_printf(&b, "nzserve_queue_depth %d\n", queue);
-    family(&b, "nzserve_requests_in_flight", "gauge", "Requests being executed by workers.");
-    ob_printf(&b, "nzserve_requests_in_flight %d\n", inflight);
-
-    family(&b, "nzserve_rejected_total", "counter",
-           "Requests rejected before or during execution, by reason.");
-    for (size_t i = 0; i < N_REASONS; i++)
-        sample_u64(&b, "nzserve_rejected_total", "reason", REASONS[i], d->rejected[i]);
-
-    family(&b, "nzserve_weights_compressed_bytes", "gauge", "Bytes of a model's compressed weights.");
-    for (size_t i = 0; g->models && i < g->n_models; i++)
-        sample_u64(&b, "nzserve_weights_compressed_bytes", "model", g->models[i].name,
-                   g->models[i].compressed_bytes);
-    family(&b, "nzserve_weights_decoded_equivalent_bytes", "gauge",
-           "Bytes a model's weights would take fully decoded.");
-    for (size_t i = 0; g->models && i < g->n_models; i++)
-        sample_u64(&b, "nzserve_weights_decoded_equivalent_bytes", "model", g->models[i].name,
-                   g->models[i].decoded_equivalent_bytes);
-
-    gauge_u64(&b, "nzserve_tile_cache_bytes", "gauge", "Bytes of decoded tiles held by the tile cache.",
-              g->tile_cache_bytes);
-    gauge_u64(&b, "nzserve_tile_cache_limit_bytes", "gauge", "Byte budget of the tile cache.",
-              g->tile_cache_limit_bytes);
-    gauge_u64(&b, "nzserve_kv_cache_bytes", "gauge", "Bytes of attention key/value caches.",
-              g->kv_cache_bytes);
-    gauge_u64(&b, "nzserve_scratch_bytes", "gauge", "Bytes of worker scratch buffers.", g->scratch_bytes);
-    gauge_u64(&b, "nzserve_activations_bytes", "gauge", "Bytes of activation buffers.", g->activations_bytes);
-    gauge_u64(&b, "nzserve_resident_memory_bytes", "gauge", "Resident set size of the process in bytes.",
-              g->resident_bytes);
-    gauge_u64(&b, "nzserve_resident_memory_peak_bytes", "gauge",
-              "Peak resident set size of the process in bytes.", g->resident_peak_bytes);
-    gauge_u64(&b, "nzserve_mapped_resident_bytes", "gauge", "Resident bytes of memory-mapped model files.",
-              g->mapped_resident_bytes);
-    gauge_u64(&b, "nzserve_allocator_free_bytes", "gauge",
-              "Bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
-              g->allocator_free_bytes);
-    gauge_u64(&b, "nzserve_code_resident_bytes", "gauge",
-              "Resident bytes of the executable and shared libraries (file-backed, not the models).",
-              g->code_resident_bytes);
-    gauge_u64(&b, "nzserve_memory_budget_bytes", "gauge", "Memory the process may use (memory_budget_bytes).",
-              g->memory_budget_bytes);
-    gauge_u64(&b, "nzserve_request_memory_pool_bytes", "gauge",
-              "Bytes requests may reserve for their estimated peak (the budget less the loaded process and "
-              "the tile cache).",
-              g->request_memory_pool_bytes);
-    gauge_u64(&b, "nzserve_request_memory_reserved_bytes", "gauge",
-              "Bytes reserved now by running requests (estimated peaks).", g->request_memory_reserved_bytes);
-    gauge_u64(
-        &b, "nzserve_request_memory_overrun_bytes", "gauge",
-        "Most bytes of activations and KV caches seen in use beyond the requests' reservations (0 while "
-        "the estimates hold).",
-        g->request_memory_overrun_bytes);
-    gauge_u64(&b, "nzserve_request_memory_waits_total", "counter",
-              "Requests (or batch chunks) that waited for memory before running.",
-              g->request_memory_waits_total);
-
-    gauge_u64(&b, "nzserve_tiles_decoded_total", "counter", "Weight tiles decoded.", g->tiles_decoded_total);
-    gauge_u64(&b, "nzserve_tile_cache_hits_total", "counter", "Tile cache lookups served from the cache.",
-              g->tile_cache_hits_total);
-    gauge_u64(&b, "nzserve_tile_cache_misses_total", "counter", "Tile cache lookups that decoded.",
-              g->tile_cache_misses_total);
-    gauge_u64(&b, "nzserve_tile_cache_evictions_total", "counter", "Tiles evicted from the tile cache.",
-              g->tile_cache_evictions_total);
-    family(&b, "nzserve_tile_decode_seconds_total", "counter", "Seconds spent decoding weight tiles.");
-    sample_dbl(&b, "nzserve_tile_decode_seconds_total", NULL, NULL, g->tile_decode_seconds_total);
-
-    gauge_u64(&b, "nzserve_ready", "gauge", "1 when the server is ready to take requests, else 0.",
-              g->ready != 0);
-    family(&b, "nzserve_uptime_seconds", "gauge", "Seconds since the server started.");
-    sample_dbl(&b, "nzserve_uptime_seconds", NULL, NULL, g->uptime_seconds);
+    render_requests(&b, m, d);
+    render_queue(&b, d, queue, inflight);
+    render_memory(&b, g);
+    render_tiles_and_state(&b, g);
 
     free(d);
     if (b.oom) {

@@ -92,21 +92,23 @@ const char *srv_probe_target(const char *host) {
     return host;
 }
 
-int srv_probe_get(const char *host, int port, const char *path, int timeout_ms, char *err, size_t errlen) {
-    if (err && errlen) err[0] = 0;
-    long long deadline = (long long)(nz_now_ns() / 1000000u) + (timeout_ms > 0 ? timeout_ms : 0);
-    if (port < 1 || port > 65535) return fail(err, errlen, "port %d is not a port to connect to", port);
-
-    char h[HOST_LEN];
+/* host without the brackets of "[v6]" into h (HOST_LEN bytes). @return 0, or -1 with err set. */
+static int copy_host(const char *host, char *h, char *err, size_t errlen) {
     size_t hl = strlen(host);
     if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') { /* [v6] */
         host++;
         hl -= 2;
     }
-    if (hl == 0 || hl >= sizeof h) return fail(err, errlen, "bad host '%.80s'", host);
+    if (hl == 0 || hl >= HOST_LEN) return fail(err, errlen, "bad host '%.80s'", host);
     memcpy(h, host, hl);
     h[hl] = 0;
+    return 0;
+}
 
+/* Resolve h and connect to the first of its addresses that answers, by the deadline.
+ * @return the socket, or -1 with err set. */
+static int connect_host(const char *h, int port, long long deadline, int timeout_ms, char *err,
+                        size_t errlen) {
     struct addrinfo hints = {0}, *ai = NULL;
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -126,72 +128,100 @@ int srv_probe_get(const char *host, int port, const char *path, int timeout_ms, 
         if (timed_out) fail(err, errlen, "no connection within %d ms", timeout_ms);
         return -1;
     }
+    return fd;
+}
 
+/* Send "GET path" for host h:port on fd by the deadline. @return 0, or -1 with err set. */
+static int send_request(int fd, const char *h, int port, const char *path, long long deadline, int timeout_ms,
+                        char *err, size_t errlen) {
     char req[2 * HOST_LEN + 256];
     int rl = snprintf(req, sizeof req,
                       "GET %s HTTP/1.0\r\nHost: %s%s%s:%d\r\nUser-Agent: nzserve-health-check\r\n"
                       "Connection: close\r\n\r\n",
                       path, strchr(h, ':') ? "[" : "", h, strchr(h, ':') ? "]" : "", port);
-    if (rl < 0 || (size_t)rl >= sizeof req) {
-        close(fd);
-        return fail(err, errlen, "request too long");
-    }
+    if (rl < 0 || (size_t)rl >= sizeof req) return fail(err, errlen, "request too long");
     for (size_t sent = 0; sent < (size_t)rl;) {
         ssize_t w = send(fd, req + sent, (size_t)rl - sent, MSG_NOSIGNAL);
         if (w > 0) {
             sent += (size_t)w;
             continue;
         }
-        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-            fail(err, errlen, "send: %s", strerror(errno));
-            close(fd);
-            return -1;
-        }
-        if (wait_fd(fd, POLLOUT, deadline) <= 0) {
-            close(fd);
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return fail(err, errlen, "send: %s", strerror(errno));
+        if (wait_fd(fd, POLLOUT, deadline) <= 0)
             return fail(err, errlen, "could not send the request within %d ms", timeout_ms);
-        }
     }
+    return 0;
+}
 
-    /* Read to the end of the response (HTTP/1.0: the server closes), keeping
-     * the first HEAD_MAX bytes; the deadline ends it too. */
+/* The start of a response, and how reading it ended. */
+typedef struct head {
     char buf[HEAD_MAX];
-    size_t n = 0;
-    int closed = 0, rerr = 0;
-    while (!closed) {
+    size_t n;
+    int closed; /* the server closed the connection */
+    int rerr;   /* recv's errno when it failed, else 0 */
+} head;
+
+/* Read to the end of the response (HTTP/1.0: the server closes), keeping the
+ * first HEAD_MAX bytes in *r; the deadline ends it too. */
+static void read_head(int fd, long long deadline, head *r) {
+    r->n = 0;
+    r->closed = r->rerr = 0;
+    while (!r->closed) {
         char tmp[4096];
-        ssize_t r = recv(fd, tmp, sizeof tmp, 0);
-        if (r > 0) {
-            size_t take = (size_t)r < sizeof buf - n ? (size_t)r : sizeof buf - n;
-            memcpy(buf + n, tmp, take);
-            n += take;
+        ssize_t got = recv(fd, tmp, sizeof tmp, 0);
+        if (got > 0) {
+            size_t take = (size_t)got < sizeof r->buf - r->n ? (size_t)got : sizeof r->buf - r->n;
+            memcpy(r->buf + r->n, tmp, take);
+            r->n += take;
             continue;
         }
-        if (r == 0) {
-            closed = 1;
+        if (got == 0) {
+            r->closed = 1;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
             if (wait_fd(fd, POLLIN, deadline) <= 0) break;
         } else {
-            rerr = errno;
+            r->rerr = errno;
             break;
         }
     }
-    close(fd);
-    const char *eol = memchr(buf, '\n', n);
-    if (!eol && !closed && !rerr && n < sizeof buf) {
-        if (n == 0) return fail(err, errlen, "no response within %d ms", timeout_ms);
+}
+
+/* The status code of the response r. @return it, or -1 with err set. */
+static int head_status(const head *r, int timeout_ms, char *err, size_t errlen) {
+    const char *eol = memchr(r->buf, '\n', r->n);
+    if (!eol && !r->closed && !r->rerr && r->n < sizeof r->buf) {
+        if (r->n == 0) return fail(err, errlen, "no response within %d ms", timeout_ms);
         char shown[64];
-        printable(buf, n, shown, sizeof shown);
+        printable(r->buf, r->n, shown, sizeof shown);
         return fail(err, errlen, "incomplete response within %d ms: '%s'", timeout_ms, shown);
     }
-    if (n == 0)
-        return rerr ? fail(err, errlen, "recv: %s", strerror(rerr))
-                    : fail(err, errlen, "connection closed without a response");
-    int code = parse_status(buf, eol ? (size_t)(eol - buf) : n);
+    if (r->n == 0)
+        return r->rerr ? fail(err, errlen, "recv: %s", strerror(r->rerr))
+                       : fail(err, errlen, "connection closed without a response");
+    int code = parse_status(r->buf, eol ? (size_t)(eol - r->buf) : r->n);
     if (code < 0) {
         char shown[64];
-        printable(buf, n, shown, sizeof shown);
+        printable(r->buf, r->n, shown, sizeof shown);
         return fail(err, errlen, "not an HTTP response: '%s'", shown);
     }
     return code;
+}
+
+int srv_probe_get(const char *host, int port, const char *path, int timeout_ms, char *err, size_t errlen) {
+    if (err && errlen) err[0] = 0;
+    long long deadline = (long long)(nz_now_ns() / 1000000u) + (timeout_ms > 0 ? timeout_ms : 0);
+    if (port < 1 || port > 65535) return fail(err, errlen, "port %d is not a port to connect to", port);
+    char h[HOST_LEN];
+    if (copy_host(host, h, err, errlen)) return -1;
+    int fd = connect_host(h, port, deadline, timeout_ms, err, errlen);
+    if (fd < 0) return -1;
+    if (send_request(fd, h, port, path, deadline, timeout_ms, err, errlen)) {
+        close(fd);
+        return -1;
+    }
+    head r;
+    read_head(fd, deadline, &r);
+    close(fd);
+    return head_status(&r, timeout_ms, err, errlen);
 }
