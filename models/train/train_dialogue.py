@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import t5md_ref as R  # noqa: E402
 from dialogue_data import IGNORE, collate, infill_noise, make_batches, prepare  # noqa: E402
 from progress import Progress, log  # noqa: E402
+from torch_setup import setup_torch  # noqa: E402
 
 # ------------------------------------------------------------------ arguments
 
@@ -365,23 +366,6 @@ def main(argv=None):
             signal.signal(sig, handler)
 
 
-def setup_torch(a):
-    """Threads and the device (deterministic cuBLAS on a GPU). @return the torch.device."""
-    torch.set_num_threads(a.threads)
-    if torch.get_num_interop_threads() != 1:  # a second call aborts the process (in-process reruns)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
-    dev_name = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev_name == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    return torch.device(dev_name)
-
-
 def new_state(a):
     """The run's state as a checkpoint keeps it ("nzserve"), at update 0 of phase 1."""
     return {"phase": 1, "updates": 0, "training_steps": 0, "global_step": 0, "best": None, "wall": 0.0,
@@ -398,7 +382,7 @@ class Run:
         """Set up from parsed arguments a (new, --resume or --init-model); signalled: the signals
         received so far (the run stops after the current update when it is not empty)."""
         self.a, self.signalled = a, signalled
-        self.device = setup_torch(a)
+        self.device = setup_torch(a.threads, a.device)
         init = read_init_model(a) if a.init_model else None  # before prepare(): its spm.model
         self.data = prepare(a)
         self.spm_path = os.path.join(a.out, "spm.model")

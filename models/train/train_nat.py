@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nat_ref  # noqa: E402
 from nat_ref import BOS, EOS, PAD, UNK  # noqa: E402
 from progress import Progress, log  # noqa: E402
+from torch_setup import setup_torch  # noqa: E402
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
@@ -478,21 +479,6 @@ def final_decode(model, a, valid, symbols, out_dir):
 
 # ------------------------------------------------------------------ main
 
-def setup_torch(a):
-    """Threads and the device (deterministic cuBLAS on a GPU). @return the torch.device."""
-    torch.set_num_threads(a.threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    if a.device == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    return torch.device(a.device)
-
-
 def open_model(a, fargs, V, device):
     """The model, its optimizer and the run's state: new (from --seed, or --init-from a model
     directory) or, with --resume, exactly as OUT/checkpoint_last.pt left them.
@@ -568,7 +554,7 @@ def validate_and_keep_best(a, fargs, model, opt, state, valid, device):
 
 def main(argv=None):
     a = parse_args(argv)
-    device = setup_torch(a)
+    device = setup_torch(a.threads, a.device)
     data, symbols = prepare(a)
     train, valid = data["train"], data["valid"]
     V = len(symbols)
