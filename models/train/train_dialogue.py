@@ -123,10 +123,11 @@ def parse_args(argv=None):
     p.add_argument("--init-model", metavar="DIR",
                    help="start from a model directory instead (e.g. `nzp unpack --model-dir` of a snapshot "
                         "from snapshot_dialogue.py): its weights, spm.model and config \"training\" state "
-                        "(phase 1 update count and data position); the optimizer starts afresh")
+                        "(phase 1 or 2, update or round count, data position; phase 2: its K decoders and "
+                        "their step counts); the optimizer starts afresh")
     p.add_argument("--rewarm-updates", type=int, default=200,
-                   help="with --init-model: the learning rate ramps up linearly over this many updates "
-                        "(Adam's moments start from zero)")
+                   help="with --init-model in phase 1: the learning rate ramps up linearly over this many "
+                        "updates (Adam's moments start from zero; phase 2's constant rate is not ramped)")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this wall time")
     p.add_argument("--interrupt-at", type=int, default=0,
                    help="stop (with a checkpoint) after this many updates of both phases (testing --resume)")
@@ -267,14 +268,20 @@ def lr_at(a, u, rewarm_from=None):
 
 def read_init_model(a):
     """(config, state dict, training state) of --init-model DIR; copies its spm.model into OUT
-    (so the corpus is encoded with the same ids). A phase-1 snapshot: K = 1, adapters dropped."""
+    (so the corpus is encoded with the same ids). A phase-1 snapshot: K = 1, adapters dropped; a
+    phase-2 snapshot: its K decoders, which must match --num-modes and --decoder."""
     d = a.init_model
     with open(os.path.join(d, "config.json")) as f:
         conf = json.load(f)
     tr = conf.get("training")
-    if not isinstance(tr, dict) or tr.get("phase") != 1:
-        raise SystemExit("%s: config.json has no phase-1 \"training\" state (a snapshot_dialogue.py "
-                         "snapshot has one)" % d)
+    if not isinstance(tr, dict) or tr.get("phase") not in (1, 2):
+        raise SystemExit("%s: config.json has no phase-1 or phase-2 \"training\" state (a "
+                         "snapshot_dialogue.py snapshot has one)" % d)
+    phase2 = tr["phase"] == 2
+    if phase2 and (conf.get("num_modes"), conf.get("multidecoder")) != (a.num_modes, a.decoder):
+        raise SystemExit("%s: a phase-2 snapshot of K=%s %s decoders, but this run asks for --num-modes %d "
+                         "--decoder %s" % (d, conf.get("num_modes"), conf.get("multidecoder"), a.num_modes,
+                                           a.decoder))
     os.makedirs(a.out, exist_ok=True)
     dst = os.path.join(a.out, "spm.model")
     if os.path.exists(dst):
@@ -284,9 +291,10 @@ def read_init_model(a):
     else:
         shutil.copyfile(os.path.join(d, "spm.model"), dst)
     sd = {k: v.float() for k, v in R.read_safetensors(os.path.join(d, "model.safetensors")).items()
-          if ".adapters." not in k}
+          if phase2 or ".adapters." not in k}
     conf = {k: v for k, v in conf.items() if k not in ("training", "architecture", "generation")}
-    conf.update(multidecoder="none", num_modes=1)
+    if not phase2:
+        conf.update(multidecoder="none", num_modes=1)
     return R.make_config(conf, dropout_rate=a.dropout), sd, tr
 
 
@@ -428,19 +436,28 @@ class Run:
             if cfg["vocab_size"] != self.data["vocab_size"]:
                 raise SystemExit("--init-model: vocabulary %d, but OUT's encoded corpus has %d (a stale "
                                  "OUT/data.pt?)" % (cfg["vocab_size"], self.data["vocab_size"]))
-            state.update(updates=int(tr["updates"]), training_steps=int(tr["updates"]),
-                         global_step=int(tr["updates"]), wall=float(tr.get("wall_seconds", 0.0)),
+            steps = int(tr.get("global_step", tr["updates"]))
+            state.update(updates=int(tr["updates"]), training_steps=int(tr.get("training_steps", steps)),
+                         global_step=steps,
+                         wall=float(tr.get("wall_seconds", 0.0)),
                          iters={**state["iters"], **{k: list(v) for k, v in tr.get("iters", {}).items()}})
-            state["rewarm_from"] = state["updates"]
+            if tr["phase"] == 2:  # EqHard rounds go on at a constant learning rate: no ramp
+                state.update(phase=2, source="eqhard", per_mode=list(tr["per_mode"]))
+            else:
+                state["rewarm_from"] = state["updates"]
         else:
             cfg = model_config(a, self.data["vocab_size"])
         torch.manual_seed(a.seed)
         self.model = model = build_model(cfg, self.device)
         if init is not None:
             model.load_state_dict(init[1], strict=True)
-            log("initialised from %s: phase 1 update %d (dialogue epoch %d batch %d); fresh AdamW, learning "
-                "rate ramped over %d updates" % (a.init_model, state["updates"], *state["iters"]["dialogue"],
-                                                 a.rewarm_updates))
+            if state["phase"] == 2:
+                log("initialised from %s: phase 2 round %d (eqhard epoch %d batch %d, K=%d); fresh AdamW" % (
+                    a.init_model, state["updates"], *state["iters"]["eqhard"], model.num_modes))
+            else:
+                log("initialised from %s: phase 1 update %d (dialogue epoch %d batch %d); fresh AdamW, "
+                    "learning rate ramped over %d updates" % (a.init_model, state["updates"],
+                                                              *state["iters"]["dialogue"], a.rewarm_updates))
         elif ck is None:
             R.init_weights(model, a.seed)
         else:

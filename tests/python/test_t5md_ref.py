@@ -607,6 +607,43 @@ def test_snapshot_continues_phase_1(corpus, tmp_path, nzp):
         _train(corpus, tmp_path / "c", *args, "--init-model", str(d))
 
 
+def test_snapshot_continues_phase_2(corpus, tmp_path, nzp):
+    """A phase-2 snapshot keeps the K decoders, the round count, the data position and the per-decoder
+    step counts: --init-model goes on with EqHard rounds (no phase 1 again) from its bf16 weights; a
+    snapshot of another K is refused with a message."""
+    import snapshot_dialogue
+    a = tmp_path / "a"
+    args = ["--phase1-steps", "2", "--phase2-steps", "4", "--dropout", "0.0"]
+    _train(corpus, a, *args, "--interrupt-at", "4")  # 2 phase-1 updates + 2 rounds
+    ck = torch.load(a / "checkpoint_last.pt", map_location="cpu")
+    ns = ck["nzserve"]
+    assert (ns["phase"], ns["updates"], ck["global_step"]) == (2, 2, 4)
+    snap = tmp_path / "snap.nzp"
+    assert snapshot_dialogue.main([str(a / "checkpoint_last.pt"), str(snap), "--nzp", nzp]) == 0
+    d = tmp_path / "unpacked"
+    subprocess.run([nzp, "unpack", "--model-dir", str(snap), str(d)], check=True)
+    with open(d / "config.json") as f:
+        conf = json.load(f)
+    tr = conf["training"]
+    assert (conf["num_modes"], conf["multidecoder"]) == (2, "adapter")
+    assert (tr["phase"], tr["updates"], tr["global_step"]) == (2, 2, 4)
+    assert tr["per_mode"] == ns["steps_trained_per_mode"] and tr["iters"] == ns["iters"]
+    b = tmp_path / "b"
+    _train(corpus, b, *args, "--init-model", str(d))
+    cb = torch.load(b / "checkpoint_last.pt", map_location="cpu")
+    nb = cb["nzserve"]
+    assert (nb["phase"], nb["updates"], cb["global_step"]) == (2, 4, 6)  # two more rounds, not phase 1
+    assert nb["iters"]["dialogue"] == ns["iters"]["dialogue"]  # phase 1's data position untouched
+    assert nb["iters"]["eqhard"] == [ns["iters"]["eqhard"][0], ns["iters"]["eqhard"][1] + 2]
+    assert sum(nb["steps_trained_per_mode"]) > sum(ns["steps_trained_per_mode"])
+    snap_sd = R.read_safetensors(str(d / "model.safetensors"))
+    frozen = [k for k in snap_sd if ".adapters." not in k and k in cb["model"]]
+    assert frozen and all(torch.equal(cb["model"][k], snap_sd[k]) for k in frozen)  # adapters-only training
+    assert any(not torch.equal(cb["model"][k], snap_sd[k]) for k in snap_sd if ".adapters." in k)
+    with pytest.raises(SystemExit, match="K=2"):
+        _train(corpus, tmp_path / "c", *args, "--num-modes", "3", "--init-model", str(d))
+
+
 def test_sigterm_stops_with_a_checkpoint(corpus, tmp_path):
     """SIGTERM: the run stops after the current update and leaves a checkpoint it resumes from."""
     out = tmp_path / "run"
