@@ -226,11 +226,56 @@ size_t nz_mem_mapped_resident(void) {
 #define ALLOCATOR "glibc"
 #endif
 
-static size_t allocator_free(void) {
 #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+#define HAVE_MALLINFO2 1
+#endif
+
+static size_t allocator_free(void) {
+#ifdef HAVE_MALLINFO2
     return mallinfo2().fordblks;
 #else
     return 0;
+#endif
+}
+
+/* The [heap] mapping (malloc's main arena, grown with brk) from /proc/self/maps: *len its bytes.
+ * @return its start, or NULL when there is none (or maps cannot be read). */
+static void *heap_mapping(size_t *len) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[512];
+    unsigned long lo, hi;
+    void *start = NULL;
+    *len = 0;
+    if (!f) return NULL;
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, "[heap]") && sscanf(line, "%lx-%lx", &lo, &hi) == 2 && hi > lo) {
+            start = (void *)(uintptr_t)lo;
+            *len = (size_t)(hi - lo);
+            break;
+        }
+    fclose(f);
+    return start;
+}
+
+/* malloc's side of r (glibc; zeros elsewhere, e.g. under a sanitizer): allocator_free (fordblks),
+ * other_heap (bytes in use, in arenas and mmapped chunks, less r->counted) and allocator_free_resident:
+ * the main arena's resident pages (mincore over [heap]) plus any other arena's bytes (taken as resident:
+ * an upper bound; the server runs one arena) less the bytes in use there, within [0, fordblks].
+ * malloc_trim gives free pages back to the OS but keeps their chunks in its free lists, so fordblks
+ * alone can far exceed what is resident. */
+static void allocator_report(nz_mem_report *r) {
+#ifdef HAVE_MALLINFO2
+    size_t len;
+    const void *heap = heap_mapping(&len);
+    struct mallinfo2 mi = mallinfo2();
+    size_t resident = (heap ? resident_bytes(heap, len) : 0) + (mi.arena > len ? mi.arena - len : 0);
+    size_t free_res = resident > mi.uordblks ? resident - mi.uordblks : 0;
+    size_t in_use = mi.uordblks + mi.hblkhd;
+    r->allocator_free = mi.fordblks;
+    r->allocator_free_resident = free_res < mi.fordblks ? free_res : mi.fordblks;
+    r->other_heap = in_use > r->counted ? in_use - r->counted : 0;
+#else
+    (void)r;
 #endif
 }
 
@@ -250,7 +295,7 @@ int nz_mem_get_report(nz_mem_report *r) {
         if (c != NZ_MEM_MAPPED) r->counted += r->current[c];
     }
     r->mapped_resident = nz_mem_mapped_resident();
-    r->allocator_free = allocator_free();
+    allocator_report(r);
     FILE *f = fopen("/proc/self/status", "r");
     if (!f) return NZ_E_IO;
     char line[256];
@@ -262,10 +307,12 @@ int nz_mem_get_report(nz_mem_report *r) {
             r->rss_peak = (size_t)kb * 1024;
         else if (sscanf(line, "RssFile: %llu kB", &kb) == 1)
             r->file_resident = (size_t)kb * 1024;
+        else if (sscanf(line, "RssAnon: %llu kB", &kb) == 1)
+            r->anon_resident = (size_t)kb * 1024;
     }
     fclose(f);
     r->code_resident = r->file_resident > r->mapped_resident ? r->file_resident - r->mapped_resident : 0;
-    r->accounted = r->counted + r->allocator_free + r->file_resident;
+    r->accounted = r->counted + r->other_heap + r->allocator_free_resident + r->file_resident;
     return r->rss ? NZ_OK : NZ_E_IO;
 }
 
@@ -275,11 +322,14 @@ json_t *nz_mem_report_json(const nz_mem_report *r) {
         json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
                             json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r->current[c], "peak_bytes",
                                       (json_int_t)r->peak[c]));
-    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:s}", "categories", cats,
-                     "counted_heap_bytes", (json_int_t)r->counted, "mapped_resident_bytes",
+    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:s}", "categories", cats,
+                     "counted_heap_bytes", (json_int_t)r->counted, "other_heap_bytes", (json_int_t)r->other_heap,
+                     "mapped_resident_bytes",
                      (json_int_t)r->mapped_resident, "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes",
-                     (json_int_t)r->rss_peak, "allocator_free_bytes", (json_int_t)r->allocator_free,
-                     "code_resident_bytes", (json_int_t)r->code_resident, "accounted_bytes",
+                     (json_int_t)r->rss_peak, "anon_resident_bytes", (json_int_t)r->anon_resident,
+                     "allocator_free_bytes", (json_int_t)r->allocator_free, "allocator_free_resident_bytes",
+                     (json_int_t)r->allocator_free_resident, "code_resident_bytes", (json_int_t)r->code_resident,
+                     "accounted_bytes",
                      (json_int_t)r->accounted, "accounted_fraction",
                      r->rss ? (double)r->accounted / (double)r->rss : 0.0, "allocator", ALLOCATOR);
 }

@@ -111,17 +111,24 @@ typedef struct nz_mem_report {
     size_t current[NZ_MEM_NCAT]; /* bytes now, per category */
     size_t peak[NZ_MEM_NCAT];    /* highest bytes seen, per category */
     size_t counted;              /* sum of current over the heap categories (all but mapped) */
+    size_t other_heap;           /* bytes malloc has in use beyond counted: libraries' own allocations
+                                    (the tokenizer's, OpenBLAS's, libmicrohttpd's) and chunk headers
+                                    (glibc mallinfo2 uordblks + hblkhd - counted), 0 if unknown */
     size_t mapped_resident;      /* bytes of mapped model files resident now (mincore) */
     size_t rss;                  /* resident set size (VmRSS), 0 if unknown */
     size_t rss_peak;             /* peak resident set size (VmHWM), 0 if unknown */
-    size_t allocator_free;       /* bytes malloc holds free (freed, not yet returned to the OS: glibc
-                                    mallinfo2 fordblks), 0 if unknown (e.g. under a sanitizer) */
+    size_t allocator_free;       /* bytes in malloc's free lists (glibc mallinfo2 fordblks), resident or
+                                    not (malloc_trim returns pages but keeps the chunks), 0 if unknown
+                                    (e.g. under a sanitizer) */
+    size_t allocator_free_resident; /* the resident part of allocator_free: the main arena's resident
+                                    pages (mincore over [heap]) less malloc's bytes in use, 0 if unknown */
+    size_t anon_resident;        /* anonymous resident bytes (RssAnon: heap, stacks, libraries' buffers) */
     size_t file_resident;        /* file-backed resident bytes (RssFile: the mapped models, code and
                                     libraries), 0 if unknown */
     size_t code_resident;        /* file_resident less mapped_resident: executable, shared libraries */
-    size_t accounted;            /* counted + allocator_free + file_resident: the part of rss the report
-                                    explains (the rest: thread stacks, libraries' own heap such as the
-                                    tokenizer's and OpenBLAS's buffers, malloc's block headers) */
+    size_t accounted;            /* counted + other_heap + allocator_free_resident + file_resident: the
+                                    part of rss the report explains (the rest: thread stacks and memory
+                                    libraries map themselves, such as OpenBLAS's buffers) */
 } nz_mem_report;
 
 /** Fill r. @return NZ_OK, or NZ_E_IO when /proc/self/status cannot be read
@@ -136,9 +143,10 @@ size_t nz_mem_trim(size_t min_free);
 
 /** r as a JSON object, the one layout of every memory report (`nzp info
  *  --memory --json`, the server's /v1/memory): {"categories": {NAME:
- *  {"current_bytes", "peak_bytes"}}, "counted_heap_bytes",
- *  "mapped_resident_bytes", "rss_bytes", "rss_peak_bytes",
- *  "allocator_free_bytes", "code_resident_bytes", "accounted_bytes",
+ *  {"current_bytes", "peak_bytes"}}, "counted_heap_bytes", "other_heap_bytes",
+ *  "mapped_resident_bytes", "rss_bytes", "rss_peak_bytes", "anon_resident_bytes",
+ *  "allocator_free_bytes", "allocator_free_resident_bytes",
+ *  "code_resident_bytes", "accounted_bytes",
  *  "accounted_fraction" (of rss), "allocator": "glibc" or "asan"}; callers add
  *  their own keys. @return a new object, or NULL when out of memory. */
 struct json_t *nz_mem_report_json(const nz_mem_report *r);

@@ -367,7 +367,7 @@ static void render_memory(obuf *b, const srv_gauges *g) {
     gauge_u64(b, "nzserve_mapped_resident_bytes", "gauge", "Resident bytes of memory-mapped model files.",
               g->mapped_resident_bytes);
     gauge_u64(b, "nzserve_allocator_free_bytes", "gauge",
-              "Bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
+              "Resident bytes malloc holds free (not yet returned to the OS; trimmed after large jobs).",
               g->allocator_free_bytes);
     gauge_u64(b, "nzserve_code_resident_bytes", "gauge",
               "Resident bytes of the executable and shared libraries (file-backed, not the models).",

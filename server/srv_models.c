@@ -280,7 +280,7 @@ void srv_respond_metrics(srv_server *s, srv_req *r) {
     g.resident_bytes = mr.rss;
     g.resident_peak_bytes = mr.rss_peak;
     g.mapped_resident_bytes = mr.mapped_resident;
-    g.allocator_free_bytes = mr.allocator_free;
+    g.allocator_free_bytes = mr.allocator_free_resident;
     g.code_resident_bytes = mr.code_resident;
     g.tiles_decoded_total = cs.tiles_decoded + ut;
     g.tile_cache_hits_total = cs.hits;
