@@ -322,14 +322,13 @@ json_t *nz_mem_report_json(const nz_mem_report *r) {
         json_object_set_new(cats, nz_mem_cat_name((nz_mem_cat)c),
                             json_pack("{s:I, s:I}", "current_bytes", (json_int_t)r->current[c], "peak_bytes",
                                       (json_int_t)r->peak[c]));
-    return json_pack("{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:s}", "categories", cats,
-                     "counted_heap_bytes", (json_int_t)r->counted, "other_heap_bytes", (json_int_t)r->other_heap,
-                     "mapped_resident_bytes",
-                     (json_int_t)r->mapped_resident, "rss_bytes", (json_int_t)r->rss, "rss_peak_bytes",
-                     (json_int_t)r->rss_peak, "anon_resident_bytes", (json_int_t)r->anon_resident,
-                     "allocator_free_bytes", (json_int_t)r->allocator_free, "allocator_free_resident_bytes",
-                     (json_int_t)r->allocator_free_resident, "code_resident_bytes", (json_int_t)r->code_resident,
-                     "accounted_bytes",
-                     (json_int_t)r->accounted, "accounted_fraction",
-                     r->rss ? (double)r->accounted / (double)r->rss : 0.0, "allocator", ALLOCATOR);
+    return json_pack(
+        "{s:o, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:s}", "categories", cats,
+        "counted_heap_bytes", (json_int_t)r->counted, "other_heap_bytes", (json_int_t)r->other_heap,
+        "mapped_resident_bytes", (json_int_t)r->mapped_resident, "rss_bytes", (json_int_t)r->rss,
+        "rss_peak_bytes", (json_int_t)r->rss_peak, "anon_resident_bytes", (json_int_t)r->anon_resident,
+        "allocator_free_bytes", (json_int_t)r->allocator_free, "allocator_free_resident_bytes",
+        (json_int_t)r->allocator_free_resident, "code_resident_bytes", (json_int_t)r->code_resident,
+        "accounted_bytes", (json_int_t)r->accounted, "accounted_fraction",
+        r->rss ? (double)r->accounted / (double)r->rss : 0.0, "allocator", ALLOCATOR);
 }

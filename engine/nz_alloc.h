@@ -108,27 +108,27 @@ const char *nz_mem_cat_name(nz_mem_cat cat);
 /** The memory report: every category's current and peak bytes plus the
  *  process's resident set from the OS. */
 typedef struct nz_mem_report {
-    size_t current[NZ_MEM_NCAT]; /* bytes now, per category */
-    size_t peak[NZ_MEM_NCAT];    /* highest bytes seen, per category */
-    size_t counted;              /* sum of current over the heap categories (all but mapped) */
-    size_t other_heap;           /* bytes malloc has in use beyond counted: libraries' own allocations
-                                    (the tokenizer's, OpenBLAS's, libmicrohttpd's) and chunk headers
-                                    (glibc mallinfo2 uordblks + hblkhd - counted), 0 if unknown */
-    size_t mapped_resident;      /* bytes of mapped model files resident now (mincore) */
-    size_t rss;                  /* resident set size (VmRSS), 0 if unknown */
-    size_t rss_peak;             /* peak resident set size (VmHWM), 0 if unknown */
-    size_t allocator_free;       /* bytes in malloc's free lists (glibc mallinfo2 fordblks), resident or
-                                    not (malloc_trim returns pages but keeps the chunks), 0 if unknown
-                                    (e.g. under a sanitizer) */
+    size_t current[NZ_MEM_NCAT];    /* bytes now, per category */
+    size_t peak[NZ_MEM_NCAT];       /* highest bytes seen, per category */
+    size_t counted;                 /* sum of current over the heap categories (all but mapped) */
+    size_t other_heap;              /* bytes malloc has in use beyond counted: libraries' own allocations
+                                       (the tokenizer's, OpenBLAS's, libmicrohttpd's) and chunk headers
+                                       (glibc mallinfo2 uordblks + hblkhd - counted), 0 if unknown */
+    size_t mapped_resident;         /* bytes of mapped model files resident now (mincore) */
+    size_t rss;                     /* resident set size (VmRSS), 0 if unknown */
+    size_t rss_peak;                /* peak resident set size (VmHWM), 0 if unknown */
+    size_t allocator_free;          /* bytes in malloc's free lists (glibc mallinfo2 fordblks), resident or
+                                       not (malloc_trim returns pages but keeps the chunks), 0 if unknown
+                                       (e.g. under a sanitizer) */
     size_t allocator_free_resident; /* the resident part of allocator_free: the main arena's resident
                                     pages (mincore over [heap]) less malloc's bytes in use, 0 if unknown */
-    size_t anon_resident;        /* anonymous resident bytes (RssAnon: heap, stacks, libraries' buffers) */
-    size_t file_resident;        /* file-backed resident bytes (RssFile: the mapped models, code and
-                                    libraries), 0 if unknown */
-    size_t code_resident;        /* file_resident less mapped_resident: executable, shared libraries */
-    size_t accounted;            /* counted + other_heap + allocator_free_resident + file_resident: the
-                                    part of rss the report explains (the rest: thread stacks and memory
-                                    libraries map themselves, such as OpenBLAS's buffers) */
+    size_t anon_resident;           /* anonymous resident bytes (RssAnon: heap, stacks, libraries' buffers) */
+    size_t file_resident;           /* file-backed resident bytes (RssFile: the mapped models, code and
+                                       libraries), 0 if unknown */
+    size_t code_resident;           /* file_resident less mapped_resident: executable, shared libraries */
+    size_t accounted;               /* counted + other_heap + allocator_free_resident + file_resident: the
+                                       part of rss the report explains (the rest: thread stacks and memory
+                                       libraries map themselves, such as OpenBLAS's buffers) */
 } nz_mem_report;
 
 /** Fill r. @return NZ_OK, or NZ_E_IO when /proc/self/status cannot be read

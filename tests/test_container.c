@@ -449,7 +449,7 @@ static void test_allocator_free_resident(void **state) {
     assert_true(r1.allocator_free_resident >= (size_t)N * SZ * 9 / 10); /* touched, freed, not trimmed */
     assert_true(nz_mem_trim(0) >= (size_t)N * SZ);
     assert_int_equal(nz_mem_get_report(&r2), NZ_OK);
-    assert_true(r2.allocator_free >= (size_t)N * SZ);            /* still in the free lists */
+    assert_true(r2.allocator_free >= (size_t)N * SZ);             /* still in the free lists */
     assert_true(r2.allocator_free_resident < (size_t)N * SZ / 8); /* but no longer resident */
     assert_true(r2.rss + ((size_t)N * SZ) / 2 < r1.rss);
     assert_true(r2.accounted <= r2.rss + (1u << 20));
