@@ -23,20 +23,22 @@ void nz_dlg_opts_default(nz_dlg_opts *o) {
 
 void nz_dlg_choice_init(nz_dlg_choice *c) {
     c->strategy = c->beam_size = c->top_k = c->max_new_tokens = c->no_repeat_ngram = c->distinct = -1;
-    c->temperature = c->top_p = NAN;
+    c->temperature = c->top_p = c->length_penalty = NAN;
 }
 
 static const char *const STRATEGIES[] = {"greedy", "beam", "sample"}; /* nz_t5md_strategy order */
 
 int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *c, nz_error *err) {
-    static const char *const known[] = {"strategy", "beam_size",      "temperature",          "top_k",
-                                        "top_p",    "max_new_tokens", "no_repeat_ngram_size", "distinct"};
+    static const char *const known[] = {"strategy", "beam_size", "length_penalty", "temperature",
+                                        "top_k",    "top_p",     "max_new_tokens", "no_repeat_ngram_size",
+                                        "distinct"};
     nz_dlg_choice_init(c);
     if (!obj) return NZ_OK;
     if (!json_is_object(obj)) return nz_fail(err, NZ_E_FORMAT, "%s must be an object", what);
     int rc = nz_gen_keys(obj, what, known, sizeof known / sizeof *known, err);
     if (!rc) rc = nz_gen_enum(obj, what, "strategy", STRATEGIES, 3, &c->strategy, err);
     if (!rc) rc = nz_gen_int(obj, what, "beam_size", 1, NZ_T5MD_MAX_BEAM, &c->beam_size, err);
+    if (!rc) rc = nz_gen_number(obj, what, "length_penalty", 0, 0, 10, &c->length_penalty, err);
     if (!rc) rc = nz_gen_number(obj, what, "temperature", 0, 0, 100, &c->temperature, err);
     if (!rc) rc = nz_gen_int(obj, what, "top_k", 0, 1000000, &c->top_k, err);
     if (!rc) rc = nz_gen_number(obj, what, "top_p", 0, 1, 1, &c->top_p, err);
@@ -52,14 +54,15 @@ int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err) {
     if (c->strategy > NZ_T5MD_SAMPLE || c->beam_size == 0 || c->beam_size > NZ_T5MD_MAX_BEAM ||
         c->temperature < 0 || c->top_k < -1 || c->top_p <= 0 || c->top_p > 1 || c->max_new_tokens == 0 ||
         c->max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS || c->no_repeat_ngram > NZ_T5MD_MAX_NEW_TOKENS ||
-        c->distinct > 1)
+        c->distinct > 1 || c->length_penalty < 0 || c->length_penalty > 10)
         return nz_fail(err, NZ_E_INVALID_ARG,
-                       "dialogue options out of range: strategy %d, beam_size %d, temperature %g, top_k %d, "
-                       "top_p %g, max_new_tokens %d, no_repeat_ngram_size %d",
-                       c->strategy, c->beam_size, (double)c->temperature, c->top_k, (double)c->top_p,
-                       c->max_new_tokens, c->no_repeat_ngram);
+                       "dialogue options out of range: strategy %d, beam_size %d, length_penalty %g, "
+                       "temperature %g, top_k %d, top_p %g, max_new_tokens %d, no_repeat_ngram_size %d",
+                       c->strategy, c->beam_size, (double)c->length_penalty, (double)c->temperature, c->top_k,
+                       (double)c->top_p, c->max_new_tokens, c->no_repeat_ngram);
     if (c->strategy >= 0) o->gen.strategy = (nz_t5md_strategy)c->strategy;
     if (c->beam_size > 0) o->gen.beam_size = c->beam_size;
+    if (!isnan(c->length_penalty)) o->gen.length_penalty = c->length_penalty;
     if (!isnan(c->temperature)) o->gen.temperature = c->temperature;
     if (c->top_k >= 0) o->gen.top_k = (uint32_t)c->top_k;
     if (!isnan(c->top_p)) o->gen.top_p = c->top_p;
@@ -83,10 +86,10 @@ int nz_dlg_opts_same(const nz_dlg_opts *a, const nz_dlg_opts *b) {
 json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o) {
     const nz_t5md_opts *g = &o->gen;
     int s = g->strategy >= NZ_T5MD_GREEDY && g->strategy <= NZ_T5MD_SAMPLE ? (int)g->strategy : 0;
-    return json_pack("{s:s, s:i, s:f, s:I, s:f, s:i, s:i, s:b}", "strategy", STRATEGIES[s], "beam_size",
-                     g->beam_size, "temperature", (double)g->temperature, "top_k", (json_int_t)g->top_k,
-                     "top_p", (double)g->top_p, "max_new_tokens", g->max_new_tokens, "no_repeat_ngram_size",
-                     g->no_repeat_ngram, "distinct", o->distinct);
+    return json_pack("{s:s, s:i, s:f, s:f, s:I, s:f, s:i, s:i, s:b}", "strategy", STRATEGIES[s], "beam_size",
+                     g->beam_size, "length_penalty", g->length_penalty, "temperature", (double)g->temperature,
+                     "top_k", (json_int_t)g->top_k, "top_p", (double)g->top_p, "max_new_tokens",
+                     g->max_new_tokens, "no_repeat_ngram_size", g->no_repeat_ngram, "distinct", o->distinct);
 }
 
 /* The model's defaults: nz_dlg_opts_default + its config's "generation". @return NZ_OK or an error. */

@@ -42,6 +42,9 @@
  * of the /v1/dialogue request fields:
  *   "strategy":             "greedy" | "beam" | "sample"
  *   "beam_size":            int 1..NZ_T5MD_MAX_BEAM
+ *   "length_penalty":       number 0..10 (beam: hypothesis score = sum of
+ *                           log-probs / length^length_penalty; HF's; 1 =
+ *                           the mean log-prob, more favours longer replies)
  *   "temperature":          number 0..100 (sample)
  *   "top_k":                int 0..1000000 (sample; 0 = no cut)
  *   "top_p":                number in (0, 1] (sample; 1 = no cut)
@@ -100,14 +103,15 @@ void nz_dlg_opts_default(nz_dlg_opts *o);
 /** Decoding options chosen by a request, a command line or a model's
  *  "generation" object; -1 / NAN = not chosen (nz_dlg_choice_init). */
 typedef struct nz_dlg_choice {
-    int strategy;        /* nz_t5md_strategy */
-    int beam_size;       /* 1..NZ_T5MD_MAX_BEAM */
-    float temperature;   /* >= 0 */
-    int top_k;           /* >= 0 */
-    float top_p;         /* (0, 1] */
-    int max_new_tokens;  /* 1..NZ_T5MD_MAX_NEW_TOKENS */
-    int no_repeat_ngram; /* 0..NZ_T5MD_MAX_NEW_TOKENS */
-    int distinct;        /* 0/1 */
+    int strategy;         /* nz_t5md_strategy */
+    int beam_size;        /* 1..NZ_T5MD_MAX_BEAM */
+    float length_penalty; /* 0..10 (beam) */
+    float temperature;    /* >= 0 */
+    int top_k;            /* >= 0 */
+    float top_p;          /* (0, 1] */
+    int max_new_tokens;   /* 1..NZ_T5MD_MAX_NEW_TOKENS */
+    int no_repeat_ngram;  /* 0..NZ_T5MD_MAX_NEW_TOKENS */
+    int distinct;         /* 0/1 */
 } nz_dlg_choice;
 
 /** Set every field of c to "not chosen". */

@@ -41,6 +41,8 @@ static const char CHAT_USAGE[] =
     "  `nzp info`), else the built-in ones given here.\n"
     "  --strategy S      greedy (built-in), beam or sample\n"
     "  --beam N          beam size (1..64, default 4; implies --strategy beam)\n"
+    "  --length-penalty X  beam score = log-prob sum / length^X (0..10, default 1; more favours longer\n"
+    "                    replies; implies beam)\n"
     "  --temperature T   sampling temperature (0..100, default 1; implies --strategy sample)\n"
     "  --top-k K         sample from the K most likely tokens (0: all; implies sample)\n"
     "  --top-p P         nucleus sampling mass (0 < P <= 1, default 1; implies sample)\n"
@@ -146,6 +148,9 @@ static int parse_option(chat_args *a, const char *o, const char *v, int *strateg
         bad = *strategy < 0;
     } else if (!strcmp(o, "--beam")) {
         bad = nzp_parse_int(v, 1, 64, &a->ch.beam_size);
+        *imp = NZ_T5MD_BEAM;
+    } else if (!strcmp(o, "--length-penalty")) {
+        bad = nzp_parse_float(v, 0, 10, &a->ch.length_penalty);
         *imp = NZ_T5MD_BEAM;
     } else if (!strcmp(o, "--temperature")) {
         bad = nzp_parse_float(v, 0, 100, &a->ch.temperature);

@@ -233,23 +233,13 @@ static int only_with(json_t *o, const char *k, srv_strategy have, srv_strategy n
 
 int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_dialogue_req *r,
                        srv_error *e) {
-    static const char *const known[] = {"context",
-                                        "model",
-                                        "decoders",
-                                        "strategy",
-                                        "beam_size",
-                                        "temperature",
-                                        "top_k",
-                                        "top_p",
-                                        "seed",
-                                        "max_new_tokens",
-                                        "no_repeat_ngram_size",
-                                        "distinct",
-                                        "stream",
-                                        "return_tokens"};
+    static const char *const known[] = {
+        "context",     "model",  "decoders",     "strategy", "beam_size",      "length_penalty",
+        "temperature", "top_k",  "top_p",        "seed",     "max_new_tokens", "no_repeat_ngram_size",
+        "distinct",    "stream", "return_tokens"};
     memset(r, 0, sizeof *r);
     r->strategy = r->beam_size = r->top_k = r->max_new_tokens = r->no_repeat_ngram = r->distinct = -1;
-    r->temperature = r->top_p = NAN;
+    r->temperature = r->top_p = r->length_penalty = NAN;
     if (load_object(body, len, known, sizeof known / sizeof *known, &r->root, e)) return -1;
     json_t *ctx = json_object_get(r->root, "context");
     if (!ctx || json_is_null(ctx))
@@ -318,6 +308,7 @@ int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_
         opt_int(r->root, "top_k", 0, 1000000, &r->top_k, e) ||
         opt_int(r->root, "max_new_tokens", 1, lim->max_new_tokens, &r->max_new_tokens, e) ||
         opt_int(r->root, "no_repeat_ngram_size", 0, SRV_MAX_NO_REPEAT_NGRAM, &r->no_repeat_ngram, e) ||
+        opt_number(r->root, "length_penalty", 0, 0, 10, &r->length_penalty, e) ||
         opt_number(r->root, "temperature", 0, 0, 10, &r->temperature, e) ||
         opt_number(r->root, "top_p", 0, 1, 1, &r->top_p, e) ||
         opt_bool(r->root, "distinct", &r->distinct, e) || opt_bool(r->root, "stream", &r->stream, e) ||
@@ -329,6 +320,7 @@ int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_
 int srv_dialogue_check_strategy(const srv_dialogue_req *r, int strategy, srv_error *e) {
     srv_strategy s = strategy == SRV_BEAM ? SRV_BEAM : strategy == SRV_SAMPLE ? SRV_SAMPLE : SRV_GREEDY;
     if (only_with(r->root, "beam_size", s, SRV_BEAM, e) ||
+        only_with(r->root, "length_penalty", s, SRV_BEAM, e) ||
         only_with(r->root, "temperature", s, SRV_SAMPLE, e) ||
         only_with(r->root, "top_k", s, SRV_SAMPLE, e) || only_with(r->root, "top_p", s, SRV_SAMPLE, e) ||
         only_with(r->root, "seed", s, SRV_SAMPLE, e))

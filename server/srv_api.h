@@ -147,11 +147,12 @@ typedef struct srv_dialogue_req {
     int decoders[SRV_MAX_DECODERS]; /* [n_decoders] distinct, in request order */
     size_t n_decoders;              /* 0: every decoder of the model */
     /* decoding options, -1 / NAN where the body left them out (the model's defaults apply) */
-    int strategy;       /* srv_strategy */
-    int beam_size;      /* 1..32 */
-    double temperature; /* 0..10 */
-    int top_k;          /* 0..1000000 */
-    double top_p;       /* (0, 1] */
+    int strategy;          /* srv_strategy */
+    int beam_size;         /* 1..32 */
+    double length_penalty; /* 0..10 (beam) */
+    double temperature;    /* 0..10 */
+    int top_k;             /* 0..1000000 */
+    double top_p;          /* (0, 1] */
     unsigned long long seed;
     int max_new_tokens;  /* 1..limit */
     int no_repeat_ngram; /* no_repeat_ngram_size: 0..SRV_MAX_NO_REPEAT_NGRAM, 0 = off */

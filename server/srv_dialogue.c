@@ -285,6 +285,7 @@ static int resolve_dialogue_opts(srv_req *r, const srv_model *m, int max_new_tok
     nz_dlg_choice_init(&c);
     c.strategy = q->strategy;
     c.beam_size = q->beam_size;
+    c.length_penalty = (float)q->length_penalty;
     c.temperature = (float)q->temperature;
     c.top_k = q->top_k;
     c.top_p = (float)q->top_p;

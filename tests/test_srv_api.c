@@ -153,7 +153,8 @@ static void test_dialogue_accepts(void **state) {
     /* options left out: -1 / NAN (the model's defaults apply, resolved by the server) */
     assert_int_equal(r.strategy, -1);
     assert_int_equal(r.beam_size, -1);
-    assert_true(isnan(r.temperature) && isnan(r.top_p) && r.top_k == -1 && r.seed == 0);
+    assert_true(isnan(r.temperature) && isnan(r.top_p) && isnan(r.length_penalty) && r.top_k == -1 &&
+                r.seed == 0);
     assert_int_equal(r.max_new_tokens, -1);
     assert_int_equal(r.no_repeat_ngram, -1);
     assert_int_equal(r.distinct, -1);
@@ -170,7 +171,8 @@ static void test_dialogue_accepts(void **state) {
 
     assert_int_equal(
         dparse("{\"context\": [\"hi\", \"  \", \"\\u00e4 ?\"], \"model\": \"chat\", \"decoders\": [3, 0, 63],"
-               " \"strategy\": \"beam\", \"beam_size\": 32, \"max_new_tokens\": 1, \"distinct\": true,"
+               " \"strategy\": \"beam\", \"beam_size\": 32, \"length_penalty\": 0, \"max_new_tokens\": 1, "
+               "\"distinct\": true,"
                " \"stream\": true, \"return_tokens\": true}",
                &r, &e),
         0);
@@ -184,6 +186,7 @@ static void test_dialogue_accepts(void **state) {
     assert_int_equal(r.decoders[2], 63);
     assert_int_equal(r.strategy, SRV_BEAM);
     assert_int_equal(r.beam_size, 32);
+    assert_true(r.length_penalty == 0.0);
     assert_int_equal(r.max_new_tokens, 1);
     assert_true(r.distinct && r.stream && r.return_tokens);
     srv_dialogue_req_free(&r);
@@ -252,6 +255,9 @@ static void test_dialogue_rejects(void **state) {
     assert_int_equal(dstatus("{\"context\": \"a\", \"decoders\": [-1]}"), 422);
     assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"top-k\"}"), 422);
     assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"beam\", \"beam_size\": 33}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"beam\", \"length_penalty\": 10.5}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"beam\", \"length_penalty\": -0.5}"), 422);
+    assert_int_equal(dstatus("{\"context\": \"a\", \"length_penalty\": 2}"), 422); /* greedy in effect */
     assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"temperature\": 10.01}"), 422);
     assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"top_p\": 0}"), 422);
     assert_int_equal(dstatus("{\"context\": \"a\", \"strategy\": \"sample\", \"top_p\": 1.5}"), 422);

@@ -284,10 +284,23 @@ def generate(args, nzp, contexts, tag, extra):
     return res
 
 
-DECODE = {"greedy": ["--greedy"], "beam4": ["--beam", "4"],
-          "greedy-nr3": ["--greedy", "--no-repeat-ngram", "3"], "beam4-nr3": ["--beam", "4", "--no-repeat-ngram", "3"],
-          "nucleus0.9": ["--sample", "--top-p", "0.9", "--seed", "1"],
-          "nucleus0.9-nr3": ["--sample", "--top-p", "0.9", "--seed", "1", "--no-repeat-ngram", "3"]}
+DECODE = ("greedy", "beamN", "nucleusP", "each + -nrN (no-repeat n-gram) and/or -lpX (beam length penalty), "
+          "e.g. beam4-nr3-lp1.5")
+
+
+def decode_args(name):
+    """t5md_runner's options for a decoding name: greedy | beamN | nucleusP (top-p P, seed 1), then
+    optional -nrN (no_repeat_ngram_size N) and -lpX (beam: length_penalty X)."""
+    m = re.fullmatch(r"(greedy|beam(\d+)|nucleus([0-9.]+))((?:-nr\d+|-lp[0-9.]+)*)", name)
+    if not m:
+        raise SystemExit("unknown decoding %r (%s)" % (name, "; ".join(DECODE)))
+    args = ["--greedy"] if m.group(1) == "greedy" else ["--beam", m.group(2)] if m.group(2) else \
+        ["--sample", "--top-p", m.group(3), "--seed", "1"]
+    for opt, val in re.findall(r"-(nr|lp)([0-9.]+)", m.group(4)):
+        if opt == "lp" and not m.group(2):
+            raise SystemExit("%s: a length penalty (-lp) needs beam search" % name)
+        args += ["--no-repeat-ngram", val] if opt == "nr" else ["--lenpen", val]
+    return args
 
 
 def loops(text, n=3, times=3):
@@ -334,7 +347,7 @@ def quality(args, models, data):
                 rows.append(json.load(f))
             continue
         res = generate(args, nzp, contexts, "%s-%s-%s" % (name, mode, dec),
-                       DECODE[dec] + ["--batch", "8", "--cache", str(FULL_CACHE), "--max-new-tokens", str(MNT)])
+                       decode_args(dec) + ["--batch", "8", "--cache", str(FULL_CACHE), "--max-new-tokens", str(MNT)])
         gens = [[(e["decoder"], e["mean"], e["text"]) for e in res["out"][i]] for i in range(len(contexts))]
         m = quality_metrics(gens, refs)
         score_path = os.path.join(args.work, "score-%s-%s-%d.json" % (name, mode, len(contexts)))
@@ -536,7 +549,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--parity-lines", type=int, default=30)
     p.add_argument("--decode", default="greedy",
-                   help="quality decodings, comma-separated: " + ", ".join(DECODE) + " (default greedy)")
+                   help="quality decodings, comma-separated: " + "; ".join(DECODE) + " (default greedy)")
     p.add_argument("--bench-lines", type=int, default=50)
     p.add_argument("--samples", type=int, default=10, help="fixed sample contexts shown with every decoder's answer")
     p.add_argument("--per-source", type=int, default=0,

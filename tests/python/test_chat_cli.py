@@ -220,6 +220,8 @@ def test_model_generation_defaults(nzp, dmodel, tmp_path):
               conversation(dmodel, LINES, no_repeat_ngram=2))
     check_all(chat(nzp, gen, LINES, "--all", "--no-repeat-ngram", 0, "--beam", 2).stdout,
               conversation(dmodel, LINES, strategy="beam", beam_size=2))
+    check_all(chat(nzp, gen, LINES[:2], "--all", "--length-penalty", 2.5).stdout,  # implies beam
+              conversation(dmodel, LINES[:2], strategy="beam", beam_size=3, no_repeat_ngram=2, length_penalty=2.5))
     # a sampling flag switches to sampling, with the model's temperature
     check_all(chat(nzp, gen, LINES[:2], "--all", "--seed", 4).stdout,
               conversation(dmodel, LINES[:2], strategy="sample", seed=4, temperature=0.5, no_repeat_ngram=2))
@@ -231,6 +233,7 @@ def test_model_generation_defaults(nzp, dmodel, tmp_path):
     ("generation.beam_size=0", "'beam_size' must be an integer in [1, 1024]"),
     ("generation.no_repeat=3", "unknown key 'no_repeat' (known: strategy, beam_size,"),
     ("generation.distinct=1", "'distinct' must be true or false"),
+    ("generation.length_penalty=-1", "'length_penalty' must be a number in [0, 10]"),
 ])
 def test_bad_generation_refused(nzp, dmodel, tmp_path, kv, msg):
     out, p = repack(nzp, dmodel[0], tmp_path, kv, check=False)

@@ -118,7 +118,7 @@ def dmodel(nzp, tmp_path_factory):
 
 
 def reference(dmodel, context, strategy="greedy", decoders=None, mnt=MNT, beam_size=4, temperature=1.0, top_k=0,
-              top_p=1.0, seed=0, no_repeat_ngram=0):
+              top_p=1.0, seed=0, no_repeat_ngram=0, length_penalty=1.0):
     """t5md_ref's responses of one context, in decoder order (decoders or 0..K-1)."""
     _, ref, tok = dmodel
     ids = tok.encode_context(context)
@@ -126,7 +126,8 @@ def reference(dmodel, context, strategy="greedy", decoders=None, mnt=MNT, beam_s
     if strategy == "greedy":
         return R.greedy(ref, [ids], decoders, **kw)[0]
     if strategy == "beam":
-        return [d[0] for d in R.beam(ref, [ids], decoders, beam_size=beam_size, **kw)[0]]
+        return [d[0] for d in R.beam(ref, [ids], decoders, beam_size=beam_size, length_penalty=length_penalty,
+                                     **kw)[0]]
     return R.sample(ref, [ids], decoders, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw)[0]
 
 
@@ -195,9 +196,9 @@ class TestDialogue:
         assert m["max_context_turns"] == 0 and m["max_source_length"] == 0
         assert "at_decoder" not in m
         # the model carries no "generation": the built-in decoding defaults
-        assert m["generation"] == {"strategy": "greedy", "beam_size": 4, "temperature": 1.0, "top_k": 0,
-                                   "top_p": 1.0, "max_new_tokens": 63, "no_repeat_ngram_size": 0,
-                                   "distinct": False}, m
+        assert m["generation"] == {"strategy": "greedy", "beam_size": 4, "length_penalty": 1.0,
+                                   "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 63,
+                                   "no_repeat_ngram_size": 0, "distinct": False}, m
 
     @pytest.mark.parametrize("i", range(len(CONTEXTS)))
     def test_greedy_matches_reference(self, srv, dmodel, i):
@@ -215,6 +216,18 @@ class TestDialogue:
                           "return_tokens": True})
         assert r.status == 200, r
         check(dmodel, r.json(), c, reference(dmodel, c, "beam", beam_size=3))
+
+    @pytest.mark.parametrize("lp", [0.0, 2.5])
+    def test_beam_length_penalty_matches_reference(self, srv, dmodel, lp):
+        changed = False
+        for c in CONTEXTS:
+            r = srv.dialogue({"context": c, "strategy": "beam", "beam_size": 3, "length_penalty": lp,
+                              "max_new_tokens": MNT, "return_tokens": True})
+            assert r.status == 200, r
+            want = reference(dmodel, c, "beam", beam_size=3, length_penalty=lp)
+            check(dmodel, r.json(), c, want)
+            changed |= [x["tokens"] for x in want] != [x["tokens"] for x in reference(dmodel, c, "beam", beam_size=3)]
+        assert changed  # the option reaches the search: some response differs from length_penalty 1's
 
     @pytest.mark.parametrize("opts", [dict(temperature=1.0, top_k=10, top_p=0.9, seed=7),
                                       dict(temperature=1.3, seed=12345678901),
@@ -694,17 +707,20 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
 
     gen, _ = C.repack(nzp, dmodel[0], tmp_path, "generation.strategy=beam", "generation.beam_size=2",
                       "generation.no_repeat_ngram_size=2", "generation.max_new_tokens=40",
-                      "generation.temperature=0.5", "generation.distinct=true")
+                      "generation.temperature=0.5", "generation.distinct=true", "generation.length_penalty=2")
     c = CONTEXTS[1]
     with Server(gen, task="dialogue", config={"max_new_tokens": MNT}) as s:
         s.wait_ready()
         assert s.get("/v1/models").json()["models"][0]["generation"] == {
-            "strategy": "beam", "beam_size": 2, "temperature": 0.5, "top_k": 0, "top_p": 1.0,
+            "strategy": "beam", "beam_size": 2, "length_penalty": 2.0, "temperature": 0.5, "top_k": 0, "top_p": 1.0,
             "max_new_tokens": 40, "no_repeat_ngram_size": 2, "distinct": True}
-        cases = [({}, reference(dmodel, c, "beam", beam_size=2, no_repeat_ngram=2), True),
+        beam_lp2 = dict(no_repeat_ngram=2, length_penalty=2.0)
+        cases = [({}, reference(dmodel, c, "beam", beam_size=2, **beam_lp2), True),
                  ({"strategy": "greedy", "no_repeat_ngram_size": 0, "distinct": False, "max_new_tokens": 9},
                   reference(dmodel, c, mnt=9), False),
-                 ({"beam_size": 3}, reference(dmodel, c, "beam", beam_size=3, no_repeat_ngram=2), True),
+                 ({"beam_size": 3}, reference(dmodel, c, "beam", beam_size=3, **beam_lp2), True),
+                 ({"length_penalty": 0.5}, reference(dmodel, c, "beam", beam_size=2, no_repeat_ngram=2,
+                                                     length_penalty=0.5), True),
                  ({"strategy": "sample", "seed": 3},
                   reference(dmodel, c, "sample", temperature=0.5, seed=3, no_repeat_ngram=2), True)]
         for body, want, distinct in cases:
@@ -714,6 +730,10 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
         e = assert_error(s.dialogue({"context": c, "temperature": 0.7}), 422)
         assert "'temperature' applies to strategy \"sample\" only (this request uses \"beam\")" in e["message"], e
         assert s.dialogue({"context": c, "strategy": "sample", "temperature": 0.7}).status == 200
+        e = assert_error(s.dialogue({"context": c, "strategy": "greedy", "length_penalty": 1.5}), 422)
+        assert "'length_penalty' applies to strategy \"beam\" only (this request uses \"greedy\")" in e["message"], e
+        e = assert_error(s.dialogue({"context": c, "length_penalty": 11}), 422)
+        assert "length_penalty" in e["message"], e
 
 
 # ------------------------------------------------------------------ batching across requests
