@@ -260,7 +260,7 @@ static void *heap_mapping(size_t *len) {
 /* malloc's side of r (glibc; zeros elsewhere, e.g. under a sanitizer): allocator_free (fordblks),
  * other_heap (bytes in use, in arenas and mmapped chunks, less r->counted) and allocator_free_resident:
  * the main arena's resident pages (mincore over [heap]) plus any other arena's bytes (taken as resident:
- * an upper bound; the server runs one arena) less the bytes in use there, within [0, fordblks].
+ * an upper bound; exact with M_ARENA_MAX 1) less the bytes in use there, within [0, fordblks].
  * malloc_trim gives free pages back to the OS but keeps their chunks in its free lists, so fordblks
  * alone can far exceed what is resident. */
 static void allocator_report(nz_mem_report *r) {

@@ -111,8 +111,8 @@ typedef struct nz_mem_report {
     size_t current[NZ_MEM_NCAT];    /* bytes now, per category */
     size_t peak[NZ_MEM_NCAT];       /* highest bytes seen, per category */
     size_t counted;                 /* sum of current over the heap categories (all but mapped) */
-    size_t other_heap;              /* bytes malloc has in use beyond counted: libraries' own allocations
-                                       (the tokenizer's, OpenBLAS's, libmicrohttpd's) and chunk headers
+    size_t other_heap;              /* bytes malloc has in use beyond counted: other libraries' own
+                                       allocations (e.g. a tokenizer's, OpenBLAS's) and chunk headers
                                        (glibc mallinfo2 uordblks + hblkhd - counted), 0 if unknown */
     size_t mapped_resident;         /* bytes of mapped model files resident now (mincore) */
     size_t rss;                     /* resident set size (VmRSS), 0 if unknown */
@@ -121,7 +121,7 @@ typedef struct nz_mem_report {
                                        not (malloc_trim returns pages but keeps the chunks), 0 if unknown
                                        (e.g. under a sanitizer) */
     size_t allocator_free_resident; /* the resident part of allocator_free: the main arena's resident
-                                    pages (mincore over [heap]) less malloc's bytes in use, 0 if unknown */
+                                       pages (mincore over [heap]) less malloc's bytes in use, 0 if unknown */
     size_t anon_resident;           /* anonymous resident bytes (RssAnon: heap, stacks, libraries' buffers) */
     size_t file_resident;           /* file-backed resident bytes (RssFile: the mapped models, code and
                                        libraries), 0 if unknown */

@@ -38,7 +38,9 @@ int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *
     int rc = nz_gen_keys(obj, what, known, sizeof known / sizeof *known, err);
     if (!rc) rc = nz_gen_enum(obj, what, "strategy", STRATEGIES, 3, &c->strategy, err);
     if (!rc) rc = nz_gen_int(obj, what, "beam_size", 1, NZ_T5MD_MAX_BEAM, &c->beam_size, err);
-    if (!rc) rc = nz_gen_number(obj, what, "length_penalty", 0, 0, 10, &c->length_penalty, err);
+    if (!rc)
+        rc = nz_gen_number(obj, what, "length_penalty", 0, 0, NZ_DLG_MAX_LENGTH_PENALTY, &c->length_penalty,
+                           err);
     if (!rc) rc = nz_gen_number(obj, what, "temperature", 0, 0, 100, &c->temperature, err);
     if (!rc) rc = nz_gen_int(obj, what, "top_k", 0, 1000000, &c->top_k, err);
     if (!rc) rc = nz_gen_number(obj, what, "top_p", 0, 1, 1, &c->top_p, err);
@@ -54,7 +56,7 @@ int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err) {
     if (c->strategy > NZ_T5MD_SAMPLE || c->beam_size == 0 || c->beam_size > NZ_T5MD_MAX_BEAM ||
         c->temperature < 0 || c->top_k < -1 || c->top_p <= 0 || c->top_p > 1 || c->max_new_tokens == 0 ||
         c->max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS || c->no_repeat_ngram > NZ_T5MD_MAX_NEW_TOKENS ||
-        c->distinct > 1 || c->length_penalty < 0 || c->length_penalty > 10)
+        c->distinct > 1 || c->length_penalty < 0 || c->length_penalty > NZ_DLG_MAX_LENGTH_PENALTY)
         return nz_fail(err, NZ_E_INVALID_ARG,
                        "dialogue options out of range: strategy %d, beam_size %d, length_penalty %g, "
                        "temperature %g, top_k %d, top_p %g, max_new_tokens %d, no_repeat_ngram_size %d",

@@ -42,7 +42,7 @@
  * of the /v1/dialogue request fields:
  *   "strategy":             "greedy" | "beam" | "sample"
  *   "beam_size":            int 1..NZ_T5MD_MAX_BEAM
- *   "length_penalty":       number 0..10 (beam: hypothesis score = sum of
+ *   "length_penalty":       number 0..NZ_DLG_MAX_LENGTH_PENALTY (beam: hypothesis score = sum of
  *                           log-probs / length^length_penalty; HF's; 1 =
  *                           the mean log-prob, more favours longer replies)
  *   "temperature":          number 0..100 (sample)
@@ -76,6 +76,8 @@ extern "C" {
 
 typedef struct nz_dialogue nz_dialogue;
 
+#define NZ_DLG_MAX_LENGTH_PENALTY 10 /* "length_penalty" range: 0 .. this */
+
 /** Streaming hook: decoder k of context `context` (its index in the batch;
  *  0 with nz_dialogue_run / nz_dialogue_run_ids) made token `token`
  *  (position pos in its response, 0-based) with log-prob logprob;
@@ -105,7 +107,7 @@ void nz_dlg_opts_default(nz_dlg_opts *o);
 typedef struct nz_dlg_choice {
     int strategy;         /* nz_t5md_strategy */
     int beam_size;        /* 1..NZ_T5MD_MAX_BEAM */
-    float length_penalty; /* 0..10 (beam) */
+    float length_penalty; /* 0..NZ_DLG_MAX_LENGTH_PENALTY (beam) */
     float temperature;    /* >= 0 */
     int top_k;            /* >= 0 */
     float top_p;          /* (0, 1] */

@@ -150,7 +150,7 @@ static int parse_option(chat_args *a, const char *o, const char *v, int *strateg
         bad = nzp_parse_int(v, 1, 64, &a->ch.beam_size);
         *imp = NZ_T5MD_BEAM;
     } else if (!strcmp(o, "--length-penalty")) {
-        bad = nzp_parse_float(v, 0, 10, &a->ch.length_penalty);
+        bad = nzp_parse_float(v, 0, NZ_DLG_MAX_LENGTH_PENALTY, &a->ch.length_penalty);
         *imp = NZ_T5MD_BEAM;
     } else if (!strcmp(o, "--temperature")) {
         bad = nzp_parse_float(v, 0, 100, &a->ch.temperature);

@@ -438,8 +438,7 @@ class Run:
                                  "OUT/data.pt?)" % (cfg["vocab_size"], self.data["vocab_size"]))
             steps = int(tr.get("global_step", tr["updates"]))
             state.update(updates=int(tr["updates"]), training_steps=int(tr.get("training_steps", steps)),
-                         global_step=steps,
-                         wall=float(tr.get("wall_seconds", 0.0)),
+                         global_step=steps, wall=float(tr.get("wall_seconds", 0.0)),
                          iters={**state["iters"], **{k: list(v) for k, v in tr.get("iters", {}).items()}})
             if tr["phase"] == 2:  # EqHard rounds go on at a constant learning rate: no ramp
                 state.update(phase=2, source="eqhard", per_mode=list(tr["per_mode"]))
