@@ -94,7 +94,8 @@ def test_fifty_mixed_concurrent_requests_as_alone():
         for t in ths:
             t.join(600)
         assert not errors, errors
-        lines = [l for l in U.access_log(s.log()) if l["path"] in ("/v1/dialogue", "/v1/translate")]
+        inference = lambda ls: [l for l in ls if l["path"] in ("/v1/dialogue", "/v1/translate")]  # noqa: E731
+        lines = inference(s.wait_access(lambda ls: len(inference(ls)) >= len(reqs)))
         assert max(int(l["batch_texts"]) for l in lines) >= 4, "nothing was batched"
         # the batches never held more memory than their members had reserved (their bounds held)
         assert s.get("/v1/memory").json()["requests"]["overrun_bytes"] == 0
