@@ -139,7 +139,8 @@ test: all
 # The web playground (server/ui/, GET /) in headless Chromium (Debian's chromium,
 # driven by npm's playwright-core, pinned in tests/ui/package-lock.json and
 # installed into tests/ui/node_modules by tests/ui/run.sh): translate, a two-turn
-# chat with every decoder streaming, 375 px width, an API-key server.
+# chat with every decoder streaming, a beam turn with a length penalty, 375 px
+# width, an API-key server.
 # Screenshots in $(BUILD)/ui-screens/.
 test-ui: $(NZSERVE)
 	NZSERVE=$(abspath $(NZSERVE)) UI_SCREENS=$(abspath $(BUILD))/ui-screens bash tests/ui/run.sh

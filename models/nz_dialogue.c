@@ -88,10 +88,11 @@ int nz_dlg_opts_same(const nz_dlg_opts *a, const nz_dlg_opts *b) {
 json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o) {
     const nz_t5md_opts *g = &o->gen;
     int s = g->strategy >= NZ_T5MD_GREEDY && g->strategy <= NZ_T5MD_SAMPLE ? (int)g->strategy : 0;
-    return json_pack("{s:s, s:i, s:f, s:f, s:I, s:f, s:i, s:i, s:b}", "strategy", STRATEGIES[s], "beam_size",
-                     g->beam_size, "length_penalty", g->length_penalty, "temperature", (double)g->temperature,
-                     "top_k", (json_int_t)g->top_k, "top_p", (double)g->top_p, "max_new_tokens",
-                     g->max_new_tokens, "no_repeat_ngram_size", g->no_repeat_ngram, "distinct", o->distinct);
+    return json_pack("{s:s, s:i, s:o, s:o, s:I, s:o, s:i, s:i, s:b}", "strategy", STRATEGIES[s], "beam_size",
+                     g->beam_size, "length_penalty", nz_gen_real(g->length_penalty), "temperature",
+                     nz_gen_real(g->temperature), "top_k", (json_int_t)g->top_k, "top_p",
+                     nz_gen_real(g->top_p), "max_new_tokens", g->max_new_tokens, "no_repeat_ngram_size",
+                     g->no_repeat_ngram, "distinct", o->distinct);
 }
 
 /* The model's defaults: nz_dlg_opts_default + its config's "generation". @return NZ_OK or an error. */

@@ -1,8 +1,10 @@
 /* nz_mconfig — see nz_mconfig.h. */
 #include "nz_mconfig.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 const json_t *nz_cfg_get(const json_t *c, const char *k) {
@@ -91,6 +93,12 @@ int nz_gen_number(const json_t *obj, const char *what, const char *k, double lo,
                        lo_open ? '(' : '[', lo, hi);
     *v = (float)x;
     return NZ_OK;
+}
+
+json_t *nz_gen_real(double v) {
+    char b[32];
+    snprintf(b, sizeof b, "%.*g", FLT_DIG, v);
+    return json_real(isfinite(v) ? strtod(b, NULL) : v);
 }
 
 int nz_gen_enum(const json_t *obj, const char *what, const char *k, const char *const *names, size_t n,

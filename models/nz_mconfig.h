@@ -59,6 +59,11 @@ int nz_gen_enum(const json_t *obj, const char *what, const char *k, const char *
 /** A boolean key (true / false): *v = 1 / 0. @return NZ_OK, or NZ_E_FORMAT naming k. */
 int nz_gen_bool(const json_t *obj, const char *what, const char *k, int *v, nz_error *err);
 
+/** A generation option stored as a float, as JSON: the number its shortest decimal (FLT_DIG
+ *  significant digits) names, so 1.3 reads back as 1.3, not 1.2999999523.
+ *  @return a new reference, or NULL when v is not finite (jansson's json_real). */
+json_t *nz_gen_real(double v);
+
 #ifdef __cplusplus
 }
 #endif

@@ -93,10 +93,10 @@ int nz_tr_opts_same(const nz_tr_opts *a, const nz_tr_opts *b) {
 
 json_t *nz_tr_opts_to_json(const nz_tr_opts *o) {
     int at = o->decoder != NZ_TR_NAT;
-    json_t *j = json_pack("{s:s, s:i, s:i, s:s, s:b, s:i, s:f}", "decoder", at ? "at" : "nat", "iterations",
+    json_t *j = json_pack("{s:s, s:i, s:i, s:s, s:b, s:i, s:o}", "decoder", at ? "at" : "nat", "iterations",
                           o->nat.max_iter, "length_beam", o->nat.length_beam, "rerank",
                           o->nat.rerank_at ? "at" : "none", "adaptive", o->nat.adaptive, "beam_size",
-                          o->at_beam, "lenpen", (double)o->lenpen);
+                          o->at_beam, "lenpen", nz_gen_real(o->lenpen));
     if (j && o->nat.max_len > 2) json_object_set_new(j, "max_length", json_integer(o->nat.max_len - 2));
     return j;
 }

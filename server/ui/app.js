@@ -500,6 +500,7 @@
         const g = (m && m.generation) || {};
         $('chat-strategy').value = ['greedy', 'beam', 'sample'].includes(g.strategy) ? g.strategy : 'greedy';
         setValue('chat-beam', g.beam_size);
+        setValue('chat-length-penalty', g.length_penalty);
         setValue('chat-temperature', g.temperature);
         setValue('chat-top-p', g.top_p);
         setValue('chat-top-k', g.top_k);
@@ -611,7 +612,10 @@
         };
         const strategy = $('chat-strategy').value;
         b.strategy = strategy;
-        if (strategy === 'beam') put('beam_size', numberValue('chat-beam'));
+        if (strategy === 'beam') {
+            put('beam_size', numberValue('chat-beam'));
+            put('length_penalty', numberValue('chat-length-penalty'));
+        }
         if (strategy === 'sample') {
             put('temperature', numberValue('chat-temperature'));
             put('top_p', numberValue('chat-top-p'));

@@ -734,6 +734,13 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
         assert "'length_penalty' applies to strategy \"beam\" only (this request uses \"greedy\")" in e["message"], e
         e = assert_error(s.dialogue({"context": c, "length_penalty": 11}), 422)
         assert "length_penalty" in e["message"], e
+    # options stored as floats are listed as written (1.3, not 1.2999999523)
+    frac, _ = C.repack(nzp, dmodel[0], tmp_path / "frac", "generation.length_penalty=1.3",
+                       "generation.temperature=0.7", "generation.top_p=0.9")
+    with Server(frac, task="dialogue") as s:
+        s.wait_ready()
+        g = s.get("/v1/models").json()["models"][0]["generation"]
+        assert (g["length_penalty"], g["temperature"], g["top_p"]) == (1.3, 0.7, 0.9), g
 
 
 # ------------------------------------------------------------------ batching across requests

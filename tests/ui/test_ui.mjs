@@ -13,7 +13,8 @@
  *   3. Chat (tabs switched with the arrow keys): a two-turn conversation;
  *      every round shows K answers (K = the dialogue model's num_modes from
  *      /v1/models) with ranks, the text grew while streaming, and a picked
- *      answer is the next turn of the context sent;
+ *      answer is the next turn of the context sent; a third turn with beam
+ *      search sends the beam size and length penalty set in the options;
  *   4. a 375 px wide viewport: the chat works and nothing overflows sideways;
  *   5. a second server with an API key: the page shows the 401 message, a
  *      wrong key is refused, the right one typed into the page works (a
@@ -358,6 +359,18 @@ async function main() {
     await page.click('#chat-form details > summary'); // options closed again for the picture
     await page.screenshot({ path: path.join(SCREENS, 'chat.png'), fullPage: true });
     await checkClean(page, 'chat');
+
+    step('desktop: chat, beam with a length penalty');
+    await page.click('#chat-form details > summary');
+    ok(Number(await page.locator('#chat-length-penalty').inputValue()) === dlg.generation.length_penalty,
+        "the length penalty holds the model's default");
+    await page.selectOption('#chat-strategy', 'beam');
+    await page.fill('#chat-beam', '2');
+    await page.fill('#chat-length-penalty', '1.5');
+    const r3 = await chatRound(page, 'Thanks.');
+    ok(r3.body.strategy === 'beam' && r3.body.beam_size === 2 && r3.body.length_penalty === 1.5,
+        `turn 3: beam_size and length_penalty are sent (${JSON.stringify(r3.body)})`);
+    await checkAnswers(page, K, 'turn 3');
     await desk.close();
 
     // 4. phone width
