@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--phase1-steps", type=int, default=20000, help="seq2seq updates after pre-training")
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--warmup-updates", type=int, default=1000)
+    p.add_argument("--decay-updates", type=int, default=0,
+                   help="the last N phase-1 updates decay the learning rate linearly to 0 (keep the checkpoint "
+                        "where they start to continue phase 1 later without the decay)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-norm", type=float, default=1.0, help="phase 1 gradient clipping (0: none)")
     p.add_argument("--mask-ratio", type=float, default=0.15, help="denoising: fraction of tokens masked")
@@ -252,9 +255,14 @@ def make_optimizer(model, a, phase):
     return torch.optim.AdamW(model.parameters(), lr=a.phase2_lr, weight_decay=a.phase2_weight_decay)
 
 
-def lr_at(a, u, rewarm_from=None):
+def lr_at(a, u, rewarm_from=None, total=0):
     """inverse sqrt with linear warm-up (phase 1); after --init-model at update rewarm_from, also a
-    linear ramp over --rewarm-updates (fresh Adam moments)."""
+    linear ramp over --rewarm-updates (fresh Adam moments); the last --decay-updates of the total
+    phase-1 updates fall linearly from the rate where they start to 0 (the last one 1/--decay-updates
+    of it)."""
+    d = getattr(a, "decay_updates", 0)
+    if total and d > 0 and total - d <= u < total:
+        return lr_at(a, total - d, rewarm_from) * (total - u) / d
     if a.warmup_updates > 0 and u < a.warmup_updates:
         lr = a.lr * (u + 1) / a.warmup_updates
     else:
@@ -560,7 +568,7 @@ class Run:
             s, sp, di, lb = collate([x for x, _ in pairs], [y for _, y in pairs], self.device)
         else:
             s, sp, di, lb = self.batch_tensors(self.next_batch("dialogue", len(self.train["src"]), a.batch_size, 2))
-        lr = lr_at(a, u, state.get("rewarm_from"))
+        lr = lr_at(a, u, state.get("rewarm_from"), self.phase1_total)
         for g in self.opt.param_groups:
             g["lr"] = lr
         loss = token_loss(self.model(s, sp, di, 0), lb)

@@ -597,6 +597,11 @@ def test_snapshot_continues_phase_1(corpus, tmp_path, nzp):
     assert cb["config"]["dropout_rate"] == 0.25
     ns = types.SimpleNamespace(lr=1e-3, warmup_updates=2, rewarm_updates=2)
     assert T.lr_at(ns, 3, 3) == pytest.approx(0.5 * T.lr_at(ns, 3)) and T.lr_at(ns, 5, 3) == T.lr_at(ns, 5)
+    # --decay-updates: the last N of the phase-1 total fall linearly to 0 from where they start
+    ns.decay_updates = 4
+    assert [T.lr_at(ns, u, None, 10) for u in (5, 6, 7, 9)] == [T.lr_at(ns, u) for u in (5,)] + [
+        pytest.approx(T.lr_at(ns, 6) * f) for f in (1, 0.75, 0.25)]
+    assert T.lr_at(ns, 10, None, 10) == T.lr_at(ns, 10)  # past the total (phase 2 has its own rate)
     # a directory without the training state is refused with a message
     with open(d / "config.json") as f:
         conf = json.load(f)
