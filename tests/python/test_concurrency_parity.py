@@ -5,7 +5,6 @@ tokens, texts and scores each gets when sent alone afterwards. Two workers, so c
 batches and lone jobs run side by side. Under a sanitizer or valgrind-like slowness the requests are
 shorter (fewer tokens), not fewer."""
 
-import json
 import os
 import random
 import threading
