@@ -450,6 +450,10 @@ class Server:
                 raise AssertionError(f"access log did not satisfy the condition within {timeout} s:\n{lines}")
             time.sleep(0.02)
 
+    def access_lines(self, keep, n=1, timeout=10):
+        """The access-log lines keep(line) accepts, once there are at least n of them (wait_access)."""
+        return [l for l in self.wait_access(lambda ls: sum(map(keep, ls)) >= n, timeout) if keep(l)]
+
     def wait_log(self, pattern, timeout=10):
         """Poll the log until the regex pattern matches. @return the match."""
         deadline = time.monotonic() + timeout

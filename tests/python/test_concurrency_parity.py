@@ -93,8 +93,7 @@ def test_fifty_mixed_concurrent_requests_as_alone():
         for t in ths:
             t.join(600)
         assert not errors, errors
-        inference = lambda ls: [l for l in ls if l["path"] in ("/v1/dialogue", "/v1/translate")]  # noqa: E731
-        lines = inference(s.wait_access(lambda ls: len(inference(ls)) >= len(reqs)))
+        lines = s.access_lines(lambda l: l["path"] in ("/v1/dialogue", "/v1/translate"), len(reqs))
         assert max(int(l["batch_texts"]) for l in lines) >= 4, "nothing was batched"
         # the batches never held more memory than their members had reserved (their bounds held)
         assert s.get("/v1/memory").json()["requests"]["overrun_bytes"] == 0

@@ -767,6 +767,11 @@ def streamed_done(r):
     return done
 
 
+def is_dialogue(line):
+    """An access-log line of /v1/dialogue."""
+    return line["path"] == "/v1/dialogue"
+
+
 class TestBatching:
     """Greedy and sampled requests of a model are batched continuously: a request joins the running batch at
     the next decoder step (each step's weight decode serves every member's rows) and leaves when its
@@ -783,7 +788,7 @@ class TestBatching:
 
     @staticmethod
     def dialogue_lines(srv):
-        return [l for l in access_log(srv.log()) if l["path"] == "/v1/dialogue"]
+        return [l for l in access_log(srv.log()) if is_dialogue(l)]
 
     def batched(self, srv, calls, joins=True):
         """Send calls (functions sending one request each) concurrently while a slow greedy request runs:
@@ -805,11 +810,10 @@ class TestBatching:
         nzserve_requests_total counted it), so a line of the previous test may still be due."""
         answered = sum(v for (name, labels), v in srv.metrics().items()
                        if name == "nzserve_requests_total" and ("route", "/v1/dialogue") in labels)
-        return len(self.lines_after(srv, 0, int(answered)))
+        return len(srv.access_lines(is_dialogue, int(answered)))
 
     def lines_after(self, srv, n0, n):
-        return srv.wait_access(lambda ls: len([l for l in ls if l["path"] == "/v1/dialogue"]) >= n0 + n) and \
-            self.dialogue_lines(srv)[n0:]
+        return srv.access_lines(is_dialogue, n0 + n)[n0:]
 
     @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
     def test_same_as_alone(self, srv, strategy):

@@ -599,8 +599,9 @@ def test_snapshot_continues_phase_1(corpus, tmp_path, nzp):
     assert T.lr_at(ns, 3, 3) == pytest.approx(0.5 * T.lr_at(ns, 3)) and T.lr_at(ns, 5, 3) == T.lr_at(ns, 5)
     # --decay-updates: the last N of the phase-1 total fall linearly to 0 from where they start
     ns.decay_updates = 4
-    assert [T.lr_at(ns, u, None, 10) for u in (5, 6, 7, 9)] == [T.lr_at(ns, u) for u in (5,)] + [
-        pytest.approx(T.lr_at(ns, 6) * f) for f in (1, 0.75, 0.25)]
+    start = T.lr_at(ns, 6)  # the rate where the decay starts: update 10 - 4
+    assert T.lr_at(ns, 5, None, 10) == T.lr_at(ns, 5)
+    assert [T.lr_at(ns, u, None, 10) for u in (6, 7, 9)] == pytest.approx([start, 0.75 * start, 0.25 * start])
     assert T.lr_at(ns, 10, None, 10) == T.lr_at(ns, 10)  # past the total (phase 2 has its own rate)
     # a directory without the training state is refused with a message
     with open(d / "config.json") as f:
