@@ -22,16 +22,29 @@ void nz_dlg_opts_default(nz_dlg_opts *o) {
 }
 
 void nz_dlg_choice_init(nz_dlg_choice *c) {
-    c->strategy = c->beam_size = c->top_k = c->max_new_tokens = c->no_repeat_ngram = c->distinct = -1;
+    c->strategy = c->beam_size = c->top_k = c->max_new_tokens = c->no_repeat_ngram = c->distinct = c->rank =
+        -1;
     c->temperature = c->top_p = c->length_penalty = NAN;
 }
 
 static const char *const STRATEGIES[] = {"greedy", "beam", "sample"}; /* nz_t5md_strategy order */
+static const char *const RANKS[] = {"logprob", "consensus"};          /* nz_dlg_rank order */
+
+const char *nz_dlg_rank_name(nz_dlg_rank rank) { return rank == NZ_DLG_RANK_CONSENSUS ? RANKS[1] : RANKS[0]; }
+
+int nz_dlg_rank_parse(const char *name, nz_dlg_rank *rank) {
+    for (int i = 0; i < 2; i++)
+        if (!strcmp(name, RANKS[i])) {
+            *rank = (nz_dlg_rank)i;
+            return NZ_OK;
+        }
+    return NZ_E_INVALID_ARG;
+}
 
 int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *c, nz_error *err) {
     static const char *const known[] = {"strategy", "beam_size", "length_penalty", "temperature",
                                         "top_k",    "top_p",     "max_new_tokens", "no_repeat_ngram_size",
-                                        "distinct"};
+                                        "distinct", "rank"};
     nz_dlg_choice_init(c);
     if (!obj) return NZ_OK;
     if (!json_is_object(obj)) return nz_fail(err, NZ_E_FORMAT, "%s must be an object", what);
@@ -49,6 +62,7 @@ int nz_dlg_choice_from_json(const json_t *obj, const char *what, nz_dlg_choice *
         rc = nz_gen_int(obj, what, "no_repeat_ngram_size", 0, NZ_T5MD_MAX_NEW_TOKENS, &c->no_repeat_ngram,
                         err);
     if (!rc) rc = nz_gen_bool(obj, what, "distinct", &c->distinct, err);
+    if (!rc) rc = nz_gen_enum(obj, what, "rank", RANKS, 2, &c->rank, err);
     return rc;
 }
 
@@ -56,7 +70,8 @@ int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err) {
     if (c->strategy > NZ_T5MD_SAMPLE || c->beam_size == 0 || c->beam_size > NZ_T5MD_MAX_BEAM ||
         c->temperature < 0 || c->top_k < -1 || c->top_p <= 0 || c->top_p > 1 || c->max_new_tokens == 0 ||
         c->max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS || c->no_repeat_ngram > NZ_T5MD_MAX_NEW_TOKENS ||
-        c->distinct > 1 || c->length_penalty < 0 || c->length_penalty > NZ_DLG_MAX_LENGTH_PENALTY)
+        c->distinct > 1 || c->rank > NZ_DLG_RANK_CONSENSUS || c->length_penalty < 0 ||
+        c->length_penalty > NZ_DLG_MAX_LENGTH_PENALTY)
         return nz_fail(err, NZ_E_INVALID_ARG,
                        "dialogue options out of range: strategy %d, beam_size %d, length_penalty %g, "
                        "temperature %g, top_k %d, top_p %g, max_new_tokens %d, no_repeat_ngram_size %d",
@@ -71,6 +86,7 @@ int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err) {
     if (c->max_new_tokens > 0) o->gen.max_new_tokens = c->max_new_tokens;
     if (c->no_repeat_ngram >= 0) o->gen.no_repeat_ngram = c->no_repeat_ngram;
     if (c->distinct >= 0) o->distinct = c->distinct;
+    if (c->rank >= 0) o->rank = (nz_dlg_rank)c->rank;
     return NZ_OK;
 }
 
@@ -82,17 +98,17 @@ int nz_dlg_opts_same(const nz_dlg_opts *a, const nz_dlg_opts *b) {
            x->no_repeat_ngram == y->no_repeat_ngram && x->beam_size == y->beam_size &&
            x->length_penalty == y->length_penalty && x->early_stopping == y->early_stopping &&
            x->num_return == y->num_return && x->temperature == y->temperature && x->top_k == y->top_k &&
-           x->top_p == y->top_p && a->distinct == b->distinct;
+           x->top_p == y->top_p && a->distinct == b->distinct && a->rank == b->rank;
 }
 
 json_t *nz_dlg_opts_to_json(const nz_dlg_opts *o) {
     const nz_t5md_opts *g = &o->gen;
     int s = g->strategy >= NZ_T5MD_GREEDY && g->strategy <= NZ_T5MD_SAMPLE ? (int)g->strategy : 0;
-    return json_pack("{s:s, s:i, s:o, s:o, s:I, s:o, s:i, s:i, s:b}", "strategy", STRATEGIES[s], "beam_size",
-                     g->beam_size, "length_penalty", nz_gen_real(g->length_penalty), "temperature",
-                     nz_gen_real(g->temperature), "top_k", (json_int_t)g->top_k, "top_p",
+    return json_pack("{s:s, s:i, s:o, s:o, s:I, s:o, s:i, s:i, s:b, s:s}", "strategy", STRATEGIES[s],
+                     "beam_size", g->beam_size, "length_penalty", nz_gen_real(g->length_penalty),
+                     "temperature", nz_gen_real(g->temperature), "top_k", (json_int_t)g->top_k, "top_p",
                      nz_gen_real(g->top_p), "max_new_tokens", g->max_new_tokens, "no_repeat_ngram_size",
-                     g->no_repeat_ngram, "distinct", o->distinct);
+                     g->no_repeat_ngram, "distinct", o->distinct, "rank", nz_dlg_rank_name(o->rank));
 }
 
 /* The model's defaults: nz_dlg_opts_default + its config's "generation". @return NZ_OK or an error. */
@@ -293,7 +309,9 @@ static int finish_context(const nz_dialogue *d, const nz_dlg_opts *o, nz_t5md_re
     if (!res->responses) return nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
     res->generated = D;
     for (size_t i = 0; i < D; i++) res->output_tokens += g[i].n - (g[i].finished ? 1 : 0);
-    nz_t5md_rank(g, D, NZ_T5MD_RANK_MEAN_LOGPROB, order);
+    nz_t5md_consensus(g, D);
+    nz_t5md_rank(g, D, o->rank == NZ_DLG_RANK_CONSENSUS ? NZ_T5MD_RANK_CONSENSUS : NZ_T5MD_RANK_MEAN_LOGPROB,
+                 order);
     for (size_t q = 0; q < D; q++) {
         nz_t5md_result *gr = &g[order[q]];
         nz_dlg_response *r = &res->responses[res->n];
@@ -326,6 +344,7 @@ static int finish_context(const nz_dialogue *d, const nz_dlg_opts *o, nz_t5md_re
         r->output_tokens = r->n_tokens - (gr->finished ? 1 : 0);
         r->score = gr->mean_logprob;
         r->beam_score = gr->beam_score;
+        r->consensus = gr->consensus;
         r->finished = gr->finished;
         res->n++;
     }

@@ -14,10 +14,12 @@
  * max_context_turns / max_source_length truncation, eos), every requested
  * decoder generates its response in one batched nz_t5md_generate (all
  * decoders' rows go through each decoder step together), the responses are
- * decoded to text (nz_t5md_decode_text), ranked by mean token log-prob
- * (EqHard-EM's perplexity ranking, nz_t5md_rank: descending, ties keep the
- * requested decoder order) and, with the distinct filter, a response whose
- * normalised text equals a higher-ranked one's is dropped.
+ * decoded to text (nz_t5md_decode_text), ranked (o->rank: by mean token
+ * log-prob, EqHard-EM's perplexity ranking, or by consensus, the response the
+ * other decoders' responses agree with most, nz_t5md_consensus; descending,
+ * ties by mean log-prob, then the requested decoder order) and, with the
+ * distinct filter, a response whose normalised text equals a higher-ranked
+ * one's is dropped.
  *
  * Normalised text (the distinct filter): ASCII whitespace runs collapsed to
  * one space, leading / trailing whitespace removed, ASCII letters lower-cased
@@ -51,6 +53,7 @@
  *   "max_new_tokens":       int 1..NZ_T5MD_MAX_NEW_TOKENS
  *   "no_repeat_ngram_size": int 0..NZ_T5MD_MAX_NEW_TOKENS (0 = off)
  *   "distinct":             bool
+ *   "rank":                 "logprob" | "consensus"
  * Absent keys keep nz_dlg_opts_default's value; an unknown key or a bad value
  * refuses the model at open, naming the key. Options of a strategy the
  * model's default does not use are kept for requests that choose that
@@ -87,14 +90,22 @@ typedef struct nz_dialogue nz_dialogue;
 typedef void (*nz_dlg_token_fn)(void *arg, size_t context, int decoder, size_t pos, int32_t token,
                                 float logprob, const char *text, size_t text_len);
 
+/** How the responses of a context are ordered. */
+typedef enum nz_dlg_rank {
+    NZ_DLG_RANK_LOGPROB = 0, /* mean token log-prob descending (EqHard-EM's perplexity ranking) */
+    NZ_DLG_RANK_CONSENSUS =
+        1 /* consensus descending (nz_t5md_consensus: minimum Bayes risk), ties by log-prob */
+} nz_dlg_rank;
+
 /** Options of nz_dialogue_run (nz_dlg_opts_default: nz_t5md_opts_default's
- *  greedy decoding of every decoder with 63 new tokens, no distinct filter,
- *  no hooks). */
+ *  greedy decoding of every decoder with 63 new tokens, ranked by log-prob,
+ *  no distinct filter, no hooks). */
 typedef struct nz_dlg_opts {
     nz_t5md_opts gen;         /* strategy, max_new_tokens, decoders (distinct ks), beam / sampling settings,
                                  no_repeat_ngram, seed or seeds[B] (one per context of a batch), the stop
                                  hook; gen.num_return is taken as 1 and gen.on_token is replaced */
     int distinct;             /* drop responses whose normalised text equals a higher-ranked one's */
+    nz_dlg_rank rank;         /* the ranking */
     nz_dlg_token_fn on_token; /* optional streaming hook (with the tokens' text) */
     void *token_arg;
 } nz_dlg_opts;
@@ -114,10 +125,17 @@ typedef struct nz_dlg_choice {
     int max_new_tokens;   /* 1..NZ_T5MD_MAX_NEW_TOKENS */
     int no_repeat_ngram;  /* 0..NZ_T5MD_MAX_NEW_TOKENS */
     int distinct;         /* 0/1 */
+    int rank;             /* nz_dlg_rank */
 } nz_dlg_choice;
 
 /** Set every field of c to "not chosen". */
 void nz_dlg_choice_init(nz_dlg_choice *c);
+
+/** @return the name of a ranking ("logprob", "consensus"). */
+const char *nz_dlg_rank_name(nz_dlg_rank rank);
+
+/** Parse a ranking name (as nz_dlg_rank_name gives). @return NZ_OK and *rank, or NZ_E_INVALID_ARG. */
+int nz_dlg_rank_parse(const char *name, nz_dlg_rank *rank);
 
 /** Read a "generation" object (keys as in the header comment) into c (NULL
  *  obj: nothing chosen); what names the object in messages.
@@ -132,7 +150,7 @@ int nz_dlg_choice_apply(const nz_dlg_choice *c, nz_dlg_opts *o, nz_error *err);
  *  every option that shapes generation is equal (strategy, max_new_tokens,
  *  ban_unk, no_repeat_ngram, the decoders by value, beam_size,
  *  length_penalty, early_stopping, num_return, temperature, top_k, top_p,
- *  distinct); the seed(s) and the hooks may differ. Else 0. */
+ *  distinct, rank); the seed(s) and the hooks may differ. Else 0. */
 int nz_dlg_opts_same(const nz_dlg_opts *a, const nz_dlg_opts *b);
 
 /** Describe o's decoding options as a "generation" object (every key set).
@@ -147,7 +165,9 @@ typedef struct nz_dlg_response {
     int32_t *tokens;      /* [n_tokens] generated ids, eos included when the response ended with it */
     size_t n_tokens;      /* (NZ_MEM_OTHER) */
     size_t output_tokens; /* n_tokens without the eos */
-    double score;         /* mean token log-prob: the ranking key */
+    double score;         /* mean token log-prob: the ranking key of NZ_DLG_RANK_LOGPROB */
+    double consensus;     /* mean agreement with the context's other responses, 0..1 (nz_t5md_consensus;
+                             over every generated response, dropped ones too): NZ_DLG_RANK_CONSENSUS's key */
     double beam_score;    /* beam: the hypothesis score (HF sequences_scores); NAN otherwise */
     int finished;         /* the response ended with eos */
 } nz_dlg_response;

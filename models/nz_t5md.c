@@ -497,7 +497,60 @@ static void fail_all(nz_t5md_result *res, size_t n, const nz_error *err) {
 }
 
 static int key_nan(const nz_t5md_result *r, nz_t5md_rank_key key) {
-    return r->rc || isnan(key == NZ_T5MD_RANK_BEAM_SCORE ? r->beam_score : r->mean_logprob);
+    return r->rc || isnan(key == NZ_T5MD_RANK_BEAM_SCORE  ? r->beam_score
+                          : key == NZ_T5MD_RANK_CONSENSUS ? r->consensus
+                                                          : r->mean_logprob);
+}
+
+/* Occurrences of the n-gram a[0..n) in s[0..ns). */
+static size_t ngram_count(const int32_t *a, size_t n, const int32_t *s, size_t ns) {
+    size_t c = 0;
+    for (size_t i = 0; i + n <= ns; i++) c += !memcmp(a, s + i, n * sizeof *s);
+    return c;
+}
+
+double nz_t5md_agreement(const int32_t *h, size_t nh, const int32_t *r, size_t nr) {
+    if (!nh) return 0.0;
+    double logp = 0.0;
+    for (size_t n = 1; n <= 4; n++) {
+        size_t match = 0, total = nh >= n ? nh - n + 1 : 0;
+        for (size_t i = 0; i < total; i++) {
+            size_t first = 1; /* count each distinct n-gram of h once, at its first position */
+            for (size_t j = 0; j < i && first; j++) first = memcmp(h + j, h + i, n * sizeof *h) != 0;
+            if (!first) continue;
+            size_t ch = ngram_count(h + i, n, h, nh), cr = ngram_count(h + i, n, r, nr);
+            match += ch < cr ? ch : cr;
+        }
+        if (n == 1) {
+            if (!match) return 0.0;
+            logp += log((double)match / (double)total);
+        } else {
+            logp += log((double)(match + 1) / (double)(total + 1));
+        }
+    }
+    const double bp = 1.0 - (double)nr / (double)nh;
+    return exp(logp / 4.0 + (bp < 0.0 ? bp : 0.0));
+}
+
+/* Tokens of a result without its final eos. */
+static size_t content_len(const nz_t5md_result *r) { return r->n - (r->finished && r->n ? 1 : 0); }
+
+void nz_t5md_consensus(nz_t5md_result *res, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (res[i].rc) {
+            res[i].consensus = NAN;
+            continue;
+        }
+        double sum = 0.0;
+        size_t others = 0;
+        for (size_t j = 0; j < n; j++) {
+            if (j == i || res[j].rc) continue;
+            sum +=
+                nz_t5md_agreement(res[i].tokens, content_len(&res[i]), res[j].tokens, content_len(&res[j]));
+            others++;
+        }
+        res[i].consensus = others ? sum / (double)others : 0.0;
+    }
 }
 
 void nz_t5md_rank(const nz_t5md_result *res, size_t n, nz_t5md_rank_key key, size_t *order) {
@@ -512,6 +565,9 @@ void nz_t5md_rank(const nz_t5md_result *res, size_t n, nz_t5md_rank_key key, siz
                 swap = na && !nb;
             else if (key == NZ_T5MD_RANK_BEAM_SCORE)
                 swap = b->beam_score > a->beam_score;
+            else if (key == NZ_T5MD_RANK_CONSENSUS)
+                swap = b->consensus > a->consensus ||
+                       (b->consensus == a->consensus && b->mean_logprob > a->mean_logprob);
             else
                 swap = b->mean_logprob > a->mean_logprob;
             if (!swap) break;
@@ -576,7 +632,7 @@ int nz_t5md_generate(nz_matmul_ctx *mc, const nz_t5md *t, const int32_t *const *
     for (size_t i = 0; i < NR; i++) {
         memset(&res[i], 0, sizeof res[i]);
         res[i].context = i / (D * R);
-        res[i].beam_score = NAN;
+        res[i].beam_score = res[i].consensus = NAN;
     }
     NZ_TRY(t5md_check_opts(t, o, err));
     decs = nz_malloc(D * sizeof *decs + 1, NZ_MEM_ACTIVATIONS);

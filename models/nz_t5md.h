@@ -219,6 +219,8 @@ typedef struct nz_t5md_result {
     double sum_logprob;  /* float64 sum of logprobs */
     double mean_logprob; /* sum_logprob / n (0 when n == 0): the ranking key */
     double beam_score;   /* beam: the hypothesis score (HF sequences_scores); NAN otherwise */
+    double consensus;    /* nz_t5md_consensus: mean agreement with the other responses of its context,
+                            0..1; NAN until computed */
     int finished;        /* the response ended with eos */
 } nz_t5md_result;
 
@@ -350,8 +352,31 @@ size_t nz_t5md_cb_groups(const nz_t5md_cb *cb);
 
 typedef enum nz_t5md_rank_key {
     NZ_T5MD_RANK_MEAN_LOGPROB = 0, /* EqHard-EM's perplexity ranking (greedy / sampled outputs) */
-    NZ_T5MD_RANK_BEAM_SCORE = 1    /* beam outputs: HF sequences_scores */
+    NZ_T5MD_RANK_BEAM_SCORE = 1,   /* beam outputs: HF sequences_scores */
+    NZ_T5MD_RANK_CONSENSUS = 2     /* nz_t5md_consensus descending, ties by mean log-prob (minimum Bayes
+                                      risk over the decoders' responses) */
 } nz_t5md_rank_key;
+
+/** Agreement of response h[0..nh) with response r[0..nr) (token ids, eos
+ *  left out): token-level sentence BLEU with add-one smoothing ("BLEU+1",
+ *  Lin & Och 2004), h as the hypothesis and r as the reference:
+ *    exp( (log p1 + log p2 + log p3 + log p4) / 4 + min(0, 1 - nr / nh) ),
+ *  p1 = m1 / nh, pn = (mn + 1) / (tn + 1) for n = 2..4, where tn = the
+ *  n-grams of h (nh - n + 1, or 0) and mn = those matched in r, each
+ *  distinct n-gram counted at most as often as it occurs in r.
+ *  t5md_ref.agreement computes the same (float64).
+ *  @return a value in [0, 1]: 1 for h == r (nh > 0), 0 when nh == 0 or
+ *          no token of h occurs in r. */
+double nz_t5md_agreement(const int32_t *h, size_t nh, const int32_t *r, size_t nr);
+
+/** Set res[i].consensus for the n responses of one context: the mean of
+ *  nz_t5md_agreement(res[i], res[j]) over the other responses j (tokens
+ *  without a final eos; results with an error are skipped on both sides
+ *  and get NAN; a response alone gets 0). Ranking by it
+ *  (NZ_T5MD_RANK_CONSENSUS) picks the response the other decoders agree
+ *  with most: a minimum-Bayes-risk choice with the K decoders as
+ *  equally likely modes. Cost: O(n^2 x len^2) compares (t5md_ref.consensus). */
+void nz_t5md_consensus(nz_t5md_result *res, size_t n);
 
 /** Rank n responses (normally the D results of one context, e.g.
  *  &res[b * D] for greedy): order[0..n) receives indices into res, best

@@ -196,7 +196,7 @@ int nz_t5md_cb_add(nz_t5md_cb *cb, const int32_t *src, size_t len, const nz_t5md
     for (size_t j = 0; j < D; j++) g->decs[j] = o->n_decoders ? o->decoders[j] : (int)j;
     for (size_t i = 0; i < D * g->R; i++) {
         g->res[i].decoder = g->decs[i / g->R];
-        g->res[i].beam_score = NAN;
+        g->res[i].beam_score = g->res[i].consensus = NAN;
     }
     g->o.decoders = g->decs;
     g->o.n_decoders = D;

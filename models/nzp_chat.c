@@ -34,7 +34,7 @@
 static const char CHAT_USAGE[] =
     "usage: nzp chat MODEL.nzp [--strategy greedy|beam|sample] [--beam N] [--temperature T]\n"
     "                [--top-k K] [--top-p P] [--seed S] [--decoders K1,K2,..] [--max-new-tokens N]\n"
-    "                [--no-repeat-ngram N] [--all] [--distinct] [--history N] [--cache BYTES]\n"
+    "                [--no-repeat-ngram N] [--rank R] [--all] [--distinct] [--history N] [--cache BYTES]\n"
     "                [--threads N]\n"
     "  one user turn per line on stdin; prints the best-ranked response per turn\n"
     "  Options left out take the model's decoding defaults (its config \"generation\", shown by\n"
@@ -51,6 +51,8 @@ static const char CHAT_USAGE[] =
     "  --max-new-tokens N  response length cap in tokens (1..65536, default 63)\n"
     "  --no-repeat-ngram N  never repeat an N-gram of tokens within a response (HF no_repeat_ngram_size;\n"
     "                    0..65536, default 0 = off; any strategy)\n"
+    "  --rank R          logprob (built-in: mean token log-prob) or consensus (the response the other\n"
+    "                    decoders' responses agree with most)\n"
     "  --all             print every response, best first: K<TAB>SCORE<TAB>TEXT, then an empty line\n"
     "  --distinct        drop responses whose text equals a better-ranked one's\n"
     "  --history N       keep only the last N turns as context (default 0: all)\n"
@@ -172,6 +174,10 @@ static int parse_option(chat_args *a, const char *o, const char *v, int *strateg
         bad = nzp_parse_int(v, 1, NZ_T5MD_MAX_NEW_TOKENS, &a->ch.max_new_tokens);
     } else if (!strcmp(o, "--no-repeat-ngram")) {
         bad = nzp_parse_int(v, 0, NZ_T5MD_MAX_NEW_TOKENS, &a->ch.no_repeat_ngram);
+    } else if (!strcmp(o, "--rank")) {
+        nz_dlg_rank rk;
+        bad = nz_dlg_rank_parse(v, &rk) != NZ_OK;
+        a->ch.rank = bad ? -1 : (int)rk;
     } else if (!strcmp(o, "--history")) {
         bad = nzp_parse_int(v, 0, INT_MAX, &a->history_n);
     } else if (!strcmp(o, "--cache")) {

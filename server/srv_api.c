@@ -234,11 +234,12 @@ static int only_with(json_t *o, const char *k, srv_strategy have, srv_strategy n
 int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_dialogue_req *r,
                        srv_error *e) {
     static const char *const known[] = {
-        "context",     "model",  "decoders",     "strategy", "beam_size",      "length_penalty",
-        "temperature", "top_k",  "top_p",        "seed",     "max_new_tokens", "no_repeat_ngram_size",
-        "distinct",    "stream", "return_tokens"};
+        "context",     "model",  "decoders",      "strategy", "beam_size",      "length_penalty",
+        "temperature", "top_k",  "top_p",         "seed",     "max_new_tokens", "no_repeat_ngram_size",
+        "distinct",    "stream", "return_tokens", "rank"};
     memset(r, 0, sizeof *r);
-    r->strategy = r->beam_size = r->top_k = r->max_new_tokens = r->no_repeat_ngram = r->distinct = -1;
+    r->strategy = r->beam_size = r->top_k = r->max_new_tokens = r->no_repeat_ngram = r->distinct = r->rank =
+        -1;
     r->temperature = r->top_p = r->length_penalty = NAN;
     if (load_object(body, len, known, sizeof known / sizeof *known, &r->root, e)) return -1;
     json_t *ctx = json_object_get(r->root, "context");
@@ -296,6 +297,16 @@ int srv_parse_dialogue(const char *body, size_t len, const srv_limits *lim, srv_
             r->strategy = SRV_SAMPLE;
         else
             return srv_fail(e, 422, NULL, "'strategy' must be \"greedy\", \"beam\" or \"sample\"");
+    }
+    json_t *rk = json_object_get(r->root, "rank");
+    if (rk && !json_is_null(rk)) {
+        if (!json_is_string(rk)) return srv_fail(e, 400, NULL, "'rank' must be a string");
+        if (!strcmp(json_string_value(rk), "logprob"))
+            r->rank = 0;
+        else if (!strcmp(json_string_value(rk), "consensus"))
+            r->rank = 1;
+        else
+            return srv_fail(e, 422, NULL, "'rank' must be \"logprob\" or \"consensus\"");
     }
     json_t *sd = json_object_get(r->root, "seed");
     if (sd && !json_is_null(sd)) {

@@ -55,6 +55,9 @@
  *                   nz_t5md_opts.no_repeat_ngram)
  *   "distinct":     bool (default false): drop responses whose normalised
  *                   text equals a higher-ranked one's
+ *   "rank":         "logprob" | "consensus" (default "logprob"): order the
+ *                   responses by mean token log-prob, or by how much the
+ *                   other decoders' responses agree with each (nz_dialogue.h)
  *   "stream":       bool (default false): server-sent events
  *   "return_tokens": bool (default false)
  * Same classes: a wrong type is 400; out of range, blank context, too many
@@ -157,6 +160,7 @@ typedef struct srv_dialogue_req {
     int max_new_tokens;  /* 1..limit */
     int no_repeat_ngram; /* no_repeat_ngram_size: 0..SRV_MAX_NO_REPEAT_NGRAM, 0 = off */
     int distinct;        /* bool */
+    int rank;            /* nz_dlg_rank order: 0 logprob, 1 consensus */
     int stream;          /* bool */
     int return_tokens;   /* bool */
 } srv_dialogue_req;

@@ -80,9 +80,10 @@ static void respond_dialogue(srv_req *r, const nz_dlg_result *res) {
     json_t *arr = json_array();
     for (size_t i = 0; i < res->n; i++) {
         const nz_dlg_response *p = &res->responses[i];
-        json_t *o1 =
-            json_pack("{s:i, s:o, s:o}", "decoder", p->decoder, "text", srv_json_text(p->text, p->text_len),
-                      "score", isfinite(p->score) ? json_real(p->score) : json_null());
+        json_t *o1 = json_pack("{s:i, s:o, s:o, s:o}", "decoder", p->decoder, "text",
+                               srv_json_text(p->text, p->text_len), "score",
+                               isfinite(p->score) ? json_real(p->score) : json_null(), "consensus",
+                               isfinite(p->consensus) ? json_real(p->consensus) : json_null());
         if (o1 && DL(r)->q.return_tokens) {
             json_t *ids = json_array();
             for (size_t k = 0; k < p->n_tokens; k++) json_array_append_new(ids, json_integer(p->tokens[k]));
@@ -291,6 +292,7 @@ static int resolve_dialogue_opts(srv_req *r, const srv_model *m, int max_new_tok
     c.top_p = (float)q->top_p;
     c.no_repeat_ngram = q->no_repeat_ngram;
     c.distinct = q->distinct;
+    c.rank = q->rank;
     int model_cap = DL(r)->o.gen.max_new_tokens;
     c.max_new_tokens = q->max_new_tokens > 0        ? q->max_new_tokens
                        : model_cap < max_new_tokens ? model_cap

@@ -24,6 +24,8 @@
  *          BEAM_SCORE is nan for greedy / sampling)
  *   rank   LINE  K..                       (the decoders ranked by nz_t5md_rank: mean log-prob,
  *                                           beam: beam score of each decoder's best return)
+ *   consensus LINE  K:C ..                 (the decoders ranked by NZ_T5MD_RANK_CONSENSUS, each with
+ *                                           its nz_t5md_consensus C (%.17g) over the best returns)
  *   error  LINE  K|-  MESSAGE              (a result or a line that could not be decoded)
  * Exit status 0 when every line got its output, 1 on usage or model errors, or
  * when engine memory is still allocated at the end (a leak).
@@ -253,6 +255,11 @@ static int run_batch(runner *rn, line *lines, size_t k) {
                      o.strategy == NZ_T5MD_BEAM ? NZ_T5MD_RANK_BEAM_SCORE : NZ_T5MD_RANK_MEAN_LOGPROB, order);
         printf("rank\t%zu\t", ln);
         for (size_t q = 0; q < D; q++) printf(q ? " %d" : "%d", best[order[q]].decoder);
+        nz_t5md_consensus(best, D);
+        nz_t5md_rank(best, D, NZ_T5MD_RANK_CONSENSUS, order);
+        printf("\nconsensus\t%zu\t", ln);
+        for (size_t q = 0; q < D; q++)
+            printf("%s%d:%.17g", q ? " " : "", best[order[q]].decoder, best[order[q]].consensus);
         printf("\n");
         h++;
     }

@@ -29,7 +29,10 @@ measurement has its own process and peak RSS.
    \\w+ / punctuation runs):
      BLEU        corpus BLEU (models/eval/bleu.py, sacreBLEU's 13a/exp, lower-cased)
                  of the top-ranked response (mean token log-prob, EqHard-EM's
-                 perplexity ranking) against the held-out response
+                 perplexity ranking) against the held-out response; "consensus":
+                 the same for the response the engine ranks first by consensus
+                 (nz_t5md_consensus, the runner's consensus line: the response
+                 the other decoders' responses agree with most)
      oracle BLEU corpus BLEU of, per context, the response with the best
                  sentence BLEU (EqHard-EM's best_bleu)
      pairwise BLEU  mean over contexts of the mean sentence BLEU over ordered
@@ -118,12 +121,22 @@ def dist(texts):
     return d1, d2
 
 
-def quality_metrics(gens, refs):
-    """gens[i]: list of (decoder, mean_logprob, text) in decoder order; refs[i]: str."""
+def top_texts(gens, cons_rank):
+    """The top-ranked response of each context: by mean log-prob (ties: decoder order) and by the
+    engine's consensus ranking (cons_rank[i]: decoders best first, the runner's consensus line)."""
     top = [max(g, key=lambda r: r[1])[2] for g in gens]
+    top_c = [next(r[2] for r in g if r[0] == cr[0]) for g, cr in zip(gens, cons_rank)]
+    return top, top_c
+
+
+def quality_metrics(gens, refs, cons_rank):
+    """gens[i]: list of (decoder, mean_logprob, text) in decoder order; refs[i]: str; cons_rank[i]: the
+    decoders in consensus order."""
+    top, top_c = top_texts(gens, cons_rank)
     oracle = [max((r[2] for r in g), key=lambda t: sentence_bleu(t, ref)) for g, ref in zip(gens, refs)]
     lref = [r.lower() for r in refs]
     m = {"bleu": B.corpus_bleu([t.lower() for t in top], [lref]).score,
+         "bleu_consensus": B.corpus_bleu([t.lower() for t in top_c], [lref]).score,
          "oracle_bleu": B.corpus_bleu([t.lower() for t in oracle], [lref]).score}
     K = len(gens[0])
     if K > 1:
@@ -148,7 +161,7 @@ def runner_cmd(args, nzp, extra):
 
 
 def parse_runner(text):
-    res = {"out": {}, "rank": {}, "ctx": {}, "error": []}
+    res = {"out": {}, "rank": {}, "consensus": {}, "consensus_value": {}, "ctx": {}, "error": []}
     for ln in text.splitlines():
         f = ln.split("\t")
         if f[0] == "out":
@@ -158,6 +171,10 @@ def parse_runner(text):
             res["out"].setdefault(int(f[1]), []).append(e)
         elif f[0] == "rank":
             res["rank"][int(f[1])] = [int(x) for x in f[2].split()]
+        elif f[0] == "consensus":
+            pairs = [x.split(":") for x in f[2].split()]
+            res["consensus"][int(f[1])] = [int(k) for k, _ in pairs]
+            res["consensus_value"][int(f[1])] = {int(k): float(c) for k, c in pairs}
         elif f[0] == "ctx":
             res["ctx"][int(f[1])] = [int(x) for x in f[2].split()]
         elif f[0] == "error":
@@ -310,20 +327,21 @@ def loops(text, n=3, times=3):
     return any(c >= times for c in collections.Counter(grams).values())
 
 
-def by_source(gens, refs, sources, ranks, nll):
-    """Per source: contexts, BLEU of the top-ranked response, oracle BLEU, loop rate, and the share of
-    contexts whose top-ranked / best-fitting (lowest NLL of the reference, EqHard-EM's hard assignment)
-    decoder is k."""
+def by_source(gens, refs, sources, ranks, nll, cons_rank):
+    """Per source: contexts, BLEU of the top-ranked response (by log-prob and by consensus), oracle
+    BLEU, loop rate, and the share of contexts whose top-ranked / best-fitting (lowest NLL of the
+    reference, EqHard-EM's hard assignment) decoder is k."""
     out = {}
     K = len(gens[0])
     for src in sorted(set(sources)):
         idx = [i for i, s in enumerate(sources) if s == src]
-        top = [max(gens[i], key=lambda r: r[1])[2] for i in idx]
+        top, top_c = top_texts([gens[i] for i in idx], [cons_rank[i] for i in idx])
         lref = [refs[i].lower() for i in idx]
         oracle = [max((r[2] for r in gens[i]), key=lambda t: sentence_bleu(t, refs[i])) for i in idx]
         out[src] = {
             "contexts": len(idx),
             "bleu": B.corpus_bleu([t.lower() for t in top], [lref]).score,
+            "bleu_consensus": B.corpus_bleu([t.lower() for t in top_c], [lref]).score,
             "oracle_bleu": B.corpus_bleu([t.lower() for t in oracle], [lref]).score,
             "loop_top": sum(loops(t) for t in top) / len(idx),
             "top_share": [sum(1 for i in idx if ranks[i][0] == k) / len(idx) for k in range(K)],
@@ -349,7 +367,8 @@ def quality(args, models, data):
         res = generate(args, nzp, contexts, "%s-%s-%s" % (name, mode, dec),
                        decode_args(dec) + ["--batch", "8", "--cache", str(FULL_CACHE), "--max-new-tokens", str(MNT)])
         gens = [[(e["decoder"], e["mean"], e["text"]) for e in res["out"][i]] for i in range(len(contexts))]
-        m = quality_metrics(gens, refs)
+        cons_rank = [res["consensus"][i] for i in range(len(contexts))]
+        m = quality_metrics(gens, refs, cons_rank)
         score_path = os.path.join(args.work, "score-%s-%s-%d.json" % (name, mode, len(contexts)))
         if os.path.exists(score_path):  # perplexities do not depend on the decoding
             with open(score_path) as f:
@@ -370,12 +389,15 @@ def quality(args, models, data):
                                for k in range(K)]
         m["loop_top"] = sum(loops(max(g, key=lambda r: r[1])[2]) for g in gens) / len(gens)
         m["loop_any"] = sum(any(loops(r[2]) for r in g) for g in gens) / len(gens)
+        m["loop_consensus"] = sum(loops(t) for t in top_texts(gens, cons_rank)[1]) / len(gens)
         sources = [d.get("source", "all") for d in data]
-        m["by_source"] = by_source(gens, refs, sources, res["rank"], sc["nll"])
+        m["by_source"] = by_source(gens, refs, sources, res["rank"], sc["nll"], cons_rank)
         if args.samples:
             m["samples"] = [{"context": contexts[i], "reference": refs[i], "source": sources[i],
-                             "responses": [{"decoder": e["decoder"], "score": e["mean"], "text": e["text"]}
-                                           for e in sorted(res["out"][i], key=lambda e: -e["mean"])]}
+                             "responses": [{"decoder": e["decoder"], "score": e["mean"], "text": e["text"],
+                                            "consensus": res["consensus_value"][i][e["decoder"]]}
+                                           for e in sorted(res["out"][i],
+                                                           key=lambda e: res["consensus"][i].index(e["decoder"]))]}
                             for i in sample_indices(data, args.samples)]
         m.update(model=name, mode=mode, decode=dec, K=K, nzp_bytes=size, contexts=len(contexts))
         rows.append(m)
@@ -385,44 +407,48 @@ def quality(args, models, data):
                                                for k, v in m.items()}))
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| decoding | model | weights | K | BLEU (top-ranked) | oracle BLEU | pairwise BLEU | intra-dist-1/2 | "
-             "inter-dist-1/2 | unique / ctx | ppl best k | ppl mean k |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| decoding | model | weights | K | BLEU (top by log-prob) | BLEU (top by consensus) | oracle BLEU | "
+             "pairwise BLEU | intra-dist-1/2 | inter-dist-1/2 | unique / ctx | ppl best k | ppl mean k |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
         pw = "%.2f" % m["pairwise_bleu"] if "pairwise_bleu" in m else "n/a"
         intra = "%.1f / %.1f" % (m["intra_dist_1"], m["intra_dist_2"]) if "intra_dist_1" in m else "n/a"
-        lines.append("| %s | %s | %s | %d | %.2f | %.2f | %s | %s | %.1f / %.1f | %.2f | %.1f | %.1f |" % (
-            m.get("decode", "greedy"), m["model"], m["mode"], m["K"], m["bleu"], m["oracle_bleu"], pw, intra, m["inter_dist_1"],
+        lines.append("| %s | %s | %s | %d | %.2f | %.2f | %.2f | %s | %s | %.1f / %.1f | %.2f | %.1f | %.1f |" % (
+            m.get("decode", "greedy"), m["model"], m["mode"], m["K"], m["bleu"], m["bleu_consensus"], m["oracle_bleu"],
+            pw, intra, m["inter_dist_1"],
             m["inter_dist_2"], m["unique"], m["ppl_best_k"], m["ppl_mean_k"]))
     lines += ["", "Loops (a word 3-gram 3 or more times in a response; share of contexts):", "",
-              "| decoding | model | weights | top-ranked response | any decoder's |", "|---|---|---|---:|---:|"]
+              "| decoding | model | weights | top by log-prob | top by consensus | any decoder's |",
+              "|---|---|---|---:|---:|---:|"]
     for m in rows:
-        lines.append("| %s | %s | %s | %.1f %% | %.1f %% |" % (m.get("decode", "greedy"), m["model"], m["mode"],
-                                                           100 * m["loop_top"], 100 * m["loop_any"]))
+        lines.append("| %s | %s | %s | %.1f %% | %.1f %% | %.1f %% |" % (
+            m.get("decode", "greedy"), m["model"], m["mode"], 100 * m["loop_top"], 100 * m["loop_consensus"],
+            100 * m["loop_any"]))
     for m in rows:
         if m["mode"] != "lossless" or "by_source" not in m:
             continue
         K = m["K"]
-        lines += ["", "By source (%s, %s, lossless): BLEU of the top-ranked response, oracle BLEU, loops; "
-                  "share of contexts whose top-ranked / best-fitting decoder is k:" % (m["model"], m.get("decode")), "",
-                  "| source | contexts | BLEU | oracle BLEU | loops | top-ranked " + " / ".join(
+        lines += ["", "By source (%s, %s, lossless): BLEU of the top-ranked response (by log-prob, by consensus), "
+                  "oracle BLEU, loops (top by log-prob); share of contexts whose top-ranked (log-prob) / "
+                  "best-fitting decoder is k:" % (m["model"], m.get("decode")), "",
+                  "| source | contexts | BLEU | BLEU consensus | oracle BLEU | loops | top-ranked " + " / ".join(
                       "k%d" % k for k in range(K)) + " | best-fitting " + " / ".join("k%d" % k for k in range(K)) + " |",
-                  "|---|---:|---:|---:|---:|---|---|"]
+                  "|---|---:|---:|---:|---:|---:|---|---|"]
         for src, b in m["by_source"].items():
-            lines.append("| %s | %d | %.2f | %.2f | %.1f %% | %s | %s |" % (
-                src, b["contexts"], b["bleu"], b["oracle_bleu"], 100 * b["loop_top"],
+            lines.append("| %s | %d | %.2f | %.2f | %.2f | %.1f %% | %s | %s |" % (
+                src, b["contexts"], b["bleu"], b["bleu_consensus"], b["oracle_bleu"], 100 * b["loop_top"],
                 " / ".join("%.0f" % (100 * x) for x in b["top_share"]),
                 " / ".join("%.0f" % (100 * x) for x in b["best_fit_share"])))
     for m in rows:
         if "samples" not in m or m["mode"] != "lossless":
             continue
-        lines += ["", "Samples (%s, %s, lossless; fixed contexts, uncurated, best-ranked first):" % (
-            m["model"], m.get("decode")), ""]
+        lines += ["", "Samples (%s, %s, lossless; fixed contexts, uncurated; ranked by consensus, with each "
+                  "response's mean log-prob and consensus):" % (m["model"], m.get("decode")), ""]
         for smp in m["samples"]:
             lines.append("* **%s** (%s; reference: %s)" % (" / ".join(smp["context"][-2:]), smp["source"],
                                                            smp["reference"]))
             for r in smp["responses"]:
-                lines.append("  * k%d (%.2f): %s" % (r["decoder"], r["score"], r["text"]))
+                lines.append("  * k%d (%.2f, %.2f): %s" % (r["decoder"], r["score"], r["consensus"], r["text"]))
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -41,6 +41,7 @@ Token ids (T5): pad 0 (= decoder start), eos 1, unk 2. The decoding contracts
 README_dialogue.md.
 """
 
+import collections
 import json
 import math
 import os
@@ -508,11 +509,15 @@ def init_weights(model, seed=None):
     return model
 
 
-def multi_from_single(single, num_modes, kind="adapter", adapter_hidden_size=None, seed=0):
+def multi_from_single(single, num_modes, kind="adapter", adapter_hidden_size=None, seed=0, adapter_init="default"):
     """EqHard-EM's ``from_single_pretrained``: a K-decoder model from a plain T5
     ("none") one. adapter: shared weights loaded, adapters freshly initialised
-    (nn.Linear default, torch seed `seed`); transformer: K copies of the decoder
-    (each with its own copy of the embedding as copy.deepcopy gives)."""
+    (nn.Linear default, torch seed `seed`; adapter_init "zero" then zeroes each
+    adapter's output projection i2o, so that every decoder starts as the single
+    model's decoder exactly); transformer: K copies of the decoder (each with its
+    own copy of the embedding as copy.deepcopy gives)."""
+    if adapter_init not in ("default", "zero"):
+        raise ValueError("adapter_init %r: default or zero" % adapter_init)
     c = dict(single.config)
     c.update(multidecoder=kind, num_modes=num_modes)
     if adapter_hidden_size:
@@ -535,6 +540,12 @@ def multi_from_single(single, num_modes, kind="adapter", adapter_hidden_size=Non
         missing, unexpected = m.load_state_dict(sd, strict=False)
         if unexpected or any(".adapters." not in k for k in missing):
             raise ValueError("phase-1 state mismatch: missing %s unexpected %s" % (missing, unexpected))
+        if adapter_init == "zero":
+            with torch.no_grad():
+                for mod in m.modules():
+                    if isinstance(mod, Adapter):
+                        mod.i2o.weight.zero_()
+                        mod.i2o.bias.zero_()
     return m
 
 
@@ -993,8 +1004,45 @@ def rank(results, key="mean_logprob"):
     """EqHard-EM's perplexity ranking (evaluate_generations.select_by_column on
     score = exp(-mean log-prob), lowest first): the responses of one source sorted by
     `key` descending; ties keep the given (decoder) order. Use key="beam_score" for
-    beam outputs to rank by HF's sequences_scores as EqHard-EM's beam runs do."""
+    beam outputs to rank by HF's sequences_scores as EqHard-EM's beam runs do;
+    key="consensus" ranks by consensus() (ties by mean log-prob), as nz_t5md_rank."""
+    if key == "consensus":
+        cons = consensus([r["tokens"] for r in results])
+        order = sorted(range(len(results)), key=lambda i: (-cons[i], -results[i]["mean_logprob"]))
+        return [dict(results[i], consensus=cons[i]) for i in order]
     return sorted(results, key=lambda r: -r[key])
+
+
+def agreement(h, r):
+    """nz_t5md_agreement: token-level BLEU+1 of hypothesis h against reference r (id lists
+    without eos): exp(mean of log p1..p4 + min(0, 1 - |r| / |h|)), p1 = m1 / |h|, pn = (mn + 1) /
+    (tn + 1) for n >= 2, matches clipped by the counts in r; 0 for an empty h or no shared token."""
+    if not h:
+        return 0.0
+    logp = 0.0
+    for n in range(1, 5):
+        hc = collections.Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+        rc = collections.Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        match = sum(min(c, rc[g]) for g, c in hc.items())
+        total = max(len(h) - n + 1, 0)
+        if n == 1:
+            if match == 0:
+                return 0.0
+            logp += math.log(match / total)
+        else:
+            logp += math.log((match + 1) / (total + 1))
+    return math.exp(logp / 4 + min(0.0, 1.0 - len(r) / len(h)))
+
+
+def consensus(responses, eos_id=1):
+    """nz_t5md_consensus for the responses of one context (token id lists; a final eos is left
+    out): per response the mean agreement() with each other response (0 for one alone)."""
+    toks = [list(t[:-1]) if t and t[-1] == eos_id else list(t) for t in responses]
+    out = []
+    for i, h in enumerate(toks):
+        others = [agreement(h, r) for j, r in enumerate(toks) if j != i]
+        out.append(sum(others) / len(others) if others else 0.0)
+    return out
 
 
 def score_responses(model, src, responses, decoders=None, ban_unk=True):

@@ -94,6 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--num-modes", type=int, default=5, help="K decoders")
     p.add_argument("--decoder", default="adapter", choices=["adapter", "transformer"])
     p.add_argument("--proj-ratio", type=float, default=0.5, help="adapter_hidden_size = int(d_model * ratio)")
+    p.add_argument("--adapter-init", choices=("default", "zero"), default="default",
+                   help="phase 2 adapters: nn.Linear's default init (EqHard-EM) or zero output projections, so "
+                        "every decoder starts as the phase-1 decoder (the default init costs ~0.08 nats of valid NLL "
+                        "that a short phase 2 does not win back)")
     p.add_argument("--no-freeze", action="store_true",
                    help="phase 2 trains everything (EqHard-EM without --freeze); default: adapters only")
     # optimisation
@@ -613,7 +617,8 @@ class Run:
         if a.phase2_steps <= 0:
             return
         self.model = R.multi_from_single(self.model.cpu(), a.num_modes, a.decoder,
-                                         max(1, int(a.d_model * a.proj_ratio)), seed=a.seed + 2).to(self.device)
+                                         max(1, int(a.d_model * a.proj_ratio)), seed=a.seed + 2,
+                                         adapter_init=a.adapter_init).to(self.device)
         set_trainable(self.model, a)
         self.opt = make_optimizer(self.model, a, 2)
         state.update(phase=2, updates=0, best=None, source="eqhard", per_mode=[0] * a.num_modes)

@@ -646,7 +646,8 @@
             c.rank.textContent = 'rank ' + (i + 1);
             c.card.dataset.rank = String(i + 1);
             c.card.classList.toggle('best', i === 0);
-            c.meta.textContent = 'score ' + fmtScore(r.score) + ' · ' + c.tokens + ' tokens';
+            const agree = typeof r.consensus === 'number' ? ' · consensus ' + r.consensus.toFixed(2) : '';
+            c.meta.textContent = 'score ' + fmtScore(r.score) + agree + ' · ' + c.tokens + ' tokens';
             c.use.disabled = false;
         });
         for (const c of chat.cards.values()) {

@@ -35,7 +35,7 @@ def chat(nzp, model, lines, *args, check=True):
     return p
 
 
-def conversation(dmodel, lines, history=0, distinct=False, **ref_opts):
+def conversation(dmodel, lines, history=0, distinct=False, rank="logprob", **ref_opts):
     """The reference session: [(ranked [(result, text)] of each answered line)]."""
     hist, out = [], []
     for line in lines:
@@ -46,7 +46,7 @@ def conversation(dmodel, lines, history=0, distinct=False, **ref_opts):
             continue
         hist.append(line)
         ctx = hist[-history:] if history else hist
-        exp = D.expected(dmodel, D.reference(dmodel, list(ctx), mnt=MNT, **ref_opts), distinct)
+        exp = D.expected(dmodel, D.reference(dmodel, list(ctx), mnt=MNT, **ref_opts), distinct, rank)
         out.append(exp)
         hist.append(exp[0][1])
     return out
@@ -70,6 +70,15 @@ def check_all(stdout, want):
         scores = [float(r[1]) for r in rows]
         assert scores == sorted(scores, reverse=True), scores
         assert int(rows[0][0]) == exp[0][0]["decoder"], (rows, exp)
+
+
+def test_rank_consensus(nzp, dmodel):
+    """--rank consensus answers each turn with the response the other decoders agree with most (and that
+    answer goes into the history)."""
+    p = chat(nzp, dmodel[0], LINES, "--rank", "consensus")
+    want = conversation(dmodel, LINES, rank="consensus")
+    assert p.stdout.split("\n") == [exp[0][1] for exp in want] + [""], (p.stdout, want)
+    assert want != conversation(dmodel, LINES)  # the test model's two rankings differ somewhere
 
 
 def test_piped_session_greedy(nzp, dmodel):
@@ -166,6 +175,7 @@ def test_threads_and_cache_same_answers(nzp, dmodel):
     (["MODEL", "--decoders", "1,"], "--decoders"),
     (["MODEL", "--decoders", "x"], "--decoders"),
     (["MODEL", "--history"], "--history"),
+    (["MODEL", "--rank", "bleu"], "--rank"),
     (["MODEL", "--bogus"], "--bogus"),
     (["MODEL", "--strategy", "greedy", "--seed", 3], "does not apply to --strategy greedy"),
     (["MODEL", "--beam", 3, "--temperature", 0.5], "different strategies"),
@@ -234,6 +244,7 @@ def test_model_generation_defaults(nzp, dmodel, tmp_path):
     ("generation.no_repeat=3", "unknown key 'no_repeat' (known: strategy, beam_size,"),
     ("generation.distinct=1", "'distinct' must be true or false"),
     ("generation.length_penalty=-1", "'length_penalty' must be a number in [0, 10]"),
+    ("generation.rank=bleu", "'rank' must be"),
 ])
 def test_bad_generation_refused(nzp, dmodel, tmp_path, kv, msg):
     out, p = repack(nzp, dmodel[0], tmp_path, kv, check=False)

@@ -32,7 +32,7 @@ def mixed_requests(n, mnt):
         kind = i % 7
         if kind <= 3:  # dialogue: greedy with varied options, seeded sampling, beam
             body = {"model": "dlg", "context": rng.choice(CONTEXTS), "max_new_tokens": rng.randint(2, mnt),
-                    "return_tokens": True}
+                    "return_tokens": True, "strategy": "greedy"}  # explicit: the model's default may be beam
             if kind == 1:
                 body.update(strategy="sample", seed=rng.randint(0, 1000), temperature=rng.choice([0.7, 1.0]),
                             top_p=rng.choice([0.9, 1.0]))

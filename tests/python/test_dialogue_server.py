@@ -138,11 +138,13 @@ def normalise(text):
     return t.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"))
 
 
-def expected(dmodel, want, distinct=False):
-    """The ranked (and filtered) reference responses: [(result, text)]."""
+def expected(dmodel, want, distinct=False, rank="logprob"):
+    """The ranked (and filtered) reference responses: [(result with its "consensus", text)]."""
     tok = dmodel[2]
     out, seen = [], set()
-    for w in R.rank(want):
+    cons = dict(zip((w["decoder"] for w in want), R.consensus([w["tokens"] for w in want])))
+    for w in (R.rank(want, key="consensus") if rank == "consensus" else R.rank(want)):
+        w = dict(w, consensus=cons[w["decoder"]])
         text = tok.decode(w["tokens"])
         if distinct and normalise(text) in seen:
             continue
@@ -151,25 +153,27 @@ def expected(dmodel, want, distinct=False):
     return out
 
 
-def check(dmodel, j, context, want, distinct=False, tokens=True):
+def check(dmodel, j, context, want, distinct=False, tokens=True, rank="logprob"):
     """A 200 body j equals the reference responses want (ranked, filtered, usage)."""
     tok = dmodel[2]
-    exp = expected(dmodel, want, distinct)
+    exp = expected(dmodel, want, distinct, rank)
     got = j["responses"]
     assert [g["decoder"] for g in got] == [w["decoder"] for w, _ in exp] or \
         sorted(g["decoder"] for g in got) == sorted(w["decoder"] for w, _ in exp), (got, exp)
     by_dec = {w["decoder"]: (w, t) for w, t in exp}
     for g in got:
         w, text = by_dec[g["decoder"]]
-        assert set(g) == ({"decoder", "text", "score", "tokens"} if tokens else {"decoder", "text", "score"}), g
+        assert set(g) == {"decoder", "text", "score", "consensus"} | ({"tokens"} if tokens else set()), g
         if tokens:
             assert g["tokens"] == w["tokens"], (context, g, w["tokens"])
         assert g["text"] == text, (context, g["text"], text)
         assert abs(g["score"] - w["mean_logprob"]) <= ATOL, (g, w["mean_logprob"])
-    # ranking: scores descending; where the reference keys are clearly apart the order is t5md_ref.rank's
-    scores = [g["score"] for g in got]
+        assert abs(g["consensus"] - w["consensus"]) <= 1e-12, (g, w["consensus"])  # same tokens, same float64 sums
+    # ranking: keys descending; where the reference keys are clearly apart the order is t5md_ref.rank's
+    key = "consensus" if rank == "consensus" else "score"
+    scores = [g[key] for g in got]
     assert scores == sorted(scores, reverse=True), scores
-    keys = [w["mean_logprob"] for w, _ in exp]
+    keys = [w["consensus" if rank == "consensus" else "mean_logprob"] for w, _ in exp]
     if all(a - b > 10 * ATOL for a, b in zip(keys, keys[1:])):
         assert [g["decoder"] for g in got] == [w["decoder"] for w, _ in exp]
     ids = tok.encode_context(context)
@@ -198,7 +202,7 @@ class TestDialogue:
         # the model carries no "generation": the built-in decoding defaults
         assert m["generation"] == {"strategy": "greedy", "beam_size": 4, "length_penalty": 1.0,
                                    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 63,
-                                   "no_repeat_ngram_size": 0, "distinct": False}, m
+                                   "no_repeat_ngram_size": 0, "distinct": False, "rank": "logprob"}, m
 
     @pytest.mark.parametrize("i", range(len(CONTEXTS)))
     def test_greedy_matches_reference(self, srv, dmodel, i):
@@ -296,6 +300,22 @@ class TestDialogue:
             # a decoder's response does not depend on which others run with it
             full = {w["decoder"]: w["tokens"] for w in reference(dmodel, c, strategy, **extra)}
             assert all(g["tokens"] == full[g["decoder"]] for g in j["responses"])
+
+    @pytest.mark.parametrize("strategy", ["greedy", "beam"])
+    def test_rank_consensus(self, srv, dmodel, strategy):
+        """"rank": "consensus" orders the same responses by nz_t5md_consensus (t5md_ref.consensus on the
+        same tokens: equal to 1e-12), ties by log-prob; with distinct the dropped response still counts."""
+        extra = {"beam_size": 2} if strategy == "beam" else {}
+        for c in CONTEXTS[:3] + [DUP_CONTEXT]:
+            want = reference(dmodel, c, strategy, **extra)
+            body = {"context": c, "max_new_tokens": MNT, "return_tokens": True, "strategy": strategy, **extra}
+            for distinct in (False, True):
+                r = srv.dialogue({**body, "rank": "consensus", "distinct": distinct})
+                assert r.status == 200, r
+                check(dmodel, r.json(), c, want, distinct=distinct, rank="consensus")
+            plain = srv.dialogue(body).json()["responses"]
+            cons = srv.dialogue({**body, "rank": "consensus"}).json()["responses"]
+            assert sorted(map(json.dumps, plain)) == sorted(map(json.dumps, cons))  # the same responses
 
     def test_distinct(self, srv, dmodel):
         want = reference(dmodel, DUP_CONTEXT)
@@ -435,6 +455,8 @@ ERROR_CASES = [
     ("seed-float", {"context": "hi", "strategy": "sample", "seed": 1.5}, 400),
     ("max_new_tokens-string", {"context": "hi", "max_new_tokens": "5"}, 400),
     ("distinct-int", {"context": "hi", "distinct": 1}, 400),
+    ("rank-int", {"context": "hi", "rank": 1}, 400),
+    ("rank-unknown", {"context": "hi", "rank": "bleu"}, 422),
     ("stream-string", {"context": "hi", "stream": "yes"}, 400),
     ("return_tokens-int", {"context": "hi", "return_tokens": 0}, 400),
     ("model-int", {"context": "hi", "model": 1}, 400),
@@ -707,13 +729,14 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
 
     gen, _ = C.repack(nzp, dmodel[0], tmp_path, "generation.strategy=beam", "generation.beam_size=2",
                       "generation.no_repeat_ngram_size=2", "generation.max_new_tokens=40",
-                      "generation.temperature=0.5", "generation.distinct=true", "generation.length_penalty=2")
+                      "generation.temperature=0.5", "generation.distinct=true", "generation.length_penalty=2",
+                      "generation.rank=consensus")
     c = CONTEXTS[1]
     with Server(gen, task="dialogue", config={"max_new_tokens": MNT}) as s:
         s.wait_ready()
         assert s.get("/v1/models").json()["models"][0]["generation"] == {
             "strategy": "beam", "beam_size": 2, "length_penalty": 2.0, "temperature": 0.5, "top_k": 0, "top_p": 1.0,
-            "max_new_tokens": 40, "no_repeat_ngram_size": 2, "distinct": True}
+            "max_new_tokens": 40, "no_repeat_ngram_size": 2, "distinct": True, "rank": "consensus"}
         beam_lp2 = dict(no_repeat_ngram=2, length_penalty=2.0)
         cases = [({}, reference(dmodel, c, "beam", beam_size=2, **beam_lp2), True),
                  ({"strategy": "greedy", "no_repeat_ngram_size": 0, "distinct": False, "max_new_tokens": 9},
@@ -723,10 +746,11 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
                                                      length_penalty=0.5), True),
                  ({"strategy": "sample", "seed": 3},
                   reference(dmodel, c, "sample", temperature=0.5, seed=3, no_repeat_ngram=2), True)]
+        cases.append(({"rank": "logprob"}, cases[0][1], True))
         for body, want, distinct in cases:
             r = s.dialogue({"context": c, "return_tokens": True, **body})
             assert r.status == 200, (body, r)
-            check(dmodel, r.json(), c, want, distinct=distinct)
+            check(dmodel, r.json(), c, want, distinct=distinct, rank=body.get("rank", "consensus"))
         e = assert_error(s.dialogue({"context": c, "temperature": 0.7}), 422)
         assert "'temperature' applies to strategy \"sample\" only (this request uses \"beam\")" in e["message"], e
         assert s.dialogue({"context": c, "strategy": "sample", "temperature": 0.7}).status == 200

@@ -337,6 +337,25 @@ def test_zero_i2o_adapters_make_all_decoders_identical(ff):
         assert torch.equal(plain(src, pad, dec, 0), outs[0])
 
 
+def test_multi_from_single_adapter_init():
+    """train_dialogue.py --adapter-init: "zero" starts every decoder as the phase-1 decoder exactly (the
+    trainable down-projections keep their default init); "default" (EqHard-EM's) perturbs each decoder."""
+    single = tiny_model(3, multidecoder="none", num_modes=1)
+    src, pad = R.pad_batch(SOURCES)
+    dec = torch.tensor([[0, 5, 6, 7, 8]] * len(SOURCES))
+    with torch.no_grad():
+        want = single(src, pad, dec, 0)
+        zero = R.multi_from_single(single, 3, "adapter", 6, seed=4, adapter_init="zero").eval()
+        for k in range(3):
+            assert torch.equal(zero(src, pad, dec, k), want)
+        o2i = [p for n, p in zero.named_parameters() if ".o2i.weight" in n]
+        assert o2i and all(float(p.abs().sum()) > 0 for p in o2i)
+        default = R.multi_from_single(single, 3, "adapter", 6, seed=4).eval()
+        assert not torch.allclose(default(src, pad, dec, 0), want, atol=1e-3)
+    with pytest.raises(ValueError, match="adapter_init"):
+        R.multi_from_single(single, 3, "adapter", 6, adapter_init="small")
+
+
 def test_adapter_placement_is_eqhard():
     """a_k is applied to each decoder sublayer output before the residual add (adapter_t5.py)."""
     m = tiny_model(8, num_decoder_layers=1)
@@ -732,6 +751,31 @@ def test_converter_reads_a_pickled_eqhard_module(tmp_path):
 
 
 # ------------------------------------------------------------------ EqHard assignment
+
+
+def test_agreement_and_consensus_hand_examples():
+    """t5md_ref.agreement / consensus (= nz_t5md_agreement / nz_t5md_consensus; the engine's values are
+    compared bit for bit in test_t5md_parity): token BLEU+1 with the brevity penalty of the hypothesis."""
+    import math
+    assert R.agreement([5, 6, 7, 8], [5, 6, 7, 8]) == 1.0
+    assert R.agreement([], [5]) == 0.0 and R.agreement([3], [4]) == 0.0
+    # p1 3/5, p2 (2+1)/(4+1), p3 (1+1)/(3+1), p4 (0+1)/(2+1); the reference is shorter: no penalty
+    want = math.exp((math.log(3 / 5) + math.log(3 / 5) + math.log(2 / 4) + math.log(1 / 3)) / 4)
+    assert abs(R.agreement([5, 6, 7, 8, 9], [5, 6, 7]) - want) < 1e-15
+    # every precision 1 (smoothed), the reference twice as long: exp(1 - 4/2)
+    assert abs(R.agreement([5, 6], [5, 6, 7, 8]) - math.exp(-1)) < 1e-15
+    # clipping: a repeated token counts as often as the reference has it
+    # (p1 1/4, p2 (0+1)/(3+1), p3 (0+1)/(2+1), p4 (0+1)/(1+1))
+    want = math.exp((math.log(1 / 4) + math.log(1 / 4) + math.log(1 / 3) + math.log(1 / 2)) / 4)
+    assert abs(R.agreement([5, 5, 5, 5], [5, 6, 7, 8]) - want) < 1e-15
+    c = R.consensus([[5, 6, 7, 1], [5, 6, 8, 1], [9, 1]])  # the final eos is left out
+    x = math.exp((2 * math.log(2 / 3) + math.log(1 / 2) + math.log(1)) / 4)
+    assert [round(v, 12) for v in c] == [round(x / 2, 12), round(x / 2, 12), 0.0]
+    assert R.consensus([[5, 1]]) == [0.0]
+    ranked = R.rank([{"decoder": 0, "tokens": [9, 1], "mean_logprob": -0.1},
+                     {"decoder": 1, "tokens": [5, 6, 7, 1], "mean_logprob": -2.0},
+                     {"decoder": 2, "tokens": [5, 6, 8, 1], "mean_logprob": -1.0}], key="consensus")
+    assert [r["decoder"] for r in ranked] == [2, 1, 0]  # consensus tie between 1 and 2: log-prob decides
 
 
 def test_eqhard_assignment_hand_example():
