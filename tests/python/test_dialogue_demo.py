@@ -4,7 +4,8 @@ its config is the documented t5_multidecoder schema, and the C engine
 (tests/t5md_runner, the nz_t5md code behind `nzp chat` and /v1/dialogue) is
 token-identical to the PyTorch reference (models/train/t5md_ref.py) run on the
 very weights the .nzp decodes to (`nzp unpack --model-dir`), for every decoder
-k: greedy with all K batched, each decoder alone, and beam search (beam 4), on
+k: greedy with all K batched, each decoder alone, and the model's default beam
+search (beam 4, length penalty 1.5, no repeated 3-gram, consensus ranking), on
 the shipped sample contexts (models/demo/dialogue.sample.jsonl), text in
 (the embedded SentencePiece model; context ids checked against
 t5md_ref.join_context). Quality floor (greedy with no_repeat_ngram 3): the K
@@ -59,6 +60,9 @@ def test_verify_and_info(nzp):
     assert c["architecture"] == "t5_multidecoder" and c["multidecoder"] == "adapter"
     assert c["num_modes"] >= 2 and c["turn_separator"] == "<sep>"
     assert "spm.model" in info["blobs"]
+    if "NZ_DIALOGUE_DEMO" not in os.environ:  # the shipped model's recommended decoding (models/README.md)
+        assert c["generation"] == {"strategy": "beam", "beam_size": 4, "length_penalty": 1.5,
+                                   "no_repeat_ngram_size": 3, "distinct": True, "rank": "consensus"}, c.get("generation")
     # bf16 weights, exponents entropy-coded: ~2/3 of the bf16 bytes
     assert 0.60 < info["total"]["stored_bytes"] / (info["total"]["elements"] * 2) < 0.72
     assert os.path.getsize(DEMO) < 25 * 2**20
@@ -75,9 +79,10 @@ def test_matches_reference_every_decoder(t5md_runner, demo, strategy):
     elif strategy == "alone":
         runs = [(runner(t5md_runner, ctxs, "--greedy", "--decoders", k),
                  lambda s, k=k: R.greedy(ref, [s], decoders=[k], max_new_tokens=MNT)[0]) for k in range(K)]
-    else:
-        runs = [(runner(t5md_runner, ctxs, "--beam", 4),
-                 lambda s: [r[0] for r in R.beam(ref, [s], beam_size=4, max_new_tokens=MNT)[0]])]
+    else:  # the model's default decoding: beam 4, length penalty 1.5, no repeated 3-gram
+        runs = [(runner(t5md_runner, ctxs, "--beam", 4, "--lenpen", 1.5, "--no-repeat-ngram", 3),
+                 lambda s: [r[0] for r in R.beam(ref, [s], beam_size=4, max_new_tokens=MNT, length_penalty=1.5,
+                                                 no_repeat_ngram=3)[0]])]
     seen = set()
     for got, want_fn in runs:
         assert not got["error"], got["error"]
@@ -85,6 +90,8 @@ def test_matches_reference_every_decoder(t5md_runner, demo, strategy):
             assert got["ctx"][i] == s, f"context {i}: engine ids {got['ctx'][i]} != join_context {s}"
             want = want_fn(s)
             P.compare(got["out"][i], want, f"demo {strategy} context {i}", beam=strategy == "beam")
+            if strategy != "alone":  # the consensus ranking (the model's default) == t5md_ref's on these tokens
+                P.check_consensus(got["consensus"][i], got["out"][i], f"demo {strategy} consensus {i}")
             for g in got["out"][i]:
                 assert g["text"] == tok.decode(g["tokens"])
                 seen.add(g["decoder"])
