@@ -269,6 +269,24 @@ static void stream_token(void *arg, size_t context, int k, size_t pos, int32_t t
 
 /* ------------------------------------------------------------------ run */
 
+/* Beam returns generated per (context, decoder): the consensus ranking of beam search pools every
+ * hypothesis of the final beams (beam_size each); otherwise 1. */
+static size_t pooled_returns(const nz_dlg_opts *o) {
+    return o->rank == NZ_DLG_RANK_CONSENSUS && o->gen.strategy == NZ_T5MD_BEAM && o->gen.beam_size > 1
+               ? (size_t)o->gen.beam_size
+               : 1;
+}
+
+/* The generation options nz_dialogue passes on: num_return pooled_returns(o); the streaming hook only
+ * when tokens can be reported as generated (R == 1; pooled responses are reported once chosen). */
+static nz_t5md_opts gen_opts(const nz_dlg_opts *o, dlg_stream *st) {
+    nz_t5md_opts gen = o->gen;
+    gen.num_return = (int)pooled_returns(o);
+    gen.on_token = st && gen.num_return == 1 ? stream_token : NULL;
+    gen.token_arg = gen.on_token ? st : NULL;
+    return gen;
+}
+
 /* The requested decoders of o: slot[k] (K entries) = j for the j-th, -1 for the others; *D their count.
  * @return NZ_OK, or NZ_E_INVALID_ARG / NZ_E_RANGE (none, one out of range or repeated, max_new_tokens). */
 static int decoder_slots(const nz_dialogue *d, const nz_dlg_opts *o, int *slot, size_t *D, nz_error *err) {
@@ -292,12 +310,23 @@ static int decoder_slots(const nz_dialogue *d, const nz_dlg_opts *o, int *slot, 
     return NZ_OK;
 }
 
-/* One context's answer from its generated results g[0..D) (a context error there becomes res->rc): rank,
- * decode, filter; the kept responses' tokens move into res. order, norm: scratch of D entries (norm's
- * strings are freed here). @return NZ_OK, or an error (res then holds what it has: the caller frees it). */
-static int finish_context(const nz_dialogue *d, const nz_dlg_opts *o, nz_t5md_result *g, size_t D,
-                          size_t *order, char **norm, nz_dlg_result *res, nz_error *err) {
-    for (size_t i = 0; i < D; i++)
+/* Report the chosen responses g[0..D) of context b through the streaming hook (pooled responses are
+ * known only once every decoder is done), decoder by decoder. */
+static void stream_chosen(dlg_stream *st, size_t b, const nz_t5md_result *g, size_t D) {
+    for (size_t j = 0; j < D; j++)
+        for (size_t t = 0; t < g[j].n; t++)
+            stream_token(st, b, g[j].decoder, t, g[j].tokens[t], g[j].logprobs[t]);
+}
+
+/* One context's answer from its generated results g[0..D x R) (R beam returns per decoder: pooled
+ * consensus; a context error there becomes res->rc): choose, rank, decode, filter; the kept responses'
+ * tokens move into res. st (NULL: not streaming) reports pooled responses as context b. order, norm:
+ * scratch of D entries (norm's strings are freed here).
+ * @return NZ_OK, or an error (res then holds what it has: the caller frees it). */
+static int finish_context(const nz_dialogue *d, const nz_dlg_opts *o, nz_t5md_result *g, size_t D, size_t R,
+                          dlg_stream *st, size_t b, size_t *order, char **norm, nz_dlg_result *res,
+                          nz_error *err) {
+    for (size_t i = 0; i < D * R; i++)
         if (g[i].rc) {
             res->rc = g[i].rc;
             res->err = g[i].err;
@@ -308,8 +337,12 @@ static int finish_context(const nz_dialogue *d, const nz_dlg_opts *o, nz_t5md_re
     res->responses = nz_calloc(D, sizeof *res->responses, NZ_MEM_OTHER);
     if (!res->responses) return nz_fail(err, NZ_E_NOMEM, "dialogue: out of memory");
     res->generated = D;
+    if (R > 1) {
+        nz_t5md_consensus_pool(g, D, R);
+        if (st) stream_chosen(st, b, g, D);
+    } else
+        nz_t5md_consensus(g, D);
     for (size_t i = 0; i < D; i++) res->output_tokens += g[i].n - (g[i].finished ? 1 : 0);
-    nz_t5md_consensus(g, D);
     nz_t5md_rank(g, D, o->rank == NZ_DLG_RANK_CONSENSUS ? NZ_T5MD_RANK_CONSENSUS : NZ_T5MD_RANK_MEAN_LOGPROB,
                  order);
     for (size_t q = 0; q < D; q++) {
@@ -379,16 +412,10 @@ int nz_dialogue_run_batch(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t
     if ((rc = decoder_slots(d, o, slot, &D, err))) goto done;
     for (size_t b = 0; b < B; b++) res[b].input_tokens = n_ids[b];
 
-    nz_t5md_opts gen = o->gen;
-    gen.num_return = 1;
-    gen.on_token = NULL;
-    gen.token_arg = NULL;
-    if (o->on_token) {
-        if ((rc = stream_init(&st, d, o, slot, B, D, err))) goto done;
-        gen.on_token = stream_token;
-        gen.token_arg = &st;
-    }
-    nres = nz_t5md_result_count(d->t5md, &gen, B); /* B x D: res[b * D + j] */
+    if (o->on_token && (rc = stream_init(&st, d, o, slot, B, D, err))) goto done;
+    const nz_t5md_opts gen = gen_opts(o, o->on_token ? &st : NULL);
+    const size_t R = (size_t)gen.num_return;
+    nres = nz_t5md_result_count(d->t5md, &gen, B); /* B x D x R: res[(b * D + j) * R + r] */
     gres = nz_calloc(nres, sizeof *gres, NZ_MEM_OTHER);
     order = nz_calloc(D, sizeof *order, NZ_MEM_OTHER);
     norm = nz_calloc(D, sizeof *norm, NZ_MEM_OTHER);
@@ -399,7 +426,8 @@ int nz_dialogue_run_batch(nz_matmul_ctx *mc, const nz_dialogue *d, const int32_t
     if ((rc = nz_t5md_generate(mc, d->t5md, ids, n_ids, B, &gen, gres, err))) goto done;
     for (size_t b = 0; b < B; b++) {
         nz_error e = {0};
-        int crc = finish_context(d, o, gres + b * D, D, order, norm, &res[b], &e);
+        int crc = finish_context(d, o, gres + b * D * R, D, R, o->on_token ? &st : NULL, b, order, norm,
+                                 &res[b], &e);
         if (crc) {
             nz_dlg_result_free(&res[b]);
             res[b].rc = crc;
@@ -460,23 +488,22 @@ uint64_t nz_dialogue_batch_peak_bytes(const nz_dialogue *d, const size_t *n_ids,
     if (!B || !D || o->gen.max_new_tokens < 0 || o->gen.max_new_tokens > NZ_T5MD_MAX_NEW_TOKENS) return 0;
     for (size_t b = 0; b < B; b++)
         if (!n_ids[b]) return 0;
-    nz_t5md_opts gen = o->gen; /* as nz_dialogue_run_batch passes it on */
-    gen.num_return = 1;
-    gen.on_token = NULL;
+    const nz_t5md_opts gen = gen_opts(o, NULL); /* as nz_dialogue_run_batch passes it on */
     const uint64_t mnt = (uint64_t)gen.max_new_tokens, cap = mnt ? mnt : 1;
-    const uint64_t nres = nz_t5md_result_count(d->t5md, &gen, B); /* B x D */
+    const uint64_t nres = nz_t5md_result_count(d->t5md, &gen, B); /* B x D x R */
     /* slot, gres, the responses of every context; order and norm (D each, reused per context) */
     const uint64_t arrays = K * sizeof(int) + nres * (sizeof(nz_t5md_result) + sizeof(nz_dlg_response)) +
                             D * (sizeof(size_t) + sizeof(char *));
-    const uint64_t stream = o->on_token ? stream_bytes(nres, mnt) : 0,
+    const uint64_t stream = o->on_token ? stream_bytes((uint64_t)B * D, mnt) : 0,
                    hook = o->on_token ? hook_bytes(d, mnt) : 0;
     const uint64_t gen_peak = nz_t5md_peak_bytes(d->t5md, n_ids, B, &gen);
     /* after generating: every result's tokens and logprobs (<= cap + 1 each, + 1 byte) and its text (+ 1),
-     * with distinct one context's normalised copies (+ 1); one nz_t5md_decode_text's pieces and plen */
+     * with distinct one context's normalised copies (+ 1); one nz_t5md_decode_text's pieces and plen; pooled
+     * responses are streamed then (the hook's temporaries) */
     const uint64_t tmax = cap + 1, text = nz_t5md_decode_text_bound(d->tok, tmax) + 1;
-    const uint64_t texts =
-        nres * (2 * (4 * tmax + 1) + text) + (o->distinct ? D * text : 0) + 2 * (8 * tmax + 1);
-    const uint64_t during = gen_peak + hook;
+    const uint64_t texts = nres * (2 * (4 * tmax + 1) + text) + (o->distinct ? D * text : 0) +
+                           2 * (8 * tmax + 1) + (gen.num_return > 1 ? hook : 0);
+    const uint64_t during = gen_peak + (gen.num_return > 1 ? 0 : hook);
     return arrays + stream + (during > texts ? during : texts);
 }
 
@@ -578,17 +605,10 @@ int nz_dlg_batch_add(nz_dlg_batch *b, const int32_t *ids, size_t n_ids, const nz
         if (m->slot[k] >= 0) m->decs[m->slot[k]] = (int)k;
     m->o.gen.decoders = m->decs;
     m->o.gen.n_decoders = m->D;
-    nz_t5md_opts gen = m->o.gen;
-    gen.num_return = 1;
+    if (o->on_token) rc = stream_init(&m->st, b->d, &m->o, m->slot, 1, m->D, err);
+    nz_t5md_opts gen = gen_opts(&m->o, o->on_token ? &m->st : NULL);
     gen.seeds = NULL;
     gen.stop = NULL;
-    gen.on_token = NULL;
-    gen.token_arg = NULL;
-    if (o->on_token) {
-        rc = stream_init(&m->st, b->d, &m->o, m->slot, 1, m->D, err);
-        gen.on_token = stream_token;
-        gen.token_arg = &m->st;
-    }
     if (!rc) rc = nz_t5md_cb_add(b->cb, ids, n_ids, &gen, m, err);
     if (rc) {
         nz_fail_prefix(err, "dialogue: ");
@@ -619,9 +639,10 @@ int nz_dlg_batch_take(nz_dlg_batch *b, void **owner, nz_dlg_result *res) {
     memset(res, 0, sizeof *res);
     void *mp = NULL;
     nz_t5md_result *g = NULL;
-    size_t D = 0;
-    for (dlg_member *m = b->members; m; m = m->next) D = m->D > D ? m->D : D;
-    if (!D || !(g = nz_calloc(D, sizeof *g, NZ_MEM_OTHER))) return 0;
+    size_t n = 0; /* the most results a member has */
+    for (dlg_member *m = b->members; m; m = m->next)
+        if (m->D * pooled_returns(&m->o) > n) n = m->D * pooled_returns(&m->o);
+    if (!n || !(g = nz_calloc(n, sizeof *g, NZ_MEM_OTHER))) return 0;
     if (!nz_t5md_cb_take(b->cb, &mp, g)) {
         nz_free(g);
         return 0;
@@ -632,14 +653,16 @@ int nz_dlg_batch_take(nz_dlg_batch *b, void **owner, nz_dlg_result *res) {
     size_t *order = nz_calloc(m->D, sizeof *order, NZ_MEM_OTHER);
     char **norm = nz_calloc(m->D, sizeof *norm, NZ_MEM_OTHER);
     nz_error e = {0};
-    int rc = order && norm ? finish_context(b->d, &m->o, g, m->D, order, norm, res, &e)
+    const size_t R = pooled_returns(&m->o);
+    int rc = order && norm ? finish_context(b->d, &m->o, g, m->D, R, m->o.on_token ? &m->st : NULL, 0, order,
+                                            norm, res, &e)
                            : nz_fail(&e, NZ_E_NOMEM, "dialogue: out of memory");
     if (rc) {
         nz_dlg_result_free(res);
         res->rc = rc;
         res->err = e;
     }
-    nz_t5md_results_free(g, m->D);
+    nz_t5md_results_free(g, m->D * R);
     nz_free(g);
     nz_free(order);
     nz_free(norm);
@@ -656,7 +679,7 @@ static uint64_t member_bytes(const nz_dlg_opts *o, uint64_t K, uint64_t D) {
 
 /* A batch's bound beyond its decoder batch: the members' own state, the largest take and streaming hook. */
 typedef struct dlg_bound {
-    uint64_t held, take, hook, Dmax;
+    uint64_t held, take, hook, nmax; /* nmax: the most results (D x R) a member generates */
 } dlg_bound;
 
 /* Count a member with options o (o->gen.n_decoders: its decoder count) in bd. */
@@ -667,7 +690,7 @@ static void bound_member(const nz_dialogue *d, const nz_dlg_opts *o, uint64_t K,
     bd->held += member_bytes(o, K, D);
     if (take > bd->take) bd->take = take;
     if (o->on_token && hook_bytes(d, mnt) > bd->hook) bd->hook = hook_bytes(d, mnt);
-    if (D > bd->Dmax) bd->Dmax = D;
+    if (D * pooled_returns(o) > bd->nmax) bd->nmax = D * pooled_returns(o);
 }
 
 uint64_t nz_dlg_batch_bound(const nz_dialogue *d, const nz_dlg_batch *b, size_t n_ids, const nz_dlg_opts *o) {
@@ -684,13 +707,11 @@ uint64_t nz_dlg_batch_bound(const nz_dialogue *d, const nz_dlg_batch *b, size_t 
         nz_dlg_opts jo = *o;
         jo.gen.n_decoders = all ? K : o->gen.n_decoders;
         bound_member(d, &jo, K, &bd);
-        gen = o->gen;
+        gen = gen_opts(o, NULL);
         gen.decoders = all ? NULL : o->gen.decoders;
         gen.n_decoders = all ? 0 : o->gen.n_decoders;
-        gen.num_return = 1;
-        gen.on_token = NULL;
     }
-    const uint64_t take = bd.take + bd.Dmax * sizeof(nz_t5md_result); /* nz_dlg_batch_take's g */
+    const uint64_t take = bd.take + bd.nmax * sizeof(nz_t5md_result); /* nz_dlg_batch_take's g */
     return bd.held + take + bd.hook + nz_t5md_cb_bound(d->t5md, b ? b->cb : NULL, n_ids, join ? &gen : NULL);
 }
 

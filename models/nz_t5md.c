@@ -553,6 +553,20 @@ void nz_t5md_consensus(nz_t5md_result *res, size_t n) {
     }
 }
 
+void nz_t5md_consensus_pool(nz_t5md_result *res, size_t D, size_t R) {
+    nz_t5md_consensus(res, D * R);
+    for (size_t j = 0; j < D; j++) {
+        size_t best = j * R;
+        for (size_t r = 1; r < R; r++) {
+            const double c = res[j * R + r].consensus, cb = res[best].consensus;
+            if (!isnan(c) && (isnan(cb) || c > cb)) best = j * R + r; /* NAN: an errored return */
+        }
+        const nz_t5md_result t = res[j]; /* j <= j * R: an earlier decoder's return not chosen (or itself) */
+        res[j] = res[best];
+        res[best] = t;
+    }
+}
+
 void nz_t5md_rank(const nz_t5md_result *res, size_t n, nz_t5md_rank_key key, size_t *order) {
     for (size_t i = 0; i < n; i++) order[i] = i;
     /* stable insertion sort: key descending, unrankable results last */

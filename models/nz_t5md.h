@@ -378,6 +378,18 @@ double nz_t5md_agreement(const int32_t *h, size_t nh, const int32_t *r, size_t n
  *  equally likely modes. Cost: O(n^2 x len^2) compares (t5md_ref.consensus). */
 void nz_t5md_consensus(nz_t5md_result *res, size_t n);
 
+/** Pooled consensus over the beam returns of one context: res[j * R + r]
+ *  is requested decoder j's return r (nz_t5md_generate's layout, R =
+ *  num_return). Every return's consensus is computed over all D x R
+ *  (nz_t5md_consensus), then each decoder's return with the highest one
+ *  (ties: the better beam return; an errored one only when all are) is
+ *  moved to res[j], swapping places with what was there, so res[0..D)
+ *  holds one response per decoder in decoder order and res[D..D x R) the
+ *  returns not chosen (all still to be freed). Minimum Bayes risk with
+ *  every hypothesis of the final beams as evidence and candidate
+ *  (t5md_ref.consensus_pool); R = 1 is nz_t5md_consensus. */
+void nz_t5md_consensus_pool(nz_t5md_result *res, size_t D, size_t R);
+
 /** Rank n responses (normally the D results of one context, e.g.
  *  &res[b * D] for greedy): order[0..n) receives indices into res, best
  *  first: key descending, ties keep the given order (a stable sort, as

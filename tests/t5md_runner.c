@@ -26,6 +26,9 @@
  *                                           beam: beam score of each decoder's best return)
  *   consensus LINE  K:C ..                 (the decoders ranked by NZ_T5MD_RANK_CONSENSUS, each with
  *                                           its nz_t5md_consensus C (%.17g) over the best returns)
+ *   pooled LINE  K:R:C ..                  (--num-return > 1: nz_t5md_consensus_pool, the choice of the
+ *                                           dialogue's consensus ranking with beam search: each decoder's
+ *                                           chosen return R with its consensus C over all returns, ranked)
  *   error  LINE  K|-  MESSAGE              (a result or a line that could not be decoded)
  * Exit status 0 when every line got its output, 1 on usage or model errors, or
  * when engine memory is still allocated at the end (a leak).
@@ -191,7 +194,7 @@ static int run_batch(runner *rn, line *lines, size_t k) {
     size_t *slot = malloc((nb ? nb : 1) * sizeof *slot);
     uint64_t *seeds = malloc((nb ? nb : 1) * sizeof *seeds);
     size_t *order = malloc(D * sizeof *order + 1);
-    nz_t5md_result *res = calloc(nb * D * R + 1, sizeof *res), *best = calloc(D + 1, sizeof *best);
+    nz_t5md_result *res = calloc(nb * D * R + 1, sizeof *res), *best = calloc(D * R + 1, sizeof *best);
     if (!src || !len || !slot || !seeds || !order || !res || !best) {
         fprintf(stderr, "t5md_runner: out of memory\n");
         free(src), free(len), free(slot), free(seeds), free(order), free(res), free(best);
@@ -261,6 +264,19 @@ static int run_batch(runner *rn, line *lines, size_t k) {
         for (size_t q = 0; q < D; q++)
             printf("%s%d:%.17g", q ? " " : "", best[order[q]].decoder, best[order[q]].consensus);
         printf("\n");
+        if (R > 1) { /* shallow copies: the pool only reorders them */
+            memcpy(best, rs, D * R * sizeof *best);
+            nz_t5md_consensus_pool(best, D, R);
+            nz_t5md_rank(best, D, NZ_T5MD_RANK_CONSENSUS, order);
+            printf("pooled\t%zu\t", ln);
+            for (size_t q = 0; q < D; q++) {
+                const nz_t5md_result *ch = &best[order[q]];
+                size_t r = 0;
+                while (r + 1 < D * R && rs[r].tokens != ch->tokens) r++;
+                printf("%s%d:%zu:%.17g", q ? " " : "", ch->decoder, r % R, ch->consensus);
+            }
+            printf("\n");
+        }
         h++;
     }
     fflush(stdout);

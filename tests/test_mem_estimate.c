@@ -235,7 +235,8 @@ typedef struct dlg_case {
     int one_decoder; /* only decoder K - 1 */
     size_t ctx;
     int mnt;
-    int stream; /* on_token set (+ distinct) */
+    int stream;    /* on_token set (+ distinct) */
+    int consensus; /* rank consensus (beam: every return pooled) */
 } dlg_case;
 
 static void no_token(void *arg, size_t context, int decoder, size_t pos, int32_t token, float logprob,
@@ -264,6 +265,7 @@ static void run_dialogue(env *v, const nz_dialogue *d, const dlg_case *c, size_t
         o.on_token = no_token;
         o.distinct = 1;
     }
+    o.rank = c->consensus ? NZ_DLG_RANK_CONSENSUS : NZ_DLG_RANK_LOGPROB;
     int32_t **ids = xmalloc(B * sizeof *ids);
     size_t *len = xmalloc(B * sizeof *len);
     uint64_t *seeds = xmalloc(B * sizeof *seeds);
@@ -296,10 +298,10 @@ static void run_dialogue(env *v, const nz_dialogue *d, const dlg_case *c, size_t
     static const char *const strat[] = {"greedy", "beam", "sample"};
     char label[160], batch[32] = "";
     if (B > 1) snprintf(batch, sizeof batch, " x%zu contexts", B);
-    snprintf(label, sizeof label, "%s %s%s%.0d %s ctx=%zu%s new=%d%s", model, strat[c->strategy],
+    snprintf(label, sizeof label, "%s %s%s%.0d %s ctx=%zu%s new=%d%s%s", model, strat[c->strategy],
              c->strategy == NZ_T5MD_BEAM ? " " : "", c->strategy == NZ_T5MD_BEAM ? c->beam : 0,
-             c->one_decoder ? "1 decoder" : "all decoders", c->ctx, batch, c->mnt,
-             c->stream ? " stream" : "");
+             c->one_decoder ? "1 decoder" : "all decoders", c->ctx, batch, c->mnt, c->stream ? " stream" : "",
+             c->consensus ? " consensus" : "");
     check(label, measured, est, strict);
     for (size_t b = 0; b < B; b++) free(ids[b]);
     free(ids);
@@ -362,8 +364,8 @@ static void dialogue_model(const t5_spec *s, const char *tag, const dlg_case *ca
     for (size_t i = 0; i < ncases; i++) run_dialogue(&v, d, &cases[i], 1, seed + i, 1, tag);
     /* batches of 2..4 contexts: each strategy, streamed and not */
     for (size_t i = 0; i < ncases; i++) run_dialogue(&v, d, &cases[i], 2 + i % 3, seed + 100 + i, 1, tag);
-    const dlg_case g = {NZ_T5MD_GREEDY, 0, 0, 40, 24, 0}, b = {NZ_T5MD_BEAM, 4, 0, 64, 16, 0};
-    const dlg_case gq = {NZ_T5MD_GREEDY, 0, 0, 10, 6, 0};
+    const dlg_case g = {NZ_T5MD_GREEDY, 0, 0, 40, 24, 0, 0}, b = {NZ_T5MD_BEAM, 4, 0, 64, 16, 0, 0};
+    const dlg_case gq = {NZ_T5MD_GREEDY, 0, 0, 10, 6, 0, 0};
     run_generate(&v, nz_dialogue_t5md(d), quick ? &gq : &g, quick ? 3 : 5, seed, tag);
     if (!quick) run_generate(&v, nz_dialogue_t5md(d), &b, 3, seed + 1, tag);
     env_close(&v);
@@ -374,13 +376,17 @@ static void dialogue_model(const t5_spec *s, const char *tag, const dlg_case *ca
 static void test_dialogue(void **state) {
     (void)state;
     static const dlg_case C[] = {
-        /* strategy, beam, one decoder, ctx, max new tokens, stream */
-        {NZ_T5MD_GREEDY, 0, 0, 5, 8, 0}, {NZ_T5MD_GREEDY, 0, 1, 64, 64, 0}, {NZ_T5MD_BEAM, 4, 0, 32, 32, 0},
-        {NZ_T5MD_BEAM, 4, 1, 64, 16, 0}, {NZ_T5MD_SAMPLE, 0, 0, 20, 64, 1}, {NZ_T5MD_GREEDY, 0, 0, 64, 48, 1},
-        {NZ_T5MD_BEAM, 4, 0, 8, 64, 1},  {NZ_T5MD_SAMPLE, 0, 1, 48, 8, 0},
+        /* strategy, beam, one decoder, ctx, max new tokens, stream, consensus */
+        {NZ_T5MD_GREEDY, 0, 0, 5, 8, 0, 0},   {NZ_T5MD_GREEDY, 0, 1, 64, 64, 0, 0},
+        {NZ_T5MD_BEAM, 4, 0, 32, 32, 0, 0},   {NZ_T5MD_BEAM, 4, 1, 64, 16, 0, 0},
+        {NZ_T5MD_SAMPLE, 0, 0, 20, 64, 1, 0}, {NZ_T5MD_GREEDY, 0, 0, 64, 48, 1, 0},
+        {NZ_T5MD_BEAM, 4, 0, 8, 64, 1, 0},    {NZ_T5MD_SAMPLE, 0, 1, 48, 8, 0, 0},
+        {NZ_T5MD_BEAM, 4, 0, 32, 32, 1, 1},   {NZ_T5MD_BEAM, 3, 1, 64, 16, 0, 1},
     };
-    static const dlg_case CQ[] = {
-        {NZ_T5MD_GREEDY, 0, 0, 5, 8, 0}, {NZ_T5MD_BEAM, 4, 0, 8, 8, 1}, {NZ_T5MD_SAMPLE, 0, 1, 10, 8, 1}};
+    static const dlg_case CQ[] = {{NZ_T5MD_GREEDY, 0, 0, 5, 8, 0, 0},
+                                  {NZ_T5MD_BEAM, 4, 0, 8, 8, 1, 0},
+                                  {NZ_T5MD_SAMPLE, 0, 1, 10, 8, 1, 0},
+                                  {NZ_T5MD_BEAM, 4, 0, 8, 8, 1, 1}};
     const int quick = tu_quick();
     dialogue_model(&T5_A, "A", quick ? CQ : C, quick ? sizeof CQ / sizeof *CQ : sizeof C / sizeof *C, 31);
     dialogue_model(&T5_B, "B", quick ? CQ : C, quick ? sizeof CQ / sizeof *CQ : sizeof C / sizeof *C, 47);

@@ -121,18 +121,19 @@ def dist(texts):
     return d1, d2
 
 
-def top_texts(gens, cons_rank):
-    """The top-ranked response of each context: by mean log-prob (ties: decoder order) and by the
-    engine's consensus ranking (cons_rank[i]: decoders best first, the runner's consensus line)."""
-    top = [max(g, key=lambda r: r[1])[2] for g in gens]
+def top_texts(gens, cons_rank, gens_lp=None):
+    """The top-ranked response of each context: by mean log-prob (ties: decoder order; among gens_lp
+    when given: the decoders' best beam returns, where gens holds the consensus-pooled picks) and by the
+    engine's consensus ranking (cons_rank[i]: decoders best first, the runner's consensus or pooled line)."""
+    top = [max(g, key=lambda r: r[1])[2] for g in (gens_lp or gens)]
     top_c = [next(r[2] for r in g if r[0] == cr[0]) for g, cr in zip(gens, cons_rank)]
     return top, top_c
 
 
-def quality_metrics(gens, refs, cons_rank):
+def quality_metrics(gens, refs, cons_rank, gens_lp=None):
     """gens[i]: list of (decoder, mean_logprob, text) in decoder order; refs[i]: str; cons_rank[i]: the
-    decoders in consensus order."""
-    top, top_c = top_texts(gens, cons_rank)
+    decoders in consensus order; gens_lp: top_texts'."""
+    top, top_c = top_texts(gens, cons_rank, gens_lp)
     oracle = [max((r[2] for r in g), key=lambda t: sentence_bleu(t, ref)) for g, ref in zip(gens, refs)]
     lref = [r.lower() for r in refs]
     m = {"bleu": B.corpus_bleu([t.lower() for t in top], [lref]).score,
@@ -161,7 +162,7 @@ def runner_cmd(args, nzp, extra):
 
 
 def parse_runner(text):
-    res = {"out": {}, "rank": {}, "consensus": {}, "consensus_value": {}, "ctx": {}, "error": []}
+    res = {"out": {}, "rank": {}, "consensus": {}, "consensus_value": {}, "pooled": {}, "ctx": {}, "error": []}
     for ln in text.splitlines():
         f = ln.split("\t")
         if f[0] == "out":
@@ -175,6 +176,8 @@ def parse_runner(text):
             pairs = [x.split(":") for x in f[2].split()]
             res["consensus"][int(f[1])] = [int(k) for k, _ in pairs]
             res["consensus_value"][int(f[1])] = {int(k): float(c) for k, c in pairs}
+        elif f[0] == "pooled":
+            res["pooled"][int(f[1])] = [(int(k), int(r), float(c)) for k, r, c in (x.split(":") for x in f[2].split())]
         elif f[0] == "ctx":
             res["ctx"][int(f[1])] = [int(x) for x in f[2].split()]
         elif f[0] == "error":
@@ -302,13 +305,15 @@ def generate(args, nzp, contexts, tag, extra):
 
 
 DECODE = ("greedy", "beamN", "nucleusP", "each + -nrN (no-repeat n-gram) and/or -lpX (beam length penalty), "
-          "e.g. beam4-nr3-lp1.5")
+          "e.g. beam4-nr3-lp1.5", "beam + -pool: the consensus ranking pools every beam return (the product's "
+          "consensus with beam search), e.g. beam4-nr3-lp1.5-pool")
 
 
 def decode_args(name):
     """t5md_runner's options for a decoding name: greedy | beamN | nucleusP (top-p P, seed 1), then
-    optional -nrN (no_repeat_ngram_size N) and -lpX (beam: length_penalty X)."""
-    m = re.fullmatch(r"(greedy|beam(\d+)|nucleus([0-9.]+))((?:-nr\d+|-lp[0-9.]+)*)", name)
+    optional -nrN (no_repeat_ngram_size N) and -lpX (beam: length_penalty X), then optional -pool (beam:
+    every return, --num-return N, for the runner's pooled line)."""
+    m = re.fullmatch(r"(greedy|beam(\d+)|nucleus([0-9.]+))((?:-nr\d+|-lp[0-9.]+)*)(-pool)?", name)
     if not m:
         raise SystemExit("unknown decoding %r (%s)" % (name, "; ".join(DECODE)))
     args = ["--greedy"] if m.group(1) == "greedy" else ["--beam", m.group(2)] if m.group(2) else \
@@ -317,6 +322,10 @@ def decode_args(name):
         if opt == "lp" and not m.group(2):
             raise SystemExit("%s: a length penalty (-lp) needs beam search" % name)
         args += ["--no-repeat-ngram", val] if opt == "nr" else ["--lenpen", val]
+    if m.group(5):
+        if not m.group(2):
+            raise SystemExit("%s: -pool needs beam search" % name)
+        args += ["--num-return", m.group(2)]
     return args
 
 
@@ -327,7 +336,7 @@ def loops(text, n=3, times=3):
     return any(c >= times for c in collections.Counter(grams).values())
 
 
-def by_source(gens, refs, sources, ranks, nll, cons_rank):
+def by_source(gens, refs, sources, ranks, nll, cons_rank, gens_lp=None):
     """Per source: contexts, BLEU of the top-ranked response (by log-prob and by consensus), oracle
     BLEU, loop rate, and the share of contexts whose top-ranked / best-fitting (lowest NLL of the
     reference, EqHard-EM's hard assignment) decoder is k."""
@@ -335,7 +344,8 @@ def by_source(gens, refs, sources, ranks, nll, cons_rank):
     K = len(gens[0])
     for src in sorted(set(sources)):
         idx = [i for i, s in enumerate(sources) if s == src]
-        top, top_c = top_texts([gens[i] for i in idx], [cons_rank[i] for i in idx])
+        top, top_c = top_texts([gens[i] for i in idx], [cons_rank[i] for i in idx],
+                               [gens_lp[i] for i in idx] if gens_lp else None)
         lref = [refs[i].lower() for i in idx]
         oracle = [max((r[2] for r in gens[i]), key=lambda t: sentence_bleu(t, refs[i])) for i in idx]
         out[src] = {
@@ -349,6 +359,24 @@ def by_source(gens, refs, sources, ranks, nll, cons_rank):
                                for k in range(K)],
         }
     return out
+
+
+def decoded(res, n):
+    """What a user sees per context from a runner result: (gens, gens_lp, cons_rank, cons_value, shown).
+    gens[i]: (decoder, mean log-prob, text) per decoder, in decoder order, of the responses the consensus
+    ranking shows (with a pooled line: each decoder's chosen return, else its best); gens_lp: the
+    decoders' best returns when they differ from gens (pooled), else None; cons_rank[i]: decoders in
+    consensus order; cons_value[i]: decoder -> consensus; shown[i]: the runner entries of gens[i]."""
+    best = [[e for e in res["out"][i] if e["ret"] == 0] for i in range(n)]
+    if not res["pooled"]:
+        gens = [[(e["decoder"], e["mean"], e["text"]) for e in b] for b in best]
+        return gens, None, [res["consensus"][i] for i in range(n)], res["consensus_value"], best
+    pick = [{k: r for k, r, _ in res["pooled"][i]} for i in range(n)]
+    shown = [[e for e in res["out"][i] if e["ret"] == pick[i][e["decoder"]]] for i in range(n)]
+    gens = [[(e["decoder"], e["mean"], e["text"]) for e in s] for s in shown]
+    gens_lp = [[(e["decoder"], e["mean"], e["text"]) for e in b] for b in best]
+    return (gens, gens_lp, [[k for k, _, _ in res["pooled"][i]] for i in range(n)],
+            {i: {k: c for k, _, c in res["pooled"][i]} for i in range(n)}, shown)
 
 
 def quality(args, models, data):
@@ -366,9 +394,8 @@ def quality(args, models, data):
             continue
         res = generate(args, nzp, contexts, "%s-%s-%s" % (name, mode, dec),
                        decode_args(dec) + ["--batch", "8", "--cache", str(FULL_CACHE), "--max-new-tokens", str(MNT)])
-        gens = [[(e["decoder"], e["mean"], e["text"]) for e in res["out"][i]] for i in range(len(contexts))]
-        cons_rank = [res["consensus"][i] for i in range(len(contexts))]
-        m = quality_metrics(gens, refs, cons_rank)
+        gens, gens_lp, cons_rank, cons_value, shown = decoded(res, len(contexts))
+        m = quality_metrics(gens, refs, cons_rank, gens_lp)
         score_path = os.path.join(args.work, "score-%s-%s-%d.json" % (name, mode, len(contexts)))
         if os.path.exists(score_path):  # perplexities do not depend on the decoding
             with open(score_path) as f:
@@ -387,17 +414,16 @@ def quality(args, models, data):
                           for k in range(K)]
         m["best_fit_share"] = [sum(1 for r in sc["nll"] if min(range(K), key=lambda j: r[j]) == k) / len(contexts)
                                for k in range(K)]
-        m["loop_top"] = sum(loops(max(g, key=lambda r: r[1])[2]) for g in gens) / len(gens)
+        m["loop_top"] = sum(loops(t) for t in top_texts(gens, cons_rank, gens_lp)[0]) / len(gens)
         m["loop_any"] = sum(any(loops(r[2]) for r in g) for g in gens) / len(gens)
         m["loop_consensus"] = sum(loops(t) for t in top_texts(gens, cons_rank)[1]) / len(gens)
         sources = [d.get("source", "all") for d in data]
-        m["by_source"] = by_source(gens, refs, sources, res["rank"], sc["nll"], cons_rank)
+        m["by_source"] = by_source(gens, refs, sources, res["rank"], sc["nll"], cons_rank, gens_lp)
         if args.samples:
             m["samples"] = [{"context": contexts[i], "reference": refs[i], "source": sources[i],
                              "responses": [{"decoder": e["decoder"], "score": e["mean"], "text": e["text"],
-                                            "consensus": res["consensus_value"][i][e["decoder"]]}
-                                           for e in sorted(res["out"][i],
-                                                           key=lambda e: res["consensus"][i].index(e["decoder"]))]}
+                                            "consensus": cons_value[i][e["decoder"]]}
+                                           for e in sorted(shown[i], key=lambda e: cons_rank[i].index(e["decoder"]))]}
                             for i in sample_indices(data, args.samples)]
         m.update(model=name, mode=mode, decode=dec, K=K, nzp_bytes=size, contexts=len(contexts))
         rows.append(m)

@@ -1005,9 +1005,11 @@ def rank(results, key="mean_logprob"):
     score = exp(-mean log-prob), lowest first): the responses of one source sorted by
     `key` descending; ties keep the given (decoder) order. Use key="beam_score" for
     beam outputs to rank by HF's sequences_scores as EqHard-EM's beam runs do;
-    key="consensus" ranks by consensus() (ties by mean log-prob), as nz_t5md_rank."""
+    key="consensus" ranks by consensus() (ties by mean log-prob), as nz_t5md_rank; results that carry
+    a "consensus" (consensus_pool's) are ranked by it."""
     if key == "consensus":
-        cons = consensus([r["tokens"] for r in results])
+        given = all("consensus" in r for r in results)  # e.g. consensus_pool's
+        cons = [r["consensus"] for r in results] if given else consensus([r["tokens"] for r in results])
         order = sorted(range(len(results)), key=lambda i: (-cons[i], -results[i]["mean_logprob"]))
         return [dict(results[i], consensus=cons[i]) for i in order]
     return sorted(results, key=lambda r: -r[key])
@@ -1042,6 +1044,23 @@ def consensus(responses, eos_id=1):
     for i, h in enumerate(toks):
         others = [agreement(h, r) for j, r in enumerate(toks) if j != i]
         out.append(sum(others) / len(others) if others else 0.0)
+    return out
+
+
+def consensus_pool(returns, eos_id=1):
+    """nz_t5md_consensus_pool (the dialogue's consensus ranking with beam search): returns[j] = decoder
+    j's beam returns, best first (results with "tokens"). Every return's consensus() is taken over all
+    the returns of all decoders; each decoder's response is its return with the highest one (ties: the
+    better return). -> one result per decoder, in decoder order, with "consensus" and its return
+    index "ret"."""
+    flat = [r for rs in returns for r in rs]
+    cons = consensus([r["tokens"] for r in flat], eos_id)
+    out, q = [], 0
+    for rs in returns:
+        c = cons[q:q + len(rs)]
+        best = max(range(len(rs)), key=lambda r: (c[r], -r))
+        out.append(dict(rs[best], consensus=c[best], ret=best))
+        q += len(rs)
     return out
 
 

@@ -46,7 +46,7 @@ def conversation(dmodel, lines, history=0, distinct=False, rank="logprob", **ref
             continue
         hist.append(line)
         ctx = hist[-history:] if history else hist
-        exp = D.expected(dmodel, D.reference(dmodel, list(ctx), mnt=MNT, **ref_opts), distinct, rank)
+        exp = D.expected(dmodel, D.reference(dmodel, list(ctx), mnt=MNT, rank=rank, **ref_opts), distinct, rank)
         out.append(exp)
         hist.append(exp[0][1])
     return out

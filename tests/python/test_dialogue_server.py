@@ -118,16 +118,19 @@ def dmodel(nzp, tmp_path_factory):
 
 
 def reference(dmodel, context, strategy="greedy", decoders=None, mnt=MNT, beam_size=4, temperature=1.0, top_k=0,
-              top_p=1.0, seed=0, no_repeat_ngram=0, length_penalty=1.0):
-    """t5md_ref's responses of one context, in decoder order (decoders or 0..K-1)."""
+              top_p=1.0, seed=0, no_repeat_ngram=0, length_penalty=1.0, rank="logprob"):
+    """t5md_ref's responses of one context, in decoder order (decoders or 0..K-1); beam search ranked by
+    consensus: each decoder's return chosen by t5md_ref.consensus_pool (with its "consensus")."""
     _, ref, tok = dmodel
     ids = tok.encode_context(context)
     kw = dict(max_new_tokens=mnt, no_repeat_ngram=no_repeat_ngram)
     if strategy == "greedy":
         return R.greedy(ref, [ids], decoders, **kw)[0]
     if strategy == "beam":
-        return [d[0] for d in R.beam(ref, [ids], decoders, beam_size=beam_size, length_penalty=length_penalty,
-                                     **kw)[0]]
+        pool = rank == "consensus"
+        beams = R.beam(ref, [ids], decoders, beam_size=beam_size, length_penalty=length_penalty,
+                       num_return=beam_size if pool else 1, **kw)[0]
+        return R.consensus_pool(beams) if pool else [d[0] for d in beams]
     return R.sample(ref, [ids], decoders, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kw)[0]
 
 
@@ -142,7 +145,9 @@ def expected(dmodel, want, distinct=False, rank="logprob"):
     """The ranked (and filtered) reference responses: [(result with its "consensus", text)]."""
     tok = dmodel[2]
     out, seen = [], set()
-    cons = dict(zip((w["decoder"] for w in want), R.consensus([w["tokens"] for w in want])))
+    given = all("consensus" in w for w in want)  # consensus_pool's
+    cons = dict(zip((w["decoder"] for w in want),
+                    [w["consensus"] for w in want] if given else R.consensus([w["tokens"] for w in want])))
     for w in (R.rank(want, key="consensus") if rank == "consensus" else R.rank(want)):
         w = dict(w, consensus=cons[w["decoder"]])
         text = tok.decode(w["tokens"])
@@ -303,11 +308,15 @@ class TestDialogue:
 
     @pytest.mark.parametrize("strategy", ["greedy", "beam"])
     def test_rank_consensus(self, srv, dmodel, strategy):
-        """"rank": "consensus" orders the same responses by nz_t5md_consensus (t5md_ref.consensus on the
-        same tokens: equal to 1e-12), ties by log-prob; with distinct the dropped response still counts."""
-        extra = {"beam_size": 2} if strategy == "beam" else {}
+        """"rank": "consensus" orders the responses by nz_t5md_consensus (t5md_ref.consensus on the same
+        tokens: equal to 1e-12), ties by log-prob; with distinct the dropped response still counts. Greedy:
+        the same responses as by log-prob. Beam: every hypothesis of the final beams is evidence and
+        candidate (t5md_ref.consensus_pool), so a decoder may answer with a return other than its best."""
+        extra = {"beam_size": 3} if strategy == "beam" else {}
+        picked = []
         for c in CONTEXTS[:3] + [DUP_CONTEXT]:
-            want = reference(dmodel, c, strategy, **extra)
+            want = reference(dmodel, c, strategy, rank="consensus", **extra)
+            picked += [w.get("ret", 0) for w in want]
             body = {"context": c, "max_new_tokens": MNT, "return_tokens": True, "strategy": strategy, **extra}
             for distinct in (False, True):
                 r = srv.dialogue({**body, "rank": "consensus", "distinct": distinct})
@@ -315,7 +324,10 @@ class TestDialogue:
                 check(dmodel, r.json(), c, want, distinct=distinct, rank="consensus")
             plain = srv.dialogue(body).json()["responses"]
             cons = srv.dialogue({**body, "rank": "consensus"}).json()["responses"]
-            assert sorted(map(json.dumps, plain)) == sorted(map(json.dumps, cons))  # the same responses
+            if strategy == "greedy":
+                assert sorted(map(json.dumps, plain)) == sorted(map(json.dumps, cons))  # the same responses
+        if strategy == "beam":
+            assert any(picked), picked  # some decoder answers with a return other than its best
 
     def test_distinct(self, srv, dmodel):
         want = reference(dmodel, DUP_CONTEXT)
@@ -334,11 +346,16 @@ class TestDialogue:
         b = srv.dialogue({"context": c, "max_new_tokens": MNT}).json()["responses"]
         assert a == b
 
-    @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+    @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample", "beam-consensus"])
     def test_stream(self, srv, dmodel, strategy):
+        """Streamed tokens and text add up to the final responses; beam ranked by consensus streams each
+        decoder's chosen return once every decoder is done."""
         c = CONTEXTS[1]
+        rank = "consensus" if strategy == "beam-consensus" else "logprob"
+        strategy = strategy.split("-")[0]
         extra = {"seed": 5, "top_p": 0.95} if strategy == "sample" else {"beam_size": 3} if strategy == "beam" else {}
-        body = {"context": c, "strategy": strategy, "max_new_tokens": MNT, "return_tokens": True, **extra}
+        body = {"context": c, "strategy": strategy, "max_new_tokens": MNT, "return_tokens": True, "rank": rank,
+                **extra}
         r = srv.stream(dict(body, stream=True))
         assert r.status == 200, r
         assert r.header("Content-Type").startswith("text/event-stream"), r.headers
@@ -358,7 +375,7 @@ class TestDialogue:
             ids, text = streamed[g["decoder"]]
             assert ids == g["tokens"], (g, ids)
             assert "".join(text) == g["text"], (g, text)
-        check(dmodel, done, c, reference(dmodel, c, strategy, **extra))
+        check(dmodel, done, c, reference(dmodel, c, strategy, rank=rank, **extra), rank=rank)
         plain = srv.dialogue(body).json()
         assert done["responses"] == plain["responses"] and done["usage"] == plain["usage"]
         if strategy != "beam":  # greedy / sampling: the decoders' tokens interleave, as generated
@@ -737,16 +754,17 @@ def test_model_generation_defaults(dmodel, nzp, tmp_path):
         assert s.get("/v1/models").json()["models"][0]["generation"] == {
             "strategy": "beam", "beam_size": 2, "length_penalty": 2.0, "temperature": 0.5, "top_k": 0, "top_p": 1.0,
             "max_new_tokens": 40, "no_repeat_ngram_size": 2, "distinct": True, "rank": "consensus"}
-        beam_lp2 = dict(no_repeat_ngram=2, length_penalty=2.0)
+        beam_lp2 = dict(no_repeat_ngram=2, length_penalty=2.0, rank="consensus")
         cases = [({}, reference(dmodel, c, "beam", beam_size=2, **beam_lp2), True),
                  ({"strategy": "greedy", "no_repeat_ngram_size": 0, "distinct": False, "max_new_tokens": 9},
                   reference(dmodel, c, mnt=9), False),
                  ({"beam_size": 3}, reference(dmodel, c, "beam", beam_size=3, **beam_lp2), True),
                  ({"length_penalty": 0.5}, reference(dmodel, c, "beam", beam_size=2, no_repeat_ngram=2,
-                                                     length_penalty=0.5), True),
+                                                     length_penalty=0.5, rank="consensus"), True),
                  ({"strategy": "sample", "seed": 3},
                   reference(dmodel, c, "sample", temperature=0.5, seed=3, no_repeat_ngram=2), True)]
-        cases.append(({"rank": "logprob"}, cases[0][1], True))
+        cases.append(({"rank": "logprob"}, reference(dmodel, c, "beam", beam_size=2, no_repeat_ngram=2,
+                                                     length_penalty=2.0), True))
         for body, want, distinct in cases:
             r = s.dialogue({"context": c, "return_tokens": True, **body})
             assert r.status == 200, (body, r)
@@ -890,10 +908,13 @@ class TestBatching:
         gets what it gets alone."""
         n0 = self.mark(srv)
         body = {"context": CONTEXTS[1], "strategy": "beam", "beam_size": 2, "max_new_tokens": 5}
-        got = self.batched(srv, [lambda: srv.dialogue(body)])
-        lines = self.lines_after(srv, n0, 2)
-        assert all(int(l["batch_texts"]) >= 2 for l in lines[:1]), lines  # it ended in the busy one's batch
+        # consensus with beam: every return generated and pooled, the chosen ones streamed at the end
+        pooled = dict(body, context=CONTEXTS[2], rank="consensus", beam_size=3, stream=True, return_tokens=True)
+        got = self.batched(srv, [lambda: srv.dialogue(body), lambda: srv.stream(pooled)])
+        lines = self.lines_after(srv, n0, 3)
+        assert all(int(l["batch_texts"]) >= 2 for l in lines[:2]), lines  # they ended in the busy one's batch
         assert got[0].status == 200 and got[0].json()["responses"] == srv.dialogue(body).json()["responses"]
+        assert streamed_done(got[1])["responses"] == srv.dialogue(dict(pooled, stream=False)).json()["responses"]
 
     def test_stream_and_plain_share_a_batch(self, srv):
         n0 = self.mark(srv)

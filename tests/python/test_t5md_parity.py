@@ -207,7 +207,7 @@ def runner_out(runner, nzpath, srcs, extra, batch, text=False):
     else:
         stdin = "".join(" ".join(map(str, s)) + "\n" for s in srcs)
     p = run([runner, nzpath, "--batch", batch, *extra], stdin)
-    res = {"out": {}, "rank": {}, "consensus": {}, "error": [], "tok": [], "ctx": {}}
+    res = {"out": {}, "rank": {}, "consensus": {}, "pooled": {}, "error": [], "tok": [], "ctx": {}}
     for ln in p.stdout.splitlines():
         f = ln.split("\t")
         if f[0] == "out":
@@ -221,6 +221,9 @@ def runner_out(runner, nzpath, srcs, extra, batch, text=False):
             res["rank"][int(f[1])] = [int(x) for x in f[2].split()]
         elif f[0] == "consensus":
             res["consensus"][int(f[1])] = [(int(x.split(":")[0]), float(x.split(":")[1])) for x in f[2].split()]
+        elif f[0] == "pooled":
+            res["pooled"][int(f[1])] = [tuple(t(v) for t, v in zip((int, int, float), x.split(":")))
+                                        for x in f[2].split()]
         elif f[0] == "error":
             res["error"].append((int(f[1]), f[2], f[3]))
         elif f[0] == "tok":
@@ -283,6 +286,17 @@ def check_consensus(got, best, label):
     want = R.rank([dict(r, mean_logprob=r["mean"]) for r in best], key="consensus")
     assert [k for k, _ in got] == [r["decoder"] for r in want], f"{label}: {got} != {want}"
     assert [c for _, c in got] == [r["consensus"] for r in want], f"{label}: {got} != {want}"
+
+
+def check_pooled(got, outs, label):
+    """The runner's pooled line (nz_t5md_consensus_pool, ranked) == t5md_ref.consensus_pool and
+    rank(key="consensus") on the engine's own returns `outs` (every decoder's, in output order): each
+    decoder's chosen return and its consensus to the last bit, the order exactly."""
+    per_dec = {}
+    for r in outs:
+        per_dec.setdefault(r["decoder"], []).append(dict(r, mean_logprob=r["mean"]))
+    want = R.rank(R.consensus_pool(list(per_dec.values())), key="consensus")
+    assert got == [(r["decoder"], r["ret"], r["consensus"]) for r in want], f"{label}: {got} != {want}"
 
 
 def greedy_cases(K):
@@ -359,6 +373,10 @@ def test_parity(nzp, t5md_runner, tmp_path_factory, name, mode):
             compare(out["out"][b], flat, f"{label} ctx {b}", beam=True)
             check_rank(out["rank"][b], [per_dec[0] for per_dec in want[b]], "beam_score", f"{label} rank ctx {b}")
             check_consensus(out["consensus"][b], [r for r in out["out"][b] if r["ret"] == 0], f"{label} consensus ctx {b}")
+            if nret > 1:
+                check_pooled(out["pooled"][b], out["out"][b], f"{label} pooled ctx {b}")
+            else:
+                assert b not in out["pooled"], label
             if beam == 1:  # beam 1 gives greedy's tokens
                 assert [r["tokens"] for r in flat] == [r["tokens"] for r in g_all[b]], f"{label} ctx {b}"
             for r in flat:

@@ -778,6 +778,22 @@ def test_agreement_and_consensus_hand_examples():
     assert [r["decoder"] for r in ranked] == [2, 1, 0]  # consensus tie between 1 and 2: log-prob decides
 
 
+def test_consensus_pool_hand_example():
+    """t5md_ref.consensus_pool (= nz_t5md_consensus_pool, compared in test_t5md_parity): every return is
+    scored against all the others, every decoder's too; a decoder answers with its best-scored return,
+    the better beam return on a tie."""
+    ret = lambda k, toks: {"decoder": k, "tokens": toks, "mean_logprob": -1.0}
+    beams = [[ret(0, [9, 1]), ret(0, [5, 6, 7, 1])], [ret(1, [5, 6, 7, 1]), ret(1, [5, 6, 8, 1])]]
+    flat = [r["tokens"] for rs in beams for r in rs]
+    cons = R.consensus(flat)  # [9] agrees with nothing; [5 6 7] twice
+    got = R.consensus_pool(beams)
+    assert [(r["decoder"], r["ret"], r["tokens"]) for r in got] == [(0, 1, [5, 6, 7, 1]), (1, 0, [5, 6, 7, 1])]
+    assert [r["consensus"] for r in got] == [cons[1], cons[2]] and cons[0] == 0.0 and cons[1] > cons[3]
+    assert R.rank(got, key="consensus")[0]["consensus"] == cons[1]  # ranked by the pooled values
+    tie = R.consensus_pool([[ret(0, [5, 1]), ret(0, [5, 1])]])
+    assert tie[0]["ret"] == 0 and tie[0]["consensus"] == 1.0
+
+
 def test_eqhard_assignment_hand_example():
     # greedy argmin would put samples 0-2 on decoder 0; with 2 slots each the cheapest
     # fix moves sample 0 (cost +1) rather than 1 (+2) or 2 (+3): total 2 + 1 + 1 + 1 = 5
