@@ -245,24 +245,35 @@ async function chatRound(page, msg, { pressEnter = false } = {}) {
     return { body, samples };
 }
 
-/** The answer cards: [{decoder, rank, text}] in page order. */
+/** The answer cards: [{decoder, rank, dropped, text}] in page order. */
 function answers(page) {
     return page.$$eval('#chat-answers .answer', (cards) =>
         cards.map((c) => ({
             decoder: Number(c.dataset.decoder),
             rank: c.dataset.rank ? Number(c.dataset.rank) : null,
+            dropped: c.classList.contains('dropped'),
             text: c.querySelector('.answer-text').textContent,
         })),
     );
 }
 
-/** K answers, ranked 1..K, one per decoder. */
+/**
+ * K cards, one per decoder: the answers ranked 1..n, and the K - n that the
+ * distinct filter dropped (the model's default) marked as dropped, each with the
+ * text of a ranked one. @return the cards.
+ */
 async function checkAnswers(page, K, where) {
     const a = await answers(page);
     ok(a.length === K, `${where}: ${K} answer cards (got ${a.length})`);
     ok(new Set(a.map((x) => x.decoder)).size === K, `${where}: one card per decoder`);
-    const ranks = a.map((x) => x.rank).sort((x, y) => x - y);
-    ok(ranks.join() === Array.from({ length: K }, (_, i) => i + 1).join(), `${where}: ranks 1..${K} (got ${ranks})`);
+    const ranked = a.filter((x) => x.rank !== null);
+    const ranks = ranked.map((x) => x.rank).sort((x, y) => x - y);
+    ok(ranked.length >= 1 && ranks.join() === ranked.map((_, i) => i + 1).join(),
+        `${where}: ranks 1..${ranked.length} (got ${ranks})`);
+    const norm = (t) => t.trim().replace(/\s+/g, ' ').toLowerCase();
+    ok(a.every((x) => (x.rank === null) === x.dropped), `${where}: every unranked card is marked dropped`);
+    ok(a.filter((x) => x.dropped).every((x) => ranked.some((r) => norm(r.text) === norm(x.text))),
+        `${where}: a dropped card repeats a ranked answer`);
     ok(a.some((x) => x.text.trim()), `${where}: some answer has text`);
     return a;
 }
@@ -339,6 +350,9 @@ async function main() {
     ok(await page.evaluate(() => document.activeElement.id) === 'tab-chat', 'focus follows the selected tab');
     ok(await page.locator('#chat-strategy').inputValue() === dlg.generation.strategy, "the chat options hold the model's default strategy");
     await chatOptions(page, 24);
+    // greedy streams every decoder token by token (the default, beam ranked by consensus, sends each
+    // decoder's chosen hypothesis once all beams are done: turn 3)
+    await page.selectOption('#chat-strategy', 'greedy');
     const r1 = await chatRound(page, 'Where are you going?', { pressEnter: true });
     ok(r1.body.stream === true && r1.body.context.length === 1, 'turn 1: a streamed request with one turn');
     const a1 = await checkAnswers(page, K, 'turn 1');
@@ -353,9 +367,10 @@ async function main() {
     const r2 = await chatRound(page, 'Why?');
     ok(r2.body.context.length === 3 && r2.body.context[1] === picked.text && r2.body.context[2] === 'Why?',
         'turn 2: the context is [turn 1, the picked answer, turn 2]');
-    await checkAnswers(page, K, 'turn 2');
+    const a2 = await checkAnswers(page, K, 'turn 2');
     checkStreamed(r2.samples, 'turn 2');
-    ok((await page.textContent('#chat-status')).includes(`${K} answers`), 'the status counts the answers');
+    const n2 = a2.filter((x) => x.rank !== null).length;
+    ok((await page.textContent('#chat-status')).includes(`${n2} answers`), 'the status counts the answers');
     await page.click('#chat-form details > summary'); // options closed again for the picture
     await page.screenshot({ path: path.join(SCREENS, 'chat.png'), fullPage: true });
     await checkClean(page, 'chat');
