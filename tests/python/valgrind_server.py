@@ -128,6 +128,9 @@ def main():
         if dialogue:
             ctx = ["hello there", "how are you doing today ?"]
             streamed = call(port, "POST", "/v1/dialogue", {"context": ctx, "max_new_tokens": 6, "stream": True}, key)
+            pooled = call(port, "POST", "/v1/dialogue", {"context": ctx, "strategy": "beam", "beam_size": 3,
+                                                         "rank": "consensus", "distinct": True,
+                                                         "max_new_tokens": 6, "stream": True}, key)
             checks += [
                 (call(port, "POST", "/v1/dialogue", {"context": ctx, "max_new_tokens": 8, "return_tokens": True},
                       key), 200),
@@ -137,6 +140,7 @@ def main():
                                                      "seed": 3, "top_p": 0.9, "distinct": True,
                                                      "max_new_tokens": 6}, key), 200),
                 (streamed, 200),
+                (pooled, 200),  # every beam return pooled, the chosen ones streamed at the end
                 (call(port, "POST", "/v1/dialogue", {"context": "hi", "decoders": [7]}, key), 422),
                 (call(port, "POST", "/v1/dialogue", {"context": "hi", "temperature": 2}, key), 422),
                 (call(port, "POST", "/v1/dialogue", b'{"context": 3}', key), 400),
