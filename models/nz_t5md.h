@@ -387,7 +387,10 @@ void nz_t5md_consensus(nz_t5md_result *res, size_t n);
  *  holds one response per decoder in decoder order and res[D..D x R) the
  *  returns not chosen (all still to be freed). Minimum Bayes risk with
  *  every hypothesis of the final beams as evidence and candidate
- *  (t5md_ref.consensus_pool); R = 1 is nz_t5md_consensus. */
+ *  (t5md_ref.consensus_pool); R = 1 is nz_t5md_consensus. Cost:
+ *  nz_t5md_consensus over D x R responses, measured at 2 ms for 20 of 15
+ *  tokens and 39 ms for 20 of 63 tokens (one core): small next to the beam
+ *  search that made them, but it grows with (D x R)^2 x len^2. */
 void nz_t5md_consensus_pool(nz_t5md_result *res, size_t D, size_t R);
 
 /** Rank n responses (normally the D results of one context, e.g.
